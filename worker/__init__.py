@@ -1,0 +1,1 @@
+"""Persona Feedback Learning worker: learns per-module confidence from feedback and audits."""
