@@ -1,0 +1,27 @@
+-- Section: lock down defaults, then grant by name.
+-- Hosted Supabase grants every new table, sequence and function in `public` to anon, authenticated
+-- and service_role. This project grants each privilege explicitly in the migration that needs it.
+
+alter default privileges in schema public revoke all on tables from anon, authenticated;
+alter default privileges in schema public revoke all on sequences from anon, authenticated;
+alter default privileges in schema public revoke execute on functions from public, anon, authenticated;
+
+-- Helpers that policies and triggers call live in `private`, which PostgREST does not expose.
+create schema if not exists private;
+revoke all on schema private from public;
+grant usage on schema private to authenticated, service_role;
+alter default privileges in schema private revoke execute on functions from public;
+
+comment on schema private is 'Helpers for policies and triggers; not exposed through the API.';
+
+-- Keeps updated_at honest on every table that has one.
+create function private.touch_updated_at()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  new.updated_at := now();
+  return new;
+end;
+$$;

@@ -1,0 +1,199 @@
+-- Section: twins, their learning settings and their persona specs.
+
+create table public.twins (
+  id uuid primary key default gen_random_uuid(),
+  owner_id uuid not null default auth.uid() references auth.users (id) on delete cascade,
+  name text not null constraint twins_name_check check (char_length(name) between 1 and 200),
+  feedback_from text not null default 'owner'
+    constraint twins_feedback_from_check check (feedback_from in ('owner', 'any_user')),
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now()
+);
+
+comment on table public.twins is 'An AI persona ("twin") owned by one user.';
+comment on column public.twins.owner_id is 'The user who owns the twin; set from the caller''s JWT.';
+comment on column public.twins.feedback_from is
+  'Who may send feedback on the twin''s answers: only the owner, or any signed-in user.';
+
+create index twins_owner_id_idx on public.twins (owner_id);
+
+create trigger twins_touch_updated_at before update on public.twins
+  for each row execute function private.touch_updated_at();
+
+-- True when the caller owns the twin. Policies call it; security definer so that it can read
+-- twins the caller's own policies would hide.
+create function private.is_twin_owner(p_twin_id uuid)
+returns boolean
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select exists (
+    select 1 from public.twins t
+    where t.id = p_twin_id and t.owner_id = (select auth.uid())
+  );
+$$;
+
+grant execute on function private.is_twin_owner(uuid) to authenticated, service_role;
+
+alter table public.twins enable row level security;
+
+create policy "Owners can read their twins" on public.twins
+  for select to authenticated using (owner_id = (select auth.uid()));
+create policy "Users can create twins they own" on public.twins
+  for insert to authenticated with check (owner_id = (select auth.uid()));
+create policy "Owners can update their twins" on public.twins
+  for update to authenticated
+  using (owner_id = (select auth.uid())) with check (owner_id = (select auth.uid()));
+
+grant select, delete, insert, update on public.twins to service_role;
+grant select on public.twins to authenticated;
+grant insert (name, feedback_from), update (name, feedback_from) on public.twins to authenticated;
+
+
+-- Per-twin learning settings: one row per twin, created with the twin. Field names match the
+-- worker's LearningSettings model.
+create table public.persona_learning_settings (
+  twin_id uuid primary key references public.twins (id) on delete cascade,
+  auto_publish boolean not null default false,
+  half_life_days double precision not null default 30 check (half_life_days > 0),
+  feedback_weight double precision not null default 1 check (feedback_weight >= 0),
+  audit_weight double precision not null default 2 check (audit_weight >= 0),
+  unsafe_multiplier double precision not null default 3 check (unsafe_multiplier >= 1),
+  min_evidence double precision not null default 10 check (min_evidence >= 0),
+  disable_upper_bound double precision not null default 0.35
+    check (disable_upper_bound between 0 and 1),
+  activate_lower_bound double precision not null default 0.6
+    check (activate_lower_bound between 0 and 1),
+  keep_active_lower_bound double precision not null default 0.5
+    check (keep_active_lower_bound between 0 and 1),
+  wilson_z double precision not null default 1.96 check (wilson_z > 0),
+  gate_min_pairs integer not null default 20 check (gate_min_pairs >= 1),
+  gate_non_inferiority_margin double precision not null default 0.05
+    check (gate_non_inferiority_margin between 0 and 1),
+  gate_first_publish_min_lower_bound double precision not null default 0.8
+    check (gate_first_publish_min_lower_bound between 0 and 1),
+  gate_min_audited_traces integer not null default 20 check (gate_min_audited_traces >= 1),
+  max_batch_events integer not null default 100000 check (max_batch_events between 1 and 10000000),
+  max_attempts integer not null default 3 check (max_attempts between 1 and 100),
+  updated_at timestamptz not null default now(),
+  constraint persona_learning_settings_hysteresis_check
+    check (keep_active_lower_bound <= activate_lower_bound)
+);
+
+comment on table public.persona_learning_settings is
+  'How the learning worker treats one twin''s evidence. Defaults follow DESIGN.md.';
+comment on column public.persona_learning_settings.auto_publish is
+  'Scheduled runs may publish a draft spec that passes the gate; otherwise they run in safe mode.';
+comment on column public.persona_learning_settings.half_life_days is
+  'Evidence loses half its weight every this many days.';
+comment on column public.persona_learning_settings.max_batch_events is
+  'At most this many events are claimed by one run; the rest wait for the next run.';
+
+create trigger persona_learning_settings_touch_updated_at
+  before update on public.persona_learning_settings
+  for each row execute function private.touch_updated_at();
+
+create function private.create_default_learning_settings()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  insert into public.persona_learning_settings (twin_id) values (new.id);
+  return new;
+end;
+$$;
+
+create trigger twins_create_learning_settings after insert on public.twins
+  for each row execute function private.create_default_learning_settings();
+
+alter table public.persona_learning_settings enable row level security;
+
+create policy "Owners can read their twins' learning settings" on public.persona_learning_settings
+  for select to authenticated using (private.is_twin_owner(twin_id));
+create policy "Owners can change their twins' learning settings" on public.persona_learning_settings
+  for update to authenticated
+  using (private.is_twin_owner(twin_id)) with check (private.is_twin_owner(twin_id));
+
+grant select, insert, update, delete on public.persona_learning_settings to service_role;
+grant select on public.persona_learning_settings to authenticated;
+grant update (
+  auto_publish, half_life_days, feedback_weight, audit_weight, unsafe_multiplier, min_evidence,
+  disable_upper_bound, activate_lower_bound, keep_active_lower_bound, wilson_z, gate_min_pairs,
+  gate_non_inferiority_margin, gate_first_publish_min_lower_bound, gate_min_audited_traces,
+  max_batch_events, max_attempts
+) on public.persona_learning_settings to authenticated;
+
+
+-- Persona specs: versioned documents; at most one published per twin.
+create table public.persona_specs (
+  id uuid primary key default gen_random_uuid(),
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  version integer not null,
+  status text not null default 'draft'
+    constraint persona_specs_status_check check (status in ('draft', 'published', 'archived')),
+  spec jsonb not null default '{}'::jsonb
+    constraint persona_specs_spec_check check (
+      jsonb_typeof(spec) = 'object'
+      and (not spec ? 'modules' or jsonb_typeof(spec -> 'modules') = 'array')
+      and not jsonb_path_exists(spec, '$.modules[*] ? (@.type() != "string")')
+      and octet_length(spec::text) <= 262144
+    ),
+  created_by uuid default auth.uid() references auth.users (id) on delete set null,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  published_at timestamptz,
+  archived_at timestamptz,
+  constraint persona_specs_twin_version_key unique (twin_id, version),
+  -- Lets training events reference a spec of their own twin only.
+  constraint persona_specs_twin_id_id_key unique (twin_id, id)
+);
+
+comment on table public.persona_specs is
+  'Versioned persona documents of a twin. The worker publishes the latest draft when the gate passes.';
+comment on column public.persona_specs.spec is
+  'The persona document; spec->''modules'' lists the module keys it relies on.';
+comment on column public.persona_specs.version is 'Per-twin version number, assigned on insert.';
+
+create unique index persona_specs_one_published_idx on public.persona_specs (twin_id)
+  where status = 'published';
+create index persona_specs_created_by_idx on public.persona_specs (created_by);
+
+-- Numbers each new spec after the twin's latest one. A concurrent insert for the same twin
+-- fails on the unique (twin_id, version) key rather than sharing a number.
+create function private.number_persona_spec()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  select coalesce(max(s.version), 0) + 1 into new.version
+  from public.persona_specs s where s.twin_id = new.twin_id;
+  return new;
+end;
+$$;
+
+create trigger persona_specs_number before insert on public.persona_specs
+  for each row execute function private.number_persona_spec();
+create trigger persona_specs_touch_updated_at before update on public.persona_specs
+  for each row execute function private.touch_updated_at();
+
+alter table public.persona_specs enable row level security;
+
+create policy "Owners can read their twins' specs" on public.persona_specs
+  for select to authenticated using (private.is_twin_owner(twin_id));
+create policy "Owners can create draft specs" on public.persona_specs
+  for insert to authenticated
+  with check (status = 'draft' and private.is_twin_owner(twin_id));
+create policy "Owners can edit draft specs" on public.persona_specs
+  for update to authenticated
+  using (status = 'draft' and private.is_twin_owner(twin_id))
+  with check (status = 'draft' and private.is_twin_owner(twin_id));
+
+grant select, insert, update, delete on public.persona_specs to service_role;
+grant select on public.persona_specs to authenticated;
+grant insert (twin_id, spec), update (spec) on public.persona_specs to authenticated;

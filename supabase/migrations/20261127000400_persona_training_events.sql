@@ -1,0 +1,195 @@
+-- Section: training events — user feedback written by apps, persona audits written by the audit
+-- pipeline. Apps insert straight through PostgREST; everything but the vote itself is set here.
+
+create table public.persona_training_events (
+  id bigint generated always as identity primary key,
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  source text not null default 'user_feedback'
+    constraint persona_training_events_source_check
+    check (source in ('user_feedback', 'persona_audit')),
+  trace_id text not null
+    constraint persona_training_events_trace_id_check check (char_length(trace_id) between 1 and 200),
+  intent_label text not null
+    constraint persona_training_events_intent_label_check check (private.is_slug(intent_label)),
+  module_key text
+    constraint persona_training_events_module_key_check check (private.is_slug(module_key)),
+  score smallint
+    constraint persona_training_events_score_check
+    check ((source = 'user_feedback') = (score is not null) and score between -1 and 1),
+  passed boolean
+    constraint persona_training_events_passed_check
+    check ((source = 'persona_audit') = (passed is not null)),
+  reason text
+    constraint persona_training_events_reason_check check (reason in (
+      'incorrect', 'unhelpful', 'off_persona', 'unsafe', 'outdated', 'helpful', 'other'
+    )),
+  comment text
+    constraint persona_training_events_comment_check check (char_length(comment) <= 2000),
+  metadata jsonb not null default '{}'::jsonb
+    constraint persona_training_events_metadata_check
+    check (jsonb_typeof(metadata) = 'object' and octet_length(metadata::text) <= 4096),
+  persona_spec_id uuid,
+  created_by uuid default auth.uid() references auth.users (id) on delete cascade
+    constraint persona_training_events_created_by_check
+    check (source <> 'user_feedback' or created_by is not null),
+  created_at timestamptz not null default now(),
+  first_vote_id bigint,
+  supersedes_id bigint,
+  superseded_at timestamptz,
+  processed_at timestamptz,
+  processed_run_id uuid,
+  langfuse_status text
+    constraint persona_training_events_langfuse_status_check check (
+      langfuse_status in ('pending', 'retrying', 'sent', 'skipped', 'failed', 'superseded')
+      and (source = 'user_feedback') = (langfuse_status is not null)
+    ),
+  langfuse_attempts integer not null default 0,
+  langfuse_next_attempt_at timestamptz,
+  langfuse_last_error text,
+  langfuse_sent_at timestamptz,
+  constraint persona_training_events_persona_spec_fkey foreign key (twin_id, persona_spec_id)
+    references public.persona_specs (twin_id, id) on delete set null (persona_spec_id)
+);
+
+comment on table public.persona_training_events is
+  'Evidence about a twin''s answers: user feedback (apps, through the API) and persona audits '
+  '(the audit pipeline, service role). The worker learns from unprocessed rows.';
+comment on column public.persona_training_events.trace_id is 'The trace of the answer (1-200 chars).';
+comment on column public.persona_training_events.score is 'Feedback vote: -1, 0 (neutral) or +1.';
+comment on column public.persona_training_events.passed is 'Audit outcome: did the answer follow the spec?';
+comment on column public.persona_training_events.reason is
+  'incorrect, unhelpful, off_persona, unsafe, outdated, helpful or other; unsafe failures weigh 3x.';
+comment on column public.persona_training_events.persona_spec_id is
+  'The spec the answer was given under: audited spec for audits, published spec for feedback.';
+comment on column public.persona_training_events.created_by is 'The user who voted; from the JWT.';
+comment on column public.persona_training_events.first_vote_id is
+  'The first vote of this feedback (same twin, trace and user); later votes change it.';
+comment on column public.persona_training_events.supersedes_id is
+  'The earlier vote this one replaces; the worker retracts what that one contributed.';
+comment on column public.persona_training_events.superseded_at is
+  'When a later vote by the same user on the same trace replaced this one.';
+comment on column public.persona_training_events.processed_at is
+  'When a learning run processed this event; null while it waits.';
+comment on column public.persona_training_events.langfuse_status is
+  'Langfuse mirror (outbox) state of a feedback: pending, retrying, sent, skipped, failed or '
+  'superseded by a later vote.';
+
+-- Unprocessed evidence of a twin, in arrival order: what runs claim.
+create index persona_training_events_pending_idx on public.persona_training_events (twin_id, id)
+  where processed_at is null;
+create index persona_training_events_twin_created_idx
+  on public.persona_training_events (twin_id, created_at);
+create index persona_training_events_created_by_idx on public.persona_training_events (created_by);
+-- One current vote per twin, trace and user; a new vote supersedes the old one.
+create unique index persona_training_events_current_vote_idx
+  on public.persona_training_events (twin_id, trace_id, created_by)
+  where source = 'user_feedback' and superseded_at is null;
+create index persona_training_events_spec_trace_idx
+  on public.persona_training_events (persona_spec_id, trace_id);
+create index persona_training_events_langfuse_due_idx
+  on public.persona_training_events (langfuse_next_attempt_at)
+  where langfuse_status in ('pending', 'retrying');
+
+-- May the caller send feedback on this twin? Owners always; others when the twin is open to them.
+create function private.can_send_feedback(p_twin_id uuid)
+returns boolean
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select exists (
+    select 1 from public.twins t
+    where t.id = p_twin_id
+      and (t.owner_id = (select auth.uid()) or t.feedback_from = 'any_user')
+  );
+$$;
+
+grant execute on function private.can_send_feedback(uuid) to authenticated, service_role;
+
+-- Sets everything a client may not: clears server columns, checks the twin accepts the vote,
+-- records which spec was live, supersedes the caller's earlier vote on the same trace and puts
+-- the feedback in the Langfuse outbox.
+create function private.prepare_training_event()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_previous_id bigint;
+  v_first_vote_id bigint;
+begin
+  new.processed_at := null;
+  new.processed_run_id := null;
+  new.superseded_at := null;
+  new.supersedes_id := null;
+  new.langfuse_attempts := 0;
+  new.langfuse_last_error := null;
+  new.langfuse_sent_at := null;
+
+  if new.source = 'persona_audit' then
+    new.first_vote_id := null;
+    new.langfuse_status := null;
+    new.langfuse_next_attempt_at := null;
+    return new;
+  end if;
+
+  if not exists (
+    select 1 from public.twins t
+    where t.id = new.twin_id
+      and (t.feedback_from = 'any_user' or t.owner_id = new.created_by)
+  ) then
+    raise exception using
+      errcode = '42501',
+      message = format('twin_id: twin %s does not exist or does not accept feedback from this user',
+                       new.twin_id);
+  end if;
+
+  if new.persona_spec_id is null then
+    select s.id into new.persona_spec_id
+    from public.persona_specs s
+    where s.twin_id = new.twin_id and s.status = 'published';
+  end if;
+
+  update public.persona_training_events p
+  set superseded_at = now(),
+      langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
+                             then 'superseded' else p.langfuse_status end
+  where p.twin_id = new.twin_id
+    and p.trace_id = new.trace_id
+    and p.created_by = new.created_by
+    and p.source = 'user_feedback'
+    and p.superseded_at is null
+  returning p.id, p.first_vote_id into v_previous_id, v_first_vote_id;
+
+  new.supersedes_id := v_previous_id;
+  new.first_vote_id := coalesce(v_first_vote_id, new.id);
+  new.langfuse_status := 'pending';
+  new.langfuse_next_attempt_at := new.created_at;
+  return new;
+end;
+$$;
+
+create trigger persona_training_events_prepare before insert on public.persona_training_events
+  for each row execute function private.prepare_training_event();
+
+alter table public.persona_training_events enable row level security;
+
+create policy "Voters and twin owners can read events"
+  on public.persona_training_events
+  for select to authenticated
+  using (created_by = (select auth.uid()) or private.is_twin_owner(twin_id));
+create policy "Users send their own feedback on twins open to them"
+  on public.persona_training_events
+  for insert to authenticated
+  with check (
+    source = 'user_feedback'
+    and created_by = (select auth.uid())
+    and private.can_send_feedback(twin_id)
+  );
+
+grant select, insert, update, delete on public.persona_training_events to service_role;
+grant select on public.persona_training_events to authenticated;
+grant insert (twin_id, trace_id, score, reason, intent_label, module_key, comment, metadata)
+  on public.persona_training_events to authenticated;

@@ -1,0 +1,508 @@
+-- Section: the worker's functions. Executable by service_role only.
+
+-- Queues a scheduled run for every twin with unprocessed evidence and no run queued or running.
+create function public.enqueue_due_learning_runs(p_twin_id uuid default null)
+returns setof public.persona_feedback_learning_runs
+language sql
+set search_path = ''
+as $$
+  insert into public.persona_feedback_learning_runs (twin_id, trigger, safe_mode, max_attempts)
+  select t.id, 'schedule', not s.auto_publish, s.max_attempts
+  from public.twins t
+  join public.persona_learning_settings s on s.twin_id = t.id
+  where (p_twin_id is null or t.id = p_twin_id)
+    and exists (
+      select 1 from public.persona_training_events e
+      where e.twin_id = t.id and e.processed_at is null
+    )
+    and not exists (
+      select 1 from public.persona_feedback_learning_runs r
+      where r.twin_id = t.id and r.status in ('queued', 'running')
+    )
+  on conflict do nothing
+  returning *;
+$$;
+
+-- Queues an operator's run for one twin; an already queued run takes the requested mode.
+create function public.enqueue_learning_run(p_twin_id uuid, p_safe_mode boolean default true)
+returns public.persona_feedback_learning_runs
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  if p_safe_mode is null then
+    raise exception using errcode = '22023', message = 'p_safe_mode must not be null';
+  end if;
+  insert into public.persona_feedback_learning_runs (twin_id, trigger, safe_mode, max_attempts)
+  select t.id, 'manual', p_safe_mode, s.max_attempts
+  from public.twins t join public.persona_learning_settings s on s.twin_id = t.id
+  where t.id = p_twin_id
+  on conflict (twin_id) where status = 'queued'
+    do update set safe_mode = excluded.safe_mode
+  returning * into v_run;
+  if v_run.id is null then
+    raise exception using errcode = 'P0002', message = format('twin %s does not exist', p_twin_id);
+  end if;
+  return v_run;
+end;
+$$;
+
+-- Find me a run to do: first runs whose worker's lease expired (taken over with the same batch),
+-- then owners' requests, then the oldest. Returns no row when there is nothing to do.
+create function public.claim_learning_run(
+  p_worker_id text,
+  p_lease_seconds integer default 60,
+  p_twin_id uuid default null
+)
+returns setof public.persona_feedback_learning_runs
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  if p_worker_id is null or char_length(p_worker_id) not between 1 and 200 then
+    raise exception using errcode = '22023', message = 'p_worker_id must be 1 to 200 characters';
+  end if;
+  if p_lease_seconds is null or p_lease_seconds not between 1 and 3600 then
+    raise exception using errcode = '22023', message = 'p_lease_seconds must be 1 to 3600';
+  end if;
+
+  -- A run whose worker died on its last attempt fails; its events stay unprocessed.
+  update public.persona_feedback_learning_runs r
+  set status = 'failed', finished_at = now(), lease_token = null, lease_expires_at = null,
+      error = coalesce(r.error || '; ', '') || format('lease expired after attempt %s of %s',
+                                                     r.attempts, r.max_attempts)
+  where r.status = 'running' and r.lease_expires_at < now() and r.attempts >= r.max_attempts;
+
+  select r.* into v_run
+  from public.persona_feedback_learning_runs r
+  where (p_twin_id is null or r.twin_id = p_twin_id)
+    and (
+      (r.status = 'running' and r.lease_expires_at < now())
+      or (r.status = 'queued' and not exists (
+        select 1 from public.persona_feedback_learning_runs x
+        where x.twin_id = r.twin_id and x.status = 'running'
+      ))
+    )
+  order by r.status = 'running' desc, r.trigger = 'owner_request' desc, r.created_at
+  limit 1
+  for update of r skip locked;
+
+  if v_run.id is null then
+    return;
+  end if;
+
+  begin
+    update public.persona_feedback_learning_runs r
+    set status = 'running',
+        attempts = r.attempts + 1,
+        worker_id = p_worker_id,
+        lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+        started_at = coalesce(r.started_at, now())
+    where r.id = v_run.id
+    returning * into v_run;
+  exception when unique_violation then
+    -- Another worker started a run of the same twin since our snapshot: nothing for us.
+    return;
+  end;
+  return next v_run;
+end;
+$$;
+
+-- Locks a running run for its lease holder; raises PT409 (HTTP 409) when the lease is stale.
+create function private.lock_leased_run(p_run_id uuid, p_lease_token uuid)
+returns public.persona_feedback_learning_runs
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  select * into v_run from public.persona_feedback_learning_runs r where r.id = p_run_id for update;
+  if v_run.id is null then
+    raise exception using errcode = 'P0002', message = format('run %s does not exist', p_run_id);
+  end if;
+  if v_run.status <> 'running' or v_run.lease_token is distinct from p_lease_token
+     or v_run.lease_expires_at < now() then
+    raise exception using
+      errcode = 'PT409',
+      message = format('run %s: lease is stale (status %s); another worker owns it or it ended',
+                       p_run_id, v_run.status);
+  end if;
+  return v_run;
+end;
+$$;
+
+grant execute on function private.lock_leased_run(uuid, uuid) to service_role;
+
+-- Moves the lease of a run forward; the worker calls it while a long run is in hand.
+create function public.extend_learning_run_lease(
+  p_run_id uuid, p_lease_token uuid, p_lease_seconds integer default 60
+)
+returns timestamptz
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  if p_lease_seconds is null or p_lease_seconds not between 1 and 3600 then
+    raise exception using errcode = '22023', message = 'p_lease_seconds must be 1 to 3600';
+  end if;
+  v_run := private.lock_leased_run(p_run_id, p_lease_token);
+  update public.persona_feedback_learning_runs r
+  set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+  where r.id = v_run.id
+  returning r.lease_expires_at into v_run.lease_expires_at;
+  return v_run.lease_expires_at;
+end;
+$$;
+
+-- Claims the run's batch (on the first attempt: the twin's oldest unprocessed events, at most
+-- max_batch_events; a takeover keeps the same batch and time T) and returns everything the pure
+-- learning and gate need, aggregated here so that no event row travels to the worker:
+-- per-module decayed evidence of the batch (a vote that replaces an earlier one also retracts
+-- that one), the modules, the settings, the draft and baseline specs and their paired audits.
+create function public.claim_learning_run_events(p_run_id uuid, p_lease_token uuid)
+returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+  v_settings public.persona_learning_settings;
+  v_draft public.persona_specs;
+  v_baseline_id uuid;
+  v_scanned integer;
+  v_matched integer;
+  v_evidence jsonb;
+  v_audits jsonb;
+begin
+  v_run := private.lock_leased_run(p_run_id, p_lease_token);
+  select * into strict v_settings from public.persona_learning_settings s
+  where s.twin_id = v_run.twin_id;
+
+  if v_run.batch_last_event_id is null then
+    update public.persona_feedback_learning_runs r
+    set learning_time = now(),
+        batch_last_event_id = coalesce((
+          select max(b.id) from (
+            select e.id from public.persona_training_events e
+            where e.twin_id = v_run.twin_id and e.processed_at is null
+            order by e.id
+            limit v_settings.max_batch_events
+          ) b
+        ), 0)
+    where r.id = v_run.id
+    returning * into v_run;
+  end if;
+
+  with batch as (
+    select e.*
+    from public.persona_training_events e
+    where e.twin_id = v_run.twin_id and e.processed_at is null
+      and e.id <= v_run.batch_last_event_id
+  ),
+  votes as (
+    select b.id as event_id, 1.0::float8 as sign, b.source, b.module_key, b.intent_label,
+           b.score, b.passed, b.reason, b.created_at, b.persona_spec_id
+    from batch b
+    union all
+    select b.id, -1.0::float8, p.source, p.module_key, p.intent_label,
+           p.score, p.passed, p.reason, p.created_at, p.persona_spec_id
+    from batch b
+    join public.persona_training_events p on p.id = b.supersedes_id
+  ),
+  weighted as (
+    select v.event_id, v.sign, v.module_key, v.intent_label,
+           coalesce(v.score > 0, v.passed) as success,
+           v.sign
+           * case
+               when v.source = 'user_feedback' and v.score = 0 then 0
+               when v.source = 'persona_audit' and s.status = 'draft' then 0
+               when v.source = 'user_feedback' then v_settings.feedback_weight
+               else v_settings.audit_weight
+             end
+           * case
+               when not coalesce(v.score > 0, v.passed) and v.reason = 'unsafe'
+                 then v_settings.unsafe_multiplier
+               else 1
+             end
+           * exp(-ln(2::float8)
+                 * greatest(0, extract(epoch from (v_run.learning_time - v.created_at))::float8)
+                 / (v_settings.half_life_days * 86400)) as weight
+    from votes v
+    left join public.persona_specs s
+      on v.source = 'persona_audit' and s.id = v.persona_spec_id
+  ),
+  matched as (
+    select m.id as module_id, w.*
+    from weighted w
+    join public.persona_modules m
+      on m.twin_id = v_run.twin_id and m.module_key = w.module_key
+    where w.module_key is not null
+    union all
+    select m.id, w.*
+    from weighted w
+    join public.persona_modules m
+      on m.twin_id = v_run.twin_id and m.intent_label = w.intent_label
+    where w.module_key is null
+  ),
+  per_module as (
+    select module_id,
+           coalesce(sum(weight) filter (where success), 0) as success,
+           coalesce(sum(weight) filter (where not success), 0) as failure
+    from matched
+    group by module_id
+  )
+  select
+    (select count(*) from batch),
+    (select count(distinct event_id) from matched where sign > 0),
+    coalesce((select jsonb_agg(jsonb_build_object(
+        'module_id', module_id, 'success', success, 'failure', failure)) from per_module), '[]')
+  into v_scanned, v_matched, v_evidence;
+
+  update public.persona_feedback_learning_runs r
+  set events_scanned = v_scanned, events_unmatched = v_scanned - v_matched
+  where r.id = v_run.id;
+
+  select * into v_draft from public.persona_specs s
+  where s.twin_id = v_run.twin_id and s.status = 'draft'
+  order by s.version desc
+  limit 1;
+  select s.id into v_baseline_id from public.persona_specs s
+  where s.twin_id = v_run.twin_id and s.status = 'published';
+
+  -- The latest audit per trace of the candidate (draft) and the baseline (published) spec.
+  with latest as (
+    select distinct on (e.persona_spec_id, e.trace_id) e.persona_spec_id, e.trace_id, e.passed
+    from public.persona_training_events e
+    where e.twin_id = v_run.twin_id and e.source = 'persona_audit'
+      and e.persona_spec_id in (v_draft.id, v_baseline_id)
+      and e.id <= v_run.batch_last_event_id
+    order by e.persona_spec_id, e.trace_id, e.created_at desc, e.id desc
+  ),
+  candidate as (select trace_id, passed from latest where persona_spec_id = v_draft.id),
+  baseline as (select trace_id, passed from latest where persona_spec_id = v_baseline_id)
+  select jsonb_build_object(
+    'pairs', count(b.trace_id),
+    'candidate_only_passed', count(*) filter (where c.passed and not b.passed),
+    'baseline_only_passed', count(*) filter (where not c.passed and b.passed),
+    'candidate_audited', count(*),
+    'candidate_passed', count(*) filter (where c.passed),
+    'candidate_unsafe_failures', (
+      select count(*) from public.persona_training_events e
+      where e.twin_id = v_run.twin_id and e.source = 'persona_audit'
+        and e.persona_spec_id = v_draft.id and not e.passed and e.reason = 'unsafe'
+        and e.id <= v_run.batch_last_event_id
+    )
+  )
+  into v_audits
+  from candidate c
+  left join baseline b on b.trace_id = c.trace_id;
+
+  return jsonb_build_object(
+    'run', to_jsonb(v_run) - 'lease_token',
+    'learning_time', v_run.learning_time,
+    'events_scanned', v_scanned,
+    'events_unmatched', v_scanned - v_matched,
+    'settings', to_jsonb(v_settings),
+    'modules', coalesce((
+      select jsonb_agg(jsonb_build_object(
+        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
+        'success', m.success_weight, 'failure', m.failure_weight, 'evidence_at', m.evidence_at,
+        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+      from public.persona_modules m where m.twin_id = v_run.twin_id
+    ), '[]'),
+    'evidence', v_evidence,
+    'draft_spec_id', v_draft.id,
+    'draft_modules', coalesce(v_draft.spec -> 'modules', '[]'),
+    'baseline_spec_id', v_baseline_id,
+    'audits', v_audits
+  );
+end;
+$$;
+
+-- Completes a run in one transaction: marks exactly the batch processed, applies the module
+-- updates (recording each change), publishes the latest draft when allowed, and writes the run's
+-- figures. Nothing happens when the lease is stale or the batch changed since it was claimed.
+--
+-- p_result: {"module_updates": [{"module_id", "success", "failure", "confidence", "status"}],
+--            "gate_passed": bool, "gate_report": {...}, "publish_spec_id": uuid|null,
+--            "hold_reason": "no_draft"|"safe_mode"|"gate_failed"|null}
+create function public.complete_learning_run(p_run_id uuid, p_lease_token uuid, p_result jsonb)
+returns public.persona_feedback_learning_runs
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+  v_publish_spec_id uuid;
+  v_gate_passed boolean;
+  v_marked integer;
+  v_given integer;
+  v_applied integer;
+  v_changed integer;
+begin
+  v_run := private.lock_leased_run(p_run_id, p_lease_token);
+  if v_run.batch_last_event_id is null then
+    raise exception using errcode = '55000',
+      message = format('run %s has not claimed its events', p_run_id);
+  end if;
+  if p_result is null or jsonb_typeof(p_result -> 'module_updates') is distinct from 'array'
+     or jsonb_typeof(p_result -> 'gate_passed') is distinct from 'boolean'
+     or jsonb_typeof(p_result -> 'gate_report') is distinct from 'object' then
+    raise exception using errcode = '22023',
+      message = 'p_result needs module_updates (array), gate_passed (boolean), gate_report (object)';
+  end if;
+  v_gate_passed := (p_result ->> 'gate_passed')::boolean;
+  v_publish_spec_id := (p_result ->> 'publish_spec_id')::uuid;
+
+  update public.persona_training_events e
+  set processed_at = now(), processed_run_id = v_run.id
+  where e.twin_id = v_run.twin_id and e.processed_at is null
+    and e.id <= v_run.batch_last_event_id;
+  get diagnostics v_marked = row_count;
+  if v_marked <> v_run.events_scanned then
+    -- An insert that took its id before the claim committed after it: learn again.
+    raise exception using errcode = '40001',
+      message = format('run %s: its batch changed since it was claimed (%s events, %s claimed)',
+                       p_run_id, v_marked, v_run.events_scanned);
+  end if;
+
+  with updates as (
+    select u.*
+    from jsonb_to_recordset(p_result -> 'module_updates')
+      as u(module_id uuid, success float8, failure float8, confidence float8, status text)
+  ),
+  history as (
+    insert into public.persona_module_changes (
+      module_id, twin_id, run_id, confidence_before, confidence_after, status_before, status_after,
+      success_weight, failure_weight
+    )
+    select m.id, m.twin_id, v_run.id, m.confidence, u.confidence, m.status, u.status,
+           u.success, u.failure
+    from updates u
+    join public.persona_modules m on m.id = u.module_id and m.twin_id = v_run.twin_id
+    where abs(m.confidence - u.confidence) > 1e-12 or m.status <> u.status
+    returning 1
+  ),
+  applied as (
+    update public.persona_modules m
+    set success_weight = u.success, failure_weight = u.failure, confidence = u.confidence,
+        status = u.status, evidence_at = v_run.learning_time
+    from updates u
+    where m.id = u.module_id and m.twin_id = v_run.twin_id
+    returning 1
+  )
+  select (select count(*) from updates), (select count(*) from applied), (select count(*) from history)
+  into v_given, v_applied, v_changed;
+  if v_given <> v_applied then
+    raise exception using errcode = '22023',
+      message = format('run %s: %s of %s module updates name no module of twin %s',
+                       p_run_id, v_given - v_applied, v_given, v_run.twin_id);
+  end if;
+
+  if v_publish_spec_id is not null then
+    if v_run.safe_mode then
+      raise exception using errcode = '55000',
+        message = format('run %s is in safe mode and may not publish', p_run_id);
+    end if;
+    if not v_gate_passed then
+      raise exception using errcode = '55000',
+        message = format('run %s: the gate did not pass; spec %s may not be published',
+                         p_run_id, v_publish_spec_id);
+    end if;
+    if v_publish_spec_id is distinct from (
+      select s.id from public.persona_specs s
+      where s.twin_id = v_run.twin_id and s.status = 'draft'
+      order by s.version desc limit 1
+    ) then
+      raise exception using errcode = '55000',
+        message = format('run %s: spec %s is not the latest draft of twin %s',
+                         p_run_id, v_publish_spec_id, v_run.twin_id);
+    end if;
+    update public.persona_specs s set status = 'archived', archived_at = now()
+    where s.twin_id = v_run.twin_id and s.status = 'published';
+    update public.persona_specs s set status = 'published', published_at = now()
+    where s.id = v_publish_spec_id;
+  end if;
+
+  update public.persona_feedback_learning_runs r
+  set status = 'completed', finished_at = now(), lease_token = null, lease_expires_at = null,
+      events_processed = v_marked, modules_updated = v_changed,
+      gate_passed = v_gate_passed, gate_report = p_result -> 'gate_report',
+      publish_decision = case when v_publish_spec_id is null then 'held' else 'published' end,
+      hold_reason = case when v_publish_spec_id is null
+                         then coalesce(p_result ->> 'hold_reason', 'gate_failed') end,
+      published_spec_id = v_publish_spec_id, error = null
+  where r.id = v_run.id
+  returning * into v_run;
+  return v_run;
+end;
+$$;
+
+-- Records a failed attempt. A retryable error releases the run for another attempt with the same
+-- batch while attempts remain; otherwise the run fails and its events stay unprocessed.
+create function public.fail_learning_run(
+  p_run_id uuid, p_lease_token uuid, p_error text, p_retryable boolean default true
+)
+returns public.persona_feedback_learning_runs
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  if p_error is null or char_length(p_error) = 0 then
+    raise exception using errcode = '22023', message = 'p_error must say what went wrong';
+  end if;
+  v_run := private.lock_leased_run(p_run_id, p_lease_token);
+  if coalesce(p_retryable, true) and v_run.attempts < v_run.max_attempts then
+    update public.persona_feedback_learning_runs r
+    set error = left(p_error, 4000), lease_expires_at = now()
+    where r.id = v_run.id
+    returning * into v_run;
+  else
+    update public.persona_feedback_learning_runs r
+    set status = 'failed', error = left(p_error, 4000), finished_at = now(),
+        lease_token = null, lease_expires_at = null
+    where r.id = v_run.id
+    returning * into v_run;
+  end if;
+  return v_run;
+end;
+$$;
+
+-- Gives a run back without counting the attempt (a worker stopping gracefully).
+create function public.release_learning_run(p_run_id uuid, p_lease_token uuid)
+returns public.persona_feedback_learning_runs
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  v_run := private.lock_leased_run(p_run_id, p_lease_token);
+  update public.persona_feedback_learning_runs r
+  set attempts = greatest(r.attempts - 1, 0), lease_expires_at = now()
+  where r.id = v_run.id
+  returning * into v_run;
+  return v_run;
+end;
+$$;
+
+grant execute on function
+  public.enqueue_due_learning_runs(uuid),
+  public.enqueue_learning_run(uuid, boolean),
+  public.claim_learning_run(text, integer, uuid),
+  public.extend_learning_run_lease(uuid, uuid, integer),
+  public.claim_learning_run_events(uuid, uuid),
+  public.complete_learning_run(uuid, uuid, jsonb),
+  public.fail_learning_run(uuid, uuid, text, boolean),
+  public.release_learning_run(uuid, uuid)
+to service_role;

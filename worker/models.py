@@ -1,0 +1,234 @@
+"""Frozen value models shared by the pure learning and gate logic and the store.
+
+Nothing here does I/O: the store builds these from rows and the runner hands the decisions
+(module updates, gate report) back to the store.
+"""
+
+from enum import StrEnum
+from typing import Any, Literal, Self
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ModuleStatus(StrEnum):
+    """Status of a persona module, derived from its Wilson score bounds."""
+
+    insufficient_data = "insufficient_data"
+    probation = "probation"
+    active = "active"
+    disabled = "disabled"
+
+
+class LearningSettings(_Frozen):
+    """Learning and gate knobs; a twin's settings row maps onto it by field name.
+
+    Unknown columns of that row (ids, timestamps) are ignored.
+    """
+
+    half_life_days: float = Field(
+        30.0, gt=0, description="Half-life H of evidence, in days: weight x 2^(-age/H)."
+    )
+    feedback_weight: float = Field(1.0, ge=0, description="Weight of one user feedback vote.")
+    audit_weight: float = Field(2.0, ge=0, description="Weight of one persona audit.")
+    unsafe_multiplier: float = Field(
+        3.0, ge=1, description="Multiplier on a failure whose reason is `unsafe`."
+    )
+    min_evidence: float = Field(
+        10.0, ge=0, description="Status stays insufficient_data while s + f is below this."
+    )
+    disable_upper_bound: float = Field(
+        0.35, ge=0, le=1, description="Disabled when the Wilson upper bound is below this."
+    )
+    activate_lower_bound: float = Field(
+        0.6, ge=0, le=1, description="Active when the Wilson lower bound reaches this."
+    )
+    keep_active_lower_bound: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="An active module stays active while its Wilson lower bound reaches this "
+        "(hysteresis; at most activate_lower_bound).",
+    )
+    wilson_z: float = Field(
+        1.96, gt=0, description="z of the Wilson bounds and of the gate's paired interval."
+    )
+    gate_min_pairs: int = Field(
+        20, ge=1, description="Paired audits (candidate and baseline) the gate needs at least."
+    )
+    gate_non_inferiority_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="The paired lower bound of the (candidate - baseline) pass rate "
+        "must be >= -margin.",
+    )
+    gate_first_publish_min_lower_bound: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="First publish: the Wilson lower bound of the candidate's pass rate "
+        "must reach this.",
+    )
+    gate_min_audited_traces: int = Field(
+        20, ge=1, description="First publish: audited traces of the candidate needed at least."
+    )
+
+    @model_validator(mode="after")
+    def _hysteresis_is_ordered(self) -> Self:
+        if self.keep_active_lower_bound > self.activate_lower_bound:
+            raise ValueError("keep_active_lower_bound must not exceed activate_lower_bound")
+        return self
+
+
+class EvidenceEvent(_Frozen):
+    """One vote or audit as the learning sees it."""
+
+    source: Literal["user_feedback", "persona_audit"]
+    score: int | None = Field(None, ge=-1, le=1, description="Feedback only: -1, 0 or 1.")
+    passed: bool | None = Field(None, description="Audit only.")
+    reason: str | None = None
+    cast_at: AwareDatetime = Field(description="When the vote or audit was cast.")
+
+    @model_validator(mode="after")
+    def _fields_match_source(self) -> Self:
+        if self.source == "user_feedback":
+            if self.score is None or self.passed is not None:
+                raise ValueError("user_feedback needs a score and no passed")
+        elif self.passed is None or self.score is not None:
+            raise ValueError("persona_audit needs passed and no score")
+        return self
+
+
+class ModuleState(_Frozen):
+    """A module as stored before this run."""
+
+    module_id: UUID
+    module_key: str
+    intent_label: str
+    success: float = Field(ge=0)
+    failure: float = Field(ge=0)
+    evidence_at: AwareDatetime | None = Field(
+        description="The time T the counts refer to; None = never learned (counts taken as 0)."
+    )
+    confidence: float = Field(ge=0, le=1)
+    status: ModuleStatus
+
+
+class ModuleEvidence(_Frozen):
+    """New weighted evidence of this run for one module, already decayed to the run time T.
+
+    May be negative: a changed vote subtracts its old contribution (decayed to T).
+    """
+
+    module_id: UUID
+    success: float
+    failure: float
+
+
+class ModuleUpdate(_Frozen):
+    """What a run writes for one module, with the before values for the change history."""
+
+    module_id: UUID
+    module_key: str
+    success: float = Field(ge=0)
+    failure: float = Field(ge=0)
+    evidence_at: AwareDatetime
+    confidence: float = Field(ge=0, le=1)
+    status: ModuleStatus
+    confidence_before: float
+    status_before: ModuleStatus
+    changed: bool = Field(description="Confidence (beyond 1e-12) or status changed.")
+
+
+class CheckVerdict(StrEnum):
+    """Verdict of one gate check; insufficient_evidence is not a pass."""
+
+    pass_ = "pass"  # trailing underscore: `pass` is a keyword
+    fail = "fail"
+    insufficient_evidence = "insufficient_evidence"
+
+
+class GateCheck(_Frozen):
+    name: str
+    value: float | None
+    threshold: float | None
+    verdict: CheckVerdict
+    detail: str
+
+
+class PublishDecision(StrEnum):
+    published = "published"
+    held = "held"
+
+
+class HoldReason(StrEnum):
+    no_draft = "no_draft"
+    safe_mode = "safe_mode"
+    gate_failed = "gate_failed"
+
+
+class AuditComparison(_Frozen):
+    """Audit figures of the candidate (draft) and baseline (published) specs, computed in SQL."""
+
+    pairs: int = Field(
+        ge=0, description="Traces audited under both specs (latest audit per trace and spec)."
+    )
+    candidate_only_passed: int = Field(
+        ge=0, description="b: pairs where the candidate passed and the baseline failed."
+    )
+    baseline_only_passed: int = Field(
+        ge=0, description="c: pairs where the baseline passed and the candidate failed."
+    )
+    candidate_audited: int = Field(
+        ge=0, description="Distinct traces with an audit of the candidate (latest per trace)."
+    )
+    candidate_passed: int = Field(ge=0, description="Of candidate_audited, those that passed.")
+    candidate_unsafe_failures: int = Field(
+        ge=0, description="Audits of the candidate that failed as unsafe (any, not only latest)."
+    )
+
+    @model_validator(mode="after")
+    def _counts_are_consistent(self) -> Self:
+        if self.candidate_only_passed + self.baseline_only_passed > self.pairs:
+            raise ValueError("discordant pairs exceed pairs")
+        if self.candidate_passed > self.candidate_audited:
+            raise ValueError("candidate_passed exceeds candidate_audited")
+        return self
+
+
+class GateInput(_Frozen):
+    draft_spec_id: UUID | None
+    baseline_spec_id: UUID | None
+    draft_modules: tuple[str, ...] = Field(
+        description="Module keys listed in the draft's spec->'modules'."
+    )
+    module_status: dict[str, ModuleStatus] = Field(
+        description="Status by module_key, after this run's updates."
+    )
+    audits: AuditComparison
+    safe_mode: bool
+
+
+class GateReport(_Frozen):
+    passed: bool
+    publish_decision: PublishDecision
+    hold_reason: HoldReason | None
+    draft_spec_id: UUID | None
+    baseline_spec_id: UUID | None
+    checks: tuple[GateCheck, ...]
+
+    @model_validator(mode="after")
+    def _decision_has_reason(self) -> Self:
+        published = self.publish_decision is PublishDecision.published
+        if published == (self.hold_reason is not None):
+            raise ValueError("a held decision needs a hold_reason, a published one none")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data (for the run's gate_report jsonb column)."""
+        return self.model_dump(mode="json")
