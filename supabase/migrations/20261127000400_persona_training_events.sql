@@ -119,6 +119,7 @@ as $$
 declare
   v_previous_id bigint;
   v_first_vote_id bigint;
+  v_previous_due_at timestamptz;
 begin
   new.processed_at := null;
   new.processed_run_id := null;
@@ -161,12 +162,15 @@ begin
     and p.created_by = new.created_by
     and p.source = 'user_feedback'
     and p.superseded_at is null
-  returning p.id, p.first_vote_id into v_previous_id, v_first_vote_id;
+  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at
+    into v_previous_id, v_first_vote_id, v_previous_due_at;
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
   new.langfuse_status := 'pending';
-  new.langfuse_next_attempt_at := new.created_at;
+  -- The new vote updates the same Langfuse score; if the old one may still be in flight, wait
+  -- for its delivery window to close so that the new value always lands last.
+  new.langfuse_next_attempt_at := greatest(new.created_at, v_previous_due_at);
   return new;
 end;
 $$;

@@ -23,8 +23,9 @@ as $$
   returning *;
 $$;
 
--- Queues an operator's run for one twin; an already queued run takes the requested mode.
-create function public.enqueue_learning_run(p_twin_id uuid, p_safe_mode boolean default true)
+-- Queues an operator's run for one twin, in safe mode or not (null: the twin's auto_publish
+-- setting decides). A run already queued for the twin is returned, taking the requested mode.
+create function public.enqueue_learning_run(p_twin_id uuid, p_safe_mode boolean default null)
 returns public.persona_feedback_learning_runs
 language plpgsql
 set search_path = ''
@@ -32,15 +33,12 @@ as $$
 declare
   v_run public.persona_feedback_learning_runs;
 begin
-  if p_safe_mode is null then
-    raise exception using errcode = '22023', message = 'p_safe_mode must not be null';
-  end if;
   insert into public.persona_feedback_learning_runs (twin_id, trigger, safe_mode, max_attempts)
-  select t.id, 'manual', p_safe_mode, s.max_attempts
+  select t.id, 'manual', coalesce(p_safe_mode, not s.auto_publish), s.max_attempts
   from public.twins t join public.persona_learning_settings s on s.twin_id = t.id
   where t.id = p_twin_id
   on conflict (twin_id) where status = 'queued'
-    do update set safe_mode = excluded.safe_mode
+    do update set safe_mode = coalesce(p_safe_mode, persona_feedback_learning_runs.safe_mode)
   returning * into v_run;
   if v_run.id is null then
     raise exception using errcode = 'P0002', message = format('twin %s does not exist', p_twin_id);

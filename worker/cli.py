@@ -1,0 +1,176 @@
+"""`pfl`: the worker's command line: run-once (cron), serve (long-lived), runs (history)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from worker import logs
+from worker.config import WorkerSettings
+from worker.runner import Runner
+from worker.store import Run, Store, StoreError
+
+logger = logging.getLogger("worker")
+
+
+def summarize(run: Run) -> str:
+    """A run as an owner reads it: its outcome and figures, one fact per line."""
+    decision = run.publish_decision or "-"
+    if run.hold_reason:
+        decision = f"{decision} ({run.hold_reason})"
+    lines = [
+        f"run {run.id}  twin {run.twin_id}",
+        f"  status={run.status}  trigger={run.trigger}  safe_mode={str(run.safe_mode).lower()}"
+        f"  attempts={run.attempts}/{run.max_attempts}",
+        f"  events_scanned={_fig(run.events_scanned)}"
+        f"  events_processed={_fig(run.events_processed)}"
+        f"  events_unmatched={_fig(run.events_unmatched)}"
+        f"  modules_updated={_fig(run.modules_updated)}",
+        f"  gate_passed={_fig(run.gate_passed)}  publish_decision={decision}",
+    ]
+    for check in (run.gate_report or {}).get("checks", []):
+        lines.append(
+            f"    {check['name']}: {check['verdict']}"
+            f" (value {_fig(check.get('value'))}, threshold {_fig(check.get('threshold'))})"
+        )
+    if run.error:
+        lines.append(f"  error={run.error}")
+    return "\n".join(lines)
+
+
+def _fig(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def runs_table(runs: Sequence[Run]) -> str:
+    header = ("created", "run", "status", "scanned", "processed", "modules", "gate", "decision")
+    rows = [header]
+    for r in runs:
+        rows.append(
+            (
+                r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                str(r.id)[:8],
+                r.status,
+                _fig(r.events_scanned),
+                _fig(r.events_processed),
+                _fig(r.modules_updated),
+                _fig(r.gate_passed),
+                (r.publish_decision or "-") + (f" ({r.hold_reason})" if r.hold_reason else ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def write_artifact(path: Path, runs: Sequence[Run]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = [r.model_dump(mode="json") for r in runs]
+    path.write_text(json.dumps(doc[0] if len(doc) == 1 else doc, indent=2) + "\n")
+
+
+def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
+    runner = Runner(store, settings.pfl_worker_id, settings.pfl_lease_seconds)
+    safe_mode = True if args.safe_mode else False if args.auto_publish else None
+    runs = runner.run_once(
+        args.twin,
+        safe_mode,
+        request=args.twin is not None and (args.request or safe_mode is not None),
+    )
+    for run in runs:
+        print(summarize(run))
+    if not runs:
+        print("no run was due")
+    if args.output:
+        write_artifact(args.output, runs)
+    return 1 if any(r.status == "failed" for r in runs) else 0
+
+
+def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
+    runner = Runner(store, settings.pfl_worker_id, settings.pfl_lease_seconds)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("stop requested; finishing the run in hand", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    runner.serve(
+        stop, min_wait=settings.pfl_poll_min_seconds, max_wait=settings.pfl_poll_max_seconds
+    )
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
+    runs = store.list_runs(args.twin, limit=args.limit)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+    else:
+        print(runs_table(runs) if runs else f"twin {args.twin} has no runs")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    once = sub.add_parser("run-once", help="queue what is due, execute runs until none is left")
+    once.add_argument("--twin", type=UUID, help="only this twin")
+    mode = once.add_mutually_exclusive_group()
+    mode.add_argument("--safe-mode", action="store_true", help="learn and gate, never publish")
+    mode.add_argument(
+        "--auto-publish", action="store_true", help="publish the draft if the gate passes"
+    )
+    once.add_argument(
+        "--request",
+        action="store_true",
+        help="with --twin: run even without new evidence (implied by --safe-mode/--auto-publish)",
+    )
+    once.add_argument("--output", type=Path, help="write the run(s) as a JSON artifact")
+    once.set_defaults(handler=_cmd_run_once)
+
+    serve = sub.add_parser("serve", help="poll for runs until SIGTERM or SIGINT")
+    serve.set_defaults(handler=_cmd_serve)
+
+    runs = sub.add_parser("runs", help="list a twin's recent runs")
+    runs.add_argument("--twin", type=UUID, required=True)
+    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.set_defaults(handler=_cmd_runs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = WorkerSettings()  # type: ignore[call-arg]  # filled from the environment
+    except ValidationError as exc:
+        print(f"pfl: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.pfl_log_format)
+    try:
+        return args.handler(args, settings, Store.connect(settings))
+    except StoreError as exc:
+        print(f"pfl: {exc} (code {exc.code})", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Worker settings: environment variables (and a `.env` file), validated once at start-up."""
+
+import os
+import socket
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the worker needs to know; each knob is documented where it is defined."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    supabase_url: str = Field(description="The project's API URL, e.g. http://127.0.0.1:54321.")
+    supabase_service_role_key: SecretStr = Field(
+        description="The service-role key: the worker's functions are executable by it alone."
+    )
+    pfl_worker_id: str = Field(
+        default_factory=_default_worker_id,
+        min_length=1,
+        max_length=200,
+        description="Names this worker on the runs it holds.",
+    )
+    pfl_lease_seconds: int = Field(
+        60,
+        ge=5,
+        le=3600,
+        description="How long a claimed run stays ours before another worker "
+        "may take it over; renewed while a run is in hand.",
+    )
+    pfl_http_timeout_seconds: float = Field(
+        60.0, gt=0, description="Timeout of one request to the API."
+    )
+    pfl_store_attempts: int = Field(
+        4, ge=1, le=20, description="Tries of one API call on transient errors (network, 5xx)."
+    )
+    pfl_poll_min_seconds: float = Field(
+        0.5, gt=0, description="`serve`: first wait after finding nothing to do."
+    )
+    pfl_poll_max_seconds: float = Field(
+        30.0, gt=0, description="`serve`: longest wait between polls while idle."
+    )
+    pfl_log_format: str = Field(
+        "text", pattern="^(text|json)$", description="Log lines as `text` or `json`."
+    )
+    langfuse_host: str | None = Field(
+        None, description="Langfuse base URL; unset means feedback is kept locally only."
+    )
+    langfuse_public_key: str | None = Field(None, description="Langfuse project public key.")
+    langfuse_secret_key: SecretStr | None = Field(None, description="Langfuse project secret key.")
+    pfl_langfuse_batch_size: int = Field(
+        100, ge=1, le=1000, description="Outbox rows claimed and sent per Langfuse request batch."
+    )
+    pfl_langfuse_timeout_seconds: float = Field(
+        10.0, gt=0, description="Timeout of one request to Langfuse."
+    )
+    pfl_langfuse_max_attempts: int = Field(
+        8, ge=1, le=100, description="Deliveries of one score before it is marked failed."
+    )
+
+    @model_validator(mode="after")
+    def _poll_bounds(self) -> "WorkerSettings":
+        if self.pfl_poll_min_seconds > self.pfl_poll_max_seconds:
+            raise ValueError("PFL_POLL_MIN_SECONDS must not exceed PFL_POLL_MAX_SECONDS")
+        return self
+
+    @property
+    def langfuse_configured(self) -> bool:
+        return bool(self.langfuse_host and self.langfuse_public_key and self.langfuse_secret_key)

@@ -1,0 +1,171 @@
+"""Executes learning runs: claim -> learn (pure) -> gate (pure) -> complete, one RPC each step."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+from worker.gate import evaluate_gate
+from worker.learning import learn
+from worker.models import GateInput, GateReport, PublishDecision
+from worker.store import (
+    BatchChangedError,
+    Run,
+    RunBatch,
+    StaleLeaseError,
+    Store,
+    StoreError,
+    TransientStoreError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def decide(batch: RunBatch, *, safe_mode: bool) -> tuple[dict[str, Any], GateReport]:
+    """The pure part of a run: module updates and the gate's decision, as the RPC payload."""
+    evidence = {e.module_id: e for e in batch.evidence}
+    updates = learn(batch.modules, evidence, batch.learning_time, batch.settings)
+    report = evaluate_gate(
+        GateInput(
+            draft_spec_id=batch.draft_spec_id,
+            baseline_spec_id=batch.baseline_spec_id,
+            draft_modules=batch.draft_modules,
+            module_status={u.module_key: u.status for u in updates},
+            audits=batch.audits,
+            safe_mode=safe_mode,
+        ),
+        batch.settings,
+    )
+    publish = report.publish_decision is PublishDecision.published
+    payload = {
+        "module_updates": [
+            {
+                "module_id": str(u.module_id),
+                "success": u.success,
+                "failure": u.failure,
+                "confidence": u.confidence,
+                "status": u.status.value,
+            }
+            for u in updates
+        ],
+        "gate_passed": report.passed,
+        "gate_report": report.to_json(),
+        "publish_spec_id": str(report.draft_spec_id) if publish else None,
+        "hold_reason": None if report.hold_reason is None else report.hold_reason.value,
+    }
+    return payload, report
+
+
+class Runner:
+    """Claims and executes runs for one worker identity."""
+
+    def __init__(self, store: Store, worker_id: str, lease_seconds: int) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+
+    def process(self, run: Run) -> Run:
+        """Execute one claimed run to its end; returns the run's row afterwards."""
+        log = {"run_id": str(run.id), "twin_id": str(run.twin_id), "attempt": run.attempts}
+        logger.info("run claimed", extra=log)
+        started = time.monotonic()
+        try:
+            batch = self.store.claim_events(run)
+            payload, report = decide(batch, safe_mode=run.safe_mode)
+            if time.monotonic() - started > self.lease_seconds / 2:
+                self.store.extend_lease(run, self.lease_seconds)
+            done = self.store.complete_run(run, payload)
+        except StaleLeaseError as exc:
+            logger.warning(
+                "run lease lost; its work was discarded", extra={**log, "error": str(exc)}
+            )
+            return self.store.get_run(run.id) or run
+        except (BatchChangedError, TransientStoreError) as exc:
+            return self._fail(run, exc, retryable=True, log=log)
+        except StoreError as exc:
+            return self._fail(run, exc, retryable=False, log=log)
+        except Exception as exc:  # a bug or bad data: record it on the run, retry up to the limit
+            logger.exception("run crashed", extra=log)
+            return self._fail(run, exc, retryable=True, log=log)
+        logger.info(
+            "run completed",
+            extra={
+                **log,
+                "events_scanned": done.events_scanned,
+                "events_processed": done.events_processed,
+                "modules_updated": done.modules_updated,
+                "gate_passed": done.gate_passed,
+                "publish_decision": done.publish_decision,
+                "hold_reason": report.hold_reason,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return done
+
+    def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, Any]) -> Run:
+        error = f"{type(exc).__name__}: {exc}"
+        logger.warning("run attempt failed", extra={**log, "error": error, "retryable": retryable})
+        try:
+            return self.store.fail_run(run, error, retryable=retryable)
+        except StoreError as fail_exc:
+            # The lease will expire and another attempt (or the final failure) follows from it.
+            logger.warning("could not record the failure", extra={**log, "error": str(fail_exc)})
+            return run
+
+    def run_once(
+        self, twin_id: UUID | None = None, safe_mode: bool | None = None, *, request: bool = False
+    ) -> list[Run]:
+        """Burst mode: queue what is due, execute runs until none is left, return them.
+
+        With `request`, an operator's run is queued for `twin_id` even without new evidence,
+        in safe mode or not as `safe_mode` says (None: the twin's auto_publish setting).
+        """
+        if request:
+            if twin_id is None:
+                raise ValueError("a requested run needs a twin")
+            self.store.enqueue_run(twin_id, safe_mode=safe_mode)
+        self.store.enqueue_due_runs(twin_id)
+        finished: list[Run] = []
+        while (
+            run := self.store.claim_run(self.worker_id, self.lease_seconds, twin_id)
+        ) is not None:
+            finished.append(self.process(run))
+        return finished
+
+    def serve(
+        self,
+        stop: threading.Event,
+        *,
+        min_wait: float,
+        max_wait: float,
+        between_polls: Callable[[], int] | None = None,
+    ) -> None:
+        """Poll until `stop` is set: runs first, then `between_polls` (the outbox drain).
+
+        A run in hand when `stop` is set is finished before returning. While idle, the wait
+        between polls doubles from `min_wait` up to `max_wait`.
+        """
+        wait = min_wait
+        logger.info("worker serving", extra={"worker_id": self.worker_id})
+        while not stop.is_set():
+            busy = False
+            try:
+                self.store.enqueue_due_runs()
+                run = self.store.claim_run(self.worker_id, self.lease_seconds)
+                if run is not None:
+                    self.process(run)
+                    busy = True
+                if between_polls is not None and between_polls() > 0:
+                    busy = True
+            except StoreError as exc:
+                logger.warning("poll failed", extra={"error": str(exc), "code": exc.code})
+            if busy:
+                wait = min_wait
+                continue
+            stop.wait(wait)
+            wait = min(wait * 2, max_wait)
+        logger.info("worker stopped", extra={"worker_id": self.worker_id})

@@ -1,0 +1,272 @@
+"""The only code that talks to Supabase: one RPC per state change, rows in, frozen models out.
+
+Every call goes through the Supabase Python client with the service-role key. Transient failures
+(network errors, timeouts, HTTP 5xx) are retried with exponential backoff and jitter; anything
+the database rejected is raised at once as a StoreError carrying PostgREST's error code.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+from uuid import UUID
+
+import httpx
+from postgrest.exceptions import APIError
+from pydantic import BaseModel, ConfigDict
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from supabase import Client, ClientOptions, create_client
+from worker.config import WorkerSettings
+from worker.models import AuditComparison, LearningSettings, ModuleEvidence, ModuleState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RunStatus = Literal["queued", "running", "completed", "failed"]
+
+# Columns a run listing needs; the lease token never leaves the worker's own calls.
+RUN_COLUMNS = (
+    "id,twin_id,status,trigger,safe_mode,attempts,max_attempts,worker_id,learning_time,"
+    "events_scanned,events_processed,events_unmatched,modules_updated,gate_passed,gate_report,"
+    "publish_decision,hold_reason,published_spec_id,error,created_at,started_at,finished_at"
+)
+
+
+class StoreError(Exception):
+    """The database refused a call; `code` is PostgREST's (SQLSTATE or PGRSTxxx)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StaleLeaseError(StoreError):
+    """The run's lease expired or another worker holds it: our work on it has no effect."""
+
+
+class BatchChangedError(StoreError):
+    """An event committed into the run's batch after the claim; the run must learn again."""
+
+
+class TransientStoreError(StoreError):
+    """The API could not be reached or failed on its side; the same call may succeed later."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Run(_Frozen):
+    """A learning run as its row says."""
+
+    id: UUID
+    twin_id: UUID
+    status: RunStatus
+    trigger: str
+    safe_mode: bool
+    attempts: int
+    max_attempts: int
+    worker_id: str | None = None
+    lease_token: UUID | None = None
+    learning_time: datetime | None = None
+    events_scanned: int | None = None
+    events_processed: int | None = None
+    events_unmatched: int | None = None
+    modules_updated: int | None = None
+    gate_passed: bool | None = None
+    gate_report: dict[str, Any] | None = None
+    publish_decision: str | None = None
+    hold_reason: str | None = None
+    published_spec_id: UUID | None = None
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class RunBatch(_Frozen):
+    """What `claim_learning_run_events` aggregated for a run: all the pure logic needs."""
+
+    learning_time: datetime
+    events_scanned: int
+    events_unmatched: int
+    settings: LearningSettings
+    modules: tuple[ModuleState, ...]
+    evidence: tuple[ModuleEvidence, ...]
+    draft_spec_id: UUID | None
+    draft_modules: tuple[str, ...]
+    baseline_spec_id: UUID | None
+    audits: AuditComparison
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TransientStoreError)
+
+
+def _error_from(exc: APIError) -> StoreError:
+    code = exc.code
+    message = exc.message or str(exc)
+    if code == "PT409":
+        return StaleLeaseError(message, code)
+    if code == "40001":
+        return BatchChangedError(message, code)
+    # PostgREST answers 503 when it cannot reach the database, 5xx on its own failures.
+    if code in {"PGRST000", "PGRST001", "PGRST002", "57P01", "57P03", "08006", "08001"}:
+        return TransientStoreError(message, code)
+    return StoreError(message, code)
+
+
+class Store:
+    """Supabase access for the worker. Build it once per process with `Store.connect`."""
+
+    def __init__(self, client: Client, attempts: int = 4) -> None:
+        self._client = client
+        self._attempts = attempts
+
+    @classmethod
+    def connect(cls, settings: WorkerSettings) -> Store:
+        options = ClientOptions(
+            postgrest_client_timeout=httpx.Timeout(settings.pfl_http_timeout_seconds),
+            # Retries are ours (tenacity, below): one policy for every call, RPCs included.
+            postgrest_client_retry=False,
+            auto_refresh_token=False,
+            persist_session=False,
+        )
+        client = create_client(
+            settings.supabase_url,
+            settings.supabase_service_role_key.get_secret_value(),
+            options=options,
+        )
+        return cls(client, attempts=settings.pfl_store_attempts)
+
+    def _call(self, what: str, fn: Any) -> Any:
+        def once() -> Any:
+            try:
+                return fn().data
+            except APIError as exc:
+                raise _error_from(exc) from exc
+            except httpx.TransportError as exc:
+                raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientStoreError),
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+            reraise=True,
+        )
+        return retrying(once)
+
+    def _rpc(self, name: str, params: dict[str, Any]) -> Any:
+        return self._call(name, lambda: self._client.rpc(name, params).execute())
+
+    # Runs --------------------------------------------------------------------------------
+
+    def enqueue_due_runs(self, twin_id: UUID | None = None) -> list[Run]:
+        rows = self._rpc("enqueue_due_learning_runs", {"p_twin_id": _opt(twin_id)})
+        return [Run.model_validate(r) for r in rows or []]
+
+    def enqueue_run(self, twin_id: UUID, *, safe_mode: bool) -> Run:
+        row = self._rpc(
+            "enqueue_learning_run", {"p_twin_id": str(twin_id), "p_safe_mode": safe_mode}
+        )
+        return Run.model_validate(row)
+
+    def claim_run(
+        self, worker_id: str, lease_seconds: int, twin_id: UUID | None = None
+    ) -> Run | None:
+        rows = self._rpc(
+            "claim_learning_run",
+            {
+                "p_worker_id": worker_id,
+                "p_lease_seconds": lease_seconds,
+                "p_twin_id": _opt(twin_id),
+            },
+        )
+        return Run.model_validate(rows[0]) if rows else None
+
+    def extend_lease(self, run: Run, lease_seconds: int) -> None:
+        self._rpc(
+            "extend_learning_run_lease",
+            {
+                "p_run_id": str(run.id),
+                "p_lease_token": _token(run),
+                "p_lease_seconds": lease_seconds,
+            },
+        )
+
+    def claim_events(self, run: Run) -> RunBatch:
+        doc = self._rpc(
+            "claim_learning_run_events", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
+        )
+        return RunBatch.model_validate(doc)
+
+    def complete_run(self, run: Run, result: dict[str, Any]) -> Run:
+        row = self._rpc(
+            "complete_learning_run",
+            {"p_run_id": str(run.id), "p_lease_token": _token(run), "p_result": result},
+        )
+        return Run.model_validate(row)
+
+    def fail_run(self, run: Run, error: str, *, retryable: bool) -> Run:
+        row = self._rpc(
+            "fail_learning_run",
+            {
+                "p_run_id": str(run.id),
+                "p_lease_token": _token(run),
+                "p_error": error,
+                "p_retryable": retryable,
+            },
+        )
+        return Run.model_validate(row)
+
+    def release_run(self, run: Run) -> Run:
+        row = self._rpc(
+            "release_learning_run", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
+        )
+        return Run.model_validate(row)
+
+    def get_run(self, run_id: UUID) -> Run | None:
+        rows = self._call(
+            "get run",
+            lambda: (
+                self._client.table("persona_feedback_learning_runs")
+                .select(RUN_COLUMNS)
+                .eq("id", str(run_id))
+                .execute()
+            ),
+        )
+        return Run.model_validate(rows[0]) if rows else None
+
+    def list_runs(self, twin_id: UUID, limit: int = 20) -> list[Run]:
+        rows = self._call(
+            "list runs",
+            lambda: (
+                self._client.table("persona_feedback_learning_runs")
+                .select(RUN_COLUMNS)
+                .eq("twin_id", str(twin_id))
+                .order("created_at", desc=True)
+                .limit(limit)
+                .execute()
+            ),
+        )
+        return [Run.model_validate(r) for r in rows or []]
+
+
+def _opt(value: UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _token(run: Run) -> str:
+    if run.lease_token is None:
+        raise ValueError(f"run {run.id} is not held by this worker (no lease token)")
+    return str(run.lease_token)
