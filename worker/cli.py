@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from worker import logs
 from worker.config import WorkerSettings
-from worker.runner import Runner
+from worker.langfuse_sender import LangfuseSender
+from worker.outbox import OutboxDrainer
+from worker.runner import Runner, poll_until_stopped
 from worker.store import Run, Store, StoreError
 
 logger = logging.getLogger("worker")
@@ -102,19 +104,55 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
     return 1 if any(r.status == "failed" for r in runs) else 0
 
 
+def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
+    sender = None
+    if settings.langfuse_configured:
+        sender = LangfuseSender(
+            settings.langfuse_host or "",
+            settings.langfuse_public_key or "",
+            settings.langfuse_secret_key.get_secret_value() if settings.langfuse_secret_key else "",
+            settings.pfl_langfuse_timeout_seconds,
+            batch_size=settings.pfl_langfuse_batch_size,
+        )
+    return OutboxDrainer(
+        store, sender, settings.pfl_langfuse_batch_size, settings.pfl_langfuse_max_attempts
+    )
+
+
 def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
     runner = Runner(store, settings.pfl_worker_id, settings.pfl_lease_seconds)
+    drainer = make_drainer(settings, store)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
-        logger.info("stop requested; finishing the run in hand", extra={"signal": signum})
+        logger.info("stop requested; finishing the work in hand", extra={"signal": signum})
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    runner.serve(
-        stop, min_wait=settings.pfl_poll_min_seconds, max_wait=settings.pfl_poll_max_seconds
+    waits = (settings.pfl_poll_min_seconds, settings.pfl_poll_max_seconds)
+    # Langfuse is a mirror: its own thread, so a slow or down Langfuse never delays a run.
+    mirror = threading.Thread(
+        target=poll_until_stopped,
+        args=("langfuse-outbox", lambda: drainer.drain_once() > 0, stop, *waits),
+        name="langfuse-outbox",
     )
+    mirror.start()
+    try:
+        poll_until_stopped("learning-runs", runner.step, stop, *waits)
+    finally:
+        stop.set()
+        mirror.join()
+    return 0
+
+
+def _cmd_outbox(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
+    if args.action == "requeue":
+        status = "failed" if args.failed else "skipped"
+        print(f"requeued {store.requeue_outbox(status)} {status} feedback rows")
+        return 0
+    handled = make_drainer(settings, store).drain()
+    print(f"handled {handled} outbox rows")
     return 0
 
 
@@ -148,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="poll for runs until SIGTERM or SIGINT")
     serve.set_defaults(handler=_cmd_serve)
+
+    outbox = sub.add_parser("outbox", help="the Langfuse mirror of feedback")
+    outbox.add_argument(
+        "action",
+        choices=("drain", "requeue"),
+        help="drain: send every due row now; requeue: put skipped rows back (after configuring "
+        "Langfuse), or failed ones with --failed",
+    )
+    outbox.add_argument("--failed", action="store_true", help="with requeue: failed rows")
+    outbox.set_defaults(handler=_cmd_outbox)
 
     runs = sub.add_parser("runs", help="list a twin's recent runs")
     runs.add_argument("--twin", type=UUID, required=True)

@@ -136,36 +136,35 @@ class Runner:
             finished.append(self.process(run))
         return finished
 
-    def serve(
-        self,
-        stop: threading.Event,
-        *,
-        min_wait: float,
-        max_wait: float,
-        between_polls: Callable[[], int] | None = None,
-    ) -> None:
-        """Poll until `stop` is set: runs first, then `between_polls` (the outbox drain).
+    def step(self) -> bool:
+        """One poll: queue what is due and execute one run if there is one; True if it did."""
+        self.store.enqueue_due_runs()
+        run = self.store.claim_run(self.worker_id, self.lease_seconds)
+        if run is None:
+            return False
+        self.process(run)
+        return True
 
-        A run in hand when `stop` is set is finished before returning. While idle, the wait
-        between polls doubles from `min_wait` up to `max_wait`.
-        """
-        wait = min_wait
-        logger.info("worker serving", extra={"worker_id": self.worker_id})
-        while not stop.is_set():
+
+def poll_until_stopped(
+    name: str, step: Callable[[], bool], stop: threading.Event, min_wait: float, max_wait: float
+) -> None:
+    """Calls `step` until `stop` is set. After a busy step it polls again at once; while idle
+    the wait doubles from `min_wait` up to `max_wait`. A step in progress when `stop` is set
+    finishes first; errors are logged and count as idle, so an outage slows polling down."""
+    wait = min_wait
+    logger.info("poller started", extra={"poller": name})
+    while not stop.is_set():
+        try:
+            busy = step()
+        except StoreError as exc:
+            logger.warning(
+                "poll failed", extra={"poller": name, "error": str(exc), "code": exc.code}
+            )
             busy = False
-            try:
-                self.store.enqueue_due_runs()
-                run = self.store.claim_run(self.worker_id, self.lease_seconds)
-                if run is not None:
-                    self.process(run)
-                    busy = True
-                if between_polls is not None and between_polls() > 0:
-                    busy = True
-            except StoreError as exc:
-                logger.warning("poll failed", extra={"error": str(exc), "code": exc.code})
-            if busy:
-                wait = min_wait
-                continue
-            stop.wait(wait)
-            wait = min(wait * 2, max_wait)
-        logger.info("worker stopped", extra={"worker_id": self.worker_id})
+        if busy:
+            wait = min_wait
+            continue
+        stop.wait(wait)
+        wait = min(wait * 2, max_wait)
+    logger.info("poller stopped", extra={"poller": name})

@@ -15,6 +15,7 @@ from uuid import UUID
 import httpx
 from postgrest.exceptions import APIError
 from pydantic import BaseModel, ConfigDict
+from supabase import Client, ClientOptions, create_client
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -23,7 +24,6 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from supabase import Client, ClientOptions, create_client
 from worker.config import WorkerSettings
 from worker.models import AuditComparison, LearningSettings, ModuleEvidence, ModuleState
 
@@ -91,6 +91,23 @@ class Run(_Frozen):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class OutboxRow(_Frozen):
+    """A feedback vote claimed for delivery to Langfuse."""
+
+    event_id: int
+    twin_id: UUID
+    trace_id: str
+    created_by: UUID
+    score: int
+    reason: str | None = None
+    intent_label: str
+    module_key: str | None = None
+    comment: str | None = None
+    metadata: dict[str, Any] = {}
+    attempts: int
+    score_timestamp: datetime
 
 
 class RunBatch(_Frozen):
@@ -260,6 +277,29 @@ class Store:
             ),
         )
         return [Run.model_validate(r) for r in rows or []]
+
+    # Langfuse outbox ---------------------------------------------------------------------
+
+    def claim_outbox(self, limit: int, visibility_seconds: int) -> list[OutboxRow]:
+        rows = self._rpc(
+            "claim_langfuse_outbox",
+            {"p_limit": limit, "p_visibility_seconds": visibility_seconds},
+        )
+        return [OutboxRow.model_validate(r) for r in rows or []]
+
+    def record_deliveries(self, deliveries: list[dict[str, Any]], max_attempts: int) -> int:
+        return int(
+            self._rpc(
+                "record_langfuse_deliveries",
+                {"p_deliveries": deliveries, "p_max_attempts": max_attempts},
+            )
+        )
+
+    def skip_outbox(self, limit: int) -> int:
+        return int(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
+
+    def requeue_outbox(self, status: str) -> int:
+        return int(self._rpc("requeue_langfuse_outbox", {"p_status": status}))
 
 
 def _opt(value: UUID | None) -> str | None:

@@ -1,0 +1,85 @@
+"""Drains the Langfuse outbox: claim due feedback rows, send them as scores, record outcomes.
+
+Score mapping (what a Langfuse user sees on the trace): name `user_feedback`, data type NUMERIC,
+value -1 / 0 / +1 (the vote), comment = the user's comment, metadata = reason, intent label,
+module key, twin id, event id and the app's own metadata. The score id is derived from (twin,
+trace, user) and the timestamp is the first vote's time, so a changed vote updates the same score.
+Persona audits are not mirrored: the audit pipeline writes them and owns their reporting.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
+from worker.store import OutboxRow, Store
+
+logger = logging.getLogger(__name__)
+
+SCORE_NAME = "user_feedback"
+NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
+# Claimed rows stay hidden from other workers this long; far above one send's timeout.
+VISIBILITY_SECONDS = 120
+
+
+def score_item(row: OutboxRow) -> ScoreItem:
+    return ScoreItem(
+        item_id=str(row.event_id),
+        score_id=score_id_for(row.twin_id, row.trace_id, row.created_by),
+        trace_id=row.trace_id,
+        name=SCORE_NAME,
+        value=float(row.score),
+        data_type="NUMERIC",
+        comment=row.comment,
+        metadata={
+            **row.metadata,
+            "reason": row.reason,
+            "intent_label": row.intent_label,
+            "module_key": row.module_key,
+            "twin_id": str(row.twin_id),
+            "event_id": row.event_id,
+        },
+        timestamp=row.score_timestamp,
+    )
+
+
+class OutboxDrainer:
+    """One drain pass sends at most `batch_size` rows; `sender` None means not configured."""
+
+    def __init__(
+        self, store: Store, sender: LangfuseSender | None, batch_size: int, max_attempts: int
+    ) -> None:
+        self.store = store
+        self.sender = sender
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+
+    def drain_once(self) -> int:
+        """Handles one batch of due rows; returns how many rows it handled."""
+        if self.sender is None:
+            skipped = self.store.skip_outbox(self.batch_size)
+            if skipped:
+                logger.info("outbox rows skipped", extra={"rows": skipped, "why": NOT_CONFIGURED})
+            return skipped
+        rows = self.store.claim_outbox(self.batch_size, VISIBILITY_SECONDS)
+        if not rows:
+            return 0
+        deliveries = self.sender.send([score_item(r) for r in rows])
+        self.store.record_deliveries([_as_record(d) for d in deliveries], self.max_attempts)
+        counts: dict[str, int] = {}
+        for d in deliveries:
+            counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
+        errors = sorted({d.error for d in deliveries if d.error})
+        logger.info("outbox batch delivered", extra={**counts, "errors": errors[:3]})
+        return len(rows)
+
+    def drain(self) -> int:
+        """Drains until nothing is due (rows waiting for a retry stay for a later pass)."""
+        total = 0
+        while (handled := self.drain_once()) > 0:
+            total += handled
+        return total
+
+
+def _as_record(d: Delivery) -> dict[str, object]:
+    return {"event_id": int(d.item_id), "outcome": d.outcome.value, "error": d.error}
