@@ -1,0 +1,281 @@
+"""The main job on the local stack, end to end, as the original proof ran it.
+
+Acts as each party does in production: the app user sends feedback with supabase-py and a user
+JWT, the owner drafts specs and requests runs through PostgREST, the audit pipeline writes audits
+with the service-role key, and the operator runs the worker's CLI (`pfl`). Every run is printed
+as a summary and written as a JSON artifact; the demo checks each figure and exits non-zero if
+one is not what the proof shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+from supabase import Client, ClientOptions, create_client
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts" / "demo"
+TWIN = "5dd06bcb-9afa-4174-a9bf-308dcf4108c3"  # the seeded demo twin (supabase/seed.sql)
+OWNER = "owner@demo.local"
+APP_USER = "app-user@demo.local"
+SMOKE_TRACE = "trace-phase7-learning-smoke-20260209"
+AUDIT_TRACES = [f"audit-trace-{i:03d}" for i in range(1, 26)]
+
+URL = os.environ["SUPABASE_URL"]
+SERVICE_KEY = os.environ["SUPABASE_SERVICE_ROLE_KEY"]
+ANON_KEY = os.environ["SUPABASE_ANON_KEY"]
+JWT_SECRET = os.environ["SUPABASE_JWT_SECRET"]
+
+
+def client(token: str | None) -> Client:
+    options = ClientOptions(
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+        postgrest_client_timeout=httpx.Timeout(30.0),
+        auto_refresh_token=False,
+        persist_session=False,
+    )
+    return create_client(URL, ANON_KEY, options=options)
+
+
+def user_token(user_id: str) -> str:
+    """What Supabase Auth would hand the signed-in user (minted with the local JWT secret)."""
+    now = int(time.time())
+    claims = {
+        "sub": user_id,
+        "role": "authenticated",
+        "aud": "authenticated",
+        "iat": now,
+        "exp": now + 3600,
+    }
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+def pfl(*args: str) -> str:
+    """The operator's command: the worker CLI, as cron would call it."""
+    env = {**os.environ, "PFL_LOG_FORMAT": "text"}
+    for key in ("LANGFUSE_HOST", "LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY"):
+        env.pop(key, None)  # the demo shows feedback kept locally when Langfuse is not set up
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "pfl"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"pfl {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title}")
+
+
+def run_worker(name: str, *flags: str) -> dict:
+    artifact = ARTIFACTS / f"{name}.json"
+    print(pfl("run-once", "--twin", TWIN, *flags, "--output", str(artifact)).rstrip())
+    print(f"  artifact: {artifact.relative_to(ROOT)}")
+    return json.loads(artifact.read_text())
+
+
+def expect(run: dict, **figures: object) -> None:
+    wrong = {k: (run.get(k), v) for k, v in figures.items() if run.get(k) != v}
+    if wrong:
+        sys.exit(f"run {run['id']}: unexpected figures (got, expected): {wrong}")
+
+
+def audits(service: Client, spec_id: str, failing: set[str], unsafe: set[str] = frozenset()):
+    rows = [
+        {
+            "twin_id": TWIN,
+            "source": "persona_audit",
+            "trace_id": trace,
+            "intent_label": "factual_with_evidence",
+            "persona_spec_id": spec_id,
+            "passed": trace not in failing,
+            "reason": ("unsafe" if trace in unsafe else "off_persona")
+            if trace in failing
+            else None,
+        }
+        for trace in AUDIT_TRACES
+    ]
+    service.table("persona_training_events").insert(rows, returning="minimal").execute()
+
+
+def main() -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    service = client(SERVICE_KEY)  # the audit pipeline and the operator
+    owner_id, app_user_id = _seeded_users()
+    owner = client(user_token(owner_id))
+    app_user = client(user_token(app_user_id))
+
+    step("1. Safe-mode run with no events (the proof's first run)")
+    run = run_worker("01_safe_mode_no_events", "--safe-mode")
+    expect(
+        run,
+        status="completed",
+        events_scanned=0,
+        modules_updated=0,
+        gate_passed=True,
+        publish_decision="held",
+    )
+
+    step("2. An app user sends feedback through PostgREST (supabase-py, user JWT)")
+    event = (
+        app_user.table("persona_training_events")
+        .insert(
+            {
+                "twin_id": TWIN,
+                "trace_id": SMOKE_TRACE,
+                "score": -1,
+                "reason": "incorrect",
+                "intent_label": "factual_with_evidence",
+            }
+        )
+        .execute()
+        .data[0]
+    )
+    print(
+        f"  stored event {event['id']}: score=-1 reason=incorrect created_by={event['created_by']}"
+    )
+    print("  " + pfl("outbox", "drain").strip())
+    row = (
+        service.table("persona_langfuse_outbox")
+        .select("status,last_error")
+        .eq("event_id", event["id"])
+        .single()
+        .execute()
+        .data
+    )
+    print(f"  langfuse mirror: {row['status']} ({row['last_error']})")
+
+    step("3. The owner requests a run (RPC request_learning_run); the worker processes it")
+    queued = owner.rpc("request_learning_run", {"p_twin_id": TWIN}).execute().data
+    print(
+        f"  queued run {queued['id']}"
+        f" (trigger={queued['trigger']}, safe_mode={queued['safe_mode']})"
+    )
+    run = run_worker("02_feedback_processed")
+    expect(
+        run,
+        id=queued["id"],
+        status="completed",
+        events_scanned=1,
+        events_processed=1,
+        gate_passed=True,
+        publish_decision="held",
+    )
+    stored = (
+        service.table("persona_training_events")
+        .select("processed_at")
+        .eq("id", event["id"])
+        .single()
+        .execute()
+        .data
+    )
+    print(f"  event {event['id']} processed_at={stored['processed_at']}")
+    if stored["processed_at"] is None:
+        sys.exit("the feedback event was not marked processed")
+
+    step("4. A draft spec, audits of draft and published spec on the same 25 traces")
+    published = (
+        service.table("persona_specs")
+        .select("id,version")
+        .eq("twin_id", TWIN)
+        .eq("status", "published")
+        .single()
+        .execute()
+        .data
+    )
+    draft = (
+        owner.table("persona_specs")
+        .insert(
+            {
+                "twin_id": TWIN,
+                "spec": {
+                    "name": "Demo twin",
+                    "voice": "warm, precise, cites sources, admits uncertainty",
+                    "modules": ["evidence_answers", "small_talk", "career_advice"],
+                },
+            }
+        )
+        .execute()
+        .data[0]
+    )
+    print(f"  draft spec v{draft['version']} ({draft['id']}); published v{published['version']}")
+    audits(service, published["id"], failing=set(AUDIT_TRACES[:3]))
+    audits(service, draft["id"], failing=set())
+    print("  audits: published 22/25 passed, draft 25/25 passed")
+    run = run_worker("03_auto_publish_passes", "--auto-publish")
+    expect(
+        run,
+        status="completed",
+        gate_passed=True,
+        publish_decision="published",
+        published_spec_id=draft["id"],
+    )
+
+    step("5. A regressing draft is held")
+    regress = (
+        owner.table("persona_specs")
+        .insert(
+            {
+                "twin_id": TWIN,
+                "spec": {
+                    "name": "Demo twin",
+                    "voice": "terse",
+                    "modules": ["evidence_answers", "small_talk"],
+                },
+            }
+        )
+        .execute()
+        .data[0]
+    )
+    audits(service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe={AUDIT_TRACES[0]})
+    print(
+        f"  draft spec v{regress['version']}: 17/25 passed where v{draft['version']} passed 25/25"
+    )
+    run = run_worker("04_regression_held", "--auto-publish")
+    expect(
+        run,
+        status="completed",
+        gate_passed=False,
+        publish_decision="held",
+        hold_reason="gate_failed",
+    )
+
+    step("Runs of the demo twin, as its owner lists them")
+    print(pfl("runs", "--twin", TWIN).rstrip())
+    specs = (
+        service.table("persona_specs")
+        .select("version,status")
+        .eq("twin_id", TWIN)
+        .order("version")
+        .execute()
+        .data
+    )
+    print("  specs: " + ", ".join(f"v{s['version']} {s['status']}" for s in specs))
+    print(f"\nDemo complete. Artifacts in {ARTIFACTS.relative_to(ROOT)}/")
+
+
+def _seeded_users() -> tuple[str, str]:
+    import psycopg  # only to look the seeded demo users up by email
+
+    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+        rows = dict(
+            conn.execute(
+                "select email, id::text from auth.users where email = any(%s)", ([OWNER, APP_USER],)
+            ).fetchall()
+        )
+    return rows[OWNER], rows[APP_USER]
+
+
+if __name__ == "__main__":
+    main()
