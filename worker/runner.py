@@ -128,13 +128,19 @@ class Runner:
             if twin_id is None:
                 raise ValueError("a requested run needs a twin")
             self.store.enqueue_run(twin_id, safe_mode=safe_mode)
-        self.store.enqueue_due_runs(twin_id)
         finished: list[Run] = []
-        while (
-            run := self.store.claim_run(self.worker_id, self.lease_seconds, twin_id)
-        ) is not None:
-            finished.append(self.process(run))
-        return finished
+        # Queue due runs again only after a run made progress: a twin whose run keeps failing
+        # is not queued over and over within one burst.
+        progress = True
+        while True:
+            if progress:
+                self.store.enqueue_due_runs(twin_id)
+            run = self.store.claim_run(self.worker_id, self.lease_seconds, twin_id)
+            if run is None:
+                return finished
+            done = self.process(run)
+            finished.append(done)
+            progress = done.status == "completed" and (done.events_scanned or 0) > 0
 
     def step(self) -> bool:
         """One poll: queue what is due and execute one run if there is one; True if it did."""

@@ -2,15 +2,17 @@
 -- Hosted Supabase grants every new table, sequence and function in `public` to anon, authenticated
 -- and service_role. This project grants each privilege explicitly in the migration that needs it.
 
+-- Functions are executable by PUBLIC by a global default that a per-schema default cannot take
+-- away, so that one is revoked globally for the role that runs migrations.
+alter default privileges for role postgres revoke execute on functions from public;
+alter default privileges in schema public revoke execute on functions from anon, authenticated;
 alter default privileges in schema public revoke all on tables from anon, authenticated;
 alter default privileges in schema public revoke all on sequences from anon, authenticated;
-alter default privileges in schema public revoke execute on functions from public, anon, authenticated;
 
 -- Helpers that policies and triggers call live in `private`, which PostgREST does not expose.
 create schema if not exists private;
 revoke all on schema private from public;
 grant usage on schema private to authenticated, service_role;
-alter default privileges in schema private revoke execute on functions from public;
 
 comment on schema private is 'Helpers for policies and triggers; not exposed through the API.';
 
