@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import jwt
-from supabase import Client, ClientOptions, create_client
+from supabase import Client
+
+from worker.store import make_client
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "demo"
@@ -35,13 +36,7 @@ JWT_SECRET = os.environ["SUPABASE_JWT_SECRET"]
 
 
 def client(token: str | None) -> Client:
-    options = ClientOptions(
-        headers={"Authorization": f"Bearer {token}"} if token else {},
-        postgrest_client_timeout=httpx.Timeout(30.0),
-        auto_refresh_token=False,
-        persist_session=False,
-    )
-    return create_client(URL, ANON_KEY, options=options)
+    return make_client(URL, ANON_KEY, bearer=token, timeout=30.0)
 
 
 def user_token(user_id: str) -> str:

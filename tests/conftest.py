@@ -16,7 +16,9 @@ import httpx
 import jwt
 import psycopg
 import pytest
-from supabase import Client, ClientOptions, create_client
+from supabase import Client
+
+from worker.store import make_client
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_KEYS = (
@@ -87,15 +89,11 @@ def mint_token(
 
 
 def client_for(stack: Stack, token: str | None) -> Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    options = ClientOptions(
-        headers=headers,
-        postgrest_client_timeout=httpx.Timeout(20.0),
-        postgrest_client_retry=False,
-        auto_refresh_token=False,
-        persist_session=False,
-    )
-    return create_client(stack.url, stack.anon_key, options=options)
+    return make_client(stack.url, stack.anon_key, bearer=token, timeout=20.0)
+
+
+def close(client: Client) -> None:
+    client.postgrest.session.close()
 
 
 @dataclass(frozen=True)
@@ -107,28 +105,36 @@ class User:
 
 
 @pytest.fixture
-def make_user(stack: Stack, db: psycopg.Connection) -> Callable[[str], User]:
+def make_user(stack: Stack, db: psycopg.Connection) -> Iterator[Callable[[str], User]]:
     """Creates a user in auth.users (as the platform's auth service would) with a client."""
+    made: list[User] = []
 
     def make(name: str = "user") -> User:
         email = f"{name}-{uuid.uuid4().hex[:10]}@test.local"
         row = db.execute("insert into auth.users (email) values (%s) returning id", (email,))
         user_id = str(row.fetchone()[0])  # type: ignore[index]
         token = mint_token(stack, user_id)
-        return User(id=user_id, email=email, token=token, client=client_for(stack, token))
+        made.append(User(id=user_id, email=email, token=token, client=client_for(stack, token)))
+        return made[-1]
 
-    return make
+    yield make
+    for user in made:
+        close(user.client)
 
 
 @pytest.fixture(scope="session")
-def service(stack: Stack) -> Client:
+def service(stack: Stack) -> Iterator[Client]:
     """The service-role client, as the worker and the audit pipeline use it."""
-    return client_for(stack, stack.service_key)
+    client = client_for(stack, stack.service_key)
+    yield client
+    close(client)
 
 
 @pytest.fixture(scope="session")
-def anon(stack: Stack) -> Client:
-    return client_for(stack, None)
+def anon(stack: Stack) -> Iterator[Client]:
+    client = client_for(stack, None)
+    yield client
+    close(client)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.05):

@@ -125,8 +125,22 @@ class RunBatch(_Frozen):
     audits: AuditComparison
 
 
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, TransientStoreError)
+def make_client(url: str, api_key: str, *, bearer: str | None = None, timeout: float) -> Client:
+    """A sync Supabase client: the API key, optionally a user's JWT, one timeout for every
+    request (given to the HTTP client: supabase-py truncates a float timeout to whole seconds)
+    and no retries of the client's own (the store retries, with one policy for every call)."""
+    return create_client(
+        url,
+        api_key,
+        options=ClientOptions(
+            headers={"Authorization": f"Bearer {bearer}"} if bearer else {},
+            httpx_client=httpx.Client(timeout=httpx.Timeout(timeout)),
+            postgrest_client_timeout=None,  # type: ignore[arg-type]  # the HTTP client's applies
+            postgrest_client_retry=False,
+            auto_refresh_token=False,
+            persist_session=False,
+        ),
+    )
 
 
 def _error_from(exc: APIError) -> StoreError:
@@ -151,19 +165,13 @@ class Store:
 
     @classmethod
     def connect(cls, settings: WorkerSettings) -> Store:
-        options = ClientOptions(
-            postgrest_client_timeout=httpx.Timeout(settings.pfl_http_timeout_seconds),
-            # Retries are ours (tenacity, below): one policy for every call, RPCs included.
-            postgrest_client_retry=False,
-            auto_refresh_token=False,
-            persist_session=False,
-        )
-        client = create_client(
-            settings.supabase_url,
-            settings.supabase_service_role_key.get_secret_value(),
-            options=options,
-        )
+        key = settings.supabase_service_role_key.get_secret_value()
+        client = make_client(settings.supabase_url, key, timeout=settings.pfl_http_timeout_seconds)
         return cls(client, attempts=settings.pfl_store_attempts)
+
+    def close(self) -> None:
+        """Closes the HTTP connections."""
+        self._client.postgrest.session.close()
 
     def _call(self, what: str, fn: Any) -> Any:
         def once() -> Any:

@@ -179,6 +179,27 @@ $$;
 
 create trigger persona_specs_number before insert on public.persona_specs
   for each row execute function private.number_persona_spec();
+
+-- published_at and archived_at say when a spec reached that status, however it got there.
+create function private.stamp_persona_spec_status()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if new.status = 'published' and new.published_at is null then
+    new.published_at := now();
+  end if;
+  if new.status = 'archived' and new.archived_at is null then
+    new.archived_at := now();
+  end if;
+  return new;
+end;
+$$;
+
+create trigger persona_specs_stamp_status before insert or update of status
+  on public.persona_specs
+  for each row execute function private.stamp_persona_spec_status();
 create trigger persona_specs_touch_updated_at before update on public.persona_specs
   for each row execute function private.touch_updated_at();
 

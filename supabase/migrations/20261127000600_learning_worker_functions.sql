@@ -275,13 +275,13 @@ begin
   select s.id into v_baseline_id from public.persona_specs s
   where s.twin_id = v_run.twin_id and s.status = 'published';
 
-  -- The latest audit per trace of the candidate (draft) and the baseline (published) spec.
+  -- The latest audit per trace of the candidate (draft) and the baseline (published) spec: all
+  -- audits of both, not only this batch's.
   with latest as (
     select distinct on (e.persona_spec_id, e.trace_id) e.persona_spec_id, e.trace_id, e.passed
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id and e.source = 'persona_audit'
       and e.persona_spec_id in (v_draft.id, v_baseline_id)
-      and e.id <= v_run.batch_last_event_id
     order by e.persona_spec_id, e.trace_id, e.created_at desc, e.id desc
   ),
   candidate as (select trace_id, passed from latest where persona_spec_id = v_draft.id),
@@ -296,7 +296,6 @@ begin
       select count(*) from public.persona_training_events e
       where e.twin_id = v_run.twin_id and e.source = 'persona_audit'
         and e.persona_spec_id = v_draft.id and not e.passed and e.reason = 'unsafe'
-        and e.id <= v_run.batch_last_event_id
     )
   )
   into v_audits
@@ -424,9 +423,9 @@ begin
         message = format('run %s: spec %s is not the latest draft of twin %s',
                          p_run_id, v_publish_spec_id, v_run.twin_id);
     end if;
-    update public.persona_specs s set status = 'archived', archived_at = now()
+    update public.persona_specs s set status = 'archived'
     where s.twin_id = v_run.twin_id and s.status = 'published';
-    update public.persona_specs s set status = 'published', published_at = now()
+    update public.persona_specs s set status = 'published'
     where s.id = v_publish_spec_id;
   end if;
 
