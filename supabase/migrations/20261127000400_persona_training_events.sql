@@ -120,6 +120,7 @@ declare
   v_previous_id bigint;
   v_first_vote_id bigint;
   v_previous_due_at timestamptz;
+  v_previous_status text;
 begin
   new.processed_at := null;
   new.processed_run_id := null;
@@ -162,15 +163,18 @@ begin
     and p.created_by = new.created_by
     and p.source = 'user_feedback'
     and p.superseded_at is null
-  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at
-    into v_previous_id, v_first_vote_id, v_previous_due_at;
+  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
+    into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
   new.langfuse_status := 'pending';
-  -- The new vote updates the same Langfuse score; if the old one may still be in flight, wait
-  -- for its delivery window to close so that the new value always lands last.
-  new.langfuse_next_attempt_at := greatest(new.created_at, v_previous_due_at);
+  -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
+  -- in flight: wait until its delivery is recorded (which releases this one) or its window
+  -- closes, so that the new value always lands last.
+  new.langfuse_next_attempt_at := case when v_previous_status = 'superseded'
+                                       then greatest(new.created_at, v_previous_due_at)
+                                       else new.created_at end;
   return new;
 end;
 $$;

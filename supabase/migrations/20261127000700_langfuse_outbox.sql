@@ -70,7 +70,8 @@ $$;
 -- {"event_id": n, "outcome": "sent" | "retry" | "failed", "error": text|null}.
 -- A retry waits base * 2^attempts seconds (at most p_max_delay_seconds) with jitter; after
 -- p_max_attempts deliveries it fails. A superseded vote keeps that status; if the newer vote was
--- already sent, it is sent again so that Langfuse ends with the newer value.
+-- already sent, it is sent again so that Langfuse ends with the newer value; if it waits for
+-- this delivery, it is released.
 create function public.record_langfuse_deliveries(
   p_deliveries jsonb,
   p_max_attempts integer default 8,
@@ -123,20 +124,27 @@ begin
           when d.outcome = 'retry' then now() + make_interval(secs =>
             least(p_base_delay_seconds * power(2, e.langfuse_attempts), p_max_delay_seconds)
             * (0.5 + random() / 2))
-          else e.langfuse_next_attempt_at
+          else now()
         end
     from d
     where e.id = d.event_id and e.source = 'user_feedback'
       and e.langfuse_status in ('pending', 'retrying', 'superseded')
     returning e.id, e.first_vote_id, e.superseded_at, d.outcome
   ),
-  resend_newer as (
+  -- The newer vote of a superseded one waited for this delivery: release it now, and send it
+  -- again if it already went out before the older value.
+  release_newer as (
     update public.persona_training_events cur
-    set langfuse_status = 'pending', langfuse_next_attempt_at = now(), langfuse_attempts = 0
+    set langfuse_status = case when cur.langfuse_status = 'sent' and u.outcome = 'sent'
+                               then 'pending' else cur.langfuse_status end,
+        langfuse_attempts = case when cur.langfuse_status = 'sent' and u.outcome = 'sent'
+                                 then 0 else cur.langfuse_attempts end,
+        langfuse_next_attempt_at = now()
     from updated u
-    where u.superseded_at is not null and u.outcome = 'sent'
+    where u.superseded_at is not null
       and cur.first_vote_id = u.first_vote_id and cur.superseded_at is null
-      and cur.source = 'user_feedback' and cur.langfuse_status = 'sent'
+      and cur.source = 'user_feedback'
+      and (cur.langfuse_status = 'pending' or (cur.langfuse_status = 'sent' and u.outcome = 'sent'))
     returning 1
   )
   select count(*) into v_count from updated;

@@ -1,0 +1,751 @@
+"""The Langfuse mirror end to end: feedback inserted by app users through PostgREST, the outbox
+drained by the real worker code (`OutboxDrainer` + `LangfuseSender`, and the `pfl` CLI as a
+subprocess) into the Langfuse stand-in on 127.0.0.1.
+
+The outbox is shared by every twin in the database and other tests leave rows in it, so each
+test makes its own users and twins and asserts only about its own events and score ids; a
+drain here may also carry other tests' due rows, which no assertion depends on. Failure modes
+(down, 5xx, hang, 401) are driven through `drain_ours`, a pass that claims exactly the test's own
+rows, so they never mark other tests' rows retrying or failed. Waiting for a retry (or a claim
+window) to become due is never a sleep: `make_due` moves `langfuse_next_attempt_at` back, which
+stands for the passage of time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from supabase import Client
+
+from tests.conftest import Stack, User, wait_for
+from tests.langfuse_standin import LangfuseStandin
+from worker.config import WorkerSettings
+from worker.langfuse_sender import LangfuseSender, score_id_for
+from worker.outbox import NOT_CONFIGURED, OutboxDrainer
+from worker.store import Store
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+PFL = Path(sys.executable).with_name("pfl")
+BASE_DELAY = 2.0  # p_base_delay_seconds: the default the worker leaves record_langfuse_deliveries
+SLACK = timedelta(milliseconds=50)  # clock rounding between PostgreSQL and the assertions
+SenderFactory = Callable[..., LangfuseSender]
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def standin() -> Iterator[LangfuseStandin]:
+    lf = LangfuseStandin(public_key=f"pk-lf-{uuid.uuid4().hex[:8]}")
+    lf.start()
+    try:
+        yield lf
+    finally:
+        lf.stop()  # also releases a request left hanging
+
+
+@pytest.fixture(scope="module")
+def store(stack: Stack) -> Iterator[Store]:
+    """The worker's own Store, as `pfl` builds it (settings from arguments, not the env)."""
+    settings = WorkerSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        supabase_url=stack.url,
+        supabase_service_role_key=stack.service_key,  # type: ignore[arg-type]
+        pfl_http_timeout_seconds=20.0,
+    )
+    worker_store = Store.connect(settings)
+    yield worker_store
+    worker_store.close()
+
+
+@pytest.fixture
+def make_sender(standin: LangfuseStandin) -> Iterator[SenderFactory]:
+    made: list[LangfuseSender] = []
+
+    def make(
+        *, timeout: float = 5.0, batch_size: int = 100, secret_key: str | None = None
+    ) -> LangfuseSender:
+        sender = LangfuseSender(
+            standin.url,
+            standin.public_key,
+            secret_key or standin.secret_key,
+            timeout,
+            batch_size=batch_size,
+        )
+        made.append(sender)
+        return sender
+
+    yield make
+    for sender in made:
+        sender.close()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def open_twin(service: Client, owner: User) -> str:
+    """A twin that any signed-in user may send feedback on, made by the service client."""
+    row = (
+        service.table("twins")
+        .insert({"owner_id": owner.id, "name": "outbox twin", "feedback_from": "any_user"})
+        .execute()
+        .data[0]
+    )
+    return str(row["id"])
+
+
+def vote(
+    user: User,
+    twin_id: str,
+    trace_id: str,
+    score: int,
+    *,
+    reason: str | None = "helpful",
+    intent_label: str = "factual_answer",
+    comment: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One feedback vote, inserted by the app user through PostgREST."""
+    payload: dict[str, Any] = {
+        "twin_id": twin_id,
+        "trace_id": trace_id,
+        "score": score,
+        "reason": reason,
+        "intent_label": intent_label,
+    }
+    if comment is not None:
+        payload["comment"] = comment
+    if metadata is not None:
+        payload["metadata"] = metadata
+    return user.client.table("persona_training_events").insert(payload).execute().data[0]
+
+
+def outbox(service: Client, event_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The rows of `persona_langfuse_outbox` (read by the service client) for these events."""
+    ids = sorted(set(event_ids))
+    rows = service.table("persona_langfuse_outbox").select("*").in_("event_id", ids).execute().data
+    found = {int(r["event_id"]): r for r in rows}
+    assert sorted(found) == ids, "every feedback vote must stay visible in the outbox view"
+    return found
+
+
+def statuses(service: Client, event_ids: Iterable[int]) -> dict[int, str]:
+    return {k: v["status"] for k, v in outbox(service, event_ids).items()}
+
+
+def due_times(db: psycopg.Connection, event_ids: Iterable[int]) -> dict[int, datetime]:
+    rows = db.execute(
+        "select id, langfuse_next_attempt_at from public.persona_training_events"
+        " where id = any(%s)",
+        (list(event_ids),),
+    ).fetchall()
+    return {int(r[0]): r[1] for r in rows}
+
+
+def db_now(db: psycopg.Connection) -> datetime:
+    return db.execute("select clock_timestamp()").fetchone()[0]  # type: ignore[index]
+
+
+def make_due(db: psycopg.Connection, event_ids: Iterable[int], ago: str = "1 second") -> None:
+    """Stands for the passage of time: the rows' retry delay (or claim window) has run out.
+    With a long `ago` they also come first in the claim order (next_attempt_at, id)."""
+    db.execute(
+        "update public.persona_training_events"
+        " set langfuse_next_attempt_at = now() - %s::interval where id = any(%s)",
+        (ago, list(event_ids)),
+    )
+
+
+def drain_ours(
+    db: psycopg.Connection,
+    store: Store,
+    sender: LangfuseSender | None,
+    event_ids: list[int],
+    max_attempts: int = 8,
+) -> int:
+    """One drain pass over exactly these rows, so that a failure mode under test does not touch
+    other tests' rows: they have waited a day (passage of time), which puts them at the head of
+    the claim order, and the pass claims a batch of their number."""
+    make_due(db, event_ids, "1 day")
+    drainer = OutboxDrainer(store, sender, batch_size=len(event_ids), max_attempts=max_attempts)
+    return drainer.drain_once()
+
+
+def sid(twin_id: str, trace_id: str, user: User | str) -> str:
+    return score_id_for(twin_id, trace_id, user.id if isinstance(user, User) else user)
+
+
+def ts(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def request_ids(standin: LangfuseStandin) -> list[set[str]]:
+    """The score ids of each score request the stand-in received, in order."""
+    out = []
+    for request in standin.score_requests:
+        body = request.body if isinstance(request.body, list) else [request.body]
+        out.append({s["id"] for s in body if isinstance(s, dict)})
+    return out
+
+
+def run_pfl(
+    stack: Stack, cwd: Path, *args: str, langfuse: LangfuseStandin | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI. Without `langfuse` no LANGFUSE_* variable reaches it (not configured)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "PFL_"))}
+    env.update(
+        SUPABASE_URL=stack.url,
+        SUPABASE_SERVICE_ROLE_KEY=stack.service_key,
+        PFL_HTTP_TIMEOUT_SECONDS="20",
+    )
+    if langfuse is not None:
+        env.update(
+            LANGFUSE_HOST=langfuse.url,
+            LANGFUSE_PUBLIC_KEY=langfuse.public_key,
+            LANGFUSE_SECRET_KEY=langfuse.secret_key,
+            PFL_LANGFUSE_TIMEOUT_SECONDS="5",
+        )
+    # cwd without a .env file, so that only `env` configures it
+    result = subprocess.run(
+        [str(PFL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"pfl {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    return result
+
+
+def assert_delivered_once(
+    standin: LangfuseStandin, expected: dict[str, tuple[float, datetime]]
+) -> None:
+    """Each score id arrived exactly once, with its value and timestamp."""
+    scores = standin.scores
+    for score_id, (value, timestamp) in expected.items():
+        versions = scores.get(score_id, [])
+        assert len(versions) == 1, f"score {score_id}: {len(versions)} versions"
+        assert versions[0]["value"] == value
+        assert ts(versions[0]["timestamp"]) == timestamp
+
+
+# -- 1. not configured ---------------------------------------------------------------------------
+
+
+def test_not_configured_keeps_feedback_locally_then_requeue_delivers_each_once(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    store: Store,
+    standin: LangfuseStandin,
+    tmp_path: Path,
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    in_process = [vote(voter, twin, f"nc-a-{i}", 1) for i in range(3)]
+    # sender None: the worker's own "Langfuse is not configured" path
+    OutboxDrainer(store, None, batch_size=100, max_attempts=8).drain()
+    by_cli = [vote(owner, twin, f"nc-b-{i}", -1, reason="incorrect") for i in range(2)]
+    out = run_pfl(stack, tmp_path, "outbox", "drain")
+    assert re.search(r"handled \d+ outbox rows", out.stdout)
+
+    events = in_process + by_cli
+    ids = [e["id"] for e in events]
+    for row in outbox(service, ids).values():
+        assert row["status"] == "skipped"
+        assert row["last_error"] == NOT_CONFIGURED
+        assert row["attempts"] == 0
+        assert row["sent_at"] is None
+    assert standin.requests == []
+
+    # Langfuse configured now: put the skipped rows back, then drain.
+    out = run_pfl(stack, tmp_path, "outbox", "requeue", langfuse=standin)
+    match = re.search(r"requeued (\d+) skipped feedback rows", out.stdout)
+    assert match and int(match.group(1)) >= len(ids), out.stdout
+    for row in outbox(service, ids).values():
+        assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+    assert standin.requests == []
+
+    run_pfl(stack, tmp_path, "outbox", "drain", langfuse=standin)
+    for row in outbox(service, ids).values():
+        assert row["status"] == "sent"
+        assert row["sent_at"] is not None
+        assert row["last_error"] is None
+    users = {voter.id: voter, owner.id: owner}
+    expected = {
+        sid(twin, e["trace_id"], users[e["created_by"]]): (float(e["score"]), ts(e["created_at"]))
+        for e in events
+    }
+    assert_delivered_once(standin, expected)
+    # A second drain finds nothing of ours to send again.
+    run_pfl(stack, tmp_path, "outbox", "drain", langfuse=standin)
+    assert_delivered_once(standin, expected)
+
+
+# -- 2. ingestion never waits ------------------------------------------------------------------
+
+
+def test_ingestion_never_waits_for_a_hanging_langfuse(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    timeout = 3.0
+    sender = make_sender(timeout=timeout)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    before = [vote(voter, twin, f"hang-before-{i}", 1) for i in range(3)]
+    before_ids = [e["id"] for e in before]
+
+    standin.set_mode("hang")
+    outcome: dict[str, Any] = {}
+
+    def drain() -> None:
+        try:
+            outcome["handled"] = drain_ours(db_worker, store, sender, before_ids)
+        except Exception as exc:  # surfaced by the assertions below
+            outcome["error"] = exc
+
+    # The drain thread gets its own connection for its "passage of time" update.
+    with psycopg.connect(db.info.dsn, autocommit=True) as db_worker:
+        worker = threading.Thread(target=drain, name="outbox-drain")
+        worker.start()
+        try:
+            wait_for(lambda: standin.score_requests, timeout=10)  # the drain waits on Langfuse
+            during, took = [], []
+            for i in range(5):
+                started = time.monotonic()
+                during.append(vote(voter, twin, f"hang-during-{i}", -1, reason="unhelpful"))
+                took.append(time.monotonic() - started)
+            assert worker.is_alive(), "the inserts must have happened while the drain hung"
+        finally:
+            worker.join(timeout + 10)
+    assert not worker.is_alive()
+    assert outcome == {"handled": len(before_ids)}
+    # Each insert answered well under one Langfuse timeout: nothing on the insert path waits.
+    assert max(took) < timeout / 3, took
+
+    during_ids = [e["id"] for e in during]
+    rows = outbox(service, before_ids + during_ids)
+    for event_id in before_ids:  # in the hanging request: kept for a retry
+        assert rows[event_id]["status"] == "retrying"
+        assert rows[event_id]["attempts"] == 1
+        assert "timeout" in rows[event_id]["last_error"]
+    for event_id in during_ids:  # arrived meanwhile: waiting their turn
+        assert (rows[event_id]["status"], rows[event_id]["attempts"]) == ("pending", 0)
+    assert standin.scores == {}
+
+    # Nothing was lost: once Langfuse answers, every vote arrives once.
+    standin.set_mode("ok")
+    assert drain_ours(db, store, sender, before_ids + during_ids) == len(rows)
+    assert set(statuses(service, rows).values()) == {"sent"}
+    assert_delivered_once(
+        standin,
+        {
+            sid(twin, e["trace_id"], voter): (float(e["score"]), ts(e["created_at"]))
+            for e in before + during
+        },
+    )
+
+
+# -- 3. down, then up --------------------------------------------------------------------------
+
+
+def test_down_then_up_retries_and_delivers_every_score_exactly_once(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    sender = make_sender(timeout=5.0)
+    owner, alice, bob = make_user("owner"), make_user("alice"), make_user("bob")
+    twin = open_twin(service, owner)
+    events = [
+        (alice, vote(alice, twin, "down-1", 1)),
+        (alice, vote(alice, twin, "down-2", -1, reason="outdated")),
+        (bob, vote(bob, twin, "down-1", 0, reason="other")),
+        (owner, vote(owner, twin, "down-3", 1)),
+    ]
+    ids = [e["id"] for _, e in events]
+    expected = {
+        sid(twin, e["trace_id"], user): (float(e["score"]), ts(e["created_at"]))
+        for user, e in events
+    }
+
+    standin.stop()  # Langfuse down: connections are refused
+    assert drain_ours(db, store, sender, ids) == len(ids)
+    now = db_now(db)
+    rows = outbox(service, ids)
+    due = due_times(db, ids)
+    for event_id, row in rows.items():
+        assert row["status"] == "retrying"
+        assert row["attempts"] == 1
+        assert "connection refused" in row["last_error"]
+        assert row["sent_at"] is None
+        assert due[event_id] > now
+    assert standin.requests == []
+
+    standin.start()  # up again, on the same port
+    assert sender.host == standin.url
+    assert drain_ours(db, store, sender, ids) == len(ids)  # the retry delay has passed
+    for row in outbox(service, ids).values():
+        assert row["status"] == "sent"
+        assert row["sent_at"] is not None
+        assert row["last_error"] is None
+        assert row["attempts"] == 2
+    assert_delivered_once(standin, expected)
+    # Nothing of ours is due any more: another drain sends none of it again.
+    OutboxDrainer(store, sender, batch_size=100, max_attempts=8).drain()
+    assert_delivered_once(standin, expected)
+
+
+# -- 4. 500s, then a hang: backoff, no blocking, giving up ---------------------------------------
+
+
+def test_errors_back_off_exponentially_do_not_block_other_twins_and_finally_fail(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    timeout, max_attempts = 1.0, 4
+    # Requests of 2 scores: one pass holds several chunks, so a per-chunk timeout would show.
+    sender = make_sender(timeout=timeout, batch_size=2)
+    owner_a, owner_b, voter = make_user("owner-a"), make_user("owner-b"), make_user("voter")
+    twin_a, twin_b = open_twin(service, owner_a), open_twin(service, owner_b)
+    a_events = [vote(voter, twin_a, f"flaky-{i}", 1) for i in range(5)]
+    a_ids = [e["id"] for e in a_events]
+    a_scores = {sid(twin_a, e["trace_id"], voter) for e in a_events}
+
+    def failing_pass(attempt: int) -> None:
+        """One failed delivery of A's rows (due: their delay has passed); checks the delay the
+        database chose for the next one."""
+        started = db_now(db)
+        assert drain_ours(db, store, sender, a_ids, max_attempts) == len(a_ids)
+        finished = db_now(db)
+        # base * 2^(attempts before this one) * jitter in 0.5..1
+        low, high = (timedelta(seconds=BASE_DELAY * 2 ** (attempt - 1) * j) for j in (0.5, 1.0))
+        rows = outbox(service, a_ids)
+        dues = due_times(db, a_ids)
+        assert len(set(dues.values())) > 1, "one record, so only the jitter tells them apart"
+        for event_id, due in dues.items():
+            assert rows[event_id]["status"] == "retrying"
+            assert rows[event_id]["attempts"] == attempt
+            assert rows[event_id]["last_error"].startswith("HTTP 500")
+            # the delay is due - (time of the record), which lies between started and finished
+            assert due - started >= low - SLACK, (attempt, due - started)
+            assert due - finished <= high + SLACK, (attempt, due - finished)
+
+    standin.set_mode("error")
+    for attempt in (1, 2, 3):  # delays of 1-2 s, 2-4 s, 4-8 s
+        requests_before = len(standin.score_requests)
+        failing_pass(attempt)
+        assert len(standin.score_requests) == requests_before + 1  # 5xx stops the pass
+    assert not a_scores & set(standin.scores)
+
+    # Langfuse is back. A day passes for both twins (every delay has run out, the order of the
+    # due times is kept): A's old retrying rows and B's new votes are all due, A's rows have the
+    # lower ids and outnumber the batch, yet the next pass takes B's votes, which were due first
+    # (claims go by next_attempt_at), and the retrying twin blocks nobody.
+    standin.set_mode("ok")
+    b_events = [vote(voter, twin_b, f"fresh-{i}", -1, reason="incorrect") for i in range(2)]
+    b_ids = [e["id"] for e in b_events]
+    db.execute(
+        "update public.persona_training_events"
+        " set langfuse_next_attempt_at = langfuse_next_attempt_at - interval '1 day'"
+        " where id = any(%s)",
+        (a_ids + b_ids,),
+    )
+    a_due = due_times(db, a_ids)
+    assert max(due_times(db, b_ids).values()) < min(a_due.values()) < db_now(db)
+    assert min(b_ids) > max(a_ids) and len(a_ids) > len(b_ids)
+    small = OutboxDrainer(store, sender, batch_size=len(b_ids), max_attempts=max_attempts)
+    assert small.drain_once() == len(b_ids)
+    assert set(statuses(service, b_ids).values()) == {"sent"}
+    assert_delivered_once(
+        standin,
+        {sid(twin_b, e["trace_id"], voter): (-1.0, ts(e["created_at"])) for e in b_events},
+    )
+    rows = outbox(service, a_ids)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("retrying", 3)}
+    assert due_times(db, a_ids) == a_due
+    assert not a_scores & set(standin.scores)
+
+    # The last attempt hangs: the pass (3 chunks) costs about one timeout, not one per chunk,
+    # and the rows give up after max_attempts.
+    standin.set_mode("hang")
+    requests_before = len(standin.score_requests)
+    started = time.monotonic()
+    assert drain_ours(db, store, sender, a_ids, max_attempts) == len(a_ids)
+    elapsed = time.monotonic() - started
+    assert timeout * 0.9 <= elapsed <= timeout + 0.9, elapsed
+    assert len(standin.score_requests) == requests_before + 1
+    for row in outbox(service, a_ids).values():
+        assert row["status"] == "failed"
+        assert row["attempts"] == max_attempts
+        assert row["last_error"].startswith(f"gave up after {max_attempts} attempts: timeout")
+
+    # Failed is final: Langfuse answering again does not bring them back.
+    standin.set_mode("ok")
+    assert drain_ours(db, store, sender, a_ids, max_attempts) == 0
+    OutboxDrainer(store, sender, batch_size=100, max_attempts=max_attempts).drain()
+    assert {r["status"] for r in outbox(service, a_ids).values()} == {"failed"}
+    assert not a_scores & set(standin.scores)
+
+
+# -- 5. 401 --------------------------------------------------------------------------------------
+
+
+def test_wrong_secret_fails_rows_with_one_request_per_pass_and_no_retries(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    events = [vote(voter, twin, f"auth-{i}", 1) for i in range(6)]
+    ids = [e["id"] for e in events]
+    ours = {sid(twin, e["trace_id"], voter) for e in events}
+
+    # One pass of our 6 rows in requests of 2 scores: 3 chunks, but one 401 stops the pass.
+    wrong = make_sender(batch_size=2, secret_key="sk-lf-wrong")
+    assert drain_ours(db, store, wrong, ids) == len(ids)
+    assert [r.status for r in standin.score_requests] == [401]
+    rows = outbox(service, ids)
+    for row in rows.values():
+        assert row["status"] == "failed"
+        assert row["attempts"] == 1
+        assert row["last_error"].startswith("HTTP 401: Invalid credentials")
+
+    # Nothing is retried later, with either key (any retry delay would have passed).
+    assert drain_ours(db, store, wrong, ids) == 0
+    assert len(standin.score_requests) == 1
+    OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8).drain()
+    assert not ours & set().union(*request_ids(standin)[1:])  # after the 401
+    after = outbox(service, ids)
+    for event_id, row in rows.items():
+        assert {k: v for k, v in after[event_id].items() if k != "next_attempt_at"} == {
+            k: v for k, v in row.items() if k != "next_attempt_at"
+        }
+
+
+# -- 6. changed votes ----------------------------------------------------------------------------
+
+
+def test_changed_vote_updates_the_same_score_with_the_first_votes_time(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    score_id = sid(twin, "changed", voter)
+
+    first = vote(
+        voter,
+        twin,
+        "changed",
+        1,
+        reason="helpful",
+        intent_label="billing_question",
+        comment="spot on",
+        metadata={"app": "web"},
+    )
+    drainer.drain()
+    versions = standin.scores[score_id]
+    assert len(versions) == 1
+    assert versions[0]["value"] == 1.0
+    assert ts(versions[0]["timestamp"]) == ts(first["created_at"])
+    assert versions[0]["comment"] == "spot on"
+    assert versions[0]["metadata"]["reason"] == "helpful"
+    assert versions[0]["metadata"]["intent_label"] == "billing_question"
+    assert versions[0]["metadata"]["app"] == "web"
+
+    second = vote(voter, twin, "changed", -1, reason="incorrect", intent_label="billing_question")
+    state = db.execute(
+        "select id, superseded_at is not null, supersedes_id, first_vote_id"
+        " from public.persona_training_events where id = any(%s) order by id",
+        ([first["id"], second["id"]],),
+    ).fetchall()
+    assert state == [
+        (first["id"], True, None, first["id"]),
+        (second["id"], False, first["id"], first["id"]),
+    ]
+    rows = outbox(service, [first["id"], second["id"]])
+    # The first vote was delivered before it was replaced: its row keeps saying so.
+    assert rows[first["id"]]["status"] == "sent"
+    assert rows[second["id"]]["status"] == "pending"
+
+    drainer.drain()  # nothing was in flight: the change goes out at once
+    versions = standin.scores[score_id]
+    assert len(versions) == 2, "the change goes to the same score id"
+    assert versions[1]["id"] == score_id
+    assert versions[1]["value"] == -1.0
+    assert ts(versions[1]["timestamp"]) == ts(first["created_at"])
+    assert versions[1]["metadata"]["reason"] == "incorrect"
+    assert versions[1]["metadata"]["intent_label"] == "billing_question"
+    assert versions[1]["metadata"]["event_id"] == second["id"]
+    assert outbox(service, [second["id"]])[second["id"]]["status"] == "sent"
+
+    # A vote changed before it was ever sent: the old row is superseded and never sent; the
+    # score arrives once, with the new value and the first vote's time.
+    early = vote(voter, twin, "changed-early", 1)
+    late = vote(voter, twin, "changed-early", 0, reason="other", intent_label="small_talk")
+    rows = outbox(service, [early["id"], late["id"]])
+    assert rows[early["id"]]["status"] == "superseded"
+    assert rows[late["id"]]["status"] == "pending"
+    drainer.drain()
+    rows = outbox(service, [early["id"], late["id"]])
+    assert (rows[early["id"]]["status"], rows[early["id"]]["attempts"]) == ("superseded", 0)
+    assert rows[late["id"]]["status"] == "sent"
+    early_versions = standin.scores[sid(twin, "changed-early", voter)]
+    assert [(v["value"], ts(v["timestamp"])) for v in early_versions] == [
+        (0.0, ts(early["created_at"]))
+    ]
+    assert early_versions[0]["metadata"]["intent_label"] == "small_talk"
+
+
+def test_changed_vote_after_delivery_is_sent_by_the_next_drain(
+    service: Client,
+    make_user: Callable[[str], User],
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    vote(voter, twin, "flip", 1)
+    drainer.drain()
+    second = vote(voter, twin, "flip", -1, reason="incorrect")
+    drainer.drain()  # the first delivery is confirmed: nothing is in flight any more
+    assert outbox(service, [second["id"]])[second["id"]]["status"] == "sent"
+    assert [v["value"] for v in standin.scores[sid(twin, "flip", voter)]] == [1.0, -1.0]
+
+
+# -- 7. 1,000 rows in batches --------------------------------------------------------------------
+
+
+def test_a_thousand_rows_drain_in_batches_each_score_once(
+    service: Client,
+    make_user: Callable[[str], User],
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    batch = 100
+    owner = make_user("owner")
+    voters = [make_user(f"voter{i}") for i in range(4)]
+    twin = open_twin(service, owner)
+    payload = [
+        {
+            "twin_id": twin,
+            "trace_id": f"bulk-{i}",
+            "created_by": voters[i % len(voters)].id,  # allowed for service_role
+            "score": (i % 3) - 1,
+            "reason": "helpful",
+            "intent_label": "factual_answer",
+        }
+        for i in range(1000)
+    ]
+    inserted = service.table("persona_training_events").insert(payload).execute().data
+    assert len(inserted) == 1000
+    pending = (
+        service.table("persona_langfuse_outbox")
+        .select("event_id", count="exact", head=True)
+        .eq("twin_id", twin)
+        .eq("status", "pending")
+        .execute()
+    )
+    assert pending.count == 1000
+
+    drainer = OutboxDrainer(store, make_sender(batch_size=batch), batch_size=batch, max_attempts=8)
+    handled = drainer.drain()
+    assert handled >= 1000
+
+    expected = {
+        sid(twin, e["trace_id"], e["created_by"]): (float(e["score"]), ts(e["created_at"]))
+        for e in inserted
+    }
+    assert len(expected) == 1000
+    assert_delivered_once(standin, expected)
+    per_request = request_ids(standin)
+    assert all(len(ids) <= batch for ids in per_request)
+    carrying_ours = [ids for ids in per_request if ids & expected.keys()]
+    assert len(carrying_ours) <= 1000 / 50
+    # One request per pass of `batch` rows; other tests' due rows may shift the boundaries.
+    assert len(per_request) == math.ceil(handled / batch)
+    assert len(carrying_ours) <= math.ceil(1000 / batch) + 1
+    if handled == 1000:
+        assert len(carrying_ours) == 10
+    sent = (
+        service.table("persona_langfuse_outbox")
+        .select("event_id", count="exact", head=True)
+        .eq("twin_id", twin)
+        .eq("status", "sent")
+        .execute()
+    )
+    assert sent.count == 1000
+
+
+# -- 8. 207 partial ------------------------------------------------------------------------------
+
+
+def test_partial_rejection_fails_only_the_rejected_score(
+    service: Client,
+    make_user: Callable[[str], User],
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    events = [vote(voter, twin, f"partial-{i}", 1) for i in range(5)]
+    rejected = events[2]
+    rejected_sid = sid(twin, rejected["trace_id"], voter)
+    standin.set_mode("partial", reject={rejected_sid: "trace not found"})
+
+    drainer.drain()
+    rows = outbox(service, [e["id"] for e in events])
+    bad = rows.pop(rejected["id"])
+    assert bad["status"] == "failed"
+    assert bad["attempts"] == 1
+    assert "rejected by Langfuse" in bad["last_error"]
+    assert "trace not found" in bad["last_error"]
+    assert {r["status"] for r in rows.values()} == {"sent"}
+    assert all(r["sent_at"] is not None for r in rows.values())
+
+    scores = standin.scores
+    assert rejected_sid not in scores
+    for e in events:
+        if e is rejected:
+            continue
+        versions = scores[sid(twin, e["trace_id"], voter)]
+        # Halving a rejected request re-sends accepted scores: same id and timestamp, so
+        # Langfuse updates them in place.
+        assert {(v["value"], ts(v["timestamp"])) for v in versions} == {(1.0, ts(e["created_at"]))}
