@@ -1,0 +1,433 @@
+"""Feedback ingestion as an app does it: a table insert through PostgREST with the user's JWT.
+
+The database sets everything but the vote, turns a repeated vote into a change of vote, and
+refuses bad input with PostgREST's error body (status, SQLSTATE code, a message naming the field
+where the database can) without changing a single row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from postgrest.exceptions import APIError
+
+from tests.conftest import Stack, User, mint_token
+
+pytestmark = pytest.mark.integration
+
+INTENT = "factual_with_evidence"
+
+
+@dataclass(frozen=True)
+class World:
+    owner: User
+    voter: User  # a signed-in user who does not own the twins
+    open_twin: str  # accepts feedback from any user
+    closed_twin: str  # accepts feedback from its owner only
+    published_spec: str  # of open_twin
+    draft_spec: str  # of open_twin, newer than the published one
+    voter_vote: int  # the voter's current vote on open_twin's "trace-1"
+
+    @property
+    def twins(self) -> list[str]:
+        return [self.open_twin, self.closed_twin]
+
+
+def _one(db: psycopg.Connection, sql: str, *args: object) -> Any:
+    return db.execute(sql, args).fetchone()[0]  # type: ignore[index]
+
+
+@pytest.fixture
+def world(db: psycopg.Connection, make_user: Callable[[str], User]) -> World:
+    owner, voter = make_user("owner"), make_user("voter")
+    new_twin = "insert into public.twins (owner_id, name, feedback_from) values (%s, %s, %s) " \
+        "returning id::text"
+    open_twin = _one(db, new_twin, owner.id, "Open twin", "any_user")
+    closed_twin = _one(db, new_twin, owner.id, "Closed twin", "owner")
+    new_spec = "insert into public.persona_specs (twin_id, status, spec) values (%s, %s, '{}') " \
+        "returning id::text"
+    published_spec = _one(db, new_spec, open_twin, "published")
+    draft_spec = _one(db, new_spec, open_twin, "draft")
+    voter_vote = _one(
+        db,
+        "insert into public.persona_training_events (twin_id, trace_id, score, intent_label, "
+        "created_by) values (%s, 'trace-1', 1, %s, %s) returning id",
+        open_twin, INTENT, voter.id,
+    )
+    return World(owner, voter, open_twin, closed_twin, published_spec, draft_spec, voter_vote)
+
+
+def stored(db: psycopg.Connection, event_id: int) -> dict:
+    row = db.execute(
+        "select to_jsonb(e) from public.persona_training_events e where e.id = %s", (event_id,)
+    ).fetchone()
+    assert row is not None, f"event {event_id} is not stored"
+    return row[0]
+
+
+def votes(db: psycopg.Connection, twin: str, trace: str, user: str) -> list[dict]:
+    return [r[0] for r in db.execute(
+        "select to_jsonb(e) from public.persona_training_events e "
+        "where twin_id = %s and trace_id = %s and created_by = %s order by id",
+        (twin, trace, user),
+    )]
+
+
+def snapshot(db: psycopg.Connection, w: World) -> tuple[int, list]:
+    """Every event of the stack counted, and every event of the world's twins as JSON."""
+    rows = _one(
+        db,
+        "select coalesce(jsonb_agg(to_jsonb(e) order by e.id), '[]') "
+        "from public.persona_training_events e where twin_id = any(%s::uuid[])",
+        w.twins,
+    )
+    return _one(db, "select count(*) from public.persona_training_events"), rows
+
+
+def send(user: User, **fields: object) -> dict:
+    """Sends feedback with supabase-py as an app does; returns the row PostgREST answers with."""
+    response = user.client.table("persona_training_events").insert(fields).execute()
+    assert len(response.data) == 1
+    return response.data[0]
+
+
+# ----------------------------------------------------------------------------- valid feedback
+
+
+def test_valid_feedback_is_stored_with_server_set_fields(db: psycopg.Connection, world: World):
+    row = send(
+        world.voter, twin_id=world.open_twin, trace_id="trace-2", score=-1, reason="incorrect",
+        intent_label=INTENT, module_key="evidence_answers", comment="Cited the wrong year.",
+        metadata={"app": "web", "answer_ms": 812},
+    )
+    # What the client sent ...
+    assert (row["twin_id"], row["trace_id"], row["score"], row["reason"]) == (
+        world.open_twin, "trace-2", -1, "incorrect")
+    assert (row["intent_label"], row["module_key"], row["comment"], row["metadata"]) == (
+        INTENT, "evidence_answers", "Cited the wrong year.", {"app": "web", "answer_ms": 812})
+    # ... and what the database set: the caller, the live (published, not the newer draft) spec,
+    # a fresh first vote that nothing processed yet, waiting in the Langfuse outbox.
+    assert row["created_by"] == world.voter.id
+    assert row["source"] == "user_feedback" and row["passed"] is None
+    assert row["persona_spec_id"] == world.published_spec
+    assert row["processed_at"] is None and row["processed_run_id"] is None
+    assert row["first_vote_id"] == row["id"]
+    assert row["supersedes_id"] is None and row["superseded_at"] is None
+    assert (row["langfuse_status"], row["langfuse_attempts"]) == ("pending", 0)
+    assert row["langfuse_next_attempt_at"] == row["created_at"]
+    assert stored(db, row["id"]) == row
+
+
+def test_feedback_on_a_twin_without_a_published_spec_names_no_spec(world: World):
+    row = send(world.owner, twin_id=world.closed_twin, trace_id="t", score=1, intent_label=INTENT)
+    assert (row["created_by"], row["persona_spec_id"]) == (world.owner.id, None)
+
+
+def test_three_votes_on_one_trace_change_the_vote(db: psycopg.Connection, world: World):
+    vote = {"twin_id": world.open_twin, "trace_id": "trace-3", "intent_label": INTENT}
+    first = send(world.voter, **vote, score=1, reason="helpful")
+    second = send(world.voter, **vote, score=-1, reason="outdated")
+    third = send(world.voter, **vote, score=0)
+
+    one, two, three = votes(db, world.open_twin, "trace-3", world.voter.id)
+    assert [one["id"], two["id"], three["id"]] == [first["id"], second["id"], third["id"]]
+    # each vote replaces the one before it ...
+    assert (one["supersedes_id"], two["supersedes_id"], three["supersedes_id"]) == (
+        None, one["id"], two["id"])
+    # ... and all of them are one feedback, named by its first vote.
+    assert {one["first_vote_id"], two["first_vote_id"], three["first_vote_id"]} == {one["id"]}
+    assert one["superseded_at"] is not None and two["superseded_at"] is not None
+    assert three["superseded_at"] is None
+    assert one["superseded_at"] <= two["superseded_at"]
+    # the latest vote wins; the replaced ones leave the outbox.
+    assert [v["score"] for v in (one, two, three) if v["superseded_at"] is None] == [0]
+    assert [v["langfuse_status"] for v in (one, two, three)] == [
+        "superseded", "superseded", "pending"]
+    # the voter's answer for the third vote already said what it replaced.
+    assert (third["supersedes_id"], third["first_vote_id"]) == (second["id"], first["id"])
+
+
+def test_two_users_on_one_trace_are_two_feedbacks(db: psycopg.Connection, world: World):
+    vote = {"twin_id": world.open_twin, "trace_id": "trace-4", "intent_label": INTENT}
+    by_voter = send(world.voter, **vote, score=1)
+    by_owner = send(world.owner, **vote, score=-1, reason="off_persona")
+    current = db.execute(
+        "select id, created_by::text, first_vote_id, supersedes_id "
+        "from public.persona_training_events where twin_id = %s and trace_id = 'trace-4' "
+        "and superseded_at is null order by id", (world.open_twin,),
+    ).fetchall()
+    assert current == [
+        (by_voter["id"], world.voter.id, by_voter["id"], None),
+        (by_owner["id"], world.owner.id, by_owner["id"], None),
+    ]
+
+
+def test_a_vote_on_one_trace_leaves_the_voters_other_traces_alone(
+    db: psycopg.Connection, world: World
+):
+    send(world.voter, twin_id=world.open_twin, trace_id="trace-5", score=-1, intent_label=INTENT)
+    assert stored(db, world.voter_vote)["superseded_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "column", "expected"),
+    [
+        # the bounds DESIGN.md names are inclusive.
+        ({"trace_id": "t" * 200}, "trace_id", "t" * 200),
+        ({"comment": "c" * 2000}, "comment", "c" * 2000),
+        ({"intent_label": "a" + "b" * 63}, "intent_label", "a" + "b" * 63),
+        ({"metadata": {"k": "v" * 4080}}, "metadata", {"k": "v" * 4080}),
+        # a neutral vote is a vote.
+        ({"score": 0}, "score", 0),
+        # PostgREST casts JSON scalars to the column type: a numeric trace id is its text, a
+        # numeric string a score.
+        ({"trace_id": 12345}, "trace_id", "12345"),
+        ({"score": "-1"}, "score", -1),
+        # every documented reason.
+        *(({"reason": r}, "reason", r) for r in (
+            "incorrect", "unhelpful", "off_persona", "unsafe", "outdated", "helpful", "other")),
+        # module keys are slugs with digits and underscores.
+        ({"module_key": "career_advice_2"}, "module_key", "career_advice_2"),
+        # no comment, reason or module key at all.
+        ({"comment": None, "reason": None, "module_key": None}, "comment", None),
+    ],
+)
+def test_accepted_inputs(
+    db: psycopg.Connection, world: World, fields: dict, column: str, expected: object
+):
+    vote = {"twin_id": world.open_twin, "trace_id": "trace-6", "score": 1, "intent_label": INTENT}
+    row = send(world.voter, **{**vote, **fields})
+    assert stored(db, row["id"])[column] == expected
+
+
+# ----------------------------------------------------------------------------- bad input
+
+MISSING = object()  # leave the field out of the body
+
+
+def check(column: str) -> str:
+    return (f'new row for relation "persona_training_events" violates check constraint '
+            f'"persona_training_events_{column}_check"')
+
+
+def not_null(column: str) -> str:
+    return (f'null value in column "{column}" of relation "persona_training_events" violates '
+            f'not-null constraint')
+
+
+def bad_type(pg_type: str, value: str) -> str:
+    return f'invalid input syntax for type {pg_type}: "{value}"'
+
+
+NO_PRIVILEGE = "permission denied for table persona_training_events"
+REFUSED_TWIN = "twin_id: twin {twin} does not exist or does not accept feedback from this user"
+GONE_TWIN = str(uuid.UUID(int=1))
+
+
+@dataclass(frozen=True)
+class Bad:
+    fields: dict  # changes to a valid vote (MISSING drops a field; callables take the World)
+    status: int
+    code: str
+    message: str  # exact; {twin} is the twin_id sent
+    field: str | None  # the field the message names, where the database can name it
+    token: str = "voter"
+
+
+BAD_INPUTS = {
+    # wrong types: PostgreSQL's cast error names the value, not the column.
+    "score-not-a-number": Bad({"score": "abc"}, 400, "22P02", bad_type("smallint", "abc"), None),
+    "score-fraction": Bad({"score": 1.5}, 400, "22P02", bad_type("smallint", "1.5"), None),
+    "score-boolean": Bad({"score": True}, 400, "22P02", bad_type("smallint", "true"), None),
+    "twin-id-not-a-uuid": Bad({"twin_id": "twin-1"}, 400, "22P02", bad_type("uuid", "twin-1"),
+                              None),
+    # out of range and unknown values: the check constraint is named after the column.
+    "score-2": Bad({"score": 2}, 400, "23514", check("score"), "score"),
+    "score-minus-2": Bad({"score": -2}, 400, "23514", check("score"), "score"),
+    "reason-unknown": Bad({"reason": "meh"}, 400, "23514", check("reason"), "reason"),
+    "reason-empty": Bad({"reason": ""}, 400, "23514", check("reason"), "reason"),
+    "intent-not-a-slug": Bad({"intent_label": "Factual Answer"}, 400, "23514",
+                             check("intent_label"), "intent_label"),
+    "intent-starts-with-digit": Bad({"intent_label": "1st_intent"}, 400, "23514",
+                                    check("intent_label"), "intent_label"),
+    "intent-65-chars": Bad({"intent_label": "a" * 65}, 400, "23514", check("intent_label"),
+                           "intent_label"),
+    "intent-empty": Bad({"intent_label": ""}, 400, "23514", check("intent_label"),
+                        "intent_label"),
+    "module-key-not-a-slug": Bad({"module_key": "Evidence-Answers"}, 400, "23514",
+                                 check("module_key"), "module_key"),
+    "trace-empty": Bad({"trace_id": ""}, 400, "23514", check("trace_id"), "trace_id"),
+    "trace-201-chars": Bad({"trace_id": "t" * 201}, 400, "23514", check("trace_id"), "trace_id"),
+    "comment-2001-chars": Bad({"comment": "c" * 2001}, 400, "23514", check("comment"), "comment"),
+    "metadata-array": Bad({"metadata": [1, 2]}, 400, "23514", check("metadata"), "metadata"),
+    "metadata-string": Bad({"metadata": "note"}, 400, "23514", check("metadata"), "metadata"),
+    "metadata-over-4kb": Bad({"metadata": {"k": "v" * 4096}}, 400, "23514", check("metadata"),
+                             "metadata"),
+    # required fields missing or null.
+    "score-missing": Bad({"score": MISSING}, 400, "23514", check("score"), "score"),
+    "score-null": Bad({"score": None}, 400, "23514", check("score"), "score"),
+    "trace-missing": Bad({"trace_id": MISSING}, 400, "23502", not_null("trace_id"), "trace_id"),
+    "trace-null": Bad({"trace_id": None}, 400, "23502", not_null("trace_id"), "trace_id"),
+    "intent-null": Bad({"intent_label": None}, 400, "23502", not_null("intent_label"),
+                       "intent_label"),
+    "metadata-null": Bad({"metadata": None}, 400, "23502", not_null("metadata"), "metadata"),
+    # the twin must exist and accept feedback from the caller (the message keeps a null empty).
+    "twin-missing": Bad({"twin_id": MISSING}, 403, "42501", REFUSED_TWIN.format(twin=""),
+                        "twin_id"),
+    "twin-null": Bad({"twin_id": None}, 403, "42501", REFUSED_TWIN.format(twin=""), "twin_id"),
+    "twin-unknown": Bad({"twin_id": GONE_TWIN}, 403, "42501", REFUSED_TWIN, "twin_id"),
+    "twin-owner-only": Bad({"twin_id": lambda w: w.closed_twin}, 403, "42501", REFUSED_TWIN,
+                           "twin_id"),
+    # an unknown column is PostgREST's own error.
+    "unknown-column": Bad({"rating": 5}, 400, "PGRST204",
+                          "Column 'rating' of relation 'persona_training_events' does not exist",
+                          "rating"),
+    # server columns: the column privileges refuse the whole insert.
+    "forge-created-by": Bad({"created_by": lambda w: w.owner.id}, 403, "42501", NO_PRIVILEGE,
+                            None),
+    "forge-processed-at": Bad({"processed_at": "2026-01-01T00:00:00Z"}, 403, "42501",
+                              NO_PRIVILEGE, None),
+    "forge-processed-run": Bad({"processed_run_id": GONE_TWIN}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-langfuse-status": Bad({"langfuse_status": "sent"}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-langfuse-attempts": Bad({"langfuse_attempts": 9}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-audit": Bad({"source": "persona_audit", "passed": True, "score": MISSING}, 403,
+                       "42501", NO_PRIVILEGE, None),
+    "forge-passed": Bad({"passed": True}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-superseded-at": Bad({"superseded_at": "2026-01-01T00:00:00Z"}, 403, "42501",
+                               NO_PRIVILEGE, None),
+    "forge-supersedes-id": Bad({"supersedes_id": 1}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-first-vote-id": Bad({"first_vote_id": 1}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-persona-spec": Bad({"persona_spec_id": lambda w: w.draft_spec}, 403, "42501",
+                              NO_PRIVILEGE, None),
+    "forge-created-at": Bad({"created_at": "2020-01-01T00:00:00Z"}, 403, "42501", NO_PRIVILEGE,
+                            None),
+    # the identity column answers before the privilege check, naming itself.
+    "forge-id": Bad({"id": 1}, 400, "428C9", 'cannot insert a non-DEFAULT value into column "id"',
+                    "id"),
+    # who is calling.
+    "no-token": Bad({}, 401, "42501", NO_PRIVILEGE, None, token="anon"),
+    "bad-signature": Bad({}, 401, "PGRST301", "JWSError JWSInvalidSignature", None,
+                         token="bad_signature"),
+    "expired-token": Bad({}, 401, "PGRST301", "JWT expired", None, token="expired"),
+    "role-not-in-db": Bad({}, 400, "22023", 'role "pfl_no_such_role" does not exist', None,
+                          token="unknown_role"),
+    "role-postgres": Bad({}, 403, "42501", 'permission denied to set role "postgres"', None,
+                         token="postgres_role"),
+    "token-without-sub": Bad({}, 403, "42501", 'new row violates row-level security policy for '
+                             'table "persona_training_events"', None, token="no_sub"),
+    "user-not-in-auth": Bad({}, 409, "23503", 'insert or update on table "persona_training_events"'
+                            ' violates foreign key constraint "persona_training_events_created_by_'
+                            'fkey"', "created_by", token="ghost"),
+}
+
+
+def token_for(stack: Stack, w: World, kind: str) -> str:
+    voter = w.voter.id
+    return {
+        "voter": w.voter.token,
+        "anon": stack.anon_key,
+        "bad_signature": mint_token(stack, voter, secret="not-the-project-secret-" + "x" * 16),
+        "expired": mint_token(stack, voter, expires_in=-60),
+        "unknown_role": mint_token(stack, voter, role="pfl_no_such_role"),
+        "postgres_role": mint_token(stack, voter, role="postgres"),
+        "no_sub": mint_token(stack, None),
+        "ghost": mint_token(stack, str(uuid.uuid4())),
+    }[kind]
+
+
+def post(stack: Stack, token: str, body: object) -> httpx.Response:
+    headers = {
+        "apikey": stack.anon_key,
+        "Authorization": f"Bearer {token}",
+        "Prefer": "return=representation",
+    }
+    content = body if isinstance(body, str) else None
+    return httpx.post(f"{stack.rest}/persona_training_events", headers=headers,
+                      json=None if content else body, content=content, timeout=20)
+
+
+def valid_vote(w: World) -> dict:
+    # A change of the voter's existing vote: a rejected request must not supersede that one.
+    return {"twin_id": w.open_twin, "trace_id": "trace-1", "score": -1, "reason": "incorrect",
+            "intent_label": INTENT}
+
+
+def assert_rejected(response: httpx.Response, status: int, code: str, message: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert (error["code"], error["message"]) == (code, message), error
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_rejected_and_changes_nothing(
+    stack: Stack, db: psycopg.Connection, world: World, bad: Bad
+):
+    body = valid_vote(world)
+    for name, value in bad.fields.items():
+        if value is MISSING:
+            del body[name]
+        else:
+            body[name] = value(world) if callable(value) else value
+    before = snapshot(db, world)
+
+    response = post(stack, token_for(stack, world, bad.token), body)
+
+    assert_rejected(response, bad.status, bad.code, bad.message.format(twin=body.get("twin_id")))
+    if bad.field:
+        assert bad.field in response.json()["message"]
+    assert snapshot(db, world) == before
+    assert stored(db, world.voter_vote)["superseded_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("batch", "status", "code", "message"),
+    [
+        # one row of three out of range: the statement fails as a whole.
+        (lambda v: [{**v, "trace_id": "b1"}, {**v, "trace_id": "b2", "score": 5},
+                    {**v, "trace_id": "b3"}], 400, "23514", check("score")),
+        # one row without a twin.
+        (lambda v: [{**v, "trace_id": "b1"}, {**v, "trace_id": "b2", "twin_id": None}],
+         403, "42501", REFUSED_TWIN.format(twin="")),
+        # rows with different keys are refused by PostgREST before the database sees them.
+        (lambda v: [{**v, "trace_id": "b1"}, {k: x for k, x in v.items() if k != "reason"}],
+         400, "PGRST102", "All object keys must match"),
+    ],
+    ids=["one-row-out-of-range", "one-row-without-twin", "keys-differ"],
+)
+def test_a_bad_row_rejects_the_whole_batch(
+    stack: Stack, db: psycopg.Connection, world: World, batch: Callable, status: int, code: str,
+    message: str,
+):
+    before = snapshot(db, world)
+    response = post(stack, world.voter.token, batch(valid_vote(world)))
+    assert_rejected(response, status, code, message)
+    assert snapshot(db, world) == before
+
+
+def test_a_good_batch_is_stored_whole(stack: Stack, db: psycopg.Connection, world: World):
+    vote = valid_vote(world)
+    response = post(stack, world.voter.token, [{**vote, "trace_id": f"b{i}"} for i in range(3)])
+    assert response.status_code == 201, response.text
+    ids = [r["id"] for r in response.json()]
+    assert [stored(db, i)["trace_id"] for i in ids] == ["b0", "b1", "b2"]
+
+
+def test_malformed_json_is_rejected(stack: Stack, db: psycopg.Connection, world: World):
+    before = snapshot(db, world)
+    response = post(stack, world.voter.token, '{"twin_id": ')
+    assert_rejected(response, 400, "PGRST102", "Empty or invalid json")
+    assert snapshot(db, world) == before
+
+
+def test_supabase_py_surfaces_the_database_error(db: psycopg.Connection, world: World):
+    before = snapshot(db, world)
+    with pytest.raises(APIError) as raised:
+        send(world.voter, **{**valid_vote(world), "score": 3})
+    assert (raised.value.code, raised.value.message) == ("23514", check("score"))
+    assert snapshot(db, world) == before
