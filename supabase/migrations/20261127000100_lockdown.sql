@@ -2,9 +2,8 @@
 -- Hosted Supabase grants every new table, sequence and function in `public` to anon, authenticated
 -- and service_role. This project grants each privilege explicitly in the migration that needs it.
 
--- Functions are executable by PUBLIC by a global default that a per-schema default cannot take
--- away, so that one is revoked globally for the role that runs migrations.
-alter default privileges for role postgres revoke execute on functions from public;
+-- PostgreSQL's own default lets PUBLIC execute every function, and a per-schema default cannot
+-- take that away: each migration revokes it from the functions it creates.
 alter default privileges in schema public revoke execute on functions from anon, authenticated;
 alter default privileges in schema public revoke all on tables from anon, authenticated;
 alter default privileges in schema public revoke all on sequences from anon, authenticated;
@@ -27,3 +26,8 @@ begin
   return new;
 end;
 $$;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.touch_updated_at()
+from public;

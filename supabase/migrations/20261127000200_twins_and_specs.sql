@@ -218,3 +218,11 @@ create policy "Owners can edit draft specs" on public.persona_specs
 grant select, insert, update, delete on public.persona_specs to service_role;
 grant select on public.persona_specs to authenticated;
 grant insert (twin_id, spec), update (spec) on public.persona_specs to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.is_twin_owner(uuid),
+  private.create_default_learning_settings(),
+  private.number_persona_spec(),
+  private.stamp_persona_spec_status()
+from public;

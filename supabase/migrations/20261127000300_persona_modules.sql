@@ -85,3 +85,8 @@ create policy "Owners can read their twins' module changes" on public.persona_mo
 
 grant select, insert, update, delete on public.persona_module_changes to service_role;
 grant select on public.persona_module_changes to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.is_slug(text)
+from public;

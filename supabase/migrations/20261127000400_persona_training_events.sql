@@ -137,6 +137,10 @@ begin
     return new;
   end if;
 
+  if new.twin_id is null then
+    raise exception using errcode = '23502', column = 'twin_id',
+      message = 'twin_id: a twin is required';
+  end if;
   if not exists (
     select 1 from public.twins t
     where t.id = new.twin_id
@@ -201,3 +205,9 @@ grant select, insert, update, delete on public.persona_training_events to servic
 grant select on public.persona_training_events to authenticated;
 grant insert (twin_id, trace_id, score, reason, intent_label, module_key, comment, metadata)
   on public.persona_training_events to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.can_send_feedback(uuid),
+  private.prepare_training_event()
+from public;

@@ -97,6 +97,8 @@ create policy "Owners can read their twins' runs" on public.persona_feedback_lea
   for select to authenticated using (private.is_twin_owner(twin_id));
 
 grant select, insert, update, delete on public.persona_feedback_learning_runs to service_role;
+-- Owners read whole rows (select=* works); the lease token gives them nothing, as only
+-- service_role may execute the functions that take it.
 grant select on public.persona_feedback_learning_runs to authenticated;
 
 
@@ -150,3 +152,9 @@ comment on function public.request_learning_run(uuid, boolean) is
   'Owners: queue a learning run for your twin (auto-publish off by default). Returns the queued run.';
 
 grant execute on function public.request_learning_run(uuid, boolean) to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.request_learning_run(uuid, boolean),
+  public.request_learning_run(uuid, boolean)
+from public;

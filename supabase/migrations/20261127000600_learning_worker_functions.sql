@@ -503,3 +503,16 @@ grant execute on function
   public.fail_learning_run(uuid, uuid, text, boolean),
   public.release_learning_run(uuid, uuid)
 to service_role;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  public.enqueue_due_learning_runs(uuid),
+  public.enqueue_learning_run(uuid, boolean),
+  public.claim_learning_run(text, integer, uuid),
+  private.lock_leased_run(uuid, uuid),
+  public.extend_learning_run_lease(uuid, uuid, integer),
+  public.claim_learning_run_events(uuid, uuid),
+  public.complete_learning_run(uuid, uuid, jsonb),
+  public.fail_learning_run(uuid, uuid, text, boolean),
+  public.release_learning_run(uuid, uuid)
+from public;

@@ -202,3 +202,11 @@ grant execute on function
   public.skip_langfuse_outbox(integer),
   public.requeue_langfuse_outbox(text)
 to service_role;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  public.claim_langfuse_outbox(integer, integer),
+  public.record_langfuse_deliveries(jsonb, integer, double precision, double precision),
+  public.skip_langfuse_outbox(integer),
+  public.requeue_langfuse_outbox(text)
+from public;

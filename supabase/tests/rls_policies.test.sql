@@ -2,9 +2,6 @@
 -- and the service role, each shown what they may do and what they may not.
 begin;
 create extension if not exists pgtap with schema extensions;
--- The lockdown takes PUBLIC's EXECUTE away from every function postgres creates, pgTAP's
--- included; the actors below call pgTAP, so they may for this transaction.
-grant execute on all functions in schema extensions to anon, authenticated, service_role;
 select plan(57);
 
 -- The platform (auth) creates the users; the owner's twins and their history exist already.

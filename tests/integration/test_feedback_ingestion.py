@@ -277,10 +277,10 @@ BAD_INPUTS = {
     "intent-null": Bad({"intent_label": None}, 400, "23502", not_null("intent_label"),
                        "intent_label"),
     "metadata-null": Bad({"metadata": None}, 400, "23502", not_null("metadata"), "metadata"),
-    # the twin must exist and accept feedback from the caller (the message keeps a null empty).
-    "twin-missing": Bad({"twin_id": MISSING}, 403, "42501", REFUSED_TWIN.format(twin=""),
+    # the twin is required, must exist and must accept feedback from the caller.
+    "twin-missing": Bad({"twin_id": MISSING}, 400, "23502", "twin_id: a twin is required",
                         "twin_id"),
-    "twin-null": Bad({"twin_id": None}, 403, "42501", REFUSED_TWIN.format(twin=""), "twin_id"),
+    "twin-null": Bad({"twin_id": None}, 400, "23502", "twin_id: a twin is required", "twin_id"),
     "twin-unknown": Bad({"twin_id": GONE_TWIN}, 403, "42501", REFUSED_TWIN, "twin_id"),
     "twin-owner-only": Bad({"twin_id": lambda w: w.closed_twin}, 403, "42501", REFUSED_TWIN,
                            "twin_id"),
@@ -393,7 +393,7 @@ def test_bad_input_is_rejected_and_changes_nothing(
                     {**v, "trace_id": "b3"}], 400, "23514", check("score")),
         # one row without a twin.
         (lambda v: [{**v, "trace_id": "b1"}, {**v, "trace_id": "b2", "twin_id": None}],
-         403, "42501", REFUSED_TWIN.format(twin="")),
+         400, "23502", "twin_id: a twin is required"),
         # rows with different keys are refused by PostgREST before the database sees them.
         (lambda v: [{**v, "trace_id": "b1"}, {k: x for k, x in v.items() if k != "reason"}],
          400, "PGRST102", "All object keys must match"),
