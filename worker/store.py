@@ -150,8 +150,9 @@ def _error_from(exc: APIError) -> StoreError:
         return StaleLeaseError(message, code)
     if code == "40001":
         return BatchChangedError(message, code)
-    # PostgREST answers 503 when it cannot reach the database, 5xx on its own failures.
-    if code in {"PGRST000", "PGRST001", "PGRST002", "57P01", "57P03", "08006", "08001"}:
+    # PostgREST cannot reach the database, the database is shutting down or starting, a lock
+    # wait timed out (55P03): the same call may succeed later.
+    if code in {"PGRST000", "PGRST001", "PGRST002", "57P01", "57P03", "08006", "08001", "55P03"}:
         return TransientStoreError(message, code)
     return StoreError(message, code)
 

@@ -6,6 +6,7 @@ create table public.twins (
   name text not null constraint twins_name_check check (char_length(name) between 1 and 200),
   feedback_from text not null default 'owner'
     constraint twins_feedback_from_check check (feedback_from in ('owner', 'any_user')),
+  learned_through_event_id bigint not null default 0,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now()
 );
@@ -14,10 +15,13 @@ comment on table public.twins is 'An AI persona ("twin") owned by one user.';
 comment on column public.twins.owner_id is 'The user who owns the twin; set from the caller''s JWT.';
 comment on column public.twins.feedback_from is
   'Who may send feedback on the twin''s answers: only the owner, or any signed-in user.';
+comment on column public.twins.learned_through_event_id is
+  'Every training event of this twin with an id up to this one has been processed by a '
+  'completed learning run; later ones wait for the next run.';
 
 create index twins_owner_id_idx on public.twins (owner_id);
 
-create trigger twins_touch_updated_at before update on public.twins
+create trigger twins_touch_updated_at before update of name, feedback_from on public.twins
   for each row execute function private.touch_updated_at();
 
 -- True when the caller owns the twin. Policies call it; security definer so that it can read

@@ -36,8 +36,6 @@ create table public.persona_training_events (
   first_vote_id bigint,
   supersedes_id bigint,
   superseded_at timestamptz,
-  processed_at timestamptz,
-  processed_run_id uuid,
   langfuse_status text
     constraint persona_training_events_langfuse_status_check check (
       langfuse_status in ('pending', 'retrying', 'sent', 'skipped', 'failed', 'superseded')
@@ -53,7 +51,8 @@ create table public.persona_training_events (
 
 comment on table public.persona_training_events is
   'Evidence about a twin''s answers: user feedback (apps, through the API) and persona audits '
-  '(the audit pipeline, service role). The worker learns from unprocessed rows.';
+  '(the audit pipeline, service role). An event is processed once its id is at most its twin''s '
+  'learned_through_event_id; processed_at and processed_run_id tell when and by which run.';
 comment on column public.persona_training_events.trace_id is 'The trace of the answer (1-200 chars).';
 comment on column public.persona_training_events.score is 'Feedback vote: -1, 0 (neutral) or +1.';
 comment on column public.persona_training_events.passed is 'Audit outcome: did the answer follow the spec?';
@@ -68,17 +67,12 @@ comment on column public.persona_training_events.supersedes_id is
   'The earlier vote this one replaces; the worker retracts what that one contributed.';
 comment on column public.persona_training_events.superseded_at is
   'When a later vote by the same user on the same trace replaced this one.';
-comment on column public.persona_training_events.processed_at is
-  'When a learning run processed this event; null while it waits.';
 comment on column public.persona_training_events.langfuse_status is
   'Langfuse mirror (outbox) state of a feedback: pending, retrying, sent, skipped, failed or '
   'superseded by a later vote.';
 
--- Unprocessed evidence of a twin, in arrival order: what runs claim.
-create index persona_training_events_pending_idx on public.persona_training_events (twin_id, id)
-  where processed_at is null;
-create index persona_training_events_twin_created_idx
-  on public.persona_training_events (twin_id, created_at);
+-- A twin's evidence in arrival order: runs claim the ids after the twin's cursor.
+create index persona_training_events_twin_id_idx on public.persona_training_events (twin_id, id);
 create index persona_training_events_created_by_idx on public.persona_training_events (created_by);
 -- One current vote per twin, trace and user; a new vote supersedes the old one.
 create unique index persona_training_events_current_vote_idx
@@ -122,8 +116,6 @@ declare
   v_previous_due_at timestamptz;
   v_previous_status text;
 begin
-  new.processed_at := null;
-  new.processed_run_id := null;
   new.superseded_at := null;
   new.supersedes_id := null;
   new.langfuse_attempts := 0;

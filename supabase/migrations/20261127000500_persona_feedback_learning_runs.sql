@@ -15,6 +15,7 @@ create table public.persona_feedback_learning_runs (
   lease_token uuid,
   lease_expires_at timestamptz,
   learning_time timestamptz,
+  batch_after_event_id bigint,
   batch_last_event_id bigint,
   events_scanned integer check (events_scanned >= 0),
   events_processed integer check (events_processed >= 0),
@@ -57,8 +58,10 @@ comment on column public.persona_feedback_learning_runs.lease_expires_at is
   'After this time another worker may take the run over (up to max_attempts).';
 comment on column public.persona_feedback_learning_runs.learning_time is
   'The time T the run decays all evidence to.';
+comment on column public.persona_feedback_learning_runs.batch_after_event_id is
+  'The run''s batch: the twin''s events with an id after this one (the twin''s cursor) ...';
 comment on column public.persona_feedback_learning_runs.batch_last_event_id is
-  'The run''s batch: the twin''s unprocessed events with an id up to this one.';
+  '... up to and including this one.';
 comment on column public.persona_feedback_learning_runs.events_scanned is
   'Events in the run''s batch.';
 comment on column public.persona_feedback_learning_runs.events_processed is
@@ -86,6 +89,10 @@ create index persona_feedback_learning_runs_requested_by_idx
   on public.persona_feedback_learning_runs (requested_by);
 create index persona_feedback_learning_runs_published_spec_idx
   on public.persona_feedback_learning_runs (published_spec_id);
+-- Finds the run that processed an event: the completed run whose batch holds its id.
+create index persona_feedback_learning_runs_batch_idx
+  on public.persona_feedback_learning_runs (twin_id, batch_last_event_id)
+  where status = 'completed';
 
 create trigger persona_feedback_learning_runs_touch_updated_at
   before update on public.persona_feedback_learning_runs
@@ -100,6 +107,49 @@ grant select, insert, update, delete on public.persona_feedback_learning_runs to
 -- Owners read whole rows (select=* works); the lease token gives them nothing, as only
 -- service_role may execute the functions that take it.
 grant select on public.persona_feedback_learning_runs to authenticated;
+
+
+-- Section: when and by which run an event was processed. Computed fields: PostgREST serves them
+-- as columns (select=*,processed_at,processed_run_id) and SQL reads them as e.processed_at.
+-- Processing writes no event row: a run's completion moves its twin's cursor over its batch.
+
+create function public.processed_run_id(p_event public.persona_training_events)
+returns uuid
+language sql
+stable
+set search_path = ''
+as $$
+  select r.id
+  from public.persona_feedback_learning_runs r
+  where r.twin_id = p_event.twin_id and r.status = 'completed'
+    and r.batch_last_event_id >= p_event.id and r.batch_after_event_id < p_event.id
+  order by r.batch_last_event_id
+  limit 1;
+$$;
+
+create function public.processed_at(p_event public.persona_training_events)
+returns timestamptz
+language sql
+stable
+set search_path = ''
+as $$
+  select r.finished_at
+  from public.persona_feedback_learning_runs r
+  where r.twin_id = p_event.twin_id and r.status = 'completed'
+    and r.batch_last_event_id >= p_event.id and r.batch_after_event_id < p_event.id
+  order by r.batch_last_event_id
+  limit 1;
+$$;
+
+comment on function public.processed_run_id(public.persona_training_events) is
+  'The completed learning run that processed the event; null while it waits.';
+comment on function public.processed_at(public.persona_training_events) is
+  'When a learning run processed the event; null while it waits.';
+
+grant execute on function
+  public.processed_run_id(public.persona_training_events),
+  public.processed_at(public.persona_training_events)
+to authenticated, service_role;
 
 
 -- Section: owner RPC.
@@ -155,6 +205,8 @@ grant execute on function public.request_learning_run(uuid, boolean) to authenti
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
+  public.processed_run_id(public.persona_training_events),
+  public.processed_at(public.persona_training_events),
   private.request_learning_run(uuid, boolean),
   public.request_learning_run(uuid, boolean)
 from public;

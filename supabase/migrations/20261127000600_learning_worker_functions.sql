@@ -13,7 +13,7 @@ as $$
   where (p_twin_id is null or t.id = p_twin_id)
     and exists (
       select 1 from public.persona_training_events e
-      where e.twin_id = t.id and e.processed_at is null
+      where e.twin_id = t.id and e.id > t.learned_through_event_id
     )
     and not exists (
       select 1 from public.persona_feedback_learning_runs r
@@ -60,6 +60,8 @@ set search_path = ''
 as $$
 declare
   v_run public.persona_feedback_learning_runs;
+  v_after bigint;
+  v_last bigint;
 begin
   if p_worker_id is null or char_length(p_worker_id) not between 1 and 200 then
     raise exception using errcode = '22023', message = 'p_worker_id must be 1 to 200 characters';
@@ -107,6 +109,32 @@ begin
     -- Another worker started a run of the same twin since our snapshot: nothing for us.
     return;
   end;
+
+  -- The first claim fixes the run's batch: the twin's events after its cursor, at most
+  -- max_batch_events of them; a takeover keeps the batch and the time T.
+  if v_run.batch_last_event_id is null then
+    -- An insert takes its id before it commits. Waiting here for the inserts in flight (new ones
+    -- wait for this short transaction) means no event can appear later inside the batch.
+    perform set_config('lock_timeout', '5s', true);
+    lock table public.persona_training_events in share mode;
+    select t.learned_through_event_id into strict v_after
+    from public.twins t where t.id = v_run.twin_id;
+    select max(b.id) into v_last
+    from (
+      select e.id from public.persona_training_events e
+      where e.twin_id = v_run.twin_id and e.id > v_after
+      order by e.id
+      limit (select s.max_batch_events from public.persona_learning_settings s
+             where s.twin_id = v_run.twin_id)
+    ) b;
+    update public.persona_feedback_learning_runs r
+    set batch_after_event_id = v_after,
+        batch_last_event_id = coalesce(v_last, v_after),
+        -- After the lock: every event of the batch was cast before T.
+        learning_time = clock_timestamp()
+    where r.id = v_run.id
+    returning * into v_run;
+  end if;
   return next v_run;
 end;
 $$;
@@ -160,9 +188,8 @@ begin
 end;
 $$;
 
--- Claims the run's batch (on the first attempt: the twin's oldest unprocessed events, at most
--- max_batch_events; a takeover keeps the same batch and time T) and returns everything the pure
--- learning and gate need, aggregated here so that no event row travels to the worker:
+-- Returns everything the pure learning and gate need for the run's batch, aggregated here so
+-- that no event row travels to the worker:
 -- per-module decayed evidence of the batch (a vote that replaces an earlier one also retracts
 -- that one), the modules, the settings, the draft and baseline specs and their paired audits.
 create function public.claim_learning_run_events(p_run_id uuid, p_lease_token uuid)
@@ -184,26 +211,11 @@ begin
   select * into strict v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
 
-  if v_run.batch_last_event_id is null then
-    update public.persona_feedback_learning_runs r
-    set learning_time = now(),
-        batch_last_event_id = coalesce((
-          select max(b.id) from (
-            select e.id from public.persona_training_events e
-            where e.twin_id = v_run.twin_id and e.processed_at is null
-            order by e.id
-            limit v_settings.max_batch_events
-          ) b
-        ), 0)
-    where r.id = v_run.id
-    returning * into v_run;
-  end if;
-
   with batch as (
     select e.*
     from public.persona_training_events e
-    where e.twin_id = v_run.twin_id and e.processed_at is null
-      and e.id <= v_run.batch_last_event_id
+    where e.twin_id = v_run.twin_id
+      and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
   ),
   votes as (
     select b.id as event_id, 1.0::float8 as sign, b.source, b.module_key, b.intent_label,
@@ -324,9 +336,9 @@ begin
 end;
 $$;
 
--- Completes a run in one transaction: marks exactly the batch processed, applies the module
--- updates (recording each change), publishes the latest draft when allowed, and writes the run's
--- figures. Nothing happens when the lease is stale or the batch changed since it was claimed.
+-- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
+-- over it), applies the module updates (recording each change), publishes the latest draft when
+-- allowed, and writes the run's figures. Nothing happens when the lease is stale.
 --
 -- p_result: {"module_updates": [{"module_id", "success", "failure", "confidence", "status"}],
 --            "gate_passed": bool, "gate_report": {...}, "publish_spec_id": uuid|null,
@@ -340,15 +352,14 @@ declare
   v_run public.persona_feedback_learning_runs;
   v_publish_spec_id uuid;
   v_gate_passed boolean;
-  v_marked integer;
   v_given integer;
   v_applied integer;
   v_changed integer;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
-  if v_run.batch_last_event_id is null then
+  if v_run.events_scanned is null then
     raise exception using errcode = '55000',
-      message = format('run %s has not claimed its events', p_run_id);
+      message = format('run %s has not read its batch (claim_learning_run_events)', p_run_id);
   end if;
   if p_result is null or jsonb_typeof(p_result -> 'module_updates') is distinct from 'array'
      or jsonb_typeof(p_result -> 'gate_passed') is distinct from 'boolean'
@@ -359,16 +370,13 @@ begin
   v_gate_passed := (p_result ->> 'gate_passed')::boolean;
   v_publish_spec_id := (p_result ->> 'publish_spec_id')::uuid;
 
-  update public.persona_training_events e
-  set processed_at = now(), processed_run_id = v_run.id
-  where e.twin_id = v_run.twin_id and e.processed_at is null
-    and e.id <= v_run.batch_last_event_id;
-  get diagnostics v_marked = row_count;
-  if v_marked <> v_run.events_scanned then
-    -- An insert that took its id before the claim committed after it: learn again.
+  -- Processing the batch is moving the twin's cursor over it.
+  update public.twins t
+  set learned_through_event_id = v_run.batch_last_event_id
+  where t.id = v_run.twin_id and t.learned_through_event_id = v_run.batch_after_event_id;
+  if not found then
     raise exception using errcode = '40001',
-      message = format('run %s: its batch changed since it was claimed (%s events, %s claimed)',
-                       p_run_id, v_marked, v_run.events_scanned);
+      message = format('run %s: the twin''s cursor moved since the batch was claimed', p_run_id);
   end if;
 
   with updates as (
@@ -431,7 +439,7 @@ begin
 
   update public.persona_feedback_learning_runs r
   set status = 'completed', finished_at = now(), lease_token = null, lease_expires_at = null,
-      events_processed = v_marked, modules_updated = v_changed,
+      events_processed = v_run.events_scanned, modules_updated = v_changed,
       gate_passed = v_gate_passed, gate_report = p_result -> 'gate_report',
       publish_decision = case when v_publish_spec_id is null then 'held' else 'published' end,
       hold_reason = case when v_publish_spec_id is null

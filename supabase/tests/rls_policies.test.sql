@@ -210,9 +210,9 @@ select throws_ok(
   'the owner cannot write an audit'
 );
 select throws_ok(
-  $$ update public.persona_training_events set processed_at = now() $$,
-  '42501', 'permission denied for table persona_training_events',
-  'the owner cannot mark evidence processed'
+  $$ update public.twins set learned_through_event_id = 1000000000 $$,
+  '42501', 'permission denied for table twins',
+  'the owner cannot mark evidence processed (move the twin''s cursor)'
 );
 select throws_ok(
   $$ select * from public.persona_langfuse_outbox $$,

@@ -162,11 +162,14 @@ select functions_are('public', array[
   'request_learning_run', 'enqueue_due_learning_runs', 'enqueue_learning_run',
   'claim_learning_run', 'extend_learning_run_lease', 'claim_learning_run_events',
   'complete_learning_run', 'fail_learning_run', 'release_learning_run', 'claim_langfuse_outbox',
-  'record_langfuse_deliveries', 'skip_langfuse_outbox', 'requeue_langfuse_outbox'
+  'record_langfuse_deliveries', 'skip_langfuse_outbox', 'requeue_langfuse_outbox',
+  -- computed fields of persona_training_events, read as columns
+  'processed_at', 'processed_run_id'
 ]);
 select is_empty(
   $$ select p.oid::regprocedure::text from pg_proc p
-     where p.pronamespace = 'public'::regnamespace and p.proname <> 'request_learning_run'
+     where p.pronamespace = 'public'::regnamespace
+       and p.proname not in ('request_learning_run', 'processed_at', 'processed_run_id')
        and (has_function_privilege('anon', p.oid, 'execute')
             or has_function_privilege('authenticated', p.oid, 'execute')) $$,
   'anon and authenticated may execute no worker function'

@@ -116,7 +116,9 @@ def test_valid_feedback_is_stored_with_server_set_fields(db: psycopg.Connection,
     assert row["created_by"] == world.voter.id
     assert row["source"] == "user_feedback" and row["passed"] is None
     assert row["persona_spec_id"] == world.published_spec
-    assert row["processed_at"] is None and row["processed_run_id"] is None
+    computed = world.voter.client.table("persona_training_events").select(
+        "processed_at,processed_run_id").eq("id", row["id"]).execute().data
+    assert computed == [{"processed_at": None, "processed_run_id": None}]
     assert row["first_vote_id"] == row["id"]
     assert row["supersedes_id"] is None and row["superseded_at"] is None
     assert (row["langfuse_status"], row["langfuse_attempts"]) == ("pending", 0)
@@ -291,9 +293,13 @@ BAD_INPUTS = {
     # server columns: the column privileges refuse the whole insert.
     "forge-created-by": Bad({"created_by": lambda w: w.owner.id}, 403, "42501", NO_PRIVILEGE,
                             None),
-    "forge-processed-at": Bad({"processed_at": "2026-01-01T00:00:00Z"}, 403, "42501",
-                              NO_PRIVILEGE, None),
-    "forge-processed-run": Bad({"processed_run_id": GONE_TWIN}, 403, "42501", NO_PRIVILEGE, None),
+    # processing state is computed (the twin's cursor), not a column a client could send.
+    "forge-processed-at": Bad({"processed_at": "2026-01-01T00:00:00Z"}, 400, "PGRST204",
+                              "Column 'processed_at' of relation 'persona_training_events' does "
+                              "not exist", "processed_at"),
+    "forge-processed-run": Bad({"processed_run_id": GONE_TWIN}, 400, "PGRST204",
+                               "Column 'processed_run_id' of relation 'persona_training_events' "
+                               "does not exist", "processed_run_id"),
     "forge-langfuse-status": Bad({"langfuse_status": "sent"}, 403, "42501", NO_PRIVILEGE, None),
     "forge-langfuse-attempts": Bad({"langfuse_attempts": 9}, 403, "42501", NO_PRIVILEGE, None),
     "forge-audit": Bad({"source": "persona_audit", "passed": True, "score": MISSING}, 403,

@@ -379,8 +379,8 @@ MATRIX = [
     case("other", EVENTS, "insert", no_privilege(EVENTS), "audit",
          body=lambda w: {**TABLES[EVENTS].insert(w), "source": "persona_audit", "passed": True,
                          "score": None}),
-    case("owner", EVENTS, "insert", no_privilege(EVENTS), "processed",
-         body=lambda w: {**TABLES[EVENTS].insert(w), "processed_at": "2026-01-01T00:00:00Z"}),
+    case("owner", EVENTS, "insert", no_privilege(EVENTS), "superseded",
+         body=lambda w: {**TABLES[EVENTS].insert(w), "superseded_at": "2026-01-01T00:00:00Z"}),
     # the audit pipeline writes audits with the service key.
     case("service", EVENTS, "insert", Allowed(
         lambda r, w: (r["source"], r["passed"], r["created_by"]) == ("persona_audit", True, None)),
@@ -417,8 +417,11 @@ MATRIX = [
       for a in ("other", "owner")),
     case("other", EVENTS, "update", no_privilege(EVENTS), "own-vote", row="other_vote",
          body=lambda w: {"score": 1}),
-    case("owner", EVENTS, "update", no_privilege(EVENTS), "mark-processed",
-         body=lambda w: {"processed_at": "2026-01-01T00:00:00Z"}),
+    case("owner", EVENTS, "update", no_privilege(EVENTS), "supersede",
+         body=lambda w: {"superseded_at": "2026-01-01T00:00:00Z"}),
+    # processing is the twin's cursor moving; only the worker's completion moves it.
+    case("owner", "twins", "update", no_privilege("twins"), "mark-processed",
+         body=lambda w: {"learned_through_event_id": 2**40}),
     case("owner", RUNS, "update", no_privilege(RUNS), "complete",
          body=lambda w: {"status": "failed"}),
     *(case("service", t, "update", Allowed())
@@ -641,7 +644,8 @@ def test_every_public_function_is_covered(db: psycopg.Connection) -> None:
     """A new RPC must join this matrix before it ships."""
     names = {r[0] for r in db.execute(
         "select p.proname from pg_proc p where p.pronamespace = 'public'::regnamespace")}
-    assert names == {*WORKER_CALLS, "request_learning_run"}
+    # processed_at and processed_run_id are computed fields of events, read as columns.
+    assert names == {*WORKER_CALLS, "request_learning_run", "processed_at", "processed_run_id"}
 
 
 @pytest.mark.parametrize("actor", ["anon", "other", "owner"])
@@ -725,8 +729,8 @@ def test_service_completes_a_run(stack: Stack, db: psycopg.Connection, world: Wo
     assert (run["status"], run["events_processed"], run["publish_decision"]) == (
         "completed", 2, "held")
     processed = db.execute(
-        "select id, processed_run_id::text from public.persona_training_events "
-        "where twin_id = %s order by id", (world.twin,)).fetchall()
+        "select e.id, e.processed_run_id::text from public.persona_training_events e "
+        "where e.twin_id = %s order by e.id", (world.twin,)).fetchall()
     assert processed == [(world.owner_vote, world.run), (world.audit, world.run)]
 
 

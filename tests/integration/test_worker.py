@@ -76,7 +76,10 @@ def assert_learned_exactly(db: psycopg.Connection, twin: Twin, key: str, intent:
     assert row["failure"] == pytest.approx(f, rel=1e-9, abs=1e-9)
 
 
-PENDING = "select count(*) from persona_training_events where twin_id = %s and processed_at is null"
+PENDING = (
+    "select count(*) from persona_training_events e where e.twin_id = %s"
+    " and e.processed_run_id is null"
+)
 
 
 def count(db: psycopg.Connection, sql: str, *params: object) -> int:
@@ -136,8 +139,8 @@ def test_feedback_run_learns_module_history_and_marks_events(
     assert (
         count(
             db,
-            "select count(*) from persona_training_events where twin_id = %s"
-            " and (processed_at is null or processed_run_id <> %s)",
+            "select count(*) from persona_training_events e where e.twin_id = %s"
+            " and (e.processed_at is null or e.processed_run_id <> %s)",
             twin.id,
             str(run.id),
         )
@@ -479,8 +482,8 @@ def test_two_workers_never_run_one_twin_twice_at_a_time(stack, db, service, make
             lambda: (
                 count(
                     db,
-                    "select count(*) from persona_training_events where twin_id = any(%s::uuid[])"
-                    " and processed_at is null",
+                    "select count(*) from persona_training_events e"
+                    " where e.twin_id = any(%s::uuid[]) and e.processed_run_id is null",
                     ids,
                 )
                 == 0
