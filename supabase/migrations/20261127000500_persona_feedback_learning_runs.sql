@@ -135,10 +135,7 @@ set search_path = ''
 as $$
   select r.finished_at
   from public.persona_feedback_learning_runs r
-  where r.twin_id = p_event.twin_id and r.status = 'completed'
-    and r.batch_last_event_id >= p_event.id and r.batch_after_event_id < p_event.id
-  order by r.batch_last_event_id
-  limit 1;
+  where r.id = public.processed_run_id(p_event);
 $$;
 
 comment on function public.processed_run_id(public.persona_training_events) is
