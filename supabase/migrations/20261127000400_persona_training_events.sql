@@ -78,8 +78,11 @@ create index persona_training_events_created_by_idx on public.persona_training_e
 create unique index persona_training_events_current_vote_idx
   on public.persona_training_events (twin_id, trace_id, created_by)
   where source = 'user_feedback' and superseded_at is null;
-create index persona_training_events_spec_trace_idx
-  on public.persona_training_events (persona_spec_id, trace_id);
+-- Audits of a spec by trace, latest first: the regression gate's evidence. Feedback rows stay out
+-- of it, so ingestion does not pay for it.
+create index persona_training_events_audits_idx
+  on public.persona_training_events (persona_spec_id, trace_id, created_at desc, id desc)
+  where source = 'persona_audit';
 create index persona_training_events_langfuse_due_idx
   on public.persona_training_events (langfuse_next_attempt_at)
   where langfuse_status in ('pending', 'retrying');

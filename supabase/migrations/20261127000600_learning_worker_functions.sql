@@ -287,32 +287,47 @@ begin
   select s.id into v_baseline_id from public.persona_specs s
   where s.twin_id = v_run.twin_id and s.status = 'published';
 
-  -- The latest audit per trace of the candidate (draft) and the baseline (published) spec: all
-  -- audits of both, not only this batch's.
-  with latest as (
-    select distinct on (e.persona_spec_id, e.trace_id) e.persona_spec_id, e.trace_id, e.passed
-    from public.persona_training_events e
-    where e.twin_id = v_run.twin_id and e.source = 'persona_audit'
-      and e.persona_spec_id in (v_draft.id, v_baseline_id)
-    order by e.persona_spec_id, e.trace_id, e.created_at desc, e.id desc
-  ),
-  candidate as (select trace_id, passed from latest where persona_spec_id = v_draft.id),
-  baseline as (select trace_id, passed from latest where persona_spec_id = v_baseline_id)
-  select jsonb_build_object(
-    'pairs', count(b.trace_id),
-    'candidate_only_passed', count(*) filter (where c.passed and not b.passed),
-    'baseline_only_passed', count(*) filter (where not c.passed and b.passed),
-    'candidate_audited', count(*),
-    'candidate_passed', count(*) filter (where c.passed),
-    'candidate_unsafe_failures', (
-      select count(*) from public.persona_training_events e
-      where e.twin_id = v_run.twin_id and e.source = 'persona_audit'
-        and e.persona_spec_id = v_draft.id and not e.passed and e.reason = 'unsafe'
+  -- The gate's evidence: the latest audit of every trace audited under the candidate (the latest
+  -- draft), paired with the baseline's (published spec's) latest audit of the same trace: all
+  -- audits of both specs, not only this batch's. Driven by the candidate's audits, through the
+  -- audit index, so it costs the same whatever the twin's history.
+  if v_draft.id is null then
+    v_audits := jsonb_build_object(
+      'pairs', 0, 'candidate_only_passed', 0, 'baseline_only_passed', 0,
+      'candidate_audited', 0, 'candidate_passed', 0, 'candidate_unsafe_failures', 0);
+  else
+    with candidate as (
+      select distinct on (e.trace_id) e.trace_id, e.passed
+      from public.persona_training_events e
+      where e.persona_spec_id = v_draft.id and e.source = 'persona_audit'
+      order by e.trace_id, e.created_at desc, e.id desc
+    ),
+    paired as (
+      select c.passed, b.passed as baseline_passed
+      from candidate c
+      left join lateral (
+        select e.passed from public.persona_training_events e
+        where e.persona_spec_id = v_baseline_id and e.trace_id = c.trace_id
+          and e.source = 'persona_audit'
+        order by e.created_at desc, e.id desc
+        limit 1
+      ) b on true
     )
-  )
-  into v_audits
-  from candidate c
-  left join baseline b on b.trace_id = c.trace_id;
+    select jsonb_build_object(
+      'pairs', count(p.baseline_passed),
+      'candidate_only_passed', count(*) filter (where p.passed and not p.baseline_passed),
+      'baseline_only_passed', count(*) filter (where not p.passed and p.baseline_passed),
+      'candidate_audited', count(*),
+      'candidate_passed', count(*) filter (where p.passed),
+      'candidate_unsafe_failures', (
+        select count(*) from public.persona_training_events e
+        where e.persona_spec_id = v_draft.id and e.source = 'persona_audit'
+          and not e.passed and e.reason = 'unsafe'
+      )
+    )
+    into v_audits
+    from paired p;
+  end if;
 
   return jsonb_build_object(
     'run', to_jsonb(v_run) - 'lease_token',

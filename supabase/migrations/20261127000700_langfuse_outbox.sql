@@ -129,7 +129,7 @@ begin
     from d
     where e.id = d.event_id and e.source = 'user_feedback'
       and e.langfuse_status in ('pending', 'retrying', 'superseded')
-    returning e.id, e.first_vote_id, e.superseded_at, d.outcome
+    returning e.twin_id, e.trace_id, e.created_by, e.superseded_at, d.outcome
   ),
   -- The newer vote of a superseded one waited for this delivery: release it now, and send it
   -- again if it already went out before the older value.
@@ -141,9 +141,10 @@ begin
                                  then 0 else cur.langfuse_attempts end,
         langfuse_next_attempt_at = now()
     from updated u
+    -- the current vote of the same feedback, found through the current-vote index
     where u.superseded_at is not null
-      and cur.first_vote_id = u.first_vote_id and cur.superseded_at is null
-      and cur.source = 'user_feedback'
+      and cur.twin_id = u.twin_id and cur.trace_id = u.trace_id and cur.created_by = u.created_by
+      and cur.source = 'user_feedback' and cur.superseded_at is null
       and (cur.langfuse_status = 'pending' or (cur.langfuse_status = 'sent' and u.outcome = 'sent'))
     returning 1
   )
