@@ -59,7 +59,8 @@ comment on column public.persona_training_events.passed is 'Audit outcome: did t
 comment on column public.persona_training_events.reason is
   'incorrect, unhelpful, off_persona, unsafe, outdated, helpful or other; unsafe failures weigh 3x.';
 comment on column public.persona_training_events.persona_spec_id is
-  'The spec the answer was given under: audited spec for audits, published spec for feedback.';
+  'Audits: the spec audited. Feedback: none; the spec live when the vote was cast follows from '
+  'the specs'' published_at and archived_at.';
 comment on column public.persona_training_events.created_by is 'The user who voted; from the JWT.';
 comment on column public.persona_training_events.first_vote_id is
   'The first vote of this feedback (same twin, trace and user); later votes change it.';
@@ -87,26 +88,10 @@ create index persona_training_events_langfuse_due_idx
   on public.persona_training_events (langfuse_next_attempt_at)
   where langfuse_status in ('pending', 'retrying');
 
--- May the caller send feedback on this twin? Owners always; others when the twin is open to them.
-create function private.can_send_feedback(p_twin_id uuid)
-returns boolean
-language sql
-stable
-security definer
-set search_path = ''
-as $$
-  select exists (
-    select 1 from public.twins t
-    where t.id = p_twin_id
-      and (t.owner_id = (select auth.uid()) or t.feedback_from = 'any_user')
-  );
-$$;
-
-grant execute on function private.can_send_feedback(uuid) to authenticated, service_role;
-
--- Sets everything a client may not: clears server columns, checks the twin accepts the vote,
--- records which spec was live, supersedes the caller's earlier vote on the same trace and puts
--- the feedback in the Langfuse outbox.
+-- Sets everything a client may not: clears server columns, checks that the twin accepts the vote
+-- from its voter (owners always; others when the twin is open to any user), supersedes the
+-- voter's earlier vote on the same trace and puts the feedback in the Langfuse outbox. It runs
+-- before the insert policy, for every role, and is the one place a twin's consent is checked.
 create function private.prepare_training_event()
 returns trigger
 language plpgsql
@@ -147,12 +132,6 @@ begin
                        new.twin_id);
   end if;
 
-  if new.persona_spec_id is null then
-    select s.id into new.persona_spec_id
-    from public.persona_specs s
-    where s.twin_id = new.twin_id and s.status = 'published';
-  end if;
-
   update public.persona_training_events p
   set superseded_at = now(),
       langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
@@ -187,14 +166,11 @@ create policy "Voters and twin owners can read events"
   on public.persona_training_events
   for select to authenticated
   using (created_by = (select auth.uid()) or private.is_twin_owner(twin_id));
-create policy "Users send their own feedback on twins open to them"
-  on public.persona_training_events
+-- Whether the twin accepts the vote is checked by private.prepare_training_event, which raises a
+-- clear error naming twin_id before this policy is evaluated.
+create policy "Users send their own feedback" on public.persona_training_events
   for insert to authenticated
-  with check (
-    source = 'user_feedback'
-    and created_by = (select auth.uid())
-    and private.can_send_feedback(twin_id)
-  );
+  with check (source = 'user_feedback' and created_by = (select auth.uid()));
 
 grant select, insert, update, delete on public.persona_training_events to service_role;
 grant select on public.persona_training_events to authenticated;
@@ -203,6 +179,5 @@ grant insert (twin_id, trace_id, score, reason, intent_label, module_key, commen
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
-  private.can_send_feedback(uuid),
   private.prepare_training_event()
 from public;

@@ -198,8 +198,8 @@ select lives_ok(
 select results_eq(
   $$ select created_by, langfuse_status, persona_spec_id is not null
      from public.persona_training_events where trace_id = 'trace-owner' $$,
-  $$ values (current_setting('test.owner')::uuid, 'pending', true) $$,
-  'the database sets the voter, the outbox state and the live spec'
+  $$ values (current_setting('test.owner')::uuid, 'pending', false) $$,
+  'the database sets the voter and the outbox state; feedback names no spec'
 );
 select throws_ok(
   $$ insert into public.persona_training_events

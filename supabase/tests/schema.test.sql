@@ -50,7 +50,7 @@ select policies_are('public', 'persona_modules', array['Owners can read their tw
 select policies_are('public', 'persona_module_changes',
   array['Owners can read their twins'' module changes']);
 select policies_are('public', 'persona_training_events', array[
-  'Voters and twin owners can read events', 'Users send their own feedback on twins open to them'
+  'Voters and twin owners can read events', 'Users send their own feedback'
 ]);
 select policies_are('public', 'persona_feedback_learning_runs',
   array['Owners can read their twins'' runs']);
@@ -62,7 +62,7 @@ select is_empty(
 select policy_cmd_is('public', 'persona_specs', 'Owners can edit draft specs', 'update',
   'owners edit drafts through an update policy');
 select policy_cmd_is('public', 'persona_training_events',
-  'Users send their own feedback on twins open to them', 'insert',
+  'Users send their own feedback', 'insert',
   'users send feedback through an insert policy');
 
 -- Table privileges: anon holds none, authenticated reads (RLS filters), the service role all
@@ -228,8 +228,8 @@ select is_empty(
 select is_empty(
   $$ select p.oid::regprocedure::text from pg_proc p
      where p.pronamespace = 'private'::regnamespace
-       and p.proname in ('is_twin_owner', 'can_send_feedback') and not p.prosecdef $$,
-  'the helpers policies call are security definer'
+       and p.proname in ('is_twin_owner', 'prepare_training_event') and not p.prosecdef $$,
+  'the helpers policies and the insert trigger call are security definer'
 );
 
 select * from finish();

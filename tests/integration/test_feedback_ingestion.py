@@ -111,11 +111,11 @@ def test_valid_feedback_is_stored_with_server_set_fields(db: psycopg.Connection,
         world.open_twin, "trace-2", -1, "incorrect")
     assert (row["intent_label"], row["module_key"], row["comment"], row["metadata"]) == (
         INTENT, "evidence_answers", "Cited the wrong year.", {"app": "web", "answer_ms": 812})
-    # ... and what the database set: the caller, the live (published, not the newer draft) spec,
+    # ... and what the database set: the caller, no spec (feedback names none),
     # a fresh first vote that nothing processed yet, waiting in the Langfuse outbox.
     assert row["created_by"] == world.voter.id
     assert row["source"] == "user_feedback" and row["passed"] is None
-    assert row["persona_spec_id"] == world.published_spec
+    assert row["persona_spec_id"] is None  # the live spec follows from published_at/archived_at
     computed = world.voter.client.table("persona_training_events").select(
         "processed_at,processed_run_id").eq("id", row["id"]).execute().data
     assert computed == [{"processed_at": None, "processed_run_id": None}]
@@ -126,9 +126,9 @@ def test_valid_feedback_is_stored_with_server_set_fields(db: psycopg.Connection,
     assert stored(db, row["id"]) == row
 
 
-def test_feedback_on_a_twin_without_a_published_spec_names_no_spec(world: World):
+def test_the_owner_sends_feedback_on_a_twin_closed_to_others(world: World):
     row = send(world.owner, twin_id=world.closed_twin, trace_id="t", score=1, intent_label=INTENT)
-    assert (row["created_by"], row["persona_spec_id"]) == (world.owner.id, None)
+    assert (row["created_by"], row["twin_id"]) == (world.owner.id, world.closed_twin)
 
 
 def test_three_votes_on_one_trace_change_the_vote(db: psycopg.Connection, world: World):
