@@ -203,7 +203,7 @@ declare
   v_draft public.persona_specs;
   v_baseline_id uuid;
   v_scanned integer;
-  v_matched integer;
+  v_unmatched integer;
   v_evidence jsonb;
   v_audits jsonb;
 begin
@@ -211,24 +211,32 @@ begin
   select * into strict v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
 
-  with batch as (
-    select e.*
+  -- One streaming pass over the batch: each vote's decayed weight (a vote that replaced an earlier
+  -- one also retracts that one), matched to its modules (by module_key if given, else by
+  -- intent_label; an unmatched vote lands in the null group), summed per module.
+  with targets as (
+    select true as by_key, m.module_key as key, m.id as module_id
+    from public.persona_modules m where m.twin_id = v_run.twin_id
+    union all
+    select false, m.intent_label, m.id
+    from public.persona_modules m where m.twin_id = v_run.twin_id
+  ),
+  votes as (
+    select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
+           e.reason, e.created_at, e.persona_spec_id
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-  ),
-  votes as (
-    select b.id as event_id, 1.0::float8 as sign, b.source, b.module_key, b.intent_label,
-           b.score, b.passed, b.reason, b.created_at, b.persona_spec_id
-    from batch b
     union all
-    select b.id, -1.0::float8, p.source, p.module_key, p.intent_label,
-           p.score, p.passed, p.reason, p.created_at, p.persona_spec_id
-    from batch b
-    join public.persona_training_events p on p.id = b.supersedes_id
+    select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
+           p.reason, p.created_at, p.persona_spec_id
+    from public.persona_training_events e
+    join public.persona_training_events p on p.id = e.supersedes_id
+    where e.twin_id = v_run.twin_id
+      and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
   ),
   weighted as (
-    select v.event_id, v.sign, v.module_key, v.intent_label,
+    select t.module_id, v.sign,
            coalesce(v.score > 0, v.passed) as success,
            v.sign
            * case
@@ -248,36 +256,32 @@ begin
     from votes v
     left join public.persona_specs s
       on v.source = 'persona_audit' and s.id = v.persona_spec_id
-  ),
-  matched as (
-    select m.id as module_id, w.*
-    from weighted w
-    join public.persona_modules m
-      on m.twin_id = v_run.twin_id and m.module_key = w.module_key
-    where w.module_key is not null
-    union all
-    select m.id, w.*
-    from weighted w
-    join public.persona_modules m
-      on m.twin_id = v_run.twin_id and m.intent_label = w.intent_label
-    where w.module_key is null
+    left join targets t
+      on t.by_key = (v.module_key is not null) and t.key = coalesce(v.module_key, v.intent_label)
   ),
   per_module as (
-    select module_id,
-           coalesce(sum(weight) filter (where success), 0) as success,
-           coalesce(sum(weight) filter (where not success), 0) as failure
-    from matched
-    group by module_id
+    select w.module_id,
+           coalesce(sum(w.weight) filter (where w.success), 0) as success,
+           coalesce(sum(w.weight) filter (where not w.success), 0) as failure,
+           count(*) filter (where w.sign > 0) as events
+    from weighted w
+    group by w.module_id
   )
   select
-    (select count(*) from batch),
-    (select count(distinct event_id) from matched where sign > 0),
+    coalesce((select p.events from per_module p where p.module_id is null), 0),
     coalesce((select jsonb_agg(jsonb_build_object(
-        'module_id', module_id, 'success', success, 'failure', failure)) from per_module), '[]')
-  into v_scanned, v_matched, v_evidence;
+        'module_id', p.module_id, 'success', p.success, 'failure', p.failure))
+      from per_module p where p.module_id is not null), '[]')
+  into v_unmatched, v_evidence;
+
+  -- The batch's size, from the index alone.
+  select count(*) into v_scanned
+  from public.persona_training_events e
+  where e.twin_id = v_run.twin_id
+    and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id;
 
   update public.persona_feedback_learning_runs r
-  set events_scanned = v_scanned, events_unmatched = v_scanned - v_matched
+  set events_scanned = v_scanned, events_unmatched = v_unmatched
   where r.id = v_run.id;
 
   select * into v_draft from public.persona_specs s
@@ -333,7 +337,7 @@ begin
     'run', to_jsonb(v_run) - 'lease_token',
     'learning_time', v_run.learning_time,
     'events_scanned', v_scanned,
-    'events_unmatched', v_scanned - v_matched,
+    'events_unmatched', v_unmatched,
     'settings', to_jsonb(v_settings),
     'modules', coalesce((
       select jsonb_agg(jsonb_build_object(
