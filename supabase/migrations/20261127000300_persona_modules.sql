@@ -1,23 +1,15 @@
 -- Section: persona modules and the history of how each one moved.
 
--- A slug: lower-case letters, digits and underscores, starting with a letter, at most 64 characters.
-create function private.is_slug(p_value text)
-returns boolean
-language sql
-immutable
-set search_path = ''
-as $$
-  select p_value ~ '^[a-z][a-z0-9_]{0,63}$';
-$$;
-
-grant execute on function private.is_slug(text) to authenticated, service_role;
+-- Keys and intent labels are slugs: lower-case letters, digits and underscores, starting with a
+-- letter, at most 64 characters. The pattern is written into each check: a function there would
+-- not be inlined (it pins its search_path) and costs every insert a call.
 
 create table public.persona_modules (
   id uuid primary key default gen_random_uuid(),
   twin_id uuid not null references public.twins (id) on delete cascade,
-  module_key text not null constraint persona_modules_module_key_check check (private.is_slug(module_key)),
+  module_key text not null constraint persona_modules_module_key_check check (module_key ~ '^[a-z][a-z0-9_]{0,63}$'),
   intent_label text not null
-    constraint persona_modules_intent_label_check check (private.is_slug(intent_label)),
+    constraint persona_modules_intent_label_check check (intent_label ~ '^[a-z][a-z0-9_]{0,63}$'),
   description text check (char_length(description) <= 2000),
   confidence double precision not null default 0.5 check (confidence between 0 and 1),
   status text not null default 'insufficient_data'
@@ -85,8 +77,3 @@ create policy "Owners can read their twins' module changes" on public.persona_mo
 
 grant select, insert, update, delete on public.persona_module_changes to service_role;
 grant select on public.persona_module_changes to authenticated;
-
--- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
-revoke execute on function
-  private.is_slug(text)
-from public;

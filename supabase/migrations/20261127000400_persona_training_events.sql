@@ -10,9 +10,9 @@ create table public.persona_training_events (
   trace_id text not null
     constraint persona_training_events_trace_id_check check (char_length(trace_id) between 1 and 200),
   intent_label text not null
-    constraint persona_training_events_intent_label_check check (private.is_slug(intent_label)),
+    constraint persona_training_events_intent_label_check check (intent_label ~ '^[a-z][a-z0-9_]{0,63}$'),
   module_key text
-    constraint persona_training_events_module_key_check check (private.is_slug(module_key)),
+    constraint persona_training_events_module_key_check check (module_key ~ '^[a-z][a-z0-9_]{0,63}$'),
   score smallint
     constraint persona_training_events_score_check
     check ((source = 'user_feedback') = (score is not null) and score between -1 and 1),

@@ -231,8 +231,12 @@ begin
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
            p.reason, p.created_at, p.persona_spec_id
     from public.persona_training_events e
-    join public.persona_training_events p on p.id = e.supersedes_id
-    where e.twin_id = v_run.twin_id
+    -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
+    -- whole table instead).
+    cross join lateral (
+      select r.* from public.persona_training_events r where r.id = e.supersedes_id offset 0
+    ) p
+    where e.twin_id = v_run.twin_id and e.supersedes_id is not null
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
   ),
   weighted as (
