@@ -143,6 +143,13 @@ def make_client(url: str, api_key: str, *, bearer: str | None = None, timeout: f
     )
 
 
+# PostgREST cannot reach the database or get a connection (PGRST000-003), the database is shutting
+# down or starting (57P01, 57P03), the connection broke (08xxx), a lock wait timed out (55P03).
+_TRANSIENT_CODES = frozenset(
+    {"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57P01", "57P03", "08006", "08001", "55P03"}
+)
+
+
 def _error_from(exc: APIError) -> StoreError:
     code = exc.code
     message = exc.message or str(exc)
@@ -150,9 +157,9 @@ def _error_from(exc: APIError) -> StoreError:
         return StaleLeaseError(message, code)
     if code == "40001":
         return BatchChangedError(message, code)
-    # PostgREST cannot reach the database, the database is shutting down or starting, a lock
-    # wait timed out (55P03): the same call may succeed later.
-    if code in {"PGRST000", "PGRST001", "PGRST002", "57P01", "57P03", "08006", "08001", "55P03"}:
+    # A body that is not PostgREST's (a gateway's 502/503/504 while PostgREST restarts) carries
+    # the HTTP status as its code: 5xx and 429 may succeed later.
+    if code in _TRANSIENT_CODES or (code and code.isdigit() and (code[0] == "5" or code == "429")):
         return TransientStoreError(message, code)
     return StoreError(message, code)
 
