@@ -158,8 +158,13 @@ def _error_from(exc: APIError) -> StoreError:
     if code == "40001":
         return BatchChangedError(message, code)
     # A body that is not PostgREST's (a gateway's 502/503/504 while PostgREST restarts) carries
-    # the HTTP status as its code: 5xx and 429 may succeed later.
-    if code in _TRANSIENT_CODES or (code and code.isdigit() and (code[0] == "5" or code == "429")):
+    # the HTTP status as its code: 5xx and 429 may succeed later. No code at all is an answer
+    # broken off mid-way (seen around a database restart).
+    if (
+        not code
+        or code in _TRANSIENT_CODES
+        or (code.isdigit() and (code[0] == "5" or code == "429"))
+    ):
         return TransientStoreError(message, code)
     return StoreError(message, code)
 

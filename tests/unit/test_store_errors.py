@@ -27,7 +27,8 @@ from worker.store import (
         ("23514", StoreError),  # a check constraint: retrying cannot help
         ("22023", StoreError),  # a bad argument
         ("400", StoreError),  # a gateway's 4xx
-        (None, StoreError),
+        (None, TransientStoreError),  # no code: the answer broke off
+        ("", TransientStoreError),
     ],
 )
 def test_error_classification(code, expected):
