@@ -118,6 +118,8 @@ WORKER_ENV = {
     "PFL_LEASE_SECONDS": "5",
     "PFL_HTTP_TIMEOUT_SECONDS": "10",
     "PFL_LANGFUSE_TIMEOUT_SECONDS": "2",
+    # A killed worker's claimed outbox rows come back after this (default 120 s).
+    "PFL_LANGFUSE_VISIBILITY_SECONDS": "10",
     "PFL_LOG_FORMAT": "json",
 }
 

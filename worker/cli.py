@@ -115,7 +115,11 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
             batch_size=settings.pfl_langfuse_batch_size,
         )
     return OutboxDrainer(
-        store, sender, settings.pfl_langfuse_batch_size, settings.pfl_langfuse_max_attempts
+        store,
+        sender,
+        settings.pfl_langfuse_batch_size,
+        settings.pfl_langfuse_max_attempts,
+        settings.pfl_langfuse_visibility_seconds,
     )
 
 

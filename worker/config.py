@@ -62,11 +62,22 @@ class WorkerSettings(BaseSettings):
     pfl_langfuse_max_attempts: int = Field(
         8, ge=1, le=100, description="Deliveries of one score before it is marked failed."
     )
+    pfl_langfuse_visibility_seconds: int = Field(
+        120,
+        ge=1,
+        le=3600,
+        description="Claimed outbox rows stay hidden from other workers this long; a worker "
+        "that dies mid-send leaves them waiting until it ends. Must exceed the Langfuse timeout.",
+    )
 
     @model_validator(mode="after")
-    def _poll_bounds(self) -> "WorkerSettings":
+    def _bounds(self) -> "WorkerSettings":
         if self.pfl_poll_min_seconds > self.pfl_poll_max_seconds:
             raise ValueError("PFL_POLL_MIN_SECONDS must not exceed PFL_POLL_MAX_SECONDS")
+        if self.pfl_langfuse_visibility_seconds <= self.pfl_langfuse_timeout_seconds:
+            raise ValueError(
+                "PFL_LANGFUSE_VISIBILITY_SECONDS must exceed PFL_LANGFUSE_TIMEOUT_SECONDS"
+            )
         return self
 
     @property

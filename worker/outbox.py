@@ -18,8 +18,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
-# Claimed rows stay hidden from other workers this long; far above one send's timeout.
-VISIBILITY_SECONDS = 120
+DEFAULT_VISIBILITY_SECONDS = 120
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
@@ -47,12 +46,20 @@ class OutboxDrainer:
     """One drain pass sends at most `batch_size` rows; `sender` None means not configured."""
 
     def __init__(
-        self, store: Store, sender: LangfuseSender | None, batch_size: int, max_attempts: int
+        self,
+        store: Store,
+        sender: LangfuseSender | None,
+        batch_size: int,
+        max_attempts: int,
+        visibility_seconds: int = DEFAULT_VISIBILITY_SECONDS,
     ) -> None:
         self.store = store
         self.sender = sender
         self.batch_size = batch_size
         self.max_attempts = max_attempts
+        # Claimed rows stay hidden from other workers this long: a worker that dies mid-send
+        # leaves them (and newer votes of the same feedback) waiting until it ends.
+        self.visibility_seconds = visibility_seconds
 
     def drain_once(self) -> int:
         """Handles one batch of due rows; returns how many rows it handled."""
@@ -61,7 +68,7 @@ class OutboxDrainer:
             if skipped:
                 logger.info("outbox rows skipped", extra={"rows": skipped, "why": NOT_CONFIGURED})
             return skipped
-        rows = self.store.claim_outbox(self.batch_size, VISIBILITY_SECONDS)
+        rows = self.store.claim_outbox(self.batch_size, self.visibility_seconds)
         if not rows:
             return 0
         deliveries = self.sender.send([score_item(r) for r in rows])
