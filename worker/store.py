@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from uuid import UUID
 
 import httpx
@@ -28,8 +28,6 @@ from worker.config import WorkerSettings
 from worker.models import AuditComparison, LearningSettings, ModuleEvidence, ModuleState
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 RunStatus = Literal["queued", "running", "completed", "failed"]
 

@@ -213,6 +213,12 @@ def test_owner_requests_a_run_and_reads_it_completed(stack, db, service, make_us
     ]
 
 
+def draft_spec(owner, twin: Twin) -> dict:
+    """The owner drafts a spec relying on evidence_answers, through PostgREST."""
+    row = {"twin_id": twin.id, "spec": {"modules": ["evidence_answers"]}}
+    return owner.client.table("persona_specs").insert(row).execute().data[0]
+
+
 def audit(
     service, twin: Twin, spec_id: str, traces: list[str], failing: set[str], reason="off_persona"
 ):
@@ -236,12 +242,7 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
 ):
     owner = make_user("owner")
     twin = create_twin(service, owner.id)
-    draft = (
-        owner.client.table("persona_specs")
-        .insert({"twin_id": twin.id, "spec": {"modules": ["evidence_answers"]}})
-        .execute()
-        .data[0]
-    )
+    draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(25)]
     audit(service, twin, twin.published_spec_id, traces, failing=set(traces[:2]))
     audit(service, twin, draft["id"], traces, failing=set())
@@ -287,12 +288,7 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
 def test_gate_holds_a_regressing_draft(stack, db, service, make_user, make_runner):
     owner = make_user("owner")
     twin = create_twin(service, owner.id)
-    draft = (
-        owner.client.table("persona_specs")
-        .insert({"twin_id": twin.id, "spec": {"modules": ["evidence_answers"]}})
-        .execute()
-        .data[0]
-    )
+    draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(25)]
     audit(service, twin, twin.published_spec_id, traces, failing=set())
     audit(service, twin, draft["id"], traces, failing={traces[0]}, reason="unsafe")
@@ -317,12 +313,7 @@ def test_gate_holds_a_regressing_draft(stack, db, service, make_user, make_runne
 def test_too_few_audits_fail_the_gate(stack, db, service, make_user, make_runner):
     owner = make_user("owner")
     twin = create_twin(service, owner.id)
-    draft = (
-        owner.client.table("persona_specs")
-        .insert({"twin_id": twin.id, "spec": {"modules": ["evidence_answers"]}})
-        .execute()
-        .data[0]
-    )
+    draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(5)]
     audit(service, twin, twin.published_spec_id, traces, failing=set())
     audit(service, twin, draft["id"], traces, failing=set())
