@@ -75,6 +75,11 @@ comment on column public.persona_feedback_learning_runs.gate_report is
 comment on column public.persona_feedback_learning_runs.publish_decision is
   'published when the run published the latest draft; held otherwise (see hold_reason).';
 
+-- The module change history names the run that made each change (that table is older).
+alter table public.persona_module_changes
+  add constraint persona_module_changes_run_id_fkey foreign key (run_id)
+  references public.persona_feedback_learning_runs (id) on delete cascade;
+
 create unique index persona_feedback_learning_runs_one_running_idx
   on public.persona_feedback_learning_runs (twin_id) where status = 'running';
 create unique index persona_feedback_learning_runs_one_queued_idx
