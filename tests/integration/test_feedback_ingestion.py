@@ -213,9 +213,21 @@ def test_accepted_inputs(
 MISSING = object()  # leave the field out of the body
 
 
+SLUG = "a lowercase letter, then up to 63 lowercase letters, digits or underscores"
+RULES = {
+    "score": "-1, 0 or 1 on feedback, and none on audits",
+    "reason": "incorrect, unhelpful, off_persona, unsafe, outdated, helpful or other",
+    "intent_label": SLUG,
+    "module_key": SLUG,
+    "trace_id": "1 to 200 characters",
+    "comment": "at most 2000 characters",
+    "metadata": "a JSON object of at most 4096 bytes",
+}
+
+
 def check(column: str) -> str:
-    return (f'new row for relation "persona_training_events" violates check constraint '
-            f'"persona_training_events_{column}_check"')
+    """The insert trigger's message for a broken rule on a column."""
+    return f"{column}: {RULES[column]}"
 
 
 def not_null(column: str) -> str:
@@ -437,3 +449,71 @@ def test_supabase_py_surfaces_the_database_error(db: psycopg.Connection, world: 
         send(world.voter, **{**valid_vote(world), "score": 3})
     assert (raised.value.code, raised.value.message) == ("23514", check("score"))
     assert snapshot(db, world) == before
+
+
+# ----------------------------------------------------------------------------- server writes
+
+
+def patch_as_service(stack: Stack, event_id: int, change: dict) -> httpx.Response:
+    return httpx.patch(
+        f"{stack.rest}/persona_training_events?id=eq.{event_id}",
+        json=change,
+        headers={"apikey": stack.anon_key, "Authorization": f"Bearer {stack.service_key}"},
+        timeout=20,
+    )
+
+
+def audit(w: World, **fields: object) -> dict:
+    return {"twin_id": w.open_twin, "source": "persona_audit", "trace_id": "audit-1",
+            "passed": True, "intent_label": INTENT, "persona_spec_id": w.draft_spec, **fields}
+
+
+@pytest.mark.parametrize(
+    ("fields", "column"),
+    [
+        ({"passed": None}, "passed"),
+        ({"score": 1}, "score"),
+        ({"source": "survey"}, "source"),
+        ({"module_key": "Module-1"}, "module_key"),
+    ],
+    ids=["audit-without-outcome", "audit-with-a-vote", "unknown-source", "module-not-a-slug"],
+)
+def test_the_audit_pipeline_gets_the_same_rules(
+    stack: Stack, db: psycopg.Connection, world: World, fields: dict, column: str
+):
+    """The service role bypasses RLS, not the rules on the fields."""
+    before = snapshot(db, world)
+    response = post(stack, stack.service_key, audit(world, **fields))
+    rules = {**RULES, "passed": "true or false on audits, and none on feedback",
+             "source": "user_feedback or persona_audit"}
+    assert_rejected(response, 400, "23514", f"{column}: {rules[column]}")
+    assert snapshot(db, world) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"score": 5}, check("score")),
+        ({"intent_label": "Not A Slug"}, check("intent_label")),
+        ({"langfuse_status": "lost"}, "langfuse_status: pending, retrying, sent, skipped, failed "
+                                      "or superseded on feedback, none on audits"),
+        # a vote turned into an audit: it carries a score and no outcome.
+        ({"source": "persona_audit"}, check("score")),
+    ],
+    ids=["score", "intent", "outbox-status", "feedback-into-audit"],
+)
+def test_updates_keep_the_rules(
+    stack: Stack, db: psycopg.Connection, world: World, change: dict, message: str
+):
+    before = snapshot(db, world)
+    response = patch_as_service(stack, world.voter_vote, change)
+    assert_rejected(response, 400, "23514", message)
+    assert snapshot(db, world) == before
+
+
+def test_a_valid_update_by_the_service_role_is_stored(
+    stack: Stack, db: psycopg.Connection, world: World
+):
+    response = patch_as_service(stack, world.voter_vote, {"comment": "checked by support"})
+    assert response.status_code == 204, response.text
+    assert stored(db, world.voter_vote)["comment"] == "checked by support"
