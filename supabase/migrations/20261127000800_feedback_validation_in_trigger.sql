@@ -9,6 +9,10 @@
 -- which keeps its plans for the session, so the same rules cost a fraction there. The trigger
 -- also runs on updates of the fields it checks, so the rules hold for every write, as before.
 --
+-- The trigger also makes concurrent votes of one feedback (twin, trace, voter) take turns, so that
+-- two devices voting on one trace at once both succeed and the later one is current; before, the
+-- later insert failed with 23505 on the current-vote index.
+--
 -- A broken rule raises SQLSTATE 23514 (check_violation, HTTP 400 through PostgREST) naming the
 -- column, with the rule's name (persona_training_events_<column>_check) as the constraint.
 -- Slugs are checked as "at most 64 characters, then ^[a-z][a-z0-9_]*$": the same set of strings
@@ -119,6 +123,12 @@ begin
                        new.twin_id);
   end if;
 
+  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
+  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
+  perform pg_advisory_xact_lock(
+    hashtext('public.persona_training_events'),
+    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
+  );
   update public.persona_training_events p
   set superseded_at = now(),
       langfuse_status = case when p.langfuse_status in ('pending', 'retrying')

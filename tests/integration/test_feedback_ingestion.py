@@ -7,8 +7,10 @@ where the database can) without changing a single row.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ import psycopg
 import pytest
 from postgrest.exceptions import APIError
 
-from tests.conftest import Stack, User, mint_token
+from tests.conftest import Stack, User, mint_token, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -517,3 +519,37 @@ def test_a_valid_update_by_the_service_role_is_stored(
     response = patch_as_service(stack, world.voter_vote, {"comment": "checked by support"})
     assert response.status_code == 204, response.text
     assert stored(db, world.voter_vote)["comment"] == "checked by support"
+
+
+def test_two_devices_voting_on_one_trace_at_once_both_succeed(
+    stack: Stack, db: psycopg.Connection, world: World
+):
+    """A vote sent while the voter's other device is still writing one on the same trace waits
+    for it and then supersedes it, rather than colliding with it on the current-vote index."""
+    trace = "trace-two-devices"
+    claims = json.dumps({"sub": world.voter.id, "role": "authenticated"})
+    waiting = "select count(*) from pg_locks where not granted"
+    with psycopg.connect(stack.database_url) as first_device:  # its transaction stays open
+        first_device.execute("set local role authenticated")
+        first_device.execute("select set_config('request.jwt.claims', %s, true)", (claims,))
+        first_id = first_device.execute(
+            "insert into public.persona_training_events (twin_id, trace_id, score, intent_label) "
+            "values (%s, %s, 1, %s) returning id",
+            (world.open_twin, trace, INTENT),
+        ).fetchone()[0]
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(post, stack, world.voter.token,
+                                 {"twin_id": world.open_twin, "trace_id": trace, "score": -1,
+                                  "reason": "outdated", "intent_label": INTENT})
+            wait_for(lambda: _one(db, waiting) == 1)
+            assert not second.done()
+            first_device.commit()
+            response = second.result(timeout=20)
+
+    assert response.status_code == 201, response.text
+    second_id = response.json()[0]["id"]
+    rows = votes(db, world.open_twin, trace, world.voter.id)
+    assert [(r["id"], r["score"], r["superseded_at"] is None) for r in rows] == [
+        (first_id, 1, False), (second_id, -1, True)
+    ]
+    assert (rows[1]["supersedes_id"], rows[1]["first_vote_id"]) == (first_id, first_id)
