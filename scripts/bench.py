@@ -297,9 +297,9 @@ def generate_events(
     parallel: int = 2,
 ) -> dict[str, Any]:
     """Bulk-inserts rows g_from..g_to of one twin (EVENTS_SQL) over `parallel` connections, a
-    slice each (the table's check constraints cost more than the rest of the load); returns
-    the ids and seconds. Row g gets id base + (g − g_from) × stride: after the table's last id
-    by default; with a stride, several loads can interleave. The caller vacuums."""
+    slice each; returns the ids and seconds. Row g gets id base + (g − g_from) × stride: after
+    the table's last id by default; with a stride, several loads can interleave. The caller
+    vacuums."""
     if g_from % 20 != 1 or (g_to - g_from + 1) % 20:
         raise ValueError("rows must come in whole runs of 20 (changed votes pair up)")
     n = g_to - g_from + 1

@@ -1,22 +1,23 @@
--- Section: the rules on a training event's fields move from check constraints into its trigger.
+-- Section: the rules on a training event's fields move from check constraints into its trigger,
+-- and votes of one feedback take turns.
 --
 -- Why: PostgreSQL re-reads and plans the expression of every check constraint for every INSERT
--- statement, and one PostgREST request is one statement. The checks of
--- persona_training_events cost more database time per feedback insert than anything else the
--- table adds (measured with scripts/bench, case 4; docs/benchmarks.md). One stays a constraint:
--- feedback names its voter (created_by), so that a client's insert without a user is refused by
--- the insert policy (403) before any rule is checked. The trigger is PL/pgSQL,
--- which keeps its plans for the session, so the same rules cost a fraction there. The trigger
--- also runs on updates of the fields it checks, so the rules hold for every write, as before.
+-- statement, and one PostgREST request is one statement. The checks cost more database time per
+-- feedback insert than anything else the table adds (scripts/bench, case 4; docs/benchmarks.md).
+-- The trigger is PL/pgSQL, which keeps its plans for the session, so the same rules cost a
+-- fraction there; it also runs on updates of the fields it checks, so the rules hold for every
+-- write, as before. One rule stays a constraint: feedback names its voter (created_by), so that a
+-- client's insert without a user is refused by the insert policy (403) before any rule is checked.
 --
--- The trigger also makes concurrent votes of one feedback (twin, trace, voter) take turns, so that
--- two devices voting on one trace at once both succeed and the later one is current; before, the
--- later insert failed with 23505 on the current-vote index.
+-- A broken rule raises SQLSTATE 23514 (check_violation, HTTP 400 through PostgREST) with a
+-- message naming the column and the rule, and the rule's name
+-- (persona_training_events_<column>_check) as the constraint. Slugs are checked as "at most 64
+-- characters, then ^[a-z][a-z0-9_]*$": the same strings as ^[a-z][a-z0-9_]{0,63}$, whose bounded
+-- repeat makes each match about ten times slower.
 --
--- A broken rule raises SQLSTATE 23514 (check_violation, HTTP 400 through PostgREST) naming the
--- column, with the rule's name (persona_training_events_<column>_check) as the constraint.
--- Slugs are checked as "at most 64 characters, then ^[a-z][a-z0-9_]*$": the same set of strings
--- as ^[a-z][a-z0-9_]{0,63}$, whose bounded repeat makes each match about ten times slower.
+-- Concurrent votes of one feedback (twin, trace, voter) now take turns, so that two devices
+-- voting on one trace at once both succeed and the later one is current; before, the later
+-- insert failed with 23505 on the current-vote index.
 
 alter table public.persona_training_events
   drop constraint persona_training_events_source_check,
