@@ -3,7 +3,7 @@
 -- execute which function, and the indexes the policies lean on.
 begin;
 create extension if not exists pgtap with schema extensions;
-select plan(42);
+select plan(43);
 
 -- Tables and views
 
@@ -230,6 +230,13 @@ select is_empty(
      where p.pronamespace = 'private'::regnamespace
        and p.proname in ('is_twin_owner', 'prepare_training_event') and not p.prosecdef $$,
   'the helpers policies and the insert trigger call are security definer'
+);
+
+-- The outbox claim orders by due time, then id: an index in that order serves it without a sort.
+select has_index(
+  'public', 'persona_training_events', 'persona_training_events_langfuse_due_idx',
+  array['langfuse_next_attempt_at', 'id'],
+  'the outbox claim''s index holds the due time, then the id'
 );
 
 select * from finish();
