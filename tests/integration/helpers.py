@@ -5,12 +5,18 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from supabase import Client
 
 from worker.learning import evidence_from_scratch
 from worker.models import EvidenceEvent, LearningSettings
+
+
+def scalar(db: psycopg.Connection, sql: str, *args: object) -> Any:
+    """The single value a query returns."""
+    return db.execute(sql, args).fetchone()[0]  # type: ignore[index]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Stack, User
+from tests.integration.helpers import scalar
 
 pytestmark = pytest.mark.integration
 
@@ -58,35 +59,31 @@ class World:
         return [self.owner.id, self.other.id]
 
 
-def _one(db: psycopg.Connection, sql: str, *args: object) -> Any:
-    return db.execute(sql, args).fetchone()[0]  # type: ignore[index]
-
-
 @pytest.fixture
 def world(db: psycopg.Connection, make_user: Callable[[str], User]) -> World:
     owner, other = make_user("owner"), make_user("other")
     new_twin = "insert into public.twins (owner_id, name, feedback_from) values (%s, %s, %s) " \
         "returning id::text"
-    twin = _one(db, new_twin, owner.id, "Closed twin", "owner")
-    open_twin = _one(db, new_twin, owner.id, "Open twin", "any_user")
-    other_twin = _one(db, new_twin, other.id, "Other's twin", "owner")
+    twin = scalar(db, new_twin, owner.id, "Closed twin", "owner")
+    open_twin = scalar(db, new_twin, owner.id, "Open twin", "any_user")
+    other_twin = scalar(db, new_twin, other.id, "Other's twin", "owner")
     new_spec = "insert into public.persona_specs (twin_id, status, spec, published_at) " \
         "values (%s, %s, '{\"modules\": [\"evidence_answers\"]}', %s) returning id::text"
-    published_spec = _one(db, new_spec, twin, "published", "now")
-    draft_spec = _one(db, new_spec, twin, "draft", None)
-    module = _one(
+    published_spec = scalar(db, new_spec, twin, "published", "now")
+    draft_spec = scalar(db, new_spec, twin, "draft", None)
+    module = scalar(
         db,
         "insert into public.persona_modules (twin_id, module_key, intent_label) "
         "values (%s, 'evidence_answers', 'factual_with_evidence') returning id::text",
         twin,
     )
-    run = _one(
+    run = scalar(
         db,
         "insert into public.persona_feedback_learning_runs (twin_id, trigger) "
         "values (%s, 'schedule') returning id::text",
         twin,
     )
-    change = _one(
+    change = scalar(
         db,
         "insert into public.persona_module_changes (module_id, twin_id, run_id, confidence_before,"
         " confidence_after, status_before, status_after, success_weight, failure_weight)"
@@ -97,9 +94,9 @@ def world(db: psycopg.Connection, make_user: Callable[[str], User]) -> World:
     new_vote = "insert into public.persona_training_events (twin_id, trace_id, score, reason, " \
         "intent_label, created_by) values (%s, 'trace-1', %s, %s, 'factual_with_evidence', %s) " \
         "returning id"
-    owner_vote = _one(db, new_vote, twin, 1, "helpful", owner.id)
-    other_vote = _one(db, new_vote, open_twin, -1, "incorrect", other.id)
-    audit = _one(
+    owner_vote = scalar(db, new_vote, twin, 1, "helpful", owner.id)
+    other_vote = scalar(db, new_vote, open_twin, -1, "incorrect", other.id)
+    audit = scalar(
         db,
         "insert into public.persona_training_events (twin_id, source, trace_id, passed, "
         "intent_label, persona_spec_id) values (%s, 'persona_audit', 'trace-1', true, "
@@ -212,7 +209,7 @@ def snapshot(db: psycopg.Connection, w: World, name: str) -> tuple[int, list]:
         f"from public.{base} t where {table.scope(name)}",
         {"users": w.users, "twins": w.twins},
     ).fetchone()[0]  # type: ignore[index]
-    return _one(db, f"select count(*) from public.{base}"), rows
+    return scalar(db, f"select count(*) from public.{base}"), rows
 
 
 def snapshot_all(db: psycopg.Connection, w: World) -> dict[str, tuple[int, list]]:
@@ -568,7 +565,7 @@ def test_request_learning_run_is_refused_to_non_owners(
 
 def claim_run(db: psycopg.Connection, w: World) -> str:
     """Claims the world's queued run as a worker would; returns the lease token."""
-    return _one(
+    return scalar(
         db, "select lease_token::text from public.claim_learning_run('test-worker', 60, %s)", w.twin
     )
 
@@ -683,7 +680,7 @@ def run_row(db: psycopg.Connection, run_id: str) -> dict:
 
 
 def outbox_status(db: psycopg.Connection, event_id: int) -> str:
-    return _one(db, "select langfuse_status from public.persona_training_events where id = %s",
+    return scalar(db, "select langfuse_status from public.persona_training_events where id = %s",
                 event_id)
 
 
@@ -710,8 +707,8 @@ def test_service_claims_a_run(stack: Stack, db: psycopg.Connection, world: World
 
 def test_service_extends_a_lease(stack: Stack, db: psycopg.Connection, world: World) -> None:
     expires = service_rpc(stack, world, db, "extend_learning_run_lease")
-    assert _one(db, "select %s::timestamptz > now() + interval '800 seconds'", expires)
-    assert _one(db, "select lease_expires_at = %s::timestamptz from "
+    assert scalar(db, "select %s::timestamptz > now() + interval '800 seconds'", expires)
+    assert scalar(db, "select lease_expires_at = %s::timestamptz from "
                 "public.persona_feedback_learning_runs where id = %s", expires, world.run)
 
 
@@ -744,14 +741,14 @@ def test_service_fails_a_run(stack: Stack, db: psycopg.Connection, world: World)
 def test_service_releases_a_run(stack: Stack, db: psycopg.Connection, world: World) -> None:
     run = service_rpc(stack, world, db, "release_learning_run")
     assert (run["status"], run["attempts"]) == ("running", 0)
-    assert _one(db, "select lease_expires_at <= now() from public.persona_feedback_learning_runs "
+    assert scalar(db, "select lease_expires_at <= now() from public.persona_feedback_learning_runs "
                 "where id = %s", world.run)
 
 
 def test_service_claims_the_outbox(stack: Stack, db: psycopg.Connection, world: World) -> None:
     rows = service_rpc(stack, world, db, "claim_langfuse_outbox")
     assert sorted(r["event_id"] for r in rows) == [world.owner_vote, world.other_vote]
-    assert _one(db, "select bool_and(langfuse_next_attempt_at > now() + interval '200 seconds') "
+    assert scalar(db, "select bool_and(langfuse_next_attempt_at > now() + interval '200 seconds') "
                 "from public.persona_training_events where id = any(%s)",
                 [world.owner_vote, world.other_vote])
 
