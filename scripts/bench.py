@@ -858,11 +858,40 @@ def history_trials(
 # ----------------------------------------------------------------------------- case 4
 
 
+INGEST_DESIGNS_SQL = ROOT / "scripts" / "local" / "ingest_designs.sql"
+INGEST_DESIGNS = {
+    "bench_design_no_fks": "the table as it is, without its foreign keys",
+    "bench_design_lazy": "no insert trigger, supersede later, rules and consent in the policy",
+    "bench_design_lazy_no_fks": "the same without the foreign keys",
+}
+DROP_INGEST_DESIGNS = """
+drop table if exists public.bench_design_no_fks, public.bench_design_lazy,
+  public.bench_design_lazy_no_fks;
+drop function if exists private.bench_design_no_fks_prepare(),
+  private.bench_design_refuse(text, text), private.bench_design_refuse_twin(uuid);
+drop view if exists private.bench_design_twins;
+"""
+
+
 def case_ingest(env: Env, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
     """Case 4: new feedback votes through nginx → PostgREST into persona_training_events versus
-    the same requests into a bare table, in short rounds whose order alternates (bare first, then
-    events first), judged on the median of the rounds' paired ratios; the CPU time each process
-    of the stack spends per request; then wrk against nginx's no-op location."""
+    the same requests into a bare table, in short rounds whose order alternates, judged on the
+    median of the rounds' paired ratios; the CPU time each process of the stack spends per
+    request; then wrk against nginx's no-op location."""
+    return ingest(env, conn, sizes, designs=False)
+
+
+def case_ingest_designs(
+    env: Env, conn: psycopg.Connection, sizes: dict[str, int]
+) -> dict[str, Any]:
+    """Case 4 with other designs of the feedback table in the same rounds
+    (scripts/local/ingest_designs.sql): what each part of the write path costs. Run by hand."""
+    return ingest(env, conn, sizes, designs=True)
+
+
+def ingest(
+    env: Env, conn: psycopg.Connection, sizes: dict[str, int], designs: bool
+) -> dict[str, Any]:
     seconds, rounds = sizes["ingest_seconds"], sizes["ingest_rounds"]
     users = make_users(conn, INGEST_USERS, "ingest")
     twin = make_twin(conn, users[0], "bench: ingest", modules=MODULES)
@@ -872,24 +901,24 @@ def case_ingest(env: Env, conn: psycopg.Connection, sizes: dict[str, int]) -> di
         "module_key text, comment text, metadata jsonb)"
     )
     conn.execute("grant insert on public.bench_bare_feedback to authenticated")
+    if designs:
+        conn.execute(INGEST_DESIGNS_SQL.read_text())
     conn.execute("notify pgrst, 'reload schema'")
     wait_until_served(env, "bench_bare_feedback")
 
     rest = f"{env.url}/rest/v1"
     targets = {
-        "bare": (
-            f"{rest}/bench_bare_feedback",
-            "select count(*) from public.bench_bare_feedback",
-            (),
-        ),
+        "bare": (f"{rest}/bench_bare_feedback", "select count(*) from public.bench_bare_feedback"),
         "events": (
             f"{rest}/persona_training_events",
             "select count(*) from public.persona_training_events where twin_id = %s",
-            (twin["twin_id"],),
         ),
     }
+    for name in INGEST_DESIGNS if designs else ():
+        wait_until_served(env, name)
+        targets[name] = (f"{rest}/{name}", f"select count(*) from public.{name} where twin_id = %s")
     stack = StackProcesses.find(conn)
-    results: dict[str, list[dict[str, Any]]] = {"bare": [], "events": []}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     tmp = Path(tempfile.mkdtemp(prefix="pfl-bench-"))
     try:
         tokens = tmp / "tokens"
@@ -916,13 +945,14 @@ def case_ingest(env: Env, conn: psycopg.Connection, sizes: dict[str, int]) -> di
             return wrk(url, secs, tokens, twin["twin_id"], f"{RUN_TAG}-{tag}", env.anon_key)
 
         log("case 4: warm-up")
-        load(targets["events"][0], 2, "warm")
-        load(targets["bare"][0], 2, "warm")
+        for url, _ in targets.values():
+            load(url, 2, "warm")
         for r in range(rounds):
             # Rates drift on a shared machine (the floor moved 1,000 → 2,000/s in one run): each
-            # round pairs the two back to back, and the order alternates.
-            for name in ("bare", "events") if r % 2 == 0 else ("events", "bare"):
-                url, count_sql, params = targets[name]
+            # round runs every table back to back, and the order alternates.
+            for name in list(targets) if r % 2 == 0 else list(targets)[::-1]:
+                url, count_sql = targets[name]
+                params = () if name == "bare" else (twin["twin_id"],)
                 before, cpu_before = settled_count(conn, count_sql, params), stack.cpu_seconds()
                 doc = load(url, seconds, f"{name}{r}")
                 cpu_after = stack.cpu_seconds()
@@ -943,37 +973,45 @@ def case_ingest(env: Env, conn: psycopg.Connection, sizes: dict[str, int]) -> di
     finally:
         shutil.rmtree(tmp)
         conn.execute("drop table if exists public.bench_bare_feedback")
+        if designs:
+            conn.execute(DROP_INGEST_DESIGNS)
         conn.execute("notify pgrst, 'reload schema'")
-    round_ratios = [
-        e["rate"] / b["rate"] for e, b in zip(results["events"], results["bare"], strict=True)
-    ]
 
     def median_of(name: str, pick: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(pick(d) for d in results[name])
 
+    def summary(name: str) -> dict[str, Any]:
+        paired = [
+            d["rate"] / b["rate"] for d, b in zip(results[name], results["bare"], strict=True)
+        ]
+        return {
+            "ratio": round(statistics.median(paired), 3),
+            "round_ratios": [round(x, 3) for x in paired],
+            "rate": round(median_of(name, lambda d: d["rate"]), 1),
+            "latency_ms": {
+                k: median_of(name, lambda d, k=k: d["latency_us"][k]) / 1000 for k in ("p50", "p99")
+            },
+            "cpu_us": {
+                k: round(median_of(name, lambda d, k=k: d["cpu_us_per_request"][k]))
+                for k in StackProcesses.NAMES
+            },
+        }
+
+    events, bare = summary("events"), summary("bare")
     return {
         "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{seconds}s",
         "rounds": rounds,
         "users": INGEST_USERS,
-        "ratio": round(statistics.median(round_ratios), 3),
-        "round_ratios": [round(x, 3) for x in round_ratios],
-        "events_rate": round(median_of("events", lambda d: d["rate"]), 1),
-        "bare_rate": round(median_of("bare", lambda d: d["rate"]), 1),
+        "ratio": events["ratio"],
+        "round_ratios": events["round_ratios"],
+        "events_rate": events["rate"],
+        "bare_rate": bare["rate"],
         "noop_rate": round(noop["rate"], 1),
-        "events_latency_ms": {
-            k: median_of("events", lambda d, k=k: d["latency_us"][k]) / 1000 for k in ("p50", "p99")
-        },
-        "bare_latency_ms": {
-            k: median_of("bare", lambda d, k=k: d["latency_us"][k]) / 1000 for k in ("p50", "p99")
-        },
-        "events_cpu_us": {
-            k: round(median_of("events", lambda d, k=k: d["cpu_us_per_request"][k]))
-            for k in StackProcesses.NAMES
-        },
-        "bare_cpu_us": {
-            k: round(median_of("bare", lambda d, k=k: d["cpu_us_per_request"][k]))
-            for k in StackProcesses.NAMES
-        },
+        "events_latency_ms": events["latency_ms"],
+        "bare_latency_ms": bare["latency_ms"],
+        "events_cpu_us": events["cpu_us"],
+        "bare_cpu_us": bare["cpu_us"],
+        "designs": {name: summary(name) for name in targets if name.startswith("bench_design")},
         "runs": results,
     }
 
@@ -1349,7 +1387,7 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
                 )
         for name, check in hist["check"].items():
             rows.append(check_row(f"2 correctness, {name.replace('_', ' ')}", check))
-    if ingest := results.get("ingest"):
+    for ingest in filter(None, (results.get("ingest"), results.get("ingest_designs"))):
         lat, bare_lat = ingest["events_latency_ms"], ingest["bare_latency_ms"]
         rows.append(
             Row(
@@ -1384,6 +1422,19 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
                 judge(ratio, ">=", 5, quick),
             )
         )
+        for name, design in ingest["designs"].items():
+            rows.append(
+                Row(
+                    f"4 design: {INGEST_DESIGNS[name]}",
+                    f"{design['rate']:.0f}/s, CPU "
+                    + " + ".join(f"{design['cpu_us'][k]}" for k in StackProcesses.NAMES)
+                    + " µs",
+                    f"{ingest['bare_rate']:.0f}/s bare",
+                    design["ratio"],
+                    "(reported)",
+                    "-",
+                )
+            )
         rows.append(
             Row(
                 "4 correctness: answers, rows",
@@ -1466,6 +1517,8 @@ CASES: dict[str, Callable[[Env, psycopg.Connection, dict[str, int]], dict[str, A
     "outbox": case_outbox,
     "ingest": case_ingest,
 }
+# Run only when asked for (--cases ingest_designs): case 4 with three more tables, about 5 minutes.
+BY_HAND = {"ingest_designs": case_ingest_designs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1473,11 +1526,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke test (about 2 minutes)")
     parser.add_argument("--out", type=Path, help="JSON file (default bench-results/bench-….json)")
     parser.add_argument(
-        "--cases", default=",".join(CASES), help=f"a comma-separated subset of {','.join(CASES)}"
+        "--cases",
+        default=",".join(CASES),
+        help=f"a comma-separated subset of {','.join(CASES)}, or {','.join(BY_HAND)}",
     )
     args = parser.parse_args(argv)
     wanted = [c for c in args.cases.split(",") if c]
-    if unknown := set(wanted) - set(CASES):
+    if unknown := set(wanted) - set(CASES) - set(BY_HAND):
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     mode = "quick" if args.quick else "full"
     sizes = SIZES[mode]
@@ -1503,7 +1558,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name in wanted:
             try:
-                doc["results"][name] = CASES[name](env, conn, sizes)
+                doc["results"][name] = (CASES | BY_HAND)[name](env, conn, sizes)
             except CorrectnessError as exc:
                 failure = f"{name}: {exc}"
                 log(f"CORRECTNESS FAILURE in {failure}")
