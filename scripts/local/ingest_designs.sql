@@ -59,6 +59,10 @@ begin
   execute replace(replace(pg_get_functiondef('private.prepare_training_event()'::regprocedure),
                           'private.prepare_training_event', 'private.bench_design_no_fks_prepare'),
                   'update public.persona_training_events p', 'update public.bench_design_no_fks p');
+  if pg_get_functiondef('private.bench_design_no_fks_prepare()'::regprocedure)
+     not like '%update public.bench_design_no_fks p%' then
+    raise exception 'private.prepare_training_event changed: its supersede UPDATE was not retargeted';
+  end if;
   create trigger prepare before insert on public.bench_design_no_fks
     for each row execute function private.bench_design_no_fks_prepare();
   create policy "insert" on public.bench_design_no_fks for insert to authenticated
