@@ -10,16 +10,18 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from pydantic import ValidationError
 
 from worker import logs
 from worker.config import WorkerSettings
-from worker.langfuse_sender import LangfuseSender
-from worker.outbox import OutboxDrainer
 from worker.runner import Runner, poll_until_stopped
 from worker.store import Run, Store, StoreError
+
+if TYPE_CHECKING:
+    from worker.outbox import OutboxDrainer
 
 logger = logging.getLogger("worker")
 
@@ -105,6 +107,11 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
 
 
 def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
+    # Imported here: the Langfuse SDK is about a quarter of the worker's start-up, and
+    # `pfl run-once` (cron) does without it.
+    from worker.langfuse_sender import LangfuseSender
+    from worker.outbox import OutboxDrainer
+
     sender = None
     if settings.langfuse_configured:
         sender = LangfuseSender(
