@@ -864,13 +864,10 @@ INGEST_DESIGNS = {
     "bench_design_lazy": "no insert trigger, supersede later, rules and consent in the policy",
     "bench_design_lazy_no_fks": "the same without the foreign keys",
 }
-DROP_INGEST_DESIGNS = """
-drop table if exists public.bench_design_no_fks, public.bench_design_lazy,
-  public.bench_design_lazy_no_fks;
-drop function if exists private.bench_design_no_fks_prepare(),
-  private.bench_design_refuse(text, text), private.bench_design_refuse_twin(uuid);
-drop view if exists private.bench_design_twins;
-"""
+DROP_INGEST_DESIGNS = (
+    f"drop table if exists {', '.join(f'public.{name}' for name in INGEST_DESIGNS)}; "
+    "drop schema if exists bench_design cascade"
+)
 
 
 def case_ingest(env: Env, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
@@ -893,8 +890,9 @@ def ingest(
     env: Env, conn: psycopg.Connection, sizes: dict[str, int], designs: bool
 ) -> dict[str, Any]:
     seconds, rounds = sizes["ingest_seconds"], sizes["ingest_rounds"]
-    users = make_users(conn, INGEST_USERS, "ingest")
-    twin = make_twin(conn, users[0], "bench: ingest", modules=MODULES)
+    case = "ingest_designs" if designs else "ingest"
+    users = make_users(conn, INGEST_USERS, case)
+    twin = make_twin(conn, users[0], f"bench: {case}", modules=MODULES)
     conn.execute(
         "create table public.bench_bare_feedback (id bigint generated always as identity, "
         "twin_id uuid, trace_id text, score smallint, reason text, intent_label text, "
@@ -907,16 +905,26 @@ def ingest(
     wait_until_served(env, "bench_bare_feedback")
 
     rest = f"{env.url}/rest/v1"
+    of_twin = (twin["twin_id"],)
     targets = {
-        "bare": (f"{rest}/bench_bare_feedback", "select count(*) from public.bench_bare_feedback"),
+        "bare": (
+            f"{rest}/bench_bare_feedback",
+            "select count(*) from public.bench_bare_feedback",
+            (),
+        ),
         "events": (
             f"{rest}/persona_training_events",
             "select count(*) from public.persona_training_events where twin_id = %s",
+            of_twin,
         ),
     }
     for name in INGEST_DESIGNS if designs else ():
         wait_until_served(env, name)
-        targets[name] = (f"{rest}/{name}", f"select count(*) from public.{name} where twin_id = %s")
+        targets[name] = (
+            f"{rest}/{name}",
+            f"select count(*) from public.{name} where twin_id = %s",
+            of_twin,
+        )
     stack = StackProcesses.find(conn)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     tmp = Path(tempfile.mkdtemp(prefix="pfl-bench-"))
@@ -945,14 +953,13 @@ def ingest(
             return wrk(url, secs, tokens, twin["twin_id"], f"{RUN_TAG}-{tag}", env.anon_key)
 
         log("case 4: warm-up")
-        for url, _ in targets.values():
+        for url, _, _ in targets.values():
             load(url, 2, "warm")
         for r in range(rounds):
             # Rates drift on a shared machine (the floor moved 1,000 → 2,000/s in one run): each
             # round runs every table back to back, and the order alternates.
             for name in list(targets) if r % 2 == 0 else list(targets)[::-1]:
-                url, count_sql = targets[name]
-                params = () if name == "bare" else (twin["twin_id"],)
+                url, count_sql, params = targets[name]
                 before, cpu_before = settled_count(conn, count_sql, params), stack.cpu_seconds()
                 doc = load(url, seconds, f"{name}{r}")
                 cpu_after = stack.cpu_seconds()
@@ -1011,7 +1018,7 @@ def ingest(
         "bare_latency_ms": bare["latency_ms"],
         "events_cpu_us": events["cpu_us"],
         "bare_cpu_us": bare["cpu_us"],
-        "designs": {name: summary(name) for name in targets if name.startswith("bench_design")},
+        "designs": {name: summary(name) for name in targets if name in INGEST_DESIGNS},
         "runs": results,
     }
 
@@ -1054,22 +1061,23 @@ class StackProcesses:
         )
 
     def cpu_seconds(self) -> dict[str, float]:
-        def tree(pid: int) -> float:
-            own = proc_stat(pid)
-            ticks = own["utime"] + own["stime"] + own["cutime"] + own["cstime"]
-            for child in Path("/proc").iterdir():
-                if child.name.isdigit():
-                    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                        stat = proc_stat(int(child.name))
-                        if stat["ppid"] == pid:
-                            ticks += stat["utime"] + stat["stime"]
-            return ticks / CLK_TCK
-
+        """CPU seconds so far: a parent's own and reaped ticks plus its live children's, from one
+        pass over /proc."""
+        ticks = {self.postmaster: 0, self.nginx: 0}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    stat = proc_stat(int(entry.name))
+                    if stat["ppid"] in ticks:
+                        ticks[stat["ppid"]] += stat["utime"] + stat["stime"]
+        for parent in ticks:
+            own = proc_stat(parent)
+            ticks[parent] += own["utime"] + own["stime"] + own["cutime"] + own["cstime"]
         rest = proc_stat(self.postgrest)
         return {
-            "postgres": tree(self.postmaster),
+            "postgres": ticks[self.postmaster] / CLK_TCK,
             "postgrest": (rest["utime"] + rest["stime"]) / CLK_TCK,
-            "nginx": tree(self.nginx),
+            "nginx": ticks[self.nginx] / CLK_TCK,
         }
 
 

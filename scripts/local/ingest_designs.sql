@@ -1,6 +1,7 @@
 -- Other designs of the feedback table, measured beside persona_training_events by
 -- `scripts/bench --cases ingest_designs` (case 4 with more tables). Created on the bench stack and
--- dropped when the case ends; none of this is the product's schema. Run as the postgres superuser.
+-- dropped when the case ends (the three tables, and the schema bench_design that holds their
+-- helpers); none of this is the product's schema. Run as the postgres superuser.
 --
 --   bench_design_no_fks       persona_training_events as it is (its trigger retargeted, its
 --                             policies), without its foreign keys
@@ -12,10 +13,13 @@
 --                             keys as in the product
 --   bench_design_lazy_no_fks  bench_design_lazy without the foreign keys
 
-create view private.bench_design_twins as select id, owner_id, feedback_from from public.twins;
-grant select on private.bench_design_twins to authenticated;
+create schema bench_design;
+grant usage on schema bench_design to authenticated;
 
-create function private.bench_design_refuse(p_column text, p_rule text)
+create view bench_design.twins as select id, owner_id, feedback_from from public.twins;
+grant select on bench_design.twins to authenticated;
+
+create function bench_design.refuse(p_column text, p_rule text)
 returns boolean
 language plpgsql
 as $$
@@ -25,7 +29,7 @@ begin
 end;
 $$;
 
-create function private.bench_design_refuse_twin(p_twin_id uuid)
+create function bench_design.refuse_twin(p_twin_id uuid)
 returns boolean
 language plpgsql
 as $$
@@ -36,8 +40,8 @@ begin
 end;
 $$;
 
-grant execute on function private.bench_design_refuse(text, text),
-  private.bench_design_refuse_twin(uuid) to authenticated;
+grant execute on function bench_design.refuse(text, text),
+  bench_design.refuse_twin(uuid) to authenticated;
 
 do $$
 declare
@@ -57,14 +61,14 @@ begin
   end loop;
 
   execute replace(replace(pg_get_functiondef('private.prepare_training_event()'::regprocedure),
-                          'private.prepare_training_event', 'private.bench_design_no_fks_prepare'),
+                          'private.prepare_training_event', 'bench_design.no_fks_prepare'),
                   'update public.persona_training_events p', 'update public.bench_design_no_fks p');
-  if pg_get_functiondef('private.bench_design_no_fks_prepare()'::regprocedure)
+  if pg_get_functiondef('bench_design.no_fks_prepare()'::regprocedure)
      not like '%update public.bench_design_no_fks p%' then
     raise exception 'private.prepare_training_event changed: its supersede UPDATE was not retargeted';
   end if;
   create trigger prepare before insert on public.bench_design_no_fks
-    for each row execute function private.bench_design_no_fks_prepare();
+    for each row execute function bench_design.no_fks_prepare();
   create policy "insert" on public.bench_design_no_fks for insert to authenticated
     with check (source = 'user_feedback' and created_by = (select auth.uid()));
 
@@ -78,35 +82,32 @@ begin
       create policy "insert" on public.%I for insert to authenticated with check (
         source = 'user_feedback' and created_by = (select auth.uid())
         and (coalesce(char_length(trace_id) between 1 and 200, true)
-             or private.bench_design_refuse('trace_id', '1 to 200 characters'))
+             or bench_design.refuse('trace_id', '1 to 200 characters'))
         and (coalesce(char_length(intent_label) <= 64 and intent_label ~ '^[a-z][a-z0-9_]*$', true)
-             or private.bench_design_refuse('intent_label', 'a slug'))
+             or bench_design.refuse('intent_label', 'a slug'))
         and (coalesce(char_length(module_key) <= 64 and module_key ~ '^[a-z][a-z0-9_]*$', true)
-             or private.bench_design_refuse('module_key', 'a slug'))
+             or bench_design.refuse('module_key', 'a slug'))
         and (coalesce(score between -1 and 1, false)
-             or private.bench_design_refuse('score', '-1, 0 or 1'))
+             or bench_design.refuse('score', '-1, 0 or 1'))
         and (coalesce(reason in ('incorrect', 'unhelpful', 'off_persona', 'unsafe', 'outdated',
                                  'helpful', 'other'), true)
-             or private.bench_design_refuse('reason', 'one of the reasons'))
+             or bench_design.refuse('reason', 'one of the reasons'))
         and (coalesce(char_length(comment) <= 2000, true)
-             or private.bench_design_refuse('comment', 'at most 2000 characters'))
+             or bench_design.refuse('comment', 'at most 2000 characters'))
         and (coalesce(jsonb_typeof(metadata) = 'object' and octet_length(metadata::text) <= 4096,
                       true)
-             or private.bench_design_refuse('metadata', 'a JSON object of at most 4096 bytes'))
-        and (exists (select 1 from private.bench_design_twins t
+             or bench_design.refuse('metadata', 'a JSON object of at most 4096 bytes'))
+        and (exists (select 1 from bench_design.twins t
                      where t.id = twin_id
                        and (t.feedback_from = 'any_user' or t.owner_id = created_by))
-             or private.bench_design_refuse_twin(twin_id))
+             or bench_design.refuse_twin(twin_id))
       )$policy$, v_table);
   end loop;
 
-  foreach v_table in array array['bench_design_lazy'] loop
-    execute format('alter table public.%I '
-                   'add foreign key (twin_id) references public.twins (id) on delete cascade, '
-                   'add foreign key (created_by) references auth.users (id) on delete cascade, '
-                   'add foreign key (twin_id, persona_spec_id) '
-                   'references public.persona_specs (twin_id, id) on delete set null (persona_spec_id)',
-                   v_table);
-  end loop;
+  alter table public.bench_design_lazy
+    add foreign key (twin_id) references public.twins (id) on delete cascade,
+    add foreign key (created_by) references auth.users (id) on delete cascade,
+    add foreign key (twin_id, persona_spec_id)
+      references public.persona_specs (twin_id, id) on delete set null (persona_spec_id);
 end;
 $$;
