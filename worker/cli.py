@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from worker.outbox import OutboxDrainer
 
 logger = logging.getLogger("worker")
+
+Handler = Callable[[argparse.Namespace, WorkerSettings, Store], int]
+"""A subcommand: its arguments, the settings and the store in; the exit status out."""
 
 
 def summarize(run: Run) -> str:
@@ -219,13 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = WorkerSettings()  # type: ignore[call-arg]  # filled from the environment
+        settings = WorkerSettings()  # filled from the environment
     except ValidationError as exc:
         print(f"pfl: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.pfl_log_format)
+    handler: Handler = args.handler
     try:
-        return args.handler(args, settings, Store.connect(settings))
+        return handler(args, settings, Store.connect(settings))
     except StoreError as exc:
         print(f"pfl: {exc} (code {exc.code})", file=sys.stderr)
         return 1

@@ -37,7 +37,9 @@ def decay_factor(since: datetime, until: datetime, half_life_days: float) -> flo
     if half_life_days <= 0:
         raise ValueError(f"half_life_days must be > 0, got {half_life_days}")
     age_days = max(0.0, (until - since).total_seconds() / SECONDS_PER_DAY)
-    return 0.5 ** (age_days / half_life_days)
+    # Annotated: typeshed types float ** float as Any (a negative base gives a complex number).
+    factor: float = 0.5 ** (age_days / half_life_days)
+    return factor
 
 
 def beta_mean(success: float, failure: float) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
-from worker.store import OutboxRow, Store
+from worker.store import DeliveryRecord, OutboxRow, Store
 
 logger = logging.getLogger(__name__)
 
@@ -88,5 +88,5 @@ class OutboxDrainer:
         return total
 
 
-def _as_record(d: Delivery) -> dict[str, object]:
+def _as_record(d: Delivery) -> DeliveryRecord:
     return {"event_id": int(d.item_id), "outcome": d.outcome.value, "error": d.error}

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from worker.gate import evaluate_gate
 from worker.learning import learn
-from worker.models import GateInput, GateReport, PublishDecision
+from worker.models import GateInput, PublishDecision, RunDecision
 from worker.store import (
     BatchChangedError,
     Run,
@@ -25,8 +25,13 @@ from worker.store import (
 logger = logging.getLogger(__name__)
 
 
-def decide(batch: RunBatch, *, safe_mode: bool) -> tuple[dict[str, Any], GateReport]:
-    """The pure part of a run: module updates and the gate's decision, as the RPC payload."""
+def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
+    """The pure part of a run: learn from the batch, gate the draft, and decide.
+
+    Takes the batch `claim_learning_run_events` aggregated and whether the run is in safe mode
+    (never publishes); returns the run's decision for `Store.complete_run`. Raises ValueError
+    when the batch's evidence names a module the batch does not list.
+    """
     evidence = {e.module_id: e for e in batch.evidence}
     updates = learn(batch.modules, evidence, batch.learning_time, batch.settings)
     report = evaluate_gate(
@@ -41,23 +46,18 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> tuple[dict[str, Any], GateRep
         batch.settings,
     )
     publish = report.publish_decision is PublishDecision.published
-    payload = {
-        "module_updates": [
-            {
-                "module_id": str(u.module_id),
-                "success": u.success,
-                "failure": u.failure,
-                "confidence": u.confidence,
-                "status": u.status.value,
-            }
-            for u in updates
-        ],
-        "gate_passed": report.passed,
-        "gate_report": report.to_json(),
-        "publish_spec_id": str(report.draft_spec_id) if publish else None,
-        "hold_reason": None if report.hold_reason is None else report.hold_reason.value,
-    }
-    return payload, report
+    return RunDecision(
+        events_scanned=batch.events_scanned,
+        events_processed=batch.events_scanned,
+        events_unmatched=batch.events_unmatched,
+        modules_updated=sum(u.changed for u in updates),
+        module_updates=updates,
+        gate_passed=report.passed,
+        gate_report=report,
+        publish_decision=report.publish_decision,
+        hold_reason=report.hold_reason,
+        publish_spec_id=report.draft_spec_id if publish else None,
+    )
 
 
 class Runner:
@@ -75,10 +75,10 @@ class Runner:
         started = time.monotonic()
         try:
             batch = self.store.claim_events(run)
-            payload, report = decide(batch, safe_mode=run.safe_mode)
+            decision = decide(batch, safe_mode=run.safe_mode)
             if time.monotonic() - started > self.lease_seconds / 2:
                 self.store.extend_lease(run, self.lease_seconds)
-            done = self.store.complete_run(run, payload)
+            done = self.store.complete_run(run, decision)
         except StaleLeaseError as exc:
             logger.warning(
                 "run lease lost; its work was discarded", extra={**log, "error": str(exc)}
@@ -100,7 +100,7 @@ class Runner:
                 "modules_updated": done.modules_updated,
                 "gate_passed": done.gate_passed,
                 "publish_decision": done.publish_decision,
-                "hold_reason": report.hold_reason,
+                "hold_reason": decision.hold_reason,
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
