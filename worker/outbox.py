@@ -22,6 +22,9 @@ DEFAULT_VISIBILITY_SECONDS = 120
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
+    """The Langfuse score of one claimed feedback row (the mapping above); `item_id` is the
+    event id, which keys its delivery. Raises ValidationError for a row Langfuse cannot take
+    (e.g. metadata that is not plain JSON)."""
     return ScoreItem(
         item_id=str(row.event_id),
         score_id=score_id_for(row.twin_id, row.trace_id, row.created_by),
@@ -43,7 +46,12 @@ def score_item(row: OutboxRow) -> ScoreItem:
 
 
 class OutboxDrainer:
-    """One drain pass sends at most `batch_size` rows; `sender` None means not configured."""
+    """Moves due feedback rows from the outbox to Langfuse, one batch per pass.
+
+    One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
+    (rows are marked skipped). A score fails for good after `max_attempts` deliveries; claimed
+    rows stay hidden from other workers for `visibility_seconds`. The store's errors propagate.
+    """
 
     def __init__(
         self,
@@ -89,4 +97,5 @@ class OutboxDrainer:
 
 
 def _as_record(d: Delivery) -> DeliveryRecord:
+    """A delivery as record_langfuse_deliveries reads it."""
     return {"event_id": int(d.item_id), "outcome": d.outcome.value, "error": d.error}

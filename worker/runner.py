@@ -1,4 +1,8 @@
-"""Executes learning runs: claim -> learn (pure) -> gate (pure) -> complete, one RPC each step."""
+"""Executes learning runs: claim -> learn (pure) -> gate (pure) -> complete, one RPC each step.
+
+`decide` is the pure middle: it turns a claimed batch into the run's `RunDecision`, which the
+store writes with one RPC.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +65,11 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
 
 
 class Runner:
-    """Claims and executes runs for one worker identity."""
+    """Claims and executes runs for one worker identity.
+
+    `worker_id` names the worker on the runs it holds; `lease_seconds` is how long a claimed run
+    stays ours (renewed once a run has taken half of it).
+    """
 
     def __init__(self, store: Store, worker_id: str, lease_seconds: int) -> None:
         self.store = store
@@ -69,7 +77,13 @@ class Runner:
         self.lease_seconds = lease_seconds
 
     def process(self, run: Run) -> Run:
-        """Execute one claimed run to its end; returns the run's row afterwards."""
+        """Execute one claimed run to its end; returns the run's row afterwards.
+
+        A failed attempt does not raise: a lost lease discards the work (another worker has the
+        run), a store error or a crash is recorded on the run (retryable, except a refusal by
+        the database), and the returned row says so. Raises StoreError only when, after a lost
+        lease, reading the run back fails.
+        """
         log = {"run_id": str(run.id), "twin_id": str(run.twin_id), "attempt": run.attempts}
         logger.info("run claimed", extra=log)
         started = time.monotonic()
@@ -123,6 +137,8 @@ class Runner:
 
         With `request`, an operator's run is queued for `twin_id` even without new evidence,
         in safe mode or not as `safe_mode` says (None: the twin's auto_publish setting).
+        Returns the runs it executed, in order, as their rows say afterwards. Raises ValueError
+        for `request` without a twin, and the store's errors when queuing or claiming fails.
         """
         if request:
             if twin_id is None:
@@ -143,7 +159,10 @@ class Runner:
             progress = done.status == "completed" and (done.events_scanned or 0) > 0
 
     def step(self) -> bool:
-        """One poll: queue what is due and execute one run if there is one; True if it did."""
+        """One poll: queue what is due and execute one run if there is one; True if it did.
+
+        Raises the store's errors when queuing or claiming fails (`poll_until_stopped` logs them).
+        """
         self.store.enqueue_due_runs()
         run = self.store.claim_run(self.worker_id, self.lease_seconds)
         if run is None:
@@ -155,9 +174,13 @@ class Runner:
 def poll_until_stopped(
     name: str, step: Callable[[], bool], stop: threading.Event, min_wait: float, max_wait: float
 ) -> None:
-    """Calls `step` until `stop` is set. After a busy step it polls again at once; while idle
-    the wait doubles from `min_wait` up to `max_wait`. A step in progress when `stop` is set
-    finishes first; errors are logged and count as idle, so an outage slows polling down."""
+    """Calls `step` until `stop` is set; `name` names the poller in logs.
+
+    `step` returns True when it found work. After a busy step it polls again at once; while idle
+    the wait doubles from `min_wait` up to `max_wait` (seconds). A step in progress when `stop`
+    is set finishes first; a StoreError is logged and counts as idle, so an outage slows polling
+    down. Any other exception from `step` propagates.
+    """
     wait = min_wait
     logger.info("poller started", extra={"poller": name})
     while not stop.is_set():

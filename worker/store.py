@@ -193,9 +193,10 @@ def completion_payload(decision: RunDecision) -> CompletionPayload:
 
 
 def make_client(url: str, api_key: str, *, bearer: str | None = None, timeout: float) -> Client:
-    """A sync Supabase client: the API key, optionally a user's JWT, one timeout for every
-    request (given to the HTTP client: supabase-py truncates a float timeout to whole seconds)
-    and no retries of the client's own (the store retries, with one policy for every call)."""
+    """A sync Supabase client for the project at `url`: the API key, optionally a user's JWT
+    (`bearer`), one timeout in seconds for every request (given to the HTTP client: supabase-py
+    truncates a float timeout to whole seconds) and no retries of the client's own (the store
+    retries, with one policy for every call)."""
     return create_client(
         url,
         api_key,
@@ -243,7 +244,8 @@ class Store:
     Every method is one call (one transaction for an RPC), tried up to `attempts` times on
     transient errors. Each raises `StaleLeaseError` when the run's lease is no longer ours,
     `BatchChangedError` when the batch moved under the run, `TransientStoreError` when the API
-    stayed unreachable, and `StoreError` for anything else the database refused.
+    stayed unreachable, and `StoreError` for anything else the database refused. A run's own
+    calls raise ValueError for a run this worker does not hold (no lease token).
     """
 
     def __init__(self, client: Client, attempts: int = 4) -> None:
@@ -258,7 +260,7 @@ class Store:
         return cls(client, attempts=settings.pfl_store_attempts)
 
     def close(self) -> None:
-        """Closes the HTTP connections."""
+        """Closes the HTTP connections; the store is not used afterwards."""
         self._client.postgrest.session.close()
 
     def _call(self, what: str, request: Callable[[], _T]) -> _T:
