@@ -388,7 +388,7 @@ def _request(item: ScoreItem) -> CreateScoreRequest:
     )
 
 
-def _wire(item: ScoreItem) -> dict[str, Any]:
+def _wire(item: ScoreItem) -> dict[str, object]:
     """The JSON object of one score, as sent (used to size requests)."""
     return {
         "id": item.score_id,

@@ -281,10 +281,10 @@ class RunDecision(_Frozen):
     gate_passed: bool
     gate_report: GateReport
     publish_decision: PublishDecision
-    hold_reason: HoldReason | None
     publish_spec_id: UUID | None = Field(
         description="The draft spec the run publishes; None when it holds."
     )
+    hold_reason: HoldReason | None
 
     @model_validator(mode="after")
     def _figures_agree(self) -> Self:

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from uuid import UUID
 
 from worker.gate import evaluate_gate
@@ -59,8 +58,8 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
         gate_passed=report.passed,
         gate_report=report,
         publish_decision=report.publish_decision,
-        hold_reason=report.hold_reason,
         publish_spec_id=report.draft_spec_id if publish else None,
+        hold_reason=report.hold_reason,
     )
 
 
@@ -120,7 +119,7 @@ class Runner:
         )
         return done
 
-    def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, Any]) -> Run:
+    def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, object]) -> Run:
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("run attempt failed", extra={**log, "error": error, "retryable": retryable})
         try:

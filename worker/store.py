@@ -284,7 +284,7 @@ class Store:
         )
         return retrying(once)
 
-    def _rpc(self, name: str, params: dict[str, Any]) -> JSON:
+    def _rpc(self, name: str, params: dict[str, object]) -> JSON:
         """Calls the SQL function `name`; returns its JSON result (a row, a scalar, or an array
         for a `setof` function)."""
         return self._call(name, lambda: self._client.rpc(name, params).execute().data)
