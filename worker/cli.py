@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from worker.outbox import OutboxDrainer
 
 logger = logging.getLogger("worker")
+
+Handler = Callable[[argparse.Namespace, WorkerSettings, Store], int]
+"""A subcommand: its arguments, the settings and the store in; the exit status out."""
 
 
 def summarize(run: Run) -> str:
@@ -62,6 +65,7 @@ def _fig(value: object) -> str:
 
 
 def runs_table(runs: Sequence[Run]) -> str:
+    """The runs as an aligned text table, one line each after a header (`pfl runs`)."""
     header = ("created", "run", "status", "scanned", "processed", "modules", "gate", "decision")
     rows = [header]
     for r in runs:
@@ -84,6 +88,8 @@ def runs_table(runs: Sequence[Run]) -> str:
 
 
 def write_artifact(path: Path, runs: Sequence[Run]) -> None:
+    """Writes the runs' rows as JSON to `path` (one object for one run, else an array),
+    creating its folder. Raises OSError when the file cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = [r.model_dump(mode="json") for r in runs]
     path.write_text(json.dumps(doc[0] if len(doc) == 1 else doc, indent=2) + "\n")
@@ -107,6 +113,8 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
 
 
 def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
+    """The outbox drainer the settings describe (with no sender when Langfuse is not
+    configured)."""
     # Imported here: the Langfuse SDK is about a quarter of the worker's start-up, and
     # `pfl run-once` (cron) does without it.
     from worker.langfuse_sender import LangfuseSender
@@ -177,6 +185,7 @@ def _cmd_runs(args: argparse.Namespace, settings: WorkerSettings, store: Store) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`pfl`'s arguments; each subcommand sets `handler` to its `Handler`."""
     parser = argparse.ArgumentParser(prog="pfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -217,15 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `pfl` with `argv` (default: the process's); returns the exit status: 0 done, 1 a
+    run failed or the store refused a call, 2 invalid settings (argparse exits 2 itself on bad
+    arguments)."""
     args = build_parser().parse_args(argv)
     try:
-        settings = WorkerSettings()  # type: ignore[call-arg]  # filled from the environment
+        settings = WorkerSettings()  # filled from the environment
     except ValidationError as exc:
         print(f"pfl: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.pfl_log_format)
+    handler: Handler = args.handler
     try:
-        return args.handler(args, settings, Store.connect(settings))
+        return handler(args, settings, Store.connect(settings))
     except StoreError as exc:
         print(f"pfl: {exc} (code {exc.code})", file=sys.stderr)
         return 1

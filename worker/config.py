@@ -12,7 +12,11 @@ def _default_worker_id() -> str:
 
 
 class WorkerSettings(BaseSettings):
-    """Everything the worker needs to know; each knob is documented where it is defined."""
+    """Everything the worker needs to know; each knob is documented where it is defined.
+
+    Read from the environment (upper-case names, e.g. PFL_LEASE_SECONDS) or `.env`. Building it
+    raises pydantic's ValidationError naming each missing or out-of-range setting.
+    """
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
@@ -82,4 +86,5 @@ class WorkerSettings(BaseSettings):
 
     @property
     def langfuse_configured(self) -> bool:
+        """Whether Langfuse's host and both keys are set (else feedback stays local)."""
         return bool(self.langfuse_host and self.langfuse_public_key and self.langfuse_secret_key)

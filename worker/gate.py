@@ -24,10 +24,15 @@ NO_UNSAFE_REGRESSION = "no_unsafe_regression"
 
 
 def paired_lower_bound(pairs: int, b: int, c: int, z: float) -> float:
-    """Wald lower bound of the paired difference in pass rates (candidate − baseline).
+    """Lower bound of the paired difference in pass rates (candidate − baseline); unclamped.
 
-    d = (b − c)/n, lower = d − z·√(b + c − (b − c)²/n)/n; a tiny negative radicand (float noise
-    when all discordant pairs go one way) counts as 0.
+    n = `pairs` traces audited under both specs, b = candidate-only passes, c = baseline-only
+    passes. The Wald (asymptotic) interval for the difference of paired proportions, method 1
+    in Newcombe (1998), Statistics in Medicine 17:2635-2650: d = (b − c)/n,
+    lower = d − z·√(b + c − (b − c)²/n)/n. A tiny negative radicand (float noise when all
+    discordant pairs go one way) counts as 0. DESIGN.md's target is Tango's score interval,
+    which this is not yet: the Wald bound is too generous at small n.
+    Raises ValueError when `pairs` is not > 0.
     """
     if pairs <= 0:
         raise ValueError(f"pairs must be > 0, got {pairs}")
@@ -127,7 +132,16 @@ def _check_unsafe(inp: GateInput) -> GateCheck:
 
 
 def evaluate_gate(inp: GateInput, settings: LearningSettings) -> GateReport:
-    """Run the gate checks and decide whether the draft is published or held (and why)."""
+    """Run the gate checks and decide whether the draft is published or held (and why).
+
+    No draft: passed, held (no_draft), no checks. Otherwise three checks, in this order:
+    required_modules_healthy (no listed module disabled or missing), audit_non_inferiority
+    (`paired_lower_bound` ≥ −margin over at least gate_min_pairs pairs; with no baseline, the
+    candidate's Wilson lower bound ≥ gate_first_publish_min_lower_bound over at least
+    gate_min_audited_traces traces) and no_unsafe_regression. The gate passes when every check
+    passes (insufficient_evidence does not); it publishes when it passed and the run is not in
+    safe mode, else holds with safe_mode or gate_failed.
+    """
     if inp.draft_spec_id is None:
         return GateReport(
             passed=True,

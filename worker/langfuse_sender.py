@@ -186,6 +186,9 @@ class LangfuseSender:
 
     A sender keeps no state between sends besides its (thread-safe) connection pool. Close it,
     or use it as a context manager, to release its connections.
+
+    Raises ValueError for a host that is not an http(s) URL, an empty key, a timeout that is not
+    a positive number of seconds, a batch_size below 1 or a max_request_bytes below 1024.
     """
 
     def __init__(
@@ -385,7 +388,7 @@ def _request(item: ScoreItem) -> CreateScoreRequest:
     )
 
 
-def _wire(item: ScoreItem) -> dict[str, Any]:
+def _wire(item: ScoreItem) -> dict[str, object]:
     """The JSON object of one score, as sent (used to size requests)."""
     return {
         "id": item.score_id,

@@ -29,24 +29,38 @@ UNSAFE_REASON = "unsafe"
 
 
 def decay_factor(since: datetime, until: datetime, half_life_days: float) -> float:
-    """2^(−(until − since)/H), H in days.
+    """The share of its weight that evidence cast at `since` keeps at `until`: 2^(−age/H) ≤ 1.
 
-    An `until` earlier than `since` counts as age 0 (factor 1): timestamps come from the database
+    The age is `until − since` in days (aware datetimes), H = `half_life_days` (days). An
+    `until` earlier than `since` counts as age 0 (factor 1): timestamps come from the database
     and the caller's clock, and a little skew between them must not make evidence grow.
+    Raises ValueError when `half_life_days` is not > 0.
     """
     if half_life_days <= 0:
         raise ValueError(f"half_life_days must be > 0, got {half_life_days}")
     age_days = max(0.0, (until - since).total_seconds() / SECONDS_PER_DAY)
-    return 0.5 ** (age_days / half_life_days)
+    # Annotated: typeshed types float ** float as Any (a negative base gives a complex number).
+    factor: float = 0.5 ** (age_days / half_life_days)
+    return factor
 
 
 def beta_mean(success: float, failure: float) -> float:
-    """Posterior mean of the success rate under a Beta(1, 1) prior."""
+    """Posterior mean of the success rate under a uniform Beta(1, 1) prior, in (0, 1).
+
+    (s + 1) / (s + f + 2) for weighted counts s, f ≥ 0 (Laplace's rule of succession): the
+    Beta(1 + s, 1 + f) posterior's mean. No evidence gives 0.5.
+    """
     return (success + 1.0) / (success + failure + 2.0)
 
 
 def wilson_bounds(success: float, failure: float, z: float) -> tuple[float, float]:
-    """Wilson score interval of p = s/n for real-valued (weighted) counts; n = 0 -> (0, 1)."""
+    """(lower, upper) of the Wilson score interval of p = s/n, n = s + f, clamped to [0, 1].
+
+    Wilson, E. B. (1927), "Probable inference, the law of succession, and statistical
+    inference", JASA 22:209-212: (p + z²/(2n) ± z·√(p(1 − p)/n + z²/(4n²))) / (1 + z²/n). Here
+    applied to real-valued (weighted, decayed) counts; z = 1.96 gives a 95% interval. n = 0
+    gives (0, 1). Raises ValueError for a negative count.
+    """
     if success < 0 or failure < 0:
         raise ValueError(f"counts must be >= 0, got success={success}, failure={failure}")
     n = success + failure
@@ -65,10 +79,12 @@ def wilson_bounds(success: float, failure: float, z: float) -> tuple[float, floa
 def classify(
     success: float, failure: float, previous: ModuleStatus, settings: LearningSettings
 ) -> ModuleStatus:
-    """Status from the Wilson bounds; the first matching rule wins.
+    """A module's status from its weighted counts and its status before; the first rule wins.
 
-    An active module stays active down to keep_active_lower_bound (hysteresis), so a module near
-    the activation bound does not flap between runs.
+    insufficient_data while s + f < min_evidence; disabled when the Wilson upper bound is below
+    disable_upper_bound; active when the lower bound reaches activate_lower_bound, or when the
+    module was active and its lower bound still reaches keep_active_lower_bound (hysteresis,
+    so a module near the activation bound does not flap between runs); else probation.
     """
     if success + failure < settings.min_evidence:
         return ModuleStatus.insufficient_data
@@ -85,10 +101,11 @@ def classify(
 def event_contribution(
     event: EvidenceEvent, at: datetime, settings: LearningSettings
 ) -> tuple[float, float]:
-    """(success, failure) weight of one event, decayed to `at`.
+    """(success, failure) weight of one event, decayed from its cast time to `at`.
 
-    Feedback score 0 is neutral: (0, 0). A failure with reason `unsafe` weighs unsafe_multiplier
-    times as much; an unsafe reason on a success changes nothing.
+    One side is 0. Feedback weighs feedback_weight, an audit audit_weight; feedback score 0 is
+    neutral: (0, 0). A failure with reason `unsafe` weighs unsafe_multiplier times as much; an
+    unsafe reason on a success changes nothing.
     """
     if event.source == "user_feedback":
         weight = settings.feedback_weight
@@ -109,7 +126,7 @@ def event_contribution(
 def evidence_from_scratch(
     events: Iterable[EvidenceEvent], at: datetime, settings: LearningSettings
 ) -> tuple[float, float]:
-    """Decayed (success, failure) sums over `events` at `at`.
+    """Decayed (success, failure) sums over `events` at `at` (`event_contribution` each).
 
     The oracle incremental learning must equal when `events` are the current votes and audits.
     """
@@ -133,8 +150,12 @@ def learn(
 ) -> tuple[ModuleUpdate, ...]:
     """One update per module, in the given order, with counts decayed to `at`.
 
-    Every module is updated, with or without new evidence: decay alone moves confidence toward 0.5
-    and may change status. Evidence for a module not in `modules` is a caller bug and raises.
+    Takes the modules as stored, this run's evidence by module id (already decayed to `at`,
+    possibly negative for a retracted vote) and the run's time. Each module's counts are decayed
+    from its `evidence_at` to `at`, the evidence added, float noise below COUNT_NOISE cleared;
+    confidence is `beta_mean`, status `classify`. Every module is updated, with or without new
+    evidence: decay alone moves confidence toward 0.5 and may change status.
+    Raises ValueError for duplicate module ids or evidence naming a module not in `modules`.
     """
     known = {module.module_id for module in modules}
     if len(known) != len(modules):

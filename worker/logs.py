@@ -14,6 +14,9 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, event, the record's
+    `extra=` fields and, with an exception, exc."""
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -28,6 +31,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """`HH:MM:SS LEVEL event key=value ...`, with the traceback on the lines after."""
+
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
         text = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()}"
@@ -39,6 +44,8 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(fmt: str = "text", level: int = logging.INFO) -> None:
+    """Sends every log record to stderr as `fmt` ("json", else text) from `level` up,
+    replacing the root logger's handlers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -1,17 +1,21 @@
 """Frozen value models shared by the pure learning and gate logic and the store.
 
-Nothing here does I/O: the store builds these from rows and the runner hands the decisions
-(module updates, gate report) back to the store.
+Nothing here does I/O: the store builds the inputs from rows; learning returns module updates,
+the gate a report, and the runner folds both into one `RunDecision` that the store writes.
+Every model validates on construction and raises pydantic's `ValidationError` when a value or
+a rule stated on it does not hold.
 """
 
 from enum import StrEnum
-from typing import Any, Literal, Self
+from typing import Literal, Self
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
+    """Immutable once built; equal when their fields are."""
+
     model_config = ConfigDict(frozen=True)
 
 
@@ -86,7 +90,10 @@ class LearningSettings(_Frozen):
 
 
 class EvidenceEvent(_Frozen):
-    """One vote or audit as the learning sees it."""
+    """One vote or audit as the learning sees it.
+
+    Feedback carries a score and no `passed`; an audit the reverse (checked on construction).
+    """
 
     source: Literal["user_feedback", "persona_audit"]
     score: int | None = Field(None, ge=-1, le=1, description="Feedback only: -1, 0 or 1.")
@@ -105,7 +112,7 @@ class EvidenceEvent(_Frozen):
 
 
 class ModuleState(_Frozen):
-    """A module as stored before this run."""
+    """A module as stored before this run: its decayed counts, confidence and status."""
 
     module_id: UUID
     module_key: str
@@ -131,7 +138,10 @@ class ModuleEvidence(_Frozen):
 
 
 class ModuleUpdate(_Frozen):
-    """What a run writes for one module, with the before values for the change history."""
+    """What a run writes for one module, with the before values for the change history.
+
+    Counts are weighted and decayed to `evidence_at` (the run's learning time).
+    """
 
     module_id: UUID
     module_key: str
@@ -154,6 +164,9 @@ class CheckVerdict(StrEnum):
 
 
 class GateCheck(_Frozen):
+    """One check of the gate as the run's gate_report shows it: `value` against `threshold`
+    (None where there was nothing to measure), the verdict, and a sentence for owners."""
+
     name: str
     value: float | None
     threshold: float | None
@@ -162,11 +175,15 @@ class GateCheck(_Frozen):
 
 
 class PublishDecision(StrEnum):
+    """Whether a run publishes the latest draft spec."""
+
     published = "published"
     held = "held"
 
 
 class HoldReason(StrEnum):
+    """Why a run held (did not publish): first no draft, then safe mode, then a failed gate."""
+
     no_draft = "no_draft"
     safe_mode = "safe_mode"
     gate_failed = "gate_failed"
@@ -202,6 +219,9 @@ class AuditComparison(_Frozen):
 
 
 class GateInput(_Frozen):
+    """What the gate weighs: the two specs, the draft's modules and their status after this
+    run's learning, the audit comparison, and whether the run may publish at all."""
+
     draft_spec_id: UUID | None
     baseline_spec_id: UUID | None
     draft_modules: tuple[str, ...] = Field(
@@ -215,6 +235,12 @@ class GateInput(_Frozen):
 
 
 class GateReport(_Frozen):
+    """The gate's decision: whether it passed, publish or hold (with the reason), and every check.
+
+    A held decision has a hold_reason and a published one none (checked on construction). It is
+    stored whole, as JSON, in the run's gate_report column.
+    """
+
     passed: bool
     publish_decision: PublishDecision
     hold_reason: HoldReason | None
@@ -229,6 +255,53 @@ class GateReport(_Frozen):
             raise ValueError("a held decision needs a hold_reason, a published one none")
         return self
 
-    def to_json(self) -> dict[str, Any]:
-        """The report as JSON-ready data (for the run's gate_report jsonb column)."""
-        return self.model_dump(mode="json")
+
+class RunDecision(_Frozen):
+    """Everything one run decided, as the store writes it when it completes the run.
+
+    The runner builds it from the claimed batch's figures, learning's module updates and the
+    gate's report; the store alone turns it into the completion RPC's payload. The flat gate and
+    publish fields repeat the report's, as the run row keeps them; the rules below (those the
+    completion RPC enforces too) are checked on construction.
+    """
+
+    events_scanned: int = Field(ge=0, description="Events in the run's batch.")
+    events_processed: int = Field(
+        ge=0, description="Events the run marks processed: its whole batch."
+    )
+    events_unmatched: int = Field(
+        ge=0, description="Events of the batch that matched no module (processed all the same)."
+    )
+    modules_updated: int = Field(
+        ge=0, description="Module updates whose confidence or status changed."
+    )
+    module_updates: tuple[ModuleUpdate, ...] = Field(
+        description="One per module of the twin, with or without new evidence."
+    )
+    gate_passed: bool
+    gate_report: GateReport
+    publish_decision: PublishDecision
+    publish_spec_id: UUID | None = Field(
+        description="The draft spec the run publishes; None when it holds."
+    )
+    hold_reason: HoldReason | None
+
+    @model_validator(mode="after")
+    def _figures_agree(self) -> Self:
+        report = self.gate_report
+        if self.events_processed != self.events_scanned:
+            raise ValueError("a run processes its whole batch: events_processed != events_scanned")
+        if self.modules_updated != sum(u.changed for u in self.module_updates):
+            raise ValueError("modules_updated must count the changed module updates")
+        if (self.gate_passed, self.publish_decision, self.hold_reason) != (
+            report.passed,
+            report.publish_decision,
+            report.hold_reason,
+        ):
+            raise ValueError("gate_passed, publish_decision and hold_reason must match the report")
+        published = self.publish_decision is PublishDecision.published
+        if published and not self.gate_passed:
+            raise ValueError("only a passed gate publishes")
+        if self.publish_spec_id != (report.draft_spec_id if published else None):
+            raise ValueError("publish_spec_id is the report's draft when published, else None")
+        return self

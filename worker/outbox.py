@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
-from worker.store import OutboxRow, Store
+from worker.store import DeliveryRecord, OutboxRow, Store
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,9 @@ DEFAULT_VISIBILITY_SECONDS = 120
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
+    """The Langfuse score of one claimed feedback row (the mapping above); `item_id` is the
+    event id, which keys its delivery. Raises ValidationError for a row Langfuse cannot take
+    (e.g. metadata that is not plain JSON)."""
     return ScoreItem(
         item_id=str(row.event_id),
         score_id=score_id_for(row.twin_id, row.trace_id, row.created_by),
@@ -43,7 +46,12 @@ def score_item(row: OutboxRow) -> ScoreItem:
 
 
 class OutboxDrainer:
-    """One drain pass sends at most `batch_size` rows; `sender` None means not configured."""
+    """Moves due feedback rows from the outbox to Langfuse, one batch per pass.
+
+    One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
+    (rows are marked skipped). A score fails for good after `max_attempts` deliveries; claimed
+    rows stay hidden from other workers for `visibility_seconds`. The store's errors propagate.
+    """
 
     def __init__(
         self,
@@ -88,5 +96,6 @@ class OutboxDrainer:
         return total
 
 
-def _as_record(d: Delivery) -> dict[str, object]:
+def _as_record(d: Delivery) -> DeliveryRecord:
+    """A delivery as record_langfuse_deliveries reads it."""
     return {"event_id": int(d.item_id), "outcome": d.outcome.value, "error": d.error}

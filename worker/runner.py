@@ -1,4 +1,8 @@
-"""Executes learning runs: claim -> learn (pure) -> gate (pure) -> complete, one RPC each step."""
+"""Executes learning runs: claim -> learn (pure) -> gate (pure) -> complete, one RPC each step.
+
+`decide` is the pure middle: it turns a claimed batch into the run's `RunDecision`, which the
+store writes with one RPC.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from uuid import UUID
 
 from worker.gate import evaluate_gate
 from worker.learning import learn
-from worker.models import GateInput, GateReport, PublishDecision
+from worker.models import GateInput, PublishDecision, RunDecision
 from worker.store import (
     BatchChangedError,
     Run,
@@ -25,8 +28,13 @@ from worker.store import (
 logger = logging.getLogger(__name__)
 
 
-def decide(batch: RunBatch, *, safe_mode: bool) -> tuple[dict[str, Any], GateReport]:
-    """The pure part of a run: module updates and the gate's decision, as the RPC payload."""
+def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
+    """The pure part of a run: learn from the batch, gate the draft, and decide.
+
+    Takes the batch `claim_learning_run_events` aggregated and whether the run is in safe mode
+    (never publishes); returns the run's decision for `Store.complete_run`. Raises ValueError
+    when the batch's evidence names a module the batch does not list.
+    """
     evidence = {e.module_id: e for e in batch.evidence}
     updates = learn(batch.modules, evidence, batch.learning_time, batch.settings)
     report = evaluate_gate(
@@ -41,27 +49,26 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> tuple[dict[str, Any], GateRep
         batch.settings,
     )
     publish = report.publish_decision is PublishDecision.published
-    payload = {
-        "module_updates": [
-            {
-                "module_id": str(u.module_id),
-                "success": u.success,
-                "failure": u.failure,
-                "confidence": u.confidence,
-                "status": u.status.value,
-            }
-            for u in updates
-        ],
-        "gate_passed": report.passed,
-        "gate_report": report.to_json(),
-        "publish_spec_id": str(report.draft_spec_id) if publish else None,
-        "hold_reason": None if report.hold_reason is None else report.hold_reason.value,
-    }
-    return payload, report
+    return RunDecision(
+        events_scanned=batch.events_scanned,
+        events_processed=batch.events_scanned,
+        events_unmatched=batch.events_unmatched,
+        modules_updated=sum(u.changed for u in updates),
+        module_updates=updates,
+        gate_passed=report.passed,
+        gate_report=report,
+        publish_decision=report.publish_decision,
+        publish_spec_id=report.draft_spec_id if publish else None,
+        hold_reason=report.hold_reason,
+    )
 
 
 class Runner:
-    """Claims and executes runs for one worker identity."""
+    """Claims and executes runs for one worker identity.
+
+    `worker_id` names the worker on the runs it holds; `lease_seconds` is how long a claimed run
+    stays ours (renewed once a run has taken half of it).
+    """
 
     def __init__(self, store: Store, worker_id: str, lease_seconds: int) -> None:
         self.store = store
@@ -69,16 +76,22 @@ class Runner:
         self.lease_seconds = lease_seconds
 
     def process(self, run: Run) -> Run:
-        """Execute one claimed run to its end; returns the run's row afterwards."""
+        """Execute one claimed run to its end; returns the run's row afterwards.
+
+        A failed attempt does not raise: a lost lease discards the work (another worker has the
+        run), a store error or a crash is recorded on the run (retryable, except a refusal by
+        the database), and the returned row says so. Raises StoreError only when, after a lost
+        lease, reading the run back fails.
+        """
         log = {"run_id": str(run.id), "twin_id": str(run.twin_id), "attempt": run.attempts}
         logger.info("run claimed", extra=log)
         started = time.monotonic()
         try:
             batch = self.store.claim_events(run)
-            payload, report = decide(batch, safe_mode=run.safe_mode)
+            decision = decide(batch, safe_mode=run.safe_mode)
             if time.monotonic() - started > self.lease_seconds / 2:
                 self.store.extend_lease(run, self.lease_seconds)
-            done = self.store.complete_run(run, payload)
+            done = self.store.complete_run(run, decision)
         except StaleLeaseError as exc:
             logger.warning(
                 "run lease lost; its work was discarded", extra={**log, "error": str(exc)}
@@ -100,13 +113,13 @@ class Runner:
                 "modules_updated": done.modules_updated,
                 "gate_passed": done.gate_passed,
                 "publish_decision": done.publish_decision,
-                "hold_reason": report.hold_reason,
+                "hold_reason": decision.hold_reason,
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
         return done
 
-    def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, Any]) -> Run:
+    def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, object]) -> Run:
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("run attempt failed", extra={**log, "error": error, "retryable": retryable})
         try:
@@ -123,6 +136,8 @@ class Runner:
 
         With `request`, an operator's run is queued for `twin_id` even without new evidence,
         in safe mode or not as `safe_mode` says (None: the twin's auto_publish setting).
+        Returns the runs it executed, in order, as their rows say afterwards. Raises ValueError
+        for `request` without a twin, and the store's errors when queuing or claiming fails.
         """
         if request:
             if twin_id is None:
@@ -143,7 +158,10 @@ class Runner:
             progress = done.status == "completed" and (done.events_scanned or 0) > 0
 
     def step(self) -> bool:
-        """One poll: queue what is due and execute one run if there is one; True if it did."""
+        """One poll: queue what is due and execute one run if there is one; True if it did.
+
+        Raises the store's errors when queuing or claiming fails (`poll_until_stopped` logs them).
+        """
         self.store.enqueue_due_runs()
         run = self.store.claim_run(self.worker_id, self.lease_seconds)
         if run is None:
@@ -155,9 +173,13 @@ class Runner:
 def poll_until_stopped(
     name: str, step: Callable[[], bool], stop: threading.Event, min_wait: float, max_wait: float
 ) -> None:
-    """Calls `step` until `stop` is set. After a busy step it polls again at once; while idle
-    the wait doubles from `min_wait` up to `max_wait`. A step in progress when `stop` is set
-    finishes first; errors are logged and count as idle, so an outage slows polling down."""
+    """Calls `step` until `stop` is set; `name` names the poller in logs.
+
+    `step` returns True when it found work. After a busy step it polls again at once; while idle
+    the wait doubles from `min_wait` up to `max_wait` (seconds). A step in progress when `stop`
+    is set finishes first; a StoreError is logged and counts as idle, so an outage slows polling
+    down. Any other exception from `step` propagates.
+    """
     wait = min_wait
     logger.info("poller started", extra={"poller": name})
     while not stop.is_set():

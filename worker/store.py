@@ -8,12 +8,14 @@ the database rejected is raised at once as a StoreError carrying PostgREST's err
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, TypeVar, cast
 from uuid import UUID
 
 import httpx
 from postgrest.exceptions import APIError
+from postgrest.types import JSON
 from pydantic import BaseModel, ConfigDict
 from supabase import Client, ClientOptions, create_client
 from tenacity import (
@@ -25,9 +27,17 @@ from tenacity import (
 )
 
 from worker.config import WorkerSettings
-from worker.models import AuditComparison, LearningSettings, ModuleEvidence, ModuleState
+from worker.models import (
+    AuditComparison,
+    LearningSettings,
+    ModuleEvidence,
+    ModuleState,
+    RunDecision,
+)
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 RunStatus = Literal["queued", "running", "completed", "failed"]
 
@@ -60,11 +70,16 @@ class TransientStoreError(StoreError):
 
 
 class _Frozen(BaseModel):
+    """Immutable; built from a row, whose columns it does not name are ignored."""
+
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class Run(_Frozen):
-    """A learning run as its row says."""
+    """A learning run as its row says (figures are None until the run has them).
+
+    `gate_report` is the jsonb column as stored: a `GateReport` as JSON when this worker wrote it.
+    """
 
     id: UUID
     twin_id: UUID
@@ -92,7 +107,8 @@ class Run(_Frozen):
 
 
 class OutboxRow(_Frozen):
-    """A feedback vote claimed for delivery to Langfuse."""
+    """A feedback vote claimed for delivery to Langfuse (`metadata`: the app's JSON object;
+    `score_timestamp`: the first vote's time, which keeps a re-sent score the same one)."""
 
     event_id: int
     twin_id: UUID
@@ -109,7 +125,11 @@ class OutboxRow(_Frozen):
 
 
 class RunBatch(_Frozen):
-    """What `claim_learning_run_events` aggregated for a run: all the pure logic needs."""
+    """What `claim_learning_run_events` aggregated for a run: all the pure logic needs.
+
+    `evidence` holds the batch's weighted evidence per module, already decayed to
+    `learning_time`; `modules` every module of the twin before the run.
+    """
 
     learning_time: datetime
     events_scanned: int
@@ -123,10 +143,60 @@ class RunBatch(_Frozen):
     audits: AuditComparison
 
 
+class ModuleUpdatePayload(TypedDict):
+    """One element of `module_updates` in complete_learning_run's p_result."""
+
+    module_id: str
+    success: float
+    failure: float
+    confidence: float
+    status: str
+
+
+class CompletionPayload(TypedDict):
+    """complete_learning_run's p_result: exactly the keys its SQL reads.
+
+    The run's figures are not in it: the function counts the processed events and the changed
+    modules itself, and takes the decision's publish outcome from `publish_spec_id`.
+    """
+
+    module_updates: list[ModuleUpdatePayload]
+    gate_passed: bool
+    gate_report: dict[str, JSON]
+    publish_spec_id: str | None
+    hold_reason: str | None
+
+
+class DeliveryRecord(TypedDict):
+    """One element of record_langfuse_deliveries' p_deliveries."""
+
+    event_id: int
+    outcome: str  # "sent", "retry" or "failed": a langfuse_sender.DeliveryOutcome value
+    error: str | None
+
+
+# The decision's fields that make the payload: the payload's keys, and of each module update
+# only the columns the function applies.
+_COMPLETION_FIELDS: dict[str, bool | dict[str, set[str]]] = {
+    **{key: True for key in CompletionPayload.__required_keys__},
+    "module_updates": {"__all__": set(ModuleUpdatePayload.__required_keys__)},
+}
+
+
+def completion_payload(decision: RunDecision) -> CompletionPayload:
+    """The decision as complete_learning_run's p_result (JSON-ready: UUIDs and enums as strings;
+    the gate report whole)."""
+    payload = decision.model_dump(mode="json", include=_COMPLETION_FIELDS)
+    # model_dump is typed dict[str, Any]; the include set above is CompletionPayload's keys,
+    # and tests/unit hold those to the keys the SQL function reads.
+    return cast(CompletionPayload, payload)
+
+
 def make_client(url: str, api_key: str, *, bearer: str | None = None, timeout: float) -> Client:
-    """A sync Supabase client: the API key, optionally a user's JWT, one timeout for every
-    request (given to the HTTP client: supabase-py truncates a float timeout to whole seconds)
-    and no retries of the client's own (the store retries, with one policy for every call)."""
+    """A sync Supabase client for the project at `url`: the API key, optionally a user's JWT
+    (`bearer`), one timeout in seconds for every request (given to the HTTP client: supabase-py
+    truncates a float timeout to whole seconds) and no retries of the client's own (the store
+    retries, with one policy for every call)."""
     return create_client(
         url,
         api_key,
@@ -149,6 +219,7 @@ _TRANSIENT_CODES = frozenset(
 
 
 def _error_from(exc: APIError) -> StoreError:
+    """The project's error for what PostgREST (or a gateway in front of it) answered."""
     code = exc.code
     message = exc.message or str(exc)
     if code == "PT409":
@@ -168,7 +239,14 @@ def _error_from(exc: APIError) -> StoreError:
 
 
 class Store:
-    """Supabase access for the worker. Build it once per process with `Store.connect`."""
+    """Supabase access for the worker. Build it once per process with `Store.connect`.
+
+    Every method is one call (one transaction for an RPC), tried up to `attempts` times on
+    transient errors. Each raises `StaleLeaseError` when the run's lease is no longer ours,
+    `BatchChangedError` when the batch moved under the run, `TransientStoreError` when the API
+    stayed unreachable, and `StoreError` for anything else the database refused. A run's own
+    calls raise ValueError for a run this worker does not hold (no lease token).
+    """
 
     def __init__(self, client: Client, attempts: int = 4) -> None:
         self._client = client
@@ -176,18 +254,22 @@ class Store:
 
     @classmethod
     def connect(cls, settings: WorkerSettings) -> Store:
+        """A store on a new service-role client with the settings' timeout and attempts."""
         key = settings.supabase_service_role_key.get_secret_value()
         client = make_client(settings.supabase_url, key, timeout=settings.pfl_http_timeout_seconds)
         return cls(client, attempts=settings.pfl_store_attempts)
 
     def close(self) -> None:
-        """Closes the HTTP connections."""
+        """Closes the HTTP connections; the store is not used afterwards."""
         self._client.postgrest.session.close()
 
-    def _call(self, what: str, fn: Any) -> Any:
-        def once() -> Any:
+    def _call(self, what: str, request: Callable[[], _T]) -> _T:
+        """`request()`, retried with backoff and jitter while it fails transiently; `what` names
+        the call in errors."""
+
+        def once() -> _T:
             try:
-                return fn().data
+                return request()
             except APIError as exc:
                 raise _error_from(exc) from exc
             except httpx.TransportError as exc:
@@ -202,16 +284,22 @@ class Store:
         )
         return retrying(once)
 
-    def _rpc(self, name: str, params: dict[str, Any]) -> Any:
-        return self._call(name, lambda: self._client.rpc(name, params).execute())
+    def _rpc(self, name: str, params: dict[str, object]) -> JSON:
+        """Calls the SQL function `name`; returns its JSON result (a row, a scalar, or an array
+        for a `setof` function)."""
+        return self._call(name, lambda: self._client.rpc(name, params).execute().data)
 
     # Runs --------------------------------------------------------------------------------
 
     def enqueue_due_runs(self, twin_id: UUID | None = None) -> list[Run]:
+        """Queues a run for every twin (or only `twin_id`) with unprocessed evidence and no run
+        queued or running; returns the runs it queued."""
         rows = self._rpc("enqueue_due_learning_runs", {"p_twin_id": _opt(twin_id)})
-        return [Run.model_validate(r) for r in rows or []]
+        return [Run.model_validate(r) for r in _rows(rows)]
 
-    def enqueue_run(self, twin_id: UUID, *, safe_mode: bool) -> Run:
+    def enqueue_run(self, twin_id: UUID, *, safe_mode: bool | None) -> Run:
+        """Queues an operator's run for the twin even without new evidence (or returns the run
+        already queued). `safe_mode` None: the twin's auto_publish setting decides."""
         row = self._rpc(
             "enqueue_learning_run", {"p_twin_id": str(twin_id), "p_safe_mode": safe_mode}
         )
@@ -220,6 +308,8 @@ class Store:
     def claim_run(
         self, worker_id: str, lease_seconds: int, twin_id: UUID | None = None
     ) -> Run | None:
+        """Claims the oldest queued run (or one whose lease expired), of `twin_id` only if
+        given, for `lease_seconds`; returns it with its lease token, or None if none is due."""
         rows = self._rpc(
             "claim_learning_run",
             {
@@ -228,9 +318,11 @@ class Store:
                 "p_twin_id": _opt(twin_id),
             },
         )
-        return Run.model_validate(rows[0]) if rows else None
+        claimed = _rows(rows)
+        return Run.model_validate(claimed[0]) if claimed else None
 
     def extend_lease(self, run: Run, lease_seconds: int) -> None:
+        """Renews the run's lease for `lease_seconds` from now."""
         self._rpc(
             "extend_learning_run_lease",
             {
@@ -241,19 +333,30 @@ class Store:
         )
 
     def claim_events(self, run: Run) -> RunBatch:
+        """The run's batch, aggregated: fixed by the run's first claim, the same on every
+        later attempt."""
         doc = self._rpc(
             "claim_learning_run_events", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
         )
         return RunBatch.model_validate(doc)
 
-    def complete_run(self, run: Run, result: dict[str, Any]) -> Run:
+    def complete_run(self, run: Run, decision: RunDecision) -> Run:
+        """Writes the run's decision in one transaction: module updates and their history, the
+        batch marked processed, the figures, and the publish if decided; returns the run's row.
+        The one place a decision becomes complete_learning_run's payload."""
         row = self._rpc(
             "complete_learning_run",
-            {"p_run_id": str(run.id), "p_lease_token": _token(run), "p_result": result},
+            {
+                "p_run_id": str(run.id),
+                "p_lease_token": _token(run),
+                "p_result": completion_payload(decision),
+            },
         )
         return Run.model_validate(row)
 
     def fail_run(self, run: Run, error: str, *, retryable: bool) -> Run:
+        """Records a failed attempt: a retryable error releases the run for another attempt
+        while attempts remain; otherwise the run fails and its events wait for the next run."""
         row = self._rpc(
             "fail_learning_run",
             {
@@ -266,12 +369,14 @@ class Store:
         return Run.model_validate(row)
 
     def release_run(self, run: Run) -> Run:
+        """Gives the run back to the queue without counting an attempt against it."""
         row = self._rpc(
             "release_learning_run", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
         )
         return Run.model_validate(row)
 
     def get_run(self, run_id: UUID) -> Run | None:
+        """The run's row, or None if there is no such run."""
         rows = self._call(
             "get run",
             lambda: (
@@ -279,11 +384,13 @@ class Store:
                 .select(RUN_COLUMNS)
                 .eq("id", str(run_id))
                 .execute()
+                .data
             ),
         )
         return Run.model_validate(rows[0]) if rows else None
 
     def list_runs(self, twin_id: UUID, limit: int = 20) -> list[Run]:
+        """The twin's `limit` most recent runs, newest first."""
         rows = self._call(
             "list runs",
             lambda: (
@@ -293,21 +400,26 @@ class Store:
                 .order("created_at", desc=True)
                 .limit(limit)
                 .execute()
+                .data
             ),
         )
-        return [Run.model_validate(r) for r in rows or []]
+        return [Run.model_validate(r) for r in rows]
 
     # Langfuse outbox ---------------------------------------------------------------------
 
     def claim_outbox(self, limit: int, visibility_seconds: int) -> list[OutboxRow]:
+        """Claims up to `limit` due feedback rows, hidden from other workers for
+        `visibility_seconds`, oldest first."""
         rows = self._rpc(
             "claim_langfuse_outbox",
             {"p_limit": limit, "p_visibility_seconds": visibility_seconds},
         )
-        return [OutboxRow.model_validate(r) for r in rows or []]
+        return [OutboxRow.model_validate(r) for r in _rows(rows)]
 
-    def record_deliveries(self, deliveries: list[dict[str, Any]], max_attempts: int) -> int:
-        return int(
+    def record_deliveries(self, deliveries: list[DeliveryRecord], max_attempts: int) -> int:
+        """Records delivery outcomes of claimed rows (a retry waits with backoff; a row fails
+        after `max_attempts`); returns how many rows it updated."""
+        return _count(
             self._rpc(
                 "record_langfuse_deliveries",
                 {"p_deliveries": deliveries, "p_max_attempts": max_attempts},
@@ -315,10 +427,28 @@ class Store:
         )
 
     def skip_outbox(self, limit: int) -> int:
-        return int(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
+        """Marks up to `limit` due rows skipped (Langfuse not configured); returns how many."""
+        return _count(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
 
     def requeue_outbox(self, status: str) -> int:
-        return int(self._rpc("requeue_langfuse_outbox", {"p_status": status}))
+        """Puts rows of `status` ("skipped" or "failed") back to pending; returns how many."""
+        return _count(self._rpc("requeue_langfuse_outbox", {"p_status": status}))
+
+
+def _rows(data: JSON) -> Sequence[JSON]:
+    """The rows a `setof` function answered with (a JSON array). Raises TypeError otherwise."""
+    if data is None:
+        return ()
+    if isinstance(data, str) or not isinstance(data, Sequence):
+        raise TypeError(f"expected a JSON array of rows, got {type(data).__name__}")
+    return data
+
+
+def _count(data: JSON) -> int:
+    """The integer a counting function answered with. Raises TypeError otherwise."""
+    if isinstance(data, bool) or not isinstance(data, int):
+        raise TypeError(f"expected an integer, got {type(data).__name__}")
+    return data
 
 
 def _opt(value: UUID | None) -> str | None:

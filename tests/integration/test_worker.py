@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import ROOT, Stack, wait_for
 from tests.integration.helpers import Twin, create_twin, evidence_now, module_row
@@ -33,7 +34,7 @@ def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
     def make(name: str = "test-worker", lease: int = 30) -> Runner:
         settings = WorkerSettings(
             supabase_url=stack.url,
-            supabase_service_role_key=stack.service_key,
+            supabase_service_role_key=SecretStr(stack.service_key),
             pfl_worker_id=f"{name}-{uuid.uuid4().hex[:6]}",
             pfl_lease_seconds=lease,
             pfl_store_attempts=2,
@@ -345,11 +346,11 @@ def test_completion_with_a_stale_token_changes_nothing(stack, db, service, make_
     )
     taken = second.store.claim_run(second.worker_id, 30, uuid.UUID(twin.id))
     assert taken is not None and taken.id == held.id and taken.attempts == 2
-    payload, _ = decide(batch, safe_mode=True)
+    decision = decide(batch, safe_mode=True)
     before = module_row(db, twin.modules["evidence_answers"])
 
     with pytest.raises(StaleLeaseError):
-        first.store.complete_run(held, payload)
+        first.store.complete_run(held, decision)
 
     assert module_row(db, twin.modules["evidence_answers"]) == before
     assert (

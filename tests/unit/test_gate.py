@@ -5,6 +5,7 @@ Expected values are worked out by hand (literals or plain arithmetic).
 
 import json
 import math
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
@@ -145,7 +146,7 @@ def test_required_modules_healthy(
 def test_audit_non_inferiority(
     pairs: int, b: int, c: int, verdict: CheckVerdict, lower: float | None
 ) -> None:
-    audits = {"pairs": pairs, "candidate_only_passed": b, "baseline_only_passed": c}
+    audits: dict[str, Any] = {"pairs": pairs, "candidate_only_passed": b, "baseline_only_passed": c}
     report = evaluate_gate(gate_input(**audits), DEFAULTS)
     result = check(report, "audit_non_inferiority")
     assert result.verdict is verdict
@@ -316,7 +317,7 @@ def test_publish_decision(
 
 
 def test_report_dumps_to_json() -> None:
-    data = evaluate_gate(gate_input(safe_mode=True), DEFAULTS).to_json()
+    data = evaluate_gate(gate_input(safe_mode=True), DEFAULTS).model_dump(mode="json")
     assert json.loads(json.dumps(data)) == data
     assert data["publish_decision"] == "held"
     assert data["hold_reason"] == "safe_mode"

@@ -7,6 +7,7 @@ under test.
 import math
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
@@ -107,7 +108,7 @@ def test_settings_map_from_a_row_ignoring_other_columns() -> None:
         {"gate_non_inferiority_margin": -0.1},  # a negative margin demands superiority
     ],
 )
-def test_settings_reject_out_of_range_values(overrides: dict[str, float]) -> None:
+def test_settings_reject_out_of_range_values(overrides: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         LearningSettings(**overrides)
 
