@@ -89,7 +89,7 @@ select results_eq(
 
 -- specs: drafts are the owner's to create and edit; publishing is the worker's
 select results_eq(
-  $$ select version, status from public.persona_specs order by version $$,
+  $$ select version, status::text from public.persona_specs order by version $$,
   $$ values (1, 'published') $$,
   'the owner reads their twin''s specs'
 );
@@ -99,7 +99,7 @@ select lives_ok(
   'the owner creates a draft spec'
 );
 select results_eq(
-  $$ select version, status, created_by from public.persona_specs where spec ->> 'voice' = 'draft' $$,
+  $$ select version, status::text, created_by from public.persona_specs where spec ->> 'voice' = 'draft' $$,
   $$ values (2, 'draft', current_setting('test.owner')::uuid) $$,
   'the draft is numbered after the published spec and records its author'
 );
@@ -136,7 +136,7 @@ select throws_ok(
 
 -- modules, their changes and runs: read-only for the owner
 select results_eq(
-  $$ select module_key, status from public.persona_modules $$,
+  $$ select module_key, status::text from public.persona_modules $$,
   $$ values ('evidence_answers', 'insufficient_data') $$,
   'the owner reads their twin''s modules'
 );
@@ -146,7 +146,7 @@ select results_eq(
   'the owner reads how their modules moved'
 );
 select results_eq(
-  $$ select trigger, status from public.persona_feedback_learning_runs $$,
+  $$ select trigger::text, status::text from public.persona_feedback_learning_runs $$,
   $$ values ('schedule', 'queued') $$,
   'the owner reads their twin''s runs'
 );
@@ -172,7 +172,7 @@ select set_config('test.requested_run', (
   select id::text from public.request_learning_run(current_setting('test.open_twin')::uuid)
 ), true);
 select results_eq(
-  $$ select trigger, status, requested_by, safe_mode from public.persona_feedback_learning_runs
+  $$ select trigger::text, status::text, requested_by, safe_mode from public.persona_feedback_learning_runs
      where id = current_setting('test.requested_run')::uuid $$,
   $$ values ('owner_request', 'queued', current_setting('test.owner')::uuid, true) $$,
   'the owner requests a run for their twin, in safe mode by default'
@@ -196,7 +196,7 @@ select lives_ok(
   'the owner sends feedback on their own twin'
 );
 select results_eq(
-  $$ select created_by, langfuse_status, persona_spec_id is not null
+  $$ select created_by, langfuse_status::text, persona_spec_id is not null
      from public.persona_training_events where trace_id = 'trace-owner' $$,
   $$ values (current_setting('test.owner')::uuid, 'pending', false) $$,
   'the database sets the voter and the outbox state; feedback names no spec'
@@ -339,7 +339,7 @@ select lives_ok(
   'the audit pipeline writes an audit'
 );
 select results_eq(
-  $$ select trigger, status from public.enqueue_learning_run(
+  $$ select trigger::text, status::text from public.enqueue_learning_run(
        (select id from public.twins
         where owner_id = current_setting('test.owner')::uuid and name = 'Third twin')) $$,
   $$ values ('manual', 'queued') $$,

@@ -228,8 +228,9 @@ select is_empty(
 select is_empty(
   $$ select p.oid::regprocedure::text from pg_proc p
      where p.pronamespace = 'private'::regnamespace
-       and p.proname in ('is_twin_owner', 'prepare_training_event') and not p.prosecdef $$,
-  'the helpers policies and the insert trigger call are security definer'
+       and p.proname in ('is_twin_owner', 'check_feedback_consent', 'record_feedback_vote')
+       and not p.prosecdef $$,
+  'the helpers policies and the insert triggers call are security definer'
 );
 
 -- The outbox claim orders by due time, then id: an index in that order serves it without a sort.
