@@ -82,4 +82,6 @@ def test_schema_files_build_the_database_the_migrations_build(stack: Stack, scra
     diff = "\n".join(difflib.unified_diff(
         from_migrations, from_schemas, "supabase/migrations", "supabase/schemas", lineterm="", n=2,
     ))
-    assert not diff, "supabase/schemas and supabase/migrations build different databases:\n" + diff
+    if diff:
+        pytest.fail("supabase/schemas and supabase/migrations build different databases:\n" + diff,
+                    pytrace=False)
