@@ -85,3 +85,15 @@ def test_schema_files_build_the_database_the_migrations_build(stack: Stack, scra
     if diff:
         pytest.fail("supabase/schemas and supabase/migrations build different databases:\n" + diff,
                     pytrace=False)
+
+
+def test_every_function_of_the_project_says_what_it_does(db: psycopg.Connection):
+    """`comment on function` for every RPC, helper and trigger function: what goes in and out
+    and what it raises, where `\\df+` and the dashboard show it."""
+    undocumented = db.execute(
+        "select p.oid::regprocedure::text from pg_proc p "
+        "where p.pronamespace = any(%s::regnamespace[]) "
+        "and coalesce(obj_description(p.oid, 'pg_proc'), '') = '' order by 1",
+        (list(PROJECT_SCHEMAS),),
+    ).fetchall()
+    assert undocumented == []
