@@ -211,25 +211,36 @@ def test_accepted_inputs(
 MISSING = object()  # leave the field out of the body
 
 
-SLUG = "a lowercase letter, then up to 63 lowercase letters, digits or underscores"
+# Every rule on an event's fields is declared in the catalog and named <field>_<rule>: closed sets
+# are enum types (22P02, naming the type), the others check constraints (23514, naming the
+# constraint). README's "Sending feedback" lists the same names.
 RULES = {
-    "score": "-1, 0 or 1 on feedback, and none on audits",
-    "reason": "incorrect, unhelpful, off_persona, unsafe, outdated, helpful or other",
-    "intent_label": SLUG,
-    "module_key": SLUG,
-    "trace_id": "1 to 200 characters",
-    "comment": "at most 2000 characters",
-    "metadata": "a JSON object of at most 4096 bytes",
-    "passed": "true or false on audits, and none on feedback",
-    "source": "user_feedback or persona_audit",
-    "langfuse_status": "pending, retrying, sent, skipped, failed or superseded on feedback, none "
-                       "on audits",
+    "trace_id": "trace_id_1_to_200_chars",
+    "intent_label": "intent_label_slug",
+    "module_key": "module_key_slug",
+    "score": "score_minus_1_to_1",
+    "comment": "comment_at_most_2000_chars",
+    "metadata": "metadata_object_at_most_4096_bytes",
+    "score_required": "score_on_feedback_only",
+    "passed_required": "passed_on_audits_only",
+    "langfuse_status_required": "langfuse_status_on_feedback_only",
+}
+ENUMS = {
+    "source": "training_event_source",
+    "reason": "training_event_reason",
+    "langfuse_status": "langfuse_status",
 }
 
 
-def check(column: str) -> str:
-    """The insert trigger's message for a broken rule on a column."""
-    return f"{column}: {RULES[column]}"
+def check(rule: str) -> str:
+    """PostgreSQL's message for a broken check constraint: it names the field and the rule."""
+    return (f'new row for relation "persona_training_events" violates check constraint '
+            f'"{RULES[rule]}"')
+
+
+def bad_enum(column: str, value: str) -> str:
+    """PostgreSQL's message for a value outside a column's enum type, named for the field."""
+    return f'invalid input value for enum {ENUMS[column]}: "{value}"'
 
 
 def not_null(column: str) -> str:
@@ -263,11 +274,12 @@ BAD_INPUTS = {
     "score-boolean": Bad({"score": True}, 400, "22P02", bad_type("smallint", "true"), None),
     "twin-id-not-a-uuid": Bad({"twin_id": "twin-1"}, 400, "22P02", bad_type("uuid", "twin-1"),
                               None),
-    # out of range and unknown values: the check constraint is named after the column.
+    # out of range: the check constraint is named after the column and the rule.
     "score-2": Bad({"score": 2}, 400, "23514", check("score"), "score"),
     "score-minus-2": Bad({"score": -2}, 400, "23514", check("score"), "score"),
-    "reason-unknown": Bad({"reason": "meh"}, 400, "23514", check("reason"), "reason"),
-    "reason-empty": Bad({"reason": ""}, 400, "23514", check("reason"), "reason"),
+    # outside a closed set: the enum type is named after the column.
+    "reason-unknown": Bad({"reason": "meh"}, 400, "22P02", bad_enum("reason", "meh"), "reason"),
+    "reason-empty": Bad({"reason": ""}, 400, "22P02", bad_enum("reason", ""), "reason"),
     "intent-not-a-slug": Bad({"intent_label": "Factual Answer"}, 400, "23514",
                              check("intent_label"), "intent_label"),
     "intent-starts-with-digit": Bad({"intent_label": "1st_intent"}, 400, "23514",
@@ -286,17 +298,16 @@ BAD_INPUTS = {
     "metadata-over-4kb": Bad({"metadata": {"k": "v" * 4096}}, 400, "23514", check("metadata"),
                              "metadata"),
     # required fields missing or null.
-    "score-missing": Bad({"score": MISSING}, 400, "23514", check("score"), "score"),
-    "score-null": Bad({"score": None}, 400, "23514", check("score"), "score"),
+    "score-missing": Bad({"score": MISSING}, 400, "23514", check("score_required"), "score"),
+    "score-null": Bad({"score": None}, 400, "23514", check("score_required"), "score"),
     "trace-missing": Bad({"trace_id": MISSING}, 400, "23502", not_null("trace_id"), "trace_id"),
     "trace-null": Bad({"trace_id": None}, 400, "23502", not_null("trace_id"), "trace_id"),
     "intent-null": Bad({"intent_label": None}, 400, "23502", not_null("intent_label"),
                        "intent_label"),
     "metadata-null": Bad({"metadata": None}, 400, "23502", not_null("metadata"), "metadata"),
     # the twin is required, must exist and must accept feedback from the caller.
-    "twin-missing": Bad({"twin_id": MISSING}, 400, "23502", "twin_id: a twin is required",
-                        "twin_id"),
-    "twin-null": Bad({"twin_id": None}, 400, "23502", "twin_id: a twin is required", "twin_id"),
+    "twin-missing": Bad({"twin_id": MISSING}, 400, "23502", not_null("twin_id"), "twin_id"),
+    "twin-null": Bad({"twin_id": None}, 400, "23502", not_null("twin_id"), "twin_id"),
     "twin-unknown": Bad({"twin_id": GONE_TWIN}, 403, "42501", REFUSED_TWIN, "twin_id"),
     "twin-owner-only": Bad({"twin_id": lambda w: w.closed_twin}, 403, "42501", REFUSED_TWIN,
                            "twin_id"),
@@ -413,7 +424,7 @@ def test_bad_input_is_rejected_and_changes_nothing(
                     {**v, "trace_id": "b3"}], 400, "23514", check("score")),
         # one row without a twin.
         (lambda v: [{**v, "trace_id": "b1"}, {**v, "trace_id": "b2", "twin_id": None}],
-         400, "23502", "twin_id: a twin is required"),
+         400, "23502", not_null("twin_id")),
         # rows with different keys are refused by PostgREST before the database sees them.
         (lambda v: [{**v, "trace_id": "b1"}, {k: x for k, x in v.items() if k != "reason"}],
          400, "PGRST102", "All object keys must match"),
@@ -471,42 +482,49 @@ def audit(w: World, **fields: object) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("fields", "column"),
+    ("fields", "code", "message", "column"),
     [
-        ({"passed": None}, "passed"),
-        ({"score": 1}, "score"),
-        ({"source": "survey"}, "source"),
-        ({"module_key": "Module-1"}, "module_key"),
+        ({"passed": None}, "23514", check("passed_required"), "passed"),
+        ({"score": 1}, "23514", check("score_required"), "score"),
+        ({"source": "survey"}, "22P02", bad_enum("source", "survey"), "source"),
+        ({"module_key": "Module-1"}, "23514", check("module_key"), "module_key"),
     ],
     ids=["audit-without-outcome", "audit-with-a-vote", "unknown-source", "module-not-a-slug"],
 )
 def test_the_audit_pipeline_gets_the_same_rules(
-    stack: Stack, db: psycopg.Connection, world: World, fields: dict, column: str
+    stack: Stack, db: psycopg.Connection, world: World, fields: dict, code: str, message: str,
+    column: str,
 ):
     """The service role bypasses RLS, not the rules on the fields."""
     before = snapshot(db, world)
     response = post(stack, stack.service_key, audit(world, **fields))
-    assert_rejected(response, 400, "23514", check(column))
+    assert_rejected(response, 400, code, message)
+    assert column in response.json()["message"]
     assert snapshot(db, world) == before
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "code", "message", "column"),
     [
-        ({"score": 5}, check("score")),
-        ({"intent_label": "Not A Slug"}, check("intent_label")),
-        ({"langfuse_status": "lost"}, check("langfuse_status")),
-        # a vote turned into an audit: it carries a score and no outcome.
-        ({"source": "persona_audit"}, check("score")),
+        ({"score": 5}, "23514", check("score"), "score"),
+        ({"intent_label": "Not A Slug"}, "23514", check("intent_label"), "intent_label"),
+        ({"langfuse_status": "lost"}, "22P02", bad_enum("langfuse_status", "lost"),
+         "langfuse_status"),
+        # a vote turned into an audit: it is in the outbox, carries a score and no outcome.
+        # PostgreSQL checks a table's constraints in name order: the outbox rule answers first.
+        ({"source": "persona_audit"}, "23514", check("langfuse_status_required"),
+         "langfuse_status"),
     ],
     ids=["score", "intent", "outbox-status", "feedback-into-audit"],
 )
 def test_updates_keep_the_rules(
-    stack: Stack, db: psycopg.Connection, world: World, change: dict, message: str
+    stack: Stack, db: psycopg.Connection, world: World, change: dict, code: str, message: str,
+    column: str,
 ):
     before = snapshot(db, world)
     response = patch_as_service(stack, world.voter_vote, change)
-    assert_rejected(response, 400, "23514", message)
+    assert_rejected(response, 400, code, message)
+    assert column in response.json()["message"]
     assert snapshot(db, world) == before
 
 

@@ -1,3 +1,246 @@
+-- Section: learning runs — requested by owners or the scheduler, executed by the worker — and
+-- the worker's functions. Every state change of a run is one function call, one transaction.
+
+create type public.learning_run_status as enum ('queued', 'running', 'completed', 'failed');
+comment on type public.learning_run_status is
+  'A learning run''s life: queued, running (claimed by one worker with a lease), completed or '
+  'failed.';
+create type public.learning_run_trigger as enum ('owner_request', 'schedule', 'manual');
+comment on type public.learning_run_trigger is
+  'Who asked for a learning run: owner_request (request_learning_run), schedule (pending '
+  'evidence) or manual (operator CLI).';
+create type public.learning_run_publish_decision as enum ('published', 'held');
+comment on type public.learning_run_publish_decision is
+  'What a completed run did with the latest draft spec: published it, or held it (see hold_reason).';
+create type public.learning_run_hold_reason as enum ('no_draft', 'safe_mode', 'gate_failed');
+comment on type public.learning_run_hold_reason is
+  'Why a completed run held: no draft to publish, a safe-mode run, or the gate failed.';
+
+create table public.persona_feedback_learning_runs (
+  id uuid primary key default gen_random_uuid(),
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  status public.learning_run_status not null default 'queued',
+  trigger public.learning_run_trigger not null,
+  requested_by uuid references auth.users (id) on delete set null,
+  safe_mode boolean not null default true,
+  attempts integer not null default 0 constraint attempts_not_negative check (attempts >= 0),
+  max_attempts integer not null default 3
+    constraint max_attempts_at_least_1 check (max_attempts >= 1),
+  worker_id text,
+  lease_token uuid,
+  lease_expires_at timestamptz,
+  learning_time timestamptz,
+  batch_after_event_id bigint,
+  batch_last_event_id bigint,
+  events_scanned integer constraint events_scanned_not_negative check (events_scanned >= 0),
+  events_processed integer constraint events_processed_not_negative check (events_processed >= 0),
+  events_unmatched integer constraint events_unmatched_not_negative check (events_unmatched >= 0),
+  modules_updated integer constraint modules_updated_not_negative check (modules_updated >= 0),
+  gate_passed boolean,
+  gate_report jsonb,
+  publish_decision public.learning_run_publish_decision,
+  hold_reason public.learning_run_hold_reason,
+  published_spec_id uuid references public.persona_specs (id) on delete set null,
+  error text,
+  created_at timestamptz not null default now(),
+  started_at timestamptz,
+  finished_at timestamptz,
+  updated_at timestamptz not null default now(),
+  constraint lease_while_running
+    check ((status = 'running') = (lease_token is not null and lease_expires_at is not null)),
+  constraint figures_when_completed check (
+    status <> 'completed' or (
+      events_scanned is not null and events_processed is not null and modules_updated is not null
+      and gate_passed is not null and gate_report is not null and publish_decision is not null
+    )
+  ),
+  constraint hold_reason_when_held_and_spec_when_published check (
+    publish_decision is null
+    or (publish_decision = 'held') = (hold_reason is not null)
+    and (publish_decision = 'published') = (published_spec_id is not null)
+  )
+);
+
+comment on table public.persona_feedback_learning_runs is
+  'One execution of the learning pipeline for one twin: queued, running, completed or failed.';
+comment on column public.persona_feedback_learning_runs.trigger is
+  'owner_request (request_learning_run), schedule (pending evidence) or manual (operator CLI).';
+comment on column public.persona_feedback_learning_runs.safe_mode is
+  'A safe-mode run learns and gates but never publishes.';
+comment on column public.persona_feedback_learning_runs.lease_token is
+  'Fencing token of the worker holding the run; a completion with another token has no effect.';
+comment on column public.persona_feedback_learning_runs.lease_expires_at is
+  'After this time another worker may take the run over (up to max_attempts).';
+comment on column public.persona_feedback_learning_runs.learning_time is
+  'The time T the run decays all evidence to.';
+comment on column public.persona_feedback_learning_runs.batch_after_event_id is
+  'The run''s batch: the twin''s events with an id after this one (the twin''s cursor) ...';
+comment on column public.persona_feedback_learning_runs.batch_last_event_id is
+  '... up to and including this one.';
+comment on column public.persona_feedback_learning_runs.events_scanned is
+  'Events in the run''s batch.';
+comment on column public.persona_feedback_learning_runs.events_processed is
+  'Events the run marked processed.';
+comment on column public.persona_feedback_learning_runs.events_unmatched is
+  'Events in the batch that matched no module of the twin.';
+comment on column public.persona_feedback_learning_runs.modules_updated is
+  'Modules whose confidence or status changed.';
+comment on column public.persona_feedback_learning_runs.gate_report is
+  'Each regression-gate check with its value, threshold and verdict.';
+comment on column public.persona_feedback_learning_runs.publish_decision is
+  'published when the run published the latest draft; held otherwise (see hold_reason).';
+
+-- The module change history names the run that made each change.
+alter table public.persona_module_changes
+  add constraint persona_module_changes_run_id_fkey foreign key (run_id)
+  references public.persona_feedback_learning_runs (id) on delete cascade;
+
+create unique index persona_feedback_learning_runs_one_running_idx
+  on public.persona_feedback_learning_runs (twin_id) where status = 'running';
+create unique index persona_feedback_learning_runs_one_queued_idx
+  on public.persona_feedback_learning_runs (twin_id) where status = 'queued';
+create index persona_feedback_learning_runs_twin_created_idx
+  on public.persona_feedback_learning_runs (twin_id, created_at desc);
+create index persona_feedback_learning_runs_queued_idx
+  on public.persona_feedback_learning_runs (created_at) where status = 'queued';
+create index persona_feedback_learning_runs_lease_idx
+  on public.persona_feedback_learning_runs (lease_expires_at) where status = 'running';
+create index persona_feedback_learning_runs_requested_by_idx
+  on public.persona_feedback_learning_runs (requested_by);
+create index persona_feedback_learning_runs_published_spec_idx
+  on public.persona_feedback_learning_runs (published_spec_id);
+-- Finds the run that processed an event: the completed run whose batch holds its id.
+create index persona_feedback_learning_runs_batch_idx
+  on public.persona_feedback_learning_runs (twin_id, batch_last_event_id)
+  where status = 'completed';
+
+create trigger persona_feedback_learning_runs_touch_updated_at
+  before update on public.persona_feedback_learning_runs
+  for each row execute function private.touch_updated_at();
+
+alter table public.persona_feedback_learning_runs enable row level security;
+
+create policy "Owners can read their twins' runs" on public.persona_feedback_learning_runs
+  for select to authenticated using (private.is_twin_owner(twin_id));
+
+grant select, insert, update, delete on public.persona_feedback_learning_runs to service_role;
+-- Owners read whole rows (select=* works); the lease token gives them nothing, as only
+-- service_role may execute the functions that take it.
+grant select on public.persona_feedback_learning_runs to authenticated;
+
+
+-- Section: when and by which run an event was processed. Computed fields: PostgREST serves them
+-- as columns (select=*,processed_at,processed_run_id) and SQL reads them as e.processed_at.
+-- Processing writes no event row: a run's completion moves its twin's cursor over its batch.
+
+create function public.processed_run_id(p_event public.persona_training_events)
+returns uuid
+language sql
+stable
+set search_path = ''
+as $$
+  select r.id
+  from public.persona_feedback_learning_runs r
+  where r.twin_id = p_event.twin_id and r.status = 'completed'
+    and r.batch_last_event_id >= p_event.id and r.batch_after_event_id < p_event.id
+  order by r.batch_last_event_id
+  limit 1;
+$$;
+
+create function public.processed_at(p_event public.persona_training_events)
+returns timestamptz
+language sql
+stable
+set search_path = ''
+as $$
+  select r.finished_at
+  from public.persona_feedback_learning_runs r
+  where r.id = public.processed_run_id(p_event);
+$$;
+
+comment on function public.processed_run_id(public.persona_training_events) is
+  'Computed field of persona_training_events. In: an event row. Out: the id of the completed '
+  'learning run whose batch holds the event; null while it waits. Raises nothing.';
+comment on function public.processed_at(public.persona_training_events) is
+  'Computed field of persona_training_events. In: an event row. Out: when the learning run that '
+  'processed the event finished (timestamptz); null while it waits. Raises nothing.';
+
+grant execute on function
+  public.processed_run_id(public.persona_training_events),
+  public.processed_at(public.persona_training_events)
+to authenticated, service_role;
+
+
+-- Section: owner RPC.
+
+-- Queues a run for the caller's own twin; a second request while one is queued returns that one.
+create function private.request_learning_run(p_twin_id uuid, p_auto_publish boolean)
+returns public.persona_feedback_learning_runs
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_run public.persona_feedback_learning_runs;
+begin
+  if p_twin_id is null or not private.is_twin_owner(p_twin_id) then
+    raise exception using
+      errcode = '42501',
+      message = format('twin_id: twin %s does not exist or is not yours', p_twin_id);
+  end if;
+
+  insert into public.persona_feedback_learning_runs
+    (twin_id, trigger, requested_by, safe_mode, max_attempts)
+  select p_twin_id, 'owner_request', (select auth.uid()), not coalesce(p_auto_publish, false),
+         s.max_attempts
+  from public.persona_learning_settings s
+  where s.twin_id = p_twin_id
+  on conflict (twin_id) where status = 'queued' do nothing
+  returning * into v_run;
+
+  if v_run.id is null then
+    select * into strict v_run from public.persona_feedback_learning_runs r
+    where r.twin_id = p_twin_id and r.status = 'queued';
+  end if;
+  return v_run;
+end;
+$$;
+
+comment on function private.request_learning_run(uuid, boolean) is
+  'Owner RPC body (called by public.request_learning_run). In: a twin id and whether the run may '
+  'publish (null: no). Out: the run queued for that twin (trigger owner_request, requested_by = '
+  'the caller, safe_mode = not p_auto_publish, max_attempts from the twin''s settings), or the '
+  'run already queued, unchanged. Raises 42501 (HTTP 403) "twin_id: twin <id> does not exist or '
+  'is not yours" when the caller does not own the twin. Security definer: owners may not insert '
+  'runs themselves.';
+
+grant execute on function private.request_learning_run(uuid, boolean) to authenticated;
+
+-- The API face of private.request_learning_run: POST /rest/v1/rpc/request_learning_run.
+create function public.request_learning_run(p_twin_id uuid, p_auto_publish boolean default false)
+returns public.persona_feedback_learning_runs
+language sql
+set search_path = ''
+as $$
+  select * from private.request_learning_run(p_twin_id, p_auto_publish);
+$$;
+
+comment on function public.request_learning_run(uuid, boolean) is
+  'Owner RPC (POST /rest/v1/rpc/request_learning_run). In: p_twin_id, p_auto_publish (default '
+  'false: a safe-mode run that never publishes). Out: the queued run (trigger owner_request), or '
+  'the one already queued. Raises 42501 (HTTP 403) "twin_id: twin <id> does not exist or is not '
+  'yours" when the caller does not own the twin.';
+
+grant execute on function public.request_learning_run(uuid, boolean) to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  public.processed_run_id(public.persona_training_events),
+  public.processed_at(public.persona_training_events),
+  private.request_learning_run(uuid, boolean),
+  public.request_learning_run(uuid, boolean)
+from public;
+
 -- Section: the worker's functions. Executable by service_role only.
 
 -- Queues a scheduled run for every twin with unprocessed evidence and no run queued or running.
@@ -23,6 +266,12 @@ as $$
   returning *;
 $$;
 
+comment on function public.enqueue_due_learning_runs(uuid) is
+  'Worker (scheduler). In: a twin id, or null for every twin. Out: the runs it queued (trigger '
+  'schedule, safe_mode = not the twin''s auto_publish, max_attempts from its settings): one per '
+  'twin with an event after its cursor (learned_through_event_id) and no run queued or running. '
+  'Raises nothing; an unknown twin queues nothing.';
+
 -- Queues an operator's run for one twin, in safe mode or not (null: the twin's auto_publish
 -- setting decides). A run already queued for the twin is returned, taking the requested mode.
 create function public.enqueue_learning_run(p_twin_id uuid, p_safe_mode boolean default null)
@@ -46,6 +295,11 @@ begin
   return v_run;
 end;
 $$;
+
+comment on function public.enqueue_learning_run(uuid, boolean) is
+  'Worker (operator CLI). In: a twin id; safe mode true/false, or null for the twin''s '
+  'auto_publish setting. Out: the twin''s queued run (trigger manual), or the run already queued, '
+  'now in the requested mode. Raises P0002 (HTTP 404) "twin <id> does not exist".';
 
 -- Find me a run to do: first runs whose worker's lease expired (taken over with the same batch),
 -- then owners' requests, then the oldest. Returns no row when there is nothing to do.
@@ -139,6 +393,17 @@ begin
 end;
 $$;
 
+comment on function public.claim_learning_run(text, integer, uuid) is
+  'Worker. In: the worker''s id (1-200 chars), a lease in seconds (1-3600), optionally one twin. '
+  'First fails every running run whose lease expired on its last attempt. Out: no row when '
+  'nothing is due, else one run now running under a new lease_token until now() + '
+  'p_lease_seconds, attempts + 1: a run whose lease expired first (taken over with its batch and '
+  'time), then owners'' requests, then the oldest queued run of a twin with nothing running. The '
+  'first claim fixes the batch (batch_after_event_id = the twin''s cursor, batch_last_event_id: at '
+  'most max_batch_events ids later) and learning_time, after a share lock on the events that '
+  'waits for inserts in flight. Raises 22023 for a bad p_worker_id or p_lease_seconds; 55P03 when '
+  'that lock is not granted within 5 s.';
+
 -- Locks a running run for its lease holder; raises PT409 (HTTP 409) when the lease is stale.
 create function private.lock_leased_run(p_run_id uuid, p_lease_token uuid)
 returns public.persona_feedback_learning_runs
@@ -162,6 +427,12 @@ begin
   return v_run;
 end;
 $$;
+
+comment on function private.lock_leased_run(uuid, uuid) is
+  'Worker functions'' helper. In: a run id and its lease token. Out: the run, locked for update '
+  '(for the rest of the transaction). Raises P0002 (HTTP 404) "run <id> does not exist"; PT409 '
+  '(HTTP 409) "run <id>: lease is stale ..." when the run is not running, the token is another '
+  'worker''s, or the lease expired.';
 
 grant execute on function private.lock_leased_run(uuid, uuid) to service_role;
 
@@ -187,6 +458,11 @@ begin
   return v_run.lease_expires_at;
 end;
 $$;
+
+comment on function public.extend_learning_run_lease(uuid, uuid, integer) is
+  'Worker. In: a run id, its lease token, a lease in seconds (1-3600). Out: the new '
+  'lease_expires_at, now() + p_lease_seconds. Raises 22023 for a bad p_lease_seconds; P0002 and '
+  'PT409 (HTTP 409, stale lease) as private.lock_leased_run.';
 
 -- Returns everything the pure learning and gate need for the run's batch, aggregated here so
 -- that no event row travels to the worker:
@@ -255,7 +531,7 @@ begin
                else 1
              end
            * exp(-ln(2::float8)
-                 * greatest(0, extract(epoch from (v_run.learning_time - v.created_at))::float8)
+                 * greatest(0, date_part('epoch', v_run.learning_time - v.created_at))
                  / (v_settings.half_life_days * 86400)) as weight
     from votes v
     left join public.persona_specs s
@@ -359,6 +635,21 @@ begin
 end;
 $$;
 
+comment on function public.claim_learning_run_events(uuid, uuid) is
+  'Worker. In: a run id and its lease token. Reads the run''s batch and records events_scanned '
+  'and events_unmatched on the run. Out: jsonb {run (without lease_token), learning_time T, '
+  'events_scanned, events_unmatched, settings, modules [{module_id, module_key, intent_label, '
+  'success, failure, evidence_at, confidence, status}], evidence [{module_id, success, failure}] '
+  '(the batch''s decayed weight per module), draft_spec_id, draft_modules, baseline_spec_id, '
+  'audits {pairs, candidate_only_passed, baseline_only_passed, candidate_audited, '
+  'candidate_passed, candidate_unsafe_failures} (latest audit per trace of the latest draft, '
+  'paired with the published spec''s)}. Each vote weighs w * 2^(-(T - t)/H) (DESIGN.md, '
+  'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
+  'seconds: w = feedback_weight or audit_weight (0 for a neutral vote and for an audit of a '
+  'draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes another also '
+  'retracts that one with the same formula. Raises P0002 and PT409 (HTTP 409, stale lease) as '
+  'private.lock_leased_run.';
+
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
 -- over it), applies the module updates (recording each change), publishes the latest draft when
 -- allowed, and writes the run's figures. Nothing happens when the lease is stale.
@@ -405,7 +696,8 @@ begin
   with updates as (
     select u.*
     from jsonb_to_recordset(p_result -> 'module_updates')
-      as u(module_id uuid, success float8, failure float8, confidence float8, status text)
+      as u(module_id uuid, success float8, failure float8, confidence float8,
+            status public.persona_module_status)
   ),
   history as (
     insert into public.persona_module_changes (
@@ -464,15 +756,30 @@ begin
   set status = 'completed', finished_at = now(), lease_token = null, lease_expires_at = null,
       events_processed = v_run.events_scanned, modules_updated = v_changed,
       gate_passed = v_gate_passed, gate_report = p_result -> 'gate_report',
-      publish_decision = case when v_publish_spec_id is null then 'held' else 'published' end,
+      publish_decision = case when v_publish_spec_id is null then 'held'
+                              else 'published' end::public.learning_run_publish_decision,
       hold_reason = case when v_publish_spec_id is null
-                         then coalesce(p_result ->> 'hold_reason', 'gate_failed') end,
+                         then coalesce(p_result ->> 'hold_reason', 'gate_failed')
+                         end::public.learning_run_hold_reason,
       published_spec_id = v_publish_spec_id, error = null
   where r.id = v_run.id
   returning * into v_run;
   return v_run;
 end;
 $$;
+
+comment on function public.complete_learning_run(uuid, uuid, jsonb) is
+  'Worker. In: a run id, its lease token and p_result {module_updates [{module_id, success, '
+  'failure, confidence, status}], gate_passed, gate_report, publish_spec_id (uuid or null), '
+  'hold_reason}. In one transaction: moves the twin''s cursor over the batch, applies the module '
+  'updates (recording each change of confidence or status in persona_module_changes), publishes '
+  'the draft (the published spec archived) when publish_spec_id is set, and completes the run '
+  'with its figures. Out: the completed run. Raises P0002 and PT409 (HTTP 409, stale lease) as '
+  'private.lock_leased_run; 55000 when the batch was not read yet, or publishing in safe mode, '
+  'after a failed gate, or a spec that is not the latest draft; 22023 when p_result lacks '
+  'module_updates (array), gate_passed (boolean) or gate_report (object), or an update names no '
+  'module of the twin; 22P02 for a status or hold_reason outside its enum; 40001 when the twin''s '
+  'cursor moved since the claim. Nothing changes when it raises.';
 
 -- Records a failed attempt. A retryable error releases the run for another attempt with the same
 -- batch while attempts remain; otherwise the run fails and its events stay unprocessed.
@@ -506,6 +813,13 @@ begin
 end;
 $$;
 
+comment on function public.fail_learning_run(uuid, uuid, text, boolean) is
+  'Worker. In: a run id, its lease token, what went wrong (kept up to 4000 chars), whether '
+  'another attempt may help (default true). Out: the run: released for another attempt with the '
+  'same batch (lease expired now) while attempts remain and the error is retryable, otherwise '
+  'failed (its events wait for the next run). Raises 22023 for an empty p_error; P0002 and PT409 '
+  '(HTTP 409, stale lease) as private.lock_leased_run.';
+
 -- Gives a run back without counting the attempt (a worker stopping gracefully).
 create function public.release_learning_run(p_run_id uuid, p_lease_token uuid)
 returns public.persona_feedback_learning_runs
@@ -523,6 +837,11 @@ begin
   return v_run;
 end;
 $$;
+
+comment on function public.release_learning_run(uuid, uuid) is
+  'Worker (graceful stop). In: a run id and its lease token. Out: the run, its lease expired now '
+  'and the attempt not counted, for another worker to take over with the same batch. Raises '
+  'P0002 and PT409 (HTTP 409, stale lease) as private.lock_leased_run.';
 
 grant execute on function
   public.enqueue_due_learning_runs(uuid),

@@ -1,11 +1,18 @@
 -- Section: twins, their learning settings and their persona specs.
+--
+-- Closed sets of words are enum types and every other rule a check constraint named
+-- <field>_<rule>, so that `\d`, the dashboard and generated types show them and an error names
+-- the field and the rule (23514 with the constraint's name; 22P02 naming the enum type).
+
+create type public.twin_feedback_from as enum ('owner', 'any_user');
+comment on type public.twin_feedback_from is
+  'Who may send feedback on a twin''s answers: only its owner, or any signed-in user.';
 
 create table public.twins (
   id uuid primary key default gen_random_uuid(),
   owner_id uuid not null default auth.uid() references auth.users (id) on delete cascade,
-  name text not null constraint twins_name_check check (char_length(name) between 1 and 200),
-  feedback_from text not null default 'owner'
-    constraint twins_feedback_from_check check (feedback_from in ('owner', 'any_user')),
+  name text not null constraint name_1_to_200_chars check (char_length(name) between 1 and 200),
+  feedback_from public.twin_feedback_from not null default 'owner',
   learned_through_event_id bigint not null default 0,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now()
@@ -24,8 +31,7 @@ create index twins_owner_id_idx on public.twins (owner_id);
 create trigger twins_touch_updated_at before update of name, feedback_from on public.twins
   for each row execute function private.touch_updated_at();
 
--- True when the caller owns the twin. Policies call it; security definer so that it can read
--- twins the caller's own policies would hide.
+-- Security definer so that it can read twins the caller's own policies would hide.
 create function private.is_twin_owner(p_twin_id uuid)
 returns boolean
 language sql
@@ -38,6 +44,11 @@ as $$
     where t.id = p_twin_id and t.owner_id = (select auth.uid())
   );
 $$;
+
+comment on function private.is_twin_owner(uuid) is
+  'Policies'' helper. In: a twin id. Out: true when the caller (auth.uid() of the JWT) owns that '
+  'twin; false for another user''s twin, an unknown id, null, or no user. Security definer, so it '
+  'sees twins the caller''s policies hide. Raises nothing.';
 
 grant execute on function private.is_twin_owner(uuid) to authenticated, service_role;
 
@@ -61,28 +72,39 @@ grant insert (name, feedback_from), update (name, feedback_from) on public.twins
 create table public.persona_learning_settings (
   twin_id uuid primary key references public.twins (id) on delete cascade,
   auto_publish boolean not null default false,
-  half_life_days double precision not null default 30 check (half_life_days > 0),
-  feedback_weight double precision not null default 1 check (feedback_weight >= 0),
-  audit_weight double precision not null default 2 check (audit_weight >= 0),
-  unsafe_multiplier double precision not null default 3 check (unsafe_multiplier >= 1),
-  min_evidence double precision not null default 10 check (min_evidence >= 0),
+  half_life_days double precision not null default 30
+    constraint half_life_days_positive check (half_life_days > 0),
+  feedback_weight double precision not null default 1
+    constraint feedback_weight_not_negative check (feedback_weight >= 0),
+  audit_weight double precision not null default 2
+    constraint audit_weight_not_negative check (audit_weight >= 0),
+  unsafe_multiplier double precision not null default 3
+    constraint unsafe_multiplier_at_least_1 check (unsafe_multiplier >= 1),
+  min_evidence double precision not null default 10
+    constraint min_evidence_not_negative check (min_evidence >= 0),
   disable_upper_bound double precision not null default 0.35
-    check (disable_upper_bound between 0 and 1),
+    constraint disable_upper_bound_0_to_1 check (disable_upper_bound between 0 and 1),
   activate_lower_bound double precision not null default 0.6
-    check (activate_lower_bound between 0 and 1),
+    constraint activate_lower_bound_0_to_1 check (activate_lower_bound between 0 and 1),
   keep_active_lower_bound double precision not null default 0.5
-    check (keep_active_lower_bound between 0 and 1),
-  wilson_z double precision not null default 1.96 check (wilson_z > 0),
-  gate_min_pairs integer not null default 20 check (gate_min_pairs >= 1),
+    constraint keep_active_lower_bound_0_to_1 check (keep_active_lower_bound between 0 and 1),
+  wilson_z double precision not null default 1.96
+    constraint wilson_z_positive check (wilson_z > 0),
+  gate_min_pairs integer not null default 20
+    constraint gate_min_pairs_at_least_1 check (gate_min_pairs >= 1),
   gate_non_inferiority_margin double precision not null default 0.05
-    check (gate_non_inferiority_margin between 0 and 1),
+    constraint gate_non_inferiority_margin_0_to_1 check (gate_non_inferiority_margin between 0 and 1),
   gate_first_publish_min_lower_bound double precision not null default 0.8
+    constraint gate_first_publish_min_lower_bound_0_to_1
     check (gate_first_publish_min_lower_bound between 0 and 1),
-  gate_min_audited_traces integer not null default 20 check (gate_min_audited_traces >= 1),
-  max_batch_events integer not null default 100000 check (max_batch_events between 1 and 10000000),
-  max_attempts integer not null default 3 check (max_attempts between 1 and 100),
+  gate_min_audited_traces integer not null default 20
+    constraint gate_min_audited_traces_at_least_1 check (gate_min_audited_traces >= 1),
+  max_batch_events integer not null default 100000
+    constraint max_batch_events_1_to_10000000 check (max_batch_events between 1 and 10000000),
+  max_attempts integer not null default 3
+    constraint max_attempts_1_to_100 check (max_attempts between 1 and 100),
   updated_at timestamptz not null default now(),
-  constraint persona_learning_settings_hysteresis_check
+  constraint keep_active_lower_bound_at_most_activate_lower_bound
     check (keep_active_lower_bound <= activate_lower_bound)
 );
 
@@ -111,6 +133,10 @@ begin
 end;
 $$;
 
+comment on function private.create_default_learning_settings() is
+  'Trigger (after insert on twins): gives the new twin its settings row with every default. '
+  'Security definer: the twin''s creator may not insert settings. Raises nothing of its own.';
+
 create trigger twins_create_learning_settings after insert on public.twins
   for each row execute function private.create_default_learning_settings();
 
@@ -133,14 +159,18 @@ grant update (
 
 
 -- Persona specs: versioned documents; at most one published per twin.
+create type public.persona_spec_status as enum ('draft', 'published', 'archived');
+comment on type public.persona_spec_status is
+  'A persona spec''s life: draft (editable by its owner), published (at most one per twin), '
+  'archived.';
+
 create table public.persona_specs (
   id uuid primary key default gen_random_uuid(),
   twin_id uuid not null references public.twins (id) on delete cascade,
   version integer not null,
-  status text not null default 'draft'
-    constraint persona_specs_status_check check (status in ('draft', 'published', 'archived')),
+  status public.persona_spec_status not null default 'draft',
   spec jsonb not null default '{}'::jsonb
-    constraint persona_specs_spec_check check (
+    constraint spec_object_with_string_modules_at_most_256_kb check (
       jsonb_typeof(spec) = 'object'
       and (not spec ? 'modules' or jsonb_typeof(spec -> 'modules') = 'array')
       and not jsonb_path_exists(spec, '$.modules[*] ? (@.type() != "string")')
@@ -166,8 +196,6 @@ create unique index persona_specs_one_published_idx on public.persona_specs (twi
   where status = 'published';
 create index persona_specs_created_by_idx on public.persona_specs (created_by);
 
--- Numbers each new spec after the twin's latest one. A concurrent insert for the same twin
--- fails on the unique (twin_id, version) key rather than sharing a number.
 create function private.number_persona_spec()
 returns trigger
 language plpgsql
@@ -181,10 +209,15 @@ begin
 end;
 $$;
 
+comment on function private.number_persona_spec() is
+  'Trigger (before insert on persona_specs): sets version to the twin''s highest version + 1 '
+  '(1 for its first spec), whatever the insert said. Security definer: it reads specs the '
+  'caller''s policies may hide. Two concurrent inserts for one twin: the second fails with 23505 '
+  'on persona_specs_twin_version_key rather than sharing a number.';
+
 create trigger persona_specs_number before insert on public.persona_specs
   for each row execute function private.number_persona_spec();
 
--- published_at and archived_at say when a spec reached that status, however it got there.
 create function private.stamp_persona_spec_status()
 returns trigger
 language plpgsql
@@ -200,6 +233,11 @@ begin
   return new;
 end;
 $$;
+
+comment on function private.stamp_persona_spec_status() is
+  'Trigger (before insert, or update of status, on persona_specs): sets published_at or '
+  'archived_at to now() when the spec reaches that status and the time is not set yet, however '
+  'it got there. Raises nothing.';
 
 create trigger persona_specs_stamp_status before insert or update of status
   on public.persona_specs

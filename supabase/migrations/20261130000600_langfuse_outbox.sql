@@ -25,7 +25,8 @@ grant select on public.persona_langfuse_outbox to service_role;
 create function public.claim_langfuse_outbox(p_limit integer default 100,
                                              p_visibility_seconds integer default 60)
 returns table (
-  event_id bigint, twin_id uuid, trace_id text, created_by uuid, score smallint, reason text,
+  event_id bigint, twin_id uuid, trace_id text, created_by uuid, score smallint,
+  reason public.training_event_reason,
   intent_label text, module_key text, comment text, metadata jsonb, attempts integer,
   score_timestamp timestamptz
 )
@@ -65,6 +66,15 @@ begin
   order by c.id;
 end;
 $$;
+
+comment on function public.claim_langfuse_outbox(integer, integer) is
+  'Worker (outbox drain). In: at most p_limit rows (1-1000), hidden from other workers for '
+  'p_visibility_seconds (1-3600). Out: the claimed due feedback rows (pending or retrying, due '
+  'now), oldest due first, as (event_id, twin_id, trace_id, created_by, score, reason, '
+  'intent_label, module_key, comment, metadata, attempts, score_timestamp = the first vote''s '
+  'created_at, so every vote of one feedback updates one Langfuse score); their next attempt '
+  'moves to now() + p_visibility_seconds, so a worker that dies leaves them due again. Raises '
+  '22023 for a p_limit or p_visibility_seconds out of range.';
 
 -- Records what happened to claimed rows: p_deliveries is a JSON array of
 -- {"event_id": n, "outcome": "sent" | "retry" | "failed", "error": text|null}.
@@ -112,7 +122,7 @@ begin
           when d.outcome = 'sent' then 'sent'
           when d.outcome = 'failed' or e.langfuse_attempts + 1 >= p_max_attempts then 'failed'
           else 'retrying'
-        end,
+        end::public.langfuse_status,
         langfuse_sent_at = case when d.outcome = 'sent' then now() else e.langfuse_sent_at end,
         langfuse_last_error = case
           when d.outcome = 'sent' then null
@@ -153,6 +163,17 @@ begin
 end;
 $$;
 
+comment on function public.record_langfuse_deliveries(jsonb, integer, double precision, double precision) is
+  'Worker (outbox drain). In: p_deliveries, a JSON array of {"event_id": n, "outcome": "sent" | '
+  '"retry" | "failed", "error": text or null}; p_max_attempts (default 8), p_base_delay_seconds '
+  '(2) and p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = '
+  'now(); failed, or a retry on the last attempt: failed with the error (up to 2000 chars); '
+  'retry: due again after min(base * 2^attempts, max) * (0.5 + random()/2) seconds, exponential '
+  'backoff with "equal jitter" (AWS Architecture Blog, Exponential Backoff and Jitter, 2015). A '
+  'superseded vote stays superseded; the newer vote that waited for it is released, and sent '
+  'again if it went out first. Raises 22023 when p_deliveries is not an array, an item lacks '
+  'event_id or a known outcome, or a limit is not positive.';
+
 -- Langfuse is not configured: due rows are kept locally and marked skipped.
 create function public.skip_langfuse_outbox(p_limit integer default 1000)
 returns integer
@@ -176,6 +197,11 @@ as $$
   select count(*)::integer from skipped;
 $$;
 
+comment on function public.skip_langfuse_outbox(integer) is
+  'Worker (Langfuse not configured). In: at most p_limit due rows (default 1000; negative counts '
+  'as 0). Out: how many it marked skipped, with last_error "stored locally; Langfuse logging '
+  'unavailable". Raises nothing.';
+
 -- Puts skipped (or failed) current votes back in the outbox, e.g. once Langfuse is configured.
 create function public.requeue_langfuse_outbox(p_status text default 'skipped')
 returns integer
@@ -191,11 +217,16 @@ begin
   update public.persona_training_events e
   set langfuse_status = 'pending', langfuse_attempts = 0, langfuse_last_error = null,
       langfuse_next_attempt_at = now()
-  where e.langfuse_status = p_status and e.source = 'user_feedback' and e.superseded_at is null;
+  where e.langfuse_status = p_status::public.langfuse_status and e.source = 'user_feedback' and e.superseded_at is null;
   get diagnostics v_count = row_count;
   return v_count;
 end;
 $$;
+
+comment on function public.requeue_langfuse_outbox(text) is
+  'Worker (outbox requeue). In: p_status, skipped (default) or failed. Out: how many current '
+  'votes in that state it put back as pending, due now, attempts 0. Raises 22023 "p_status must '
+  'be skipped or failed" otherwise.';
 
 grant execute on function
   public.claim_langfuse_outbox(integer, integer),

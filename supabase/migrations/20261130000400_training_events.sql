@@ -1,0 +1,242 @@
+-- Section: training events — user feedback written by apps, persona audits written by the audit
+-- pipeline. Apps insert straight through PostgREST; everything but the vote itself is set here.
+--
+-- Every rule on a field is declared: closed sets are enum types (a bad value is 22P02 "invalid
+-- input value for enum <type>", HTTP 400), everything else a check constraint named
+-- <field>_<rule> (23514 "... violates check constraint <name>", HTTP 400), and they hold for
+-- inserts and updates by every role. Two triggers do what no declaration can: check that the
+-- twin accepts the vote from its voter, and record the vote (supersede the voter's earlier vote
+-- on the trace, put it in the Langfuse outbox).
+
+create type public.training_event_source as enum ('user_feedback', 'persona_audit');
+comment on type public.training_event_source is
+  'Where a training event comes from: user_feedback (apps) or persona_audit (the audit pipeline).';
+
+create type public.training_event_reason as enum
+  ('incorrect', 'unhelpful', 'off_persona', 'unsafe', 'outdated', 'helpful', 'other');
+comment on type public.training_event_reason is
+  'Why a vote or an audit came out as it did; unsafe failures weigh 3x in learning.';
+
+create type public.langfuse_status as enum
+  ('pending', 'retrying', 'sent', 'skipped', 'failed', 'superseded');
+comment on type public.langfuse_status is
+  'Langfuse mirror (outbox) state of a feedback vote: pending, retrying, sent, skipped (Langfuse '
+  'not configured), failed, or superseded by a later vote of the same feedback.';
+
+create table public.persona_training_events (
+  id bigint generated always as identity primary key,
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  source public.training_event_source not null default 'user_feedback',
+  trace_id text not null
+    constraint trace_id_1_to_200_chars check (char_length(trace_id) between 1 and 200),
+  intent_label text not null
+    constraint intent_label_slug
+    check (char_length(intent_label) <= 64 and intent_label ~ '^[a-z][a-z0-9_]*$'),
+  module_key text
+    constraint module_key_slug
+    check (char_length(module_key) <= 64 and module_key ~ '^[a-z][a-z0-9_]*$'),
+  score smallint
+    constraint score_minus_1_to_1 check (score between -1 and 1),
+  passed boolean,
+  reason public.training_event_reason,
+  comment text
+    constraint comment_at_most_2000_chars check (char_length(comment) <= 2000),
+  metadata jsonb not null default '{}'::jsonb
+    constraint metadata_object_at_most_4096_bytes
+    check (jsonb_typeof(metadata) = 'object' and octet_length(metadata::text) <= 4096),
+  persona_spec_id uuid,
+  created_by uuid default auth.uid() references auth.users (id) on delete cascade,
+  created_at timestamptz not null default now(),
+  first_vote_id bigint,
+  supersedes_id bigint,
+  superseded_at timestamptz,
+  langfuse_status public.langfuse_status,
+  langfuse_attempts integer not null default 0,
+  langfuse_next_attempt_at timestamptz,
+  langfuse_last_error text,
+  langfuse_sent_at timestamptz,
+  constraint score_on_feedback_only check ((source = 'user_feedback') = (score is not null)),
+  constraint passed_on_audits_only check ((source = 'persona_audit') = (passed is not null)),
+  -- Feedback names its voter, so that an insert without a user is refused by the insert policy
+  -- (403) before any other rule is checked.
+  constraint created_by_on_feedback check (source <> 'user_feedback' or created_by is not null),
+  constraint langfuse_status_on_feedback_only
+    check ((source = 'user_feedback') = (langfuse_status is not null)),
+  constraint persona_training_events_persona_spec_fkey foreign key (twin_id, persona_spec_id)
+    references public.persona_specs (twin_id, id) on delete set null (persona_spec_id)
+);
+
+comment on table public.persona_training_events is
+  'Evidence about a twin''s answers: user feedback (apps, through the API) and persona audits '
+  '(the audit pipeline, service role). An event is processed once its id is at most its twin''s '
+  'learned_through_event_id; processed_at and processed_run_id tell when and by which run.';
+comment on column public.persona_training_events.trace_id is 'The trace of the answer (1-200 chars).';
+comment on column public.persona_training_events.score is 'Feedback vote: -1, 0 (neutral) or +1.';
+comment on column public.persona_training_events.passed is 'Audit outcome: did the answer follow the spec?';
+comment on column public.persona_training_events.reason is
+  'incorrect, unhelpful, off_persona, unsafe, outdated, helpful or other; unsafe failures weigh 3x.';
+comment on column public.persona_training_events.persona_spec_id is
+  'Audits: the spec audited. Feedback: none; the spec live when the vote was cast follows from '
+  'the specs'' published_at and archived_at.';
+comment on column public.persona_training_events.created_by is 'The user who voted; from the JWT.';
+comment on column public.persona_training_events.first_vote_id is
+  'The first vote of this feedback (same twin, trace and user); later votes change it.';
+comment on column public.persona_training_events.supersedes_id is
+  'The earlier vote this one replaces; the worker retracts what that one contributed.';
+comment on column public.persona_training_events.superseded_at is
+  'When a later vote by the same user on the same trace replaced this one.';
+comment on column public.persona_training_events.langfuse_status is
+  'Langfuse mirror (outbox) state of a feedback: pending, retrying, sent, skipped, failed or '
+  'superseded by a later vote.';
+
+comment on constraint intent_label_slug on public.persona_training_events is
+  'A lowercase letter, then up to 63 lowercase letters, digits or underscores.';
+comment on constraint module_key_slug on public.persona_training_events is
+  'A lowercase letter, then up to 63 lowercase letters, digits or underscores.';
+comment on constraint score_on_feedback_only on public.persona_training_events is
+  'Feedback carries a score (-1, 0 or 1); audits carry none.';
+comment on constraint passed_on_audits_only on public.persona_training_events is
+  'Audits carry an outcome (passed true or false); feedback carries none.';
+comment on constraint langfuse_status_on_feedback_only on public.persona_training_events is
+  'Feedback is in the Langfuse outbox; audits are not mirrored.';
+
+-- A twin's evidence in arrival order: runs claim the ids after the twin's cursor.
+create index persona_training_events_twin_id_idx on public.persona_training_events (twin_id, id);
+create index persona_training_events_created_by_idx on public.persona_training_events (created_by);
+-- One current vote per twin, trace and user; a new vote supersedes the old one.
+create unique index persona_training_events_current_vote_idx
+  on public.persona_training_events (twin_id, trace_id, created_by)
+  where source = 'user_feedback' and superseded_at is null;
+-- Audits of a spec by trace, latest first: the regression gate's evidence. Feedback rows stay out
+-- of it, so ingestion does not pay for it.
+create index persona_training_events_audits_idx
+  on public.persona_training_events (persona_spec_id, trace_id, created_at desc, id desc)
+  where source = 'persona_audit';
+-- The outbox claim takes due rows `order by langfuse_next_attempt_at, id`: with the id in the key
+-- it is an index scan that stops at its limit, even when many rows share one due time (a requeue
+-- gives every requeued row the same).
+create index persona_training_events_langfuse_due_idx
+  on public.persona_training_events (langfuse_next_attempt_at, id)
+  where langfuse_status in ('pending', 'retrying');
+
+create function private.check_feedback_consent()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  -- No twin at all is the NOT NULL constraint's to refuse (23502 naming twin_id).
+  if new.twin_id is not null and not exists (
+    select 1 from public.twins t
+    where t.id = new.twin_id
+      and (t.feedback_from = 'any_user' or t.owner_id = new.created_by)
+  ) then
+    raise exception using
+      errcode = '42501',
+      column = 'twin_id',
+      message = format('twin_id: twin %s does not exist or does not accept feedback from this user',
+                       new.twin_id);
+  end if;
+  return new;
+end;
+$$;
+
+comment on function private.check_feedback_consent() is
+  'Trigger (before insert of feedback on persona_training_events, for every role): lets the vote '
+  'through when its twin accepts feedback from its voter (created_by): the owner always, others '
+  'when the twin''s feedback_from is any_user. Raises 42501 (HTTP 403) "twin_id: twin <id> does '
+  'not exist or does not accept feedback from this user" otherwise. Security definer: it reads '
+  'twins the voter''s policies hide. Runs before the insert policy, so the error names twin_id.';
+
+create function private.record_feedback_vote()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_previous_id bigint;
+  v_first_vote_id bigint;
+  v_previous_due_at timestamptz;
+  v_previous_status public.langfuse_status;
+begin
+  new.superseded_at := null;
+  new.supersedes_id := null;
+  new.langfuse_attempts := 0;
+  new.langfuse_last_error := null;
+  new.langfuse_sent_at := null;
+
+  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
+  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
+  perform pg_advisory_xact_lock(
+    hashtext('public.persona_training_events'),
+    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
+  );
+  update public.persona_training_events p
+  set superseded_at = now(),
+      langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
+                             then 'superseded' else p.langfuse_status end
+  where p.twin_id = new.twin_id
+    and p.trace_id = new.trace_id
+    and p.created_by = new.created_by
+    and p.source = 'user_feedback'
+    and p.superseded_at is null
+  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
+    into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
+
+  new.supersedes_id := v_previous_id;
+  new.first_vote_id := coalesce(v_first_vote_id, new.id);
+  new.langfuse_status := 'pending';
+  -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
+  -- in flight: wait until its delivery is recorded (which releases this one) or its window
+  -- closes, so that the new value always lands last.
+  new.langfuse_next_attempt_at := case when v_previous_status = 'superseded'
+                                       then greatest(new.created_at, v_previous_due_at)
+                                       else new.created_at end;
+  return new;
+end;
+$$;
+
+comment on function private.record_feedback_vote() is
+  'Trigger (before insert of feedback on persona_training_events, after the consent check): '
+  'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
+  'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
+  'trace) so two votes of one feedback take turns; marks the voter''s current vote on the trace '
+  'superseded (its outbox state too when not yet delivered) and links the new vote to it '
+  '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id); puts the new vote '
+  'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
+  'closes). Security definer: voters may not update events. Raises nothing of its own.';
+
+create trigger persona_training_events_check_consent
+  before insert on public.persona_training_events
+  for each row when (new.source = 'user_feedback')
+  execute function private.check_feedback_consent();
+-- Fires after the consent check: triggers of one event fire in name order.
+create trigger persona_training_events_record_vote
+  before insert on public.persona_training_events
+  for each row when (new.source = 'user_feedback')
+  execute function private.record_feedback_vote();
+
+alter table public.persona_training_events enable row level security;
+
+create policy "Voters and twin owners can read events"
+  on public.persona_training_events
+  for select to authenticated
+  using (created_by = (select auth.uid()) or private.is_twin_owner(twin_id));
+-- Whether the twin accepts the vote is checked by private.check_feedback_consent, which raises a
+-- clear error naming twin_id before this policy is evaluated.
+create policy "Users send their own feedback" on public.persona_training_events
+  for insert to authenticated
+  with check (source = 'user_feedback' and created_by = (select auth.uid()));
+
+grant select, insert, update, delete on public.persona_training_events to service_role;
+grant select on public.persona_training_events to authenticated;
+grant insert (twin_id, trace_id, score, reason, intent_label, module_key, comment, metadata)
+  on public.persona_training_events to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.check_feedback_consent(),
+  private.record_feedback_vote()
+from public;

@@ -1,0 +1,36 @@
+-- Section: lock down defaults, then grant by name.
+-- Hosted Supabase grants every new table, sequence and function in `public` to anon, authenticated
+-- and service_role. This project grants each privilege explicitly where it creates the object.
+
+-- PostgreSQL's own default lets PUBLIC execute every function, and a per-schema default cannot
+-- take that away: each file revokes it from the functions it creates.
+alter default privileges in schema public revoke execute on functions from anon, authenticated;
+alter default privileges in schema public revoke all on tables from anon, authenticated;
+alter default privileges in schema public revoke all on sequences from anon, authenticated;
+
+-- Helpers that policies and triggers call live in `private`, which PostgREST does not expose.
+create schema if not exists private;
+revoke all on schema private from public;
+grant usage on schema private to authenticated, service_role;
+
+comment on schema private is 'Helpers for policies and triggers; not exposed through the API.';
+
+create function private.touch_updated_at()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  new.updated_at := now();
+  return new;
+end;
+$$;
+
+comment on function private.touch_updated_at() is
+  'Trigger (before update): sets the row''s updated_at to now(), the transaction''s start time. '
+  'Raises nothing.';
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.touch_updated_at()
+from public;

@@ -1,0 +1,270 @@
+-- Section: twins, their learning settings and their persona specs.
+--
+-- Closed sets of words are enum types and every other rule a check constraint named
+-- <field>_<rule>, so that `\d`, the dashboard and generated types show them and an error names
+-- the field and the rule (23514 with the constraint's name; 22P02 naming the enum type).
+
+create type public.twin_feedback_from as enum ('owner', 'any_user');
+comment on type public.twin_feedback_from is
+  'Who may send feedback on a twin''s answers: only its owner, or any signed-in user.';
+
+create table public.twins (
+  id uuid primary key default gen_random_uuid(),
+  owner_id uuid not null default auth.uid() references auth.users (id) on delete cascade,
+  name text not null constraint name_1_to_200_chars check (char_length(name) between 1 and 200),
+  feedback_from public.twin_feedback_from not null default 'owner',
+  learned_through_event_id bigint not null default 0,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now()
+);
+
+comment on table public.twins is 'An AI persona ("twin") owned by one user.';
+comment on column public.twins.owner_id is 'The user who owns the twin; set from the caller''s JWT.';
+comment on column public.twins.feedback_from is
+  'Who may send feedback on the twin''s answers: only the owner, or any signed-in user.';
+comment on column public.twins.learned_through_event_id is
+  'Every training event of this twin with an id up to this one has been processed by a '
+  'completed learning run; later ones wait for the next run.';
+
+create index twins_owner_id_idx on public.twins (owner_id);
+
+create trigger twins_touch_updated_at before update of name, feedback_from on public.twins
+  for each row execute function private.touch_updated_at();
+
+-- Security definer so that it can read twins the caller's own policies would hide.
+create function private.is_twin_owner(p_twin_id uuid)
+returns boolean
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select exists (
+    select 1 from public.twins t
+    where t.id = p_twin_id and t.owner_id = (select auth.uid())
+  );
+$$;
+
+comment on function private.is_twin_owner(uuid) is
+  'Policies'' helper. In: a twin id. Out: true when the caller (auth.uid() of the JWT) owns that '
+  'twin; false for another user''s twin, an unknown id, null, or no user. Security definer, so it '
+  'sees twins the caller''s policies hide. Raises nothing.';
+
+grant execute on function private.is_twin_owner(uuid) to authenticated, service_role;
+
+alter table public.twins enable row level security;
+
+create policy "Owners can read their twins" on public.twins
+  for select to authenticated using (owner_id = (select auth.uid()));
+create policy "Users can create twins they own" on public.twins
+  for insert to authenticated with check (owner_id = (select auth.uid()));
+create policy "Owners can update their twins" on public.twins
+  for update to authenticated
+  using (owner_id = (select auth.uid())) with check (owner_id = (select auth.uid()));
+
+grant select, delete, insert, update on public.twins to service_role;
+grant select on public.twins to authenticated;
+grant insert (name, feedback_from), update (name, feedback_from) on public.twins to authenticated;
+
+
+-- Per-twin learning settings: one row per twin, created with the twin. Field names match the
+-- worker's LearningSettings model.
+create table public.persona_learning_settings (
+  twin_id uuid primary key references public.twins (id) on delete cascade,
+  auto_publish boolean not null default false,
+  half_life_days double precision not null default 30
+    constraint half_life_days_positive check (half_life_days > 0),
+  feedback_weight double precision not null default 1
+    constraint feedback_weight_not_negative check (feedback_weight >= 0),
+  audit_weight double precision not null default 2
+    constraint audit_weight_not_negative check (audit_weight >= 0),
+  unsafe_multiplier double precision not null default 3
+    constraint unsafe_multiplier_at_least_1 check (unsafe_multiplier >= 1),
+  min_evidence double precision not null default 10
+    constraint min_evidence_not_negative check (min_evidence >= 0),
+  disable_upper_bound double precision not null default 0.35
+    constraint disable_upper_bound_0_to_1 check (disable_upper_bound between 0 and 1),
+  activate_lower_bound double precision not null default 0.6
+    constraint activate_lower_bound_0_to_1 check (activate_lower_bound between 0 and 1),
+  keep_active_lower_bound double precision not null default 0.5
+    constraint keep_active_lower_bound_0_to_1 check (keep_active_lower_bound between 0 and 1),
+  wilson_z double precision not null default 1.96
+    constraint wilson_z_positive check (wilson_z > 0),
+  gate_min_pairs integer not null default 20
+    constraint gate_min_pairs_at_least_1 check (gate_min_pairs >= 1),
+  gate_non_inferiority_margin double precision not null default 0.05
+    constraint gate_non_inferiority_margin_0_to_1 check (gate_non_inferiority_margin between 0 and 1),
+  gate_first_publish_min_lower_bound double precision not null default 0.8
+    constraint gate_first_publish_min_lower_bound_0_to_1
+    check (gate_first_publish_min_lower_bound between 0 and 1),
+  gate_min_audited_traces integer not null default 20
+    constraint gate_min_audited_traces_at_least_1 check (gate_min_audited_traces >= 1),
+  max_batch_events integer not null default 100000
+    constraint max_batch_events_1_to_10000000 check (max_batch_events between 1 and 10000000),
+  max_attempts integer not null default 3
+    constraint max_attempts_1_to_100 check (max_attempts between 1 and 100),
+  updated_at timestamptz not null default now(),
+  constraint keep_active_lower_bound_at_most_activate_lower_bound
+    check (keep_active_lower_bound <= activate_lower_bound)
+);
+
+comment on table public.persona_learning_settings is
+  'How the learning worker treats one twin''s evidence. Defaults follow DESIGN.md.';
+comment on column public.persona_learning_settings.auto_publish is
+  'Scheduled runs may publish a draft spec that passes the gate; otherwise they run in safe mode.';
+comment on column public.persona_learning_settings.half_life_days is
+  'Evidence loses half its weight every this many days.';
+comment on column public.persona_learning_settings.max_batch_events is
+  'At most this many events are claimed by one run; the rest wait for the next run.';
+
+create trigger persona_learning_settings_touch_updated_at
+  before update on public.persona_learning_settings
+  for each row execute function private.touch_updated_at();
+
+create function private.create_default_learning_settings()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  insert into public.persona_learning_settings (twin_id) values (new.id);
+  return new;
+end;
+$$;
+
+comment on function private.create_default_learning_settings() is
+  'Trigger (after insert on twins): gives the new twin its settings row with every default. '
+  'Security definer: the twin''s creator may not insert settings. Raises nothing of its own.';
+
+create trigger twins_create_learning_settings after insert on public.twins
+  for each row execute function private.create_default_learning_settings();
+
+alter table public.persona_learning_settings enable row level security;
+
+create policy "Owners can read their twins' learning settings" on public.persona_learning_settings
+  for select to authenticated using (private.is_twin_owner(twin_id));
+create policy "Owners can change their twins' learning settings" on public.persona_learning_settings
+  for update to authenticated
+  using (private.is_twin_owner(twin_id)) with check (private.is_twin_owner(twin_id));
+
+grant select, insert, update, delete on public.persona_learning_settings to service_role;
+grant select on public.persona_learning_settings to authenticated;
+grant update (
+  auto_publish, half_life_days, feedback_weight, audit_weight, unsafe_multiplier, min_evidence,
+  disable_upper_bound, activate_lower_bound, keep_active_lower_bound, wilson_z, gate_min_pairs,
+  gate_non_inferiority_margin, gate_first_publish_min_lower_bound, gate_min_audited_traces,
+  max_batch_events, max_attempts
+) on public.persona_learning_settings to authenticated;
+
+
+-- Persona specs: versioned documents; at most one published per twin.
+create type public.persona_spec_status as enum ('draft', 'published', 'archived');
+comment on type public.persona_spec_status is
+  'A persona spec''s life: draft (editable by its owner), published (at most one per twin), '
+  'archived.';
+
+create table public.persona_specs (
+  id uuid primary key default gen_random_uuid(),
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  version integer not null,
+  status public.persona_spec_status not null default 'draft',
+  spec jsonb not null default '{}'::jsonb
+    constraint spec_object_with_string_modules_at_most_256_kb check (
+      jsonb_typeof(spec) = 'object'
+      and (not spec ? 'modules' or jsonb_typeof(spec -> 'modules') = 'array')
+      and not jsonb_path_exists(spec, '$.modules[*] ? (@.type() != "string")')
+      and octet_length(spec::text) <= 262144
+    ),
+  created_by uuid default auth.uid() references auth.users (id) on delete set null,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  published_at timestamptz,
+  archived_at timestamptz,
+  constraint persona_specs_twin_version_key unique (twin_id, version),
+  -- Lets training events reference a spec of their own twin only.
+  constraint persona_specs_twin_id_id_key unique (twin_id, id)
+);
+
+comment on table public.persona_specs is
+  'Versioned persona documents of a twin. The worker publishes the latest draft when the gate passes.';
+comment on column public.persona_specs.spec is
+  'The persona document; spec->''modules'' lists the module keys it relies on.';
+comment on column public.persona_specs.version is 'Per-twin version number, assigned on insert.';
+
+create unique index persona_specs_one_published_idx on public.persona_specs (twin_id)
+  where status = 'published';
+create index persona_specs_created_by_idx on public.persona_specs (created_by);
+
+create function private.number_persona_spec()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  select coalesce(max(s.version), 0) + 1 into new.version
+  from public.persona_specs s where s.twin_id = new.twin_id;
+  return new;
+end;
+$$;
+
+comment on function private.number_persona_spec() is
+  'Trigger (before insert on persona_specs): sets version to the twin''s highest version + 1 '
+  '(1 for its first spec), whatever the insert said. Security definer: it reads specs the '
+  'caller''s policies may hide. Two concurrent inserts for one twin: the second fails with 23505 '
+  'on persona_specs_twin_version_key rather than sharing a number.';
+
+create trigger persona_specs_number before insert on public.persona_specs
+  for each row execute function private.number_persona_spec();
+
+create function private.stamp_persona_spec_status()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if new.status = 'published' and new.published_at is null then
+    new.published_at := now();
+  end if;
+  if new.status = 'archived' and new.archived_at is null then
+    new.archived_at := now();
+  end if;
+  return new;
+end;
+$$;
+
+comment on function private.stamp_persona_spec_status() is
+  'Trigger (before insert, or update of status, on persona_specs): sets published_at or '
+  'archived_at to now() when the spec reaches that status and the time is not set yet, however '
+  'it got there. Raises nothing.';
+
+create trigger persona_specs_stamp_status before insert or update of status
+  on public.persona_specs
+  for each row execute function private.stamp_persona_spec_status();
+create trigger persona_specs_touch_updated_at before update on public.persona_specs
+  for each row execute function private.touch_updated_at();
+
+alter table public.persona_specs enable row level security;
+
+create policy "Owners can read their twins' specs" on public.persona_specs
+  for select to authenticated using (private.is_twin_owner(twin_id));
+create policy "Owners can create draft specs" on public.persona_specs
+  for insert to authenticated
+  with check (status = 'draft' and private.is_twin_owner(twin_id));
+create policy "Owners can edit draft specs" on public.persona_specs
+  for update to authenticated
+  using (status = 'draft' and private.is_twin_owner(twin_id))
+  with check (status = 'draft' and private.is_twin_owner(twin_id));
+
+grant select, insert, update, delete on public.persona_specs to service_role;
+grant select on public.persona_specs to authenticated;
+grant insert (twin_id, spec), update (spec) on public.persona_specs to authenticated;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  private.is_twin_owner(uuid),
+  private.create_default_learning_settings(),
+  private.number_persona_spec(),
+  private.stamp_persona_spec_status()
+from public;

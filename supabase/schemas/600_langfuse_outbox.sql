@@ -1,0 +1,244 @@
+-- Section: the Langfuse mirror. The outbox is the langfuse_* columns of each feedback row, set in
+-- the same transaction as the insert (no second row to write); the worker drains it through these
+-- functions, executable by service_role only.
+
+-- The outbox as operators look at it (dashboard, SQL): one row per feedback vote.
+create view public.persona_langfuse_outbox
+with (security_invoker = true)
+as
+select e.id as event_id, e.twin_id, e.trace_id, e.created_by, e.score, e.reason, e.intent_label,
+       e.langfuse_status as status, e.langfuse_attempts as attempts,
+       e.langfuse_next_attempt_at as next_attempt_at, e.langfuse_last_error as last_error,
+       e.langfuse_sent_at as sent_at, e.created_at
+from public.persona_training_events e
+where e.source = 'user_feedback';
+
+comment on view public.persona_langfuse_outbox is
+  'Langfuse delivery state of every feedback vote: pending, retrying, sent, skipped, failed or '
+  'superseded by a later vote of the same user on the same trace.';
+
+revoke all on public.persona_langfuse_outbox from anon, authenticated;
+grant select on public.persona_langfuse_outbox to service_role;
+
+-- Claims up to p_limit due feedback rows for delivery. They stay invisible to other workers for
+-- p_visibility_seconds; a worker that dies leaves them due again after that.
+create function public.claim_langfuse_outbox(p_limit integer default 100,
+                                             p_visibility_seconds integer default 60)
+returns table (
+  event_id bigint, twin_id uuid, trace_id text, created_by uuid, score smallint,
+  reason public.training_event_reason,
+  intent_label text, module_key text, comment text, metadata jsonb, attempts integer,
+  score_timestamp timestamptz
+)
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_limit is null or p_limit not between 1 and 1000 then
+    raise exception using errcode = '22023', message = 'p_limit must be 1 to 1000';
+  end if;
+  if p_visibility_seconds is null or p_visibility_seconds not between 1 and 3600 then
+    raise exception using errcode = '22023', message = 'p_visibility_seconds must be 1 to 3600';
+  end if;
+  return query
+  with due as (
+    select e.id
+    from public.persona_training_events e
+    where e.langfuse_status in ('pending', 'retrying') and e.langfuse_next_attempt_at <= now()
+    order by e.langfuse_next_attempt_at, e.id
+    limit p_limit
+    for update skip locked
+  ),
+  claimed as (
+    update public.persona_training_events e
+    set langfuse_next_attempt_at = now() + make_interval(secs => p_visibility_seconds)
+    from due
+    where e.id = due.id
+    returning e.*
+  )
+  select c.id, c.twin_id, c.trace_id, c.created_by, c.score, c.reason, c.intent_label,
+         c.module_key, c.comment, c.metadata, c.langfuse_attempts,
+         -- Every vote of one feedback carries the first vote's time, so Langfuse updates the
+         -- same score instead of adding one.
+         coalesce(first_vote.created_at, c.created_at)
+  from claimed c
+  left join public.persona_training_events first_vote on first_vote.id = c.first_vote_id
+  order by c.id;
+end;
+$$;
+
+comment on function public.claim_langfuse_outbox(integer, integer) is
+  'Worker (outbox drain). In: at most p_limit rows (1-1000), hidden from other workers for '
+  'p_visibility_seconds (1-3600). Out: the claimed due feedback rows (pending or retrying, due '
+  'now), oldest due first, as (event_id, twin_id, trace_id, created_by, score, reason, '
+  'intent_label, module_key, comment, metadata, attempts, score_timestamp = the first vote''s '
+  'created_at, so every vote of one feedback updates one Langfuse score); their next attempt '
+  'moves to now() + p_visibility_seconds, so a worker that dies leaves them due again. Raises '
+  '22023 for a p_limit or p_visibility_seconds out of range.';
+
+-- Records what happened to claimed rows: p_deliveries is a JSON array of
+-- {"event_id": n, "outcome": "sent" | "retry" | "failed", "error": text|null}.
+-- A retry waits base * 2^attempts seconds (at most p_max_delay_seconds) with jitter; after
+-- p_max_attempts deliveries it fails. A superseded vote keeps that status; if the newer vote was
+-- already sent, it is sent again so that Langfuse ends with the newer value; if it waits for
+-- this delivery, it is released.
+create function public.record_langfuse_deliveries(
+  p_deliveries jsonb,
+  p_max_attempts integer default 8,
+  p_base_delay_seconds double precision default 2,
+  p_max_delay_seconds double precision default 600
+)
+returns integer
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  if jsonb_typeof(p_deliveries) is distinct from 'array' then
+    raise exception using errcode = '22023', message = 'p_deliveries must be a JSON array';
+  end if;
+  if exists (
+    select 1 from jsonb_to_recordset(p_deliveries) as d(event_id bigint, outcome text, error text)
+    where d.event_id is null or d.outcome is null or d.outcome not in ('sent', 'retry', 'failed')
+  ) then
+    raise exception using errcode = '22023',
+      message = 'each delivery needs an event_id and an outcome of sent, retry or failed';
+  end if;
+  if p_max_attempts is null or p_max_attempts < 1 or p_base_delay_seconds is null
+     or p_base_delay_seconds <= 0 or p_max_delay_seconds is null or p_max_delay_seconds <= 0 then
+    raise exception using errcode = '22023',
+      message = 'p_max_attempts, p_base_delay_seconds and p_max_delay_seconds must be positive';
+  end if;
+
+  with d as (
+    select * from jsonb_to_recordset(p_deliveries) as d(event_id bigint, outcome text, error text)
+  ),
+  updated as (
+    update public.persona_training_events e
+    set langfuse_attempts = e.langfuse_attempts + 1,
+        langfuse_status = case
+          when e.langfuse_status = 'superseded' then 'superseded'
+          when d.outcome = 'sent' then 'sent'
+          when d.outcome = 'failed' or e.langfuse_attempts + 1 >= p_max_attempts then 'failed'
+          else 'retrying'
+        end::public.langfuse_status,
+        langfuse_sent_at = case when d.outcome = 'sent' then now() else e.langfuse_sent_at end,
+        langfuse_last_error = case
+          when d.outcome = 'sent' then null
+          when d.outcome = 'retry' and e.langfuse_attempts + 1 >= p_max_attempts
+            then left(format('gave up after %s attempts: %s', e.langfuse_attempts + 1, d.error), 2000)
+          else left(d.error, 2000)
+        end,
+        langfuse_next_attempt_at = case
+          when d.outcome = 'retry' then now() + make_interval(secs =>
+            least(p_base_delay_seconds * power(2, e.langfuse_attempts), p_max_delay_seconds)
+            * (0.5 + random() / 2))
+          else now()
+        end
+    from d
+    where e.id = d.event_id and e.source = 'user_feedback'
+      and e.langfuse_status in ('pending', 'retrying', 'superseded')
+    returning e.twin_id, e.trace_id, e.created_by, e.superseded_at, d.outcome
+  ),
+  -- The newer vote of a superseded one waited for this delivery: release it now, and send it
+  -- again if it already went out before the older value.
+  release_newer as (
+    update public.persona_training_events cur
+    set langfuse_status = case when cur.langfuse_status = 'sent' and u.outcome = 'sent'
+                               then 'pending' else cur.langfuse_status end,
+        langfuse_attempts = case when cur.langfuse_status = 'sent' and u.outcome = 'sent'
+                                 then 0 else cur.langfuse_attempts end,
+        langfuse_next_attempt_at = now()
+    from updated u
+    -- the current vote of the same feedback, found through the current-vote index
+    where u.superseded_at is not null
+      and cur.twin_id = u.twin_id and cur.trace_id = u.trace_id and cur.created_by = u.created_by
+      and cur.source = 'user_feedback' and cur.superseded_at is null
+      and (cur.langfuse_status = 'pending' or (cur.langfuse_status = 'sent' and u.outcome = 'sent'))
+    returning 1
+  )
+  select count(*) into v_count from updated;
+  return v_count;
+end;
+$$;
+
+comment on function public.record_langfuse_deliveries(jsonb, integer, double precision, double precision) is
+  'Worker (outbox drain). In: p_deliveries, a JSON array of {"event_id": n, "outcome": "sent" | '
+  '"retry" | "failed", "error": text or null}; p_max_attempts (default 8), p_base_delay_seconds '
+  '(2) and p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = '
+  'now(); failed, or a retry on the last attempt: failed with the error (up to 2000 chars); '
+  'retry: due again after min(base * 2^attempts, max) * (0.5 + random()/2) seconds, exponential '
+  'backoff with "equal jitter" (AWS Architecture Blog, Exponential Backoff and Jitter, 2015). A '
+  'superseded vote stays superseded; the newer vote that waited for it is released, and sent '
+  'again if it went out first. Raises 22023 when p_deliveries is not an array, an item lacks '
+  'event_id or a known outcome, or a limit is not positive.';
+
+-- Langfuse is not configured: due rows are kept locally and marked skipped.
+create function public.skip_langfuse_outbox(p_limit integer default 1000)
+returns integer
+language sql
+set search_path = ''
+as $$
+  with due as (
+    select e.id from public.persona_training_events e
+    where e.langfuse_status in ('pending', 'retrying') and e.langfuse_next_attempt_at <= now()
+    order by e.langfuse_next_attempt_at
+    limit greatest(p_limit, 0)
+    for update skip locked
+  ),
+  skipped as (
+    update public.persona_training_events e
+    set langfuse_status = 'skipped',
+        langfuse_last_error = 'stored locally; Langfuse logging unavailable'
+    from due where e.id = due.id
+    returning 1
+  )
+  select count(*)::integer from skipped;
+$$;
+
+comment on function public.skip_langfuse_outbox(integer) is
+  'Worker (Langfuse not configured). In: at most p_limit due rows (default 1000; negative counts '
+  'as 0). Out: how many it marked skipped, with last_error "stored locally; Langfuse logging '
+  'unavailable". Raises nothing.';
+
+-- Puts skipped (or failed) current votes back in the outbox, e.g. once Langfuse is configured.
+create function public.requeue_langfuse_outbox(p_status text default 'skipped')
+returns integer
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  if p_status is null or p_status not in ('skipped', 'failed') then
+    raise exception using errcode = '22023', message = 'p_status must be skipped or failed';
+  end if;
+  update public.persona_training_events e
+  set langfuse_status = 'pending', langfuse_attempts = 0, langfuse_last_error = null,
+      langfuse_next_attempt_at = now()
+  where e.langfuse_status = p_status::public.langfuse_status and e.source = 'user_feedback' and e.superseded_at is null;
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$$;
+
+comment on function public.requeue_langfuse_outbox(text) is
+  'Worker (outbox requeue). In: p_status, skipped (default) or failed. Out: how many current '
+  'votes in that state it put back as pending, due now, attempts 0. Raises 22023 "p_status must '
+  'be skipped or failed" otherwise.';
+
+grant execute on function
+  public.claim_langfuse_outbox(integer, integer),
+  public.record_langfuse_deliveries(jsonb, integer, double precision, double precision),
+  public.skip_langfuse_outbox(integer),
+  public.requeue_langfuse_outbox(text)
+to service_role;
+
+-- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
+revoke execute on function
+  public.claim_langfuse_outbox(integer, integer),
+  public.record_langfuse_deliveries(jsonb, integer, double precision, double precision),
+  public.skip_langfuse_outbox(integer),
+  public.requeue_langfuse_outbox(text)
+from public;
