@@ -10,18 +10,16 @@ one is not what the proof shows.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+from typing import Any
 
-import jwt
 from supabase import Client
 
-from worker.store import make_client
+from testkit.env import ROOT, StackEnv, worker_env
+from testkit.tokens import user_token
+from testkit.world import connect
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "demo"
 TWIN = "5dd06bcb-9afa-4174-a9bf-308dcf4108c3"  # the seeded demo twin (supabase/seed.sql)
 OWNER = "owner@demo.local"
@@ -29,34 +27,17 @@ APP_USER = "app-user@demo.local"
 SMOKE_TRACE = "trace-phase7-learning-smoke-20260209"
 AUDIT_TRACES = [f"audit-trace-{i:03d}" for i in range(1, 26)]
 
-URL = os.environ["SUPABASE_URL"]
-SERVICE_KEY = os.environ["SUPABASE_SERVICE_ROLE_KEY"]
-ANON_KEY = os.environ["SUPABASE_ANON_KEY"]
-JWT_SECRET = os.environ["SUPABASE_JWT_SECRET"]
+ENV = StackEnv.from_environ()
 
 
 def client(token: str | None) -> Client:
-    return make_client(URL, ANON_KEY, bearer=token, timeout=30.0)
-
-
-def user_token(user_id: str) -> str:
-    """What Supabase Auth would hand the signed-in user (minted with the local JWT secret)."""
-    now = int(time.time())
-    claims = {
-        "sub": user_id,
-        "role": "authenticated",
-        "aud": "authenticated",
-        "iat": now,
-        "exp": now + 3600,
-    }
-    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    return ENV.client(token, timeout=30.0)
 
 
 def pfl(*args: str) -> str:
     """The operator's command: the worker CLI, as cron would call it."""
-    env = {**os.environ, "PFL_LOG_FORMAT": "text"}
-    for key in ("LANGFUSE_HOST", "LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY"):
-        env.pop(key, None)  # the demo shows feedback kept locally when Langfuse is not set up
+    # No LANGFUSE_*: the demo shows feedback kept locally when Langfuse is not set up.
+    env = worker_env(ENV, PFL_LOG_FORMAT="text")
     done = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "pfl"), *args],
         env=env,
@@ -73,20 +54,22 @@ def step(title: str) -> None:
     print(f"\n=== {title}")
 
 
-def run_worker(name: str, *flags: str) -> dict:
+def run_worker(name: str, *flags: str) -> dict[str, Any]:
     artifact = ARTIFACTS / f"{name}.json"
     print(pfl("run-once", "--twin", TWIN, *flags, "--output", str(artifact)).rstrip())
     print(f"  artifact: {artifact.relative_to(ROOT)}")
     return json.loads(artifact.read_text())
 
 
-def expect(run: dict, **figures: object) -> None:
+def expect(run: dict[str, Any], **figures: object) -> None:
     wrong = {k: (run.get(k), v) for k, v in figures.items() if run.get(k) != v}
     if wrong:
         sys.exit(f"run {run['id']}: unexpected figures (got, expected): {wrong}")
 
 
-def audits(service: Client, spec_id: str, failing: set[str], unsafe: set[str] = frozenset()):
+def audits(
+    service: Client, spec_id: str, failing: set[str], unsafe: frozenset[str] = frozenset()
+) -> None:
     rows = [
         {
             "twin_id": TWIN,
@@ -106,10 +89,11 @@ def audits(service: Client, spec_id: str, failing: set[str], unsafe: set[str] = 
 
 def main() -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    service = client(SERVICE_KEY)  # the audit pipeline and the operator
+    service = client(ENV.service_key)  # the audit pipeline and the operator
     owner_id, app_user_id = _seeded_users()
-    owner = client(user_token(owner_id))
-    app_user = client(user_token(app_user_id))
+    # What Supabase Auth would hand the signed-in users (minted with the local JWT secret).
+    owner = client(user_token(ENV.jwt_secret, owner_id))
+    app_user = client(user_token(ENV.jwt_secret, app_user_id))
 
     step("1. Safe-mode run with no events (the proof's first run)")
     run = run_worker("01_safe_mode_no_events", "--safe-mode")
@@ -233,7 +217,9 @@ def main() -> None:
         .execute()
         .data[0]
     )
-    audits(service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe={AUDIT_TRACES[0]})
+    audits(
+        service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe=frozenset(AUDIT_TRACES[:1])
+    )
     print(
         f"  draft spec v{regress['version']}: 17/25 passed where v{draft['version']} passed 25/25"
     )
@@ -261,9 +247,8 @@ def main() -> None:
 
 
 def _seeded_users() -> tuple[str, str]:
-    import psycopg  # only to look the seeded demo users up by email
-
-    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+    # Only to look the seeded demo users up by email.
+    with connect(ENV.database_url) as conn:
         rows = dict(
             conn.execute(
                 "select email, id::text from auth.users where email = any(%s)", ([OWNER, APP_USER],)

@@ -30,8 +30,8 @@ import psycopg
 import pytest
 from supabase import Client
 
+from testkit.standin import LangfuseStandin
 from tests.conftest import Stack, User, wait_for
-from tests.langfuse_standin import LangfuseStandin
 from worker.config import WorkerSettings
 from worker.langfuse_sender import LangfuseSender, score_id_for
 from worker.outbox import NOT_CONFIGURED, OutboxDrainer
