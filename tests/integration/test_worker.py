@@ -13,7 +13,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from testkit.env import worker_env as testkit_worker_env
+from testkit.env import worker_env as stack_worker_env
 from tests.conftest import ROOT, Stack, wait_for
 from tests.integration.helpers import Twin, counts_from_scratch, create_twin, module_row
 from worker.config import WorkerSettings
@@ -48,7 +48,7 @@ def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
 
 def worker_env(stack: Stack, **extra: str) -> dict[str, str]:
     quick_polls = {"PFL_POLL_MIN_SECONDS": "0.05", "PFL_POLL_MAX_SECONDS": "0.2"}
-    return testkit_worker_env(stack, PFL_LOG_FORMAT="json", **{**quick_polls, **extra})
+    return stack_worker_env(stack, PFL_LOG_FORMAT="json", **{**quick_polls, **extra})
 
 
 def pfl(*args: str) -> list[str]:
