@@ -38,6 +38,31 @@ def judge(value: float, op: str, target: float, quick: bool, *, noisy: bool = Tr
     return "FAIL"
 
 
+def judged(
+    case: str,
+    measured: str,
+    floor: str,
+    value: float,
+    op: str,
+    target: float,
+    quick: bool,
+    *,
+    unit: str = "",
+    is_ratio: bool = True,
+    noisy: bool = True,
+) -> Row:
+    """A row with a target: `value` judged against it (the ratio column shows it if a ratio)."""
+    sign = "≤" if op == "<=" else "≥"
+    verdict = judge(value, op, target, quick, noisy=noisy)
+    ratio = value if is_ratio else None
+    return Row(case, measured, floor, ratio, f"{sign} {target:g}{unit}", verdict)
+
+
+def reported(case: str, measured: str, floor: str, ratio: float) -> Row:
+    """A row reported for what it shows, with no target."""
+    return Row(case, measured, floor, ratio, "(reported)", "-")
+
+
 def check_row(case: str, check: dict[str, Any]) -> Row:
     return Row(
         case,
@@ -61,27 +86,24 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
             ratio = (p["seconds"] - startup) / floor
             less = f" less {startup:.2f} s start-up" if quick else ""
             rows.append(
-                Row(
+                judged(
                     f"1 learn {learn['events']:,} events, batch {int(batch):,}",
                     f"{p['seconds']:.2f} s{less}, {p['runs']} run(s)"
                     f" ({p['run_seconds']:.2f} s alone)",
                     f"{floor:.2f} s UPDATE",
-                    ratio,
-                    "≤ 1.5",
-                    judge(ratio, "<=", 1.5, quick),
+                    ratio, "<=", 1.5, quick,
                 )
             )
         for batch, p in learn["passes"].items():
             rows.append(check_row(f"1 correctness, batch {int(batch):,}", p["check"]))
         for batch, p in learn["passes"].items():
             rows.append(
-                Row(
+                judged(
                     f"3 worker peak RSS, batch {int(batch):,}",
                     f"{p['peak_rss_mb']:.0f} MB",
                     "-",
-                    None,
-                    "≤ 150 MB",
-                    judge(p["peak_rss_mb"], "<=", 150, quick, noisy=False),
+                    p["peak_rss_mb"], "<=", 150, quick,
+                    unit=" MB", is_ratio=False, noisy=False,
                 )
             )
     if hist := results.get("history"):
@@ -105,13 +127,11 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
             for case, got, floor, floor_name in pairs:
                 ratio = got["run_seconds"] / max(floor["run_seconds"], 1e-3)
                 rows.append(
-                    Row(
+                    judged(
                         case,
                         f"run {got['run_seconds']:.3f} s (process {got['seconds']:.2f} s)",
                         f"{floor['run_seconds']:.3f} s ({floor['seconds']:.2f} s) {floor_name}",
-                        ratio,
-                        "≤ 1.2",
-                        judge(ratio, "<=", 1.2, quick),
+                        ratio, "<=", 1.2, quick,
                     )
                 )
         for name, check in hist["check"].items():
@@ -119,49 +139,41 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
     for ingest in filter(None, (results.get("ingest"), results.get("ingest_designs"))):
         lat, bare_lat = ingest["events_latency_ms"], ingest["bare_latency_ms"]
         rows.append(
-            Row(
+            judged(
                 f"4 feedback ingest, wrk {ingest['wrk']} × {ingest['rounds']} rounds",
                 f"{ingest['events_rate']:.0f}/s (p50 {lat['p50']:.0f}, p99 {lat['p99']:.0f} ms)",
                 f"{ingest['bare_rate']:.0f}/s bare (p50 {bare_lat['p50']:.0f}, "
                 f"p99 {bare_lat['p99']:.0f} ms)",
-                ingest["ratio"],
-                "≥ 0.85",
-                judge(ingest["ratio"], ">=", 0.85, quick),
+                ingest["ratio"], ">=", 0.85, quick,
             )
         )
         cpu, bare_cpu = ingest["events_cpu_us"], ingest["bare_cpu_us"]
         rows.append(
-            Row(
+            reported(
                 "4 CPU per request: PostgreSQL + PostgREST + nginx",
                 " + ".join(f"{cpu[k]}" for k in StackProcesses.NAMES) + " µs",
                 " + ".join(f"{bare_cpu[k]}" for k in StackProcesses.NAMES) + " µs bare",
                 sum(bare_cpu.values()) / sum(cpu.values()),
-                "(reported)",
-                "-",
             )
         )
         ratio = ingest["noop_rate"] / ingest["bare_rate"]
         rows.append(
-            Row(
+            judged(
                 "4 load generator: wrk vs nginx no-op",
                 f"{ingest['noop_rate']:.0f}/s",
                 f"{ingest['bare_rate']:.0f}/s bare",
-                ratio,
-                "≥ 5",
-                judge(ratio, ">=", 5, quick),
+                ratio, ">=", 5, quick,
             )
         )
         for name, design in ingest["designs"].items():
             rows.append(
-                Row(
+                reported(
                     f"4 design: {INGEST_DESIGNS[name]}",
                     f"{design['rate']:.0f}/s, CPU "
                     + " + ".join(f"{design['cpu_us'][k]}" for k in StackProcesses.NAMES)
                     + " µs",
                     f"{ingest['bare_rate']:.0f}/s bare",
                     design["ratio"],
-                    "(reported)",
-                    "-",
                 )
             )
         rows.append(
@@ -177,13 +189,11 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
     if outbox := results.get("outbox"):
         most = outbox["rows"] / 50
         rows.append(
-            Row(
+            reported(
                 f"5 Langfuse drain of {outbox['rows']:,} rows",
                 f"{outbox['drain_seconds']:.2f} s, {outbox['ms_per_score']:.2f} ms/score",
                 f"{outbox['floor_seconds']:.2f} s sender alone",
                 outbox["drain_seconds"] / outbox["floor_seconds"],
-                "(reported)",
-                "-",
             )
         )
         rows.append(

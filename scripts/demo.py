@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any
+from typing import Any, cast
 
+from postgrest.types import ReturnMethod
 from supabase import Client
 
 from testkit.env import ROOT, StackEnv, worker_env
@@ -50,6 +51,19 @@ def pfl(*args: str) -> str:
     return done.stdout
 
 
+def inserted(client: Client, table: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Inserts one row as `client` and returns it as stored."""
+    return cast(dict[str, Any], client.table(table).insert(row).execute().data[0])
+
+
+def one_row(client: Client, table: str, columns: str, **equal: object) -> dict[str, Any]:
+    """The single row of `table` whose columns equal `equal`, as `client` reads it."""
+    query = client.table(table).select(columns)
+    for column, value in equal.items():
+        query = query.eq(column, value)
+    return cast(dict[str, Any], query.single().execute().data)
+
+
 def step(title: str) -> None:
     print(f"\n=== {title}")
 
@@ -84,7 +98,7 @@ def audits(
         }
         for trace in AUDIT_TRACES
     ]
-    service.table("persona_training_events").insert(rows, returning="minimal").execute()
+    service.table("persona_training_events").insert(rows, returning=ReturnMethod.minimal).execute()
 
 
 def main() -> None:
@@ -107,36 +121,28 @@ def main() -> None:
     )
 
     step("2. An app user sends feedback through PostgREST (supabase-py, user JWT)")
-    event = (
-        app_user.table("persona_training_events")
-        .insert(
-            {
-                "twin_id": TWIN,
-                "trace_id": SMOKE_TRACE,
-                "score": -1,
-                "reason": "incorrect",
-                "intent_label": "factual_with_evidence",
-            }
-        )
-        .execute()
-        .data[0]
+    event = inserted(
+        app_user,
+        "persona_training_events",
+        {
+            "twin_id": TWIN,
+            "trace_id": SMOKE_TRACE,
+            "score": -1,
+            "reason": "incorrect",
+            "intent_label": "factual_with_evidence",
+        },
     )
     print(
         f"  stored event {event['id']}: score=-1 reason=incorrect created_by={event['created_by']}"
     )
     print("  " + pfl("outbox", "drain").strip())
-    row = (
-        service.table("persona_langfuse_outbox")
-        .select("status,last_error")
-        .eq("event_id", event["id"])
-        .single()
-        .execute()
-        .data
-    )
+    row = one_row(service, "persona_langfuse_outbox", "status,last_error", event_id=event["id"])
     print(f"  langfuse mirror: {row['status']} ({row['last_error']})")
 
     step("3. The owner requests a run (RPC request_learning_run); the worker processes it")
-    queued = owner.rpc("request_learning_run", {"p_twin_id": TWIN}).execute().data
+    queued = cast(
+        dict[str, Any], owner.rpc("request_learning_run", {"p_twin_id": TWIN}).execute().data
+    )
     print(
         f"  queued run {queued['id']}"
         f" (trigger={queued['trigger']}, safe_mode={queued['safe_mode']})"
@@ -151,42 +157,24 @@ def main() -> None:
         gate_passed=True,
         publish_decision="held",
     )
-    stored = (
-        service.table("persona_training_events")
-        .select("processed_at")
-        .eq("id", event["id"])
-        .single()
-        .execute()
-        .data
-    )
+    stored = one_row(service, "persona_training_events", "processed_at", id=event["id"])
     print(f"  event {event['id']} processed_at={stored['processed_at']}")
     if stored["processed_at"] is None:
         sys.exit("the feedback event was not marked processed")
 
     step("4. A draft spec, audits of draft and published spec on the same 25 traces")
-    published = (
-        service.table("persona_specs")
-        .select("id,version")
-        .eq("twin_id", TWIN)
-        .eq("status", "published")
-        .single()
-        .execute()
-        .data
-    )
-    draft = (
-        owner.table("persona_specs")
-        .insert(
-            {
-                "twin_id": TWIN,
-                "spec": {
-                    "name": "Demo twin",
-                    "voice": "warm, precise, cites sources, admits uncertainty",
-                    "modules": ["evidence_answers", "small_talk", "career_advice"],
-                },
-            }
-        )
-        .execute()
-        .data[0]
+    published = one_row(service, "persona_specs", "id,version", twin_id=TWIN, status="published")
+    draft = inserted(
+        owner,
+        "persona_specs",
+        {
+            "twin_id": TWIN,
+            "spec": {
+                "name": "Demo twin",
+                "voice": "warm, precise, cites sources, admits uncertainty",
+                "modules": ["evidence_answers", "small_talk", "career_advice"],
+            },
+        },
     )
     print(f"  draft spec v{draft['version']} ({draft['id']}); published v{published['version']}")
     audits(service, published["id"], failing=set(AUDIT_TRACES[:3]))
@@ -202,20 +190,17 @@ def main() -> None:
     )
 
     step("5. A regressing draft is held")
-    regress = (
-        owner.table("persona_specs")
-        .insert(
-            {
-                "twin_id": TWIN,
-                "spec": {
-                    "name": "Demo twin",
-                    "voice": "terse",
-                    "modules": ["evidence_answers", "small_talk"],
-                },
-            }
-        )
-        .execute()
-        .data[0]
+    regress = inserted(
+        owner,
+        "persona_specs",
+        {
+            "twin_id": TWIN,
+            "spec": {
+                "name": "Demo twin",
+                "voice": "terse",
+                "modules": ["evidence_answers", "small_talk"],
+            },
+        },
     )
     audits(
         service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe=frozenset(AUDIT_TRACES[:1])
@@ -234,13 +219,14 @@ def main() -> None:
 
     step("Runs of the demo twin, as its owner lists them")
     print(pfl("runs", "--twin", TWIN).rstrip())
-    specs = (
+    specs = cast(
+        list[dict[str, Any]],
         service.table("persona_specs")
         .select("version,status")
         .eq("twin_id", TWIN)
         .order("version")
         .execute()
-        .data
+        .data,
     )
     print("  specs: " + ", ".join(f"v{s['version']} {s['status']}" for s in specs))
     print(f"\nDemo complete. Artifacts in {ARTIFACTS.relative_to(ROOT)}/")
@@ -249,7 +235,7 @@ def main() -> None:
 def _seeded_users() -> tuple[str, str]:
     # Only to look the seeded demo users up by email.
     with connect(ENV.database_url) as conn:
-        rows = dict(
+        rows: dict[str, str] = dict(
             conn.execute(
                 "select email, id::text from auth.users where email = any(%s)", ([OWNER, APP_USER],)
             ).fetchall()

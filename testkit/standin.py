@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Literal, Self, cast, get_args
 
 Mode = Literal["ok", "partial", "unauthorized", "rate_limited", "error", "hang"]
@@ -162,12 +162,7 @@ class LangfuseStandin:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- behaviour and records --------------------------------------------------------------

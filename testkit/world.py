@@ -72,16 +72,7 @@ def make_twin(
     """A twin with modules (module_key -> intent_label), learning settings changed where given,
     a published spec listing the modules and, when `draft` is given, a draft spec of that body."""
     modules = dict(modules or DEFAULT_MODULES)
-    twin_id = str(
-        scalar(
-            conn,
-            "insert into public.twins (owner_id, name, feedback_from) values (%s, %s, %s) "
-            "returning id",
-            owner_id,
-            name or f"twin-{uuid.uuid4().hex[:8]}",
-            feedback_from,
-        )
-    )
+    twin_id = add_twin(conn, owner_id, name or f"twin-{uuid.uuid4().hex[:8]}", feedback_from)
     for column, value in (settings or {}).items():
         conn.execute(
             sql.SQL("update public.persona_learning_settings set {} = %s where twin_id = %s")
@@ -97,6 +88,20 @@ def make_twin(
     published = add_spec(conn, twin_id, "published", {"modules": list(modules)})
     draft_id = add_spec(conn, twin_id, "draft", draft) if draft is not None else None
     return Twin(twin_id, owner_id, dict(rows), published, draft_id)
+
+
+def add_twin(conn: psycopg.Connection, owner_id: str, name: str, feedback_from: str) -> str:
+    """A bare twin (no modules, no spec; default settings); its id."""
+    return str(
+        scalar(
+            conn,
+            "insert into public.twins (owner_id, name, feedback_from) values (%s, %s, %s) "
+            "returning id",
+            owner_id,
+            name,
+            feedback_from,
+        )
+    )
 
 
 def add_spec(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import psycopg
 
 from testkit.oracle import ModuleCounts, module_counts_from_scratch
-from testkit.world import Twin, module_row, scalar
+from testkit.world import Twin, add_twin, module_row, scalar
 from testkit.world import make_twin as create_twin
 
-__all__ = ["Twin", "counts_from_scratch", "create_twin", "module_row", "scalar"]
+__all__ = ["Twin", "add_twin", "counts_from_scratch", "create_twin", "module_row", "scalar"]
 
 
 def counts_from_scratch(db: psycopg.Connection, twin_id: str, module_key: str) -> ModuleCounts:

@@ -344,14 +344,7 @@ def test_completion_with_a_stale_token_changes_nothing(stack, db, service, make_
         first.store.complete_run(held, payload)
 
     assert module_row(db, twin.modules["evidence_answers"]) == before
-    assert (
-        count(
-            db,
-            PENDING,
-            twin.id,
-        )
-        == 1
-    )
+    assert count(db, PENDING, twin.id) == 1
     row = db.execute(
         "select status, worker_id from persona_feedback_learning_runs where id = %s",
         (str(held.id),),
@@ -377,14 +370,7 @@ def test_runs_fail_after_max_attempts_and_release_their_events(
     assert (after.status, after.error) == ("failed", "boom 3")
     assert store.claim_run("crashy", 30, uuid.UUID(twin.id)) is None
     # Nothing was counted; the event waits for the next run, which learns it.
-    assert (
-        count(
-            db,
-            PENDING,
-            twin.id,
-        )
-        == 1
-    )
+    assert count(db, PENDING, twin.id) == 1
     [run] = make_runner().run_once(uuid.UUID(twin.id))
     assert (run.status, run.events_processed) == ("completed", 1)
 
