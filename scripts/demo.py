@@ -10,18 +10,17 @@ one is not what the proof shows.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+from typing import Any, cast
 
-import jwt
+from postgrest.types import ReturnMethod
 from supabase import Client
 
-from worker.store import make_client
+from testkit.env import ROOT, StackEnv, worker_env
+from testkit.tokens import user_token
+from testkit.world import connect
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "demo"
 TWIN = "5dd06bcb-9afa-4174-a9bf-308dcf4108c3"  # the seeded demo twin (supabase/seed.sql)
 OWNER = "owner@demo.local"
@@ -29,34 +28,17 @@ APP_USER = "app-user@demo.local"
 SMOKE_TRACE = "trace-phase7-learning-smoke-20260209"
 AUDIT_TRACES = [f"audit-trace-{i:03d}" for i in range(1, 26)]
 
-URL = os.environ["SUPABASE_URL"]
-SERVICE_KEY = os.environ["SUPABASE_SERVICE_ROLE_KEY"]
-ANON_KEY = os.environ["SUPABASE_ANON_KEY"]
-JWT_SECRET = os.environ["SUPABASE_JWT_SECRET"]
+ENV = StackEnv.from_environ()
 
 
 def client(token: str | None) -> Client:
-    return make_client(URL, ANON_KEY, bearer=token, timeout=30.0)
-
-
-def user_token(user_id: str) -> str:
-    """What Supabase Auth would hand the signed-in user (minted with the local JWT secret)."""
-    now = int(time.time())
-    claims = {
-        "sub": user_id,
-        "role": "authenticated",
-        "aud": "authenticated",
-        "iat": now,
-        "exp": now + 3600,
-    }
-    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    return ENV.client(token, timeout=30.0)
 
 
 def pfl(*args: str) -> str:
     """The operator's command: the worker CLI, as cron would call it."""
-    env = {**os.environ, "PFL_LOG_FORMAT": "text"}
-    for key in ("LANGFUSE_HOST", "LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY"):
-        env.pop(key, None)  # the demo shows feedback kept locally when Langfuse is not set up
+    # No LANGFUSE_*: the demo shows feedback kept locally when Langfuse is not set up.
+    env = worker_env(ENV, PFL_LOG_FORMAT="text")
     done = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "pfl"), *args],
         env=env,
@@ -69,24 +51,39 @@ def pfl(*args: str) -> str:
     return done.stdout
 
 
+def inserted(client: Client, table: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Inserts one row as `client` and returns it as stored."""
+    return cast(dict[str, Any], client.table(table).insert(row).execute().data[0])
+
+
+def one_row(client: Client, table: str, columns: str, **equal: object) -> dict[str, Any]:
+    """The single row of `table` whose columns equal `equal`, as `client` reads it."""
+    query = client.table(table).select(columns)
+    for column, value in equal.items():
+        query = query.eq(column, value)
+    return cast(dict[str, Any], query.single().execute().data)
+
+
 def step(title: str) -> None:
     print(f"\n=== {title}")
 
 
-def run_worker(name: str, *flags: str) -> dict:
+def run_worker(name: str, *flags: str) -> dict[str, Any]:
     artifact = ARTIFACTS / f"{name}.json"
     print(pfl("run-once", "--twin", TWIN, *flags, "--output", str(artifact)).rstrip())
     print(f"  artifact: {artifact.relative_to(ROOT)}")
     return json.loads(artifact.read_text())
 
 
-def expect(run: dict, **figures: object) -> None:
+def expect(run: dict[str, Any], **figures: object) -> None:
     wrong = {k: (run.get(k), v) for k, v in figures.items() if run.get(k) != v}
     if wrong:
         sys.exit(f"run {run['id']}: unexpected figures (got, expected): {wrong}")
 
 
-def audits(service: Client, spec_id: str, failing: set[str], unsafe: set[str] = frozenset()):
+def audits(
+    service: Client, spec_id: str, failing: set[str], unsafe: frozenset[str] = frozenset()
+) -> None:
     rows = [
         {
             "twin_id": TWIN,
@@ -101,15 +98,16 @@ def audits(service: Client, spec_id: str, failing: set[str], unsafe: set[str] = 
         }
         for trace in AUDIT_TRACES
     ]
-    service.table("persona_training_events").insert(rows, returning="minimal").execute()
+    service.table("persona_training_events").insert(rows, returning=ReturnMethod.minimal).execute()
 
 
 def main() -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    service = client(SERVICE_KEY)  # the audit pipeline and the operator
+    service = client(ENV.service_key)  # the audit pipeline and the operator
     owner_id, app_user_id = _seeded_users()
-    owner = client(user_token(owner_id))
-    app_user = client(user_token(app_user_id))
+    # What Supabase Auth would hand the signed-in users (minted with the local JWT secret).
+    owner = client(user_token(ENV.jwt_secret, owner_id))
+    app_user = client(user_token(ENV.jwt_secret, app_user_id))
 
     step("1. Safe-mode run with no events (the proof's first run)")
     run = run_worker("01_safe_mode_no_events", "--safe-mode")
@@ -123,36 +121,28 @@ def main() -> None:
     )
 
     step("2. An app user sends feedback through PostgREST (supabase-py, user JWT)")
-    event = (
-        app_user.table("persona_training_events")
-        .insert(
-            {
-                "twin_id": TWIN,
-                "trace_id": SMOKE_TRACE,
-                "score": -1,
-                "reason": "incorrect",
-                "intent_label": "factual_with_evidence",
-            }
-        )
-        .execute()
-        .data[0]
+    event = inserted(
+        app_user,
+        "persona_training_events",
+        {
+            "twin_id": TWIN,
+            "trace_id": SMOKE_TRACE,
+            "score": -1,
+            "reason": "incorrect",
+            "intent_label": "factual_with_evidence",
+        },
     )
     print(
         f"  stored event {event['id']}: score=-1 reason=incorrect created_by={event['created_by']}"
     )
     print("  " + pfl("outbox", "drain").strip())
-    row = (
-        service.table("persona_langfuse_outbox")
-        .select("status,last_error")
-        .eq("event_id", event["id"])
-        .single()
-        .execute()
-        .data
-    )
+    row = one_row(service, "persona_langfuse_outbox", "status,last_error", event_id=event["id"])
     print(f"  langfuse mirror: {row['status']} ({row['last_error']})")
 
     step("3. The owner requests a run (RPC request_learning_run); the worker processes it")
-    queued = owner.rpc("request_learning_run", {"p_twin_id": TWIN}).execute().data
+    queued = cast(
+        dict[str, Any], owner.rpc("request_learning_run", {"p_twin_id": TWIN}).execute().data
+    )
     print(
         f"  queued run {queued['id']}"
         f" (trigger={queued['trigger']}, safe_mode={queued['safe_mode']})"
@@ -167,42 +157,24 @@ def main() -> None:
         gate_passed=True,
         publish_decision="held",
     )
-    stored = (
-        service.table("persona_training_events")
-        .select("processed_at")
-        .eq("id", event["id"])
-        .single()
-        .execute()
-        .data
-    )
+    stored = one_row(service, "persona_training_events", "processed_at", id=event["id"])
     print(f"  event {event['id']} processed_at={stored['processed_at']}")
     if stored["processed_at"] is None:
         sys.exit("the feedback event was not marked processed")
 
     step("4. A draft spec, audits of draft and published spec on the same 25 traces")
-    published = (
-        service.table("persona_specs")
-        .select("id,version")
-        .eq("twin_id", TWIN)
-        .eq("status", "published")
-        .single()
-        .execute()
-        .data
-    )
-    draft = (
-        owner.table("persona_specs")
-        .insert(
-            {
-                "twin_id": TWIN,
-                "spec": {
-                    "name": "Demo twin",
-                    "voice": "warm, precise, cites sources, admits uncertainty",
-                    "modules": ["evidence_answers", "small_talk", "career_advice"],
-                },
-            }
-        )
-        .execute()
-        .data[0]
+    published = one_row(service, "persona_specs", "id,version", twin_id=TWIN, status="published")
+    draft = inserted(
+        owner,
+        "persona_specs",
+        {
+            "twin_id": TWIN,
+            "spec": {
+                "name": "Demo twin",
+                "voice": "warm, precise, cites sources, admits uncertainty",
+                "modules": ["evidence_answers", "small_talk", "career_advice"],
+            },
+        },
     )
     print(f"  draft spec v{draft['version']} ({draft['id']}); published v{published['version']}")
     audits(service, published["id"], failing=set(AUDIT_TRACES[:3]))
@@ -218,22 +190,21 @@ def main() -> None:
     )
 
     step("5. A regressing draft is held")
-    regress = (
-        owner.table("persona_specs")
-        .insert(
-            {
-                "twin_id": TWIN,
-                "spec": {
-                    "name": "Demo twin",
-                    "voice": "terse",
-                    "modules": ["evidence_answers", "small_talk"],
-                },
-            }
-        )
-        .execute()
-        .data[0]
+    regress = inserted(
+        owner,
+        "persona_specs",
+        {
+            "twin_id": TWIN,
+            "spec": {
+                "name": "Demo twin",
+                "voice": "terse",
+                "modules": ["evidence_answers", "small_talk"],
+            },
+        },
     )
-    audits(service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe={AUDIT_TRACES[0]})
+    audits(
+        service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe=frozenset(AUDIT_TRACES[:1])
+    )
     print(
         f"  draft spec v{regress['version']}: 17/25 passed where v{draft['version']} passed 25/25"
     )
@@ -248,23 +219,23 @@ def main() -> None:
 
     step("Runs of the demo twin, as its owner lists them")
     print(pfl("runs", "--twin", TWIN).rstrip())
-    specs = (
+    specs = cast(
+        list[dict[str, Any]],
         service.table("persona_specs")
         .select("version,status")
         .eq("twin_id", TWIN)
         .order("version")
         .execute()
-        .data
+        .data,
     )
     print("  specs: " + ", ".join(f"v{s['version']} {s['status']}" for s in specs))
     print(f"\nDemo complete. Artifacts in {ARTIFACTS.relative_to(ROOT)}/")
 
 
 def _seeded_users() -> tuple[str, str]:
-    import psycopg  # only to look the seeded demo users up by email
-
-    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
-        rows = dict(
+    # Only to look the seeded demo users up by email.
+    with connect(ENV.database_url) as conn:
+        rows: dict[str, str] = dict(
             conn.execute(
                 "select email, id::text from auth.users where email = any(%s)", ([OWNER, APP_USER],)
             ).fetchall()

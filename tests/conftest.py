@@ -1,67 +1,32 @@
 """Shared fixtures. Integration tests talk to the local stack the way apps and the worker do:
-supabase-py over HTTP, with tokens minted here from the stack's JWT secret. Each test makes its
-own users and twins, so tests never depend on one another or on the seed."""
+supabase-py over HTTP, with tokens minted from the stack's JWT secret (testkit). Each test makes
+its own users and twins, so tests never depend on one another or on the seed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TypeVar
 
 import httpx
-import jwt
 import psycopg
 import pytest
 from supabase import Client
 
-from worker.store import make_client
+from testkit import tokens
+from testkit.env import ROOT, StackEnv
+from testkit.wait import wait_until
+from testkit.world import connect, make_users
 
-ROOT = Path(__file__).resolve().parent.parent
-STACK_KEYS = (
-    "SUPABASE_URL",
-    "SUPABASE_ANON_KEY",
-    "SUPABASE_SERVICE_ROLE_KEY",
-    "SUPABASE_JWT_SECRET",
-    "DATABASE_URL",
-)
+__all__ = ["ROOT", "Stack", "User", "close", "mint_token", "wait_for"]
 
-
-@dataclass(frozen=True)
-class Stack:
-    url: str
-    anon_key: str
-    service_key: str
-    jwt_secret: str
-    database_url: str
-
-    @property
-    def rest(self) -> str:
-        return f"{self.url}/rest/v1"
-
-
-def _stack_env() -> dict[str, str]:
-    if all(os.environ.get(k) for k in STACK_KEYS):
-        return {k: os.environ[k] for k in STACK_KEYS}
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "stack"), "env"], check=True, capture_output=True, text=True
-    ).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+Stack = StackEnv
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
 def stack() -> Stack:
-    env = _stack_env()
-    s = Stack(
-        url=env["SUPABASE_URL"],
-        anon_key=env["SUPABASE_ANON_KEY"],
-        service_key=env["SUPABASE_SERVICE_ROLE_KEY"],
-        jwt_secret=env["SUPABASE_JWT_SECRET"],
-        database_url=env["DATABASE_URL"],
-    )
+    s = StackEnv.load()
     try:
         httpx.get(f"{s.rest}/", headers={"apikey": s.anon_key}, timeout=5).raise_for_status()
     except httpx.HTTPError as exc:
@@ -72,7 +37,7 @@ def stack() -> Stack:
 @pytest.fixture(scope="session")
 def db(stack: Stack) -> Iterator[psycopg.Connection]:
     """A superuser connection, for setting up users and for looking under PostgREST."""
-    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+    with connect(stack.database_url) as conn:
         yield conn
 
 
@@ -80,16 +45,7 @@ def mint_token(
     stack: Stack, sub: str | None, role: str = "authenticated", expires_in: int = 3600,
     secret: str | None = None,
 ) -> str:
-    now = int(time.time())
-    claims: dict[str, object] = {"role": role, "iat": now, "exp": now + expires_in}
-    if sub is not None:
-        claims["sub"] = sub
-        claims["aud"] = "authenticated"
-    return jwt.encode(claims, secret or stack.jwt_secret, algorithm="HS256")
-
-
-def client_for(stack: Stack, token: str | None) -> Client:
-    return make_client(stack.url, stack.anon_key, bearer=token, timeout=20.0)
+    return tokens.mint_token(secret or stack.jwt_secret, sub, role, expires_in)
 
 
 def close(client: Client) -> None:
@@ -110,11 +66,9 @@ def make_user(stack: Stack, db: psycopg.Connection) -> Iterator[Callable[[str], 
     made: list[User] = []
 
     def make(name: str = "user") -> User:
-        email = f"{name}-{uuid.uuid4().hex[:10]}@test.local"
-        row = db.execute("insert into auth.users (email) values (%s) returning id", (email,))
-        user_id = str(row.fetchone()[0])  # type: ignore[index]
-        token = mint_token(stack, user_id)
-        made.append(User(id=user_id, email=email, token=token, client=client_for(stack, token)))
+        user = make_users(db, name)[0]
+        token = tokens.user_token(stack.jwt_secret, user.id)
+        made.append(User(id=user.id, email=user.email, token=token, client=stack.client(token)))
         return made[-1]
 
     yield make
@@ -125,25 +79,21 @@ def make_user(stack: Stack, db: psycopg.Connection) -> Iterator[Callable[[str], 
 @pytest.fixture(scope="session")
 def service(stack: Stack) -> Iterator[Client]:
     """The service-role client, as the worker and the audit pipeline use it."""
-    client = client_for(stack, stack.service_key)
+    client = stack.client(stack.service_key)
     yield client
     close(client)
 
 
 @pytest.fixture(scope="session")
 def anon(stack: Stack) -> Iterator[Client]:
-    client = client_for(stack, None)
+    client = stack.client(None)
     yield client
     close(client)
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.05):
+def wait_for(condition: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05) -> T:
     """Polls until `condition()` is truthy and returns its value; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    try:
+        return wait_until(condition, timeout, every=interval)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))

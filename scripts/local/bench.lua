@@ -1,4 +1,4 @@
--- wrk script of scripts/bench.py (feedback ingest): every request is a new feedback vote.
+-- wrk script of the benchmark's case 4 (bench/ingest.py, feedback ingest): every request is a new feedback vote.
 --
 --   wrk -t2 -c16 -d20s -s scripts/local/bench.lua URL -- TOKENS_FILE TWIN_ID TAG ANON_KEY
 --

@@ -84,13 +84,7 @@ psql_stack() {
 # supabase-demo; claim order iss, role, exp so the tokens are byte-identical to the CLI's).
 mint_keys() {
   [[ -x $PFL_ROOT/.venv/bin/python ]] || die ".venv missing: run scripts/setup"
-  "$PFL_ROOT/.venv/bin/python" - "$PFL_JWT_SECRET" <<'PY'
-import sys, jwt
-secret = sys.argv[1]
-for name, role in (("SUPABASE_ANON_KEY", "anon"), ("SUPABASE_SERVICE_ROLE_KEY", "service_role")):
-    claims = {"iss": "supabase-demo", "role": role, "exp": 1983812996}
-    print(f"{name}={jwt.encode(claims, secret, algorithm='HS256')}")
-PY
+  (cd "$PFL_ROOT" && .venv/bin/python -m testkit.tokens "$PFL_JWT_SECRET")
 }
 
 print_env() {

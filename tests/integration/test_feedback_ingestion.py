@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from postgrest.exceptions import APIError
 
+from testkit.env import rows
 from tests.conftest import Stack, User, mint_token, wait_for
 from tests.integration.helpers import scalar
 
@@ -90,9 +91,9 @@ def snapshot(db: psycopg.Connection, w: World) -> tuple[int, list]:
 
 def send(user: User, **fields: object) -> dict:
     """Sends feedback with supabase-py as an app does; returns the row PostgREST answers with."""
-    response = user.client.table("persona_training_events").insert(fields).execute()
-    assert len(response.data) == 1
-    return response.data[0]
+    inserted = rows(user.client.table("persona_training_events").insert(fields).execute())
+    assert len(inserted) == 1
+    return inserted[0]
 
 
 # ----------------------------------------------------------------------------- valid feedback
@@ -547,11 +548,13 @@ def test_two_devices_voting_on_one_trace_at_once_both_succeed(
     with psycopg.connect(stack.database_url) as first_device:  # its transaction stays open
         first_device.execute("set local role authenticated")
         first_device.execute("select set_config('request.jwt.claims', %s, true)", (claims,))
-        first_id = first_device.execute(
+        first = first_device.execute(
             "insert into public.persona_training_events (twin_id, trace_id, score, intent_label) "
             "values (%s, %s, 1, %s) returning id",
             (world.open_twin, trace, INTENT),
-        ).fetchone()[0]
+        ).fetchone()
+        assert first is not None
+        first_id = first[0]
         with ThreadPoolExecutor(1) as pool:
             second = pool.submit(post, stack, world.voter.token,
                                  {"twin_id": world.open_twin, "trace_id": trace, "score": -1,

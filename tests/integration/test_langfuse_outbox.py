@@ -28,10 +28,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from postgrest.types import CountMethod
 from supabase import Client
 
+from testkit.env import rows
+from testkit.standin import LangfuseStandin
 from tests.conftest import Stack, User, wait_for
-from tests.langfuse_standin import LangfuseStandin
 from worker.config import WorkerSettings
 from worker.langfuse_sender import LangfuseSender, score_id_for
 from worker.outbox import NOT_CONFIGURED, OutboxDrainer
@@ -99,12 +101,11 @@ def make_sender(standin: LangfuseStandin) -> Iterator[SenderFactory]:
 
 def open_twin(service: Client, owner: User) -> str:
     """A twin that any signed-in user may send feedback on, made by the service client."""
-    row = (
+    row = rows(
         service.table("twins")
         .insert({"owner_id": owner.id, "name": "outbox twin", "feedback_from": "any_user"})
         .execute()
-        .data[0]
-    )
+    )[0]
     return str(row["id"])
 
 
@@ -131,14 +132,14 @@ def vote(
         payload["comment"] = comment
     if metadata is not None:
         payload["metadata"] = metadata
-    return user.client.table("persona_training_events").insert(payload).execute().data[0]
+    return rows(user.client.table("persona_training_events").insert(payload).execute())[0]
 
 
 def outbox(service: Client, event_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
     """The rows of `persona_langfuse_outbox` (read by the service client) for these events."""
     ids = sorted(set(event_ids))
-    rows = service.table("persona_langfuse_outbox").select("*").in_("event_id", ids).execute().data
-    found = {int(r["event_id"]): r for r in rows}
+    view = service.table("persona_langfuse_outbox")
+    found = {int(r["event_id"]): r for r in rows(view.select("*").in_("event_id", ids).execute())}
     assert sorted(found) == ids, "every feedback vote must stay visible in the outbox view"
     return found
 
@@ -672,11 +673,11 @@ def test_a_thousand_rows_drain_in_batches_each_score_once(
         }
         for i in range(1000)
     ]
-    inserted = service.table("persona_training_events").insert(payload).execute().data
+    inserted = rows(service.table("persona_training_events").insert(payload).execute())
     assert len(inserted) == 1000
     pending = (
         service.table("persona_langfuse_outbox")
-        .select("event_id", count="exact", head=True)
+        .select("event_id", count=CountMethod.exact, head=True)
         .eq("twin_id", twin)
         .eq("status", "pending")
         .execute()
@@ -704,7 +705,7 @@ def test_a_thousand_rows_drain_in_batches_each_score_once(
         assert len(carrying_ours) == 10
     sent = (
         service.table("persona_langfuse_outbox")
-        .select("event_id", count="exact", head=True)
+        .select("event_id", count=CountMethod.exact, head=True)
         .eq("twin_id", twin)
         .eq("status", "sent")
         .execute()

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Stack, User
-from tests.integration.helpers import scalar
+from tests.integration.helpers import add_twin, scalar
 
 pytestmark = pytest.mark.integration
 
@@ -62,11 +62,9 @@ class World:
 @pytest.fixture
 def world(db: psycopg.Connection, make_user: Callable[[str], User]) -> World:
     owner, other = make_user("owner"), make_user("other")
-    new_twin = "insert into public.twins (owner_id, name, feedback_from) values (%s, %s, %s) " \
-        "returning id::text"
-    twin = scalar(db, new_twin, owner.id, "Closed twin", "owner")
-    open_twin = scalar(db, new_twin, owner.id, "Open twin", "any_user")
-    other_twin = scalar(db, new_twin, other.id, "Other's twin", "owner")
+    twin = add_twin(db, owner.id, "Closed twin", "owner")
+    open_twin = add_twin(db, owner.id, "Open twin", "any_user")
+    other_twin = add_twin(db, other.id, "Other's twin", "owner")
     new_spec = "insert into public.persona_specs (twin_id, status, spec, published_at) " \
         "values (%s, %s, '{\"modules\": [\"evidence_answers\"]}', %s) returning id::text"
     published_spec = scalar(db, new_spec, twin, "published", "now")
@@ -443,6 +441,7 @@ def test_security_matrix(
         prepare(db, w)
     target = getattr(w, row or spec.row)
     token = token_of(stack, w, actor)
+    request: tuple[str, str, dict[str, Any] | None]
     if action == "select":
         scope = "id" if table == "twins" else "twin_id"
         path = f"{table}?select={spec.key}&{scope}=in.({','.join(w.twins)})"

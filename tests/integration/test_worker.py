@@ -4,7 +4,6 @@ happens under concurrency, crashes and stale leases."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import uuid
@@ -15,8 +14,9 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
+from testkit.env import worker_env as stack_worker_env
 from tests.conftest import ROOT, Stack, wait_for
-from tests.integration.helpers import Twin, create_twin, evidence_now, module_row
+from tests.integration.helpers import Twin, counts_from_scratch, create_twin, module_row
 from worker.config import WorkerSettings
 from worker.learning import beta_mean, classify
 from worker.models import LearningSettings, ModuleStatus
@@ -48,16 +48,8 @@ def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
 
 
 def worker_env(stack: Stack, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "PFL_"))}
-    env.update(
-        SUPABASE_URL=stack.url,
-        SUPABASE_SERVICE_ROLE_KEY=stack.service_key,
-        PFL_LOG_FORMAT="json",
-        PFL_POLL_MIN_SECONDS="0.05",
-        PFL_POLL_MAX_SECONDS="0.2",
-        **extra,
-    )
-    return env
+    quick_polls = {"PFL_POLL_MIN_SECONDS": "0.05", "PFL_POLL_MAX_SECONDS": "0.2"}
+    return stack_worker_env(stack, PFL_LOG_FORMAT="json", **{**quick_polls, **extra})
 
 
 def pfl(*args: str) -> list[str]:
@@ -72,7 +64,7 @@ def vote(user, twin: Twin, trace: str, score: int, intent: str = "factual_with_e
 def assert_learned_exactly(db: psycopg.Connection, twin: Twin, key: str, intent: str) -> None:
     row = module_row(db, twin.modules[key])
     assert row["evidence_at"] is not None
-    s, f = evidence_now(db, twin.id, key, intent, row["evidence_at"])
+    s, f = counts_from_scratch(db, twin.id, key).expected
     assert row["success"] == pytest.approx(s, rel=1e-9, abs=1e-9)
     assert row["failure"] == pytest.approx(f, rel=1e-9, abs=1e-9)
 
@@ -94,7 +86,7 @@ def test_feedback_run_learns_module_history_and_marks_events(
     stack, db, service, make_user, make_runner
 ):
     owner = make_user("owner")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     voters = [make_user("voter") for _ in range(12)]
     # 9 up-votes, 2 down-votes, 1 unsafe down-vote (weight 3): s = 9, f = 5, n = 14.
     for i, user in enumerate(voters):
@@ -151,7 +143,7 @@ def test_feedback_run_learns_module_history_and_marks_events(
 
 def test_changed_vote_is_relearned_exactly(stack, db, service, make_user, make_runner):
     owner, voter = make_user("owner"), make_user("voter")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     runner = make_runner()
     vote(voter, twin, "trace-1", 1, reason="helpful")
     runner.run_once(uuid.UUID(twin.id))
@@ -169,7 +161,7 @@ def test_changed_vote_is_relearned_exactly(stack, db, service, make_user, make_r
 
 def test_batch_limit_splits_a_backlog_into_runs(stack, db, service, make_user, make_runner):
     owner, voter = make_user("owner"), make_user("voter")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     service.table("persona_learning_settings").update({"max_batch_events": 4}).eq(
         "twin_id", twin.id
     ).execute()
@@ -188,7 +180,7 @@ def test_batch_limit_splits_a_backlog_into_runs(stack, db, service, make_user, m
 
 def test_owner_requests_a_run_and_reads_it_completed(stack, db, service, make_user, make_runner):
     owner = make_user("owner")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
 
     first = owner.client.rpc("request_learning_run", {"p_twin_id": twin.id}).execute().data
     again = owner.client.rpc("request_learning_run", {"p_twin_id": twin.id}).execute().data
@@ -242,7 +234,7 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
     stack, db, service, make_user, make_runner
 ):
     owner = make_user("owner")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(25)]
     audit(service, twin, twin.published_spec_id, traces, failing=set(traces[:2]))
@@ -288,7 +280,7 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
 
 def test_gate_holds_a_regressing_draft(stack, db, service, make_user, make_runner):
     owner = make_user("owner")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(25)]
     audit(service, twin, twin.published_spec_id, traces, failing=set())
@@ -313,7 +305,7 @@ def test_gate_holds_a_regressing_draft(stack, db, service, make_user, make_runne
 
 def test_too_few_audits_fail_the_gate(stack, db, service, make_user, make_runner):
     owner = make_user("owner")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(5)]
     audit(service, twin, twin.published_spec_id, traces, failing=set())
@@ -331,7 +323,7 @@ def test_too_few_audits_fail_the_gate(stack, db, service, make_user, make_runner
 
 def test_completion_with_a_stale_token_changes_nothing(stack, db, service, make_user, make_runner):
     owner, voter = make_user("owner"), make_user("voter")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     vote(voter, twin, "trace-1", 1)
     first, second = make_runner("first"), make_runner("second")
     first.store.enqueue_due_runs(uuid.UUID(twin.id))
@@ -353,14 +345,7 @@ def test_completion_with_a_stale_token_changes_nothing(stack, db, service, make_
         first.store.complete_run(held, decision)
 
     assert module_row(db, twin.modules["evidence_answers"]) == before
-    assert (
-        count(
-            db,
-            PENDING,
-            twin.id,
-        )
-        == 1
-    )
+    assert count(db, PENDING, twin.id) == 1
     row = db.execute(
         "select status, worker_id from persona_feedback_learning_runs where id = %s",
         (str(held.id),),
@@ -375,7 +360,7 @@ def test_runs_fail_after_max_attempts_and_release_their_events(
     stack, db, service, make_user, make_runner
 ):
     owner, voter = make_user("owner"), make_user("voter")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     vote(voter, twin, "trace-1", 1)
     store = make_runner().store
     [queued] = store.enqueue_due_runs(uuid.UUID(twin.id))
@@ -386,14 +371,7 @@ def test_runs_fail_after_max_attempts_and_release_their_events(
     assert (after.status, after.error) == ("failed", "boom 3")
     assert store.claim_run("crashy", 30, uuid.UUID(twin.id)) is None
     # Nothing was counted; the event waits for the next run, which learns it.
-    assert (
-        count(
-            db,
-            PENDING,
-            twin.id,
-        )
-        == 1
-    )
+    assert count(db, PENDING, twin.id) == 1
     [run] = make_runner().run_once(uuid.UUID(twin.id))
     assert (run.status, run.events_processed) == ("completed", 1)
 
@@ -403,7 +381,7 @@ def test_a_killed_worker_is_taken_over_and_every_event_counts_once(
 ):
     owner = make_user("owner")
     voters = [make_user("voter") for _ in range(4)]
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     for i in range(60):
         vote(voters[i % 4], twin, f"trace-{i % 30}", 1 if i % 3 else -1)  # repeats change votes
 
@@ -449,7 +427,7 @@ def test_a_killed_worker_is_taken_over_and_every_event_counts_once(
 def test_two_workers_never_run_one_twin_twice_at_a_time(stack, db, service, make_user, tmp_path):
     owner = make_user("owner")
     voters = [make_user("voter") for _ in range(3)]
-    twins = [create_twin(service, owner.id) for _ in range(3)]
+    twins = [create_twin(db, owner.id) for _ in range(3)]
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
     workers = []
     for i, log in enumerate(logs):
@@ -525,9 +503,9 @@ def test_serve_stops_gracefully_on_sigint(stack):
     assert err.count('"poller stopped"') == 2  # the run poller and the Langfuse mirror
 
 
-def test_cli_prints_runs_and_writes_the_artifact(stack, service, make_user, tmp_path):
+def test_cli_prints_runs_and_writes_the_artifact(stack, db, make_user, tmp_path):
     owner = make_user("owner")
-    twin = create_twin(service, owner.id)
+    twin = create_twin(db, owner.id)
     artifact = tmp_path / "run.json"
     done = subprocess.run(
         pfl("run-once", "--twin", twin.id, "--safe-mode", "--output", str(artifact)),

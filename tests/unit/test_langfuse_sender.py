@@ -13,7 +13,7 @@ from uuid import UUID
 import pytest
 from pydantic import ValidationError
 
-from tests.langfuse_standin import SCORES_PATH, LangfuseStandin
+from testkit.standin import SCORES_PATH, LangfuseStandin
 from worker.langfuse_sender import (
     Delivery,
     DeliveryOutcome,

@@ -20,9 +20,12 @@ changes or the server stops). "Down" is `stop()`; `start()` binds the same port 
         sender = LangfuseSender(lf.url, lf.public_key, lf.secret_key, 1.0)
         lf.set_mode("error")
 
-As a process (for the demo and soak runs): `python -m tests.langfuse_standin --port 3000` prints
-the URL on its first stdout line and serves until SIGINT/SIGTERM. Another process can switch its
-mode with `POST /_standin/mode {"mode": "error"}` and read `GET /_standin/state`.
+As a process (for the bench and soak runs; `testkit.standin_process` launches it):
+`python -m testkit.standin --port 3000` prints the URL on its first stdout line and serves until
+SIGINT/SIGTERM. Another process can switch its mode with `POST /_standin/mode {"mode": "error"}`
+and read `GET /_standin/state`. With `--state-file F` it writes, once stopped (every request
+handler joined), the scores it received and its score requests by status to F, so that no
+receipt is lost across restarts.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, Self, cast, get_args
 
 Mode = Literal["ok", "partial", "unauthorized", "rate_limited", "error", "hang"]
@@ -157,12 +162,7 @@ class LangfuseStandin:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- behaviour and records --------------------------------------------------------------
@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-key", default="pk-lf-standin")
     parser.add_argument("--secret-key", default="sk-lf-standin")
     parser.add_argument("--mode", choices=MODES, default="ok")
+    parser.add_argument("--state-file", type=Path, help="receipts written here once stopped")
     args = parser.parse_args(argv)
 
     standin = LangfuseStandin(
@@ -520,8 +521,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     while not done.wait(0.5):
         pass
-    standin.stop()
+    standin.stop()  # joins every request handler: nothing is received after this
+    if args.state_file is not None:
+        write_receipts(standin, args.state_file)
     return 0
+
+
+def write_receipts(standin: LangfuseStandin, path: Path) -> None:
+    """The scores received and the score requests by answered status, as JSON (atomically)."""
+    state = {
+        "scores": standin.scores,
+        "score_requests": Counter(str(r.status) for r in standin.score_requests),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""The benchmark harness; run it through `scripts/bench [--quick] [--out FILE]`
+(`python -m bench` on a stack that scripts/with-stack brought up).
+
+Builds its own data on the bench stack (the environment `scripts/stack env` prints), measures
+each case against a floor measured side by side in the same run, prints a table and writes the
+figures as JSON. Cases at full size (--quick shrinks them and fails only on clear misses):
+
+1. Learning throughput: 1,000,000 pending events of one twin with 50 modules, learned end to end
+   by `pfl run-once --twin` (a subprocess, through PostgREST) with the batch at 1,000,000 and at
+   100,000; floor: a bare `UPDATE … SET processed_at = now()` over a copy of the same rows.
+   Target: worker ≤ 1.5 × floor. Afterwards the twin's cursor must be its last event id and
+   every module's weights must equal a from-scratch recomputation.
+2. Cost follows new work: the run over 10,000 new events (among other twins' events) of a twin
+   with 5,000,000 processed events versus a twin with none, and the twin with none after versus
+   before those 5,000,000 rows were loaded; without a draft spec and with one under audit (the
+   gate then has work). The runs' own time, best of 5. Target: ratio ≤ 1.2.
+3. Worker memory: peak RSS of the worker process in the case 1 runs ≤ 150 MB at both batch sizes.
+4. Feedback ingest: wrk POSTs of new votes with user JWTs through nginx → PostgREST into
+   persona_training_events versus the same requests into a bare table, in 8 short rounds that
+   pair the two back to back (the order alternating), with the CPU time PostgreSQL, PostgREST
+   and nginx spend per request. Target: the median of the paired ratios ≥ 0.85; every answer
+   2xx and every 2xx a row. wrk against an nginx no-op location shows the load generator is not
+   the bottleneck.
+5. Langfuse drain: 10,000 pending outbox rows drained by `pfl outbox drain` to the Langfuse
+   stand-in; floor: the same scores sent by the worker's LangfuseSender alone. Target: requests
+   ≤ rows / 50; every score received exactly once.
+
+Bulk data is written as the postgres superuser with `session_replication_role = replica` (no
+triggers, no foreign-key checks), so the generator fills in what the insert trigger would.
+"""

@@ -1,0 +1,70 @@
+"""The benchmark's sizes, targets and shared small helpers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from testkit.env import ROOT
+from testkit.world import many_modules
+
+PFL = ROOT / ".venv" / "bin" / "pfl"
+WRK_SCRIPT = ROOT / "scripts" / "local" / "bench.lua"
+RESULTS = ROOT / "bench-results"
+RUN_TAG = uuid.uuid4().hex[:8]  # keeps this run's wrk traces apart from an earlier run's
+
+SIZES: dict[str, dict[str, int]] = {
+    "full": {
+        "learn_events": 1_000_000,
+        "learn_batch_small": 100_000,
+        "history_events": 5_000_000,
+        "new_events": 10_000,
+        "history_trials": 5,
+        "ingest_seconds": 5,
+        "ingest_rounds": 8,
+        "outbox_rows": 10_000,
+    },
+    "quick": {
+        "learn_events": 200_000,
+        "learn_batch_small": 50_000,
+        "history_events": 400_000,
+        "new_events": 5_000,
+        "history_trials": 3,
+        "ingest_seconds": 3,
+        "ingest_rounds": 2,
+        "outbox_rows": 10_000,
+    },
+}
+MODULES = 50
+INTENTS = 10
+BENCH_MODULES = many_modules(MODULES, INTENTS)  # module_k serves intent_(k mod 10)
+USERS = 1_000
+INGEST_USERS = 8
+WRK_THREADS, WRK_CONNECTIONS = 2, 16
+HISTORY_DAYS = 60
+NEW_EVENTS_SPAN_SECONDS = 86_400
+GATE_TRACES = 25
+FLOOR_TRIALS = 2  # case 1: the UPDATE floor is I/O-bound and the noisiest figure; best of 2
+OTHER_PER_NEW = 4  # case 2: other twins' events between two new events of the measured twin
+STANDIN_PORT = 59341
+STANDIN_KEYS = ("pk-lf-bench", "sk-lf-bench")
+# --quick runs small sizes on a shared machine: a ratio target fails there only when missed by
+# this factor (ratio ≤ t fails above t × slack; ratio ≥ t fails below t / slack).
+QUICK_SLACK = 2.0
+
+
+class CorrectnessError(Exception):
+    """The system did the wrong thing; no figure of that case can be trusted."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - started, value
+

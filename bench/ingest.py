@@ -1,0 +1,313 @@
+"""Case 4: feedback ingest through nginx and PostgREST with wrk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from bench.config import (
+    BENCH_MODULES,
+    INGEST_USERS,
+    RUN_TAG,
+    WRK_CONNECTIONS,
+    WRK_SCRIPT,
+    WRK_THREADS,
+    CorrectnessError,
+    log,
+)
+from testkit.env import ROOT, StackEnv, stack_dir
+from testkit.tokens import user_token
+from testkit.wait import wait_until
+from testkit.world import make_twin, make_users, scalar, user_ids
+
+INGEST_DESIGNS_SQL = ROOT / "scripts" / "local" / "ingest_designs.sql"
+INGEST_DESIGNS = {
+    "bench_design_no_fks": "the table as it is, without its foreign keys",
+    "bench_design_lazy": "no insert trigger, supersede later, rules and consent in the policy",
+    "bench_design_lazy_no_fks": "the same without the foreign keys",
+    "bench_design_rules_in_trigger": (
+        "the rules checked by one PL/pgSQL trigger (text columns, no field checks), as before "
+        "the rules were declared"
+    ),
+}
+DROP_INGEST_DESIGNS = (
+    f"drop table if exists {', '.join(f'public.{name}' for name in INGEST_DESIGNS)}; "
+    "drop schema if exists bench_design cascade"
+)
+
+
+def case_ingest(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
+    """Case 4: new feedback votes through nginx → PostgREST into persona_training_events versus
+    the same requests into a bare table, in short rounds whose order alternates, judged on the
+    median of the rounds' paired ratios; the CPU time each process of the stack spends per
+    request; then wrk against nginx's no-op location."""
+    return ingest(env, conn, sizes, designs=False)
+
+
+def case_ingest_designs(
+    env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]
+) -> dict[str, Any]:
+    """Case 4 with other designs of the feedback table in the same rounds
+    (scripts/local/ingest_designs.sql): what each part of the write path costs. Run by hand."""
+    return ingest(env, conn, sizes, designs=True)
+
+
+def ingest(
+    env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int], designs: bool
+) -> dict[str, Any]:
+    seconds, rounds = sizes["ingest_seconds"], sizes["ingest_rounds"]
+    case = "ingest_designs" if designs else "ingest"
+    users = user_ids(make_users(conn, case, INGEST_USERS))
+    twin = make_twin(conn, users[0], BENCH_MODULES, name=f"bench: {case}")
+    conn.execute(
+        "create table public.bench_bare_feedback (id bigint generated always as identity, "
+        "twin_id uuid, trace_id text, score smallint, reason text, intent_label text, "
+        "module_key text, comment text, metadata jsonb)"
+    )
+    conn.execute("grant insert on public.bench_bare_feedback to authenticated")
+    if designs:
+        conn.execute(INGEST_DESIGNS_SQL.read_text())
+    conn.execute("notify pgrst, 'reload schema'")
+    wait_until_served(env, "bench_bare_feedback")
+
+    rest = env.rest
+    of_twin = (twin.id,)
+    targets = {
+        "bare": (
+            f"{rest}/bench_bare_feedback",
+            "select count(*) from public.bench_bare_feedback",
+            (),
+        ),
+        "events": (
+            f"{rest}/persona_training_events",
+            "select count(*) from public.persona_training_events where twin_id = %s",
+            of_twin,
+        ),
+    }
+    for name in INGEST_DESIGNS if designs else ():
+        wait_until_served(env, name)
+        targets[name] = (
+            f"{rest}/{name}",
+            f"select count(*) from public.{name} where twin_id = %s",
+            of_twin,
+        )
+    stack = StackProcesses.find(conn)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    tmp = Path(tempfile.mkdtemp(prefix="pfl-bench-"))
+    try:
+        tokens = tmp / "tokens"
+        tokens.write_text("".join(user_token(env.jwt_secret, u, 3 * 3600) + "\n" for u in users))
+
+        def load(url: str, secs: int, tag: str) -> dict[str, Any]:
+            return wrk(url, secs, tokens, twin.id, f"{RUN_TAG}-{tag}", env.anon_key)
+
+        log("case 4: warm-up")
+        for url, _, _ in targets.values():
+            load(url, 2, "warm")
+        for r in range(rounds):
+            # Rates drift on a shared machine (the floor moved 1,000 → 2,000/s in one run): each
+            # round runs every table back to back, and the order alternates.
+            for name in list(targets) if r % 2 == 0 else list(targets)[::-1]:
+                url, count_sql, params = targets[name]
+                before, cpu_before = settled_count(conn, count_sql, params), stack.cpu_seconds()
+                doc = load(url, seconds, f"{name}{r}")
+                cpu_after = stack.cpu_seconds()
+                doc["rows_created"] = settled_count(conn, count_sql, params) - before
+                doc["cpu_us_per_request"] = {
+                    k: round((cpu_after[k] - cpu_before[k]) / doc["completed"] * 1e6, 1)
+                    for k in cpu_after
+                }
+                check_ingest(name, doc)
+                results[name].append(doc)
+                log(
+                    f"case 4: round {r + 1}/{rounds}: {name}: {doc['rate']:.0f} inserts/s, p50 "
+                    f"{doc['latency_us']['p50'] / 1000:.1f} ms, CPU per request "
+                    + ", ".join(f"{k} {v:.0f} µs" for k, v in doc["cpu_us_per_request"].items())
+                )
+        noop = load(f"{env.url}/_bench/noop", min(seconds, 5), "noop")
+        log(f"case 4: wrk against nginx's no-op location: {noop['rate']:.0f} requests/s")
+    finally:
+        shutil.rmtree(tmp)
+        conn.execute("drop table if exists public.bench_bare_feedback")
+        if designs:
+            conn.execute(DROP_INGEST_DESIGNS)
+        conn.execute("notify pgrst, 'reload schema'")
+
+    def median_of(name: str, pick: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(pick(d) for d in results[name])
+
+    def itemgetter(outer: str, inner: str) -> Callable[[dict[str, Any]], float]:
+        return lambda d: float(d[outer][inner])
+
+    def summary(name: str) -> dict[str, Any]:
+        paired = [
+            d["rate"] / b["rate"] for d, b in zip(results[name], results["bare"], strict=True)
+        ]
+        return {
+            "ratio": round(statistics.median(paired), 3),
+            "round_ratios": [round(x, 3) for x in paired],
+            "rate": round(median_of(name, lambda d: d["rate"]), 1),
+            "latency_ms": {
+                k: median_of(name, itemgetter("latency_us", k)) / 1000 for k in ("p50", "p99")
+            },
+            "cpu_us": {
+                k: round(median_of(name, itemgetter("cpu_us_per_request", k)))
+                for k in StackProcesses.NAMES
+            },
+        }
+
+    events, bare = summary("events"), summary("bare")
+    return {
+        "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{seconds}s",
+        "rounds": rounds,
+        "users": INGEST_USERS,
+        "ratio": events["ratio"],
+        "round_ratios": events["round_ratios"],
+        "events_rate": events["rate"],
+        "bare_rate": bare["rate"],
+        "noop_rate": round(noop["rate"], 1),
+        "events_latency_ms": events["latency_ms"],
+        "bare_latency_ms": bare["latency_ms"],
+        "events_cpu_us": events["cpu_us"],
+        "bare_cpu_us": bare["cpu_us"],
+        "designs": {name: summary(name) for name in targets if name in INGEST_DESIGNS},
+        "runs": results,
+    }
+
+
+def settled_count(
+    conn: psycopg.Connection, count_sql: str, params: Any, timeout: float = 10.0
+) -> int:
+    """The row count once the requests wrk left in flight when it stopped have landed (or
+    failed): the same count twice, 0.2 s apart."""
+    counts: list[int] = []
+
+    def settled() -> tuple[int] | None:
+        counts.append(scalar(conn, count_sql, *params))
+        return (counts[-1],) if counts[-2:-1] == counts[-1:] else None
+
+    what = f"rows to stop arriving after wrk stopped ({count_sql})"
+    return wait_until(settled, timeout, what, every=0.2)[0]
+
+
+@dataclass(frozen=True)
+class StackProcesses:
+    """The bench stack's server processes, for the CPU time they spend per request: the
+    PostgreSQL postmaster (its live children and those it has reaped: backends, WAL writer,
+    checkpointer), PostgREST (all its threads) and nginx (master and workers)."""
+
+    postmaster: int
+    postgrest: int
+    nginx: int
+    NAMES = ("postgres", "postgrest", "nginx")
+
+    @classmethod
+    def find(cls, conn: psycopg.Connection) -> StackProcesses:
+        backend = scalar(conn, "select pg_backend_pid()")
+        return cls(
+            postmaster=proc_stat(backend)["ppid"],
+            postgrest=int((stack_dir() / "postgrest.pid").read_text()),
+            nginx=int((stack_dir() / "nginx" / "nginx.pid").read_text()),
+        )
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far: a parent's own and reaped ticks plus its live children's, from one
+        pass over /proc."""
+        ticks = {self.postmaster: 0, self.nginx: 0}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    stat = proc_stat(int(entry.name))
+                    if stat["ppid"] in ticks:
+                        ticks[stat["ppid"]] += stat["utime"] + stat["stime"]
+        for parent in ticks:
+            own = proc_stat(parent)
+            ticks[parent] += own["utime"] + own["stime"] + own["cutime"] + own["cstime"]
+        rest = proc_stat(self.postgrest)
+        return {
+            "postgres": ticks[self.postmaster] / CLK_TCK,
+            "postgrest": (rest["utime"] + rest["stime"]) / CLK_TCK,
+            "nginx": ticks[self.nginx] / CLK_TCK,
+        }
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int) -> dict[str, int]:
+    """ppid and CPU ticks from /proc/<pid>/stat (fields 4 and 14-17; the name may hold spaces)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {
+        "ppid": int(fields[1]),
+        "utime": int(fields[11]),
+        "stime": int(fields[12]),
+        "cutime": int(fields[13]),
+        "cstime": int(fields[14]),
+    }
+
+
+def wrk(url: str, seconds: int, tokens: Path, twin_id: str, tag: str, anon: str) -> dict:
+    """One wrk run with scripts/local/bench.lua; its BENCH_JSON figures plus the rate."""
+    cmd = [
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{WRK_CONNECTIONS}",
+        f"-d{seconds}s",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+        "--",
+        str(tokens),
+        twin_id,
+        tag,
+        anon,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            doc = json.loads(line.removeprefix("BENCH_JSON "))
+            doc["rate"] = doc["completed"] / (doc["duration_us"] / 1e6)
+            return doc
+    raise RuntimeError(f"wrk printed no figures:\n{done.stdout}\n{done.stderr}")
+
+
+def wait_until_served(env: StackEnv, table: str, timeout: float = 15.0) -> None:
+    """Until PostgREST's schema cache has a new table (after NOTIFY pgrst)."""
+    headers = {"apikey": env.service_key, "Authorization": f"Bearer {env.service_key}"}
+
+    def served() -> bool:
+        answer = httpx.get(f"{env.rest}/{table}?limit=0", headers=headers, timeout=5)
+        return answer.status_code == 200
+
+    wait_until(served, timeout, f"PostgREST to serve {table}", every=0.1)
+
+
+def check_ingest(name: str, doc: dict[str, Any]) -> None:
+    """No answer but 2xx, and rows created = 2xx answers. wrk stops with a request in flight
+    on each connection; those were sent but never answered and may or may not have landed, so
+    the rows must lie in [2xx, 2xx + in flight]."""
+    ok = sum(n for code, n in doc["statuses"].items() if code.startswith("2"))
+    bad = {code: n for code, n in doc["statuses"].items() if not code.startswith("2")}
+    errors = {k: v for k, v in doc["errors"].items() if v}
+    in_flight = doc["sent"] - doc["completed"]
+    doc.update(ok=ok, in_flight_at_stop=in_flight)
+    if bad or errors:
+        raise CorrectnessError(f"ingest {name}: non-2xx answers {bad}, errors {errors}")
+    if not ok <= doc["rows_created"] <= ok + in_flight:
+        raise CorrectnessError(
+            f"ingest {name}: {doc['rows_created']} rows for {ok} 2xx answers "
+            f"({in_flight} requests in flight at stop)"
+        )
+

@@ -1,0 +1,244 @@
+"""Cases 1 (and 3) and 2: learning throughput and memory, and cost that follows new work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from bench.config import (
+    BENCH_MODULES,
+    FLOOR_TRIALS,
+    HISTORY_DAYS,
+    MODULES,
+    NEW_EVENTS_SPAN_SECONDS,
+    OTHER_PER_NEW,
+    USERS,
+    CorrectnessError,
+    log,
+    timed,
+)
+from bench.data import add_draft_under_audit, generate_events, next_event_id, vacuum
+from bench.worker import (
+    check_learning,
+    forget_learning,
+    learn_all,
+    restore_learning,
+    settle_history,
+    snapshot_learning,
+)
+from testkit.env import StackEnv
+from testkit.world import Twin, connect, make_twin, make_users, scalar, user_ids
+
+
+def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
+    """Case 1 (and 3): N pending events of one twin learned by the worker, at two batch sizes,
+    against a bare UPDATE of a copy of the same rows."""
+    n = sizes["learn_events"]
+    users = user_ids(make_users(conn, "learn", USERS))
+    twin = make_twin(conn, users[0], BENCH_MODULES, name="bench: learning throughput")
+    log(f"case 1: generating {n:,} events")
+    gen = generate_events(env, twin, users, g_from=1, g_to=n, span_seconds=HISTORY_DAYS * 86_400)
+    gen["vacuum_seconds"] = vacuum(conn)
+    log(f"case 1: generated in {gen['seconds']} s, vacuum analyze {gen['vacuum_seconds']} s")
+
+    passes = {}
+    for batch in (n, sizes["learn_batch_small"]):
+        forget_learning(conn, twin.id)
+        conn.execute(
+            "update public.persona_learning_settings set max_batch_events = %s where twin_id = %s",
+            (batch, twin.id),
+        )
+        log(f"case 1: the worker learns {n:,} events, batch {batch:,}")
+        figures = learn_all(conn, twin.id)
+        if figures["events_processed"] != n:
+            raise CorrectnessError(f"{figures['events_processed']} of {n} events processed")
+        figures["check"] = check_learning(conn, twin.id)
+        passes[str(batch)] = figures
+        log(
+            f"case 1: {figures['seconds']} s in {figures['runs']} run(s) (runs alone "
+            f"{figures['run_seconds']} s), peak RSS {figures['peak_rss_mb']} MB; "
+            f"cursor and weights as from scratch"
+        )
+
+    floors = [update_floor(conn, twin.id, n) for _ in range(FLOOR_TRIALS)]
+    log(
+        f"case 1: floor (UPDATE … SET processed_at = now() over a copy of the same rows): "
+        f"{', '.join(f'{f:.2f}' for f in floors)} s"
+    )
+    return {
+        "events": n,
+        "modules": MODULES,
+        "generation": gen,
+        "floor_seconds": round(min(floors), 3),
+        "floor_trials": [round(f, 3) for f in floors],
+        "passes": passes,
+    }
+
+
+def update_floor(conn: psycopg.Connection, twin_id: str, n: int) -> float:
+    """Seconds of a bare `UPDATE … SET processed_at = now()` over a fresh copy of the twin's
+    events (CREATE TABLE AS, vacuumed, after a checkpoint)."""
+    conn.execute("drop table if exists public.bench_floor")
+    conn.execute(
+        "create table public.bench_floor as select e.*, null::timestamptz as processed_at "
+        "from public.persona_training_events e where e.twin_id = %s",
+        (twin_id,),
+    )
+    conn.execute("vacuum analyze public.bench_floor")
+    conn.execute("checkpoint")
+    seconds, cur = timed(lambda: conn.execute("update public.bench_floor set processed_at = now()"))
+    if cur.rowcount != n:
+        raise CorrectnessError(f"the floor updated {cur.rowcount} rows, not {n}")
+    conn.execute("drop table public.bench_floor")
+    return seconds
+
+
+# ----------------------------------------------------------------------------- case 2
+
+
+def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
+    """Case 2: a run over n new events of a twin with a long processed history versus a twin
+    with none, in the same database; and the twin with none before and after the long history
+    was loaded (the table's size). Each with no draft spec and with a draft under audit (the
+    run's gate then has work). Best of `history_trials` each, twins alternating."""
+    h, n, trials = sizes["history_events"], sizes["new_events"], sizes["history_trials"]
+    users = user_ids(make_users(conn, "history", USERS))
+    fresh = make_twin(conn, users[0], BENCH_MODULES, name="bench: no history")
+    drafting = make_twin(conn, users[1], BENCH_MODULES, name="bench: no history, draft")
+    old = make_twin(conn, users[2], BENCH_MODULES, name="bench: long history")
+    other = make_twin(conn, users[3], BENCH_MODULES, name="bench: other twins")
+
+    log(f"case 2: {n:,} new events for each twin, among other twins' events")
+    for twin, g_from in ((fresh, 1), (drafting, 1)):
+        add_new_events(env, twin, other, users, n, g_from=g_from)
+    add_draft_under_audit(conn, drafting)
+    vacuum(conn)
+    snaps = {t.id: snapshot_learning(conn, t.id) for t in (fresh, drafting)}
+    before = history_trials(
+        conn,
+        {"no_draft": fresh, "draft": drafting},
+        snaps,
+        trials,
+        "no history, before the long history was loaded",
+    )
+
+    log(f"case 2: generating {h:,} events of history")
+    gen = generate_events(env, old, users, g_from=1, g_to=h, span_seconds=HISTORY_DAYS * 86_400)
+    gen["vacuum_seconds"] = vacuum(conn)
+    settle_history(conn, old.id)
+    log(f"case 2: generated in {gen['seconds']} s, vacuum analyze {gen['vacuum_seconds']} s")
+    add_new_events(env, old, other, users, n, g_from=h + 1)
+    vacuum(conn)
+    snaps[old.id] = snapshot_learning(conn, old.id)
+    after = history_trials(
+        conn,
+        {"no_draft": fresh, "draft": drafting, "history_no_draft": old},
+        snaps,
+        trials,
+        "after the long history was loaded",
+    )
+    add_draft_under_audit(conn, old)
+    after |= history_trials(
+        conn, {"history_draft": old}, snaps, trials, "after the long history was loaded"
+    )
+    return {
+        "history_events": h,
+        "new_events": n,
+        "other_twins_events_per_new_event": OTHER_PER_NEW,
+        "trials": trials,
+        "generation": gen,
+        "before": before,
+        "after": after,
+        "check": {
+            name: check_learning(conn, t.id)
+            for name, t in (("no_history", fresh), ("no_history_draft", drafting), ("history", old))
+        },
+    }
+
+
+def add_new_events(
+    env: StackEnv,
+    twin: Twin,
+    other: Twin,
+    users: list[str],
+    n: int,
+    *,
+    g_from: int,
+) -> None:
+    """n new events of `twin`, arriving among OTHER_PER_NEW times as many events of `other`
+    (the ids interleave), as a twin's feedback arrives in a database many twins write to."""
+    with connect(env.database_url) as c:
+        base = next_event_id(c)
+        other_from = scalar(
+            c,
+            "select count(*) + 1 from public.persona_training_events where twin_id = %s",
+            other.id,
+        )
+    stride = OTHER_PER_NEW + 1
+    generate_events(
+        env,
+        twin,
+        users,
+        g_from=g_from,
+        g_to=g_from + n - 1,
+        span_seconds=NEW_EVENTS_SPAN_SECONDS,
+        base=base,
+        stride=stride,
+    )
+    for k in range(OTHER_PER_NEW):
+        start = other_from + k * n
+        generate_events(
+            env,
+            other,
+            users,
+            g_from=start,
+            g_to=start + n - 1,
+            span_seconds=NEW_EVENTS_SPAN_SECONDS,
+            base=base + 1 + k,
+            stride=stride,
+        )
+
+
+def history_trials(
+    conn: psycopg.Connection,
+    twins: dict[str, Twin],
+    snaps: dict[str, Any],
+    trials: int,
+    label: str,
+) -> dict[str, Any]:
+    """Learns each twin's new events `trials` times (the twin put back as it was before each
+    trial, the twins alternating); per twin the best process and run time and every trial."""
+    times: dict[str, list[dict[str, Any]]] = {name: [] for name in twins}
+    new = {
+        name: scalar(
+            conn,
+            "select count(*) from public.persona_training_events where twin_id = %s and id > %s",
+            twin.id,
+            snaps[twin.id]["cursor"],
+        )
+        for name, twin in twins.items()
+    }
+    for trial in range(trials):
+        for name, twin in twins.items():
+            restore_learning(conn, twin.id, snaps[twin.id])
+            figures = learn_all(conn, twin.id)
+            if figures["events_processed"] != new[name]:
+                raise CorrectnessError(
+                    f"{name}: {figures['events_processed']} of {new[name]} new events processed"
+                )
+            times[name].append(figures)
+        log(
+            f"case 2 ({label}): trial {trial + 1}: "
+            + ", ".join(f"{name} {runs[-1]['run_seconds']} s" for name, runs in times.items())
+        )
+    return {
+        name: {
+            "seconds": min(f["seconds"] for f in runs),
+            "run_seconds": min(f["run_seconds"] for f in runs),
+            "events_processed": runs[0]["events_processed"],
+            "trials": runs,
+        }
+        for name, runs in times.items()
+    }
+

@@ -1,0 +1,250 @@
+"""The results table, its targets and verdicts, and what the run ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.config import QUICK_SLACK
+from bench.ingest import INGEST_DESIGNS, StackProcesses
+from testkit.env import ROOT
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    measured: str
+    floor: str
+    ratio: float | None
+    target: str
+    verdict: str
+
+
+def judge(value: float, op: str, target: float, quick: bool, *, noisy: bool = True) -> str:
+    """`pass` or `FAIL`; in --quick mode a noisy figure missed by less than QUICK_SLACK is
+    reported as a miss but does not fail the run."""
+    if value <= target if op == "<=" else value >= target:
+        return "pass"
+    if quick and noisy:
+        limit = target * QUICK_SLACK if op == "<=" else target / QUICK_SLACK
+        if value <= limit if op == "<=" else value >= limit:
+            return "miss (within quick slack)"
+    return "FAIL"
+
+
+def judged(
+    case: str,
+    measured: str,
+    floor: str,
+    value: float,
+    op: str,
+    target: float,
+    quick: bool,
+    *,
+    unit: str = "",
+    is_ratio: bool = True,
+    noisy: bool = True,
+) -> Row:
+    """A row with a target: `value` judged against it (the ratio column shows it if a ratio)."""
+    sign = "≤" if op == "<=" else "≥"
+    verdict = judge(value, op, target, quick, noisy=noisy)
+    ratio = value if is_ratio else None
+    return Row(case, measured, floor, ratio, f"{sign} {target:g}{unit}", verdict)
+
+
+def reported(case: str, measured: str, floor: str, ratio: float) -> Row:
+    """A row reported for what it shows, with no target."""
+    return Row(case, measured, floor, ratio, "(reported)", "-")
+
+
+def check_row(case: str, check: dict[str, Any]) -> Row:
+    return Row(
+        case,
+        f"cursor at last event, {check['modules_checked']} modules, max rel. err "
+        f"{check['max_relative_error']:.0e}",
+        "from scratch",
+        None,
+        "= from scratch",
+        "pass",
+    )
+
+
+def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    if learn := results.get("learning"):
+        floor = learn["floor_seconds"]
+        # At quick size the worker's fixed start-up (about 1 s, measured apart) outweighs the
+        # floor itself, so quick judges the process time less that start-up; full size keeps it.
+        startup = results.get("worker_startup_seconds", 0.0) if quick else 0.0
+        for batch, p in learn["passes"].items():
+            ratio = (p["seconds"] - startup) / floor
+            less = f" less {startup:.2f} s start-up" if quick else ""
+            rows.append(
+                judged(
+                    f"1 learn {learn['events']:,} events, batch {int(batch):,}",
+                    f"{p['seconds']:.2f} s{less}, {p['runs']} run(s)"
+                    f" ({p['run_seconds']:.2f} s alone)",
+                    f"{floor:.2f} s UPDATE",
+                    ratio, "<=", 1.5, quick,
+                )
+            )
+        for batch, p in learn["passes"].items():
+            rows.append(check_row(f"1 correctness, batch {int(batch):,}", p["check"]))
+        for batch, p in learn["passes"].items():
+            rows.append(
+                judged(
+                    f"3 worker peak RSS, batch {int(batch):,}",
+                    f"{p['peak_rss_mb']:.0f} MB",
+                    "-",
+                    p["peak_rss_mb"], "<=", 150, quick,
+                    unit=" MB", is_ratio=False, noisy=False,
+                )
+            )
+    if hist := results.get("history"):
+        before, after = hist["before"], hist["after"]
+        n, h = hist["new_events"], hist["history_events"]
+        for draft, what in (("no_draft", "no draft"), ("draft", "draft under audit")):
+            pairs = (
+                (
+                    f"2 {n:,} new events: {h:,}-event history vs none, {what}",
+                    after[f"history_{draft}"],
+                    after[draft],
+                    "no history",
+                ),
+                (
+                    f"2 {n:,} new events, no history: {h:,} more rows in the table, {what}",
+                    after[draft],
+                    before[draft],
+                    "before the load",
+                ),
+            )
+            for case, got, floor, floor_name in pairs:
+                ratio = got["run_seconds"] / max(floor["run_seconds"], 1e-3)
+                rows.append(
+                    judged(
+                        case,
+                        f"run {got['run_seconds']:.3f} s (process {got['seconds']:.2f} s)",
+                        f"{floor['run_seconds']:.3f} s ({floor['seconds']:.2f} s) {floor_name}",
+                        ratio, "<=", 1.2, quick,
+                    )
+                )
+        for name, check in hist["check"].items():
+            rows.append(check_row(f"2 correctness, {name.replace('_', ' ')}", check))
+    for ingest in filter(None, (results.get("ingest"), results.get("ingest_designs"))):
+        lat, bare_lat = ingest["events_latency_ms"], ingest["bare_latency_ms"]
+        rows.append(
+            judged(
+                f"4 feedback ingest, wrk {ingest['wrk']} × {ingest['rounds']} rounds",
+                f"{ingest['events_rate']:.0f}/s (p50 {lat['p50']:.0f}, p99 {lat['p99']:.0f} ms)",
+                f"{ingest['bare_rate']:.0f}/s bare (p50 {bare_lat['p50']:.0f}, "
+                f"p99 {bare_lat['p99']:.0f} ms)",
+                ingest["ratio"], ">=", 0.85, quick,
+            )
+        )
+        cpu, bare_cpu = ingest["events_cpu_us"], ingest["bare_cpu_us"]
+        rows.append(
+            reported(
+                "4 CPU per request: PostgreSQL + PostgREST + nginx",
+                " + ".join(f"{cpu[k]}" for k in StackProcesses.NAMES) + " µs",
+                " + ".join(f"{bare_cpu[k]}" for k in StackProcesses.NAMES) + " µs bare",
+                sum(bare_cpu.values()) / sum(cpu.values()),
+            )
+        )
+        ratio = ingest["noop_rate"] / ingest["bare_rate"]
+        rows.append(
+            judged(
+                "4 load generator: wrk vs nginx no-op",
+                f"{ingest['noop_rate']:.0f}/s",
+                f"{ingest['bare_rate']:.0f}/s bare",
+                ratio, ">=", 5, quick,
+            )
+        )
+        for name, design in ingest["designs"].items():
+            rows.append(
+                reported(
+                    f"4 design: {INGEST_DESIGNS[name]}",
+                    f"{design['rate']:.0f}/s, CPU "
+                    + " + ".join(f"{design['cpu_us'][k]}" for k in StackProcesses.NAMES)
+                    + " µs",
+                    f"{ingest['bare_rate']:.0f}/s bare",
+                    design["ratio"],
+                )
+            )
+        rows.append(
+            Row(
+                "4 correctness: answers, rows",
+                "all 2xx, rows = 2xx (+ in flight at stop)",
+                "-",
+                None,
+                "every 2xx a row",
+                "pass",
+            )
+        )
+    if outbox := results.get("outbox"):
+        most = outbox["rows"] / 50
+        rows.append(
+            reported(
+                f"5 Langfuse drain of {outbox['rows']:,} rows",
+                f"{outbox['drain_seconds']:.2f} s, {outbox['ms_per_score']:.2f} ms/score",
+                f"{outbox['floor_seconds']:.2f} s sender alone",
+                outbox["drain_seconds"] / outbox["floor_seconds"],
+            )
+        )
+        rows.append(
+            Row(
+                "5 Langfuse requests, every score once",
+                f"{outbox['requests']} requests",
+                f"{outbox['floor_requests']} requests",
+                None,
+                f"≤ {most:.0f}",
+                "pass" if outbox["requests"] <= most else "FAIL",
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("case", "measured", "floor", "ratio", "target", "verdict")
+    cells = [header] + [
+        (
+            r.case,
+            r.measured,
+            r.floor,
+            "-" if r.ratio is None else f"{r.ratio:.2f}",
+            r.target,
+            r.verdict,
+        )
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for i, cell in enumerate(cells):
+        print(" | ".join(v.ljust(w) for v, w in zip(cell, widths, strict=True)).rstrip())
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    mem_kb = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model.group(1).strip() if model else "unknown",
+        "memory_gb": round(int(mem_kb.group(1)) / 1024 / 1024, 1) if mem_kb else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip()
+

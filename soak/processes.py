@@ -1,0 +1,155 @@
+"""The processes the soak starts: `pfl serve` workers (killed and replaced), and what ends them
+if an earlier soak left them running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from soak.config import PFL, WORKER_ENV
+from testkit.env import StackEnv, worker_env
+
+
+def remember_child(work_dir: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Notes a process the soak started, so that a later soak can end it if this one was killed
+    before it could (workers and the stand-in run in sessions of their own)."""
+    with open(work_dir / "children.pids", "a") as f:
+        f.write(f"{proc.pid}\n")
+
+
+def end_leftover_children(work_dir: Path) -> list[int]:
+    """SIGKILLs the processes an earlier soak started and left running: by pid, and only if the
+    pid is still one of them (a worker runs in `work_dir`, the stand-in keeps its state there)."""
+    pids_file = work_dir / "children.pids"
+    ended = []
+    for pid in {int(p) for p in pids_file.read_text().split()} if pids_file.exists() else ():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except (OSError, UnicodeDecodeError):
+            continue
+        if cwd == work_dir or "testkit.standin" in cmdline and str(work_dir) in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
+    pids_file.unlink(missing_ok=True)
+    return ended
+
+
+
+class Workers:
+    """`pfl serve` processes, each with a worker id of its own; killed ones are replaced."""
+
+    def __init__(self, count: int, env: StackEnv, langfuse_env: dict[str, str],
+                 log_dir: Path) -> None:
+        self.count, self.log_dir, self.database_url = count, log_dir, env.database_url
+        self.env = worker_env(env, **WORKER_ENV, **langfuse_env)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.spawned = 0
+        self.exits: dict[str, int] = {}  # worker id -> exit status, once it ended
+
+    def spawn(self) -> str:
+        self.spawned += 1
+        name = f"soak-w{self.spawned}"
+        with open(self.log_dir / f"{name}.log", "wb") as out:
+            # cwd: a directory without a .env file, so that only the environment configures it
+            self.procs[name] = subprocess.Popen(
+                [str(PFL), "serve"], env={**self.env, "PFL_WORKER_ID": name}, cwd=self.log_dir,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        remember_child(self.log_dir, self.procs[name])
+        return name
+
+    def ensure(self) -> list[str]:
+        """Replaces workers that ended; returns those that ended without being killed."""
+        unexpected = []
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                self.exits[name] = proc.returncode
+                unexpected.append(name)
+                del self.procs[name]
+        while len(self.procs) < self.count:
+            self.spawn()
+        return unexpected
+
+    def lease_holders(self) -> set[str]:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(
+                self.database_url, connect_timeout=2, autocommit=True) as db:
+            rows = db.execute(
+                "select worker_id from persona_feedback_learning_runs where status = 'running'"
+            ).fetchall()
+            return {r[0] for r in rows}
+        return set()
+
+    def kill_one(self, rng: random.Random) -> str:
+        """SIGKILLs a worker, preferably one holding a run (so that a takeover follows)."""
+        holders = sorted(self.lease_holders() & set(self.procs))
+        if holders and rng.random() < 0.7:
+            name = rng.choice(holders)
+        else:
+            name = rng.choice(sorted(self.procs))
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        self.exits[name] = proc.wait(timeout=10)
+        self.spawn()
+        return name + (" (holding a run)" if name in holders else "")
+
+    def stop(self, deadline_s: float = 60) -> dict[str, int]:
+        """SIGTERM: each finishes the work in hand and exits; exit statuses by worker id."""
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + deadline_s
+        statuses = {}
+        for name, proc in self.procs.items():
+            try:
+                statuses[name] = proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                statuses[name] = -999  # did not stop gracefully
+        self.exits.update(statuses)
+        self.procs.clear()
+        return statuses
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        self.procs.clear()
+
+    def log_entries(self) -> Iterator[dict[str, Any]]:
+        """The workers' JSON log lines, oldest worker first."""
+        for path in sorted(self.log_dir.glob("soak-w*.log"), key=lambda p: int(p.stem[6:])):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    entry = {"level": "error", "event": f"not a log line: {line[:40]}"}
+                if isinstance(entry, dict):
+                    yield {**entry, "worker": path.stem}
+
+    def log_warnings(self) -> Counter[str]:
+        """Warnings and errors the workers logged, by message (numbers masked)."""
+        return Counter(
+            f"{e['level']}: {re.sub(r'[0-9][0-9.]*', 'N', str(e.get('event')))[:70]}"
+            for e in self.log_entries() if e.get("level") in ("warning", "error", "critical"))
+
+    def permanent_failures(self) -> list[str]:
+        """Run attempts a worker failed for good (not retryable). Every fault of the soak is
+        transient, so each one is a transient error taken for a permanent one."""
+        return [f"{e['worker']} {e.get('ts')}: run {e.get('run_id')} attempt {e.get('attempt')}: "
+                f"{e.get('error')}" for e in self.log_entries()
+                if e.get("event") == "run attempt failed" and e.get("retryable") is False]
+
