@@ -20,7 +20,7 @@ from bench.ingest import case_ingest, case_ingest_designs
 from bench.learning import case_history, case_learning
 from bench.outbox import case_outbox
 from bench.report import git, machine, print_table, report_rows
-from bench.worker import startup_seconds
+from bench.worker_process import startup_seconds
 from testkit.env import StackEnv, StackEnvMissing
 from testkit.world import connect, make_twin, make_users, scalar
 

@@ -10,7 +10,6 @@ from typing import Any
 from testkit.env import ROOT
 from testkit.world import many_modules
 
-PFL = ROOT / ".venv" / "bin" / "pfl"
 WRK_SCRIPT = ROOT / "scripts" / "local" / "bench.lua"
 RESULTS = ROOT / "bench-results"
 RUN_TAG = uuid.uuid4().hex[:8]  # keeps this run's wrk traces apart from an earlier run's

@@ -19,7 +19,7 @@ from bench.config import (
     timed,
 )
 from bench.data import add_draft_under_audit, generate_events, next_event_id, vacuum
-from bench.worker import (
+from bench.worker_process import (
     check_learning,
     forget_learning,
     learn_all,

@@ -16,7 +16,7 @@ from bench.config import (
     timed,
 )
 from bench.data import generate_outbox
-from bench.worker import run_pfl
+from bench.worker_process import run_pfl
 from testkit.env import StackEnv
 from testkit.standin_process import StandinProcess
 from testkit.world import make_twin, make_users, scalar, user_ids

@@ -6,7 +6,6 @@ from datetime import datetime
 
 from testkit.env import ROOT
 
-PFL = ROOT / ".venv" / "bin" / "pfl"
 STACK = ROOT / "scripts" / "stack"
 RESULTS = ROOT / "soak-results"
 

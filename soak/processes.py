@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from soak.config import PFL, WORKER_ENV
-from testkit.env import StackEnv, worker_env
+from soak.config import WORKER_ENV
+from testkit.env import PFL, StackEnv, worker_env
 
 
 def remember_child(work_dir: Path, proc: subprocess.Popen[bytes]) -> None:

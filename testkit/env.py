@@ -14,6 +14,8 @@ from supabase import Client
 from worker.store import make_client
 
 ROOT = Path(__file__).resolve().parent.parent
+# The worker's CLI in the project's venv: what tests, bench and soak run as a process.
+PFL = ROOT / ".venv" / "bin" / "pfl"
 KEYS = (
     "SUPABASE_URL",
     "SUPABASE_ANON_KEY",

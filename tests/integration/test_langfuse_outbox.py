@@ -17,7 +17,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ import pytest
 from postgrest.types import CountMethod
 from supabase import Client
 
-from testkit.env import rows
+from testkit.env import PFL, rows
 from testkit.standin import LangfuseStandin
 from tests.conftest import Stack, User, wait_for
 from worker.config import WorkerSettings
@@ -41,7 +40,6 @@ from worker.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
-PFL = Path(sys.executable).with_name("pfl")
 BASE_DELAY = 2.0  # p_base_delay_seconds: the default the worker leaves record_langfuse_deliveries
 SLACK = timedelta(milliseconds=50)  # clock rounding between PostgreSQL and the assertions
 SenderFactory = Callable[..., LangfuseSender]

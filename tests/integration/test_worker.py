@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from testkit.env import worker_env as stack_worker_env
-from tests.conftest import ROOT, Stack, wait_for
+from testkit import env as testkit_env
+from tests.conftest import Stack, wait_for
 from tests.integration.helpers import Twin, counts_from_scratch, create_twin, module_row
 from worker.config import WorkerSettings
 from worker.learning import beta_mean, classify
@@ -49,11 +49,11 @@ def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
 
 def worker_env(stack: Stack, **extra: str) -> dict[str, str]:
     quick_polls = {"PFL_POLL_MIN_SECONDS": "0.05", "PFL_POLL_MAX_SECONDS": "0.2"}
-    return stack_worker_env(stack, PFL_LOG_FORMAT="json", **{**quick_polls, **extra})
+    return testkit_env.worker_env(stack, PFL_LOG_FORMAT="json", **{**quick_polls, **extra})
 
 
 def pfl(*args: str) -> list[str]:
-    return [str(ROOT / ".venv" / "bin" / "pfl"), *args]
+    return [str(testkit_env.PFL), *args]
 
 
 def vote(user, twin: Twin, trace: str, score: int, intent: str = "factual_with_evidence", **kw):

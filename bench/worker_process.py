@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
-from bench.config import PFL, CorrectnessError
-from testkit.env import ROOT, StackEnv, worker_env
+from bench.config import CorrectnessError
+from testkit.env import PFL, ROOT, StackEnv, worker_env
 from testkit.oracle import module_counts_from_scratch, relative_error, twin_settings
 from testkit.world import scalar
 from worker.learning import classify
