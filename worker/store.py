@@ -49,6 +49,16 @@ RUN_COLUMNS = (
 )
 
 
+# The newest migration that changed what the worker calls (public.worker_schema_version()
+# answers the database's); an older database is refused at start.
+REQUIRED_SCHEMA_VERSION = "20261202000200"
+
+
+class ConfigurationError(Exception):
+    """The worker cannot run with these settings; the message is one line saying why and what
+    to do."""
+
+
 class StoreError(Exception):
     """The database refused a call; `code` is PostgREST's (SQLSTATE or PGRSTxxx)."""
 
@@ -288,6 +298,39 @@ class Store:
         """Calls the SQL function `name`; returns its JSON result (a row, a scalar, or an array
         for a `setof` function)."""
         return self._call(name, lambda: self._client.rpc(name, params).execute().data)
+
+    def check_worker_access(self, url: str) -> str:
+        """Asks the database which version of the worker's functions it has, as the worker's
+        key. Returns that version (a migration timestamp). Raises ConfigurationError (one line)
+        when the key is refused or may not call the worker's functions (not the service-role
+        key of this project) or the database's migrations are behind REQUIRED_SCHEMA_VERSION;
+        the store's errors when the API cannot be reached."""
+        try:
+            found = self._rpc("worker_schema_version", {})
+        except StoreError as exc:
+            if exc.code == "42501":
+                raise ConfigurationError(
+                    "SUPABASE_SERVICE_ROLE_KEY is not the service-role key: the API refused the "
+                    "worker's functions (permission denied); use the service_role/secret key "
+                    "of the project"
+                ) from exc
+            if exc.code in ("PGRST301", "PGRST302"):
+                raise ConfigurationError(
+                    f"SUPABASE_SERVICE_ROLE_KEY was refused by the API at {url} ({exc}): it is "
+                    "not a key of this project; use its service_role/secret key"
+                ) from exc
+            if exc.code == "PGRST202":
+                raise ConfigurationError(
+                    f"the database at {url} is behind: it lacks the worker's functions of "
+                    f"migration {REQUIRED_SCHEMA_VERSION}; apply the migrations (supabase db push)"
+                ) from exc
+            raise
+        if not isinstance(found, str) or found < REQUIRED_SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the database at {url} is behind: its migrations reach {found}, the worker needs "
+                f"{REQUIRED_SCHEMA_VERSION}; apply the migrations (supabase db push)"
+            )
+        return found
 
     # Runs --------------------------------------------------------------------------------
 

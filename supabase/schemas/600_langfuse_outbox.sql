@@ -18,7 +18,9 @@ comment on view public.persona_langfuse_outbox is
   'superseded by a later vote of the same user on the same trace.';
 
 revoke all on public.persona_langfuse_outbox from anon, authenticated;
-grant select on public.persona_langfuse_outbox to service_role;
+-- Operators read the outbox and fix its rows through the view (it writes through to
+-- persona_training_events with the caller's rights).
+grant select, insert, update, delete on public.persona_langfuse_outbox to service_role;
 
 -- Claims up to p_limit due feedback rows for delivery. They stay invisible to other workers for
 -- p_visibility_seconds; a worker that dies leaves them due again after that.
