@@ -71,7 +71,8 @@ def stack() -> Stack:
 
 @pytest.fixture(scope="session")
 def db(stack: Stack) -> Iterator[psycopg.Connection]:
-    """A superuser connection, for setting up users and for looking under PostgREST."""
+    """A connection as postgres (as on hosted Supabase: no superuser, bypasses RLS), for setting
+    up users and for looking under PostgREST."""
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         yield conn
 
@@ -111,7 +112,11 @@ def make_user(stack: Stack, db: psycopg.Connection) -> Iterator[Callable[[str], 
 
     def make(name: str = "user") -> User:
         email = f"{name}-{uuid.uuid4().hex[:10]}@test.local"
-        row = db.execute("insert into auth.users (email) values (%s) returning id", (email,))
+        # The auth service picks each user's id: auth.users.id has no default.
+        row = db.execute(
+            "insert into auth.users (id, email) values (%s, %s) returning id",
+            (uuid.uuid4(), email),
+        )
         user_id = str(row.fetchone()[0])  # type: ignore[index]
         token = mint_token(stack, user_id)
         made.append(User(id=user_id, email=email, token=token, client=client_for(stack, token)))

@@ -51,7 +51,11 @@ alter role supabase_admin set search_path = "$user", public, auth, extensions;
 alter role postgres nosuperuser createdb createrole login replication bypassrls
   password 'postgres';
 alter role postgres set search_path = "$user", public, extensions;
-alter database postgres owner to postgres;
+do $$
+begin
+  execute format('alter database %I owner to postgres', current_database());
+end
+$$;
 grant anon, authenticated, service_role to postgres;
 grant supabase_auth_admin to postgres;
 grant pg_monitor, pg_read_all_data, pg_signal_backend to postgres;
