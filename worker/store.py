@@ -473,9 +473,19 @@ class Store:
         """Marks up to `limit` due rows skipped (Langfuse not configured); returns how many."""
         return _count(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
 
-    def requeue_outbox(self, status: str) -> int:
-        """Puts rows of `status` ("skipped" or "failed") back to pending; returns how many."""
-        return _count(self._rpc("requeue_langfuse_outbox", {"p_status": status}))
+    def requeue_outbox(self, status: str, chunk: int = 10_000) -> int:
+        """Puts rows of `status` ("skipped" or "failed") back to pending, `chunk` (1-10,000) per
+        call so that each call stays well inside the API's statement timeout, until none is
+        left; returns how many. Each call is its own transaction: a failure leaves the rows of
+        the calls before it requeued."""
+        total = 0
+        while True:
+            moved = _count(
+                self._rpc("requeue_langfuse_outbox", {"p_status": status, "p_limit": chunk})
+            )
+            total += moved
+            if moved == 0:
+                return total
 
 
 def _rows(data: JSON) -> Sequence[JSON]:

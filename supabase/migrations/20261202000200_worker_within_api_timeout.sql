@@ -197,6 +197,54 @@ begin
 end;
 $$;
 
+-- Requeueing the outbox rewrote every skipped (or failed) row in one statement: a project that
+-- kept a million votes while Langfuse was not configured would pass the timeout. It now moves
+-- at most p_limit rows per call.
+drop function public.requeue_langfuse_outbox(text);
+-- Puts skipped (or failed) current votes back in the outbox, e.g. once Langfuse is configured,
+-- at most p_limit per call so that a call stays well inside the API's statement timeout; the
+-- worker calls it until it answers 0.
+create function public.requeue_langfuse_outbox(p_status text default 'skipped',
+                                               p_limit integer default 10000)
+returns integer
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  if p_status is null or p_status not in ('skipped', 'failed') then
+    raise exception using errcode = '22023', message = 'p_status must be skipped or failed';
+  end if;
+  if p_limit is null or p_limit not between 1 and 10000 then
+    raise exception using errcode = '22023', message = 'p_limit must be 1 to 10000';
+  end if;
+  with due as (
+    select e.id from public.persona_training_events e
+    where e.langfuse_status = p_status::public.langfuse_status and e.source = 'user_feedback'
+      and e.superseded_at is null
+    limit p_limit
+    for update skip locked
+  )
+  update public.persona_training_events e
+  set langfuse_status = 'pending', langfuse_attempts = 0, langfuse_last_error = null,
+      langfuse_next_attempt_at = now()
+  from due
+  where e.id = due.id;
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$$;
+
+comment on function public.requeue_langfuse_outbox(text, integer) is
+  'Worker (outbox requeue). In: p_status, skipped (default) or failed; p_limit, at most this many '
+  'rows (1-10000, default 10000). Out: how many current votes in that state it put back as '
+  'pending, due now, attempts 0; 0 when none is left. Raises 22023 "p_status must be skipped or '
+  'failed" or "p_limit must be 1 to 10000" otherwise.';
+
+grant execute on function public.requeue_langfuse_outbox(text, integer) to service_role;
+revoke execute on function public.requeue_langfuse_outbox(text, integer) from public;
+
 -- The version of the database the worker needs: it asks at start and refuses to run against an
 -- older one.
 create function public.worker_schema_version()

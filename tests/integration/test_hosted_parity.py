@@ -183,7 +183,8 @@ def test_the_worker_with_a_key_of_another_project_says_so_and_stops(stack: Stack
 def database_behind(db: psycopg.Connection) -> Iterator[str]:
     """The stack's database answering as one whose migrations stop before the worker's."""
     older = "20261130000600"
-    original = scalar(db, "select pg_get_functiondef('public.worker_schema_version()'::regprocedure)")
+    original = scalar(
+        db, "select pg_get_functiondef('public.worker_schema_version()'::regprocedure)")
     assert f"'{REQUIRED_SCHEMA_VERSION}'" in original
     db.execute(original.replace(f"'{REQUIRED_SCHEMA_VERSION}'", f"'{older}'"))
     try:
