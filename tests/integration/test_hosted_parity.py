@@ -17,12 +17,13 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import httpx
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, User, wait_for
 from tests.integration.helpers import scalar
 from tests.integration.test_worker import pfl, worker_env
 from worker.store import REQUIRED_SCHEMA_VERSION
@@ -208,3 +209,46 @@ def test_the_worker_with_the_service_key_passes_the_check(stack: Stack) -> None:
     done = run_pfl(stack)
     assert done.returncode == 0, done.stderr
     assert "pfl:" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- API timeouts
+
+
+@pytest.fixture
+def timeout_probe(stack: Stack, db: psycopg.Connection) -> Iterator[str]:
+    """A throwaway RPC that answers the timeouts its request runs under; dropped afterwards."""
+    name = "pfl_test_timeouts"
+    db.execute(
+        f"create function public.{name}() returns text language sql stable "
+        "set search_path = '' as $$ select current_setting('statement_timeout') || ' ' "
+        "|| current_setting('lock_timeout') $$"
+    )
+    db.execute(f"grant execute on function public.{name}() to anon, authenticated, service_role")
+    db.execute("notify pgrst, 'reload schema'")
+    try:
+        wait_for(lambda: call_rpc(stack, stack.anon_key, name).status_code == 200)
+        yield name
+    finally:
+        db.execute(f"drop function if exists public.{name}()")
+        db.execute("notify pgrst, 'reload schema'")
+
+
+def call_rpc(stack: Stack, token: str, name: str) -> httpx.Response:
+    return httpx.post(
+        f"{stack.rest}/rpc/{name}", json={}, timeout=20,
+        headers={"apikey": stack.anon_key, "Authorization": f"Bearer {token}"},
+    )
+
+
+def test_api_requests_run_under_hosted_timeouts(
+    stack: Stack, timeout_probe: str, make_user: Callable[[str], User]
+) -> None:
+    """As on hosted Supabase: anon 3 s, a signed-in user 8 s, the service role authenticator's
+    8 s (it has none of its own); lock waits 8 s. A worker RPC must end well inside 8 s."""
+    user = make_user("timeouts")
+    seen = {
+        actor: call_rpc(stack, token, timeout_probe).json()
+        for actor, token in (("anon", stack.anon_key), ("user", user.token),
+                             ("service", stack.service_key))
+    }
+    assert seen == {"anon": "3s 8s", "user": "8s 8s", "service": "8s 8s"}
