@@ -125,6 +125,25 @@ def test_the_worker_writes_rows_only_through_rpcs() -> None:
     assert ".table(" in (ROOT / "worker" / "store.py").read_text()
 
 
+def test_the_migrations_leave_the_platforms_roles_alone() -> None:
+    """On hosted Supabase supautils reserves the platform's roles (anon, authenticated,
+    service_role, authenticator, supabase_*): postgres may not create, alter or drop them, nor
+    change their memberships. Locally postgres has CREATEROLE and could, so a migration doing it
+    would pass here and fail there: none does. (Grants of privileges to them are fine.)"""
+    role_ddl = re.compile(r"\b(create|alter|drop)\s+(role|user|group)\b", re.I)
+    membership = re.compile(
+        r"\bgrant\s+(anon|authenticated|service_role|authenticator|supabase_\w+)\b", re.I)
+    files = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
+    assert files
+    offenders = [
+        f"{path.name}: {m.group(0)}"
+        for path in files
+        for m in [*role_ddl.finditer(_COMMENTS.sub(" ", path.read_text())),
+                  *membership.finditer(_COMMENTS.sub(" ", path.read_text()))]
+    ]
+    assert offenders == []
+
+
 # ----------------------------------------------------------------------------- the platform
 
 
