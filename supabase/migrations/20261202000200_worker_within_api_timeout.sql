@@ -3,29 +3,34 @@
 -- Through the Data API a statement of service_role stops after 8 s (hosted: authenticator's
 -- statement_timeout; service_role sets none of its own), and an owner's after 8 s too. A run's
 -- costly calls grow with its batch: claim_learning_run_events reads every event of it (and the
--- vote each one replaced). Measured on 2 shared cores (README.md, "Hosted Supabase"): 1,000,000
--- events took 1.8 s on a quiet machine and 6 to 9 s under load, past the timeout; 250,000 take
--- at most 1.5 s under the same load. So a batch holds at most 250,000 events, five times inside
--- the timeout; a twin with more pending evidence is learned over several runs, each complete on
--- its own (all or nothing).
+-- vote each one replaced). Measured through the API on 2 shared cores (README.md, "Hosted
+-- Supabase"): 1,000,000 events took 1.8 s on a quiet machine and 6 to 9.6 s under load (load
+-- average 4 to 7), past the timeout; 200,000 take 0.95 to 1.7 s at load average 6 to 7.5 with
+-- JIT off for the call (below). So a batch holds at most 200,000 events, at least 4.7 times
+-- inside the timeout on a machine that busy; a twin with more pending evidence is learned over
+-- several runs, each complete on its own (all or nothing).
 
 update public.persona_learning_settings
-set max_batch_events = 250000
-where max_batch_events > 250000;
+set max_batch_events = 200000
+where max_batch_events > 200000;
 alter table public.persona_learning_settings
   drop constraint max_batch_events_1_to_10000000,
-  add constraint max_batch_events_1_to_250000 check (max_batch_events between 1 and 250000);
+  add constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000);
 comment on column public.persona_learning_settings.max_batch_events is
-  'At most this many events (1 to 250,000) are claimed by one run; the rest wait for the next '
+  'At most this many events (1 to 200,000) are claimed by one run; the rest wait for the next '
   'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
 
 -- The batch's evidence is summed per key before it meets the modules, so that the join takes one
 -- row per key instead of one per vote: its cost no longer depends on the plan the statistics
--- lead to, nor on how many modules the twin has.
+-- lead to (the per-vote join took 26 s over 1,000,000 events when the modules' statistics were
+-- stale), nor on how many modules the twin has. JIT is off for the call.
 create or replace function public.claim_learning_run_events(p_run_id uuid, p_lease_token uuid)
 returns jsonb
 language plpgsql
 set search_path = ''
+-- Compiling the batch's query with JIT cost as much as running it (0.5-1 s of a 2 s call
+-- under load): without it the call's time is the batch's alone.
+set jit = off
 as $$
 declare
   v_run public.persona_feedback_learning_runs;

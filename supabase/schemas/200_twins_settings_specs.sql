@@ -106,7 +106,7 @@ create table public.persona_learning_settings (
   constraint keep_active_lower_bound_at_most_activate_lower_bound
     check (keep_active_lower_bound <= activate_lower_bound),
   -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
-  constraint max_batch_events_1_to_250000 check (max_batch_events between 1 and 250000)
+  constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000)
 );
 
 comment on table public.persona_learning_settings is
@@ -116,7 +116,7 @@ comment on column public.persona_learning_settings.auto_publish is
 comment on column public.persona_learning_settings.half_life_days is
   'Evidence loses half its weight every this many days.';
 comment on column public.persona_learning_settings.max_batch_events is
-  'At most this many events (1 to 250,000) are claimed by one run; the rest wait for the next '
+  'At most this many events (1 to 200,000) are claimed by one run; the rest wait for the next '
   'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
 
 create trigger persona_learning_settings_touch_updated_at
