@@ -17,6 +17,7 @@ RUN_TAG = uuid.uuid4().hex[:8]  # keeps this run's wrk traces apart from an earl
 SIZES: dict[str, dict[str, int]] = {
     "full": {
         "learn_events": 1_000_000,
+        "learn_batch_large": 200_000,  # the schema's ceiling on max_batch_events
         "learn_batch_small": 100_000,
         "history_events": 5_000_000,
         "new_events": 10_000,
@@ -27,6 +28,7 @@ SIZES: dict[str, dict[str, int]] = {
     },
     "quick": {
         "learn_events": 200_000,
+        "learn_batch_large": 200_000,
         "learn_batch_small": 50_000,
         "history_events": 400_000,
         "new_events": 5_000,

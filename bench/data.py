@@ -1,4 +1,4 @@
-"""Bulk data on the bench stack: twins, events, outbox rows, written as the postgres superuser."""
+"""Bulk data on the bench stack: twins, events, outbox rows, written as postgres."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from bench.config import GATE_TRACES, INTENTS, MODULES, timed
+from bench.config import GATE_TRACES, INTENTS, MODULES, CorrectnessError, timed
 from testkit.env import StackEnv
 from testkit.world import Twin, add_spec, connect, module_keys, scalar
 
@@ -200,3 +200,12 @@ def vacuum(conn: psycopg.Connection) -> float:
     conn.execute("analyze public.persona_specs")
     return round(seconds, 2)
 
+
+def checkpoint() -> None:
+    """CHECKPOINT, so that a timed step does not pay for the writes before it. Only a superuser
+    may: the local platform's supabase_admin (PFL_ADMIN_DATABASE_URL, which the stack exports)."""
+    admin_url = StackEnv.from_environ().admin_database_url
+    if admin_url is None:
+        raise CorrectnessError("CHECKPOINT needs PFL_ADMIN_DATABASE_URL (scripts/stack env)")
+    with connect(admin_url) as admin:
+        admin.execute("checkpoint")

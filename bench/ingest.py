@@ -76,9 +76,13 @@ def ingest(
         "twin_id uuid, trace_id text, score smallint, reason text, intent_label text, "
         "module_key text, comment text, metadata jsonb)"
     )
+    # Granted by name: new tables get no privileges by default (hosted Supabase since 2026).
     conn.execute("grant insert on public.bench_bare_feedback to authenticated")
+    conn.execute("grant select on public.bench_bare_feedback to service_role")  # served probe
     if designs:
         conn.execute(INGEST_DESIGNS_SQL.read_text())
+        for name in INGEST_DESIGNS:
+            conn.execute(f"grant select on public.{name} to service_role")
     conn.execute("notify pgrst, 'reload schema'")
     wait_until_served(env, "bench_bare_feedback")
 

@@ -18,7 +18,13 @@ from bench.config import (
     log,
     timed,
 )
-from bench.data import add_draft_under_audit, generate_events, next_event_id, vacuum
+from bench.data import (
+    add_draft_under_audit,
+    checkpoint,
+    generate_events,
+    next_event_id,
+    vacuum,
+)
 from bench.worker_process import (
     check_learning,
     forget_learning,
@@ -43,7 +49,7 @@ def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]
     log(f"case 1: generated in {gen['seconds']} s, vacuum analyze {gen['vacuum_seconds']} s")
 
     passes = {}
-    for batch in (n, sizes["learn_batch_small"]):
+    for batch in (sizes["learn_batch_large"], sizes["learn_batch_small"]):
         forget_learning(conn, twin.id)
         conn.execute(
             "update public.persona_learning_settings set max_batch_events = %s where twin_id = %s",
@@ -86,7 +92,7 @@ def update_floor(conn: psycopg.Connection, twin_id: str, n: int) -> float:
         (twin_id,),
     )
     conn.execute("vacuum analyze public.bench_floor")
-    conn.execute("checkpoint")
+    checkpoint()
     seconds, cur = timed(lambda: conn.execute("update public.bench_floor set processed_at = now()"))
     if cur.rowcount != n:
         raise CorrectnessError(f"the floor updated {cur.rowcount} rows, not {n}")

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 
 from bench.config import CorrectnessError
+from bench.data import checkpoint
 from testkit.env import PFL, ROOT, StackEnv, worker_env
 from testkit.oracle import module_counts_from_scratch, relative_error, twin_settings
 from testkit.world import scalar
@@ -81,7 +82,7 @@ def startup_seconds(twin_id: str, repeats: int = 3) -> float:
 def learn_all(conn: psycopg.Connection, twin_id: str) -> dict[str, Any]:
     """`pfl run-once --twin` (runs until the twin has nothing left): its wall time, the runs'
     own time (started → finished, summed), the runs and the process's peak RSS."""
-    conn.execute("checkpoint")
+    checkpoint()
     result = run_pfl("run-once", "--twin", twin_id)
     runs = conn.execute(
         "select status, events_processed, extract(epoch from finished_at - started_at)::float8 "

@@ -36,6 +36,8 @@ class StackEnv:
     service_key: str
     jwt_secret: str
     database_url: str
+    # The local platform's superuser (supabase_admin); a hosted project has none to give.
+    admin_database_url: str | None = None
 
     @property
     def rest(self) -> str:
@@ -57,6 +59,7 @@ class StackEnv:
             service_key=values["SUPABASE_SERVICE_ROLE_KEY"],
             jwt_secret=values["SUPABASE_JWT_SECRET"],
             database_url=values["DATABASE_URL"],
+            admin_database_url=values.get("PFL_ADMIN_DATABASE_URL") or None,
         )
 
     @classmethod

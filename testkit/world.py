@@ -17,7 +17,8 @@ DEFAULT_MODULES = {"evidence_answers": "factual_with_evidence", "small_talk": "c
 
 
 def connect(database_url: str) -> psycopg.Connection:
-    """A superuser connection in autocommit mode."""
+    """A connection in autocommit mode, as the URL's role (the stack's postgres: BYPASSRLS and
+    no superuser, as on hosted Supabase)."""
     return psycopg.connect(database_url, autocommit=True)
 
 
@@ -38,8 +39,9 @@ def make_users(conn: psycopg.Connection, prefix: str, n: int = 1) -> list[AuthUs
     """n users in auth.users, as the platform's auth service would have them; emails are unique
     per call (`<prefix>-<random>-<i>@test.local`)."""
     rows = conn.execute(
-        "insert into auth.users (email) "
-        "select format('%%s-%%s-%%s@test.local', %s::text, %s::text, g) "
+        # The auth service picks each user's id: auth.users.id has no default.
+        "insert into auth.users (id, email) "
+        "select gen_random_uuid(), format('%%s-%%s-%%s@test.local', %s::text, %s::text, g) "
         "from generate_series(1, %s) g order by g returning id::text, email",
         (prefix, uuid.uuid4().hex[:8], n),
     ).fetchall()

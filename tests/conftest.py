@@ -36,7 +36,8 @@ def stack() -> Stack:
 
 @pytest.fixture(scope="session")
 def db(stack: Stack) -> Iterator[psycopg.Connection]:
-    """A superuser connection, for setting up users and for looking under PostgREST."""
+    """A connection as postgres (as on hosted Supabase: no superuser, bypasses RLS), for setting
+    up users and for looking under PostgREST."""
     with connect(stack.database_url) as conn:
         yield conn
 

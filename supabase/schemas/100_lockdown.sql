@@ -1,12 +1,14 @@
 -- Section: lock down defaults, then grant by name.
--- Hosted Supabase grants every new table, sequence and function in `public` to anon, authenticated
--- and service_role. This project grants each privilege explicitly where it creates the object.
+-- Older hosted projects grant every new table, sequence and function in `public` to anon,
+-- authenticated and service_role; newer ones grant none of the Data API's privileges but leave
+-- truncate, references and trigger (and a sequence's update). Neither applies here: no API role
+-- gets anything by default, and each privilege is granted by name where the object is created.
 
 -- PostgreSQL's own default lets PUBLIC execute every function, and a per-schema default cannot
 -- take that away: each file revokes it from the functions it creates.
-alter default privileges in schema public revoke execute on functions from anon, authenticated;
-alter default privileges in schema public revoke all on tables from anon, authenticated;
-alter default privileges in schema public revoke all on sequences from anon, authenticated;
+alter default privileges in schema public revoke all on functions from anon, authenticated, service_role;
+alter default privileges in schema public revoke all on tables from anon, authenticated, service_role;
+alter default privileges in schema public revoke all on sequences from anon, authenticated, service_role;
 
 -- Helpers that policies and triggers call live in `private`, which PostgREST does not expose.
 create schema if not exists private;

@@ -99,13 +99,14 @@ create table public.persona_learning_settings (
     check (gate_first_publish_min_lower_bound between 0 and 1),
   gate_min_audited_traces integer not null default 20
     constraint gate_min_audited_traces_at_least_1 check (gate_min_audited_traces >= 1),
-  max_batch_events integer not null default 100000
-    constraint max_batch_events_1_to_10000000 check (max_batch_events between 1 and 10000000),
+  max_batch_events integer not null default 100000,
   max_attempts integer not null default 3
     constraint max_attempts_1_to_100 check (max_attempts between 1 and 100),
   updated_at timestamptz not null default now(),
   constraint keep_active_lower_bound_at_most_activate_lower_bound
-    check (keep_active_lower_bound <= activate_lower_bound)
+    check (keep_active_lower_bound <= activate_lower_bound),
+  -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
+  constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000)
 );
 
 comment on table public.persona_learning_settings is
@@ -115,7 +116,8 @@ comment on column public.persona_learning_settings.auto_publish is
 comment on column public.persona_learning_settings.half_life_days is
   'Evidence loses half its weight every this many days.';
 comment on column public.persona_learning_settings.max_batch_events is
-  'At most this many events are claimed by one run; the rest wait for the next run.';
+  'At most this many events (1 to 200,000) are claimed by one run; the rest wait for the next '
+  'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
 
 create trigger persona_learning_settings_touch_updated_at
   before update on public.persona_learning_settings

@@ -18,7 +18,9 @@ comment on view public.persona_langfuse_outbox is
   'superseded by a later vote of the same user on the same trace.';
 
 revoke all on public.persona_langfuse_outbox from anon, authenticated;
-grant select on public.persona_langfuse_outbox to service_role;
+-- Operators read the outbox and fix its rows through the view (it writes through to
+-- persona_training_events with the caller's rights).
+grant select, insert, update, delete on public.persona_langfuse_outbox to service_role;
 
 -- Claims up to p_limit due feedback rows for delivery. They stay invisible to other workers for
 -- p_visibility_seconds; a worker that dies leaves them due again after that.
@@ -202,8 +204,11 @@ comment on function public.skip_langfuse_outbox(integer) is
   'as 0). Out: how many it marked skipped, with last_error "stored locally; Langfuse logging '
   'unavailable". Raises nothing.';
 
--- Puts skipped (or failed) current votes back in the outbox, e.g. once Langfuse is configured.
-create function public.requeue_langfuse_outbox(p_status text default 'skipped')
+-- Puts skipped (or failed) current votes back in the outbox, e.g. once Langfuse is configured,
+-- at most p_limit per call so that a call stays well inside the API's statement timeout; the
+-- worker calls it until it answers 0.
+create function public.requeue_langfuse_outbox(p_status text default 'skipped',
+                                               p_limit integer default 10000)
 returns integer
 language plpgsql
 set search_path = ''
@@ -214,25 +219,37 @@ begin
   if p_status is null or p_status not in ('skipped', 'failed') then
     raise exception using errcode = '22023', message = 'p_status must be skipped or failed';
   end if;
+  if p_limit is null or p_limit not between 1 and 10000 then
+    raise exception using errcode = '22023', message = 'p_limit must be 1 to 10000';
+  end if;
+  with due as (
+    select e.id from public.persona_training_events e
+    where e.langfuse_status = p_status::public.langfuse_status and e.source = 'user_feedback'
+      and e.superseded_at is null
+    limit p_limit
+    for update skip locked
+  )
   update public.persona_training_events e
   set langfuse_status = 'pending', langfuse_attempts = 0, langfuse_last_error = null,
       langfuse_next_attempt_at = now()
-  where e.langfuse_status = p_status::public.langfuse_status and e.source = 'user_feedback' and e.superseded_at is null;
+  from due
+  where e.id = due.id;
   get diagnostics v_count = row_count;
   return v_count;
 end;
 $$;
 
-comment on function public.requeue_langfuse_outbox(text) is
-  'Worker (outbox requeue). In: p_status, skipped (default) or failed. Out: how many current '
-  'votes in that state it put back as pending, due now, attempts 0. Raises 22023 "p_status must '
-  'be skipped or failed" otherwise.';
+comment on function public.requeue_langfuse_outbox(text, integer) is
+  'Worker (outbox requeue). In: p_status, skipped (default) or failed; p_limit, at most this many '
+  'rows (1-10000, default 10000). Out: how many current votes in that state it put back as '
+  'pending, due now, attempts 0; 0 when none is left. Raises 22023 "p_status must be skipped or '
+  'failed" or "p_limit must be 1 to 10000" otherwise.';
 
 grant execute on function
   public.claim_langfuse_outbox(integer, integer),
   public.record_langfuse_deliveries(jsonb, integer, double precision, double precision),
   public.skip_langfuse_outbox(integer),
-  public.requeue_langfuse_outbox(text)
+  public.requeue_langfuse_outbox(text, integer)
 to service_role;
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
@@ -240,5 +257,5 @@ revoke execute on function
   public.claim_langfuse_outbox(integer, integer),
   public.record_langfuse_deliveries(jsonb, integer, double precision, double precision),
   public.skip_langfuse_outbox(integer),
-  public.requeue_langfuse_outbox(text)
+  public.requeue_langfuse_outbox(text, integer)
 from public;

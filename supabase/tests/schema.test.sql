@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(44);
+select plan(48);
 
 
 -- Tables, views and row-level security
@@ -170,6 +170,37 @@ select is_empty(
 );
 
 
+select function_privs_are('public', 'request_learning_run', array['uuid', 'boolean'],
+  'service_role', array[]::text[],
+  'the service role does not request runs as an owner (it queues them with enqueue_learning_run)');
+select is_empty(
+  $$ select c.relname || ': ' || r.rolname || ' ' || p.priv
+     from pg_class c
+     cross join (values ('anon'), ('authenticated'), ('service_role')) r(rolname)
+     cross join unnest(array['TRUNCATE', 'REFERENCES', 'TRIGGER']) p(priv)
+     where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p', 'v')
+       and has_table_privilege(r.rolname, c.oid, p.priv) $$,
+  'no API role may empty, reference or add triggers to a table or view'
+);
+select is_empty(
+  $$ select c.relname || ': ' || r.rolname
+     from pg_class c
+     cross join (values ('anon'), ('authenticated'), ('service_role')) r(rolname)
+     where c.relnamespace = 'public'::regnamespace and c.relkind = 'S'
+       and (has_sequence_privilege(r.rolname, c.oid, 'USAGE')
+            or has_sequence_privilege(r.rolname, c.oid, 'SELECT')
+            or has_sequence_privilege(r.rolname, c.oid, 'UPDATE')) $$,
+  'no API role holds a privilege on a sequence: identity columns need none'
+);
+select is_empty(
+  $$ select d.defaclobjtype::text || ': ' || a.grantee::regrole::text
+     from pg_default_acl d cross join aclexplode(d.defaclacl) a
+     where d.defaclrole = 'postgres'::regrole and d.defaclnamespace = 'public'::regnamespace
+       and a.grantee in ('anon'::regrole, 'authenticated'::regrole, 'service_role'::regrole) $$,
+  'what postgres creates in public next gets no privilege for an API role by default'
+);
+
+
 -- Functions: the API's, the worker's, and how they run
 
 select functions_are('public', array[
@@ -177,6 +208,7 @@ select functions_are('public', array[
   'claim_learning_run', 'extend_learning_run_lease', 'claim_learning_run_events',
   'complete_learning_run', 'fail_learning_run', 'release_learning_run', 'claim_langfuse_outbox',
   'record_langfuse_deliveries', 'skip_langfuse_outbox', 'requeue_langfuse_outbox',
+  'worker_schema_version',
   -- computed fields of persona_training_events, read as columns
   'processed_at', 'processed_run_id'
 ]);

@@ -7,11 +7,17 @@ both whole with pg_dump (all but the CLI's migration history) and compares them.
 one side only (a delta migration without its schemas/ edit, or the reverse) fails it with the
 diff. Role attributes and settings are the cluster's, shared by both databases, so they are not
 compared: they belong to the platform (scripts/local/platform.sql), not to migrations.
+
+The platform's part is applied as supabase_admin, the project's as postgres, as on hosted
+Supabase. A second test applies the migrations to a scratch database whose default privileges
+are those of a project made before 2026-05-30 (every new entity in public granted to the API
+roles): it must end with the same privileges as the stack, a project of today.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import subprocess
 import tomllib
@@ -54,6 +60,15 @@ def database_url(stack: Stack, name: str) -> str:
     return stack.database_url.rsplit("/", 1)[0] + "/" + name
 
 
+def admin_url(url: str) -> str:
+    """The same database as supabase_admin, the local platform's superuser (the stack's
+    PFL_ADMIN_DATABASE_URL names its login)."""
+    admin = os.environ.get("PFL_ADMIN_DATABASE_URL") or subprocess.run(
+        [str(ROOT / "scripts" / "stack"), "env"], check=True, capture_output=True, text=True
+    ).stdout.split("PFL_ADMIN_DATABASE_URL=", 1)[1].splitlines()[0]
+    return admin.rsplit("/", 1)[0] + "/" + url.rsplit("/", 1)[1]
+
+
 def psql_file(url: str, path: Path) -> None:
     subprocess.run(
         [str(PG_BIN / "psql"), url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
@@ -70,17 +85,22 @@ def dump(url: str) -> list[str]:
 
 
 @pytest.fixture
-def scratch_url(stack: Stack, db: psycopg.Connection) -> Iterator[str]:
+def scratch_url(stack: Stack) -> Iterator[str]:
+    """A new database of the stack's cluster with the platform's objects (platform.sql, as
+    supabase_admin), owned by postgres as a hosted project's database is."""
     name = f"pfl_schema_source_{uuid.uuid4().hex[:12]}"
-    db.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    try:
-        yield database_url(stack, name)
-    finally:
-        db.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+    with psycopg.connect(admin_url(stack.database_url), autocommit=True) as admin:
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+        try:
+            url = database_url(stack, name)
+            psql_file(admin_url(url), ROOT / "scripts" / "local" / "platform.sql")
+            yield url
+        finally:
+            admin.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
 def test_schema_files_build_the_database_the_migrations_build(stack: Stack, scratch_url: str):
-    psql_file(scratch_url, ROOT / "scripts" / "local" / "platform.sql")
     for path in schema_paths():
         try:
             psql_file(scratch_url, path)
@@ -96,6 +116,43 @@ def test_schema_files_build_the_database_the_migrations_build(stack: Stack, scra
     if diff:
         pytest.fail("supabase/schemas and supabase/migrations build different databases:\n" + diff,
                     pytrace=False)
+
+
+LEGACY_DEFAULTS = """
+alter default privileges for role postgres in schema public
+  grant all on tables to anon, authenticated, service_role;
+alter default privileges for role postgres in schema public
+  grant all on sequences to anon, authenticated, service_role;
+alter default privileges for role postgres in schema public
+  grant all on functions to anon, authenticated, service_role;
+"""
+
+
+def test_the_migrations_grant_the_same_on_a_project_made_before_the_new_defaults(
+    stack: Stack, scratch_url: str
+):
+    """Projects made before 2026-05-30 kept all privileges on new entities for the API roles
+    until 2026-10-30 (the image's defaults): the migrations must not lean on them."""
+    with psycopg.connect(admin_url(scratch_url), autocommit=True) as admin:
+        admin.execute(LEGACY_DEFAULTS)
+    migrations = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
+    assert migrations
+    for path in migrations:
+        psql_file(scratch_url, path)
+
+    # Sorted: an ACL lists its grantees in the order they were granted, and on the old project
+    # service_role got some privileges at creation, before the explicit grants to others.
+    # The default privileges themselves are the one intended difference.
+    def compared(url: str) -> list[str]:
+        return sorted(line for line in dump(url) if not line.startswith("ALTER DEFAULT PRIVILEGES"))
+
+    from_stack, from_legacy = compared(stack.database_url), compared(scratch_url)
+    diff = "\n".join(difflib.unified_diff(
+        from_stack, from_legacy, "today's project", "a project with the old defaults",
+        lineterm="", n=2,
+    ))
+    if diff:
+        pytest.fail("the migrations build different databases:\n" + diff, pytrace=False)
 
 
 def test_every_function_of_the_project_says_what_it_does(db: psycopg.Connection):

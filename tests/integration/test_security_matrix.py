@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import Stack, User
 from tests.integration.helpers import add_twin, scalar
+from worker.store import REQUIRED_SCHEMA_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -633,6 +634,7 @@ WORKER_CALLS: dict[str, WorkerCall] = {
     "skip_langfuse_outbox": WorkerCall(lambda w, lease: {"p_limit": 2}, make_feedback_due_first),
     "requeue_langfuse_outbox": WorkerCall(
         lambda w, lease: {"p_status": "skipped"}, skip_world_feedback),
+    "worker_schema_version": WorkerCall(lambda w, lease: {}),
 }
 
 
@@ -766,3 +768,9 @@ def test_service_skips_the_outbox(stack: Stack, db: psycopg.Connection, world: W
 def test_service_requeues_the_outbox(stack: Stack, db: psycopg.Connection, world: World) -> None:
     assert service_rpc(stack, world, db, "requeue_langfuse_outbox") >= 2
     assert outbox_status(db, world.owner_vote) == outbox_status(db, world.other_vote) == "pending"
+
+
+def test_service_reads_the_worker_schema_version(
+    stack: Stack, db: psycopg.Connection, world: World
+) -> None:
+    assert service_rpc(stack, world, db, "worker_schema_version") == REQUIRED_SCHEMA_VERSION

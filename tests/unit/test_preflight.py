@@ -1,0 +1,77 @@
+"""What the worker checks before its first call: the key's role and the database's version."""
+
+from types import SimpleNamespace
+
+import jwt
+import pytest
+from postgrest.exceptions import APIError
+
+from worker.config import key_role
+from worker.store import REQUIRED_SCHEMA_VERSION, ConfigurationError, Store, StoreError
+
+
+@pytest.mark.parametrize(
+    ("key", "role"),
+    [
+        (jwt.encode({"role": "anon"}, "s" * 32, algorithm="HS256"), "anon"),
+        (jwt.encode({"role": "service_role"}, "s" * 32, algorithm="HS256"), "service_role"),
+        ("sb_publishable_abc", "anon"),
+        ("sb_secret_abc", "service_role"),
+        ("not-a-key", None),
+        ("a.!!!.c", None),
+        (jwt.encode({"sub": "x"}, "s" * 32, algorithm="HS256"), None),
+    ],
+)
+def test_key_role(key: str, role: str | None) -> None:
+    assert key_role(key) == role
+
+
+class _Client:
+    """Answers every rpc with `answer` (an APIError is raised)."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def rpc(self, name: str, params: dict) -> SimpleNamespace:
+        def execute() -> SimpleNamespace:
+            if isinstance(self.answer, APIError):
+                raise self.answer
+            return SimpleNamespace(data=self.answer)
+
+        return SimpleNamespace(execute=execute)
+
+
+def _error(code: str) -> APIError:
+    return APIError({"message": "m", "code": code, "hint": None, "details": None})
+
+
+def test_a_current_database_passes() -> None:
+    store = Store(_Client(REQUIRED_SCHEMA_VERSION), attempts=1)  # type: ignore[arg-type]
+    assert store.check_worker_access("http://x") == REQUIRED_SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    ("answer", "line"),
+    [
+        (_error("PGRST202"), "the database at http://x is behind: it lacks the worker's "
+         f"functions of migration {REQUIRED_SCHEMA_VERSION}; apply the migrations (supabase db "
+         "push)"),
+        ("20261130000600", "the database at http://x is behind: its migrations reach "
+         f"20261130000600, the worker needs {REQUIRED_SCHEMA_VERSION}; apply the migrations "
+         "(supabase db push)"),
+        (_error("42501"), "SUPABASE_SERVICE_ROLE_KEY is not the service-role key: the API "
+         "refused the worker's functions (permission denied); use the service_role/secret key "
+         "of the project"),
+    ],
+)
+def test_bad_configuration_is_one_line(answer: object, line: str) -> None:
+    store = Store(_Client(answer), attempts=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError) as raised:
+        store.check_worker_access("http://x")
+    assert str(raised.value) == line
+
+
+def test_other_refusals_stay_store_errors() -> None:
+    store = Store(_Client(_error("22023")), attempts=1)  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        store.check_worker_access("http://x")
