@@ -121,7 +121,7 @@ create trigger persona_feedback_learning_runs_touch_updated_at
 alter table public.persona_feedback_learning_runs enable row level security;
 
 create policy "Owners can read their twins' runs" on public.persona_feedback_learning_runs
-  for select to authenticated using (private.is_twin_owner(twin_id));
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
 
 grant select, insert, update, delete on public.persona_feedback_learning_runs to service_role;
 -- Owners read whole rows (select=* works); the lease token gives them nothing, as only
