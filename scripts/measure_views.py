@@ -322,12 +322,14 @@ def measure(db: psycopg.Connection, world: dict[str, Any], repeat: int) -> list[
         for name, sql, params, path in queries(world):
             rows_seen: list[int] = []
 
-            def as_owner(sql: str = sql, params: dict[str, Any] = params) -> None:
+            def as_owner(
+                sql: str = sql, params: dict[str, Any] = params, seen: list[int] = rows_seen
+            ) -> None:
                 with db.transaction():
                     db.execute("set local role authenticated")
                     db.execute("select set_config('request.jwt.claims', %s, true)",
                                (json.dumps(claims),))
-                    rows_seen.append(len(db.execute(sql, params).fetchall()))
+                    seen.append(len(db.execute(sql, params).fetchall()))
 
             def over_http(path: str = path) -> None:
                 r = http.get(rest + path, headers=headers)

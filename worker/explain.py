@@ -56,7 +56,8 @@ def describe_evidence(evidence: Iterable[RunEvidence]) -> str:
     parts: list[str] = []
     n_down = sum(down.values())
     if n_down:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(down.items(), key=lambda x: (-x[1], x[0])))
+        ranked = sorted(down.items(), key=lambda x: (-x[1], x[0]))
+        reasons = ", ".join(f"{n} {r}" for r, n in ranked)
         parts.append(f"{_plural(n_down, 'vote')} down ({reasons})")
     if up:
         parts.append(f"{up} up" if parts else f"{_plural(up, 'vote')} up")
@@ -129,8 +130,9 @@ def explain_move(
     delta = change.confidence - change.confidence_before
     direction = "rose" if delta > 0 else "fell" if delta < 0 else "held"
     if change.status != change.status_before:
-        moved = (f"{change.module_key} {'rose' if _rank(change.status) > _rank(change.status_before) else 'fell'}"
-                 f" from {STATUS_WORDS[change.status_before]} to {STATUS_WORDS[change.status]}, "
+        way = "rose" if _rank(change.status) > _rank(change.status_before) else "fell"
+        moved = (f"{change.module_key} {way} from {STATUS_WORDS[change.status_before]} to "
+                 f"{STATUS_WORDS[change.status]}, "
                  f"confidence {change.confidence_before:.2f} -> {change.confidence:.2f} "
                  f"({delta:+.2f})")
     else:

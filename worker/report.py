@@ -20,7 +20,14 @@ from uuid import UUID
 from worker.explain import explain_move, notable
 from worker.models import LearningSettings, ModuleStatus
 from worker.store import Run, Store
-from worker.views import ModuleFeedback, ReasonCount, RunEvidence, SpecVersion, TrendPoint, TwinOverview
+from worker.views import (
+    ModuleFeedback,
+    ReasonCount,
+    RunEvidence,
+    SpecVersion,
+    TrendPoint,
+    TwinOverview,
+)
 
 STATUS_COLORS = {
     ModuleStatus.active: "#cdebd3",
@@ -39,6 +46,7 @@ REASON_COLORS = {
     None: "#bdc3c7",
 }
 RUNS_SHOWN = 30
+MAX_POINTS = 400  # per module in the confidence chart
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,8 @@ def run_moves(data: ReportData) -> dict[UUID, list[str]]:
     moves: dict[UUID, list[str]] = defaultdict(list)
     for change in data.run_changes:
         if notable(change):
-            moves[change.run_id].append(explain_move(change, evidence[change.run_id], data.settings))
+            sentence = explain_move(change, evidence[change.run_id], data.settings)
+            moves[change.run_id].append(sentence)
     return dict(moves)
 
 
@@ -125,9 +134,12 @@ def _figure(width: float, height: float) -> object:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def chart_confidence(trend: Sequence[TrendPoint], settings: LearningSettings, now: datetime) -> str | None:
+def chart_confidence(
+    trend: Sequence[TrendPoint], settings: LearningSettings, now: datetime
+) -> str | None:
     """Small multiples, one per module: confidence over time (line), its 95% Wilson interval
     (band) and the module's status as background bands. None without any change."""
+    from matplotlib.artist import Artist
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -144,11 +156,10 @@ def chart_confidence(trend: Sequence[TrendPoint], settings: LearningSettings, no
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     for i, key in enumerate(keys):
         ax = axes[i // cols][i % cols]
-        points = sorted(by_module[key], key=lambda p: p.measured_at)
+        points = thin(sorted(by_module[key], key=lambda p: p.measured_at))
         times = [p.measured_at for p in points]
-        ends = times[1:] + [max(now, times[-1])]
-        for p, start, end in zip(points, times, ends, strict=True):
-            ax.axvspan(start, end, color=STATUS_COLORS[p.status], linewidth=0)
+        for status, start, end in status_bands(points, now):
+            ax.axvspan(_days(start), _days(end), color=STATUS_COLORS[status], linewidth=0)
         lower = [p.wilson_lower if p.wilson_lower is not None else 0.0 for p in points]
         upper = [p.wilson_upper if p.wilson_upper is not None else 1.0 for p in points]
         ax.fill_between(times, lower, upper, color="#2c3e50", alpha=0.15, linewidth=0,
@@ -166,22 +177,51 @@ def chart_confidence(trend: Sequence[TrendPoint], settings: LearningSettings, no
         axes[j // cols][j % cols].set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("learning run time (UTC)")
-        for label in ax.get_xticklabels():
-            label.set_rotation(20)
-    handles = [
-        *(Patch(color=c, label=f"status: {STATUS_WORDS_SHORT[s]}") for s, c in STATUS_COLORS.items()),
+        ax.tick_params(axis="x", labelrotation=20)
+    handles: list[Artist] = [
+        *(Patch(color=c, label=f"status: {STATUS_WORDS_SHORT[s]}")
+          for s, c in STATUS_COLORS.items()),
         Patch(color="#2c3e50", alpha=0.15, label="95% Wilson interval"),
     ]
     from matplotlib.lines import Line2D
 
     handles += [
         Line2D([], [], color="#1f4e79", linewidth=1.6, label="confidence"),
-        Line2D([], [], color="#1e8449", linestyle="--", label=f"activate at lower bound {settings.activate_lower_bound:.2f}"),
-        Line2D([], [], color="#a93226", linestyle="--", label=f"disable below upper bound {settings.disable_upper_bound:.2f}"),
+        Line2D([], [], color="#1e8449", linestyle="--",
+               label=f"activate: lower bound >= {settings.activate_lower_bound:.2f}"),
+        Line2D([], [], color="#a93226", linestyle="--",
+               label=f"disable: upper bound < {settings.disable_upper_bound:.2f}"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
     fig.suptitle("Module confidence over time, with status bands", fontweight="bold")
     return _svg(fig)
+
+
+def thin(points: Sequence[TrendPoint], most: int = MAX_POINTS) -> list[TrendPoint]:
+    """At most about `most` of a module's points, evenly spaced, always keeping the first, the
+    last and every status change (a chart cannot show more; a twin with hourly runs has
+    thousands). `points` oldest first."""
+    if len(points) <= most:
+        return list(points)
+    step = len(points) / most
+    keep = {int(i * step) for i in range(most)} | {0, len(points) - 1}
+    keep |= {i for i in range(1, len(points)) if points[i].status != points[i - 1].status}
+    return [points[i] for i in sorted(keep)]
+
+
+def status_bands(
+    points: Sequence[TrendPoint], now: datetime
+) -> list[tuple[ModuleStatus, datetime, datetime]]:
+    """A module's status over time as (status, from, until) bands: consecutive changes with
+    the same status merged; the last band runs until `now`. `points` oldest first."""
+    bands: list[tuple[ModuleStatus, datetime, datetime]] = []
+    for p, nxt in zip(points, [*points[1:], None], strict=True):
+        end = nxt.measured_at if nxt else max(now, p.measured_at)
+        if bands and bands[-1][0] is p.status:
+            bands[-1] = (p.status, bands[-1][1], end)
+        else:
+            bands.append((p.status, p.measured_at, end))
+    return bands
 
 
 STATUS_WORDS_SHORT = {
@@ -216,7 +256,7 @@ def chart_reasons(reasons: Sequence[ReasonCount]) -> str | None:
         left = [a + b for a, b in zip(left, values, strict=True)]
     ax.set_xlabel("votes in the last 30 days (count)")
     ax.set_title("Why users voted, per module (last 30 days)", loc="left")
-    ax.legend(loc="outside right upper", frameon=False, title="reason")
+    fig.legend(loc="outside right upper", frameon=False, title="reason")
     ax.grid(axis="x", color="#dddddd", linewidth=0.5)
     return _svg(fig)
 
@@ -226,7 +266,8 @@ def chart_approval(feedback: Sequence[ModuleFeedback]) -> str | None:
     no module had +1 or -1 votes."""
     from matplotlib.figure import Figure
 
-    rows = [f for f in feedback if f.approval_rate_30d is not None or f.approval_rate_7d is not None]
+    rows = [f for f in feedback
+            if f.approval_rate_30d is not None or f.approval_rate_7d is not None]
     if not rows:
         return None
     rows.sort(key=lambda f: f.module_key, reverse=True)
@@ -249,24 +290,27 @@ def chart_approval(feedback: Sequence[ModuleFeedback]) -> str | None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("approval rate: +1 votes / (+1 and -1 votes)")
     ax.set_title("Approval per module", loc="left")
-    ax.legend(loc="outside lower center", ncols=2, frameon=False)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     ax.grid(axis="x", color="#dddddd", linewidth=0.5)
     return _svg(fig)
 
 
 def chart_runs(runs: Sequence[Run]) -> str | None:
-    """Each run as a point in time: events processed (y, log scale), colored by gate verdict,
+    """Each run as a point in time: events processed (y; log scale when they span more than
+    50x), colored by gate verdict,
     a star where it published. None without runs."""
     from matplotlib.figure import Figure
 
-    done = sorted((r for r in runs if r.status in ("completed", "failed")), key=lambda r: r.created_at)
+    done = sorted((r for r in runs if r.status in ("completed", "failed")),
+                  key=lambda r: r.created_at)
     if not done:
         return None
     fig = _figure(11, 3.2)
     assert isinstance(fig, Figure)
     ax = fig.subplots()
     groups = (
-        ("gate passed, held", lambda r: r.gate_passed is True and r.publish_decision != "published", "#27ae60", "o"),
+        ("gate passed, held",
+         lambda r: r.gate_passed is True and r.publish_decision != "published", "#27ae60", "o"),
         ("gate failed, held", lambda r: r.gate_passed is False, "#c0392b", "X"),
         ("published", lambda r: r.publish_decision == "published", "#1f4e79", "*"),
         ("run failed", lambda r: r.status == "failed", "#7f8c8d", "s"),
@@ -274,25 +318,29 @@ def chart_runs(runs: Sequence[Run]) -> str | None:
     for label, pick, color, marker in groups:
         chosen = [r for r in done if pick(r)]
         if chosen:
-            ax.scatter([r.created_at for r in chosen],
+            ax.scatter([_days(r.created_at) for r in chosen],
                        [max(1, r.events_processed or 0) for r in chosen],
                        color=color, marker=marker, s=90 if marker == "*" else 40, label=label,
                        zorder=3)
-    ax.set_yscale("log")
-    ax.set_ylabel("events processed (count, log)")
+    ax.xaxis_date()
+    counts = [max(1, r.events_processed or 0) for r in done]
+    if max(counts) > 50 * min(counts):
+        ax.set_yscale("log")
+        ax.set_ylabel("events processed (count, log scale)")
+    else:
+        ax.set_ylim(0, max(counts) * 1.15)
+        ax.set_ylabel("events processed (count)")
     ax.set_xlabel("run queued at (UTC)")
     ax.set_title("Learning runs: gate verdicts and publish decisions", loc="left")
-    ax.legend(loc="outside right upper", frameon=False)
+    fig.legend(loc="outside right upper", frameon=False)
     ax.grid(color="#dddddd", linewidth=0.5)
-    for label in ax.get_xticklabels():
-        label.set_rotation(20)
+    ax.tick_params(axis="x", labelrotation=20)
     return _svg(fig)
 
 
 def chart_specs(specs: Sequence[SpecVersion], now: datetime) -> str | None:
     """The spec timeline: each version as a bar, draft then published then archived. None
     without specs."""
-    from matplotlib.dates import date2num
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -315,20 +363,28 @@ def chart_specs(specs: Sequence[SpecVersion], now: datetime) -> str | None:
             spans.append((s.archived_at, end_all, "archived"))
         for start, end, kind in spans:
             width = max(end - start, minimum)
-            ax.barh(i, date2num(start + width) - date2num(start), left=date2num(start),
+            ax.barh(i, width.total_seconds() / 86400, left=_days(start),
                     color=colors[kind], height=0.6)
     ax.set_yticks(range(len(specs)), [f"v{s.version} ({s.status})" for s in specs])
     ax.xaxis_date()
     ax.set_xlabel("time (UTC)")
     ax.set_title("Persona spec timeline", loc="left")
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()],
-              loc="outside right upper", frameon=False)
-    for label in ax.get_xticklabels():
-        label.set_rotation(20)
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()],
+               loc="outside right upper", frameon=False)
+    ax.tick_params(axis="x", labelrotation=20)
     return _svg(fig)
 
 
 # ----------------------------------------------------------------------------- the page
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _days(value: datetime) -> float:
+    """matplotlib's date units (days since its default epoch, 1970-01-01 UTC), as
+    matplotlib.dates.date2num gives them (which is untyped)."""
+    return (value - EPOCH).total_seconds() / 86400
 
 
 def _t(value: datetime | None) -> str:
@@ -337,6 +393,22 @@ def _t(value: datetime | None) -> str:
 
 def _e(value: object) -> str:
     return html.escape("—" if value is None else str(value))
+
+
+def _card(title: str, big: str, small: str, cls: str = "") -> str:
+    """A summary card; `big` and `small` are HTML-safe already (escaped by the caller)."""
+    return f"<div class='card'>{title}<b class='{cls}'>{big}</b>{small}</div>"
+
+
+def _last_run(o: TwinOverview) -> str:
+    """The last run's gate and decision in words (escaped)."""
+    gate = {True: "passed", False: "did not pass", None: "—"}[o.last_run_gate_passed]
+    if o.last_run_failed_checks:
+        gate += f" ({', '.join(o.last_run_failed_checks)})"
+    decision = o.last_run_publish_decision or "—"
+    if o.last_run_hold_reason:
+        decision += f" ({o.last_run_hold_reason})"
+    return _e(f"gate {gate} · {decision} · ") + _t(o.last_run_finished_at)
 
 
 CSS = """
@@ -363,7 +435,8 @@ def render(data: ReportData, now: datetime) -> str:
          "interval of its weighted evidence (grey band; the status thresholds apply to its "
          "bounds) and its status (background)."),
         ("reasons", chart_reasons(data.reasons),
-         "Votes learned by completed runs, cast in the last 30 UTC days, by the reason users gave."),
+         "Votes learned by completed runs, cast in the last 30 UTC days, by the reason users "
+         "gave."),
         ("approval", chart_approval(data.feedback),
          "Share of +1 among +1 and -1 votes; a wide interval means few votes."),
         ("runs", chart_runs(data.runs),
@@ -380,16 +453,13 @@ def render(data: ReportData, now: datetime) -> str:
         f"<div class='card'>modules<b>{o.modules}</b>{o.modules_active} active · "
         f"{o.modules_probation} probation · {o.modules_disabled} disabled · "
         f"{o.modules_insufficient_data} insufficient data</div>",
-        f"<div class='card'>published spec<b>{'v' + str(o.published_version) if o.published_version else '—'}</b>"
-        f"since {_t(o.published_at)}</div>",
-        f"<div class='card'>latest draft<b>{'v' + str(o.draft_version) if o.draft_version else '—'}</b>"
-        f"edited {_t(o.draft_updated_at)}</div>",
-        f"<div class='card'>last run<b class='{'ok' if o.last_run_gate_passed else 'bad'}'>"
-        f"{_e(o.last_run_status)}</b>gate {'passed' if o.last_run_gate_passed else 'did not pass' if o.last_run_gate_passed is False else '—'}"
-        f"{' (' + _e(', '.join(o.last_run_failed_checks)) + ')' if o.last_run_failed_checks else ''} · "
-        f"{_e(o.last_run_publish_decision)}{' (' + _e(o.last_run_hold_reason) + ')' if o.last_run_hold_reason else ''}"
-        f" · {_t(o.last_run_finished_at)}</div>",
-        f"<div class='card'>waiting evidence<b>{o.pending_events}</b>since {_t(o.pending_since)}</div>",
+        _card("published spec", f"v{o.published_version}" if o.published_version else "—",
+              f"since {_t(o.published_at)}"),
+        _card("latest draft", f"v{o.draft_version}" if o.draft_version else "—",
+              f"edited {_t(o.draft_updated_at)}"),
+        _card("last run", _e(o.last_run_status), _last_run(o),
+              "ok" if o.last_run_gate_passed else "bad"),
+        _card("waiting evidence", str(o.pending_events), f"since {_t(o.pending_since)}"),
         "</div>",
     ]
     for name, svg, caption in charts:

@@ -463,7 +463,8 @@ class Store:
         """Every recorded change of the twin's modules (persona_module_trend), oldest first."""
         return self._select_all(
             "module trend", "persona_module_trend", TrendPoint,
-            [("twin_id", "eq", str(twin_id))], order=[("measured_at", False), ("module_key", False)],
+            [("twin_id", "eq", str(twin_id))],
+            order=[("measured_at", False), ("module_key", False)],
         )
 
     def run_changes(self, run_ids: Sequence[UUID]) -> list[TrendPoint]:
