@@ -128,16 +128,17 @@ def explain_move(
     `settings`)."""
     mine = [e for e in evidence if e.module_id == change.module_id and e.run_id == change.run_id]
     delta = change.confidence - change.confidence_before
+    d = 2 if abs(delta) >= 0.01 else 3  # a small move still shows two different numbers
+    before, after = f"{change.confidence_before:.{d}f}", f"{change.confidence:.{d}f}"
     direction = "rose" if delta > 0 else "fell" if delta < 0 else "held"
     if change.status != change.status_before:
         way = "rose" if _rank(change.status) > _rank(change.status_before) else "fell"
         moved = (f"{change.module_key} {way} from {STATUS_WORDS[change.status_before]} to "
                  f"{STATUS_WORDS[change.status]}, "
-                 f"confidence {change.confidence_before:.2f} -> {change.confidence:.2f} "
-                 f"({delta:+.2f})")
+                 f"confidence {before} -> {after} ({delta:+.{d}f})")
     else:
-        moved = (f"{change.module_key} confidence {direction} {change.confidence_before:.2f} -> "
-                 f"{change.confidence:.2f} ({delta:+.2f}), still {STATUS_WORDS[change.status]}")
+        moved = (f"{change.module_key} confidence {direction} {before} -> {after} "
+                 f"({delta:+.{d}f}), still {STATUS_WORDS[change.status]}")
     what = describe_evidence(mine)
     if what == "no new evidence":
         what = (f"with no new evidence: older evidence faded (half-life "
