@@ -115,7 +115,12 @@ def _svg(fig: object) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    # The RDF metadata block says nothing to a reader; it only names namespaces.
+    start, end = text.find("<metadata>"), text.find("</metadata>")
+    if start != -1 and end != -1:
+        text = text[:start] + text[end + len("</metadata>"):]
+    return text
 
 
 def _figure(width: float, height: float) -> object:
@@ -175,9 +180,11 @@ def chart_confidence(
         ax.grid(axis="y", color="#dddddd", linewidth=0.5)
     for j in range(len(keys), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
+    for row in axes:
+        for ax in row:
+            _date_axis(ax)
     for ax in axes[-1]:
         ax.set_xlabel("learning run time (UTC)")
-        ax.tick_params(axis="x", labelrotation=20)
     handles: list[Artist] = [
         *(Patch(color=c, label=f"status: {STATUS_WORDS_SHORT[s]}")
           for s, c in STATUS_COLORS.items()),
@@ -282,8 +289,9 @@ def chart_approval(feedback: Sequence[ModuleFeedback]) -> str | None:
                 continue
             ys.append(i + offset)
             xs.append(rate)
-            lo.append(rate - getattr(f, f"approval_lower_{days}d"))
-            hi.append(getattr(f, f"approval_upper_{days}d") - rate)
+            # Clamped at 0: at a rate of 0 or 1 the bound equals it up to float noise.
+            lo.append(max(0.0, rate - getattr(f, f"approval_lower_{days}d")))
+            hi.append(max(0.0, getattr(f, f"approval_upper_{days}d") - rate))
         ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", color=color, capsize=3,
                     label=f"last {days} days (95% Wilson interval)")
     ax.set_yticks(range(len(rows)), [f.module_key for f in rows])
@@ -330,11 +338,11 @@ def chart_runs(runs: Sequence[Run]) -> str | None:
     else:
         ax.set_ylim(0, max(counts) * 1.15)
         ax.set_ylabel("events processed (count)")
+    _date_axis(ax)
     ax.set_xlabel("run queued at (UTC)")
     ax.set_title("Learning runs: gate verdicts and publish decisions", loc="left")
     fig.legend(loc="outside right upper", frameon=False)
     ax.grid(color="#dddddd", linewidth=0.5)
-    ax.tick_params(axis="x", labelrotation=20)
     return _svg(fig)
 
 
@@ -367,11 +375,11 @@ def chart_specs(specs: Sequence[SpecVersion], now: datetime) -> str | None:
                     color=colors[kind], height=0.6)
     ax.set_yticks(range(len(specs)), [f"v{s.version} ({s.status})" for s in specs])
     ax.xaxis_date()
+    _date_axis(ax)
     ax.set_xlabel("time (UTC)")
     ax.set_title("Persona spec timeline", loc="left")
     fig.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()],
                loc="outside right upper", frameon=False)
-    ax.tick_params(axis="x", labelrotation=20)
     return _svg(fig)
 
 
@@ -385,6 +393,17 @@ def _days(value: datetime) -> float:
     """matplotlib's date units (days since its default epoch, 1970-01-01 UTC), as
     matplotlib.dates.date2num gives them (which is untyped)."""
     return (value - EPOCH).total_seconds() / 86400
+
+
+def _date_axis(ax: object) -> None:
+    """Dates on the x axis in concise form (2026-11-30, 14:00 ...) whatever the span."""
+    from matplotlib.axes import Axes
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+    assert isinstance(ax, Axes)
+    locator = AutoDateLocator()  # type: ignore[no-untyped-call]
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
 
 
 def _t(value: datetime | None) -> str:

@@ -77,9 +77,9 @@ comment on column public.persona_feedback_daily.votes is 'How many current votes
 alter table public.persona_feedback_daily enable row level security;
 create policy "Owners can read their twins' feedback summary" on public.persona_feedback_daily
   for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
-revoke all on public.persona_feedback_daily from anon, authenticated;
-grant select on public.persona_feedback_daily to authenticated;
-grant select, insert, update, delete on public.persona_feedback_daily to service_role;
+-- Written by the completion trigger alone (security definer): every API role only reads.
+revoke all on public.persona_feedback_daily from anon, authenticated, service_role;
+grant select on public.persona_feedback_daily to authenticated, service_role;
 
 
 create table public.persona_run_evidence (
@@ -120,9 +120,9 @@ create index persona_run_evidence_module_idx on public.persona_run_evidence (mod
 alter table public.persona_run_evidence enable row level security;
 create policy "Owners can read their twins' run evidence" on public.persona_run_evidence
   for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
-revoke all on public.persona_run_evidence from anon, authenticated;
-grant select on public.persona_run_evidence to authenticated;
-grant select, insert, update, delete on public.persona_run_evidence to service_role;
+-- Written by the completion trigger alone (security definer): every API role only reads.
+revoke all on public.persona_run_evidence from anon, authenticated, service_role;
+grant select on public.persona_run_evidence to authenticated, service_role;
 
 
 -- The feedback votes an event-id range adds (+1 each) and retracts (-1 for each earlier vote a
@@ -628,7 +628,7 @@ comment on column public.persona_training_events_state.langfuse_status is
 revoke all on public.persona_module_trend, public.persona_module_feedback_reasons,
   public.persona_module_feedback, public.persona_twin_overview,
   public.persona_training_events_state
-from anon, authenticated;
+from anon, authenticated, service_role;
 grant select on public.persona_module_trend, public.persona_module_feedback_reasons,
   public.persona_module_feedback, public.persona_twin_overview,
   public.persona_training_events_state
