@@ -870,9 +870,12 @@ def test_nobody_writes_through_an_owner_view(
     assert snapshot_all(db, w) == before
 
 
-def test_owner_views_and_summaries_grant_select_only_and_nothing_to_anon(db: psycopg.Connection) -> None:
+def test_owner_views_and_summaries_grant_select_only_and_nothing_to_anon(
+    db: psycopg.Connection,
+) -> None:
     grants = db.execute(
-        "select table_name, grantee, string_agg(privilege_type, ',' order by privilege_type) "
+        "select table_name, grantee, "
+        "string_agg(privilege_type, ',' order by privilege_type) "
         "from information_schema.role_table_grants where table_schema = 'public' "
         "and table_name = any(%s) and grantee in ('anon', 'authenticated', 'service_role') "
         "group by 1, 2 order by 1, 2", ([*OWNER_VIEWS, *SUMMARIES],),
