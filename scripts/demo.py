@@ -229,6 +229,12 @@ def main() -> None:
         .data,
     )
     print("  specs: " + ", ".join(f"v{s['version']} {s['status']}" for s in specs))
+
+    step("The owner's report: one self-contained HTML file (pfl report)")
+    report = ARTIFACTS / "report.html"
+    print("  " + pfl("report", "--twin", TWIN, "--out", str(report)).strip())
+    charts = report.read_text().count("<figure class='chart'")
+    assert charts == 5, f"the report drew {charts} of its 5 charts"
     print(f"\nDemo complete. Artifacts in {ARTIFACTS.relative_to(ROOT)}/")
 
 

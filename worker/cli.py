@@ -1,4 +1,5 @@
-"""`pfl`: the worker's command line: run-once (cron), serve (long-lived), runs (history)."""
+"""`pfl`: the worker's command line: run-once (cron), serve (long-lived), runs (history),
+report (a twin's HTML report)."""
 
 from __future__ import annotations
 
@@ -175,12 +176,56 @@ def _cmd_outbox(args: argparse.Namespace, settings: WorkerSettings, store: Store
     return 0
 
 
+def runs_moves(store: Store, twin_id: UUID, runs: Sequence[Run]) -> dict[UUID, list[str]]:
+    """For each completed run, the sentences explaining its notable module moves (status
+    changes, confidence moves of at least a point), read through the store."""
+    from worker.explain import explain_move, notable
+
+    done = [r.id for r in runs if r.status == "completed"]
+    changes = [c for c in store.run_changes(done) if notable(c)]
+    if not changes:
+        return {}
+    evidence = store.run_evidence(sorted({c.run_id for c in changes}, key=str))
+    learning = store.learning_settings(twin_id)
+    moves: dict[UUID, list[str]] = {}
+    for c in changes:
+        moves.setdefault(c.run_id, []).append(explain_move(c, evidence, learning))
+    return moves
+
+
 def _cmd_runs(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
     runs = store.list_runs(args.twin, limit=args.limit)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
-    else:
-        print(runs_table(runs) if runs else f"twin {args.twin} has no runs")
+        return 0
+    if not runs:
+        print(f"twin {args.twin} has no runs")
+        return 0
+    print(runs_table(runs))
+    moves = runs_moves(store, args.twin, runs)
+    if moves:
+        print("\nWhat moved:")
+        for r in runs:
+            for sentence in moves.get(r.id, []):
+                print(f"  {str(r.id)[:8]}  {sentence}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
+    # Imported here: matplotlib is a second or so of start-up that only the report needs.
+    from datetime import UTC, datetime
+
+    from worker.report import TwinNotFound, collect, render
+
+    try:
+        data = collect(store, args.twin, runs_shown=args.runs)
+    except TwinNotFound as exc:
+        print(f"pfl: {exc}", file=sys.stderr)
+        return 1
+    out: Path = args.out or Path(f"report-{args.twin}.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data, datetime.now(UTC)), encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 
@@ -222,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(handler=_cmd_runs)
+
+    report = sub.add_parser(
+        "report", help="write a twin's report: one self-contained HTML file with its charts"
+    )
+    report.add_argument("--twin", type=UUID, required=True)
+    report.add_argument("--out", type=Path, help="the HTML file (default report-<twin>.html)")
+    report.add_argument("--runs", type=int, default=30, help="runs listed (default 30)")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 

@@ -34,10 +34,23 @@ from worker.models import (
     ModuleState,
     RunDecision,
 )
+from worker.views import (
+    ModuleFeedback,
+    ReasonCount,
+    RunEvidence,
+    SpecVersion,
+    TrendPoint,
+    TwinOverview,
+)
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_Model = TypeVar("_Model", bound=BaseModel)
+
+# PostgREST answers at most this many rows per request (PGRST_DB_MAX_ROWS, config.toml
+# max_rows); longer reads page with Range.
+PAGE_ROWS = 1000
 
 RunStatus = Literal["queued", "running", "completed", "failed"]
 
@@ -51,7 +64,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261202000200"
+REQUIRED_SCHEMA_VERSION = "20261203000100"
 
 
 class ConfigurationError(Exception):
@@ -447,6 +460,107 @@ class Store:
             ),
         )
         return [Run.model_validate(r) for r in rows]
+
+    # Owner views (read-only; pfl report and pfl runs) -------------------------------------
+
+    def _select_all(
+        self,
+        what: str,
+        relation: str,
+        model: type[_Model],
+        filters: Sequence[tuple[str, str, str]],
+        order: Sequence[tuple[str, bool]] = (),
+        limit: int | None = None,
+    ) -> list[_Model]:
+        """Every row of `relation` matching `filters` ((column, operator, value) in PostgREST's
+        terms: eq, in, ...) in `order` ((column, descending)), up to `limit`, paged by
+        PAGE_ROWS; each validated as `model`."""
+        rows: list[_Model] = []
+        while limit is None or len(rows) < limit:
+            start = len(rows)
+            end = start + PAGE_ROWS - 1 if limit is None else min(start + PAGE_ROWS, limit) - 1
+
+            def page(start: int = start, end: int = end) -> JSON:
+                query = self._client.table(relation).select("*")
+                for column, operator, value in filters:
+                    query = query.filter(column, operator, value)
+                for column, desc in order:
+                    query = query.order(column, desc=desc)
+                return query.range(start, end).execute().data
+
+            got = _rows(self._call(what, page))
+            rows.extend(model.model_validate(r) for r in got)
+            if len(got) < end - start + 1:
+                break
+        return rows
+
+    def twin_overview(self, twin_id: UUID) -> TwinOverview | None:
+        """The twin at a glance (persona_twin_overview), or None when there is no such twin."""
+        rows = self._select_all(
+            "twin overview", "persona_twin_overview", TwinOverview,
+            [("twin_id", "eq", str(twin_id))],
+        )
+        return rows[0] if rows else None
+
+    def module_trend(self, twin_id: UUID) -> list[TrendPoint]:
+        """Every recorded change of the twin's modules (persona_module_trend), oldest first."""
+        return self._select_all(
+            "module trend", "persona_module_trend", TrendPoint,
+            [("twin_id", "eq", str(twin_id))],
+            order=[("measured_at", False), ("module_key", False)],
+        )
+
+    def run_changes(self, run_ids: Sequence[UUID]) -> list[TrendPoint]:
+        """The module changes the given runs made (persona_module_trend), by run and module."""
+        if not run_ids:
+            return []
+        return self._select_all(
+            "run changes", "persona_module_trend", TrendPoint,
+            [("run_id", "in", f"({','.join(str(r) for r in run_ids)})")],
+            order=[("measured_at", False), ("module_key", False)],
+        )
+
+    def module_feedback(self, twin_id: UUID) -> list[ModuleFeedback]:
+        """Each module's votes and approval over 7 and 30 days (persona_module_feedback)."""
+        return self._select_all(
+            "module feedback", "persona_module_feedback", ModuleFeedback,
+            [("twin_id", "eq", str(twin_id))], order=[("module_key", False)],
+        )
+
+    def feedback_reasons(self, twin_id: UUID) -> list[ReasonCount]:
+        """Votes per module and reason over 7 and 30 days (persona_module_feedback_reasons)."""
+        return self._select_all(
+            "feedback reasons", "persona_module_feedback_reasons", ReasonCount,
+            [("twin_id", "eq", str(twin_id))], order=[("module_key", False)],
+        )
+
+    def run_evidence(self, run_ids: Sequence[UUID]) -> list[RunEvidence]:
+        """What the given runs learned from, per module, source, reason and outcome
+        (persona_run_evidence)."""
+        if not run_ids:
+            return []
+        return self._select_all(
+            "run evidence", "persona_run_evidence", RunEvidence,
+            [("run_id", "in", f"({','.join(str(r) for r in run_ids)})")],
+        )
+
+    def spec_versions(self, twin_id: UUID) -> list[SpecVersion]:
+        """The twin's persona specs, oldest version first (without their documents)."""
+        return self._select_all(
+            "spec versions", "persona_specs", SpecVersion,
+            [("twin_id", "eq", str(twin_id))], order=[("version", False)],
+        )
+
+    def learning_settings(self, twin_id: UUID) -> LearningSettings:
+        """The twin's learning settings (thresholds the explanations name). Raises StoreError
+        (code P0002) when the twin has none."""
+        rows = self._select_all(
+            "learning settings", "persona_learning_settings", LearningSettings,
+            [("twin_id", "eq", str(twin_id))],
+        )
+        if not rows:
+            raise StoreError(f"twin {twin_id} has no learning settings", "P0002")
+        return rows[0]
 
     # Langfuse outbox ---------------------------------------------------------------------
 

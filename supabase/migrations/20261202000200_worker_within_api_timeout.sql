@@ -255,7 +255,10 @@ revoke execute on function public.requeue_langfuse_outbox(text, integer) from pu
 create function public.worker_schema_version()
 returns text
 language sql
-immutable
+-- stable, not immutable: PostgreSQL folds an immutable call into the plan, and PostgREST
+-- reuses a connection's prepared plans across roles, so an anon request could read the
+-- value a service-role request planned without its EXECUTE being checked.
+stable
 set search_path = ''
 as $$
   select '20261202000200'::text;

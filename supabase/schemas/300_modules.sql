@@ -57,7 +57,7 @@ create trigger persona_modules_touch_updated_at before update on public.persona_
 alter table public.persona_modules enable row level security;
 
 create policy "Owners can read their twins' modules" on public.persona_modules
-  for select to authenticated using (private.is_twin_owner(twin_id));
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
 
 grant select, insert, update, delete on public.persona_modules to service_role;
 grant select on public.persona_modules to authenticated;
@@ -88,7 +88,7 @@ create index persona_module_changes_run_idx on public.persona_module_changes (ru
 alter table public.persona_module_changes enable row level security;
 
 create policy "Owners can read their twins' module changes" on public.persona_module_changes
-  for select to authenticated using (private.is_twin_owner(twin_id));
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
 
 grant select, insert, update, delete on public.persona_module_changes to service_role;
 grant select on public.persona_module_changes to authenticated;

@@ -223,7 +223,7 @@ alter table public.persona_training_events enable row level security;
 create policy "Voters and twin owners can read events"
   on public.persona_training_events
   for select to authenticated
-  using (created_by = (select auth.uid()) or private.is_twin_owner(twin_id));
+  using (created_by = (select auth.uid()) or twin_id = any ((select private.owned_twin_ids())::uuid[]));
 -- Whether the twin accepts the vote is checked by private.check_feedback_consent, which raises a
 -- clear error naming twin_id before this policy is evaluated.
 create policy "Users send their own feedback" on public.persona_training_events

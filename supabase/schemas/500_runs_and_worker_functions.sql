@@ -121,7 +121,7 @@ create trigger persona_feedback_learning_runs_touch_updated_at
 alter table public.persona_feedback_learning_runs enable row level security;
 
 create policy "Owners can read their twins' runs" on public.persona_feedback_learning_runs
-  for select to authenticated using (private.is_twin_owner(twin_id));
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
 
 grant select, insert, update, delete on public.persona_feedback_learning_runs to service_role;
 -- Owners read whole rows (select=* works); the lease token gives them nothing, as only
@@ -859,10 +859,13 @@ comment on function public.release_learning_run(uuid, uuid) is
 create function public.worker_schema_version()
 returns text
 language sql
-immutable
+-- stable, not immutable: PostgreSQL folds an immutable call into the plan, and PostgREST
+-- reuses a connection's prepared plans across roles, so an anon request could read the
+-- value a service-role request planned without its EXECUTE being checked.
+stable
 set search_path = ''
 as $$
-  select '20261202000200'::text;
+  select '20261203000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -15,11 +15,15 @@ select tables_are(
   'public',
   array[
     'twins', 'persona_learning_settings', 'persona_specs', 'persona_modules',
-    'persona_module_changes', 'persona_training_events', 'persona_feedback_learning_runs'
+    'persona_module_changes', 'persona_training_events', 'persona_feedback_learning_runs',
+    'persona_feedback_daily', 'persona_run_evidence'
   ],
   'public holds exactly the project''s tables'
 );
-select views_are('public', array['persona_langfuse_outbox'], 'public holds exactly the outbox view');
+select views_are('public', array[
+  'persona_langfuse_outbox', 'persona_module_trend', 'persona_module_feedback',
+  'persona_module_feedback_reasons', 'persona_twin_overview', 'persona_training_events_state'
+], 'public holds exactly the outbox view and the owner views');
 select has_table('public', 'twins', 'twins exists');
 select has_table('public', 'persona_training_events', 'persona_training_events exists');
 select has_table('public', 'persona_feedback_learning_runs', 'persona_feedback_learning_runs exists');
@@ -160,8 +164,14 @@ select function_privs_are('public', 'request_learning_run', array['uuid', 'boole
 
 select is_empty(
   $$ select relation || ': ' || privilege from tests.table_privileges('service_role')
-     where privilege in ('SELECT', 'INSERT', 'UPDATE', 'DELETE') and not on_table $$,
-  'the service role may select, insert, update and delete everywhere'
+     where privilege in ('SELECT', 'INSERT', 'UPDATE', 'DELETE') and not on_table
+       and not (relation in ('persona_feedback_daily', 'persona_run_evidence',
+                             'persona_module_trend', 'persona_module_feedback',
+                             'persona_module_feedback_reasons', 'persona_twin_overview',
+                             'persona_training_events_state')
+                and privilege <> 'SELECT') $$,
+  'the service role may select, insert, update and delete everywhere but the owner views and '
+  'their summaries, which it reads (the completion trigger writes the summaries)'
 );
 select is_empty(
   $$ select signature from tests.function_privileges('service_role')

@@ -774,3 +774,118 @@ def test_service_reads_the_worker_schema_version(
     stack: Stack, db: psycopg.Connection, world: World
 ) -> None:
     assert service_rpc(stack, world, db, "worker_schema_version") == REQUIRED_SCHEMA_VERSION
+
+
+# ----------------------------------------------------------------------------- owner views
+# The views of supabase/schemas/700_owner_views.sql (security_invoker) and the summary tables
+# behind them, read by every actor after both owners' twins have learned: each owner sees their
+# own twins only, anon nothing, the service everything; nobody writes through a view.
+
+OWNER_VIEWS = (
+    "persona_module_trend", "persona_module_feedback_reasons", "persona_module_feedback",
+    "persona_twin_overview", "persona_training_events_state",
+)
+SUMMARIES = ("persona_feedback_daily", "persona_run_evidence")
+
+
+@pytest.fixture
+def learned_world(stack: Stack, db: psycopg.Connection, world: World) -> World:
+    """The world, plus a module and a vote on the other user's twin, after a completed run of
+    the owner's twin and of the other's: every view has rows of both owners."""
+    from pydantic import SecretStr
+
+    from worker.config import WorkerSettings
+    from worker.runner import Runner
+    from worker.store import Store
+
+    db.execute("insert into public.persona_modules (twin_id, module_key, intent_label) "
+               "values (%s, 'others_module', 'factual_with_evidence')", (world.other_twin,))
+    db.execute("insert into public.persona_training_events (twin_id, trace_id, score, reason, "
+               "intent_label, created_by) values (%s, 'trace-o', -1, 'outdated', "
+               "'factual_with_evidence', %s)", (world.other_twin, world.other.id))
+    settings = WorkerSettings(supabase_url=stack.url,
+                              supabase_service_role_key=SecretStr(stack.service_key),
+                              pfl_worker_id="matrix-views")
+    runner = Runner(Store.connect(settings), settings.pfl_worker_id, 30)
+    try:
+        from uuid import UUID
+
+        for twin in (world.twin, world.other_twin):
+            runs = runner.run_once(UUID(twin))
+            assert [r.status for r in runs] == ["completed"]
+    finally:
+        runner.store.close()
+    return world
+
+
+VIEW_READERS = {
+    "other": ("other_twin",),
+    "owner": ("twin",),
+    "service": ("twin", "other_twin"),
+}
+
+
+@pytest.mark.parametrize("actor", ACTORS)
+@pytest.mark.parametrize("relation", [*OWNER_VIEWS, *SUMMARIES])
+def test_owner_views_show_each_owner_their_twins_only(
+    stack: Stack, learned_world: World, relation: str, actor: str
+) -> None:
+    w = learned_world
+    path = f"{relation}?select=twin_id&twin_id=in.({','.join(w.twins)})"
+    response = call(stack, token_of(stack, w, actor), "GET", path)
+    if actor == "anon":
+        kind = "table" if relation in SUMMARIES else "view"
+        assert response.status_code == 401, response.text
+        assert response.json()["code"] == "42501"
+        assert response.json()["message"] == f"permission denied for {kind} {relation}"
+        return
+    assert response.status_code == 200, response.text
+    seen = {r["twin_id"] for r in response.json()}
+    # The owner's open twin has no module, run or event: it shows in the overview only.
+    expected = {getattr(w, n) for n in VIEW_READERS[actor]}
+    if relation == "persona_twin_overview" and actor in ("owner", "service"):
+        expected.add(w.open_twin)
+    if relation == "persona_training_events_state" and actor in ("owner", "service"):
+        expected.add(w.open_twin)  # the other user's vote on the owner's open twin
+    assert seen == expected
+
+
+REFUSED_WRITE = {
+    "POST": "cannot insert into view \"{}\"",
+    "PATCH": "cannot update view \"{}\"",
+    "DELETE": "cannot delete from view \"{}\"",
+}
+
+
+@pytest.mark.parametrize("actor", ACTORS)
+@pytest.mark.parametrize("relation", OWNER_VIEWS)
+@pytest.mark.parametrize("method", list(REFUSED_WRITE))
+def test_nobody_writes_through_an_owner_view(
+    stack: Stack, db: psycopg.Connection, world: World, relation: str, actor: str, method: str,
+) -> None:
+    # None of the views is automatically updatable (each joins or aggregates), so PostgreSQL
+    # refuses the write before it looks at privileges, for every role alike (55000, which
+    # PostgREST answers with 500); and only select is granted anyway.
+    w = world
+    before = snapshot_all(db, w)
+    path = relation if method == "POST" else f"{relation}?twin_id=eq.{w.twin}"
+    body = {"twin_id": w.twin} if method != "DELETE" else None
+    response = call(stack, token_of(stack, w, actor), method, path, body)
+    assert response.status_code == 500, response.text
+    assert response.json()["code"] == "55000"
+    assert response.json()["message"] == REFUSED_WRITE[method].format(relation)
+    assert snapshot_all(db, w) == before
+
+
+def test_owner_views_and_summaries_grant_select_only_and_nothing_to_anon(
+    db: psycopg.Connection,
+) -> None:
+    grants = db.execute(
+        "select table_name, grantee, "
+        "string_agg(privilege_type, ',' order by privilege_type) "
+        "from information_schema.role_table_grants where table_schema = 'public' "
+        "and table_name = any(%s) and grantee in ('anon', 'authenticated', 'service_role') "
+        "group by 1, 2 order by 1, 2", ([*OWNER_VIEWS, *SUMMARIES],),
+    ).fetchall()
+    assert grants == [(v, role, "SELECT") for v in sorted([*OWNER_VIEWS, *SUMMARIES])
+                      for role in ("authenticated", "service_role")]

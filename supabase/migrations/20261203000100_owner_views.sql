@@ -1,0 +1,714 @@
+-- Delta: owners' select policies look their twins up once per statement (private.owned_twin_ids),
+-- not once per row (private.is_twin_owner); then the owner views (schemas/700_owner_views.sql).
+
+-- The caller's twins, once per statement: policies say `twin_id = any ((select
+-- private.owned_twin_ids())::uuid[])`, an init plan evaluated once, where a per-row call of
+-- private.is_twin_owner costs ~28 us a row (measured: 960 rows of module changes, 27 ms).
+create function private.owned_twin_ids()
+returns uuid[]
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select coalesce(array_agg(t.id), '{}')
+  from public.twins t
+  where t.owner_id = (select auth.uid());
+$$;
+
+comment on function private.owned_twin_ids() is
+  'Policies'' helper. Out: the ids of the twins the caller (auth.uid() of the JWT) owns, as '
+  'uuid[]; empty for no user or a user without twins. Select policies wrap it in a scalar '
+  'subquery, so it runs once per statement. Security definer with search_path set. Raises nothing.';
+
+grant execute on function private.owned_twin_ids() to authenticated, service_role;
+revoke execute on function private.owned_twin_ids() from public;
+
+alter policy "Owners can read their twins' learning settings" on public.persona_learning_settings
+  using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+alter policy "Owners can read their twins' specs" on public.persona_specs
+  using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+alter policy "Owners can read their twins' modules" on public.persona_modules
+  using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+alter policy "Owners can read their twins' module changes" on public.persona_module_changes
+  using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+alter policy "Owners can read their twins' runs" on public.persona_feedback_learning_runs
+  using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+alter policy "Voters and twin owners can read events" on public.persona_training_events
+  using (created_by = (select auth.uid()) or twin_id = any ((select private.owned_twin_ids())::uuid[]));
+
+
+-- Section: what twin owners look at — trends, feedback reasons, a twin's overview, events with
+-- their processed state — as views for the dashboard and apps, and the two summary tables that
+-- keep them fast.
+--
+-- Every view is security_invoker: it reads the tables with the caller's privileges and policies,
+-- so an owner sees only their own twins' rows. Grants are explicit (hosted projects no longer
+-- grant new entities to the API roles): select to authenticated and service_role, nothing to anon.
+--
+-- The summary tables are filled when a learning run completes (a trigger on the run's row, in the
+-- completion's transaction) from the run's batch, so that no view scans a twin's events:
+--   persona_feedback_daily  current feedback votes per UTC day, module key, intent, reason, score;
+--   persona_run_evidence    what each completed run learned from, per module, source, reason and
+--                           outcome: the "what moved it" of a module change.
+
+create type public.evidence_outcome as enum ('success', 'failure', 'neutral');
+comment on type public.evidence_outcome is
+  'How a piece of evidence counts for its module: success (a +1 vote, a passed audit), failure '
+  '(a -1 vote, a failed audit) or neutral (a 0 vote: processed, no weight).';
+
+-- Wilson score interval, for views.
+create function private.wilson_bounds(
+  p_successes double precision, p_trials double precision, p_z double precision default 1.96,
+  out lower double precision, out upper double precision
+)
+language sql
+immutable
+set search_path = ''
+as $$
+  select
+    case when p_trials > 0 then greatest(0, (p + z2 / (2 * n) - p_z * sqrt(p * (1 - p) / n
+      + z2 / (4 * n * n))) / (1 + z2 / n)) end,
+    case when p_trials > 0 then least(1, (p + z2 / (2 * n) + p_z * sqrt(p * (1 - p) / n
+      + z2 / (4 * n * n))) / (1 + z2 / n)) end
+  from (select p_trials as n, p_successes / nullif(p_trials, 0) as p, p_z * p_z as z2) v;
+$$;
+
+comment on function private.wilson_bounds(double precision, double precision, double precision) is
+  'Views'' helper. In: successes s and trials n (real-valued counts, s <= n), z (default 1.96, a '
+  '95% interval). Out: (lower, upper), the Wilson score interval of p = s/n clamped to [0, 1]: '
+  '(p + z^2/(2n) -/+ z sqrt(p(1-p)/n + z^2/(4n^2))) / (1 + z^2/n) (Wilson 1927, JASA 22:209-212; '
+  'the same formula as worker/learning.py wilson_bounds). Both null when n <= 0 or null. Raises '
+  'nothing.';
+
+grant execute on function private.wilson_bounds(double precision, double precision, double precision)
+  to authenticated, service_role;
+
+
+-- ------------------------------------------------------------------ the summary tables
+
+create table public.persona_feedback_daily (
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  day date not null,
+  intent_label text not null,
+  module_key text,
+  reason public.training_event_reason,
+  score smallint not null constraint score_minus_1_to_1 check (score between -1 and 1),
+  votes integer not null constraint votes_not_negative check (votes >= 0),
+  constraint persona_feedback_daily_key
+    unique nulls not distinct (twin_id, day, intent_label, module_key, reason, score)
+);
+
+comment on table public.persona_feedback_daily is
+  'Learned feedback, summed: the current votes of a twin processed by its completed runs, per UTC '
+  'day the vote was cast, intent label, module key, reason and score. Filled when a run completes '
+  '(a changed vote moves from its old bucket to its new one); rebuilt for a twin when processed '
+  'feedback is deleted. Read by persona_module_feedback_reasons and persona_module_feedback.';
+comment on column public.persona_feedback_daily.twin_id is 'The twin the votes are about.';
+comment on column public.persona_feedback_daily.day is 'The UTC day the votes were cast.';
+comment on column public.persona_feedback_daily.intent_label is 'The votes'' intent label.';
+comment on column public.persona_feedback_daily.module_key is
+  'The module key the votes named; null when they named none (they then count for the modules '
+  'serving their intent label).';
+comment on column public.persona_feedback_daily.reason is 'The votes'' reason; null when none was given.';
+comment on column public.persona_feedback_daily.score is 'The vote: -1, 0 (neutral) or +1.';
+comment on column public.persona_feedback_daily.votes is 'How many current votes fall in this bucket.';
+
+alter table public.persona_feedback_daily enable row level security;
+create policy "Owners can read their twins' feedback summary" on public.persona_feedback_daily
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+-- Written by the completion trigger alone (security definer): every API role only reads.
+revoke all on public.persona_feedback_daily from anon, authenticated, service_role;
+grant select on public.persona_feedback_daily to authenticated, service_role;
+
+
+create table public.persona_run_evidence (
+  run_id uuid not null references public.persona_feedback_learning_runs (id) on delete cascade,
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  module_id uuid references public.persona_modules (id) on delete cascade,
+  source public.training_event_source not null,
+  reason public.training_event_reason,
+  outcome public.evidence_outcome not null,
+  events integer not null constraint events_not_negative check (events >= 0),
+  vote_changes integer not null constraint vote_changes_not_negative check (vote_changes >= 0),
+  constraint vote_changes_at_most_events check (vote_changes <= events),
+  constraint persona_run_evidence_key
+    unique nulls not distinct (run_id, module_id, source, reason, outcome)
+);
+
+comment on table public.persona_run_evidence is
+  'What each completed learning run learned from: its batch''s events per module (matched as the '
+  'run matched them: by module_key if given, else by intent label), source, reason and outcome. '
+  'Audits of a spec not yet published when the run completed are gate evidence and are not '
+  'listed. Written when the run completes; the "what moved it" of persona_module_changes.';
+comment on column public.persona_run_evidence.run_id is 'The completed run.';
+comment on column public.persona_run_evidence.twin_id is 'The run''s twin.';
+comment on column public.persona_run_evidence.module_id is
+  'The module the events counted for; null for events that matched no module.';
+comment on column public.persona_run_evidence.source is 'user_feedback or persona_audit.';
+comment on column public.persona_run_evidence.reason is 'The events'' reason; null when none was given.';
+comment on column public.persona_run_evidence.outcome is
+  'success (+1 vote, passed audit), failure (-1 vote, failed audit) or neutral (0 vote).';
+comment on column public.persona_run_evidence.events is 'How many events of the batch.';
+comment on column public.persona_run_evidence.vote_changes is
+  'Of those, votes that replaced an earlier vote of the same user on the same trace (the run '
+  'retracted the earlier one).';
+
+create index persona_run_evidence_twin_idx on public.persona_run_evidence (twin_id);
+create index persona_run_evidence_module_idx on public.persona_run_evidence (module_id, run_id);
+
+alter table public.persona_run_evidence enable row level security;
+create policy "Owners can read their twins' run evidence" on public.persona_run_evidence
+  for select to authenticated using (twin_id = any ((select private.owned_twin_ids())::uuid[]));
+-- Written by the completion trigger alone (security definer): every API role only reads.
+revoke all on public.persona_run_evidence from anon, authenticated, service_role;
+grant select on public.persona_run_evidence to authenticated, service_role;
+
+
+-- The feedback votes an event-id range adds (+1 each) and retracts (-1 for each earlier vote a
+-- vote of the range replaced), per bucket: the same bookkeeping a run applies to module counts.
+create function private.feedback_daily_delta(p_twin_id uuid, p_after bigint, p_last bigint)
+returns table (
+  day date, intent_label text, module_key text, reason public.training_event_reason,
+  score smallint, votes bigint
+)
+language sql
+stable
+set search_path = ''
+as $$
+  with votes as (
+    select 1 as sign, e.created_at, e.intent_label, e.module_key, e.reason, e.score
+    from public.persona_training_events e
+    where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
+      and e.source = 'user_feedback'
+    union all
+    select -1, p.created_at, p.intent_label, p.module_key, p.reason, p.score
+    from public.persona_training_events e
+    cross join lateral (
+      select r.* from public.persona_training_events r where r.id = e.supersedes_id offset 0
+    ) p
+    where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
+      and e.supersedes_id is not null
+  )
+  select (v.created_at at time zone 'UTC')::date, v.intent_label, v.module_key, v.reason,
+         v.score, sum(v.sign)
+  from votes v
+  group by 1, 2, 3, 4, 5
+  having sum(v.sign) <> 0;
+$$;
+
+comment on function private.feedback_daily_delta(uuid, bigint, bigint) is
+  'Summary helper. In: a twin id and an event-id range (p_after, p_last]. Out: rows (day = the '
+  'UTC day a vote was cast, intent_label, module_key, reason, score, votes) with the net change '
+  'of persona_feedback_daily the range makes: +1 for each feedback vote in it, -1 for each '
+  'earlier vote one of them replaced (supersedes_id); buckets netting 0 left out. Raises nothing.';
+
+
+-- Writes a completed run's batch into the two summary tables, in the completion's transaction.
+create function private.summarize_completed_run()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  if new.batch_last_event_id is null or new.batch_last_event_id <= new.batch_after_event_id then
+    return null;
+  end if;
+
+  insert into public.persona_run_evidence
+    (run_id, twin_id, module_id, source, reason, outcome, events, vote_changes)
+  with targets as (
+    select true as by_key, m.module_key as key, m.id as module_id
+    from public.persona_modules m where m.twin_id = new.twin_id
+    union all
+    select false, m.intent_label, m.id
+    from public.persona_modules m where m.twin_id = new.twin_id
+  )
+  select new.id, new.twin_id, t.module_id, e.source, e.reason,
+         case when coalesce(e.score > 0, e.passed) then 'success'
+              when e.score = 0 then 'neutral'
+              else 'failure' end::public.evidence_outcome,
+         count(*), count(*) filter (where e.supersedes_id is not null)
+  from public.persona_training_events e
+  left join public.persona_specs s
+    on e.source = 'persona_audit' and s.id = e.persona_spec_id
+  left join targets t
+    on t.by_key = (e.module_key is not null) and t.key = coalesce(e.module_key, e.intent_label)
+  where e.twin_id = new.twin_id
+    and e.id > new.batch_after_event_id and e.id <= new.batch_last_event_id
+    -- Audits of a spec that was not live before this completion moved no module.
+    and not (s.id is not null and (s.published_at is null or s.published_at >= new.finished_at))
+  group by 3, 4, 5, 6;
+
+  -- Existing buckets take their delta (a retraction is negative); new buckets are inserted. An
+  -- insert checks votes_not_negative before any ON CONFLICT, hence the two steps.
+  with delta as (
+    select * from private.feedback_daily_delta(new.twin_id, new.batch_after_event_id,
+                                               new.batch_last_event_id)
+  ),
+  updated as (
+    update public.persona_feedback_daily d
+    set votes = d.votes + x.votes
+    from delta x
+    where d.twin_id = new.twin_id and d.day = x.day and d.intent_label = x.intent_label
+      and d.module_key is not distinct from x.module_key
+      and d.reason is not distinct from x.reason and d.score = x.score
+    returning d.day, d.intent_label, d.module_key, d.reason, d.score
+  )
+  insert into public.persona_feedback_daily
+    (twin_id, day, intent_label, module_key, reason, score, votes)
+  select new.twin_id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
+  from delta x
+  where not exists (
+    select 1 from updated u
+    where u.day = x.day and u.intent_label = x.intent_label
+      and u.module_key is not distinct from x.module_key
+      and u.reason is not distinct from x.reason and u.score = x.score
+  );
+  delete from public.persona_feedback_daily d where d.twin_id = new.twin_id and d.votes = 0;
+  return null;
+end;
+$$;
+
+comment on function private.summarize_completed_run() is
+  'Trigger (after update of status on persona_feedback_learning_runs, when a run becomes '
+  'completed): adds the run''s batch to persona_run_evidence (events per module, source, reason '
+  'and outcome; audits of a spec not published before the completion left out) and its net '
+  'feedback votes to persona_feedback_daily (private.feedback_daily_delta). Security definer: the '
+  'summaries are written by no API role. Raises nothing of its own (a vote count below 0 would '
+  'be 23514 votes_not_negative, and roll the completion back).';
+
+create trigger persona_feedback_learning_runs_summarize
+  after update of status on public.persona_feedback_learning_runs
+  for each row
+  when (new.status = 'completed' and old.status is distinct from 'completed')
+  execute function private.summarize_completed_run();
+
+
+-- Deleting processed feedback (a user's deletion, moderation) rebuilds the twins' daily summary
+-- from what remains, so that the summary never counts a vote that is gone.
+create function private.rebuild_feedback_daily()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_twin record;
+begin
+  for v_twin in
+    select distinct t.id, t.learned_through_event_id
+    from gone g join public.twins t on t.id = g.twin_id
+    where g.source = 'user_feedback' and g.id <= t.learned_through_event_id
+  loop
+    delete from public.persona_feedback_daily d where d.twin_id = v_twin.id;
+    insert into public.persona_feedback_daily
+      (twin_id, day, intent_label, module_key, reason, score, votes)
+    select v_twin.id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
+    from private.feedback_daily_delta(v_twin.id, 0, v_twin.learned_through_event_id) x
+    where x.votes > 0;
+  end loop;
+  return null;
+end;
+$$;
+
+comment on function private.rebuild_feedback_daily() is
+  'Trigger (after delete on persona_training_events, per statement): for each twin that lost '
+  'processed feedback, rebuilds its persona_feedback_daily rows from the remaining processed '
+  'votes (private.feedback_daily_delta over ids up to the twin''s cursor; a vote whose '
+  'replacement was deleted counts again). Costs one pass over the twin''s processed feedback. '
+  'Security definer: deleting roles may not write the summary. Raises nothing of its own.';
+
+create trigger persona_training_events_rebuild_feedback_daily
+  after delete on public.persona_training_events
+  referencing old table as gone
+  for each statement execute function private.rebuild_feedback_daily();
+
+revoke execute on function
+  private.wilson_bounds(double precision, double precision, double precision),
+  private.feedback_daily_delta(uuid, bigint, bigint),
+  private.summarize_completed_run(),
+  private.rebuild_feedback_daily()
+from public;
+
+
+-- ------------------------------------------------------------------ the views
+
+create view public.persona_module_trend
+with (security_invoker = true)
+as
+select c.twin_id, c.module_id, m.module_key, m.intent_label, c.run_id,
+       coalesce(r.learning_time, c.changed_at) as measured_at,
+       c.confidence_before, c.confidence_after as confidence,
+       c.status_before, c.status_after as status,
+       c.success_weight, c.failure_weight, w.n as evidence_weight,
+       -- The Wilson score interval (Wilson 1927) of p = s / n, written out as
+       -- private.wilson_bounds computes it: a function call per row costs ~40 us here.
+       case when w.n > 0 then greatest(0, (w.p + w.z2 / (2 * w.n) - w.z * sqrt(w.p * (1 - w.p)
+         / w.n + w.z2 / (4 * w.n * w.n))) / (1 + w.z2 / w.n)) end as wilson_lower,
+       case when w.n > 0 then least(1, (w.p + w.z2 / (2 * w.n) + w.z * sqrt(w.p * (1 - w.p)
+         / w.n + w.z2 / (4 * w.n * w.n))) / (1 + w.z2 / w.n)) end as wilson_upper
+from public.persona_module_changes c
+join public.persona_modules m on m.id = c.module_id
+join public.persona_feedback_learning_runs r on r.id = c.run_id
+join public.persona_learning_settings s on s.twin_id = c.twin_id
+cross join lateral (
+  select c.success_weight + c.failure_weight as n,
+         c.success_weight / nullif(c.success_weight + c.failure_weight, 0) as p,
+         s.wilson_z as z, s.wilson_z * s.wilson_z as z2
+) w;
+
+comment on view public.persona_module_trend is
+  'How each module moved: one row per recorded change (a run that changed its confidence or '
+  'status), with its weighted evidence counts and Wilson bounds after it; what the run learned '
+  'from is in persona_run_evidence. Chart confidence (or wilson_lower/upper) against '
+  'measured_at per module_key.';
+comment on column public.persona_module_trend.twin_id is 'The module''s twin.';
+comment on column public.persona_module_trend.module_id is 'The module.';
+comment on column public.persona_module_trend.module_key is 'The module''s key.';
+comment on column public.persona_module_trend.intent_label is 'The intent the module serves.';
+comment on column public.persona_module_trend.run_id is 'The completed run that made the change.';
+comment on column public.persona_module_trend.measured_at is
+  'The time the counts refer to: the run''s learning time T (timestamptz).';
+comment on column public.persona_module_trend.confidence_before is
+  'Confidence before the run, in [0, 1].';
+comment on column public.persona_module_trend.confidence is
+  'Confidence after the run, in [0, 1]: (s + 1) / (s + f + 2).';
+comment on column public.persona_module_trend.status_before is 'Status before the run.';
+comment on column public.persona_module_trend.status is
+  'Status after the run: insufficient_data, probation, active or disabled.';
+comment on column public.persona_module_trend.success_weight is
+  's: weighted successes decayed to measured_at (feedback 1, audits 2; half-life from the '
+  'twin''s settings).';
+comment on column public.persona_module_trend.failure_weight is
+  'f: weighted failures decayed to measured_at (unsafe failures 3x).';
+comment on column public.persona_module_trend.evidence_weight is 'n = s + f, the evidence weight.';
+comment on column public.persona_module_trend.wilson_lower is
+  'Lower Wilson bound of s / n with the twin''s wilson_z (null when n = 0); the status '
+  'thresholds (activate, keep active) apply to it.';
+comment on column public.persona_module_trend.wilson_upper is
+  'Upper Wilson bound of s / n (null when n = 0); below the disable threshold a module is disabled.';
+
+
+create view public.persona_module_feedback_reasons
+with (security_invoker = true)
+as
+with windowed as (
+  select d.twin_id, d.intent_label, d.module_key, d.reason,
+         sum(d.votes) filter (where d.score > 0 and d.day >= v.today - 6) as up_7d,
+         sum(d.votes) filter (where d.score < 0 and d.day >= v.today - 6) as down_7d,
+         sum(d.votes) filter (where d.score = 0 and d.day >= v.today - 6) as neutral_7d,
+         sum(d.votes) filter (where d.score > 0) as up_30d,
+         sum(d.votes) filter (where d.score < 0) as down_30d,
+         sum(d.votes) filter (where d.score = 0) as neutral_30d
+  from public.persona_feedback_daily d
+  cross join (select (now() at time zone 'UTC')::date as today) v
+  where d.day >= v.today - 29
+  group by d.twin_id, d.intent_label, d.module_key, d.reason
+),
+matched as (
+  select m.twin_id, m.id as module_id, m.module_key, w.reason,
+         sum(w.up_7d) as up_7d, sum(w.down_7d) as down_7d, sum(w.neutral_7d) as neutral_7d,
+         sum(w.up_30d) as up_30d, sum(w.down_30d) as down_30d, sum(w.neutral_30d) as neutral_30d
+  from public.persona_modules m
+  join windowed w
+    on w.twin_id = m.twin_id
+   and ((w.module_key is not null and w.module_key = m.module_key)
+        or (w.module_key is null and w.intent_label = m.intent_label))
+  group by m.twin_id, m.id, m.module_key, w.reason
+)
+select x.twin_id, x.module_id, x.module_key, x.reason,
+       coalesce(x.up_7d + x.down_7d + x.neutral_7d, 0)::integer as votes_7d,
+       coalesce(x.up_7d, 0)::integer as up_7d,
+       coalesce(x.down_7d, 0)::integer as down_7d,
+       coalesce(x.up_30d + x.down_30d + x.neutral_30d, 0)::integer as votes_30d,
+       coalesce(x.up_30d, 0)::integer as up_30d,
+       coalesce(x.down_30d, 0)::integer as down_30d
+from (
+  select m.twin_id, m.module_id, m.module_key, m.reason,
+         coalesce(m.up_7d, 0) as up_7d, coalesce(m.down_7d, 0) as down_7d,
+         coalesce(m.neutral_7d, 0) as neutral_7d, coalesce(m.up_30d, 0) as up_30d,
+         coalesce(m.down_30d, 0) as down_30d, coalesce(m.neutral_30d, 0) as neutral_30d
+  from matched m
+) x;
+
+comment on view public.persona_module_feedback_reasons is
+  'Why users voted as they did, per module and reason, over the last 7 and 30 UTC days (today '
+  'and the 6 or 29 days before), from the votes learned by completed runs (persona_feedback_daily;'
+  ' votes after the last run appear after the next). A vote counts for the module it names, '
+  'else for every module serving its intent label. Only reasons with votes in 30 days appear.';
+comment on column public.persona_module_feedback_reasons.twin_id is 'The module''s twin.';
+comment on column public.persona_module_feedback_reasons.module_id is 'The module.';
+comment on column public.persona_module_feedback_reasons.module_key is 'The module''s key.';
+comment on column public.persona_module_feedback_reasons.reason is
+  'The reason the voters gave (incorrect, unhelpful, off_persona, unsafe, outdated, helpful, '
+  'other); null: no reason given.';
+comment on column public.persona_module_feedback_reasons.votes_7d is
+  'Current votes with this reason cast in the last 7 days (+1, -1 and 0).';
+comment on column public.persona_module_feedback_reasons.up_7d is 'Of those, +1 votes.';
+comment on column public.persona_module_feedback_reasons.down_7d is 'Of those, -1 votes.';
+comment on column public.persona_module_feedback_reasons.votes_30d is
+  'Current votes with this reason cast in the last 30 days (+1, -1 and 0).';
+comment on column public.persona_module_feedback_reasons.up_30d is 'Of those, +1 votes.';
+comment on column public.persona_module_feedback_reasons.down_30d is 'Of those, -1 votes.';
+
+
+create view public.persona_module_feedback
+with (security_invoker = true)
+as
+select m.twin_id, m.id as module_id, m.module_key, m.intent_label, m.status,
+       a.votes_7d, a.up_7d, a.down_7d,
+       a.up_7d::double precision / nullif(a.up_7d + a.down_7d, 0) as approval_rate_7d,
+       w7.lower as approval_lower_7d, w7.upper as approval_upper_7d,
+       a.votes_30d, a.up_30d, a.down_30d,
+       a.up_30d::double precision / nullif(a.up_30d + a.down_30d, 0) as approval_rate_30d,
+       w30.lower as approval_lower_30d, w30.upper as approval_upper_30d,
+       a.top_negative_reason_30d
+from public.persona_modules m
+cross join lateral (
+  select coalesce(sum(r.votes_7d), 0)::integer as votes_7d,
+         coalesce(sum(r.up_7d), 0)::integer as up_7d,
+         coalesce(sum(r.down_7d), 0)::integer as down_7d,
+         coalesce(sum(r.votes_30d), 0)::integer as votes_30d,
+         coalesce(sum(r.up_30d), 0)::integer as up_30d,
+         coalesce(sum(r.down_30d), 0)::integer as down_30d,
+         (array_agg(r.reason order by r.down_30d desc, r.reason)
+            filter (where r.down_30d > 0 and r.reason is not null))[1] as top_negative_reason_30d
+  from public.persona_module_feedback_reasons r
+  where r.module_id = m.id
+) a
+cross join lateral private.wilson_bounds(a.up_7d, a.up_7d + a.down_7d, 1.96) w7
+cross join lateral private.wilson_bounds(a.up_30d, a.up_30d + a.down_30d, 1.96) w30;
+
+comment on view public.persona_module_feedback is
+  'How users rate each module over the last 7 and 30 UTC days: votes, the approval rate (+1 '
+  'votes over +1 and -1 votes; 0 votes are neutral) and its 95% Wilson score interval (Wilson '
+  '1927, z = 1.96), from the votes learned by completed runs. One row per module, zeros when it '
+  'had no votes.';
+comment on column public.persona_module_feedback.twin_id is 'The module''s twin.';
+comment on column public.persona_module_feedback.module_id is 'The module.';
+comment on column public.persona_module_feedback.module_key is 'The module''s key.';
+comment on column public.persona_module_feedback.intent_label is 'The intent the module serves.';
+comment on column public.persona_module_feedback.status is 'The module''s status now.';
+comment on column public.persona_module_feedback.votes_7d is
+  'Current votes cast in the last 7 days (+1, -1 and 0).';
+comment on column public.persona_module_feedback.up_7d is '+1 votes of the last 7 days.';
+comment on column public.persona_module_feedback.down_7d is '-1 votes of the last 7 days.';
+comment on column public.persona_module_feedback.approval_rate_7d is
+  'up_7d / (up_7d + down_7d), in [0, 1]; null without +1 or -1 votes.';
+comment on column public.persona_module_feedback.approval_lower_7d is
+  'Lower bound of the 95% Wilson interval of approval_rate_7d (z = 1.96); null without votes.';
+comment on column public.persona_module_feedback.approval_upper_7d is
+  'Upper bound of the 95% Wilson interval of approval_rate_7d (z = 1.96); null without votes.';
+comment on column public.persona_module_feedback.votes_30d is
+  'Current votes cast in the last 30 days (+1, -1 and 0).';
+comment on column public.persona_module_feedback.up_30d is '+1 votes of the last 30 days.';
+comment on column public.persona_module_feedback.down_30d is '-1 votes of the last 30 days.';
+comment on column public.persona_module_feedback.approval_rate_30d is
+  'up_30d / (up_30d + down_30d), in [0, 1]; null without +1 or -1 votes.';
+comment on column public.persona_module_feedback.approval_lower_30d is
+  'Lower bound of the 95% Wilson interval of approval_rate_30d (z = 1.96); null without votes.';
+comment on column public.persona_module_feedback.approval_upper_30d is
+  'Upper bound of the 95% Wilson interval of approval_rate_30d (z = 1.96); null without votes.';
+comment on column public.persona_module_feedback.top_negative_reason_30d is
+  'The reason given most often with -1 votes in the last 30 days; null when none.';
+
+
+create view public.persona_twin_overview
+with (security_invoker = true)
+as
+select t.id as twin_id, t.name,
+       coalesce(mods.modules, 0) as modules,
+       coalesce(mods.active, 0) as modules_active,
+       coalesce(mods.probation, 0) as modules_probation,
+       coalesce(mods.disabled, 0) as modules_disabled,
+       coalesce(mods.insufficient_data, 0) as modules_insufficient_data,
+       pub.id as published_spec_id, pub.version as published_version,
+       pub.published_at,
+       dr.id as draft_spec_id, dr.version as draft_version, dr.updated_at as draft_updated_at,
+       lr.id as last_run_id, lr.status as last_run_status, lr.trigger as last_run_trigger,
+       lr.created_at as last_run_created_at, lr.finished_at as last_run_finished_at,
+       lr.gate_passed as last_run_gate_passed,
+       array(
+         select c ->> 'name' from jsonb_array_elements(
+           case when jsonb_typeof(lr.gate_report -> 'checks') = 'array'
+                then lr.gate_report -> 'checks' else '[]' end) c
+         where c ->> 'verdict' is distinct from 'pass'
+       ) as last_run_failed_checks,
+       lr.publish_decision as last_run_publish_decision,
+       lr.hold_reason as last_run_hold_reason,
+       lr.error as last_run_error,
+       coalesce(pend.events, 0) as pending_events,
+       pend.oldest as pending_since
+from public.twins t
+left join lateral (
+  select count(*)::integer as modules,
+         (count(*) filter (where m.status = 'active'))::integer as active,
+         (count(*) filter (where m.status = 'probation'))::integer as probation,
+         (count(*) filter (where m.status = 'disabled'))::integer as disabled,
+         (count(*) filter (where m.status = 'insufficient_data'))::integer as insufficient_data
+  from public.persona_modules m where m.twin_id = t.id
+) mods on true
+left join lateral (
+  select s.id, s.version, s.published_at from public.persona_specs s
+  where s.twin_id = t.id and s.status = 'published'
+) pub on true
+left join lateral (
+  select s.id, s.version, s.updated_at from public.persona_specs s
+  where s.twin_id = t.id and s.status = 'draft'
+  order by s.version desc limit 1
+) dr on true
+left join lateral (
+  select r.* from public.persona_feedback_learning_runs r
+  where r.twin_id = t.id
+  order by r.created_at desc limit 1
+) lr on true
+left join lateral (
+  select count(*)::integer as events, min(e.created_at) as oldest
+  from public.persona_training_events e
+  where e.twin_id = t.id and e.id > t.learned_through_event_id
+) pend on true;
+
+comment on view public.persona_twin_overview is
+  'A twin at a glance: its modules by status, its published spec and latest draft, its last run '
+  'with the gate''s outcome, and the evidence waiting for the next run. One row per twin.';
+comment on column public.persona_twin_overview.twin_id is 'The twin.';
+comment on column public.persona_twin_overview.name is 'The twin''s name.';
+comment on column public.persona_twin_overview.modules is 'Modules of the twin.';
+comment on column public.persona_twin_overview.modules_active is 'Modules now active.';
+comment on column public.persona_twin_overview.modules_probation is 'Modules now on probation.';
+comment on column public.persona_twin_overview.modules_disabled is 'Modules now disabled.';
+comment on column public.persona_twin_overview.modules_insufficient_data is
+  'Modules with too little evidence for a status.';
+comment on column public.persona_twin_overview.published_spec_id is
+  'The published persona spec; null when none is.';
+comment on column public.persona_twin_overview.published_version is 'Its version.';
+comment on column public.persona_twin_overview.published_at is 'When it was published.';
+comment on column public.persona_twin_overview.draft_spec_id is
+  'The latest draft spec (the next run''s candidate); null when there is none.';
+comment on column public.persona_twin_overview.draft_version is 'Its version.';
+comment on column public.persona_twin_overview.draft_updated_at is 'When it was last edited.';
+comment on column public.persona_twin_overview.last_run_id is 'The twin''s latest run (any status).';
+comment on column public.persona_twin_overview.last_run_status is
+  'queued, running, completed or failed.';
+comment on column public.persona_twin_overview.last_run_trigger is
+  'owner_request, schedule or manual.';
+comment on column public.persona_twin_overview.last_run_created_at is 'When it was queued.';
+comment on column public.persona_twin_overview.last_run_finished_at is
+  'When it completed or failed; null while queued or running.';
+comment on column public.persona_twin_overview.last_run_gate_passed is
+  'Whether the regression gate passed; null unless completed.';
+comment on column public.persona_twin_overview.last_run_failed_checks is
+  'Names of the gate checks that did not pass (fail or insufficient_evidence); empty when all '
+  'passed or the run has no gate report.';
+comment on column public.persona_twin_overview.last_run_publish_decision is
+  'published or held; null unless completed.';
+comment on column public.persona_twin_overview.last_run_hold_reason is
+  'Why it held: no_draft, safe_mode or gate_failed.';
+comment on column public.persona_twin_overview.last_run_error is 'What went wrong, if it failed.';
+comment on column public.persona_twin_overview.pending_events is
+  'Events (feedback and audits) waiting for the next run.';
+comment on column public.persona_twin_overview.pending_since is
+  'When the oldest of them was cast; null when none waits.';
+
+
+create view public.persona_training_events_state
+with (security_invoker = true)
+as
+select e.id, e.twin_id, e.source, e.trace_id, e.intent_label, e.module_key, e.score, e.passed,
+       e.reason, e.comment, e.persona_spec_id, e.created_by, e.created_at, e.superseded_at,
+       e.id <= t.learned_through_event_id as processed,
+       pr.finished_at as processed_at,
+       pr.id as processed_run_id,
+       e.langfuse_status
+from public.persona_training_events e
+join public.twins t on t.id = e.twin_id
+-- The completed run whose batch holds the event (the computed field processed_run_id's rule),
+-- looked up only for the rows a page returns.
+left join lateral (
+  select r.id, r.finished_at from public.persona_feedback_learning_runs r
+  where r.twin_id = e.twin_id and r.status = 'completed'
+    and r.batch_last_event_id >= e.id and r.batch_after_event_id < e.id
+  order by r.batch_last_event_id
+  limit 1
+) pr on e.id <= t.learned_through_event_id;
+
+comment on view public.persona_training_events_state is
+  'Training events of the caller''s twins with their processed state as plain columns, for the '
+  'dashboard''s table editor (the table''s processed_at and processed_run_id are computed fields '
+  'it does not show). The events waiting for a run are the twin''s newest: list them newest '
+  'first (order by id desc). Voters read their own feedback in persona_training_events.';
+comment on column public.persona_training_events_state.id is 'The event (arrival order).';
+comment on column public.persona_training_events_state.twin_id is 'The twin it is about.';
+comment on column public.persona_training_events_state.source is 'user_feedback or persona_audit.';
+comment on column public.persona_training_events_state.trace_id is 'The trace of the answer.';
+comment on column public.persona_training_events_state.intent_label is 'The intent the answer served.';
+comment on column public.persona_training_events_state.module_key is
+  'The module it is about; null: the modules serving its intent.';
+comment on column public.persona_training_events_state.score is 'Feedback: -1, 0 or +1.';
+comment on column public.persona_training_events_state.passed is 'Audit: did the answer follow the spec?';
+comment on column public.persona_training_events_state.reason is 'The reason given, if any.';
+comment on column public.persona_training_events_state.comment is 'The voter''s comment, if any.';
+comment on column public.persona_training_events_state.persona_spec_id is 'Audits: the spec audited.';
+comment on column public.persona_training_events_state.created_by is 'The voter (feedback).';
+comment on column public.persona_training_events_state.created_at is 'When it was cast.';
+comment on column public.persona_training_events_state.superseded_at is
+  'When a later vote of the same user on the same trace replaced it; null while current.';
+comment on column public.persona_training_events_state.processed is
+  'true once a completed learning run has processed it (its id is at most the twin''s cursor).';
+comment on column public.persona_training_events_state.processed_at is
+  'When the run that processed it finished; null while it waits.';
+comment on column public.persona_training_events_state.processed_run_id is
+  'The run that processed it; null while it waits.';
+comment on column public.persona_training_events_state.langfuse_status is
+  'Feedback''s Langfuse mirror state; null for audits.';
+
+
+revoke all on public.persona_module_trend, public.persona_module_feedback_reasons,
+  public.persona_module_feedback, public.persona_twin_overview,
+  public.persona_training_events_state
+from anon, authenticated, service_role;
+grant select on public.persona_module_trend, public.persona_module_feedback_reasons,
+  public.persona_module_feedback, public.persona_twin_overview,
+  public.persona_training_events_state
+to authenticated, service_role;
+
+
+-- Backfill (migration only): the summaries of the runs completed before this migration, with the
+-- modules as they are now.
+insert into public.persona_feedback_daily (twin_id, day, intent_label, module_key, reason, score, votes)
+select t.id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
+from public.twins t
+cross join lateral private.feedback_daily_delta(t.id, 0, t.learned_through_event_id) x
+where t.learned_through_event_id > 0 and x.votes > 0;
+
+insert into public.persona_run_evidence
+  (run_id, twin_id, module_id, source, reason, outcome, events, vote_changes)
+select r.id, r.twin_id, t.module_id, e.source, e.reason,
+       case when coalesce(e.score > 0, e.passed) then 'success'
+            when e.score = 0 then 'neutral'
+            else 'failure' end::public.evidence_outcome,
+       count(*), count(*) filter (where e.supersedes_id is not null)
+from public.persona_feedback_learning_runs r
+join public.persona_training_events e
+  on e.twin_id = r.twin_id and e.id > r.batch_after_event_id and e.id <= r.batch_last_event_id
+left join public.persona_specs s on e.source = 'persona_audit' and s.id = e.persona_spec_id
+left join lateral (
+  select m.id as module_id from public.persona_modules m
+  where m.twin_id = r.twin_id
+    and (m.module_key = e.module_key or (e.module_key is null and m.intent_label = e.intent_label))
+) t on true
+where r.status = 'completed'
+  and not (s.id is not null and (s.published_at is null or s.published_at >= r.finished_at))
+group by r.id, r.twin_id, t.module_id, e.source, e.reason, 6;
+
+-- The worker reads these views (pfl report): it needs this migration.
+create or replace function public.worker_schema_version()
+returns text
+language sql
+stable
+set search_path = ''
+as $$
+  select '20261203000100'::text;
+$$;

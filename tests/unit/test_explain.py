@@ -1,0 +1,134 @@
+"""A module's move explained: what evidence moved it, by how much, which threshold it crossed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from worker.explain import describe_evidence, explain_move, notable, threshold_crossed
+from worker.learning import classify, wilson_bounds
+from worker.models import LearningSettings, ModuleStatus
+from worker.views import RunEvidence, TrendPoint
+
+RUN = uuid.uuid4()
+MODULE = uuid.uuid4()
+SETTINGS = LearningSettings()
+
+
+def change(
+    before: str, after: str, s: float, f: float, conf_before: float, conf: float
+) -> TrendPoint:
+    return TrendPoint(
+        twin_id=uuid.uuid4(), module_id=MODULE, module_key="evidence_answers",
+        intent_label="factual_with_evidence", run_id=RUN, measured_at=datetime.now(UTC),
+        confidence_before=conf_before, confidence=conf, status_before=ModuleStatus(before),
+        status=ModuleStatus(after), success_weight=s, failure_weight=f, evidence_weight=s + f,
+    )
+
+
+def evidence(source: str, outcome: str, events: int, reason: str | None = None,
+             changes: int = 0, module: uuid.UUID | None = MODULE) -> RunEvidence:
+    return RunEvidence(run_id=RUN, module_id=module, source=source, reason=reason,  # type: ignore[arg-type]
+                       outcome=outcome, events=events, vote_changes=changes)  # type: ignore[arg-type]
+
+
+def test_a_fall_from_active_names_the_votes_the_reasons_and_the_keep_active_bound() -> None:
+    s, f = 30.0, 22.0
+    lower, _ = wilson_bounds(s, f, 1.96)
+    # The counts really are below the keep-active bound: the sentence describes the rule.
+    assert lower < SETTINGS.keep_active_lower_bound
+    assert classify(s, f, ModuleStatus.active, SETTINGS) is ModuleStatus.probation
+    text = explain_move(
+        change("active", "probation", s, f, 0.71, 0.58),
+        [evidence("user_feedback", "failure", 7, "incorrect"),
+         evidence("user_feedback", "failure", 5, "outdated", changes=2),
+         evidence("user_feedback", "success", 3, "helpful"),
+         evidence("user_feedback", "failure", 40, "incorrect", module=uuid.uuid4())],
+        SETTINGS,
+    )
+    assert text == (
+        "evidence_answers fell from active to probation, confidence 0.71 -> 0.58 (-0.13), "
+        "after new evidence: 12 votes down (7 incorrect, 5 outdated) and 3 up "
+        "(2 of the votes changed an earlier one); its cautious score (Wilson lower bound) "
+        f"{lower:.2f} fell below 0.50, the level an active module must keep."
+    )
+
+
+def test_becoming_active_names_the_activate_bound() -> None:
+    s, f = 40.0, 5.0
+    lower, _ = wilson_bounds(s, f, 1.96)
+    assert classify(s, f, ModuleStatus.probation, SETTINGS) is ModuleStatus.active
+    text = explain_move(change("probation", "active", s, f, 0.70, 0.87),
+                        [evidence("persona_audit", "success", 4)], SETTINGS)
+    assert text.startswith("evidence_answers rose from probation to active, confidence 0.70 -> "
+                           "0.87 (+0.17), after new evidence: 4 passed audits;")
+    assert text.endswith(f"its cautious score (Wilson lower bound) {lower:.2f} reached 0.60, "
+                         "the level to become active.")
+
+
+def test_being_disabled_names_the_upper_bound_and_unsafe_audits() -> None:
+    s, f = 1.0, 12.0
+    _, upper = wilson_bounds(s, f, 1.96)
+    assert classify(s, f, ModuleStatus.probation, SETTINGS) is ModuleStatus.disabled
+    text = explain_move(change("probation", "disabled", s, f, 0.30, 0.13),
+                        [evidence("persona_audit", "failure", 2, "unsafe")], SETTINGS)
+    assert "after new evidence: 2 failed audits (2 unsafe);" in text
+    assert text.endswith(f"its optimistic score (Wilson upper bound) {upper:.2f} fell below "
+                         "0.35, under which a module is disabled.")
+
+
+def test_a_move_without_evidence_is_put_down_to_fading() -> None:
+    text = explain_move(change("active", "active", 50.0, 5.0, 0.900, 0.895), [], SETTINGS)
+    assert "confidence fell 0.900 -> 0.895 (-0.005), still active, with no new evidence: older " \
+        "evidence faded (half-life 30 days); it stays active" in text
+
+
+def test_fading_below_the_minimum_evidence() -> None:
+    text = threshold_crossed(change("probation", "insufficient_data", 6.0, 3.5, 0.6, 0.6),
+                             SETTINGS)
+    assert text == ("its evidence weight 9.5 fell below 10, the minimum for a status, as older "
+                    "evidence faded")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "s", "f", "expected"),
+    [
+        ("insufficient_data", "probation", 6.0, 5.0,
+         "its evidence weight reached 11.0 (minimum 10)"),
+        ("disabled", "probation", 5.0, 9.0, "so it is no longer disabled"),
+        ("probation", "probation", 8.0, 6.0, "no threshold crossed"),
+        ("insufficient_data", "insufficient_data", 2.0, 1.0, "is still below 10"),
+        ("disabled", "disabled", 0.0, 20.0, "is still below 0.35"),
+    ],
+)
+def test_every_transition_names_its_rule(
+    before: str, after: str, s: float, f: float, expected: str
+) -> None:
+    # Each case is what classify really decides for those counts.
+    assert classify(s, f, ModuleStatus(before), SETTINGS) is ModuleStatus(after)
+    assert expected in threshold_crossed(change(before, after, s, f, 0.5, 0.5), SETTINGS)
+
+
+def test_thresholds_come_from_the_twins_settings() -> None:
+    custom = LearningSettings(keep_active_lower_bound=0.4, activate_lower_bound=0.7)
+    text = threshold_crossed(change("active", "probation", 10.0, 10.0, 0.6, 0.5), custom)
+    assert "fell below 0.40, the level an active module must keep" in text
+
+
+def test_evidence_in_words() -> None:
+    assert describe_evidence([]) == "no new evidence"
+    assert describe_evidence([evidence("user_feedback", "success", 1, "helpful")]) == \
+        "new evidence: 1 vote up"
+    assert describe_evidence([
+        evidence("user_feedback", "failure", 1, None),
+        evidence("user_feedback", "neutral", 2),
+        evidence("persona_audit", "failure", 1, "off_persona"),
+    ]) == "new evidence: 1 vote down (1 no reason), 2 neutral and 1 failed audit"
+
+
+def test_notable_moves() -> None:
+    assert notable(change("active", "probation", 1, 1, 0.6, 0.6))
+    assert notable(change("active", "active", 1, 1, 0.60, 0.61))
+    assert not notable(change("active", "active", 1, 1, 0.600, 0.605))

@@ -1,0 +1,165 @@
+"""Pure: a module's move in one run, told in sentences an owner understands.
+
+In: the module's change (`TrendPoint`: confidence and status before and after, its weighted
+counts after), what the run learned from for that module (`RunEvidence` rows) and the twin's
+`LearningSettings` (the status thresholds). Out: text. No I/O.
+
+The thresholds are the status rules of worker/learning.py `classify` on the Wilson score bounds
+(Wilson 1927) of the module's weighted counts, read back from the counts after the run:
+insufficient_data while s + f < min_evidence, disabled when the upper bound < disable_upper_bound,
+active when the lower bound >= activate_lower_bound (or, once active, >= keep_active_lower_bound),
+probation otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from worker.learning import wilson_bounds
+from worker.models import LearningSettings, ModuleStatus
+from worker.views import RunEvidence, TrendPoint
+
+STATUS_WORDS = {
+    ModuleStatus.insufficient_data: "insufficient data",
+    ModuleStatus.probation: "probation",
+    ModuleStatus.active: "active",
+    ModuleStatus.disabled: "disabled",
+}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def describe_evidence(evidence: Iterable[RunEvidence]) -> str:
+    """What a run learned from for one module, e.g. "12 new votes down (7 incorrect, 5
+    outdated), 3 up and 2 failed audits (1 of the votes changed an earlier one)"; "no new
+    evidence" when there is none."""
+    down: Counter[str] = Counter()
+    up = neutral = passed = failed = changed = 0
+    failed_reasons: Counter[str] = Counter()
+    for e in evidence:
+        changed += e.vote_changes
+        if e.source == "user_feedback":
+            if e.outcome == "failure":
+                down[e.reason or "no reason"] += e.events
+            elif e.outcome == "success":
+                up += e.events
+            else:
+                neutral += e.events
+        elif e.outcome == "failure":
+            failed += e.events
+            failed_reasons[e.reason or "no reason"] += e.events
+        else:
+            passed += e.events
+    parts: list[str] = []
+    n_down = sum(down.values())
+    if n_down:
+        ranked = sorted(down.items(), key=lambda x: (-x[1], x[0]))
+        reasons = ", ".join(f"{n} {r}" for r, n in ranked)
+        parts.append(f"{_plural(n_down, 'vote')} down ({reasons})")
+    if up:
+        parts.append(f"{up} up" if parts else f"{_plural(up, 'vote')} up")
+    if neutral:
+        parts.append(f"{neutral} neutral")
+    if failed:
+        unsafe = failed_reasons.get("unsafe", 0)
+        parts.append(_plural(failed, "failed audit") + (f" ({unsafe} unsafe)" if unsafe else ""))
+    if passed:
+        parts.append(_plural(passed, "passed audit"))
+    if not parts:
+        return "no new evidence"
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if changed:
+        text += f" ({changed} of the votes changed an earlier one)"
+    return "new evidence: " + text
+
+
+def threshold_crossed(change: TrendPoint, settings: LearningSettings) -> str:
+    """Which status rule the module's counts after the run met, as a clause naming the value
+    and the threshold, e.g. "its cautious score (Wilson lower bound) 0.46 fell below 0.50, the
+    level an active module must keep"."""
+    s, f = change.success_weight, change.failure_weight
+    n = s + f
+    lower, upper = wilson_bounds(s, f, settings.wilson_z)
+    before, after = change.status_before, change.status
+    if after is ModuleStatus.insufficient_data:
+        if before is ModuleStatus.insufficient_data:
+            return (f"its evidence weight {n:.1f} is still below {settings.min_evidence:g}, "
+                    "the minimum for a status")
+        return (f"its evidence weight {n:.1f} fell below {settings.min_evidence:g}, the minimum "
+                "for a status, as older evidence faded")
+    if after is ModuleStatus.disabled:
+        verb = "is still below" if before is ModuleStatus.disabled else "fell below"
+        return (f"its optimistic score (Wilson upper bound) {upper:.2f} {verb} "
+                f"{settings.disable_upper_bound:.2f}, under which a module is disabled")
+    if after is ModuleStatus.active:
+        if before is ModuleStatus.active:
+            return (f"it stays active: its cautious score (Wilson lower bound) {lower:.2f} is at "
+                    f"least {settings.keep_active_lower_bound:.2f}, the level an active module "
+                    "must keep")
+        return (f"its cautious score (Wilson lower bound) {lower:.2f} reached "
+                f"{settings.activate_lower_bound:.2f}, the level to become active")
+    # probation
+    if before is ModuleStatus.active:
+        return (f"its cautious score (Wilson lower bound) {lower:.2f} fell below "
+                f"{settings.keep_active_lower_bound:.2f}, the level an active module must keep")
+    if before is ModuleStatus.disabled:
+        return (f"its optimistic score (Wilson upper bound) {upper:.2f} rose to at least "
+                f"{settings.disable_upper_bound:.2f}, so it is no longer disabled")
+    if before is ModuleStatus.insufficient_data:
+        return (f"its evidence weight reached {n:.1f} (minimum {settings.min_evidence:g}); its "
+                f"cautious score (Wilson lower bound) {lower:.2f} is below "
+                f"{settings.activate_lower_bound:.2f}, the level to become active")
+    return (f"no threshold crossed: its cautious score (Wilson lower bound) {lower:.2f} is below "
+            f"{settings.activate_lower_bound:.2f}, the level to become active, and its "
+            f"optimistic score {upper:.2f} is at least {settings.disable_upper_bound:.2f}")
+
+
+def explain_move(
+    change: TrendPoint, evidence: Iterable[RunEvidence], settings: LearningSettings
+) -> str:
+    """One module's move in one run, e.g. "evidence_answers fell from active to probation,
+    confidence 0.71 -> 0.58 (-0.13), after new evidence: 12 votes down (7 incorrect, 5
+    outdated) and 3 up; its cautious score (Wilson lower bound) 0.46 fell below 0.50, the level
+    an active module must keep." `evidence`: the run's rows for this module (others ignored).
+    Without new evidence the move is put down to older evidence fading (half-life from
+    `settings`)."""
+    mine = [e for e in evidence if e.module_id == change.module_id and e.run_id == change.run_id]
+    delta = change.confidence - change.confidence_before
+    d = 2 if abs(delta) >= 0.01 else 3  # a small move still shows two different numbers
+    before, after = f"{change.confidence_before:.{d}f}", f"{change.confidence:.{d}f}"
+    direction = "rose" if delta > 0 else "fell" if delta < 0 else "held"
+    if change.status != change.status_before:
+        way = "rose" if _rank(change.status) > _rank(change.status_before) else "fell"
+        moved = (f"{change.module_key} {way} from {STATUS_WORDS[change.status_before]} to "
+                 f"{STATUS_WORDS[change.status]}, "
+                 f"confidence {before} -> {after} ({delta:+.{d}f})")
+    else:
+        moved = (f"{change.module_key} confidence {direction} {before} -> {after} "
+                 f"({delta:+.{d}f}), still {STATUS_WORDS[change.status]}")
+    what = describe_evidence(mine)
+    if what == "no new evidence":
+        what = (f"with no new evidence: older evidence faded (half-life "
+                f"{settings.half_life_days:g} days)")
+    else:
+        what = "after " + what
+    return f"{moved}, {what}; {threshold_crossed(change, settings)}."
+
+
+def _rank(status: ModuleStatus) -> int:
+    """Order of standing for "rose"/"fell": disabled < insufficient data < probation < active."""
+    return {
+        ModuleStatus.disabled: 0,
+        ModuleStatus.insufficient_data: 1,
+        ModuleStatus.probation: 2,
+        ModuleStatus.active: 3,
+    }[status]
+
+
+def notable(change: TrendPoint, min_confidence_move: float = 0.01) -> bool:
+    """Whether a change is worth a sentence: its status changed, or its confidence moved by at
+    least `min_confidence_move` (a fraction; 0.01 = one point)."""
+    return (change.status != change.status_before
+            or abs(change.confidence - change.confidence_before) >= min_confidence_move)
