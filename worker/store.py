@@ -62,7 +62,8 @@ class StaleLeaseError(StoreError):
 
 
 class BatchChangedError(StoreError):
-    """An event committed into the run's batch after the claim; the run must learn again."""
+    """The twin's cursor, evidence or modules changed since the claim read the batch (events
+    deleted or edited, a module added, edited or deleted): the run must read its batch again."""
 
 
 class TransientStoreError(StoreError):
