@@ -17,7 +17,7 @@
 --   of the twin from scratch in SQL (one pass over the twin's current evidence, grouped by match
 --   key first, then matched to the modules: the cost of a bare aggregate over the same rows), and
 --   learns its batch on top. Its completion moves the cursor only if the generation is still
---   the one it read (otherwise 40001: the worker reads the batch again), so a run never adds the
+--   the one it read (otherwise PT412: the worker reads the batch again), so a run never adds the
 --   weight of rows that vanished mid-run nor reports them processed.
 --   Why not a ledger of where each event's weight went: it writes one row per (event, module)
 --   at every run (the 1,000,000-event runs of bench case 1 would write as much again), and a
@@ -233,9 +233,9 @@ end;
 $$;
 
 comment on function private.bump_evidence_generation_on_edit() is
-  'Trigger (after an update that changes an event''s evidence columns, or after insert, update '
-  'of key, intent or twin, or delete of a module): bumps evidence_generation of the twin(s) of '
-  'the old and new row. Security definer: whoever edits, the twin is marked. Raises nothing.';
+  'Trigger (after an update that changes an event''s evidence columns): bumps '
+  'evidence_generation of the twin(s) of the old and new row. Security definer: whoever edits, '
+  'the twin is marked. Raises nothing.';
 
 -- A vote change (the vote recorder marking the earlier vote superseded) is the incremental
 -- path's; pfl.recording_vote tells it apart from an edit by hand.
@@ -256,9 +256,35 @@ create trigger persona_training_events_bump_generation_on_edit
   )
   execute function private.bump_evidence_generation_on_edit();
 
+create function private.bump_evidence_generation_on_module_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  -- A module with nothing learned yet is exact at zero: a twin is marked only when it has learned
+  -- evidence (its cursor moved) or a run holds a batch read against the modules as they were.
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  where t.id in (old.twin_id, new.twin_id)
+    and (t.learned_through_event_id > 0
+         or exists (select 1 from public.persona_feedback_learning_runs r
+                    where r.twin_id = t.id and r.status = 'running'));
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_module_edit() is
+  'Trigger (after insert, update of key, intent or twin, or delete on persona_modules): bumps '
+  'evidence_generation of the twin(s) of the old and new row when the twin has learned evidence '
+  '(learned_through_event_id > 0) or a running run, so that its next run rebuilds its modules '
+  'and a running one reads its batch again. Security definer: whoever edits, the twin is marked. '
+  'Raises nothing.';
+
 create trigger persona_modules_bump_generation
   after insert or delete or update of twin_id, module_key, intent_label on public.persona_modules
-  for each row execute function private.bump_evidence_generation_on_edit();
+  for each row execute function private.bump_evidence_generation_on_module_edit();
 
 -- The vote recorder, as before, with the flag that tells its supersede from an edit by hand.
 create or replace function private.record_feedback_vote()
@@ -408,7 +434,7 @@ begin
   select * into strict v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
   -- Read before the evidence: a change committed after this read bumps the generation, and the
-  -- completion then refuses (40001) rather than learn from what this claim saw.
+  -- completion then refuses (PT412) rather than learn from what this claim saw.
   select t.evidence_generation, t.evidence_generation <> t.learned_generation
   into strict v_generation, v_rebuild
   from public.twins t where t.id = v_run.twin_id;
@@ -670,7 +696,7 @@ begin
 
   -- Processing the batch is moving the twin's cursor over it, at the evidence generation the
   -- claim read: a deletion or a module edit committed since (it waits for this row lock, or
-  -- this update re-reads the row it committed) makes the run read its batch again.
+  -- this update re-reads the row it committed) makes the run read its batch again (PT412).
   update public.twins t
   set learned_through_event_id = v_run.batch_last_event_id,
       learned_generation = v_run.evidence_generation
@@ -683,7 +709,9 @@ begin
       raise exception using errcode = '40001',
         message = format('run %s: the twin''s cursor moved since the batch was claimed', p_run_id);
     end if;
-    raise exception using errcode = '40001',
+    -- PT412 (HTTP 412), not 40001: PostgREST retries a serialization failure itself, after
+    -- backoff, by which time the lease may be gone; the worker reads the batch again at once.
+    raise exception using errcode = 'PT412',
       message = format('run %s: the twin''s evidence or modules changed since the batch was read '
                        '(generation %s, now %s); read the batch again', p_run_id,
                        v_run.evidence_generation, v_twin.evidence_generation);
@@ -776,12 +804,51 @@ comment on function public.complete_learning_run(uuid, uuid, jsonb) is
   'spec that is not the latest draft; 22023 when p_result lacks module_updates (array), '
   'gate_passed (boolean) or gate_report (object), or an update names no module of the twin; '
   '22P02 for a status or hold_reason outside its enum; 40001 when the twin''s cursor '
-  'moved, or its evidence_generation changed (events deleted or edited, modules edited), since '
-  'the claim read the batch. Nothing changes when it raises.';
+  'moved since the claim; PT412 (HTTP 412) "run <id>: the twin''s evidence or modules changed '
+  'since the batch was read ..." when its evidence_generation changed (events deleted or '
+  'edited, modules added, edited or deleted) since the claim read the batch. Nothing changes '
+  'when it raises.';
 
+
+-- The scheduler: twins whose modules must be rebuilt are due too.
+-- Queues a scheduled run for every twin with unprocessed evidence, or whose modules must be
+-- rebuilt, and no run queued or running.
+create or replace function public.enqueue_due_learning_runs(p_twin_id uuid default null)
+returns setof public.persona_feedback_learning_runs
+language sql
+set search_path = ''
+as $$
+  insert into public.persona_feedback_learning_runs (twin_id, trigger, safe_mode, max_attempts)
+  select t.id, 'schedule', not s.auto_publish, s.max_attempts
+  from public.twins t
+  join public.persona_learning_settings s on s.twin_id = t.id
+  where (p_twin_id is null or t.id = p_twin_id)
+    and (
+      exists (
+        select 1 from public.persona_training_events e
+        where e.twin_id = t.id and e.id > t.learned_through_event_id
+      )
+      -- Evidence deleted or edited, or modules edited, since the last run: rebuild them.
+      or t.evidence_generation <> t.learned_generation
+    )
+    and not exists (
+      select 1 from public.persona_feedback_learning_runs r
+      where r.twin_id = t.id and r.status in ('queued', 'running')
+    )
+  on conflict do nothing
+  returning *;
+$$;
+
+comment on function public.enqueue_due_learning_runs(uuid) is
+  'Worker (scheduler). In: a twin id, or null for every twin. Out: the runs it queued (trigger '
+  'schedule, safe_mode = not the twin''s auto_publish, max_attempts from its settings): one per '
+  'twin with an event after its cursor (learned_through_event_id), or whose evidence_generation '
+  'differs from its learned_generation (modules to rebuild), and no run queued or running. '
+  'Raises nothing; an unknown twin queues nothing.';
 
 -- Every twin is rebuilt once by its next run: audit_of_draft was just derived for old audits.
-update public.twins t set evidence_generation = t.evidence_generation + 1;
+update public.twins t set evidence_generation = t.evidence_generation + 1
+where t.learned_through_event_id > 0;
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
@@ -789,5 +856,6 @@ revoke execute on function
   private.mark_audit_of_draft(),
   private.bump_evidence_generation_on_delete(),
   private.bump_evidence_generation_on_edit(),
+  private.bump_evidence_generation_on_module_edit(),
   private.event_processing(bigint)
 from public;

@@ -354,6 +354,25 @@ create trigger persona_training_events_bump_generation_on_delete
   referencing old table as old_events
   for each statement execute function private.bump_evidence_generation_on_delete();
 
+create function private.bump_evidence_generation_on_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  where t.id in (old.twin_id, new.twin_id);
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_edit() is
+  'Trigger (after an update that changes an event''s evidence columns): bumps '
+  'evidence_generation of the twin(s) of the old and new row. Security definer: whoever edits, '
+  'the twin is marked. Raises nothing.';
+
 -- A vote change (the vote recorder marking the earlier vote superseded) is the incremental
 -- path's; pfl.recording_vote tells it apart from an edit by hand.
 create trigger persona_training_events_bump_generation_on_edit
@@ -396,5 +415,6 @@ revoke execute on function
   private.record_feedback_vote(),
   private.bound_event_created_at(),
   private.mark_audit_of_draft(),
-  private.bump_evidence_generation_on_delete()
+  private.bump_evidence_generation_on_delete(),
+  private.bump_evidence_generation_on_edit()
 from public;

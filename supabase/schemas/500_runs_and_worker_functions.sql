@@ -278,7 +278,8 @@ from public;
 
 -- Section: the worker's functions. Executable by service_role only.
 
--- Queues a scheduled run for every twin with unprocessed evidence and no run queued or running.
+-- Queues a scheduled run for every twin with unprocessed evidence, or whose modules must be
+-- rebuilt, and no run queued or running.
 create function public.enqueue_due_learning_runs(p_twin_id uuid default null)
 returns setof public.persona_feedback_learning_runs
 language sql
@@ -289,9 +290,13 @@ as $$
   from public.twins t
   join public.persona_learning_settings s on s.twin_id = t.id
   where (p_twin_id is null or t.id = p_twin_id)
-    and exists (
-      select 1 from public.persona_training_events e
-      where e.twin_id = t.id and e.id > t.learned_through_event_id
+    and (
+      exists (
+        select 1 from public.persona_training_events e
+        where e.twin_id = t.id and e.id > t.learned_through_event_id
+      )
+      -- Evidence deleted or edited, or modules edited, since the last run: rebuild them.
+      or t.evidence_generation <> t.learned_generation
     )
     and not exists (
       select 1 from public.persona_feedback_learning_runs r
@@ -304,7 +309,8 @@ $$;
 comment on function public.enqueue_due_learning_runs(uuid) is
   'Worker (scheduler). In: a twin id, or null for every twin. Out: the runs it queued (trigger '
   'schedule, safe_mode = not the twin''s auto_publish, max_attempts from its settings): one per '
-  'twin with an event after its cursor (learned_through_event_id) and no run queued or running. '
+  'twin with an event after its cursor (learned_through_event_id), or whose evidence_generation '
+  'differs from its learned_generation (modules to rebuild), and no run queued or running. '
   'Raises nothing; an unknown twin queues nothing.';
 
 -- Queues an operator's run for one twin, in safe mode or not (null: the twin's auto_publish
@@ -525,7 +531,7 @@ begin
   select * into strict v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
   -- Read before the evidence: a change committed after this read bumps the generation, and the
-  -- completion then refuses (40001) rather than learn from what this claim saw.
+  -- completion then refuses (PT412) rather than learn from what this claim saw.
   select t.evidence_generation, t.evidence_generation <> t.learned_generation
   into strict v_generation, v_rebuild
   from public.twins t where t.id = v_run.twin_id;
@@ -792,7 +798,7 @@ begin
 
   -- Processing the batch is moving the twin's cursor over it, at the evidence generation the
   -- claim read: a deletion or a module edit committed since (it waits for this row lock, or
-  -- this update re-reads the row it committed) makes the run read its batch again.
+  -- this update re-reads the row it committed) makes the run read its batch again (PT412).
   update public.twins t
   set learned_through_event_id = v_run.batch_last_event_id,
       learned_generation = v_run.evidence_generation
@@ -805,7 +811,9 @@ begin
       raise exception using errcode = '40001',
         message = format('run %s: the twin''s cursor moved since the batch was claimed', p_run_id);
     end if;
-    raise exception using errcode = '40001',
+    -- PT412 (HTTP 412), not 40001: PostgREST retries a serialization failure itself, after
+    -- backoff, by which time the lease may be gone; the worker reads the batch again at once.
+    raise exception using errcode = 'PT412',
       message = format('run %s: the twin''s evidence or modules changed since the batch was read '
                        '(generation %s, now %s); read the batch again', p_run_id,
                        v_run.evidence_generation, v_twin.evidence_generation);
@@ -898,8 +906,10 @@ comment on function public.complete_learning_run(uuid, uuid, jsonb) is
   'spec that is not the latest draft; 22023 when p_result lacks module_updates (array), '
   'gate_passed (boolean) or gate_report (object), or an update names no module of the twin; '
   '22P02 for a status or hold_reason outside its enum; 40001 when the twin''s cursor '
-  'moved, or its evidence_generation changed (events deleted or edited, modules edited), since '
-  'the claim read the batch. Nothing changes when it raises.';
+  'moved since the claim; PT412 (HTTP 412) "run <id>: the twin''s evidence or modules changed '
+  'since the batch was read ..." when its evidence_generation changed (events deleted or '
+  'edited, modules added, edited or deleted) since the claim read the batch. Nothing changes '
+  'when it raises.';
 
 -- Records a failed attempt. A retryable error releases the run for another attempt with the same
 -- batch while attempts remain; otherwise the run fails and its events stay unprocessed.
