@@ -642,17 +642,23 @@ begin
         where v.source = 'persona_audit' or v.score <> 0
       ) c
       group by 1, 2
+    ),
+    -- A module takes the group of its key and the group of its intent label.
+    rebuilt as (
+      select m.id, m.module_key, m.intent_label, m.confidence, m.status,
+             coalesce(sum(k.success), 0) as success, coalesce(sum(k.failure), 0) as failure
+      from public.persona_modules m
+      left join per_key k
+        on k.key = case when k.by_key then m.module_key else m.intent_label end
+      where m.twin_id = v_run.twin_id
+      group by m.id
     )
     select jsonb_agg(jsonb_build_object(
-        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
-        'success', coalesce(k.success, 0), 'failure', coalesce(k.failure, 0),
-        'evidence_at', v_run.learning_time,
-        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+        'module_id', r.id, 'module_key', r.module_key, 'intent_label', r.intent_label,
+        'success', r.success, 'failure', r.failure, 'evidence_at', v_run.learning_time,
+        'confidence', r.confidence, 'status', r.status) order by r.module_key)
     into v_modules
-    from public.persona_modules m
-    left join per_key k
-      on k.key = case when k.by_key then m.module_key else m.intent_label end
-    where m.twin_id = v_run.twin_id;
+    from rebuilt r;
     v_evidence := '[]';
   else
     select jsonb_agg(jsonb_build_object(

@@ -422,3 +422,19 @@ def test_appends_and_vote_changes_stay_incremental(db, service, make_user, make_
                  " and not rebuilt_modules", str(run.id)) == 1
     assert sf(db, twin, "m") == (1, 1)
     assert_modules_exact(db, twin.id)
+
+
+def test_a_rebuilt_module_takes_votes_by_key_and_by_intent(db, service, make_user, make_runner):
+    owner = make_user("owner")
+    twin = create_twin(service, owner.id, {"m": "a"})
+    runner = make_runner()
+    vote(owner, twin, "t1", 1, "a")
+    vote(owner, twin, "t2", -1, "other", module_key="m")
+    learn(runner, twin)
+    service.table("persona_modules").insert(
+        {"twin_id": twin.id, "module_key": "n", "intent_label": "a"}).execute()
+    [run] = learn(runner, twin)  # rebuilt: m takes its key's and its intent's votes
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and rebuilt_modules", str(run.id)) == 1
+    assert (sf(db, twin, "m"), sf(db, twin, "n")) == ((1, 1), (1, 0))
+    assert_modules_exact(db, twin.id)
