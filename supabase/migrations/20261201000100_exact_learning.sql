@@ -429,6 +429,8 @@ declare
   v_generation bigint;
   v_rebuild boolean;
   v_modules jsonb;
+  v_t_epoch float8;
+  v_rate float8;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   select * into strict v_settings from public.persona_learning_settings s
@@ -509,41 +511,54 @@ begin
     -- as it stands at the batch's end (a vote replaced by a later vote outside the batch still
     -- counts; that later vote's run retracts it), decayed to T. The weights are summed per match
     -- key first (a handful of groups), then matched to the modules: the cost is one pass of an
-    -- aggregate over the rows. The batch's evidence is in it, so none is added on top.
-    with current_evidence as (
-      select e.source, e.module_key, e.intent_label, e.score, e.passed, e.reason, e.created_at
-      from public.persona_training_events e
-      where e.twin_id = v_run.twin_id and e.id <= v_run.batch_last_event_id
-        and e.superseded_at is null and not e.audit_of_draft
-      union all
-      select p.source, p.module_key, p.intent_label, p.score, p.passed, p.reason, p.created_at
-      from public.persona_training_events n
-      cross join lateral (
-        select r.* from public.persona_training_events r where r.id = n.supersedes_id offset 0
-      ) p
-      where n.twin_id = v_run.twin_id and n.id > v_run.batch_last_event_id
-        and n.supersedes_id is not null
-        and p.id <= v_run.batch_last_event_id and not p.audit_of_draft
-    ),
-    per_key as (
-      select c.module_key is not null as by_key, coalesce(c.module_key, c.intent_label) as key,
-             coalesce(sum(c.weight) filter (where c.success), 0) as success,
-             coalesce(sum(c.weight) filter (where not c.success), 0) as failure
+    -- aggregate over the rows. The batch's evidence is in it, so none is added on top. Each
+    -- weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the same
+    -- 2^(-(T - t)/H) as the batch's, without an interval per row.
+    v_t_epoch := date_part('epoch', v_run.learning_time);
+    v_rate := ln(2::float8) / (v_settings.half_life_days * 86400);
+    with per_key as (
+      select g.by_key, g.key, sum(g.success) as success, sum(g.failure) as failure
       from (
-        select v.module_key, v.intent_label, coalesce(v.score > 0, v.passed) as success,
-               case when v.source = 'user_feedback' then v_settings.feedback_weight
-                    else v_settings.audit_weight end
-               * case
-                   when not coalesce(v.score > 0, v.passed) and v.reason = 'unsafe'
-                     then v_settings.unsafe_multiplier
-                   else 1
-                 end
-               * exp(-ln(2::float8)
-                     * greatest(0, date_part('epoch', v_run.learning_time - v.created_at))
-                     / (v_settings.half_life_days * 86400)) as weight
-        from current_evidence v
-        where v.source = 'persona_audit' or v.score <> 0
-      ) c
+        -- The current votes and the audits that did not audit a draft.
+        select c.module_key is not null as by_key, coalesce(c.module_key, c.intent_label) as key,
+               coalesce(sum(c.weight) filter (where c.success), 0) as success,
+               coalesce(sum(c.weight) filter (where not c.success), 0) as failure
+        from (
+          select e.module_key, e.intent_label, coalesce(e.score > 0, e.passed) as success,
+                 case when e.source = 'user_feedback' then v_settings.feedback_weight
+                      else v_settings.audit_weight end
+                 * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                        then v_settings.unsafe_multiplier else 1 end
+                 * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+          from public.persona_training_events e
+          where e.twin_id = v_run.twin_id and e.id <= v_run.batch_last_event_id
+            and e.superseded_at is null and not e.audit_of_draft
+            and (e.source = 'persona_audit' or e.score <> 0)
+        ) c
+        group by 1, 2
+        union all
+        -- Votes replaced only after the batch's end (one primary-key lookup per later vote).
+        select c.module_key is not null, coalesce(c.module_key, c.intent_label),
+               coalesce(sum(c.weight) filter (where c.success), 0),
+               coalesce(sum(c.weight) filter (where not c.success), 0)
+        from (
+          select p.module_key, p.intent_label, coalesce(p.score > 0, p.passed) as success,
+                 case when p.source = 'user_feedback' then v_settings.feedback_weight
+                      else v_settings.audit_weight end
+                 * case when p.reason = 'unsafe' and not coalesce(p.score > 0, p.passed)
+                        then v_settings.unsafe_multiplier else 1 end
+                 * exp(least(0, date_part('epoch', p.created_at) - v_t_epoch) * v_rate) as weight
+          from public.persona_training_events n
+          cross join lateral (
+            select r.* from public.persona_training_events r where r.id = n.supersedes_id offset 0
+          ) p
+          where n.twin_id = v_run.twin_id and n.id > v_run.batch_last_event_id
+            and n.supersedes_id is not null
+            and p.id <= v_run.batch_last_event_id and not p.audit_of_draft
+            and (p.source = 'persona_audit' or p.score <> 0)
+        ) c
+        group by 1, 2
+      ) g
       group by 1, 2
     ),
     -- A module takes the group of its key and the group of its intent label.
