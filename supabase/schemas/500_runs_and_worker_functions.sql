@@ -505,6 +505,106 @@ comment on function public.extend_learning_run_lease(uuid, uuid, integer) is
   'lease_expires_at, now() + p_lease_seconds. Raises 22023 for a bad p_lease_seconds; P0002 and '
   'PT409 (HTTP 409, stale lease) as private.lock_leased_run.';
 
+-- The exact path's rebuild, in a function of its own: RETURN QUERY may run its query with parallel
+-- workers, which a SELECT INTO in the claim may not (PL/pgSQL fetches it with a row limit).
+create function private.rebuild_module_counts(
+  p_twin_id uuid, p_last_event_id bigint, p_learning_time timestamptz,
+  p_half_life_days double precision, p_feedback_weight double precision,
+  p_audit_weight double precision, p_unsafe_multiplier double precision
+)
+returns table (module_id uuid, success double precision, failure double precision)
+language plpgsql
+stable
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+  v_t_epoch float8 := date_part('epoch', p_learning_time);
+  v_rate float8 := ln(2::float8) / (p_half_life_days * 86400);
+begin
+  -- Every module from scratch, over the twin's evidence up to p_last_event_id as it stands
+  -- there (a vote replaced by a later vote after it still counts; that later vote's run
+  -- retracts it), decayed to p_learning_time. The weights are summed per match key first (a
+  -- handful of groups), then matched to the modules: one pass of an aggregate over the rows.
+  -- Each weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the
+  -- same 2^(-(T - t)/H) as a batch's, without an interval per row.
+  return query
+  with per_key as (
+    select g.by_key, g.key, sum(g.success) as success, sum(g.failure) as failure
+    from (
+      -- The current votes and the audits that did not audit a draft.
+      select c.module_key is not null as by_key, coalesce(c.module_key, c.intent_label) as key,
+             coalesce(sum(c.weight) filter (where c.success), 0) as success,
+             coalesce(sum(c.weight) filter (where not c.success), 0) as failure
+      from (
+        select e.module_key, e.intent_label, coalesce(e.score > 0, e.passed) as success,
+               case when e.source = 'user_feedback' then p_feedback_weight
+                    else p_audit_weight end
+               * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                      then p_unsafe_multiplier else 1 end
+               * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+        from public.persona_training_events e
+        where e.twin_id = p_twin_id and e.id <= p_last_event_id
+          and e.superseded_at is null and not e.audit_of_draft
+          and (e.source = 'persona_audit' or e.score <> 0)
+      ) c
+      group by 1, 2
+      union all
+      -- Votes replaced only after p_last_event_id (one primary-key lookup per later vote).
+      select c.module_key is not null, coalesce(c.module_key, c.intent_label),
+             coalesce(sum(c.weight) filter (where c.success), 0),
+             coalesce(sum(c.weight) filter (where not c.success), 0)
+      from (
+        select p.module_key, p.intent_label, coalesce(p.score > 0, p.passed) as success,
+               case when p.source = 'user_feedback' then p_feedback_weight
+                    else p_audit_weight end
+               * case when p.reason = 'unsafe' and not coalesce(p.score > 0, p.passed)
+                      then p_unsafe_multiplier else 1 end
+               * exp(least(0, date_part('epoch', p.created_at) - v_t_epoch) * v_rate) as weight
+        from public.persona_training_events n
+        cross join lateral (
+          select r.* from public.persona_training_events r where r.id = n.supersedes_id offset 0
+        ) p
+        where n.twin_id = p_twin_id and n.id > p_last_event_id
+          and n.supersedes_id is not null
+          and p.id <= p_last_event_id and not p.audit_of_draft
+          and (p.source = 'persona_audit' or p.score <> 0)
+      ) c
+      group by 1, 2
+    ) g
+    group by 1, 2
+  )
+  -- A module takes the group of its key and the group of its intent label.
+  select m.id, coalesce(sum(k.success), 0)::float8, coalesce(sum(k.failure), 0)::float8
+  from public.persona_modules m
+  left join per_key k on k.key = case when k.by_key then m.module_key else m.intent_label end
+  where m.twin_id = p_twin_id
+  group by m.id;
+end;
+$$;
+
+comment on function private.rebuild_module_counts(
+  uuid, bigint, timestamptz, double precision, double precision, double precision,
+  double precision
+) is
+  'The exact learning path (claim_learning_run_events of a marked twin). In: a twin, the last '
+  'event id to count, the time T, half_life_days H, feedback_weight, audit_weight, '
+  'unsafe_multiplier. Out: one row per module of the twin (module_id, success, failure): the sum '
+  'over the twin''s events up to that id that are current there (not superseded, or superseded '
+  'only by a later event), feedback with a score other than 0 and audits that did not audit a '
+  'draft, matched by module_key if given, else by intent_label, each weighing w * 2^(-(T - t)/H) '
+  '(DESIGN.md, Learning; age at least 0) with w the source''s weight, times unsafe_multiplier for '
+  'an unsafe failure. Raises nothing.';
+
+grant execute on function private.rebuild_module_counts(
+  uuid, bigint, timestamptz, double precision, double precision, double precision,
+  double precision
+) to service_role;
+revoke execute on function private.rebuild_module_counts(
+  uuid, bigint, timestamptz, double precision, double precision, double precision,
+  double precision
+) from public;
+
 -- Returns everything the pure learning and gate need for the run's batch, aggregated here so
 -- that no event row travels to the worker:
 -- per-module decayed evidence of the batch (a vote that replaces an earlier one also retracts
@@ -526,8 +626,6 @@ declare
   v_generation bigint;
   v_rebuild boolean;
   v_modules jsonb;
-  v_t_epoch float8;
-  v_rate float8;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   select * into strict v_settings from public.persona_learning_settings s
@@ -604,76 +702,19 @@ begin
   into v_unmatched, v_evidence;
 
   if v_rebuild then
-    -- The exact path: every module from scratch, over the twin's evidence up to the batch's end
-    -- as it stands at the batch's end (a vote replaced by a later vote outside the batch still
-    -- counts; that later vote's run retracts it), decayed to T. The weights are summed per match
-    -- key first (a handful of groups), then matched to the modules: the cost is one pass of an
-    -- aggregate over the rows. The batch's evidence is in it, so none is added on top. Each
-    -- weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the same
-    -- 2^(-(T - t)/H) as the batch's, without an interval per row.
-    v_t_epoch := date_part('epoch', v_run.learning_time);
-    v_rate := ln(2::float8) / (v_settings.half_life_days * 86400);
-    with per_key as (
-      select g.by_key, g.key, sum(g.success) as success, sum(g.failure) as failure
-      from (
-        -- The current votes and the audits that did not audit a draft.
-        select c.module_key is not null as by_key, coalesce(c.module_key, c.intent_label) as key,
-               coalesce(sum(c.weight) filter (where c.success), 0) as success,
-               coalesce(sum(c.weight) filter (where not c.success), 0) as failure
-        from (
-          select e.module_key, e.intent_label, coalesce(e.score > 0, e.passed) as success,
-                 case when e.source = 'user_feedback' then v_settings.feedback_weight
-                      else v_settings.audit_weight end
-                 * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
-                        then v_settings.unsafe_multiplier else 1 end
-                 * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
-          from public.persona_training_events e
-          where e.twin_id = v_run.twin_id and e.id <= v_run.batch_last_event_id
-            and e.superseded_at is null and not e.audit_of_draft
-            and (e.source = 'persona_audit' or e.score <> 0)
-        ) c
-        group by 1, 2
-        union all
-        -- Votes replaced only after the batch's end (one primary-key lookup per later vote).
-        select c.module_key is not null, coalesce(c.module_key, c.intent_label),
-               coalesce(sum(c.weight) filter (where c.success), 0),
-               coalesce(sum(c.weight) filter (where not c.success), 0)
-        from (
-          select p.module_key, p.intent_label, coalesce(p.score > 0, p.passed) as success,
-                 case when p.source = 'user_feedback' then v_settings.feedback_weight
-                      else v_settings.audit_weight end
-                 * case when p.reason = 'unsafe' and not coalesce(p.score > 0, p.passed)
-                        then v_settings.unsafe_multiplier else 1 end
-                 * exp(least(0, date_part('epoch', p.created_at) - v_t_epoch) * v_rate) as weight
-          from public.persona_training_events n
-          cross join lateral (
-            select r.* from public.persona_training_events r where r.id = n.supersedes_id offset 0
-          ) p
-          where n.twin_id = v_run.twin_id and n.id > v_run.batch_last_event_id
-            and n.supersedes_id is not null
-            and p.id <= v_run.batch_last_event_id and not p.audit_of_draft
-            and (p.source = 'persona_audit' or p.score <> 0)
-        ) c
-        group by 1, 2
-      ) g
-      group by 1, 2
-    ),
-    -- A module takes the group of its key and the group of its intent label.
-    rebuilt as (
-      select m.id, m.module_key, m.intent_label, m.confidence, m.status,
-             coalesce(sum(k.success), 0) as success, coalesce(sum(k.failure), 0) as failure
-      from public.persona_modules m
-      left join per_key k
-        on k.key = case when k.by_key then m.module_key else m.intent_label end
-      where m.twin_id = v_run.twin_id
-      group by m.id
-    )
+    -- The exact path: every module from scratch (private.rebuild_module_counts), the batch's
+    -- evidence in it, so none is added on top.
     select jsonb_agg(jsonb_build_object(
-        'module_id', r.id, 'module_key', r.module_key, 'intent_label', r.intent_label,
+        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
         'success', r.success, 'failure', r.failure, 'evidence_at', v_run.learning_time,
-        'confidence', r.confidence, 'status', r.status) order by r.module_key)
+        'confidence', m.confidence, 'status', m.status) order by m.module_key)
     into v_modules
-    from rebuilt r;
+    from private.rebuild_module_counts(
+      v_run.twin_id, v_run.batch_last_event_id, v_run.learning_time,
+      v_settings.half_life_days, v_settings.feedback_weight, v_settings.audit_weight,
+      v_settings.unsafe_multiplier
+    ) r
+    join public.persona_modules m on m.id = r.module_id;
     v_evidence := '[]';
   else
     select jsonb_agg(jsonb_build_object(
