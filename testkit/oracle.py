@@ -1,56 +1,54 @@
-"""The one from-scratch oracle of module counts: what incremental learning must equal.
+"""The one from-scratch oracle of module counts: what learning must equal (DESIGN.md, Learning).
 
-Which evidence counts (DESIGN.md, "Learning"): a twin's feedback, and its audits of a published
-(or archived) spec or of no spec; an audit of a draft never moves a module, and a spec that is
-published later does not bring back the audits learned while it was a draft. So an audit counts
-when it names no spec, or when it was learned after its spec left draft (was published or
-archived): the evidence each run saw, replayed. Of the feedback, only the current votes count
-(a changed vote is retracted). Only events the twin's cursor has passed are counted, so call it
-once the twin's events are learned; each module's counts are decayed to its own time
-(`evidence_at`, or now for a module never learned) with worker.learning's pure functions.
+After a completed run, every module of a twin holds the sum over the evidence that exists now,
+matched to the modules that exist now, decayed to the module's time:
+
+- evidence: the twin's events up to its cursor (`learned_through_event_id`) that are current as of
+  the cursor (not superseded, or superseded only by a vote after the cursor, which the next run
+  retracts); feedback with a score other than 0; audits unless they audited a draft, which is
+  fixed when the audit is recorded (`audit_of_draft`; a caller may pass the ids it knows to be
+  audits of a draft instead, to check that flag too);
+- matching: an event with a module_key counts for the module with that key only; one without
+  counts for every module with its intent_label;
+- weight: feedback_weight or audit_weight, times unsafe_multiplier for an unsafe failure, times
+  0.5 ** (max(0, age) / half-life), age = the module's `evidence_at` − when the event was cast.
+
+The weight is written here again, apart from worker.learning and the SQL, so that the oracle can
+catch a mistake in either. The evidence is streamed (a server-side cursor), so a twin with
+millions of events (the benchmark's) is checked without holding them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import psycopg
 
-from worker.learning import beta_mean, event_contribution
-from worker.models import EvidenceEvent, LearningSettings
+from worker.models import LearningSettings
 
-# One row per (module, event that counts for it): an event counts for the module with its
-# module_key if it names one, else for every module with its intent_label.
+# One row per (module, event that counts for it).
 COUNTED_EVIDENCE_SQL = """
-with left_draft as (
-  -- per spec that left draft: the twin's cursor when it did (what runs learned before)
-  select sp.id,
-         coalesce((select max(r.batch_last_event_id)
-                   from public.persona_feedback_learning_runs r
-                   where r.twin_id = sp.twin_id and r.status = 'completed'
-                     and r.finished_at <= coalesce(sp.published_at, sp.archived_at)), 0)
-           as learned_before
-  from public.persona_specs sp
-  where sp.twin_id = %(twin)s and coalesce(sp.published_at, sp.archived_at) is not null
-)
-select m.id::text, e.source, e.score, e.passed, e.reason, e.created_at
+select m.id::text, e.id, e.source::text, e.score, e.passed, e.reason::text, e.created_at,
+       e.audit_of_draft
 from public.persona_modules m
 join public.twins t on t.id = m.twin_id
 join public.persona_training_events e
   on e.twin_id = m.twin_id
  and (e.module_key = m.module_key or e.module_key is null and e.intent_label = m.intent_label)
-left join left_draft d on d.id = e.persona_spec_id
 where m.twin_id = %(twin)s
   and e.id <= t.learned_through_event_id
-  and e.superseded_at is null
-  and (e.source = 'user_feedback' or e.persona_spec_id is null or e.id > d.learned_before)
+  and (e.superseded_at is null
+       or not exists (select 1 from public.persona_training_events n
+                      where n.supersedes_id = e.id and n.id <= t.learned_through_event_id))
+  and (e.source = 'persona_audit' or e.score <> 0)
 """
 
 
 @dataclass(frozen=True)
 class ModuleCounts:
-    """A module's stored counts beside the counts recomputed from scratch at its own time."""
+    """A module's stored counts and state beside its counts recomputed from scratch."""
 
     module_id: str
     module_key: str
@@ -58,6 +56,7 @@ class ModuleCounts:
     success: float
     failure: float
     confidence: float
+    status: str
     evidence_at: datetime | None
     expected_success: float
     expected_failure: float
@@ -72,7 +71,8 @@ class ModuleCounts:
 
     @property
     def expected_confidence(self) -> float:
-        return beta_mean(self.expected_success, self.expected_failure)
+        """The Beta(1,1) posterior mean of the recomputed counts."""
+        return (self.expected_success + 1) / (self.expected_success + self.expected_failure + 2)
 
 
 def twin_settings(conn: psycopg.Connection, twin_id: str) -> LearningSettings:
@@ -84,34 +84,71 @@ def twin_settings(conn: psycopg.Connection, twin_id: str) -> LearningSettings:
     return LearningSettings.model_validate(row[0])
 
 
-def module_counts_from_scratch(conn: psycopg.Connection, twin_id: str) -> list[ModuleCounts]:
-    """Every module of the twin (by module_key), stored and recomputed from scratch."""
+def module_counts_from_scratch(
+    conn: psycopg.Connection, twin_id: str, draft_audit_ids: Collection[int] | None = None
+) -> list[ModuleCounts]:
+    """Every module of the twin (by module_key), stored and recomputed from scratch; a module
+    never learned is recomputed at its first evidence's time, so any evidence shows as a
+    mismatch against its zero counts."""
     settings = twin_settings(conn, twin_id)
+    half_life_s = settings.half_life_days * 86_400.0
     modules = conn.execute(
         "select id::text, module_key, intent_label, success_weight, failure_weight, confidence,"
-        " evidence_at from public.persona_modules where twin_id = %s order by module_key",
+        " status::text, evidence_at from public.persona_modules where twin_id = %s"
+        " order by module_key",
         (twin_id,),
     ).fetchall()
-    now = datetime.now(UTC)
-    at = {m[0]: m[6] or now for m in modules}
+    at = {m[0]: m[7] for m in modules}
     sums = {m[0]: [0.0, 0.0] for m in modules}
-    # A server-side cursor: a large twin's evidence is streamed, never held whole.
     with conn.transaction(), conn.cursor(name="pfl_oracle") as cur:
         cur.itersize = 20_000
         cur.execute(COUNTED_EVIDENCE_SQL, {"twin": twin_id})
-        for module_id, source, score, passed, reason, cast_at in cur:
-            event = EvidenceEvent.model_construct(
-                source=source, score=score, passed=passed, reason=reason, cast_at=cast_at
-            )
-            s, f = event_contribution(event, at[module_id], settings)
-            sums[module_id][0] += s
-            sums[module_id][1] += f
+        for module_id, event_id, source, score, passed, reason, cast_at, stored_draft in cur:
+            if source == "user_feedback":
+                weight, success = settings.feedback_weight, score > 0
+            else:
+                of_draft = (event_id in draft_audit_ids if draft_audit_ids is not None
+                            else stored_draft)
+                if of_draft:
+                    continue
+                weight, success = settings.audit_weight, bool(passed)
+            if not success and reason == "unsafe":
+                weight *= settings.unsafe_multiplier
+            age_s = max(0.0, ((at[module_id] or cast_at) - cast_at).total_seconds())
+            sums[module_id][0 if success else 1] += weight * 0.5 ** (age_s / half_life_s)
     return [
-        ModuleCounts(mid, key, intent, s, f, c, evidence_at, *sums[mid])
-        for mid, key, intent, s, f, c, evidence_at in modules
+        ModuleCounts(mid, key, intent, s, f, c, status, evidence_at, *sums[mid])
+        for mid, key, intent, s, f, c, status, evidence_at in modules
     ]
+
+
+def modules_by_key(conn: psycopg.Connection, twin_id: str,
+                   draft_audit_ids: Collection[int] | None = None) -> dict[str, ModuleCounts]:
+    """module_counts_from_scratch, by module_key."""
+    return {m.module_key: m for m in module_counts_from_scratch(conn, twin_id, draft_audit_ids)}
+
+
+def assert_modules_exact(
+    conn: psycopg.Connection, twin_id: str, draft_audit_ids: Collection[int] | None = None,
+    *, tolerance: float = 1e-9,
+) -> dict[str, ModuleCounts]:
+    """Every module's counts equal the recomputation (relative, absolute below 1) and its
+    confidence is the Beta(1,1) mean of its counts; returns the modules by module_key. Raises
+    AssertionError naming the first module that differs."""
+    modules = modules_by_key(conn, twin_id, draft_audit_ids)
+    for key, m in modules.items():
+        errors = [relative_error(got, want) for got, want in zip(m.stored, m.expected, strict=True)]
+        assert max(errors) <= tolerance, (
+            f"module {key}: stored {m.stored}, from scratch {m.expected}"
+        )
+        confidence = (m.success + 1) / (m.success + m.failure + 2)
+        assert relative_error(m.confidence, confidence) <= 1e-9, (
+            f"module {key}: confidence {m.confidence}, Beta(1,1) mean of its counts {confidence}"
+        )
+    return modules
 
 
 def relative_error(got: float, want: float) -> float:
     """|got − want| relative to want, absolute below 1."""
     return abs(got - want) / max(1.0, abs(want))
+

@@ -27,6 +27,10 @@ from worker.store import (
 
 logger = logging.getLogger(__name__)
 
+# How often one attempt reads its batch again when the completion finds that the evidence changed
+# under it (a deletion or a module edit committed mid-run) before the attempt counts as failed.
+READS_PER_ATTEMPT = 3
+
 
 def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
     """The pure part of a run: learn from the batch, gate the draft, and decide.
@@ -87,11 +91,7 @@ class Runner:
         logger.info("run claimed", extra=log)
         started = time.monotonic()
         try:
-            batch = self.store.claim_events(run)
-            decision = decide(batch, safe_mode=run.safe_mode)
-            if time.monotonic() - started > self.lease_seconds / 2:
-                self.store.extend_lease(run, self.lease_seconds)
-            done = self.store.complete_run(run, decision)
+            decision, done = self._learn_and_complete(run, started, log)
         except StaleLeaseError as exc:
             logger.warning(
                 "run lease lost; its work was discarded", extra={**log, "error": str(exc)}
@@ -118,6 +118,32 @@ class Runner:
             },
         )
         return done
+
+    def _learn_and_complete(
+        self, run: Run, started: float, log: dict[str, object]
+    ) -> tuple[RunDecision, Run]:
+        """Reads the run's batch, decides and completes; returns the decision and the run's row.
+
+        When the completion finds that the twin's evidence or modules changed since the batch
+        was read (events deleted, a module edited: BatchChangedError), the batch is read and
+        decided again, up to READS_PER_ATTEMPT reads in all; the last refusal is raised, as are
+        the store's other errors. `started` is the attempt's time.monotonic() (for the lease).
+        """
+        for read in range(1, READS_PER_ATTEMPT + 1):
+            batch = self.store.claim_events(run)
+            decision = decide(batch, safe_mode=run.safe_mode)
+            if time.monotonic() - started > self.lease_seconds / 2:
+                self.store.extend_lease(run, self.lease_seconds)
+            try:
+                return decision, self.store.complete_run(run, decision)
+            except BatchChangedError as exc:
+                if read == READS_PER_ATTEMPT:
+                    raise
+                logger.info(
+                    "evidence changed during the run; reading the batch again",
+                    extra={**log, "read": read, "error": str(exc)},
+                )
+        raise AssertionError("unreachable: the last read returns or raises")
 
     def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, object]) -> Run:
         error = f"{type(exc).__name__}: {exc}"

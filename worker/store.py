@@ -85,7 +85,8 @@ class StaleLeaseError(StoreError):
 
 
 class BatchChangedError(StoreError):
-    """An event committed into the run's batch after the claim; the run must learn again."""
+    """The twin's cursor, evidence or modules changed since the claim read the batch (events
+    deleted or edited, a module added, edited or deleted): the run must read its batch again."""
 
 
 class TransientStoreError(StoreError):
@@ -247,7 +248,8 @@ def _error_from(exc: APIError) -> StoreError:
     message = exc.message or str(exc)
     if code == "PT409":
         return StaleLeaseError(message, code)
-    if code == "40001":
+    # PT412: the twin's evidence or modules changed since the claim; 40001: its cursor moved.
+    if code in ("PT412", "40001"):
         return BatchChangedError(message, code)
     # A body that is not PostgREST's (a gateway's 502/503/504 while PostgREST restarts) carries
     # the HTTP status as its code: 5xx and 429 may succeed later. No code at all is an answer

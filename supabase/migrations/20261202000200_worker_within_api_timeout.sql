@@ -41,10 +41,18 @@ declare
   v_unmatched integer;
   v_evidence jsonb;
   v_audits jsonb;
+  v_generation bigint;
+  v_rebuild boolean;
+  v_modules jsonb;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   select * into strict v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
+  -- Read before the evidence: a change committed after this read bumps the generation, and the
+  -- completion then refuses (PT412) rather than learn from what this claim saw.
+  select t.evidence_generation, t.evidence_generation <> t.learned_generation
+  into strict v_generation, v_rebuild
+  from public.twins t where t.id = v_run.twin_id;
 
   -- One streaming pass over the batch: each vote's decayed weight (a vote that replaced an earlier
   -- one also retracts that one), summed per key it matches by (its module_key if given, else its
@@ -60,13 +68,13 @@ begin
   ),
   votes as (
     select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.persona_spec_id
+           e.reason, e.created_at, e.audit_of_draft
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.persona_spec_id
+           p.reason, p.created_at, p.audit_of_draft
     from public.persona_training_events e
     -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
     -- whole table instead).
@@ -83,7 +91,7 @@ begin
            v.sign
            * case
                when v.source = 'user_feedback' and v.score = 0 then 0
-               when v.source = 'persona_audit' and s.status = 'draft' then 0
+               when v.audit_of_draft then 0
                when v.source = 'user_feedback' then v_settings.feedback_weight
                else v_settings.audit_weight
              end
@@ -96,8 +104,6 @@ begin
                  * greatest(0, date_part('epoch', v_run.learning_time - v.created_at))
                  / (v_settings.half_life_days * 86400)) as weight
     from votes v
-    left join public.persona_specs s
-      on v.source = 'persona_audit' and s.id = v.persona_spec_id
   ),
   per_key as (
     select w.by_key, w.key,
@@ -121,6 +127,30 @@ begin
       from per_module p where p.module_id is not null), '[]')
   into v_unmatched, v_evidence;
 
+  if v_rebuild then
+    -- The exact path: every module from scratch (private.rebuild_module_counts), the batch's
+    -- evidence in it, so none is added on top.
+    select jsonb_agg(jsonb_build_object(
+        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
+        'success', r.success, 'failure', r.failure, 'evidence_at', v_run.learning_time,
+        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+    into v_modules
+    from private.rebuild_module_counts(
+      v_run.twin_id, v_run.batch_last_event_id, v_run.learning_time,
+      v_settings.half_life_days, v_settings.feedback_weight, v_settings.audit_weight,
+      v_settings.unsafe_multiplier
+    ) r
+    join public.persona_modules m on m.id = r.module_id;
+    v_evidence := '[]';
+  else
+    select jsonb_agg(jsonb_build_object(
+        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
+        'success', m.success_weight, 'failure', m.failure_weight, 'evidence_at', m.evidence_at,
+        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+    into v_modules
+    from public.persona_modules m where m.twin_id = v_run.twin_id;
+  end if;
+
   -- The batch's size, from the index alone.
   select count(*) into v_scanned
   from public.persona_training_events e
@@ -128,7 +158,8 @@ begin
     and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id;
 
   update public.persona_feedback_learning_runs r
-  set events_scanned = v_scanned, events_unmatched = v_unmatched
+  set events_scanned = v_scanned, events_unmatched = v_unmatched,
+      evidence_generation = v_generation, rebuilt_modules = v_rebuild
   where r.id = v_run.id;
 
   select * into v_draft from public.persona_specs s
@@ -141,7 +172,8 @@ begin
   -- The gate's evidence: the latest audit of every trace audited under the candidate (the latest
   -- draft), paired with the baseline's (published spec's) latest audit of the same trace: all
   -- audits of both specs, not only this batch's. Driven by the candidate's audits, through the
-  -- audit index, so it costs the same whatever the twin's history.
+  -- audit index, so it costs the same whatever the twin's history. No stored created_at is in
+  -- the future (private.bound_event_created_at), so a skewed clock cannot make an audit latest.
   if v_draft.id is null then
     v_audits := jsonb_build_object(
       'pairs', 0, 'candidate_only_passed', 0, 'baseline_only_passed', 0,
@@ -185,14 +217,9 @@ begin
     'learning_time', v_run.learning_time,
     'events_scanned', v_scanned,
     'events_unmatched', v_unmatched,
+    'rebuilt_modules', v_rebuild,
     'settings', to_jsonb(v_settings),
-    'modules', coalesce((
-      select jsonb_agg(jsonb_build_object(
-        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
-        'success', m.success_weight, 'failure', m.failure_weight, 'evidence_at', m.evidence_at,
-        'confidence', m.confidence, 'status', m.status) order by m.module_key)
-      from public.persona_modules m where m.twin_id = v_run.twin_id
-    ), '[]'),
+    'modules', coalesce(v_modules, '[]'),
     'evidence', v_evidence,
     'draft_spec_id', v_draft.id,
     'draft_modules', coalesce(v_draft.spec -> 'modules', '[]'),

@@ -15,7 +15,9 @@ create table public.twins (
   feedback_from public.twin_feedback_from not null default 'owner',
   learned_through_event_id bigint not null default 0,
   created_at timestamptz not null default now(),
-  updated_at timestamptz not null default now()
+  updated_at timestamptz not null default now(),
+  evidence_generation bigint not null default 0,
+  learned_generation bigint not null default 0
 );
 
 comment on table public.twins is 'An AI persona ("twin") owned by one user.';
@@ -25,6 +27,12 @@ comment on column public.twins.feedback_from is
 comment on column public.twins.learned_through_event_id is
   'Every training event of this twin with an id up to this one has been processed by a '
   'completed learning run; later ones wait for the next run.';
+comment on column public.twins.evidence_generation is
+  'Bumped by every change that the incremental path cannot follow: deleting learned (or '
+  'in-flight) events, editing an event''s evidence, adding, editing or deleting a module.';
+comment on column public.twins.learned_generation is
+  'The evidence_generation the modules were last learned at by a completed run; when it differs, '
+  'the next run rebuilds the twin''s modules from scratch.';
 
 create index twins_owner_id_idx on public.twins (owner_id);
 
@@ -125,6 +133,8 @@ create table public.persona_learning_settings (
   max_attempts integer not null default 3
     constraint max_attempts_1_to_100 check (max_attempts between 1 and 100),
   updated_at timestamptz not null default now(),
+  max_clock_skew_seconds integer not null default 60
+    constraint max_clock_skew_seconds_0_to_3600 check (max_clock_skew_seconds between 0 and 3600),
   constraint keep_active_lower_bound_at_most_activate_lower_bound
     check (keep_active_lower_bound <= activate_lower_bound),
   -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
@@ -140,6 +150,9 @@ comment on column public.persona_learning_settings.half_life_days is
 comment on column public.persona_learning_settings.max_batch_events is
   'At most this many events (1 to 200,000) are claimed by one run; the rest wait for the next '
   'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
+comment on column public.persona_learning_settings.max_clock_skew_seconds is
+  'An event''s created_at (set by the service role) may be at most this many seconds ahead of '
+  'the server''s clock; it is then stored as the server''s time. Further ahead is refused.';
 
 create trigger persona_learning_settings_touch_updated_at
   before update on public.persona_learning_settings

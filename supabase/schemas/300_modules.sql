@@ -54,6 +54,40 @@ create index persona_modules_twin_intent_idx on public.persona_modules (twin_id,
 create trigger persona_modules_touch_updated_at before update on public.persona_modules
   for each row execute function private.touch_updated_at();
 
+-- The exact learning path's marker (see 400_training_events.sql): a module added, edited or
+-- deleted makes the twin's next run rebuild its modules.
+create function private.bump_evidence_generation_on_module_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  -- A module with nothing learned yet is exact at zero: a twin is marked only when it has learned
+  -- evidence (its cursor moved) or a run holds a batch read against the modules as they were.
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  where t.id in (old.twin_id, new.twin_id)
+    and (t.learned_through_event_id > 0
+         or exists (select 1 from public.persona_feedback_learning_runs r
+                    where r.twin_id = t.id and r.status = 'running'));
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_module_edit() is
+  'Trigger (after insert, update of key, intent or twin, or delete on persona_modules): bumps '
+  'evidence_generation of the twin(s) of the old and new row when the twin has learned evidence '
+  '(learned_through_event_id > 0) or a running run, so that its next run rebuilds its modules '
+  'and a running one reads its batch again. Security definer: whoever edits, the twin is marked. '
+  'Raises nothing.';
+
+create trigger persona_modules_bump_generation
+  after insert or delete or update of twin_id, module_key, intent_label on public.persona_modules
+  for each row execute function private.bump_evidence_generation_on_module_edit();
+
+revoke execute on function private.bump_evidence_generation_on_module_edit() from public;
+
 alter table public.persona_modules enable row level security;
 
 create policy "Owners can read their twins' modules" on public.persona_modules

@@ -42,8 +42,14 @@ create table public.persona_training_events (
   comment text
     constraint comment_at_most_2000_chars check (char_length(comment) <= 2000),
   metadata jsonb not null default '{}'::jsonb
-    constraint metadata_object_at_most_4096_bytes
-    check (jsonb_typeof(metadata) = 'object' and octet_length(metadata::text) <= 4096),
+    constraint metadata_object_at_most_4096_compact_json_bytes check (
+      jsonb_typeof(metadata) = 'object'
+      and (octet_length(metadata::text) <= 4096
+           -- The stored text adds one space after each ',' and ':' between tokens; without them it
+           -- is the compact JSON a client sends. Strings are matched whole, so their contents stay.
+           or octet_length(regexp_replace(metadata::text, '("(?:[^"\\]|\\.)*")|([,:]) ', '\1\2',
+                                          'g')) <= 4096)
+    ),
   persona_spec_id uuid,
   created_by uuid default auth.uid() references auth.users (id) on delete cascade,
   created_at timestamptz not null default now(),
@@ -55,6 +61,7 @@ create table public.persona_training_events (
   langfuse_next_attempt_at timestamptz,
   langfuse_last_error text,
   langfuse_sent_at timestamptz,
+  audit_of_draft boolean not null default false,
   constraint score_on_feedback_only check ((source = 'user_feedback') = (score is not null)),
   constraint passed_on_audits_only check ((source = 'persona_audit') = (passed is not null)),
   -- Feedback names its voter, so that an insert without a user is refused by the insert policy
@@ -63,7 +70,8 @@ create table public.persona_training_events (
   constraint langfuse_status_on_feedback_only
     check ((source = 'user_feedback') = (langfuse_status is not null)),
   constraint persona_training_events_persona_spec_fkey foreign key (twin_id, persona_spec_id)
-    references public.persona_specs (twin_id, id) on delete set null (persona_spec_id)
+    references public.persona_specs (twin_id, id) on delete set null (persona_spec_id),
+  constraint audit_of_draft_on_audits_only check (not audit_of_draft or source = 'persona_audit')
 );
 
 comment on table public.persona_training_events is
@@ -99,6 +107,17 @@ comment on constraint passed_on_audits_only on public.persona_training_events is
   'Audits carry an outcome (passed true or false); feedback carries none.';
 comment on constraint langfuse_status_on_feedback_only on public.persona_training_events is
   'Feedback is in the Langfuse outbox; audits are not mirrored.';
+comment on column public.persona_training_events.audit_of_draft is
+  'Audits: the audited spec was a draft when the audit was recorded, so the audit is evidence for '
+  'the gate only and moves no module, whatever becomes of the spec later. Set by the database.';
+comment on constraint audit_of_draft_on_audits_only on public.persona_training_events is
+  'Only an audit can be an audit of a draft.';
+comment on constraint metadata_object_at_most_4096_compact_json_bytes
+  on public.persona_training_events is
+  'A JSON object of at most 4,096 bytes as compact JSON in UTF-8: no whitespace between tokens, '
+  'characters other than " \ and control characters unescaped (JSON.stringify, or Python '
+  'json.dumps(m, separators=(",", ":"), ensure_ascii=False)); numbers count as written.';
+
 
 -- A twin's evidence in arrival order: runs claim the ids after the twin's cursor.
 create index persona_training_events_twin_id_idx on public.persona_training_events (twin_id, id);
@@ -173,6 +192,7 @@ begin
     hashtext('public.persona_training_events'),
     hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
   );
+  perform set_config('pfl.recording_vote', 'on', true);
   update public.persona_training_events p
   set superseded_at = now(),
       langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
@@ -184,6 +204,7 @@ begin
     and p.superseded_at is null
   returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
     into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
+  perform set_config('pfl.recording_vote', '', true);
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
@@ -203,7 +224,8 @@ comment on function private.record_feedback_vote() is
   'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
   'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
   'trace) so two votes of one feedback take turns; marks the voter''s current vote on the trace '
-  'superseded (its outbox state too when not yet delivered) and links the new vote to it '
+  'superseded (its outbox state too when not yet delivered), with pfl.recording_vote on so that '
+  'this vote change is not taken for an edit by hand, and links the new vote to it '
   '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id); puts the new vote '
   'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
   'closes). Security definer: voters may not update events. Raises nothing of its own.';
@@ -217,6 +239,158 @@ create trigger persona_training_events_record_vote
   before insert on public.persona_training_events
   for each row when (new.source = 'user_feedback')
   execute function private.record_feedback_vote();
+
+-- Service-role times: refused beyond the skew, clamped within it (DESIGN: no stored time is in
+-- the future, so a skewed clock cannot capture the gate's latest audit per trace).
+create function private.bound_event_created_at()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_skew integer;
+begin
+  select s.max_clock_skew_seconds into v_skew
+  from public.persona_learning_settings s where s.twin_id = new.twin_id;
+  v_skew := coalesce(v_skew, 60);
+  if new.created_at > now() + make_interval(secs => v_skew) then
+    raise exception using
+      errcode = '22008',
+      column = 'created_at',
+      message = format('created_at: %s is more than %s s ahead of the server''s clock (%s); '
+                       'send the time the event happened', new.created_at, v_skew, now()),
+      hint = 'The allowed skew is the twin''s max_clock_skew_seconds setting.';
+  end if;
+  new.created_at := now();
+  return new;
+end;
+$$;
+
+comment on function private.bound_event_created_at() is
+  'Trigger (before insert, or update of created_at, on persona_training_events, only for a '
+  'created_at after now()): stores a time at most the twin''s max_clock_skew_seconds (default 60 '
+  's) ahead of the server''s clock as now(), so no stored time is in the future. Raises 22008 '
+  '(HTTP 400) "created_at: <t> is more than <n> s ahead of the server''s clock (<now>) ..." when '
+  'it is further ahead. Security definer: it reads the twin''s settings whoever writes.';
+
+-- Fires first of the insert triggers (name order), before the vote recorder reads created_at.
+create trigger persona_training_events_bound_created_at
+  before insert or update of created_at on public.persona_training_events
+  for each row when (new.created_at > now())
+  execute function private.bound_event_created_at();
+
+
+-- Audits of a draft: decided when the audit is recorded (or re-targeted to another spec).
+create function private.mark_audit_of_draft()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  if tg_op = 'UPDATE' and new.persona_spec_id is null then
+    -- The spec was deleted (the foreign key sets null) or detached: what it was stays.
+    new.audit_of_draft := old.audit_of_draft;
+  else
+    new.audit_of_draft := exists (
+      select 1 from public.persona_specs s
+      where s.id = new.persona_spec_id and s.status = 'draft'
+    );
+  end if;
+  return new;
+end;
+$$;
+
+comment on function private.mark_audit_of_draft() is
+  'Trigger (before insert, or update of persona_spec_id, of audits on persona_training_events): '
+  'sets audit_of_draft to whether the audited spec is a draft now, whatever the writer said; '
+  'when persona_spec_id becomes null (the spec deleted), keeps the value it had. Security '
+  'definer: it reads specs whoever writes. Raises nothing of its own.';
+
+create trigger persona_training_events_mark_audit_of_draft
+  before insert or update of persona_spec_id on public.persona_training_events
+  for each row when (new.source = 'persona_audit')
+  execute function private.mark_audit_of_draft();
+
+
+-- The exact learning path's markers (DESIGN in the 20261201000100_exact_learning migration):
+-- what the incremental path cannot follow bumps the twin's evidence_generation.
+create function private.bump_evidence_generation_on_delete()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  -- One aggregate over the deleted rows per twin; a twin is marked when one of them was learned
+  -- (id up to the cursor), sits in a running run's batch, or replaced an earlier vote (whose
+  -- retraction is then no longer pending).
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  from (
+    select o.twin_id, min(o.id) as first_id, bool_or(o.supersedes_id is not null) as replaced
+    from old_events o
+    group by o.twin_id
+  ) d
+  where t.id = d.twin_id
+    and (d.replaced
+         or d.first_id <= t.learned_through_event_id
+         or d.first_id <= (select r.batch_last_event_id
+                           from public.persona_feedback_learning_runs r
+                           where r.twin_id = t.id and r.status = 'running'));
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_delete() is
+  'Trigger (after delete on persona_training_events, once per statement, with the deleted rows '
+  'as old_events): bumps evidence_generation of every twin one of whose deleted events was '
+  'learned (id <= learned_through_event_id), is in its running run''s batch, or had replaced an '
+  'earlier vote. Security definer: whoever deletes, the twin is marked. Raises nothing.';
+
+create trigger persona_training_events_bump_generation_on_delete
+  after delete on public.persona_training_events
+  referencing old table as old_events
+  for each statement execute function private.bump_evidence_generation_on_delete();
+
+create function private.bump_evidence_generation_on_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  where t.id in (old.twin_id, new.twin_id);
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_edit() is
+  'Trigger (after an update that changes an event''s evidence columns): bumps '
+  'evidence_generation of the twin(s) of the old and new row. Security definer: whoever edits, '
+  'the twin is marked. Raises nothing.';
+
+-- A vote change (the vote recorder marking the earlier vote superseded) is the incremental
+-- path's; pfl.recording_vote tells it apart from an edit by hand.
+create trigger persona_training_events_bump_generation_on_edit
+  after update of twin_id, source, intent_label, module_key, score, passed, reason, created_at,
+    audit_of_draft, supersedes_id, superseded_at
+  on public.persona_training_events
+  for each row when (
+    old.twin_id is distinct from new.twin_id or old.source is distinct from new.source
+    or old.intent_label is distinct from new.intent_label
+    or old.module_key is distinct from new.module_key or old.score is distinct from new.score
+    or old.passed is distinct from new.passed or old.reason is distinct from new.reason
+    or old.created_at is distinct from new.created_at
+    or old.audit_of_draft is distinct from new.audit_of_draft
+    or old.supersedes_id is distinct from new.supersedes_id
+    or (old.superseded_at is distinct from new.superseded_at
+        and coalesce(current_setting('pfl.recording_vote', true), '') <> 'on')
+  )
+  execute function private.bump_evidence_generation_on_edit();
 
 alter table public.persona_training_events enable row level security;
 
@@ -238,5 +412,9 @@ grant insert (twin_id, trace_id, score, reason, intent_label, module_key, commen
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
   private.check_feedback_consent(),
-  private.record_feedback_vote()
+  private.record_feedback_vote(),
+  private.bound_event_created_at(),
+  private.mark_audit_of_draft(),
+  private.bump_evidence_generation_on_delete(),
+  private.bump_evidence_generation_on_edit()
 from public;

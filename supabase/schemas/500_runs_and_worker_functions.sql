@@ -46,6 +46,8 @@ create table public.persona_feedback_learning_runs (
   started_at timestamptz,
   finished_at timestamptz,
   updated_at timestamptz not null default now(),
+  evidence_generation bigint,
+  rebuilt_modules boolean,
   constraint lease_while_running
     check ((status = 'running') = (lease_token is not null and lease_expires_at is not null)),
   constraint figures_when_completed check (
@@ -89,6 +91,11 @@ comment on column public.persona_feedback_learning_runs.gate_report is
   'Each regression-gate check with its value, threshold and verdict.';
 comment on column public.persona_feedback_learning_runs.publish_decision is
   'published when the run published the latest draft; held otherwise (see hold_reason).';
+comment on column public.persona_feedback_learning_runs.evidence_generation is
+  'The twin''s evidence_generation when the run read its batch; it completes only if unchanged.';
+comment on column public.persona_feedback_learning_runs.rebuilt_modules is
+  'True when the run recomputed every module from all the twin''s evidence (something other than '
+  'an append or a vote change happened since the last run), false when it learned incrementally.';
 
 -- The module change history names the run that made each change.
 alter table public.persona_module_changes
@@ -133,18 +140,43 @@ grant select on public.persona_feedback_learning_runs to authenticated;
 -- as columns (select=*,processed_at,processed_run_id) and SQL reads them as e.processed_at.
 -- Processing writes no event row: a run's completion moves its twin's cursor over its batch.
 
+create function private.event_processing(p_event_id bigint)
+returns table (run_id uuid, finished_at timestamptz)
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select r.id, r.finished_at
+  from public.persona_training_events e
+  join lateral (
+    select r.id, r.finished_at
+    from public.persona_feedback_learning_runs r
+    where r.twin_id = e.twin_id and r.status = 'completed'
+      and r.batch_last_event_id >= e.id and r.batch_after_event_id < e.id
+    order by r.batch_last_event_id
+    limit 1
+  ) r on true
+  where e.id = p_event_id;
+$$;
+
+comment on function private.event_processing(bigint) is
+  'Computed fields'' helper. In: an event id. Out: one row (run_id, finished_at) of the completed '
+  'run whose batch holds the event, or no row while it waits (or for an unknown id). Security '
+  'definer: voters may not read runs; the public computed fields call it only for an event the '
+  'caller''s own policies show. Raises nothing.';
+
+grant execute on function private.event_processing(bigint) to authenticated, service_role;
+
 create function public.processed_run_id(p_event public.persona_training_events)
 returns uuid
 language sql
 stable
 set search_path = ''
 as $$
-  select r.id
-  from public.persona_feedback_learning_runs r
-  where r.twin_id = p_event.twin_id and r.status = 'completed'
-    and r.batch_last_event_id >= p_event.id and r.batch_after_event_id < p_event.id
-  order by r.batch_last_event_id
-  limit 1;
+  select p.run_id
+  from private.event_processing(p_event.id) p
+  where exists (select 1 from public.persona_training_events e where e.id = p_event.id);
 $$;
 
 create function public.processed_at(p_event public.persona_training_events)
@@ -153,17 +185,19 @@ language sql
 stable
 set search_path = ''
 as $$
-  select r.finished_at
-  from public.persona_feedback_learning_runs r
-  where r.id = public.processed_run_id(p_event);
+  select p.finished_at
+  from private.event_processing(p_event.id) p
+  where exists (select 1 from public.persona_training_events e where e.id = p_event.id);
 $$;
 
 comment on function public.processed_run_id(public.persona_training_events) is
   'Computed field of persona_training_events. In: an event row. Out: the id of the completed '
-  'learning run whose batch holds the event; null while it waits. Raises nothing.';
+  'learning run whose batch holds the event; null while it waits, and for an event the caller''s '
+  'policies do not show (the voter and the twin''s owner both see it). Raises nothing.';
 comment on function public.processed_at(public.persona_training_events) is
   'Computed field of persona_training_events. In: an event row. Out: when the learning run that '
-  'processed the event finished (timestamptz); null while it waits. Raises nothing.';
+  'processed the event finished (timestamptz); null while it waits, and for an event the '
+  'caller''s policies do not show (the voter and the twin''s owner both see it). Raises nothing.';
 
 grant execute on function
   public.processed_run_id(public.persona_training_events),
@@ -235,6 +269,7 @@ grant execute on function public.request_learning_run(uuid, boolean) to authenti
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
+  private.event_processing(bigint),
   public.processed_run_id(public.persona_training_events),
   public.processed_at(public.persona_training_events),
   private.request_learning_run(uuid, boolean),
@@ -243,7 +278,8 @@ from public;
 
 -- Section: the worker's functions. Executable by service_role only.
 
--- Queues a scheduled run for every twin with unprocessed evidence and no run queued or running.
+-- Queues a scheduled run for every twin with unprocessed evidence, or whose modules must be
+-- rebuilt, and no run queued or running.
 create function public.enqueue_due_learning_runs(p_twin_id uuid default null)
 returns setof public.persona_feedback_learning_runs
 language sql
@@ -254,9 +290,13 @@ as $$
   from public.twins t
   join public.persona_learning_settings s on s.twin_id = t.id
   where (p_twin_id is null or t.id = p_twin_id)
-    and exists (
-      select 1 from public.persona_training_events e
-      where e.twin_id = t.id and e.id > t.learned_through_event_id
+    and (
+      exists (
+        select 1 from public.persona_training_events e
+        where e.twin_id = t.id and e.id > t.learned_through_event_id
+      )
+      -- Evidence deleted or edited, or modules edited, since the last run: rebuild them.
+      or t.evidence_generation <> t.learned_generation
     )
     and not exists (
       select 1 from public.persona_feedback_learning_runs r
@@ -269,7 +309,8 @@ $$;
 comment on function public.enqueue_due_learning_runs(uuid) is
   'Worker (scheduler). In: a twin id, or null for every twin. Out: the runs it queued (trigger '
   'schedule, safe_mode = not the twin''s auto_publish, max_attempts from its settings): one per '
-  'twin with an event after its cursor (learned_through_event_id) and no run queued or running. '
+  'twin with an event after its cursor (learned_through_event_id), or whose evidence_generation '
+  'differs from its learned_generation (modules to rebuild), and no run queued or running. '
   'Raises nothing; an unknown twin queues nothing.';
 
 -- Queues an operator's run for one twin, in safe mode or not (null: the twin's auto_publish
@@ -464,6 +505,106 @@ comment on function public.extend_learning_run_lease(uuid, uuid, integer) is
   'lease_expires_at, now() + p_lease_seconds. Raises 22023 for a bad p_lease_seconds; P0002 and '
   'PT409 (HTTP 409, stale lease) as private.lock_leased_run.';
 
+-- The exact path's rebuild, in a function of its own: RETURN QUERY may run its query with parallel
+-- workers, which a SELECT INTO in the claim may not (PL/pgSQL fetches it with a row limit).
+create function private.rebuild_module_counts(
+  p_twin_id uuid, p_last_event_id bigint, p_learning_time timestamptz,
+  p_half_life_days double precision, p_feedback_weight double precision,
+  p_audit_weight double precision, p_unsafe_multiplier double precision
+)
+returns table (module_id uuid, success double precision, failure double precision)
+language plpgsql
+stable
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+  v_t_epoch float8 := date_part('epoch', p_learning_time);
+  v_rate float8 := ln(2::float8) / (p_half_life_days * 86400);
+begin
+  -- Every module from scratch, over the twin's evidence up to p_last_event_id as it stands
+  -- there (a vote replaced by a later vote after it still counts; that later vote's run
+  -- retracts it), decayed to p_learning_time. The weights are summed per match key first (a
+  -- handful of groups), then matched to the modules: one pass of an aggregate over the rows.
+  -- Each weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the
+  -- same 2^(-(T - t)/H) as a batch's, without an interval per row.
+  return query
+  with per_key as (
+    select g.by_key, g.key, sum(g.success) as success, sum(g.failure) as failure
+    from (
+      -- The current votes and the audits that did not audit a draft.
+      select c.module_key is not null as by_key, coalesce(c.module_key, c.intent_label) as key,
+             coalesce(sum(c.weight) filter (where c.success), 0) as success,
+             coalesce(sum(c.weight) filter (where not c.success), 0) as failure
+      from (
+        select e.module_key, e.intent_label, coalesce(e.score > 0, e.passed) as success,
+               case when e.source = 'user_feedback' then p_feedback_weight
+                    else p_audit_weight end
+               * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                      then p_unsafe_multiplier else 1 end
+               * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+        from public.persona_training_events e
+        where e.twin_id = p_twin_id and e.id <= p_last_event_id
+          and e.superseded_at is null and not e.audit_of_draft
+          and (e.source = 'persona_audit' or e.score <> 0)
+      ) c
+      group by 1, 2
+      union all
+      -- Votes replaced only after p_last_event_id (one primary-key lookup per later vote).
+      select c.module_key is not null, coalesce(c.module_key, c.intent_label),
+             coalesce(sum(c.weight) filter (where c.success), 0),
+             coalesce(sum(c.weight) filter (where not c.success), 0)
+      from (
+        select p.module_key, p.intent_label, coalesce(p.score > 0, p.passed) as success,
+               case when p.source = 'user_feedback' then p_feedback_weight
+                    else p_audit_weight end
+               * case when p.reason = 'unsafe' and not coalesce(p.score > 0, p.passed)
+                      then p_unsafe_multiplier else 1 end
+               * exp(least(0, date_part('epoch', p.created_at) - v_t_epoch) * v_rate) as weight
+        from public.persona_training_events n
+        cross join lateral (
+          select r.* from public.persona_training_events r where r.id = n.supersedes_id offset 0
+        ) p
+        where n.twin_id = p_twin_id and n.id > p_last_event_id
+          and n.supersedes_id is not null
+          and p.id <= p_last_event_id and not p.audit_of_draft
+          and (p.source = 'persona_audit' or p.score <> 0)
+      ) c
+      group by 1, 2
+    ) g
+    group by 1, 2
+  )
+  -- A module takes the group of its key and the group of its intent label.
+  select m.id, coalesce(sum(k.success), 0)::float8, coalesce(sum(k.failure), 0)::float8
+  from public.persona_modules m
+  left join per_key k on k.key = case when k.by_key then m.module_key else m.intent_label end
+  where m.twin_id = p_twin_id
+  group by m.id;
+end;
+$$;
+
+comment on function private.rebuild_module_counts(
+  uuid, bigint, timestamptz, double precision, double precision, double precision,
+  double precision
+) is
+  'The exact learning path (claim_learning_run_events of a marked twin). In: a twin, the last '
+  'event id to count, the time T, half_life_days H, feedback_weight, audit_weight, '
+  'unsafe_multiplier. Out: one row per module of the twin (module_id, success, failure): the sum '
+  'over the twin''s events up to that id that are current there (not superseded, or superseded '
+  'only by a later event), feedback with a score other than 0 and audits that did not audit a '
+  'draft, matched by module_key if given, else by intent_label, each weighing w * 2^(-(T - t)/H) '
+  '(DESIGN.md, Learning; age at least 0) with w the source''s weight, times unsafe_multiplier for '
+  'an unsafe failure. Raises nothing.';
+
+grant execute on function private.rebuild_module_counts(
+  uuid, bigint, timestamptz, double precision, double precision, double precision,
+  double precision
+) to service_role;
+revoke execute on function private.rebuild_module_counts(
+  uuid, bigint, timestamptz, double precision, double precision, double precision,
+  double precision
+) from public;
+
 -- Returns everything the pure learning and gate need for the run's batch, aggregated here so
 -- that no event row travels to the worker:
 -- per-module decayed evidence of the batch (a vote that replaces an earlier one also retracts
@@ -485,10 +626,18 @@ declare
   v_unmatched integer;
   v_evidence jsonb;
   v_audits jsonb;
+  v_generation bigint;
+  v_rebuild boolean;
+  v_modules jsonb;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   select * into strict v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
+  -- Read before the evidence: a change committed after this read bumps the generation, and the
+  -- completion then refuses (PT412) rather than learn from what this claim saw.
+  select t.evidence_generation, t.evidence_generation <> t.learned_generation
+  into strict v_generation, v_rebuild
+  from public.twins t where t.id = v_run.twin_id;
 
   -- One streaming pass over the batch: each vote's decayed weight (a vote that replaced an earlier
   -- one also retracts that one), summed per key it matches by (its module_key if given, else its
@@ -504,13 +653,13 @@ begin
   ),
   votes as (
     select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.persona_spec_id
+           e.reason, e.created_at, e.audit_of_draft
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.persona_spec_id
+           p.reason, p.created_at, p.audit_of_draft
     from public.persona_training_events e
     -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
     -- whole table instead).
@@ -527,7 +676,7 @@ begin
            v.sign
            * case
                when v.source = 'user_feedback' and v.score = 0 then 0
-               when v.source = 'persona_audit' and s.status = 'draft' then 0
+               when v.audit_of_draft then 0
                when v.source = 'user_feedback' then v_settings.feedback_weight
                else v_settings.audit_weight
              end
@@ -540,8 +689,6 @@ begin
                  * greatest(0, date_part('epoch', v_run.learning_time - v.created_at))
                  / (v_settings.half_life_days * 86400)) as weight
     from votes v
-    left join public.persona_specs s
-      on v.source = 'persona_audit' and s.id = v.persona_spec_id
   ),
   per_key as (
     select w.by_key, w.key,
@@ -565,6 +712,30 @@ begin
       from per_module p where p.module_id is not null), '[]')
   into v_unmatched, v_evidence;
 
+  if v_rebuild then
+    -- The exact path: every module from scratch (private.rebuild_module_counts), the batch's
+    -- evidence in it, so none is added on top.
+    select jsonb_agg(jsonb_build_object(
+        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
+        'success', r.success, 'failure', r.failure, 'evidence_at', v_run.learning_time,
+        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+    into v_modules
+    from private.rebuild_module_counts(
+      v_run.twin_id, v_run.batch_last_event_id, v_run.learning_time,
+      v_settings.half_life_days, v_settings.feedback_weight, v_settings.audit_weight,
+      v_settings.unsafe_multiplier
+    ) r
+    join public.persona_modules m on m.id = r.module_id;
+    v_evidence := '[]';
+  else
+    select jsonb_agg(jsonb_build_object(
+        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
+        'success', m.success_weight, 'failure', m.failure_weight, 'evidence_at', m.evidence_at,
+        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+    into v_modules
+    from public.persona_modules m where m.twin_id = v_run.twin_id;
+  end if;
+
   -- The batch's size, from the index alone.
   select count(*) into v_scanned
   from public.persona_training_events e
@@ -572,7 +743,8 @@ begin
     and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id;
 
   update public.persona_feedback_learning_runs r
-  set events_scanned = v_scanned, events_unmatched = v_unmatched
+  set events_scanned = v_scanned, events_unmatched = v_unmatched,
+      evidence_generation = v_generation, rebuilt_modules = v_rebuild
   where r.id = v_run.id;
 
   select * into v_draft from public.persona_specs s
@@ -585,7 +757,8 @@ begin
   -- The gate's evidence: the latest audit of every trace audited under the candidate (the latest
   -- draft), paired with the baseline's (published spec's) latest audit of the same trace: all
   -- audits of both specs, not only this batch's. Driven by the candidate's audits, through the
-  -- audit index, so it costs the same whatever the twin's history.
+  -- audit index, so it costs the same whatever the twin's history. No stored created_at is in
+  -- the future (private.bound_event_created_at), so a skewed clock cannot make an audit latest.
   if v_draft.id is null then
     v_audits := jsonb_build_object(
       'pairs', 0, 'candidate_only_passed', 0, 'baseline_only_passed', 0,
@@ -629,14 +802,9 @@ begin
     'learning_time', v_run.learning_time,
     'events_scanned', v_scanned,
     'events_unmatched', v_unmatched,
+    'rebuilt_modules', v_rebuild,
     'settings', to_jsonb(v_settings),
-    'modules', coalesce((
-      select jsonb_agg(jsonb_build_object(
-        'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
-        'success', m.success_weight, 'failure', m.failure_weight, 'evidence_at', m.evidence_at,
-        'confidence', m.confidence, 'status', m.status) order by m.module_key)
-      from public.persona_modules m where m.twin_id = v_run.twin_id
-    ), '[]'),
+    'modules', coalesce(v_modules, '[]'),
     'evidence', v_evidence,
     'draft_spec_id', v_draft.id,
     'draft_modules', coalesce(v_draft.spec -> 'modules', '[]'),
@@ -647,19 +815,22 @@ end;
 $$;
 
 comment on function public.claim_learning_run_events(uuid, uuid) is
-  'Worker. In: a run id and its lease token. Reads the run''s batch and records events_scanned '
-  'and events_unmatched on the run. Out: jsonb {run (without lease_token), learning_time T, '
-  'events_scanned, events_unmatched, settings, modules [{module_id, module_key, intent_label, '
-  'success, failure, evidence_at, confidence, status}], evidence [{module_id, success, failure}] '
-  '(the batch''s decayed weight per module), draft_spec_id, draft_modules, baseline_spec_id, '
-  'audits {pairs, candidate_only_passed, baseline_only_passed, candidate_audited, '
-  'candidate_passed, candidate_unsafe_failures} (latest audit per trace of the latest draft, '
-  'paired with the published spec''s)}. Each vote weighs w * 2^(-(T - t)/H) (DESIGN.md, '
+  'Worker. In: a run id and its lease token. Reads the run''s batch and records events_scanned, '
+  'events_unmatched, evidence_generation and rebuilt_modules on the run. Out: jsonb {run (without '
+  'lease_token), learning_time T, events_scanned, events_unmatched, rebuilt_modules, settings, '
+  'modules [{module_id, module_key, intent_label, success, failure, evidence_at, confidence, '
+  'status}], evidence [{module_id, success, failure}] (the batch''s decayed weight per module), '
+  'draft_spec_id, draft_modules, baseline_spec_id, audits {pairs, candidate_only_passed, '
+  'baseline_only_passed, candidate_audited, candidate_passed, candidate_unsafe_failures} (latest '
+  'audit per trace of the latest draft, paired with the published spec''s)}. Incremental when the '
+  'twin''s evidence_generation equals its learned_generation; otherwise (rebuilt_modules) every '
+  'module''s success/failure is recomputed from the twin''s evidence up to the batch''s end, '
+  'evidence_at = T, and evidence is empty. Each vote weighs w * 2^(-(T - t)/H) (DESIGN.md, '
   'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
-  'seconds: w = feedback_weight or audit_weight (0 for a neutral vote and for an audit of a '
-  'draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes another also '
-  'retracts that one with the same formula. Raises P0002 and PT409 (HTTP 409, stale lease) as '
-  'private.lock_leased_run.';
+  'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
+  'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
+  'another also retracts that one with the same formula. Raises P0002 and PT409 (HTTP 409, stale '
+  'lease) as private.lock_leased_run.';
 
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
 -- over it), applies the module updates (recording each change), publishes the latest draft when
@@ -668,7 +839,9 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
 -- p_result: {"module_updates": [{"module_id", "success", "failure", "confidence", "status"}],
 --            "gate_passed": bool, "gate_report": {...}, "publish_spec_id": uuid|null,
 --            "hold_reason": "no_draft"|"safe_mode"|"gate_failed"|null}
-create function public.complete_learning_run(p_run_id uuid, p_lease_token uuid, p_result jsonb)
+create function public.complete_learning_run(
+  p_run_id uuid, p_lease_token uuid, p_result jsonb
+)
 returns public.persona_feedback_learning_runs
 language plpgsql
 set search_path = ''
@@ -680,6 +853,7 @@ declare
   v_given integer;
   v_applied integer;
   v_changed integer;
+  v_twin public.twins;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   if v_run.events_scanned is null then
@@ -695,13 +869,27 @@ begin
   v_gate_passed := (p_result ->> 'gate_passed')::boolean;
   v_publish_spec_id := (p_result ->> 'publish_spec_id')::uuid;
 
-  -- Processing the batch is moving the twin's cursor over it.
+  -- Processing the batch is moving the twin's cursor over it, at the evidence generation the
+  -- claim read: a deletion or a module edit committed since (it waits for this row lock, or
+  -- this update re-reads the row it committed) makes the run read its batch again (PT412).
   update public.twins t
-  set learned_through_event_id = v_run.batch_last_event_id
-  where t.id = v_run.twin_id and t.learned_through_event_id = v_run.batch_after_event_id;
-  if not found then
-    raise exception using errcode = '40001',
-      message = format('run %s: the twin''s cursor moved since the batch was claimed', p_run_id);
+  set learned_through_event_id = v_run.batch_last_event_id,
+      learned_generation = v_run.evidence_generation
+  where t.id = v_run.twin_id and t.learned_through_event_id = v_run.batch_after_event_id
+    and t.evidence_generation = v_run.evidence_generation
+  returning * into v_twin;
+  if v_twin.id is null then
+    select * into v_twin from public.twins t where t.id = v_run.twin_id;
+    if v_twin.learned_through_event_id is distinct from v_run.batch_after_event_id then
+      raise exception using errcode = '40001',
+        message = format('run %s: the twin''s cursor moved since the batch was claimed', p_run_id);
+    end if;
+    -- PT412 (HTTP 412), not 40001: PostgREST retries a serialization failure itself, after
+    -- backoff, by which time the lease may be gone; the worker reads the batch again at once.
+    raise exception using errcode = 'PT412',
+      message = format('run %s: the twin''s evidence or modules changed since the batch was read '
+                       '(generation %s, now %s); read the batch again', p_run_id,
+                       v_run.evidence_generation, v_twin.evidence_generation);
   end if;
 
   with updates as (
@@ -737,7 +925,6 @@ begin
       message = format('run %s: %s of %s module updates name no module of twin %s',
                        p_run_id, v_given - v_applied, v_given, v_run.twin_id);
   end if;
-
   if v_publish_spec_id is not null then
     if v_run.safe_mode then
       raise exception using errcode = '55000',
@@ -781,16 +968,21 @@ $$;
 
 comment on function public.complete_learning_run(uuid, uuid, jsonb) is
   'Worker. In: a run id, its lease token and p_result {module_updates [{module_id, success, '
-  'failure, confidence, status}], gate_passed, gate_report, publish_spec_id (uuid or null), '
-  'hold_reason}. In one transaction: moves the twin''s cursor over the batch, applies the module '
-  'updates (recording each change of confidence or status in persona_module_changes), publishes '
-  'the draft (the published spec archived) when publish_spec_id is set, and completes the run '
-  'with its figures. Out: the completed run. Raises P0002 and PT409 (HTTP 409, stale lease) as '
-  'private.lock_leased_run; 55000 when the batch was not read yet, or publishing in safe mode, '
-  'after a failed gate, or a spec that is not the latest draft; 22023 when p_result lacks '
-  'module_updates (array), gate_passed (boolean) or gate_report (object), or an update names no '
-  'module of the twin; 22P02 for a status or hold_reason outside its enum; 40001 when the twin''s '
-  'cursor moved since the claim. Nothing changes when it raises.';
+  'failure, confidence, status}], gate_passed, gate_report, '
+  'publish_spec_id (uuid or null), hold_reason}. In one transaction: moves the twin''s cursor '
+  'over the batch and sets its learned_generation to the run''s evidence_generation, applies the '
+  'module updates (recording each change of confidence or status in persona_module_changes), '
+  'publishes the draft (the published spec archived) when publish_spec_id is set, and completes '
+  'the run with its figures (events_processed = the batch''s events, all still there). Out: the '
+  'completed run. Raises P0002 and PT409 (HTTP 409, stale lease) as private.lock_leased_run; '
+  '55000 when the batch was not read yet, or publishing in safe mode, after a failed gate, or a '
+  'spec that is not the latest draft; 22023 when p_result lacks module_updates (array), '
+  'gate_passed (boolean) or gate_report (object), or an update names no module of the twin; '
+  '22P02 for a status or hold_reason outside its enum; 40001 when the twin''s cursor '
+  'moved since the claim; PT412 (HTTP 412) "run <id>: the twin''s evidence or modules changed '
+  'since the batch was read ..." when its evidence_generation changed (events deleted or '
+  'edited, modules added, edited or deleted) since the claim read the batch. Nothing changes '
+  'when it raises.';
 
 -- Records a failed attempt. A retryable error releases the run for another attempt with the same
 -- batch while attempts remain; otherwise the run fails and its events stay unprocessed.

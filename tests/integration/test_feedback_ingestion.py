@@ -221,7 +221,7 @@ RULES = {
     "module_key": "module_key_slug",
     "score": "score_minus_1_to_1",
     "comment": "comment_at_most_2000_chars",
-    "metadata": "metadata_object_at_most_4096_bytes",
+    "metadata": "metadata_object_at_most_4096_compact_json_bytes",
     "score_required": "score_on_feedback_only",
     "passed_required": "passed_on_audits_only",
     "langfuse_status_required": "langfuse_status_on_feedback_only",

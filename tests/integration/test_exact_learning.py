@@ -1,0 +1,441 @@
+"""Issue 11: learned confidence stays exact whatever changes between runs — deletions, module
+edits, spec changes, skewed clocks — and the issue's numbered failing inputs, each a named test.
+Every check of module counts goes through the from-scratch oracle in oracle_exact.py."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from postgrest.exceptions import APIError
+from pydantic import SecretStr
+
+from testkit.oracle import assert_modules_exact
+from testkit.oracle import modules_by_key as modules_now
+from tests.conftest import Stack
+from tests.integration.helpers import Twin, create_twin
+from worker.config import WorkerSettings
+from worker.models import RunDecision
+from worker.runner import Runner, decide
+from worker.store import BatchChangedError, Run, Store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
+    made: list[Runner] = []
+
+    def make(store_class: type[Store] = Store) -> Runner:
+        settings = WorkerSettings(
+            supabase_url=stack.url,
+            supabase_service_role_key=SecretStr(stack.service_key),
+            pfl_worker_id=f"exact-{uuid.uuid4().hex[:6]}",
+            pfl_lease_seconds=30,
+            pfl_store_attempts=2,
+        )
+        made.append(Runner(store_class.connect(settings), settings.pfl_worker_id, 30))
+        return made[-1]
+
+    yield make
+    for runner in made:
+        runner.store.close()
+
+
+def vote(user, twin: Twin, trace: str, score: int, intent: str, **kw: Any) -> dict:
+    row = {"twin_id": twin.id, "trace_id": trace, "score": score, "intent_label": intent, **kw}
+    return user.client.table("persona_training_events").insert(row).execute().data[0]
+
+
+def learn(runner: Runner, twin: Twin) -> list[Run]:
+    """Runs until nothing is due for the twin; every run must complete."""
+    runs = runner.run_once(uuid.UUID(twin.id))
+    assert [r.status for r in runs] == ["completed"] * len(runs), [r.error for r in runs]
+    return runs
+
+
+def count(db: psycopg.Connection, sql: str, *args: object) -> int:
+    return db.execute(sql, args).fetchone()[0]  # type: ignore[index]
+
+
+def counts(db: psycopg.Connection, twin: Twin) -> tuple[int, int, int]:
+    """(events, module changes, runs) of the twin: what bad input must leave alone."""
+    return (
+        count(db, "select count(*) from persona_training_events where twin_id = %s", twin.id),
+        count(db, "select count(*) from persona_module_changes where twin_id = %s", twin.id),
+        count(db, "select count(*) from persona_feedback_learning_runs where twin_id = %s",
+              twin.id),
+    )
+
+
+def sf(db: psycopg.Connection, twin: Twin, key: str) -> tuple[float, float]:
+    m = modules_now(db, twin.id)[key]
+    return round(m.success, 4), round(m.failure, 4)
+
+
+# --------------------------------------------------------------------------- failing input 1
+
+
+def test_input_1_a_deleted_voters_learned_votes_leave_the_module(
+    db, service, make_user, make_runner
+):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    for i in range(12):
+        vote(voter, twin, f"t{i}", -1, "a", reason="incorrect")
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (0, 12)
+    assert modules_now(db, twin.id)["m"].status == "disabled"
+
+    db.execute("delete from auth.users where id = %s", (voter.id,))
+    vote(owner, twin, "t-owner", 1, "a")
+    [run] = learn(runner, twin)
+
+    assert sf(db, twin, "m") == (1, 0)
+    assert modules_now(db, twin.id)["m"].status == "insufficient_data"
+    assert run.events_processed == 1
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and rebuilt_modules", str(run.id)) == 1
+    assert_modules_exact(db, twin.id)
+
+
+def test_input_1_a_moderated_vote_leaves_the_module(db, service, make_user, make_runner):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    rows = [vote(voter, twin, f"t{i}", -1, "a") for i in range(3)]
+    vote(owner, twin, "t-owner", 1, "a")
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (1, 3)
+
+    # Moderation: the service role deletes one vote through the API.
+    service.table("persona_training_events").delete().eq("id", rows[0]["id"]).execute()
+    # No new evidence: the scheduler still queues the twin, whose modules must be rebuilt.
+    [run] = learn(runner, twin)
+    assert run.events_scanned == 0
+    assert sf(db, twin, "m") == (1, 2)
+    assert_modules_exact(db, twin.id)
+
+
+def test_input_1_an_account_deleted_mid_run_is_neither_learned_nor_processed(
+    db, service, make_user, make_runner
+):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    for i in range(12):
+        vote(voter, twin, f"t{i}", -1, "a")
+    vote(owner, twin, "t-owner", 1, "a")
+    runner = make_runner()
+    store = runner.store
+    store.enqueue_due_runs(uuid.UUID(twin.id))
+    run = store.claim_run(runner.worker_id, 30, uuid.UUID(twin.id))
+    assert run is not None
+    decision = decide(store.claim_events(run), safe_mode=run.safe_mode)
+    assert decision.events_scanned == 13
+
+    db.execute("delete from auth.users where id = %s", (voter.id,))
+    before = modules_now(db, twin.id)["m"]
+    with pytest.raises(BatchChangedError, match="read the batch again"):
+        store.complete_run(run, decision)
+    # The refused completion changed nothing.
+    assert modules_now(db, twin.id)["m"] == before
+    assert count(db, "select learned_through_event_id from twins where id = %s", twin.id) == 0
+    assert count(db, "select count(*) from persona_module_changes where twin_id = %s",
+                 twin.id) == 0
+
+    done = runner.process(run)  # the same attempt reads the batch again and completes
+    assert done.status == "completed" and done.attempts == 1
+    assert (done.events_scanned, done.events_processed) == (1, 1)
+    assert sf(db, twin, "m") == (1, 0)
+    assert_modules_exact(db, twin.id)
+
+
+class DeletingStore(Store):
+    """A store whose first completion is preceded by a deletion committed by someone else."""
+
+    before_first_completion: Callable[[], None] = staticmethod(lambda: None)
+    completions = 0
+
+    def complete_run(self, run: Run, decision: RunDecision) -> Run:
+        DeletingStore.completions += 1
+        if DeletingStore.completions == 1:
+            DeletingStore.before_first_completion()
+        return super().complete_run(run, decision)
+
+
+def test_input_1_the_runner_reads_the_batch_again_when_a_voter_vanishes(
+    db, service, make_user, make_runner
+):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    for i in range(5):
+        vote(voter, twin, f"t{i}", -1, "a")
+    vote(owner, twin, "t-owner", 1, "a")
+    DeletingStore.completions = 0
+    DeletingStore.before_first_completion = staticmethod(
+        lambda: db.execute("delete from auth.users where id = %s", (voter.id,))
+    )
+    [run] = learn(make_runner(DeletingStore), twin)
+    assert DeletingStore.completions == 2
+    assert (run.attempts, run.events_scanned, run.events_processed) == (1, 1, 1)
+    assert sf(db, twin, "m") == (1, 0)
+    assert_modules_exact(db, twin.id)
+
+
+# --------------------------------------------------------------------------- failing input 2
+
+
+@pytest.mark.parametrize("edit", ["add", "re_intent", "rename", "delete_and_recreate"])
+def test_input_2_a_retraction_subtracts_only_what_the_module_received(
+    db, service, make_user, make_runner, edit
+):
+    owner, a, b = make_user("owner"), make_user("a"), make_user("b")
+    start = {
+        "add": {"other": "elsewhere"},
+        "re_intent": {"small_talk": "elsewhere"},
+        "rename": {"old_key": "chat"},
+        "delete_and_recreate": {"small_talk": "chat"},
+    }[edit]
+    twin = create_twin(db, owner.id, start)
+    runner = make_runner()
+    by_key = {"module_key": "small_talk"} if edit == "rename" else {}
+    vote(b, twin, "t-b", 1, "chat", **by_key)
+    learn(runner, twin)
+
+    modules = service.table("persona_modules")
+    if edit == "add":
+        modules.insert({"twin_id": twin.id, "module_key": "small_talk",
+                        "intent_label": "chat"}).execute()
+    elif edit == "re_intent":
+        modules.update({"intent_label": "chat"}).eq("twin_id", twin.id).eq(
+            "module_key", "small_talk").execute()
+    elif edit == "rename":
+        modules.update({"module_key": "small_talk"}).eq("twin_id", twin.id).eq(
+            "module_key", "old_key").execute()
+    else:
+        modules.delete().eq("twin_id", twin.id).eq("module_key", "small_talk").execute()
+        modules.insert({"twin_id": twin.id, "module_key": "small_talk",
+                        "intent_label": "chat"}).execute()
+
+    vote(a, twin, "t-a", 1, "chat", **by_key)
+    learn(runner, twin)
+    assert sf(db, twin, "small_talk") == (2, 0)  # B's vote exists and now matches the module
+    assert_modules_exact(db, twin.id)
+
+    vote(b, twin, "t-b", -1, "chat", **by_key)  # B changes the vote
+    learn(runner, twin)
+    assert sf(db, twin, "small_talk") == (1, 1)
+    assert_modules_exact(db, twin.id)
+
+
+# --------------------------------------------------------------------------- failing input 3
+
+
+def test_input_3_a_voter_reads_the_true_processed_at(db, service, make_user, make_runner):
+    owner, voter, stranger = make_user("owner"), make_user("voter"), make_user("stranger")
+    twin = create_twin(db, owner.id, {"m": "a"}, feedback_from="any_user")
+    row = vote(voter, twin, "t1", 1, "a")
+
+    def read(user) -> list[dict]:
+        return (user.client.table("persona_training_events")
+                .select("id,processed_at,processed_run_id").eq("id", row["id"]).execute().data)
+
+    waiting = {"id": row["id"], "processed_at": None, "processed_run_id": None}
+    assert read(voter) == [waiting] and read(owner) == [waiting]
+    [run] = learn(make_runner(), twin)
+
+    seen_by_owner = read(owner)
+    assert seen_by_owner[0]["processed_run_id"] == str(run.id)
+    assert seen_by_owner[0]["processed_at"] is not None
+    assert read(voter) == seen_by_owner
+    assert read(stranger) == []  # the event itself stays hidden from others
+
+
+# --------------------------------------------------------------------------- failing input 4
+
+
+def compact(metadata: dict) -> bytes:
+    """What JSON.stringify sends: no whitespace between tokens, UTF-8."""
+    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def metadata_of_size(size: int) -> dict:
+    """Many short keys (as a client's tags would be), padded to `size` bytes of compact JSON."""
+    metadata: dict[str, Any] = {f"k{i}": 0 for i in range(380)}
+    metadata["pad"] = ""
+    metadata["pad"] = "é" * ((size - len(compact(metadata))) // 2)
+    if (size - len(compact(metadata))) % 2:
+        metadata["pad"] += "x"
+    assert len(compact(metadata)) == size
+    return metadata
+
+
+def test_input_4_metadata_is_measured_as_the_client_sends_it(db, service, make_user):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    sent = metadata_of_size(3421)
+    stored_text = db.execute("select %s::jsonb::text", (json.dumps(sent),)).fetchone()[0]
+    assert len(stored_text.encode()) > 4096  # the old rule's measure refused it
+    vote(owner, twin, "t-3421", 1, "a", metadata=sent)
+    vote(owner, twin, "t-4096", 1, "a", metadata=metadata_of_size(4096))
+
+    before = counts(db, twin)
+    with pytest.raises(APIError) as refused:
+        vote(owner, twin, "t-4097", 1, "a", metadata=metadata_of_size(4097))
+    assert refused.value.code == "23514"
+    assert "metadata_object_at_most_4096_compact_json_bytes" in refused.value.message
+    assert counts(db, twin) == before
+
+
+# --------------------------------------------------------------------------- skewed clocks
+
+
+def audit_row(twin: Twin, trace: str, passed: bool, spec_id: str | None, **kw: Any) -> dict:
+    return {"twin_id": twin.id, "source": "persona_audit", "trace_id": trace,
+            "intent_label": "a", "passed": passed, "persona_spec_id": spec_id, **kw}
+
+
+def test_a_future_audit_time_is_refused_and_changes_nothing(db, service, make_user):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    events = service.table("persona_training_events")
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    before = counts(db, twin)
+    with pytest.raises(APIError) as refused:
+        events.insert(audit_row(twin, "t1", True, twin.published_spec_id,
+                                created_at=future)).execute()
+    assert refused.value.code == "22008"
+    assert refused.value.message.startswith("created_at: ")
+    assert "ahead of the server's clock" in refused.value.message
+    assert counts(db, twin) == before
+
+    # An update to a future time is refused the same way, and the row keeps its time.
+    row = events.insert(audit_row(twin, "t2", True, twin.published_spec_id)).execute().data[0]
+    with pytest.raises(APIError) as refused:
+        events.update({"created_at": future}).eq("id", row["id"]).execute()
+    assert refused.value.code == "22008"
+    assert count(db, "select count(*) from persona_training_events where id = %s"
+                 " and created_at = %s", row["id"], row["created_at"]) == 1
+
+
+def test_a_time_within_the_skew_is_stored_as_the_servers_and_the_skew_is_a_setting(
+    db, service, make_user
+):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    events = service.table("persona_training_events")
+    ahead = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+    row = events.insert(audit_row(twin, "t1", True, None, created_at=ahead)).execute().data[0]
+    assert count(db, "select count(*) from persona_training_events where id = %s"
+                 " and created_at <= now()", row["id"]) == 1
+
+    service.table("persona_learning_settings").update({"max_clock_skew_seconds": 0}).eq(
+        "twin_id", twin.id).execute()
+    before = counts(db, twin)
+    with pytest.raises(APIError) as refused:
+        events.insert(audit_row(twin, "t2", True, None, created_at=ahead)).execute()
+    assert refused.value.code == "22008" and "more than 0 s ahead" in refused.value.message
+    assert counts(db, twin) == before
+
+
+def test_a_skewed_clock_cannot_capture_the_gates_latest_audit(
+    db, service, make_user, make_runner
+):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    draft = owner.client.table("persona_specs").insert(
+        {"twin_id": twin.id, "spec": {"modules": ["m"]}}).execute().data[0]
+    events = service.table("persona_training_events")
+    skewed = (datetime.now(UTC) + timedelta(seconds=50)).isoformat()
+    # A pipeline with a fast clock fails the trace; a correct one passes it a moment later.
+    events.insert(audit_row(twin, "t1", False, draft["id"], created_at=skewed)).execute()
+    events.insert(audit_row(twin, "t1", True, draft["id"])).execute()
+
+    runner = make_runner()
+    runner.store.enqueue_run(uuid.UUID(twin.id), safe_mode=True)
+    run = runner.store.claim_run(runner.worker_id, 30, uuid.UUID(twin.id))
+    assert run is not None
+    batch = runner.store.claim_events(run)
+    assert (batch.audits.candidate_audited, batch.audits.candidate_passed) == (1, 1)
+    assert runner.process(run).status == "completed"
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def test_audits_of_a_draft_stay_gate_evidence_whatever_becomes_of_the_draft(
+    db, service, make_user, make_runner
+):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    specs, events = service.table("persona_specs"), service.table("persona_training_events")
+    draft = owner.client.table("persona_specs").insert(
+        {"twin_id": twin.id, "spec": {"modules": ["m"]}}).execute().data[0]
+    doomed = owner.client.table("persona_specs").insert(
+        {"twin_id": twin.id, "spec": {"modules": ["m"]}}).execute().data[0]
+    events.insert([audit_row(twin, f"d{i}", False, draft["id"]) for i in range(3)]).execute()
+    events.insert([audit_row(twin, f"x{i}", False, doomed["id"]) for i in range(2)]).execute()
+    events.insert(audit_row(twin, "p0", True, twin.published_spec_id)).execute()
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (2, 0)  # only the published spec's audit moves the module
+
+    # The draft is published by hand, the old spec deleted, the other draft deleted.
+    specs.update({"status": "archived"}).eq("id", twin.published_spec_id).execute()
+    specs.update({"status": "published"}).eq("id", draft["id"]).execute()
+    specs.delete().eq("id", twin.published_spec_id).execute()
+    specs.delete().eq("id", doomed["id"]).execute()
+    events.insert(audit_row(twin, "n0", False, draft["id"])).execute()  # now production
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (2, 2)
+    assert_modules_exact(db, twin.id)
+
+
+def test_an_edited_learned_vote_is_relearned_exactly(db, service, make_user, make_runner):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
+    runner = make_runner()
+    row = vote(owner, twin, "t1", 1, "a")
+    learn(runner, twin)
+    service.table("persona_training_events").update({"intent_label": "b", "score": -1}).eq(
+        "id", row["id"]).execute()
+    learn(runner, twin)
+    assert (sf(db, twin, "m"), sf(db, twin, "n")) == ((0, 0), (0, 1))
+    assert_modules_exact(db, twin.id)
+
+
+def test_appends_and_vote_changes_stay_incremental(db, service, make_user, make_runner):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    vote(owner, twin, "t1", 1, "a")
+    learn(runner, twin)
+    vote(owner, twin, "t1", -1, "a")
+    vote(owner, twin, "t2", 1, "a")
+    [run] = learn(runner, twin)
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and not rebuilt_modules", str(run.id)) == 1
+    assert sf(db, twin, "m") == (1, 1)
+    assert_modules_exact(db, twin.id)
+
+
+def test_a_rebuilt_module_takes_votes_by_key_and_by_intent(db, service, make_user, make_runner):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    vote(owner, twin, "t1", 1, "a")
+    vote(owner, twin, "t2", -1, "other", module_key="m")
+    learn(runner, twin)
+    service.table("persona_modules").insert(
+        {"twin_id": twin.id, "module_key": "n", "intent_label": "a"}).execute()
+    [run] = learn(runner, twin)  # rebuilt: m takes its key's and its intent's votes
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and rebuilt_modules", str(run.id)) == 1
+    assert (sf(db, twin, "m"), sf(db, twin, "n")) == ((1, 1), (1, 0))
+    assert_modules_exact(db, twin.id)
