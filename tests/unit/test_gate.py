@@ -7,12 +7,14 @@ tests/unit/test_tango_interval.py checks against a brute-force computation.
 
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 from pydantic import ValidationError
 
+from worker.cli import summarize
 from worker.gate import evaluate_gate
 from worker.models import (
     AuditComparison,
@@ -25,6 +27,7 @@ from worker.models import (
     ModuleStatus,
     PublishDecision,
 )
+from worker.store import Run
 
 DEFAULTS = LearningSettings()
 S = ModuleStatus
@@ -377,3 +380,27 @@ def test_gate_report_rejects_a_decision_without_a_matching_reason(
             baseline_spec_id=None,
             checks=(),
         )
+
+
+# --- what owners read -----------------------------------------------------------------------
+
+
+def test_run_summary_shows_the_interval_and_its_counts() -> None:
+    stored = evaluate_gate(gate_input(), DEFAULTS).model_dump(mode="json")
+    stored["checks"][1]["evidence"] = {"b": 5, "c": 0, "n": 25}  # jsonb's key order
+    run = Run(
+        id=uuid4(),
+        twin_id=uuid4(),
+        status="completed",
+        trigger="request",
+        safe_mode=False,
+        attempts=1,
+        max_attempts=3,
+        gate_report=stored,
+        created_at=datetime.now(UTC),
+    )
+    lines = summarize(run).splitlines()
+    assert (
+        "    audit_non_inferiority: pass (value 0.04016, threshold -0.05, tango_score n=25 b=5 c=0)"
+    ) in lines
+    assert "    no_unsafe_regression: pass (value 0, threshold 0)" in lines

@@ -191,6 +191,21 @@ def test_bad_input_is_refused(args: tuple[int, int, int, float], message: str) -
         tango_interval(*args)
 
 
+@pytest.mark.parametrize(
+    ("share", "needed"), [(0.0, 73), (0.02, 91), (0.05, 120), (0.10, 180), (0.20, 320), (0.30, 467)]
+)
+def test_pairs_a_tie_needs_at_the_default_margin(share: float, needed: int) -> None:
+    # README's table, tie column: b = c = round(share·n/2); `needed` passes at margin 0.05 and
+    # z = 1.96, one pair fewer does not, and neither do the next 20 sizes fail (the table's
+    # "from n on" was checked up to 4,000 pairs when it was written).
+    def passes(n: int) -> bool:
+        half = round(share * n / 2)
+        return tango_interval(n, half, half, 1.96)[0] >= -0.05
+
+    assert not passes(needed - 1)
+    assert all(passes(n) for n in range(needed, needed + 21))
+
+
 # --- properties ------------------------------------------------------------------------------
 
 
