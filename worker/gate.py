@@ -39,7 +39,9 @@ def tango_score(pairs: int, b: int, c: int, delta: float) -> float:
     = Δ: the non-negative root of 2n·q² + B·q + C = 0 with B = −b − c + (2n − b + c)·Δ and
     C = −c·Δ(1 − Δ) (derived from the multinomial likelihood of (b, c, n − b − c)). The root is
     taken in the form that does not cancel. A vanishing variance (Δ → ±1) gives ±inf by the
-    sign of the numerator (0.0 when it is 0). Decreasing in Δ; 0 at Δ = (b − c)/n.
+    sign of the numerator (0.0 when it is 0). 0 at Δ = (b − c)/n and decreasing in Δ (checked
+    on a 0.001 grid for every table with n <= 30 and for n = 50, 80, 200), so each bound of
+    `tango_interval` is the one root on its side.
     Raises ValueError when pairs <= 0, b or c is negative or b + c > pairs.
     """
     _check_counts(pairs, b, c)
