@@ -68,8 +68,8 @@ class LearningSettings(_Frozen):
         0.05,
         ge=0,
         le=1,
-        description="The lower bound of Tango's 95% score interval for the paired "
-        "(candidate - baseline) pass rate must be >= -margin.",
+        description="The lower bound of Tango's score interval (at wilson_z: 95% at 1.96) for "
+        "the paired (candidate - baseline) pass rate must be >= -margin.",
     )
     gate_first_publish_min_lower_bound: float = Field(
         0.8,
