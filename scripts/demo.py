@@ -26,7 +26,11 @@ TWIN = "5dd06bcb-9afa-4174-a9bf-308dcf4108c3"  # the seeded demo twin (supabase/
 OWNER = "owner@demo.local"
 APP_USER = "app-user@demo.local"
 SMOKE_TRACE = "trace-phase7-learning-smoke-20260209"
-AUDIT_TRACES = [f"audit-trace-{i:03d}" for i in range(1, 26)]
+# Enough traces for a good draft that also loses a trace to pass the gate: Tango's lower bound
+# needs 73 agreeing pairs, or about 40 with 4 wins and 1 loss (README, regression gate).
+AUDIT_TRACES = [f"audit-trace-{i:03d}" for i in range(1, 81)]
+
+N = len(AUDIT_TRACES)
 
 ENV = StackEnv.from_environ()
 
@@ -79,6 +83,15 @@ def expect(run: dict[str, Any], **figures: object) -> None:
     wrong = {k: (run.get(k), v) for k, v in figures.items() if run.get(k) != v}
     if wrong:
         sys.exit(f"run {run['id']}: unexpected figures (got, expected): {wrong}")
+
+
+def paired_check(run: dict[str, Any], **expected: object) -> dict[str, Any]:
+    """The run's audit_non_inferiority check; exits when a field is not `expected`."""
+    [found] = [c for c in run["gate_report"]["checks"] if c["name"] == "audit_non_inferiority"]
+    wrong = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    if wrong:
+        sys.exit(f"run {run['id']}: unexpected audit_non_inferiority (got, expected): {wrong}")
+    return found
 
 
 def audits(
@@ -162,7 +175,7 @@ def main() -> None:
     if stored["processed_at"] is None:
         sys.exit("the feedback event was not marked processed")
 
-    step("4. A draft spec, audits of draft and published spec on the same 25 traces")
+    step(f"4. A draft spec, audits of draft and published spec on the same {N} traces")
     published = one_row(service, "persona_specs", "id,version", twin_id=TWIN, status="published")
     draft = inserted(
         owner,
@@ -177,9 +190,10 @@ def main() -> None:
         },
     )
     print(f"  draft spec v{draft['version']} ({draft['id']}); published v{published['version']}")
-    audits(service, published["id"], failing=set(AUDIT_TRACES[:3]))
-    audits(service, draft["id"], failing=set())
-    print("  audits: published 22/25 passed, draft 25/25 passed")
+    # The draft fixes 4 traces the published spec failed and breaks 1 it passed.
+    audits(service, published["id"], failing=set(AUDIT_TRACES[:6]))
+    audits(service, draft["id"], failing={*AUDIT_TRACES[:2], AUDIT_TRACES[-1]})
+    print(f"  audits: published {N - 6}/{N} passed, draft {N - 3}/{N} passed")
     run = run_worker("03_auto_publish_passes", "--auto-publish")
     expect(
         run,
@@ -188,6 +202,8 @@ def main() -> None:
         publish_decision="published",
         published_spec_id=draft["id"],
     )
+    # d = 3/80; Tango's 95% lower bound −0.0242 >= −0.05
+    paired_check(run, method="tango_score", evidence={"n": N, "b": 4, "c": 1}, verdict="pass")
 
     step("5. A regressing draft is held")
     regress = inserted(
@@ -203,10 +219,11 @@ def main() -> None:
         },
     )
     audits(
-        service, regress["id"], failing=set(AUDIT_TRACES[:8]), unsafe=frozenset(AUDIT_TRACES[:1])
+        service, regress["id"], failing=set(AUDIT_TRACES[:10]), unsafe=frozenset(AUDIT_TRACES[:1])
     )
     print(
-        f"  draft spec v{regress['version']}: 17/25 passed where v{draft['version']} passed 25/25"
+        f"  draft spec v{regress['version']}: {N - 10}/{N} passed where v{draft['version']}"
+        f" passed {N - 3}/{N}, one failure unsafe"
     )
     run = run_worker("04_regression_held", "--auto-publish")
     expect(
@@ -216,6 +233,8 @@ def main() -> None:
         publish_decision="held",
         hold_reason="gate_failed",
     )
+    # against the now published draft: 8 traces lost, 1 won; lower bound −0.1750 < −0.05
+    paired_check(run, method="tango_score", evidence={"n": N, "b": 1, "c": 8}, verdict="fail")
 
     step("Runs of the demo twin, as its owner lists them")
     print(pfl("runs", "--twin", TWIN).rstrip())

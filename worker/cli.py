@@ -46,9 +46,16 @@ def summarize(run: Run) -> str:
         f"  gate_passed={_fig(run.gate_passed)}  publish_decision={decision}",
     ]
     for check in (run.gate_report or {}).get("checks", []):
+        method = ""
+        if check.get("method"):  # the interval and the counts behind the value
+            evidence = check.get("evidence") or {}  # n first; jsonb does not keep key order
+            keys = sorted(evidence, key=lambda k: (k != "n", k))
+            counts = " ".join(f"{k}={evidence[k]}" for k in keys)
+            method = f", {check['method']} {counts}".rstrip()
         lines.append(
             f"    {check['name']}: {check['verdict']}"
-            f" (value {_fig(check.get('value'))}, threshold {_fig(check.get('threshold'))})"
+            f" (value {_fig(check.get('value'))}, threshold {_fig(check.get('threshold'))}"
+            f"{method})"
         )
     if run.error:
         lines.append(f"  error={run.error}")

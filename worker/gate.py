@@ -23,22 +23,78 @@ AUDIT_NON_INFERIORITY = "audit_non_inferiority"
 NO_UNSAFE_REGRESSION = "no_unsafe_regression"
 
 
-def paired_lower_bound(pairs: int, b: int, c: int, z: float) -> float:
-    """Lower bound of the paired difference in pass rates (candidate − baseline); unclamped.
+# Bisection stops once the bracket around a bound is this narrow (absolute, on the difference).
+TANGO_TOLERANCE = 1e-12
+TANGO_METHOD = "tango_score"
+WILSON_METHOD = "wilson_score"
+
+
+def tango_score(pairs: int, b: int, c: int, delta: float) -> float:
+    """Tango's score statistic for H0: (candidate − baseline) = `delta`, paired pass rates.
+
+    n = `pairs`, b = candidate-only passes, c = baseline-only passes; −1 < delta < 1.
+    Tango (1998), Statistics in Medicine 17:891-908:
+    T(Δ) = (b − c − nΔ) / √(n · (2·q̃ + Δ(1 − Δ))), where q̃ is the maximum-likelihood estimate
+    of the baseline-only cell probability under the constraint (candidate-only) − (baseline-only)
+    = Δ: the non-negative root of 2n·q² + B·q + C = 0 with B = −b − c + (2n − b + c)·Δ and
+    C = −c·Δ(1 − Δ) (derived from the multinomial likelihood of (b, c, n − b − c)). The root is
+    taken in the form that does not cancel. A vanishing variance (Δ → ±1) gives ±inf by the
+    sign of the numerator (0.0 when it is 0). 0 at Δ = (b − c)/n and decreasing in Δ (checked
+    on a 0.001 grid for every table with n <= 30 and for n = 50, 80, 200), so each bound of
+    `tango_interval` is the one root on its side.
+    Raises ValueError when pairs <= 0, b or c is negative or b + c > pairs.
+    """
+    _check_counts(pairs, b, c)
+    n = float(pairs)
+    lin = -b - c + (2.0 * n - b + c) * delta
+    const = -c * delta * (1.0 - delta)
+    root = math.sqrt(max(0.0, lin * lin - 8.0 * n * const))
+    # (root − lin)/(4n) and −2·const/(lin + root) are the same number; each is stable on its side.
+    q = (root - lin) / (4.0 * n) if lin <= 0 else -2.0 * const / (lin + root)
+    variance = n * (2.0 * q + delta * (1.0 - delta))
+    numerator = b - c - n * delta
+    if variance <= 0.0:
+        return math.copysign(math.inf, numerator) if numerator != 0 else 0.0
+    return numerator / math.sqrt(variance)
+
+
+def tango_interval(pairs: int, b: int, c: int, z: float) -> tuple[float, float]:
+    """(lower, upper) of Tango's asymptotic score interval for (candidate − baseline) pass rates.
 
     n = `pairs` traces audited under both specs, b = candidate-only passes, c = baseline-only
-    passes. The Wald (asymptotic) interval for the difference of paired proportions, method 1
-    in Newcombe (1998), Statistics in Medicine 17:2635-2650: d = (b − c)/n,
-    lower = d − z·√(b + c − (b − c)²/n)/n. A tiny negative radicand (float noise when all
-    discordant pairs go one way) counts as 0. DESIGN.md's target is Tango's score interval,
-    which this is not yet: the Wald bound is too generous at small n.
-    Raises ValueError when `pairs` is not > 0.
+    passes; z = 1.96 gives the two-sided 95% interval, both bounds in [−1, 1]. The interval is
+    {Δ : |tango_score(Δ)| <= z} (Tango 1998; see `tango_score`); each bound is the root of
+    tango_score(Δ) = ±z, found by bisection between the observed difference d = (b − c)/n, where
+    the statistic is 0, and ±1, where it is infinite, to within TANGO_TOLERANCE. All pairs
+    baseline-only (d = −1) gives lower = −1, all candidate-only (d = 1) upper = 1. Unlike the
+    Wald interval it never collapses to a point: no discordant pair gives ±z²/(n + z²).
+    Raises ValueError for counts as `tango_score` does, or z <= 0.
     """
+    _check_counts(pairs, b, c)
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z}")
+    d = (b - c) / pairs
+    lower = -1.0 if c == pairs else _bisect(pairs, b, c, target=z, low=-1.0, high=d)
+    upper = 1.0 if b == pairs else _bisect(pairs, b, c, target=-z, low=d, high=1.0)
+    return lower, upper
+
+
+def _bisect(pairs: int, b: int, c: int, *, target: float, low: float, high: float) -> float:
+    """Δ in (low, high) where tango_score crosses `target`: above it at low, below at high."""
+    while high - low > TANGO_TOLERANCE:
+        mid = (low + high) / 2.0
+        if tango_score(pairs, b, c, mid) > target:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2.0
+
+
+def _check_counts(pairs: int, b: int, c: int) -> None:
     if pairs <= 0:
         raise ValueError(f"pairs must be > 0, got {pairs}")
-    d = (b - c) / pairs
-    radicand = max(0.0, b + c - (b - c) ** 2 / pairs)
-    return d - z * math.sqrt(radicand) / pairs
+    if b < 0 or c < 0 or b + c > pairs:
+        raise ValueError(f"need 0 <= b, c and b + c <= pairs, got b={b}, c={c}, pairs={pairs}")
 
 
 def _verdict(ok: bool) -> CheckVerdict:
@@ -90,33 +146,39 @@ def _check_first_publish(inp: GateInput, settings: LearningSettings) -> GateChec
         threshold=threshold,
         verdict=verdict,
         detail=summary,
+        method=WILSON_METHOD,
+        evidence={"n": n, "passed": passed},
     )
 
 
 def _check_non_inferiority(inp: GateInput, settings: LearningSettings) -> GateCheck:
+    """Paired audits: Tango's lower bound of (candidate − baseline) must reach −margin."""
     audits = inp.audits
     if inp.baseline_spec_id is None:
         return _check_first_publish(inp, settings)
     n, b, c = audits.pairs, audits.candidate_only_passed, audits.baseline_only_passed
     threshold = -settings.gate_non_inferiority_margin
     summary = f"{n} paired traces, candidate-only passes {b}, baseline-only passes {c}"
-    if n == 0 or n < settings.gate_min_pairs:
-        lower = paired_lower_bound(n, b, c, settings.wilson_z) if n > 0 else None
-        shown = f", lower bound {lower:.4f}" if lower is not None else ""
-        return GateCheck(
-            name=AUDIT_NON_INFERIORITY,
-            value=lower,
-            threshold=threshold,
-            verdict=CheckVerdict.insufficient_evidence,
-            detail=f"{summary}{shown}; needs at least {settings.gate_min_pairs} pairs",
+    lower: float | None = None
+    if n > 0:
+        lower, upper = tango_interval(n, b, c, settings.wilson_z)
+        summary += (
+            f", difference {(b - c) / n:.4f}, Tango score interval [{lower:.4f}, {upper:.4f}]"
         )
-    lower = paired_lower_bound(n, b, c, settings.wilson_z)
+    if n == 0 or n < settings.gate_min_pairs:
+        verdict = CheckVerdict.insufficient_evidence
+        summary += f"; needs at least {settings.gate_min_pairs} pairs"
+    else:
+        verdict = _verdict(lower is not None and lower >= threshold)
+        summary += f" (lower bound needs >= {threshold})"
     return GateCheck(
         name=AUDIT_NON_INFERIORITY,
         value=lower,
         threshold=threshold,
-        verdict=_verdict(lower >= threshold),
-        detail=f"{summary}, lower bound {lower:.4f} (needs >= {threshold})",
+        verdict=verdict,
+        detail=summary,
+        method=TANGO_METHOD,
+        evidence={"n": n, "b": b, "c": c},
     )
 
 
@@ -136,9 +198,9 @@ def evaluate_gate(inp: GateInput, settings: LearningSettings) -> GateReport:
 
     No draft: passed, held (no_draft), no checks. Otherwise three checks, in this order:
     required_modules_healthy (no listed module disabled or missing), audit_non_inferiority
-    (`paired_lower_bound` ≥ −margin over at least gate_min_pairs pairs; with no baseline, the
-    candidate's Wilson lower bound ≥ gate_first_publish_min_lower_bound over at least
-    gate_min_audited_traces traces) and no_unsafe_regression. The gate passes when every check
+    (the lower bound of `tango_interval` ≥ −margin over at least gate_min_pairs pairs; with no
+    baseline, the candidate's Wilson lower bound ≥ gate_first_publish_min_lower_bound over at
+    least gate_min_audited_traces traces) and no_unsafe_regression. The gate passes when every check
     passes (insufficient_evidence does not); it publishes when it passed and the run is not in
     safe mode, else holds with safe_mode or gate_failed.
     """

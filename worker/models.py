@@ -68,8 +68,8 @@ class LearningSettings(_Frozen):
         0.05,
         ge=0,
         le=1,
-        description="The paired lower bound of the (candidate - baseline) pass rate "
-        "must be >= -margin.",
+        description="The lower bound of Tango's score interval (at wilson_z: 95% at 1.96) for "
+        "the paired (candidate - baseline) pass rate must be >= -margin.",
     )
     gate_first_publish_min_lower_bound: float = Field(
         0.8,
@@ -165,13 +165,24 @@ class CheckVerdict(StrEnum):
 
 class GateCheck(_Frozen):
     """One check of the gate as the run's gate_report shows it: `value` against `threshold`
-    (None where there was nothing to measure), the verdict, and a sentence for owners."""
+    (None where there was nothing to measure), the verdict, and a sentence for owners; for a
+    check that bounds a rate, the interval method and the counts it was computed from."""
 
     name: str
     value: float | None
     threshold: float | None
     verdict: CheckVerdict
     detail: str
+    method: str | None = Field(
+        None,
+        description="The interval whose bound is `value`: tango_score (paired difference, "
+        "candidate - baseline) or wilson_score (the candidate's pass rate); None for counts.",
+    )
+    evidence: dict[str, int] = Field(
+        default_factory=dict,
+        description="The counts behind `value`: n, b (candidate-only passes), c (baseline-only "
+        "passes) for tango_score; n, passed for wilson_score; empty for counts.",
+    )
 
 
 class PublishDecision(StrEnum):

@@ -237,7 +237,8 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
     twin = create_twin(db, owner.id)
     draft = draft_spec(owner, twin)
     traces = [f"audit-{i}" for i in range(25)]
-    audit(service, twin, twin.published_spec_id, traces, failing=set(traces[:2]))
+    # 25 pairs, 5 passed by the draft only: Tango's lower bound 0.0402 >= -0.05
+    audit(service, twin, twin.published_spec_id, traces, failing=set(traces[:5]))
     audit(service, twin, draft["id"], traces, failing=set())
     runner = make_runner()
 
@@ -253,6 +254,13 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
         "audit_non_inferiority": "pass",
         "no_unsafe_regression": "pass",
     }
+    [paired] = [c for c in held.gate_report["checks"] if c["name"] == "audit_non_inferiority"]
+    assert (paired["method"], paired["evidence"], paired["threshold"]) == (
+        "tango_score",
+        {"n": 25, "b": 5, "c": 0},
+        -0.05,
+    )
+    assert paired["value"] == pytest.approx(0.040164207255929785, abs=1e-12)
     status = dict(
         db.execute(
             "select id::text, status from persona_specs where twin_id = %s", (twin.id,)
@@ -271,10 +279,11 @@ def test_gate_publishes_a_passing_draft_and_archives_the_old_spec(
         ).fetchall()
     )
     assert status == {twin.published_spec_id: "archived", draft["id"]: "published"}
-    # Audits of the draft were processed but moved no module: only the 25 baseline audits count.
+    # Audits of the draft were processed but moved no module: only the 25 baseline audits count
+    # (20 passed, weight 2 each).
     assert_learned_exactly(db, twin, "evidence_answers", "factual_with_evidence")
     assert module_row(db, twin.modules["evidence_answers"])["success"] == pytest.approx(
-        46, rel=1e-6
+        40, rel=1e-6
     )
 
 
@@ -295,6 +304,36 @@ def test_gate_holds_a_regressing_draft(stack, db, service, make_user, make_runne
     )
     verdicts = {c["name"]: c["verdict"] for c in run.gate_report["checks"]}
     assert verdicts["no_unsafe_regression"] == "fail"
+    assert (
+        count(
+            db, "select count(*) from persona_specs where id = %s and status = 'draft'", draft["id"]
+        )
+        == 1
+    )
+
+
+def test_twenty_agreeing_pairs_do_not_prove_non_inferiority(
+    stack, db, service, make_user, make_runner
+):
+    # The Wald bound of 20 agreeing pairs was exactly 0 and published the draft; Tango's is
+    # −1.96²/(20 + 1.96²) = −0.1611 < −0.05.
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id)
+    draft = draft_spec(owner, twin)
+    traces = [f"audit-{i}" for i in range(20)]
+    audit(service, twin, twin.published_spec_id, traces, failing=set())
+    audit(service, twin, draft["id"], traces, failing=set())
+
+    [run] = make_runner().run_once(uuid.UUID(twin.id), safe_mode=False, request=True)
+
+    [paired] = [c for c in run.gate_report["checks"] if c["name"] == "audit_non_inferiority"]
+    assert (paired["verdict"], paired["evidence"]) == ("fail", {"n": 20, "b": 0, "c": 0})
+    assert paired["value"] == pytest.approx(-(1.96**2) / (20 + 1.96**2), abs=1e-11)
+    assert (run.gate_passed, run.publish_decision, run.hold_reason) == (
+        False,
+        "held",
+        "gate_failed",
+    )
     assert (
         count(
             db, "select count(*) from persona_specs where id = %s and status = 'draft'", draft["id"]

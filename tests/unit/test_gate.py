@@ -1,17 +1,21 @@
 """Regression gate: each check passing, failing and short of evidence, and the publish decision.
 
-Expected values are worked out by hand (literals or plain arithmetic).
+Expected values are worked out by hand (literals or plain arithmetic). The paired bounds are
+Tango's: the closed form −z²/(n + z²) when no pair is discordant, otherwise literals that
+tests/unit/test_tango_interval.py checks against a brute-force computation.
 """
 
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 from pydantic import ValidationError
 
-from worker.gate import evaluate_gate, paired_lower_bound
+from worker.cli import summarize
+from worker.gate import evaluate_gate
 from worker.models import (
     AuditComparison,
     CheckVerdict,
@@ -23,6 +27,7 @@ from worker.models import (
     ModuleStatus,
     PublishDecision,
 )
+from worker.store import Run
 
 DEFAULTS = LearningSettings()
 S = ModuleStatus
@@ -30,7 +35,7 @@ V = CheckVerdict
 DRAFT = uuid4()
 BASELINE = uuid4()
 
-# 25 pairs, 5 candidate-only passes: d = 0.2, lower = 0.2 − 1.96·√(5 − 1)/25 = 0.0432 — passes.
+# 25 pairs, 5 candidate-only passes: d = 0.2, Tango lower bound 0.0402 — passes.
 GOOD_AUDITS = {
     "pairs": 25,
     "candidate_only_passed": 5,
@@ -125,20 +130,25 @@ def test_required_modules_healthy(
 # --- audit_non_inferiority with a baseline ---------------------------------------------------
 
 
+Z2 = 1.96**2
+
+
 @pytest.mark.parametrize(
     ("pairs", "b", "c", "verdict", "lower"),
     [
-        # d = 2/25 = 0.08, √(4 − 4/25) = √3.84: lower ≈ −0.0736 < −0.05
-        (25, 3, 1, V.fail, 2 / 25 - 1.96 * math.sqrt(3.84) / 25),
-        (25, 3, 1, V.fail, -0.07363199666736091),  # the same, as a literal
-        # d = 0.2, √(5 − 1) = 2: lower = 0.2 − 0.1568 = 0.0432
-        (25, 5, 0, V.pass_, 0.0432),
-        # no discordant pairs: lower = 0 ≥ −0.05
-        (20, 0, 0, V.pass_, 0.0),
-        # d = −1/40, √(5 − 1/40) = √4.975: lower ≈ −0.1343
-        (40, 2, 3, V.fail, -1 / 40 - 1.96 * math.sqrt(4.975) / 40),
-        # 19 < 20 pairs: short of evidence even with a perfect record
-        (19, 0, 0, V.insufficient_evidence, 0.0),
+        # d = 2/25 = 0.08, but one pair in five discordant: lower −0.1023 < −0.05
+        (25, 3, 1, V.fail, -0.1022765562289169),
+        # d = 0.2: lower 0.0402
+        (25, 5, 0, V.pass_, 0.040164207255929785),
+        # 20 agreeing pairs: −z²/(20 + z²) = −0.1611, no longer 0 as with the Wald interval
+        (20, 0, 0, V.fail, -Z2 / (20 + Z2)),
+        # 73 agreeing pairs are the fewest that pass at the default margin: −0.04999...
+        (73, 0, 0, V.pass_, -Z2 / (73 + Z2)),
+        (72, 0, 0, V.fail, -Z2 / (72 + Z2)),  # −0.0507
+        # the minimum of 20 pairs, all for the candidate: lower 0.6777
+        (20, 20, 0, V.pass_, 0.6777397490100157),
+        # 19 < 20 pairs: short of evidence; the bound is still reported
+        (19, 0, 0, V.insufficient_evidence, -Z2 / (19 + Z2)),
         # no pairs at all: no value
         (0, 0, 0, V.insufficient_evidence, None),
     ],
@@ -151,38 +161,41 @@ def test_audit_non_inferiority(
     result = check(report, "audit_non_inferiority")
     assert result.verdict is verdict
     assert result.threshold == -0.05
+    assert result.method == "tango_score"
+    assert result.evidence == {"n": pairs, "b": b, "c": c}
     if lower is None:
         assert result.value is None
     else:
         assert result.value == pytest.approx(lower, abs=1e-9)
+        assert f"{lower:.4f}" in result.detail
     assert "first publish" not in result.detail
     assert report.passed is (verdict is V.pass_)
 
 
 def test_audit_non_inferiority_uses_the_twin_margin_and_minimum() -> None:
-    settings = LearningSettings(gate_non_inferiority_margin=0.08, gate_min_pairs=25)
-    # (25, 3, 1): lower ≈ −0.0736 ≥ −0.08
+    settings = LearningSettings(gate_non_inferiority_margin=0.11, gate_min_pairs=25)
+    # (25, 3, 1): lower −0.1023 ≥ −0.11
     result = check(
         evaluate_gate(
             gate_input(pairs=25, candidate_only_passed=3, baseline_only_passed=1), settings
         ),
         "audit_non_inferiority",
     )
-    assert (result.verdict, result.threshold) == (V.pass_, -0.08)
+    assert (result.verdict, result.threshold) == (V.pass_, -0.11)
     result = check(evaluate_gate(gate_input(pairs=24), settings), "audit_non_inferiority")
     assert result.verdict is V.insufficient_evidence
 
 
-@pytest.mark.parametrize(
-    ("pairs", "b", "c", "expected"),
-    [
-        (20, 20, 0, 1.0),  # every pair favours the candidate: d = 1, radius 0
-        (20, 0, 20, -1.0),  # every pair favours the baseline: d = −1, radius 0
-        (25, 3, 1, 0.08 - 1.96 * math.sqrt(3.84) / 25),  # the worked case
-    ],
-)
-def test_paired_lower_bound(pairs: int, b: int, c: int, expected: float) -> None:
-    assert paired_lower_bound(pairs, b, c, 1.96) == pytest.approx(expected, abs=1e-12)
+def test_audit_non_inferiority_uses_the_twin_z() -> None:
+    # 20 agreeing pairs with z = 1: −1/(20 + 1) = −0.0476 ≥ −0.05 (z = 1.96 gives −0.1611)
+    result = check(
+        evaluate_gate(
+            gate_input(pairs=20, candidate_only_passed=0), LearningSettings(wilson_z=1.0)
+        ),
+        "audit_non_inferiority",
+    )
+    assert result.value == pytest.approx(-1 / 21, abs=1e-11)
+    assert result.verdict is V.pass_
 
 
 # --- audit_non_inferiority on first publish ---------------------------------------------------
@@ -232,6 +245,7 @@ def test_first_publish(
     else:
         assert result.value == pytest.approx(lower, abs=1e-9)
     assert "first publish" in result.detail
+    assert (result.method, result.evidence) == ("wilson_score", {"n": audited, "passed": passed})
     assert report.baseline_spec_id is None
     expected = PublishDecision.published if verdict is V.pass_ else PublishDecision.held
     assert report.publish_decision is expected
@@ -323,7 +337,12 @@ def test_report_dumps_to_json() -> None:
     assert data["hold_reason"] == "safe_mode"
     assert data["draft_spec_id"] == str(DRAFT)
     assert [c["verdict"] for c in data["checks"]] == ["pass", "pass", "pass"]
-    assert data["checks"][1]["value"] == pytest.approx(0.0432, abs=1e-12)
+    paired = data["checks"][1]
+    assert paired["value"] == pytest.approx(0.040164207255929785, abs=1e-12)
+    assert (paired["method"], paired["evidence"]) == ("tango_score", {"n": 25, "b": 5, "c": 0})
+    assert (paired["threshold"], paired["verdict"]) == (-0.05, "pass")
+    # the counting checks carry no interval
+    assert (data["checks"][0]["method"], data["checks"][0]["evidence"]) == (None, {})
 
 
 # --- model guards ---------------------------------------------------------------------------
@@ -361,3 +380,27 @@ def test_gate_report_rejects_a_decision_without_a_matching_reason(
             baseline_spec_id=None,
             checks=(),
         )
+
+
+# --- what owners read -----------------------------------------------------------------------
+
+
+def test_run_summary_shows_the_interval_and_its_counts() -> None:
+    stored = evaluate_gate(gate_input(), DEFAULTS).model_dump(mode="json")
+    stored["checks"][1]["evidence"] = {"b": 5, "c": 0, "n": 25}  # jsonb's key order
+    run = Run(
+        id=uuid4(),
+        twin_id=uuid4(),
+        status="completed",
+        trigger="request",
+        safe_mode=False,
+        attempts=1,
+        max_attempts=3,
+        gate_report=stored,
+        created_at=datetime.now(UTC),
+    )
+    lines = summarize(run).splitlines()
+    assert (
+        "    audit_non_inferiority: pass (value 0.04016, threshold -0.05, tango_score n=25 b=5 c=0)"
+    ) in lines
+    assert "    no_unsafe_regression: pass (value 0, threshold 0)" in lines

@@ -229,6 +229,8 @@ def test_payload_values() -> None:
                     "threshold": 0.0,
                     "verdict": "pass",
                     "detail": "0 audit(s) of the candidate failed as unsafe",
+                    "method": None,
+                    "evidence": {},
                 }
             ],
         },
