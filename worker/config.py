@@ -57,6 +57,18 @@ class WorkerSettings(BaseSettings):
     )
     langfuse_public_key: str | None = Field(None, description="Langfuse project public key.")
     langfuse_secret_key: SecretStr | None = Field(None, description="Langfuse project secret key.")
+    langfuse_tracing_environment: str | None = Field(
+        None,
+        description="Langfuse's own variable for the environment of traces (its SDKs read it); "
+        "the default of PFL_LANGFUSE_ENVIRONMENT.",
+    )
+    pfl_langfuse_environment: str | None = Field(
+        None,
+        description="The Langfuse environment of the feedback scores (lowercase letters, digits, "
+        "'-', '_'; at most 40; not starting with 'langfuse'): set it to the environment of the "
+        "traces. Default: LANGFUSE_TRACING_ENVIRONMENT, else `default`. Checked when the mirror "
+        "starts.",
+    )
     pfl_langfuse_batch_size: int = Field(
         100, ge=1, le=1000, description="Outbox rows claimed and sent per Langfuse request batch."
     )
@@ -88,3 +100,20 @@ class WorkerSettings(BaseSettings):
     def langfuse_configured(self) -> bool:
         """Whether Langfuse's host and both keys are set (else feedback stays local)."""
         return bool(self.langfuse_host and self.langfuse_public_key and self.langfuse_secret_key)
+
+    @property
+    def langfuse_missing(self) -> list[str]:
+        """The Langfuse settings missing when some, not all, are set (a configuration that
+        cannot work); empty when all or none are set."""
+        values = {
+            "LANGFUSE_HOST": self.langfuse_host,
+            "LANGFUSE_PUBLIC_KEY": self.langfuse_public_key,
+            "LANGFUSE_SECRET_KEY": self.langfuse_secret_key,
+        }
+        missing = [name for name, value in values.items() if not value]
+        return missing if len(missing) < len(values) else []
+
+    @property
+    def langfuse_environment(self) -> str:
+        """The environment the scores are sent with (see PFL_LANGFUSE_ENVIRONMENT)."""
+        return self.pfl_langfuse_environment or self.langfuse_tracing_environment or "default"
