@@ -110,7 +110,7 @@ class ScoreItem(BaseModel):
     Langfuse then replaces the score instead of adding one. `event_id` is the outbox row.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     event_id: int = Field(ge=1, le=_ENVELOPE_SPAN)
     score_id: str = Field(min_length=1, max_length=800)
@@ -198,6 +198,8 @@ class LangfuseSender:
         self.timeout_seconds = float(timeout_seconds)
         self.batch_size = batch_size
         self.max_request_bytes = max_request_bytes
+        self.version: tuple[int, int, int] | None = None
+        """The server's version once `check` passed; None before."""
         self._http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
@@ -225,8 +227,9 @@ class LangfuseSender:
     def check(self) -> tuple[int, int, int]:
         """Ask the server its version (`GET /api/public/health`, no auth) and try the keys with
         an empty batch (`POST /api/public/ingestion {"batch": []}`, which stores nothing).
-        Returns the version. Raises LangfuseConfigError when the host, the keys or the version
-        cannot work, LangfuseUnavailable when the server cannot be asked now."""
+        Returns the version (and keeps it as `version`). Raises LangfuseConfigError when the
+        host, the keys or the version cannot work, LangfuseUnavailable when the server cannot be
+        asked now."""
         answer = self._request("GET", HEALTH_PATH)
         if answer.is_redirect:
             raise LangfuseConfigError(self._redirected(answer))
@@ -249,7 +252,8 @@ class LangfuseSender:
             raise LangfuseConfigError(self._redirected(probe))
         empty = _json_object(probe)
         if probe.status_code == 207 and empty == {"successes": [], "errors": []}:
-            return version  # the documented answer to an empty batch: the keys work
+            self.version = version  # the documented answer to an empty batch: the keys work
+            return version
         verdict = classify(
             probe.status_code, probe.headers, probe.content, ["probe"], datetime.now(UTC)
         )["probe"]
@@ -257,6 +261,7 @@ class LangfuseSender:
             raise LangfuseConfigError(f"Langfuse at {self.host} refused the keys: {verdict.error}")
         if verdict.outcome != Outcome.wait:  # suspended or rate limited: the sends will wait
             raise LangfuseUnavailable(f"Langfuse at {self.host}: {verdict.error}")
+        self.version = version
         return version
 
     def _redirected(self, answer: httpx.Response) -> str:

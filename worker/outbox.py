@@ -58,11 +58,9 @@ class OutboxDrainer:
     One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
-    first send the drainer checks the server (`LangfuseSender.check`): a host, key pair or
-    version that cannot work becomes the `config_error`; a server that cannot be asked now is
-    checked again on the next pass. A score fails for good after `max_attempts` deliveries;
-    claimed rows stay hidden from other workers for `visibility_seconds`. The store's errors
-    propagate.
+    first send the drainer checks the server (`ready`). A score fails for good after
+    `max_attempts` deliveries; claimed rows stay hidden from other workers for
+    `visibility_seconds`. The store's errors propagate.
     """
 
     def __init__(
@@ -84,27 +82,29 @@ class OutboxDrainer:
         self.visibility_seconds = visibility_seconds
         self.config_error = config_error
         self._reported = False
-        self._checked = False
 
     def ready(self) -> bool:
-        """Whether a pass may send: checks the server once (see the class docstring); False
-        when the configuration cannot work (logged once, as an error)."""
-        if self.config_error is None and self.sender is not None and not self._checked:
+        """Whether a pass may claim rows. The sender's server is checked once (until a check
+        passes): a host, key pair or version that cannot work becomes the `config_error` (logged
+        once, as an error; False from then on); a server that cannot be asked now (down, hanging,
+        5xx) makes this pass a no-op, rows untouched (False), and is checked again next pass."""
+        sender = self.sender
+        if self.config_error is None and sender is not None and sender.version is None:
             try:
-                version = self.sender.check()
+                version = sender.check()
             except LangfuseConfigError as exc:
                 self.config_error = str(exc)
             except LangfuseUnavailable as exc:
-                logger.warning("Langfuse not checked yet", extra={"why": str(exc)})
+                logger.warning("Langfuse not reachable; outbox rows wait", extra={"why": str(exc)})
+                return False
             else:
-                self._checked = True
                 logger.info(
                     "Langfuse mirror ready",
                     extra={
-                        "host": self.sender.host,
+                        "host": sender.host,
                         "version": ".".join(map(str, version)),
                         "generation": generation(version),
-                        "environment": self.sender.environment,
+                        "environment": sender.environment,
                     },
                 )
         if self.config_error is not None:
@@ -119,8 +119,8 @@ class OutboxDrainer:
         return True
 
     def drain_once(self) -> int:
-        """Handles one batch of due rows; returns how many rows it handled (0 when the
-        configuration cannot work: rows stay pending)."""
+        """Handles one batch of due rows; returns how many rows it handled (0, rows untouched,
+        when the configuration cannot work or the server cannot be checked)."""
         if not self.ready():
             return 0
         if self.sender is None:
