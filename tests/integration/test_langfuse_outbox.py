@@ -13,6 +13,7 @@ stands for the passage of time.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -923,3 +924,28 @@ def test_a_redirect_is_refused_and_the_rows_say_where_to(
     assert "redirected to https://" in row["last_error"] and "LANGFUSE_HOST" in row["last_error"]
     assert [(r.method, r.status) for r in standin.requests[-1:]] == [("POST", 301)]
     assert standin.scores == {}
+
+
+@pytest.mark.parametrize(
+    "delivery",
+    [
+        {"outcome": "wait", "retry_after_seconds": -1},
+        {"outcome": "retry", "retry_after_seconds": 86401},
+        {"outcome": "later"},
+    ],
+)
+def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    delivery: dict[str, Any],
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    event = vote(voter, open_twin(service, owner), "bad-record", 1)
+    before = outbox(service, [event["id"]])
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="retry_after_seconds of 0"):
+        db.execute(
+            "select public.record_langfuse_deliveries(%s::jsonb)",
+            (json.dumps([{"event_id": event["id"], "error": "x", **delivery}]),),
+        )
+    assert outbox(service, [event["id"]]) == before
