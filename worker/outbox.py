@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from worker.langfuse_sender import (
-    Delivery,
-    LangfuseConfigError,
-    LangfuseSender,
-    LangfuseUnavailable,
-    ScoreItem,
-    generation,
-    score_id_for,
-)
+from worker.langfuse_check import LangfuseConfigError, LangfuseUnavailable, check, generation
+from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
 from worker.store import DeliveryRecord, OutboxRow, Store
 
 logger = logging.getLogger(__name__)
@@ -91,7 +84,7 @@ class OutboxDrainer:
         sender = self.sender
         if self.config_error is None and sender is not None and sender.version is None:
             try:
-                version = sender.check()
+                version = check(sender)
             except LangfuseConfigError as exc:
                 self.config_error = str(exc)
             except LangfuseUnavailable as exc:
@@ -137,7 +130,8 @@ class OutboxDrainer:
         for d in deliveries:
             counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
         errors = sorted({d.error for d in deliveries if d.error})
-        logger.info("outbox batch delivered", extra={**counts, "errors": errors[:3]})
+        log = logger.warning if errors else logger.info
+        log("outbox batch delivered", extra={**counts, "errors": errors[:3]})
         return len(rows)
 
     def drain(self) -> int:

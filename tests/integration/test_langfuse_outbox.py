@@ -36,6 +36,7 @@ from testkit.env import rows
 from testkit.standin import GENERATIONS, LangfuseStandin
 from tests.conftest import Stack, User, wait_for
 from worker.config import WorkerSettings
+from worker.langfuse_check import check
 from worker.langfuse_sender import LangfuseSender, score_id_for
 from worker.outbox import NOT_CONFIGURED, OutboxDrainer
 from worker.store import Store
@@ -99,7 +100,7 @@ def make_sender(standin: LangfuseStandin) -> Iterator[SenderFactory]:
         )
         made.append(sender)
         if checked:
-            sender.check()
+            check(sender)
         return sender
 
     yield make
@@ -886,7 +887,7 @@ def test_rate_limit_and_suspension_wait_without_spending_attempts(
         LangfuseStandin(generation="cloud") as lf,
         LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
     ):
-        sender.check()
+        check(sender)
         for mode, least in (("rate_limited", 2.0), ("suspended", 300.0)):
             lf.set_mode(mode)  # type: ignore[arg-type]
             started = db_now(db)

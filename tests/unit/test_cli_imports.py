@@ -28,5 +28,6 @@ def test_the_cli_loads_no_mirror_module_until_it_drains() -> None:
 
 def test_the_outbox_loads_the_sender_and_no_sdk() -> None:
     assert loaded_mirror_modules("worker.outbox") == (
-        "['worker.langfuse_response', 'worker.langfuse_sender', 'worker.outbox']"
+        "['worker.langfuse_check', 'worker.langfuse_response', 'worker.langfuse_sender', "
+        "'worker.outbox']"
     )

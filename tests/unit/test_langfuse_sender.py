@@ -13,18 +13,15 @@ import pytest
 from pydantic import ValidationError
 
 from testkit.standin import GENERATIONS, INGESTION_PATH, Generation, LangfuseStandin
-from worker.langfuse_response import Outcome
-from worker.langfuse_sender import (
-    Delivery,
+from worker.langfuse_check import (
     LangfuseConfigError,
-    LangfuseSender,
     LangfuseUnavailable,
-    ScoreItem,
-    check_host,
+    check,
     generation,
     parse_version,
-    score_id_for,
 )
+from worker.langfuse_response import Outcome
+from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, check_host, score_id_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -89,7 +86,7 @@ def parse_ts(text: str) -> datetime:
 def test_check_reads_the_version_and_tries_the_keys_without_storing(
     standin: LangfuseStandin, sender: LangfuseSender
 ) -> None:
-    version = sender.check()
+    version = check(sender)
 
     assert ".".join(map(str, version)) == standin.version
     health, probe = standin.requests
@@ -213,7 +210,7 @@ def test_usage_suspension_waits(cloud: LangfuseStandin) -> None:
     with sender_for(cloud) as sender:
         deliveries = sender.send(make_items(3))
         # the keys work: the check passes, and the sends wait until the suspension lifts
-        assert sender.check() == (4, 61, 0)
+        assert check(sender) == (4, 61, 0)
 
     assert outcomes(deliveries) == {Outcome.wait}
     assert deliveries[0].error is not None and "Ingestion suspended" in deliveries[0].error
@@ -232,7 +229,7 @@ def test_wrong_secret_fails_with_401_after_exactly_one_request(standin: Langfuse
     with sender_for(standin, secret_key="sk-wrong") as sender:
         deliveries = sender.send(make_items(250))
         with pytest.raises(LangfuseConfigError, match="refused the keys: HTTP 401"):
-            sender.check()
+            check(sender)
 
     assert outcomes(deliveries) == {Outcome.failed}
     assert all(d.error is not None and d.error.startswith("HTTP 401") for d in deliveries)
@@ -283,7 +280,7 @@ def test_a_redirect_is_refused_never_followed(standin: LangfuseStandin) -> None:
     with sender_for(standin) as sender:
         deliveries = sender.send(make_items(3))
         with pytest.raises(LangfuseConfigError, match="redirects .* https://"):
-            sender.check()
+            check(sender)
 
     assert outcomes(deliveries) == {Outcome.retry}
     assert deliveries[0].error is not None and "LANGFUSE_HOST" in deliveries[0].error
@@ -324,7 +321,7 @@ def test_connection_refused_means_retry_and_recovers_on_restart(
 
     deliveries = sender.send(items)
     with pytest.raises(LangfuseUnavailable, match="connection refused"):
-        sender.check()
+        check(sender)
 
     assert outcomes(deliveries) == {Outcome.retry}
     assert deliveries[0].error == "connection refused"
@@ -350,7 +347,7 @@ def test_hang_means_retry_within_the_timeout(standin: LangfuseStandin) -> None:
 def test_a_server_too_old_is_refused_at_the_check() -> None:
     with LangfuseStandin(generation="v3", version="3.48.2") as lf, sender_for(lf) as sender:
         with pytest.raises(LangfuseConfigError, match=r"3\.48\.2 .* too old"):
-            sender.check()
+            check(sender)
         assert [r.path for r in lf.requests] == ["/api/public/health"]
 
 
@@ -477,6 +474,8 @@ def test_constructor_rejects_bad_settings() -> None:
         LangfuseSender("http://localhost:3000", "pk", "sk", 0)
     with pytest.raises(ValueError):
         LangfuseSender("http://localhost:3000", "pk", "sk", 1.0, batch_size=0)
+    with pytest.raises(ValueError):
+        LangfuseSender("http://localhost:3000", "pk", "sk", 1.0, max_request_bytes=1023)
 
 
 def test_versions_and_generations() -> None:
