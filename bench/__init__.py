@@ -22,9 +22,10 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    and nginx spend per request. Target: the median of the paired ratios ≥ 0.85; every answer
    2xx and every 2xx a row. wrk against an nginx no-op location shows the load generator is not
    the bottleneck.
-5. Langfuse drain: 10,000 pending outbox rows drained by `pfl outbox drain` to the Langfuse
+5. Langfuse drain, once per server generation the stand-in models (v3, v4, v4.59, cloud):
+   10,000 pending outbox rows (quick: 2,000) drained by `pfl outbox drain` to the Langfuse
    stand-in; floor: the same scores sent by the worker's LangfuseSender alone. Target: requests
-   ≤ rows / 50; every score received exactly once.
+   ≤ rows / 50; every score received exactly once, no score on two days of the score table.
 
 Bulk data is written as the postgres superuser with `session_replication_role = replica` (no
 triggers, no foreign-key checks), so the generator fills in what the insert trigger would.

@@ -24,7 +24,7 @@ SIZES: dict[str, dict[str, int]] = {
         "history_trials": 5,
         "ingest_seconds": 5,
         "ingest_rounds": 8,
-        "outbox_rows": 10_000,
+        "outbox_rows": 10_000,  # per server generation (four)
     },
     "quick": {
         "learn_events": 200_000,
@@ -35,7 +35,7 @@ SIZES: dict[str, dict[str, int]] = {
         "history_trials": 3,
         "ingest_seconds": 3,
         "ingest_rounds": 2,
-        "outbox_rows": 10_000,
+        "outbox_rows": 2_000,  # per server generation (four)
     },
 }
 MODULES = 50

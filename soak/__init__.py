@@ -21,10 +21,12 @@ SIGTERM and checks five properties, and that the soak itself ran as planned (PAS
 The summary goes to stdout and to soak-results/soak-<timestamp>.json; the exit status is 1 when
 a check fails.
 
-The stand-in runs as `python -m testkit.standin --port P --state-file F` (launched by
-testkit.standin_process) in a process of its own which, when stopped (SIGTERM), first stops
-serving (joining every request handler) and then writes the scores it received, so that no
-receipt is lost across its restarts.
+The stand-in runs as `python -m testkit.standin --port P --generation G --state-file F`
+(launched by testkit.standin_process) in a process of its own which, when stopped (SIGTERM),
+first stops serving (joining every request handler) and then writes the scores it received, so
+that no receipt is lost across its restarts. Each start runs the next Langfuse server generation
+(v3, cloud, v4, v4.59): the planned "Langfuse down" brings it back as another, so every soak runs
+against at least two.
 
 Modules: config (sizes, timings), world (users, twins), clients (apps, audit pipeline),
 processes (workers), faults (plan, injector), drain, checks, __main__ (the run and its summary).

@@ -26,6 +26,8 @@ from testkit.env import ROOT, StackEnv, StackEnvMissing, stack_dir
 from testkit.standin_process import StandinProcess
 from testkit.world import connect
 
+GENERATION_ROTATION = ("v3", "cloud", "v4", "v4.59")
+
 DESCRIPTION = (PACKAGE_DOC or "").split("\n\n")[0]
 
 
@@ -85,8 +87,11 @@ def main(argv: list[str]) -> int:
 
     db = connect(env.database_url)
     world = create_world(db)
+    # Each time Langfuse comes back after "down" it is another server generation: one soak
+    # covers at least two (the plan always takes Langfuse down once).
     standin = StandinProcess(args.langfuse_port, state_dir=work_dir,
-                             on_spawn=lambda proc: remember_child(work_dir, proc))
+                             on_spawn=lambda proc: remember_child(work_dir, proc),
+                             generation=GENERATION_ROTATION)
     workers = Workers(args.workers, env, standin.worker_env(), work_dir)
     clients = Clients(world, env, args.seed, args.seconds, args.max_requests)
     timings: dict[str, float] = {}
@@ -119,7 +124,8 @@ def main(argv: list[str]) -> int:
     t2 = time.monotonic()
     db.close()
     db = connect(env.database_url)  # the first one saw a restart
-    checks = Checks(db, clients.attempts, receipts, workers.permanent_failures()).all()
+    checks = Checks(db, clients.attempts, receipts, workers.permanent_failures(),
+                    standin.duplicates()).all()
     checks.insert(0, harness_check(drained, drain_s, drain_state, faults.errors, worker_exits))
     timings["checks_s"] = round(time.monotonic() - t2, 1)
     summary = {
@@ -135,6 +141,7 @@ def main(argv: list[str]) -> int:
         "runs": run_figures(db),
         "langfuse": {"score_requests_by_status": dict(score_requests),
                      "stand_in_instances": len(standin.instances),
+                     "generations": standin.generations_run,
                      "scores_received": sum(len(v) for v in receipts.values())},
         "workers": {"spawned": workers.spawned, "exits": workers.exits,
                     "log_warnings": dict(workers.log_warnings())},
@@ -166,7 +173,7 @@ def print_summary(summary: dict[str, Any], checks: list[Check]) -> None:
     lf = summary["langfuse"]
     print(f"scores received: {lf['scores_received']} "
           f"(requests by status {lf['score_requests_by_status']}, "
-          f"{lf['stand_in_instances']} stand-in processes)")
+          f"{lf['stand_in_instances']} stand-in processes: {', '.join(lf['generations'])})")
     print(f"worker warnings: {summary['workers']['log_warnings']}")
     print(f"\n{'PASSED' if summary['passed'] else 'FAILED'}")
 

@@ -35,9 +35,13 @@ class Checks:
     """The five properties, read from the database (as superuser) and the stand-in's receipts."""
 
     def __init__(self, db: psycopg.Connection, attempts: list[Attempt],
-                 receipts: dict[str, list[dict[str, Any]]], permanent_failures: list[str]) -> None:
+                 receipts: dict[str, list[dict[str, Any]]], permanent_failures: list[str],
+                 table_duplicates: dict[str, int] | None = None) -> None:
+        """`table_duplicates`: score ids with rows on more than one day of the stand-ins'
+        score tables (Langfuse's key: day, name, id), i.e. a vote counted twice."""
         self.db, self.attempts, self.receipts = db, attempts, receipts
         self.permanent_failures = permanent_failures
+        self.table_duplicates = table_duplicates or {}
 
     def all(self) -> list[Check]:
         return [self.acknowledged_stored(), self.processed_once(), self.evidence_exact(),
@@ -215,6 +219,9 @@ class Checks:
                                 f"{latest.get('timestamp')}, first vote at {first_at.isoformat()}")
             if (latest.get("metadata") or {}).get("event_id") != event_id:
                 other_row += 1
+        if self.table_duplicates:
+            problems.append(f"{len(self.table_duplicates)} scores with rows on two days of the "
+                            f"score table: {sorted(self.table_duplicates)[:3]}")
         strays = sorted(set(self.receipts) - expected)
         if strays:
             problems.append(f"{len(strays)} score ids received that match no vote: {strays[:3]}")
@@ -233,12 +240,14 @@ class Checks:
                    "receipts": received, "duplicate_receipts": duplicates, "missing": missing,
                    "wrong_final_value": wrong_value, "wrong_timestamp": wrong_time,
                    "current_votes_not_sent": not_sent, "stray_score_ids": len(strays),
-                   "latest_receipt_from_an_older_vote_row": other_row, "outbox_by_status": outbox}
+                   "latest_receipt_from_an_older_vote_row": other_row, "outbox_by_status": outbox,
+                   "scores_on_two_days": len(self.table_duplicates)}
         summary = (f"{len(votes)} current votes: {missing} score ids missing, {wrong_value} with "
                    f"a wrong final value, {wrong_time} with a wrong timestamp, {not_sent} outbox "
                    f"rows not sent; {received} receipts of {len(self.receipts)} score ids, "
                    f"{duplicates} duplicate receipts (same score, vote row and value: re-sends); "
                    f"latest receipt from an older vote row (same value): {other_row}; "
+                   f"scores on two days of the score table: {len(self.table_duplicates)}; "
                    f"outbox {outbox}")
         return Check("5. every score delivered to Langfuse exactly once (upsert by id)",
                      not problems, [summary, *problems[:10]], figures)

@@ -30,19 +30,29 @@ from worker.models import LearningSettings
 
 # One row per (module, event that counts for it).
 COUNTED_EVIDENCE_SQL = """
-select m.id::text, e.id, e.source::text, e.score, e.passed, e.reason::text, e.created_at,
-       e.audit_of_draft
+with cursor as (
+  select learned_through_event_id as id from public.twins where id = %(twin)s
+),
+counted as (
+  -- The twin's events the cursor has passed that count: current as of the cursor (the vote
+  -- that replaced one, if any, lies beyond it) and not neutral. One hash join finds each
+  -- vote's successor.
+  select e.id, e.source::text as source, e.module_key, e.intent_label, e.score, e.passed,
+         e.reason::text as reason, e.created_at, e.audit_of_draft
+  from public.persona_training_events e
+  cross join cursor c
+  left join public.persona_training_events n
+    on n.twin_id = e.twin_id and n.supersedes_id = e.id
+  where e.twin_id = %(twin)s
+    and e.id <= c.id
+    and (e.superseded_at is null or n.id is null or n.id > c.id)
+    and (e.source = 'persona_audit' or e.score <> 0)
+)
+select m.id::text, v.id, v.source, v.score, v.passed, v.reason, v.created_at, v.audit_of_draft
 from public.persona_modules m
-join public.twins t on t.id = m.twin_id
-join public.persona_training_events e
-  on e.twin_id = m.twin_id
- and (e.module_key = m.module_key or e.module_key is null and e.intent_label = m.intent_label)
+join counted v
+  on v.module_key = m.module_key or v.module_key is null and v.intent_label = m.intent_label
 where m.twin_id = %(twin)s
-  and e.id <= t.learned_through_event_id
-  and (e.superseded_at is null
-       or not exists (select 1 from public.persona_training_events n
-                      where n.supersedes_id = e.id and n.id <= t.learned_through_event_id))
-  and (e.source = 'persona_audit' or e.score <> 0)
 """
 
 

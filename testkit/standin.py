@@ -1,31 +1,40 @@
-"""A stand-in for the Langfuse public score API, on 127.0.0.1, for tests and the local demo only.
+"""A stand-in for Langfuse's public score-writing API, on 127.0.0.1, for tests, bench and soak.
 
-It speaks the wire format the langfuse 5.x SDK uses for scores:
+One mode per server generation in use (`generation`), each accepting and refusing what that
+server's own validation does, as read in Langfuse's public source (web/src/pages/api/public/
+ingestion.ts, scores/index.ts, health.ts; packages/shared/src/server/ingestion/{types,
+processEventBatch}.ts; RateLimitService.ts) at v3.225.4 (latest v3) and v4.16.0, and, for 4.59
+and later and Cloud, as the langfuse 5.0.4 SDK's generated client documents them:
 
-- `POST /api/public/scores` with HTTP Basic auth (public key : secret key) and a JSON array of
-  scores (`id`, `traceId`, `name`, `value`, `dataType`, `comment`, `metadata`, `timestamp`, ...);
-  answers 202 `{"message": "Accepted"}`, or 207 `{"accepted": n, "rejected": m, "errors":
-  [{"message": "..."}]}` when some scores are rejected (invalid, or chosen by `partial` mode).
-  A single JSON object is the one-score form and answers 200 `{"id": ...}`.
-- 401 `{"message": ...}` for wrong or missing credentials, 429 / 500 in the modes below,
-  413 for bodies over 1,000,000 bytes, 404 elsewhere; `GET /api/public/health` answers 200.
+- `v3` (3.225.4) and `v4` (4.16.0): `POST /api/public/ingestion` takes `{"batch": [...]}` up to
+  4.5 MB and answers 207 `{"successes": [{id, status: 201}], "errors": [{id, status: 400,
+  message, error}]}`, a score taking its event's timestamp. `POST /api/public/scores` takes ONE
+  score object up to 1 MB (200 `{"id"}`; a JSON array is 400 "Invalid request data") and stamps
+  it with the time of receipt. Self-hosted: never 429, never a usage suspension.
+- `v4.59` (4.59.0) and `cloud`: ingestion the same; `POST /api/public/scores` also takes a JSON
+  array up to 1 MB (202 `{"message": "Accepted"}`, or 207 `{"accepted", "rejected", "errors":
+  [{"message"}]}`, no ids) and keeps its `timestamp`. `cloud` alone answers 429 (Retry-After,
+  X-RateLimit-*) and 403 "Ingestion suspended: Usage threshold exceeded...".
 
-Every request is recorded (`requests`), every accepted score version by id (`scores`:
-score id -> list of the versions received, oldest first). Modes switch at runtime
-(`set_mode`): `ok`, `partial` (reject chosen score ids with 207), `unauthorized` (401),
-`rate_limited` (429), `error` (500), `hang` (read the request, never answer until the mode
-changes or the server stops). "Down" is `stop()`; `start()` binds the same port again.
+Everywhere: HTTP Basic auth (public key : secret key), 401 `{"error": "UnauthorizedError",
+"message"}` for missing or wrong keys; 413 above the body limit; 405 for other methods on these
+paths; `GET /api/public/health` answers 200 `{"status": "OK", "version"}` without auth.
 
-    with LangfuseStandin() as lf:
-        sender = LangfuseSender(lf.url, lf.public_key, lf.secret_key, 1.0)
-        lf.set_mode("error")
+Scores are stored as Langfuse's score table keys them: one row per (day of the timestamp, name,
+id), the latest write replacing the row (`table`); a score id with rows on two days is a
+duplicate (`duplicates()`). `scores` keeps every version received per score id, oldest first.
+The stand-in's clock (`advance(days=…)`) moves "today" to show what a vote changed on another day
+does.
 
-As a process (for the bench and soak runs; `testkit.standin_process` launches it):
-`python -m testkit.standin --port 3000` prints the URL on its first stdout line and serves until
-SIGINT/SIGTERM. Another process can switch its mode with `POST /_standin/mode {"mode": "error"}`
-and read `GET /_standin/state`. With `--state-file F` it writes, once stopped (every request
-handler joined), the scores it received and its score requests by status to F, so that no
-receipt is lost across restarts.
+Faults switch at runtime (`set_mode`): `ok`, `partial` (reject chosen score ids in the 207),
+`unauthorized` (401), `rate_limited` (429, cloud), `suspended` (403, cloud), `error` (500),
+`redirect` (301 to https://, as an http→https proxy would), `hang` (read the request, never answer
+until the mode changes or the server stops). "Down" is `stop()`; `start()` binds the same port.
+
+As a process (`testkit.standin_process`): `python -m testkit.standin --port P --generation G`
+prints the URL on its first stdout line and serves until SIGINT/SIGTERM; `POST /_standin/mode
+{"mode": …}`, `POST /_standin/clock {"days": n}`, `POST /_standin/clear`, `GET /_standin/state`.
+With `--state-file F` it writes, once stopped (every handler joined), what it received to F.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import signal
 import socket
 import socketserver
@@ -45,21 +55,33 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, Self, cast, get_args
 
-Mode = Literal["ok", "partial", "unauthorized", "rate_limited", "error", "hang"]
+Generation = Literal["v3", "v4", "v4.59", "cloud"]
+GENERATIONS: tuple[Generation, ...] = get_args(Generation)
+VERSIONS: dict[str, str] = {"v3": "3.225.4", "v4": "4.16.0", "v4.59": "4.59.0", "cloud": "4.61.0"}
+"""What each generation's health endpoint reports (cloud: a stand-in value of 4.59 or later)."""
+Mode = Literal[
+    "ok", "partial", "unauthorized", "rate_limited", "suspended", "error", "redirect", "hang"
+]
 MODES: tuple[str, ...] = get_args(Mode)
+CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
 
 SCORES_PATH = "/api/public/scores"
+INGESTION_PATH = "/api/public/ingestion"
 HEALTH_PATH = "/api/public/health"
 ADMIN_PREFIX = "/_standin/"
-MAX_BODY_BYTES = 1_000_000
+INGESTION_LIMIT = int(4.5 * 1024 * 1024)  # Next.js bodyParser sizeLimit "4.5mb"
+SCORES_LIMIT = 1024 * 1024  # the default "1mb"
 INVALID_CREDENTIALS = "Invalid credentials. Confirm that you've configured the correct host."
+SUSPENDED = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
+RETRY_AFTER_SECONDS = 2
 _DATA_TYPES = frozenset({"NUMERIC", "BOOLEAN", "CATEGORICAL", "TEXT", "CORRECTION"})
+_ISO_OFFSET = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
 
 @dataclass(frozen=True)
@@ -79,27 +101,51 @@ class RecordedRequest:
     status: int | None
     """Status answered; None when the stand-in did not answer (hang)."""
 
+    @property
+    def scores(self) -> list[dict[str, Any]]:
+        """The scores this request carried (ingestion score events' bodies, or /scores bodies)."""
+        if self.path == INGESTION_PATH and isinstance(self.body, dict):
+            batch = self.body.get("batch")
+            return [
+                e["body"]
+                for e in batch or []
+                if isinstance(e, dict) and isinstance(e.get("body"), dict)
+            ]
+        if self.path == SCORES_PATH and self.method == "POST":
+            items = self.body if isinstance(self.body, list) else [self.body]
+            return [s for s in items if isinstance(s, dict)]
+        return []
+
 
 @dataclass
 class _State:
     mode: Mode = "ok"
     reject: dict[str, str] = field(default_factory=dict)
+    reject_status: int = 400
     hang_generation: int = 0
+    days: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
     scores: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    table: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
 
 
 class LangfuseStandin:
-    """A threaded HTTP stand-in for the Langfuse score API; see the module docstring."""
+    """A threaded HTTP stand-in for one Langfuse server generation; see the module docstring."""
 
     def __init__(
         self,
         *,
+        generation: Generation = "v3",
         public_key: str = "pk-lf-standin",
         secret_key: str = "sk-lf-standin",
         host: str = "127.0.0.1",
         port: int = 0,
+        version: str | None = None,
     ) -> None:
+        if generation not in GENERATIONS:
+            raise ValueError(f"unknown generation {generation!r}; one of {', '.join(GENERATIONS)}")
+        self.generation: Generation = generation
+        self.version = version or VERSIONS[generation]
         self.public_key = public_key
         self.secret_key = secret_key
         self.host = host
@@ -119,7 +165,7 @@ class LangfuseStandin:
 
     @property
     def url(self) -> str:
-        """Base URL to give the SDK as host, e.g. http://127.0.0.1:41234."""
+        """Base URL to give the worker as LANGFUSE_HOST, e.g. http://127.0.0.1:41234."""
         return f"http://{self.host}:{self._port}"
 
     @property
@@ -172,16 +218,35 @@ class LangfuseStandin:
         with self._cond:
             return self._state.mode
 
-    def set_mode(self, mode: Mode, *, reject: Mapping[str, str] | None = None) -> None:
-        """Switch behaviour. `reject` (partial mode) maps score ids to the error message Langfuse
-        answers for them in a 207. Leaving `hang` releases the hanging requests unanswered."""
+    def set_mode(
+        self, mode: Mode, *, reject: Mapping[str, str] | None = None, reject_status: int = 400
+    ) -> None:
+        """Switch behaviour. `reject` (partial mode) maps score ids to the error Langfuse answers
+        for them, with `reject_status` (400, or 500 for "Internal Server Error"). Leaving `hang`
+        releases the hanging requests unanswered. Raises ValueError for an unknown mode, and for
+        a Cloud-only answer (429, usage suspension) on a self-hosted generation, which never
+        gives it."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+        if mode in CLOUD_ONLY and self.generation != "cloud":
+            raise ValueError(f"self-hosted Langfuse ({self.generation}) never answers {mode}")
         with self._cond:
             self._state.mode = mode
             self._state.reject = dict(reject or {})
+            self._state.reject_status = reject_status
             self._state.hang_generation += 1
             self._cond.notify_all()
+
+    def advance(self, *, days: int) -> None:
+        """Move the stand-in's "today" (the time of receipt it stamps) by `days`."""
+        with self._cond:
+            self._state.days += days
+
+    def now(self) -> datetime:
+        """The stand-in's clock: the real time, moved by advance()."""
+        with self._cond:
+            days = self._state.days
+        return datetime.now(UTC) + timedelta(days=days)
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -191,22 +256,33 @@ class LangfuseStandin:
 
     @property
     def score_requests(self) -> list[RecordedRequest]:
-        """The POST /api/public/scores requests."""
-        return [r for r in self.requests if r.method == "POST" and r.path == SCORES_PATH]
+        """The requests that carried scores (an empty probe batch does not)."""
+        return [r for r in self.requests if r.method == "POST" and r.scores]
 
     @property
     def scores(self) -> dict[str, list[dict[str, Any]]]:
-        """Accepted scores: score id -> every version received, oldest first."""
+        """Accepted scores: score id -> every version stored, oldest first (each with the
+        timestamp the server gave it)."""
         with self._cond:
-            return {
-                key: [dict(v) for v in versions] for key, versions in self._state.scores.items()
-            }
+            return {k: [dict(v) for v in versions] for k, versions in self._state.scores.items()}
+
+    @property
+    def table(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """The score table: (day, name, score id) -> the row as it stands."""
+        with self._cond:
+            return {k: dict(v) for k, v in self._state.table.items()}
+
+    def duplicates(self) -> dict[str, int]:
+        """Score ids with more than one row in the table (a vote counted twice)."""
+        counts = Counter(score_id for _, _, score_id in self.table)
+        return {k: n for k, n in counts.items() if n > 1}
 
     def clear(self) -> None:
-        """Forget recorded requests and scores (the mode stays)."""
+        """Forget recorded requests and scores (the mode and the clock stay)."""
         with self._cond:
             self._state.requests.clear()
             self._state.scores.clear()
+            self._state.table.clear()
 
     # -- request handling (called from handler threads) -------------------------------------
 
@@ -221,98 +297,189 @@ class LangfuseStandin:
                 lambda: server.stopping or self._state.hang_generation != generation
             )
 
-    def _snapshot(self) -> tuple[Mode, dict[str, str]]:
+    def _snapshot(self) -> tuple[Mode, dict[str, str], int]:
         with self._cond:
-            return self._state.mode, dict(self._state.reject)
+            return self._state.mode, dict(self._state.reject), self._state.reject_status
 
-    def _accept_batch(self, body: list[Any], reject: Mapping[str, str]) -> tuple[int, Any]:
-        accepted: list[dict[str, Any]] = []
-        errors: list[dict[str, str]] = []
-        for index, score in enumerate(body):
-            problem = _invalid_score(score)
-            score_id = score.get("id") if isinstance(score, dict) else None
-            if problem is None and isinstance(score_id, str) and score_id in reject:
-                problem = reject[score_id]
+    def _store(self, score: dict[str, Any], timestamp: datetime) -> str:
+        """Write one score as Langfuse's table keys it; returns its id."""
+        row = {k: v for k, v in score.items() if k != "timestamp"}
+        score_id = row.get("id") or str(uuid.uuid4())
+        row["id"] = score_id
+        row["timestamp"] = timestamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        row["environment"] = _environment(score.get("environment"))
+        row.setdefault(
+            "dataType", "NUMERIC" if not isinstance(row.get("value"), str) else "CATEGORICAL"
+        )
+        key = (timestamp.astimezone(UTC).date().isoformat(), str(row.get("name")), score_id)
+        with self._cond:
+            self._state.scores.setdefault(score_id, []).append(row)
+            self._state.table[key] = row
+        return score_id
+
+    def _ingest(self, body: Any, reject: Mapping[str, str], reject_status: int) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
+            return 400, {
+                "message": "Invalid request data",
+                "errors": ["Expected object with a batch array"],
+            }
+        successes: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for event in body["batch"]:
+            event_id = event.get("id") if isinstance(event, dict) else None
+            label = event_id if isinstance(event_id, str) else "unknown"
+            problem = _invalid_event(event)
+            score = event.get("body") if isinstance(event, dict) else None
+            if problem is None and isinstance(score, dict) and score.get("id") in reject:
+                status = reject_status
+                message = "Invalid request data" if status < 500 else "Internal Server Error"
+                errors.append(
+                    {
+                        "id": label,
+                        "status": status,
+                        "message": message,
+                        "error": reject[score["id"]],
+                    }
+                )
+                continue
             if problem is not None:
-                errors.append({"message": f"Score {score_id or index}: {problem}"})
-            else:
-                accepted.append(cast(dict[str, Any], score))
-        self._store(accepted)
-        if not errors:
-            return 202, {"message": "Accepted"}
-        return 207, {"accepted": len(accepted), "rejected": len(errors), "errors": errors}
+                errors.append(
+                    {
+                        "id": label,
+                        "status": 400,
+                        "message": "Invalid request data",
+                        "error": problem,
+                    }
+                )
+                continue
+            event = cast(dict[str, Any], event)
+            self._store(event["body"], _parse_time(event["timestamp"]))
+            successes.append({"id": label, "status": 201})
+        return 207, {"successes": successes, "errors": errors}
 
-    def _accept_one(self, body: dict[str, Any], reject: Mapping[str, str]) -> tuple[int, Any]:
+    def _post_scores(self, body: Any, reject: Mapping[str, str]) -> tuple[int, Any]:
+        batch_route = self.generation in ("v4.59", "cloud")
+        if isinstance(body, list) and batch_route:
+            accepted, errors = 0, []
+            for index, score in enumerate(body):
+                problem = _invalid_score(score)
+                score_id = score.get("id") if isinstance(score, dict) else None
+                if problem is None and score_id in reject:
+                    problem = reject[cast(str, score_id)]
+                if problem is not None:
+                    errors.append({"message": f"Score {score_id or index}: {problem}"})
+                    continue
+                score = cast(dict[str, Any], score)
+                stamp = score.get("timestamp")
+                self._store(score, _parse_time(stamp) if stamp else self.now())
+                accepted += 1
+            if not errors:
+                return 202, {"message": "Accepted"}
+            return 207, {"accepted": accepted, "rejected": len(errors), "errors": errors}
+        if not isinstance(body, dict):
+            issue = (
+                "Invalid input: expected object, received array"
+                if isinstance(body, list)
+                else "Invalid input"
+            )
+            return 400, {
+                "message": "Invalid request data",
+                "error": [{"code": "invalid_type", "message": issue}],
+            }
         problem = _invalid_score(body)
-        score_id = body.get("id")
-        if problem is None and isinstance(score_id, str) and score_id in reject:
-            problem = reject[score_id]
+        if problem is None and body.get("id") in reject:
+            problem = reject[cast(str, body["id"])]
         if problem is not None:
             return 400, {"message": "Invalid request data", "error": problem}
-        stored = self._store([body])
-        return 200, {"id": stored[0]}
-
-    def _store(self, scores: list[dict[str, Any]]) -> list[str]:
-        ids: list[str] = []
-        with self._cond:
-            for score in scores:
-                version = dict(score)
-                score_id = version.get("id")
-                if not isinstance(score_id, str) or not score_id:
-                    score_id = version["id"] = str(uuid.uuid4())
-                self._state.scores.setdefault(score_id, []).append(version)
-                ids.append(score_id)
-        return ids
+        # The one-score route ignores a body timestamp: the score gets the time of receipt.
+        return 200, {"id": self._store(body, self.now())}
 
     def _admin(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if method == "GET" and path == ADMIN_PREFIX + "state":
             with self._cond:
                 return 200, {
+                    "generation": self.generation,
                     "mode": self._state.mode,
                     "requests": len(self._state.requests),
+                    "score_requests": len(self.score_requests),
                     "scores": self._state.scores,
+                    "duplicates": self.duplicates(),
                 }
         if method == "POST" and path == ADMIN_PREFIX + "mode" and isinstance(body, dict):
             mode = body.get("mode")
             reject = body.get("reject") or {}
             if mode not in MODES or not isinstance(reject, dict):
                 return 400, {"message": f"mode must be one of {', '.join(MODES)}"}
-            self.set_mode(cast(Mode, mode), reject={str(k): str(v) for k, v in reject.items()})
+            try:
+                self.set_mode(cast(Mode, mode), reject={str(k): str(v) for k, v in reject.items()})
+            except ValueError as exc:
+                return 400, {"message": str(exc)}
             return 200, {"mode": mode}
+        if method == "POST" and path == ADMIN_PREFIX + "clock" and isinstance(body, dict):
+            self.advance(days=int(body.get("days", 0)))
+            return 200, {"now": self.now().isoformat()}
         if method == "POST" and path == ADMIN_PREFIX + "clear":
             self.clear()
             return 200, {}
         return 404, {"message": "Not found"}
 
 
+def _environment(value: object) -> str:
+    """Langfuse's public environment rule: lower case, leading "langfuse" prefixes removed, at
+    most 40 of [a-z0-9_-]; anything else is "default"."""
+    if not isinstance(value, str):
+        return "default"
+    stripped = re.sub(r"^(?:langfuse[-_]?)+", "", value.lower())[:40]
+    return stripped if stripped and re.fullmatch(r"[a-z0-9_-]+", stripped) else "default"
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _invalid_event(event: object) -> str | None:
+    """Why the ingestion schema refuses this event, or None (score-create events only)."""
+    if not isinstance(event, dict):
+        return "expected an event object"
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not 1 <= len(event_id) <= 800 or "\r" in event_id:
+        return "id: a string of 1 to 800 characters without carriage returns is required"
+    timestamp = event.get("timestamp")
+    if not isinstance(timestamp, str) or not _ISO_OFFSET.match(timestamp):
+        return "timestamp: an ISO 8601 datetime with an offset is required"
+    if event.get("type") != "score-create":
+        return f"type {event.get('type')!r}: this stand-in models score-create events only"
+    return _invalid_score(event.get("body"))
+
+
 def _invalid_score(score: object) -> str | None:
-    """Why Langfuse would reject this score, or None."""
+    """Why Langfuse's score schema refuses this score body, or None."""
     if not isinstance(score, dict):
-        return "expected an object"
+        return "body: expected an object"
     name = score.get("name")
     if not isinstance(name, str) or not name:
         return "name is required"
+    score_id = score.get("id")
+    if score_id is not None and (not isinstance(score_id, str) or not 1 <= len(score_id) <= 800):
+        return "id: a string of 1 to 800 characters"
     if not any(isinstance(score.get(k), str) for k in ("traceId", "sessionId", "datasetRunId")):
         return "one of traceId, sessionId or datasetRunId is required"
-    data_type = score.get("dataType", "NUMERIC")
-    if data_type not in _DATA_TYPES:
+    data_type = score.get("dataType")
+    if data_type is not None and data_type not in _DATA_TYPES:
         return f"invalid dataType {data_type!r}"
     value = score.get("value")
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     if data_type in ("NUMERIC", "BOOLEAN") and not numeric:
         return f"value must be a number for {data_type} scores"
     if data_type == "BOOLEAN" and value not in (0, 1):
-        return "value must be 0 or 1 for BOOLEAN scores"
+        return "Value must be a number equal to either 0 or 1 for data type BOOLEAN"
     if data_type in ("CATEGORICAL", "TEXT", "CORRECTION") and not isinstance(value, str):
         return f"value must be a string for {data_type} scores"
-    timestamp = score.get("timestamp")
-    if timestamp is not None:
-        try:
-            parsed = datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
-        except ValueError:
-            return f"invalid timestamp {timestamp!r}"
-        if parsed.tzinfo is None:
-            return "timestamp needs a timezone offset"
+    if data_type is None and not (numeric or isinstance(value, str)):
+        return "value must be a number or a string"
+    for key in ("comment", "observationId"):
+        if score.get(key) is not None and not isinstance(score.get(key), str):
+            return f"{key} must be a string"
     return None
 
 
@@ -407,7 +574,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         headers = {k.lower(): v for k, v in self.headers.items()}
         auth = _basic_auth(self.headers.get("Authorization"))
-        mode, reject = standin._snapshot()
+        mode, reject, reject_status = standin._snapshot()
 
         def record(status: int | None) -> None:
             standin._record(
@@ -428,7 +595,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
 
-        status, payload, extra = self._answer(mode, reject, path, auth, raw, body)
+        status, payload, extra = self._answer(mode, reject, reject_status, path, auth, raw, body)
         record(status)
         self._respond(status, payload, extra)
 
@@ -436,32 +603,62 @@ class _Handler(BaseHTTPRequestHandler):
         self,
         mode: Mode,
         reject: Mapping[str, str],
+        reject_status: int,
         path: str,
         auth: tuple[str, str] | None,
         raw: bytes,
         body: Any,
     ) -> tuple[int, Any, dict[str, str]]:
         standin = self.server.standin
+        if mode == "redirect":  # an http -> https proxy in front of Langfuse
+            location = f"https://{standin.host}:{standin.port}{self.path}"
+            return 301, "Moved Permanently", {"Location": location}
         if path == HEALTH_PATH and self.command == "GET":
-            return 200, {"status": "OK", "version": "standin"}, {}
-        if path != SCORES_PATH:
+            return 200, {"status": "OK", "version": standin.version}, {}
+        if path not in (INGESTION_PATH, SCORES_PATH):
             return 404, {"message": "Not found"}, {}
+        limit = INGESTION_LIMIT if path == INGESTION_PATH else SCORES_LIMIT
+        if len(raw) > limit:  # the body parser refuses it before any handler runs
+            size = "4.5mb" if path == INGESTION_PATH else "1mb"
+            return 413, f"Body exceeded {size} limit", {}
+        if path == SCORES_PATH and self.command == "GET":
+            if auth != (standin.public_key, standin.secret_key):
+                return 401, {"error": "UnauthorizedError", "message": INVALID_CREDENTIALS}, {}
+            return (
+                200,
+                {"data": [], "meta": {"page": 1, "limit": 50, "totalItems": 0, "totalPages": 0}},
+                {},
+            )
         if self.command != "POST":
-            return 405, {"message": f"Method {self.command} not allowed"}, {}
+            return 405, {"error": "MethodNotAllowedError", "message": "Method not allowed"}, {}
+        if auth is None:
+            return 401, {"error": "UnauthorizedError", "message": "No authorization header"}, {}
         if mode == "unauthorized" or auth != (standin.public_key, standin.secret_key):
-            return 401, {"message": INVALID_CREDENTIALS}, {}
+            return 401, {"error": "UnauthorizedError", "message": INVALID_CREDENTIALS}, {}
+        if mode == "suspended":
+            return 403, {"error": "ForbiddenError", "message": SUSPENDED}, {}
         if mode == "rate_limited":
-            return 429, {"message": "Rate limit exceeded"}, {"Retry-After": "1"}
+            reset = standin.now() + timedelta(seconds=RETRY_AFTER_SECONDS)
+            return (
+                429,
+                {
+                    "message": "Rate limit exceeded",
+                    "code": "rate_limited",
+                    "details": {"retryAfterSeconds": RETRY_AFTER_SECONDS},
+                },
+                {
+                    "Retry-After": str(RETRY_AFTER_SECONDS),
+                    "X-RateLimit-Limit": "1000",
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset": reset.strftime("%a %b %d %Y %H:%M:%S GMT+0000"),
+                },
+            )
         if mode == "error":
-            return 500, {"message": "Internal Server Error", "error": "stand-in error mode"}, {}
-        if len(raw) > MAX_BODY_BYTES:
-            return 413, {"message": "Body exceeded 1mb limit"}, {}
+            return 500, {"message": "Invalid request data", "errors": ["stand-in error mode"]}, {}
         rejected = reject if mode == "partial" else {}
-        if isinstance(body, list) and body:
-            return *standin._accept_batch(body, rejected), {}
-        if isinstance(body, dict):
-            return *standin._accept_one(body, rejected), {}
-        return 400, {"message": "Invalid request data", "error": "expected scores as JSON"}, {}
+        if path == INGESTION_PATH:
+            return *standin._ingest(body, rejected, reject_status), {}
+        return *standin._post_scores(body, rejected), {}
 
     def _read_body(self) -> bytes:
         try:
@@ -471,9 +668,11 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _respond(self, status: int, payload: Any, extra: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        text = isinstance(payload, str)
+        data = payload.encode() if text else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        kind = "text/plain" if text else "application/json"
+        self.send_header("Content-Type", f"{kind}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         for name, value in (extra or {}).items():
             self.send_header(name, value)
@@ -494,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a Langfuse score API stand-in.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--generation", choices=GENERATIONS, default="v3")
     parser.add_argument("--public-key", default="pk-lf-standin")
     parser.add_argument("--secret-key", default="sk-lf-standin")
     parser.add_argument("--mode", choices=MODES, default="ok")
@@ -501,7 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     standin = LangfuseStandin(
-        public_key=args.public_key, secret_key=args.secret_key, host=args.host, port=args.port
+        generation=args.generation,
+        public_key=args.public_key,
+        secret_key=args.secret_key,
+        host=args.host,
+        port=args.port,
     )
     done = threading.Event()
 
@@ -514,8 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     standin.start()
     print(standin.url, flush=True)
     print(
-        f"Langfuse stand-in on {standin.url} (public key {standin.public_key}, "
-        f"secret key {standin.secret_key}); Ctrl-C stops it",
+        f"Langfuse stand-in ({standin.generation}, version {standin.version}) on {standin.url} "
+        f"(public key {standin.public_key}, secret key {standin.secret_key}); Ctrl-C stops it",
         file=sys.stderr,
         flush=True,
     )
@@ -528,9 +732,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_receipts(standin: LangfuseStandin, path: Path) -> None:
-    """The scores received and the score requests by answered status, as JSON (atomically)."""
+    """The scores received, the table's duplicates and the score requests by answered status,
+    as JSON (atomically)."""
     state = {
+        "generation": standin.generation,
         "scores": standin.scores,
+        "duplicates": standin.duplicates(),
         "score_requests": Counter(str(r.status) for r in standin.score_requests),
     }
     tmp = path.with_suffix(".tmp")

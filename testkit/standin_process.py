@@ -30,8 +30,16 @@ class StandinProcess:
         keys: tuple[str, str] = DEFAULT_KEYS,
         state_dir: Path | None = None,
         on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
+        generation: str | tuple[str, ...] = "v3",
     ) -> None:
+        """`generation`: the Langfuse server generation it stands for (testkit.standin); a
+        tuple rotates: each start runs the next one (a soak's "Langfuse down, then up" comes
+        back as another generation)."""
         self.port, self.keys, self.state_dir, self.on_spawn = port, keys, state_dir, on_spawn
+        self.rotation = (generation,) if isinstance(generation, str) else generation
+        self.generation = self.rotation[0]
+        self.starts = 0
+        self.generations_run: list[str] = []
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.instances: list[Path] = []  # the state file of each instance started
@@ -56,7 +64,11 @@ class StandinProcess:
         """Starts an instance (nothing when one runs) and waits until it serves."""
         if self.proc is not None:
             return
+        self.generation = self.rotation[self.starts % len(self.rotation)]
+        self.starts += 1
+        self.generations_run.append(self.generation)
         cmd = [sys.executable, "-m", "testkit.standin", "--port", str(self.port),
+               "--generation", self.generation,
                "--public-key", self.public_key, "--secret-key", self.secret_key]
         out: Any = subprocess.DEVNULL
         if self.state_dir is not None:
@@ -102,7 +114,13 @@ class StandinProcess:
         self.stop()
 
     def set_mode(self, mode: str) -> None:
+        """Raises httpx.HTTPStatusError for a mode this generation never shows (429 on
+        self-hosted)."""
         httpx.post(f"{self.url}/_standin/mode", json={"mode": mode}, timeout=5).raise_for_status()
+
+    def advance(self, days: int) -> None:
+        """Moves the running instance's "today" by `days`."""
+        httpx.post(f"{self.url}/_standin/clock", json={"days": days}, timeout=5).raise_for_status()
 
     def state(self) -> dict[str, Any]:
         """The running instance's mode, request count and scores."""
@@ -124,3 +142,13 @@ class StandinProcess:
                 scores.setdefault(score_id, []).extend(versions)
             statuses.update(state["score_requests"])
         return scores, statuses
+
+    def duplicates(self) -> dict[str, int]:
+        """Score ids with rows on more than one day of Langfuse's score table, over all stopped
+        instances (each instance's table starts empty, so rows are counted by day across them)."""
+        days: dict[str, set[str]] = {}
+        for path in self.instances:
+            state = json.loads(path.read_text())
+            for score_id, versions in state["scores"].items():
+                days.setdefault(score_id, set()).update(v["timestamp"][:10] for v in versions)
+        return {k: len(v) for k, v in days.items() if len(v) > 1}

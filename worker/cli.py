@@ -121,28 +121,36 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
 
 
 def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
-    """The outbox drainer the settings describe (with no sender when Langfuse is not
-    configured)."""
-    # Imported here: the Langfuse SDK is about a quarter of the worker's start-up, and
-    # `pfl run-once` (cron) does without it.
+    """The outbox drainer the settings describe: with no sender when Langfuse is not configured
+    (rows are skipped), with a `config_error` when its settings cannot work (rows stay pending)."""
+    # Imported here: `pfl run-once` (cron) never needs the mirror's modules.
     from worker.langfuse_sender import LangfuseSender
     from worker.outbox import OutboxDrainer
 
-    sender = None
-    if settings.langfuse_configured:
-        sender = LangfuseSender(
-            settings.langfuse_host or "",
-            settings.langfuse_public_key or "",
-            settings.langfuse_secret_key.get_secret_value() if settings.langfuse_secret_key else "",
-            settings.pfl_langfuse_timeout_seconds,
-            batch_size=settings.pfl_langfuse_batch_size,
-        )
+    sender, error = None, None
+    if settings.langfuse_missing:
+        error = f"{', '.join(settings.langfuse_missing)} not set"
+    elif settings.langfuse_configured:
+        try:
+            sender = LangfuseSender(
+                settings.langfuse_host or "",
+                settings.langfuse_public_key or "",
+                settings.langfuse_secret_key.get_secret_value()
+                if settings.langfuse_secret_key
+                else "",
+                settings.pfl_langfuse_timeout_seconds,
+                environment=settings.langfuse_environment,
+                batch_size=settings.pfl_langfuse_batch_size,
+            )
+        except ValueError as exc:
+            error = str(exc)
     return OutboxDrainer(
         store,
         sender,
         settings.pfl_langfuse_batch_size,
         settings.pfl_langfuse_max_attempts,
         settings.pfl_langfuse_visibility_seconds,
+        config_error=error,
     )
 
 
@@ -178,7 +186,11 @@ def _cmd_outbox(args: argparse.Namespace, settings: WorkerSettings, store: Store
         status = "failed" if args.failed else "skipped"
         print(f"requeued {store.requeue_outbox(status)} {status} feedback rows")
         return 0
-    handled = make_drainer(settings, store).drain()
+    drainer = make_drainer(settings, store)
+    handled = drainer.drain()
+    if drainer.config_error is not None:
+        print(f"Langfuse mirror off: {drainer.config_error}", file=sys.stderr)
+        return 1
     print(f"handled {handled} outbox rows")
     return 0
 

@@ -1,11 +1,9 @@
 """Worker settings: environment variables (and a `.env` file), validated once at start-up."""
 
-import base64
-import binascii
-import json
 import os
 import socket
 
+import jwt
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -60,6 +58,18 @@ class WorkerSettings(BaseSettings):
     )
     langfuse_public_key: str | None = Field(None, description="Langfuse project public key.")
     langfuse_secret_key: SecretStr | None = Field(None, description="Langfuse project secret key.")
+    langfuse_tracing_environment: str | None = Field(
+        None,
+        description="Langfuse's own variable for the environment of traces (its SDKs read it); "
+        "the default of PFL_LANGFUSE_ENVIRONMENT.",
+    )
+    pfl_langfuse_environment: str | None = Field(
+        None,
+        description="The Langfuse environment of the feedback scores (lowercase letters, digits, "
+        "'-', '_'; at most 40; not starting with 'langfuse'): set it to the environment of the "
+        "traces. Default: LANGFUSE_TRACING_ENVIRONMENT, else `default`. Checked when the mirror "
+        "starts.",
+    )
     pfl_langfuse_batch_size: int = Field(
         100, ge=1, le=1000, description="Outbox rows claimed and sent per Langfuse request batch."
     )
@@ -92,6 +102,23 @@ class WorkerSettings(BaseSettings):
         """Whether Langfuse's host and both keys are set (else feedback stays local)."""
         return bool(self.langfuse_host and self.langfuse_public_key and self.langfuse_secret_key)
 
+    @property
+    def langfuse_missing(self) -> list[str]:
+        """The Langfuse settings missing when some, not all, are set (a configuration that
+        cannot work); empty when all or none are set."""
+        values = {
+            "LANGFUSE_HOST": self.langfuse_host,
+            "LANGFUSE_PUBLIC_KEY": self.langfuse_public_key,
+            "LANGFUSE_SECRET_KEY": self.langfuse_secret_key,
+        }
+        missing = [name for name, value in values.items() if not value]
+        return missing if len(missing) < len(values) else []
+
+    @property
+    def langfuse_environment(self) -> str:
+        """The environment the scores are sent with (see PFL_LANGFUSE_ENVIRONMENT)."""
+        return self.pfl_langfuse_environment or self.langfuse_tracing_environment or "default"
+
 
 def key_role(key: str) -> str | None:
     """The role an API key acts as, read without verifying it (the worker cannot: it holds no
@@ -102,13 +129,9 @@ def key_role(key: str) -> str | None:
         return "anon"
     if key.startswith("sb_secret_"):
         return "service_role"
-    parts = key.split(".")
-    if len(parts) != 3:
-        return None
-    payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, ValueError):
+        claims = jwt.decode(key, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
         return None
-    role = claims.get("role") if isinstance(claims, dict) else None
+    role = claims.get("role")
     return role if isinstance(role, str) else None

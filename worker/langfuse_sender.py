@@ -1,109 +1,76 @@
-"""Send feedback to Langfuse as scores, in batches, and report what happened to each one.
+"""Send feedback to Langfuse as NUMERIC scores, in batches, and say what became of each one.
 
-The Postgres outbox hands `LangfuseSender.send` a batch of `ScoreItem`s; `send` returns one
-`Delivery` per item (`sent`, `retry` or `failed`, with a short error), and the caller records
-those outcomes in one SQL call. Retries happen across polls, with the backoff the database
-computes; `send` itself never retries and never raises for a delivery problem.
+One request for every Langfuse server in use (v3 from 3.49, v4 before and after 4.59, Cloud):
+`POST {host}/api/public/ingestion`, HTTP Basic auth (public key : secret key), the body
 
-Wire format (langfuse 5.x): `POST {host}/api/public/scores`, HTTP Basic auth
-(public key : secret key), a JSON array of scores, e.g.
+    {"batch": [{"id": "<envelope id>", "type": "score-create", "timestamp": "<first vote, UTC>",
+                "body": {"id": "<score id>", "traceId": "...", "name": "user_feedback",
+                         "value": 1.0, "dataType": "NUMERIC", "comment": null,
+                         "metadata": {...}, "environment": "production"}}]}
 
-    [{"id": "<score id>", "traceId": "<trace id>", "name": "user_feedback", "value": 1.0,
-      "dataType": "NUMERIC", "comment": null, "metadata": {"reason": "helpful"},
-      "timestamp": "2024-05-01T12:00:00.123456Z"}]
+answered 207 with a success or an error per envelope id (`worker.langfuse_response` reads it).
+Every generation accepts it; the score takes the event's timestamp (the one-score route of v3
+and v4 before 4.59 stamps the time of receipt instead); its errors name the event. Langfuse keys
+a score by (project, day of its timestamp, name, id): all votes of one feedback carry the same
+id, name and first vote's time, so a vote changed days later replaces the one score.
 
-Langfuse answers 202 `{"message": "Accepted"}` when it accepted every score, or 207
-`{"accepted": n, "rejected": m, "errors": [{"message": "..."}]}` when it rejected some. The
-207 errors do not say which score they belong to, so a chunk answered with a rejection is
-split in halves and the halves are sent again until each rejected score stands alone (a
-score sent twice with the same id and timestamp is updated, not duplicated, so re-sending the
-accepted ones is harmless).
-
-The request goes through the SDK's synchronous generated client (`langfuse.api.LangfuseAPI`,
-the object behind `Langfuse().api`) with SDK retries off. `Langfuse()` itself is not used: it
-is a per-public-key process singleton (a second client with another secret or host silently
-gets the first one's), and it starts background score, media and span-export threads and an
-exit-time flush that this worker does not want.
+`send` never retries and never raises for a delivery problem: retries happen across polls, with
+the delay the database computes (`record_langfuse_deliveries`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import logging
 import math
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
-from http import HTTPStatus
-from types import TracebackType
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Self
 from uuid import UUID, uuid5
 
 import httpx
-import pydantic
-from langfuse import __version__ as langfuse_version
-from langfuse.api import (
-    CreateScoreBatchResults,
-    CreateScoreRequest,
-    LangfuseAPI,
-    ScoreDataType,
-)
-from langfuse.api.core import ApiError
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-logger = logging.getLogger(__name__)
+from worker.langfuse_response import Outcome, Verdict, classify
 
 LANGFUSE_SCORE_NAMESPACE = UUID("09229364-ef9e-51cb-bd31-b3f7a9619500")
-"""Namespace of the uuid5 score ids (`score_id_for`), fixed as a literal; it is
-`uuid5(NAMESPACE_URL, "urn:persona-feedback-learning:langfuse-score")`. Never change it: every
-feedback would get a new score id and Langfuse would show each vote twice."""
+"""Namespace of the uuid5 score ids, fixed as a literal (it is `uuid5(NAMESPACE_URL,
+"urn:persona-feedback-learning:langfuse-score")`). Never change it: every feedback would get a
+new score id and Langfuse would show each vote twice."""
 
-DEFAULT_BATCH_SIZE = 100
-"""Scores per request. 1,000 outbox rows take 10 requests."""
-
-DEFAULT_MAX_REQUEST_BYTES = 900_000
-"""Langfuse's score endpoint takes bodies up to 1,000,000 bytes; this leaves a margin."""
-
-_MAX_ERROR_CHARS = 300
-# Whole-request statuses that say nothing about the chunk and would repeat for every chunk.
-_SYSTEMIC_STATUSES = frozenset({401, 403, 404, 405})
+INGESTION_PATH = "/api/public/ingestion"
+DEFAULT_MAX_REQUEST_BYTES = 4_000_000
+"""The ingestion route takes bodies up to 4.5 MB (its `bodyParser.sizeLimit`); a margin."""
+ENVIRONMENT = re.compile(r"^(?!langfuse)[a-z0-9_-]{1,40}$")
+"""What Langfuse keeps as an environment; anything else it silently files under `default`."""
+_SPAN = 10**19 - 1  # envelope ids count down from here
 
 
 def score_id_for(twin_id: UUID | str, trace_id: str, user_id: UUID | str) -> str:
-    """Return the Langfuse score id of one user's feedback on one trace of one twin.
-
-    `uuid5(LANGFUSE_SCORE_NAMESPACE, json.dumps([twin_id, trace_id, user_id]))`, with both ids in
-    canonical lower-case UUID form: the same feedback (and every later vote change on it) always
-    maps to the same score, so Langfuse updates it instead of adding one. Raises ValueError when
-    an id is not a UUID or the trace id is empty.
-    """
-    twin = str(UUID(str(twin_id)))
-    user = str(UUID(str(user_id)))
+    """The Langfuse score id of one user's feedback on one trace of one twin:
+    `uuid5(LANGFUSE_SCORE_NAMESPACE, json.dumps([twin_id, trace_id, user_id]))`, ids in canonical
+    lower-case form, so every vote change of one feedback maps to the same score. Raises
+    ValueError when an id is not a UUID or the trace id is empty."""
+    twin, user = str(UUID(str(twin_id))), str(UUID(str(user_id)))
     if not trace_id:
         raise ValueError("trace_id must not be empty")
     return str(uuid5(LANGFUSE_SCORE_NAMESPACE, json.dumps([twin, trace_id, user])))
 
 
 class ScoreItem(BaseModel):
-    """One outbox row to mirror as a Langfuse score on `trace_id`.
+    """One outbox row (`event_id`) to mirror as a NUMERIC score on `trace_id`. Re-sends keep
+    `score_id`, `name` and `timestamp` (the first vote's time, sent in UTC)."""
 
-    Re-sends must keep `score_id` and `timestamp` (the feedback's creation time): Langfuse then
-    updates the score instead of adding a second one. The timestamp is sent in UTC.
-    """
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    item_id: str = Field(min_length=1, description="Outbox row id; keys the Delivery.")
-    score_id: str = Field(min_length=1, description="Deterministic score id (score_id_for).")
+    event_id: int = Field(ge=1, le=_SPAN)
+    score_id: str = Field(min_length=1, max_length=760)
     trace_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
-    value: Annotated[float, Field(allow_inf_nan=False)] | str = Field(
-        description="A number for NUMERIC and BOOLEAN (0 or 1), a string for CATEGORICAL."
-    )
-    data_type: Literal["NUMERIC", "BOOLEAN", "CATEGORICAL"] = "NUMERIC"
+    value: Annotated[float, Field(allow_inf_nan=False)]
     comment: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     timestamp: AwareDatetime
@@ -122,73 +89,37 @@ class ScoreItem(BaseModel):
             raise ValueError(f"metadata must be plain JSON: {exc}") from exc
         return value
 
-    @model_validator(mode="after")
-    def _value_matches_type(self) -> Self:
-        if self.data_type == "CATEGORICAL":
-            if not isinstance(self.value, str) or not self.value:
-                raise ValueError("a CATEGORICAL score needs a non-empty string value")
-        elif not isinstance(self.value, float):
-            raise ValueError(f"a {self.data_type} score needs a numeric value")
-        elif self.data_type == "BOOLEAN" and self.value not in (0.0, 1.0):
-            raise ValueError("a BOOLEAN score value must be 0 or 1")
-        return self
+    @property
+    def envelope_id(self) -> str:
+        """The event's id: the score id, then the row counted down, so newer rows sort FIRST.
+        Langfuse re-reads a score's stored events, sorted by timestamp; ours are all equal, and
+        its tie rule (`IngestionService.toTimeSortedEventList`, v3.225.4 and v4.16.0) reverses
+        the order it listed them in, which is by this id: the newest vote is merged last."""
+        return f"{self.score_id}-{_SPAN - self.event_id:019d}"
 
 
-class DeliveryOutcome(StrEnum):
-    """What became of one item."""
+@dataclass(frozen=True)
+class Delivery:
+    """One item's outcome (sent, retry, wait or failed), a short error (None when sent) and the
+    least delay the server asked for, in seconds."""
 
-    sent = "sent"
-    """Langfuse accepted the score."""
-    retry = "retry"
-    """Transient: network error, timeout, HTTP 5xx or 429. Send again later."""
-    failed = "failed"
-    """Permanent: another 4xx (bad credentials, rejected score). Sending again will not help."""
-
-
-class Delivery(BaseModel):
-    """The outcome of one item; `error` is short and human readable, None when sent."""
-
-    model_config = ConfigDict(frozen=True)
-
-    item_id: str
-    outcome: DeliveryOutcome
+    event_id: int
+    outcome: Outcome
     error: str | None = None
+    retry_after_seconds: float | None = None
 
 
-@dataclass(frozen=True)
-class _RequestFailed:
-    """A request that failed as a whole."""
-
-    outcome: DeliveryOutcome
-    error: str
-    stop_batch: bool
-    """True when the remaining chunks would fail the same way (down, slow, bad credentials)."""
-
-
-@dataclass(frozen=True)
-class _Split:
-    """Langfuse wants the chunk sent in smaller parts (207 rejection, 413)."""
-
-    reason: str
-
-
-_PostResult = CreateScoreBatchResults | _RequestFailed | _Split | None
-"""None: every score of the chunk was accepted."""
+Chunk = list[tuple[ScoreItem, dict[str, Any]]]
 
 
 class LangfuseSender:
-    """Sends `ScoreItem`s to one Langfuse project and reports per-item outcomes.
+    """Sends `ScoreItem`s to one Langfuse project with httpx, redirects never followed, every
+    request bounded by `timeout_seconds`. `version` is the server's once
+    `worker.langfuse_check.check` passed. Close it (or use `with`) to release its connections.
 
-    Every request is bounded by `timeout_seconds` (httpx applies it to connecting, sending, each
-    read and waiting for a pooled connection). After a transient failure or an authentication
-    failure, the remaining chunks of the same `send` are not attempted and get the same outcome,
-    so a down or hanging Langfuse costs one timeout per `send`, not one per chunk.
-
-    A sender keeps no state between sends besides its (thread-safe) connection pool. Close it,
-    or use it as a context manager, to release its connections.
-
-    Raises ValueError for a host that is not an http(s) URL, an empty key, a timeout that is not
-    a positive number of seconds, a batch_size below 1 or a max_request_bytes below 1024.
+    Raises ValueError for a host that is not an http(s) URL with a host name, an empty key, an
+    environment Langfuse would not keep, a timeout that is not a positive number of seconds, a
+    batch_size below 1 or a max_request_bytes below 1024.
     """
 
     def __init__(
@@ -198,294 +129,165 @@ class LangfuseSender:
         secret_key: str,
         timeout_seconds: float = 5.0,
         *,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        environment: str = "default",
+        batch_size: int = 100,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
-        if not host.startswith(("http://", "https://")):
-            raise ValueError(f"host must be an http(s) URL, got {host!r}")
+        self.host = check_host(host)
         if not public_key or not secret_key:
-            raise ValueError("public_key and secret_key must not be empty")
+            raise ValueError("LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must not be empty")
+        if not ENVIRONMENT.match(environment):
+            raise ValueError(
+                f"Langfuse environment {environment!r} is not 1-40 of a-z 0-9 - _ not starting "
+                "with 'langfuse' (Langfuse would file the scores under 'default')"
+            )
         if not timeout_seconds > 0 or not math.isfinite(timeout_seconds):
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if max_request_bytes < 1024:
-            raise ValueError(f"max_request_bytes must be at least 1024, got {max_request_bytes}")
-        self.host = host.rstrip("/")
-        self.public_key = public_key
+        if batch_size < 1 or max_request_bytes < 1024:
+            raise ValueError("batch_size must be at least 1 and max_request_bytes at least 1024")
+        self.public_key, self.environment = public_key, environment
         self.timeout_seconds = float(timeout_seconds)
-        self.batch_size = batch_size
-        self.max_request_bytes = max_request_bytes
-        self._http = httpx.Client(timeout=self.timeout_seconds, follow_redirects=True)
-        # Same construction as the SDK's own Langfuse().api, minus the singleton and threads.
-        self._api = LangfuseAPI(
-            base_url=self.host,
-            username=public_key,
-            password=secret_key,
-            x_langfuse_sdk_name="python",
-            x_langfuse_sdk_version=langfuse_version,
-            x_langfuse_public_key=public_key,
+        self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
+        self.version: tuple[int, int, int] | None = None
+        self.http = httpx.Client(
+            auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
-            httpx_client=self._http,
+            follow_redirects=False,
+            headers={"user-agent": "persona-feedback-learning"},
         )
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        self.http.close()
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def send(self, items: Sequence[ScoreItem]) -> list[Delivery]:
-        """Send `items` as scores; return one Delivery per item, in the order of `items`.
-
-        Items are sent in requests of at most `batch_size` scores (and `max_request_bytes`).
-        When several items carry the same score id, only the last one is sent (pass items oldest
-        first) and the earlier ones share its outcome: they are superseded versions of the same
-        score, and sending them together would leave Langfuse's final value to chance.
-
-        Raises ValueError only for programming errors (duplicate item ids).
-        """
-        seen: set[str] = set()
-        for item in items:
-            if item.item_id in seen:
-                raise ValueError(f"duplicate item_id in one send: {item.item_id!r}")
-            seen.add(item.item_id)
-
-        latest: dict[str, ScoreItem] = {}
-        for item in items:
-            latest.pop(item.score_id, None)  # re-insert so the order follows the latest version
-            latest[item.score_id] = item
-
-        results: dict[str, Delivery] = {}
-        pending: deque[list[ScoreItem]] = deque()
-        for item_or_error in self._chunks(list(latest.values())):
-            if isinstance(item_or_error, Delivery):
-                results[item_or_error.item_id] = item_or_error
-            else:
-                pending.append(item_or_error)
-
-        stopped: _RequestFailed | None = None
+        """Send `items`; return one Delivery per item, in their order. Requests hold at most
+        `batch_size` events and `max_request_bytes`; a 413 splits one in halves. Several items of
+        one score id: only the last is sent (pass them oldest first), the others share its
+        outcome. After an answer that would repeat for every request (`Verdict.stop`: down, 5xx,
+        429, bad keys...), the rest is not attempted and gets the same outcome. Raises
+        ValueError for duplicate event ids."""
+        if len({item.event_id for item in items}) != len(items):
+            raise ValueError("duplicate event_id in one send")
+        latest = {item.score_id: item for item in items}  # the last version of each score
+        results: dict[int, Delivery] = {}
+        pending: deque[Chunk] = deque(self._chunks(list(latest.values()), results))
+        stopped: Verdict | None = None
         while pending:
             chunk = pending.popleft()
             if stopped is not None:
-                self._settle(chunk, stopped.outcome, f"{stopped.error} (not attempted)", results)
-                continue
-            result = self._post(chunk)
-            if result is None:
-                self._settle(chunk, DeliveryOutcome.sent, None, results)
-            elif isinstance(result, _RequestFailed):
-                logger.warning(
-                    "Langfuse request of %d scores: %s (%s)",
-                    len(chunk),
-                    result.error,
-                    result.outcome,
+                error = f"{stopped.error} (not attempted)"
+                verdicts = dict.fromkeys(
+                    (i.envelope_id for i, _ in chunk),
+                    Verdict(stopped.outcome, error, stopped.retry_after_seconds),
                 )
-                self._settle(chunk, result.outcome, result.error, results)
-                if result.stop_batch:
-                    stopped = result
-            elif isinstance(result, _Split):
-                if len(chunk) == 1:
-                    self._settle(chunk, DeliveryOutcome.failed, result.reason, results)
-                else:
-                    half = len(chunk) // 2
-                    pending.appendleft(chunk[half:])
-                    pending.appendleft(chunk[:half])
-            else:  # 207 for a single score
-                outcome, error = _single_rejection(result)
-                self._settle(chunk, outcome, error, results)
-
-        deliveries: list[Delivery] = []
-        for item in items:
-            delivery = results.get(item.item_id)
-            if delivery is None:  # superseded by a later item with the same score id
-                winner = results[latest[item.score_id].item_id]
-                delivery = winner.model_copy(update={"item_id": item.item_id})
-            deliveries.append(delivery)
-        return deliveries
-
-    def _chunks(self, items: list[ScoreItem]) -> list[list[ScoreItem] | Delivery]:
-        """Group items into requests of at most batch_size scores and max_request_bytes."""
-        out: list[list[ScoreItem] | Delivery] = []
-        chunk: list[ScoreItem] = []
-        size = 2  # the brackets of the JSON array
-        for item in items:
-            item_size = len(json.dumps(_wire(item), ensure_ascii=False).encode()) + 1
-            if item_size + 2 > self.max_request_bytes:
-                out.append(
-                    Delivery(
-                        item_id=item.item_id,
-                        outcome=DeliveryOutcome.failed,
-                        error=f"score is {item_size} bytes, over the "
-                        f"{self.max_request_bytes}-byte request limit",
-                    )
+            else:
+                verdicts = self._post(chunk)
+                if len(chunk) > 1 and any(v.outcome == Outcome.smaller for v in verdicts.values()):
+                    pending.extendleft([chunk[len(chunk) // 2 :], chunk[: len(chunk) // 2]])
+                    continue
+                stopped = next((v for v in verdicts.values() if v.stop), None)
+            for item, _ in chunk:
+                v = verdicts[item.envelope_id]
+                outcome = Outcome.failed if v.outcome == Outcome.smaller else v.outcome
+                results[item.event_id] = Delivery(
+                    item.event_id, outcome, v.error, v.retry_after_seconds
                 )
-                continue
-            if chunk and (
-                len(chunk) >= self.batch_size or size + item_size > self.max_request_bytes
-            ):
-                out.append(chunk)
-                chunk, size = [], 2
-            chunk.append(item)
-            size += item_size
-        if chunk:
-            out.append(chunk)
+        out = []
+        for item in items:
+            d = results[latest[item.score_id].event_id]
+            out.append(Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds))
         return out
 
-    def _post(self, chunk: list[ScoreItem]) -> _PostResult:
-        """Send one request; classify its answer."""
-        request = [_request(item) for item in chunk]
+    def event(self, item: ScoreItem) -> dict[str, Any]:
+        """The `score-create` ingestion event of one item, as sent."""
+        return {
+            "id": item.envelope_id,
+            "type": "score-create",
+            "timestamp": item.timestamp.isoformat().replace("+00:00", "Z"),
+            "body": {
+                "id": item.score_id,
+                "traceId": item.trace_id,
+                "name": item.name,
+                "value": item.value,
+                "dataType": "NUMERIC",
+                "comment": item.comment,
+                "metadata": item.metadata,
+                "environment": self.environment,
+            },
+        }
+
+    def _chunks(self, items: list[ScoreItem], results: dict[int, Delivery]) -> list[Chunk]:
+        """Requests of at most batch_size events and max_request_bytes; an event too large for
+        any request fails into `results` unsent."""
+        chunks: list[Chunk] = [[]]
+        envelope = len(b'{"batch":[]}')
+        size = envelope
+        for item in items:
+            event = self.event(item)
+            item_size = len(json.dumps(event, ensure_ascii=False).encode()) + 1
+            if item_size + envelope > self.max_request_bytes:
+                error = f"score is {item_size} bytes, over the {self.max_request_bytes}-byte limit"
+                results[item.event_id] = Delivery(item.event_id, Outcome.failed, error)
+                continue
+            full = len(chunks[-1]) >= self.batch_size
+            if chunks[-1] and (full or size + item_size > self.max_request_bytes):
+                chunks.append([])
+                size = envelope
+            chunks[-1].append((item, event))
+            size += item_size
+        return [chunk for chunk in chunks if chunk]
+
+    def _post(self, chunk: Chunk) -> dict[str, Verdict]:
+        ids = [item.envelope_id for item, _ in chunk]
+        body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
         try:
-            response = self._api.scores.create(request=request, request_options={"max_retries": 0})
-        except httpx.TimeoutException as exc:
-            return _transient(f"timeout after {self.timeout_seconds}s{_timeout_phase(exc)}")
-        except httpx.ConnectError as exc:
-            return _transient(_connect_error(exc))
+            answer = self.http.post(
+                self.host + INGESTION_PATH,
+                content=body,
+                headers={"content-type": "application/json"},
+            )
         except httpx.TransportError as exc:
-            return _transient(f"network error: {_short(str(exc) or type(exc).__name__)}")
-        except ApiError as exc:
-            return _classify_status(exc)
-        except pydantic.ValidationError:
-            return _transient("unexpected response body from Langfuse")
-
-        if not isinstance(response, CreateScoreBatchResults):
-            return None
-        if response.rejected == 0 and not response.errors and response.accepted >= len(chunk):
-            return None
-        if len(chunk) == 1:
-            return response
-        return _Split(reason="rejected by Langfuse")
-
-    @staticmethod
-    def _settle(
-        chunk: list[ScoreItem],
-        outcome: DeliveryOutcome,
-        error: str | None,
-        results: dict[str, Delivery],
-    ) -> None:
-        for item in chunk:
-            results[item.item_id] = Delivery(item_id=item.item_id, outcome=outcome, error=error)
+            error = transport_error(exc, self.timeout_seconds)
+            return dict.fromkeys(ids, Verdict(Outcome.retry, error, stop=True))
+        return classify(answer.status_code, answer.headers, answer.content, ids, datetime.now(UTC))
 
 
-def _request(item: ScoreItem) -> CreateScoreRequest:
-    return CreateScoreRequest(
-        id=item.score_id,
-        trace_id=item.trace_id,
-        name=item.name,
-        value=item.value,
-        data_type=ScoreDataType(item.data_type),
-        comment=item.comment,
-        metadata=item.metadata,
-        timestamp=item.timestamp,
-    )
+def check_host(host: str) -> str:
+    """`host` without a trailing slash. Raises ValueError unless it is an http(s) URL with a
+    host name and no query or fragment (a path prefix, as behind a proxy, is kept)."""
+    try:
+        url = httpx.URL(host)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"LANGFUSE_HOST={host!r} is not a URL: {exc}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"LANGFUSE_HOST={host!r} needs a scheme and a host, e.g. https://cloud.langfuse.com"
+        )
+    if url.query or url.fragment:
+        raise ValueError(f"LANGFUSE_HOST={host!r} must not have a query or a fragment")
+    return host.rstrip("/")
 
 
-def _wire(item: ScoreItem) -> dict[str, object]:
-    """The JSON object of one score, as sent (used to size requests)."""
-    return {
-        "id": item.score_id,
-        "traceId": item.trace_id,
-        "name": item.name,
-        "value": item.value,
-        "dataType": item.data_type,
-        "comment": item.comment,
-        "metadata": item.metadata,
-        "timestamp": item.timestamp.isoformat(),
-    }
-
-
-def _transient(error: str) -> _RequestFailed:
-    return _RequestFailed(outcome=DeliveryOutcome.retry, error=error, stop_batch=True)
-
-
-def _timeout_phase(exc: httpx.TimeoutException) -> str:
-    if isinstance(exc, httpx.ConnectTimeout):
-        return " connecting"
-    if isinstance(exc, httpx.ReadTimeout):
-        return " waiting for a response"
-    if isinstance(exc, httpx.WriteTimeout):
-        return " sending"
-    return ""
-
-
-def _connect_error(exc: httpx.ConnectError) -> str:
+def transport_error(exc: httpx.TransportError, timeout: float | None = None) -> str:
+    """A short account of a request that got no answer: "connection refused", "timeout after
+    Ns waiting for a response", "network error: ..."."""
+    if isinstance(exc, httpx.TimeoutException):
+        phase = {
+            httpx.ConnectTimeout: " connecting",
+            httpx.ReadTimeout: " waiting for a response",
+            httpx.WriteTimeout: " sending",
+        }.get(type(exc), "")
+        return f"timeout after {timeout}s{phase}" if timeout else f"timeout{phase}"
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, ConnectionRefusedError) or (
-            isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
-        ):
+        if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
             return "connection refused"
         cause = cause.__cause__ or cause.__context__
-    text = str(exc)
-    if "Connection refused" in text:
-        return "connection refused"
-    return f"connection failed: {_short(text or type(exc).__name__)}"
-
-
-def _classify_status(exc: ApiError) -> _PostResult:
-    status = exc.status_code
-    if status is None or not 400 <= status < 600:
-        # e.g. a 2xx whose body is not JSON: delivery is unconfirmed, and resending is harmless.
-        return _transient(f"unexpected response from Langfuse (HTTP {status})")
-    error = f"HTTP {status}: {_body_message(exc.body, status)}"
-    if status == 429 or status >= 500:
-        return _transient(error)
-    if status == 413:
-        return _Split(reason=error)
-    return _RequestFailed(
-        outcome=DeliveryOutcome.failed, error=error, stop_batch=status in _SYSTEMIC_STATUSES
-    )
-
-
-def _single_rejection(result: CreateScoreBatchResults) -> tuple[DeliveryOutcome, str]:
-    """Outcome of a lone score that Langfuse answered with 207."""
-    messages = [error.message for error in result.errors if error.message]
-    statuses = [_int_or_none((error.model_extra or {}).get("status")) for error in result.errors]
-    if any(s is not None and (s == 429 or s >= 500) for s in statuses):
-        outcome = DeliveryOutcome.retry
-    elif result.rejected == 0 and not result.errors:
-        # Neither accepted nor rejected: unconfirmed, try again later.
-        return DeliveryOutcome.retry, "Langfuse did not confirm the score"
-    else:
-        outcome = DeliveryOutcome.failed
-    reason = "; ".join(messages) if messages else "no reason given"
-    return outcome, _short(f"rejected by Langfuse: {reason}")
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _body_message(body: object, status: int) -> str:
-    text: str | None = None
-    if isinstance(body, dict):
-        message, detail = body.get("message"), body.get("error", body.get("detail"))
-        if isinstance(message, str) and message:
-            text = message
-            if detail:
-                text += (
-                    f": {detail if isinstance(detail, str) else json.dumps(detail, default=str)}"
-                )
-        elif body:
-            text = json.dumps(body, default=str)
-    elif isinstance(body, str) and body.strip():
-        text = body.strip()
-    if text is None:
-        try:
-            text = HTTPStatus(status).phrase
-        except ValueError:
-            text = "error"
-    return _short(text)
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
+    text = " ".join((str(exc) or type(exc).__name__).split())[:200]
+    return "connection refused" if "Connection refused" in text else f"network error: {text}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from worker.langfuse_check import LangfuseConfigError, LangfuseUnavailable, check, generation
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
 from worker.store import DeliveryRecord, OutboxRow, Store
 
@@ -22,16 +23,15 @@ DEFAULT_VISIBILITY_SECONDS = 120
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
-    """The Langfuse score of one claimed feedback row (the mapping above); `item_id` is the
-    event id, which keys its delivery. Raises ValidationError for a row Langfuse cannot take
+    """The Langfuse score of one claimed feedback row (the mapping above); `event_id` keys its
+    delivery. Raises ValidationError for a row Langfuse cannot take
     (e.g. metadata that is not plain JSON)."""
     return ScoreItem(
-        item_id=str(row.event_id),
+        event_id=row.event_id,
         score_id=score_id_for(row.twin_id, row.trace_id, row.created_by),
         trace_id=row.trace_id,
         name=SCORE_NAME,
         value=float(row.score),
-        data_type="NUMERIC",
         comment=row.comment,
         metadata={
             **row.metadata,
@@ -49,8 +49,11 @@ class OutboxDrainer:
     """Moves due feedback rows from the outbox to Langfuse, one batch per pass.
 
     One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
-    (rows are marked skipped). A score fails for good after `max_attempts` deliveries; claimed
-    rows stay hidden from other workers for `visibility_seconds`. The store's errors propagate.
+    (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
+    nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
+    first send the drainer checks the server (`ready`). A score fails for good after
+    `max_attempts` deliveries; claimed rows stay hidden from other workers for
+    `visibility_seconds`. The store's errors propagate.
     """
 
     def __init__(
@@ -60,6 +63,8 @@ class OutboxDrainer:
         batch_size: int,
         max_attempts: int,
         visibility_seconds: int = DEFAULT_VISIBILITY_SECONDS,
+        *,
+        config_error: str | None = None,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -68,9 +73,49 @@ class OutboxDrainer:
         # Claimed rows stay hidden from other workers this long: a worker that dies mid-send
         # leaves them (and newer votes of the same feedback) waiting until it ends.
         self.visibility_seconds = visibility_seconds
+        self.config_error = config_error
+        self._reported = False
+
+    def ready(self) -> bool:
+        """Whether a pass may claim rows. The sender's server is checked once (until a check
+        passes): a host, key pair or version that cannot work becomes the `config_error` (logged
+        once, as an error; False from then on); a server that cannot be asked now (down, hanging,
+        5xx) makes this pass a no-op, rows untouched (False), and is checked again next pass."""
+        sender = self.sender
+        if self.config_error is None and sender is not None and sender.version is None:
+            try:
+                version = check(sender)
+            except LangfuseConfigError as exc:
+                self.config_error = str(exc)
+            except LangfuseUnavailable as exc:
+                logger.warning("Langfuse not reachable; outbox rows wait", extra={"why": str(exc)})
+                return False
+            else:
+                logger.info(
+                    "Langfuse mirror ready",
+                    extra={
+                        "host": sender.host,
+                        "version": ".".join(map(str, version)),
+                        "generation": generation(version),
+                        "environment": sender.environment,
+                    },
+                )
+        if self.config_error is not None:
+            if not self._reported:
+                self._reported = True
+                logger.error(
+                    "Langfuse mirror off: %s; feedback stays pending until the worker restarts "
+                    "with a working configuration",
+                    self.config_error,
+                )
+            return False
+        return True
 
     def drain_once(self) -> int:
-        """Handles one batch of due rows; returns how many rows it handled."""
+        """Handles one batch of due rows; returns how many rows it handled (0, rows untouched,
+        when the configuration cannot work or the server cannot be checked)."""
+        if not self.ready():
+            return 0
         if self.sender is None:
             skipped = self.store.skip_outbox(self.batch_size)
             if skipped:
@@ -85,7 +130,8 @@ class OutboxDrainer:
         for d in deliveries:
             counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
         errors = sorted({d.error for d in deliveries if d.error})
-        logger.info("outbox batch delivered", extra={**counts, "errors": errors[:3]})
+        log = logger.warning if errors else logger.info
+        log("outbox batch delivered", extra={**counts, "errors": errors[:3]})
         return len(rows)
 
     def drain(self) -> int:
@@ -98,4 +144,9 @@ class OutboxDrainer:
 
 def _as_record(d: Delivery) -> DeliveryRecord:
     """A delivery as record_langfuse_deliveries reads it."""
-    return {"event_id": int(d.item_id), "outcome": d.outcome.value, "error": d.error}
+    return {
+        "event_id": d.event_id,
+        "outcome": d.outcome.value,
+        "error": d.error,
+        "retry_after_seconds": d.retry_after_seconds,
+    }

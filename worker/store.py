@@ -64,7 +64,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261203000100"
+REQUIRED_SCHEMA_VERSION = "20261204000100"
 
 
 class ConfigurationError(Exception):
@@ -195,8 +195,9 @@ class DeliveryRecord(TypedDict):
     """One element of record_langfuse_deliveries' p_deliveries."""
 
     event_id: int
-    outcome: str  # "sent", "retry" or "failed": a langfuse_sender.DeliveryOutcome value
+    outcome: str  # "sent", "retry", "wait" or "failed": a langfuse_response.Outcome value
     error: str | None
+    retry_after_seconds: float | None  # the least delay the server asked for
 
 
 # The decision's fields that make the payload: the payload's keys, and of each module update
@@ -576,8 +577,9 @@ class Store:
         return [OutboxRow.model_validate(r) for r in _rows(rows)]
 
     def record_deliveries(self, deliveries: list[DeliveryRecord], max_attempts: int) -> int:
-        """Records delivery outcomes of claimed rows (a retry waits with backoff; a row fails
-        after `max_attempts`); returns how many rows it updated."""
+        """Records delivery outcomes of claimed rows (a retry waits with backoff, or the server's
+        Retry-After if longer; a wait likewise, without counting an attempt; a row fails after
+        `max_attempts`); returns how many rows it updated."""
         return _count(
             self._rpc(
                 "record_langfuse_deliveries",

@@ -218,27 +218,33 @@ begin
 
   insert into public.persona_run_evidence
     (run_id, twin_id, module_id, source, reason, outcome, events, vote_changes)
-  with targets as (
+  -- Counted per key an event matches by (its module_key, else its intent_label) first, then
+  -- matched to the modules: the join takes one row per key, not per event, as the claim does.
+  with per_key as (
+    select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
+           e.source, e.reason,
+           case when coalesce(e.score > 0, e.passed) then 'success'
+                when e.score = 0 then 'neutral'
+                else 'failure' end::public.evidence_outcome as outcome,
+           count(*) as events, count(*) filter (where e.supersedes_id is not null) as changes
+    from public.persona_training_events e
+    where e.twin_id = new.twin_id
+      and e.id > new.batch_after_event_id and e.id <= new.batch_last_event_id
+      -- Audits of a draft moved no module (audit_of_draft, fixed when the audit was recorded).
+      and not e.audit_of_draft
+    group by 1, 2, 3, 4, 5
+  ),
+  targets as (
     select true as by_key, m.module_key as key, m.id as module_id
     from public.persona_modules m where m.twin_id = new.twin_id
     union all
     select false, m.intent_label, m.id
     from public.persona_modules m where m.twin_id = new.twin_id
   )
-  select new.id, new.twin_id, t.module_id, e.source, e.reason,
-         case when coalesce(e.score > 0, e.passed) then 'success'
-              when e.score = 0 then 'neutral'
-              else 'failure' end::public.evidence_outcome,
-         count(*), count(*) filter (where e.supersedes_id is not null)
-  from public.persona_training_events e
-  left join public.persona_specs s
-    on e.source = 'persona_audit' and s.id = e.persona_spec_id
-  left join targets t
-    on t.by_key = (e.module_key is not null) and t.key = coalesce(e.module_key, e.intent_label)
-  where e.twin_id = new.twin_id
-    and e.id > new.batch_after_event_id and e.id <= new.batch_last_event_id
-    -- Audits of a spec that was not live before this completion moved no module.
-    and not (s.id is not null and (s.published_at is null or s.published_at >= new.finished_at))
+  select new.id, new.twin_id, t.module_id, k.source, k.reason, k.outcome,
+         sum(k.events), sum(k.changes)
+  from per_key k
+  left join targets t on t.by_key = k.by_key and t.key = k.key
   group by 3, 4, 5, 6;
 
   -- Existing buckets take their delta (a retraction is negative); new buckets are inserted. An
@@ -251,9 +257,11 @@ begin
     update public.persona_feedback_daily d
     set votes = d.votes + x.votes
     from delta x
+    -- Equalities on coalesced keys, not IS NOT DISTINCT FROM: those can be hashed, so the
+    -- cost follows the batch, not the twin's history of buckets.
     where d.twin_id = new.twin_id and d.day = x.day and d.intent_label = x.intent_label
-      and d.module_key is not distinct from x.module_key
-      and d.reason is not distinct from x.reason and d.score = x.score
+      and coalesce(d.module_key, '') = coalesce(x.module_key, '')
+      and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score
     returning d.day, d.intent_label, d.module_key, d.reason, d.score
   )
   insert into public.persona_feedback_daily
@@ -263,8 +271,8 @@ begin
   where not exists (
     select 1 from updated u
     where u.day = x.day and u.intent_label = x.intent_label
-      and u.module_key is not distinct from x.module_key
-      and u.reason is not distinct from x.reason and u.score = x.score
+      and coalesce(u.module_key, '') = coalesce(x.module_key, '')
+      and coalesce(u.reason::text, '') = coalesce(x.reason::text, '') and u.score = x.score
   );
   delete from public.persona_feedback_daily d where d.twin_id = new.twin_id and d.votes = 0;
   return null;

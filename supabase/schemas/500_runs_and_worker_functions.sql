@@ -1057,7 +1057,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261203000100'::text;
+  select '20261204000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

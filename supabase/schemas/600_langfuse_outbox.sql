@@ -79,9 +79,10 @@ comment on function public.claim_langfuse_outbox(integer, integer) is
   '22023 for a p_limit or p_visibility_seconds out of range.';
 
 -- Records what happened to claimed rows: p_deliveries is a JSON array of
--- {"event_id": n, "outcome": "sent" | "retry" | "failed", "error": text|null}.
--- A retry waits base * 2^attempts seconds (at most p_max_delay_seconds) with jitter; after
--- p_max_attempts deliveries it fails. A superseded vote keeps that status; if the newer vote was
+-- {"event_id": n, "outcome": "sent" | "retry" | "wait" | "failed", "error": text|null,
+-- "retry_after_seconds": n|null}. A retry waits base * 2^attempts seconds (at most
+-- p_max_delay_seconds) with jitter, or the server's Retry-After if longer; after p_max_attempts
+-- deliveries it fails. A wait (429, usage suspension) waits the same but is not an attempt. A superseded vote keeps that status; if the newer vote was
 -- already sent, it is sent again so that Langfuse ends with the newer value; if it waits for
 -- this delivery, it is released.
 create function public.record_langfuse_deliveries(
@@ -101,11 +102,15 @@ begin
     raise exception using errcode = '22023', message = 'p_deliveries must be a JSON array';
   end if;
   if exists (
-    select 1 from jsonb_to_recordset(p_deliveries) as d(event_id bigint, outcome text, error text)
-    where d.event_id is null or d.outcome is null or d.outcome not in ('sent', 'retry', 'failed')
+    select 1 from jsonb_to_recordset(p_deliveries)
+      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+    where d.event_id is null or d.outcome is null
+       or d.outcome not in ('sent', 'retry', 'wait', 'failed')
+       or d.retry_after_seconds < 0 or d.retry_after_seconds > 86400
   ) then
     raise exception using errcode = '22023',
-      message = 'each delivery needs an event_id and an outcome of sent, retry or failed';
+      message = 'each delivery needs an event_id, an outcome of sent, retry, wait or failed, '
+                'and a retry_after_seconds of 0 to 86400 or none';
   end if;
   if p_max_attempts is null or p_max_attempts < 1 or p_base_delay_seconds is null
      or p_base_delay_seconds <= 0 or p_max_delay_seconds is null or p_max_delay_seconds <= 0 then
@@ -114,14 +119,17 @@ begin
   end if;
 
   with d as (
-    select * from jsonb_to_recordset(p_deliveries) as d(event_id bigint, outcome text, error text)
+    select * from jsonb_to_recordset(p_deliveries)
+      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
   ),
   updated as (
     update public.persona_training_events e
-    set langfuse_attempts = e.langfuse_attempts + 1,
+    -- a wait (the server asked us to come back later: 429, usage suspension) is not an attempt
+    set langfuse_attempts = e.langfuse_attempts + case when d.outcome = 'wait' then 0 else 1 end,
         langfuse_status = case
           when e.langfuse_status = 'superseded' then 'superseded'
           when d.outcome = 'sent' then 'sent'
+          when d.outcome = 'wait' then 'retrying'
           when d.outcome = 'failed' or e.langfuse_attempts + 1 >= p_max_attempts then 'failed'
           else 'retrying'
         end::public.langfuse_status,
@@ -133,9 +141,10 @@ begin
           else left(d.error, 2000)
         end,
         langfuse_next_attempt_at = case
-          when d.outcome = 'retry' then now() + make_interval(secs =>
+          when d.outcome in ('retry', 'wait') then now() + make_interval(secs => greatest(
+            coalesce(d.retry_after_seconds, 0),
             least(p_base_delay_seconds * power(2, e.langfuse_attempts), p_max_delay_seconds)
-            * (0.5 + random() / 2))
+            * (0.5 + random() / 2)))
           else now()
         end
     from d
@@ -167,14 +176,17 @@ $$;
 
 comment on function public.record_langfuse_deliveries(jsonb, integer, double precision, double precision) is
   'Worker (outbox drain). In: p_deliveries, a JSON array of {"event_id": n, "outcome": "sent" | '
-  '"retry" | "failed", "error": text or null}; p_max_attempts (default 8), p_base_delay_seconds '
-  '(2) and p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = '
-  'now(); failed, or a retry on the last attempt: failed with the error (up to 2000 chars); '
-  'retry: due again after min(base * 2^attempts, max) * (0.5 + random()/2) seconds, exponential '
-  'backoff with "equal jitter" (AWS Architecture Blog, Exponential Backoff and Jitter, 2015). A '
-  'superseded vote stays superseded; the newer vote that waited for it is released, and sent '
-  'again if it went out first. Raises 22023 when p_deliveries is not an array, an item lacks '
-  'event_id or a known outcome, or a limit is not positive.';
+  '"retry" | "wait" | "failed", "error": text or null, "retry_after_seconds": 0-86400 or null '
+  '(the server''s Retry-After)}; p_max_attempts (default 8), p_base_delay_seconds (2) and '
+  'p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = now(); '
+  'failed, or a retry on the last attempt: failed with the error (up to 2000 chars); retry: an '
+  'attempt, due again after max(retry_after_seconds, min(base * 2^attempts, max) * (0.5 + '
+  'random()/2)) seconds, exponential backoff with "equal jitter" (AWS Architecture Blog, '
+  'Exponential Backoff and Jitter, 2015); wait (Langfuse rate limit or usage suspension): the '
+  'same delay, but not an attempt, so it never fails a row. A superseded vote stays superseded; '
+  'the newer vote that waited for it is released, and sent again if it went out first. Raises '
+  '22023 when p_deliveries is not an array, an item lacks event_id or a known outcome or has a '
+  'retry_after_seconds out of range, or a limit is not positive.';
 
 -- Langfuse is not configured: due rows are kept locally and marked skipped.
 create function public.skip_langfuse_outbox(p_limit integer default 1000)

@@ -13,6 +13,7 @@ stands for the passage of time.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -31,9 +32,10 @@ from postgrest.types import CountMethod
 from supabase import Client
 
 from testkit.env import PFL, rows
-from testkit.standin import LangfuseStandin
+from testkit.standin import GENERATIONS, LangfuseStandin
 from tests.conftest import Stack, User, wait_for
 from worker.config import WorkerSettings
+from worker.langfuse_check import check
 from worker.langfuse_sender import LangfuseSender, score_id_for
 from worker.outbox import NOT_CONFIGURED, OutboxDrainer
 from worker.store import Store
@@ -48,9 +50,10 @@ SenderFactory = Callable[..., LangfuseSender]
 # -- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def standin() -> Iterator[LangfuseStandin]:
-    lf = LangfuseStandin(public_key=f"pk-lf-{uuid.uuid4().hex[:8]}")
+@pytest.fixture(params=GENERATIONS)
+def standin(request: pytest.FixtureRequest) -> Iterator[LangfuseStandin]:
+    """The stand-in in each server generation in use: every test runs against each."""
+    lf = LangfuseStandin(generation=request.param, public_key=f"pk-lf-{uuid.uuid4().hex[:8]}")
     lf.start()
     try:
         yield lf
@@ -77,16 +80,25 @@ def make_sender(standin: LangfuseStandin) -> Iterator[SenderFactory]:
     made: list[LangfuseSender] = []
 
     def make(
-        *, timeout: float = 5.0, batch_size: int = 100, secret_key: str | None = None
+        *,
+        timeout: float = 5.0,
+        batch_size: int = 100,
+        secret_key: str | None = None,
+        checked: bool = True,
     ) -> LangfuseSender:
+        """A sender for the stand-in; `checked`: its start-up check already passed (as in a
+        worker that started while Langfuse answered), so later failure modes hit the sends."""
         sender = LangfuseSender(
             standin.url,
             standin.public_key,
             secret_key or standin.secret_key,
             timeout,
+            environment="production",
             batch_size=batch_size,
         )
         made.append(sender)
+        if checked:
+            check(sender)
         return sender
 
     yield make
@@ -194,17 +206,19 @@ def ts(text: str) -> datetime:
 
 def request_ids(standin: LangfuseStandin) -> list[set[str]]:
     """The score ids of each score request the stand-in received, in order."""
-    out = []
-    for request in standin.score_requests:
-        body = request.body if isinstance(request.body, list) else [request.body]
-        out.append({s["id"] for s in body if isinstance(s, dict)})
-    return out
+    return [{s["id"] for s in request.scores} for request in standin.score_requests]
 
 
 def run_pfl(
-    stack: Stack, cwd: Path, *args: str, langfuse: LangfuseStandin | None = None
+    stack: Stack,
+    cwd: Path,
+    *args: str,
+    langfuse: LangfuseStandin | None = None,
+    extra: dict[str, str] | None = None,
+    status: int = 0,
 ) -> subprocess.CompletedProcess[str]:
-    """The real CLI. Without `langfuse` no LANGFUSE_* variable reaches it (not configured)."""
+    """The real CLI. Without `langfuse` no LANGFUSE_* variable reaches it (not configured);
+    `extra` adds (or, empty, removes) variables; `status` is the exit status expected."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "PFL_"))}
     env.update(
         SUPABASE_URL=stack.url,
@@ -218,11 +232,16 @@ def run_pfl(
             LANGFUSE_SECRET_KEY=langfuse.secret_key,
             PFL_LANGFUSE_TIMEOUT_SECONDS="5",
         )
+    for name, value in (extra or {}).items():
+        if value:
+            env[name] = value
+        else:
+            env.pop(name, None)
     # cwd without a .env file, so that only `env` configures it
     result = subprocess.run(
         [str(PFL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0, f"pfl {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    assert result.returncode == status, f"pfl {' '.join(args)}: {result.stdout}\n{result.stderr}"
     return result
 
 
@@ -397,7 +416,7 @@ def test_down_then_up_retries_and_delivers_every_score_exactly_once(
         assert "connection refused" in row["last_error"]
         assert row["sent_at"] is None
         assert due[event_id] > now
-    assert standin.requests == []
+    assert standin.score_requests == []
 
     standin.start()  # up again, on the same port
     assert sender.host == standin.url
@@ -509,16 +528,17 @@ def test_errors_back_off_exponentially_do_not_block_other_twins_and_finally_fail
     assert not a_scores & set(standin.scores)
 
 
-# -- 5. 401 --------------------------------------------------------------------------------------
+# -- 5. 401 ---------------------------------------------------------------------------------------
 
 
-def test_wrong_secret_fails_rows_with_one_request_per_pass_and_no_retries(
+def test_wrong_keys_at_start_keep_rows_pending_and_revoked_keys_fail_them(
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
     store: Store,
     standin: LangfuseStandin,
     make_sender: SenderFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
@@ -526,26 +546,32 @@ def test_wrong_secret_fails_rows_with_one_request_per_pass_and_no_retries(
     ids = [e["id"] for e in events]
     ours = {sid(twin, e["trace_id"], voter) for e in events}
 
-    # One pass of our 6 rows in requests of 2 scores: 3 chunks, but one 401 stops the pass.
-    wrong = make_sender(batch_size=2, secret_key="sk-lf-wrong")
-    assert drain_ours(db, store, wrong, ids) == len(ids)
+    # Wrong keys from the start: the check says so once, nothing is claimed, rows stay pending.
+    wrong = make_sender(batch_size=2, secret_key="sk-lf-wrong", checked=False)
+    with caplog.at_level("ERROR", logger="worker.outbox"):
+        assert drain_ours(db, store, wrong, ids) == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "Langfuse mirror off" in line and "refused the keys: HTTP 401" in line
+    assert [(r.path, r.status) for r in standin.requests] == [
+        ("/api/public/health", 200),
+        ("/api/public/ingestion", 401),
+    ]
+    for row in outbox(service, ids).values():
+        assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+
+    # Keys revoked after a good start: a 401 is permanent, one request per pass, no retries.
+    revoked = make_sender(batch_size=2)
+    standin.set_mode("unauthorized")
+    assert drain_ours(db, store, revoked, ids) == len(ids)
     assert [r.status for r in standin.score_requests] == [401]
     rows = outbox(service, ids)
     for row in rows.values():
         assert row["status"] == "failed"
         assert row["attempts"] == 1
         assert row["last_error"].startswith("HTTP 401: Invalid credentials")
-
-    # Nothing is retried later, with either key (any retry delay would have passed).
-    assert drain_ours(db, store, wrong, ids) == 0
-    assert len(standin.score_requests) == 1
-    OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8).drain()
-    assert not ours & set().union(*request_ids(standin)[1:])  # after the 401
-    after = outbox(service, ids)
-    for event_id, row in rows.items():
-        assert {k: v for k, v in after[event_id].items() if k != "next_attempt_at"} == {
-            k: v for k, v in row.items() if k != "next_attempt_at"
-        }
+    standin.set_mode("ok")
+    assert drain_ours(db, store, revoked, ids) == 0
+    assert not ours & set().union(*request_ids(standin)[1:])  # nothing of ours after the 401
 
 
 # -- 6. changed votes ----------------------------------------------------------------------------
@@ -584,6 +610,7 @@ def test_changed_vote_updates_the_same_score_with_the_first_votes_time(
     assert versions[0]["metadata"]["intent_label"] == "billing_question"
     assert versions[0]["metadata"]["app"] == "web"
 
+    standin.advance(days=2)  # the vote changes two days later
     second = vote(voter, twin, "changed", -1, reason="incorrect", intent_label="billing_question")
     state = db.execute(
         "select id, superseded_at is not null, supersedes_id, first_vote_id"
@@ -609,6 +636,10 @@ def test_changed_vote_updates_the_same_score_with_the_first_votes_time(
     assert versions[1]["metadata"]["intent_label"] == "billing_question"
     assert versions[1]["metadata"]["event_id"] == second["id"]
     assert outbox(service, [second["id"]])[second["id"]]["status"] == "sent"
+    # One row in Langfuse's score table (keyed by day, name, id), holding the new vote.
+    assert score_id not in standin.duplicates()
+    (row,) = [r for (_, _, i), r in standin.table.items() if i == score_id]
+    assert row["value"] == -1.0 and row["environment"] == "production"
 
     # A vote changed before it was ever sent: the old row is superseded and never sent; the
     # score arrives once, with the new value and the first vote's time.
@@ -734,7 +765,7 @@ def test_partial_rejection_fails_only_the_rejected_score(
     bad = rows.pop(rejected["id"])
     assert bad["status"] == "failed"
     assert bad["attempts"] == 1
-    assert "rejected by Langfuse" in bad["last_error"]
+    assert bad["last_error"].startswith("rejected by Langfuse (HTTP 400)")
     assert "trace not found" in bad["last_error"]
     assert {r["status"] for r in rows.values()} == {"sent"}
     assert all(r["sent_at"] is not None for r in rows.values())
@@ -744,7 +775,176 @@ def test_partial_rejection_fails_only_the_rejected_score(
     for e in events:
         if e is rejected:
             continue
-        versions = scores[sid(twin, e["trace_id"], voter)]
-        # Halving a rejected request re-sends accepted scores: same id and timestamp, so
-        # Langfuse updates them in place.
-        assert {(v["value"], ts(v["timestamp"])) for v in versions} == {(1.0, ts(e["created_at"]))}
+        (version,) = scores[sid(twin, e["trace_id"], voter)]  # one request: nothing re-sent
+        assert (version["value"], ts(version["timestamp"])) == (1.0, ts(e["created_at"]))
+    assert len(standin.score_requests) == 1
+
+
+# -- 9. Langfuse down when the worker starts -------------------------------------------------------
+
+
+def test_down_at_start_touches_nothing_until_the_check_passes(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    events = [vote(voter, twin, f"start-down-{i}", 1) for i in range(3)]
+    ids = [e["id"] for e in events]
+    standin.stop()
+    sender = make_sender(checked=False)
+
+    assert drain_ours(db, store, sender, ids) == 0  # not checked: no row claimed
+    for row in outbox(service, ids).values():
+        assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+
+    standin.start()
+    assert drain_ours(db, store, sender, ids) == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
+    assert sender.version is not None
+
+
+# -- 10. bad configuration: one clear line, rows kept ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no scheme", "needs a scheme and a host"),
+        ("wrong keys", "refused the keys: HTTP 401"),
+        ("too old", "is too old: score metadata and environments need 3.49.0"),
+        ("half configured", "LANGFUSE_SECRET_KEY not set"),
+        ("bad environment", "environment 'Prod Env'"),
+    ],
+)
+def test_bad_configuration_says_why_once_and_keeps_rows_pending(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    tmp_path: Path,
+    case: str,
+    expected: str,
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    events = [vote(voter, twin, f"config-{i}", 1) for i in range(2)]
+    ids = [e["id"] for e in events]
+    with LangfuseStandin(version="3.48.2" if case == "too old" else None) as lf:
+        extra = {
+            "no scheme": {"LANGFUSE_HOST": lf.url.removeprefix("http://")},
+            "wrong keys": {"LANGFUSE_SECRET_KEY": "sk-lf-wrong"},
+            "too old": {},
+            "half configured": {"LANGFUSE_SECRET_KEY": ""},
+            "bad environment": {"PFL_LANGFUSE_ENVIRONMENT": "Prod Env"},
+        }[case]
+        out = run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf, extra=extra, status=1)
+        assert lf.score_requests == []
+    assert expected in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "Langfuse mirror off" in line]
+    assert len(errors) == 2, out.stderr  # the log line, and the command's own last word
+    for row in outbox(service, ids).values():
+        assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+
+
+def test_environment_defaults_to_langfuses_own_variable(
+    stack: Stack, service: Client, make_user: Callable[[str], User], tmp_path: Path
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    first = vote(voter, twin, "env-1", 1)
+    with LangfuseStandin(generation="v4") as lf:
+        tracing = {"LANGFUSE_TRACING_ENVIRONMENT": "staging"}
+        run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf, extra=tracing)
+        second = vote(voter, twin, "env-2", 1)
+        ours = {"PFL_LANGFUSE_ENVIRONMENT": "prod-eu", **tracing}
+        run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf, extra=ours)
+        scores = lf.scores
+    assert scores[sid(twin, "env-1", voter)][-1]["environment"] == "staging"
+    assert scores[sid(twin, "env-2", voter)][-1]["environment"] == "prod-eu"
+    assert set(statuses(service, [first["id"], second["id"]]).values()) == {"sent"}
+
+
+# -- 11. Cloud: rate limits and usage suspension wait; redirects are refused --------------------
+
+
+def test_rate_limit_and_suspension_wait_without_spending_attempts(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    events = [vote(voter, twin, f"cloud-{i}", 1) for i in range(4)]
+    ids = [e["id"] for e in events]
+    with (
+        LangfuseStandin(generation="cloud") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
+    ):
+        check(sender)
+        for mode, least in (("rate_limited", 2.0), ("suspended", 300.0)):
+            lf.set_mode(mode)  # type: ignore[arg-type]
+            started = db_now(db)
+            assert drain_ours(db, store, sender, ids, max_attempts=1) == len(ids)
+            assert len(lf.score_requests) == 1  # the pass stops at the first answer
+            lf.clear()
+            rows = outbox(service, ids)
+            for event_id, due in due_times(db, ids).items():
+                # max_attempts=1: a counted attempt would have failed the row
+                assert (rows[event_id]["status"], rows[event_id]["attempts"]) == ("retrying", 0)
+                assert due - started >= timedelta(seconds=least) - SLACK
+            assert str(429 if mode == "rate_limited" else 403) in rows[ids[0]]["last_error"]
+        lf.set_mode("ok")
+        assert drain_ours(db, store, sender, ids) == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
+
+
+def test_a_redirect_is_refused_and_the_rows_say_where_to(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, "redirected", 1)["id"]]
+    sender = make_sender()
+    standin.set_mode("redirect")
+
+    assert drain_ours(db, store, sender, ids) == 1
+    (row,) = outbox(service, ids).values()
+    assert row["status"] == "retrying"
+    assert "redirected to https://" in row["last_error"] and "LANGFUSE_HOST" in row["last_error"]
+    assert [(r.method, r.status) for r in standin.requests[-1:]] == [("POST", 301)]
+    assert standin.scores == {}
+
+
+@pytest.mark.parametrize(
+    "delivery",
+    [
+        {"outcome": "wait", "retry_after_seconds": -1},
+        {"outcome": "retry", "retry_after_seconds": 86401},
+        {"outcome": "later"},
+    ],
+)
+def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    delivery: dict[str, Any],
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    event = vote(voter, open_twin(service, owner), "bad-record", 1)
+    before = outbox(service, [event["id"]])
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="retry_after_seconds of 0"):
+        db.execute(
+            "select public.record_langfuse_deliveries(%s::jsonb)",
+            (json.dumps([{"event_id": event["id"], "error": "x", **delivery}]),),
+        )
+    assert outbox(service, [event["id"]]) == before

@@ -1,12 +1,17 @@
-"""The worker's command line starts without the Langfuse SDK unless it drains the outbox."""
+"""The worker's command line starts without the mirror's modules unless it drains the outbox,
+and nothing loads the Langfuse SDK any more (the mirror sends one request with httpx)."""
 
 import subprocess
 import sys
 
-LOADED = "import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('langfuse')))"
+LOADED = (
+    "import sys, {module}; "
+    "print(sorted(m for m in sys.modules if m.startswith(('langfuse', 'worker.langfuse', "
+    "'worker.outbox'))))"
+)
 
 
-def loaded_langfuse_modules(module: str) -> str:
+def loaded_mirror_modules(module: str) -> str:
     done = subprocess.run(
         [sys.executable, "-c", LOADED.format(module=module)],
         capture_output=True,
@@ -16,10 +21,13 @@ def loaded_langfuse_modules(module: str) -> str:
     return done.stdout.strip()
 
 
-def test_the_cli_loads_no_langfuse_module_until_it_drains() -> None:
-    # `pfl run-once` (cron) starts about a quarter faster without it.
-    assert loaded_langfuse_modules("worker.cli") == "[]"
+def test_the_cli_loads_no_mirror_module_until_it_drains() -> None:
+    # `pfl run-once` (cron) never needs them.
+    assert loaded_mirror_modules("worker.cli") == "[]"
 
 
-def test_the_outbox_still_loads_the_sdk() -> None:
-    assert "'langfuse'" in loaded_langfuse_modules("worker.outbox")
+def test_the_outbox_loads_the_sender_and_no_sdk() -> None:
+    assert loaded_mirror_modules("worker.outbox") == (
+        "['worker.langfuse_check', 'worker.langfuse_response', 'worker.langfuse_sender', "
+        "'worker.outbox']"
+    )

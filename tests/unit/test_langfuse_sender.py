@@ -1,8 +1,7 @@
-"""LangfuseSender against the Langfuse stand-in: the real SDK client, real HTTP on 127.0.0.1."""
+"""LangfuseSender against the Langfuse stand-in in each server generation (HTTP on 127.0.0.1)."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -13,47 +12,60 @@ from uuid import UUID
 import pytest
 from pydantic import ValidationError
 
-from testkit.standin import SCORES_PATH, LangfuseStandin
-from worker.langfuse_sender import (
-    Delivery,
-    DeliveryOutcome,
-    LangfuseSender,
-    ScoreItem,
-    score_id_for,
+from testkit.standin import GENERATIONS, INGESTION_PATH, Generation, LangfuseStandin
+from worker.langfuse_check import (
+    LangfuseConfigError,
+    LangfuseUnavailable,
+    check,
+    generation,
+    parse_version,
 )
+from worker.langfuse_response import Outcome
+from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, check_host, score_id_for
 
 pytestmark = pytest.mark.timeout(30)
 
 TWIN = UUID("6f9619ff-8b86-4011-b42d-00c04fc964ff")
-BASE_TIME = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+BASE_TIME = datetime(2024, 5, 1, 23, 59, 59, 123456, tzinfo=UTC)
 CEST = timezone(timedelta(hours=2))
 
 
-@pytest.fixture
-def standin() -> Iterator[LangfuseStandin]:
-    with LangfuseStandin() as lf:
+@pytest.fixture(params=GENERATIONS)
+def standin(request: pytest.FixtureRequest) -> Iterator[LangfuseStandin]:
+    with LangfuseStandin(generation=request.param) as lf:
         yield lf
 
 
 @pytest.fixture
+def cloud() -> Iterator[LangfuseStandin]:
+    with LangfuseStandin(generation="cloud") as lf:
+        yield lf
+
+
+def sender_for(lf: LangfuseStandin, **kwargs: Any) -> LangfuseSender:
+    options: dict[str, Any] = {"environment": "production"} | kwargs
+    timeout = options.pop("timeout", 2.0)
+    secret = options.pop("secret_key", lf.secret_key)
+    return LangfuseSender(lf.url, lf.public_key, secret, timeout, **options)
+
+
+@pytest.fixture
 def sender(standin: LangfuseStandin) -> Iterator[LangfuseSender]:
-    with LangfuseSender(standin.url, standin.public_key, standin.secret_key, 2.0) as s:
+    with sender_for(standin) as s:
         yield s
 
 
 def make_items(count: int, *, start: int = 0) -> list[ScoreItem]:
     items = []
     for i in range(start, start + count):
-        user = UUID(int=i + 1)
         trace = f"trace-{i}"
         items.append(
             ScoreItem(
-                item_id=f"outbox-{i}",
-                score_id=score_id_for(TWIN, trace, user),
+                event_id=i + 1,
+                score_id=score_id_for(TWIN, trace, UUID(int=i + 1)),
                 trace_id=trace,
                 name="user_feedback",
                 value=(i % 3) - 1,
-                data_type="NUMERIC",
                 comment=None if i % 2 else f"comment {i}",
                 metadata={"reason": "helpful", "intent_label": "factual", "n": i},
                 # a non-UTC offset: the sender must send the same instant, in UTC
@@ -63,12 +75,29 @@ def make_items(count: int, *, start: int = 0) -> list[ScoreItem]:
     return items
 
 
-def outcomes(deliveries: list[Delivery]) -> set[DeliveryOutcome]:
+def outcomes(deliveries: list[Delivery]) -> set[Outcome]:
     return {d.outcome for d in deliveries}
 
 
 def parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_check_reads_the_version_and_tries_the_keys_without_storing(
+    standin: LangfuseStandin, sender: LangfuseSender
+) -> None:
+    version = check(sender)
+
+    assert ".".join(map(str, version)) == standin.version
+    health, probe = standin.requests
+    assert (health.method, health.path, health.status) == ("GET", "/api/public/health", 200)
+    assert (probe.method, probe.path, probe.body, probe.status) == (
+        "POST",
+        INGESTION_PATH,
+        {"batch": []},
+        207,
+    )
+    assert standin.scores == {}
 
 
 def test_batch_of_250_goes_in_three_requests_and_every_score_arrives_once(
@@ -78,17 +107,16 @@ def test_batch_of_250_goes_in_three_requests_and_every_score_arrives_once(
 
     deliveries = sender.send(items)
 
-    assert [d.item_id for d in deliveries] == [i.item_id for i in items]
-    assert all(d.outcome == DeliveryOutcome.sent and d.error is None for d in deliveries)
+    assert [d.event_id for d in deliveries] == [i.event_id for i in items]
+    assert all(d.outcome == Outcome.sent and d.error is None for d in deliveries)
     requests = standin.requests
-    assert [len(r.body) for r in requests] == [100, 100, 50]
-    assert all(r.method == "POST" and r.path == SCORES_PATH for r in requests)
-    assert all(r.status == 202 for r in requests)
+    assert [len(r.body["batch"]) for r in requests] == [100, 100, 50]
+    assert all(r.method == "POST" and r.path == INGESTION_PATH for r in requests)
+    assert all(r.status == 207 for r in requests)
     assert all(r.auth == (standin.public_key, standin.secret_key) for r in requests)
-    assert all(r.headers["x-langfuse-public-key"] == standin.public_key for r in requests)
 
     scores = standin.scores
-    assert len(scores) == 250
+    assert len(scores) == 250 and standin.duplicates() == {}
     for item in items:
         (version,) = scores[item.score_id]  # exactly once by id
         assert version["traceId"] == item.trace_id
@@ -97,8 +125,11 @@ def test_batch_of_250_goes_in_three_requests_and_every_score_arrives_once(
         assert version["dataType"] == "NUMERIC"
         assert version.get("comment") == item.comment
         assert version["metadata"] == item.metadata
+        assert version["environment"] == "production"
         assert parse_ts(version["timestamp"]) == item.timestamp
-        assert version["timestamp"].endswith("Z")  # sent in UTC
+    event = requests[0].body["batch"][0]
+    assert event["type"] == "score-create"
+    assert event["timestamp"].endswith("Z")  # sent in UTC
 
 
 def test_thousand_rows_take_at_most_one_request_per_fifty(
@@ -106,37 +137,46 @@ def test_thousand_rows_take_at_most_one_request_per_fifty(
 ) -> None:
     deliveries = sender.send(make_items(1000))
 
-    assert outcomes(deliveries) == {DeliveryOutcome.sent}
-    assert len(standin.requests) <= 1000 / 50
+    assert outcomes(deliveries) == {Outcome.sent}
+    assert len(standin.score_requests) <= 1000 / 50
     assert len(standin.scores) == 1000
 
 
-def test_resend_with_same_id_and_timestamp_updates_the_score(
+def test_a_vote_changed_on_another_day_replaces_the_one_score(
     standin: LangfuseStandin, sender: LangfuseSender
 ) -> None:
-    (first,) = make_items(1)
-    changed = first.model_copy(update={"item_id": "outbox-vote-change", "value": -1.0})
+    (first,) = make_items(1)  # voted at 23:59:59 UTC
+    changed = first.model_copy(update={"event_id": 500, "value": -1.0})
 
-    assert sender.send([first])[0].outcome == DeliveryOutcome.sent
-    assert sender.send([changed])[0].outcome == DeliveryOutcome.sent
+    assert sender.send([first])[0].outcome == Outcome.sent
+    standin.advance(days=3)
+    assert sender.send([changed])[0].outcome == Outcome.sent
 
     versions = standin.scores[first.score_id]
     assert [v["value"] for v in versions] == [first.value, -1.0]
     assert versions[0]["timestamp"] == versions[1]["timestamp"]
-    assert len(standin.scores) == 1
+    assert standin.duplicates() == {}
+    ((_, row),) = [(k, v) for k, v in standin.table.items() if k[2] == first.score_id]
+    assert row["value"] == -1.0
+
+
+def test_the_newest_vote_has_the_smallest_envelope_id() -> None:
+    old, new = make_items(1)[0], make_items(1)[0].model_copy(update={"event_id": 10**6})
+    assert new.envelope_id < old.envelope_id
+    assert old.envelope_id.startswith(old.score_id + "-") and len(old.envelope_id) <= 800
 
 
 def test_versions_of_one_score_in_one_send_collapse_to_the_latest(
     standin: LangfuseStandin, sender: LangfuseSender
 ) -> None:
     (first,) = make_items(1)
-    newer = first.model_copy(update={"item_id": "outbox-newer", "value": -1.0})
+    newer = first.model_copy(update={"event_id": 900, "value": -1.0})
     other = make_items(1, start=1)[0]
 
     deliveries = sender.send([first, other, newer])
 
-    assert [d.item_id for d in deliveries] == [first.item_id, other.item_id, newer.item_id]
-    assert outcomes(deliveries) == {DeliveryOutcome.sent}
+    assert [d.event_id for d in deliveries] == [first.event_id, other.event_id, newer.event_id]
+    assert outcomes(deliveries) == {Outcome.sent}
     assert len(standin.requests) == 1
     assert [v["value"] for v in standin.scores[first.score_id]] == [-1.0]
 
@@ -148,146 +188,199 @@ def test_server_error_means_retry_for_every_item(
 
     deliveries = sender.send(make_items(250))
 
-    assert outcomes(deliveries) == {DeliveryOutcome.retry}
+    assert outcomes(deliveries) == {Outcome.retry}
     assert all(d.error is not None and "HTTP 500" in d.error for d in deliveries)
     assert len(standin.requests) == 1  # the other chunks are not attempted
     assert standin.scores == {}
 
 
-def test_rate_limited_means_retry(standin: LangfuseStandin, sender: LangfuseSender) -> None:
-    standin.set_mode("rate_limited")
+def test_rate_limited_waits_for_retry_after(cloud: LangfuseStandin) -> None:
+    cloud.set_mode("rate_limited")
+    with sender_for(cloud, batch_size=2) as sender:
+        deliveries = sender.send(make_items(5))
 
-    deliveries = sender.send(make_items(3))
-
-    assert outcomes(deliveries) == {DeliveryOutcome.retry}
+    assert outcomes(deliveries) == {Outcome.wait}
+    assert {d.retry_after_seconds for d in deliveries} == {2.0}
     assert deliveries[0].error is not None and "HTTP 429" in deliveries[0].error
-    assert len(standin.requests) == 1  # the SDK does not retry on its own
+    assert len(cloud.requests) == 1  # no retry inside a send, no further chunk
 
 
-def test_wrong_secret_fails_with_401_after_exactly_one_request(
-    standin: LangfuseStandin,
-) -> None:
-    with LangfuseSender(standin.url, standin.public_key, "sk-wrong", 2.0) as sender:
+def test_usage_suspension_waits(cloud: LangfuseStandin) -> None:
+    cloud.set_mode("suspended")
+    with sender_for(cloud) as sender:
+        deliveries = sender.send(make_items(3))
+        # the keys work: the check passes, and the sends wait until the suspension lifts
+        assert check(sender) == (4, 61, 0)
+
+    assert outcomes(deliveries) == {Outcome.wait}
+    assert deliveries[0].error is not None and "Ingestion suspended" in deliveries[0].error
+
+
+@pytest.mark.parametrize("generation_name", ["v3", "v4", "v4.59"])
+def test_self_hosted_generations_never_rate_limit(generation_name: Generation) -> None:
+    lf = LangfuseStandin(generation=generation_name)
+    with pytest.raises(ValueError, match="never answers"):
+        lf.set_mode("rate_limited")
+    with pytest.raises(ValueError, match="never answers"):
+        lf.set_mode("suspended")
+
+
+def test_wrong_secret_fails_with_401_after_exactly_one_request(standin: LangfuseStandin) -> None:
+    with sender_for(standin, secret_key="sk-wrong") as sender:
         deliveries = sender.send(make_items(250))
+        with pytest.raises(LangfuseConfigError, match="refused the keys: HTTP 401"):
+            check(sender)
 
-    assert outcomes(deliveries) == {DeliveryOutcome.failed}
-    first = deliveries[0].error
-    assert first is not None and first.startswith("HTTP 401: Invalid credentials")
-    assert all(d.error is not None and "401" in d.error for d in deliveries)
-    (request,) = standin.requests
-    assert request.status == 401
-    assert request.auth == (standin.public_key, "sk-wrong")
+    assert outcomes(deliveries) == {Outcome.failed}
+    assert all(d.error is not None and d.error.startswith("HTTP 401") for d in deliveries)
+    first, *_ = standin.requests
+    assert first.status == 401
+    assert first.auth == (standin.public_key, "sk-wrong")
+    assert len(standin.score_requests) == 1
     assert standin.scores == {}
 
 
-def test_forced_unauthorized_fails(standin: LangfuseStandin, sender: LangfuseSender) -> None:
-    standin.set_mode("unauthorized")
-
-    deliveries = sender.send(make_items(2))
-
-    assert outcomes(deliveries) == {DeliveryOutcome.failed}
-    assert len(standin.requests) == 1
-
-
-def test_partial_rejection_gives_per_item_outcomes(
+def test_partial_rejection_gives_each_row_its_own_outcome_in_one_request(
     standin: LangfuseStandin, sender: LangfuseSender
 ) -> None:
     items = make_items(10)
-    bad = {items[2].score_id: "value out of range", items[7].score_id: "trace not found"}
+    bad = {items[2].score_id: "trace not found", items[7].score_id: "value out of range"}
     standin.set_mode("partial", reject=bad)
 
     deliveries = sender.send(items)
 
-    by_id = {d.item_id: d for d in deliveries}
+    by_id = {d.event_id: d for d in deliveries}
     for item in items:
-        delivery = by_id[item.item_id]
+        delivery = by_id[item.event_id]
         if item.score_id in bad:
-            assert delivery.outcome == DeliveryOutcome.failed
+            assert delivery.outcome == Outcome.failed
             assert delivery.error is not None and bad[item.score_id] in delivery.error
             assert item.score_id not in standin.scores
         else:
-            assert delivery == Delivery(item_id=item.item_id, outcome=DeliveryOutcome.sent)
-            versions = standin.scores[item.score_id]
-            assert all(v == versions[0] for v in versions)  # re-sent unchanged: an update
-    requests = standin.requests
-    assert requests[0].status == 207 and len(requests[0].body) == 10
-    # halving isolates each rejected score: at most 2·k·log2(n) + 1 requests
-    assert len(requests) <= 1 + 2 * len(bad) * math.ceil(math.log2(len(items)))
+            assert delivery == Delivery(item.event_id, Outcome.sent)
+            assert len(standin.scores[item.score_id]) == 1
+    assert [r.status for r in standin.requests] == [207]  # no halving, no re-send
 
 
-def test_partial_mode_without_rejections_answers_202(
+def test_a_transient_per_item_error_retries_only_that_row(
     standin: LangfuseStandin, sender: LangfuseSender
 ) -> None:
-    standin.set_mode("partial", reject={})
-
-    deliveries = sender.send(make_items(5))
-
-    assert outcomes(deliveries) == {DeliveryOutcome.sent}
-    assert [r.status for r in standin.requests] == [202]
-
-
-def test_connection_refused_means_retry_and_recovers_on_restart(
-    standin: LangfuseStandin, sender: LangfuseSender
-) -> None:
-    items = make_items(150)
-    assert sender.send(items[:1])[0].outcome == DeliveryOutcome.sent  # leaves a pooled connection
-    standin.stop()
+    items = make_items(3)
+    standin.set_mode(
+        "partial", reject={items[1].score_id: "Internal Server Error"}, reject_status=500
+    )
 
     deliveries = sender.send(items)
 
-    assert outcomes(deliveries) == {DeliveryOutcome.retry}
-    assert deliveries[0].error == "connection refused"
-
-    standin.start()  # same port
-    assert outcomes(sender.send(items)) == {DeliveryOutcome.sent}
-    assert len(standin.scores) == 150
+    assert [d.outcome for d in deliveries] == [Outcome.sent, Outcome.retry, Outcome.sent]
 
 
-def test_hang_means_retry_within_the_timeout(standin: LangfuseStandin) -> None:
-    standin.set_mode("hang")
-    with LangfuseSender(standin.url, standin.public_key, standin.secret_key, 0.5) as sender:
-        started = time.monotonic()
-        deliveries = sender.send(make_items(250))
-        elapsed = time.monotonic() - started
+def test_a_redirect_is_refused_never_followed(standin: LangfuseStandin) -> None:
+    standin.set_mode("redirect")
+    with sender_for(standin) as sender:
+        deliveries = sender.send(make_items(3))
+        with pytest.raises(LangfuseConfigError, match="redirects .* https://"):
+            check(sender)
 
-    assert outcomes(deliveries) == {DeliveryOutcome.retry}
-    assert deliveries[0].error is not None and "timeout after 0.5s" in deliveries[0].error
-    assert 0.45 <= elapsed < 0.5 + 0.75
-    (request,) = standin.requests  # one timeout per send, not one per chunk
-    assert request.status is None
+    assert outcomes(deliveries) == {Outcome.retry}
+    assert deliveries[0].error is not None and "LANGFUSE_HOST" in deliveries[0].error
+    assert [(r.method, r.status) for r in standin.requests] == [("POST", 301), ("GET", 301)]
+    assert standin.scores == {}
 
 
-def test_requests_are_also_bounded_by_size(standin: LangfuseStandin) -> None:
-    with LangfuseSender(
-        standin.url, standin.public_key, standin.secret_key, 2.0, max_request_bytes=4096
-    ) as sender:
-        items = [i.model_copy(update={"comment": "x" * 1500}) for i in make_items(6)]
+def test_413_splits_the_request(standin: LangfuseStandin) -> None:
+    big = "x" * 1_000_000  # six of them exceed the 4.5 MB ingestion limit
+    with sender_for(standin, max_request_bytes=10_000_000, timeout=10.0) as sender:
+        items = [i.model_copy(update={"comment": big}) for i in make_items(6)]
         deliveries = sender.send(items)
 
-    assert outcomes(deliveries) == {DeliveryOutcome.sent}
-    assert all(len(r.body) <= 2 for r in standin.requests)
+    assert outcomes(deliveries) == {Outcome.sent}
+    statuses = [r.status for r in standin.requests]
+    assert statuses[0] == 413 and statuses.count(207) >= 2
     assert len(standin.scores) == 6
 
 
 def test_a_score_too_large_for_any_request_fails_without_being_sent(
     standin: LangfuseStandin,
 ) -> None:
-    with LangfuseSender(
-        standin.url, standin.public_key, standin.secret_key, 2.0, max_request_bytes=2048
-    ) as sender:
+    with sender_for(standin, max_request_bytes=2048) as sender:
         big, small = make_items(2)
         deliveries = sender.send([big.model_copy(update={"comment": "x" * 3000}), small])
 
-    assert [d.outcome for d in deliveries] == [DeliveryOutcome.failed, DeliveryOutcome.sent]
-    assert deliveries[0].error is not None and "request limit" in deliveries[0].error
+    assert [d.outcome for d in deliveries] == [Outcome.failed, Outcome.sent]
+    assert deliveries[0].error is not None and "2048-byte limit" in deliveries[0].error
     assert list(standin.scores) == [small.score_id]
+
+
+def test_connection_refused_means_retry_and_recovers_on_restart(
+    standin: LangfuseStandin, sender: LangfuseSender
+) -> None:
+    items = make_items(150)
+    assert sender.send(items[:1])[0].outcome == Outcome.sent  # leaves a pooled connection
+    standin.stop()
+
+    deliveries = sender.send(items)
+    with pytest.raises(LangfuseUnavailable, match="connection refused"):
+        check(sender)
+
+    assert outcomes(deliveries) == {Outcome.retry}
+    assert deliveries[0].error == "connection refused"
+    standin.start()  # same port
+    assert outcomes(sender.send(items)) == {Outcome.sent}
+    assert len(standin.scores) == 150
+
+
+def test_hang_means_retry_within_the_timeout(standin: LangfuseStandin) -> None:
+    standin.set_mode("hang")
+    with sender_for(standin, timeout=0.5) as sender:
+        started = time.monotonic()
+        deliveries = sender.send(make_items(250))
+        elapsed = time.monotonic() - started
+
+    assert outcomes(deliveries) == {Outcome.retry}
+    assert deliveries[0].error is not None and "timeout after 0.5s" in deliveries[0].error
+    assert 0.45 <= elapsed < 0.5 + 0.75
+    (request,) = standin.requests  # one timeout per send, not one per chunk
+    assert request.status is None
+
+
+def test_a_server_too_old_is_refused_at_the_check() -> None:
+    with LangfuseStandin(generation="v3", version="3.48.2") as lf, sender_for(lf) as sender:
+        with pytest.raises(LangfuseConfigError, match=r"3\.48\.2 .* too old"):
+            check(sender)
+        assert [r.path for r in lf.requests] == ["/api/public/health"]
+
+
+def test_the_one_score_route_of_v3_and_v4_shows_why_it_is_not_used() -> None:
+    """What the previous sender did (an array to /api/public/scores): refused by v3 and v4 before
+    4.59; and a single score there is stamped with the time of receipt, so a change on another
+    day makes a second row."""
+    import httpx
+
+    for generation_name in ("v3", "v4"):
+        with LangfuseStandin(generation=generation_name) as lf:
+            auth = (lf.public_key, lf.secret_key)
+            score = {
+                "id": "s1",
+                "traceId": "t",
+                "name": "user_feedback",
+                "value": 1,
+                "dataType": "NUMERIC",
+                "timestamp": "2024-05-01T12:00:00Z",
+            }
+            url = lf.url + "/api/public/scores"
+            assert httpx.post(url, json=[score], auth=auth).status_code == 400
+            assert httpx.post(url, json=score, auth=auth).status_code == 200
+            lf.advance(days=1)
+            assert httpx.post(url, json=score | {"value": -1}, auth=auth).status_code == 200
+            assert lf.duplicates() == {"s1": 2}
 
 
 def test_sender_starts_no_background_threads(standin: LangfuseStandin) -> None:
     before = set(threading.enumerate())
-    with LangfuseSender(standin.url, standin.public_key, standin.secret_key, 2.0) as sender:
+    with sender_for(standin) as sender:
         assert set(threading.enumerate()) == before
-        assert sender.send(make_items(1))[0].outcome == DeliveryOutcome.sent
+        assert sender.send(make_items(1))[0].outcome == Outcome.sent
     new = set(threading.enumerate()) - before
     assert all("process_request_thread" in t.name for t in new)  # only stand-in handlers
 
@@ -297,9 +390,9 @@ def test_empty_send_makes_no_request(standin: LangfuseStandin, sender: LangfuseS
     assert standin.requests == []
 
 
-def test_duplicate_item_ids_are_a_programming_error(sender: LangfuseSender) -> None:
+def test_duplicate_event_ids_are_a_programming_error(sender: LangfuseSender) -> None:
     (item,) = make_items(1)
-    with pytest.raises(ValueError, match="duplicate item_id"):
+    with pytest.raises(ValueError, match="duplicate event_id"):
         sender.send([item, item])
 
 
@@ -324,16 +417,15 @@ def test_score_id_for_is_deterministic() -> None:
     [
         {"value": float("nan")},
         {"value": "1"},
-        {"value": 0.5, "data_type": "BOOLEAN"},
-        {"value": 1.0, "data_type": "CATEGORICAL"},
         {"timestamp": datetime(2024, 5, 1, 12, 0)},
         {"metadata": {"bad": object()}},
         {"trace_id": ""},
+        {"event_id": 0},
     ],
 )
-def test_score_item_rejects_what_langfuse_would(changes: dict[str, Any]) -> None:
+def test_score_item_refuses_what_langfuse_would(changes: dict[str, Any]) -> None:
     fields: dict[str, Any] = {
-        "item_id": "1",
+        "event_id": 1,
         "score_id": "s",
         "trace_id": "t",
         "name": "user_feedback",
@@ -350,10 +442,47 @@ def test_score_item_normalises_timestamp_to_utc() -> None:
     assert item.timestamp == BASE_TIME
 
 
+@pytest.mark.parametrize(
+    ("host", "error"),
+    [
+        ("localhost:3000", "needs a scheme"),
+        ("cloud.langfuse.com", "needs a scheme"),
+        ("ftp://cloud.langfuse.com", "needs a scheme"),
+        ("https://", "needs a scheme"),
+        ("https://langfuse.example.com/?x=1", "query"),
+    ],
+)
+def test_a_host_without_scheme_or_host_is_refused(host: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        check_host(host)
+
+
+def test_a_host_keeps_its_path_prefix() -> None:
+    assert check_host("https://example.com/langfuse/") == "https://example.com/langfuse"
+
+
+@pytest.mark.parametrize("environment", ["", "Prod", "langfuse-prod", "a" * 41, "prod env"])
+def test_an_environment_langfuse_would_not_keep_is_refused(environment: str) -> None:
+    with pytest.raises(ValueError, match="environment"):
+        LangfuseSender("http://localhost:3000", "pk", "sk", 1.0, environment=environment)
+
+
 def test_constructor_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
-        LangfuseSender("localhost:3000", "pk", "sk", 1.0)
+        LangfuseSender("http://localhost:3000", "pk", "", 1.0)
     with pytest.raises(ValueError):
         LangfuseSender("http://localhost:3000", "pk", "sk", 0)
     with pytest.raises(ValueError):
         LangfuseSender("http://localhost:3000", "pk", "sk", 1.0, batch_size=0)
+    with pytest.raises(ValueError):
+        LangfuseSender("http://localhost:3000", "pk", "sk", 1.0, max_request_bytes=1023)
+
+
+def test_versions_and_generations() -> None:
+    assert parse_version("4.16.0") == (4, 16, 0)
+    assert parse_version("v3.225.4") == (3, 225, 4)
+    assert parse_version("4.60.1-rc.1") == (4, 60, 1)
+    assert parse_version("latest") is None and parse_version(None) is None
+    assert generation((3, 225, 4)) == "v3"
+    assert generation((4, 58, 9)) == "v4 before 4.59"
+    assert generation((4, 59, 0)) == "v4 4.59 or later"

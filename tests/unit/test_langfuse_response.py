@@ -1,0 +1,268 @@
+"""The pure classification of one Langfuse ingestion answer into a verdict per row."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+
+from worker.langfuse_response import (
+    MAX_ERROR_CHARS,
+    MAX_RETRY_AFTER_SECONDS,
+    SUSPENDED_RETRY_SECONDS,
+    Outcome,
+    Verdict,
+    classify,
+    retry_after,
+)
+
+NOW = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+IDS = ["a", "b", "c"]
+
+
+def body(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def run(
+    status: int, payload: Any = None, headers: dict[str, str] | None = None
+) -> dict[str, Verdict]:
+    raw = payload if isinstance(payload, bytes) else b"" if payload is None else body(payload)
+    return classify(status, headers or {}, raw, IDS, NOW)
+
+
+def one(verdicts: dict[str, Verdict]) -> Verdict:
+    """The verdict shared by every row (asserts they share one)."""
+    assert set(verdicts) == set(IDS)
+    (verdict,) = set(verdicts.values())
+    return verdict
+
+
+# -- 207: the documented result, one entry per event ---------------------------------------------
+
+
+def test_207_gives_each_row_its_own_outcome() -> None:
+    verdicts = run(
+        207,
+        {
+            "successes": [{"id": "a", "status": 201}],
+            "errors": [
+                {
+                    "id": "b",
+                    "status": 400,
+                    "message": "Invalid request data",
+                    "error": "name: required",
+                },
+                {"id": "c", "status": 500, "error": "Internal Server Error"},
+            ],
+        },
+    )
+    assert verdicts["a"] == Verdict(Outcome.sent)
+    assert verdicts["b"].outcome == Outcome.failed
+    assert (
+        verdicts["b"].error
+        == "rejected by Langfuse (HTTP 400): Invalid request data: name: required"
+    )
+    assert verdicts["c"].outcome == Outcome.retry
+    assert "HTTP 500" in (verdicts["c"].error or "")
+    assert not any(v.stop for v in verdicts.values())
+
+
+@pytest.mark.parametrize("item_status", [429, 500, 503])
+def test_207_item_errors_that_are_transient_retry(item_status: int) -> None:
+    verdicts = run(
+        207, {"successes": [], "errors": [{"id": i, "status": item_status} for i in IDS]}
+    )
+    assert {v.outcome for v in verdicts.values()} == {Outcome.retry}
+
+
+@pytest.mark.parametrize("item_status", [400, 401, 404, 409])
+def test_207_item_errors_that_are_permanent_fail(item_status: int) -> None:
+    verdicts = run(
+        207, {"successes": [], "errors": [{"id": i, "status": item_status} for i in IDS]}
+    )
+    assert {v.outcome for v in verdicts.values()} == {Outcome.failed}
+
+
+def test_207_a_row_neither_accepted_nor_rejected_is_not_confirmed() -> None:
+    verdicts = run(207, {"successes": [{"id": "a", "status": 201}], "errors": []})
+    assert verdicts["a"].outcome == Outcome.sent
+    assert verdicts["b"] == Verdict(Outcome.retry, "Langfuse did not confirm the score")
+
+
+def test_207_an_id_both_accepted_and_rejected_counts_as_rejected() -> None:
+    verdicts = run(207, {"successes": [{"id": "a"}], "errors": [{"id": "a", "status": 400}]})
+    assert verdicts["a"].outcome == Outcome.failed
+
+
+def test_207_an_item_status_that_is_not_a_number_is_read_as_a_server_error() -> None:
+    verdicts = run(207, {"successes": [], "errors": [{"id": "a", "status": "bad"}]})
+    assert verdicts["a"].outcome == Outcome.retry
+
+
+@pytest.mark.parametrize(
+    ("status", "payload"),
+    [
+        (200, {}),  # `{}` is no confirmation
+        (200, {"successes": [{"id": "a"}], "errors": []}),  # the right shape, the wrong status
+        (201, {"id": "a"}),
+        (202, {"message": "Accepted"}),  # the /scores answer, not the ingestion one
+        (204, None),
+        (207, {}),
+        (207, {"accepted": 3, "rejected": 0, "errors": []}),
+        (207, {"successes": "a", "errors": []}),
+        (207, {"successes": [], "errors": {}}),
+        (207, {"successes": ["a"], "errors": []}),
+        (207, {"successes": [{"id": 1}], "errors": []}),
+        (207, {"successes": [], "errors": [{"status": 400}]}),
+        (207, [{"id": "a"}]),
+        (207, b"<html>ok</html>"),
+        (207, b"\xff\xfe"),
+    ],
+)
+def test_a_2xx_without_the_documented_body_confirms_nothing(status: int, payload: Any) -> None:
+    verdict = one(run(status, payload))
+    assert verdict.outcome == Outcome.retry
+    assert verdict.error is not None and "not confirmed" in verdict.error
+    assert not verdict.stop
+
+
+# -- whole-request answers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_taken_for_delivery(status: int) -> None:
+    verdict = one(run(status, b"Moved", {"Location": "https://langfuse.example.com/api"}))
+    assert verdict.outcome == Outcome.retry
+    assert verdict.stop
+    assert verdict.error is not None
+    assert "https://langfuse.example.com/api" in verdict.error and "LANGFUSE_HOST" in verdict.error
+
+
+def test_413_asks_for_smaller_requests() -> None:
+    verdict = one(run(413, b"Body exceeded 4.5mb limit"))
+    assert verdict == Verdict(Outcome.smaller, "HTTP 413: Body exceeded 4.5mb limit")
+
+
+def test_429_waits_as_long_as_retry_after_says() -> None:
+    verdict = one(run(429, {"message": "Rate limit exceeded"}, {"Retry-After": "17"}))
+    assert verdict == Verdict(Outcome.wait, "HTTP 429: Rate limit exceeded", 17.0, stop=True)
+
+
+def test_429_without_retry_after_waits_for_the_backoff_alone() -> None:
+    verdict = one(run(429, {"message": "Rate limit exceeded"}))
+    assert (verdict.outcome, verdict.retry_after_seconds, verdict.stop) == (
+        Outcome.wait,
+        None,
+        True,
+    )
+
+
+def test_403_usage_suspension_waits() -> None:
+    message = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
+    verdict = one(run(403, {"error": "ForbiddenError", "message": message}))
+    assert verdict.outcome == Outcome.wait
+    assert verdict.retry_after_seconds == SUSPENDED_RETRY_SECONDS
+    assert verdict.stop and verdict.error is not None and message in verdict.error
+
+
+def test_another_403_fails_with_the_servers_message() -> None:
+    verdict = one(run(403, {"message": "Access denied - in-app agent keys are not allowed"}))
+    assert verdict == Verdict(
+        Outcome.failed, "HTTP 403: Access denied - in-app agent keys are not allowed", stop=True
+    )
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
+def test_server_errors_and_timeouts_retry_and_stop_the_pass(status: int) -> None:
+    verdict = one(run(status, {"message": "boom"}, {"Retry-After": "5"}))
+    assert (verdict.outcome, verdict.retry_after_seconds, verdict.stop) == (
+        Outcome.retry,
+        5.0,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "stop"),
+    [(400, False), (401, True), (404, True), (405, True), (409, False), (422, False)],
+)
+def test_other_4xx_fail_for_good_with_the_servers_message(status: int, stop: bool) -> None:
+    verdict = one(
+        run(
+            status,
+            {"message": "Invalid request data", "errors": ["Expected object, received array"]},
+        )
+    )
+    assert verdict.outcome == Outcome.failed
+    assert verdict.stop is stop
+    assert verdict.error == (
+        f'HTTP {status}: Invalid request data: ["Expected object, received array"]'
+    )
+
+
+def test_401_keeps_langfuses_words() -> None:
+    message = "Invalid credentials. Confirm that you've configured the correct host."
+    verdict = one(run(401, {"error": "UnauthorizedError", "message": message}))
+    assert verdict.error == f"HTTP 401: {message}: UnauthorizedError"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"", "HTTP 400: Bad Request"),
+        (b"plain words", "HTTP 400: plain words"),
+        (b"{}", "HTTP 400: {}"),
+    ],
+)
+def test_error_text_falls_back_to_the_body_then_the_phrase(raw: bytes, expected: str) -> None:
+    assert one(run(400, raw)).error == expected
+
+
+def test_an_unknown_status_has_a_message_too() -> None:
+    assert one(classify(499, {}, b"", IDS, NOW)).error == "HTTP 499: error"
+
+
+def test_errors_are_cut_to_a_bounded_length() -> None:
+    error = one(run(400, {"message": "x" * 5000})).error or ""
+    assert len(error) == MAX_ERROR_CHARS and error.endswith("…")
+
+
+def test_every_row_gets_a_verdict_even_with_no_rows() -> None:
+    assert classify(207, {}, body({"successes": [], "errors": []}), [], NOW) == {}
+
+
+# -- Retry-After -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "0"}, 0.0),
+        ({"retry-after": "2.5"}, 2.5),
+        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after": "99999999"}, MAX_RETRY_AFTER_SECONDS),
+        ({"retry-after": format_datetime(NOW + timedelta(seconds=90), usegmt=True)}, 90.0),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after": "soon", "x-ratelimit-reset": "30"}, 30.0),
+        ({"x-ratelimit-reset": str(int(NOW.timestamp()) + 45)}, 45.0),
+        (
+            {"x-ratelimit-reset": "Mon Nov 30 2026 12:01:00 GMT+0000 (Coordinated Universal Time)"},
+            60.0,
+        ),
+        ({"x-ratelimit-reset": "whenever"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_reads_seconds_dates_and_langfuses_reset(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    assert retry_after(headers, NOW) == seconds
+
+
+def test_header_names_are_read_in_any_case() -> None:
+    verdict = one(run(429, b"", {"RETRY-AFTER": "3"}))
+    assert verdict.retry_after_seconds == 3.0

@@ -1,0 +1,98 @@
+"""The mirror's start-up check: is LANGFUSE_HOST a Langfuse we can send to, with these keys?
+
+`check(sender)` reads `GET /api/public/health` (no auth; every generation answers 200
+`{"status": "OK", "version": "4.16.0"}`) and sends an empty batch to `POST
+/api/public/ingestion` (207 `{"successes": [], "errors": []}` when the keys work; stores nothing).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from worker.langfuse_response import Outcome, classify
+from worker.langfuse_sender import INGESTION_PATH, LangfuseSender, transport_error
+
+HEALTH_PATH = "/api/public/health"
+MIN_VERSION = (3, 49, 0)
+"""The first Langfuse whose score events keep `metadata` (3.49.0; `environment` since 3.31.0);
+older servers drop them without a word, so the mirror does not send to them."""
+
+
+class LangfuseConfigError(Exception):
+    """Langfuse is configured in a way that cannot work (host, keys, version): the message says
+    what to change. Nothing is sent until the worker restarts with a fixed configuration."""
+
+
+class LangfuseUnavailable(Exception):
+    """Langfuse could not be asked (down, timeout, 5xx): try again later."""
+
+
+def parse_version(text: object) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of "4.16.0", "v3.225.4" or "4.60.1-rc.1"; None otherwise."""
+    match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", text) if isinstance(text, str) else None
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def generation(version: tuple[int, int, int]) -> str:
+    """The server generation of a version, as the README's table names it."""
+    if version < (4, 0, 0):
+        return "v3"
+    return "v4 before 4.59" if version < (4, 59, 0) else "v4 4.59 or later"
+
+
+def check(sender: LangfuseSender) -> tuple[int, int, int]:
+    """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
+    host (no Langfuse there, a redirect), the keys or the version cannot work (a usage
+    suspension or rate limit does not: the sends wait), LangfuseUnavailable when the server
+    cannot be asked now (network, timeout, 5xx)."""
+    health = _request(sender, "GET", HEALTH_PATH)
+    body = _json(health)
+    version = parse_version(body.get("version")) if isinstance(body, dict) else None
+    if health.status_code >= 500:
+        raise LangfuseUnavailable(f"{sender.host}{HEALTH_PATH} answered {health.status_code}")
+    if health.status_code != 200 or version is None:
+        raise LangfuseConfigError(
+            f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
+            f"{health.status_code} without a version"
+        )
+    if version < MIN_VERSION:
+        raise LangfuseConfigError(
+            f"Langfuse {'.'.join(map(str, version))} at {sender.host} is too old: score metadata "
+            f"and environments need {'.'.join(map(str, MIN_VERSION))} or later"
+        )
+    probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
+    if not (probe.status_code == 207 and _json(probe) == {"successes": [], "errors": []}):
+        now = datetime.now(UTC)
+        verdict = classify(probe.status_code, probe.headers, probe.content, ["-"], now)["-"]
+        if verdict.outcome == Outcome.failed:
+            raise LangfuseConfigError(
+                f"Langfuse at {sender.host} refused the keys: {verdict.error}"
+            )
+        if verdict.outcome != Outcome.wait:
+            raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
+    sender.version = version
+    return version
+
+
+def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    try:
+        answer = sender.http.request(method, sender.host + path, **kwargs)
+    except httpx.TransportError as exc:
+        raise LangfuseUnavailable(f"{sender.host}{path}: {transport_error(exc)}") from exc
+    if answer.is_redirect:
+        raise LangfuseConfigError(
+            f"LANGFUSE_HOST={sender.host} redirects ({answer.status_code}) to "
+            f"{answer.headers.get('location', '?')}: set LANGFUSE_HOST to the server's own URL"
+        )
+    return answer
+
+
+def _json(answer: httpx.Response) -> Any:
+    try:
+        return answer.json()
+    except ValueError:
+        return None

@@ -1,0 +1,242 @@
+"""What one Langfuse answer means for each outbox row it carried: a pure function, no I/O.
+
+`classify(status, headers, body, event_ids, now)` reads the answer to one
+`POST /api/public/ingestion` request (a batch of `score-create` events whose envelope ids are
+`event_ids`) and returns one `Verdict` per event id: `sent`, `retry` (an attempt; again after the
+database's backoff, or the server's `Retry-After` if later), `wait` (the server asked us to come
+back later: not an attempt, never fails a row), `failed` (permanent, with the server's message),
+or, for the request as a whole, `smaller` (413: send the events in smaller requests).
+
+What the endpoint documents, read in Langfuse's server source (`web/src/pages/api/public/
+ingestion.ts` and `packages/shared/src/server/ingestion/processEventBatch.ts`, the same in
+v3.225.4 and v4.16.0):
+
+- 207 with `{"successes": [{"id", "status": 201}], "errors": [{"id", "status", "message"?,
+  "error"?}]}`, one entry per event, keyed by the event's envelope id. That is the only 2xx it
+  answers; any other 2xx, or a 207 without that shape, confirms nothing (retry: resending is
+  harmless, the score id makes it an update).
+- 400 `{"message": "Invalid request data", "errors": [...]}` for a body that is not
+  `{"batch": [...]}`; 401 for keys that fail (`{"error": "UnauthorizedError", "message"}`);
+  403 "Ingestion suspended: Usage threshold exceeded..." (Cloud usage threshold) or another 403
+  (a key without access); 405 for another method; 413 above the 4.5 MB body limit; 429 with
+  `Retry-After` (seconds) and `X-RateLimit-*` headers (Cloud only; self-hosted never limits);
+  500 for internal errors.
+- A 3xx means LANGFUSE_HOST is not the server itself (e.g. http:// redirected to https://). The
+  sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); the
+  rows retry and the error names the location to configure.
+
+Per-item statuses inside a 207 follow the same rule: 429 and 5xx retry, other 4xx fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from http import HTTPStatus
+from typing import Any
+
+MAX_ERROR_CHARS = 300
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+"""A Retry-After beyond a day is read as a day (the database's limit for one delay)."""
+SUSPENDED_RETRY_SECONDS = 300.0
+"""Usage suspension (403) lifts when the plan or the billing period changes: look every 5 min."""
+
+
+class Outcome(StrEnum):
+    """What became of one row (the values record_langfuse_deliveries reads, and `smaller`)."""
+
+    sent = "sent"
+    retry = "retry"
+    wait = "wait"
+    failed = "failed"
+    smaller = "smaller"
+    """The request was too large (413): send its events again in smaller requests."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One row's outcome; `error` is short and human readable (None when sent);
+    `retry_after_seconds` is the least delay the server asked for (None: the backoff alone);
+    `stop` says the same answer would come for every other request of this pass (down,
+    overloaded, bad keys, suspended), so the sender sends no more of it."""
+
+    outcome: Outcome
+    error: str | None = None
+    retry_after_seconds: float | None = None
+    stop: bool = False
+
+
+def classify(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    event_ids: Sequence[str],
+    now: datetime,
+) -> dict[str, Verdict]:
+    """The verdict for each of `event_ids` (the envelope ids of the request, in any order) from
+    the answer's `status`, `headers` (names in any case) and raw `body`; `now` (aware) turns an
+    HTTP-date Retry-After into seconds. Total: never raises, every id gets a verdict."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    parsed = _json(body)
+
+    if 200 <= status < 300:
+        return _batch_result(status, parsed, event_ids)
+    if 300 <= status < 400:
+        location = lower.get("location", "no location given")
+        error = f"HTTP {status}: redirected to {location}; set LANGFUSE_HOST to the server itself"
+        return _all(event_ids, Verdict(Outcome.retry, _short(error), stop=True))
+
+    error = f"HTTP {status}: {_message(parsed, body, status)}"
+    if status == 413:
+        return _all(event_ids, Verdict(Outcome.smaller, _short(error)))
+    if status == 429:
+        wait = retry_after(lower, now)
+        return _all(event_ids, Verdict(Outcome.wait, _short(error), wait, stop=True))
+    if status == 403 and "suspended" in error.lower():
+        return _all(
+            event_ids, Verdict(Outcome.wait, _short(error), SUSPENDED_RETRY_SECONDS, stop=True)
+        )
+    if status >= 500 or status == 408:
+        return _all(event_ids, Verdict(Outcome.retry, _short(error), retry_after(lower, now), True))
+    # Other 4xx: our request, or our keys, are wrong; sending it again will not help.
+    systemic = status in (401, 403, 404, 405)
+    return _all(event_ids, Verdict(Outcome.failed, _short(error), stop=systemic))
+
+
+def retry_after(headers: Mapping[str, str], now: datetime) -> float | None:
+    """Seconds to wait from `Retry-After` (delta-seconds or an HTTP-date, RFC 9110 §10.2.3),
+    else from `X-RateLimit-Reset` (an epoch in seconds, or a date as Langfuse writes it);
+    clamped to 0..MAX_RETRY_AFTER_SECONDS; None when neither header is usable. Header names in
+    lower case."""
+    for name in ("retry-after", "x-ratelimit-reset"):
+        value = headers.get(name, "").strip()
+        if not value:
+            continue
+        seconds = _seconds_until(value, now, epoch=name == "x-ratelimit-reset")
+        if seconds is not None:
+            return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return None
+
+
+def _seconds_until(value: str, now: datetime, *, epoch: bool) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number):
+        return number - now.timestamp() if epoch and number > 1e9 else number
+    for parse in (_http_date, _js_date):
+        when = parse(value)
+        if when is not None:
+            return (when - now).total_seconds()
+    return None
+
+
+def _http_date(value: str) -> datetime | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def _js_date(value: str) -> datetime | None:
+    """JavaScript's Date.toString(), e.g. `Tue Dec 01 2026 10:00:05 GMT+0000 (Coordinated
+    Universal Time)`: what Langfuse writes in X-RateLimit-Reset."""
+    head = value.split(" (", 1)[0]
+    try:
+        return datetime.strptime(head, "%a %b %d %Y %H:%M:%S GMT%z")
+    except ValueError:
+        return None
+
+
+def _batch_result(status: int, parsed: Any, event_ids: Sequence[str]) -> dict[str, Verdict]:
+    shape = _ingestion_shape(parsed)
+    if status != 207 or shape is None:
+        unconfirmed = Verdict(
+            Outcome.retry,
+            _short(
+                f"HTTP {status} without the ingestion result (successes, errors): not confirmed"
+            ),
+        )
+        return _all(event_ids, unconfirmed)
+    successes, errors = shape
+    out: dict[str, Verdict] = {}
+    for event_id in event_ids:
+        if event_id in errors:
+            item_status, message = errors[event_id]
+            text = _short(f"rejected by Langfuse (HTTP {item_status}): {message}")
+            transient = item_status == 429 or item_status >= 500
+            out[event_id] = Verdict(Outcome.retry if transient else Outcome.failed, text)
+        elif event_id in successes:
+            out[event_id] = Verdict(Outcome.sent)
+        else:
+            out[event_id] = Verdict(Outcome.retry, "Langfuse did not confirm the score")
+    return out
+
+
+def _ingestion_shape(parsed: Any) -> tuple[set[str], dict[str, tuple[int, str]]] | None:
+    """(ids accepted, id -> (status, message) rejected) of an ingestion 207 body, or None when
+    the body is not that shape."""
+    if not isinstance(parsed, dict):
+        return None
+    successes, errors = parsed.get("successes"), parsed.get("errors")
+    if not isinstance(successes, list) or not isinstance(errors, list):
+        return None
+    accepted: set[str] = set()
+    for item in successes:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return None
+        accepted.add(item["id"])
+    rejected: dict[str, tuple[int, str]] = {}
+    for item in errors:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return None
+        item_status = item.get("status")
+        if not isinstance(item_status, int) or isinstance(item_status, bool):
+            item_status = 500
+        rejected[item["id"]] = (item_status, _message(item, b"", item_status))
+    return accepted - set(rejected), rejected
+
+
+def _all(event_ids: Sequence[str], verdict: Verdict) -> dict[str, Verdict]:
+    return dict.fromkeys(event_ids, verdict)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _message(parsed: Any, raw: bytes, status: int) -> str:
+    """The server's own words: `message`, then `error`/`errors`/`detail`; else the raw text;
+    else the status phrase."""
+    if isinstance(parsed, dict):
+        parts = []
+        for key in ("message", "error", "errors", "detail"):
+            value = parsed.get(key)
+            if isinstance(value, str) and value:
+                parts.append(value)
+            elif value:
+                parts.append(json.dumps(value, default=str))
+        if parts:
+            return _short(": ".join(parts))
+    text = raw.decode(errors="replace").strip()
+    if text:
+        return _short(text)
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
