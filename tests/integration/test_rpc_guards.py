@@ -1,0 +1,171 @@
+"""RPC guards that mutation testing found untested (issue 17), through PostgREST as the worker
+calls them with the service-role key.
+
+- a run that is no longer running (here: failed, its lease token null) cannot be completed, not
+  even with a null token, and its twin's cursor stays where it was;
+- a delivery outcome recorded for a vote that a newer vote already superseded leaves it
+  superseded (it is never claimed again, so its old value cannot reach Langfuse after the new);
+- the gate pairs the latest audit of a trace under each spec, not the earliest (a re-audit
+  counts, the first verdict does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from postgrest.exceptions import APIError
+from supabase import Client
+
+from tests.integration.helpers import create_twin, scalar
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def rpc(service: Client, name: str, **params: Any) -> Any:
+    return service.rpc(name, params).execute().data
+
+
+def vote(user: Any, twin_id: str, trace_id: str, score: int) -> dict[str, Any]:
+    row = {
+        "twin_id": twin_id,
+        "trace_id": trace_id,
+        "score": score,
+        "intent_label": "factual_with_evidence",
+    }
+    return user.client.table("persona_training_events").insert(row).execute().data[0]
+
+
+def claimed_run(service: Client, twin_id: str) -> dict[str, Any]:
+    """The twin's run, queued in safe mode and claimed by a test worker."""
+    rpc(service, "enqueue_learning_run", p_twin_id=twin_id, p_safe_mode=True)
+    rows = rpc(
+        service,
+        "claim_learning_run",
+        p_worker_id="guard-test",
+        p_lease_seconds=60,
+        p_twin_id=twin_id,
+    )
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_a_failed_run_cannot_be_completed_with_its_null_token(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    vote(voter, twin.id, "trace-1", 1)
+    run = claimed_run(service, twin.id)
+    rpc(service, "claim_learning_run_events", p_run_id=run["id"], p_lease_token=run["lease_token"])
+    failed = rpc(
+        service,
+        "fail_learning_run",
+        p_run_id=run["id"],
+        p_lease_token=run["lease_token"],
+        p_error="boom",
+        p_retryable=False,
+    )
+    assert (failed["status"], failed["lease_token"]) == ("failed", None)
+    cursor = scalar(db, "select learned_through_event_id from twins where id = %s", twin.id)
+
+    result = {"module_updates": [], "gate_passed": True, "gate_report": {}}
+    with pytest.raises(APIError) as refused:
+        rpc(
+            service,
+            "complete_learning_run",
+            p_run_id=run["id"],
+            p_lease_token=None,
+            p_result=result,
+        )
+
+    assert refused.value.code == "PT409"
+    assert f"run {run['id']}: lease is stale (status failed)" in str(refused.value.message)
+    assert scalar(db, "select learned_through_event_id from twins where id = %s", twin.id) == cursor
+    assert (
+        scalar(
+            db, "select status::text from persona_feedback_learning_runs where id = %s", run["id"]
+        )
+        == "failed"
+    )
+
+
+@pytest.mark.parametrize("outcome", ["sent", "retry", "failed"])
+def test_a_delivery_recorded_for_a_superseded_vote_keeps_it_superseded(
+    db: psycopg.Connection, service: Client, make_user: Any, outcome: str
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    old = vote(voter, twin.id, "trace-1", 1)
+    new = vote(voter, twin.id, "trace-1", -1)
+
+    recorded = rpc(
+        service,
+        "record_langfuse_deliveries",
+        p_deliveries=[{"event_id": old["id"], "outcome": outcome, "error": "x"}],
+    )
+
+    assert recorded == 1
+    rows = dict(
+        db.execute(
+            "select event_id, status::text from persona_langfuse_outbox where event_id in (%s, %s)",
+            (old["id"], new["id"]),
+        ).fetchall()
+    )
+    assert rows == {old["id"]: "superseded", new["id"]: "pending"}
+    # The newer vote was released: due now, not at the old one's retry time.
+    assert scalar(
+        db,
+        "select langfuse_next_attempt_at <= now() from persona_training_events where id = %s",
+        new["id"],
+    )
+
+
+def test_the_gate_pairs_the_latest_audit_of_each_trace(service: Client, make_user: Any) -> None:
+    owner = make_user("owner")
+    twin = create_twin(service, owner.id)
+    draft = (
+        owner.client.table("persona_specs")
+        .insert({"twin_id": twin.id, "spec": {"modules": ["evidence_answers"]}})
+        .execute()
+        .data[0]
+    )
+
+    def audit(spec_id: str, trace: str, passed: bool) -> None:
+        # One request each: every audit gets its own, later created_at.
+        service.table("persona_training_events").insert(
+            {
+                "twin_id": twin.id,
+                "source": "persona_audit",
+                "trace_id": trace,
+                "intent_label": "factual_with_evidence",
+                "persona_spec_id": spec_id,
+                "passed": passed,
+            }
+        ).execute()
+
+    # Re-audited: the draft first failed and then passed trace-1, the published spec the reverse;
+    # trace-2 the same way round for the draft only, with one baseline audit.
+    audit(draft["id"], "trace-1", False)
+    audit(twin.published_spec_id, "trace-1", True)
+    audit(draft["id"], "trace-1", True)
+    audit(twin.published_spec_id, "trace-1", False)
+    audit(twin.published_spec_id, "trace-2", True)
+    audit(draft["id"], "trace-2", True)
+    audit(draft["id"], "trace-2", False)
+    run = claimed_run(service, twin.id)
+
+    batch = rpc(
+        service, "claim_learning_run_events", p_run_id=run["id"], p_lease_token=run["lease_token"]
+    )
+
+    assert batch["draft_spec_id"] == draft["id"]
+    assert batch["audits"] == {
+        "pairs": 2,
+        "candidate_only_passed": 1,  # trace-1: draft passed last, published failed last
+        "baseline_only_passed": 1,  # trace-2: draft failed last, published passed
+        "candidate_audited": 2,
+        "candidate_passed": 1,
+        "candidate_unsafe_failures": 0,
+    }
