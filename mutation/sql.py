@@ -169,7 +169,11 @@ class Stack:
 
 def _tail(proc: subprocess.CompletedProcess[str]) -> str:
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR", "Failed test", "#   Failed"))]
+    failed = [
+        ln.strip("# ")
+        for ln in lines
+        if ln.startswith(("FAILED", "ERROR")) or "Failed test" in ln and ":" in ln
+    ]
     return " / ".join((failed or lines[-2:])[:3])
 
 
