@@ -6,7 +6,8 @@ calls them with the service-role key.
 - a delivery outcome recorded for a vote that a newer vote already superseded leaves it
   superseded (it is never claimed again, so its old value cannot reach Langfuse after the new);
 - the gate pairs the latest audit of a trace under each spec, not the earliest (a re-audit
-  counts, the first verdict does not).
+  counts, the first verdict does not);
+- a run whose twin's cursor moved after its claim cannot complete (40001), and changes nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 from postgrest.exceptions import APIError
+from psycopg.types.json import Jsonb
 from supabase import Client
 
+from tests.conftest import Stack
 from tests.integration.helpers import create_twin, scalar
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -169,3 +172,47 @@ def test_the_gate_pairs_the_latest_audit_of_each_trace(service: Client, make_use
         "candidate_passed": 1,
         "candidate_unsafe_failures": 0,
     }
+
+
+def test_a_run_whose_twin_cursor_moved_cannot_complete(
+    stack: Stack, db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    vote(voter, twin.id, "trace-1", 1)
+    run = claimed_run(service, twin.id)
+    rpc(service, "claim_learning_run_events", p_run_id=run["id"], p_lease_token=run["lease_token"])
+    # Something else (an operator's fix, a bug) moved the twin's cursor over the batch meanwhile.
+    last = scalar(
+        db,
+        "select batch_last_event_id from persona_feedback_learning_runs where id = %s",
+        run["id"],
+    )
+    db.execute("update twins set learned_through_event_id = %s where id = %s", (last, twin.id))
+    module_id = twin.modules["evidence_answers"]
+    update = {
+        "module_id": module_id,
+        "success": 1.0,
+        "failure": 0.0,
+        "confidence": 2 / 3,
+        "status": "insufficient_data",
+    }
+    result = {"module_updates": [update], "gate_passed": True, "gate_report": {}}
+
+    # Called in SQL as the service role: through PostgREST a 40001 (serialization failure) is
+    # retried by PostgREST itself until the client times out (see docs/mutation.md).
+    with psycopg.connect(stack.database_url) as conn, conn.transaction():
+        conn.execute("set local role service_role")
+        with pytest.raises(psycopg.errors.SerializationFailure) as refused:
+            conn.execute(
+                "select public.complete_learning_run(%s, %s, %s)",
+                (run["id"], run["lease_token"], Jsonb(result)),
+            )
+    assert "the twin's cursor moved since the batch was claimed" in str(refused.value)
+    assert scalar(db, "select success_weight from persona_modules where id = %s", module_id) == 0
+    assert (
+        scalar(
+            db, "select status::text from persona_feedback_learning_runs where id = %s", run["id"]
+        )
+        == "running"
+    )
