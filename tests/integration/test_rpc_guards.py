@@ -216,3 +216,73 @@ def test_a_run_whose_twin_cursor_moved_cannot_complete(
         )
         == "running"
     )
+
+
+@pytest.mark.parametrize(
+    ("safe_mode", "gate_passed", "publish", "message"),
+    [
+        (True, True, "latest", "is in safe mode and may not publish"),
+        (False, False, "latest", "the gate did not pass; spec {spec} may not be published"),
+        (False, True, "older", "spec {spec} is not the latest draft of twin {twin}"),
+    ],
+)
+def test_complete_refuses_a_publish_the_run_may_not_make(
+    db: psycopg.Connection,
+    service: Client,
+    make_user: Any,
+    safe_mode: bool,
+    gate_passed: bool,
+    publish: str,
+    message: str,
+) -> None:
+    owner = make_user("owner")
+    twin = create_twin(service, owner.id)
+    drafts = [
+        owner.client.table("persona_specs")
+        .insert({"twin_id": twin.id, "spec": {"modules": ["evidence_answers"], "n": n}})
+        .execute()
+        .data[0]["id"]
+        for n in (1, 2)
+    ]
+    spec = drafts[1] if publish == "latest" else drafts[0]
+    rpc(service, "enqueue_learning_run", p_twin_id=twin.id, p_safe_mode=safe_mode)
+    (run,) = rpc(
+        service,
+        "claim_learning_run",
+        p_worker_id="guard-test",
+        p_lease_seconds=60,
+        p_twin_id=twin.id,
+    )
+    rpc(service, "claim_learning_run_events", p_run_id=run["id"], p_lease_token=run["lease_token"])
+    result = {
+        "module_updates": [],
+        "gate_passed": gate_passed,
+        "gate_report": {},
+        "publish_spec_id": spec,
+    }
+
+    with pytest.raises(APIError) as refused:
+        rpc(
+            service,
+            "complete_learning_run",
+            p_run_id=run["id"],
+            p_lease_token=run["lease_token"],
+            p_result=result,
+        )
+
+    assert refused.value.code == "55000"
+    assert message.format(spec=spec, twin=twin.id) in str(refused.value.message)
+    statuses = db.execute(
+        "select id::text, status::text from persona_specs where twin_id = %s", (twin.id,)
+    ).fetchall()
+    assert dict(statuses) == {
+        twin.published_spec_id: "published",
+        drafts[0]: "draft",
+        drafts[1]: "draft",
+    }
+    assert (
+        scalar(
+            db, "select status::text from persona_feedback_learning_runs where id = %s", run["id"]
+        )
+        == "running"
+    )
