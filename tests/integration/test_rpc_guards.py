@@ -286,3 +286,41 @@ def test_complete_refuses_a_publish_the_run_may_not_make(
         )
         == "running"
     )
+
+
+def test_a_run_whose_worker_died_on_its_last_attempt_fails_at_the_next_claim(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    service.table("persona_learning_settings").update({"max_attempts": 2}).eq(
+        "twin_id", twin.id
+    ).execute()
+    vote(voter, twin.id, "trace-1", 1)
+    rpc(service, "enqueue_learning_run", p_twin_id=twin.id, p_safe_mode=True)
+    expire = (
+        "update persona_feedback_learning_runs"
+        " set lease_expires_at = now() - interval '1 second' where id = %s"
+    )
+
+    first = rpc(
+        service, "claim_learning_run", p_worker_id="w1", p_lease_seconds=60, p_twin_id=twin.id
+    )
+    db.execute(expire, (first[0]["id"],))  # the worker died: its lease ran out
+    second = rpc(
+        service, "claim_learning_run", p_worker_id="w2", p_lease_seconds=60, p_twin_id=twin.id
+    )
+    assert (second[0]["id"], second[0]["attempts"]) == (first[0]["id"], 2)
+    db.execute(expire, (first[0]["id"],))  # and so did the second, on the last attempt
+
+    third = rpc(
+        service, "claim_learning_run", p_worker_id="w3", p_lease_seconds=60, p_twin_id=twin.id
+    )
+
+    assert third == []
+    row = db.execute(
+        "select status::text, attempts, lease_token, error from persona_feedback_learning_runs"
+        " where id = %s",
+        (first[0]["id"],),
+    ).fetchone()
+    assert row == ("failed", 2, None, "lease expired after attempt 2 of 2")
