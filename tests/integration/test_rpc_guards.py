@@ -324,3 +324,32 @@ def test_a_run_whose_worker_died_on_its_last_attempt_fails_at_the_next_claim(
         (first[0]["id"],),
     ).fetchone()
     assert row == ("failed", 2, None, "lease expired after attempt 2 of 2")
+
+
+def test_a_newer_vote_sent_before_the_older_one_is_sent_again(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    old = vote(voter, twin.id, "trace-1", 1)  # in flight when the vote changed
+    new = vote(voter, twin.id, "trace-1", -1)
+
+    def record(event_id: int) -> None:
+        deliveries = [{"event_id": event_id, "outcome": "sent", "error": None}]
+        assert rpc(service, "record_langfuse_deliveries", p_deliveries=deliveries) == 1
+
+    record(new["id"])  # the newer value reached Langfuse first ...
+    record(old["id"])  # ... and the older one after it, overwriting it there
+
+    row = db.execute(
+        "select langfuse_status::text, langfuse_attempts, langfuse_next_attempt_at <= now()"
+        " from persona_training_events where id = %s",
+        (new["id"],),
+    ).fetchone()
+    assert row == ("pending", 0, True)  # so the newer value is sent again, now
+    assert (
+        scalar(
+            db, "select langfuse_status::text from persona_training_events where id = %s", old["id"]
+        )
+        == "superseded"
+    )
