@@ -353,3 +353,24 @@ def test_a_newer_vote_sent_before_the_older_one_is_sent_again(
         )
         == "superseded"
     )
+
+
+def test_the_outbox_claims_due_rows_only(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    due = vote(voter, twin.id, "trace-due", 1)
+    later = vote(voter, twin.id, "trace-later", 1)  # backing off: due in an hour
+    db.execute(
+        "update persona_training_events set langfuse_next_attempt_at = now() + interval '1 hour'"
+        " where id = %s",
+        (later["id"],),
+    )
+
+    # Other tests' due rows may be claimed too; a 1 s window hands them back at once.
+    claimed = rpc(service, "claim_langfuse_outbox", p_limit=1000, p_visibility_seconds=1)
+
+    ids = {row["event_id"] for row in claimed}
+    assert due["id"] in ids
+    assert later["id"] not in ids
