@@ -55,7 +55,7 @@ class Report:
 
     def print(self) -> None:
         print(f"\n== {self.kind} mutants ({self.seconds:.0f} s)")
-        print(f"{'file':58} {'killed':>7} {'equiv':>6} {'survived':>8} {'other':>6} {'score':>7}")
+        print(f"{'file':66} {'killed':>7} {'equiv':>6} {'survived':>8} {'other':>6} {'score':>7}")
         for file, row in sorted(self.per_file().items()):
             killed = row.get("killed", 0) + row.get("timeout", 0)
             equiv = row.get("equivalent", 0)
@@ -63,7 +63,7 @@ class Report:
             other = sum(row.values()) - killed - equiv - survived
             judged = sum(row.values()) - equiv
             score = f"{100 * killed / judged:.1f}%" if judged else "-"
-            print(f"{file:58} {killed:7} {equiv:6} {survived:8} {other:6} {score:>7}")
+            print(f"{file:66} {killed:7} {equiv:6} {survived:8} {other:6} {score:>7}")
         for m in self.failures():
             print(f"  {m.status.upper()}: {m.name} ({m.file}) {m.detail}")
 

@@ -374,3 +374,28 @@ def test_the_outbox_claims_due_rows_only(
     ids = {row["event_id"] for row in claimed}
     assert due["id"] in ids
     assert later["id"] not in ids
+
+
+def test_requeue_puts_back_current_votes_only(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    old = vote(voter, twin.id, "trace-1", 1)
+    # Its delivery failed for good (stands for the last attempt's outcome) ...
+    db.execute(
+        "update persona_training_events set langfuse_status = 'failed' where id = %s", (old["id"],)
+    )
+    new = vote(voter, twin.id, "trace-1", -1)  # ... then the user changed the vote
+    rpc(
+        service,
+        "record_langfuse_deliveries",
+        p_deliveries=[{"event_id": new["id"], "outcome": "failed", "error": "HTTP 400"}],
+    )
+    state = "select langfuse_status::text from persona_training_events where id = %s"
+    assert [scalar(db, state, e["id"]) for e in (old, new)] == ["failed", "failed"]
+
+    rpc(service, "requeue_langfuse_outbox", p_status="failed")
+
+    # The old value must not be sent again: only the current vote goes back to the outbox.
+    assert [scalar(db, state, e["id"]) for e in (old, new)] == ["failed", "pending"]
