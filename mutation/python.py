@@ -7,6 +7,7 @@ tests/unit (mutmut runs those, not the integration tests, for every mutant).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -110,8 +111,6 @@ def run(out_dir: Path, only: list[str] | None = None) -> Report:
 
     known = equivalents()
     patterns = only or _patterns()
-    import fnmatch
-
     for file in sorted(TARGETS):
         meta = json.loads((work / "mutants" / f"{file}.meta").read_text())
         for name, code in sorted(meta["exit_code_by_key"].items(), key=_natural):

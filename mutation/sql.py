@@ -185,13 +185,19 @@ def run(out_dir: Path, only: list[str] | None = None) -> Report:
         raise SystemExit(f"unknown SQL mutant id among {only}")
     known = equivalents()
     stack = Stack(os.environ.get("PFL_MUTATION_PORT_PREFIX", "568"))
-    every_path = tuple(sorted({p for m in mutants for p in m.tests}))
+    test_lists = list(dict.fromkeys(m.tests for m in mutants if m.tests))
     try:
-        # The unmutated schema must pass everything the mutants will run.
+        # The unmutated schema must pass what each mutant will run, run the same way.
+        # Like a mutant, each test list gets a freshly reset database.
         print("baseline (no mutation) ...", flush=True)
         stack.up(None)
-        for proc in (stack.pgtap(), stack.pytest(every_path) if every_path else None):
-            if proc is not None and proc.returncode != 0:
+        checks = [stack.pgtap]
+        checks += [lambda paths=paths: stack.pytest(paths) for paths in test_lists]
+        for index, check in enumerate(checks):
+            if index > 1:
+                stack.up(None)
+            proc = check()
+            if proc.returncode != 0:
                 raise SystemExit(f"baseline fails, nothing judged: {_tail(proc)}")
         for mutant in mutants:
             began = time.monotonic()
