@@ -399,3 +399,40 @@ def test_requeue_puts_back_current_votes_only(
 
     # The old value must not be sent again: only the current vote goes back to the outbox.
     assert [scalar(db, state, e["id"]) for e in (old, new)] == ["failed", "pending"]
+
+
+def test_a_run_whose_lease_expired_cannot_be_extended_or_completed(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(service, owner.id)
+    vote(voter, twin.id, "trace-1", 1)
+    run = claimed_run(service, twin.id)
+    rpc(service, "claim_learning_run_events", p_run_id=run["id"], p_lease_token=run["lease_token"])
+    # The worker stalled past its lease (moving the lease back stands for time passing); no
+    # other worker has taken the run over yet, so its token is still the current one.
+    db.execute(
+        "update persona_feedback_learning_runs set lease_expires_at = now() - interval '1 second'"
+        " where id = %s",
+        (run["id"],),
+    )
+    cursor = scalar(db, "select learned_through_event_id from twins where id = %s", twin.id)
+    calls = {
+        "extend_learning_run_lease": {"p_lease_seconds": 60},
+        "complete_learning_run": {
+            "p_result": {"module_updates": [], "gate_passed": True, "gate_report": {}}
+        },
+    }
+    for name, extra in calls.items():
+        with pytest.raises(APIError) as refused:
+            rpc(service, name, p_run_id=run["id"], p_lease_token=run["lease_token"], **extra)
+        assert refused.value.code == "PT409", name
+        assert "lease is stale (status running)" in str(refused.value.message)
+
+    assert scalar(db, "select learned_through_event_id from twins where id = %s", twin.id) == cursor
+    row = db.execute(
+        "select status::text, lease_expires_at < now() from persona_feedback_learning_runs"
+        " where id = %s",
+        (run["id"],),
+    ).fetchone()
+    assert row == ("running", True)
