@@ -184,6 +184,12 @@ def run(out_dir: Path, only: list[str] | None = None) -> Report:
     if only and len(mutants) != len(set(only)):
         raise SystemExit(f"unknown SQL mutant id among {only}")
     known = equivalents()
+    # Stale mutants are reported before anything slow starts (and fail the run at the end).
+    for mutant in mutants:
+        try:
+            locate(mutant)
+        except LookupError as exc:
+            print(f"STALE     {mutant.id}: {exc}", flush=True)
     stack = Stack(os.environ.get("PFL_MUTATION_PORT_PREFIX", "568"))
     test_lists = list(dict.fromkeys(m.tests for m in mutants if m.tests))
     try:
