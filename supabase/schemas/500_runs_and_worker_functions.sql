@@ -862,7 +862,7 @@ language sql
 immutable
 set search_path = ''
 as $$
-  select '20261202000200'::text;
+  select '20261205000200'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -23,3 +23,21 @@ def test_the_cli_loads_no_langfuse_module_until_it_drains() -> None:
 
 def test_the_outbox_still_loads_the_sdk() -> None:
     assert "'langfuse'" in loaded_langfuse_modules("worker.outbox")
+
+
+PROMETHEUS = "import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('prom')))"
+
+
+def loaded_prometheus_modules(module: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", PROMETHEUS.format(module=module)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_the_cli_loads_prometheus_client_only_for_the_metrics_of_serve() -> None:
+    assert loaded_prometheus_modules("worker.cli") == "[]"
+    assert "'prometheus_client'" in loaded_prometheus_modules("worker.metrics")
