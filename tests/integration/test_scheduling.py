@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from testkit import env as testkit_env
-from testkit.world import make_twin
+from testkit.world import make_twin, scalar
 from tests.conftest import ROOT, Stack, User, wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,13 +90,13 @@ def runs_of(db: psycopg.Connection, twin_id: str) -> list[tuple]:
 
 def test_without_pg_cron_scheduling_says_so_and_changes_nothing(db: psycopg.Connection):
     installed = "select count(*) from pg_extension where extname = 'pg_cron'"
-    assert db.execute(installed).fetchone()[0] == 0
+    assert scalar(db, installed) == 0
     for call in ("select public.schedule_learning_runs('* * * * *')",
                  "select public.unschedule_learning_runs()"):
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
                            match="pg_cron is not enabled in this database"):
             db.execute(call)
-    assert db.execute("select count(*) from pg_namespace where nspname = 'cron'").fetchone()[0] == 0
+    assert scalar(db, "select count(*) from pg_namespace where nspname = 'cron'") == 0
 
 
 def test_no_api_role_may_schedule(stack: Stack, db: psycopg.Connection, make_user, pg_cron):
@@ -124,10 +124,10 @@ def test_the_job_exists_once_and_its_command_queues_exactly_the_due_runs(
         db.execute("select public.schedule_learning_runs('now and then')")
     assert jobs(db) == []
 
-    job_id = db.execute("select public.schedule_learning_runs(%s)", (NEVER_SOON,)).fetchone()[0]
+    job_id = scalar(db, "select public.schedule_learning_runs(%s)", NEVER_SOON)
     assert jobs(db) == [(job_id, JOB, NEVER_SOON, COMMAND, "postgres", "postgres", True)]
     # Scheduling again changes the schedule of the same job.
-    again = db.execute("select public.schedule_learning_runs('*/10 * * * *')").fetchone()[0]
+    again = scalar(db, "select public.schedule_learning_runs('*/10 * * * *')")
     assert again == job_id
     db.execute("select public.schedule_learning_runs(%s)", (NEVER_SOON,))
     assert [j[:3] for j in jobs(db)] == [(job_id, JOB, NEVER_SOON)]
@@ -173,8 +173,8 @@ def test_pg_crons_scheduler_runs_the_job_and_a_worker_executes_what_it_queued(
     twin = make_twin(db, owner.id)
     vote(voter, twin.id, f"trace-{uuid.uuid4().hex[:6]}")
     # pg_cron 1.4 (Debian's) schedules by the minute; 1.5 and later (hosted) also by seconds.
-    job_id = db.execute("select public.schedule_learning_runs('* * * * *')").fetchone()[0]
-    started = db.execute("select now()").fetchone()[0]
+    job_id = scalar(db, "select public.schedule_learning_runs('* * * * *')")
+    started = scalar(db, "select now()")
 
     def ran() -> list[tuple] | None:
         return db.execute(
