@@ -41,6 +41,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -93,6 +94,8 @@ class WorkerMetrics:
     def __init__(
         self, store: Store, max_poll_age: float, clock: Callable[[], float] = time.time
     ) -> None:
+        # No `_created` series beside each counter and histogram: the process start time says it.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = CollectorRegistry()
         self.max_poll_age = max_poll_age
         self._clock = clock
