@@ -139,6 +139,11 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
     )
 
 
+# Seconds one scrape waits for the database's outbox backlog (Prometheus' default scrape
+# timeout is 10 s).
+SCRAPE_TIMEOUT = 3.0
+
+
 def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
     metrics: WorkerMetrics | None = None
     server: MetricsServer | None = None
@@ -146,7 +151,15 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         # Imported here: only `serve` with metrics on needs prometheus_client.
         from worker.metrics import MetricsServer, WorkerMetrics
 
-        metrics = WorkerMetrics(store, settings.pfl_health_max_age_seconds)
+        # Scrapes read the outbox backlog through a store of their own that tries once with a
+        # short timeout, so that a scrape during an outage still answers within a scraper's
+        # timeout (without the two outbox gauges) and shows the poll timestamps.
+        scrape_store = Store.connect(
+            settings.model_copy(
+                update={"pfl_store_attempts": 1, "pfl_http_timeout_seconds": SCRAPE_TIMEOUT}
+            )
+        )
+        metrics = WorkerMetrics(scrape_store, settings.pfl_health_max_age_seconds)
         try:
             server = MetricsServer(metrics, settings.pfl_metrics_host, settings.pfl_metrics_port)
         except OSError as exc:
