@@ -147,6 +147,7 @@ SCRAPE_TIMEOUT = 3.0
 def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
     metrics: WorkerMetrics | None = None
     server: MetricsServer | None = None
+    scrape_store: Store | None = None
     if settings.pfl_metrics_port is not None:
         # Imported here: only `serve` with metrics on needs prometheus_client.
         from worker.metrics import MetricsServer, WorkerMetrics
@@ -211,6 +212,8 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         mirror.join()
         if server:
             server.stop()
+        if scrape_store:
+            scrape_store.close()
     return 0
 
 
