@@ -22,6 +22,7 @@ from worker.runner import Runner, poll_until_stopped
 from worker.store import ConfigurationError, Run, Store, StoreError
 
 if TYPE_CHECKING:
+    from worker.metrics import MetricsServer, WorkerMetrics
     from worker.outbox import OutboxDrainer
 
 logger = logging.getLogger("worker")
@@ -154,10 +155,55 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
     )
 
 
+# Seconds one scrape waits for the database's outbox backlog (Prometheus' default scrape
+# timeout is 10 s).
+SCRAPE_TIMEOUT = 3.0
+
+
 def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
-    runner = Runner(store, settings.pfl_worker_id, settings.pfl_lease_seconds)
+    metrics: WorkerMetrics | None = None
+    server: MetricsServer | None = None
+    scrape_store: Store | None = None
+    if settings.pfl_metrics_port is not None:
+        # Imported here: only `serve` with metrics on needs prometheus_client.
+        from worker.metrics import MetricsServer, WorkerMetrics
+
+        # Scrapes read the outbox backlog through a store of their own that tries once with a
+        # short timeout, so that a scrape during an outage still answers within a scraper's
+        # timeout (without the two outbox gauges) and shows the poll timestamps.
+        scrape_store = Store.connect(
+            settings.model_copy(
+                update={"pfl_store_attempts": 1, "pfl_http_timeout_seconds": SCRAPE_TIMEOUT}
+            )
+        )
+        metrics = WorkerMetrics(scrape_store, settings.pfl_health_max_age_seconds)
+        try:
+            server = MetricsServer(metrics, settings.pfl_metrics_host, settings.pfl_metrics_port)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"PFL_METRICS_PORT: cannot listen on "
+                f"{settings.pfl_metrics_host}:{settings.pfl_metrics_port} ({exc})"
+            ) from exc
+    runner = Runner(
+        store,
+        settings.pfl_worker_id,
+        settings.pfl_lease_seconds,
+        observer=metrics.observe_run if metrics else None,
+    )
     drainer = make_drainer(settings, store)
     stop = threading.Event()
+
+    def learning_step() -> bool:
+        busy = runner.step()
+        if metrics:
+            metrics.poll_succeeded("learning-runs")
+        return busy
+
+    def outbox_step() -> bool:
+        busy = drainer.drain_once() > 0
+        if metrics:
+            metrics.poll_succeeded("langfuse-outbox")
+        return busy
 
     def _stop(signum: int, _frame: object) -> None:
         logger.info("stop requested; finishing the work in hand", extra={"signal": signum})
@@ -169,15 +215,21 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
     # Langfuse is a mirror: its own thread, so a slow or down Langfuse never delays a run.
     mirror = threading.Thread(
         target=poll_until_stopped,
-        args=("langfuse-outbox", lambda: drainer.drain_once() > 0, stop, *waits),
+        args=("langfuse-outbox", outbox_step, stop, *waits),
         name="langfuse-outbox",
     )
+    if server:
+        server.start()
     mirror.start()
     try:
-        poll_until_stopped("learning-runs", runner.step, stop, *waits)
+        poll_until_stopped("learning-runs", learning_step, stop, *waits)
     finally:
         stop.set()
         mirror.join()
+        if server:
+            server.stop()
+        if scrape_store:
+            scrape_store.close()
     return 0
 
 
@@ -268,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--output", type=Path, help="write the run(s) as a JSON artifact")
     once.set_defaults(handler=_cmd_run_once)
 
-    serve = sub.add_parser("serve", help="poll for runs until SIGTERM or SIGINT")
+    serve = sub.add_parser(
+        "serve",
+        help="poll for runs until SIGTERM or SIGINT; with PFL_METRICS_PORT set, serve "
+        "/healthz and Prometheus /metrics on it",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     outbox = sub.add_parser("outbox", help="the Langfuse mirror of feedback")

@@ -87,10 +87,33 @@ class WorkerSettings(BaseSettings):
         "that dies mid-send leaves them waiting until it ends. Must exceed the Langfuse timeout.",
     )
 
+    pfl_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="`serve`: the port of the health endpoint (/healthz) and the Prometheus "
+        "metrics (/metrics); unset (the default) serves neither.",
+    )
+    pfl_metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="`serve`: the address the metrics port listens on; 0.0.0.0 for every "
+        "interface (e.g. a scraper in another container).",
+    )
+    pfl_health_max_age_seconds: float = Field(
+        90.0,
+        gt=0,
+        description="`serve`: /healthz answers 200 while the last successful poll for runs "
+        "ended at most this many seconds ago, else 503. Must exceed PFL_POLL_MAX_SECONDS (an "
+        "idle worker polls that rarely).",
+    )
+
     @model_validator(mode="after")
     def _bounds(self) -> "WorkerSettings":
         if self.pfl_poll_min_seconds > self.pfl_poll_max_seconds:
             raise ValueError("PFL_POLL_MIN_SECONDS must not exceed PFL_POLL_MAX_SECONDS")
+        if self.pfl_health_max_age_seconds <= self.pfl_poll_max_seconds:
+            raise ValueError("PFL_HEALTH_MAX_AGE_SECONDS must exceed PFL_POLL_MAX_SECONDS")
         if self.pfl_langfuse_visibility_seconds <= self.pfl_langfuse_timeout_seconds:
             raise ValueError(
                 "PFL_LANGFUSE_VISIBILITY_SECONDS must exceed PFL_LANGFUSE_TIMEOUT_SECONDS"

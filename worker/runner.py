@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 from uuid import UUID
 
 from worker.gate import evaluate_gate
@@ -67,17 +68,37 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
     )
 
 
+Outcome = Literal["completed", "failed", "retried", "lease_lost"]
+"""How one attempt at a run ended: the run completed; it failed for good (no attempt left or a
+refusal by the database); the attempt failed and the run waits for another; or the lease was
+lost and another worker has the run."""
+
+OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "retried", "lease_lost")
+
+RunObserver = Callable[[Outcome, Run, float], None]
+"""Told of every attempt a Runner made: its outcome, the run's row afterwards and the attempt's
+wall-clock seconds from claim to end (the metrics of `serve`)."""
+
+
 class Runner:
     """Claims and executes runs for one worker identity.
 
     `worker_id` names the worker on the runs it holds; `lease_seconds` is how long a claimed run
-    stays ours (renewed once a run has taken half of it).
+    stays ours (renewed once a run has taken half of it); `observer`, if given, is told of each
+    attempt's end.
     """
 
-    def __init__(self, store: Store, worker_id: str, lease_seconds: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        worker_id: str,
+        lease_seconds: int,
+        observer: RunObserver | None = None,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        self.observer = observer
 
     def process(self, run: Run) -> Run:
         """Execute one claimed run to its end; returns the run's row afterwards.
@@ -87,16 +108,23 @@ class Runner:
         the database), and the returned row says so. Raises StoreError only when, after a lost
         lease, reading the run back fails.
         """
+        started = time.monotonic()
+        done, outcome = self._attempt(run, started)
+        if self.observer is not None:
+            self.observer(outcome, done, time.monotonic() - started)
+        return done
+
+    def _attempt(self, run: Run, started: float) -> tuple[Run, Outcome]:
+        """`process`'s work: the run's row afterwards and how the attempt ended."""
         log = {"run_id": str(run.id), "twin_id": str(run.twin_id), "attempt": run.attempts}
         logger.info("run claimed", extra=log)
-        started = time.monotonic()
         try:
             decision, done = self._learn_and_complete(run, started, log)
         except StaleLeaseError as exc:
             logger.warning(
                 "run lease lost; its work was discarded", extra={**log, "error": str(exc)}
             )
-            return self.store.get_run(run.id) or run
+            return self.store.get_run(run.id) or run, "lease_lost"
         except (BatchChangedError, TransientStoreError) as exc:
             return self._fail(run, exc, retryable=True, log=log)
         except StoreError as exc:
@@ -117,7 +145,7 @@ class Runner:
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
-        return done
+        return done, "completed"
 
     def _learn_and_complete(
         self, run: Run, started: float, log: dict[str, object]
@@ -145,15 +173,20 @@ class Runner:
                 )
         raise AssertionError("unreachable: the last read returns or raises")
 
-    def _fail(self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, object]) -> Run:
+    def _fail(
+        self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, object]
+    ) -> tuple[Run, Outcome]:
+        """Records the failed attempt; the run's row afterwards and "failed" when the run ended
+        so, else "retried"."""
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("run attempt failed", extra={**log, "error": error, "retryable": retryable})
         try:
-            return self.store.fail_run(run, error, retryable=retryable)
+            failed = self.store.fail_run(run, error, retryable=retryable)
         except StoreError as fail_exc:
             # The lease will expire and another attempt (or the final failure) follows from it.
             logger.warning("could not record the failure", extra={**log, "error": str(fail_exc)})
-            return run
+            return run, "retried"
+        return failed, "failed" if failed.status == "failed" else "retried"
 
     def run_once(
         self, twin_id: UUID | None = None, safe_mode: bool | None = None, *, request: bool = False

@@ -64,7 +64,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261204000100"
+REQUIRED_SCHEMA_VERSION = "20261205000200"
 
 
 class ConfigurationError(Exception):
@@ -590,6 +590,18 @@ class Store:
     def skip_outbox(self, limit: int) -> int:
         """Marks up to `limit` due rows skipped (Langfuse not configured); returns how many."""
         return _count(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
+
+    def outbox_backlog(self) -> tuple[int, float | None]:
+        """The feedback votes waiting for Langfuse (pending or retrying) and the age in seconds
+        of the oldest of them (None when none waits). Raises TypeError for an answer of
+        another shape."""
+        doc = self._rpc("langfuse_outbox_backlog", {})
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+        oldest = doc.get("oldest_seconds")
+        if oldest is not None and not isinstance(oldest, int | float):
+            raise TypeError(f"expected a number of seconds, got {oldest!r:.50}")
+        return _count(doc.get("rows")), None if oldest is None else float(oldest)
 
     def requeue_outbox(self, status: str, chunk: int = 10_000) -> int:
         """Puts rows of `status` ("skipped" or "failed") back to pending, `chunk` (1-10,000) per

@@ -2,7 +2,7 @@
 -- only the worker (the service role) writes them. Four actors: the owner, another signed-in user,
 -- anon and the service role. Helpers: supabase/tests/000_helpers.sql.
 begin;
-select plan(18);
+select plan(21);
 
 -- The owner has three twins: one with a module, a scheduled run and the change that run made;
 -- one the owner will request a run for; one the worker will queue a run for.
@@ -129,6 +129,27 @@ select results_eq(
      where twin_id = tests.twin_id('Learning twin') $$,
   $$ values ('evidence_answers') $$,
   'the service role reads every module'
+);
+select throws_ok(
+  $$ select public.schedule_learning_runs('* * * * *') $$,
+  '42501', null,
+  'the service role may not schedule learning runs on pg_cron'
+);
+
+
+-- Acting as the project owner (postgres, in the SQL editor) on a project without pg_cron
+
+select tests.act_as_platform();
+
+select throws_ok(
+  $$ select public.schedule_learning_runs('* * * * *') $$,
+  '55000', 'pg_cron is not enabled in this database',
+  'without pg_cron, scheduling says so'
+);
+select throws_ok(
+  $$ select public.unschedule_learning_runs() $$,
+  '55000', 'pg_cron is not enabled in this database',
+  'without pg_cron, unscheduling says so'
 );
 
 select * from finish();

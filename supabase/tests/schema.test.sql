@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(48);
+select plan(49);
 
 
 -- Tables, views and row-level security
@@ -175,8 +175,18 @@ select is_empty(
 );
 select is_empty(
   $$ select signature from tests.function_privileges('service_role')
-     where schema_name = 'public' and function_name <> 'request_learning_run' and not executable $$,
+     where schema_name = 'public' and not executable
+       and function_name not in ('request_learning_run', 'schedule_learning_runs',
+                                 'unschedule_learning_runs') $$,
   'the service role may execute every worker function'
+);
+select is_empty(
+  $$ select r.rolname || ': ' || f.fn
+     from (values ('anon'), ('authenticated'), ('service_role')) r(rolname)
+     cross join (values ('public.schedule_learning_runs(text)'),
+                        ('public.unschedule_learning_runs()')) f(fn)
+     where has_function_privilege(r.rolname, f.fn, 'EXECUTE') $$,
+  'only the project owner schedules learning runs on pg_cron: no API role may'
 );
 
 
@@ -218,7 +228,9 @@ select functions_are('public', array[
   'claim_learning_run', 'extend_learning_run_lease', 'claim_learning_run_events',
   'complete_learning_run', 'fail_learning_run', 'release_learning_run', 'claim_langfuse_outbox',
   'record_langfuse_deliveries', 'skip_langfuse_outbox', 'requeue_langfuse_outbox',
-  'worker_schema_version',
+  'langfuse_outbox_backlog', 'worker_schema_version',
+  -- the project owner's, for the optional pg_cron schedule; no API role executes them
+  'schedule_learning_runs', 'unschedule_learning_runs',
   -- computed fields of persona_training_events, read as columns
   'processed_at', 'processed_run_id'
 ]);

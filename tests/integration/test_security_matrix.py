@@ -635,6 +635,14 @@ WORKER_CALLS: dict[str, WorkerCall] = {
     "requeue_langfuse_outbox": WorkerCall(
         lambda w, lease: {"p_status": "skipped"}, skip_world_feedback),
     "worker_schema_version": WorkerCall(lambda w, lease: {}),
+    "langfuse_outbox_backlog": WorkerCall(lambda w, lease: {}),
+}
+
+# The project owner's functions (SQL as postgres, for the optional pg_cron schedule): no key may
+# call them through the API, not even the service key.
+OWNER_ONLY_CALLS: dict[str, dict] = {
+    "schedule_learning_runs": {"p_schedule": "* * * * *"},
+    "unschedule_learning_runs": {},
 }
 
 
@@ -643,7 +651,22 @@ def test_every_public_function_is_covered(db: psycopg.Connection) -> None:
     names = {r[0] for r in db.execute(
         "select p.proname from pg_proc p where p.pronamespace = 'public'::regnamespace")}
     # processed_at and processed_run_id are computed fields of events, read as columns.
-    assert names == {*WORKER_CALLS, "request_learning_run", "processed_at", "processed_run_id"}
+    assert names == {*WORKER_CALLS, *OWNER_ONLY_CALLS, "request_learning_run", "processed_at",
+                     "processed_run_id"}
+
+
+@pytest.mark.parametrize("actor", ["anon", "other", "owner", "service"])
+@pytest.mark.parametrize("function", list(OWNER_ONLY_CALLS))
+def test_scheduling_functions_are_refused_to_every_key(
+    stack: Stack, db: psycopg.Connection, world: World, function: str, actor: str
+) -> None:
+    before = snapshot_all(db, world)
+    response = call(stack, token_of(stack, world, actor), "POST", f"rpc/{function}",
+                    OWNER_ONLY_CALLS[function])
+    assert response.status_code == (401 if actor == "anon" else 403), response.text
+    assert response.json()["code"] == "42501"
+    assert response.json()["message"] == f"permission denied for function {function}"
+    assert snapshot_all(db, world) == before
 
 
 @pytest.mark.parametrize("actor", ["anon", "other", "owner"])

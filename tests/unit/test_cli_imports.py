@@ -31,3 +31,21 @@ def test_the_outbox_loads_the_sender_and_no_sdk() -> None:
         "['worker.langfuse_check', 'worker.langfuse_response', 'worker.langfuse_sender', "
         "'worker.outbox']"
     )
+
+
+PROMETHEUS = "import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('prom')))"
+
+
+def loaded_prometheus_modules(module: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", PROMETHEUS.format(module=module)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_the_cli_loads_prometheus_client_only_for_the_metrics_of_serve() -> None:
+    assert loaded_prometheus_modules("worker.cli") == "[]"
+    assert "'prometheus_client'" in loaded_prometheus_modules("worker.metrics")

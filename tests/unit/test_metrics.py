@@ -1,0 +1,99 @@
+"""serve's health rule and metrics, with a clock and a store of the test's own."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.metrics import WorkerMetrics
+from worker.store import Run, StoreError, TransientStoreError
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.backlog: tuple[int, float | None] | StoreError = (0, None)
+
+    def outbox_backlog(self) -> tuple[int, float | None]:
+        if isinstance(self.backlog, StoreError):
+            raise self.backlog
+        return self.backlog
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(metrics: WorkerMetrics) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def make(store: FakeStore, clock: Clock, max_age: float = 90.0) -> WorkerMetrics:
+    return WorkerMetrics(store, max_age, clock=clock)  # type: ignore[arg-type]
+
+
+def run(status: str, processed: int | None) -> Run:
+    return Run(id=uuid4(), twin_id=uuid4(), status=status, trigger="schedule",  # type: ignore[arg-type]
+               safe_mode=True, attempts=1, max_attempts=3, events_processed=processed,
+               created_at=datetime.now(UTC))
+
+
+def test_health_follows_the_age_of_the_last_successful_poll_for_runs() -> None:
+    clock = Clock(1000.0)
+    metrics = make(FakeStore(), clock)
+    assert metrics.health() == (False, {
+        "status": "unhealthy", "last_successful_poll_age_seconds": None, "max_age_seconds": 90.0})
+    metrics.poll_succeeded("langfuse-outbox")  # the mirror's polls do not count
+    assert metrics.health()[0] is False
+    metrics.poll_succeeded("learning-runs")
+    clock.now = 1090.0
+    assert metrics.health() == (True, {
+        "status": "ok", "last_successful_poll_age_seconds": 90.0, "max_age_seconds": 90.0})
+    clock.now = 1090.5
+    healthy, facts = metrics.health()
+    assert not healthy and facts["last_successful_poll_age_seconds"] == 90.5
+    metrics.poll_succeeded("learning-runs")
+    assert metrics.health()[0] is True
+
+
+def test_runs_are_counted_by_outcome_with_their_events_and_durations() -> None:
+    metrics = make(FakeStore(), Clock(0.0))
+    metrics.observe_run("completed", run("completed", 7), 0.2)
+    metrics.observe_run("completed", run("completed", 3), 3.0)
+    metrics.observe_run("failed", run("failed", None), 0.01)
+    metrics.observe_run("retried", run("queued", None), 0.02)
+    m = samples(metrics)
+    assert m["pfl_learning_runs_total{outcome=completed}"] == 2
+    assert m["pfl_learning_runs_total{outcome=failed}"] == 1
+    assert m["pfl_learning_runs_total{outcome=retried}"] == 1
+    assert m["pfl_learning_runs_total{outcome=lease_lost}"] == 0
+    assert m["pfl_learning_events_total"] == 10  # only completed runs' events
+    assert m["pfl_learning_run_duration_seconds_count"] == 4
+    assert m["pfl_learning_run_duration_seconds_bucket{le=0.25}"] == 3
+    assert m["pfl_learning_run_duration_seconds_sum"] == pytest.approx(3.23)
+    assert not any(name.endswith("_created") for name in m)
+
+
+def test_the_outbox_gauges_are_read_at_scrape_time_and_left_out_when_the_read_fails() -> None:
+    store = FakeStore()
+    metrics = make(store, Clock(0.0))
+    assert (samples(metrics)["pfl_outbox_backlog"],
+            samples(metrics)["pfl_outbox_oldest_pending_age_seconds"]) == (0, 0)
+    store.backlog = (42, 17.5)
+    m = samples(metrics)
+    assert (m["pfl_outbox_backlog"], m["pfl_outbox_oldest_pending_age_seconds"]) == (42, 17.5)
+    store.backlog = TransientStoreError("unreachable")
+    m = samples(metrics)
+    assert "pfl_outbox_backlog" not in m and "pfl_outbox_oldest_pending_age_seconds" not in m
+    assert "pfl_learning_runs_total{outcome=completed}" in m

@@ -1,0 +1,213 @@
+"""`pfl serve`'s operations endpoint: Prometheus metrics (/metrics) and health (/healthz).
+
+Served only when PFL_METRICS_PORT is set, on PFL_METRICS_HOST (127.0.0.1 by default). Imported
+by `serve` alone, so `pfl run-once` never loads prometheus_client.
+
+Metrics (every one of this process, except the outbox's two, which are the database's and read
+the same from every worker):
+
+- pfl_learning_runs_total{outcome}, counter: attempts at runs by how they ended: completed,
+  failed (for good), retried (the attempt failed, the run waits for another), lease_lost;
+- pfl_learning_run_duration_seconds, histogram: an attempt's wall-clock seconds, claim to
+  completion or failure;
+- pfl_learning_events_total, counter: events marked processed by the runs this process
+  completed;
+- pfl_last_successful_poll_timestamp_seconds{poller}, gauge: Unix time at which a poll of
+  `learning-runs` or `langfuse-outbox` last succeeded;
+- pfl_outbox_backlog, gauge: feedback votes waiting for Langfuse (pending or retrying), read at
+  scrape time;
+- pfl_outbox_oldest_pending_age_seconds, gauge: the oldest one's age (0 when none waits), read
+  at scrape time;
+- process_*: the process's CPU seconds, memory and open files (prometheus_client's own).
+
+Health: /healthz answers 200 while the last successful poll for runs ended at most
+`max_poll_age` seconds ago, and 503 before the first one or once it is older (the API or the
+database unreachable, or refusing the worker's calls); the body is JSON saying which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from worker.runner import OUTCOMES, Outcome
+from worker.store import Run, Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+POLLERS = ("learning-runs", "langfuse-outbox")
+# Seconds: a run's attempt is a few RPCs, each bounded by the API's 8 s statement timeout.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class OutboxCollector(Collector):
+    """The outbox's backlog, asked of the database at each scrape (one indexed read whose cost
+    follows the backlog). When the call fails the two gauges are left out of that scrape."""
+
+    def __init__(self, backlog: Callable[[], tuple[int, float | None]]) -> None:
+        self._backlog = backlog
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            rows, oldest = self._backlog()
+        except (StoreError, TypeError) as exc:
+            logger.warning("could not read the outbox backlog", extra={"error": str(exc)})
+            return []
+        return [
+            GaugeMetricFamily(
+                "pfl_outbox_backlog",
+                "Feedback votes waiting for Langfuse (pending or retrying), in the database.",
+                value=rows,
+            ),
+            GaugeMetricFamily(
+                "pfl_outbox_oldest_pending_age_seconds",
+                "Age of the oldest vote waiting for Langfuse, in seconds; 0 when none waits.",
+                value=oldest or 0.0,
+            ),
+        ]
+
+
+class WorkerMetrics:
+    """The metrics of one `serve` process, in a registry of their own.
+
+    `store` is asked for the outbox backlog at each scrape; `max_poll_age` (seconds) is the
+    health rule's bound; `clock` gives Unix time in seconds (tests pass their own).
+    """
+
+    def __init__(
+        self, store: Store, max_poll_age: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        # No `_created` series beside each counter and histogram: the process start time says it.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
+        self.registry = CollectorRegistry()
+        self.max_poll_age = max_poll_age
+        self._clock = clock
+        self._last_poll: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.runs = Counter(
+            "pfl_learning_runs",
+            "Attempts at learning runs by how they ended.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.runs.labels(outcome)  # every outcome is exported from the start, at 0
+        self.run_seconds = Histogram(
+            "pfl_learning_run_duration_seconds",
+            "Wall-clock seconds of one attempt at a run, claim to completion or failure.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "pfl_learning_events",
+            "Events marked processed by the runs this process completed.",
+            registry=self.registry,
+        )
+        self.polls = Gauge(
+            "pfl_last_successful_poll_timestamp_seconds",
+            "Unix time of the poller's last successful poll.",
+            ["poller"],
+            registry=self.registry,
+        )
+        self.registry.register(OutboxCollector(store.outbox_backlog))
+        ProcessCollector(registry=self.registry)
+
+    def observe_run(self, outcome: Outcome, run: Run, seconds: float) -> None:
+        """Counts one attempt at a run (a `RunObserver`)."""
+        self.runs.labels(outcome).inc()
+        self.run_seconds.observe(seconds)
+        if outcome == "completed":
+            self.events.inc(run.events_processed or 0)
+
+    def poll_succeeded(self, poller: str) -> None:
+        """Records that `poller` (one of POLLERS) just finished a poll without an error."""
+        now = self._clock()
+        with self._lock:
+            self._last_poll[poller] = now
+        self.polls.labels(poller).set(now)
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Whether the worker is healthy by the rule above, and the facts behind it."""
+        with self._lock:
+            last = self._last_poll.get("learning-runs")
+        age = None if last is None else max(0.0, self._clock() - last)
+        healthy = age is not None and age <= self.max_poll_age
+        return healthy, {
+            "status": "ok" if healthy else "unhealthy",
+            "last_successful_poll_age_seconds": None if age is None else round(age, 3),
+            "max_age_seconds": self.max_poll_age,
+        }
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """An HTTP server in a thread of its own: GET /metrics and GET /healthz, 404 otherwise.
+
+    Raises OSError when it cannot listen on `host`:`port` (e.g. the port is taken).
+    """
+
+    def __init__(self, metrics: WorkerMetrics, host: str, port: int) -> None:
+        handler = _handler_for(metrics)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        """Starts answering requests."""
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        logger.info("metrics served", extra={"address": f"http://{host!s}:{port}/metrics"})
+
+    def stop(self) -> None:
+        """Stops answering and closes the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def _handler_for(metrics: WorkerMetrics) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._answer(200, CONTENT_TYPE_LATEST, metrics.exposition())
+            elif path == "/healthz":
+                healthy, facts = metrics.health()
+                body = json.dumps(facts).encode() + b"\n"
+                self._answer(200 if healthy else 503, "application/json", body)
+            else:
+                self._answer(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _answer(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes are not worth a log line each
+
+    return Handler
