@@ -10,7 +10,10 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    schema's ceiling, which keeps every RPC inside the API's statement timeout) and at 100,000;
    floor: a bare `UPDATE … SET processed_at = now()` over a copy of the same rows.
    Target: worker ≤ 1.5 × floor. Afterwards the twin's cursor must be its last event id and
-   every module's weights must equal a from-scratch recomputation.
+   every module's weights must equal a from-scratch recomputation. Then the twin is learned
+   again at batch 200,000 with the worker's RPCs made by the bench through worker.store.Store
+   in the worker's order, each timed through PostgREST; target: the longest single RPC ≤ 4 s,
+   half the API's 8 s statement timeout (bench.config says why half).
 2. Cost follows new work: the run over 10,000 new events (among other twins' events) of a twin
    with 5,000,000 processed events versus a twin with none, and the twin with none after versus
    before those 5,000,000 rows were loaded; without a draft spec and with one under audit (the

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
+from uuid import UUID
 
 import psycopg
 
 from bench.config import (
+    API_STATEMENT_TIMEOUT_SECONDS,
     BENCH_MODULES,
     FLOOR_TRIALS,
     HISTORY_DAYS,
     MODULES,
     NEW_EVENTS_SPAN_SECONDS,
     OTHER_PER_NEW,
+    RPC_TARGET_SECONDS,
     USERS,
     CorrectnessError,
     log,
@@ -35,6 +39,9 @@ from bench.worker_process import (
 )
 from testkit.env import StackEnv
 from testkit.world import Twin, connect, make_twin, make_users, scalar, user_ids
+from worker.config import WorkerSettings
+from worker.runner import decide
+from worker.store import Run, Store, make_client
 
 
 def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
@@ -67,6 +74,15 @@ def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]
             f"cursor and weights as from scratch"
         )
 
+    large = sizes["learn_batch_large"]
+    log(f"case 1: each worker RPC through PostgREST, {n:,} events learned again at batch {large:,}")
+    rpcs = worker_rpc_times(env, conn, twin.id, n, large)
+    longest = rpcs["longest"]
+    log(
+        f"case 1: longest RPC {longest['rpc']} {longest['seconds']} s (run {longest['run']}) of "
+        f"{rpcs['runs']} run(s); cursor and weights as from scratch"
+    )
+
     floors = [update_floor(conn, twin.id, n) for _ in range(FLOOR_TRIALS)]
     log(
         f"case 1: floor (UPDATE … SET processed_at = now() over a copy of the same rows): "
@@ -79,6 +95,132 @@ def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]
         "floor_seconds": round(min(floors), 3),
         "floor_trials": [round(f, 3) for f in floors],
         "passes": passes,
+        "rpc_timing": rpcs,
+    }
+
+
+# The RPCs of one run, in the order worker.runner makes them (Runner._learn_and_complete).
+RUN_RPCS = (
+    "claim_learning_run",
+    "claim_learning_run_events",
+    "extend_learning_run_lease",
+    "complete_learning_run",
+)
+
+
+def timed_run(store: Store, run: Run, lease_seconds: int) -> tuple[Run, dict[str, Any]]:
+    """One claimed run driven as Runner._learn_and_complete does (its first read): the batch,
+    the decision, the lease renewal, the completion. Returns the run's row afterwards and its
+    figures: each RPC's seconds, the decision's seconds, the events processed, and whether the
+    worker would have renewed the lease. Raises CorrectnessError when the run does not complete."""
+    started = time.monotonic()  # as Runner.process: the attempt starts after the claim
+    t0 = time.perf_counter()
+    batch = store.claim_events(run)
+    t1 = time.perf_counter()
+    decision = decide(batch, safe_mode=run.safe_mode)
+    t2 = time.perf_counter()
+    renewal_due = time.monotonic() - started > lease_seconds / 2
+    store.extend_lease(run, lease_seconds)
+    t3 = time.perf_counter()
+    done = store.complete_run(run, decision)
+    t4 = time.perf_counter()
+    if done.status != "completed":
+        raise CorrectnessError(f"run {done.id} ended {done.status}: {done.error}")
+    return done, {
+        "events": done.events_processed or 0,
+        "rpc_seconds": {
+            "claim_learning_run_events": round(t1 - t0, 4),
+            "extend_learning_run_lease": round(t3 - t2, 4),
+            "complete_learning_run": round(t4 - t3, 4),
+        },
+        "decide_seconds": round(t2 - t1, 4),
+        "lease_renewal_due": renewal_due,
+    }
+
+
+def worker_rpc_times(
+    env: StackEnv, conn: psycopg.Connection, twin_id: str, n: int, batch: int
+) -> dict[str, Any]:
+    """The wall time of each RPC a `pfl run-once --twin` burst makes, through PostgREST.
+
+    Puts the twin back to nothing learned with `max_batch_events` = `batch`, then drives the
+    worker's calls by hand in worker.runner's order (Runner.run_once and _learn_and_complete):
+    enqueue_due_learning_runs, then per run claim_learning_run, claim_learning_run_events,
+    `decide` (pure, timed apart), extend_learning_run_lease and complete_learning_run, until a
+    claim finds nothing. Each call goes through worker.store.Store on the worker's default
+    settings (service-role key, HTTP timeout), its wall time taken with time.perf_counter around
+    the Store method: the request, PostgREST, the statement and the answer parsed as the worker
+    parses it. The store tries each call once (no retry hidden inside a figure; an error fails
+    the case). The worker renews the lease only when a run has taken half of it
+    (PFL_LEASE_SECONDS, 60 s by default), which no run here does; the renewal is called once per
+    run anyway, at the point the worker would call it, so its time is known too
+    (`lease_renewal_due` says whether the worker would have called it).
+
+    Returns the runs (each RPC's seconds, the decision's seconds, events), the calls between runs,
+    and the longest single RPC (`rpc`, `seconds`, `run`: 1-based, None between runs) against
+    API_STATEMENT_TIMEOUT_SECONDS. Raises CorrectnessError when a run does not complete, the runs
+    do not process all n events, or the twin's cursor or weights then differ from scratch.
+    """
+    forget_learning(conn, twin_id)
+    conn.execute(
+        "update public.persona_learning_settings set max_batch_events = %s where twin_id = %s",
+        (batch, twin_id),
+    )
+    checkpoint()
+    defaults = WorkerSettings.model_fields
+    lease_seconds = int(defaults["pfl_lease_seconds"].default)
+    http_timeout = float(defaults["pfl_http_timeout_seconds"].default)
+    store = Store(make_client(env.url, env.service_key, timeout=http_timeout), attempts=1)
+    twin = UUID(twin_id)
+    worker_id = "bench-rpc-timing"
+    runs: list[dict[str, Any]] = []
+    between: list[tuple[str, float]] = []  # enqueue_due_learning_runs; the claim finding none
+    try:
+        progress = True
+        while True:
+            if progress:
+                t0 = time.perf_counter()
+                store.enqueue_due_runs(twin)
+                between.append(("enqueue_due_learning_runs", time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            run = store.claim_run(worker_id, lease_seconds, twin)
+            claim_seconds = time.perf_counter() - t0
+            if run is None:
+                between.append(("claim_learning_run", claim_seconds))
+                break
+            done, figures = timed_run(store, run, lease_seconds)
+            runs.append(
+                {
+                    **figures,
+                    "rpc_seconds": {RUN_RPCS[0]: round(claim_seconds, 4)} | figures["rpc_seconds"],
+                }
+            )
+            progress = (done.events_scanned or 0) > 0
+    finally:
+        store.close()
+    processed = sum(r["events"] for r in runs)
+    if processed != n:
+        raise CorrectnessError(f"the timed RPCs processed {processed} of {n} events")
+    calls = [
+        {"rpc": rpc, "seconds": seconds, "run": i}
+        for i, r in enumerate(runs, start=1)
+        for rpc, seconds in r["rpc_seconds"].items()
+    ] + [{"rpc": rpc, "seconds": round(seconds, 4), "run": None} for rpc, seconds in between]
+    longest = max(calls, key=lambda c: c["seconds"])
+    return {
+        "batch": batch,
+        "runs": len(runs),
+        "lease_seconds": lease_seconds,
+        "per_run": runs,
+        "between_runs": [{"rpc": rpc, "seconds": round(t, 4)} for rpc, t in between],
+        "longest_per_rpc": {
+            rpc: max(c["seconds"] for c in calls if c["rpc"] == rpc)
+            for rpc in ("enqueue_due_learning_runs", *RUN_RPCS)
+        },
+        "longest": longest,
+        "limit_seconds": API_STATEMENT_TIMEOUT_SECONDS,
+        "target_seconds": RPC_TARGET_SECONDS,
+        "check": check_learning(conn, twin_id),
     }
 
 
