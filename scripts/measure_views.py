@@ -32,7 +32,6 @@ import random
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +44,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from testkit.world import make_users, user_ids  # noqa: E402
 from worker.learning import beta_mean, classify, decay_factor  # noqa: E402
 from worker.models import LearningSettings, ModuleStatus  # noqa: E402
 
@@ -82,16 +82,9 @@ def parse_args() -> argparse.Namespace:
 
 def load_world(db: psycopg.Connection, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    owner = db.execute(
-        "insert into auth.users (email) values (%s) returning id::text",
-        (f"owner-{uuid.uuid4().hex[:8]}@views.bench",),
-    ).fetchone()[0]  # type: ignore[index]
-    voters = [
-        r[0] for r in db.execute(
-            "insert into auth.users (email) select 'voter-' || g || '-' || %s || '@views.bench' "
-            "from generate_series(1, 1000) g returning id::text", (uuid.uuid4().hex[:8],),
-        ).fetchall()
-    ]
+    # The auth service picks each user's id: auth.users.id has no default.
+    owner = make_users(db, "views-owner")[0].id
+    voters = user_ids(make_users(db, "views-voter", 1000))
     twin = db.execute(
         "insert into public.twins (owner_id, name, feedback_from) "
         "values (%s, 'Views bench twin', 'any_user') returning id::text", (owner,),
