@@ -44,6 +44,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from testkit import tokens  # noqa: E402
+from testkit.env import StackEnv  # noqa: E402
 from testkit.world import make_users, user_ids  # noqa: E402
 from worker.learning import beta_mean, classify, decay_factor  # noqa: E402
 from worker.models import LearningSettings, ModuleStatus  # noqa: E402
@@ -306,13 +308,11 @@ def timed(fn: Any, repeat: int) -> dict[str, float]:
 
 
 def measure(db: psycopg.Connection, world: dict[str, Any], repeat: int) -> list[dict[str, Any]]:
-    secret = os.environ["SUPABASE_JWT_SECRET"]
-    now = int(time.time())
-    claims = {"sub": world["owner"], "role": "authenticated", "aud": "authenticated",
-              "iat": now, "exp": now + 3600}
-    token = jwt.encode(claims, secret, algorithm="HS256")
-    rest = os.environ["SUPABASE_URL"] + "/rest/v1/"
-    headers = {"apikey": os.environ["SUPABASE_ANON_KEY"], "Authorization": f"Bearer {token}"}
+    env = StackEnv.from_environ()
+    token = tokens.user_token(env.jwt_secret, world["owner"])
+    claims = jwt.decode(token, options={"verify_signature": False})  # as PostgREST sets them
+    rest = env.rest + "/"
+    headers = {"apikey": env.anon_key, "Authorization": f"Bearer {token}"}
     results = []
     with httpx.Client(timeout=30) as http:
         for name, sql, params, path in queries(world):

@@ -25,8 +25,7 @@ import psycopg
 import pytest
 
 from tests.conftest import ROOT, Stack, User, wait_for
-from tests.integration.helpers import scalar
-from tests.integration.test_worker import pfl, worker_env
+from tests.integration.helpers import pfl, scalar, worker_env
 from worker.store import REQUIRED_SCHEMA_VERSION
 
 pytestmark = pytest.mark.integration

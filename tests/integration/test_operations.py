@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testkit import env as testkit_env
 from testkit.world import make_twin
 from tests.conftest import Stack, User, wait_for
+from tests.integration.helpers import pfl
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +31,6 @@ PREFIX = os.environ.get("PFL_API_PORT", "55321")[:3]
 METRICS_PORT = int(f"{PREFIX}61")
 PROXY_PORT = int(f"{PREFIX}62")
 DEAD_PORT = int(f"{PREFIX}63")  # nothing listens there: a Langfuse that is down
-
-
-def pfl(*args: str) -> list[str]:
-    return [str(testkit_env.PFL), *args]
 
 
 def serve(stack: Stack, log: Path, url: str | None = None, **settings: str) -> subprocess.Popen:

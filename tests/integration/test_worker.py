@@ -14,9 +14,15 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from testkit import env as testkit_env
 from tests.conftest import Stack, wait_for
-from tests.integration.helpers import Twin, counts_from_scratch, create_twin, module_row
+from tests.integration.helpers import (
+    Twin,
+    counts_from_scratch,
+    create_twin,
+    module_row,
+    pfl,
+    worker_env,
+)
 from worker.config import WorkerSettings
 from worker.learning import beta_mean, classify
 from worker.models import LearningSettings, ModuleStatus
@@ -45,15 +51,6 @@ def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
     yield make
     for runner in made:
         runner.store.close()
-
-
-def worker_env(stack: Stack, **extra: str) -> dict[str, str]:
-    quick_polls = {"PFL_POLL_MIN_SECONDS": "0.05", "PFL_POLL_MAX_SECONDS": "0.2"}
-    return testkit_env.worker_env(stack, PFL_LOG_FORMAT="json", **{**quick_polls, **extra})
-
-
-def pfl(*args: str) -> list[str]:
-    return [str(testkit_env.PFL), *args]
 
 
 def vote(user, twin: Twin, trace: str, score: int, intent: str = "factual_with_evidence", **kw):

@@ -1,19 +1,21 @@
 """The worker's command line starts without the mirror's modules unless it drains the outbox,
-and nothing loads the Langfuse SDK any more (the mirror sends one request with httpx)."""
+nothing loads the Langfuse SDK any more (the mirror sends one request with httpx), and only
+`serve` with metrics on loads prometheus_client."""
 
 import subprocess
 import sys
 
-LOADED = (
-    "import sys, {module}; "
-    "print(sorted(m for m in sys.modules if m.startswith(('langfuse', 'worker.langfuse', "
-    "'worker.outbox'))))"
-)
+MIRROR = ("langfuse", "worker.langfuse", "worker.outbox")
+PROMETHEUS = ("prom",)
 
 
-def loaded_mirror_modules(module: str) -> str:
+def loaded_modules(module: str, prefixes: tuple[str, ...]) -> str:
+    """The sorted names of the modules starting with `prefixes` that importing `module` loads,
+    in a fresh interpreter."""
     done = subprocess.run(
-        [sys.executable, "-c", LOADED.format(module=module)],
+        [sys.executable, "-c",
+         f"import sys, {module}; "
+         f"print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"],
         capture_output=True,
         text=True,
         check=True,
@@ -23,29 +25,16 @@ def loaded_mirror_modules(module: str) -> str:
 
 def test_the_cli_loads_no_mirror_module_until_it_drains() -> None:
     # `pfl run-once` (cron) never needs them.
-    assert loaded_mirror_modules("worker.cli") == "[]"
+    assert loaded_modules("worker.cli", MIRROR) == "[]"
 
 
 def test_the_outbox_loads_the_sender_and_no_sdk() -> None:
-    assert loaded_mirror_modules("worker.outbox") == (
+    assert loaded_modules("worker.outbox", MIRROR) == (
         "['worker.langfuse_check', 'worker.langfuse_response', 'worker.langfuse_sender', "
         "'worker.outbox']"
     )
 
 
-PROMETHEUS = "import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('prom')))"
-
-
-def loaded_prometheus_modules(module: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", PROMETHEUS.format(module=module)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip()
-
-
 def test_the_cli_loads_prometheus_client_only_for_the_metrics_of_serve() -> None:
-    assert loaded_prometheus_modules("worker.cli") == "[]"
-    assert "'prometheus_client'" in loaded_prometheus_modules("worker.metrics")
+    assert loaded_modules("worker.cli", PROMETHEUS) == "[]"
+    assert "'prometheus_client'" in loaded_modules("worker.metrics", PROMETHEUS)
