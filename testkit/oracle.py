@@ -34,9 +34,9 @@ with cursor as (
   select learned_through_event_id as id from public.twins where id = %(twin)s
 ),
 counted as (
-  -- The twin's events the cursor has passed that count: current as of the cursor (the vote
-  -- that replaced one, if any, lies beyond it) and not neutral. One hash join finds each
-  -- vote's successor.
+  -- The twin's events the cursor has passed that count: current as of the cursor (never
+  -- replaced, or replaced by a vote beyond the cursor; a vote whose replacement was deleted
+  -- stays retracted) and not neutral. One hash join finds each vote's successor.
   select e.id, e.source::text as source, e.module_key, e.intent_label, e.score, e.passed,
          e.reason::text as reason, e.created_at, e.audit_of_draft
   from public.persona_training_events e
@@ -45,7 +45,7 @@ counted as (
     on n.twin_id = e.twin_id and n.supersedes_id = e.id
   where e.twin_id = %(twin)s
     and e.id <= c.id
-    and (e.superseded_at is null or n.id is null or n.id > c.id)
+    and (e.superseded_at is null or n.id > c.id)
     and (e.source = 'persona_audit' or e.score <> 0)
 )
 select m.id::text, v.id, v.source, v.score, v.passed, v.reason, v.created_at, v.audit_of_draft
