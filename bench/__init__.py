@@ -29,6 +29,17 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    10,000 pending outbox rows (quick: 2,000) drained by `pfl outbox drain` to the Langfuse
    stand-in; floor: the same scores sent by the worker's LangfuseSender alone. Target: requests
    ≤ rows / 50; every score received exactly once, no score on two days of the score table.
+7. Exact learning: a twin with 1,000,000 learned events (quick: 200,000; case 1's mix) marked
+   for a rebuild, as a deletion or a module edit marks it. The rebuild (every
+   claim_learning_run_events call of one run, rebuild_step_events at a time) against a bare
+   aggregate over the same rows (count and decayed sum), alternated 5 times on one backend,
+   medians. Target: ≤ 1.5 × the floor; the same against the aggregate grouped by match key is
+   reported. Each rebuild call through PostgREST: target ≤ 4 s, as case 1's RPCs. A worker
+   run then rebuilds the modules, checked against the from-scratch recomputation. And the delete
+   of a user with 10,000 learned votes (one statement; the votes cascade) with and without the
+   triggers on deleted events, alternated, rolled back each time: reported.
+
+Case 6 (many twins) is not written yet.
 
 Bulk data is written as the postgres superuser with `session_replication_role = replica` (no
 triggers, no foreign-key checks), so the generator fills in what the insert trigger would.

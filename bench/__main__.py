@@ -19,6 +19,7 @@ from bench.config import RESULTS, SIZES, CorrectnessError, log
 from bench.ingest import case_ingest, case_ingest_designs
 from bench.learning import case_history, case_learning
 from bench.outbox import case_outbox
+from bench.rebuild import case_rebuild
 from bench.report import git, machine, print_table, report_rows
 from bench.worker_process import startup_seconds
 from testkit.env import StackEnv, StackEnvMissing
@@ -30,6 +31,7 @@ CASES: dict[str, Callable[[StackEnv, psycopg.Connection, dict[str, int]], dict[s
     "history": case_history,
     "outbox": case_outbox,
     "ingest": case_ingest,
+    "rebuild": case_rebuild,
 }
 # Run only when asked for (--cases ingest_designs): case 4 with three more tables, about 5 minutes.
 BY_HAND = {"ingest_designs": case_ingest_designs}

@@ -25,6 +25,8 @@ SIZES: dict[str, dict[str, int]] = {
         "ingest_seconds": 5,
         "ingest_rounds": 8,
         "outbox_rows": 10_000,  # per server generation (four)
+        "rebuild_events": 1_000_000,
+        "rebuild_trials": 5,
     },
     "quick": {
         "learn_events": 200_000,
@@ -36,6 +38,8 @@ SIZES: dict[str, dict[str, int]] = {
         "ingest_seconds": 3,
         "ingest_rounds": 2,
         "outbox_rows": 2_000,  # per server generation (four)
+        "rebuild_events": 200_000,
+        "rebuild_trials": 3,
     },
 }
 MODULES = 50

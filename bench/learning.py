@@ -41,7 +41,7 @@ from testkit.env import StackEnv
 from testkit.world import Twin, connect, make_twin, make_users, scalar, user_ids
 from worker.config import WorkerSettings
 from worker.runner import decide
-from worker.store import Run, Store, make_client
+from worker.store import Run, RunBatch, Store, make_client
 
 
 def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]) -> dict[str, Any]:
@@ -117,6 +117,8 @@ def timed_run(store: Store, run: Run, lease_seconds: int) -> tuple[Run, dict[str
     t0 = time.perf_counter()
     batch = store.claim_events(run)
     t1 = time.perf_counter()
+    if not isinstance(batch, RunBatch):
+        raise CorrectnessError(f"run {run.id}: the twin's modules were being rebuilt: {batch}")
     decision = decide(batch, safe_mode=run.safe_mode)
     t2 = time.perf_counter()
     renewal_due = time.monotonic() - started > lease_seconds / 2

@@ -138,6 +138,8 @@ def report_rows(results: dict[str, Any], quick: bool) -> list[Row]:
                 )
         for name, check in hist["check"].items():
             rows.append(check_row(f"2 correctness, {name.replace('_', ' ')}", check))
+    if rebuild := results.get("rebuild"):
+        rows.extend(rebuild_rows(rebuild, quick))
     for ingest in filter(None, (results.get("ingest"), results.get("ingest_designs"))):
         lat, bare_lat = ingest["events_latency_ms"], ingest["bare_latency_ms"]
         rows.append(
@@ -220,6 +222,47 @@ RPC_SHORT = {
     "extend_learning_run_lease": "lease",
     "complete_learning_run": "complete",
 }
+
+
+def rebuild_rows(rebuild: dict[str, Any], quick: bool) -> list[Row]:
+    """Case 7: the rebuild against the bare aggregate (and, reported, the grouped one), its
+    longest call through PostgREST against half the API's statement timeout, the worker's
+    rebuilt modules against the oracle, and the user delete with and without its triggers."""
+    n, med = rebuild["events"], rebuild["median_seconds"]
+    rpcs = rebuild["rpc_seconds"]
+    delete = rebuild["user_delete"]
+    return [
+        judged(
+            f"7 rebuild {n:,} events' modules, {rebuild['calls']} call(s) of "
+            f"{rebuild['step_events']:,}",
+            f"{med['rebuild']:.3f} s",
+            f"{med['floor']:.3f} s bare aggregate",
+            rebuild["ratio"], "<=", 1.5, quick,
+        ),
+        reported(
+            "7 rebuild against the aggregate grouped by match key",
+            f"{med['rebuild']:.3f} s",
+            f"{med['grouped']:.3f} s grouped aggregate",
+            rebuild["ratio_grouped"],
+        ),
+        Row(
+            f"7 longest rebuild call through PostgREST, {len(rpcs)} call(s)",
+            f"{rebuild['longest_rpc_seconds']:.3f} s (" + ", ".join(f"{s:.3f}" for s in rpcs)
+            + " s)",
+            f"{rebuild['limit_seconds']:g} s API statement timeout",
+            rebuild["longest_rpc_seconds"] / rebuild["limit_seconds"],
+            f"≤ {rebuild['target_seconds']:g} s",
+            judge(rebuild["longest_rpc_seconds"], "<=", rebuild["target_seconds"], quick),
+        ),
+        check_row("7 correctness, the worker's rebuild", rebuild["check"]),
+        reported(
+            f"7 delete a user with {delete['votes']:,} learned votes",
+            f"{delete['median_seconds']['with'] * 1e3:.1f} ms",
+            f"{delete['median_seconds']['without'] * 1e3:.1f} ms without "
+            + ", ".join(delete["triggers"]),
+            delete["ratio"],
+        ),
+    ]
 
 
 def rpc_rows(rpcs: dict[str, Any], quick: bool) -> list[Row]:

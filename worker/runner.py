@@ -155,13 +155,13 @@ class Runner:
         When the completion finds that the twin's evidence or modules changed since the batch
         was read (events deleted, a module edited: BatchChangedError), the batch is read and
         decided again, up to READS_PER_ATTEMPT reads in all; the last refusal is raised, as are
-        the store's other errors. `started` is the attempt's time.monotonic() (for the lease).
+        the store's other errors. `started` is the attempt's time.monotonic() (the lease's start).
         """
+        renewed = started
         for read in range(1, READS_PER_ATTEMPT + 1):
-            batch = self.store.claim_events(run)
+            batch, renewed = self._read_batch(run, renewed, log)
             decision = decide(batch, safe_mode=run.safe_mode)
-            if time.monotonic() - started > self.lease_seconds / 2:
-                self.store.extend_lease(run, self.lease_seconds)
+            renewed = self._keep_lease(run, renewed)
             try:
                 return decision, self.store.complete_run(run, decision)
             except BatchChangedError as exc:
@@ -172,6 +172,36 @@ class Runner:
                     extra={**log, "read": read, "error": str(exc)},
                 )
         raise AssertionError("unreachable: the last read returns or raises")
+
+    def _read_batch(
+        self, run: Run, renewed: float, log: dict[str, object]
+    ) -> tuple[RunBatch, float]:
+        """The run's batch, and when the lease was last renewed (`renewed` on entry; both
+        time.monotonic()). A twin whose modules are rebuilt answers with one bounded step of
+        the rebuild per call (each well inside the API's statement timeout); the calls go on,
+        the lease kept, until the one that returns the batch."""
+        while True:
+            got = self.store.claim_events(run)
+            if isinstance(got, RunBatch):
+                return got, renewed
+            logger.info(
+                "rebuilding the twin's modules",
+                extra={
+                    **log,
+                    "steps": got.steps,
+                    "rebuilt_through_event_id": got.rebuilt_through_event_id,
+                    "batch_last_event_id": got.batch_last_event_id,
+                },
+            )
+            renewed = self._keep_lease(run, renewed)
+
+    def _keep_lease(self, run: Run, renewed: float) -> float:
+        """Renews the lease once half of it has passed since it was last renewed (`renewed`,
+        time.monotonic()); returns when it was last renewed now."""
+        if time.monotonic() - renewed > self.lease_seconds / 2:
+            self.store.extend_lease(run, self.lease_seconds)
+            return time.monotonic()
+        return renewed
 
     def _fail(
         self, run: Run, exc: Exception, *, retryable: bool, log: dict[str, object]

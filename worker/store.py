@@ -64,7 +64,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261205000200"
+REQUIRED_SCHEMA_VERSION = "20261206000100"
 
 
 class ConfigurationError(Exception):
@@ -165,6 +165,17 @@ class RunBatch(_Frozen):
     draft_modules: tuple[str, ...]
     baseline_spec_id: UUID | None
     audits: AuditComparison
+
+
+class RebuildProgress(_Frozen):
+    """`claim_learning_run_events`' answer while the run's rebuild (the exact path, for a twin
+    whose evidence was deleted or modules edited) has steps left: it has summed the twin's
+    events up to `rebuilt_through_event_id` of the batch's `batch_last_event_id`, in `steps`
+    calls so far. The next call takes the next step."""
+
+    rebuilt_through_event_id: int
+    batch_last_event_id: int
+    steps: int
 
 
 class ModuleUpdatePayload(TypedDict):
@@ -319,11 +330,26 @@ class Store:
         """Asks the database which version of the worker's functions it has, as the worker's
         key. Returns that version (a migration timestamp). Raises ConfigurationError (one line)
         when the key is refused or may not call the worker's functions (not the service-role
-        key of this project) or the database's migrations are behind REQUIRED_SCHEMA_VERSION;
-        the store's errors when the API cannot be reached."""
+        key of this project), the database's migrations are behind REQUIRED_SCHEMA_VERSION, the
+        Data API did not answer at `url` through the store's attempts (unreachable, or a gateway
+        with no route there), or what answers there is not a Supabase project's API (an HTTP
+        status without a JSON error body); the
+        store's other errors as they come."""
         try:
             found = self._rpc("worker_schema_version", {})
+        except TransientStoreError as exc:
+            # Nothing listening, or a gateway with no route there (hosted's answers a wrong path
+            # with 404 "no route matched with those values", no Data API error code).
+            raise ConfigurationError(
+                f"the Supabase Data API at {url} did not answer ({exc}); check SUPABASE_URL (the "
+                "project's API URL, no path) and that the project is up"
+            ) from exc
         except StoreError as exc:
+            if exc.code and len(exc.code) == 3 and exc.code.isdigit():  # HTTP, not SQLSTATE
+                raise ConfigurationError(
+                    f"the server at {url} answered HTTP {exc.code} without the Data API's error "
+                    "body: SUPABASE_URL is not a Supabase project's API URL"
+                ) from exc
             if exc.code == "42501":
                 raise ConfigurationError(
                     "SUPABASE_SERVICE_ROLE_KEY is not the service-role key: the API refused the "
@@ -391,12 +417,15 @@ class Store:
             },
         )
 
-    def claim_events(self, run: Run) -> RunBatch:
+    def claim_events(self, run: Run) -> RunBatch | RebuildProgress:
         """The run's batch, aggregated: fixed by the run's first claim, the same on every
-        later attempt."""
+        later attempt. While the twin's modules are being rebuilt, one bounded step of that
+        rebuild per call: its progress, until the call that takes the last step."""
         doc = self._rpc(
             "claim_learning_run_events", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
         )
+        if isinstance(doc, dict) and doc.get("rebuild_pending"):
+            return RebuildProgress.model_validate(doc)
         return RunBatch.model_validate(doc)
 
     def complete_run(self, run: Run, decision: RunDecision) -> Run:

@@ -135,10 +135,12 @@ create table public.persona_learning_settings (
   updated_at timestamptz not null default now(),
   max_clock_skew_seconds integer not null default 60
     constraint max_clock_skew_seconds_0_to_3600 check (max_clock_skew_seconds between 0 and 3600),
+  rebuild_step_events integer not null default 500000,
   constraint keep_active_lower_bound_at_most_activate_lower_bound
     check (keep_active_lower_bound <= activate_lower_bound),
   -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
-  constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000)
+  constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000),
+  constraint rebuild_step_events_1_to_500000 check (rebuild_step_events between 1 and 500000)
 );
 
 comment on table public.persona_learning_settings is
@@ -150,6 +152,10 @@ comment on column public.persona_learning_settings.half_life_days is
 comment on column public.persona_learning_settings.max_batch_events is
   'At most this many events (1 to 200,000) are claimed by one run; the rest wait for the next '
   'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
+comment on column public.persona_learning_settings.rebuild_step_events is
+  'A rebuild of the twin''s modules (after evidence was deleted or modules edited) reads at most '
+  'this many events (1 to 500,000) per worker call, so that each call stays well inside the '
+  'API''s 8 s statement timeout however long the twin''s history.';
 comment on column public.persona_learning_settings.max_clock_skew_seconds is
   'An event''s created_at (set by the service role) may be at most this many seconds ahead of '
   'the server''s clock; it is then stored as the server''s time. Further ahead is refused.';
@@ -185,7 +191,8 @@ create policy "Owners can change their twins' learning settings" on public.perso
   for update to authenticated
   using (private.is_twin_owner(twin_id)) with check (private.is_twin_owner(twin_id));
 
-grant select, insert, update, delete on public.persona_learning_settings to service_role;
+-- No delete: a twin's settings row lives and dies with the twin (every run reads it).
+grant select, insert, update on public.persona_learning_settings to service_role;
 grant select on public.persona_learning_settings to authenticated;
 grant update (
   auto_publish, half_life_days, feedback_weight, audit_weight, unsafe_multiplier, min_evidence,

@@ -505,104 +505,187 @@ comment on function public.extend_learning_run_lease(uuid, uuid, integer) is
   'lease_expires_at, now() + p_lease_seconds. Raises 22023 for a bad p_lease_seconds; P0002 and '
   'PT409 (HTTP 409, stale lease) as private.lock_leased_run.';
 
--- The exact path's rebuild, in a function of its own: RETURN QUERY may run its query with parallel
--- workers, which a SELECT INTO in the claim may not (PL/pgSQL fetches it with a row limit).
-create function private.rebuild_module_counts(
-  p_twin_id uuid, p_last_event_id bigint, p_learning_time timestamptz,
-  p_half_life_days double precision, p_feedback_weight double precision,
-  p_audit_weight double precision, p_unsafe_multiplier double precision
+-- The exact path's rebuild, in bounded steps: a run's scratch, then one step's sums.
+create table private.learning_run_rebuilds (
+  run_id uuid primary key
+    references public.persona_feedback_learning_runs (id) on delete cascade,
+  evidence_generation bigint not null,
+  rebuilt_through_event_id bigint not null,
+  steps integer not null default 0
+);
+
+comment on table private.learning_run_rebuilds is
+  'A run''s rebuild in progress: the twin''s evidence_generation it started at, and the last event '
+  'id its steps have summed (private.learning_run_rebuild_sums). Scratch of the worker''s; read by '
+  'no API role.';
+
+create table private.learning_run_rebuild_sums (
+  run_id uuid not null references private.learning_run_rebuilds (run_id) on delete cascade,
+  by_key boolean not null,
+  key text not null,
+  success double precision not null,
+  failure double precision not null,
+  primary key (run_id, by_key, key)
+);
+
+comment on table private.learning_run_rebuild_sums is
+  'A rebuild''s decayed weights so far, per match key: by_key (the events named a module_key) and '
+  'key (that module_key, else the intent_label), success and failure summed as '
+  'private.rebuild_key_sums counts them.';
+
+grant select, insert, update, delete on private.learning_run_rebuilds,
+  private.learning_run_rebuild_sums to service_role;
+
+-- One step's sums, in a function of its own: RETURN QUERY may run its query with parallel
+-- workers, which a query inside the claim may not (PL/pgSQL fetches it with a row limit).
+create function private.rebuild_key_sums(
+  p_twin_id uuid, p_after_event_id bigint, p_through_event_id bigint, p_batch_last_event_id bigint,
+  p_learning_time timestamptz, p_half_life_days double precision,
+  p_feedback_weight double precision, p_audit_weight double precision,
+  p_unsafe_multiplier double precision
 )
-returns table (module_id uuid, success double precision, failure double precision)
+returns table (by_key boolean, key text, success double precision, failure double precision)
 language plpgsql
 stable
 set search_path = ''
+-- A step reads one range of one twin's events through the (twin_id, id) index; a sequential
+-- scan, which the planner picks when the twin fills most of the table, would read the whole
+-- table at every step.
+set enable_seqscan = off
 as $$
 #variable_conflict use_column
 declare
   v_t_epoch float8 := date_part('epoch', p_learning_time);
   v_rate float8 := ln(2::float8) / (p_half_life_days * 86400);
 begin
-  -- Every module from scratch, over the twin's evidence up to p_last_event_id as it stands
-  -- there (a vote replaced by a later vote after it still counts; that later vote's run
-  -- retracts it), decayed to p_learning_time. The weights are summed per match key first (a
-  -- handful of groups), then matched to the modules: one pass of an aggregate over the rows.
   -- Each weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the
-  -- same 2^(-(T - t)/H) as a batch's, without an interval per row.
+  -- same 2^(-(T - t)/H) as a batch's, without an interval per row. The weight's factors are
+  -- applied per group (source, outcome, unsafe), not per row.
   return query
-  with per_key as (
-    select g.by_key, g.key, sum(g.success) as success, sum(g.failure) as failure
+  select g.by_key, g.key,
+         sum(g.decayed * g.w) filter (where g.success),
+         sum(g.decayed * g.w) filter (where not g.success)
+  from (
+    select c.by_key, c.key, c.success,
+           case when c.feedback then p_feedback_weight else p_audit_weight end
+           * case when c.unsafe and not c.success then p_unsafe_multiplier else 1 end as w,
+           sum(c.decayed) as decayed
     from (
-      -- The current votes and the audits that did not audit a draft.
-      select c.module_key is not null as by_key, coalesce(c.module_key, c.intent_label) as key,
-             coalesce(sum(c.weight) filter (where c.success), 0) as success,
-             coalesce(sum(c.weight) filter (where not c.success), 0) as failure
-      from (
-        select e.module_key, e.intent_label, coalesce(e.score > 0, e.passed) as success,
-               case when e.source = 'user_feedback' then p_feedback_weight
-                    else p_audit_weight end
-               * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
-                      then p_unsafe_multiplier else 1 end
-               * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
-        from public.persona_training_events e
-        where e.twin_id = p_twin_id and e.id <= p_last_event_id
-          and e.superseded_at is null and not e.audit_of_draft
-          and (e.source = 'persona_audit' or e.score <> 0)
-      ) c
-      group by 1, 2
-      union all
-      -- Votes replaced only after p_last_event_id (one primary-key lookup per later vote).
-      select c.module_key is not null, coalesce(c.module_key, c.intent_label),
-             coalesce(sum(c.weight) filter (where c.success), 0),
-             coalesce(sum(c.weight) filter (where not c.success), 0)
-      from (
-        select p.module_key, p.intent_label, coalesce(p.score > 0, p.passed) as success,
-               case when p.source = 'user_feedback' then p_feedback_weight
-                    else p_audit_weight end
-               * case when p.reason = 'unsafe' and not coalesce(p.score > 0, p.passed)
-                      then p_unsafe_multiplier else 1 end
-               * exp(least(0, date_part('epoch', p.created_at) - v_t_epoch) * v_rate) as weight
-        from public.persona_training_events n
-        cross join lateral (
-          select r.* from public.persona_training_events r where r.id = n.supersedes_id offset 0
-        ) p
-        where n.twin_id = p_twin_id and n.id > p_last_event_id
-          and n.supersedes_id is not null
-          and p.id <= p_last_event_id and not p.audit_of_draft
-          and (p.source = 'persona_audit' or p.score <> 0)
-      ) c
-      group by 1, 2
-    ) g
-    group by 1, 2
-  )
-  -- A module takes the group of its key and the group of its intent label.
-  select m.id, coalesce(sum(k.success), 0)::float8, coalesce(sum(k.failure), 0)::float8
-  from public.persona_modules m
-  left join per_key k on k.key = case when k.by_key then m.module_key else m.intent_label end
-  where m.twin_id = p_twin_id
-  group by m.id;
+      select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
+             e.source = 'user_feedback' as feedback, coalesce(e.score > 0, e.passed) as success,
+             e.reason = 'unsafe' as unsafe,
+             exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as decayed
+      from public.persona_training_events e
+      where e.twin_id = p_twin_id
+        and e.id > p_after_event_id and e.id <= p_through_event_id
+        and not e.audit_of_draft
+        and (e.source = 'persona_audit' or e.score <> 0)
+        -- Current at the batch's end: not replaced, or replaced only by a vote after it.
+        and (e.superseded_at is null or exists (
+          select 1 from public.persona_training_events n
+          where n.supersedes_id = e.id and n.id > p_batch_last_event_id
+        ))
+    ) c
+    group by c.by_key, c.key, c.success, c.feedback, c.unsafe
+  ) g
+  group by g.by_key, g.key;
 end;
 $$;
 
-comment on function private.rebuild_module_counts(
-  uuid, bigint, timestamptz, double precision, double precision, double precision,
-  double precision
+comment on function private.rebuild_key_sums(
+  uuid, bigint, bigint, bigint, timestamptz, double precision, double precision,
+  double precision, double precision
 ) is
-  'The exact learning path (claim_learning_run_events of a marked twin). In: a twin, the last '
-  'event id to count, the time T, half_life_days H, feedback_weight, audit_weight, '
-  'unsafe_multiplier. Out: one row per module of the twin (module_id, success, failure): the sum '
-  'over the twin''s events up to that id that are current there (not superseded, or superseded '
-  'only by a later event), feedback with a score other than 0 and audits that did not audit a '
-  'draft, matched by module_key if given, else by intent_label, each weighing w * 2^(-(T - t)/H) '
-  '(DESIGN.md, Learning; age at least 0) with w the source''s weight, times unsafe_multiplier for '
-  'an unsafe failure. Raises nothing.';
+  'One step of the exact learning path. In: a twin, an event-id range (p_after_event_id, '
+  'p_through_event_id], the batch''s last event id, the time T, half_life_days H, '
+  'feedback_weight, audit_weight, unsafe_multiplier. Out: one row per match key (by_key: the '
+  'events named a module_key; key: that module_key, else the intent_label) with success and '
+  'failure (null when none): the sum over the range''s events that are current at the batch''s '
+  'end (not replaced by a vote up to p_batch_last_event_id), feedback with a score other than 0 '
+  'and audits that did not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
+  'age at least 0) with w the source''s weight, times unsafe_multiplier for an unsafe failure. '
+  'Raises nothing.';
 
-grant execute on function private.rebuild_module_counts(
-  uuid, bigint, timestamptz, double precision, double precision, double precision,
-  double precision
+grant execute on function private.rebuild_key_sums(
+  uuid, bigint, bigint, bigint, timestamptz, double precision, double precision,
+  double precision, double precision
 ) to service_role;
-revoke execute on function private.rebuild_module_counts(
-  uuid, bigint, timestamptz, double precision, double precision, double precision,
-  double precision
+revoke execute on function private.rebuild_key_sums(
+  uuid, bigint, bigint, bigint, timestamptz, double precision, double precision,
+  double precision, double precision
+) from public;
+
+-- Takes the next step of a run's rebuild; true once the rebuild has summed the whole batch.
+create function private.advance_module_rebuild(
+  p_run public.persona_feedback_learning_runs,
+  p_settings public.persona_learning_settings,
+  p_generation bigint
+)
+returns boolean
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_progress private.learning_run_rebuilds;
+  v_through bigint;
+begin
+  select * into v_progress from private.learning_run_rebuilds b where b.run_id = p_run.id;
+  if v_progress.run_id is null or v_progress.evidence_generation <> p_generation then
+    -- First step, or evidence deleted or modules edited since the rebuild began: start over
+    -- (and drop what earlier runs of the twin left: one run's scratch per twin at most).
+    delete from private.learning_run_rebuilds b
+    using public.persona_feedback_learning_runs r
+    where b.run_id = r.id and r.twin_id = p_run.twin_id;
+    insert into private.learning_run_rebuilds (run_id, evidence_generation, rebuilt_through_event_id)
+    values (p_run.id, p_generation, 0)
+    returning * into v_progress;
+  end if;
+  if v_progress.rebuilt_through_event_id >= p_run.batch_last_event_id then
+    return true;
+  end if;
+
+  -- The step: rebuild_step_events ids on from the twin's next event, so at most that many
+  -- events (ids are unique) without counting them first. A twin whose events interleave with
+  -- other twins' takes more steps, each reading fewer of its events.
+  select least(min(e.id) + p_settings.rebuild_step_events - 1, p_run.batch_last_event_id)
+  into v_through
+  from public.persona_training_events e
+  where e.twin_id = p_run.twin_id
+    and e.id > v_progress.rebuilt_through_event_id and e.id <= p_run.batch_last_event_id;
+  v_through := coalesce(v_through, p_run.batch_last_event_id);
+
+  insert into private.learning_run_rebuild_sums as s (run_id, by_key, key, success, failure)
+  select p_run.id, k.by_key, k.key, coalesce(k.success, 0), coalesce(k.failure, 0)
+  from private.rebuild_key_sums(
+    p_run.twin_id, v_progress.rebuilt_through_event_id, v_through, p_run.batch_last_event_id,
+    p_run.learning_time, p_settings.half_life_days, p_settings.feedback_weight,
+    p_settings.audit_weight, p_settings.unsafe_multiplier
+  ) k
+  on conflict (run_id, by_key, key) do update
+  set success = s.success + excluded.success, failure = s.failure + excluded.failure;
+
+  update private.learning_run_rebuilds b
+  set rebuilt_through_event_id = v_through, steps = b.steps + 1
+  where b.run_id = p_run.id;
+  return v_through >= p_run.batch_last_event_id;
+end;
+$$;
+
+comment on function private.advance_module_rebuild(
+  public.persona_feedback_learning_runs, public.persona_learning_settings, bigint
+) is
+  'claim_learning_run_events'' helper for a twin marked for a rebuild. In: the run (locked by its '
+  'lease holder, batch fixed), the twin''s settings, the twin''s evidence_generation now. Sums the '
+  'next at most rebuild_step_events of the twin''s events up to the batch''s end into '
+  'private.learning_run_rebuild_sums (private.rebuild_key_sums), starting over when the '
+  'generation differs from the one the rebuild began at. Out: true when the sums cover the whole '
+  'batch (then nothing more is read), false when steps remain. Raises nothing of its own.';
+
+grant execute on function private.advance_module_rebuild(
+  public.persona_feedback_learning_runs, public.persona_learning_settings, bigint
+) to service_role;
+revoke execute on function private.advance_module_rebuild(
+  public.persona_feedback_learning_runs, public.persona_learning_settings, bigint
 ) from public;
 
 -- Returns everything the pure learning and gate need for the run's batch, aggregated here so
@@ -631,13 +714,29 @@ declare
   v_modules jsonb;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
-  select * into strict v_settings from public.persona_learning_settings s
+  select * into v_settings from public.persona_learning_settings s
   where s.twin_id = v_run.twin_id;
+  if v_settings.twin_id is null then
+    raise exception using errcode = 'P0002',
+      message = format('twin %s has no persona_learning_settings row', v_run.twin_id);
+  end if;
   -- Read before the evidence: a change committed after this read bumps the generation, and the
   -- completion then refuses (PT412) rather than learn from what this claim saw.
   select t.evidence_generation, t.evidence_generation <> t.learned_generation
   into strict v_generation, v_rebuild
   from public.twins t where t.id = v_run.twin_id;
+
+  -- The exact path, one bounded step per call: until the rebuild's sums cover the batch, the
+  -- answer is the progress, and the worker calls again.
+  if v_rebuild and not private.advance_module_rebuild(v_run, v_settings, v_generation) then
+    return (
+      select jsonb_build_object(
+        'rebuild_pending', true, 'run_id', v_run.id,
+        'rebuilt_through_event_id', b.rebuilt_through_event_id,
+        'batch_last_event_id', v_run.batch_last_event_id, 'steps', b.steps)
+      from private.learning_run_rebuilds b where b.run_id = v_run.id
+    );
+  end if;
 
   -- One streaming pass over the batch: each vote's decayed weight (a vote that replaced an earlier
   -- one also retracts that one), summed per key it matches by (its module_key if given, else its
@@ -713,19 +812,22 @@ begin
   into v_unmatched, v_evidence;
 
   if v_rebuild then
-    -- The exact path: every module from scratch (private.rebuild_module_counts), the batch's
-    -- evidence in it, so none is added on top.
+    -- The exact path: every module from the rebuild's sums (the batch's evidence in them, so
+    -- none is added on top); a module takes the sums of its key and of its intent label.
     select jsonb_agg(jsonb_build_object(
         'module_id', m.id, 'module_key', m.module_key, 'intent_label', m.intent_label,
-        'success', r.success, 'failure', r.failure, 'evidence_at', v_run.learning_time,
-        'confidence', m.confidence, 'status', m.status) order by m.module_key)
+        'success', coalesce(r.success, 0), 'failure', coalesce(r.failure, 0),
+        'evidence_at', v_run.learning_time, 'confidence', m.confidence, 'status', m.status)
+      order by m.module_key)
     into v_modules
-    from private.rebuild_module_counts(
-      v_run.twin_id, v_run.batch_last_event_id, v_run.learning_time,
-      v_settings.half_life_days, v_settings.feedback_weight, v_settings.audit_weight,
-      v_settings.unsafe_multiplier
+    from public.persona_modules m
+    cross join lateral (
+      select sum(s.success) as success, sum(s.failure) as failure
+      from private.learning_run_rebuild_sums s
+      where s.run_id = v_run.id
+        and ((s.by_key and s.key = m.module_key) or (not s.by_key and s.key = m.intent_label))
     ) r
-    join public.persona_modules m on m.id = r.module_id;
+    where m.twin_id = v_run.twin_id;
     v_evidence := '[]';
   else
     select jsonb_agg(jsonb_build_object(
@@ -825,12 +927,15 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
   'audit per trace of the latest draft, paired with the published spec''s)}. Incremental when the '
   'twin''s evidence_generation equals its learned_generation; otherwise (rebuilt_modules) every '
   'module''s success/failure is recomputed from the twin''s evidence up to the batch''s end, '
-  'evidence_at = T, and evidence is empty. Each vote weighs w * 2^(-(T - t)/H) (DESIGN.md, '
+  'evidence_at = T, and evidence is empty. That rebuild reads at most rebuild_step_events '
+  'events per call (private.advance_module_rebuild): until its last step the answer is jsonb '
+  '{rebuild_pending: true, run_id, rebuilt_through_event_id, batch_last_event_id, steps}, and '
+  'the caller calls again (a deletion or module edit meanwhile starts the rebuild over). Each vote weighs w * 2^(-(T - t)/H) (DESIGN.md, '
   'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
   'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
   'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
   'another also retracts that one with the same formula. Raises P0002 and PT409 (HTTP 409, stale '
-  'lease) as private.lock_leased_run.';
+  'lease) as private.lock_leased_run; P0002 "twin <id> has no persona_learning_settings row".';
 
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
 -- over it), applies the module updates (recording each change), publishes the latest draft when
@@ -1057,7 +1162,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261205000200'::text;
+  select '20261206000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(49);
+select plan(50);
 
 
 -- Tables, views and row-level security
@@ -169,10 +169,15 @@ select is_empty(
                              'persona_module_trend', 'persona_module_feedback',
                              'persona_module_feedback_reasons', 'persona_twin_overview',
                              'persona_training_events_state')
-                and privilege <> 'SELECT') $$,
+                and privilege <> 'SELECT')
+       and (relation, privilege) <> ('persona_learning_settings', 'DELETE') $$,
   'the service role may select, insert, update and delete everywhere but the owner views and '
-  'their summaries, which it reads (the completion trigger writes the summaries)'
+  'their summaries, which it reads (the completion trigger writes the summaries), and a twin''s '
+  'settings row, which lives and dies with the twin'
 );
+select table_privs_are('public', 'persona_learning_settings', 'service_role',
+  array['SELECT', 'INSERT', 'UPDATE'],
+  'the service role cannot delete a twin''s settings row (every run reads it)');
 select is_empty(
   $$ select signature from tests.function_privileges('service_role')
      where schema_name = 'public' and not executable

@@ -22,7 +22,7 @@ from tests.integration.helpers import Twin, create_twin
 from worker.config import WorkerSettings
 from worker.models import RunDecision
 from worker.runner import Runner, decide
-from worker.store import BatchChangedError, Run, Store
+from worker.store import BatchChangedError, RebuildProgress, Run, RunBatch, Store
 
 pytestmark = pytest.mark.integration
 
@@ -439,3 +439,106 @@ def test_a_rebuilt_module_takes_votes_by_key_and_by_intent(db, service, make_use
                  " and rebuilt_modules", str(run.id)) == 1
     assert (sf(db, twin, "m"), sf(db, twin, "n")) == ((1, 1), (1, 0))
     assert_modules_exact(db, twin.id)
+
+
+# ----------------------------------------------------- the rebuild, one bounded step per call
+
+
+def marked_twin(db, service, make_user, make_runner, votes: int, step: int) -> tuple[Twin, Runner]:
+    """A twin whose `votes` up-votes (trace t0…) on module m were learned, one of them then
+    deleted by moderation (so its next run rebuilds), with rebuild_step_events = `step`."""
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    rows = [vote(owner, twin, f"t{i}", 1, "a") for i in range(votes)]
+    learn(runner, twin)
+    service.table("persona_learning_settings").update({"rebuild_step_events": step}).eq(
+        "twin_id", twin.id).execute()
+    service.table("persona_training_events").delete().eq("id", rows[0]["id"]).execute()
+    return twin, runner
+
+
+def claimed(runner: Runner, twin: Twin) -> Run:
+    runner.store.enqueue_due_runs(uuid.UUID(twin.id))
+    run = runner.store.claim_run(runner.worker_id, 30, uuid.UUID(twin.id))
+    assert run is not None
+    return run
+
+
+def test_a_rebuild_reads_at_most_rebuild_step_events_per_call(
+    db, service, make_user, make_runner
+):
+    twin, runner = marked_twin(db, service, make_user, make_runner, votes=9, step=3)
+    run = claimed(runner, twin)
+    steps, through = [], 0
+    while not isinstance(got := runner.store.claim_events(run), RunBatch):
+        # Each call summed the twin's events after the last step's, at most 3 of them.
+        read = count(db, "select count(*) from persona_training_events where twin_id = %s"
+                     " and id > %s and id <= %s", twin.id, through, got.rebuilt_through_event_id)
+        assert 1 <= read <= 3
+        assert got.steps == len(steps) + 1
+        steps.append(read)
+        through = got.rebuilt_through_event_id
+    # 8 events left: three steps, the third of which answers with the batch.
+    assert sum(steps) + count(db, "select count(*) from persona_training_events where twin_id"
+                              " = %s and id > %s", twin.id, through) == 8
+    assert len(steps) == 2 and got.modules[0].success == pytest.approx(8)
+    assert runner.process(run).status == "completed"
+    assert sf(db, twin, "m") == (8, 0)
+    assert_modules_exact(db, twin.id)
+
+
+def test_a_deletion_between_rebuild_steps_starts_the_rebuild_over(
+    db, service, make_user, make_runner
+):
+    twin, runner = marked_twin(db, service, make_user, make_runner, votes=9, step=2)
+    run = claimed(runner, twin)
+    first = runner.store.claim_events(run)
+    second = runner.store.claim_events(run)
+    assert isinstance(first, RebuildProgress) and isinstance(second, RebuildProgress)
+    assert second.steps == 2
+    # A vote the first step summed goes: the steps so far no longer hold.
+    gone = db.execute("select min(id) from persona_training_events where twin_id = %s",
+                      (twin.id,)).fetchone()[0]  # type: ignore[index]
+    service.table("persona_training_events").delete().eq("id", gone).execute()
+    again = runner.store.claim_events(run)
+    assert isinstance(again, RebuildProgress) and again.steps == 1
+    assert again.rebuilt_through_event_id < second.rebuilt_through_event_id
+    assert runner.process(run).status == "completed"
+    assert sf(db, twin, "m") == (7, 0)
+    assert_modules_exact(db, twin.id)
+
+
+def test_a_vote_changed_between_rebuild_steps_counts_once(db, service, make_user, make_runner):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    vote(voter, twin, "tv", 1, "a")  # the first event: the first step sums it
+    for i in range(6):
+        vote(owner, twin, f"t{i}", 1, "a")
+    learn(runner, twin)
+    service.table("persona_learning_settings").update({"rebuild_step_events": 2}).eq(
+        "twin_id", twin.id).execute()
+    service.table("persona_modules").update({"intent_label": "a"}).eq(
+        "twin_id", twin.id).execute()  # a module edit marks the twin: the next run rebuilds
+    run = claimed(runner, twin)
+    assert isinstance(runner.store.claim_events(run), RebuildProgress)
+    # After the first step, the voter changes their vote: a new event after the batch.
+    vote(voter, twin, "tv", -1, "a")
+    assert runner.process(run).status == "completed"
+    assert sf(db, twin, "m") == (7, 0)  # the batch as it stood: the old vote counts, once
+    learn(runner, twin)  # the change, learned incrementally: retracted once, counted once
+    assert sf(db, twin, "m") == (6, 1)
+    assert_modules_exact(db, twin.id)
+
+
+def test_a_twins_settings_row_cannot_be_deleted_apart_from_the_twin(db, service, make_user):
+    twin = create_twin(db, make_user("owner").id)
+    with pytest.raises(APIError) as refused:
+        service.table("persona_learning_settings").delete().eq("twin_id", twin.id).execute()
+    assert refused.value.code == "42501"
+    assert count(db, "select count(*) from persona_learning_settings where twin_id = %s",
+                 twin.id) == 1
+    service.table("twins").delete().eq("id", twin.id).execute()
+    assert count(db, "select count(*) from persona_learning_settings where twin_id = %s",
+                 twin.id) == 0

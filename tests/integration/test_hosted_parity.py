@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import re
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -197,6 +198,29 @@ def test_the_worker_with_a_key_of_another_project_says_so_and_stops(stack: Stack
     [line] = done.stderr.splitlines()
     assert line.startswith("pfl: SUPABASE_SERVICE_ROLE_KEY was refused by the API at ")
     assert line.endswith("it is not a key of this project; use its service_role/secret key")
+
+
+def test_the_worker_with_a_url_where_nothing_answers_says_so_and_stops(stack: Stack) -> None:
+    with socket.socket() as probe:  # a port on this machine that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    done = run_pfl(stack, SUPABASE_URL=url, PFL_STORE_ATTEMPTS="2")
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()[-1:]
+    assert line.startswith(f"pfl: the Supabase Data API at {url} did not answer (")
+    assert line.endswith(
+        "check SUPABASE_URL (the project's API URL, no path) and that the project is up")
+
+
+def test_the_worker_with_a_url_that_is_not_the_api_says_so_and_stops(stack: Stack) -> None:
+    url = f"{stack.url}/not-the-api"  # the gateway answers, but routes nothing there
+    done = run_pfl(stack, SUPABASE_URL=url, PFL_STORE_ATTEMPTS="2")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"pfl: the Supabase Data API at {url} did not answer (no route matched with those "
+        "values); check SUPABASE_URL (the project's API URL, no path) and that the project is up"
+    )
 
 
 @pytest.fixture

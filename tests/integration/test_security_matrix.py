@@ -423,10 +423,14 @@ MATRIX = [
     *(case("service", t, "update", Allowed())
       for t in ("persona_modules", "persona_module_changes", EVENTS, RUNS, VIEW)),
     # ---------------------------------------------------------------- delete
-    # no user deletes anything, not even their own twin; the service deletes everything.
+    # no user deletes anything, not even their own twin; the service deletes everything but a
+    # twin's settings row, which lives and dies with the twin (every run reads it).
     *(case(a, t, "delete", anon_denied(t) if a == "anon" else no_privilege(t))
       for t in TABLES for a in ("anon", "other", "owner")),
-    *(case("service", t, "delete", Allowed()) for t in TABLES),
+    *(case("service", t, "delete", Allowed()) for t in TABLES
+      if t != "persona_learning_settings"),
+    case("service", "persona_learning_settings", "delete",
+         no_privilege("persona_learning_settings")),
 ]
 
 

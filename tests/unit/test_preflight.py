@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import httpx
 import jwt
 import pytest
 from postgrest.exceptions import APIError
@@ -27,14 +28,14 @@ def test_key_role(key: str, role: str | None) -> None:
 
 
 class _Client:
-    """Answers every rpc with `answer` (an APIError is raised)."""
+    """Answers every rpc with `answer` (an exception is raised)."""
 
     def __init__(self, answer: object) -> None:
         self.answer = answer
 
     def rpc(self, name: str, params: dict) -> SimpleNamespace:
         def execute() -> SimpleNamespace:
-            if isinstance(self.answer, APIError):
+            if isinstance(self.answer, Exception):
                 raise self.answer
             return SimpleNamespace(data=self.answer)
 
@@ -62,6 +63,11 @@ def test_a_current_database_passes() -> None:
         (_error("42501"), "SUPABASE_SERVICE_ROLE_KEY is not the service-role key: the API "
          "refused the worker's functions (permission denied); use the service_role/secret key "
          "of the project"),
+        (_error("404"), "the server at http://x answered HTTP 404 without the Data API's error "
+         "body: SUPABASE_URL is not a Supabase project's API URL"),
+        (httpx.ConnectError("refused"), "the Supabase Data API at http://x did not answer "
+         "(worker_schema_version: ConnectError: refused); check SUPABASE_URL (the project's API "
+         "URL, no path) and that the project is up"),
     ],
 )
 def test_bad_configuration_is_one_line(answer: object, line: str) -> None:
@@ -71,7 +77,9 @@ def test_bad_configuration_is_one_line(answer: object, line: str) -> None:
     assert str(raised.value) == line
 
 
-def test_other_refusals_stay_store_errors() -> None:
-    store = Store(_Client(_error("22023")), attempts=1)  # type: ignore[arg-type]
-    with pytest.raises(StoreError):
+@pytest.mark.parametrize("code", ["22023", "40001"])  # SQLSTATEs are digits too, and not HTTP
+def test_other_refusals_stay_store_errors(code: str) -> None:
+    store = Store(_Client(_error(code)), attempts=1)  # type: ignore[arg-type]
+    with pytest.raises(StoreError) as raised:
         store.check_worker_access("http://x")
+    assert raised.value.code == code
