@@ -31,7 +31,8 @@ def main() -> int:
     failed = False
     for report in reports:
         report.print()
-        print(f"wrote {report.write(args.out).relative_to(ROOT)}")
+        written = report.write(args.out).resolve()
+        print(f"wrote {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
         failed = failed or bool(report.failures())
     print(
         f"\nscripts/mutation {args.which}: {time.monotonic() - start:.0f} s, "

@@ -67,7 +67,8 @@ def _prepare(work: Path) -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    for name in ("worker", "tests", "supabase"):
+    # testkit: tests/conftest.py imports it (tokens, the stack's environment, wait_until).
+    for name in ("worker", "tests", "supabase", "testkit"):
         shutil.copytree(
             ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", ".temp")
         )
@@ -79,7 +80,7 @@ source_paths = ["worker"]
 only_mutate = {files}
 pytest_add_cli_args_test_selection = ["tests/unit"]
 pytest_add_cli_args = ["-p", "no:cacheprovider"]
-also_copy = ["supabase", "tests"]
+also_copy = ["supabase", "tests", "testkit"]
 """
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + settings)
 

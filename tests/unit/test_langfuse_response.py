@@ -8,6 +8,8 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.langfuse_response import (
     MAX_ERROR_CHARS,
@@ -100,7 +102,15 @@ def test_207_an_id_both_accepted_and_rejected_counts_as_rejected() -> None:
 
 def test_207_an_item_status_that_is_not_a_number_is_read_as_a_server_error() -> None:
     verdicts = run(207, {"successes": [], "errors": [{"id": "a", "status": "bad"}]})
-    assert verdicts["a"].outcome == Outcome.retry
+    assert verdicts["a"] == Verdict(
+        Outcome.retry, "rejected by Langfuse (HTTP 500): Internal Server Error"
+    )
+
+
+def test_207_an_item_rejected_without_a_message_is_named_by_its_status() -> None:
+    # `message` and `error` are optional in an error entry: the row's error names the status.
+    verdicts = run(207, {"successes": [], "errors": [{"id": "a", "status": 400}]})
+    assert verdicts["a"] == Verdict(Outcome.failed, "rejected by Langfuse (HTTP 400): Bad Request")
 
 
 @pytest.mark.parametrize(
@@ -133,13 +143,22 @@ def test_a_2xx_without_the_documented_body_confirms_nothing(status: int, payload
 # -- whole-request answers ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308])
 def test_a_redirect_is_never_taken_for_delivery(status: int) -> None:
     verdict = one(run(status, b"Moved", {"Location": "https://langfuse.example.com/api"}))
     assert verdict.outcome == Outcome.retry
     assert verdict.stop
     assert verdict.error is not None
     assert "https://langfuse.example.com/api" in verdict.error and "LANGFUSE_HOST" in verdict.error
+
+
+def test_a_redirect_without_a_location_says_so() -> None:
+    verdict = one(run(302, b""))
+    assert verdict == Verdict(
+        Outcome.retry,
+        "HTTP 302: redirected to no location given; set LANGFUSE_HOST to the server itself",
+        stop=True,
+    )
 
 
 def test_413_asks_for_smaller_requests() -> None:
@@ -187,6 +206,25 @@ def test_server_errors_and_timeouts_retry_and_stop_the_pass(status: int) -> None
 
 
 @pytest.mark.parametrize(
+    ("status", "outcome"), [(429, Outcome.wait), (503, Outcome.retry), (500, Outcome.retry)]
+)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # Retry-After as an HTTP-date (RFC 9110), e.g. from a gateway in front of Langfuse
+        {"Retry-After": format_datetime(NOW + timedelta(seconds=90), usegmt=True)},
+        # X-RateLimit-Reset as Langfuse writes it (JavaScript's Date.toString())
+        {"X-RateLimit-Reset": "Mon Nov 30 2026 12:01:30 GMT+0000 (Coordinated Universal Time)"},
+    ],
+)
+def test_a_date_to_come_back_at_is_read_against_now(
+    status: int, outcome: Outcome, headers: dict[str, str]
+) -> None:
+    verdict = one(run(status, {"message": "later"}, headers))
+    assert (verdict.outcome, verdict.retry_after_seconds, verdict.stop) == (outcome, 90.0, True)
+
+
+@pytest.mark.parametrize(
     ("status", "stop"),
     [(400, False), (401, True), (404, True), (405, True), (409, False), (422, False)],
 )
@@ -222,6 +260,19 @@ def test_error_text_falls_back_to_the_body_then_the_phrase(raw: bytes, expected:
     assert one(run(400, raw)).error == expected
 
 
+def test_a_proxys_detail_is_the_message() -> None:
+    # `detail` is how many gateways and frameworks in front of a server phrase an error
+    verdict = one(run(502, {"detail": "upstream connect error"}))
+    assert verdict.error == "HTTP 502: upstream connect error"
+
+
+def test_a_body_that_is_not_utf8_is_shown_not_raised() -> None:
+    verdict = one(run(503, b"Service unavailable \xe9t\xe9"))
+    assert verdict == Verdict(
+        Outcome.retry, "HTTP 503: Service unavailable \ufffdt\ufffd", stop=True
+    )
+
+
 def test_an_unknown_status_has_a_message_too() -> None:
     assert one(classify(499, {}, b"", IDS, NOW)).error == "HTTP 499: error"
 
@@ -229,6 +280,36 @@ def test_an_unknown_status_has_a_message_too() -> None:
 def test_errors_are_cut_to_a_bounded_length() -> None:
     error = one(run(400, {"message": "x" * 5000})).error or ""
     assert len(error) == MAX_ERROR_CHARS and error.endswith("…")
+
+
+def test_an_error_exactly_at_the_bound_is_kept_whole() -> None:
+    message = "x" * (MAX_ERROR_CHARS - len("HTTP 400: "))
+    assert one(run(400, {"message": message})).error == f"HTTP 400: {message}"
+
+
+@settings(deadline=None)
+@given(
+    status=st.integers(min_value=100, max_value=999),
+    headers=st.dictionaries(
+        st.sampled_from(["Retry-After", "X-RateLimit-Reset", "Location", "Content-Type"]),
+        st.text(max_size=40),
+    ),
+    raw=st.one_of(
+        st.binary(max_size=200),
+        st.builds(
+            lambda ids, status: body(
+                {"successes": [{"id": i} for i in ids], "errors": [{"id": "b", "status": status}]}
+            ),
+            st.lists(st.sampled_from(IDS)),
+            st.one_of(st.integers(), st.text(max_size=5), st.none()),
+        ),
+    ),
+)
+def test_classify_is_total(status: int, headers: dict[str, str], raw: bytes) -> None:
+    # The documented contract: never raises, and every row gets a verdict.
+    verdicts = classify(status, headers, raw, IDS, NOW)
+    assert set(verdicts) == set(IDS)
+    assert all(len(v.error or "") <= MAX_ERROR_CHARS for v in verdicts.values())
 
 
 def test_every_row_gets_a_verdict_even_with_no_rows() -> None:
