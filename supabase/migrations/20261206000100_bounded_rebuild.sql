@@ -7,9 +7,16 @@
 -- rebuild_step_events events, one step per call, summing each step's weights per match key into
 -- a table of the run's; the call that takes the last step returns the batch with the modules
 -- matched to those sums, as before. Each step's sums are the same whenever it is taken: an event
--- counts when no vote up to the batch's end replaced it, which a later vote cannot change (only a
--- deletion can, and that moves evidence_generation, which starts the rebuild over). The
--- completion stays all-or-nothing: the steps write only the run's own scratch rows.
+-- counts when it is current at the batch's end (never replaced, or replaced by a vote after it),
+-- which a later vote cannot change (only a deletion can, and that moves evidence_generation,
+-- which starts the rebuild over). The completion stays all-or-nothing: the steps write only the
+-- run's own scratch rows.
+--
+-- The incremental path now counts a vote of its batch only if it is current at the batch's end,
+-- and retracts only what an earlier run learned. It used to add every vote of the batch and let
+-- the vote that replaced it retract it: a vote whose replacement was deleted before a run
+-- learned either then counted, though the rebuild leaves it out (found by the property test:
+-- a run claimed before the votes, its worker killed, the middle of three votes deleted).
 
 -- The worker calls claim_learning_run_events until it answers with the batch.
 create or replace function public.worker_schema_version()
@@ -22,20 +29,20 @@ as $$
 $$;
 
 alter table public.persona_learning_settings
-  add column rebuild_step_events integer not null default 500000,
-  add constraint rebuild_step_events_1_to_500000 check (rebuild_step_events between 1 and 500000);
+  add column rebuild_step_events integer not null default 1000000,
+  add constraint rebuild_step_events_1_to_1000000 check (rebuild_step_events between 1 and 1000000);
 
 comment on column public.persona_learning_settings.rebuild_step_events is
   'A rebuild of the twin''s modules (after evidence was deleted or modules edited) reads at most '
-  'this many events (1 to 500,000) per worker call, so that each call stays well inside the '
+  'this many events (1 to 1,000,000) per worker call, so that each call stays well inside the '
   'API''s 8 s statement timeout however long the twin''s history.';
 
 -- A twin's settings row lives and dies with the twin: every run reads it.
 revoke delete on public.persona_learning_settings from service_role;
 
--- A vote change is found from the vote it replaced (one index probe per replaced vote).
-create index persona_training_events_supersedes_id_idx
-  on public.persona_training_events (supersedes_id) where supersedes_id is not null;
+-- A twin's vote changes by the vote each replaced: a rebuild step reads those of its range.
+create index persona_training_events_supersedes_idx
+  on public.persona_training_events (twin_id, supersedes_id) where supersedes_id is not null;
 
 create table private.learning_run_rebuilds (
   run_id uuid primary key
@@ -84,10 +91,6 @@ returns table (by_key boolean, key text, success double precision, failure doubl
 language plpgsql
 stable
 set search_path = ''
--- A step reads one range of one twin's events through the (twin_id, id) index; a sequential
--- scan, which the planner picks when the twin fills most of the table, would read the whole
--- table at every step.
-set enable_seqscan = off
 as $$
 #variable_conflict use_column
 declare
@@ -112,15 +115,18 @@ begin
              e.reason = 'unsafe' as unsafe,
              exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as decayed
       from public.persona_training_events e
+      left join public.persona_training_events n
+        on n.twin_id = p_twin_id and n.supersedes_id = e.id
+        and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
       where e.twin_id = p_twin_id
         and e.id > p_after_event_id and e.id <= p_through_event_id
         and not e.audit_of_draft
         and (e.source = 'persona_audit' or e.score <> 0)
-        -- Current at the batch's end: not replaced, or replaced only by a vote after it.
-        and (e.superseded_at is null or exists (
-          select 1 from public.persona_training_events n
-          where n.supersedes_id = e.id and n.id > p_batch_last_event_id
-        ))
+        -- Current at the batch's end: never replaced, or replaced by a vote after it (a vote
+        -- whose replacement was deleted stays out). The replacing votes come from a join with
+        -- the step's vote changes (the index on (twin_id, supersedes_id)), which PostgreSQL
+        -- may run in parallel, as it runs the bare aggregate; a subquery here would not be.
+        and (e.superseded_at is null or n.id > p_batch_last_event_id)
     ) c
     group by c.by_key, c.key, c.success, c.feedback, c.unsafe
   ) g
@@ -137,8 +143,9 @@ comment on function private.rebuild_key_sums(
   'feedback_weight, audit_weight, unsafe_multiplier. Out: one row per match key (by_key: the '
   'events named a module_key; key: that module_key, else the intent_label) with success and '
   'failure (null when none): the sum over the range''s events that are current at the batch''s '
-  'end (not replaced by a vote up to p_batch_last_event_id), feedback with a score other than 0 '
-  'and audits that did not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
+  'end (never replaced, or replaced by a vote after p_batch_last_event_id; a vote whose '
+  'replacement was deleted stays out), feedback with a score other than 0 and audits that did '
+  'not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
   'age at least 0) with w the source''s weight, times unsafe_multiplier for an unsafe failure. '
   'Raises nothing.';
 
@@ -288,14 +295,25 @@ begin
     from public.persona_modules m where m.twin_id = v_run.twin_id
   ),
   votes as (
+    -- The batch's events; each weighs only if current at the batch's end (never replaced, or
+    -- replaced by a vote after the batch, which the next run retracts): a vote replaced inside
+    -- the batch, or whose replacement was deleted, stays out, as the rebuild leaves it out.
     select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.audit_of_draft
+           e.reason, e.created_at, e.audit_of_draft,
+           case when e.superseded_at is null then 1.0::float8
+                when exists (
+                  select 1 from public.persona_training_events n
+                  where n.twin_id = v_run.twin_id and n.supersedes_id = e.id
+                    and n.id > v_run.batch_last_event_id
+                ) then 1.0::float8
+                else 0.0::float8 end as current
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
+    -- What an earlier run learned and a vote of the batch replaced: retracted.
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.audit_of_draft
+           p.reason, p.created_at, p.audit_of_draft, 1.0::float8
     from public.persona_training_events e
     -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
     -- whole table instead).
@@ -304,12 +322,13 @@ begin
     ) p
     where e.twin_id = v_run.twin_id and e.supersedes_id is not null
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
+      and p.id <= v_run.batch_after_event_id
   ),
   weighted as (
     select v.module_key is not null as by_key, coalesce(v.module_key, v.intent_label) as key,
            v.sign,
            coalesce(v.score > 0, v.passed) as success,
-           v.sign
+           v.sign * v.current
            * case
                when v.source = 'user_feedback' and v.score = 0 then 0
                when v.audit_of_draft then 0
@@ -471,5 +490,53 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
   'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
   'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
   'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
-  'another also retracts that one with the same formula. Raises P0002 and PT409 (HTTP 409, stale '
+  'another also retracts that one with the same formula if an earlier run learned it; a vote of the '
+  'batch counts only if current at the batch''s end (not replaced inside the batch, and not '
+  'replaced by a vote since deleted). Raises P0002 and PT409 (HTTP 409, stale '
   'lease) as private.lock_leased_run; P0002 "twin <id> has no persona_learning_settings row".';
+
+-- The owner views' daily summary counts the same votes learning counts: a vote whose
+-- replacement was deleted stays out there too.
+create or replace function private.feedback_daily_delta(p_twin_id uuid, p_after bigint, p_last bigint)
+returns table (
+  day date, intent_label text, module_key text, reason public.training_event_reason,
+  score smallint, votes bigint
+)
+language sql
+stable
+set search_path = ''
+as $$
+  with votes as (
+    select 1 as sign, e.created_at, e.intent_label, e.module_key, e.reason, e.score
+    from public.persona_training_events e
+    where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
+      and e.source = 'user_feedback'
+      -- Current at p_last: never replaced, or replaced by a vote after it (a vote whose
+      -- replacement was deleted stays out, as learning leaves it out).
+      and (e.superseded_at is null or exists (
+        select 1 from public.persona_training_events n
+        where n.twin_id = p_twin_id and n.supersedes_id = e.id and n.id > p_last
+      ))
+    union all
+    select -1, p.created_at, p.intent_label, p.module_key, p.reason, p.score
+    from public.persona_training_events e
+    cross join lateral (
+      select r.* from public.persona_training_events r where r.id = e.supersedes_id offset 0
+    ) p
+    where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
+      and e.supersedes_id is not null
+      and p.id <= p_after
+  )
+  select (v.created_at at time zone 'UTC')::date, v.intent_label, v.module_key, v.reason,
+         v.score, sum(v.sign)
+  from votes v
+  group by 1, 2, 3, 4, 5
+  having sum(v.sign) <> 0;
+$$;
+
+comment on function private.feedback_daily_delta(uuid, bigint, bigint) is
+  'Summary helper. In: a twin id and an event-id range (p_after, p_last]. Out: rows (day = the '
+  'UTC day a vote was cast, intent_label, module_key, reason, score, votes) with the net change '
+  'of persona_feedback_daily the range makes: +1 for each feedback vote in it that is current at '
+  'p_last (never replaced, or replaced by a vote after p_last), -1 for each vote up to p_after '
+  'that one of them replaced (supersedes_id); buckets netting 0 left out. Raises nothing.';

@@ -122,9 +122,9 @@ comment on constraint metadata_object_at_most_4096_compact_json_bytes
 -- A twin's evidence in arrival order: runs claim the ids after the twin's cursor.
 create index persona_training_events_twin_id_idx on public.persona_training_events (twin_id, id);
 create index persona_training_events_created_by_idx on public.persona_training_events (created_by);
--- A vote change is found from the vote it replaced (one index probe per replaced vote).
-create index persona_training_events_supersedes_id_idx
-  on public.persona_training_events (supersedes_id) where supersedes_id is not null;
+-- A twin's vote changes by the vote each replaced: a rebuild step reads those of its range.
+create index persona_training_events_supersedes_idx
+  on public.persona_training_events (twin_id, supersedes_id) where supersedes_id is not null;
 -- One current vote per twin, trace and user; a new vote supersedes the old one.
 create unique index persona_training_events_current_vote_idx
   on public.persona_training_events (twin_id, trace_id, created_by)

@@ -548,10 +548,6 @@ returns table (by_key boolean, key text, success double precision, failure doubl
 language plpgsql
 stable
 set search_path = ''
--- A step reads one range of one twin's events through the (twin_id, id) index; a sequential
--- scan, which the planner picks when the twin fills most of the table, would read the whole
--- table at every step.
-set enable_seqscan = off
 as $$
 #variable_conflict use_column
 declare
@@ -576,15 +572,18 @@ begin
              e.reason = 'unsafe' as unsafe,
              exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as decayed
       from public.persona_training_events e
+      left join public.persona_training_events n
+        on n.twin_id = p_twin_id and n.supersedes_id = e.id
+        and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
       where e.twin_id = p_twin_id
         and e.id > p_after_event_id and e.id <= p_through_event_id
         and not e.audit_of_draft
         and (e.source = 'persona_audit' or e.score <> 0)
-        -- Current at the batch's end: not replaced, or replaced only by a vote after it.
-        and (e.superseded_at is null or exists (
-          select 1 from public.persona_training_events n
-          where n.supersedes_id = e.id and n.id > p_batch_last_event_id
-        ))
+        -- Current at the batch's end: never replaced, or replaced by a vote after it (a vote
+        -- whose replacement was deleted stays out). The replacing votes come from a join with
+        -- the step's vote changes (the index on (twin_id, supersedes_id)), which PostgreSQL
+        -- may run in parallel, as it runs the bare aggregate; a subquery here would not be.
+        and (e.superseded_at is null or n.id > p_batch_last_event_id)
     ) c
     group by c.by_key, c.key, c.success, c.feedback, c.unsafe
   ) g
@@ -601,8 +600,9 @@ comment on function private.rebuild_key_sums(
   'feedback_weight, audit_weight, unsafe_multiplier. Out: one row per match key (by_key: the '
   'events named a module_key; key: that module_key, else the intent_label) with success and '
   'failure (null when none): the sum over the range''s events that are current at the batch''s '
-  'end (not replaced by a vote up to p_batch_last_event_id), feedback with a score other than 0 '
-  'and audits that did not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
+  'end (never replaced, or replaced by a vote after p_batch_last_event_id; a vote whose '
+  'replacement was deleted stays out), feedback with a score other than 0 and audits that did '
+  'not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
   'age at least 0) with w the source''s weight, times unsafe_multiplier for an unsafe failure. '
   'Raises nothing.';
 
@@ -751,14 +751,25 @@ begin
     from public.persona_modules m where m.twin_id = v_run.twin_id
   ),
   votes as (
+    -- The batch's events; each weighs only if current at the batch's end (never replaced, or
+    -- replaced by a vote after the batch, which the next run retracts): a vote replaced inside
+    -- the batch, or whose replacement was deleted, stays out, as the rebuild leaves it out.
     select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.audit_of_draft
+           e.reason, e.created_at, e.audit_of_draft,
+           case when e.superseded_at is null then 1.0::float8
+                when exists (
+                  select 1 from public.persona_training_events n
+                  where n.twin_id = v_run.twin_id and n.supersedes_id = e.id
+                    and n.id > v_run.batch_last_event_id
+                ) then 1.0::float8
+                else 0.0::float8 end as current
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
+    -- What an earlier run learned and a vote of the batch replaced: retracted.
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.audit_of_draft
+           p.reason, p.created_at, p.audit_of_draft, 1.0::float8
     from public.persona_training_events e
     -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
     -- whole table instead).
@@ -767,12 +778,13 @@ begin
     ) p
     where e.twin_id = v_run.twin_id and e.supersedes_id is not null
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
+      and p.id <= v_run.batch_after_event_id
   ),
   weighted as (
     select v.module_key is not null as by_key, coalesce(v.module_key, v.intent_label) as key,
            v.sign,
            coalesce(v.score > 0, v.passed) as success,
-           v.sign
+           v.sign * v.current
            * case
                when v.source = 'user_feedback' and v.score = 0 then 0
                when v.audit_of_draft then 0
@@ -934,7 +946,9 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
   'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
   'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
   'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
-  'another also retracts that one with the same formula. Raises P0002 and PT409 (HTTP 409, stale '
+  'another also retracts that one with the same formula if an earlier run learned it; a vote of the '
+  'batch counts only if current at the batch''s end (not replaced inside the batch, and not '
+  'replaced by a vote since deleted). Raises P0002 and PT409 (HTTP 409, stale '
   'lease) as private.lock_leased_run; P0002 "twin <id> has no persona_learning_settings row".';
 
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves

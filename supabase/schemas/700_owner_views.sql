@@ -141,6 +141,12 @@ as $$
     from public.persona_training_events e
     where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
       and e.source = 'user_feedback'
+      -- Current at p_last: never replaced, or replaced by a vote after it (a vote whose
+      -- replacement was deleted stays out, as learning leaves it out).
+      and (e.superseded_at is null or exists (
+        select 1 from public.persona_training_events n
+        where n.twin_id = p_twin_id and n.supersedes_id = e.id and n.id > p_last
+      ))
     union all
     select -1, p.created_at, p.intent_label, p.module_key, p.reason, p.score
     from public.persona_training_events e
@@ -149,6 +155,7 @@ as $$
     ) p
     where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
       and e.supersedes_id is not null
+      and p.id <= p_after
   )
   select (v.created_at at time zone 'UTC')::date, v.intent_label, v.module_key, v.reason,
          v.score, sum(v.sign)
@@ -160,8 +167,9 @@ $$;
 comment on function private.feedback_daily_delta(uuid, bigint, bigint) is
   'Summary helper. In: a twin id and an event-id range (p_after, p_last]. Out: rows (day = the '
   'UTC day a vote was cast, intent_label, module_key, reason, score, votes) with the net change '
-  'of persona_feedback_daily the range makes: +1 for each feedback vote in it, -1 for each '
-  'earlier vote one of them replaced (supersedes_id); buckets netting 0 left out. Raises nothing.';
+  'of persona_feedback_daily the range makes: +1 for each feedback vote in it that is current at '
+  'p_last (never replaced, or replaced by a vote after p_last), -1 for each vote up to p_after '
+  'that one of them replaced (supersedes_id); buckets netting 0 left out. Raises nothing.';
 
 
 -- Writes a completed run's batch into the two summary tables, in the completion's transaction.

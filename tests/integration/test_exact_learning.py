@@ -397,6 +397,29 @@ def test_audits_of_a_draft_stay_gate_evidence_whatever_becomes_of_the_draft(
     assert_modules_exact(db, twin.id)
 
 
+def test_a_vote_whose_replacement_was_deleted_stays_out_of_a_later_batch(
+    db, service, make_user, make_runner
+):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    # A run claimed before any vote (its batch is fixed, empty); its worker dies.
+    runner.store.enqueue_run(uuid.UUID(twin.id), safe_mode=True)
+    run = runner.store.claim_run(runner.worker_id, 30, uuid.UUID(twin.id))
+    assert run is not None
+    db.execute("update persona_feedback_learning_runs set lease_expires_at = now()"
+               " - interval '1 second' where id = %s", (str(run.id),))
+    first, middle, last = (vote(voter, twin, "t1", -1, "a") for _ in range(3))
+    service.table("persona_training_events").delete().eq("id", middle["id"]).execute()
+    [takeover] = learn(runner, twin)  # rebuilds over its batch: empty, fixed before the votes
+    assert takeover.id == run.id and takeover.events_scanned == 0
+    [later] = learn(runner, twin)  # the votes, incrementally
+    assert later.events_scanned == 2
+    # The first vote was replaced (its replacement since deleted): only the last one counts.
+    assert sf(db, twin, "m") == (0, 1)
+    assert_modules_exact(db, twin.id)
+
+
 def test_an_edited_learned_vote_is_relearned_exactly(db, service, make_user, make_runner):
     owner = make_user("owner")
     twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
