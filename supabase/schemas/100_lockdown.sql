@@ -6,6 +6,9 @@
 
 -- PostgreSQL's own default lets PUBLIC execute every function, and a per-schema default cannot
 -- take that away: each file revokes it from the functions it creates.
+-- On PostgreSQL 17 `all` on tables includes MAINTAIN, so no table of this schema ever gets it:
+-- the migrations' 20261208000100_pg17_maintain (for tables an old project's defaults gave it to
+-- before these revokes) has nothing to do here.
 alter default privileges in schema public revoke all on functions from anon, authenticated, service_role;
 alter default privileges in schema public revoke all on tables from anon, authenticated, service_role;
 alter default privileges in schema public revoke all on sequences from anon, authenticated, service_role;

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import tomllib
+from pathlib import Path
+
 import psycopg
 
 from testkit import env as testkit_env
@@ -10,9 +14,25 @@ from testkit.world import Twin, add_twin, module_row, scalar
 from testkit.world import make_twin as create_twin
 
 __all__ = [
-    "Twin", "add_twin", "counts_from_scratch", "create_twin", "module_row", "pfl", "scalar",
-    "worker_env",
+    "LEGACY_DEFAULTS", "PSQL", "Twin", "add_twin", "counts_from_scratch", "create_twin",
+    "module_row", "pfl", "psql_file", "scalar", "schema_paths", "worker_env",
 ]
+
+# The stack's PostgreSQL 15 client; it also applies SQL files to the PostgreSQL 17 server of
+# test_pg17_parity (psql speaks to newer servers).
+PSQL = Path("/usr/lib/postgresql/15/bin/psql")
+
+# The default privileges of a hosted project made before 2026-05-30 (the image's, kept for such
+# projects until 2026-10-30): every new table, sequence and function postgres creates in public
+# granted ALL to the API roles. On PostgreSQL 17 ALL on a table includes MAINTAIN.
+LEGACY_DEFAULTS = """
+alter default privileges for role postgres in schema public
+  grant all on tables to anon, authenticated, service_role;
+alter default privileges for role postgres in schema public
+  grant all on sequences to anon, authenticated, service_role;
+alter default privileges for role postgres in schema public
+  grant all on functions to anon, authenticated, service_role;
+"""
 
 
 def counts_from_scratch(db: psycopg.Connection, twin_id: str, module_key: str) -> ModuleCounts:
@@ -29,3 +49,20 @@ def worker_env(env: testkit_env.StackEnv, **extra: str) -> dict[str, str]:
 def pfl(*args: str) -> list[str]:
     """The argv of the worker's CLI with these arguments."""
     return [str(testkit_env.PFL), *args]
+
+
+def psql_file(url: str, path: Path) -> None:
+    """Applies one SQL file with psql, stopping at its first error
+    (subprocess.CalledProcessError, psql's messages in .stderr)."""
+    subprocess.run(
+        [str(PSQL), url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
+        check=True, capture_output=True, text=True,
+    )
+
+
+def schema_paths() -> list[Path]:
+    """The declarative schema's files (supabase/schemas), in config.toml's order."""
+    config = tomllib.loads((testkit_env.ROOT / "supabase" / "config.toml").read_text())
+    paths = config["db"]["migrations"]["schema_paths"]
+    assert paths, "config.toml lists no [db.migrations] schema_paths"
+    return [(testkit_env.ROOT / "supabase" / p).resolve() for p in paths]

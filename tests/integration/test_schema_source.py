@@ -20,7 +20,6 @@ import difflib
 import os
 import re
 import subprocess
-import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import ROOT, Stack
+from tests.integration.helpers import LEGACY_DEFAULTS, psql_file, schema_paths
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +49,6 @@ NOISE = re.compile(
 )
 
 
-def schema_paths() -> list[Path]:
-    config = tomllib.loads((ROOT / "supabase" / "config.toml").read_text())
-    paths = config["db"]["migrations"]["schema_paths"]
-    assert paths, "config.toml lists no [db.migrations] schema_paths"
-    return [(ROOT / "supabase" / p).resolve() for p in paths]
-
-
 def database_url(stack: Stack, name: str) -> str:
     return stack.database_url.rsplit("/", 1)[0] + "/" + name
 
@@ -67,13 +60,6 @@ def admin_url(url: str) -> str:
         [str(ROOT / "scripts" / "stack"), "env"], check=True, capture_output=True, text=True
     ).stdout.split("PFL_ADMIN_DATABASE_URL=", 1)[1].splitlines()[0]
     return admin.rsplit("/", 1)[0] + "/" + url.rsplit("/", 1)[1]
-
-
-def psql_file(url: str, path: Path) -> None:
-    subprocess.run(
-        [str(PG_BIN / "psql"), url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
-        check=True, capture_output=True, text=True,
-    )
 
 
 def dump(url: str) -> list[str]:
@@ -116,16 +102,6 @@ def test_schema_files_build_the_database_the_migrations_build(stack: Stack, scra
     if diff:
         pytest.fail("supabase/schemas and supabase/migrations build different databases:\n" + diff,
                     pytrace=False)
-
-
-LEGACY_DEFAULTS = """
-alter default privileges for role postgres in schema public
-  grant all on tables to anon, authenticated, service_role;
-alter default privileges for role postgres in schema public
-  grant all on sequences to anon, authenticated, service_role;
-alter default privileges for role postgres in schema public
-  grant all on functions to anon, authenticated, service_role;
-"""
 
 
 def test_the_migrations_grant_the_same_on_a_project_made_before_the_new_defaults(
