@@ -18,7 +18,8 @@ was available: for those, the langfuse 5.x SDK's generated client and Langfuse's
   Self-hosted: never 429, never a usage suspension.
 - `v4.59` (4.59.0) and `cloud`: ingestion the same; `POST /api/public/scores` also takes a JSON
   array up to 1 MB (202 `{"message": "Accepted"}`, or 207 `{"accepted", "rejected", "errors":
-  [{"message"}]}`, no ids) and keeps its `timestamp` (SDK-documented, not source-verified).
+  [{"message"}]}`, no ids), stamped with the time of receipt (the SDK's `CreateScoreRequest`
+  has no `timestamp`); SDK-documented, not source-verified.
   `cloud` alone answers 429 (Retry-After, X-RateLimit-*) and 403 "Ingestion suspended: Usage
   threshold exceeded...". Langfuse's API definition (fern ingestion.yml, v4.16.0) announces the
   removal of `/api/public/ingestion` on Cloud on 2026-11-16: mode `ingestion_removed`.
@@ -473,9 +474,10 @@ class LangfuseStandin:
                     continue
                 score = dict(cast(dict[str, Any], score))
                 score["id"] = score.get("id") or str(uuid.uuid4())
-                stamp = score.get("timestamp")
-                when = _parse_time(stamp) if isinstance(stamp, str) else self.now()
-                self._store(str(uuid.uuid4()), [(when, self._received(score, when))])
+                # the SDK's CreateScoreRequest has no timestamp: the time of receipt, as the
+                # one-score route
+                now = self.now()
+                self._store(str(uuid.uuid4()), [(now, self._received(score, now))])
                 accepted += 1
             if not errors:
                 return 202, {"message": "Accepted"}
