@@ -513,6 +513,10 @@ class LangfuseStandin:
                     "requests": len(self._state.requests),
                     "score_requests": len(self.score_requests),
                     "scores": self._state.scores,
+                    "table": [
+                        {"day": day, "name": name, "id": score_id, "row": row}
+                        for (day, name, score_id), row in self._state.table.items()
+                    ],
                     "duplicates": self.duplicates(),
                 }
         if method == "POST" and path == ADMIN_PREFIX + "mode" and isinstance(body, dict):
