@@ -1,35 +1,50 @@
 """A stand-in for Langfuse's public score-writing API, on 127.0.0.1, for tests, bench and soak.
 
 One mode per server generation in use (`generation`), each accepting and refusing what that
-server's own validation does, as read in Langfuse's public source (web/src/pages/api/public/
-ingestion.ts, scores/index.ts, health.ts; packages/shared/src/server/ingestion/{types,
-processEventBatch}.ts; RateLimitService.ts) at v3.225.4 (latest v3) and v4.16.0, and, for 4.59
-and later and Cloud, as the langfuse 5.0.4 SDK's generated client documents them:
+server's own validation does, as read in Langfuse's public source at v3.225.4 (latest v3) and
+v4.16.0 (the newest release in the source available, 2026-08-21; the main branch to 2026-08-22
+changes nothing below): web/src/pages/api/public/ingestion.ts, scores/index.ts, health.ts;
+packages/shared/src/server/ingestion/{types,processEventBatch}.ts, utils/scores.ts;
+web/src/features/public-api/server/{apiAuth,RateLimitService}.ts; worker/src/services/
+IngestionService/{index,utils}.ts; ClickHouse migration 0003_scores. No 4.59 or Cloud source
+was available: for those, the langfuse 5.x SDK's generated client and Langfuse's docs.
 
-- `v3` (3.225.4) and `v4` (4.16.0): `POST /api/public/ingestion` takes `{"batch": [...]}` up to
-  4.5 MB and answers 207 `{"successes": [{id, status: 201}], "errors": [{id, status: 400,
-  message, error}]}`, a score taking its event's timestamp. `POST /api/public/scores` takes ONE
-  score object up to 1 MB (200 `{"id"}`; a JSON array is 400 "Invalid request data") and stamps
-  it with the time of receipt. Self-hosted: never 429, never a usage suspension.
+- `v3` (3.225.4) and `v4` (4.16.0): `POST /api/public/ingestion` takes `{"batch": [...]}`
+  (JSON, `Content-Type: application/json`) up to 4.5 MB (the route's `bodyParser.sizeLimit`;
+  its API definition tells clients 3.5 MB) and answers 207 `{"successes": [{id, status: 201}],
+  "errors": [{id, status: 400, message, error}]}`, a score taking its event's timestamp.
+  `POST /api/public/scores` takes ONE score object up to 1 MB (200 `{"id"}`; a JSON array is
+  400 "Invalid request data") and makes it an event stamped with the time of receipt.
+  Self-hosted: never 429, never a usage suspension.
 - `v4.59` (4.59.0) and `cloud`: ingestion the same; `POST /api/public/scores` also takes a JSON
   array up to 1 MB (202 `{"message": "Accepted"}`, or 207 `{"accepted", "rejected", "errors":
-  [{"message"}]}`, no ids) and keeps its `timestamp`. `cloud` alone answers 429 (Retry-After,
-  X-RateLimit-*) and 403 "Ingestion suspended: Usage threshold exceeded...".
+  [{"message"}]}`, no ids), stamped with the time of receipt (the SDK's `CreateScoreRequest`
+  has no `timestamp`); SDK-documented, not source-verified.
+  `cloud` alone answers 429 (Retry-After, X-RateLimit-*) and 403 "Ingestion suspended: Usage
+  threshold exceeded...". Langfuse's API definition (fern ingestion.yml, v4.16.0) announces the
+  removal of `/api/public/ingestion` on Cloud on 2026-11-16: mode `ingestion_removed`.
 
-Everywhere: HTTP Basic auth (public key : secret key), 401 `{"error": "UnauthorizedError",
-"message"}` for missing or wrong keys; 413 above the body limit; 405 for other methods on these
-paths; `GET /api/public/health` answers 200 `{"status": "OK", "version"}` without auth.
+Everywhere: HTTP Basic auth, the key found by its secret key (a wrong public key with the right
+secret is accepted, as apiAuth.ts does); 401 `{"error": "UnauthorizedError", "message"}` for a
+missing header or a secret that matches no key; 413 above the body limit; 405 for other methods
+on these paths; `GET /api/public/health` answers 200 `{"status": "OK", "version"}` without auth.
 
-Scores are stored as Langfuse's score table keys them: one row per (day of the timestamp, name,
-id), the latest write replacing the row (`table`); a score id with rows on two days is a
-duplicate (`duplicates()`). `scores` keeps every version received per score id, oldest first.
-The stand-in's clock (`advance(days=…)`) moves "today" to show what a vote changed on another day
-does.
+Scores are stored as Langfuse's worker and score table do (`_store`): every event ever received
+for a score id is kept (the event log in blob storage) and re-read on each update; the row is
+rebuilt from the stored row and those events (first `timestamp`, `traceId`, `environment` kept;
+fields an event leaves out kept; `metadata` deep-merged) and written under (day of its
+timestamp, name, id), replacing a row of that key (`table`); a score id with rows on two days is
+a duplicate (`duplicates()`). `forget_event_log()` drops the event files (a lifecycle rule).
+`scores` keeps every version received per score id, oldest first. The stand-in's clock
+(`advance(days=…)`) moves "today" to show what a vote changed on another day does.
 
 Faults switch at runtime (`set_mode`): `ok`, `partial` (reject chosen score ids in the 207),
 `unauthorized` (401), `rate_limited` (429, cloud), `suspended` (403, cloud), `error` (500),
 `redirect` (301 to https://, as an http→https proxy would), `hang` (read the request, never answer
-until the mode changes or the server stops). "Down" is `stop()`; `start()` binds the same port.
+until the mode changes or the server stops), `ingestion_removed` (404 on /api/public/ingestion:
+what a server without that route answers; the answer Cloud gives since 2026-11-16 is in no
+source read), `proxy_page` (a 200 HTML page for every path: a proxy or a web app answering in
+Langfuse's place). "Down" is `stop()`; `start()` binds the same port.
 
 As a process (`testkit.standin_process`): `python -m testkit.standin --port P --generation G`
 prints the URL on its first stdout line and serves until SIGINT/SIGTERM; `POST /_standin/mode
@@ -66,7 +81,16 @@ GENERATIONS: tuple[Generation, ...] = get_args(Generation)
 VERSIONS: dict[str, str] = {"v3": "3.225.4", "v4": "4.16.0", "v4.59": "4.59.0", "cloud": "4.61.0"}
 """What each generation's health endpoint reports (cloud: a stand-in value of 4.59 or later)."""
 Mode = Literal[
-    "ok", "partial", "unauthorized", "rate_limited", "suspended", "error", "redirect", "hang"
+    "ok",
+    "partial",
+    "unauthorized",
+    "rate_limited",
+    "suspended",
+    "error",
+    "redirect",
+    "hang",
+    "ingestion_removed",
+    "proxy_page",
 ]
 MODES: tuple[str, ...] = get_args(Mode)
 CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
@@ -79,8 +103,12 @@ INGESTION_LIMIT = int(4.5 * 1024 * 1024)  # Next.js bodyParser sizeLimit "4.5mb"
 SCORES_LIMIT = 1024 * 1024  # the default "1mb"
 INVALID_CREDENTIALS = "Invalid credentials. Confirm that you've configured the correct host."
 SUSPENDED = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
+NOT_FOUND_PAGE = "404: This page could not be found."
+PROXY_PAGE = "<!doctype html><html><body>Sign in to continue</body></html>"
 RETRY_AFTER_SECONDS = 2
 _DATA_TYPES = frozenset({"NUMERIC", "BOOLEAN", "CATEGORICAL", "TEXT", "CORRECTION"})
+_SOURCES = frozenset({"API", "EVAL", "ANNOTATION"})
+TEXT_SCORE_MAX_LENGTH = 500  # packages/shared/src/domain/scores.ts
 _ISO_OFFSET = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
 
@@ -127,6 +155,14 @@ class _State:
     requests: list[RecordedRequest] = field(default_factory=list)
     scores: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     table: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    writes: int = 0
+    written: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """When each table row was last written (a counter): ClickHouse's `event_ts` order."""
+    event_log: dict[str, dict[str, list[tuple[datetime, dict[str, Any]]]]] = field(
+        default_factory=dict
+    )
+    """Score id -> event file key -> the events of that file: the blob-storage event log the
+    worker re-reads on every update of an id."""
 
 
 class LangfuseStandin:
@@ -283,6 +319,14 @@ class LangfuseStandin:
             self._state.requests.clear()
             self._state.scores.clear()
             self._state.table.clear()
+            self._state.written.clear()
+            self._state.event_log.clear()
+
+    def forget_event_log(self) -> None:
+        """Drop the stored event files (what a blob-storage lifecycle rule expiring them does);
+        the score table stays."""
+        with self._cond:
+            self._state.event_log.clear()
 
     # -- request handling (called from handler threads) -------------------------------------
 
@@ -301,30 +345,77 @@ class LangfuseStandin:
         with self._cond:
             return self._state.mode, dict(self._state.reject), self._state.reject_status
 
-    def _store(self, score: dict[str, Any], timestamp: datetime) -> str:
-        """Write one score as Langfuse's table keys it; returns its id."""
+    def _store(self, file_key: str, events: list[tuple[datetime, dict[str, Any]]]) -> None:
+        """Store one event file (the score-create events of one request for one score id, in
+        request order) and rebuild that score's row as Langfuse's worker does
+        (`IngestionService.processScoreEventList`, v3.225.4 and v4.16.0):
+
+        - every event file ever stored for the id is read (listed by key, ascending) and the
+          events are ordered by timestamp; equal timestamps come out in reverse listing order
+          (`toTimeSortedEventList` answers -1 for two create events, which V8's sort turns into
+          a reversal; for mixed timestamps this is modelled as reverse, then a stable sort);
+        - the row found for the id with a timestamp at or after the earliest event's comes
+          first (`getClickhouseRecord`, latest write), then each event overwrites it
+          (`overwriteObject`): a field the event leaves out keeps its value, `null` replaces it,
+          `id`, `timestamp`, `traceId` and `environment` keep their first value, `metadata` is
+          deep-merged (lodash `merge`) and stored as strings (ClickHouse `Map(String, String)`);
+        - the result is written under (day of its timestamp, name, id) (`0003_scores`:
+          `ORDER BY (project_id, toDate(timestamp), name, id)`), replacing a row of that key.
+        """
+        score_id = str(events[0][1]["id"])
+        with self._cond:
+            files = self._state.event_log.setdefault(score_id, {})
+            files[file_key] = list(events)
+            listed = [event for key in sorted(files) for event in files[key]]
+            ordered = sorted(reversed(listed), key=lambda event: event[0])
+            earliest = ordered[0][0]
+            candidates = [
+                key
+                for key, row in self._state.table.items()
+                if key[2] == score_id and _parse_time(row["timestamp"]) >= earliest
+            ]
+            merged: dict[str, Any] = {}
+            if candidates:
+                latest = max(candidates, key=lambda key: self._state.written[key])
+                merged = dict(self._state.table[latest])
+            for _, record in ordered:
+                merged = _overwrite(merged, record)
+            merged["metadata"] = {
+                k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+                for k, v in (merged.get("metadata") or {}).items()
+            }
+            day = _parse_time(merged["timestamp"]).astimezone(UTC).date().isoformat()
+            key = (day, str(merged.get("name")), score_id)
+            self._state.table[key] = merged
+            self._state.writes += 1
+            self._state.written[key] = self._state.writes
+
+    def _received(self, score: dict[str, Any], timestamp: datetime) -> dict[str, Any]:
+        """One score version as received: its body with the timestamp it takes and the
+        environment Langfuse files it under; also kept in `scores`."""
         row = {k: v for k, v in score.items() if k != "timestamp"}
-        score_id = row.get("id") or str(uuid.uuid4())
-        row["id"] = score_id
         row["timestamp"] = timestamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
         row["environment"] = _environment(score.get("environment"))
         row.setdefault(
             "dataType", "NUMERIC" if not isinstance(row.get("value"), str) else "CATEGORICAL"
         )
-        key = (timestamp.astimezone(UTC).date().isoformat(), str(row.get("name")), score_id)
         with self._cond:
-            self._state.scores.setdefault(score_id, []).append(row)
-            self._state.table[key] = row
-        return score_id
+            self._state.scores.setdefault(str(row["id"]), []).append(dict(row))
+        return row
 
     def _ingest(self, body: Any, reject: Mapping[str, str], reject_status: int) -> tuple[int, Any]:
+        """`POST /api/public/ingestion` after auth (`ingestion.ts`, `processEventBatch.ts`)."""
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
             return 400, {
                 "message": "Invalid request data",
-                "errors": ["Expected object with a batch array"],
+                "errors": ["Invalid input: expected object with a batch array"],
             }
         successes: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
+        # one event file per score id per request, under the first event's id, events in
+        # request order (processEventBatch groups the sorted batch by body id)
+        files: dict[str, tuple[str, list[tuple[datetime, dict[str, Any]]]]] = {}
+        valid = []
         for event in body["batch"]:
             event_id = event.get("id") if isinstance(event, dict) else None
             label = event_id if isinstance(event_id, str) else "unknown"
@@ -352,12 +443,24 @@ class LangfuseStandin:
                     }
                 )
                 continue
-            event = cast(dict[str, Any], event)
-            self._store(event["body"], _parse_time(event["timestamp"]))
-            successes.append({"id": label, "status": 201})
+            valid.append(cast(dict[str, Any], event))
+        # every valid event is a success, even one whose body has no id: that one is never
+        # queued, so never stored (processEventBatch skips it when grouping by body id)
+        for event in sorted(valid, key=lambda e: _parse_time(e["timestamp"])):
+            successes.append({"id": event["id"], "status": 201})
+            if not event["body"].get("id"):
+                continue
+            stamp = _parse_time(event["timestamp"])
+            row = self._received(event["body"], stamp)
+            files.setdefault(row["id"], (event["id"], []))[1].append((stamp, row))
+        for file_key, events in files.values():
+            self._store(file_key, events)
         return 207, {"successes": successes, "errors": errors}
 
     def _post_scores(self, body: Any, reject: Mapping[str, str]) -> tuple[int, Any]:
+        """`POST /api/public/scores`: one score object on v3 and v4 (`scores/index.ts`,
+        `ScoresApiService.createScore`: one score-create event with a new id and the time of
+        receipt); on v4.59 and cloud also an array (modelled from the SDK, see above)."""
         batch_route = self.generation in ("v4.59", "cloud")
         if isinstance(body, list) and batch_route:
             accepted, errors = 0, []
@@ -369,9 +472,12 @@ class LangfuseStandin:
                 if problem is not None:
                     errors.append({"message": f"Score {score_id or index}: {problem}"})
                     continue
-                score = cast(dict[str, Any], score)
-                stamp = score.get("timestamp")
-                self._store(score, _parse_time(stamp) if stamp else self.now())
+                score = dict(cast(dict[str, Any], score))
+                score["id"] = score.get("id") or str(uuid.uuid4())
+                # the SDK's CreateScoreRequest has no timestamp: the time of receipt, as the
+                # one-score route
+                now = self.now()
+                self._store(str(uuid.uuid4()), [(now, self._received(score, now))])
                 accepted += 1
             if not errors:
                 return 202, {"message": "Accepted"}
@@ -392,7 +498,11 @@ class LangfuseStandin:
         if problem is not None:
             return 400, {"message": "Invalid request data", "error": problem}
         # The one-score route ignores a body timestamp: the score gets the time of receipt.
-        return 200, {"id": self._store(body, self.now())}
+        score = dict(body)
+        score["id"] = score.get("id") or str(uuid.uuid4())
+        now = self.now()
+        self._store(str(uuid.uuid4()), [(now, self._received(score, now))])
+        return 200, {"id": score["id"]}
 
     def _admin(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if method == "GET" and path == ADMIN_PREFIX + "state":
@@ -403,6 +513,10 @@ class LangfuseStandin:
                     "requests": len(self._state.requests),
                     "score_requests": len(self.score_requests),
                     "scores": self._state.scores,
+                    "table": [
+                        {"day": day, "name": name, "id": score_id, "row": row}
+                        for (day, name, score_id), row in self._state.table.items()
+                    ],
                     "duplicates": self.duplicates(),
                 }
         if method == "POST" and path == ADMIN_PREFIX + "mode" and isinstance(body, dict):
@@ -422,6 +536,49 @@ class LangfuseStandin:
             self.clear()
             return 200, {}
         return 404, {"message": "Not found"}
+
+
+_IMMUTABLE = frozenset({"id", "timestamp", "traceId", "environment"})
+"""Score fields that keep their first value (IngestionService `immutableEntityKeys`)."""
+
+
+def _overwrite(row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """`overwriteObject` of Langfuse's worker (worker/src/services/IngestionService/utils.ts,
+    v3.225.4 and v4.16.0): the event's fields replace the row's, except a field it leaves out
+    (and an empty object), and an immutable field the row already has; `metadata` deep-merged."""
+    out = dict(row)
+    for key, value in event.items():
+        if key == "metadata":
+            continue
+        if key in _IMMUTABLE and key in out:
+            continue
+        if isinstance(value, dict) and not value:
+            continue
+        out[key] = value
+    # convertJsonSchemaToRecord: an object as it is, a literal or an array as {"metadata": …}
+    new = event.get("metadata")
+    if new is None:
+        new = {}
+    elif not isinstance(new, dict):
+        new = {"metadata": new if isinstance(new, str) else json.dumps(new, separators=(",", ":"))}
+    old = row.get("metadata")
+    out["metadata"] = _deep_merge(old, new) if isinstance(old, dict) else new
+    return out
+
+
+def _deep_merge(a: Any, b: Any) -> Any:
+    """lodash `merge(a, b)`: objects merged key by key, arrays index by index, other values
+    replaced (JSON null included)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = _deep_merge(a[key], value) if key in a else value
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        return [_deep_merge(a[i], b[i]) if i < len(a) else b[i] for i in range(len(b))] + a[
+            len(b) :
+        ]
+    return b
 
 
 def _environment(value: object) -> str:
@@ -453,20 +610,37 @@ def _invalid_event(event: object) -> str | None:
 
 
 def _invalid_score(score: object) -> str | None:
-    """Why Langfuse's score schema refuses this score body, or None."""
+    """Why Langfuse's score schema refuses this score body, or None: `ScoreBody` in
+    packages/shared/src/server/ingestion/types.ts with `applyScoreValidation`
+    (packages/shared/src/utils/scores.ts), the same in v3.225.4 and v4.16.0. Unknown keys pass
+    (zod objects strip them)."""
     if not isinstance(score, dict):
         return "body: expected an object"
     name = score.get("name")
     if not isinstance(name, str) or not name:
-        return "name is required"
+        return "name: a non-empty string is required"
     score_id = score.get("id")
-    if score_id is not None and (not isinstance(score_id, str) or not 1 <= len(score_id) <= 800):
-        return "id: a string of 1 to 800 characters"
-    if not any(isinstance(score.get(k), str) for k in ("traceId", "sessionId", "datasetRunId")):
-        return "one of traceId, sessionId or datasetRunId is required"
+    if score_id is not None and (
+        not isinstance(score_id, str) or not 1 <= len(score_id) <= 800 or "\r" in score_id
+    ):
+        return "id: a string of 1 to 800 characters without carriage returns"
+    for key in (
+        "traceId",
+        "sessionId",
+        "datasetRunId",
+        "observationId",
+        "comment",
+        "configId",
+        "executionTraceId",
+        "queueId",
+    ):
+        if score.get(key) is not None and not isinstance(score.get(key), str):
+            return f"{key}: expected a string"
+    if score.get("source") is not None and score.get("source") not in _SOURCES:
+        return "source: expected one of API, EVAL, ANNOTATION"
     data_type = score.get("dataType")
     if data_type is not None and data_type not in _DATA_TYPES:
-        return f"invalid dataType {data_type!r}"
+        return f"dataType: invalid discriminator value {data_type!r}"
     value = score.get("value")
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     if data_type in ("NUMERIC", "BOOLEAN") and not numeric:
@@ -475,11 +649,24 @@ def _invalid_score(score: object) -> str | None:
         return "Value must be a number equal to either 0 or 1 for data type BOOLEAN"
     if data_type in ("CATEGORICAL", "TEXT", "CORRECTION") and not isinstance(value, str):
         return f"value must be a string for {data_type} scores"
+    if data_type == "TEXT" and not 1 <= len(cast(str, value)) <= TEXT_SCORE_MAX_LENGTH:
+        return f"value: a TEXT score is 1 to {TEXT_SCORE_MAX_LENGTH} characters"
+    if data_type == "CORRECTION" and score.get("configId") is not None:
+        return "configId: a CORRECTION score cannot have a config"
     if data_type is None and not (numeric or isinstance(value, str)):
         return "value must be a number or a string"
-    for key in ("comment", "observationId"):
-        if score.get(key) is not None and not isinstance(score.get(key), str):
-            return f"{key} must be a string"
+    # exactly one subject; an empty string counts as absent (`!!data.traceId`)
+    trace, session, run = (bool(score.get(k)) for k in ("traceId", "sessionId", "datasetRunId"))
+    observation = bool(score.get("observationId"))
+    if not (
+        (trace and not session and not run)
+        or (session and not trace and not run and not observation)
+        or (run and not trace and not session and not observation)
+    ):
+        return (
+            "Provide exactly one of the following: traceId (with optional observationId), "
+            "sessionId or datasetRunId. ObservationId requires traceId."
+        )
     return None
 
 
@@ -610,19 +797,23 @@ class _Handler(BaseHTTPRequestHandler):
         body: Any,
     ) -> tuple[int, Any, dict[str, str]]:
         standin = self.server.standin
+        if mode == "proxy_page":  # something else answers in Langfuse's place
+            return 200, PROXY_PAGE, {"Content-Type": "text/html; charset=utf-8"}
         if mode == "redirect":  # an http -> https proxy in front of Langfuse
             location = f"https://{standin.host}:{standin.port}{self.path}"
             return 301, "Moved Permanently", {"Location": location}
         if path == HEALTH_PATH and self.command == "GET":
             return 200, {"status": "OK", "version": standin.version}, {}
-        if path not in (INGESTION_PATH, SCORES_PATH):
-            return 404, {"message": "Not found"}, {}
+        if path not in (INGESTION_PATH, SCORES_PATH) or (
+            mode == "ingestion_removed" and path == INGESTION_PATH
+        ):
+            return 404, NOT_FOUND_PAGE, {}
         limit = INGESTION_LIMIT if path == INGESTION_PATH else SCORES_LIMIT
         if len(raw) > limit:  # the body parser refuses it before any handler runs
             size = "4.5mb" if path == INGESTION_PATH else "1mb"
             return 413, f"Body exceeded {size} limit", {}
         if path == SCORES_PATH and self.command == "GET":
-            if auth != (standin.public_key, standin.secret_key):
+            if auth is None or auth[1] != standin.secret_key:
                 return 401, {"error": "UnauthorizedError", "message": INVALID_CREDENTIALS}, {}
             return (
                 200,
@@ -633,7 +824,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 405, {"error": "MethodNotAllowedError", "message": "Method not allowed"}, {}
         if auth is None:
             return 401, {"error": "UnauthorizedError", "message": "No authorization header"}, {}
-        if mode == "unauthorized" or auth != (standin.public_key, standin.secret_key):
+        # apiAuth.ts (v3.225.4, v4.16.0) finds the key by the hash of the secret key; a public
+        # key that is not that key's own is only logged ("Public key mismatch on basic auth")
+        if mode == "unauthorized" or auth[1] != standin.secret_key:
             return 401, {"error": "UnauthorizedError", "message": INVALID_CREDENTIALS}, {}
         if mode == "suspended":
             return 403, {"error": "ForbiddenError", "message": SUSPENDED}, {}
@@ -644,7 +837,12 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "message": "Rate limit exceeded",
                     "code": "rate_limited",
-                    "details": {"retryAfterSeconds": RETRY_AFTER_SECONDS},
+                    "details": {
+                        "retryAfterSeconds": RETRY_AFTER_SECONDS,
+                        "limit": 1000,
+                        "remaining": 0,
+                        "resetAt": reset.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    },
                 },
                 {
                     "Retry-After": str(RETRY_AFTER_SECONDS),
@@ -656,6 +854,8 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "error":
             return 500, {"message": "Invalid request data", "errors": ["stand-in error mode"]}, {}
         rejected = reject if mode == "partial" else {}
+        if not self.headers.get("Content-Type", "").lower().startswith("application/json"):
+            body = raw.decode(errors="replace") if raw else None  # not parsed: a string
         if path == INGESTION_PATH:
             return *standin._ingest(body, rejected, reject_status), {}
         return *standin._post_scores(body, rejected), {}
@@ -671,10 +871,10 @@ class _Handler(BaseHTTPRequestHandler):
         text = isinstance(payload, str)
         data = payload.encode() if text else json.dumps(payload).encode()
         self.send_response(status)
-        kind = "text/plain" if text else "application/json"
-        self.send_header("Content-Type", f"{kind}; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (extra or {}).items():
+        headers = {"Content-Type": f"{'text/plain' if text else 'application/json'}; charset=utf-8"}
+        headers |= dict(extra or {})
+        headers["Content-Length"] = str(len(data))
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)

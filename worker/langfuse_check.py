@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from worker.langfuse_response import Outcome, classify
+from worker.langfuse_response import NO_INGESTION, Outcome, classify
 from worker.langfuse_sender import INGESTION_PATH, LangfuseSender, transport_error
 
 HEALTH_PATH = "/api/public/health"
@@ -65,6 +65,11 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             f"and environments need {'.'.join(map(str, MIN_VERSION))} or later"
         )
     probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
+    if probe.status_code in (404, 410):
+        raise LangfuseConfigError(
+            f"Langfuse {'.'.join(map(str, version))} at {sender.host} answered "
+            f"{probe.status_code} to POST {INGESTION_PATH}: {NO_INGESTION}"
+        )
     if not (probe.status_code == 207 and _json(probe) == {"successes": [], "errors": []}):
         now = datetime.now(UTC)
         verdict = classify(probe.status_code, probe.headers, probe.content, ["-"], now)["-"]

@@ -21,6 +21,10 @@ v3.225.4 and v4.16.0):
   (a key without access); 405 for another method; 413 above the 4.5 MB body limit; 429 with
   `Retry-After` (seconds) and `X-RateLimit-*` headers (Cloud only; self-hosted never limits);
   500 for internal errors.
+- 404 or 410 for the whole request: the server has no such route. Langfuse's API definition
+  (`fern/apis/server/definition/ingestion.yml`, v4.16.0) announces the endpoint's removal on
+  Langfuse Cloud on 2026-11-16; the answer it gives since is in no source read. The rows wait
+  (not an attempt: nothing about them is wrong) and the error says why.
 - A 3xx means LANGFUSE_HOST is not the server itself (e.g. http:// redirected to https://). The
   sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); the
   rows retry and the error names the location to configure.
@@ -45,6 +49,12 @@ MAX_RETRY_AFTER_SECONDS = 86_400.0
 """A Retry-After beyond a day is read as a day (the database's limit for one delay)."""
 SUSPENDED_RETRY_SECONDS = 300.0
 """Usage suspension (403) lifts when the plan or the billing period changes: look every 5 min."""
+NO_ROUTE_RETRY_SECONDS = 300.0
+"""A server without the ingestion route (404/410) is asked again every 5 minutes."""
+NO_INGESTION = (
+    "this server has no POST /api/public/ingestion (Langfuse announced its removal from "
+    "Langfuse Cloud on 2026-11-16); scores wait"
+)
 
 
 class Outcome(StrEnum):
@@ -97,6 +107,13 @@ def classify(
     if status == 429:
         wait = retry_after(lower, now)
         return _all(event_ids, Verdict(Outcome.wait, _short(error), wait, stop=True))
+    if status in (404, 410):
+        return _all(
+            event_ids,
+            Verdict(
+                Outcome.wait, _short(f"{error}: {NO_INGESTION}"), NO_ROUTE_RETRY_SECONDS, True
+            ),
+        )
     if status == 403 and "suspended" in error.lower():
         return _all(
             event_ids, Verdict(Outcome.wait, _short(error), SUSPENDED_RETRY_SECONDS, stop=True)
@@ -104,7 +121,7 @@ def classify(
     if status >= 500 or status == 408:
         return _all(event_ids, Verdict(Outcome.retry, _short(error), retry_after(lower, now), True))
     # Other 4xx: our request, or our keys, are wrong; sending it again will not help.
-    systemic = status in (401, 403, 404, 405)
+    systemic = status in (401, 403, 405)
     return _all(event_ids, Verdict(Outcome.failed, _short(error), stop=systemic))
 
 

@@ -9,7 +9,9 @@ One request for every Langfuse server in use (v3 from 3.49, v4 before and after 
                          "metadata": {...}, "environment": "production"}}]}
 
 answered 207 with a success or an error per envelope id (`worker.langfuse_response` reads it).
-Every generation accepts it; the score takes the event's timestamp (the one-score route of v3
+Every generation whose source could be read accepts it (v3.225.4, v4.16.0; Langfuse announced
+its removal from Cloud on 2026-11-16, and a server without it is reported, not guessed at: the
+rows wait); the score takes the event's timestamp (the one-score route of v3
 and v4 before 4.59 stamps the time of receipt instead); its errors name the event. Langfuse keys
 a score by (project, day of its timestamp, name, id): all votes of one feedback carry the same
 id, name and first vote's time, so a vote changed days later replaces the one score.
@@ -42,8 +44,10 @@ LANGFUSE_SCORE_NAMESPACE = UUID("09229364-ef9e-51cb-bd31-b3f7a9619500")
 new score id and Langfuse would show each vote twice."""
 
 INGESTION_PATH = "/api/public/ingestion"
-DEFAULT_MAX_REQUEST_BYTES = 4_000_000
-"""The ingestion route takes bodies up to 4.5 MB (its `bodyParser.sizeLimit`); a margin."""
+DEFAULT_MAX_REQUEST_BYTES = 3_500_000
+"""What the endpoint's definition tells clients (`fern/apis/server/definition/ingestion.yml`,
+v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
+to 4.5 MB (its `bodyParser.sizeLimit`), a proxy in front of it may take less."""
 ENVIRONMENT = re.compile(r"^(?!langfuse)[a-z0-9_-]{1,40}$")
 """What Langfuse keeps as an environment; anything else it silently files under `default`."""
 _SPAN = 10**19 - 1  # envelope ids count down from here
@@ -259,8 +263,10 @@ class LangfuseSender:
 
 
 def check_host(host: str) -> str:
-    """`host` without a trailing slash. Raises ValueError unless it is an http(s) URL with a
-    host name and no query or fragment (a path prefix, as behind a proxy, is kept)."""
+    """`host` without surrounding blanks or a trailing slash. Raises ValueError unless it is an
+    http(s) URL with a host name and no query or fragment (a path prefix, as behind a proxy, is
+    kept)."""
+    host = host.strip() if isinstance(host, str) else host
     try:
         url = httpx.URL(host)
     except (httpx.InvalidURL, TypeError) as exc:

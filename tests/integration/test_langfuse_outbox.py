@@ -35,7 +35,7 @@ from testkit.env import PFL, rows
 from testkit.standin import GENERATIONS, LangfuseStandin
 from tests.conftest import Stack, User, wait_for
 from worker.config import WorkerSettings
-from worker.langfuse_check import check
+from worker.langfuse_check import LangfuseConfigError, check
 from worker.langfuse_sender import LangfuseSender, score_id_for
 from worker.outbox import NOT_CONFIGURED, OutboxDrainer
 from worker.store import Store
@@ -640,6 +640,10 @@ def test_changed_vote_updates_the_same_score_with_the_first_votes_time(
     assert score_id not in standin.duplicates()
     (row,) = [r for (_, _, i), r in standin.table.items() if i == score_id]
     assert row["value"] == -1.0 and row["environment"] == "production"
+    # Langfuse merges a score's events: the comment, sent as null, is cleared; a metadata key the
+    # new vote no longer has (the app's) stays, as Langfuse's merge keeps it.
+    assert row["comment"] is None and row["metadata"]["reason"] == "incorrect"
+    assert row["metadata"]["app"] == "web"
 
     # A vote changed before it was ever sent: the old row is superseded and never sent; the
     # score arrives once, with the new value and the first vote's time.
@@ -923,6 +927,66 @@ def test_a_redirect_is_refused_and_the_rows_say_where_to(
     assert "redirected to https://" in row["last_error"] and "LANGFUSE_HOST" in row["last_error"]
     assert [(r.method, r.status) for r in standin.requests[-1:]] == [("POST", 301)]
     assert standin.scores == {}
+
+
+def test_a_200_page_from_something_else_confirms_nothing(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """A proxy or a web app answering 200 in Langfuse's place (after the start-up check
+    passed): no row is sent; each retries with an error that says the answer was not
+    Langfuse's, and after the last attempt fails (requeue brings it back)."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"proxied-{i}", 1)["id"] for i in range(3)]
+    sender = make_sender()
+    standin.set_mode("proxy_page")
+
+    assert drain_ours(db, store, sender, ids) == len(ids)
+    rows = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("retrying", 1)}
+    assert "HTTP 200 without the ingestion result" in rows[ids[0]]["last_error"]
+    assert drain_ours(db, store, sender, ids, max_attempts=2) == len(ids)
+    rows = outbox(service, ids)
+    assert {r["status"] for r in rows.values()} == {"failed"}
+    assert rows[ids[0]]["last_error"].startswith("gave up after 2 attempts: HTTP 200")
+    assert standin.scores == {}
+
+
+def test_a_server_without_the_ingestion_route_keeps_rows_waiting(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """Langfuse announced the ingestion endpoint's removal from Cloud (2026-11-16): a server
+    answering 404 there is refused at start, and if it starts answering 404 later the rows
+    wait (no attempt spent, never failed) with the reason on each row."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"no-route-{i}", 1)["id"] for i in range(2)]
+    sender = make_sender()
+    standin.set_mode("ingestion_removed")
+    with pytest.raises(LangfuseConfigError, match="no POST /api/public/ingestion"):
+        check(make_sender(checked=False))
+
+    started = db_now(db)
+    assert drain_ours(db, store, sender, ids, max_attempts=1) == len(ids)
+    rows = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("retrying", 0)}
+    assert "no POST /api/public/ingestion" in rows[ids[0]]["last_error"]
+    due = due_times(db, ids).values()
+    assert all(when - started >= timedelta(seconds=300) - SLACK for when in due)
+    assert standin.scores == {}
+    standin.set_mode("ok")
+    assert drain_ours(db, store, sender, ids) == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
 
 
 @pytest.mark.parametrize(

@@ -226,7 +226,7 @@ def test_a_date_to_come_back_at_is_read_against_now(
 
 @pytest.mark.parametrize(
     ("status", "stop"),
-    [(400, False), (401, True), (404, True), (405, True), (409, False), (422, False)],
+    [(400, False), (401, True), (405, True), (409, False), (422, False)],
 )
 def test_other_4xx_fail_for_good_with_the_servers_message(status: int, stop: bool) -> None:
     verdict = one(
@@ -240,6 +240,17 @@ def test_other_4xx_fail_for_good_with_the_servers_message(status: int, stop: boo
     assert verdict.error == (
         f'HTTP {status}: Invalid request data: ["Expected object, received array"]'
     )
+
+
+@pytest.mark.parametrize("status", [404, 410])
+def test_no_ingestion_route_waits_and_says_why(status: int) -> None:
+    """A server without the route (Langfuse announced its removal from Cloud): the rows are not
+    at fault, so they wait without spending an attempt, and the pass stops."""
+    verdict = one(run(status, b"404: This page could not be found."))
+    assert verdict.outcome == Outcome.wait
+    assert verdict.stop is True
+    assert verdict.retry_after_seconds == 300.0
+    assert verdict.error is not None and "no POST /api/public/ingestion" in verdict.error
 
 
 def test_401_keeps_langfuses_words() -> None:

@@ -160,6 +160,20 @@ def test_a_vote_changed_on_another_day_replaces_the_one_score(
     assert row["value"] == -1.0
 
 
+def test_the_newest_vote_wins_even_when_an_older_one_arrives_last(
+    standin: LangfuseStandin, sender: LangfuseSender
+) -> None:
+    """Langfuse orders a score's stored events by timestamp, equal ones in reverse order of
+    their event ids: the newest vote (smallest envelope id) is merged last, whatever came
+    first over the wire."""
+    (old,) = make_items(1)
+    new = old.model_copy(update={"event_id": 10**6, "value": -1.0})
+    assert sender.send([new])[0].outcome == Outcome.sent
+    assert sender.send([old])[0].outcome == Outcome.sent
+    ((row),) = standin.table.values()
+    assert row["value"] == -1.0
+
+
 def test_the_newest_vote_has_the_smallest_envelope_id() -> None:
     old, new = make_items(1)[0], make_items(1)[0].model_copy(update={"event_id": 10**6})
     assert new.envelope_id < old.envelope_id
@@ -344,6 +358,32 @@ def test_hang_means_retry_within_the_timeout(standin: LangfuseStandin) -> None:
     assert request.status is None
 
 
+def test_a_server_without_the_ingestion_route_is_refused_at_the_check_and_waits_later(
+    cloud: LangfuseStandin,
+) -> None:
+    cloud.set_mode("ingestion_removed")
+    with sender_for(cloud) as sender:
+        with pytest.raises(LangfuseConfigError, match=r"answered 404 to POST .*ingestion"):
+            check(sender)
+        deliveries = sender.send(make_items(3))
+    assert outcomes(deliveries) == {Outcome.wait}
+    assert {d.retry_after_seconds for d in deliveries} == {300.0}
+    assert all("no POST /api/public/ingestion" in (d.error or "") for d in deliveries)
+    assert len([r for r in cloud.requests if r.path == INGESTION_PATH]) == 2  # probe + one send
+    assert cloud.scores == {}
+
+
+def test_a_wrong_public_key_with_the_right_secret_is_accepted_as_langfuse_does(
+    standin: LangfuseStandin,
+) -> None:
+    """Langfuse finds the key by its secret; a public key that is not that key's own is only
+    logged. The scores land in the secret key's project."""
+    with LangfuseSender(standin.url, "pk-lf-other", standin.secret_key, 2.0) as sender:
+        assert check(sender) is not None
+        assert outcomes(sender.send(make_items(2))) == {Outcome.sent}
+    assert len(standin.scores) == 2
+
+
 def test_a_server_too_old_is_refused_at_the_check() -> None:
     with LangfuseStandin(generation="v3", version="3.48.2") as lf, sender_for(lf) as sender:
         with pytest.raises(LangfuseConfigError, match=r"3\.48\.2 .* too old"):
@@ -353,8 +393,10 @@ def test_a_server_too_old_is_refused_at_the_check() -> None:
 
 def test_the_one_score_route_of_v3_and_v4_shows_why_it_is_not_used() -> None:
     """What the previous sender did (an array to /api/public/scores): refused by v3 and v4 before
-    4.59; and a single score there is stamped with the time of receipt, so a change on another
-    day makes a second row."""
+    4.59. A single score there is an event stamped with the time of receipt: a change on
+    another day replaces the row only while the first vote's event file is still stored (the
+    worker re-reads it and keeps the row's first timestamp); once a lifecycle rule expired it,
+    the change makes a second row."""
     import httpx
 
     for generation_name in ("v3", "v4"):
@@ -373,7 +415,46 @@ def test_the_one_score_route_of_v3_and_v4_shows_why_it_is_not_used() -> None:
             assert httpx.post(url, json=score, auth=auth).status_code == 200
             lf.advance(days=1)
             assert httpx.post(url, json=score | {"value": -1}, auth=auth).status_code == 200
+            assert lf.duplicates() == {}
+            ((row),) = lf.table.values()
+            assert row["value"] == -1 and row["timestamp"] == lf.scores["s1"][0]["timestamp"]
+
+            lf.forget_event_log()
+            lf.advance(days=1)
+            assert httpx.post(url, json=score | {"value": 0}, auth=auth).status_code == 200
             assert lf.duplicates() == {"s1": 2}
+
+
+def test_a_vote_change_replaces_the_one_row_even_after_the_event_log_expired(
+    standin: LangfuseStandin, sender: LangfuseSender
+) -> None:
+    (first,) = make_items(1)
+    assert sender.send([first])[0].outcome == Outcome.sent
+    standin.forget_event_log()
+    standin.advance(days=40)
+    changed = first.model_copy(update={"event_id": 900, "value": -1.0})
+    assert sender.send([changed])[0].outcome == Outcome.sent
+    assert standin.duplicates() == {}
+    ((row),) = standin.table.values()
+    assert row["value"] == -1.0
+
+
+def test_a_changed_vote_replaces_comment_and_values_and_merges_metadata(
+    standin: LangfuseStandin, sender: LangfuseSender
+) -> None:
+    """Langfuse merges a score's events: a field sent as null replaces the old value, metadata
+    keys are merged (a key the newer vote no longer has stays, as Langfuse keeps it)."""
+    (first,) = make_items(1)
+    first = first.model_copy(update={"comment": "too long", "metadata": {"a": 1, "b": "x"}})
+    changed = first.model_copy(
+        update={"event_id": 900, "value": -1.0, "comment": None, "metadata": {"a": 2}}
+    )
+    assert sender.send([first])[0].outcome == Outcome.sent
+    assert sender.send([changed])[0].outcome == Outcome.sent
+    ((row),) = standin.table.values()
+    assert (row["value"], row["comment"]) == (-1.0, None)
+    assert row["metadata"] == {"a": "2", "b": "x"}
+    assert row["environment"] == "production"
 
 
 def test_sender_starts_no_background_threads(standin: LangfuseStandin) -> None:
@@ -461,6 +542,10 @@ def test_a_host_keeps_its_path_prefix() -> None:
     assert check_host("https://example.com/langfuse/") == "https://example.com/langfuse"
 
 
+def test_a_host_pasted_with_blanks_is_trimmed() -> None:
+    assert check_host(" https://example.com/ \n") == "https://example.com"
+
+
 @pytest.mark.parametrize("environment", ["", "Prod", "langfuse-prod", "a" * 41, "prod env"])
 def test_an_environment_langfuse_would_not_keep_is_refused(environment: str) -> None:
     with pytest.raises(ValueError, match="environment"):
@@ -486,3 +571,63 @@ def test_versions_and_generations() -> None:
     assert generation((3, 225, 4)) == "v3"
     assert generation((4, 58, 9)) == "v4 before 4.59"
     assert generation((4, 59, 0)) == "v4 4.59 or later"
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted"),
+    [
+        ({}, True),
+        ({"traceId": ""}, False),  # an empty trace id counts as none
+        ({"sessionId": "s"}, False),  # exactly one subject
+        ({"traceId": None, "sessionId": "s"}, True),
+        ({"traceId": None, "sessionId": "s", "observationId": "o"}, False),
+        ({"source": "SDK"}, False),
+        ({"source": "EVAL"}, True),
+        ({"dataType": "TEXT", "value": "x" * 501}, False),
+        ({"dataType": "TEXT", "value": "x" * 500}, True),
+        ({"dataType": "BOOLEAN", "value": 2}, False),
+        ({"comment": 5}, False),
+        ({"unknownKey": 1}, True),  # zod strips unknown keys
+    ],
+)
+def test_the_standin_validates_score_events_as_langfuse_does(
+    change: dict[str, Any], accepted: bool
+) -> None:
+    """ScoreBody and applyScoreValidation (packages/shared, v3.225.4 and v4.16.0): a refused
+    event is a 400 item in the 207, the others pass."""
+    import httpx
+
+    score = {"id": "s1", "traceId": "t", "name": "n", "value": 1, "dataType": "NUMERIC"}
+    event = {
+        "id": "e1",
+        "type": "score-create",
+        "timestamp": "2024-05-01T12:00:00.000Z",
+        "body": {k: v for k, v in (score | change).items() if v is not None},
+    }
+    with LangfuseStandin(generation="v4") as lf:
+        answer = httpx.post(
+            lf.url + INGESTION_PATH, json={"batch": [event]}, auth=(lf.public_key, lf.secret_key)
+        )
+        assert answer.status_code == 207
+        result = answer.json()
+        assert [s["id"] for s in result["successes"]] == (["e1"] if accepted else [])
+        assert [(e["id"], e["status"]) for e in result["errors"]] == (
+            [] if accepted else [("e1", 400)]
+        )
+        assert bool(lf.table) is accepted
+
+
+def test_the_standin_reads_json_only_when_the_request_says_it_is_json() -> None:
+    """Next.js parses the body as JSON only with Content-Type application/json; otherwise the
+    route sees a string and answers 400 Invalid request data."""
+    import httpx
+
+    with LangfuseStandin(generation="v3") as lf:
+        answer = httpx.post(
+            lf.url + INGESTION_PATH,
+            content=b'{"batch": []}',
+            headers={"content-type": "text/plain"},
+            auth=(lf.public_key, lf.secret_key),
+        )
+    assert answer.status_code == 400
+    assert answer.json()["message"] == "Invalid request data"
