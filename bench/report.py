@@ -225,7 +225,8 @@ RPC_SHORT = {
 
 
 def rebuild_rows(rebuild: dict[str, Any], quick: bool) -> list[Row]:
-    """Case 7: the rebuild against the bare aggregate (and, reported, the grouped one), its
+    """Case 7: the rebuild against the bare aggregate a rebuild needs (the decayed sum grouped by
+    match key; the ungrouped sum reported beside it), its
     longest call through PostgREST against half the API's statement timeout, the worker's
     rebuilt modules against the oracle, and the user delete with and without its triggers."""
     n, med = rebuild["events"], rebuild["median_seconds"]
@@ -236,14 +237,14 @@ def rebuild_rows(rebuild: dict[str, Any], quick: bool) -> list[Row]:
             f"7 rebuild {n:,} events' modules, {rebuild['calls']} call(s) of "
             f"{rebuild['step_events']:,}",
             f"{med['rebuild']:.3f} s",
-            f"{med['floor']:.3f} s bare aggregate",
-            rebuild["ratio"], "<=", 1.5, quick,
+            f"{med['grouped']:.3f} s aggregate by match key",
+            rebuild["ratio_grouped"], "<=", 1.5, quick,
         ),
         reported(
-            "7 rebuild against the aggregate grouped by match key",
+            "7 rebuild against the ungrouped aggregate",
             f"{med['rebuild']:.3f} s",
-            f"{med['grouped']:.3f} s grouped aggregate",
-            rebuild["ratio_grouped"],
+            f"{med['floor']:.3f} s count and decayed sum",
+            rebuild["ratio"],
         ),
         Row(
             f"7 longest rebuild call through PostgREST, {len(rpcs)} call(s)",

@@ -555,39 +555,53 @@ declare
   v_rate float8 := ln(2::float8) / (p_half_life_days * 86400);
 begin
   -- Each weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the
-  -- same 2^(-(T - t)/H) as a batch's, without an interval per row. The weight's factors are
-  -- applied per group (source, outcome, unsafe), not per row.
+  -- same 2^(-(T - t)/H) as a batch's, without an interval per row. The events current at the
+  -- batch's end are those never replaced, plus those replaced only by a vote after it (found
+  -- from that vote, through the index on (twin_id, supersedes_id)); a vote whose replacement
+  -- was deleted stays out. Each part is summed per match key on its own, so PostgreSQL may run
+  -- the large first part in parallel, as it runs a bare aggregate, with no join per row.
   return query
-  select g.by_key, g.key,
-         sum(g.decayed * g.w) filter (where g.success),
-         sum(g.decayed * g.w) filter (where not g.success)
+  select k.by_key, k.key, sum(k.success), sum(k.failure)
   from (
-    select c.by_key, c.key, c.success,
-           case when c.feedback then p_feedback_weight else p_audit_weight end
-           * case when c.unsafe and not c.success then p_unsafe_multiplier else 1 end as w,
-           sum(c.decayed) as decayed
-    from (
-      select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
-             e.source = 'user_feedback' as feedback, coalesce(e.score > 0, e.passed) as success,
-             e.reason = 'unsafe' as unsafe,
-             exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as decayed
-      from public.persona_training_events e
-      left join public.persona_training_events n
-        on n.twin_id = p_twin_id and n.supersedes_id = e.id
-        and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
-      where e.twin_id = p_twin_id
-        and e.id > p_after_event_id and e.id <= p_through_event_id
-        and not e.audit_of_draft
-        and (e.source = 'persona_audit' or e.score <> 0)
-        -- Current at the batch's end: never replaced, or replaced by a vote after it (a vote
-        -- whose replacement was deleted stays out). The replacing votes come from a join with
-        -- the step's vote changes (the index on (twin_id, supersedes_id)), which PostgreSQL
-        -- may run in parallel, as it runs the bare aggregate; a subquery here would not be.
-        and (e.superseded_at is null or n.id > p_batch_last_event_id)
-    ) c
-    group by c.by_key, c.key, c.success, c.feedback, c.unsafe
-  ) g
-  group by g.by_key, g.key;
+    select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
+           sum(w.weight) filter (where w.success) as success,
+           sum(w.weight) filter (where not w.success) as failure
+    from public.persona_training_events e
+    cross join lateral (
+      select coalesce(e.score > 0, e.passed) as success,
+             case when e.source = 'user_feedback' then p_feedback_weight
+                  else p_audit_weight end
+             * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                    then p_unsafe_multiplier else 1 end
+             * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+    ) w
+    where e.twin_id = p_twin_id
+      and e.id > p_after_event_id and e.id <= p_through_event_id
+      and e.superseded_at is null
+      and not e.audit_of_draft and (e.source = 'persona_audit' or e.score <> 0)
+    group by 1, 2
+    union all
+    select e.module_key is not null, coalesce(e.module_key, e.intent_label),
+           sum(w.weight) filter (where w.success),
+           sum(w.weight) filter (where not w.success)
+    from public.persona_training_events n
+    join public.persona_training_events e on e.id = n.supersedes_id
+    cross join lateral (
+      select coalesce(e.score > 0, e.passed) as success,
+             case when e.source = 'user_feedback' then p_feedback_weight
+                  else p_audit_weight end
+             * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                    then p_unsafe_multiplier else 1 end
+             * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+    ) w
+    where n.twin_id = p_twin_id
+      and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
+      and n.id > p_batch_last_event_id
+      and e.twin_id = p_twin_id
+      and not e.audit_of_draft and (e.source = 'persona_audit' or e.score <> 0)
+    group by 1, 2
+  ) k
+  group by k.by_key, k.key;
 end;
 $$;
 
