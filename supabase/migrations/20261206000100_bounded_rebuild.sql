@@ -17,6 +17,9 @@
 -- the vote that replaced it retract it: a vote whose replacement was deleted before a run
 -- learned either then counted, though the rebuild leaves it out (found by the property test:
 -- a run claimed before the votes, its worker killed, the middle of three votes deleted).
+--
+-- A change of the weighting (half-life, source weights, unsafe multiplier) marks the twin too:
+-- the modules are then rebuilt with the new weighting instead of mixing old and new.
 
 -- The worker calls claim_learning_run_events until it answers with the batch.
 create or replace function public.worker_schema_version()
@@ -36,6 +39,44 @@ comment on column public.persona_learning_settings.rebuild_step_events is
   'A rebuild of the twin''s modules (after evidence was deleted or modules edited) reads at most '
   'this many events (1 to 1,000,000) per worker call, so that each call stays well inside the '
   'API''s 8 s statement timeout however long the twin''s history.';
+
+-- The exact learning path's marker for the weighting: a twin whose half-life, source weights or
+-- unsafe multiplier change has its modules rebuilt with the new ones by its next run.
+create function private.bump_evidence_generation_on_weighting_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  where t.id = new.twin_id
+    and (t.learned_through_event_id > 0
+         or exists (select 1 from public.persona_feedback_learning_runs r
+                    where r.twin_id = t.id and r.status = 'running'));
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_weighting_edit() is
+  'Trigger (after update of half_life_days, feedback_weight, audit_weight or unsafe_multiplier '
+  'on persona_learning_settings, when one changes): bumps the twin''s evidence_generation when it '
+  'has learned evidence or a running run, so that its next run rebuilds every module with the '
+  'new weighting and a running one reads its batch again. Security definer: the owner may tune '
+  'the settings but not write the twin''s generation. Raises nothing.';
+
+create trigger persona_learning_settings_bump_generation
+  after update of half_life_days, feedback_weight, audit_weight, unsafe_multiplier
+  on public.persona_learning_settings
+  for each row
+  when (old.half_life_days is distinct from new.half_life_days
+        or old.feedback_weight is distinct from new.feedback_weight
+        or old.audit_weight is distinct from new.audit_weight
+        or old.unsafe_multiplier is distinct from new.unsafe_multiplier)
+  execute function private.bump_evidence_generation_on_weighting_edit();
+
+revoke execute on function private.bump_evidence_generation_on_weighting_edit() from public;
 
 -- A twin's settings row lives and dies with the twin: every run reads it.
 revoke delete on public.persona_learning_settings from service_role;

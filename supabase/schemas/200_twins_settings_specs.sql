@@ -164,6 +164,44 @@ create trigger persona_learning_settings_touch_updated_at
   before update on public.persona_learning_settings
   for each row execute function private.touch_updated_at();
 
+-- The exact learning path's marker for the weighting: a twin whose half-life, source weights or
+-- unsafe multiplier change has its modules rebuilt with the new ones by its next run.
+create function private.bump_evidence_generation_on_weighting_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  update public.twins t
+  set evidence_generation = t.evidence_generation + 1
+  where t.id = new.twin_id
+    and (t.learned_through_event_id > 0
+         or exists (select 1 from public.persona_feedback_learning_runs r
+                    where r.twin_id = t.id and r.status = 'running'));
+  return null;
+end;
+$$;
+
+comment on function private.bump_evidence_generation_on_weighting_edit() is
+  'Trigger (after update of half_life_days, feedback_weight, audit_weight or unsafe_multiplier '
+  'on persona_learning_settings, when one changes): bumps the twin''s evidence_generation when it '
+  'has learned evidence or a running run, so that its next run rebuilds every module with the '
+  'new weighting and a running one reads its batch again. Security definer: the owner may tune '
+  'the settings but not write the twin''s generation. Raises nothing.';
+
+create trigger persona_learning_settings_bump_generation
+  after update of half_life_days, feedback_weight, audit_weight, unsafe_multiplier
+  on public.persona_learning_settings
+  for each row
+  when (old.half_life_days is distinct from new.half_life_days
+        or old.feedback_weight is distinct from new.feedback_weight
+        or old.audit_weight is distinct from new.audit_weight
+        or old.unsafe_multiplier is distinct from new.unsafe_multiplier)
+  execute function private.bump_evidence_generation_on_weighting_edit();
+
+revoke execute on function private.bump_evidence_generation_on_weighting_edit() from public;
+
 create function private.create_default_learning_settings()
 returns trigger
 language plpgsql

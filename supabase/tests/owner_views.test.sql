@@ -21,22 +21,19 @@ select tests.act_as('bob');
 insert into public.persona_training_events (twin_id, trace_id, score, reason, intent_label)
 values (tests.twin_id('Bob twin'), 'b1', -1, 'unsafe', 'factual_with_evidence');
 
--- As the worker leaves it: a run per twin over all its events, completed (the trigger writes the
--- summaries), the twin's cursor moved past the batch.
+-- As the worker leaves it: a run per twin over all its events, read (which counts the batch for
+-- the summaries) and completed (which writes them), through the worker's functions.
 select tests.act_as_platform();
-insert into public.persona_feedback_learning_runs
-  (twin_id, trigger, learning_time, batch_after_event_id, batch_last_event_id)
-select t.id, 'schedule', now(), 0, (select max(e.id) from public.persona_training_events e
-                                    where e.twin_id = t.id)
-from public.twins t where t.id in (tests.twin_id('Ada twin'), tests.twin_id('Bob twin'));
-update public.persona_feedback_learning_runs r
-set status = 'completed', finished_at = now(), events_scanned = 0, events_processed = 0,
-    modules_updated = 0, gate_passed = true, gate_report = '{"checks": []}',
-    publish_decision = 'held', hold_reason = 'no_draft'
-where r.twin_id in (tests.twin_id('Ada twin'), tests.twin_id('Bob twin'));
-update public.twins t set learned_through_event_id = r.batch_last_event_id
-from public.persona_feedback_learning_runs r
-where r.twin_id = t.id and t.id in (tests.twin_id('Ada twin'), tests.twin_id('Bob twin'));
+create temporary table claimed on commit drop as
+select r.id, r.lease_token
+from public.twins t
+cross join lateral public.enqueue_due_learning_runs(t.id) q
+cross join lateral public.claim_learning_run('pgtap', 60, t.id) r
+where t.id in (tests.twin_id('Ada twin'), tests.twin_id('Bob twin'));
+select public.claim_learning_run_events(c.id, c.lease_token) from claimed c;
+select public.complete_learning_run(c.id, c.lease_token, '{"module_updates": [],
+  "gate_passed": true, "gate_report": {"checks": []}, "publish_spec_id": null,
+  "hold_reason": "no_draft"}') from claimed c;
 
 
 -- Acting as Ada

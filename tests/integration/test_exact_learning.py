@@ -420,6 +420,28 @@ def test_a_vote_whose_replacement_was_deleted_stays_out_of_a_later_batch(
     assert_modules_exact(db, twin.id)
 
 
+def test_a_new_weighting_rebuilds_the_modules_with_it(db, service, make_user, make_runner):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    vote(voter, twin, "t1", -1, "a", reason="unsafe")
+    vote(owner, twin, "t2", 1, "a")
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (1, 3)  # the unsafe failure weighs 3 by default
+    owner.client.table("persona_learning_settings").update(
+        {"unsafe_multiplier": 5, "feedback_weight": 2}).eq("twin_id", twin.id).execute()
+    [run] = learn(runner, twin)  # no new evidence: the weighting alone marks the twin
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and rebuilt_modules", str(run.id)) == 1
+    assert sf(db, twin, "m") == (2, 10)
+    assert_modules_exact(db, twin.id)
+    # Settings that do not weigh evidence leave the twin as it is.
+    owner.client.table("persona_learning_settings").update({"min_evidence": 3}).eq(
+        "twin_id", twin.id).execute()
+    assert count(db, "select evidence_generation - learned_generation from twins where id = %s",
+                 twin.id) == 0
+
+
 def test_an_edited_learned_vote_is_relearned_exactly(db, service, make_user, make_runner):
     owner = make_user("owner")
     twin = create_twin(db, owner.id, {"m": "a", "n": "b"})

@@ -5,7 +5,8 @@ module history agree with it.
 Hypothesis draws sequences of: votes and vote changes, moderation deletes of votes, deletions of
 voters' accounts, module add / rename / re-intent / delete, spec create / publish / delete,
 audits of any spec or none (some with clocks ahead: within the skew, stored as the server's
-time; beyond it, refused and nothing changes), runs, and workers killed mid-run (a run claimed,
+time; beyond it, refused and nothing changes), a new weighting (half-life, unsafe multiplier,
+audit weight), runs, and workers killed mid-run (a run claimed,
 its batch maybe read (or one step of a rebuild taken), its lease then expired, taken over by
 the next run). Rebuilds take steps of 1 to 6 events, so most take several calls. Everything goes
 through the real stack: PostgREST for writes, the worker's Store and Runner for runs, SQL only
@@ -76,6 +77,8 @@ operations = st.one_of(
               st.sampled_from(INTENTS), st.sampled_from(("none", "none", "within", "beyond")),
               st.booleans()),
     st.tuples(st.just("crash"), st.booleans()),
+    st.tuples(st.just("weighting"), st.sampled_from((7.0, 30.0, 90.0)),
+              st.sampled_from((1.0, 3.0)), st.sampled_from((1.0, 2.0))),
 )
 
 
@@ -194,6 +197,11 @@ def apply(w: World, op: Op) -> None:
             w.draft_audit_ids.add(event_id)
     elif kind == "run":
         run_all(w)
+    elif kind == "weighting":  # the owner retunes how evidence weighs
+        _, half_life, unsafe, audit = op
+        w.service.table("persona_learning_settings").update(
+            {"half_life_days": half_life, "unsafe_multiplier": unsafe, "audit_weight": audit}
+        ).eq("twin_id", w.twin_id).execute()
     elif kind == "crash":
         store = w.runner.store
         store.enqueue_run(uuid.UUID(w.twin_id), safe_mode=True)
