@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from worker import logs
 from worker.config import WorkerSettings, key_role
+from worker.explain import describe_watch, watch_outcome
 from worker.runner import Runner, poll_until_stopped
 from worker.store import ConfigurationError, Run, Store, StoreError
 
@@ -46,6 +47,9 @@ def summarize(run: Run) -> str:
         f"  modules_updated={_fig(run.modules_updated)}",
         f"  gate_passed={_fig(run.gate_passed)}  publish_decision={decision}",
     ]
+    watched = describe_watch(run.gate_report, {})
+    if watched:
+        lines.append(f"  {watched}")
     for check in (run.gate_report or {}).get("checks", []):
         method = ""
         if check.get("method"):  # the interval and the counts behind the value
@@ -75,7 +79,9 @@ def _fig(value: object) -> str:
 
 def runs_table(runs: Sequence[Run]) -> str:
     """The runs as an aligned text table, one line each after a header (`pfl runs`)."""
-    header = ("created", "run", "status", "scanned", "processed", "modules", "gate", "decision")
+    header = (
+        "created", "run", "status", "scanned", "processed", "modules", "gate", "decision", "watch",
+    )
     rows = [header]
     for r in runs:
         rows.append(
@@ -88,6 +94,7 @@ def runs_table(runs: Sequence[Run]) -> str:
                 _fig(r.modules_updated),
                 _fig(r.gate_passed),
                 (r.publish_decision or "-") + (f" ({r.hold_reason})" if r.hold_reason else ""),
+                watch_outcome(r.gate_report),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -273,6 +280,13 @@ def _cmd_runs(args: argparse.Namespace, settings: WorkerSettings, store: Store) 
         print(f"twin {args.twin} has no runs")
         return 0
     print(runs_table(runs))
+    versions = {str(v.id): v.version for v in store.spec_versions(args.twin)}
+    watched = [(r, describe_watch(r.gate_report, versions)) for r in runs]
+    if any(sentence for _, sentence in watched):
+        print("\nProduction watch:")
+        for r, sentence in watched:
+            if sentence:
+                print(f"  {str(r.id)[:8]}  {sentence}")
     moves = runs_moves(store, args.twin, runs)
     if moves:
         print("\nWhat moved:")

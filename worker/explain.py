@@ -14,7 +14,8 @@ probation otherwise.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from worker.learning import wilson_bounds
 from worker.models import LearningSettings, ModuleStatus
@@ -163,3 +164,70 @@ def notable(change: TrendPoint, min_confidence_move: float = 0.01) -> bool:
     least `min_confidence_move` (a fraction; 0.01 = one point)."""
     return (change.status != change.status_before
             or abs(change.confidence - change.confidence_before) >= min_confidence_move)
+
+
+def watch_outcome(gate_report: Mapping[str, Any] | None) -> str:
+    """A run's production-watch outcome in a word or two (`pfl runs`' watch column), from its
+    gate_report: the
+    watch's state after the run (and "rolled back" when the run rolled the spec back), "owner
+    rollback" for a rollback by hand, "-" when the run looked at no watch."""
+    report = gate_report or {}
+    if isinstance(report.get("rollback"), dict):
+        return "owner rollback"
+    watch = report.get("watch")
+    if not isinstance(watch, dict):
+        return "-"
+    if watch.get("action") == "roll_back":
+        return "regressed, rolled back"
+    return str(watch.get("state", "-"))
+
+
+def describe_watch(
+    gate_report: Mapping[str, Any] | None, versions: Mapping[str, int]
+) -> str | None:
+    """One sentence on what a run (its gate_report) found about the production watch, or did
+    by hand; None when it looked at no watch. `versions` maps spec ids (text) to version
+    numbers (a spec not in it is named by its id's first 8 characters)."""
+    report = gate_report or {}
+
+    def version(spec: object) -> str:
+        return f"v{versions[str(spec)]}" if str(spec) in versions else f"spec {str(spec)[:8]}"
+
+    rollback = report.get("rollback")
+    if isinstance(rollback, dict):
+        return (
+            f"rolled back by the owner from {version(rollback.get('from_spec_id'))} to "
+            f"{version(rollback.get('to_spec_id'))}: {rollback.get('reason')}"
+        )
+    watch = report.get("watch")
+    if not isinstance(watch, dict):
+        return None
+    sentence = (
+        f"watch of {version(watch.get('spec_id'))}: {watch.get('state')} at look "
+        f"{watch.get('look')}/{watch.get('looks_planned')}"
+    )
+    action = watch.get("action")
+    if action == "roll_back":
+        sentence += f", rolled back to {version(watch.get('previous_spec_id'))}"
+    elif action == "alert":
+        sentence += ", alert only (watch_mode alert: roll back with rollback_persona_spec)"
+    twin = next(
+        (c for c in watch.get("comparisons", []) if c.get("scope") == "twin"), None
+    )
+    if twin is not None:
+        e = twin.get("evidence", {})
+        sentence += (
+            f"; twin-wide {e.get('new_passed')}/{e.get('new_n')} passed since the publish "
+            f"vs {e.get('old_passed')}/{e.get('old_n')} before, {twin.get('verdict')}"
+        )
+        if twin.get("value") is not None:
+            sentence += (
+                f" (upper bound {twin['value']:.4f}, threshold {twin.get('threshold')})"
+            )
+    regressed = [
+        c.get("module_key") for c in watch.get("comparisons", [])
+        if c.get("scope") == "module" and c.get("verdict") == "regressed"
+    ]
+    if regressed:
+        sentence += f"; modules regressed: {', '.join(str(k) for k in regressed)}"
+    return sentence

@@ -198,6 +198,7 @@ class HoldReason(StrEnum):
     no_draft = "no_draft"
     safe_mode = "safe_mode"
     gate_failed = "gate_failed"
+    rolled_back = "rolled_back"  # the run rolled the published spec back (production watch)
 
 
 class AuditComparison(_Frozen):
@@ -258,6 +259,9 @@ class GateReport(_Frozen):
     draft_spec_id: UUID | None
     baseline_spec_id: UUID | None
     checks: tuple[GateCheck, ...]
+    watch: "WatchReport | None" = Field(
+        None, description="The production watch's look at this run, when a watch is on."
+    )
 
     @model_validator(mode="after")
     def _decision_has_reason(self) -> Self:
@@ -296,6 +300,9 @@ class RunDecision(_Frozen):
         description="The draft spec the run publishes; None when it holds."
     )
     hold_reason: HoldReason | None
+    watch: "WatchReport | None" = Field(
+        None, description="The production watch's decision (the report's watch section)."
+    )
 
     @model_validator(mode="after")
     def _figures_agree(self) -> Self:
@@ -315,4 +322,149 @@ class RunDecision(_Frozen):
             raise ValueError("only a passed gate publishes")
         if self.publish_spec_id != (report.draft_spec_id if published else None):
             raise ValueError("publish_spec_id is the report's draft when published, else None")
+        if self.watch != report.watch:
+            raise ValueError("watch must be the report's watch section")
+        rolls_back = self.watch is not None and self.watch.action is WatchAction.roll_back
+        if rolls_back != (self.hold_reason is HoldReason.rolled_back):
+            raise ValueError("a run that rolls back holds with rolled_back, and only that one")
         return self
+
+
+# Production watch ------------------------------------------------------------------------------
+
+
+class WatchMode(StrEnum):
+    """What a twin's production watch does: nothing, record a regression, or roll it back."""
+
+    off = "off"
+    alert = "alert"
+    auto = "auto"
+
+
+class WatchState(StrEnum):
+    """A watch's state (persona_spec_watches.state)."""
+
+    watching = "watching"
+    passed = "passed"
+    regressed = "regressed"
+    expired = "expired"
+    rolled_back = "rolled_back"
+    superseded = "superseded"
+
+
+class WatchAction(StrEnum):
+    """What a run does about its watch's finding: nothing, record it, or roll the spec back."""
+
+    none = "none"
+    alert = "alert"
+    roll_back = "roll_back"
+
+
+class WatchComparisonVerdict(StrEnum):
+    """One comparison at one run: regressed, tested without a regression, not a look this run,
+    or too little evidence on an arm (never a pass)."""
+
+    regressed = "regressed"
+    no_regression = "no_regression"
+    not_tested = "not_tested"
+    insufficient_evidence = "insufficient_evidence"
+
+
+class WatchSettings(_Frozen):
+    """A twin's watch settings (persona_learning_settings.watch_*), as the database holds them."""
+
+    mode: WatchMode = Field(WatchMode.alert, description="off, alert (default) or auto.")
+    margin: float = Field(
+        0.02, ge=0, le=1,
+        description="A regression is a drop of the pass rate (new - old) beyond this.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, le=0.5,
+        description="Chance of a false regression over a whole watch (all looks, comparisons).",
+    )
+    min_evidence: int = Field(
+        30, ge=1, description="Votes and audits each arm of a comparison needs to be judged."
+    )
+    pass_evidence: int = Field(
+        400, ge=1,
+        description="The twin-wide comparison's smaller arm at the last look: passed there.",
+    )
+    looks: int = Field(10, ge=1, le=100, description="Looks planned over pass_evidence.")
+    expire_days: float = Field(
+        14.0, gt=0, description="The watch expires this many days after the publish."
+    )
+
+
+class WatchComparisonEvidence(_Frozen):
+    """Counts of one comparison, aggregated in SQL: votes (+1/-1) and audits of the new spec
+    since its publish, and of the replaced spec in an equally long window before it."""
+
+    scope: Literal["twin", "module"]
+    module_key: str | None = None
+    new_n: int = Field(ge=0)
+    new_passed: int = Field(ge=0)
+    old_n: int = Field(ge=0)
+    old_passed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _passed_within_n(self) -> Self:
+        if self.new_passed > self.new_n or self.old_passed > self.old_n:
+            raise ValueError("passed exceeds n")
+        return self
+
+
+class WatchEvidence(_Frozen):
+    """What `claim_production_watch` returns for a twin with a watch on."""
+
+    watch_id: UUID
+    spec_id: UUID
+    previous_spec_id: UUID | None
+    published_at: AwareDatetime
+    window_start: AwareDatetime
+    learning_time: AwareDatetime
+    alpha_spent: float = Field(ge=0, le=1)
+    looks_done: int = Field(ge=0)
+    modules_total: int = Field(ge=0)
+    settings: WatchSettings
+    twin: WatchComparisonEvidence
+    modules: tuple[WatchComparisonEvidence, ...] = ()
+
+
+class WatchComparison(_Frozen):
+    """One comparison as the run's report shows it: `value` is the upper bound of Newcombe's
+    interval for (new - old) at this look's level (None when not tested), against `threshold`
+    (-margin)."""
+
+    scope: Literal["twin", "module"]
+    module_key: str | None
+    value: float | None
+    difference: float | None
+    threshold: float
+    verdict: WatchComparisonVerdict
+    evidence: dict[str, int]
+    method: str | None = None
+
+
+class WatchReport(_Frozen):
+    """The watch's decision at one run (the run's gate_report.watch, the watch's last_report)."""
+
+    watch_id: UUID
+    spec_id: UUID
+    previous_spec_id: UUID | None
+    mode: WatchMode
+    state: WatchState
+    action: WatchAction
+    tested: bool
+    look: int = Field(ge=0, description="Looks done, this one included.")
+    looks_planned: int
+    information: float = Field(ge=0, le=1)
+    alpha_spent: float = Field(ge=0, le=1)
+    alpha_per_comparison: float | None
+    z: float | None
+    window_start: AwareDatetime
+    published_at: AwareDatetime
+    comparisons: tuple[WatchComparison, ...]
+
+
+GateReport.model_rebuild()
+RunDecision.model_rebuild()

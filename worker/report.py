@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from worker.explain import explain_move, notable
+from worker.explain import describe_watch, explain_move, notable
 from worker.models import LearningSettings, ModuleStatus
 from worker.store import Run, Store
 from worker.views import (
@@ -490,12 +490,15 @@ def render(data: ReportData, now: datetime) -> str:
                      f"<figcaption>{_e(caption)}</figcaption></figure>")
     parts.append("<h2>Runs and what moved</h2><table><tr><th>queued (UTC)</th><th>status</th>"
                  "<th>events</th><th>gate</th><th>decision</th><th>what moved</th></tr>")
+    versions = {str(s.id): s.version for s in data.specs}
     for r in data.runs:
         checks = ", ".join(
             f"{c.get('name')}: {c.get('verdict')}" for c in (r.gate_report or {}).get("checks", [])
         )
         decision = (r.publish_decision or "—") + (f" ({r.hold_reason})" if r.hold_reason else "")
-        sentences = "".join(f"<li>{_e(s)}</li>" for s in moves.get(r.id, []))
+        watched = describe_watch(r.gate_report, versions)
+        said = [*([watched] if watched else []), *moves.get(r.id, [])]
+        sentences = "".join(f"<li>{_e(s)}</li>" for s in said)
         parts.append(
             f"<tr><td>{_t(r.created_at)}</td><td>{_e(r.status)}</td>"
             f"<td>{_e(r.events_processed)}</td><td>{_e(checks or r.gate_passed)}</td>"

@@ -15,7 +15,14 @@ from uuid import UUID
 
 from worker.gate import evaluate_gate
 from worker.learning import learn
-from worker.models import GateInput, PublishDecision, RunDecision
+from worker.models import (
+    GateInput,
+    HoldReason,
+    PublishDecision,
+    RunDecision,
+    WatchAction,
+    WatchEvidence,
+)
 from worker.store import (
     BatchChangedError,
     Run,
@@ -25,6 +32,7 @@ from worker.store import (
     StoreError,
     TransientStoreError,
 )
+from worker.watch import decide_watch
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +41,18 @@ logger = logging.getLogger(__name__)
 READS_PER_ATTEMPT = 3
 
 
-def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
-    """The pure part of a run: learn from the batch, gate the draft, and decide.
+def decide(
+    batch: RunBatch, *, safe_mode: bool, watch: WatchEvidence | None = None
+) -> RunDecision:
+    """The pure part of a run: learn from the batch, gate the draft, look at the production
+    watch, and decide.
 
-    Takes the batch `claim_learning_run_events` aggregated and whether the run is in safe mode
-    (never publishes); returns the run's decision for `Store.complete_run`. Raises ValueError
-    when the batch's evidence names a module the batch does not list.
+    Takes the batch `claim_learning_run_events` aggregated, whether the run is in safe mode
+    (never publishes) and the watch's evidence (`claim_production_watch`; None when no spec is
+    watched); returns the run's decision for `Store.complete_run`. The gate report carries the
+    watch's look (`watch`); a regression with watch_mode auto rolls the spec back, and the run
+    then publishes nothing (held, rolled_back). Raises ValueError when the batch's evidence
+    names a module the batch does not list.
     """
     evidence = {e.module_id: e for e in batch.evidence}
     updates = learn(batch.modules, evidence, batch.learning_time, batch.settings)
@@ -53,6 +67,18 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
         ),
         batch.settings,
     )
+    if watch is not None:
+        looked = decide_watch(watch)
+        if looked.action is WatchAction.roll_back:
+            report = report.model_copy(
+                update={
+                    "publish_decision": PublishDecision.held,
+                    "hold_reason": HoldReason.rolled_back,
+                    "watch": looked,
+                }
+            )
+        else:
+            report = report.model_copy(update={"watch": looked})
     publish = report.publish_decision is PublishDecision.published
     return RunDecision(
         events_scanned=batch.events_scanned,
@@ -65,6 +91,7 @@ def decide(batch: RunBatch, *, safe_mode: bool) -> RunDecision:
         publish_decision=report.publish_decision,
         publish_spec_id=report.draft_spec_id if publish else None,
         hold_reason=report.hold_reason,
+        watch=report.watch,
     )
 
 
@@ -160,7 +187,8 @@ class Runner:
         renewed = started
         for read in range(1, READS_PER_ATTEMPT + 1):
             batch, renewed = self._read_batch(run, renewed, log)
-            decision = decide(batch, safe_mode=run.safe_mode)
+            watch = self.store.claim_watch(run)
+            decision = decide(batch, safe_mode=run.safe_mode, watch=watch)
             renewed = self._keep_lease(run, renewed)
             try:
                 return decision, self.store.complete_run(run, decision)

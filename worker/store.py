@@ -33,6 +33,7 @@ from worker.models import (
     ModuleEvidence,
     ModuleState,
     RunDecision,
+    WatchEvidence,
 )
 from worker.views import (
     ModuleFeedback,
@@ -64,7 +65,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261206000100"
+REQUIRED_SCHEMA_VERSION = "20261207000100"
 
 
 class ConfigurationError(Exception):
@@ -200,6 +201,7 @@ class CompletionPayload(TypedDict):
     gate_report: dict[str, JSON]
     publish_spec_id: str | None
     hold_reason: str | None
+    watch: dict[str, JSON] | None  # the production watch's decision (models.WatchReport)
 
 
 class DeliveryRecord(TypedDict):
@@ -427,6 +429,17 @@ class Store:
         if isinstance(doc, dict) and doc.get("rebuild_pending"):
             return RebuildProgress.model_validate(doc)
         return RunBatch.model_validate(doc)
+
+    def claim_watch(self, run: Run) -> WatchEvidence | None:
+        """The production watch's evidence for the run (claim_production_watch): None when the
+        twin has no spec being watched or its watch_mode is off."""
+        doc = self._rpc(
+            "claim_production_watch", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
+        )
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+        found = doc.get("watch")
+        return None if found is None else WatchEvidence.model_validate(found)
 
     def complete_run(self, run: Run, decision: RunDecision) -> Run:
         """Writes the run's decision in one transaction: module updates and their history, the

@@ -97,6 +97,11 @@ grant select on public.twins to authenticated;
 grant insert (name, feedback_from), update (name, feedback_from) on public.twins to authenticated;
 
 
+create type public.watch_mode as enum ('off', 'alert', 'auto');
+comment on type public.watch_mode is
+  'What the production watch does with a twin''s newly published spec: off (no watch), alert '
+  '(record a regression; the default) or auto (roll the spec back in the run that finds it).';
+
 -- Per-twin learning settings: one row per twin, created with the twin. Field names match the
 -- worker's LearningSettings model.
 create table public.persona_learning_settings (
@@ -136,11 +141,26 @@ create table public.persona_learning_settings (
   max_clock_skew_seconds integer not null default 60
     constraint max_clock_skew_seconds_0_to_3600 check (max_clock_skew_seconds between 0 and 3600),
   rebuild_step_events integer not null default 1000000,
+  watch_mode public.watch_mode not null default 'alert',
+  watch_margin double precision not null default 0.02
+    constraint watch_margin_0_to_1 check (watch_margin between 0 and 1),
+  watch_alpha double precision not null default 0.05
+    constraint watch_alpha_above_0_to_0_5 check (watch_alpha > 0 and watch_alpha <= 0.5),
+  watch_min_evidence integer not null default 30
+    constraint watch_min_evidence_at_least_1 check (watch_min_evidence >= 1),
+  watch_pass_evidence integer not null default 400
+    constraint watch_pass_evidence_at_least_1 check (watch_pass_evidence >= 1),
+  watch_looks integer not null default 10
+    constraint watch_looks_1_to_100 check (watch_looks between 1 and 100),
+  watch_expire_days double precision not null default 14
+    constraint watch_expire_days_positive check (watch_expire_days > 0),
   constraint keep_active_lower_bound_at_most_activate_lower_bound
     check (keep_active_lower_bound <= activate_lower_bound),
   -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
   constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000),
-  constraint rebuild_step_events_1_to_1000000 check (rebuild_step_events between 1 and 1000000)
+  constraint rebuild_step_events_1_to_1000000 check (rebuild_step_events between 1 and 1000000),
+  constraint watch_pass_evidence_at_least_watch_min_evidence
+    check (watch_pass_evidence >= watch_min_evidence)
 );
 
 comment on table public.persona_learning_settings is
@@ -159,6 +179,25 @@ comment on column public.persona_learning_settings.rebuild_step_events is
 comment on column public.persona_learning_settings.max_clock_skew_seconds is
   'An event''s created_at (set by the service role) may be at most this many seconds ahead of '
   'the server''s clock; it is then stored as the server''s time. Further ahead is refused.';
+
+comment on column public.persona_learning_settings.watch_mode is
+  'Production watch of each newly published spec: off, alert (record a regression; default) or '
+  'auto (the run that finds a regression publishes the previous spec again).';
+comment on column public.persona_learning_settings.watch_margin is
+  'A regression is a drop of the pass rate (new spec - replaced spec) beyond this (default 0.02).';
+comment on column public.persona_learning_settings.watch_alpha is
+  'The chance of a false regression over a whole watch, all looks and comparisons (default 0.05).';
+comment on column public.persona_learning_settings.watch_min_evidence is
+  'Votes and audits each side of a comparison (twin-wide or per module) needs to be judged '
+  '(default 30).';
+comment on column public.persona_learning_settings.watch_pass_evidence is
+  'The watch passes once the smaller side of the twin-wide comparison holds this much evidence '
+  'with no regression found (default 400).';
+comment on column public.persona_learning_settings.watch_looks is
+  'Looks planned over watch_pass_evidence; runs between two looks test nothing (default 10).';
+comment on column public.persona_learning_settings.watch_expire_days is
+  'A watch that has not concluded this many days after the publish expires (default 14).';
+
 
 create trigger persona_learning_settings_touch_updated_at
   before update on public.persona_learning_settings
@@ -238,6 +277,10 @@ grant update (
   gate_non_inferiority_margin, gate_first_publish_min_lower_bound, gate_min_audited_traces,
   max_batch_events, max_attempts
 ) on public.persona_learning_settings to authenticated;
+grant update (
+  watch_mode, watch_margin, watch_alpha, watch_min_evidence, watch_pass_evidence, watch_looks,
+  watch_expire_days
+) on public.persona_learning_settings to authenticated;
 
 
 -- Persona specs: versioned documents; at most one published per twin.
@@ -263,9 +306,14 @@ create table public.persona_specs (
   updated_at timestamptz not null default now(),
   published_at timestamptz,
   archived_at timestamptz,
+  rolled_back_at timestamptz,
+  rollback_reason text
+    constraint rollback_reason_1_to_500_chars check (char_length(rollback_reason) between 1 and 500),
   constraint persona_specs_twin_version_key unique (twin_id, version),
   -- Lets training events reference a spec of their own twin only.
-  constraint persona_specs_twin_id_id_key unique (twin_id, id)
+  constraint persona_specs_twin_id_id_key unique (twin_id, id),
+  constraint rollback_reason_with_rolled_back_at
+    check ((rolled_back_at is null) = (rollback_reason is null))
 );
 
 comment on table public.persona_specs is
@@ -273,6 +321,11 @@ comment on table public.persona_specs is
 comment on column public.persona_specs.spec is
   'The persona document; spec->''modules'' lists the module keys it relies on.';
 comment on column public.persona_specs.version is 'Per-twin version number, assigned on insert.';
+
+comment on column public.persona_specs.rolled_back_at is
+  'When the spec was rolled back (archived, the spec before it published again); null otherwise.';
+comment on column public.persona_specs.rollback_reason is
+  'Why it was rolled back: the production watch''s finding or the owner''s reason.';
 
 create unique index persona_specs_one_published_idx on public.persona_specs (twin_id)
   where status = 'published';

@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(50);
+select plan(52);
 
 
 -- Tables, views and row-level security
@@ -16,7 +16,7 @@ select tables_are(
   array[
     'twins', 'persona_learning_settings', 'persona_specs', 'persona_modules',
     'persona_module_changes', 'persona_training_events', 'persona_feedback_learning_runs',
-    'persona_feedback_daily', 'persona_run_evidence'
+    'persona_feedback_daily', 'persona_run_evidence', 'persona_spec_watches'
   ],
   'public holds exactly the project''s tables'
 );
@@ -62,6 +62,8 @@ select policies_are('public', 'persona_training_events', array[
 ]);
 select policies_are('public', 'persona_feedback_learning_runs',
   array['Owners can read their twins'' runs']);
+select policies_are('public', 'persona_spec_watches',
+  array['Owners can read their twins'' spec watches']);
 select is_empty(
   $$ select tablename || ': ' || policyname from pg_policies
      where schemaname = 'public' and roles <> '{authenticated}'::name[] $$,
@@ -153,11 +155,15 @@ select is_empty(
 select results_eq(
   $$ select function_name from tests.function_privileges('authenticated')
      where schema_name = 'public' and executable $$,
-  $$ values ('processed_at'), ('processed_run_id'), ('request_learning_run') $$,
-  'of the API''s functions, a signed-in user executes the run request and the computed fields only'
+  $$ values ('processed_at'), ('processed_run_id'), ('request_learning_run'),
+            ('rollback_persona_spec') $$,
+  'of the API''s functions, a signed-in user executes the run request, the rollback and the '
+  'computed fields only'
 );
 select function_privs_are('public', 'request_learning_run', array['uuid', 'boolean'],
   'authenticated', array['EXECUTE'], 'signed-in users may request runs');
+select function_privs_are('public', 'rollback_persona_spec', array['uuid', 'text'],
+  'authenticated', array['EXECUTE'], 'signed-in users may roll back (their own twins'' specs)');
 
 
 -- What the service role may touch: every row of every table, every worker function
@@ -181,8 +187,8 @@ select table_privs_are('public', 'persona_learning_settings', 'service_role',
 select is_empty(
   $$ select signature from tests.function_privileges('service_role')
      where schema_name = 'public' and not executable
-       and function_name not in ('request_learning_run', 'schedule_learning_runs',
-                                 'unschedule_learning_runs') $$,
+       and function_name not in ('request_learning_run', 'rollback_persona_spec',
+                                 'schedule_learning_runs', 'unschedule_learning_runs') $$,
   'the service role may execute every worker function'
 );
 select is_empty(
@@ -233,7 +239,8 @@ select functions_are('public', array[
   'claim_learning_run', 'extend_learning_run_lease', 'claim_learning_run_events',
   'complete_learning_run', 'fail_learning_run', 'release_learning_run', 'claim_langfuse_outbox',
   'record_langfuse_deliveries', 'skip_langfuse_outbox', 'requeue_langfuse_outbox',
-  'langfuse_outbox_backlog', 'worker_schema_version',
+  'langfuse_outbox_backlog', 'worker_schema_version', 'claim_production_watch',
+  'rollback_persona_spec',
   -- the project owner's, for the optional pg_cron schedule; no API role executes them
   'schedule_learning_runs', 'unschedule_learning_runs',
   -- computed fields of persona_training_events, read as columns

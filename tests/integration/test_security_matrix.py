@@ -30,6 +30,7 @@ ACTORS = ("anon", "other", "owner", "service")
 VIEW = "persona_langfuse_outbox"
 EVENTS = "persona_training_events"
 RUNS = "persona_feedback_learning_runs"
+WATCHES = "persona_spec_watches"
 
 
 # ----------------------------------------------------------------------------- the world
@@ -50,6 +51,8 @@ class World:
     owner_vote: int  # the owner's feedback on `twin`
     other_vote: int  # the other user's feedback on `open_twin`
     audit: int  # the audit pipeline's audit of `twin`'s draft spec
+    watch: str  # the production watch of `twin`'s published spec
+    archived_spec: str  # of `twin`: published before `published_spec`
 
     @property
     def twins(self) -> list[str]:
@@ -102,8 +105,21 @@ def world(db: psycopg.Connection, make_user: Callable[[str], User]) -> World:
         "'factual_with_evidence', %s) returning id",
         twin, draft_spec,
     )
+    archived_spec = scalar(
+        db,
+        "insert into public.persona_specs (twin_id, status, spec, published_at, archived_at) "
+        "values (%s, 'archived', '{}', now() - interval '2 days', now() - interval '1 day') "
+        "returning id::text",
+        twin,
+    )
+    watch = scalar(
+        db,
+        "insert into public.persona_spec_watches (twin_id, spec_id, previous_spec_id, "
+        "published_at) values (%s, %s, %s, now() - interval '1 day') returning id::text",
+        twin, published_spec, archived_spec,
+    )
     return World(owner, other, twin, open_twin, other_twin, published_spec, draft_spec, module,
-                 change, run, owner_vote, other_vote, audit)
+                 change, run, owner_vote, other_vote, audit, watch, archived_spec)
 
 
 def token_of(stack: Stack, w: World, actor: str) -> str:
@@ -186,6 +202,12 @@ TABLES: dict[str, Table] = {
         key="id", row="run",
         insert=lambda w: {"twin_id": w.open_twin, "trigger": "manual"},
         patch={"error": "edited by hand"},
+    ),
+    WATCHES: Table(
+        key="id", row="watch",
+        insert=lambda w: {"twin_id": w.twin, "spec_id": w.draft_spec,
+                          "published_at": "2026-12-01T00:00:00Z"},
+        patch={"last_report": {"edited": "by hand"}},
     ),
     VIEW: Table(
         key="event_id", row="owner_vote",
@@ -304,8 +326,14 @@ MATRIX = [
     case("service", "persona_learning_settings", "select", Rows(ALL_TWINS)),
     # specs, modules, their changes and runs: the owner's rows are silently filtered for others.
     case("other", "persona_specs", "select", Rows()),
-    case("owner", "persona_specs", "select", Rows(("published_spec", "draft_spec"))),
-    case("service", "persona_specs", "select", Rows(("published_spec", "draft_spec"))),
+    case("owner", "persona_specs", "select",
+         Rows(("published_spec", "draft_spec", "archived_spec"))),
+    case("service", "persona_specs", "select",
+         Rows(("published_spec", "draft_spec", "archived_spec"))),
+    # production watches: the owner reads those of their twins, nobody else but the service.
+    case("other", WATCHES, "select", Rows()),
+    case("owner", WATCHES, "select", Rows(("watch",))),
+    case("service", WATCHES, "select", Rows(("watch",))),
     case("other", "persona_modules", "select", Rows()),
     case("owner", "persona_modules", "select", Rows(("module",))),
     case("service", "persona_modules", "select", Rows(("module",))),
@@ -345,16 +373,21 @@ MATRIX = [
     # specs: the owner creates drafts (numbered by the database), nobody else.
     case("other", "persona_specs", "insert", rls_violation("persona_specs")),
     case("owner", "persona_specs", "insert", Allowed(
-        lambda r, w: (r["status"], r["version"], r["created_by"]) == ("draft", 3, w.owner.id))),
+        lambda r, w: (r["status"], r["version"], r["created_by"]) == ("draft", 4, w.owner.id))),
     case("owner", "persona_specs", "insert", no_privilege("persona_specs"), "published",
          body=lambda w: {"twin_id": w.twin, "spec": {}, "status": "published"}),
     case("owner", "persona_specs", "insert", no_privilege("persona_specs"), "version",
          body=lambda w: {"twin_id": w.twin, "spec": {}, "version": 99}),
     case("service", "persona_specs", "insert",
-         Allowed(lambda r, w: (r["status"], r["version"]) == ("draft", 3))),
+         Allowed(lambda r, w: (r["status"], r["version"]) == ("draft", 4))),
     # modules, their history and runs are written by the worker alone.
     *(case(a, t, "insert", no_privilege(t))
-      for t in ("persona_modules", "persona_module_changes", RUNS) for a in ("other", "owner")),
+      for t in ("persona_modules", "persona_module_changes", RUNS, WATCHES)
+      for a in ("other", "owner")),
+    case("service", WATCHES, "insert",
+         Allowed(lambda r, w: (r["state"], r["looks_done"]) == ("watching", 0)),
+         prepare=lambda db, w: db.execute(
+             "delete from public.persona_spec_watches where id = %s", (w.watch,))),
     case("service", "persona_modules", "insert",
          Allowed(lambda r, w: r["module_key"] == "small_talk")),
     case("service", "persona_module_changes", "insert",
@@ -409,8 +442,11 @@ MATRIX = [
     case("service", "persona_specs", "update", Allowed()),
     # modules, changes, events and runs: no user may update them, not even their own vote.
     *(case(a, t, "update", no_privilege(t))
-      for t in ("persona_modules", "persona_module_changes", EVENTS, RUNS, VIEW)
+      for t in ("persona_modules", "persona_module_changes", EVENTS, RUNS, VIEW, WATCHES)
       for a in ("other", "owner")),
+    # a watch's state is the worker's (and the owner's rollback RPC's) to change.
+    case("owner", WATCHES, "update", no_privilege(WATCHES), "conclude",
+         body=lambda w: {"state": "rolled_back", "concluded_at": "2026-12-01T00:00:00Z"}),
     case("other", EVENTS, "update", no_privilege(EVENTS), "own-vote", row="other_vote",
          body=lambda w: {"score": 1}),
     case("owner", EVENTS, "update", no_privilege(EVENTS), "supersede",
@@ -421,7 +457,7 @@ MATRIX = [
     case("owner", RUNS, "update", no_privilege(RUNS), "complete",
          body=lambda w: {"status": "failed"}),
     *(case("service", t, "update", Allowed())
-      for t in ("persona_modules", "persona_module_changes", EVENTS, RUNS, VIEW)),
+      for t in ("persona_modules", "persona_module_changes", EVENTS, RUNS, VIEW, WATCHES)),
     # ---------------------------------------------------------------- delete
     # no user deletes anything, not even their own twin; the service deletes everything but a
     # twin's settings row, which lives and dies with the twin (every run reads it).
@@ -564,6 +600,99 @@ def test_request_learning_run_is_refused_to_non_owners(
     assert snapshot_all(db, world) == before
 
 
+def spec_states(db: psycopg.Connection, twin: str) -> list[tuple[str, str, str | None]]:
+    return db.execute(
+        "select id::text, status::text, rollback_reason from public.persona_specs "
+        "where twin_id = %s order by version", (twin,),
+    ).fetchall()
+
+
+def test_owner_rolls_back_to_the_spec_published_before(
+    stack: Stack, db: psycopg.Connection, world: World
+) -> None:
+    w = world
+    response = call(stack, w.owner.token, "POST", "rpc/rollback_persona_spec",
+                    {"p_twin_id": w.twin, "p_reason": "  users hate the new tone  "})
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert (run["trigger"], run["status"], run["requested_by"]) == (
+        "owner_rollback", "completed", w.owner.id)
+    assert (run["publish_decision"], run["published_spec_id"]) == ("published", w.archived_spec)
+    assert run["gate_report"]["rollback"]["reason"] == "users hate the new tone"
+    assert run["gate_report"]["rollback"]["from_spec_id"] == w.published_spec
+    assert spec_states(db, w.twin) == [
+        (w.published_spec, "archived", "owner: users hate the new tone"),
+        (w.draft_spec, "draft", None),
+        (w.archived_spec, "published", None),
+    ]
+    assert scalar(db, "select state::text from public.persona_spec_watches where id = %s",
+                  w.watch) == "rolled_back"
+    # The owner reads the run and the watch through PostgREST.
+    seen = call(stack, w.owner.token, "GET", f"{WATCHES}?id=eq.{w.watch}&select=state")
+    assert seen.json() == [{"state": "rolled_back"}]
+
+
+def _missing_twin(w: World) -> str:
+    return "00000000-0000-4000-8000-00000000dead"
+
+
+@pytest.mark.parametrize(
+    ("actor", "twin", "status", "code", "message"),
+    [
+        # another user gets the answer a missing twin gets: nothing tells them it exists.
+        ("other", "twin", 403, "42501", "twin_id: twin {twin} does not exist or is not yours"),
+        ("owner", None, 403, "42501", "twin_id: twin {twin} does not exist or is not yours"),
+        # the service role is no owner (only authenticated may execute the private helper).
+        ("service", "twin", 403, "42501", "permission denied for function rollback_persona_spec"),
+        ("anon", "twin", 401, "42501", "permission denied for function rollback_persona_spec"),
+        # the owner's twin without a published spec: nothing to roll back.
+        ("owner", "open_twin", 409, "PT409", "twin {twin} has no published spec to roll back"),
+    ],
+)
+def test_rollback_persona_spec_is_refused_with_a_clear_error(
+    stack: Stack, db: psycopg.Connection, world: World, actor: str, twin: str | None,
+    status: int, code: str, message: str,
+) -> None:
+    twin_id = getattr(world, twin) if twin else _missing_twin(world)
+    before = snapshot_all(db, world)
+    response = call(stack, token_of(stack, world, actor), "POST", "rpc/rollback_persona_spec",
+                    {"p_twin_id": twin_id, "p_reason": "bad"})
+    assert response.status_code == status, response.text
+    assert (response.json()["code"], response.json()["message"]) == (
+        code, message.format(twin=twin_id))
+    assert snapshot_all(db, world) == before
+
+
+@pytest.mark.parametrize("reason", [None, "", "   ", "x" * 501])
+def test_rollback_persona_spec_needs_a_reason(
+    stack: Stack, db: psycopg.Connection, world: World, reason: str | None
+) -> None:
+    before = snapshot_all(db, world)
+    response = call(stack, world.owner.token, "POST", "rpc/rollback_persona_spec",
+                    {"p_twin_id": world.twin, "p_reason": reason})
+    assert response.status_code == 400, response.text
+    assert (response.json()["code"], response.json()["message"]) == (
+        "22023", "p_reason: say why the spec is rolled back (1 to 500 characters)")
+    assert snapshot_all(db, world) == before
+
+
+def test_rollback_with_nothing_earlier_is_refused(
+    stack: Stack, db: psycopg.Connection, world: World
+) -> None:
+    w = world
+    db.execute("delete from public.persona_specs where id = %s", (w.archived_spec,))
+    before = snapshot_all(db, w)
+    response = call(stack, w.owner.token, "POST", "rpc/rollback_persona_spec",
+                    {"p_twin_id": w.twin, "p_reason": "bad"})
+    assert response.status_code == 409, response.text
+    version = scalar(db, "select version from public.persona_specs where id = %s",
+                     w.published_spec)
+    assert response.json()["message"] == (
+        f"twin {w.twin}: spec version {version} is the only spec published; there is nothing "
+        "to roll back to")
+    assert snapshot_all(db, w) == before
+
+
 # ----------------------------------------------------------------------------- worker RPCs
 
 
@@ -620,6 +749,8 @@ WORKER_CALLS: dict[str, WorkerCall] = {
         claim_run),
     "claim_learning_run_events": WorkerCall(
         lambda w, lease: {"p_run_id": w.run, "p_lease_token": lease}, claim_run),
+    "claim_production_watch": WorkerCall(
+        lambda w, lease: {"p_run_id": w.run, "p_lease_token": lease}, claim_run),
     "complete_learning_run": WorkerCall(
         lambda w, lease: {"p_run_id": w.run, "p_lease_token": lease,
                           "p_result": NO_MODULE_UPDATES},
@@ -655,8 +786,8 @@ def test_every_public_function_is_covered(db: psycopg.Connection) -> None:
     names = {r[0] for r in db.execute(
         "select p.proname from pg_proc p where p.pronamespace = 'public'::regnamespace")}
     # processed_at and processed_run_id are computed fields of events, read as columns.
-    assert names == {*WORKER_CALLS, *OWNER_ONLY_CALLS, "request_learning_run", "processed_at",
-                     "processed_run_id"}
+    assert names == {*WORKER_CALLS, *OWNER_ONLY_CALLS, "request_learning_run",
+                     "rollback_persona_spec", "processed_at", "processed_run_id"}
 
 
 @pytest.mark.parametrize("actor", ["anon", "other", "owner", "service"])
@@ -747,6 +878,19 @@ def test_service_claims_a_runs_events(stack: Stack, db: psycopg.Connection, worl
     # the owner's vote and the audit of `twin`; the other vote is on another twin.
     assert claimed["events_scanned"] == 2
     assert run_row(db, world.run)["batch_last_event_id"] == world.audit
+
+
+def test_service_claims_a_runs_production_watch(
+    stack: Stack, db: psycopg.Connection, world: World
+) -> None:
+    claimed = service_rpc(stack, world, db, "claim_production_watch")["watch"]
+    assert (claimed["watch_id"], claimed["spec_id"], claimed["previous_spec_id"]) == (
+        world.watch, world.published_spec, world.archived_spec)
+    assert claimed["settings"]["mode"] == "alert"
+    # the owner's vote (+1, cast after the publish) is the new spec's; the audit is the draft's.
+    assert {k: claimed["twin"][k] for k in ("new_n", "new_passed", "old_n", "old_passed")} == {
+        "new_n": 1, "new_passed": 1, "old_n": 0, "old_passed": 0}
+    assert [m["module_key"] for m in claimed["modules"]] == ["evidence_answers"]
 
 
 def test_service_completes_a_run(stack: Stack, db: psycopg.Connection, world: World) -> None:

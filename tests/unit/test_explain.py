@@ -132,3 +132,54 @@ def test_notable_moves() -> None:
     assert notable(change("active", "probation", 1, 1, 0.6, 0.6))
     assert notable(change("active", "active", 1, 1, 0.60, 0.61))
     assert not notable(change("active", "active", 1, 1, 0.600, 0.605))
+
+
+# --- the production watch in words (pfl runs, pfl report) ---------------------------------------
+
+WATCH_REPORT = {
+    "spec_id": "spec-2", "previous_spec_id": "spec-1", "state": "regressed", "action": "roll_back",
+    "look": 6, "looks_planned": 10,
+    "comparisons": [
+        {"scope": "twin", "module_key": None, "value": -0.17218, "threshold": -0.02,
+         "verdict": "regressed",
+         "evidence": {"new_n": 250, "new_passed": 140, "old_n": 250, "old_passed": 210}},
+        {"scope": "module", "module_key": "small_talk", "value": None, "threshold": -0.02,
+         "verdict": "insufficient_evidence", "evidence": {}},
+        {"scope": "module", "module_key": "evidence_answers", "value": -0.13, "threshold": -0.02,
+         "verdict": "regressed", "evidence": {}},
+    ],
+}
+
+
+def test_a_rollback_by_the_watch_in_words() -> None:
+    from worker.explain import describe_watch, watch_outcome
+
+    report = {"watch": WATCH_REPORT}
+    assert watch_outcome(report) == "regressed, rolled back"
+    assert describe_watch(report, {"spec-1": 1, "spec-2": 2}) == (
+        "watch of v2: regressed at look 6/10, rolled back to v1; twin-wide 140/250 passed since "
+        "the publish vs 210/250 before, regressed (upper bound -0.1722, threshold -0.02); "
+        "modules regressed: evidence_answers"
+    )
+
+
+def test_an_alert_a_pass_and_an_owner_rollback_in_words() -> None:
+    from worker.explain import describe_watch, watch_outcome
+
+    alert = {"watch": {**WATCH_REPORT, "action": "alert", "comparisons": []}}
+    assert watch_outcome(alert) == "regressed"
+    assert describe_watch(alert, {}) == (
+        "watch of spec spec-2: regressed at look 6/10, alert only (watch_mode alert: roll back "
+        "with rollback_persona_spec)"
+    )
+    passed = {"watch": {**WATCH_REPORT, "state": "passed", "action": "none", "look": 10,
+                        "comparisons": []}}
+    assert watch_outcome(passed) == "passed"
+    assert describe_watch(passed, {"spec-2": 2}) == "watch of v2: passed at look 10/10"
+    owner = {"rollback": {"reason": "tone", "from_spec_id": "spec-2", "to_spec_id": "spec-1"}}
+    assert watch_outcome(owner) == "owner rollback"
+    assert describe_watch(owner, {"spec-1": 1, "spec-2": 2}) == (
+        "rolled back by the owner from v2 to v1: tone")
+    nothings: list[dict[str, object] | None] = [None, {}, {"watch": None, "checks": []}]
+    for nothing in nothings:
+        assert watch_outcome(nothing) == "-" and describe_watch(nothing, {}) is None

@@ -233,9 +233,11 @@ def test_payload_values() -> None:
                     "evidence": {},
                 }
             ],
+            "watch": None,
         },
         "publish_spec_id": str(DRAFT),
         "hold_reason": None,
+        "watch": None,
     }
     held = decision(
         gate_passed=False,

@@ -1,0 +1,465 @@
+"""The production watch through the real stack: a run publishes a draft and starts its watch;
+later runs look at production evidence (audits and votes written as the audit pipeline and apps
+would) and pass, alert, roll back or let the watch expire; owners read it under RLS and roll back
+by hand; a rollback racing a publish leaves exactly one published spec; bad settings are
+refused by the database.
+
+Times: a watch's windows are set by its published_at. Each test publishes through a real run,
+then moves that watch's publish time (and the replaced spec's) into the past as one would find
+it days later, and writes the evidence with explicit times inside the windows.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from uuid import UUID
+
+import httpx
+import psycopg
+import pytest
+from pydantic import SecretStr
+
+from testkit.env import StackEnv
+from tests.conftest import Stack, User
+from tests.integration.helpers import Twin, create_twin, pfl, scalar, worker_env
+from worker.config import WorkerSettings
+from worker.models import WatchEvidence
+from worker.runner import Runner
+from worker.store import Run, Store
+
+pytestmark = pytest.mark.integration
+
+MODULES = {"evidence_answers": "factual_with_evidence", "small_talk": "casual_chat"}
+
+
+@pytest.fixture
+def runner(stack: Stack) -> Iterator[Runner]:
+    settings = WorkerSettings(
+        supabase_url=stack.url, supabase_service_role_key=SecretStr(stack.service_key),
+        pfl_worker_id="watch-tests",
+    )
+    made = Runner(Store.connect(settings), settings.pfl_worker_id, 60)
+    yield made
+    made.store.close()
+
+
+def audits(
+    db: psycopg.Connection, twin: Twin, spec_id: str, passed: int, failed: int, *,
+    at: str, prefix: str, module_key: str = "evidence_answers",
+) -> None:
+    """`passed` + `failed` audits of the spec, on traces <prefix>-<i>, cast at the SQL time `at`."""
+    db.execute(
+        "insert into public.persona_training_events (twin_id, source, trace_id, passed, "
+        "intent_label, module_key, persona_spec_id, created_at) "
+        "select %s, 'persona_audit', %s || '-' || g, g <= %s, 'factual_with_evidence', %s, %s, "
+        f"{at} from generate_series(1, %s) g",
+        (twin.id, prefix, passed, module_key, spec_id, passed + failed),
+    )
+
+
+def votes(
+    db: psycopg.Connection, twin: Twin, voter: str, up: int, down: int, *, at: str, prefix: str
+) -> None:
+    """`up` +1 and `down` -1 votes of one user on traces <prefix>-<i> (small_talk's intent)."""
+    db.execute(
+        "insert into public.persona_training_events (twin_id, trace_id, score, reason, "
+        "intent_label, created_by, created_at) "
+        "select %s, %s || '-' || g, case when g <= %s then 1 else -1 end, "
+        "case when g <= %s then 'helpful' else 'off_persona' end::public.training_event_reason, "
+        f"'casual_chat', %s, {at} from generate_series(1, %s) g",
+        (twin.id, prefix, up, up, voter, up + down),
+    )
+
+
+def published_twin(
+    db: psycopg.Connection, runner: Runner, owner: User, **settings: object
+) -> tuple[Twin, str, Run]:
+    """A twin whose draft (v2) was published over v1 by a real run; the publish and v1's moved
+    2 and 30 days into the past. Returns the twin, its watch's id and the publishing run."""
+    twin = create_twin(db, owner.id, MODULES, settings={"auto_publish": True, **settings},
+                       draft={"modules": list(MODULES)})
+    # The gate's evidence: 80 traces both specs pass (Tango's bound -0.0458 >= -0.05), audited
+    # 10 days ago, outside every window below.
+    assert twin.draft_spec_id is not None
+    for spec in (twin.published_spec_id, twin.draft_spec_id):
+        audits(db, twin, spec, 80, 0, at="now() - interval '10 days'", prefix="gate")
+    [run] = runner.run_once(UUID(twin.id))
+    assert (run.status, run.publish_decision, str(run.published_spec_id)) == (
+        "completed", "published", twin.draft_spec_id)
+    watch = db.execute(
+        "select w.id::text, w.state::text, w.spec_id::text, w.previous_spec_id::text, "
+        "w.published_by_run_id::text, w.published_at = s.published_at "
+        "from public.persona_spec_watches w join public.persona_specs s on s.id = w.spec_id "
+        "where w.twin_id = %s", (twin.id,),
+    ).fetchall()
+    assert [w[1:] for w in watch] == [
+        ("watching", twin.draft_spec_id, twin.published_spec_id, str(run.id), True)]
+    db.execute(
+        "update public.persona_spec_watches set published_at = now() - interval '2 days', "
+        "previous_published_at = now() - interval '30 days' where id = %s", (watch[0][0],),
+    )
+    return twin, watch[0][0], run
+
+
+def regress(db: psycopg.Connection, twin: Twin, owner: User) -> None:
+    """Production evidence of a regression: before the switch 85% of 200 audits of v1 passed and
+    80% of 50 votes were up; since, 60% of 200 audits of v2 and 40% of 50 votes."""
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 170, 30, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, 120, 80, at="now() - interval '1 day'", prefix="after")
+    votes(db, twin, owner.id, 40, 10, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 20, 30, at="now() - interval '1 day'", prefix="vote-after")
+
+
+def rollback(owner: User, twin: Twin, reason: str = "racing") -> httpx.Response:
+    """The owner's rollback_persona_spec through PostgREST, as an app sends it."""
+    env = StackEnv.load()
+    return httpx.post(
+        f"{env.rest}/rpc/rollback_persona_spec",
+        headers={"apikey": env.anon_key, "Authorization": f"Bearer {owner.token}"},
+        json={"p_twin_id": twin.id, "p_reason": reason}, timeout=30,
+    )
+
+
+def spec_rows(db: psycopg.Connection, twin: Twin) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "select id::text, status::text, rolled_back_at is not null, rollback_reason "
+        "from public.persona_specs where twin_id = %s order by version", (twin.id,),
+    ).fetchall()
+
+
+def watch_row(db: psycopg.Connection, watch_id: str) -> dict[str, Any]:
+    row = db.execute("select to_jsonb(w) from public.persona_spec_watches w where id = %s",
+                     (watch_id,)).fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+def published_count(db: psycopg.Connection, twin: Twin) -> int:
+    return int(scalar(db, "select count(*) from public.persona_specs where twin_id = %s "
+                          "and status = 'published'", twin.id))
+
+
+def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User], stack: Stack,
+) -> None:
+    owner, other = make_user("owner"), make_user("other")
+    twin, watch_id, publish_run = published_twin(db, runner, owner, watch_mode="auto")
+    regress(db, twin, owner)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert (run.status, run.publish_decision, run.hold_reason) == ("completed", "held",
+                                                                   "rolled_back")
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["mode"], report["look"]) == (
+        "regressed", "roll_back", "auto", 6)
+    by_scope = {c["module_key"]: c for c in report["comparisons"]}
+    twin_wide = by_scope[None]
+    # 250 a side: 140/250 since the switch against 210/250 before it.
+    assert twin_wide["evidence"] == {"new_n": 250, "new_passed": 140, "old_n": 250,
+                                     "old_passed": 210}
+    assert twin_wide["verdict"] == "regressed" and twin_wide["value"] < twin_wide["threshold"]
+    assert twin_wide["threshold"] == -0.02 and twin_wide["method"] == "newcombe_hybrid_score"
+    assert by_scope["evidence_answers"]["evidence"] == {
+        "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170}
+    assert by_scope["small_talk"]["evidence"] == {
+        "new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40}
+
+    # v1 published again, v2 archived with the reason and time; exactly one published.
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True,
+         f"production watch: regression found by run {run.id}"),
+    ]
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["last_run_id"], stored["looks_done"]) == (
+        "rolled_back", str(run.id), 6)
+    assert stored["concluded_at"] is not None and stored["last_report"] == report
+    # History: the publish, then the rollback, in time order.
+    times = db.execute(
+        "select s1.published_at < s2.published_at, s2.published_at < s2.rolled_back_at, "
+        "s2.rolled_back_at <= s1.published_at from public.persona_specs s1, "
+        "public.persona_specs s2 where s1.id = %s and s2.id = %s",
+        (twin.published_spec_id, twin.draft_spec_id),
+    ).fetchone()
+    assert times == (False, True, True)  # v1 is published again, after v2's rollback
+    assert [r.id for r in runner.store.list_runs(UUID(twin.id))] == [run.id, publish_run.id]
+
+    # The owner reads the finding through PostgREST; another user sees nothing.
+    seen: list[dict[str, Any]] = owner.client.table("persona_spec_watches").select(
+        "state,last_report").eq("twin_id", twin.id).execute().data  # type: ignore[assignment]
+    assert [(w["state"], w["last_report"]["action"]) for w in seen] == [
+        ("rolled_back", "roll_back")]
+    assert other.client.table("persona_spec_watches").select("id").eq(
+        "twin_id", twin.id).execute().data == []
+
+    # `pfl runs` shows the outcome.
+    shown = subprocess.run(pfl("runs", "--twin", twin.id), env=worker_env(StackEnv.load()),
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "rolled back" in shown and "watch of v2: regressed at look 6/10, rolled back" in shown
+
+
+def test_alert_mode_records_the_regression_and_changes_no_spec(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner)  # watch_mode alert: the default
+    regress(db, twin, owner)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert (run.status, run.hold_reason) == ("completed", "no_draft")
+    assert run.gate_report is not None
+    assert (run.gate_report["watch"]["state"], run.gate_report["watch"]["action"]) == (
+        "regressed", "alert")
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "archived", False, None),
+        (twin.draft_spec_id, "published", False, None),
+    ]
+    assert watch_row(db, watch_id)["state"] == "regressed"
+    # A concluded watch is not looked at again.
+    votes(db, twin, owner.id, 1, 0, at="now()", prefix="late")
+    [later] = runner.run_once(UUID(twin.id))
+    assert later.gate_report is not None and later.gate_report["watch"] is None
+    # The owner acts on the alert: v1 is live again and the watch says why.
+    response = rollback(owner, twin, "acting on the watch's alert")
+    assert response.status_code == 200, response.text
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True, "owner: acting on the watch's alert"),
+    ]
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["last_run_id"]) == ("rolled_back", response.json()["id"])
+
+
+def test_no_regression_passes_the_watch(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 340, 60, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, 336, 64, at="now() - interval '1 day'", prefix="after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("passed", "none", 10)
+    assert report["alpha_spent"] == pytest.approx(0.05)
+    assert watch_row(db, watch_id)["state"] == "passed"
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_watch_without_enough_evidence_expires(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto",
+                                       watch_expire_days=1.5)
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.draft_spec_id, 5, 15, at="now() - interval '1 day'", prefix="after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None
+    assert run.gate_report["watch"]["state"] == "expired"
+    assert run.gate_report["watch"]["comparisons"][0]["verdict"] == "insufficient_evidence"
+    assert watch_row(db, watch_id)["state"] == "expired"
+    assert published_count(db, twin) == 1
+
+
+def test_the_scheduler_concludes_a_watch_past_its_time_without_new_evidence(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_expire_days=1.5)
+
+    runs = runner.run_once(UUID(twin.id))  # no run requested: the scheduler queues it
+
+    assert [(r.trigger, r.events_scanned) for r in runs] == [("schedule", 0)]
+    assert runs[0].gate_report is not None
+    assert runs[0].gate_report["watch"]["state"] == "expired"
+    assert watch_row(db, watch_id)["state"] == "expired"
+    # Concluded: nothing is due any more.
+    assert runner.run_once(UUID(twin.id)) == []
+
+
+def test_watch_mode_off_starts_no_watch(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, MODULES, settings={"auto_publish": True,
+                                                        "watch_mode": "off"},
+                       draft={"modules": list(MODULES)})
+    assert twin.draft_spec_id is not None
+    for spec in (twin.published_spec_id, twin.draft_spec_id):
+        audits(db, twin, spec, 80, 0, at="now() - interval '10 days'", prefix="gate")
+    [run] = runner.run_once(UUID(twin.id))
+    assert run.publish_decision == "published"
+    assert scalar(db, "select count(*) from public.persona_spec_watches where twin_id = %s",
+                  twin.id) == 0
+
+
+# --- bad settings --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "constraint"),
+    [
+        ({"watch_margin": 1.5}, "watch_margin_0_to_1"),
+        ({"watch_margin": -0.01}, "watch_margin_0_to_1"),
+        ({"watch_alpha": 0}, "watch_alpha_above_0_to_0_5"),
+        ({"watch_expire_days": -1}, "watch_expire_days_positive"),
+        ({"watch_min_evidence": 0}, "watch_min_evidence_at_least_1"),
+        ({"watch_looks": 0}, "watch_looks_1_to_100"),
+        ({"watch_pass_evidence": 20}, "watch_pass_evidence_at_least_watch_min_evidence"),
+    ],
+)
+def test_bad_watch_settings_are_refused_and_change_nothing(
+    db: psycopg.Connection, make_user: Callable[[str], User], patch: dict[str, object],
+    constraint: str,
+) -> None:
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, MODULES)
+    before = db.execute("select count(*), (select to_jsonb(s) from public.persona_learning_settings"
+                        " s where twin_id = %s) from public.persona_learning_settings",
+                        (twin.id,)).fetchone()
+    response = httpx.patch(
+        f"{StackEnv.load().rest}/persona_learning_settings?twin_id=eq.{twin.id}",
+        headers={"apikey": StackEnv.load().anon_key, "Authorization": f"Bearer {owner.token}"},
+        json=patch, timeout=20,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == "23514"
+    assert response.json()["message"] == (
+        f'new row for relation "persona_learning_settings" violates check constraint '
+        f'"{constraint}"')
+    after = db.execute("select count(*), (select to_jsonb(s) from public.persona_learning_settings"
+                       " s where twin_id = %s) from public.persona_learning_settings",
+                       (twin.id,)).fetchone()
+    assert after == before
+
+
+def test_an_unknown_watch_mode_is_refused(
+    db: psycopg.Connection, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, MODULES)
+    response = httpx.patch(
+        f"{StackEnv.load().rest}/persona_learning_settings?twin_id=eq.{twin.id}",
+        headers={"apikey": StackEnv.load().anon_key, "Authorization": f"Bearer {owner.token}"},
+        json={"watch_mode": "sometimes"}, timeout=20,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["message"] == 'invalid input value for enum watch_mode: "sometimes"'
+    assert scalar(db, "select watch_mode::text from public.persona_learning_settings "
+                      "where twin_id = %s", twin.id) == "alert"
+
+
+# --- a rollback racing a publish -----------------------------------------------------------
+
+
+def twin_with_a_draft_on_top(
+    db: psycopg.Connection, runner: Runner, owner: User
+) -> tuple[Twin, str]:
+    """A twin with v1 archived, v2 published (watched) and a draft v3 that passes the gate
+    against v2 (80 agreeing traces); returns the twin and v3's id."""
+    twin, _, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
+                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    for spec in (twin.draft_spec_id, v3):
+        audits(db, twin, spec, 80, 0, at="now() - interval '12 hours'", prefix="gate3")
+    return twin, v3
+
+
+
+
+
+# auto: the run also looked at v2's watch, which the rollback concluded; off: no watch, so the
+# gate's baseline alone tells the completion that its comparison is stale.
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_rollback_committed_mid_run_makes_the_run_gate_again(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User], mode: str,
+) -> None:
+    # The owner's rollback commits after the run read its batch and before it completes: the
+    # gate compared v3 with v2, which is no longer published, so the completion refuses (PT412)
+    # and the run reads again and gates v3 against v1 (no paired audits: held).
+    owner = make_user("owner")
+    twin, v3 = twin_with_a_draft_on_top(db, runner, owner)
+    db.execute("update public.persona_learning_settings set watch_mode = %s where twin_id = %s",
+               (mode, twin.id))
+    answers: list[httpx.Response] = []
+    store = runner.store
+    real_claim = store.claim_watch
+
+    def claim_then_roll_back(run: Run) -> WatchEvidence | None:
+        found = real_claim(run)
+        if not answers:
+            answers.append(rollback(owner, twin))
+        return found
+
+    store.claim_watch = claim_then_roll_back  # type: ignore[method-assign]
+    [run] = runner.run_once(UUID(twin.id), safe_mode=False, request=True)
+
+    assert answers[0].status_code == 200, answers[0].text
+    assert (run.status, run.publish_decision, run.hold_reason) == ("completed", "held",
+                                                                   "gate_failed")
+    assert run.gate_report is not None
+    assert run.gate_report["baseline_spec_id"] == twin.published_spec_id
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True, "owner: racing"),
+        (v3, "draft", False, None),
+    ]
+
+
+def test_a_rollback_racing_a_publish_leaves_exactly_one_published_spec(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin, v3 = twin_with_a_draft_on_top(db, runner, owner)
+    start = threading.Barrier(2)
+    answers: list[httpx.Response] = []
+    runs: list[Run] = []
+
+    def publish() -> None:
+        start.wait()
+        runs.extend(runner.run_once(UUID(twin.id), safe_mode=False, request=True))
+
+    def roll_back() -> None:
+        start.wait()
+        answers.append(rollback(owner, twin))
+
+    threads = [threading.Thread(target=publish), threading.Thread(target=roll_back)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [r.status for r in runs] == ["completed"]
+    assert answers[0].status_code == 200, answers[0].text
+    assert published_count(db, twin) == 1
+    states = {row[0]: row[1:] for row in spec_rows(db, twin)}
+    assert twin.draft_spec_id is not None
+    if runs[0].publish_decision == "published":
+        # The run first (v3 over v2), then the rollback (v3 back to v2).
+        assert states == {
+            twin.published_spec_id: ("archived", False, None),
+            twin.draft_spec_id: ("published", False, None),
+            v3: ("archived", True, "owner: racing"),
+        }
+    else:
+        # The rollback first (v2 back to v1); the run then gated v3 against v1 and held.
+        assert states == {
+            twin.published_spec_id: ("published", False, None),
+            twin.draft_spec_id: ("archived", True, "owner: racing"),
+            v3: ("draft", False, None),
+        }

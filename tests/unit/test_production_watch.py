@@ -1,0 +1,301 @@
+"""The production watch's statistics and decision rule (worker/watch.py), pure.
+
+Newcombe's hybrid score interval against the worked values of Newcombe (1998) and against a
+brute-force construction; the O'Brien-Fleming-type spending function against its closed form;
+the decision rule case by case; and a seeded simulation of whole watches: with no true
+difference fewer than 5% raise a regression over 100 runs, and a 15-point drop is caught
+within the stated evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime, timedelta
+from statistics import NormalDist
+from uuid import UUID
+
+import pytest
+
+from worker.models import (
+    WatchAction,
+    WatchComparisonEvidence,
+    WatchComparisonVerdict,
+    WatchEvidence,
+    WatchMode,
+    WatchSettings,
+    WatchState,
+)
+from worker.watch import decide_watch, look_index, newcombe_interval, obf_alpha_spent
+
+Z95 = NormalDist().inv_cdf(0.975)
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+WATCH = UUID("00000000-0000-4000-8000-0000000000a1")
+NEW = UUID("00000000-0000-4000-8000-0000000000a2")
+OLD = UUID("00000000-0000-4000-8000-0000000000a3")
+
+
+# --- Newcombe's interval -----------------------------------------------------------------------
+
+# Newcombe (1998), Statistics in Medicine 17:873-890, Table II, method 10 (score, no continuity
+# correction), 95%: (x1, n1, x2, n2) -> (lower, upper) of p1 - p2, to 4 decimals.
+NEWCOMBE_TABLE_II = [
+    ((56, 70, 48, 80), (0.0524, 0.3339)),  # (a)
+    ((9, 10, 3, 10), (0.1705, 0.8090)),  # (b)
+    ((6, 7, 2, 7), (0.0582, 0.8062)),  # (c)
+    ((5, 56, 0, 29), (-0.0381, 0.1926)),  # (d)
+    ((0, 10, 0, 20), (-0.1611, 0.2775)),  # (e)
+    ((0, 10, 0, 10), (-0.2775, 0.2775)),  # (f)
+    ((10, 10, 0, 20), (0.6791, 1.0000)),  # (g)
+    ((10, 10, 0, 10), (0.6075, 1.0000)),  # (h)
+]
+
+
+@pytest.mark.parametrize(("counts", "expected"), NEWCOMBE_TABLE_II)
+def test_newcombe_matches_the_published_worked_values(
+    counts: tuple[int, int, int, int], expected: tuple[float, float]
+) -> None:
+    lower, upper = newcombe_interval(*counts, Z95)
+    assert (round(lower, 4), round(upper, 4)) == expected
+
+
+def _wilson_bound_by_bisection(x: int, n: int, z: float, upper: bool) -> float:
+    """The root of the score test (p̂ − p)² = z²·p(1 − p)/n on one side of p̂, by bisection."""
+    p_hat = x / n
+
+    def outside(p: float) -> bool:
+        return (p_hat - p) ** 2 > z * z * p * (1 - p) / n
+
+    low, high = (p_hat, 1.0) if upper else (0.0, p_hat)
+    if upper and not outside(1.0):
+        return 1.0
+    if not upper and not outside(0.0):
+        return 0.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        if outside(mid) == upper:
+            high = mid
+        else:
+            low = mid
+    return (low + high) / 2
+
+
+@pytest.mark.parametrize("z", [1.0, Z95, 2.807])
+def test_newcombe_agrees_with_a_brute_force_construction(z: float) -> None:
+    # Every table with n1, n2 in {1, 2, 5, 13, 40}: the interval built from Wilson bounds found
+    # by bisection of the score test, combined as Newcombe's method 10 says.
+    for n1 in (1, 2, 5, 13, 40):
+        for n2 in (1, 2, 5, 13, 40):
+            for x1 in range(n1 + 1):
+                for x2 in range(n2 + 1):
+                    p1, p2 = x1 / n1, x2 / n2
+                    l1 = _wilson_bound_by_bisection(x1, n1, z, upper=False)
+                    u1 = _wilson_bound_by_bisection(x1, n1, z, upper=True)
+                    l2 = _wilson_bound_by_bisection(x2, n2, z, upper=False)
+                    u2 = _wilson_bound_by_bisection(x2, n2, z, upper=True)
+                    lower = p1 - p2 - math.hypot(p1 - l1, u2 - p2)
+                    upper = p1 - p2 + math.hypot(u1 - p1, p2 - l2)
+                    got = newcombe_interval(x1, n1, x2, n2, z)
+                    assert got == pytest.approx((lower, upper), abs=1e-9), (x1, n1, x2, n2)
+
+
+def test_newcombe_upper_bound_covers_the_truth_about_as_often_as_stated() -> None:
+    # Exact enumeration at p1 = p2 = 0.8 and n1 = n2 = 60: the one-sided 97.5% upper bound lies
+    # below the true difference 0 (a false alarm of the watch at that level) close to 2.5% of
+    # the time, not far above it.
+    n, p = 60, 0.8
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    below = sum(
+        pmf[x1] * pmf[x2]
+        for x1 in range(n + 1)
+        for x2 in range(n + 1)
+        if newcombe_interval(x1, n, x2, n, Z95)[1] < 0
+    )
+    assert 0.01 < below < 0.035
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(-1, 10, 1, 10), (11, 10, 1, 10), (1, 0, 1, 10), (1, 10, 1, 0)],
+)
+def test_newcombe_refuses_impossible_counts(bad: tuple[int, int, int, int]) -> None:
+    with pytest.raises(ValueError, match="need 0 <= x <= n"):
+        newcombe_interval(*bad, Z95)
+
+
+# --- spending and looks ------------------------------------------------------------------------
+
+
+def test_obf_spending_function() -> None:
+    assert obf_alpha_spent(0.0, 0.05) == 0.0
+    assert obf_alpha_spent(1.0, 0.05) == pytest.approx(0.05, abs=1e-12)
+    # 2 − 2Φ(1.959964/√0.5) = 2 − 2Φ(2.771808) = 0.005575 (normal table).
+    assert obf_alpha_spent(0.5, 0.05) == pytest.approx(0.005575, abs=2e-6)
+    spent = [obf_alpha_spent(k / 10, 0.05) for k in range(11)]
+    assert spent == sorted(spent) and spent[1] < 1e-8  # almost nothing at the first look
+    with pytest.raises(ValueError):
+        obf_alpha_spent(1.1, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [(0, 0), (39, 0), (40, 1), (79, 1), (80, 2), (399, 9), (400, 10), (10_000, 10)],
+)
+def test_looks_are_due_at_each_tenth_of_the_pass_evidence(count: int, expected: int) -> None:
+    assert look_index(count, 400, 10) == expected
+
+
+# --- the decision rule -------------------------------------------------------------------------
+
+
+def evidence(
+    new: tuple[int, int],
+    old: tuple[int, int],
+    *,
+    mode: WatchMode = WatchMode.alert,
+    hours: float = 24,
+    looks_done: int = 0,
+    alpha_spent: float = 0.0,
+    modules: tuple[WatchComparisonEvidence, ...] = (),
+    modules_total: int = 0,
+    previous: UUID | None = OLD,
+    **settings: object,
+) -> WatchEvidence:
+    """A watch published at T0, looked at `hours` later; (n, passed) of each side."""
+    return WatchEvidence(
+        watch_id=WATCH, spec_id=NEW, previous_spec_id=previous, published_at=T0,
+        window_start=T0 - timedelta(hours=hours), learning_time=T0 + timedelta(hours=hours),
+        alpha_spent=alpha_spent, looks_done=looks_done, modules_total=modules_total,
+        settings=WatchSettings(mode=mode, **settings),  # type: ignore[arg-type]
+        twin=WatchComparisonEvidence(
+            scope="twin", new_n=new[0], new_passed=new[1], old_n=old[0], old_passed=old[1]),
+        modules=modules,
+    )
+
+
+def test_too_little_evidence_keeps_watching_and_never_passes() -> None:
+    made = decide_watch(evidence((20, 2), (20, 20)))
+    assert (made.state, made.action, made.tested, made.look) == (
+        WatchState.watching, WatchAction.none, False, 0)
+    [twin] = made.comparisons
+    assert twin.verdict is WatchComparisonVerdict.insufficient_evidence and twin.value is None
+    assert twin.evidence == {"new_n": 20, "new_passed": 2, "old_n": 20, "old_passed": 20}
+
+
+def test_a_clear_drop_at_a_due_look_is_a_regression_alerted_or_rolled_back() -> None:
+    # 200 a side (look 5 of 10): 60% against 85%.
+    alerted = decide_watch(evidence((200, 120), (200, 170)))
+    assert (alerted.state, alerted.action, alerted.look, alerted.tested) == (
+        WatchState.regressed, WatchAction.alert, 5, True)
+    [twin] = alerted.comparisons
+    spent = obf_alpha_spent(0.5, 0.05)
+    z = NormalDist().inv_cdf(1 - spent)
+    assert twin.value == pytest.approx(newcombe_interval(120, 200, 170, 200, z)[1])
+    assert twin.value is not None and twin.value < twin.threshold == -0.02
+    assert twin.verdict is WatchComparisonVerdict.regressed
+    assert alerted.alpha_spent == pytest.approx(spent)
+    auto = decide_watch(evidence((200, 120), (200, 170), mode=WatchMode.auto))
+    assert (auto.state, auto.action) == (WatchState.regressed, WatchAction.roll_back)
+    # Nothing to go back to: auto can only alert.
+    orphan = decide_watch(evidence((200, 120), (200, 170), mode=WatchMode.auto, previous=None))
+    assert orphan.action is WatchAction.alert
+
+
+def test_between_looks_nothing_is_tested_and_nothing_spent() -> None:
+    # Look 5 was done at 200; 230 a side is still look 5: the same drop is not looked at again.
+    made = decide_watch(evidence((230, 130), (230, 200), looks_done=5, alpha_spent=0.0056))
+    assert (made.state, made.tested, made.look, made.alpha_spent) == (
+        WatchState.watching, False, 5, 0.0056)
+    assert made.comparisons[0].verdict is WatchComparisonVerdict.not_tested
+
+
+def test_the_last_look_without_a_regression_passes() -> None:
+    made = decide_watch(evidence((400, 330), (400, 332), looks_done=9,
+                                 alpha_spent=obf_alpha_spent(0.9, 0.05)))
+    assert (made.state, made.action, made.look) == (WatchState.passed, WatchAction.none, 10)
+    assert made.alpha_spent == pytest.approx(0.05)
+    assert made.comparisons[0].verdict is WatchComparisonVerdict.no_regression
+
+
+def test_a_watch_that_has_not_concluded_expires() -> None:
+    made = decide_watch(evidence((50, 40), (50, 40), hours=24 * 14, looks_done=1))
+    assert made.state is WatchState.expired and made.action is WatchAction.none
+    younger = decide_watch(evidence((50, 40), (50, 40), hours=24 * 14 - 1, looks_done=1))
+    assert younger.state is WatchState.watching
+
+
+def test_each_module_gets_its_share_and_its_own_verdict() -> None:
+    # The twin holds up overall; one module of three dropped from 90% to 50%.
+    modules = (
+        WatchComparisonEvidence(scope="module", module_key="evidence_answers",
+                                new_n=120, new_passed=60, old_n=120, old_passed=108),
+        WatchComparisonEvidence(scope="module", module_key="small_talk",
+                                new_n=10, new_passed=2, old_n=10, old_passed=10),
+    )
+    made = decide_watch(evidence((400, 330), (400, 350), modules=modules, modules_total=3,
+                                 looks_done=5, alpha_spent=obf_alpha_spent(0.5, 0.05)))
+    share = (0.05 - obf_alpha_spent(0.5, 0.05)) / 4
+    assert made.alpha_per_comparison == pytest.approx(share)
+    verdicts = {c.module_key: c.verdict for c in made.comparisons}
+    assert verdicts == {
+        None: WatchComparisonVerdict.no_regression,
+        "evidence_answers": WatchComparisonVerdict.regressed,
+        "small_talk": WatchComparisonVerdict.insufficient_evidence,
+    }
+    assert made.state is WatchState.regressed
+
+
+# --- whole watches, simulated ------------------------------------------------------------------
+
+
+def simulate(
+    p_old: float, p_new: float, *, watches: int, runs: int, per_run: int, seed: int
+) -> list[tuple[WatchState, int] | None]:
+    """`watches` watches with the default settings (auto), each looked at by `runs` runs that
+    each add `per_run` votes or audits to either side; the state each concluded in and the
+    new side's evidence then, or None when it was still watching."""
+    rng = random.Random(seed)
+    settings = WatchSettings(mode=WatchMode.auto, expire_days=365)
+    ends: list[tuple[WatchState, int] | None] = []
+    for _ in range(watches):
+        new_n = new_passed = old_n = old_passed = looks = 0
+        spent = 0.0
+        end: tuple[WatchState, int] | None = None
+        for run in range(1, runs + 1):
+            new_n += per_run
+            new_passed += sum(rng.random() < p_new for _ in range(per_run))
+            old_n += per_run
+            old_passed += sum(rng.random() < p_old for _ in range(per_run))
+            made = decide_watch(WatchEvidence(
+                watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
+                window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
+                alpha_spent=spent, looks_done=looks, modules_total=0, settings=settings,
+                twin=WatchComparisonEvidence(scope="twin", new_n=new_n, new_passed=new_passed,
+                                             old_n=old_n, old_passed=old_passed),
+            ))
+            spent, looks = made.alpha_spent, made.look
+            if made.state is not WatchState.watching:
+                end = (made.state, new_n)
+                break
+        ends.append(end)
+    return ends
+
+
+def test_with_no_true_difference_under_5_percent_of_watches_regress_over_100_runs() -> None:
+    # 100 runs of 4 votes or audits a side reach the last look (400) at the 100th run; every
+    # run is a look at the evidence, 10 of them tests.
+    ends = simulate(0.8, 0.8, watches=300, runs=100, per_run=4, seed=14)
+    regressed = sum(1 for e in ends if e is not None and e[0] is WatchState.regressed)
+    assert regressed / len(ends) < 0.05
+    # The rest passed at the last look: a good spec is not left watching.
+    assert sum(1 for e in ends if e is not None and e[0] is WatchState.passed) == 300 - regressed
+
+
+def test_a_15_point_drop_is_caught_within_400_votes_and_audits_a_side() -> None:
+    # 80% -> 65%: at least 90% of watches regress (and roll back in auto mode) by the last look,
+    # 400 a side (the default watch_pass_evidence), most of them by 240.
+    ends = simulate(0.80, 0.65, watches=200, runs=100, per_run=4, seed=15)
+    caught = sorted(e[1] for e in ends if e is not None and e[0] is WatchState.regressed)
+    assert len(caught) / len(ends) >= 0.9
+    assert all(n <= 400 for n in caught)
+    assert caught[len(caught) // 2] <= 240

@@ -1,0 +1,207 @@
+"""Pure production watch: is a newly published persona spec doing worse than the one it replaced?
+
+Each run after a publish looks at the live evidence of the new spec (its audits and the feedback
+cast since it was published) against the replaced spec's (its audits and the feedback in an
+equally long window before the switch), for the twin as a whole and per module with enough
+evidence, aggregated in SQL (`claim_production_watch`). The difference of the two pass rates
+(new − old) gets Newcombe's hybrid score interval; because the watch looks again at every run,
+the error it may make is spent over a plan of looks (`obf_alpha_spent`) and split over the
+comparisons, so that the chance of a false regression over the whole watch stays below `alpha`
+however many runs look.
+
+No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
+that the run's completion writes (and, in `auto` mode, acts on).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from statistics import NormalDist
+
+from worker.learning import wilson_bounds
+from worker.models import (
+    WatchAction,
+    WatchComparison,
+    WatchComparisonEvidence,
+    WatchComparisonVerdict,
+    WatchEvidence,
+    WatchMode,
+    WatchReport,
+    WatchState,
+)
+
+NEWCOMBE_METHOD = "newcombe_hybrid_score"
+_NORMAL = NormalDist()
+
+
+def newcombe_interval(
+    x1: int, n1: int, x2: int, n2: int, z: float
+) -> tuple[float, float]:
+    """(lower, upper) of Newcombe's hybrid score interval for p1 − p2, independent samples.
+
+    p1 = x1/n1 and p2 = x2/n2 (successes over trials), z the normal quantile (1.96: 95% two-sided;
+    each bound alone is then a one-sided 97.5% bound). Newcombe, R. G. (1998), "Interval
+    estimation for the difference between independent proportions: comparison of eleven
+    methods", Statistics in Medicine 17:873-890, method 10: with (l1, u1) and (l2, u2) the
+    Wilson score intervals (Wilson 1927; `worker.learning.wilson_bounds`) of p1 and p2,
+    lower = d − √((p1 − l1)² + (u2 − p2)²), upper = d + √((u1 − p1)² + (p2 − l2)²), d = p1 − p2.
+    Both bounds lie in [−1, 1]. Raises ValueError when a count is negative, a success count
+    exceeds its trials, a sample is empty, or z <= 0.
+    """
+    for x, n in ((x1, n1), (x2, n2)):
+        if n <= 0 or x < 0 or x > n:
+            raise ValueError(f"need 0 <= x <= n and n > 0, got x={x}, n={n}")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z}")
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = wilson_bounds(x1, n1 - x1, z)
+    l2, u2 = wilson_bounds(x2, n2 - x2, z)
+    d = p1 - p2
+    lower = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    upper = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return max(-1.0, lower), min(1.0, upper)
+
+
+def obf_alpha_spent(information: float, alpha: float) -> float:
+    """The error allowed to be spent by `information` (a fraction in [0, 1]) of a watch.
+
+    Lan and DeMets' O'Brien-Fleming-type spending function, one-sided: α(t) =
+    2 − 2Φ(z_{1−α/2} / √t), with α(0) = 0 and α(1) = α (Lan, K. K. G. and DeMets, D. L. (1983),
+    "Discrete sequential boundaries for clinical trials", Biometrika 70:659-663; O'Brien, P. C.
+    and Fleming, T. R. (1979), Biometrics 35:549-556). It spends almost nothing early, where
+    noise is largest, and most of α near the end. Raises ValueError for information outside
+    [0, 1] or alpha outside (0, 1).
+    """
+    if not 0.0 <= information <= 1.0:
+        raise ValueError(f"information must be in [0, 1], got {information}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if information == 0.0:
+        return 0.0
+    z = _NORMAL.inv_cdf(1.0 - alpha / 2.0)
+    return 2.0 - 2.0 * _NORMAL.cdf(z / math.sqrt(information))
+
+
+def look_index(information_count: int, pass_evidence: int, looks: int) -> int:
+    """Which planned look the evidence has reached: k in 0..`looks`, look k being due once the
+    smaller arm of the twin-wide comparison holds k/looks of `pass_evidence` (floor). Raises
+    ValueError for a negative count or non-positive plan sizes."""
+    if information_count < 0 or pass_evidence <= 0 or looks <= 0:
+        raise ValueError("need information_count >= 0, pass_evidence > 0 and looks > 0")
+    return min(looks, information_count * looks // pass_evidence)
+
+
+def decide_watch(evidence: WatchEvidence) -> WatchReport:
+    """The watch's decision at this run: the comparisons it made and the watch's next state.
+
+    The decision rule, valid under repeated looks (a Bonferroni bound over looks and
+    comparisons, spent by an alpha-spending plan):
+
+    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the smaller arm of
+      the twin-wide comparison. A run tests only when a new look is due (several due at once
+      make one test); runs in between test nothing, so any number of runs makes at most K
+      tests.
+    - A test at look k may spend α(k/K) − (what earlier tests spent), α the O'Brien-Fleming-type
+      spending function (`obf_alpha_spent`), split equally over the twin-wide comparison and one
+      per module of the twin (1 + modules_total shares). Over the whole watch the shares sum to
+      at most α(1) = alpha: by the union bound, with no true difference the chance of any false
+      regression is at most alpha, whatever the correlation between looks.
+    - A comparison with at least `min_evidence` on each arm is a regression when the upper bound
+      of Newcombe's interval for (new − old) at the one-sided level of its share lies below
+      −margin (z = Φ⁻¹(1 − share)).
+    - The watch ends `regressed` when any comparison regressed; `passed` after the last look
+      (K) without one; `expired` when `expire_days` have passed since the publish before that;
+      otherwise it goes on `watching`. A regression's action is `roll_back` in `auto` mode when
+      there is a spec to go back to, `alert` otherwise.
+
+    Raises ValueError for settings out of range (as the database refuses them).
+    """
+    s = evidence.settings
+    twin = evidence.twin
+    info = min(twin.new_n, twin.old_n)
+    due = look_index(info, s.pass_evidence, s.looks)
+    test = due > evidence.looks_done
+    spent_after = evidence.alpha_spent
+    share: float | None = None
+    z: float | None = None
+    if test:
+        spent_after = max(evidence.alpha_spent, obf_alpha_spent(due / s.looks, s.alpha))
+        share = (spent_after - evidence.alpha_spent) / (1 + evidence.modules_total)
+        z = _NORMAL.inv_cdf(1.0 - share) if share > 0 else math.inf
+
+    comparisons = tuple(
+        _compare(c, z, s.margin, s.min_evidence, test)
+        for c in (twin, *evidence.modules)
+    )
+    regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
+    looks_done = due if test else evidence.looks_done
+    age = evidence.learning_time - evidence.published_at
+    if regressed:
+        state = WatchState.regressed
+    elif looks_done >= s.looks:
+        state = WatchState.passed
+    elif age >= timedelta(days=s.expire_days):
+        state = WatchState.expired
+    else:
+        state = WatchState.watching
+    if not regressed:
+        action = WatchAction.none
+    elif s.mode is WatchMode.auto and evidence.previous_spec_id is not None:
+        action = WatchAction.roll_back
+    else:
+        action = WatchAction.alert
+    return WatchReport(
+        watch_id=evidence.watch_id,
+        spec_id=evidence.spec_id,
+        previous_spec_id=evidence.previous_spec_id,
+        mode=s.mode,
+        state=state,
+        action=action,
+        tested=test,
+        look=looks_done,
+        looks_planned=s.looks,
+        information=min(1.0, info / s.pass_evidence),
+        alpha_spent=spent_after,
+        alpha_per_comparison=share,
+        z=z if z is None or math.isfinite(z) else None,
+        window_start=evidence.window_start,
+        published_at=evidence.published_at,
+        comparisons=comparisons,
+    )
+
+
+def _compare(
+    c: WatchComparisonEvidence, z: float | None, margin: float, min_evidence: int, test: bool
+) -> WatchComparison:
+    """One comparison's verdict at this run (see `decide_watch`)."""
+    threshold = -margin
+    counts = {
+        "new_n": c.new_n, "new_passed": c.new_passed, "old_n": c.old_n, "old_passed": c.old_passed,
+    }
+    difference = (
+        c.new_passed / c.new_n - c.old_passed / c.old_n if c.new_n and c.old_n else None
+    )
+    if min(c.new_n, c.old_n) < min_evidence:
+        return WatchComparison(
+            scope=c.scope, module_key=c.module_key, value=None, difference=difference,
+            threshold=threshold, verdict=WatchComparisonVerdict.insufficient_evidence,
+            evidence=counts,
+        )
+    if not test or z is None:
+        return WatchComparison(
+            scope=c.scope, module_key=c.module_key, value=None, difference=difference,
+            threshold=threshold, verdict=WatchComparisonVerdict.not_tested, evidence=counts,
+        )
+    upper = (
+        1.0 if math.isinf(z)
+        else newcombe_interval(c.new_passed, c.new_n, c.old_passed, c.old_n, z)[1]
+    )
+    verdict = (
+        WatchComparisonVerdict.regressed if upper < threshold
+        else WatchComparisonVerdict.no_regression
+    )
+    return WatchComparison(
+        scope=c.scope, module_key=c.module_key, value=upper, difference=difference,
+        threshold=threshold, verdict=verdict, evidence=counts, method=NEWCOMBE_METHOD,
+    )
