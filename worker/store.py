@@ -262,8 +262,9 @@ def _error_from(exc: APIError) -> StoreError:
     message = exc.message or str(exc)
     if code == "PT409":
         return StaleLeaseError(message, code)
-    # PT412: the twin's evidence or modules changed since the claim; 40001: its cursor moved.
-    if code in ("PT412", "40001"):
+    # PT412: the twin's evidence or modules changed since the claim. (PT422, the twin's cursor
+    # moved past the batch's start, is a refusal: the run fails and the next run reads anew.)
+    if code == "PT412":
         return BatchChangedError(message, code)
     # A body that is not PostgREST's (a gateway's 502/503/504 while PostgREST restarts) carries
     # the HTTP status as its code: 5xx and 429 may succeed later. No code at all is an answer

@@ -406,12 +406,14 @@ begin
   returning * into v_twin;
   if v_twin.id is null then
     select * into v_twin from public.twins t where t.id = v_run.twin_id;
+    -- Not 40001: PostgREST retries a serialization failure itself until the client gives up.
+    -- The batch can never complete (its start is not the cursor): the run fails, and the next
+    -- run reads from where the cursor is.
     if v_twin.learned_through_event_id is distinct from v_run.batch_after_event_id then
-      raise exception using errcode = '40001',
+      raise exception using errcode = 'PT422',
         message = format('run %s: the twin''s cursor moved since the batch was claimed', p_run_id);
     end if;
-    -- PT412 (HTTP 412), not 40001: PostgREST retries a serialization failure itself, after
-    -- backoff, by which time the lease may be gone; the worker reads the batch again at once.
+    -- PT412 (HTTP 412): the worker reads the batch again at once.
     raise exception using errcode = 'PT412',
       message = format('run %s: the twin''s evidence or modules changed since the batch was read '
                        '(generation %s, now %s); read the batch again', p_run_id,
@@ -591,8 +593,8 @@ comment on function public.complete_learning_run(uuid, uuid, jsonb) is
   'module_updates (array), '
   'gate_passed (boolean) or gate_report (object), or an update names no module of the twin, or '
   'the watch is malformed or not the twin''s; '
-  '22P02 for a status or hold_reason outside its enum; 40001 when the twin''s cursor '
-  'moved since the claim; PT412 (HTTP 412) "run <id>: the twin''s evidence or modules changed '
+  '22P02 for a status or hold_reason outside its enum; PT422 (HTTP 422) "run <id>: the '
+  'twin''s cursor moved since the batch was claimed" when the cursor moved since the claim; PT412 (HTTP 412) "run <id>: the twin''s evidence or modules changed '
   'since the batch was read ..." when its evidence_generation changed (events deleted or '
   'edited, modules added, edited or deleted) since the claim read the batch, and "... read the '
   'batch again" when the watch concluded or its mode changed, or the published spec is not the '

@@ -7,7 +7,8 @@ calls them with the service-role key.
   superseded (it is never claimed again, so its old value cannot reach Langfuse after the new);
 - the gate pairs the latest audit of a trace under each spec, not the earliest (a re-audit
   counts, the first verdict does not);
-- a run whose twin's cursor moved after its claim cannot complete (40001), and changes nothing.
+- a run whose twin's cursor moved after its claim cannot complete (PT422, HTTP 422, at once: not
+  a 40001 that PostgREST would retry until the client gives up), and changes nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 import psycopg
 import pytest
 from postgrest.exceptions import APIError
-from psycopg.types.json import Jsonb
 from supabase import Client
 
 from tests.conftest import Stack
@@ -212,16 +212,13 @@ def test_a_run_whose_twin_cursor_moved_cannot_complete(
     }
     result = {"module_updates": [update], "gate_passed": True, "gate_report": {}}
 
-    # Called in SQL as the service role: through PostgREST a 40001 (serialization failure) is
-    # retried by PostgREST itself until the client times out (see docs/mutation.md).
-    with psycopg.connect(stack.database_url) as conn, conn.transaction():
-        conn.execute("set local role service_role")
-        with pytest.raises(psycopg.errors.SerializationFailure) as refused:
-            conn.execute(
-                "select public.complete_learning_run(%s, %s, %s)",
-                (run["id"], run["lease_token"], Jsonb(result)),
-            )
-    assert "the twin's cursor moved since the batch was claimed" in str(refused.value)
+    # Through PostgREST, as the worker calls it: refused at once (a 40001 would be retried by
+    # PostgREST itself until the client timed out).
+    with pytest.raises(APIError) as refused:
+        rpc(service, "complete_learning_run", p_run_id=run["id"],
+            p_lease_token=run["lease_token"], p_result=result)
+    assert refused.value.code == "PT422"
+    assert "the twin's cursor moved since the batch was claimed" in str(refused.value.message)
     assert scalar(db, "select success_weight from persona_modules where id = %s", module_id) == 0
     assert (
         scalar(

@@ -16,7 +16,8 @@ from worker.store import (
     ("code", "expected"),
     [
         ("PT409", StaleLeaseError),  # the run's lease is stale: our work has no effect
-        ("40001", BatchChangedError),  # the twin's cursor moved: learn again
+        ("PT412", BatchChangedError),  # evidence or modules changed: read the batch again
+        ("PT422", StoreError),  # the twin's cursor moved past the batch: the run fails
         ("PGRST001", TransientStoreError),  # PostgREST cannot reach the database
         ("PGRST003", TransientStoreError),  # no database connection free in time
         ("57P01", TransientStoreError),  # the database is shutting down
