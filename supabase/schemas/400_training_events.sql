@@ -121,6 +121,9 @@ comment on constraint metadata_object_at_most_4096_compact_json_bytes
 
 -- A twin's evidence in arrival order: runs claim the ids after the twin's cursor.
 create index persona_training_events_twin_id_idx on public.persona_training_events (twin_id, id);
+-- A twin's events by time: the production watch's windows (claim_production_watch).
+create index persona_training_events_twin_created_idx
+  on public.persona_training_events (twin_id, created_at);
 create index persona_training_events_created_by_idx on public.persona_training_events (created_by);
 -- A twin's vote changes by the vote each replaced: a rebuild step reads those of its range.
 create index persona_training_events_supersedes_idx

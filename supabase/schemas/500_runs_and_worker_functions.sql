@@ -1289,18 +1289,35 @@ begin
   -- the run's time within the run's batch, counted per match key (module_key if given, else
   -- intent_label), then matched to the modules as learning matches them.
   with evidence as (
-    select e.created_at >= v_watch.published_at as is_new, e.module_key is not null as by_key,
-           coalesce(e.module_key, e.intent_label) as key, coalesce(e.score > 0, e.passed) as passed
-    from public.persona_training_events e
-    where e.twin_id = v_run.twin_id and e.id <= v_run.batch_last_event_id
-      and e.created_at >= v_start and e.created_at <= v_run.learning_time
-      and (
-        (e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
-        or (e.source = 'persona_audit' and e.created_at >= v_watch.published_at
-            and e.persona_spec_id = v_watch.spec_id)
-        or (e.source = 'persona_audit' and e.created_at < v_watch.published_at
-            and e.persona_spec_id = v_watch.previous_spec_id)
-      )
+    -- Each side through the index on (twin_id, created_at), newest first and at most 50,000 of
+    -- its events (125 times the default watch_pass_evidence): the call's cost is bounded however
+    -- long the twin's history and its window; a side with more evidence counts its latest.
+    select * from (
+      select true as is_new, e.module_key is not null as by_key,
+             coalesce(e.module_key, e.intent_label) as key,
+             coalesce(e.score > 0, e.passed) as passed
+      from public.persona_training_events e
+      where e.twin_id = v_run.twin_id
+        and e.created_at >= v_watch.published_at and e.created_at <= v_run.learning_time
+        and e.id <= v_run.batch_last_event_id
+        and ((e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
+             or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.spec_id))
+      order by e.created_at desc
+      limit 50000
+    ) n
+    union all
+    select * from (
+      select false, e.module_key is not null, coalesce(e.module_key, e.intent_label),
+             coalesce(e.score > 0, e.passed)
+      from public.persona_training_events e
+      where e.twin_id = v_run.twin_id
+        and e.created_at >= v_start and e.created_at < v_watch.published_at
+        and e.id <= v_run.batch_last_event_id
+        and ((e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
+             or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.previous_spec_id))
+      order by e.created_at desc
+      limit 50000
+    ) o
   ),
   per_key as (
     select k.is_new, k.by_key, k.key, count(*) as n, count(*) filter (where k.passed) as passed
@@ -1372,7 +1389,8 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'window_start = max(published_at - (T - published_at), previous_published_at) to '
   'published_at; only events of the batch or before it; current votes with score +1 (passed) '
   'or -1, audits passed or not; matched to modules by module_key, else intent_label. Counts, '
-  'not weights. Raises P0002 and PT409 (HTTP 409, stale lease) as private.lock_leased_run; '
+  'not weights; each side at most its latest 50,000 events (through the index on (twin_id, '
+  'created_at)). Raises P0002 and PT409 (HTTP 409, stale lease) as private.lock_leased_run; '
   '55000 when the run has no batch.';
 
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
