@@ -486,6 +486,24 @@ def test_a_rebuilt_module_takes_votes_by_key_and_by_intent(db, service, make_use
     assert_modules_exact(db, twin.id)
 
 
+def test_a_rebuild_matches_an_intent_label_to_intents_only(db, service, make_user, make_runner):
+    """A vote without a module_key counts for the modules serving its intent label, never for
+    a module whose key happens to equal that label (DESIGN.md, Learning: matching)."""
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"a": "b", "n": "a"})
+    runner = make_runner()
+    vote(owner, twin, "t1", 1, "a")  # intent a: module n only
+    vote(owner, twin, "t2", -1, "b", module_key="a")  # names module a
+    learn(runner, twin)
+    service.table("persona_modules").update({"intent_label": "b"}).eq(
+        "twin_id", twin.id).eq("module_key", "a").execute()  # an edit: the next run rebuilds
+    [run] = learn(runner, twin)
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and rebuilt_modules", str(run.id)) == 1
+    assert (sf(db, twin, "a"), sf(db, twin, "n")) == ((0, 1), (1, 0))
+    assert_modules_exact(db, twin.id)
+
+
 # ----------------------------------------------------- the rebuild, one bounded step per call
 
 
@@ -574,6 +592,51 @@ def test_a_vote_changed_between_rebuild_steps_counts_once(db, service, make_user
     assert sf(db, twin, "m") == (7, 0)  # the batch as it stood: the old vote counts, once
     learn(runner, twin)  # the change, learned incrementally: retracted once, counted once
     assert sf(db, twin, "m") == (6, 1)
+    assert_modules_exact(db, twin.id)
+
+
+def test_a_rebuild_weighs_every_kind_of_evidence_as_learning_does(
+    db, service, make_user, make_runner
+):
+    """A rebuild in steps of two over a history of every kind of evidence: an unsafe failure
+    (3 × 1), a neutral vote (nothing), an audit of a draft (nothing), a passing audit of the
+    published spec (2), a vote changed inside the history (its new value only), and a vote
+    changed after the run's batch was claimed, before the step that reads it (its value as the
+    batch stood). DESIGN.md, Learning: feedback 1, audit 2, unsafe 3×, score 0 neutral, audits
+    of a draft gate evidence only."""
+    owner, voter, changer, late = (make_user(n) for n in ("owner", "voter", "changer", "late"))
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    draft = owner.client.table("persona_specs").insert(
+        {"twin_id": twin.id, "spec": {"modules": ["m"]}}).execute().data[0]
+    events = service.table("persona_training_events")
+    vote(voter, twin, "t1", -1, "a", reason="unsafe")  # failure 3
+    vote(owner, twin, "t2", 0, "a")  # neutral
+    events.insert(audit_row(twin, "d1", False, draft["id"])).execute()  # the draft's: nothing
+    events.insert(audit_row(twin, "p1", True, twin.published_spec_id)).execute()  # success 2
+    vote(changer, twin, "tc", 1, "a")
+    vote(changer, twin, "tc", -1, "a")  # replaces the up-vote: failure 1
+    vote(owner, twin, "t3", 1, "a")  # success 1
+    vote(late, twin, "tl", -1, "a")  # failure 1, changed below after the batch is claimed
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (3, 5)
+    assert_modules_exact(db, twin.id)
+
+    service.table("persona_learning_settings").update({"rebuild_step_events": 2}).eq(
+        "twin_id", twin.id).execute()
+    service.table("persona_modules").update({"intent_label": "a"}).eq(
+        "twin_id", twin.id).execute()  # a module edit marks the twin: the next run rebuilds
+    run = claimed(runner, twin)
+    vote(late, twin, "tl", 1, "a")  # after the batch: the rebuild counts the down-vote
+    assert runner.process(run).status == "completed"
+    steps = count(db, "select steps from private.learning_run_rebuilds where run_id = %s",
+                  str(run.id))
+    assert steps >= 4  # 9 events of the twin, at most two per step
+    assert sf(db, twin, "m") == (3, 5)
+    assert_modules_exact(db, twin.id)
+
+    learn(runner, twin)  # the late change, incrementally: the down-vote retracted, the up added
+    assert sf(db, twin, "m") == (4, 4)
     assert_modules_exact(db, twin.id)
 
 

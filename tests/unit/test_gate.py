@@ -172,6 +172,23 @@ def test_audit_non_inferiority(
     assert report.passed is (verdict is V.pass_)
 
 
+def test_audit_non_inferiority_reports_the_observed_difference_and_the_interval() -> None:
+    # Fagerland, Lydersen & Laake (2017), ch. 8: Cavo et al., 161 pairs, 6 candidate-only and
+    # 16 baseline-only: difference (6 − 16)/161 = −0.0621, Tango's 95% interval
+    # [−0.1240, −0.0054] (test_tango_interval.py's published values).
+    result = check(
+        evaluate_gate(
+            gate_input(pairs=161, candidate_only_passed=6, baseline_only_passed=16), DEFAULTS
+        ),
+        "audit_non_inferiority",
+    )
+    assert result.detail.startswith(
+        "161 paired traces, candidate-only passes 6, baseline-only passes 16, difference -0.0621,"
+        " Tango score interval [-0.1240, -0.0054]"
+    )
+    assert result.verdict is V.fail  # −0.1240 < −0.05
+
+
 def test_audit_non_inferiority_uses_the_twin_margin_and_minimum() -> None:
     settings = LearningSettings(gate_non_inferiority_margin=0.11, gate_min_pairs=25)
     # (25, 3, 1): lower −0.1023 ≥ −0.11

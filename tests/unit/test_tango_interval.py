@@ -7,6 +7,7 @@ over Δ refined to 1e-7 instead of bisection); on edge cases with closed forms; 
 seeded simulation and exact enumeration, against the Wald interval the gate used before.
 """
 
+import decimal
 import math
 import random
 import re
@@ -121,6 +122,84 @@ def test_matches_brute_force(table: tuple[int, int, int]) -> None:
     brute = brute_force_interval(*table, Z95)
     assert lower == pytest.approx(brute[0], abs=2e-7)
     assert upper == pytest.approx(brute[1], abs=2e-7)
+
+
+# --- the statistic itself, against the likelihood solved in high precision --------------------
+
+
+def _precise_score(n: int, b: int, c: int, delta: float) -> float:
+    """T(Δ) in 60-digit decimals, q̃ found by bisection on the likelihood's score equation
+    b/(q + Δ) + c/q − 2(n − b − c)/(1 − 2q − Δ) = 0 (decreasing in q) over the feasible
+    q in [max(0, −Δ), (1 − Δ)/2]: no closed form, no floating point."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        d, m = decimal.Decimal(delta), n - b - c
+        low, high = max(decimal.Decimal(0), -d), (1 - d) / 2
+
+        def slope(q: decimal.Decimal) -> decimal.Decimal:
+            total = decimal.Decimal(0)
+            if b:
+                total += b / (q + d)
+            if c:
+                total += c / q
+            if m:
+                total -= 2 * m / (1 - 2 * q - d)
+            return total
+
+        for _ in range(250):
+            mid = (low + high) / 2
+            if slope(mid) > 0:
+                low = mid
+            else:
+                high = mid
+        q = (low + high) / 2
+        return float((b - c - n * d) / (n * (2 * q + d * (1 - d))).sqrt())
+
+
+@pytest.mark.parametrize(
+    ("table", "delta"),
+    [
+        # No discordant pair, Δ near 0: the quadratic's discriminant (2nΔ)² is below 1.
+        ((20, 0, 0), -0.001),
+        ((20, 0, 0), -0.01),
+        ((20, 1, 0), 0.001),
+        ((20, 0, 1), -0.01),
+        ((25, 5, 0), 0.1),
+        ((3, 3, 0), 0.9),
+        # Δ within 1e-9 of 1: q̃ ≈ 1e-10 is the difference of two numbers near 2n, which the
+        # form (root − lin)/(4n) would lose to rounding (relative error 4e-8).
+        ((161, 6, 16), 1 - 1e-9),
+        ((80, 4, 1), 1 - 1e-9),
+        ((161, 6, 16), -0.3),
+        ((21, 1, 7), 0.5),
+    ],
+)
+def test_score_matches_the_likelihood_solved_precisely(
+    table: tuple[int, int, int], delta: float
+) -> None:
+    assert tango_score(*table, delta) == pytest.approx(_precise_score(*table, delta), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("table", "delta", "expected"),
+    [
+        # At Δ = 1 the constraint leaves one possible table, every pair candidate-only (q̃ = 0,
+        # variance 0): any other table lies infinitely far below, that one at 0.
+        ((20, 5, 3), 1.0, -math.inf),
+        ((1, 0, 0), 1.0, -math.inf),
+        ((20, 20, 0), 1.0, 0.0),
+        # At Δ = −1, every pair baseline-only (q̃ = 1): the mirror image.
+        ((20, 5, 3), -1.0, math.inf),
+        ((20, 0, 20), -1.0, 0.0),
+        # No discordant pair, at its estimate 0: q̃ = 0 and variance 0, numerator 0.
+        ((20, 0, 0), 0.0, 0.0),
+        ((1, 0, 0), 0.0, 0.0),
+    ],
+)
+def test_score_where_the_variance_vanishes(
+    table: tuple[int, int, int], delta: float, expected: float
+) -> None:
+    assert tango_score(*table, delta) == expected
 
 
 def test_score_is_zero_at_the_estimate_and_z_at_the_bounds() -> None:
