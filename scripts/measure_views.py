@@ -8,9 +8,9 @@ published spec) spread evenly over the last `--days` days (60), bulk-loaded with
 `session_replication_role = replica` (the superuser connection of the local stack: the consent
 and vote triggers are skipped, so the loader sets their columns itself). Then one learning run
 per `--run-hours` (1) hours over those days, written as the worker would leave them: the run row
-(running, its batch read by claim_learning_run_events, then completed, which fires the summary
-trigger), a module change per module with counts decayed as worker/learning.py decays them (one
-decay per run), the twin's cursor moved past the last batch. `--pending` (1,000) events arrive after the last run.
+(queued, then completed, which fires the summary trigger over its batch), a module change per
+module with counts decayed as worker/learning.py decays them (one decay per run), the twin's
+cursor moved past the last batch. `--pending` (1,000) events arrive after the last run.
 
 Measure: every view queried as the owner would query it, each `--repeat` (20) times after one
 warm-up: in SQL as the owner (role authenticated with the JWT claims, so RLS applies) and over
@@ -187,8 +187,7 @@ def learn(
     first_id: int, start: datetime, args: argparse.Namespace,
 ) -> None:
     """One run per run_hours: the run row, its module changes (counts decayed once per run, as
-    worker/learning.py does between runs), its batch read by claim_learning_run_events (which
-    counts it for the summaries), then completed (the summary trigger applies those counts)."""
+    worker/learning.py does between runs), then completed (the summary trigger reads its batch)."""
     settings = LearningSettings()
     # per module: success and failure weights, status, confidence
     state: dict[str, tuple[float, float, ModuleStatus, float]] = {
@@ -217,17 +216,12 @@ def learn(
                 new[key][1] += w
         after_id = first_id + batch_first - 1
         last_id = first_id + i - 1
-        run, token = db.execute(
+        run = db.execute(
             "insert into public.persona_feedback_learning_runs (twin_id, trigger, created_at, "
-            "learning_time, batch_after_event_id, batch_last_event_id, started_at, attempts, "
-            "status, worker_id, lease_token, lease_expires_at) "
-            "values (%s, 'schedule', %s, %s, %s, %s, %s, 1, 'running', 'measure_views', "
-            "gen_random_uuid(), now() + interval '1 hour') returning id::text, lease_token",
+            "learning_time, batch_after_event_id, batch_last_event_id, started_at, attempts) "
+            "values (%s, 'schedule', %s, %s, %s, %s, %s, 1) returning id::text",
             (twin, at, at, after_id, last_id, at),
-        ).fetchone()  # type: ignore[misc]
-        # The worker's read of the batch: it counts the batch for the summaries, which the
-        # completion below applies.
-        db.execute("select public.claim_learning_run_events(%s, %s)", (run, token))
+        ).fetchone()[0]  # type: ignore[index]
         changes = []
         for key, (s, f, status, confidence) in state.items():
             k = decay_factor(previous, at, settings.half_life_days)
@@ -247,7 +241,7 @@ def learn(
             )
         db.execute(
             "update public.persona_feedback_learning_runs set status = 'completed', "
-            "lease_token = null, lease_expires_at = null, finished_at = %s, events_scanned = %s, events_processed = %s, events_unmatched = 0,"
+            "finished_at = %s, events_scanned = %s, events_processed = %s, events_unmatched = 0,"
             " modules_updated = %s, gate_passed = true, gate_report = '{\"checks\": []}', "
             "publish_decision = 'held', hold_reason = 'no_draft' where id = %s",
             (at + timedelta(seconds=2), i - batch_first, i - batch_first, len(changes), run),

@@ -952,22 +952,11 @@ begin
     );
   end if;
 
-  -- The batch's summaries for the owner views, written by this pass (below) and applied by the
-  -- completion; a read before this one (a takeover, a read again) leaves nothing behind, nor
-  -- does a run of the twin that ended without completing.
-  delete from private.learning_run_batch_evidence x
-  using public.persona_feedback_learning_runs r
-  where x.run_id = r.id and r.twin_id = v_run.twin_id and (r.id = v_run.id or r.status <> 'running');
-  delete from private.learning_run_batch_votes x
-  using public.persona_feedback_learning_runs r
-  where x.run_id = r.id and r.twin_id = v_run.twin_id and (r.id = v_run.id or r.status <> 'running');
-
   -- One streaming pass over the batch: each vote's decayed weight (a vote that replaced an earlier
   -- one also retracts that one), summed per key it matches by (its module_key if given, else its
   -- intent_label), and only then matched to the modules: the join takes one row per key, not per
   -- vote, so its cost does not depend on the plan or the twin's module count. A key no module
   -- serves lands in the null group (unmatched); an intent several modules serve counts for each.
-  -- The same pass counts the batch for the owner views (grouping sets: one scan, three sums).
   with targets as (
     select true as by_key, m.module_key as key, m.id as module_id
     from public.persona_modules m where m.twin_id = v_run.twin_id
@@ -980,7 +969,7 @@ begin
     -- replaced by a vote after the batch, which the next run retracts): a vote replaced inside
     -- the batch, or whose replacement was deleted, stays out, as the rebuild leaves it out.
     select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.audit_of_draft, e.supersedes_id is not null as changed,
+           e.reason, e.created_at, e.audit_of_draft,
            case when e.superseded_at is null then 1.0::float8
                 when exists (
                   select 1 from public.persona_training_events n
@@ -994,7 +983,7 @@ begin
     union all
     -- What an earlier run learned and a vote of the batch replaced: retracted.
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.audit_of_draft, false, 1.0::float8
+           p.reason, p.created_at, p.audit_of_draft, 1.0::float8
     from public.persona_training_events e
     -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
     -- whole table instead).
@@ -1007,12 +996,7 @@ begin
   ),
   weighted as (
     select v.module_key is not null as by_key, coalesce(v.module_key, v.intent_label) as key,
-           v.sign, v.source, v.reason, v.module_key, v.intent_label, v.score, v.audit_of_draft,
-           v.changed, v.current,
-           case when coalesce(v.score > 0, v.passed) then 'success'
-                when v.score = 0 then 'neutral'
-                else 'failure' end::public.evidence_outcome as outcome,
-           (v.created_at at time zone 'UTC')::date as day,
+           v.sign,
            coalesce(v.score > 0, v.passed) as success,
            v.sign * v.current
            * case
@@ -1031,42 +1015,19 @@ begin
                  / (v_settings.half_life_days * 86400)) as weight
     from votes v
   ),
-  -- grouping(w.source, w.day): 3 for the learning's keys, 1 for the run's evidence per key,
-  -- source, reason and outcome (events of the batch; audits of a draft left out), 2 for the
-  -- daily feedback votes (+1 for each vote current at the batch's end, -1 for each retracted).
-  sums as materialized (
-    select grouping(w.source, w.day) as set, w.by_key, w.key, w.source, w.reason, w.outcome,
-           w.day, w.intent_label, w.module_key, w.score,
+  per_key as (
+    select w.by_key, w.key,
            coalesce(sum(w.weight) filter (where w.success), 0) as success,
            coalesce(sum(w.weight) filter (where not w.success), 0) as failure,
-           count(*) filter (where w.sign > 0) as events,
-           count(*) filter (where w.sign > 0 and not w.audit_of_draft) as evidence,
-           count(*) filter (where w.sign > 0 and not w.audit_of_draft and w.changed) as changes,
-           coalesce(sum(w.sign * w.current) filter (where w.source = 'user_feedback'), 0)
-             as votes
+           count(*) filter (where w.sign > 0) as events
     from weighted w
-    group by grouping sets ((w.by_key, w.key),
-                            (w.by_key, w.key, w.source, w.reason, w.outcome),
-                            (w.day, w.intent_label, w.module_key, w.reason, w.score))
-  ),
-  saved_evidence as (
-    insert into private.learning_run_batch_evidence
-      (run_id, by_key, key, source, reason, outcome, events, vote_changes)
-    select v_run.id, x.by_key, x.key, x.source, x.reason, x.outcome, x.evidence, x.changes
-    from sums x where x.set = 1 and x.evidence > 0
-  ),
-  saved_votes as (
-    insert into private.learning_run_batch_votes
-      (run_id, day, intent_label, module_key, reason, score, votes)
-    select v_run.id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
-    from sums x where x.set = 2 and x.votes <> 0
+    group by w.by_key, w.key
   ),
   per_module as (
     select t.module_id, sum(k.success) as success, sum(k.failure) as failure,
            sum(k.events) as events
-    from sums k
+    from per_key k
     left join targets t on t.by_key = k.by_key and t.key = k.key
-    where k.set = 3
     group by t.module_id
   )
   select
@@ -1183,9 +1144,7 @@ $$;
 
 comment on function public.claim_learning_run_events(uuid, uuid) is
   'Worker. In: a run id and its lease token. Reads the run''s batch and records events_scanned, '
-  'events_unmatched, evidence_generation and rebuilt_modules on the run, and the batch''s '
-  'summaries for the owner views (private.learning_run_batch_evidence and _votes, which the '
-  'completion applies). Out: jsonb {run (without '
+  'events_unmatched, evidence_generation and rebuilt_modules on the run. Out: jsonb {run (without '
   'lease_token), learning_time T, events_scanned, events_unmatched, rebuilt_modules, settings, '
   'modules [{module_id, module_key, intent_label, success, failure, evidence_at, confidence, '
   'status}], evidence [{module_id, success, failure}] (the batch''s decayed weight per module), '

@@ -172,48 +172,7 @@ comment on function private.feedback_daily_delta(uuid, bigint, bigint) is
   'that one of them replaced (supersedes_id); buckets netting 0 left out. Raises nothing.';
 
 
--- The batch's summaries as the run's read counted them (claim_learning_run_events, in the same
--- pass as the learning's sums), until the completion applies them; scratch of the worker's.
-create table private.learning_run_batch_evidence (
-  run_id uuid not null references public.persona_feedback_learning_runs (id) on delete cascade,
-  by_key boolean not null,
-  key text not null,
-  source public.training_event_source not null,
-  reason public.training_event_reason,
-  outcome public.evidence_outcome not null,
-  events bigint not null,
-  vote_changes bigint not null
-);
-create index learning_run_batch_evidence_run_idx on private.learning_run_batch_evidence (run_id);
-
-comment on table private.learning_run_batch_evidence is
-  'A read batch''s events per match key (by_key: named a module_key; key: that module_key, else '
-  'the intent_label), source, reason and outcome, with how many replaced an earlier vote; audits '
-  'of a draft left out. Written by claim_learning_run_events, applied to persona_run_evidence by '
-  'the completion. Read by no API role.';
-
-create table private.learning_run_batch_votes (
-  run_id uuid not null references public.persona_feedback_learning_runs (id) on delete cascade,
-  day date not null,
-  intent_label text not null,
-  module_key text,
-  reason public.training_event_reason,
-  score smallint not null,
-  votes bigint not null
-);
-create index learning_run_batch_votes_run_idx on private.learning_run_batch_votes (run_id);
-
-comment on table private.learning_run_batch_votes is
-  'A read batch''s net change of persona_feedback_daily per bucket (the UTC day a vote was cast, '
-  'intent_label, module_key, reason, score): +1 for each feedback vote current at the batch''s '
-  'end, -1 for each earlier vote one of them replaced that an earlier run learned. Written by '
-  'claim_learning_run_events, applied by the completion. Read by no API role.';
-
-grant select, insert, delete on private.learning_run_batch_evidence,
-  private.learning_run_batch_votes to service_role;
-
--- Writes a completed run's batch into the two summary tables, in the completion's transaction,
--- from what the run's read counted (no second pass over the batch).
+-- Writes a completed run's batch into the two summary tables, in the completion's transaction.
 create function private.summarize_completed_run()
 returns trigger
 language plpgsql
@@ -225,11 +184,25 @@ begin
     return null;
   end if;
 
-  -- The read's counts per key, matched to the modules now: the same as at the read, since a
-  -- module edit since then would have refused the completion (PT412).
   insert into public.persona_run_evidence
     (run_id, twin_id, module_id, source, reason, outcome, events, vote_changes)
-  with targets as (
+  -- Counted per key an event matches by (its module_key, else its intent_label) first, then
+  -- matched to the modules: the join takes one row per key, not per event, as the claim does.
+  with per_key as (
+    select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
+           e.source, e.reason,
+           case when coalesce(e.score > 0, e.passed) then 'success'
+                when e.score = 0 then 'neutral'
+                else 'failure' end::public.evidence_outcome as outcome,
+           count(*) as events, count(*) filter (where e.supersedes_id is not null) as changes
+    from public.persona_training_events e
+    where e.twin_id = new.twin_id
+      and e.id > new.batch_after_event_id and e.id <= new.batch_last_event_id
+      -- Audits of a draft moved no module (audit_of_draft, fixed when the audit was recorded).
+      and not e.audit_of_draft
+    group by 1, 2, 3, 4, 5
+  ),
+  targets as (
     select true as by_key, m.module_key as key, m.id as module_id
     from public.persona_modules m where m.twin_id = new.twin_id
     union all
@@ -237,17 +210,16 @@ begin
     from public.persona_modules m where m.twin_id = new.twin_id
   )
   select new.id, new.twin_id, t.module_id, k.source, k.reason, k.outcome,
-         sum(k.events), sum(k.vote_changes)
-  from private.learning_run_batch_evidence k
+         sum(k.events), sum(k.changes)
+  from per_key k
   left join targets t on t.by_key = k.by_key and t.key = k.key
-  where k.run_id = new.id
   group by 3, 4, 5, 6;
 
   -- Existing buckets take their delta (a retraction is negative); new buckets are inserted. An
   -- insert checks votes_not_negative before any ON CONFLICT, hence the two steps.
   with delta as (
-    select x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
-    from private.learning_run_batch_votes x where x.run_id = new.id
+    select * from private.feedback_daily_delta(new.twin_id, new.batch_after_event_id,
+                                               new.batch_last_event_id)
   ),
   updated as (
     update public.persona_feedback_daily d
@@ -271,8 +243,6 @@ begin
       and coalesce(u.reason::text, '') = coalesce(x.reason::text, '') and u.score = x.score
   );
   delete from public.persona_feedback_daily d where d.twin_id = new.twin_id and d.votes = 0;
-  delete from private.learning_run_batch_evidence x where x.run_id = new.id;
-  delete from private.learning_run_batch_votes x where x.run_id = new.id;
   return null;
 end;
 $$;
@@ -280,10 +250,10 @@ $$;
 comment on function private.summarize_completed_run() is
   'Trigger (after update of status on persona_feedback_learning_runs, when a run becomes '
   'completed): adds the run''s batch to persona_run_evidence (events per module, source, reason '
-  'and outcome; audits of a draft left out) and its net feedback votes to persona_feedback_daily, '
-  'from what the run''s read counted (private.learning_run_batch_evidence and _votes, then '
-  'emptied). Security definer: the summaries are written by no API role. Raises nothing of its '
-  'own (a vote count below 0 would be 23514 votes_not_negative, and roll the completion back).';
+  'and outcome; audits of a spec not published before the completion left out) and its net '
+  'feedback votes to persona_feedback_daily (private.feedback_daily_delta). Security definer: the '
+  'summaries are written by no API role. Raises nothing of its own (a vote count below 0 would '
+  'be 23514 votes_not_negative, and roll the completion back).';
 
 create trigger persona_feedback_learning_runs_summarize
   after update of status on public.persona_feedback_learning_runs
