@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 # How often one attempt reads its batch again when the completion finds that the evidence changed
 # under it (a deletion or a module edit committed mid-run) before the attempt counts as failed.
 READS_PER_ATTEMPT = 3
+# A rebuild started over this many times in one read (deletions or module edits between its
+# calls) gives the attempt up: the run's attempts bound the work, as they bound re-reads.
+REBUILD_RESTARTS_PER_READ = 3
 
 
 def decide(
@@ -207,11 +210,25 @@ class Runner:
         """The run's batch, and when the lease was last renewed (`renewed` on entry; both
         time.monotonic()). A twin whose modules are rebuilt answers with one bounded step of
         the rebuild per call (each well inside the API's statement timeout); the calls go on,
-        the lease kept, until the one that returns the batch."""
+        the lease kept, until the one that returns the batch. A deletion or module edit between
+        two calls starts the rebuild over; after REBUILD_RESTARTS_PER_READ such restarts the
+        read gives up with BatchChangedError, so that a twin whose evidence keeps changing uses
+        up the run's attempts instead of holding a worker for ever."""
+        steps, restarts = 0, 0
         while True:
             got = self.store.claim_events(run)
             if isinstance(got, RunBatch):
                 return got, renewed
+            if got.steps <= steps:
+                restarts += 1
+                if restarts > REBUILD_RESTARTS_PER_READ:
+                    raise BatchChangedError(
+                        f"run {run.id}: the twin's evidence or modules changed {restarts} times "
+                        "while its modules were being rebuilt; the rebuild is left for a later "
+                        "attempt",
+                        "PT412",
+                    )
+            steps = got.steps
             logger.info(
                 "rebuilding the twin's modules",
                 extra={

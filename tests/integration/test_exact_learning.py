@@ -640,6 +640,40 @@ def test_a_rebuild_weighs_every_kind_of_evidence_as_learning_does(
     assert_modules_exact(db, twin.id)
 
 
+def test_a_rebuild_that_keeps_starting_over_gives_the_attempt_up(
+    db, service, make_user, make_runner
+):
+    twin, _ = marked_twin(db, service, make_user, make_runner, votes=30, step=2)
+    victims = [r[0] for r in db.execute(
+        "select id from persona_training_events where twin_id = %s order by id limit 8",
+        (twin.id,))]
+
+    class ModeratedStore(Store):
+        """A moderator deletes one of the twin's oldest votes after each rebuild step."""
+
+        def claim_events(self, run: Run) -> RunBatch | RebuildProgress:
+            got = super().claim_events(run)
+            if isinstance(got, RebuildProgress) and victims:
+                db.execute("delete from persona_training_events where id = %s",
+                           (victims.pop(0),))
+            return got
+
+    runner = make_runner(ModeratedStore)
+    run = claimed(runner, twin)
+    done = runner.process(run)
+    # Four restarts in one read: the attempt is given up (counted; the run waits for another,
+    # its lease expired), not held for ever.
+    assert done.status == "running" and done.attempts == 1
+    assert count(db, "select count(*) from persona_feedback_learning_runs where id = %s"
+                 " and lease_expires_at <= now()", str(run.id)) == 1
+    assert "changed 4 times while its modules were being rebuilt" in (done.error or "")
+    assert len(victims) == 3
+    # With the moderator gone, the next attempt rebuilds to the end, exactly.
+    victims.clear()
+    assert [r.status for r in learn(runner, twin)][-1] == "completed"
+    assert_modules_exact(db, twin.id)
+
+
 def test_a_twins_settings_row_cannot_be_deleted_apart_from_the_twin(db, service, make_user):
     twin = create_twin(db, make_user("owner").id)
     with pytest.raises(APIError) as refused:
