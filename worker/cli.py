@@ -265,9 +265,11 @@ def runs_moves(store: Store, twin_id: UUID, runs: Sequence[Run]) -> dict[UUID, l
         return {}
     evidence = store.run_evidence(sorted({c.run_id for c in changes}, key=str))
     learning = store.learning_settings(twin_id)
+    recounted = {r.id for r in runs if r.rebuilt_modules}
     moves: dict[UUID, list[str]] = {}
     for c in changes:
-        moves.setdefault(c.run_id, []).append(explain_move(c, evidence, learning))
+        moves.setdefault(c.run_id, []).append(
+            explain_move(c, evidence, learning, recounted=c.run_id in recounted))
     return moves
 
 

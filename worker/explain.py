@@ -119,14 +119,17 @@ def threshold_crossed(change: TrendPoint, settings: LearningSettings) -> str:
 
 
 def explain_move(
-    change: TrendPoint, evidence: Iterable[RunEvidence], settings: LearningSettings
+    change: TrendPoint, evidence: Iterable[RunEvidence], settings: LearningSettings,
+    *, recounted: bool = False,
 ) -> str:
     """One module's move in one run, e.g. "evidence_answers fell from active to probation,
     confidence 0.71 -> 0.58 (-0.13), after new evidence: 12 votes down (7 incorrect, 5
     outdated) and 3 up; its cautious score (Wilson lower bound) 0.46 fell below 0.50, the level
     an active module must keep." `evidence`: the run's rows for this module (others ignored).
-    Without new evidence the move is put down to older evidence fading (half-life from
-    `settings`)."""
+    `recounted`: the run recounted the modules from the evidence that exists (the run's
+    `rebuilt_modules`: evidence was deleted or edited since), which the sentence then says.
+    Without new evidence and without a recount the move is put down to older evidence fading
+    (half-life from `settings`)."""
     mine = [e for e in evidence if e.module_id == change.module_id and e.run_id == change.run_id]
     delta = change.confidence - change.confidence_before
     d = 2 if abs(delta) >= 0.01 else 3  # a small move still shows two different numbers
@@ -141,11 +144,15 @@ def explain_move(
         moved = (f"{change.module_key} confidence {direction} {before} -> {after} "
                  f"({delta:+.{d}f}), still {STATUS_WORDS[change.status]}")
     what = describe_evidence(mine)
-    if what == "no new evidence":
+    recount = ("recounted from the evidence that exists now (evidence was deleted or edited "
+               "since the last run)")
+    if what == "no new evidence" and recounted:
+        what = f"with no new evidence: {recount}"
+    elif what == "no new evidence":
         what = (f"with no new evidence: older evidence faded (half-life "
                 f"{settings.half_life_days:g} days)")
     else:
-        what = "after " + what
+        what = "after " + what + (f", {recount}" if recounted else "")
     return f"{moved}, {what}; {threshold_crossed(change, settings)}."
 
 

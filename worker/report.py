@@ -95,10 +95,12 @@ def run_moves(data: ReportData) -> dict[UUID, list[str]]:
     evidence: dict[UUID, list[RunEvidence]] = defaultdict(list)
     for e in data.run_evidence:
         evidence[e.run_id].append(e)
+    recounted = {r.id for r in data.runs if r.rebuilt_modules}
     moves: dict[UUID, list[str]] = defaultdict(list)
     for change in data.run_changes:
         if notable(change):
-            sentence = explain_move(change, evidence[change.run_id], data.settings)
+            sentence = explain_move(change, evidence[change.run_id], data.settings,
+                                    recounted=change.run_id in recounted)
             moves[change.run_id].append(sentence)
     return dict(moves)
 
@@ -167,10 +169,14 @@ def chart_confidence(
             ax.axvspan(_days(start), _days(end), color=STATUS_COLORS[status], linewidth=0)
         lower = [p.wilson_lower if p.wilson_lower is not None else 0.0 for p in points]
         upper = [p.wilson_upper if p.wilson_upper is not None else 1.0 for p in points]
+        confidence = [p.confidence for p in points]
+        # The last values hold until now (as the last status band does): without that a
+        # module changed by one run only would show no line and no band at all.
+        times, lower, upper, confidence = ([*times, max(now, times[-1])], [*lower, lower[-1]],
+                                           [*upper, upper[-1]], [*confidence, confidence[-1]])
         ax.fill_between(times, lower, upper, color="#2c3e50", alpha=0.15, linewidth=0,
                         step="post")
-        ax.step(times, [p.confidence for p in points], where="post", color="#1f4e79",
-                linewidth=1.6)
+        ax.step(times, confidence, where="post", color="#1f4e79", linewidth=1.6)
         ax.axhline(settings.activate_lower_bound, color="#1e8449", linestyle="--", linewidth=0.8)
         ax.axhline(settings.disable_upper_bound, color="#a93226", linestyle="--", linewidth=0.8)
         ax.set_ylim(0, 1)
@@ -331,6 +337,11 @@ def chart_runs(runs: Sequence[Run]) -> str | None:
                        color=color, marker=marker, s=90 if marker == "*" else 40, label=label,
                        zorder=3)
     ax.xaxis_date()
+    # Some room either side, at least an hour: a single run would otherwise sit on an axis
+    # of several years.
+    first, last = _days(done[0].created_at), _days(done[-1].created_at)
+    pad = max((last - first) * 0.05, 1 / 24)
+    ax.set_xlim(first - pad, last + pad)
     counts = [max(1, r.events_processed or 0) for r in done]
     if max(counts) > 50 * min(counts):
         ax.set_yscale("log")
@@ -430,6 +441,8 @@ def _last_run(o: TwinOverview) -> str:
     return _e(f"gate {gate} · {decision} · ") + _t(o.last_run_finished_at)
 
 
+GATE_WORDS = {True: "passed", False: "did not pass", None: None}
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1180px;
 color:#222;padding:0 16px}h1{margin-bottom:4px}.sub{color:#666;margin-top:0}
@@ -459,8 +472,9 @@ def render(data: ReportData, now: datetime) -> str:
         ("approval", chart_approval(data.feedback),
          "Share of +1 among +1 and -1 votes; a wide interval means few votes."),
         ("runs", chart_runs(data.runs),
-         f"The last {len(data.runs)} runs: whether the regression gate passed and whether the "
-         "run published the draft spec."),
+         ("The last run" if len(data.runs) == 1 else f"The last {len(data.runs)} runs")
+         + ": whether the regression gate passed and whether the run published the draft "
+         "spec."),
         ("specs", chart_specs(data.specs, now),
          "Each persona spec version: drafted, published, archived."),
     ]
@@ -501,7 +515,7 @@ def render(data: ReportData, now: datetime) -> str:
         sentences = "".join(f"<li>{_e(s)}</li>" for s in said)
         parts.append(
             f"<tr><td>{_t(r.created_at)}</td><td>{_e(r.status)}</td>"
-            f"<td>{_e(r.events_processed)}</td><td>{_e(checks or r.gate_passed)}</td>"
+            f"<td>{_e(r.events_processed)}</td><td>{_e(checks or GATE_WORDS[r.gate_passed])}</td>"
             f"<td>{_e(decision)}</td><td><ul class='moves'>{sentences}</ul>"
             f"{_e(r.error) if r.error else ''}</td></tr>"
         )

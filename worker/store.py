@@ -59,7 +59,8 @@ RunStatus = Literal["queued", "running", "completed", "failed"]
 RUN_COLUMNS = (
     "id,twin_id,status,trigger,safe_mode,attempts,max_attempts,worker_id,learning_time,"
     "events_scanned,events_processed,events_unmatched,modules_updated,gate_passed,gate_report,"
-    "publish_decision,hold_reason,published_spec_id,error,created_at,started_at,finished_at"
+    "publish_decision,hold_reason,published_spec_id,error,created_at,started_at,finished_at,"
+    "rebuilt_modules"
 )
 
 
@@ -129,6 +130,9 @@ class Run(_Frozen):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    rebuilt_modules: bool | None = None
+    """True when the run recounted the twin's modules from the evidence that exists (evidence
+    was deleted or edited since the last run) instead of adding its batch; None until claimed."""
 
 
 class OutboxRow(_Frozen):

@@ -32,12 +32,12 @@ as $$
 $$;
 
 alter table public.persona_learning_settings
-  add column rebuild_step_events integer not null default 1000000,
-  add constraint rebuild_step_events_1_to_1000000 check (rebuild_step_events between 1 and 1000000);
+  add column rebuild_step_events integer not null default 500000,
+  add constraint rebuild_step_events_1_to_500000 check (rebuild_step_events between 1 and 500000);
 
 comment on column public.persona_learning_settings.rebuild_step_events is
   'A rebuild of the twin''s modules (after evidence was deleted or modules edited) reads at most '
-  'this many events (1 to 1,000,000) per worker call, so that each call stays well inside the '
+  'this many events (1 to 500,000) per worker call, so that each call stays well inside the '
   'API''s 8 s statement timeout however long the twin''s history.';
 
 -- The exact learning path's marker for the weighting: a twin whose half-life, source weights or

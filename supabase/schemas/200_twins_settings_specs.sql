@@ -140,7 +140,7 @@ create table public.persona_learning_settings (
   updated_at timestamptz not null default now(),
   max_clock_skew_seconds integer not null default 60
     constraint max_clock_skew_seconds_0_to_3600 check (max_clock_skew_seconds between 0 and 3600),
-  rebuild_step_events integer not null default 1000000,
+  rebuild_step_events integer not null default 500000,
   watch_mode public.watch_mode not null default 'alert',
   watch_margin double precision not null default 0.02
     constraint watch_margin_0_to_1 check (watch_margin between 0 and 1),
@@ -158,7 +158,7 @@ create table public.persona_learning_settings (
     check (keep_active_lower_bound <= activate_lower_bound),
   -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
   constraint max_batch_events_1_to_200000 check (max_batch_events between 1 and 200000),
-  constraint rebuild_step_events_1_to_1000000 check (rebuild_step_events between 1 and 1000000),
+  constraint rebuild_step_events_1_to_500000 check (rebuild_step_events between 1 and 500000),
   constraint watch_pass_evidence_at_least_watch_min_evidence
     check (watch_pass_evidence >= watch_min_evidence)
 );
@@ -174,7 +174,7 @@ comment on column public.persona_learning_settings.max_batch_events is
   'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
 comment on column public.persona_learning_settings.rebuild_step_events is
   'A rebuild of the twin''s modules (after evidence was deleted or modules edited) reads at most '
-  'this many events (1 to 1,000,000) per worker call, so that each call stays well inside the '
+  'this many events (1 to 500,000) per worker call, so that each call stays well inside the '
   'API''s 8 s statement timeout however long the twin''s history.';
 comment on column public.persona_learning_settings.max_clock_skew_seconds is
   'An event''s created_at (set by the service role) may be at most this many seconds ahead of '

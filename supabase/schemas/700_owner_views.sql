@@ -262,50 +262,76 @@ create trigger persona_feedback_learning_runs_summarize
   execute function private.summarize_completed_run();
 
 
--- Deleting processed feedback (a user's deletion, moderation) rebuilds the twins' daily summary
--- from what remains, so that the summary never counts a vote that is gone.
-create function private.rebuild_feedback_daily()
+-- Deleting feedback (a user's deletion, moderation) takes out of the twins' daily summary exactly
+-- the votes it counted that the deletion removes, so that the summary never counts a vote that is
+-- gone; the cost follows the deleted rows, not the twin's history.
+create function private.subtract_deleted_feedback()
 returns trigger
 language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_twin record;
 begin
-  for v_twin in
-    select distinct t.id, t.learned_through_event_id
+  with gone_votes as (
+    select g.*, t.learned_through_event_id as cursor
     from gone g join public.twins t on t.id = g.twin_id
-    where g.source = 'user_feedback' and g.id <= t.learned_through_event_id
-  loop
-    delete from public.persona_feedback_daily d where d.twin_id = v_twin.id;
-    insert into public.persona_feedback_daily
-      (twin_id, day, intent_label, module_key, reason, score, votes)
-    select v_twin.id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
-    from private.feedback_daily_delta(v_twin.id, 0, v_twin.learned_through_event_id) x
-    where x.votes > 0;
-  end loop;
+    where g.source = 'user_feedback'
+  ),
+  uncounted as (
+    -- A deleted vote the summary counted: learned, and current at the cursor (never replaced,
+    -- or replaced by a vote after the cursor, which may be gone too).
+    select v.twin_id, v.created_at, v.intent_label, v.module_key, v.reason, v.score
+    from gone_votes v
+    where v.id <= v.cursor
+      and (v.superseded_at is null
+           or exists (select 1 from public.persona_training_events n
+                      where n.twin_id = v.twin_id and n.supersedes_id = v.id and n.id > v.cursor)
+           or exists (select 1 from gone n
+                      where n.supersedes_id = v.id and n.id > v.cursor))
+    union all
+    -- A learned vote that remains, whose replacement after the cursor was deleted: it stays
+    -- retracted, as learning leaves it out.
+    select e.twin_id, e.created_at, e.intent_label, e.module_key, e.reason, e.score
+    from gone_votes n
+    join public.persona_training_events e on e.id = n.supersedes_id
+    where n.id > n.cursor and e.id <= n.cursor
+  ),
+  delta as (
+    select u.twin_id, (u.created_at at time zone 'UTC')::date as day, u.intent_label,
+           u.module_key, u.reason, u.score, count(*) as votes
+    from uncounted u
+    group by 1, 2, 3, 4, 5, 6
+  )
+  update public.persona_feedback_daily d
+  set votes = d.votes - x.votes
+  from delta x
+  where d.twin_id = x.twin_id and d.day = x.day and d.intent_label = x.intent_label
+    and coalesce(d.module_key, '') = coalesce(x.module_key, '')
+    and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score;
+  delete from public.persona_feedback_daily d
+  where d.votes = 0 and d.twin_id in (select g.twin_id from gone g);
   return null;
 end;
 $$;
 
-comment on function private.rebuild_feedback_daily() is
-  'Trigger (after delete on persona_training_events, per statement): for each twin that lost '
-  'processed feedback, rebuilds its persona_feedback_daily rows from the remaining processed '
-  'votes (private.feedback_daily_delta over ids up to the twin''s cursor; a vote whose '
-  'replacement was deleted counts again). Costs one pass over the twin''s processed feedback. '
-  'Security definer: deleting roles may not write the summary. Raises nothing of its own.';
+comment on function private.subtract_deleted_feedback() is
+  'Trigger (after delete on persona_training_events, per statement, the deleted rows as gone): '
+  'takes out of persona_feedback_daily each deleted feedback vote it counted (learned, and '
+  'current at the twin''s cursor) and each learned vote whose replacement after the cursor was '
+  'deleted (it stays retracted, as learning leaves it out), and drops buckets left at 0. Costs '
+  'one or two index lookups per deleted vote. Security definer: deleting roles may not write '
+  'the summary. Raises nothing of its own (a count below 0 would be 23514 votes_not_negative).';
 
-create trigger persona_training_events_rebuild_feedback_daily
+create trigger persona_training_events_subtract_deleted_feedback
   after delete on public.persona_training_events
   referencing old table as gone
-  for each statement execute function private.rebuild_feedback_daily();
+  for each statement execute function private.subtract_deleted_feedback();
 
 revoke execute on function
   private.wilson_bounds(double precision, double precision, double precision),
   private.feedback_daily_delta(uuid, bigint, bigint),
   private.summarize_completed_run(),
-  private.rebuild_feedback_daily()
+  private.subtract_deleted_feedback()
 from public;
 
 

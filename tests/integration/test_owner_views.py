@@ -177,6 +177,28 @@ def test_deleting_a_voter_rebuilds_the_feedback_summary(
                        ("evidence_answers", None): 1}
 
 
+def test_deleting_an_unlearned_vote_change_keeps_the_learned_vote_out(
+    learned: dict, service, runner: Runner
+) -> None:
+    # voter 1's learned "incorrect" is changed to "helpful", and the change is deleted (by
+    # moderation) before any run learns it: learning keeps the "incorrect" vote retracted (the
+    # twin is recounted), and so must the feedback figures, at once and after the next run.
+    owner, twin, voters = learned["owner"], learned["twin"], learned["voters"]
+    change = vote(voters[1], twin, "t2", 1, "helpful")
+    service.table("persona_training_events").delete().eq("id", change["id"]).execute()
+    expected = {("evidence_answers", "incorrect"): 1, ("evidence_answers", "helpful"): 2,
+                ("evidence_answers", None): 1, ("small_talk", None): 1}
+
+    def reasons() -> dict:
+        return {(r["module_key"], r["reason"]): r["votes_30d"]
+                for r in rows(owner, "persona_module_feedback_reasons", twin_id=twin.id)}
+
+    assert reasons() == expected
+    [run] = runner.run_once(uuid.UUID(twin.id), request=True)
+    assert run.status == "completed"
+    assert reasons() == expected
+
+
 def test_pfl_runs_explains_the_moves(learned: dict, stack: Stack) -> None:
     twin = learned["twin"]
     env = {"SUPABASE_URL": stack.url, "SUPABASE_SERVICE_ROLE_KEY": stack.service_key,

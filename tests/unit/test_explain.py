@@ -85,6 +85,19 @@ def test_a_move_without_evidence_is_put_down_to_fading() -> None:
         "evidence faded (half-life 30 days); it stays active" in text
 
 
+def test_a_recount_is_not_put_down_to_fading() -> None:
+    # A run that recounted the modules (rebuilt_modules: evidence was deleted or edited) says
+    # so, with or without new evidence, instead of blaming fading.
+    moved = change("insufficient_data", "insufficient_data", 5.0, 0.0, 0.875, 0.857)
+    text = explain_move(moved, [], SETTINGS, recounted=True)
+    assert "with no new evidence: recounted from the evidence that exists now (evidence was " \
+        "deleted or edited since the last run);" in text
+    assert "faded" not in text
+    text = explain_move(moved, [evidence("user_feedback", "success", 2)], SETTINGS,
+                        recounted=True)
+    assert "after new evidence: 2 votes up, recounted from the evidence that exists now" in text
+
+
 def test_fading_below_the_minimum_evidence() -> None:
     text = threshold_crossed(change("probation", "insufficient_data", 6.0, 3.5, 0.6, 0.6),
                              SETTINGS)
