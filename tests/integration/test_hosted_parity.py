@@ -36,10 +36,11 @@ pytestmark = pytest.mark.integration
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _STRINGS = re.compile(r"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$", re.S)
 _TOKENS = re.compile(r"[a-z_][a-z0-9_$]*|[();]")
-# Where a data-changing statement may begin: after another statement, in a CTE, or after a
-# PL/pgSQL block keyword. Everywhere else `update`/`delete` is part of something else
-# (`for update`, `on delete cascade`, `do update set`, `before update` ...).
-_STATEMENT_START = {None, ";", "(", "begin", "then", "else", "loop", "as"}
+# Where a data-changing statement may begin: after another statement, in a CTE, after a WITH
+# clause's last CTE (`with due as (...) update ...`), after RETURN QUERY, or after a PL/pgSQL
+# block keyword. Everywhere else `update`/`delete` is part of something else (`for update`,
+# `on delete cascade`, `do update set`, `before update` ...).
+_STATEMENT_START = {None, ";", "(", ")", "query", "begin", "then", "else", "loop", "as"}
 
 
 def unguarded_writes(body: str) -> list[str]:
@@ -82,6 +83,10 @@ def unguarded_writes(body: str) -> list[str]:
         ("update t set a = (select 1 from u where u.x) ; ", ["update t set a"]),
         ("with d as (delete from t returning 1) select 1", ["delete from t returning"]),
         ("begin if x then update t set a = 1; end if; end", ["update t set a"]),
+        ("with d as (select 1 where true) update t set a = 1", ["update t set a"]),
+        ("with d as (select id from t where x) delete from t", ["delete from t"]),
+        ("with d as (select id from t) update t set a = 1 from d where t.id = d.id", []),
+        ("begin return query delete from t returning id; end", ["delete from t returning"]),
         ("update t set a = 1 where id = 2;", []),
         ("update t set a = u.b from u where u.id = t.id", []),
         ("select * from t for update; delete from t where false", []),
