@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = WorkerSettings()  # filled from the environment
     except ValidationError as exc:
-        print(f"pfl: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"pfl: invalid settings: {settings_errors(exc)}", file=sys.stderr)
         return 2
     logs.configure(settings.pfl_log_format)
     handler: Handler = args.handler
@@ -391,6 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"pfl: {exc} (code {exc.code})", file=sys.stderr)
         return 1
+
+
+def settings_errors(exc: ValidationError) -> str:
+    """pydantic's errors of WorkerSettings in one line: each as `NAME: message` (the
+    environment variable's name; a rule between settings has none), joined by `; `."""
+    parts = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}: {message}" if name else message)
+    return "; ".join(parts)
 
 
 def preflight(settings: WorkerSettings) -> Store:

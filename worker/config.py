@@ -2,9 +2,10 @@
 
 import os
 import socket
+from urllib.parse import urlsplit
 
 import jwt
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,6 +108,27 @@ class WorkerSettings(BaseSettings):
         "ended at most this many seconds ago, else 503. Must exceed PFL_POLL_MAX_SECONDS (an "
         "idle worker polls that rarely).",
     )
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        """The project's API URL without surrounding space: http(s) and a host (a path there
+        is caught at start by the API check). Raises ValueError otherwise."""
+        url = value.strip()
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be the project's API URL with its scheme, e.g. https://<ref>.supabase.co"
+            )
+        return url
+
+    @field_validator("supabase_service_role_key")
+    @classmethod
+    def _key_given(cls, value: SecretStr) -> SecretStr:
+        """A key, not an empty value (an unfilled `.env` line). Raises ValueError."""
+        if not value.get_secret_value().strip():
+            raise ValueError("is empty: set it to the project's service_role/secret key")
+        return value
 
     @model_validator(mode="after")
     def _bounds(self) -> "WorkerSettings":

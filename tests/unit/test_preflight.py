@@ -1,11 +1,13 @@
 """What the worker checks before its first call: the key's role and the database's version."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import jwt
 import pytest
 from postgrest.exceptions import APIError
+from pydantic import SecretStr
 
 from worker.config import key_role
 from worker.store import REQUIRED_SCHEMA_VERSION, ConfigurationError, Store, StoreError
@@ -83,3 +85,46 @@ def test_other_refusals_stay_store_errors(code: str) -> None:
     with pytest.raises(StoreError) as raised:
         store.check_worker_access("http://x")
     assert raised.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"SUPABASE_SERVICE_ROLE_KEY": ""}, "pfl: invalid settings: SUPABASE_SERVICE_ROLE_KEY: is "
+         "empty: set it to the project's service_role/secret key"),
+        ({"SUPABASE_URL": "127.0.0.1:54321"}, "pfl: invalid settings: SUPABASE_URL: must be the "
+         "project's API URL with its scheme, e.g. https://<ref>.supabase.co"),
+        ({"SUPABASE_URL": "https://"}, "pfl: invalid settings: SUPABASE_URL: must be the "
+         "project's API URL with its scheme, e.g. https://<ref>.supabase.co"),
+        ({"SUPABASE_URL": None}, "pfl: invalid settings: SUPABASE_URL: Field required"),
+        ({"PFL_LEASE_SECONDS": "-3"}, "pfl: invalid settings: PFL_LEASE_SECONDS: Input should be "
+         "greater than or equal to 5"),
+    ],
+)
+def test_bad_settings_are_one_line_and_exit_2(
+    env: dict[str, str | None], line: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    from worker.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "sb_secret_abc")
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
+    assert main(["run-once"]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_the_api_url_is_kept_without_surrounding_space() -> None:
+    from worker.config import WorkerSettings
+
+    settings = WorkerSettings(
+        supabase_url=" https://abc.supabase.co ",
+        supabase_service_role_key=SecretStr("sb_secret_x"),
+        _env_file=None,
+    )
+    assert settings.supabase_url == "https://abc.supabase.co"
