@@ -415,7 +415,15 @@ def preflight(settings: WorkerSettings) -> Store:
             "the worker needs the service_role/secret key of the project"
         )
     store = Store.connect(settings)
-    store.check_worker_access(settings.supabase_url)
+    # Quiet while it checks: an API that does not answer is one line at the end, not a warning
+    # per retry before it.
+    store_logger = logging.getLogger("worker.store")
+    level = store_logger.level
+    store_logger.setLevel(logging.ERROR)
+    try:
+        store.check_worker_access(settings.supabase_url)
+    finally:
+        store_logger.setLevel(level)
     return store
 
 

@@ -363,6 +363,11 @@ class Store:
                     "worker's functions (permission denied); use the service_role/secret key "
                     "of the project"
                 ) from exc
+            if exc.code in ("PGRST301", "PGRST302") and "expired" in str(exc).lower():
+                raise ConfigurationError(
+                    f"SUPABASE_SERVICE_ROLE_KEY has expired ({exc}); use the project's current "
+                    "service_role/secret key"
+                ) from exc
             if exc.code in ("PGRST301", "PGRST302"):
                 raise ConfigurationError(
                     f"SUPABASE_SERVICE_ROLE_KEY was refused by the API at {url} ({exc}): it is "

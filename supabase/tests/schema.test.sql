@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(52);
+select plan(55);
 
 
 -- Tables, views and row-level security
@@ -298,6 +298,26 @@ select is(
      and p.proname in ('is_twin_owner', 'check_feedback_consent', 'record_feedback_vote')),
   3,
   'the helpers named above exist, so the check above is not vacuous'
+);
+
+
+-- The exact path's rebuild: each worker call reads a bounded step; its scratch is the worker's.
+
+select throws_ok(
+  $$ update public.persona_learning_settings set rebuild_step_events = 500001 $$,
+  '23514', null, 'a rebuild step is at most 500,000 events (each call inside the API timeout)'
+);
+select is_empty(
+  $$ select r.role || ': ' || t.name
+     from unnest(array['anon', 'authenticated']) r(role),
+          unnest(array['private.learning_run_rebuilds', 'private.learning_run_rebuild_sums']) t(name)
+     where has_table_privilege(r.role, t.name, 'select, insert, update, delete') $$,
+  'no API role but the service role touches a rebuild''s scratch'
+);
+select ok(
+  has_table_privilege('service_role', 'private.learning_run_rebuild_sums',
+                      'select, insert, update, delete'),
+  'the worker (service role) writes its rebuild''s scratch'
 );
 
 select * from finish();

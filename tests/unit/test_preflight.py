@@ -65,6 +65,9 @@ def test_a_current_database_passes() -> None:
         (_error("42501"), "SUPABASE_SERVICE_ROLE_KEY is not the service-role key: the API "
          "refused the worker's functions (permission denied); use the service_role/secret key "
          "of the project"),
+        (APIError({"message": "JWT expired", "code": "PGRST301", "hint": None, "details": None}),
+         "SUPABASE_SERVICE_ROLE_KEY has expired (JWT expired); use the project's current "
+         "service_role/secret key"),
         (_error("404"), "the server at http://x answered HTTP 404 without the Data API's error "
          "body: SUPABASE_URL is not a Supabase project's API URL"),
         (httpx.ConnectError("refused"), "the Supabase Data API at http://x did not answer "
