@@ -438,7 +438,8 @@ def _last_run(o: TwinOverview) -> str:
     decision = o.last_run_publish_decision or "—"
     if o.last_run_hold_reason:
         decision += f" ({o.last_run_hold_reason})"
-    return _e(f"gate {gate} · {decision} · ") + _t(o.last_run_finished_at)
+    under_way = f" · a run is {o.next_run_status}" if o.next_run_status else ""
+    return _e(f"gate {gate} · {decision} · ") + _t(o.last_run_finished_at) + _e(under_way)
 
 
 GATE_WORDS = {True: "passed", False: "did not pass", None: None}
@@ -491,8 +492,9 @@ def render(data: ReportData, now: datetime) -> str:
         _card("latest draft", f"v{o.draft_version}" if o.draft_version else "—",
               f"edited {_t(o.draft_updated_at)}"),
         _card("last run", _e(o.last_run_status), _last_run(o),
-              "ok" if o.last_run_gate_passed else "bad"),
+              "ok" if o.last_run_status == "completed" and o.last_run_gate_passed else "bad"),
         _card("waiting evidence", str(o.pending_events), f"since {_t(o.pending_since)}"),
+        _card("production watch", _e(o.watch_state), "of the spec published last"),
         "</div>",
     ]
     for name, svg, caption in charts:

@@ -118,6 +118,9 @@ class TwinOverview(_Row):
     last_run_error: str | None = None
     pending_events: int
     pending_since: datetime | None = None
+    next_run_status: str | None = None
+    watch_state: str | None = None
+    watch_spec_id: UUID | None = None
 
 
 class SpecVersion(_Row):

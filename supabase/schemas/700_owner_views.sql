@@ -542,7 +542,10 @@ select t.id as twin_id, t.name,
        lr.hold_reason as last_run_hold_reason,
        lr.error as last_run_error,
        coalesce(pend.events, 0) as pending_events,
-       pend.oldest as pending_since
+       pend.oldest as pending_since,
+       nr.status as next_run_status,
+       wa.state as watch_state,
+       wa.spec_id as watch_spec_id
 from public.twins t
 left join lateral (
   select count(*)::integer as modules,
@@ -561,11 +564,22 @@ left join lateral (
   where s.twin_id = t.id and s.status = 'draft'
   order by s.version desc limit 1
 ) dr on true
+-- The last run that ended: a run queued or running since must not hide its gate outcome.
 left join lateral (
   select r.* from public.persona_feedback_learning_runs r
-  where r.twin_id = t.id
+  where r.twin_id = t.id and r.status in ('completed', 'failed')
   order by r.created_at desc limit 1
 ) lr on true
+left join lateral (
+  select r.status from public.persona_feedback_learning_runs r
+  where r.twin_id = t.id and r.status in ('queued', 'running')
+  order by r.status = 'running' desc limit 1
+) nr on true
+left join lateral (
+  select w.state, w.spec_id from public.persona_spec_watches w
+  where w.twin_id = t.id
+  order by w.created_at desc limit 1
+) wa on true
 left join lateral (
   select count(*)::integer as events, min(e.created_at) as oldest
   from public.persona_training_events e
@@ -574,7 +588,8 @@ left join lateral (
 
 comment on view public.persona_twin_overview is
   'A twin at a glance: its modules by status, its published spec and latest draft, its last run '
-  'with the gate''s outcome, and the evidence waiting for the next run. One row per twin.';
+  'that ended with the gate''s outcome, a run under way, the evidence waiting for the next run, '
+  'and its latest production watch. One row per twin.';
 comment on column public.persona_twin_overview.twin_id is 'The twin.';
 comment on column public.persona_twin_overview.name is 'The twin''s name.';
 comment on column public.persona_twin_overview.modules is 'Modules of the twin.';
@@ -591,14 +606,14 @@ comment on column public.persona_twin_overview.draft_spec_id is
   'The latest draft spec (the next run''s candidate); null when there is none.';
 comment on column public.persona_twin_overview.draft_version is 'Its version.';
 comment on column public.persona_twin_overview.draft_updated_at is 'When it was last edited.';
-comment on column public.persona_twin_overview.last_run_id is 'The twin''s latest run (any status).';
-comment on column public.persona_twin_overview.last_run_status is
-  'queued, running, completed or failed.';
+comment on column public.persona_twin_overview.last_run_id is
+  'The twin''s latest run that ended (completed or failed); null before its first.';
+comment on column public.persona_twin_overview.last_run_status is 'completed or failed.';
 comment on column public.persona_twin_overview.last_run_trigger is
   'owner_request, schedule or manual.';
 comment on column public.persona_twin_overview.last_run_created_at is 'When it was queued.';
 comment on column public.persona_twin_overview.last_run_finished_at is
-  'When it completed or failed; null while queued or running.';
+  'When it completed or failed.';
 comment on column public.persona_twin_overview.last_run_gate_passed is
   'Whether the regression gate passed; null unless completed.';
 comment on column public.persona_twin_overview.last_run_failed_checks is
@@ -613,6 +628,13 @@ comment on column public.persona_twin_overview.pending_events is
   'Events (feedback and audits) waiting for the next run.';
 comment on column public.persona_twin_overview.pending_since is
   'When the oldest of them was cast; null when none waits.';
+comment on column public.persona_twin_overview.next_run_status is
+  'running or queued when a run of the twin is under way or waiting; null otherwise.';
+comment on column public.persona_twin_overview.watch_state is
+  'The state of the twin''s latest production watch (watching, passed, regressed, expired, '
+  'rolled_back, superseded); null when no spec was ever watched.';
+comment on column public.persona_twin_overview.watch_spec_id is
+  'The spec that watch is about.';
 
 
 create view public.persona_training_events_state

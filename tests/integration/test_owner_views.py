@@ -165,6 +165,16 @@ def test_overview_and_processed_state(learned: dict, db: psycopg.Connection) -> 
     assert all(e["processed"] and e["processed_run_id"] == str(run.id) for e in processed)
     assert {datetime.fromisoformat(e["processed_at"]) for e in processed} == {run.finished_at}
 
+    # A run queued since does not hide the last run's gate outcome; it shows beside it.
+    queued = scalar(db, "select id from enqueue_learning_run(%s, true)", twin.id)
+    try:
+        [o] = rows(owner, "persona_twin_overview", twin_id=twin.id)
+        assert (o["last_run_id"], o["last_run_status"], o["last_run_gate_passed"],
+                o["next_run_status"], o["watch_state"]) == (
+            str(run.id), "completed", True, "queued", None)
+    finally:
+        db.execute("delete from persona_feedback_learning_runs where id = %s", (queued,))
+
 
 def test_deleting_a_voter_rebuilds_the_feedback_summary(
     learned: dict, db: psycopg.Connection
