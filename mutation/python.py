@@ -25,6 +25,8 @@ TARGETS: dict[str, tuple[str, ...] | None] = {
     # The outbox's response classification: what each answer of Langfuse becomes per row (sent,
     # retry, wait, failed, split), one pure module since the mirror was rewritten.
     "worker/langfuse_response.py": None,
+    # The production watch: Newcombe's interval, O'Brien-Fleming-type spending, decision per look.
+    "worker/watch.py": None,
 }
 
 # mutmut's exit-code meaning (mutmut.stats.status_by_exit_code), reduced to ours.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
 from uuid import UUID
@@ -116,11 +117,36 @@ def test_newcombe_upper_bound_covers_the_truth_about_as_often_as_stated() -> Non
 
 @pytest.mark.parametrize(
     "bad",
-    [(-1, 10, 1, 10), (11, 10, 1, 10), (1, 0, 1, 10), (1, 10, 1, 0)],
+    [(-1, 10, 1, 10), (11, 10, 1, 10), (1, 0, 1, 10), (1, 10, 1, 0), (0, 0, 1, 10), (1, 10, 0, 0)],
 )
 def test_newcombe_refuses_impossible_counts(bad: tuple[int, int, int, int]) -> None:
+    # An empty sample (0 of 0) has no proportion: refused as such, not a division by zero.
     with pytest.raises(ValueError, match="need 0 <= x <= n"):
         newcombe_interval(*bad, Z95)
+
+
+@pytest.mark.parametrize(("z", "shown"), [(0.0, "0.0"), (-1.96, "-1.96"), (math.nan, "nan")])
+def test_newcombe_refuses_a_quantile_that_is_not_positive(z: float, shown: str) -> None:
+    # z = 0 would be a 50% one-sided bound collapsed onto the estimate: a zero-width interval.
+    with pytest.raises(ValueError, match=f"^z must be > 0, got {shown}$"):
+        newcombe_interval(5, 10, 5, 10, z)
+
+
+@pytest.mark.parametrize("z", [1.0, Z95, 2.807])
+def test_newcombe_bounds_stay_within_minus_one_and_one(z: float) -> None:
+    # A difference of two proportions lies in [-1, 1], and so do both bounds (as the function
+    # promises): Wilson's interval at p = 0 starts at 0 and at p = 1 ends at 1 (its score test
+    # has no root beyond), so all failures against all passes has the lower bound -1 exactly and
+    # the reverse the upper bound 1 exactly (Newcombe's Table II, (g) and (h): 1.0000), with no
+    # rounding past them. Every table with n1, n2 <= 30.
+    for n1 in range(1, 31):
+        for n2 in range(1, 31):
+            for x1 in range(n1 + 1):
+                for x2 in range(n2 + 1):
+                    lower, upper = newcombe_interval(x1, n1, x2, n2, z)
+                    assert -1.0 <= lower <= upper <= 1.0, (x1, n1, x2, n2)
+            assert newcombe_interval(0, n1, n2, n2, z)[0] == -1.0, (n1, n2)
+            assert newcombe_interval(n1, n1, 0, n2, z)[1] == 1.0, (n1, n2)
 
 
 # --- spending and looks ------------------------------------------------------------------------
@@ -133,8 +159,26 @@ def test_obf_spending_function() -> None:
     assert obf_alpha_spent(0.5, 0.05) == pytest.approx(0.005575, abs=2e-6)
     spent = [obf_alpha_spent(k / 10, 0.05) for k in range(11)]
     assert spent == sorted(spent) and spent[1] < 1e-8  # almost nothing at the first look
-    with pytest.raises(ValueError):
-        obf_alpha_spent(1.1, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("information", "alpha", "message"),
+    [
+        (1.1, 0.05, "information must be in [0, 1], got 1.1"),
+        (-0.1, 0.05, "information must be in [0, 1], got -0.1"),
+        # alpha is checked before the t = 0 shortcut, and at both ends of (0, 1): alpha = 1
+        # would allow α(1) = 1, a regression at every look.
+        (0.0, 0.0, "alpha must be in (0, 1), got 0.0"),
+        (0.5, 0.0, "alpha must be in (0, 1), got 0.0"),
+        (0.5, 1.0, "alpha must be in (0, 1), got 1.0"),
+        (0.5, 1.5, "alpha must be in (0, 1), got 1.5"),
+    ],
+)
+def test_obf_spending_refuses_what_is_not_a_fraction(
+    information: float, alpha: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        obf_alpha_spent(information, alpha)
 
 
 @pytest.mark.parametrize(
@@ -143,6 +187,18 @@ def test_obf_spending_function() -> None:
 )
 def test_looks_are_due_at_each_tenth_of_the_pass_evidence(count: int, expected: int) -> None:
     assert look_index(count, 400, 10) == expected
+
+
+def test_the_smallest_plan_is_one_look_at_one_vote() -> None:
+    # The database allows pass_evidence >= 1 and looks >= 1.
+    assert (look_index(0, 1, 1), look_index(1, 1, 1), look_index(7, 1, 1)) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("bad", [(-1, 400, 10), (0, 0, 10), (0, -400, 10), (0, 400, 0)])
+def test_look_index_refuses_a_negative_count_or_an_empty_plan(bad: tuple[int, int, int]) -> None:
+    message = "need information_count >= 0, pass_evidence > 0 and looks > 0"
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        look_index(*bad)
 
 
 # --- the decision rule -------------------------------------------------------------------------
@@ -243,6 +299,105 @@ def test_each_module_gets_its_share_and_its_own_verdict() -> None:
         "small_talk": WatchComparisonVerdict.insufficient_evidence,
     }
     assert made.state is WatchState.regressed
+
+
+def test_the_report_names_the_watch_the_plan_and_the_level_of_the_look() -> None:
+    # 200 and 300 a side: the smaller arm (200) is half of pass_evidence 400, look 5 of 10.
+    made = decide_watch(evidence((200, 170), (300, 255)))
+    assert (made.watch_id, made.spec_id, made.previous_spec_id, made.mode) == (
+        WATCH, NEW, OLD, WatchMode.alert)
+    assert (made.published_at, made.window_start) == (T0, T0 - timedelta(hours=24))
+    assert (made.look, made.looks_planned, made.information) == (5, 10, 0.5)
+    # Lan-DeMets at t = 0.5, alpha 0.05: 0.005575 spent (normal table), all of it on the one
+    # comparison; its one-sided quantile z = Φ⁻¹(1 − 0.005575) = 2.538.
+    assert made.alpha_per_comparison == pytest.approx(0.005575, abs=2e-6)
+    assert made.z == pytest.approx(NormalDist().inv_cdf(1 - 0.005575), abs=1e-3)
+    [twin] = made.comparisons
+    assert twin.method == "newcombe_hybrid_score"
+    assert twin.difference == pytest.approx(170 / 200 - 255 / 300)  # new − old: 0.85 − 0.85
+
+
+def test_information_is_capped_at_the_whole_watch() -> None:
+    # 600 a side is past pass_evidence (400): all of the information, the last look.
+    made = decide_watch(evidence((600, 480), (600, 480)))
+    assert (made.information, made.look, made.state) == (1.0, 10, WatchState.passed)
+
+
+def test_the_difference_is_new_minus_old_whatever_the_verdict() -> None:
+    insufficient = decide_watch(evidence((20, 2), (20, 20))).comparisons[0]
+    assert insufficient.difference == pytest.approx(0.1 - 1.0)
+    not_tested = decide_watch(
+        evidence((230, 130), (230, 200), looks_done=5, alpha_spent=0.0056)).comparisons[0]
+    assert not_tested.difference == pytest.approx((130 - 200) / 230)
+    tested = decide_watch(evidence((200, 120), (200, 170))).comparisons[0]
+    assert tested.difference == pytest.approx(0.6 - 0.85)
+    assert tested.method == "newcombe_hybrid_score"
+    assert insufficient.method is None and not_tested.method is None
+
+
+@pytest.mark.parametrize(("new", "old"), [((0, 0), (40, 30)), ((40, 30), (0, 0))])
+def test_an_arm_without_evidence_has_no_difference(
+    new: tuple[int, int], old: tuple[int, int]
+) -> None:
+    # A module nobody voted on since the publish (or before it): no pass rate, nothing to judge.
+    module = WatchComparisonEvidence(scope="module", module_key="quiet", new_n=new[0],
+                                     new_passed=new[1], old_n=old[0], old_passed=old[1])
+    made = decide_watch(evidence((200, 170), (200, 170), modules=(module,), modules_total=1))
+    quiet = made.comparisons[1]
+    assert (quiet.module_key, quiet.difference, quiet.value, quiet.verdict) == (
+        "quiet", None, None, WatchComparisonVerdict.insufficient_evidence)
+
+
+def test_an_arm_of_exactly_min_evidence_is_judged() -> None:
+    # min_evidence 30 is "at least": 30 a side is tested, 29 on one side is not.
+    made = decide_watch(evidence((30, 24), (30, 24), pass_evidence=60, looks=2))
+    assert made.tested and made.comparisons[0].verdict is WatchComparisonVerdict.no_regression
+    short = decide_watch(evidence((29, 24), (30, 24), pass_evidence=58, looks=2))
+    assert short.tested
+    assert short.comparisons[0].verdict is WatchComparisonVerdict.insufficient_evidence
+
+
+def test_a_regression_is_an_upper_bound_strictly_below_minus_the_margin() -> None:
+    # The bound of the clear drop at look 5, then margins that put -margin exactly on it (not
+    # below: no regression) and one double above it (the bound now lies below: regressed).
+    bound = decide_watch(evidence((200, 120), (200, 170), margin=0.0)).comparisons[0].value
+    assert bound is not None and -0.3 < bound < -0.1
+    on = decide_watch(evidence((200, 120), (200, 170), margin=-bound)).comparisons[0]
+    assert (on.value, on.threshold, on.verdict) == (
+        bound, bound, WatchComparisonVerdict.no_regression)
+    above = decide_watch(evidence((200, 120), (200, 170), margin=-math.nextafter(bound, 0.0)))
+    assert above.comparisons[0].verdict is WatchComparisonVerdict.regressed
+
+
+def test_a_look_with_no_error_left_to_spend_cannot_regress() -> None:
+    # 0.01 already spent (the plan was changed mid-watch: α(0.5) = 0.0056 at alpha 0.05 is
+    # below it). Spending never goes back, so look 5 has nothing to spend: its bound is the
+    # 100%-confidence one, 1 (a difference of proportions is at most 1), and even the largest
+    # possible drop (all passed before, none now) is no regression. No finite quantile: z None.
+    modules = (WatchComparisonEvidence(scope="module", module_key="evidence_answers",
+                                       new_n=200, new_passed=0, old_n=200, old_passed=200),)
+    made = decide_watch(evidence((200, 0), (200, 200), looks_done=4, alpha_spent=0.01,
+                                 modules=modules, modules_total=1))
+    assert (made.tested, made.look, made.alpha_spent) == (True, 5, 0.01)
+    assert (made.alpha_per_comparison, made.z) == (0.0, None)
+    assert (made.state, made.action) == (WatchState.watching, WatchAction.none)
+    for comparison in made.comparisons:
+        assert (comparison.value, comparison.verdict) == (
+            1.0, WatchComparisonVerdict.no_regression)
+
+
+def test_looks_done_never_go_back_when_evidence_is_deleted() -> None:
+    # Look 5 was done at 200 a side; votes were deleted since, down to 150 (look 3): nothing is
+    # tested and the watch is still at look 5 ("looks done").
+    module = WatchComparisonEvidence(scope="module", module_key="evidence_answers",
+                                     new_n=100, new_passed=50, old_n=100, old_passed=90)
+    made = decide_watch(evidence((150, 120), (150, 120), looks_done=5, alpha_spent=0.0056,
+                                 modules=(module,), modules_total=1))
+    assert (made.tested, made.look, made.alpha_spent, made.z) == (False, 5, 0.0056, None)
+    assert [(c.module_key, c.verdict) for c in made.comparisons] == [
+        (None, WatchComparisonVerdict.not_tested),
+        ("evidence_answers", WatchComparisonVerdict.not_tested),
+    ]
 
 
 # --- whole watches, simulated ------------------------------------------------------------------
