@@ -101,8 +101,10 @@ def learn_all(conn: psycopg.Connection, twin_id: str) -> dict[str, Any]:
 
 
 def forget_learning(conn: psycopg.Connection, twin_id: str) -> None:
-    """Puts a twin back to 'nothing learned yet': cursor 0, blank modules, no runs."""
+    """Puts a twin back to 'nothing learned yet': cursor 0, blank modules, no runs, no daily
+    feedback summary (the run evidence goes with the runs)."""
     with conn.transaction():
+        conn.execute("delete from public.persona_feedback_daily where twin_id = %s", (twin_id,))
         conn.execute(
             "update public.twins set learned_through_event_id = 0 where id = %s", (twin_id,)
         )
@@ -130,12 +132,26 @@ def snapshot_learning(conn: psycopg.Connection, twin_id: str) -> dict[str, Any]:
             "from public.persona_modules where twin_id = %s",
             (twin_id,),
         ).fetchall(),
+        "daily": conn.execute(
+            "select twin_id, day, intent_label, module_key, reason, score, votes "
+            "from public.persona_feedback_daily where twin_id = %s",
+            (twin_id,),
+        ).fetchall(),
     }
 
 
 def restore_learning(conn: psycopg.Connection, twin_id: str, snap: dict[str, Any]) -> None:
-    """Puts a twin back as `snapshot_learning` saw it: same cursor, same modules, no runs."""
+    """Puts a twin back as `snapshot_learning` saw it: same cursor, same modules, the same daily
+    feedback summary, no runs."""
     with conn.transaction():
+        conn.execute("delete from public.persona_feedback_daily where twin_id = %s", (twin_id,))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "insert into public.persona_feedback_daily "
+                "(twin_id, day, intent_label, module_key, reason, score, votes) "
+                "values (%s, %s, %s, %s, %s, %s, %s)",
+                snap["daily"],
+            )
         conn.execute(
             "update public.twins set learned_through_event_id = %s where id = %s",
             (snap["cursor"], twin_id),

@@ -582,11 +582,16 @@ as $$
       and e.supersedes_id is not null
       and p.id <= p_after
   )
-  select (v.created_at at time zone 'UTC')::date, v.intent_label, v.module_key, v.reason,
-         v.score, sum(v.sign)
-  from votes v
-  group by 1, 2, 3, 4, 5
-  having sum(v.sign) <> 0;
+  -- Grouped by the UTC day as a number (days since 1970-01-01): an integer per row, not a time
+  -- zone conversion, made a date once per bucket.
+  select date '1970-01-01' + g.day, g.intent_label, g.module_key, g.reason, g.score, g.votes
+  from (
+    select floor(date_part('epoch', v.created_at) / 86400)::integer as day, v.intent_label,
+           v.module_key, v.reason, v.score, sum(v.sign) as votes
+    from votes v
+    group by 1, 2, 3, 4, 5
+    having sum(v.sign) <> 0
+  ) g;
 $$;
 
 comment on function private.feedback_daily_delta(uuid, bigint, bigint) is
