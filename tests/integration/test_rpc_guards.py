@@ -136,6 +136,32 @@ def test_a_delivery_recorded_for_a_superseded_vote_keeps_it_superseded(
     )
 
 
+def test_skipping_the_outbox_leaves_a_superseded_vote_superseded(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    """Langfuse not configured: due rows become `skipped`, a replaced vote keeps its state."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id)
+    old = vote(voter, twin.id, "trace-1", 1)
+    new = vote(voter, twin.id, "trace-1", -1)
+    due_before = scalar(
+        db,
+        "select count(*) from persona_training_events"
+        " where langfuse_status in ('pending', 'retrying') and langfuse_next_attempt_at <= now()",
+    )
+
+    skipped = rpc(service, "skip_langfuse_outbox", p_limit=due_before + 10)
+
+    rows: dict[int, str] = dict(
+        db.execute(
+            "select event_id, status::text from persona_langfuse_outbox where event_id in (%s, %s)",
+            (old["id"], new["id"]),
+        ).fetchall()
+    )
+    assert rows == {old["id"]: "superseded", new["id"]: "skipped"}
+    assert skipped == due_before
+
+
 def test_the_gate_pairs_the_latest_audit_of_each_trace(
     service: Client, db: psycopg.Connection, make_user: Any
 ) -> None:
