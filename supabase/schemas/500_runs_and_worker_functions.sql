@@ -736,6 +736,25 @@ comment on table private.learning_run_rebuild_sums is
 grant select, insert, update, delete on private.learning_run_rebuilds,
   private.learning_run_rebuild_sums to service_role;
 
+-- The owner views' summaries of a run's batch, counted by the claim's one pass and written by
+-- the completion (private.summarize_completed_run), so the batch is read once.
+create table private.learning_run_summaries (
+  run_id uuid primary key
+    references public.persona_feedback_learning_runs (id) on delete cascade,
+  run_evidence jsonb not null,
+  feedback_daily jsonb not null
+);
+
+comment on table private.learning_run_summaries is
+  'A run''s batch as the owner views count it, from claim_learning_run_events until the '
+  'completion takes it: run_evidence [{by_key, key, source, reason, outcome, events, changes}] '
+  '(events per match key as they arrived, audits of a draft left out) and feedback_daily '
+  '[{day (days since 1970-01-01, UTC), intent_label, module_key, reason, score, votes}] (net '
+  'votes). One row per twin at most: a claim drops what an unfinished earlier run left. Scratch '
+  'of the worker''s; read by no API role.';
+
+grant select, insert, update, delete on private.learning_run_summaries to service_role;
+
 -- One step's sums, in a function of its own: RETURN QUERY may run its query with parallel
 -- workers, which a query inside the claim may not (PL/pgSQL fetches it with a row limit).
 create function private.rebuild_key_sums(
@@ -913,6 +932,9 @@ set search_path = ''
 -- Compiling the batch's query with JIT cost as much as running it (0.5-1 s of a 2 s call
 -- under load): without it the call's time is the batch's alone.
 set jit = off
+-- The grouping sets' three hash tables take about 2 MB for a batch of 200,000 events; at the
+-- default 4 MB the planner, estimating far more groups, sorts the batch on disk instead.
+set work_mem = '32MB'
 as $$
 declare
   v_run public.persona_feedback_learning_runs;
@@ -952,11 +974,19 @@ begin
     );
   end if;
 
+  -- One run's summaries at most per twin: what an earlier, unfinished run of the twin left goes.
+  delete from private.learning_run_summaries s
+  using public.persona_feedback_learning_runs r
+  where s.run_id = r.id and r.twin_id = v_run.twin_id and r.id <> v_run.id;
+
   -- One streaming pass over the batch: each vote's decayed weight (a vote that replaced an earlier
   -- one also retracts that one), summed per key it matches by (its module_key if given, else its
   -- intent_label), and only then matched to the modules: the join takes one row per key, not per
   -- vote, so its cost does not depend on the plan or the twin's module count. A key no module
   -- serves lands in the null group (unmatched); an intent several modules serve counts for each.
+  -- The same pass counts the owner views' two summaries of the batch (grouping sets: one scan,
+  -- one hash table each), kept for the completion (private.learning_run_summaries): reading the
+  -- batch again there cost 2-3 times this pass.
   with targets as (
     select true as by_key, m.module_key as key, m.id as module_id
     from public.persona_modules m where m.twin_id = v_run.twin_id
@@ -969,7 +999,7 @@ begin
     -- replaced by a vote after the batch, which the next run retracts): a vote replaced inside
     -- the batch, or whose replacement was deleted, stays out, as the rebuild leaves it out.
     select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.audit_of_draft,
+           e.reason, e.created_at, e.audit_of_draft, e.supersedes_id is not null as changes,
            case when e.superseded_at is null then 1.0::float8
                 when exists (
                   select 1 from public.persona_training_events n
@@ -983,7 +1013,7 @@ begin
     union all
     -- What an earlier run learned and a vote of the batch replaced: retracted.
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.audit_of_draft, 1.0::float8
+           p.reason, p.created_at, p.audit_of_draft, false, 1.0::float8
     from public.persona_training_events e
     -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
     -- whole table instead).
@@ -996,7 +1026,13 @@ begin
   ),
   weighted as (
     select v.module_key is not null as by_key, coalesce(v.module_key, v.intent_label) as key,
-           v.sign,
+           v.sign, v.current, v.source, v.reason, v.changes, v.audit_of_draft, v.intent_label,
+           v.module_key, v.score,
+           -- The UTC day as a number (days since 1970-01-01): no time zone conversion per row.
+           floor(date_part('epoch', v.created_at) / 86400)::integer as day,
+           case when coalesce(v.score > 0, v.passed) then 'success'
+                when v.score = 0 then 'neutral'
+                else 'failure' end::public.evidence_outcome as outcome,
            coalesce(v.score > 0, v.passed) as success,
            v.sign * v.current
            * case
@@ -1015,27 +1051,61 @@ begin
                  / (v_settings.half_life_days * 86400)) as weight
     from votes v
   ),
-  per_key as (
-    select w.by_key, w.key,
+  grouped as (
+    select case when grouping(w.day) = 0 then 'feedback'
+                when grouping(w.source) = 0 then 'evidence'
+                else 'learning' end as summary,
+           w.by_key, w.key, w.source, w.reason, w.outcome, w.day, w.intent_label, w.module_key,
+           w.score,
            coalesce(sum(w.weight) filter (where w.success), 0) as success,
            coalesce(sum(w.weight) filter (where not w.success), 0) as failure,
-           count(*) filter (where w.sign > 0) as events
+           count(*) filter (where w.sign > 0) as events,
+           -- Run evidence: the batch's events as they came (audits of a draft moved no module).
+           count(*) filter (where w.sign > 0 and not w.audit_of_draft) as arrived,
+           count(*) filter (where w.sign > 0 and not w.audit_of_draft and w.changes) as changes,
+           -- Daily feedback: +1 for a vote current at the batch's end, -1 for a retraction.
+           coalesce(sum((w.sign * w.current)::integer)
+                    filter (where w.source = 'user_feedback'), 0) as votes
     from weighted w
-    group by w.by_key, w.key
+    group by grouping sets (
+      (w.by_key, w.key),
+      (w.by_key, w.key, w.source, w.reason, w.outcome),
+      (w.day, w.intent_label, w.module_key, w.reason, w.score)
+    )
   ),
   per_module as (
     select t.module_id, sum(k.success) as success, sum(k.failure) as failure,
            sum(k.events) as events
-    from per_key k
+    from grouped k
     left join targets t on t.by_key = k.by_key and t.key = k.key
+    where k.summary = 'learning'
     group by t.module_id
+  ),
+  summaries as (
+    insert into private.learning_run_summaries (run_id, run_evidence, feedback_daily)
+    select v_run.id,
+           coalesce(jsonb_agg(jsonb_build_object(
+               'by_key', k.by_key, 'key', k.key, 'source', k.source, 'reason', k.reason,
+               'outcome', k.outcome, 'events', k.arrived, 'changes', k.changes))
+             filter (where k.summary = 'evidence' and k.arrived > 0), '[]'),
+           coalesce(jsonb_agg(jsonb_build_object(
+               'day', k.day, 'intent_label', k.intent_label, 'module_key', k.module_key,
+               'reason', k.reason, 'score', k.score, 'votes', k.votes))
+             filter (where k.summary = 'feedback' and k.votes <> 0), '[]')
+    from grouped k
+    on conflict (run_id) do update
+      set run_evidence = excluded.run_evidence, feedback_daily = excluded.feedback_daily
+    returning 1
   )
   select
     coalesce((select p.events from per_module p where p.module_id is null), 0),
     coalesce((select jsonb_agg(jsonb_build_object(
         'module_id', p.module_id, 'success', p.success, 'failure', p.failure))
-      from per_module p where p.module_id is not null), '[]')
-  into v_unmatched, v_evidence;
+      from per_module p where p.module_id is not null), '[]'),
+    -- The batch's size: every event of it has one match key (before the join to modules,
+    -- which counts an intent several modules serve once for each).
+    coalesce((select sum(k.events) from grouped k where k.summary = 'learning'), 0)
+  into v_unmatched, v_evidence, v_scanned;
 
   if v_rebuild then
     -- The exact path: every module from the rebuild's sums (the batch's evidence in them, so
@@ -1063,12 +1133,6 @@ begin
     into v_modules
     from public.persona_modules m where m.twin_id = v_run.twin_id;
   end if;
-
-  -- The batch's size, from the index alone.
-  select count(*) into v_scanned
-  from public.persona_training_events e
-  where e.twin_id = v_run.twin_id
-    and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id;
 
   update public.persona_feedback_learning_runs r
   set events_scanned = v_scanned, events_unmatched = v_unmatched,
@@ -1143,8 +1207,10 @@ end;
 $$;
 
 comment on function public.claim_learning_run_events(uuid, uuid) is
-  'Worker. In: a run id and its lease token. Reads the run''s batch and records events_scanned, '
-  'events_unmatched, evidence_generation and rebuilt_modules on the run. Out: jsonb {run (without '
+  'Worker. In: a run id and its lease token. Reads the run''s batch once: records '
+  'events_scanned, events_unmatched, evidence_generation and rebuilt_modules on the run, and the '
+  'batch''s run evidence and daily feedback counts in private.learning_run_summaries for the '
+  'completion (dropping what an unfinished earlier run of the twin left there). Out: jsonb {run (without '
   'lease_token), learning_time T, events_scanned, events_unmatched, rebuilt_modules, settings, '
   'modules [{module_id, module_key, intent_label, success, failure, evidence_at, confidence, '
   'status}], evidence [{module_id, success, failure}] (the batch''s decayed weight per module), '

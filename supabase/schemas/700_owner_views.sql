@@ -125,58 +125,6 @@ revoke all on public.persona_run_evidence from anon, authenticated, service_role
 grant select on public.persona_run_evidence to authenticated, service_role;
 
 
--- The feedback votes an event-id range adds (+1 each) and retracts (-1 for each earlier vote a
--- vote of the range replaced), per bucket: the same bookkeeping a run applies to module counts.
-create function private.feedback_daily_delta(p_twin_id uuid, p_after bigint, p_last bigint)
-returns table (
-  day date, intent_label text, module_key text, reason public.training_event_reason,
-  score smallint, votes bigint
-)
-language sql
-stable
-set search_path = ''
-as $$
-  with votes as (
-    select 1 as sign, e.created_at, e.intent_label, e.module_key, e.reason, e.score
-    from public.persona_training_events e
-    where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
-      and e.source = 'user_feedback'
-      -- Current at p_last: never replaced, or replaced by a vote after it (a vote whose
-      -- replacement was deleted stays out, as learning leaves it out).
-      and (e.superseded_at is null or exists (
-        select 1 from public.persona_training_events n
-        where n.twin_id = p_twin_id and n.supersedes_id = e.id and n.id > p_last
-      ))
-    union all
-    select -1, p.created_at, p.intent_label, p.module_key, p.reason, p.score
-    from public.persona_training_events e
-    cross join lateral (
-      select r.* from public.persona_training_events r where r.id = e.supersedes_id offset 0
-    ) p
-    where e.twin_id = p_twin_id and e.id > p_after and e.id <= p_last
-      and e.supersedes_id is not null
-      and p.id <= p_after
-  )
-  -- Grouped by the UTC day as a number (days since 1970-01-01): an integer per row, not a time
-  -- zone conversion, made a date once per bucket.
-  select date '1970-01-01' + g.day, g.intent_label, g.module_key, g.reason, g.score, g.votes
-  from (
-    select floor(date_part('epoch', v.created_at) / 86400)::integer as day, v.intent_label,
-           v.module_key, v.reason, v.score, sum(v.sign) as votes
-    from votes v
-    group by 1, 2, 3, 4, 5
-    having sum(v.sign) <> 0
-  ) g;
-$$;
-
-comment on function private.feedback_daily_delta(uuid, bigint, bigint) is
-  'Summary helper. In: a twin id and an event-id range (p_after, p_last]. Out: rows (day = the '
-  'UTC day a vote was cast, intent_label, module_key, reason, score, votes) with the net change '
-  'of persona_feedback_daily the range makes: +1 for each feedback vote in it that is current at '
-  'p_last (never replaced, or replaced by a vote after p_last), -1 for each vote up to p_after '
-  'that one of them replaced (supersedes_id); buckets netting 0 left out. Raises nothing.';
-
-
 -- Writes a completed run's batch into the two summary tables, in the completion's transaction.
 create function private.summarize_completed_run()
 returns trigger
@@ -184,28 +132,32 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_summary private.learning_run_summaries;
 begin
   if new.batch_last_event_id is null or new.batch_last_event_id <= new.batch_after_event_id then
     return null;
   end if;
+  -- Counted by the claim in its one pass over the batch (claim_learning_run_events). Anything
+  -- that changes those counts since (a deletion, a module edit) moved the twin's
+  -- evidence_generation, and the completion refused before this trigger.
+  delete from private.learning_run_summaries s where s.run_id = new.id
+  returning * into v_summary;
+  if v_summary.run_id is null then
+    -- A run that read its batch before the summaries were kept (a worker of an older schema).
+    raise exception using errcode = 'PT412',
+      message = format('run %s has no batch summary: read the batch again', new.id);
+  end if;
 
   insert into public.persona_run_evidence
     (run_id, twin_id, module_id, source, reason, outcome, events, vote_changes)
-  -- Counted per key an event matches by (its module_key, else its intent_label) first, then
-  -- matched to the modules: the join takes one row per key, not per event, as the claim does.
+  -- Counted per key an event matches by (its module_key, else its intent_label), matched to the
+  -- modules here: one row per key, not per event.
   with per_key as (
-    select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
-           e.source, e.reason,
-           case when coalesce(e.score > 0, e.passed) then 'success'
-                when e.score = 0 then 'neutral'
-                else 'failure' end::public.evidence_outcome as outcome,
-           count(*) as events, count(*) filter (where e.supersedes_id is not null) as changes
-    from public.persona_training_events e
-    where e.twin_id = new.twin_id
-      and e.id > new.batch_after_event_id and e.id <= new.batch_last_event_id
-      -- Audits of a draft moved no module (audit_of_draft, fixed when the audit was recorded).
-      and not e.audit_of_draft
-    group by 1, 2, 3, 4, 5
+    select * from jsonb_to_recordset(v_summary.run_evidence) as k(
+      by_key boolean, key text, source public.training_event_source,
+      reason public.training_event_reason, outcome public.evidence_outcome, events bigint,
+      changes bigint)
   ),
   targets as (
     select true as by_key, m.module_key as key, m.id as module_id
@@ -223,8 +175,11 @@ begin
   -- Existing buckets take their delta (a retraction is negative); new buckets are inserted. An
   -- insert checks votes_not_negative before any ON CONFLICT, hence the two steps.
   with delta as (
-    select * from private.feedback_daily_delta(new.twin_id, new.batch_after_event_id,
-                                               new.batch_last_event_id)
+    select date '1970-01-01' + x.day as day, x.intent_label, x.module_key, x.reason, x.score,
+           x.votes
+    from jsonb_to_recordset(v_summary.feedback_daily) as x(
+      day integer, intent_label text, module_key text, reason public.training_event_reason,
+      score smallint, votes bigint)
   ),
   updated as (
     update public.persona_feedback_daily d
@@ -255,10 +210,13 @@ $$;
 comment on function private.summarize_completed_run() is
   'Trigger (after update of status on persona_feedback_learning_runs, when a run becomes '
   'completed): adds the run''s batch to persona_run_evidence (events per module, source, reason '
-  'and outcome; audits of a spec not published before the completion left out) and its net '
-  'feedback votes to persona_feedback_daily (private.feedback_daily_delta). Security definer: the '
-  'summaries are written by no API role. Raises nothing of its own (a vote count below 0 would '
-  'be 23514 votes_not_negative, and roll the completion back).';
+  'and outcome; audits of a draft left out) and its net feedback votes to persona_feedback_daily '
+  '(+1 per vote current at the batch''s end, -1 per earlier vote one of them replaced), both as '
+  'claim_learning_run_events counted them into private.learning_run_summaries, whose row it '
+  'takes. Security definer: the summaries are written by no API role. Raises PT412 (HTTP 412) '
+  '"run <id> has no batch summary: read the batch again" when the run''s batch was read without '
+  'one; a vote count below 0 would be 23514 votes_not_negative. Either rolls the completion '
+  'back.';
 
 create trigger persona_feedback_learning_runs_summarize
   after update of status on public.persona_feedback_learning_runs
@@ -334,7 +292,6 @@ create trigger persona_training_events_subtract_deleted_feedback
 
 revoke execute on function
   private.wilson_bounds(double precision, double precision, double precision),
-  private.feedback_daily_delta(uuid, bigint, bigint),
   private.summarize_completed_run(),
   private.subtract_deleted_feedback()
 from public;

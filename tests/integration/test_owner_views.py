@@ -18,7 +18,7 @@ from tests.integration.helpers import Twin, create_twin, scalar
 from worker.config import WorkerSettings
 from worker.learning import wilson_bounds
 from worker.runner import Runner
-from worker.store import Store
+from worker.store import RebuildProgress, Run, RunBatch, Store
 
 pytestmark = pytest.mark.integration
 
@@ -207,6 +207,41 @@ def test_deleting_an_unlearned_vote_change_keeps_the_learned_vote_out(
     [run] = runner.run_once(uuid.UUID(twin.id), request=True)
     assert run.status == "completed"
     assert reasons() == expected
+
+
+def test_a_run_read_without_its_batch_summary_reads_the_batch_again(
+    db: psycopg.Connection, make_user: Callable[[str], User], runner: Runner
+) -> None:
+    # The claim counts the owner views' summaries of the batch into a scratch row that the
+    # completion takes. A run whose claim left none (a worker that read the batch before the
+    # schema kept them) is refused (PT412) and reads again; the summaries count each vote once.
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id)
+    vote(voter, twin, "t1", -1, "incorrect")
+    vote(voter, twin, "t1", 1, "helpful")  # a change inside the batch: only "helpful" counts
+    claims: list[str] = []
+    real_claim = runner.store.claim_events
+
+    def claim_then_lose_the_summary(run: Run) -> RunBatch | RebuildProgress:
+        found = real_claim(run)
+        claims.append(str(run.id))
+        if len(claims) == 1:
+            db.execute("delete from private.learning_run_summaries where run_id = %s", (run.id,))
+        return found
+
+    runner.store.claim_events = claim_then_lose_the_summary  # type: ignore[method-assign]
+    [run] = runner.run_once(uuid.UUID(twin.id))
+
+    assert run.status == "completed"
+    assert claims == [str(run.id), str(run.id)]
+    assert {(r["module_key"], r["reason"]): r["votes_30d"]
+            for r in rows(owner, "persona_module_feedback_reasons", twin_id=twin.id)} == {
+        ("evidence_answers", "helpful"): 1}
+    assert scalar(db, "select sum(events) from persona_run_evidence where run_id = %s",
+                  str(run.id)) == 2
+    assert scalar(db, "select count(*) from private.learning_run_summaries s"
+                  " join persona_feedback_learning_runs r on r.id = s.run_id"
+                  " where r.twin_id = %s", twin.id) == 0
 
 
 def test_pfl_runs_explains_the_moves(learned: dict, stack: Stack) -> None:
