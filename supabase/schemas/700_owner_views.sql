@@ -125,6 +125,44 @@ revoke all on public.persona_run_evidence from anon, authenticated, service_role
 grant select on public.persona_run_evidence to authenticated, service_role;
 
 
+-- The owner views' summaries of a run's batch, counted by the claim's one pass and written by
+-- the completion (private.summarize_completed_run), so the batch is read once.
+create type private.run_evidence_count as (
+  by_key boolean, key text, source public.training_event_source,
+  reason public.training_event_reason, outcome public.evidence_outcome, events bigint,
+  changes bigint
+);
+
+comment on type private.run_evidence_count is
+  'A batch''s events per match key as they arrived (by_key: the events named a module_key, key: '
+  'that module_key, else the intent_label), source, reason and outcome: events, and changes '
+  '(those that replaced an earlier vote). Audits of a draft are left out.';
+
+create type private.feedback_day_count as (
+  day integer, intent_label text, module_key text, reason public.training_event_reason,
+  score smallint, votes bigint
+);
+
+comment on type private.feedback_day_count is
+  'A batch''s net feedback votes per bucket of persona_feedback_daily; day in days since '
+  '1970-01-01 (UTC), votes = +1 per vote current at the batch''s end, -1 per earlier vote one of '
+  'them replaced.';
+
+create table private.learning_run_summaries (
+  run_id uuid primary key
+    references public.persona_feedback_learning_runs (id) on delete cascade,
+  run_evidence private.run_evidence_count[] not null,
+  feedback_daily private.feedback_day_count[] not null
+);
+
+comment on table private.learning_run_summaries is
+  'A run''s batch as the owner views count it, from claim_learning_run_events until the '
+  'completion takes it. One row per twin at most: a claim drops what an unfinished earlier run '
+  'left. Scratch of the worker''s; read by no API role.';
+
+grant select, insert, update, delete on private.learning_run_summaries to service_role;
+
+
 -- Writes a completed run's batch into the two summary tables, in the completion's transaction.
 create function private.summarize_completed_run()
 returns trigger
@@ -154,10 +192,7 @@ begin
   -- Counted per key an event matches by (its module_key, else its intent_label), matched to the
   -- modules here: one row per key, not per event.
   with per_key as (
-    select * from jsonb_to_recordset(v_summary.run_evidence) as k(
-      by_key boolean, key text, source public.training_event_source,
-      reason public.training_event_reason, outcome public.evidence_outcome, events bigint,
-      changes bigint)
+    select * from unnest(v_summary.run_evidence)
   ),
   targets as (
     select true as by_key, m.module_key as key, m.id as module_id
@@ -177,9 +212,7 @@ begin
   with delta as (
     select date '1970-01-01' + x.day as day, x.intent_label, x.module_key, x.reason, x.score,
            x.votes
-    from jsonb_to_recordset(v_summary.feedback_daily) as x(
-      day integer, intent_label text, module_key text, reason public.training_event_reason,
-      score smallint, votes bigint)
+    from unnest(v_summary.feedback_daily) x
   ),
   updated as (
     update public.persona_feedback_daily d
