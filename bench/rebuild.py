@@ -20,6 +20,7 @@ from bench.config import (
     USERS,
     CorrectnessError,
     log,
+    timed,
 )
 from bench.data import generate_events, vacuum
 from bench.worker_process import check_learning, delete_runs, learn_all, settle_history
@@ -68,8 +69,8 @@ def case_rebuild(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
     calls = 0
     with connect(env.database_url) as c:
         for _ in range(trials):
-            figures["floor"].append(timed_sql(c, floor))
-            figures["grouped"].append(timed_sql(c, grouped))
+            figures["floor"].append(timed(lambda: c.execute(floor).fetchall())[0])
+            figures["grouped"].append(timed(lambda: c.execute(grouped).fetchall())[0])
             c.execute("delete from private.learning_run_rebuilds where run_id = %s", (run_id,))
             started = time.perf_counter()
             calls = rebuild_in_sql(c, run_id, token)
@@ -133,12 +134,6 @@ def hold_run(conn: psycopg.Connection, twin_id: str) -> tuple[str, str]:
 
 def release(conn: psycopg.Connection, run_id: str, token: str) -> None:
     conn.execute("select public.release_learning_run(%s, %s)", (run_id, token))
-
-
-def timed_sql(conn: psycopg.Connection, sql: str) -> float:
-    started = time.perf_counter()
-    conn.execute(sql).fetchall()
-    return time.perf_counter() - started
 
 
 def rebuild_in_sql(conn: psycopg.Connection, run_id: str, token: str) -> int:
@@ -226,9 +221,7 @@ def user_delete(env: StackEnv, conn: psycopg.Connection, trials: int) -> dict[st
 
 def timed_sql_rowcount(conn: psycopg.Connection, sql: str, *args: object) -> float:
     """The statement's wall time; raises CorrectnessError unless it deleted exactly one row."""
-    started = time.perf_counter()
-    cur = conn.execute(sql, args)
-    seconds = time.perf_counter() - started
+    seconds, cur = timed(lambda: conn.execute(sql, args))
     if cur.rowcount != 1:
         raise CorrectnessError(f"{sql!r} affected {cur.rowcount} rows")
     return seconds

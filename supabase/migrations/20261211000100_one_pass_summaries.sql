@@ -118,50 +118,52 @@ begin
     from public.persona_modules m where m.twin_id = v_run.twin_id
   ),
   votes as (
-    -- The batch's events; each weighs only if current at the batch's end (never replaced, or
-    -- replaced by a vote after the batch, which the next run retracts): a vote replaced inside
-    -- the batch, or whose replacement was deleted, stays out, as the rebuild leaves it out.
-    select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
-           e.reason, e.created_at, e.audit_of_draft, e.supersedes_id is not null as changes,
-           -- One probe of the supersedes index per replaced vote. A scalar subquery, not
-           -- EXISTS: the planner may turn an EXISTS into a hash of every event of the twin after
-           -- the batch (800,000 rows read for a 200,000-event batch); and `n.id + 0`, so that
-           -- it never walks the (twin_id, id) index through the events after the batch instead,
-           -- which statistics older than the backlog make look empty.
-           case when e.superseded_at is null then 1.0::float8
-                when (
-                  select n.id from public.persona_training_events n
-                  where n.twin_id = v_run.twin_id and n.supersedes_id = e.id
-                    and n.id + 0 > v_run.batch_last_event_id
-                  limit 1
-                ) is not null then 1.0::float8
-                else 0.0::float8 end as current
+    -- The batch's events, read once. Each weighs only if current at the batch's end (never
+    -- replaced, or replaced by a vote after the batch, which the next run retracts): a vote
+    -- replaced inside the batch, or whose replacement was deleted, stays out, as the rebuild
+    -- leaves it out. A vote that replaced one an earlier run learned also retracts that one.
+    select x.*
     from public.persona_training_events e
+    -- The replaced vote, if an earlier run learned it: one primary-key lookup per vote change
+    -- (offset 0 keeps the planner from hashing the whole table instead). Driven by the batch's
+    -- rows, not by the twin's index of vote changes, whose size grows with its history.
+    left join lateral (
+      select r.source, r.module_key, r.intent_label, r.score, r.passed, r.reason, r.created_at,
+             r.audit_of_draft
+      from public.persona_training_events r
+      where r.id = e.supersedes_id and r.id <= v_run.batch_after_event_id
+      offset 0
+    ) p on e.supersedes_id is not null
+    cross join lateral (
+      select 1.0::float8 as sign, e.source, e.module_key, e.intent_label, e.score, e.passed,
+             e.reason, e.created_at, e.audit_of_draft, e.supersedes_id is not null as changes,
+             -- One probe of the supersedes index per replaced vote. A scalar subquery, not
+             -- EXISTS: the planner may turn an EXISTS into a hash of every event of the twin
+             -- after the batch (800,000 rows read for a 200,000-event batch); and `n.id + 0`,
+             -- so that it never walks the (twin_id, id) index through the events after the
+             -- batch instead, which statistics older than the backlog make look empty.
+             case when e.superseded_at is null then 1.0::float8
+                  when (
+                    select n.id from public.persona_training_events n
+                    where n.twin_id = v_run.twin_id and n.supersedes_id = e.id
+                      and n.id + 0 > v_run.batch_last_event_id
+                    limit 1
+                  ) is not null then 1.0::float8
+                  else 0.0::float8 end as current
+      union all
+      -- What an earlier run learned and this vote replaced: retracted.
+      select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
+             p.reason, p.created_at, p.audit_of_draft, false, 1.0::float8
+      where p.source is not null
+    ) x
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-    union all
-    -- What an earlier run learned and a vote of the batch replaced: retracted.
-    select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed,
-           p.reason, p.created_at, p.audit_of_draft, false, 1.0::float8
-    from public.persona_training_events e
-    -- One primary-key lookup per vote change (offset 0 keeps the planner from hashing the
-    -- whole table instead).
-    cross join lateral (
-      select r.* from public.persona_training_events r where r.id = e.supersedes_id offset 0
-    ) p
-    where e.twin_id = v_run.twin_id and e.supersedes_id is not null
-      and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-      and p.id <= v_run.batch_after_event_id
   ),
   weighted as (
-    select v.module_key is not null as by_key, coalesce(v.module_key, v.intent_label) as key,
-           v.sign, v.current, v.source, v.reason, v.changes, v.audit_of_draft, v.intent_label,
-           v.module_key, v.score,
+    select v.sign, v.current, v.source, v.reason, v.changes, v.audit_of_draft, v.intent_label,
+           v.module_key, v.score, v.passed,
            -- The UTC day as a number (days since 1970-01-01): no time zone conversion per row.
            floor(date_part('epoch', v.created_at) / 86400)::integer as day,
-           case when coalesce(v.score > 0, v.passed) then 'success'
-                when v.score = 0 then 'neutral'
-                else 'failure' end::public.evidence_outcome as outcome,
            coalesce(v.score > 0, v.passed) as success,
            v.sign * v.current
            * case
@@ -180,11 +182,11 @@ begin
                  / (v_settings.half_life_days * 86400)) as weight
     from votes v
   ),
-  -- Every column the three summaries group by, in one hash table (some 7,000 groups for
-  -- 200,000 events: days x keys x reasons x scores), then each summary from those groups.
+  -- The columns the three summaries group by, in one hash table (some 7,000 groups for
+  -- 200,000 events: days x keys x reasons x scores); what derives from them (match key,
+  -- outcome) is computed per group, not per event.
   fine as (
-    select w.by_key, w.key, w.source, w.reason, w.outcome, w.day, w.intent_label, w.module_key,
-           w.score,
+    select w.source, w.reason, w.day, w.intent_label, w.module_key, w.score, w.passed,
            coalesce(sum(w.weight) filter (where w.success), 0) as success,
            coalesce(sum(w.weight) filter (where not w.success), 0) as failure,
            count(*) filter (where w.sign > 0) as events,
@@ -195,8 +197,15 @@ begin
            coalesce(sum((w.sign * w.current)::integer)
                     filter (where w.source = 'user_feedback'), 0) as votes
     from weighted w
-    group by w.by_key, w.key, w.source, w.reason, w.outcome, w.day, w.intent_label,
-             w.module_key, w.score
+    group by w.source, w.reason, w.day, w.intent_label, w.module_key, w.score, w.passed
+  ),
+  keyed as (
+    select f.*, f.module_key is not null as by_key,
+           coalesce(f.module_key, f.intent_label) as key,
+           case when coalesce(f.score > 0, f.passed) then 'success'
+                when f.score = 0 then 'neutral'
+                else 'failure' end::public.evidence_outcome as outcome
+    from fine f
   ),
   grouped as (
     select case when grouping(f.day) = 0 then 'feedback'
@@ -206,7 +215,7 @@ begin
            f.score, sum(f.success) as success, sum(f.failure) as failure,
            sum(f.events) as events, sum(f.arrived) as arrived, sum(f.changes) as changes,
            sum(f.votes) as votes
-    from fine f
+    from keyed f
     group by grouping sets (
       (f.by_key, f.key),
       (f.by_key, f.key, f.source, f.reason, f.outcome),
