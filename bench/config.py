@@ -51,7 +51,9 @@ WRK_THREADS, WRK_CONNECTIONS = 2, 16
 HISTORY_DAYS = 60
 NEW_EVENTS_SPAN_SECONDS = 86_400
 GATE_TRACES = 25
-FLOOR_TRIALS = 2  # case 1: the UPDATE floor is I/O-bound and the noisiest figure; best of 2
+# case 1: each worker pass and the UPDATE floor, best of 2 each: the first pass over freshly loaded
+# rows is the noisiest figure (the floor's first UPDATE took twice its second at load 3).
+LEARN_TRIALS = 2
 # Case 1's RPCs against the API's statement timeout. Hosted Supabase cancels a Data API statement
 # after 8 s (authenticator's statement_timeout; the service role sets none and inherits it;
 # scripts/local/platform.sql sets the same on the bench stack, so a call past it fails here too).

@@ -11,8 +11,8 @@ import psycopg
 from bench.config import (
     API_STATEMENT_TIMEOUT_SECONDS,
     BENCH_MODULES,
-    FLOOR_TRIALS,
     HISTORY_DAYS,
+    LEARN_TRIALS,
     MODULES,
     NEW_EVENTS_SPAN_SECONDS,
     OTHER_PER_NEW,
@@ -57,16 +57,21 @@ def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]
 
     passes = {}
     for batch in (sizes["learn_batch_large"], sizes["learn_batch_small"]):
-        forget_learning(conn, twin.id)
         conn.execute(
             "update public.persona_learning_settings set max_batch_events = %s where twin_id = %s",
             (batch, twin.id),
         )
-        log(f"case 1: the worker learns {n:,} events, batch {batch:,}")
-        figures = learn_all(conn, twin.id)
-        if figures["events_processed"] != n:
-            raise CorrectnessError(f"{figures['events_processed']} of {n} events processed")
-        figures["check"] = check_learning(conn, twin.id)
+        trials = []
+        for trial in range(LEARN_TRIALS):
+            log(f"case 1: the worker learns {n:,} events, batch {batch:,} (trial {trial + 1})")
+            forget_learning(conn, twin.id)
+            figures = learn_all(conn, twin.id)
+            if figures["events_processed"] != n:
+                raise CorrectnessError(f"{figures['events_processed']} of {n} events processed")
+            figures["check"] = check_learning(conn, twin.id)
+            trials.append(figures)
+        figures = {**min(trials, key=lambda f: f["seconds"]),
+                   "trial_seconds": [f["seconds"] for f in trials]}
         passes[str(batch)] = figures
         log(
             f"case 1: {figures['seconds']} s in {figures['runs']} run(s) (runs alone "
@@ -83,7 +88,7 @@ def case_learning(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int]
         f"{rpcs['runs']} run(s); cursor and weights as from scratch"
     )
 
-    floors = [update_floor(conn, twin.id, n) for _ in range(FLOOR_TRIALS)]
+    floors = [update_floor(conn, twin.id, n) for _ in range(LEARN_TRIALS)]
     log(
         f"case 1: floor (UPDATE … SET processed_at = now() over a copy of the same rows): "
         f"{', '.join(f'{f:.2f}' for f in floors)} s"

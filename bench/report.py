@@ -29,10 +29,7 @@ class Row:
 # Targets missed at full size for a known, written-down reason, with where it is tracked: the
 # quick smoke test in CI reports them as known misses instead of failing on them; a full-size run
 # still fails. Remove an entry once its target holds again.
-KNOWN_MISSES = {
-    "1 learn": "known miss: the owner views' summaries read each batch twice more in the "
-    "completion (docs/benchmarks.md, case 1)",
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def judge(
