@@ -121,6 +121,7 @@ declare
   v_scanned bigint;
   v_committed bigint;
   v_newest bigint;
+  v_candidates uuid[];
 begin
   -- committed is read first: this statement's snapshot, and the next one's, see every event up
   -- to it.
@@ -128,7 +129,6 @@ begin
   select m.event_id into strict v_scanned from private.event_marks m where m.name = 'scanned';
   -- One twin (p_twin_id) is looked at alone; the marks and private.learning_due stay as they are.
 
-  return query
   with seen as (
     select d.twin_id, d.mark from private.learning_due d where p_twin_id is null
   ),
@@ -137,8 +137,8 @@ begin
     delete from private.learning_due d using seen
     where d.twin_id = seen.twin_id and d.mark = seen.mark
   ),
-  candidates as (
-    select p_twin_id as twin_id where p_twin_id is not null
+  candidates (twin_id) as (
+    select p_twin_id where p_twin_id is not null
     union
     select e.twin_id from public.persona_training_events e
     where p_twin_id is null and e.id > v_scanned
@@ -155,9 +155,14 @@ begin
         select min(s.watch_expire_days) from public.persona_learning_settings s
         where s.watch_mode <> 'off'))
   )
+  -- An array, not a join: the planner then knows how many there are (a handful when idle) and
+  -- probes each twin by its key instead of hashing every twin.
+  select coalesce(array_agg(c.twin_id), '{}') into v_candidates from candidates c;
+
+  return query
   insert into public.persona_feedback_learning_runs (twin_id, trigger, safe_mode, max_attempts)
   select t.id, 'schedule', not s.auto_publish, s.max_attempts
-  from candidates c
+  from unnest(v_candidates) c (twin_id)
   join public.twins t on t.id = c.twin_id
   join public.persona_learning_settings s on s.twin_id = t.id
   where (
