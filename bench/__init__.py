@@ -29,6 +29,16 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    10,000 pending outbox rows (quick: 2,000) drained by `pfl outbox drain` to the Langfuse
    stand-in; floor: the same scores sent by the worker's LangfuseSender alone. Target: requests
    ≤ rows / 50; every score received exactly once, no score on two days of the score table.
+6. Many twins (quick: 20,000 instead of 100,000; 500 drained twins instead of 10,000): one
+   poll of enqueue_due_learning_runs with nothing due at 100,000 twins against the same at 1,000
+   (median of 40, on one backend; the old design's probe of every twin reported beside it;
+   target ≤ 1.2); 10,000 twins × 5 new events drained by 1, 2 and 4 `pfl serve` processes:
+   runs per second (the database's clock, first run started to last finished), RPC requests per
+   run (nginx's access log) and CPU per run of PostgreSQL, PostgREST, nginx and the workers
+   (/proc); target ≥ 200 runs/s for one worker (a known miss, docs/benchmarks.md); freshness:
+   votes through the API at half of one worker's drain rate over 1,000 twins for 60 s (quick:
+   15 s) with one `pfl serve` at default settings, each vote's commit to the finish of the run
+   that learned it, p50 and p99; target p99 ≤ 5 s.
 7. Exact learning: a twin with 1,000,000 learned events (quick: 200,000; case 1's mix) marked
    for a rebuild, as a deletion or a module edit marks it. The rebuild (every
    claim_learning_run_events call of one run, rebuild_step_events at a time) against the bare
@@ -40,7 +50,6 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    learned votes (one statement; the votes cascade) with and without the triggers on deleted
    events, alternated, rolled back each time: reported.
 
-Case 6 (many twins) is not written yet.
 
 Bulk data is written as the postgres superuser with `session_replication_role = replica` (no
 triggers, no foreign-key checks), so the generator fills in what the insert trigger would.

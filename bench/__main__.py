@@ -18,6 +18,7 @@ from bench import __doc__ as PACKAGE_DOC
 from bench.config import RESULTS, SIZES, CorrectnessError, log
 from bench.ingest import case_ingest, case_ingest_designs
 from bench.learning import case_history, case_learning
+from bench.many_twins import case_many_twins
 from bench.outbox import case_outbox
 from bench.rebuild import case_rebuild
 from bench.report import git, machine, print_table, report_rows
@@ -32,6 +33,7 @@ CASES: dict[str, Callable[[StackEnv, psycopg.Connection, dict[str, int]], dict[s
     "outbox": case_outbox,
     "ingest": case_ingest,
     "rebuild": case_rebuild,
+    "many_twins": case_many_twins,
 }
 # Run only when asked for (--cases ingest_designs): case 4 with three more tables, about 5 minutes.
 BY_HAND = {"ingest_designs": case_ingest_designs}

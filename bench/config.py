@@ -27,6 +27,10 @@ SIZES: dict[str, dict[str, int]] = {
         "outbox_rows": 10_000,  # per server generation (four)
         "rebuild_events": 1_000_000,
         "rebuild_trials": 5,
+        "many_twins": 100_000,
+        "many_twins_floor": 1_000,
+        "drain_twins": 10_000,
+        "fresh_seconds": 60,
     },
     "quick": {
         "learn_events": 200_000,
@@ -40,6 +44,10 @@ SIZES: dict[str, dict[str, int]] = {
         "outbox_rows": 2_000,  # per server generation (four)
         "rebuild_events": 200_000,
         "rebuild_trials": 3,
+        "many_twins": 20_000,
+        "many_twins_floor": 1_000,
+        "drain_twins": 500,
+        "fresh_seconds": 15,
     },
 }
 MODULES = 50
