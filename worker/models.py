@@ -59,7 +59,7 @@ class LearningSettings(_Frozen):
         "(hysteresis; at most activate_lower_bound).",
     )
     wilson_z: float = Field(
-        1.96, gt=0, description="z of the Wilson bounds and of the gate's paired interval."
+        1.96, gt=0, le=10, description="z of the Wilson bounds and of the gate's paired interval."
     )
     gate_min_pairs: int = Field(
         20, ge=1, description="Paired audits (candidate and baseline) the gate needs at least."
@@ -383,15 +383,16 @@ class WatchSettings(_Frozen):
         description="Chance of a false regression over a whole watch (all looks, comparisons).",
     )
     min_evidence: int = Field(
-        30, ge=1, description="Votes and audits each arm of a comparison needs to be judged."
+        30, ge=1, le=50_000,
+        description="Votes and audits each arm of a comparison needs to be judged.",
     )
     pass_evidence: int = Field(
-        400, ge=1,
+        400, ge=1, le=50_000,
         description="The twin-wide comparison's smaller arm at the last look: passed there.",
     )
     looks: int = Field(10, ge=1, le=100, description="Looks planned over pass_evidence.")
     expire_days: float = Field(
-        14.0, gt=0, description="The watch expires this many days after the publish."
+        14.0, gt=0, le=3650, description="The watch expires this many days after the publish."
     )
 
 

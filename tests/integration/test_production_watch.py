@@ -23,8 +23,9 @@ import pytest
 from pydantic import SecretStr
 
 from testkit.env import StackEnv
-from tests.conftest import Stack, User
-from tests.integration.helpers import Twin, create_twin, pfl, scalar, worker_env
+from tests.conftest import ROOT, Stack, User
+from tests.integration.helpers import Twin, create_twin, pfl, psql_file, scalar, worker_env
+from tests.integration.test_schema_source import scratch_database
 from worker.config import WorkerSettings
 from worker.models import WatchEvidence
 from worker.runner import Runner
@@ -317,10 +318,30 @@ def test_watch_mode_off_starts_no_watch(
         ({"watch_margin": 1.5}, "watch_margin_0_to_1"),
         ({"watch_margin": -0.01}, "watch_margin_0_to_1"),
         ({"watch_alpha": 0}, "watch_alpha_above_0_to_0_5"),
-        ({"watch_expire_days": -1}, "watch_expire_days_positive"),
-        ({"watch_min_evidence": 0}, "watch_min_evidence_at_least_1"),
+        ({"watch_expire_days": -1}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_min_evidence": 0}, "watch_min_evidence_1_to_50000"),
         ({"watch_looks": 0}, "watch_looks_1_to_100"),
         ({"watch_pass_evidence": 20}, "watch_pass_evidence_at_least_watch_min_evidence"),
+        # NaN sorts above every number in PostgreSQL, so "> 0" alone let it in, and Infinity;
+        # an upper bound refuses both (and a value the scheduler's interval cannot hold).
+        ({"watch_expire_days": "NaN"}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_expire_days": "Infinity"}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_expire_days": 1e12}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_expire_days": 3650.001}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_margin": "NaN"}, "watch_margin_0_to_1"),
+        ({"watch_alpha": "NaN"}, "watch_alpha_above_0_to_0_5"),
+        ({"watch_alpha": "Infinity"}, "watch_alpha_above_0_to_0_5"),
+        # Each side of a watch counts at most its latest 50,000 events: more is never reached.
+        ({"watch_pass_evidence": 50001}, "watch_pass_evidence_1_to_50000"),
+        ({"watch_min_evidence": 50001, "watch_pass_evidence": 50000},
+         "watch_min_evidence_1_to_50000"),
+        # The gate's numbers: its margins were bounded already, its z (wilson_z) was not.
+        ({"gate_non_inferiority_margin": "NaN"}, "gate_non_inferiority_margin_0_to_1"),
+        ({"gate_first_publish_min_lower_bound": "Infinity"},
+         "gate_first_publish_min_lower_bound_0_to_1"),
+        ({"wilson_z": "NaN"}, "wilson_z_above_0_to_10"),
+        ({"wilson_z": "Infinity"}, "wilson_z_above_0_to_10"),
+        ({"wilson_z": 10.5}, "wilson_z_above_0_to_10"),
     ],
 )
 def test_bad_watch_settings_are_refused_and_change_nothing(
@@ -346,6 +367,75 @@ def test_bad_watch_settings_are_refused_and_change_nothing(
                        " s where twin_id = %s) from public.persona_learning_settings",
                        (twin.id,)).fetchone()
     assert after == before
+
+
+def test_the_largest_settings_allowed_keep_every_twins_schedule(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User], stack: Stack,
+) -> None:
+    # One owner's settings must not stop the scheduler for the others: Infinity (accepted before
+    # the bound) made enqueue_due_learning_runs(null) fail with 22008 for every twin. The owner
+    # of a watched twin is refused Infinity and sets the largest values allowed; the scheduler
+    # over all twins then queues another owner's twin, and the watched twin's run completes.
+    owner, other = make_user("owner"), make_user("other")
+    twin, watch_id, _ = published_twin(db, runner, owner)
+    env = StackEnv.load()
+    as_owner = {"apikey": env.anon_key, "Authorization": f"Bearer {owner.token}"}
+    settings = f"{env.rest}/persona_learning_settings?twin_id=eq.{twin.id}"
+    refused = httpx.patch(settings, headers=as_owner, json={"watch_expire_days": "Infinity"},
+                          timeout=20)
+    assert (refused.status_code, refused.json()["code"]) == (400, "23514"), refused.text
+    largest = {"watch_expire_days": 3650, "watch_pass_evidence": 50000,
+               "watch_min_evidence": 50000, "wilson_z": 10}
+    allowed = httpx.patch(settings, headers=as_owner, json=largest, timeout=20)
+    assert allowed.status_code == 204, allowed.text
+    queued_twin = create_twin(db, other.id, MODULES)
+    votes(db, queued_twin, other.id, 3, 0, at="now()", prefix="other")
+
+    queued = httpx.post(
+        f"{env.rest}/rpc/enqueue_due_learning_runs",
+        headers={"apikey": stack.service_key, "Authorization": f"Bearer {stack.service_key}"},
+        json={}, timeout=20,
+    )
+
+    assert queued.status_code == 200, queued.text
+    assert queued_twin.id in {r["twin_id"] for r in queued.json()}
+    votes(db, twin, owner.id, 1, 0, at="now()", prefix="late")
+    [run] = runner.run_once(UUID(twin.id))
+    assert run.status == "completed" and run.gate_report is not None
+    assert run.gate_report["watch"]["state"] == "watching"
+    assert watch_row(db, watch_id)["state"] == "watching"
+
+
+def test_settings_over_the_new_bounds_are_clamped_by_the_migration(stack: Stack) -> None:
+    # A database migrated up to the bounds' migration holds a twin whose settings the bounds
+    # refuse (NaN and Infinity were accepted): the migration clamps them (NaN to the default,
+    # the rest to the bound) before it adds the constraints, and applies.
+    migrations = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
+    bounds = ROOT / "supabase" / "migrations" / "20261214000100_watch_review.sql"
+    with scratch_database(stack) as url:
+        for path in migrations[: migrations.index(bounds)]:
+            psql_file(url, path)
+        with psycopg.connect(url, autocommit=True) as scratch:
+            user = scalar(scratch, "insert into auth.users (id) values (gen_random_uuid()) "
+                                   "returning id::text")
+            twins = [scalar(scratch, "insert into public.twins (owner_id, name) values (%s, %s) "
+                                     "returning id::text", user, name) for name in "abc"]
+            for twin, values in zip(twins, [
+                ("NaN", 1_000_000, 1_000_000, "NaN"),
+                ("Infinity", 30, 400, "Infinity"),
+                (1e12, 30, 60_000, 12.5),
+            ], strict=True):
+                scratch.execute(
+                    "update public.persona_learning_settings set watch_expire_days = %s, "
+                    "watch_min_evidence = %s, watch_pass_evidence = %s, wilson_z = %s "
+                    "where twin_id = %s", (*values, twin))
+            psql_file(url, bounds)
+            clamped = scratch.execute(
+                "select watch_expire_days, watch_min_evidence, watch_pass_evidence, wilson_z "
+                "from public.persona_learning_settings where twin_id = any(%s::uuid[]) "
+                "order by array_position(%s::uuid[], twin_id)", (twins, twins)).fetchall()
+    assert clamped == [(14.0, 50_000, 50_000, 1.96), (3650.0, 30, 400, 10.0),
+                       (3650.0, 30, 50_000, 10.0)]
 
 
 def test_an_unknown_watch_mode_is_refused(
