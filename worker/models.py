@@ -396,11 +396,18 @@ class WatchSettings(_Frozen):
     )
 
 
+WatchKind = Literal["audits", "votes"]
+WATCH_KINDS: tuple[WatchKind, ...] = ("audits", "votes")
+
+
 class WatchComparisonEvidence(_Frozen):
-    """Counts of one comparison, aggregated in SQL: votes (+1/-1) and audits of the new spec
-    since its publish, and of the replaced spec in an equally long window before it."""
+    """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
+    since the new spec's publish against those of an equally long window before it, or audits
+    of the new spec since its publish against audits of the replaced spec in that window (both
+    without audits of a trace audited under both specs: the gate's pairing)."""
 
     scope: Literal["twin", "module"]
+    kind: WatchKind
     module_key: str | None = None
     new_n: int = Field(ge=0)
     new_passed: int = Field(ge=0)
@@ -427,8 +434,20 @@ class WatchEvidence(_Frozen):
     looks_done: int = Field(ge=0)
     modules_total: int = Field(ge=0)
     settings: WatchSettings
-    twin: WatchComparisonEvidence
+    twin: tuple[WatchComparisonEvidence, ...] = Field(
+        description="The twin-wide comparisons: one per kind (audits, votes), in that order."
+    )
     modules: tuple[WatchComparisonEvidence, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_twin_comparison_per_kind(self) -> Self:
+        if tuple((c.scope, c.kind) for c in self.twin) != tuple(
+            ("twin", kind) for kind in WATCH_KINDS
+        ):
+            raise ValueError("twin holds one twin-wide comparison per kind: audits, votes")
+        if any(c.scope != "module" for c in self.modules):
+            raise ValueError("modules holds module comparisons only")
+        return self
 
 
 class WatchComparison(_Frozen):
@@ -437,6 +456,7 @@ class WatchComparison(_Frozen):
     (-margin)."""
 
     scope: Literal["twin", "module"]
+    kind: WatchKind
     module_key: str | None
     value: float | None
     difference: float | None
@@ -460,6 +480,9 @@ class WatchReport(_Frozen):
     looks_planned: int
     information: float = Field(ge=0, le=1)
     alpha_spent: float = Field(ge=0, le=1)
+    comparisons_planned: int = Field(
+        ge=1, description="Comparisons the spending is split over: 2 kinds x (twin + modules)."
+    )
     alpha_per_comparison: float | None
     z: float | None
     window_start: AwareDatetime

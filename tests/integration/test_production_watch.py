@@ -158,19 +158,22 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
                                                                    "rolled_back")
     assert run.gate_report is not None
     report = run.gate_report["watch"]
+    # The kind with the most evidence, audits, holds 200 a side: look 5 of 10 (400).
     assert (report["state"], report["action"], report["mode"], report["look"]) == (
-        "regressed", "roll_back", "auto", 6)
-    by_scope = {c["module_key"]: c for c in report["comparisons"]}
-    twin_wide = by_scope[None]
-    # 250 a side: 140/250 since the switch against 210/250 before it.
-    assert twin_wide["evidence"] == {"new_n": 250, "new_passed": 140, "old_n": 250,
-                                     "old_passed": 210}
+        "regressed", "roll_back", "auto", 5)
+    by_scope = {(c["module_key"], c["kind"]): c for c in report["comparisons"]}
+    # Votes and audits apart, never one pass rate: 2 kinds x (twin + 2 modules) comparisons.
+    assert report["comparisons_planned"] == 6
+    assert {k: c["evidence"] for k, c in by_scope.items()} == {
+        (None, "audits"): {"new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170},
+        (None, "votes"): {"new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40},
+        ("evidence_answers", "audits"): {
+            "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170},
+        ("small_talk", "votes"): {"new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40},
+    }
+    twin_wide = by_scope[(None, "audits")]
     assert twin_wide["verdict"] == "regressed" and twin_wide["value"] < twin_wide["threshold"]
     assert twin_wide["threshold"] == -0.02 and twin_wide["method"] == "newcombe_hybrid_score"
-    assert by_scope["evidence_answers"]["evidence"] == {
-        "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170}
-    assert by_scope["small_talk"]["evidence"] == {
-        "new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40}
 
     # v1 published again, v2 archived with the reason and time; exactly one published.
     assert spec_rows(db, twin) == [
@@ -180,7 +183,7 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
     ]
     stored = watch_row(db, watch_id)
     assert (stored["state"], stored["last_run_id"], stored["looks_done"]) == (
-        "rolled_back", str(run.id), 6)
+        "rolled_back", str(run.id), 5)
     assert stored["concluded_at"] is not None and stored["last_report"] == report
     # History: the publish, then the rollback, in time order.
     times = db.execute(
@@ -203,7 +206,8 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
     # `pfl runs` shows the outcome.
     shown = subprocess.run(pfl("runs", "--twin", twin.id), env=worker_env(StackEnv.load()),
                            capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "rolled back" in shown and "watch of v2: regressed at look 6/10, rolled back" in shown
+    assert "rolled back" in shown and "watch of v2: regressed at look 5/10, rolled back" in shown
+    assert "twin-wide audits 120/200 passed since the publish vs 170/200 before" in shown
 
 
 def test_alert_mode_records_the_regression_and_changes_no_spec(
@@ -259,6 +263,64 @@ def test_no_regression_passes_the_watch(
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
 
 
+def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The review's case: nothing changed in production (votes 60% up before and after the
+    # switch, production audits 90% of both specs), and the gate's paired audits of both specs
+    # (190/200 each, the same traces) were made an hour before the publish, inside the old
+    # side's window. Counted on the old side only and pooled with the votes, they read 370/500
+    # against 180/300 and rolled back (auto); now they count on neither side, and each kind is
+    # compared with itself.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    for spec in (twin.published_spec_id, twin.draft_spec_id):
+        audits(db, twin, spec, 190, 10, at="now() - interval '2 days 1 hour'", prefix="pair")
+    audits(db, twin, twin.published_spec_id, 45, 5, at="now() - interval '3 days'",
+           prefix="prod-before")
+    audits(db, twin, twin.draft_spec_id, 45, 5, at="now() - interval '1 day'", prefix="prod-after")
+    votes(db, twin, owner.id, 180, 120, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 180, 120, at="now() - interval '1 day'", prefix="vote-after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason != "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("watching", "none", 7)
+    twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
+    assert twin_wide["votes"]["evidence"] == {
+        "new_n": 300, "new_passed": 180, "old_n": 300, "old_passed": 180}
+    assert twin_wide["votes"]["verdict"] == "no_regression"
+    # Only the unpaired (production) audits: 45/50 a side.
+    assert twin_wide["audits"]["evidence"] == {
+        "new_n": 50, "new_passed": 45, "old_n": 50, "old_passed": 45}
+    assert twin_wide["audits"]["verdict"] == "no_regression"
+    assert watch_row(db, watch_id)["state"] == "watching"
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_15_point_drop_in_votes_alone_rolls_back(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # No audits in production at all; votes 80% up before the switch and 65% since, 400 a side.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    votes(db, twin, owner.id, 320, 80, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 260, 140, at="now() - interval '1 day'", prefix="vote-after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason == "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("regressed", "roll_back", 10)
+    [votes_wide] = [c for c in report["comparisons"]
+                    if (c["scope"], c["kind"]) == ("twin", "votes")]
+    assert votes_wide["verdict"] == "regressed"
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin)[0] == (twin.published_spec_id, "published", False, None)
+
+
 def test_a_watch_without_enough_evidence_expires(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
@@ -272,7 +334,8 @@ def test_a_watch_without_enough_evidence_expires(
 
     assert run.gate_report is not None
     assert run.gate_report["watch"]["state"] == "expired"
-    assert run.gate_report["watch"]["comparisons"][0]["verdict"] == "insufficient_evidence"
+    assert {c["verdict"] for c in run.gate_report["watch"]["comparisons"]} == {
+        "insufficient_evidence"}
     assert watch_row(db, watch_id)["state"] == "expired"
     assert published_count(db, twin) == 1
 
