@@ -228,3 +228,141 @@ set search_path = ''
 as $$
   select '20261214000100'::text;
 $$;
+
+-- 3. A rollback of the spec the owner saw. rollback_persona_spec rolled back whatever was
+-- published: a double click went back two steps. p_spec_id (optional) names the spec meant;
+-- another spec published is PT409 and nothing changes. The two-argument call still works (the
+-- new argument defaults to null); the old signatures are replaced, not overloaded, so that
+-- PostgREST finds one function for both calls.
+drop function public.rollback_persona_spec(uuid, text);
+drop function private.rollback_persona_spec(uuid, text);
+
+-- Rolls the caller's twin back to the spec published before the current one, by hand; the
+-- rollback is recorded as a completed run (trigger owner_rollback) carrying the reason. Given
+-- the spec the owner saw published, it rolls back only that one: a second click (or a second
+-- tab) finds it rolled back already and changes nothing, instead of going back another step.
+create function private.rollback_persona_spec(
+  p_twin_id uuid, p_reason text, p_spec_id uuid default null
+)
+returns public.persona_feedback_learning_runs
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_current public.persona_specs;
+  v_previous public.persona_specs;
+  v_run public.persona_feedback_learning_runs;
+begin
+  if p_twin_id is null or not private.is_twin_owner(p_twin_id) then
+    raise exception using
+      errcode = '42501',
+      message = format('twin_id: twin %s does not exist or is not yours', p_twin_id);
+  end if;
+  if p_reason is null or char_length(btrim(p_reason)) not between 1 and 500 then
+    raise exception using
+      errcode = '22023',
+      message = 'p_reason: say why the spec is rolled back (1 to 500 characters)';
+  end if;
+  -- The twin's row lock orders this rollback with a run completing (and maybe publishing).
+  perform 1 from public.twins t where t.id = p_twin_id for update;
+
+  select * into v_current from public.persona_specs s
+  where s.twin_id = p_twin_id and s.status = 'published';
+  if v_current.id is null then
+    raise exception using
+      errcode = 'PT409',
+      message = format('twin %s has no published spec to roll back', p_twin_id);
+  end if;
+  if p_spec_id is not null and p_spec_id <> v_current.id then
+    raise exception using
+      errcode = 'PT409',
+      message = format('p_spec_id: spec %s is not the published spec of twin %s (version %s '
+                       'is); nothing was rolled back', p_spec_id, p_twin_id, v_current.version);
+  end if;
+  -- The spec published before it: the last one archived that had been published and was not
+  -- itself rolled back.
+  select * into v_previous from public.persona_specs s
+  where s.twin_id = p_twin_id and s.status = 'archived' and s.published_at is not null
+    and s.rolled_back_at is null
+  order by s.archived_at desc, s.version desc
+  limit 1;
+  if v_previous.id is null then
+    raise exception using
+      errcode = 'PT409',
+      message = format('twin %s: spec version %s is the only spec published; there is nothing '
+                       'to roll back to', p_twin_id, v_current.version);
+  end if;
+
+  insert into public.persona_feedback_learning_runs (
+    twin_id, status, trigger, requested_by, safe_mode, attempts, max_attempts, events_scanned,
+    events_processed, events_unmatched, modules_updated, gate_passed, gate_report,
+    publish_decision, published_spec_id, started_at, finished_at
+  )
+  values (
+    p_twin_id, 'completed', 'owner_rollback', (select auth.uid()), false, 1, 1, 0, 0, 0, 0, true,
+    jsonb_build_object('rollback', jsonb_build_object(
+      'reason', btrim(p_reason), 'from_spec_id', v_current.id, 'from_version', v_current.version,
+      'to_spec_id', v_previous.id, 'to_version', v_previous.version)),
+    'published', v_previous.id, now(), now()
+  )
+  returning * into v_run;
+
+  perform private.roll_back_spec(p_twin_id, v_current.id, v_previous.id,
+                                 format('owner: %s', btrim(p_reason)));
+  update public.persona_spec_watches w
+  set state = 'rolled_back', concluded_at = now(), last_run_id = v_run.id
+  where w.twin_id = p_twin_id and w.spec_id = v_current.id
+    and w.state in ('watching', 'regressed');
+  return v_run;
+end;
+$$;
+
+comment on function private.rollback_persona_spec(uuid, text, uuid) is
+  'Owner RPC body (called by public.rollback_persona_spec). In: a twin id, the reason (1-500 '
+  'characters, trimmed) and optionally the spec to roll back (null: whatever is published). '
+  'Out: the completed run (trigger owner_rollback, requested_by = the '
+  'caller, gate_report {rollback {reason, from_spec_id, from_version, to_spec_id, to_version}}, '
+  'publish_decision published, published_spec_id = the spec published again) that records the rollback: the published spec is '
+  'archived with rollback_reason "owner: <reason>" and rolled_back_at, the spec published before '
+  'it (the latest archived one that had been published and was not rolled back) is published '
+  'again, and a watch of the rolled-back spec (watching, or regressed: an alert acted on) ends '
+  'rolled_back. Raises 42501 (HTTP 403) '
+  '"twin_id: twin <id> does not exist or is not yours" when the caller does not own the twin '
+  '(the same for a missing twin), 22023 for a missing or over-long reason, PT409 (HTTP 409) '
+  'when the twin has no published spec or no earlier one to go back to, or p_spec_id is given '
+  'and is not the published spec ("p_spec_id: spec <id> is not the published spec of twin <id> '
+  '(version <n> is); nothing was rolled back": a repeated click); nothing changes then. '
+  'Security definer: owners may not write specs'' status or runs themselves.';
+
+grant execute on function private.rollback_persona_spec(uuid, text, uuid) to authenticated;
+
+-- The API face of private.rollback_persona_spec: POST /rest/v1/rpc/rollback_persona_spec.
+create function public.rollback_persona_spec(
+  p_twin_id uuid, p_reason text, p_spec_id uuid default null
+)
+returns public.persona_feedback_learning_runs
+language sql
+set search_path = ''
+as $$
+  select * from private.rollback_persona_spec(p_twin_id, p_reason, p_spec_id);
+$$;
+
+comment on function public.rollback_persona_spec(uuid, text, uuid) is
+  'Owner RPC (POST /rest/v1/rpc/rollback_persona_spec). In: p_twin_id, p_reason (1-500 '
+  'characters), p_spec_id (optional, default null: the spec the owner means to roll back; the '
+  'call changes nothing unless it is the published one). Out: the completed run (trigger owner_rollback) recording the rollback: the '
+  'published spec archived with the reason and time, the spec published before it published '
+  'again. Raises 42501 (HTTP 403) "twin_id: twin <id> does not exist or is not yours" when the '
+  'caller does not own the twin, 22023 for a missing or over-long reason, PT409 (HTTP 409) '
+  '"twin <id> has no published spec to roll back", "... there is nothing to roll back to" or '
+  '"p_spec_id: spec <id> is not the published spec of twin <id> (version <n> is); nothing was '
+  'rolled back"; nothing changes then.';
+
+grant execute on function public.rollback_persona_spec(uuid, text, uuid) to authenticated;
+
+revoke execute on function
+  private.rollback_persona_spec(uuid, text, uuid),
+  public.rollback_persona_spec(uuid, text, uuid)
+from public;
+

@@ -349,8 +349,12 @@ comment on function public.request_learning_run(uuid, boolean) is
 grant execute on function public.request_learning_run(uuid, boolean) to authenticated;
 
 -- Rolls the caller's twin back to the spec published before the current one, by hand; the
--- rollback is recorded as a completed run (trigger owner_rollback) carrying the reason.
-create function private.rollback_persona_spec(p_twin_id uuid, p_reason text)
+-- rollback is recorded as a completed run (trigger owner_rollback) carrying the reason. Given
+-- the spec the owner saw published, it rolls back only that one: a second click (or a second
+-- tab) finds it rolled back already and changes nothing, instead of going back another step.
+create function private.rollback_persona_spec(
+  p_twin_id uuid, p_reason text, p_spec_id uuid default null
+)
 returns public.persona_feedback_learning_runs
 language plpgsql
 security definer
@@ -380,6 +384,12 @@ begin
     raise exception using
       errcode = 'PT409',
       message = format('twin %s has no published spec to roll back', p_twin_id);
+  end if;
+  if p_spec_id is not null and p_spec_id <> v_current.id then
+    raise exception using
+      errcode = 'PT409',
+      message = format('p_spec_id: spec %s is not the published spec of twin %s (version %s '
+                       'is); nothing was rolled back', p_spec_id, p_twin_id, v_current.version);
   end if;
   -- The spec published before it: the last one archived that had been published and was not
   -- itself rolled back.
@@ -419,9 +429,10 @@ begin
 end;
 $$;
 
-comment on function private.rollback_persona_spec(uuid, text) is
-  'Owner RPC body (called by public.rollback_persona_spec). In: a twin id and the reason (1-500 '
-  'characters, trimmed). Out: the completed run (trigger owner_rollback, requested_by = the '
+comment on function private.rollback_persona_spec(uuid, text, uuid) is
+  'Owner RPC body (called by public.rollback_persona_spec). In: a twin id, the reason (1-500 '
+  'characters, trimmed) and optionally the spec to roll back (null: whatever is published). '
+  'Out: the completed run (trigger owner_rollback, requested_by = the '
   'caller, gate_report {rollback {reason, from_spec_id, from_version, to_spec_id, to_version}}, '
   'publish_decision published, published_spec_id = the spec published again) that records the rollback: the published spec is '
   'archived with rollback_reason "owner: <reason>" and rolled_back_at, the spec published before '
@@ -430,34 +441,40 @@ comment on function private.rollback_persona_spec(uuid, text) is
   'rolled_back. Raises 42501 (HTTP 403) '
   '"twin_id: twin <id> does not exist or is not yours" when the caller does not own the twin '
   '(the same for a missing twin), 22023 for a missing or over-long reason, PT409 (HTTP 409) '
-  'when the twin has no published spec or no earlier one to go back to; nothing changes then. '
+  'when the twin has no published spec or no earlier one to go back to, or p_spec_id is given '
+  'and is not the published spec ("p_spec_id: spec <id> is not the published spec of twin <id> '
+  '(version <n> is); nothing was rolled back": a repeated click); nothing changes then. '
   'Security definer: owners may not write specs'' status or runs themselves.';
 
-grant execute on function private.rollback_persona_spec(uuid, text) to authenticated;
+grant execute on function private.rollback_persona_spec(uuid, text, uuid) to authenticated;
 
 -- The API face of private.rollback_persona_spec: POST /rest/v1/rpc/rollback_persona_spec.
-create function public.rollback_persona_spec(p_twin_id uuid, p_reason text)
+create function public.rollback_persona_spec(
+  p_twin_id uuid, p_reason text, p_spec_id uuid default null
+)
 returns public.persona_feedback_learning_runs
 language sql
 set search_path = ''
 as $$
-  select * from private.rollback_persona_spec(p_twin_id, p_reason);
+  select * from private.rollback_persona_spec(p_twin_id, p_reason, p_spec_id);
 $$;
 
-comment on function public.rollback_persona_spec(uuid, text) is
+comment on function public.rollback_persona_spec(uuid, text, uuid) is
   'Owner RPC (POST /rest/v1/rpc/rollback_persona_spec). In: p_twin_id, p_reason (1-500 '
-  'characters). Out: the completed run (trigger owner_rollback) recording the rollback: the '
+  'characters), p_spec_id (optional, default null: the spec the owner means to roll back; the '
+  'call changes nothing unless it is the published one). Out: the completed run (trigger owner_rollback) recording the rollback: the '
   'published spec archived with the reason and time, the spec published before it published '
   'again. Raises 42501 (HTTP 403) "twin_id: twin <id> does not exist or is not yours" when the '
   'caller does not own the twin, 22023 for a missing or over-long reason, PT409 (HTTP 409) '
-  '"twin <id> has no published spec to roll back" or "... there is nothing to roll back to"; '
-  'nothing changes then.';
+  '"twin <id> has no published spec to roll back", "... there is nothing to roll back to" or '
+  '"p_spec_id: spec <id> is not the published spec of twin <id> (version <n> is); nothing was '
+  'rolled back"; nothing changes then.';
 
-grant execute on function public.rollback_persona_spec(uuid, text) to authenticated;
+grant execute on function public.rollback_persona_spec(uuid, text, uuid) to authenticated;
 
 revoke execute on function
-  private.rollback_persona_spec(uuid, text),
-  public.rollback_persona_spec(uuid, text)
+  private.rollback_persona_spec(uuid, text, uuid),
+  public.rollback_persona_spec(uuid, text, uuid)
 from public;
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.

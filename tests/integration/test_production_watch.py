@@ -116,13 +116,18 @@ def regress(db: psycopg.Connection, twin: Twin, owner: User) -> None:
     votes(db, twin, owner.id, 20, 30, at="now() - interval '1 day'", prefix="vote-after")
 
 
-def rollback(owner: User, twin: Twin, reason: str = "racing") -> httpx.Response:
-    """The owner's rollback_persona_spec through PostgREST, as an app sends it."""
+def rollback(
+    owner: User, twin: Twin, reason: str = "racing", spec_id: str | None = None
+) -> httpx.Response:
+    """The owner's rollback_persona_spec through PostgREST, as an app sends it (with p_spec_id
+    only when `spec_id` is given)."""
     env = StackEnv.load()
     return httpx.post(
         f"{env.rest}/rpc/rollback_persona_spec",
         headers={"apikey": env.anon_key, "Authorization": f"Bearer {owner.token}"},
-        json={"p_twin_id": twin.id, "p_reason": reason}, timeout=30,
+        json={"p_twin_id": twin.id, "p_reason": reason,
+              **({"p_spec_id": spec_id} if spec_id else {})},
+        timeout=30,
     )
 
 
@@ -535,6 +540,47 @@ def twin_with_a_draft_on_top(
 
 
 
+
+
+def test_a_double_click_on_rollback_rolls_back_one_step_only(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # v3 published over v2 over v1 (by real runs); the owner clicks "roll back v3" twice. With
+    # the spec named, the first click goes back to v2 and the second is refused (PT409) with
+    # nothing changed; without it, the second would have rolled v2 back to v1 as well.
+    owner = make_user("owner")
+    twin, v3 = twin_with_a_draft_on_top(db, runner, owner)
+    [published] = runner.run_once(UUID(twin.id), safe_mode=False, request=True)
+    assert str(published.published_spec_id) == v3
+
+    first = rollback(owner, twin, "v3 is worse", spec_id=v3)
+    assert first.status_code == 200, first.text
+
+    def state() -> tuple[Any, ...]:
+        return (spec_rows(db, twin), db.execute(
+            "select count(*), (select jsonb_agg(to_jsonb(w) order by created_at) from "
+            "public.persona_spec_watches w where twin_id = %s) from "
+            "public.persona_feedback_learning_runs where twin_id = %s",
+            (twin.id, twin.id)).fetchone())
+
+    before = state()
+    second = rollback(owner, twin, "v3 is worse", spec_id=v3)
+
+    assert second.status_code == 409, second.text
+    assert second.json()["message"] == (
+        f"p_spec_id: spec {v3} is not the published spec of twin {twin.id} (version 2 is); "
+        "nothing was rolled back")
+    assert state() == before
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "archived", False, None),
+        (twin.draft_spec_id, "published", False, None),
+        (v3, "archived", True, "owner: v3 is worse"),
+    ]
+    # The call without p_spec_id still rolls back whatever is published (v2, to v1).
+    plain = rollback(owner, twin, "v2 too")
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["gate_report"]["rollback"]["from_spec_id"] == twin.draft_spec_id
+    assert published_count(db, twin) == 1
 
 
 # auto: the run also looked at v2's watch, which the rollback concluded; off: no watch, so the
