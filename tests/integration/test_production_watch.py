@@ -583,6 +583,81 @@ def test_a_double_click_on_rollback_rolls_back_one_step_only(
     assert published_count(db, twin) == 1
 
 
+def flip_watch_mode_after_the_first_claim(
+    db: psycopg.Connection, runner: Runner, twin: Twin, mode: str
+) -> list[WatchEvidence | None]:
+    """Makes the runner's store set the twin's watch_mode to `mode` (as the owner's PATCH
+    would, committed) right after its first read of the watch; returns every read's answer."""
+    store = runner.store
+    real_claim = store.claim_watch
+    reads: list[WatchEvidence | None] = []
+
+    def claim_then_flip(run: Run) -> WatchEvidence | None:
+        found = real_claim(run)
+        if not reads:
+            db.execute("update public.persona_learning_settings set watch_mode = %s "
+                       "where twin_id = %s", (mode, twin.id))
+        reads.append(found)
+        return found
+
+    store.claim_watch = claim_then_flip  # type: ignore[method-assign]
+    return reads
+
+
+def test_watch_mode_turned_to_auto_mid_run_rolls_back_after_reading_again(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The run read the watch in alert mode; the owner switched to auto before it completed. Its
+    # decision (alert) is stale: the completion refuses it (PT412), the run reads again and the
+    # regression rolls back, as auto says.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner)  # alert
+    regress(db, twin, owner)
+    reads = flip_watch_mode_after_the_first_claim(db, runner, twin, "auto")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert [r.settings.mode if r else None for r in reads] == ["alert", "auto"]
+    assert (run.status, run.attempts, run.hold_reason) == ("completed", 1, "rolled_back")
+    assert run.gate_report is not None
+    assert (run.gate_report["watch"]["mode"], run.gate_report["watch"]["action"]) == (
+        "auto", "roll_back")
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin)[:2] == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True,
+         f"production watch: regression found by run {run.id}"),
+    ]
+
+
+def test_watch_mode_turned_off_mid_run_pauses_the_watch(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The run read the watch in auto mode and would roll back; the owner turned the watch off
+    # before it completed: the completion refuses the stale decision (PT412), the run reads
+    # again, finds no watch to look at and changes no spec. The watch waits, still watching,
+    # and the next run after auto is back rolls back.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    regress(db, twin, owner)
+    reads = flip_watch_mode_after_the_first_claim(db, runner, twin, "off")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert [r.settings.mode if r else None for r in reads] == ["auto", None]
+    assert (run.status, run.attempts, run.hold_reason) == ("completed", 1, "no_draft")
+    assert run.gate_report is not None and run.gate_report["watch"] is None
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["looks_done"], stored["last_run_id"]) == ("watching", 0, None)
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+    db.execute("update public.persona_learning_settings set watch_mode = 'auto' "
+               "where twin_id = %s", (twin.id,))
+    [again] = runner.run_once(UUID(twin.id), request=True)
+    assert again.hold_reason == "rolled_back"
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+
+
 # auto: the run also looked at v2's watch, which the rollback concluded; off: no watch, so the
 # gate's baseline alone tells the completion that its comparison is stale.
 @pytest.mark.parametrize("mode", ["auto", "off"])
