@@ -248,6 +248,18 @@ def test_alert_mode_records_the_regression_and_changes_no_spec(
     assert (stored["state"], stored["last_run_id"]) == ("rolled_back", response.json()["id"])
 
 
+def test_run_once_names_the_watched_specs_by_version(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # `pfl run-once` says what the run's watch found as `pfl runs` does: v2 and v1, not ids.
+    owner = make_user("owner")
+    twin, _, _ = published_twin(db, runner, owner)  # alert
+    regress(db, twin, owner)
+    done = subprocess.run(pfl("run-once", "--twin", twin.id), env=worker_env(StackEnv.load()),
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "  watch of v2: regressed at look 5/10, alert only" in done, done
+
+
 def test_no_regression_passes_the_watch(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
