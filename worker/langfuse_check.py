@@ -46,7 +46,8 @@ def generation(version: tuple[int, int, int]) -> str:
 
 def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host (no Langfuse there, a redirect), the keys or the version cannot work (a usage
+    host (no Langfuse there, a redirect, no ingestion route: a proxy or a wrong base path), the
+    keys or the version cannot work (a usage
     suspension or rate limit does not: the sends wait), LangfuseUnavailable when the server
     cannot be asked now (network, timeout, 5xx)."""
     health = _request(sender, "GET", HEALTH_PATH)

@@ -21,10 +21,14 @@ v3.225.4 and v4.16.0):
   (a key without access); 405 for another method; 413 above the 4.5 MB body limit; 429 with
   `Retry-After` (seconds) and `X-RateLimit-*` headers (Cloud only; self-hosted never limits);
   500 for internal errors.
-- 404 or 410 for the whole request: the server has no such route. Langfuse's API definition
-  (`fern/apis/server/definition/ingestion.yml`, v4.16.0) announces the endpoint's removal on
-  Langfuse Cloud on 2026-11-16; the answer it gives since is in no source read. The rows wait
-  (not an attempt: nothing about them is wrong) and the error says why.
+- 404 or 410 for the whole request: nothing serves the route at LANGFUSE_HOST. Every Langfuse
+  from 3.49 serves it for score events, Cloud included after the v3 ingestion sunset of
+  2026-11-16 (only its other event types are refused from then, inside the 207: see the
+  README), so this is a proxy in front of Langfuse or a wrong base path. The rows wait (not an
+  attempt: nothing about them is wrong) and the error says why.
+- In v4's `events_only` write mode (its default, and Cloud's from 2026-11-16) an event of
+  another type than score-create or sdk-log gets a per-event 400 "Event type not accepted":
+  read like any per-event 4xx (failed), though the sender never sends one.
 - A 3xx means LANGFUSE_HOST is not the server itself (e.g. http:// redirected to https://). The
   sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); the
   rows retry and the error names the location to configure.
@@ -50,10 +54,10 @@ MAX_RETRY_AFTER_SECONDS = 86_400.0
 SUSPENDED_RETRY_SECONDS = 300.0
 """Usage suspension (403) lifts when the plan or the billing period changes: look every 5 min."""
 NO_ROUTE_RETRY_SECONDS = 300.0
-"""A server without the ingestion route (404/410) is asked again every 5 minutes."""
+"""A host that does not serve the ingestion route (404/410) is asked again every 5 minutes."""
 NO_INGESTION = (
-    "this server has no POST /api/public/ingestion (Langfuse announced its removal from "
-    "Langfuse Cloud on 2026-11-16); scores wait"
+    "no POST /api/public/ingestion at LANGFUSE_HOST (every Langfuse from 3.49, Cloud included, "
+    "serves it for scores: check the host's path and any proxy in front of Langfuse); scores wait"
 )
 
 

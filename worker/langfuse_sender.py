@@ -9,11 +9,13 @@ One request for every Langfuse server in use (v3 from 3.49, v4 before and after 
                          "metadata": {...}, "environment": "production"}}]}
 
 answered 207 with a success or an error per envelope id (`worker.langfuse_response` reads it).
-Every generation whose source could be read accepts it (v3.225.4, v4.16.0; Langfuse announced
-its removal from Cloud on 2026-11-16, and a server without it is reported, not guessed at: the
-rows wait); the score takes the event's timestamp (the one-score route of v3
-and v4 before 4.59 stamps the time of receipt instead); its errors name the event. Langfuse keys
-a score by (project, day of its timestamp, name, id): all votes of one feedback carry the same
+Every generation accepts it: v3.225.4 and v4.16.0 in their source (v4's default `events_only`
+write mode keeps score-create events and refuses the other types per event), and Langfuse
+Cloud after its v3 ingestion sunset of 2026-11-16, which Langfuse states keeps this route for
+score-create events (langfuse/langfuse#17453). A host that answers 404 there is reported, not
+guessed at: the rows wait. The score takes the event's timestamp (the one-score route of v3 and
+v4 before 4.59 stamps the time of receipt instead); its errors name the event. Langfuse keys a
+score by (project, day of its timestamp, name, id): all votes of one feedback carry the same
 id, name and first vote's time, so a vote changed days later replaces the one score.
 
 `send` never retries and never raises for a delivery problem: retries happen across polls, with
