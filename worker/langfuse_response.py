@@ -31,7 +31,8 @@ v3.225.4 and v4.16.0):
   read like any per-event 4xx (failed), though the sender never sends one.
 - A 3xx means LANGFUSE_HOST is not the server itself (e.g. http:// redirected to https://). The
   sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); the
-  rows retry and the error names the location to configure.
+  rows retry and the error names the location and, when the location ends with the route's
+  path, the LANGFUSE_HOST it implies (`redirect_advice`).
 
 Per-item statuses inside a 207 follow the same rule: 429 and 5xx retry, other 4xx fail.
 """
@@ -47,6 +48,7 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 MAX_ERROR_CHARS = 300
 MAX_RETRY_AFTER_SECONDS = 86_400.0
@@ -55,10 +57,12 @@ SUSPENDED_RETRY_SECONDS = 300.0
 """Usage suspension (403) lifts when the plan or the billing period changes: look every 5 min."""
 NO_ROUTE_RETRY_SECONDS = 300.0
 """A host that does not serve the ingestion route (404/410) is asked again every 5 minutes."""
-NO_INGESTION = (
-    "no POST /api/public/ingestion at LANGFUSE_HOST (every Langfuse from 3.49, Cloud included, "
-    "serves it for scores: check the host's path and any proxy in front of Langfuse); scores wait"
+INGESTION_PATH = "/api/public/ingestion"
+NO_ROUTE_HINT = (
+    "every Langfuse from 3.49 serves it for scores, Cloud included: a proxy in front of "
+    "Langfuse, or the path in LANGFUSE_HOST, is in the way"
 )
+NO_INGESTION = f"no POST {INGESTION_PATH} at LANGFUSE_HOST ({NO_ROUTE_HINT}); scores wait"
 
 
 class Outcome(StrEnum):
@@ -102,7 +106,8 @@ def classify(
         return _batch_result(status, parsed, event_ids)
     if 300 <= status < 400:
         location = lower.get("location", "no location given")
-        error = f"HTTP {status}: redirected to {location}; set LANGFUSE_HOST to the server itself"
+        advice = redirect_advice(location, INGESTION_PATH)
+        error = f"HTTP {status}: redirected to {location}; {advice}"
         return _all(event_ids, Verdict(Outcome.retry, _short(error), stop=True))
 
     error = f"HTTP {status}: {_message(parsed, body, status)}"
@@ -127,6 +132,20 @@ def classify(
     # Other 4xx: our request, or our keys, are wrong; sending it again will not help.
     systemic = status in (401, 403, 405)
     return _all(event_ids, Verdict(Outcome.failed, _short(error), stop=systemic))
+
+
+def redirect_advice(location: str, path: str) -> str:
+    """What to set LANGFUSE_HOST to, for a request to `path` redirected to `location`: the
+    location without its query and that path, when it is an absolute http(s) URL ending with
+    it (e.g. `https://x/api/public/ingestion` -> "set LANGFUSE_HOST to https://x"); otherwise
+    the general advice ("set LANGFUSE_HOST to the server itself")."""
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        parts = None
+    if parts and parts.scheme in ("http", "https") and parts.netloc and parts.path.endswith(path):
+        return f"set LANGFUSE_HOST to {parts.scheme}://{parts.netloc}{parts.path[: -len(path)]}"
+    return "set LANGFUSE_HOST to the server itself"
 
 
 def retry_after(headers: Mapping[str, str], now: datetime) -> float | None:

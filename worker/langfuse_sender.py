@@ -38,14 +38,13 @@ from uuid import UUID, uuid5
 import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from worker.langfuse_response import Outcome, Verdict, classify
+from worker.langfuse_response import INGESTION_PATH, Outcome, Verdict, classify
 
 LANGFUSE_SCORE_NAMESPACE = UUID("09229364-ef9e-51cb-bd31-b3f7a9619500")
 """Namespace of the uuid5 score ids, fixed as a literal (it is `uuid5(NAMESPACE_URL,
 "urn:persona-feedback-learning:langfuse-score")`). Never change it: every feedback would get a
 new score id and Langfuse would show each vote twice."""
 
-INGESTION_PATH = "/api/public/ingestion"
 DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 """What the endpoint's definition tells clients (`fern/apis/server/definition/ingestion.yml`,
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
@@ -267,7 +266,7 @@ class LangfuseSender:
 def check_host(host: str) -> str:
     """`host` without surrounding blanks or a trailing slash. Raises ValueError unless it is an
     http(s) URL with a host name and no query or fragment (a path prefix, as behind a proxy, is
-    kept)."""
+    kept, but not one with Langfuse's own `/api/public` in it)."""
     host = host.strip() if isinstance(host, str) else host
     try:
         url = httpx.URL(host)
@@ -279,6 +278,11 @@ def check_host(host: str) -> str:
         )
     if url.query or url.fragment:
         raise ValueError(f"LANGFUSE_HOST={host!r} must not have a query or a fragment")
+    if re.search(r"/api/public(/|$)", url.path):
+        raise ValueError(
+            f"LANGFUSE_HOST={host!r} must be Langfuse's base URL, without /api/public (the mirror "
+            "adds the API paths itself), e.g. https://cloud.langfuse.com"
+        )
     return host.rstrip("/")
 
 

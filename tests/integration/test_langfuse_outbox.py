@@ -974,7 +974,7 @@ def test_a_host_without_the_ingestion_route_keeps_rows_waiting(
     ids = [vote(voter, twin, f"no-route-{i}", 1)["id"] for i in range(2)]
     sender = make_sender()
     standin.set_mode("no_route")
-    with pytest.raises(LangfuseConfigError, match="no POST /api/public/ingestion"):
+    with pytest.raises(LangfuseConfigError, match="answered 404 to POST /api/public/ingestion"):
         check(make_sender(checked=False))
 
     started = db_now(db)

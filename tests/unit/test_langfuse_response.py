@@ -375,3 +375,24 @@ def test_207_read_with_extra_top_level_keys() -> None:
     assert verdicts["a"] == verdicts["b"] == Verdict(Outcome.sent)
     assert verdicts["c"].outcome == Outcome.failed
     assert verdicts["c"].error == "rejected by Langfuse (HTTP 400): Event type not accepted"
+
+
+@pytest.mark.parametrize(
+    ("location", "advice"),
+    [
+        ("https://lf.example.com/api/public/ingestion", "set LANGFUSE_HOST to https://lf.example.com"),
+        (
+            "http://lf.example.com:8080/lf/api/public/ingestion?x=1",
+            "set LANGFUSE_HOST to http://lf.example.com:8080/lf",
+        ),
+        ("/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+        ("https://lf.example.com/login", "set LANGFUSE_HOST to the server itself"),
+        ("https:///api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+        ("http://[::1/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+    ],
+)
+def test_a_redirect_names_the_host_it_implies(location: str, advice: str) -> None:
+    """An http->https proxy answers with the full URL of the route: the error says which
+    LANGFUSE_HOST that is, not the route's URL (which would double the path)."""
+    verdict = one(run(301, b"", {"Location": location}))
+    assert verdict.error == f"HTTP 301: redirected to {location}; {advice}"

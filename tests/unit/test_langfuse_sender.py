@@ -299,11 +299,14 @@ def test_a_redirect_is_refused_never_followed(standin: LangfuseStandin) -> None:
     standin.set_mode("redirect")
     with sender_for(standin) as sender:
         deliveries = sender.send(make_items(3))
-        with pytest.raises(LangfuseConfigError, match="redirects .* https://"):
+        with pytest.raises(LangfuseConfigError, match="redirects .* https://") as refused:
             check(sender)
 
+    https = f"https://{standin.host}:{standin.port}"
+    assert str(refused.value).endswith(f"set LANGFUSE_HOST to {https}")
     assert outcomes(deliveries) == {Outcome.retry}
-    assert deliveries[0].error is not None and "LANGFUSE_HOST" in deliveries[0].error
+    assert deliveries[0].error is not None
+    assert deliveries[0].error.endswith(f"set LANGFUSE_HOST to {https}")
     assert [(r.method, r.status) for r in standin.requests] == [("POST", 301), ("GET", 301)]
     assert standin.scores == {}
 
@@ -362,6 +365,11 @@ def test_hang_means_retry_within_the_timeout(standin: LangfuseStandin) -> None:
     assert 0.45 <= elapsed < 0.5 + 0.75
     (request,) = standin.requests  # one timeout per send, not one per chunk
     assert request.status is None
+    with (
+        sender_for(standin, timeout=0.3) as sender,
+        pytest.raises(LangfuseUnavailable, match=r"health: timeout after 0\.3s waiting"),
+    ):
+        check(sender)
 
 
 def test_a_host_without_the_ingestion_route_is_refused_at_the_check_and_waits_later(
@@ -537,6 +545,8 @@ def test_score_item_normalises_timestamp_to_utc() -> None:
         ("ftp://cloud.langfuse.com", "needs a scheme"),
         ("https://", "needs a scheme"),
         ("https://langfuse.example.com/?x=1", "query"),
+        ("https://cloud.langfuse.com/api/public", "without /api/public"),
+        ("https://example.com/langfuse/api/public/ingestion", "without /api/public"),
     ],
 )
 def test_a_host_without_scheme_or_host_is_refused(host: str, error: str) -> None:
@@ -546,6 +556,7 @@ def test_a_host_without_scheme_or_host_is_refused(host: str, error: str) -> None
 
 def test_a_host_keeps_its_path_prefix() -> None:
     assert check_host("https://example.com/langfuse/") == "https://example.com/langfuse"
+    assert check_host("https://example.com/api/publications") == "https://example.com/api/publications"
 
 
 def test_a_host_pasted_with_blanks_is_trimmed() -> None:
