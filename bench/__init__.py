@@ -19,12 +19,16 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    before those 5,000,000 rows were loaded; without a draft spec and with one under audit (the
    gate then has work). The runs' own time, best of 5. Target: ratio ≤ 1.2.
 3. Worker memory: peak RSS of the worker process in the case 1 runs ≤ 150 MB at both batch sizes.
-4. Feedback ingest: wrk POSTs of new votes with user JWTs through nginx → PostgREST into
-   persona_training_events versus the same requests into a bare table, in 8 short rounds that
-   pair the two back to back (the order alternating), with the CPU time PostgreSQL, PostgREST
-   and nginx spend per request. Target: the median of the paired ratios ≥ 0.85; every answer
-   2xx and every 2xx a row. wrk against an nginx no-op location shows the load generator is not
-   the bottleneck.
+4. Feedback ingest, in 8 short rounds (the order of the targets alternating), each target with
+   wrk -t2 -c16 and 8 users' JWTs: new votes through nginx → PostgREST into
+   persona_training_events against the endpoint a user would otherwise build
+   (bench/fastapi_baseline.py: FastAPI under uvicorn, 2 workers, pydantic then supabase-py as the
+   user, through the same gateway). Target: the median of the paired rate ratios ≥ 3 at the same
+   connections, with our p99 no higher than its. Beside it: batch ingest, 100 votes a request
+   (a JSON array, return=minimal), in votes per second; a bare table as a reference; the CPU
+   time PostgreSQL, PostgREST, nginx and uvicorn spend per request. Every answer 2xx, every
+   2xx its votes' rows, and over every vote sent one current vote per feedback, the last. wrk
+   against an nginx no-op location shows the load generator is not the bottleneck.
 5. Langfuse drain, once per server generation the stand-in models (v3, v4, v4.59, cloud):
    10,000 pending outbox rows (quick: 2,000) drained by `pfl outbox drain` to the Langfuse
    stand-in; floor: the same scores sent by the worker's LangfuseSender alone. Target: requests

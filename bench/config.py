@@ -56,6 +56,11 @@ BENCH_MODULES = many_modules(MODULES, INTENTS)  # module_k serves intent_(k mod 
 USERS = 1_000
 INGEST_USERS = 8
 WRK_THREADS, WRK_CONNECTIONS = 2, 16
+# Case 4's batch ingest: votes in one request (a JSON array, return=minimal).
+BATCH_VOTES = 100
+# Case 4's comparison (bench/fastapi_baseline.py): uvicorn workers, one per core of this 2-core
+# machine, as uvicorn's own advice for --workers goes; its port is the API's + 30 (PREFIX51).
+BASELINE_WORKERS = 2
 HISTORY_DAYS = 60
 NEW_EVENTS_SPAN_SECONDS = 86_400
 GATE_TRACES = 25

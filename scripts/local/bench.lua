@@ -1,10 +1,15 @@
--- wrk script of the benchmark's case 4 (bench/ingest.py, feedback ingest): every request is a new feedback vote.
+-- wrk script of the benchmark's case 4 (bench/ingest.py, feedback ingest).
 --
---   wrk -t2 -c16 -d20s -s scripts/local/bench.lua URL -- TOKENS_FILE TWIN_ID TAG ANON_KEY
+--   wrk -t2 -c16 -d20s -s scripts/local/bench.lua URL -- TOKENS_FILE TWIN_ID TAG ANON_KEY [BATCH]
 --
--- TOKENS_FILE holds one user JWT a line; requests rotate through them. Trace ids are
--- TAG-<thread>-<n>, distinct for every request, so each insert is a first vote. At the end one
--- line `BENCH_JSON {...}` reports requests sent, responses by status, errors and latency.
+-- TOKENS_FILE holds one user JWT a line; requests rotate through them. Without BATCH (or 1) every
+-- request is one new vote, a JSON object, trace id TAG-<thread>-<n>: each insert is a first vote.
+-- With BATCH = B > 10 every request is a JSON array of B votes of its user: B - 10 new traces
+-- (TAG-<thread>-<n>-<i>), then 5 changed votes on the request's own traces 1-5 (the later
+-- element must win), then 5 changed votes on traces 6-10 of the thread's request n - 8 × users
+-- (the same user; far enough back that it has been answered), new traces while n is smaller.
+-- At the end one line `BENCH_JSON {...}` reports requests sent, responses by status, errors and
+-- latency.
 
 local threads = {}
 local next_thread = 1
@@ -29,19 +34,37 @@ function init(args)
     end
   end
   reasons = { "helpful", "incorrect", "unhelpful", "off_persona", "outdated" }
+  batch = tonumber(args[5] or "1")
   sent = 0
   statuses = {}
+end
+
+local function vote(trace, n)
+  local score = (n % 3 == 0) and -1 or 1
+  local reason = (score > 0) and "helpful" or reasons[n % 4 + 2]
+  return string.format(
+    '{"twin_id":"%s","trace_id":"%s","score":%d,"reason":"%s","intent_label":"intent_%d"}',
+    twin_id, trace, score, reason, n % 10)
 end
 
 function request()
   sent = sent + 1
   local headers = header_sets[(sent + thread_id) % #header_sets + 1]
-  local score = (sent % 3 == 0) and -1 or 1
-  local reason = (score > 0) and "helpful" or reasons[sent % 4 + 2]
-  local body = string.format(
-    '{"twin_id":"%s","trace_id":"%s-%d-%d","score":%d,"reason":"%s","intent_label":"intent_%d"}',
-    twin_id, tag, thread_id, sent, score, reason, sent % 10)
-  return wrk.format("POST", nil, headers, body)
+  if batch <= 1 then
+    return wrk.format("POST", nil, headers, vote(string.format("%s-%d-%d", tag, thread_id, sent), sent))
+  end
+  local back = 8 * #header_sets  -- a multiple of the users: the same user as this request
+  local votes = {}
+  for i = 1, batch do
+    local n, i_trace = sent, i
+    if i > batch - 10 and i <= batch - 5 then
+      i_trace = i - (batch - 10)  -- this request's traces 1-5 again
+    elseif i > batch - 5 and sent > back then
+      n, i_trace = sent - back, i - (batch - 10)  -- traces 6-10 of request sent - back
+    end
+    votes[i] = vote(string.format("%s-%d-%d-%d", tag, thread_id, n, i_trace), sent + i)
+  end
+  return wrk.format("POST", nil, headers, "[" .. table.concat(votes, ",") .. "]")
 end
 
 function response(status, headers, body)

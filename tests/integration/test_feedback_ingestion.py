@@ -450,6 +450,25 @@ def test_a_good_batch_is_stored_whole(stack: Stack, db: psycopg.Connection, worl
     assert [stored(db, i)["trace_id"] for i in ids] == ["b0", "b1", "b2"]
 
 
+def test_votes_on_one_trace_in_one_batch_are_recorded_in_order(
+    stack: Stack, db: psycopg.Connection, world: World
+):
+    """README (Ingest): the later element of an array supersedes the earlier, as separate
+    requests would; both rows are kept and linked."""
+    vote = {**valid_vote(world), "trace_id": "b-twice"}
+    body = [vote, {**vote, "trace_id": "b-once"}, {**vote, "score": 1, "reason": "helpful"}]
+    response = post(stack, world.voter.token, body)
+    assert response.status_code == 201, response.text
+    first, _, last = (r["id"] for r in response.json())
+    rows = votes(db, world.open_twin, "b-twice", world.voter.id)
+    assert [r["id"] for r in rows] == [first, last]
+    assert rows[0]["superseded_at"] is not None and rows[0]["langfuse_status"] == "superseded"
+    assert (rows[1]["superseded_at"], rows[1]["supersedes_id"], rows[1]["score"]) == (
+        None, first, 1
+    )
+    assert rows[1]["first_vote_id"] == first
+
+
 def test_malformed_json_is_rejected(stack: Stack, db: psycopg.Connection, world: World):
     before = snapshot(db, world)
     response = post(stack, world.voter.token, '{"twin_id": ')
