@@ -7,6 +7,7 @@ store writes with one RPC.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -115,7 +116,8 @@ class Runner:
 
     `worker_id` names the worker on the runs it holds; `lease_seconds` is how long a claimed run
     stays ours (renewed once a run has taken half of it); `observer`, if given, is told of each
-    attempt's end.
+    attempt's end; `queue_every_seconds` is how long `step` goes on claiming from the queue
+    before it queues what fell due meanwhile.
     """
 
     def __init__(
@@ -124,11 +126,14 @@ class Runner:
         worker_id: str,
         lease_seconds: int,
         observer: RunObserver | None = None,
+        queue_every_seconds: float = 1.0,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.observer = observer
+        self.queue_every_seconds = queue_every_seconds
+        self._queued_at = -math.inf
 
     def process(self, run: Run) -> Run:
         """Execute one claimed run to its end; returns the run's row afterwards.
@@ -292,12 +297,21 @@ class Runner:
             progress = done.status == "completed" and (done.events_scanned or 0) > 0
 
     def step(self) -> bool:
-        """One poll: queue what is due and execute one run if there is one; True if it did.
+        """One poll: execute one run if one is due; True if it did.
 
-        Raises the store's errors when queuing or claiming fails (`poll_until_stopped` logs them).
+        Within `queue_every_seconds` of its last queuing it claims from the queue first (each
+        queuing is one more round trip, and a busy worker's queue already holds the next runs);
+        it queues what is due when that claim finds nothing, or once that time has passed, so a
+        twin that fell due behind a long queue waits at most that long to be queued. Raises the
+        store's errors when queuing or claiming fails (`poll_until_stopped` logs them).
         """
-        self.store.enqueue_due_runs()
-        run = self.store.claim_run(self.worker_id, self.lease_seconds)
+        run = None
+        if time.monotonic() - self._queued_at < self.queue_every_seconds:
+            run = self.store.claim_run(self.worker_id, self.lease_seconds)
+        if run is None:
+            self.store.enqueue_due_runs()
+            self._queued_at = time.monotonic()
+            run = self.store.claim_run(self.worker_id, self.lease_seconds)
         if run is None:
             return False
         self.process(run)

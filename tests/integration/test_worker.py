@@ -579,3 +579,44 @@ def test_cli_rejects_bad_settings_with_a_clear_error(stack):
     )
     assert done.returncode == 2
     assert "pfl_lease_seconds" in done.stderr.lower()
+
+
+def test_a_busy_worker_claims_from_the_queue_before_it_queues_again(
+    db: psycopg.Connection, make_user, make_runner
+) -> None:
+    # `serve`'s step queues what is due only when a claim finds the queue empty (or after
+    # queue_every_seconds): while runs wait, each run costs one claim, not a queuing and a claim.
+    runner = make_runner("busy")
+    runner.queue_every_seconds = 3600
+    owner = make_user("owner")
+    twins = [create_twin(db, owner.id) for _ in range(3)]
+    for i, twin in enumerate(twins):
+        vote(owner, twin, f"t{i}", 1)
+    calls: list[str] = []
+    store = runner.store
+    real_enqueue, real_claim = store.enqueue_due_runs, store.claim_run
+
+    def enqueue(twin_id: uuid.UUID | None = None) -> list:
+        calls.append("enqueue")
+        return real_enqueue(twin_id)
+
+    def claim(*args, **kw):
+        run = real_claim(*args, **kw)
+        calls.append("claimed" if run else "empty")
+        return run
+
+    store.enqueue_due_runs = enqueue  # type: ignore[method-assign]
+    store.claim_run = claim  # type: ignore[method-assign]
+    busy_steps = 0
+    while runner.step():
+        busy_steps += 1
+        assert busy_steps < 200, "the queue never emptied"
+
+    assert busy_steps >= len(twins)
+    assert calls.count("claimed") == busy_steps
+    # Queued first, then only after a claim found nothing.
+    assert calls[0] == "enqueue"
+    assert all(calls[i - 1] == "empty" for i, c in enumerate(calls) if c == "enqueue" and i)
+    assert calls.count("enqueue") < busy_steps
+    for twin in twins:
+        assert db.execute(PENDING, (twin.id,)).fetchone() == (0,)
