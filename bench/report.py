@@ -30,7 +30,7 @@ class Row:
 # quick smoke test in CI reports them as known misses instead of failing on them; a full-size run
 # still fails. Remove an entry once its target holds again.
 KNOWN_MISSES = {
-    "6 drain": "known miss: one worker makes 5 sequential round trips per run and spends about "
+    "6 drain": "known miss: one worker makes 4 sequential round trips per run and spends about "
     "20 ms of CPU per run across the stack (docs/benchmarks.md, case 6)",
 }
 
