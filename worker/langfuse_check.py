@@ -2,7 +2,8 @@
 
 `check(sender)` reads `GET /api/public/health` (no auth; every generation answers 200
 `{"status": "OK", "version": "4.16.0"}`) and sends an empty batch to `POST
-/api/public/ingestion` (207 `{"successes": [], "errors": []}` when the keys work; stores nothing).
+/api/public/ingestion` (207 `{"successes": [], "errors": []}` when the keys work, other top-level
+keys allowed, as Cloud's `_deprecation` notice; stores nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class LangfuseConfigError(Exception):
     what to change. Nothing is sent until the worker restarts with a fixed configuration."""
 
 
+class LangfuseKeysRefused(LangfuseConfigError):
+    """Langfuse refused the keys (401, 403 other than a usage suspension, 405): they may work
+    again (a key pair restored, a proxy's access rule fixed), so the check is repeated later."""
+
+
 class LangfuseUnavailable(Exception):
     """Langfuse could not be asked (down, timeout, 5xx): try again later."""
 
@@ -54,12 +60,13 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
     host (no Langfuse there, a redirect, no ingestion route: a proxy or a wrong base path), the
     keys or the version cannot work (a usage
-    suspension or rate limit does not: the sends wait), LangfuseUnavailable when the server
-    cannot be asked now (network, timeout, 5xx)."""
+    suspension or rate limit does not: the sends wait), LangfuseKeysRefused (a
+    LangfuseConfigError) when the keys are refused, LangfuseUnavailable when the server cannot
+    be asked now (network, timeout, 5xx, a 429 on the health route)."""
     health = _request(sender, "GET", HEALTH_PATH)
     body = _json(health)
     version = parse_version(body.get("version")) if isinstance(body, dict) else None
-    if health.status_code >= 500:
+    if health.status_code >= 500 or health.status_code == 429:
         raise LangfuseUnavailable(f"{sender.host}{HEALTH_PATH} answered {health.status_code}")
     if health.status_code != 200 or version is None:
         raise LangfuseConfigError(
@@ -77,12 +84,18 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             f"Langfuse {'.'.join(map(str, version))} at {sender.host} answered "
             f"{probe.status_code} to POST {INGESTION_PATH}: {NO_ROUTE_HINT}"
         )
-    if not (probe.status_code == 207 and _json(probe) == {"successes": [], "errors": []}):
+    answer = _json(probe)
+    empty = isinstance(answer, dict) and answer.get("successes") == answer.get("errors") == []
+    if not (probe.status_code == 207 and empty):
         now = datetime.now(UTC)
         verdict = classify(probe.status_code, probe.headers, probe.content, ["-"], now)["-"]
+        if verdict.outcome == Outcome.off:
+            raise LangfuseKeysRefused(
+                f"Langfuse at {sender.host} refused the keys: {verdict.error}"
+            )
         if verdict.outcome == Outcome.failed:
             raise LangfuseConfigError(
-                f"Langfuse at {sender.host} refused the keys: {verdict.error}"
+                f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
             )
         if verdict.outcome != Outcome.wait:
             raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
