@@ -12,13 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from worker.langfuse_check import (
-    LangfuseConfigError,
-    LangfuseKeysRefused,
-    LangfuseUnavailable,
-    check,
-    generation,
-)
+from worker.langfuse_check import LangfuseConfigError, LangfuseUnavailable, check, generation
 from worker.langfuse_response import Outcome
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
 from worker.store import DeliveryRecord, OutboxRow, Store
@@ -28,8 +22,9 @@ logger = logging.getLogger(__name__)
 SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
 DEFAULT_VISIBILITY_SECONDS = 120
-KEYS_RECHECK_SECONDS = 300.0
-"""Keys Langfuse refused (at start or later) are checked again this often."""
+RECHECK_SECONDS = 300.0
+"""Keys Langfuse refused (at start or later), or a host name that did not resolve or whose TLS
+failed at the check, are checked again this often."""
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
@@ -62,7 +57,8 @@ class OutboxDrainer:
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
     first send the drainer checks the server (`ready`). Keys refused, at that check or by a
-    send later (a key pair rotated mid-run), turn the mirror off the same way: one error line,
+    send later (a key pair rotated mid-run), turn the mirror off the same way (as does a host
+    name that does not resolve, or a failed TLS handshake, at the check): one error line,
     the batch's rows left as they were (no attempt spent; due again once `visibility_seconds`
     have passed), and the check repeated every `recheck_seconds`. A score fails for good after
     `max_attempts` deliveries; claimed rows stay hidden from other workers for
@@ -78,7 +74,7 @@ class OutboxDrainer:
         visibility_seconds: int = DEFAULT_VISIBILITY_SECONDS,
         *,
         config_error: str | None = None,
-        recheck_seconds: float = KEYS_RECHECK_SECONDS,
+        recheck_seconds: float = RECHECK_SECONDS,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -95,19 +91,18 @@ class OutboxDrainer:
     def ready(self) -> bool:
         """Whether a pass may claim rows. The sender's server is checked until a check passes:
         a host, key pair or version that cannot work becomes the `config_error` (logged once,
-        as an error; False from then on, but refused keys are checked again every
-        `recheck_seconds`); a server that cannot be asked now (down, hanging, 5xx) makes this
-        pass a no-op, rows untouched (False), and is checked again next pass."""
+        as an error; False from then on, but refused keys, an unresolved host name and a failed
+        TLS handshake are checked again every `recheck_seconds`); a server that cannot be
+        asked now (down, hanging, 5xx) makes this pass a no-op, rows untouched (False), and is
+        checked again next pass."""
         sender = self.sender
         if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
             self.config_error, self._recheck_at = None, None
         if self.config_error is None and sender is not None and sender.version is None:
             try:
                 version = check(sender)
-            except LangfuseKeysRefused as exc:
-                self._turn_off(str(exc), recheck=True)
             except LangfuseConfigError as exc:
-                self._turn_off(str(exc), recheck=False)
+                self._turn_off(str(exc), recheck=exc.recheck)
             except LangfuseUnavailable as exc:
                 logger.warning("Langfuse not reachable; outbox rows wait", extra={"why": str(exc)})
                 return False

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import httpx
@@ -22,6 +22,7 @@ from testkit.standin import (
 )
 from worker.langfuse_check import (
     LangfuseConfigError,
+    LangfuseHostUnusable,
     LangfuseUnavailable,
     check,
     generation,
@@ -29,6 +30,8 @@ from worker.langfuse_check import (
 )
 from worker.langfuse_response import Outcome, classify
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, check_host, score_id_for
+from worker.outbox import OutboxDrainer
+from worker.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -429,6 +432,35 @@ def test_a_wrong_public_key_with_the_right_secret_is_accepted_as_langfuse_does(
         assert check(sender) is not None
         assert outcomes(sender.send(make_items(2))) == {Outcome.sent}
     assert len(standin.scores) == 2
+
+
+def test_a_host_name_that_does_not_resolve_is_a_setting_checked_again_later() -> None:
+    """Not "not reachable" (the error a down server gets, every pass): the name is wrong, or
+    not there yet (a container not started); the mirror goes off and checks again later."""
+    with (
+        LangfuseSender("http://langfuse.invalid:3000", "pk", "sk", 2.0) as sender,
+        pytest.raises(LangfuseHostUnusable, match="host name langfuse.invalid does not"),
+    ):
+        check(sender)
+
+
+def test_https_to_a_plain_http_port_is_a_setting_checked_again_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with LangfuseStandin() as lf:
+        url = lf.url.replace("http://", "https://")
+        with LangfuseSender(url, lf.public_key, lf.secret_key, 2.0) as sender:
+            with pytest.raises(LangfuseHostUnusable, match="TLS handshake failed .* use http://"):
+                check(sender)
+            # the drainer turns the mirror off with one line, and checks again (here at once)
+            drainer = OutboxDrainer(cast(Store, None), sender, 10, 8, recheck_seconds=0)
+            with caplog.at_level("ERROR", logger="worker.outbox"):
+                assert drainer.drain_once() == drainer.drain_once() == 0
+        assert lf.score_requests == []
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "Langfuse mirror off: LANGFUSE_HOST=https://" in line
+    assert "checked again every 0 s" in line
+    assert LangfuseHostUnusable.recheck and not LangfuseConfigError.recheck
 
 
 def test_a_server_too_old_is_refused_at_the_check() -> None:
