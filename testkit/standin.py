@@ -52,7 +52,9 @@ Faults switch at runtime (`set_mode`): `ok`, `partial` (reject chosen score ids 
 until the mode changes or the server stops), `no_route` (404 on /api/public/ingestion while
 health still answers: no Langfuse generation lacks the route, but a proxy in front of Langfuse
 that forwards only some paths, or sends this one elsewhere, answers so), `proxy_page` (a 200
-HTML page for every path: a proxy or a web app answering in Langfuse's place). "Down" is
+HTML page for every path: a proxy or a web app answering in Langfuse's place),
+`proxy_rate_limited` (nginx's `limit_req` page, 429 with no Retry-After or rate-limit header,
+for every path: a proxy's rate limit in front of any generation). "Down" is
 `stop()`; `start()` binds the same port.
 
 As a process (`testkit.standin_process`): `python -m testkit.standin --port P --generation G`
@@ -100,6 +102,7 @@ Mode = Literal[
     "hang",
     "no_route",
     "proxy_page",
+    "proxy_rate_limited",
 ]
 MODES: tuple[str, ...] = get_args(Mode)
 CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
@@ -118,6 +121,11 @@ INVALID_CREDENTIALS = "Invalid credentials. Confirm that you've configured the c
 SUSPENDED = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
 NOT_FOUND_PAGE = "404: This page could not be found."
 PROXY_PAGE = "<!doctype html><html><body>Sign in to continue</body></html>"
+PROXY_429_PAGE = (  # nginx's page for limit_req_status 429: no Retry-After
+    "<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n"
+    "<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
 RETRY_AFTER_SECONDS = 2
 _DATA_TYPES = frozenset({"NUMERIC", "BOOLEAN", "CATEGORICAL", "TEXT", "CORRECTION"})
 _SOURCES = frozenset({"API", "EVAL", "ANNOTATION"})
@@ -855,6 +863,8 @@ class _Handler(BaseHTTPRequestHandler):
         standin = self.server.standin
         if mode == "proxy_page":  # something else answers in Langfuse's place
             return 200, PROXY_PAGE, {"Content-Type": "text/html; charset=utf-8"}
+        if mode == "proxy_rate_limited":  # a proxy's rate limit in front of Langfuse
+            return 429, PROXY_429_PAGE, {"Content-Type": "text/html"}
         if mode == "redirect":  # an http -> https proxy in front of Langfuse
             location = f"https://{standin.host}:{standin.port}{self.path}"
             return 301, "Moved Permanently", {"Location": location}

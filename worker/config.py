@@ -66,10 +66,11 @@ class WorkerSettings(BaseSettings):
     )
     pfl_langfuse_environment: str | None = Field(
         None,
-        description="The Langfuse environment of the feedback scores (lowercase letters, digits, "
-        "'-', '_'; at most 40; not starting with 'langfuse'): set it to the environment of the "
-        "traces. Default: LANGFUSE_TRACING_ENVIRONMENT, else `default`. Checked when the mirror "
-        "starts.",
+        description="The Langfuse environment of the feedback scores: set it to the environment "
+        "of the traces. Kept as Langfuse keeps it (lower-cased, a leading 'langfuse' prefix "
+        "dropped, 40 characters); one Langfuse would file under `default` (nothing left, or "
+        "other characters than a-z 0-9 - _) is refused when the mirror starts. Default: "
+        "LANGFUSE_TRACING_ENVIRONMENT, else `default`.",
     )
     pfl_langfuse_batch_size: int = Field(
         100, ge=1, le=1000, description="Outbox rows claimed and sent per Langfuse request batch."

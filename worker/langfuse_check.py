@@ -2,12 +2,15 @@
 
 `check(sender)` reads `GET /api/public/health` (no auth; every generation answers 200
 `{"status": "OK", "version": "4.16.0"}`) and sends an empty batch to `POST
-/api/public/ingestion` (207 `{"successes": [], "errors": []}` when the keys work; stores nothing).
+/api/public/ingestion` (207 `{"successes": [], "errors": []}` when the keys work, other top-level
+keys allowed, as Cloud's `_deprecation` notice; stores nothing).
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +33,26 @@ older servers drop them without a word, so the mirror does not send to them."""
 
 class LangfuseConfigError(Exception):
     """Langfuse is configured in a way that cannot work (host, keys, version): the message says
-    what to change. Nothing is sent until the worker restarts with a fixed configuration."""
+    what to change. Nothing is sent until the worker restarts with a fixed configuration, or,
+    when `recheck` is true (something outside the worker may fix it), until a later check
+    passes."""
+
+    recheck = False
+
+
+class LangfuseKeysRefused(LangfuseConfigError):
+    """Langfuse refused the keys (401, 403 other than a usage suspension, 405): they may work
+    again (a key pair restored, a proxy's access rule fixed), so the check is repeated later."""
+
+    recheck = True
+
+
+class LangfuseHostUnusable(LangfuseConfigError):
+    """LANGFUSE_HOST's name does not resolve, or its TLS handshake fails (https:// to a port
+    that speaks plain HTTP, a certificate not trusted): a setting to fix, but DNS or the
+    server may also come right (a container not started yet), so the check is repeated later."""
+
+    recheck = True
 
 
 class LangfuseUnavailable(Exception):
@@ -54,12 +76,14 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
     host (no Langfuse there, a redirect, no ingestion route: a proxy or a wrong base path), the
     keys or the version cannot work (a usage
-    suspension or rate limit does not: the sends wait), LangfuseUnavailable when the server
-    cannot be asked now (network, timeout, 5xx)."""
+    suspension or rate limit does not: the sends wait), LangfuseKeysRefused (a
+    LangfuseConfigError) when the keys are refused, LangfuseHostUnusable (one too) when the
+    host name does not resolve or TLS fails, LangfuseUnavailable when the server cannot be
+    asked now (refused or reset connections, timeout, 5xx, a 429 on the health route)."""
     health = _request(sender, "GET", HEALTH_PATH)
     body = _json(health)
     version = parse_version(body.get("version")) if isinstance(body, dict) else None
-    if health.status_code >= 500:
+    if health.status_code >= 500 or health.status_code == 429:
         raise LangfuseUnavailable(f"{sender.host}{HEALTH_PATH} answered {health.status_code}")
     if health.status_code != 200 or version is None:
         raise LangfuseConfigError(
@@ -77,12 +101,18 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             f"Langfuse {'.'.join(map(str, version))} at {sender.host} answered "
             f"{probe.status_code} to POST {INGESTION_PATH}: {NO_ROUTE_HINT}"
         )
-    if not (probe.status_code == 207 and _json(probe) == {"successes": [], "errors": []}):
+    answer = _json(probe)
+    empty = isinstance(answer, dict) and answer.get("successes") == answer.get("errors") == []
+    if not (probe.status_code == 207 and empty):
         now = datetime.now(UTC)
         verdict = classify(probe.status_code, probe.headers, probe.content, ["-"], now)["-"]
+        if verdict.outcome == Outcome.off:
+            raise LangfuseKeysRefused(
+                f"Langfuse at {sender.host} refused the keys: {verdict.error}"
+            )
         if verdict.outcome == Outcome.failed:
             raise LangfuseConfigError(
-                f"Langfuse at {sender.host} refused the keys: {verdict.error}"
+                f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
             )
         if verdict.outcome != Outcome.wait:
             raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
@@ -94,6 +124,9 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
     try:
         answer = sender.http.request(method, sender.host + path, **kwargs)
     except httpx.TransportError as exc:
+        unusable = _unusable_host(exc, sender.host)
+        if unusable is not None:
+            raise LangfuseHostUnusable(unusable) from exc
         error = transport_error(exc, sender.timeout_seconds)
         raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
     if answer.is_redirect:
@@ -103,6 +136,25 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
             f"{redirect_advice(location, path)}"
         )
     return answer
+
+
+def _unusable_host(exc: httpx.TransportError, host: str) -> str | None:
+    """What is wrong with LANGFUSE_HOST when `exc` says its name does not resolve or TLS
+    failed (an ssl.SSLError or socket.gaierror among its causes); None for any other failure."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            name = httpx.URL(host).host
+            return f"LANGFUSE_HOST={host}: the host name {name} does not resolve ({cause})"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"LANGFUSE_HOST={host}: its TLS certificate is not trusted ({cause})"
+        if isinstance(cause, ssl.SSLError):
+            return (
+                f"LANGFUSE_HOST={host}: the TLS handshake failed ({cause}); a port that speaks "
+                "plain HTTP answers so: use http://, or the server's TLS port"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _json(answer: httpx.Response) -> Any:

@@ -5,7 +5,9 @@
 `event_ids`) and returns one `Verdict` per event id: `sent`, `retry` (an attempt; again after the
 database's backoff, or the server's `Retry-After` if later), `wait` (the server asked us to come
 back later: not an attempt, never fails a row), `failed` (permanent, with the server's message),
-or, for the request as a whole, `smaller` (413: send the events in smaller requests).
+or, for the request as a whole, `smaller` (413: send the events in smaller requests) or `off`
+(401, 403 other than a suspension, 405: the server refuses every request of ours, e.g. keys
+rotated; the mirror turns off and the rows are left as they were).
 
 What the endpoint documents, read in Langfuse's server source (`web/src/pages/api/public/
 ingestion.ts` and `packages/shared/src/server/ingestion/processEventBatch.ts`, the same in
@@ -74,6 +76,9 @@ class Outcome(StrEnum):
     failed = "failed"
     smaller = "smaller"
     """The request was too large (413): send its events again in smaller requests."""
+    off = "off"
+    """The server refuses us, not the scores (401, 403 other than a suspension, 405): the
+    mirror turns off until a start-up check passes again; the rows are left as they were."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +134,11 @@ def classify(
         )
     if status >= 500 or status == 408:
         return _all(event_ids, Verdict(Outcome.retry, _short(error), retry_after(lower, now), True))
-    # Other 4xx: our request, or our keys, are wrong; sending it again will not help.
-    systemic = status in (401, 403, 405)
-    return _all(event_ids, Verdict(Outcome.failed, _short(error), stop=systemic))
+    if status in (401, 403, 405):
+        # Our keys (or the method, behind a proxy) are refused: every request would be.
+        return _all(event_ids, Verdict(Outcome.off, _short(error), stop=True))
+    # Other 4xx: our request is wrong; sending it again will not help.
+    return _all(event_ids, Verdict(Outcome.failed, _short(error)))
 
 
 def redirect_advice(location: str, path: str) -> str:

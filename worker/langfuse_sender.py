@@ -27,10 +27,11 @@ from __future__ import annotations
 import errno
 import json
 import math
+import random
 import re
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Self
 from uuid import UUID, uuid5
@@ -49,9 +50,29 @@ DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 """What the endpoint's definition tells clients (`fern/apis/server/definition/ingestion.yml`,
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
 to 4.5 MB (its `bodyParser.sizeLimit`), a proxy in front of it may take less."""
-ENVIRONMENT = re.compile(r"^(?!langfuse)[a-z0-9_-]{1,40}$")
-"""What Langfuse keeps as an environment; anything else it silently files under `default`."""
+WAIT_BASE_SECONDS = 2.0
+WAIT_MAX_SECONDS = 300.0
+"""A wait the server gave no delay for (a proxy's bare 429): the n-th in a row waits
+min(WAIT_BASE_SECONDS * 2^(n-1), WAIT_MAX_SECONDS) seconds, times 0.5 to 1 (equal jitter, as
+the database's retry backoff); not an attempt."""
 _SPAN = 10**19 - 1  # envelope ids count down from here
+
+
+def langfuse_environment(name: str) -> str:
+    """The environment Langfuse files `name` under, by its own rule (`PublicEnvironmentName`
+    in `packages/shared/src/server/ingestion/types.ts`, v3.225.4 and main): lower-cased,
+    leading `langfuse`, `langfuse-` or `langfuse_` prefixes removed, the first 40 characters
+    kept. So `Staging` is `staging`, where Langfuse puts traces sent as `Staging`. Raises
+    ValueError when what is left is empty or not only a-z 0-9 - _ (Langfuse would file it
+    under `default`)."""
+    kept = re.sub(r"^(?:langfuse[-_]?)+", "", name.lower())[:40]
+    if not re.fullmatch(r"[a-z0-9_-]+", kept):
+        raise ValueError(
+            f"Langfuse environment {name!r} would be filed under 'default' by Langfuse (it "
+            "lower-cases the name, drops a leading 'langfuse' prefix, keeps 40 characters and "
+            "accepts only a-z 0-9 - _): set PFL_LANGFUSE_ENVIRONMENT to your traces' environment"
+        )
+    return kept
 
 
 def score_id_for(twin_id: UUID | str, trace_id: str, user_id: UUID | str) -> str:
@@ -122,9 +143,10 @@ class LangfuseSender:
     request bounded by `timeout_seconds`. `version` is the server's once
     `worker.langfuse_check.check` passed. Close it (or use `with`) to release its connections.
 
-    Raises ValueError for a host that is not an http(s) URL with a host name, an empty key, an
-    environment Langfuse would not keep, a timeout that is not a positive number of seconds, a
-    batch_size below 1 or a max_request_bytes below 1024.
+    `environment` is kept the way Langfuse keeps it (`langfuse_environment`). Raises
+    ValueError for a host that is not an http(s) URL with a host name, an empty key, an
+    environment Langfuse would file under `default`, a timeout that is not a positive number
+    of seconds, a batch_size below 1 or a max_request_bytes below 1024.
     """
 
     def __init__(
@@ -141,11 +163,7 @@ class LangfuseSender:
         self.host = check_host(host)
         if not public_key or not secret_key:
             raise ValueError("LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must not be empty")
-        if not ENVIRONMENT.match(environment):
-            raise ValueError(
-                f"Langfuse environment {environment!r} is not 1-40 of a-z 0-9 - _ not starting "
-                "with 'langfuse' (Langfuse would file the scores under 'default')"
-            )
+        environment = langfuse_environment(environment)
         if not timeout_seconds > 0 or not math.isfinite(timeout_seconds):
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
         if batch_size < 1 or max_request_bytes < 1024:
@@ -154,6 +172,7 @@ class LangfuseSender:
         self.timeout_seconds = float(timeout_seconds)
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
         self.version: tuple[int, int, int] | None = None
+        self._bare_waits = 0  # answers in a row that asked us to wait without saying how long
         self.http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
@@ -175,8 +194,9 @@ class LangfuseSender:
         `batch_size` events and `max_request_bytes`; a 413 splits one in halves. Several items of
         one score id: only the last is sent (pass them oldest first), the others share its
         outcome. After an answer that would repeat for every request (`Verdict.stop`: down, 5xx,
-        429, bad keys...), the rest is not attempted and gets the same outcome. Raises
-        ValueError for duplicate event ids."""
+        429, bad keys...), the rest is not attempted and gets the same outcome. A wait without
+        a server-given delay backs off across calls (WAIT_BASE_SECONDS). Raises ValueError for
+        duplicate event ids."""
         if len({item.event_id for item in items}) != len(items):
             raise ValueError("duplicate event_id in one send")
         latest = {item.score_id: item for item in items}  # the last version of each score
@@ -192,7 +212,7 @@ class LangfuseSender:
                     Verdict(stopped.outcome, error, stopped.retry_after_seconds),
                 )
             else:
-                verdicts = self._post(chunk)
+                verdicts = self._paced(self._post(chunk))
                 if len(chunk) > 1 and any(v.outcome == Outcome.smaller for v in verdicts.values()):
                     pending.extendleft([chunk[len(chunk) // 2 :], chunk[: len(chunk) // 2]])
                     continue
@@ -247,6 +267,25 @@ class LangfuseSender:
             chunks[-1].append((item, event))
             size += item_size
         return [chunk for chunk in chunks if chunk]
+
+    def _paced(self, verdicts: dict[str, Verdict]) -> dict[str, Verdict]:
+        """`verdicts` with a delay for waits the server gave none for (a proxy's 429 without
+        Retry-After): the n-th such answer in a row waits about WAIT_BASE_SECONDS * 2^(n-1)
+        (see WAIT_MAX_SECONDS); any other answer starts the count again."""
+        if not any(
+            v.outcome == Outcome.wait and v.retry_after_seconds is None for v in verdicts.values()
+        ):
+            self._bare_waits = 0
+            return verdicts
+        self._bare_waits += 1
+        backoff = min(WAIT_BASE_SECONDS * 2 ** min(self._bare_waits - 1, 30), WAIT_MAX_SECONDS)
+        delay = backoff * (0.5 + random.random() / 2)
+        return {
+            event_id: replace(v, retry_after_seconds=delay)
+            if v.outcome == Outcome.wait and v.retry_after_seconds is None
+            else v
+            for event_id, v in verdicts.items()
+        }
 
     def _post(self, chunk: Chunk) -> dict[str, Verdict]:
         ids = [item.envelope_id for item, _ in chunk]

@@ -10,8 +10,10 @@ Persona audits are not mirrored: the audit pipeline writes them and owns their r
 from __future__ import annotations
 
 import logging
+import time
 
 from worker.langfuse_check import LangfuseConfigError, LangfuseUnavailable, check, generation
+from worker.langfuse_response import Outcome
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
 from worker.store import DeliveryRecord, OutboxRow, Store
 
@@ -20,6 +22,9 @@ logger = logging.getLogger(__name__)
 SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
 DEFAULT_VISIBILITY_SECONDS = 120
+RECHECK_SECONDS = 300.0
+"""Keys Langfuse refused (at start or later), or a host name that did not resolve or whose TLS
+failed at the check, are checked again this often."""
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
@@ -51,7 +56,11 @@ class OutboxDrainer:
     One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
-    first send the drainer checks the server (`ready`). A score fails for good after
+    first send the drainer checks the server (`ready`). Keys refused, at that check or by a
+    send later (a key pair rotated mid-run), turn the mirror off the same way (as does a host
+    name that does not resolve, or a failed TLS handshake, at the check): one error line,
+    the batch's rows left as they were (no attempt spent; due again once `visibility_seconds`
+    have passed), and the check repeated every `recheck_seconds`. A score fails for good after
     `max_attempts` deliveries; claimed rows stay hidden from other workers for
     `visibility_seconds`. The store's errors propagate.
     """
@@ -65,6 +74,7 @@ class OutboxDrainer:
         visibility_seconds: int = DEFAULT_VISIBILITY_SECONDS,
         *,
         config_error: str | None = None,
+        recheck_seconds: float = RECHECK_SECONDS,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -74,23 +84,30 @@ class OutboxDrainer:
         # leaves them (and newer votes of the same feedback) waiting until it ends.
         self.visibility_seconds = visibility_seconds
         self.config_error = config_error
+        self.recheck_seconds = recheck_seconds
+        self._recheck_at: float | None = None  # time.monotonic() to check refused keys again
         self._reported = False
 
     def ready(self) -> bool:
-        """Whether a pass may claim rows. The sender's server is checked once (until a check
-        passes): a host, key pair or version that cannot work becomes the `config_error` (logged
-        once, as an error; False from then on); a server that cannot be asked now (down, hanging,
-        5xx) makes this pass a no-op, rows untouched (False), and is checked again next pass."""
+        """Whether a pass may claim rows. The sender's server is checked until a check passes:
+        a host, key pair or version that cannot work becomes the `config_error` (logged once,
+        as an error; False from then on, but refused keys, an unresolved host name and a failed
+        TLS handshake are checked again every `recheck_seconds`); a server that cannot be
+        asked now (down, hanging, 5xx) makes this pass a no-op, rows untouched (False), and is
+        checked again next pass."""
         sender = self.sender
+        if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
+            self.config_error, self._recheck_at = None, None
         if self.config_error is None and sender is not None and sender.version is None:
             try:
                 version = check(sender)
             except LangfuseConfigError as exc:
-                self.config_error = str(exc)
+                self._turn_off(str(exc), recheck=exc.recheck)
             except LangfuseUnavailable as exc:
                 logger.warning("Langfuse not reachable; outbox rows wait", extra={"why": str(exc)})
                 return False
             else:
+                self._reported = False
                 logger.info(
                     "Langfuse mirror ready",
                     extra={
@@ -101,19 +118,36 @@ class OutboxDrainer:
                     },
                 )
         if self.config_error is not None:
-            if not self._reported:
-                self._reported = True
-                logger.error(
-                    "Langfuse mirror off: %s; feedback stays pending until the worker restarts "
-                    "with a working configuration",
-                    self.config_error,
-                )
+            self._say_off()
             return False
         return True
 
+    def _say_off(self) -> None:
+        """Logs the `config_error` as one error line, once until a check passes again."""
+        if self._reported:
+            return
+        self._reported = True
+        until = (
+            f"checked again every {self.recheck_seconds:g} s"
+            if self._recheck_at is not None
+            else "until the worker restarts with a working configuration"
+        )
+        logger.error(
+            "Langfuse mirror off: %s; feedback stays pending, %s", self.config_error, until
+        )
+
+    def _turn_off(self, error: str, *, recheck: bool) -> None:
+        """The mirror is off for `error`; with `recheck`, the start-up check is repeated after
+        `recheck_seconds`."""
+        self.config_error = error
+        self._recheck_at = time.monotonic() + self.recheck_seconds if recheck else None
+        if self.sender is not None:
+            self.sender.version = None
+
     def drain_once(self) -> int:
-        """Handles one batch of due rows; returns how many rows it handled (0, rows untouched,
-        when the configuration cannot work or the server cannot be checked)."""
+        """Handles one batch of due rows; returns how many rows it recorded (0, rows untouched,
+        when the configuration cannot work, the server cannot be checked or the keys were
+        refused)."""
         if not self.ready():
             return 0
         if self.sender is None:
@@ -124,15 +158,27 @@ class OutboxDrainer:
         rows = self.store.claim_outbox(self.batch_size, self.visibility_seconds)
         if not rows:
             return 0
-        deliveries = self.sender.send([score_item(r) for r in rows])
-        self.store.record_deliveries([_as_record(d) for d in deliveries], self.max_attempts)
+        sender = self.sender
+        deliveries = sender.send([score_item(r) for r in rows])
+        refused = next((d for d in deliveries if d.outcome == Outcome.off), None)
+        deliveries = [d for d in deliveries if d.outcome != Outcome.off]
+        if deliveries:
+            self.store.record_deliveries([_as_record(d) for d in deliveries], self.max_attempts)
+        if refused is not None:
+            # Keys rotated mid-run: as at start, the mirror goes off and its rows stay as they
+            # were (pending, no attempt spent), not failed one batch after another.
+            error = f"Langfuse at {sender.host} refused the keys: {refused.error}"
+            self._turn_off(error, recheck=True)
+            self._say_off()
+        if not deliveries:
+            return 0
         counts: dict[str, int] = {}
         for d in deliveries:
             counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
         errors = sorted({d.error for d in deliveries if d.error})
         log = logger.warning if errors else logger.info
         log("outbox batch delivered", extra={**counts, "errors": errors[:3]})
-        return len(rows)
+        return len(deliveries)
 
     def drain(self) -> int:
         """Drains until nothing is due (rows waiting for a retry stay for a later pass)."""

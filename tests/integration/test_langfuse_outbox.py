@@ -531,7 +531,7 @@ def test_errors_back_off_exponentially_do_not_block_other_twins_and_finally_fail
 # -- 5. 401 ---------------------------------------------------------------------------------------
 
 
-def test_wrong_keys_at_start_keep_rows_pending_and_revoked_keys_fail_them(
+def test_keys_refused_at_start_or_later_turn_the_mirror_off_and_keep_rows_pending(
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
@@ -546,32 +546,93 @@ def test_wrong_keys_at_start_keep_rows_pending_and_revoked_keys_fail_them(
     ids = [e["id"] for e in events]
     ours = {sid(twin, e["trace_id"], voter) for e in events}
 
+    def error_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+    def untouched() -> None:
+        for row in outbox(service, ids).values():
+            assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+
     # Wrong keys from the start: the check says so once, nothing is claimed, rows stay pending.
     wrong = make_sender(batch_size=2, secret_key="sk-lf-wrong", checked=False)
     with caplog.at_level("ERROR", logger="worker.outbox"):
         assert drain_ours(db, store, wrong, ids) == 0
-    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    (line,) = error_lines()
     assert "Langfuse mirror off" in line and "refused the keys: HTTP 401" in line
     assert [(r.path, r.status) for r in standin.requests] == [
         ("/api/public/health", 200),
         ("/api/public/ingestion", 401),
     ]
-    for row in outbox(service, ids).values():
-        assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+    untouched()
 
-    # Keys revoked after a good start: a 401 is permanent, one request per pass, no retries.
+    # Keys revoked after a good start (a key rotation): the same. One request, one error line,
+    # the batch's rows left pending with no attempt spent (max_attempts=1: an attempt would
+    # have failed them), no further batch tried.
     revoked = make_sender(batch_size=2)
     standin.set_mode("unauthorized")
-    assert drain_ours(db, store, revoked, ids) == len(ids)
-    assert [r.status for r in standin.score_requests] == [401]
-    rows = outbox(service, ids)
-    for row in rows.values():
-        assert row["status"] == "failed"
-        assert row["attempts"] == 1
-        assert row["last_error"].startswith("HTTP 401: Invalid credentials")
+    caplog.clear()
+    drainer = OutboxDrainer(store, revoked, len(ids), max_attempts=1, recheck_seconds=0)
+    make_due(db, ids, "1 day")
+    with caplog.at_level("ERROR", logger="worker.outbox"):
+        assert drainer.drain() == 0
+        (line,) = error_lines()
+        assert "Langfuse mirror off" in line and "refused the keys: HTTP 401" in line
+        assert "checked again every 0 s" in line
+        assert [r.status for r in standin.score_requests] == [401]
+        untouched()
+
+        # Checked again later (recheck_seconds=0 stands for the time passing): still refused,
+        # nothing claimed, no second line.
+        seen = len(standin.requests)
+        assert drainer.drain_once() == 0
+        assert [(r.path, r.status) for r in standin.requests[seen:]] == [
+            ("/api/public/health", 200),
+            ("/api/public/ingestion", 401),
+        ]
+        assert len(error_lines()) == 1
+        untouched()
+
+    # The keys work again: the next check passes and every row goes out, each score once.
     standin.set_mode("ok")
-    assert drain_ours(db, store, revoked, ids) == 0
-    assert not ours & set().union(*request_ids(standin)[1:])  # nothing of ours after the 401
+    make_due(db, ids, "1 day")  # the refused batch's claim window has passed
+    assert drainer.drain_once() == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
+    assert ours <= set(standin.scores)
+    assert all(len(standin.scores[score_id]) == 1 for score_id in ours)
+
+
+def test_a_proxys_429_without_retry_after_waits_longer_each_time_without_spending_attempts(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """A rate limit in front of self-hosted Langfuse (nginx's 429, no Retry-After): each such
+    answer in a row waits about twice as long as the one before (2^n to 2^(n+1) s), never
+    spends an attempt, and the rows go out once it lets them through."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"proxy-429-{i}", 1)["id"] for i in range(2)]
+    sender = make_sender()
+    standin.set_mode("proxy_rate_limited")
+
+    least = []
+    for n in range(4):
+        started = db_now(db)
+        assert drain_ours(db, store, sender, ids, max_attempts=1) == len(ids)
+        rows = outbox(service, ids)
+        assert {(r["status"], r["attempts"]) for r in rows.values()} == {("retrying", 0)}
+        assert "HTTP 429" in rows[ids[0]]["last_error"]
+        waits = [due - started for due in due_times(db, ids).values()]
+        assert all(timedelta(seconds=2**n) - SLACK <= w <= timedelta(seconds=2 ** (n + 1) + 5)
+                   for w in waits), (n, waits)
+        least.append(min(waits))
+    assert least == sorted(least)
+    standin.set_mode("ok")
+    assert drain_ours(db, store, sender, ids) == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
 
 
 # -- 6. changed votes ----------------------------------------------------------------------------
@@ -849,7 +910,8 @@ def test_bad_configuration_says_why_once_and_keeps_rows_pending(
         assert lf.score_requests == []
     assert expected in out.stderr
     errors = [line for line in out.stderr.splitlines() if "Langfuse mirror off" in line]
-    assert len(errors) == 2, out.stderr  # the log line, and the command's own last word
+    assert len(errors) == 1, out.stderr
+    assert expected in errors[0]
     for row in outbox(service, ids).values():
         assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
 
@@ -861,7 +923,8 @@ def test_environment_defaults_to_langfuses_own_variable(
     twin = open_twin(service, owner)
     first = vote(voter, twin, "env-1", 1)
     with LangfuseStandin(generation="v4") as lf:
-        tracing = {"LANGFUSE_TRACING_ENVIRONMENT": "staging"}
+        # kept as Langfuse keeps it: its traces sent as "Staging" are in "staging"
+        tracing = {"LANGFUSE_TRACING_ENVIRONMENT": "Staging"}
         run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf, extra=tracing)
         second = vote(voter, twin, "env-2", 1)
         ours = {"PFL_LANGFUSE_ENVIRONMENT": "prod-eu", **tracing}

@@ -188,10 +188,10 @@ def test_403_usage_suspension_waits() -> None:
     assert verdict.stop and verdict.error is not None and message in verdict.error
 
 
-def test_another_403_fails_with_the_servers_message() -> None:
+def test_another_403_turns_the_mirror_off_with_the_servers_message() -> None:
     verdict = one(run(403, {"message": "Access denied - in-app agent keys are not allowed"}))
     assert verdict == Verdict(
-        Outcome.failed, "HTTP 403: Access denied - in-app agent keys are not allowed", stop=True
+        Outcome.off, "HTTP 403: Access denied - in-app agent keys are not allowed", stop=True
     )
 
 
@@ -225,17 +225,27 @@ def test_a_date_to_come_back_at_is_read_against_now(
 
 
 @pytest.mark.parametrize(
-    ("status", "stop"),
-    [(400, False), (401, True), (405, True), (409, False), (422, False)],
+    ("status", "outcome", "stop"),
+    [
+        (400, Outcome.failed, False),
+        (401, Outcome.off, True),
+        (405, Outcome.off, True),
+        (409, Outcome.failed, False),
+        (422, Outcome.failed, False),
+    ],
 )
-def test_other_4xx_fail_for_good_with_the_servers_message(status: int, stop: bool) -> None:
+def test_other_4xx_fail_for_good_or_turn_the_mirror_off_with_the_servers_message(
+    status: int, outcome: Outcome, stop: bool
+) -> None:
+    """401/405 (and a 403 that is not a suspension) refuse us, not the scores: the mirror goes
+    off and the rows are left as they were; the other 4xx fail the rows they carried."""
     verdict = one(
         run(
             status,
             {"message": "Invalid request data", "errors": ["Expected object, received array"]},
         )
     )
-    assert verdict.outcome == Outcome.failed
+    assert verdict.outcome == outcome
     assert verdict.stop is stop
     assert verdict.error == (
         f'HTTP {status}: Invalid request data: ["Expected object, received array"]'

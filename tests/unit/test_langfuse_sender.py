@@ -6,9 +6,10 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -21,6 +22,7 @@ from testkit.standin import (
 )
 from worker.langfuse_check import (
     LangfuseConfigError,
+    LangfuseHostUnusable,
     LangfuseUnavailable,
     check,
     generation,
@@ -28,6 +30,8 @@ from worker.langfuse_check import (
 )
 from worker.langfuse_response import Outcome, classify
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, check_host, score_id_for
+from worker.outbox import OutboxDrainer
+from worker.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -225,6 +229,36 @@ def test_rate_limited_waits_for_retry_after(cloud: LangfuseStandin) -> None:
     assert len(cloud.requests) == 1  # no retry inside a send, no further chunk
 
 
+def test_a_proxys_429_without_retry_after_backs_off_longer_each_time_in_a_row(
+    standin: LangfuseStandin,
+) -> None:
+    """nginx's `limit_req` in front of any generation answers 429 with no delay: each such
+    answer in a row waits about twice as long (2^(n-1) to 2^n s, jittered; not an attempt),
+    the rest of the send is not attempted, and an answer that is not such a wait starts the
+    count again. The same 429 on the health route is 'not reachable', not a bad host."""
+    with sender_for(standin, batch_size=2) as sender:
+        check(sender)
+        standin.set_mode("proxy_rate_limited")
+        delays = []
+        for _ in range(4):
+            deliveries = sender.send(make_items(5))
+            assert outcomes(deliveries) == {Outcome.wait}
+            (delay,) = {d.retry_after_seconds for d in deliveries}
+            assert delay is not None
+            delays.append(delay)
+            assert "HTTP 429: <html>" in (deliveries[0].error or "")
+        assert len(standin.score_requests) == 4  # one request per send
+        for n, delay in enumerate(delays):
+            assert 2.0**n <= delay <= 2.0 ** (n + 1)
+        with pytest.raises(LangfuseUnavailable, match="health answered 429"):
+            check(sender)
+        standin.set_mode("ok")
+        assert outcomes(sender.send(make_items(1))) == {Outcome.sent}
+        standin.set_mode("proxy_rate_limited")
+        (first,) = {d.retry_after_seconds for d in sender.send(make_items(1))}
+    assert first is not None and 1.0 <= first <= 2.0
+
+
 def test_usage_suspension_waits(cloud: LangfuseStandin) -> None:
     cloud.set_mode("suspended")
     with sender_for(cloud) as sender:
@@ -245,13 +279,15 @@ def test_self_hosted_generations_never_rate_limit(generation_name: Generation) -
         lf.set_mode("suspended")
 
 
-def test_wrong_secret_fails_with_401_after_exactly_one_request(standin: LangfuseStandin) -> None:
+def test_wrong_secret_turns_the_mirror_off_after_exactly_one_request(
+    standin: LangfuseStandin,
+) -> None:
     with sender_for(standin, secret_key="sk-wrong") as sender:
         deliveries = sender.send(make_items(250))
         with pytest.raises(LangfuseConfigError, match="refused the keys: HTTP 401"):
             check(sender)
 
-    assert outcomes(deliveries) == {Outcome.failed}
+    assert outcomes(deliveries) == {Outcome.off}
     assert all(d.error is not None and d.error.startswith("HTTP 401") for d in deliveries)
     first, *_ = standin.requests
     assert first.status == 401
@@ -396,6 +432,35 @@ def test_a_wrong_public_key_with_the_right_secret_is_accepted_as_langfuse_does(
         assert check(sender) is not None
         assert outcomes(sender.send(make_items(2))) == {Outcome.sent}
     assert len(standin.scores) == 2
+
+
+def test_a_host_name_that_does_not_resolve_is_a_setting_checked_again_later() -> None:
+    """Not "not reachable" (the error a down server gets, every pass): the name is wrong, or
+    not there yet (a container not started); the mirror goes off and checks again later."""
+    with (
+        LangfuseSender("http://langfuse.invalid:3000", "pk", "sk", 2.0) as sender,
+        pytest.raises(LangfuseHostUnusable, match="host name langfuse.invalid does not"),
+    ):
+        check(sender)
+
+
+def test_https_to_a_plain_http_port_is_a_setting_checked_again_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with LangfuseStandin() as lf:
+        url = lf.url.replace("http://", "https://")
+        with LangfuseSender(url, lf.public_key, lf.secret_key, 2.0) as sender:
+            with pytest.raises(LangfuseHostUnusable, match="TLS handshake failed .* use http://"):
+                check(sender)
+            # the drainer turns the mirror off with one line, and checks again (here at once)
+            drainer = OutboxDrainer(cast(Store, None), sender, 10, 8, recheck_seconds=0)
+            with caplog.at_level("ERROR", logger="worker.outbox"):
+                assert drainer.drain_once() == drainer.drain_once() == 0
+        assert lf.score_requests == []
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "Langfuse mirror off: LANGFUSE_HOST=https://" in line
+    assert "checked again every 0 s" in line
+    assert LangfuseHostUnusable.recheck and not LangfuseConfigError.recheck
 
 
 def test_a_server_too_old_is_refused_at_the_check() -> None:
@@ -563,10 +628,54 @@ def test_a_host_pasted_with_blanks_is_trimmed() -> None:
     assert check_host(" https://example.com/ \n") == "https://example.com"
 
 
-@pytest.mark.parametrize("environment", ["", "Prod", "langfuse-prod", "a" * 41, "prod env"])
-def test_an_environment_langfuse_would_not_keep_is_refused(environment: str) -> None:
-    with pytest.raises(ValueError, match="environment"):
+@pytest.mark.parametrize(
+    ("environment", "kept"),
+    [
+        ("production", "production"),
+        ("Staging", "staging"),
+        ("langfuse-prod", "prod"),
+        ("LANGFUSE_Prod", "prod"),
+        ("langfuselangfuse-x", "x"),
+        ("a" * 41, "a" * 40),
+        ("eu-1_B", "eu-1_b"),
+    ],
+)
+def test_the_environment_is_kept_as_langfuse_keeps_it(
+    standin: LangfuseStandin, environment: str, kept: str
+) -> None:
+    """Langfuse's PublicEnvironmentName (types.ts, v3.225.4 and main) lower-cases, strips
+    leading langfuse prefixes and keeps 40 characters: traces sent as `Staging` are in
+    `staging`, and so are the scores."""
+    with sender_for(standin, environment=environment) as sender:
+        assert sender.environment == kept
+        assert outcomes(sender.send(make_items(1))) == {Outcome.sent}
+    ((row,),) = standin.scores.values()
+    assert row["environment"] == kept
+
+
+@pytest.mark.parametrize("environment", ["", "langfuse", "Langfuse_", "prod env", "prod.eu"])
+def test_an_environment_langfuse_would_file_under_default_is_refused(environment: str) -> None:
+    with pytest.raises(ValueError, match=f"environment {environment!r} would be filed under"):
         LangfuseSender("http://localhost:3000", "pk", "sk", 1.0, environment=environment)
+
+
+def test_the_check_reads_an_empty_batch_result_with_other_top_level_keys() -> None:
+    """A 207 for the empty batch with a notice beside successes and errors (as Cloud adds
+    `_deprecation` to some 207s) still means the keys work; without the two lists it does not."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/public/health":
+            return httpx.Response(200, json={"status": "OK", "version": "4.61.0"})
+        return httpx.Response(207, json=body)
+
+    with LangfuseSender("http://langfuse.test", "pk", "sk", 1.0) as sender:
+        sender.http.close()
+        sender.http = httpx.Client(transport=httpx.MockTransport(answer))
+        body: dict[str, Any] = {"successes": [], "errors": [], "_deprecation": {"message": "x"}}
+        assert check(sender) == (4, 61, 0)
+        body = {"successes": [], "_deprecation": {"message": "x"}}
+        with pytest.raises(LangfuseUnavailable, match="without the ingestion result"):
+            check(sender)
 
 
 def test_constructor_rejects_bad_settings() -> None:
