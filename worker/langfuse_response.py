@@ -146,13 +146,14 @@ def redirect_advice(location: str, path: str) -> str:
     location without its query and that path, when it is an absolute http(s) URL ending with
     it (e.g. `https://x/api/public/ingestion` -> "set LANGFUSE_HOST to https://x"); otherwise
     the general advice ("set LANGFUSE_HOST to the server itself")."""
+    general = "set LANGFUSE_HOST to the server itself"
     try:
         parts = urlsplit(location)
     except ValueError:
-        parts = None
-    if parts and parts.scheme in ("http", "https") and parts.netloc and parts.path.endswith(path):
+        return general
+    if parts.scheme in ("http", "https") and parts.netloc and parts.path.endswith(path):
         return f"set LANGFUSE_HOST to {parts.scheme}://{parts.netloc}{parts.path[: -len(path)]}"
-    return "set LANGFUSE_HOST to the server itself"
+    return general
 
 
 def retry_after(headers: Mapping[str, str], now: datetime) -> float | None:

@@ -18,6 +18,7 @@ from worker.langfuse_response import (
     Outcome,
     Verdict,
     classify,
+    redirect_advice,
     retry_after,
 )
 
@@ -406,3 +407,20 @@ def test_a_redirect_names_the_host_it_implies(location: str, advice: str) -> Non
     LANGFUSE_HOST that is, not the route's URL (which would double the path)."""
     verdict = one(run(301, b"", {"Location": location}))
     assert verdict.error == f"HTTP 301: redirected to {location}; {advice}"
+
+
+@pytest.mark.parametrize(
+    ("location", "advice"),
+    [
+        ("https://lf.example.com/api/public/ingestion", "set LANGFUSE_HOST to https://lf.example.com"),
+        ("http://lf.example.com/langfuse/api/public/ingestion?x=1",
+         "set LANGFUSE_HOST to http://lf.example.com/langfuse"),
+        # Not an absolute http(s) URL ending with the route, or not a URL at all.
+        ("/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+        ("ftp://lf.example.com/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+        ("https://lf.example.com/login", "set LANGFUSE_HOST to the server itself"),
+        ("http://[::1/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+    ],
+)
+def test_redirect_advice_names_the_host_the_location_implies(location: str, advice: str) -> None:
+    assert redirect_advice(location, "/api/public/ingestion") == advice
