@@ -35,15 +35,20 @@ class LearningSettings(_Frozen):
     """
 
     half_life_days: float = Field(
-        30.0, gt=0, description="Half-life H of evidence, in days: weight x 2^(-age/H)."
+        30.0, ge=0.01, le=3650, description="Half-life H of evidence, in days: weight x 2^(-age/H)."
     )
-    feedback_weight: float = Field(1.0, ge=0, description="Weight of one user feedback vote.")
-    audit_weight: float = Field(2.0, ge=0, description="Weight of one persona audit.")
+    feedback_weight: float = Field(
+        1.0, ge=0, le=1000, description="Weight of one user feedback vote."
+    )
+    audit_weight: float = Field(2.0, ge=0, le=1000, description="Weight of one persona audit.")
     unsafe_multiplier: float = Field(
-        3.0, ge=1, description="Multiplier on a failure whose reason is `unsafe`."
+        3.0, ge=1, le=1000, description="Multiplier on a failure whose reason is `unsafe`."
     )
     min_evidence: float = Field(
-        10.0, ge=0, description="Status stays insufficient_data while s + f is below this."
+        10.0,
+        ge=0,
+        le=1_000_000,
+        description="Status stays insufficient_data while s + f is below this.",
     )
     disable_upper_bound: float = Field(
         0.35, ge=0, le=1, description="Disabled when the Wilson upper bound is below this."
@@ -62,7 +67,10 @@ class LearningSettings(_Frozen):
         1.96, gt=0, le=10, description="z of the Wilson bounds and of the gate's paired interval."
     )
     gate_min_pairs: int = Field(
-        20, ge=1, description="Paired audits (candidate and baseline) the gate needs at least."
+        20,
+        ge=1,
+        le=100_000,
+        description="Paired audits (candidate and baseline) the gate needs at least.",
     )
     gate_non_inferiority_margin: float = Field(
         0.05,
@@ -79,7 +87,10 @@ class LearningSettings(_Frozen):
         "must reach this.",
     )
     gate_min_audited_traces: int = Field(
-        20, ge=1, description="First publish: audited traces of the candidate needed at least."
+        20,
+        ge=1,
+        le=100_000,
+        description="First publish: audited traces of the candidate needed at least.",
     )
 
     @model_validator(mode="after")

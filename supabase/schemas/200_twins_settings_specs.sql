@@ -107,16 +107,18 @@ comment on type public.watch_mode is
 create table public.persona_learning_settings (
   twin_id uuid primary key references public.twins (id) on delete cascade,
   auto_publish boolean not null default false,
+  -- Each float setting has an upper bound, which refuses NaN and Infinity too (NaN sorts above
+  -- every number in PostgreSQL).
   half_life_days double precision not null default 30
-    constraint half_life_days_positive check (half_life_days > 0),
+    constraint half_life_days_0_01_to_3650 check (half_life_days between 0.01 and 3650),
   feedback_weight double precision not null default 1
-    constraint feedback_weight_not_negative check (feedback_weight >= 0),
+    constraint feedback_weight_0_to_1000 check (feedback_weight between 0 and 1000),
   audit_weight double precision not null default 2
-    constraint audit_weight_not_negative check (audit_weight >= 0),
+    constraint audit_weight_0_to_1000 check (audit_weight between 0 and 1000),
   unsafe_multiplier double precision not null default 3
-    constraint unsafe_multiplier_at_least_1 check (unsafe_multiplier >= 1),
+    constraint unsafe_multiplier_1_to_1000 check (unsafe_multiplier between 1 and 1000),
   min_evidence double precision not null default 10
-    constraint min_evidence_not_negative check (min_evidence >= 0),
+    constraint min_evidence_0_to_1000000 check (min_evidence between 0 and 1000000),
   disable_upper_bound double precision not null default 0.35
     constraint disable_upper_bound_0_to_1 check (disable_upper_bound between 0 and 1),
   activate_lower_bound double precision not null default 0.6
@@ -126,14 +128,15 @@ create table public.persona_learning_settings (
   wilson_z double precision not null default 1.96
     constraint wilson_z_above_0_to_10 check (wilson_z > 0 and wilson_z <= 10),
   gate_min_pairs integer not null default 20
-    constraint gate_min_pairs_at_least_1 check (gate_min_pairs >= 1),
+    constraint gate_min_pairs_1_to_100000 check (gate_min_pairs between 1 and 100000),
   gate_non_inferiority_margin double precision not null default 0.05
     constraint gate_non_inferiority_margin_0_to_1 check (gate_non_inferiority_margin between 0 and 1),
   gate_first_publish_min_lower_bound double precision not null default 0.8
     constraint gate_first_publish_min_lower_bound_0_to_1
     check (gate_first_publish_min_lower_bound between 0 and 1),
   gate_min_audited_traces integer not null default 20
-    constraint gate_min_audited_traces_at_least_1 check (gate_min_audited_traces >= 1),
+    constraint gate_min_audited_traces_1_to_100000
+    check (gate_min_audited_traces between 1 and 100000),
   max_batch_events integer not null default 100000,
   max_attempts integer not null default 3
     constraint max_attempts_1_to_100 check (max_attempts between 1 and 100),
@@ -169,7 +172,21 @@ comment on table public.persona_learning_settings is
 comment on column public.persona_learning_settings.auto_publish is
   'Scheduled runs may publish a draft spec that passes the gate; otherwise they run in safe mode.';
 comment on column public.persona_learning_settings.half_life_days is
-  'Evidence loses half its weight every this many days.';
+  'Evidence loses half its weight every this many days (default 30; 0.01 to 3650: shorter '
+  'underflows every weight older than a few hours to 0).';
+comment on column public.persona_learning_settings.feedback_weight is
+  'Weight of one feedback vote (default 1; 0 to 1000).';
+comment on column public.persona_learning_settings.audit_weight is
+  'Weight of one persona audit (default 2; 0 to 1000).';
+comment on column public.persona_learning_settings.unsafe_multiplier is
+  'Extra weight of a failure whose reason is unsafe (default 3; 1 to 1000).';
+comment on column public.persona_learning_settings.min_evidence is
+  'Weighted evidence a module needs before its status moves (default 10; 0 to 1,000,000).';
+comment on column public.persona_learning_settings.gate_min_pairs is
+  'Paired audited traces the gate needs to compare a draft with the published spec (default 20; '
+  '1 to 100,000).';
+comment on column public.persona_learning_settings.gate_min_audited_traces is
+  'Audited traces a first publish needs (default 20; 1 to 100,000).';
 comment on column public.persona_learning_settings.max_batch_events is
   'At most this many events (1 to 200,000) are claimed by one run; the rest wait for the next '
   'run. The bound keeps each worker call well inside the API''s 8 s statement timeout.';
@@ -218,22 +235,27 @@ security definer
 set search_path = ''
 as $$
 begin
+  -- As private.bump_evidence_generation_on_module_edit: always a new generation (a run that
+  -- read the old weighting is refused at its completion), and learned_generation along with it
+  -- for a twin with nothing learned.
   update public.twins t
-  set evidence_generation = t.evidence_generation + 1
-  where t.id = new.twin_id
-    and (t.learned_through_event_id > 0
-         or exists (select 1 from public.persona_feedback_learning_runs r
-                    where r.twin_id = t.id and r.status = 'running'));
+  set evidence_generation = t.evidence_generation + 1,
+      learned_generation = t.learned_generation
+        + case when t.learned_through_event_id = 0
+                    and t.learned_generation = t.evidence_generation then 1 else 0 end
+  where t.id = new.twin_id;
   return null;
 end;
 $$;
 
 comment on function private.bump_evidence_generation_on_weighting_edit() is
   'Trigger (after update of half_life_days, feedback_weight, audit_weight or unsafe_multiplier '
-  'on persona_learning_settings, when one changes): bumps the twin''s evidence_generation when it '
-  'has learned evidence or a running run, so that its next run rebuilds every module with the '
-  'new weighting and a running one reads its batch again. Security definer: the owner may tune '
-  'the settings but not write the twin''s generation. Raises nothing.';
+  'on persona_learning_settings, when one changes): bumps the twin''s evidence_generation, so '
+  'that a running run reads its batch again (PT412 at its completion) and a twin with learned '
+  'evidence has every module rebuilt with the new weighting by its next run; a twin with nothing '
+  'learned (learned_through_event_id 0, not already marked) has its learned_generation bumped '
+  'too. Security definer: the owner may tune the settings but not write the twin''s generation. '
+  'Raises nothing.';
 
 create trigger persona_learning_settings_bump_generation
   after update of half_life_days, feedback_weight, audit_weight, unsafe_multiplier

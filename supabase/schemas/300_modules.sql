@@ -63,24 +63,28 @@ security definer
 set search_path = ''
 as $$
 begin
-  -- A module with nothing learned yet is exact at zero: a twin is marked only when it has learned
-  -- evidence (its cursor moved) or a run holds a batch read against the modules as they were.
+  -- Always a new generation, so that a run whose claim read the modules before this edit
+  -- committed is refused at its completion (PT412) and reads them again, even when this
+  -- transaction began before the run (it could not see it). A twin with nothing learned is
+  -- exact at zero whatever its modules: its learned_generation moves along, so its next run
+  -- learns incrementally rather than rebuilding.
   update public.twins t
-  set evidence_generation = t.evidence_generation + 1
-  where t.id in (old.twin_id, new.twin_id)
-    and (t.learned_through_event_id > 0
-         or exists (select 1 from public.persona_feedback_learning_runs r
-                    where r.twin_id = t.id and r.status = 'running'));
+  set evidence_generation = t.evidence_generation + 1,
+      learned_generation = t.learned_generation
+        + case when t.learned_through_event_id = 0
+                    and t.learned_generation = t.evidence_generation then 1 else 0 end
+  where t.id in (old.twin_id, new.twin_id);
   return null;
 end;
 $$;
 
 comment on function private.bump_evidence_generation_on_module_edit() is
   'Trigger (after insert, update of key, intent or twin, or delete on persona_modules): bumps '
-  'evidence_generation of the twin(s) of the old and new row when the twin has learned evidence '
-  '(learned_through_event_id > 0) or a running run, so that its next run rebuilds its modules '
-  'and a running one reads its batch again. Security definer: whoever edits, the twin is marked. '
-  'Raises nothing.';
+  'evidence_generation of the twin(s) of the old and new row, so that a running run reads its '
+  'batch again (PT412 at its completion) and a twin with learned evidence has its modules '
+  'rebuilt by its next run; a twin with nothing learned (learned_through_event_id 0, not '
+  'already marked) has its learned_generation bumped too, as its modules are exact at zero. '
+  'Security definer: whoever edits, the twin is marked. Raises nothing.';
 
 create trigger persona_modules_bump_generation
   after insert or delete or update of twin_id, module_key, intent_label on public.persona_modules

@@ -71,7 +71,13 @@ create table public.persona_training_events (
     check ((source = 'user_feedback') = (langfuse_status is not null)),
   constraint persona_training_events_persona_spec_fkey foreign key (twin_id, persona_spec_id)
     references public.persona_specs (twin_id, id) on delete set null (persona_spec_id),
-  constraint audit_of_draft_on_audits_only check (not audit_of_draft or source = 'persona_audit')
+  constraint audit_of_draft_on_audits_only check (not audit_of_draft or source = 'persona_audit'),
+  -- A vote change links two votes of one feedback; an audit replaces nothing and is never
+  -- replaced (the claim would otherwise retract whatever vote its supersedes_id names).
+  constraint supersedes_id_on_feedback_only
+    check (source = 'user_feedback' or supersedes_id is null),
+  constraint superseded_at_on_feedback_only
+    check (source = 'user_feedback' or superseded_at is null)
 );
 
 comment on table public.persona_training_events is
@@ -112,6 +118,11 @@ comment on column public.persona_training_events.audit_of_draft is
   'the gate only and moves no module, whatever becomes of the spec later. Set by the database.';
 comment on constraint audit_of_draft_on_audits_only on public.persona_training_events is
   'Only an audit can be an audit of a draft.';
+comment on constraint supersedes_id_on_feedback_only on public.persona_training_events is
+  'Only a vote replaces an earlier vote (set by the database when a voter changes a vote); an '
+  'audit carries no supersedes_id.';
+comment on constraint superseded_at_on_feedback_only on public.persona_training_events is
+  'Only a vote is replaced by a later vote; an audit carries no superseded_at.';
 comment on constraint metadata_object_at_most_4096_compact_json_bytes
   on public.persona_training_events is
   'A JSON object of at most 4,096 bytes as compact JSON in UTF-8: no whitespace between tokens, '

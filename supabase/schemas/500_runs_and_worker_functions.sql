@@ -1171,7 +1171,8 @@ begin
       select r.source, r.module_key, r.intent_label, r.score, r.passed, r.reason, r.created_at,
              r.audit_of_draft
       from public.persona_training_events r
-      where r.id = e.supersedes_id and r.id <= v_run.batch_after_event_id
+      where r.id = e.supersedes_id and r.twin_id = v_run.twin_id
+        and r.id <= v_run.batch_after_event_id
       offset 0
     ) p on e.supersedes_id is not null
     cross join lateral (

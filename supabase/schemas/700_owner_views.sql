@@ -173,14 +173,15 @@ as $$
 declare
   v_summary private.learning_run_summaries;
 begin
+  -- Counted by the claim in its one pass over the batch (claim_learning_run_events). Anything
+  -- that changes those counts since (a deletion, a module edit) moved the twin's
+  -- evidence_generation, and the completion refused before this trigger. Taken first, so that
+  -- an empty batch leaves no scratch row either.
+  delete from private.learning_run_summaries s where s.run_id = new.id
+  returning * into v_summary;
   if new.batch_last_event_id is null or new.batch_last_event_id <= new.batch_after_event_id then
     return null;
   end if;
-  -- Counted by the claim in its one pass over the batch (claim_learning_run_events). Anything
-  -- that changes those counts since (a deletion, a module edit) moved the twin's
-  -- evidence_generation, and the completion refused before this trigger.
-  delete from private.learning_run_summaries s where s.run_id = new.id
-  returning * into v_summary;
   if v_summary.run_id is null then
     -- A run that read its batch before the summaries were kept (a worker of an older schema).
     raise exception using errcode = 'PT412',
@@ -246,7 +247,8 @@ comment on function private.summarize_completed_run() is
   'and outcome; audits of a draft left out) and its net feedback votes to persona_feedback_daily '
   '(+1 per vote current at the batch''s end, -1 per earlier vote one of them replaced), both as '
   'claim_learning_run_events counted them into private.learning_run_summaries, whose row it '
-  'takes. Security definer: the summaries are written by no API role. Raises PT412 (HTTP 412) '
+  'takes (also for an empty batch, which adds nothing). Security definer: the summaries are '
+  'written by no API role. Raises PT412 (HTTP 412) '
   '"run <id> has no batch summary: read the batch again" when the run''s batch was read without '
   'one; a vote count below 0 would be 23514 votes_not_negative. Either rolls the completion '
   'back.';
@@ -275,7 +277,9 @@ begin
   ),
   uncounted as (
     -- A deleted vote the summary counted: learned, and current at the cursor (never replaced,
-    -- or replaced by a vote after the cursor, which may be gone too).
+    -- or replaced by a vote after the cursor, which may be gone too). The same rule as
+    -- move_edited_feedback's, spelt out in each: a shared SQL helper would not be inlined (every
+    -- function pins its search_path) and would cost a call per deleted vote.
     select v.twin_id, v.created_at, v.intent_label, v.module_key, v.reason, v.score
     from gone_votes v
     where v.id <= v.cursor
@@ -289,7 +293,7 @@ begin
     -- retracted, as learning leaves it out.
     select e.twin_id, e.created_at, e.intent_label, e.module_key, e.reason, e.score
     from gone_votes n
-    join public.persona_training_events e on e.id = n.supersedes_id
+    join public.persona_training_events e on e.id = n.supersedes_id and e.twin_id = n.twin_id
     where n.id > n.cursor and e.id <= n.cursor
   ),
   delta as (
@@ -323,10 +327,101 @@ create trigger persona_training_events_subtract_deleted_feedback
   referencing old table as gone
   for each statement execute function private.subtract_deleted_feedback();
 
+-- Editing a learned vote's evidence columns (the service role relabelling a reason, moving it to
+-- another intent or day) moves it in the daily summary, so that a later retraction of that vote
+-- (its voter changes it) subtracts from the bucket that counts it.
+create function private.move_edited_feedback()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  -- Most updates (outbox states, vote changes) change no bucket column: they stop here.
+  if not exists (
+    select 1 from before_rows o join after_rows n on n.id = o.id
+    where (o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason, o.score)
+          is distinct from
+          (n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason, n.score)
+  ) then
+    return null;
+  end if;
+  with moved as (
+    -- Each edited row as it was (-1) and as it is (+1), when a column the summary buckets by
+    -- changed. A vote change (superseded_at set by the vote recorder) changes none of them.
+    select -1 as sign, o.*
+    from before_rows o join after_rows n on n.id = o.id
+    where (o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason, o.score)
+          is distinct from
+          (n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason, n.score)
+    union all
+    select 1, n.*
+    from after_rows n join before_rows o on o.id = n.id
+    where (o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason, o.score)
+          is distinct from
+          (n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason, n.score)
+  ),
+  counted as (
+    -- A vote the summary counts: learned, and current at its twin's cursor (never replaced, or
+    -- replaced by a vote after the cursor), as in subtract_deleted_feedback.
+    select m.*
+    from moved m join public.twins t on t.id = m.twin_id
+    where m.source = 'user_feedback' and m.id <= t.learned_through_event_id
+      and (m.superseded_at is null
+           or exists (select 1 from public.persona_training_events x
+                      where x.twin_id = m.twin_id and x.supersedes_id = m.id
+                        and x.id > t.learned_through_event_id))
+  ),
+  delta as (
+    select c.twin_id, (c.created_at at time zone 'UTC')::date as day, c.intent_label,
+           c.module_key, c.reason, c.score, sum(c.sign)::integer as votes
+    from counted c
+    group by 1, 2, 3, 4, 5, 6
+    having sum(c.sign) <> 0
+  ),
+  taken as (
+    update public.persona_feedback_daily d
+    set votes = d.votes + x.votes
+    from delta x
+    where x.votes < 0 and d.twin_id = x.twin_id and d.day = x.day
+      and d.intent_label = x.intent_label
+      and coalesce(d.module_key, '') = coalesce(x.module_key, '')
+      and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score
+    returning 1
+  )
+  insert into public.persona_feedback_daily as d
+    (twin_id, day, intent_label, module_key, reason, score, votes)
+  select x.twin_id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
+  from delta x
+  where x.votes > 0
+  on conflict (twin_id, day, intent_label, module_key, reason, score)
+  do update set votes = d.votes + excluded.votes;
+  delete from public.persona_feedback_daily d
+  where d.votes = 0
+    and d.twin_id in (select o.twin_id from before_rows o union select n.twin_id from after_rows n);
+  return null;
+end;
+$$;
+
+comment on function private.move_edited_feedback() is
+  'Trigger (after update on persona_training_events, per statement, the rows as before_rows and '
+  'after_rows): for each row whose twin_id, source, created_at, intent_label, module_key, reason '
+  'or score changed, takes it out of persona_feedback_daily as it was when the summary counted it '
+  '(a learned vote current at its twin''s cursor) and puts it in as it is now when counted, then '
+  'drops buckets left at 0. Costs a join of the updated rows; a row whose bucket columns did not '
+  'change costs nothing more. Security definer: the summary is written by no API role. Raises '
+  'nothing of its own (a count below 0 would be 23514 votes_not_negative).';
+
+create trigger persona_training_events_move_edited_feedback
+  after update on public.persona_training_events
+  referencing old table as before_rows new table as after_rows
+  for each statement execute function private.move_edited_feedback();
+
 revoke execute on function
   private.wilson_bounds(double precision, double precision, double precision),
   private.summarize_completed_run(),
-  private.subtract_deleted_feedback()
+  private.subtract_deleted_feedback(),
+  private.move_edited_feedback()
 from public;
 
 

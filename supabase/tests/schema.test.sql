@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(55);
+select plan(56);
 
 
 -- Tables, views and row-level security
@@ -310,14 +310,20 @@ select throws_ok(
 select is_empty(
   $$ select r.role || ': ' || t.name
      from unnest(array['anon', 'authenticated']) r(role),
-          unnest(array['private.learning_run_rebuilds', 'private.learning_run_rebuild_sums']) t(name)
+          unnest(array['private.learning_run_rebuilds', 'private.learning_run_rebuild_sums',
+                       'private.learning_run_summaries']) t(name)
      where has_table_privilege(r.role, t.name, 'select, insert, update, delete') $$,
-  'no API role but the service role touches a rebuild''s scratch'
+  'no API role but the service role touches a run''s scratch (rebuild sums, batch summaries)'
 );
 select ok(
   has_table_privilege('service_role', 'private.learning_run_rebuild_sums',
                       'select, insert, update, delete'),
   'the worker (service role) writes its rebuild''s scratch'
+);
+select ok(
+  has_table_privilege('service_role', 'private.learning_run_summaries',
+                      'select, insert, update, delete'),
+  'the worker (service role) writes its batch summaries'
 );
 
 select * from finish();

@@ -684,3 +684,171 @@ def test_a_twins_settings_row_cannot_be_deleted_apart_from_the_twin(db, service,
     service.table("twins").delete().eq("id", twin.id).execute()
     assert count(db, "select count(*) from persona_learning_settings where twin_id = %s",
                  twin.id) == 0
+
+
+# --------------------------------------------------------------------------- after a review
+
+
+def daily_summary(db: psycopg.Connection, twin: Twin) -> list[tuple]:
+    return sorted(db.execute(
+        "select day, intent_label, module_key, reason::text, score, votes"
+        " from persona_feedback_daily where twin_id = %s", (twin.id,)).fetchall(), key=repr)
+
+
+def daily_from_scratch(db: psycopg.Connection, twin: Twin) -> list[tuple]:
+    """The daily summary recomputed: the learned feedback current at the cursor, per bucket."""
+    return sorted(db.execute(
+        "select (e.created_at at time zone 'UTC')::date, e.intent_label, e.module_key,"
+        " e.reason::text, e.score, count(*)"
+        " from persona_training_events e join twins t on t.id = e.twin_id"
+        " where e.twin_id = %s and e.source = 'user_feedback'"
+        " and e.id <= t.learned_through_event_id"
+        " and (e.superseded_at is null or exists (select 1 from persona_training_events n"
+        "      where n.twin_id = e.twin_id and n.supersedes_id = e.id"
+        "        and n.id > t.learned_through_event_id))"
+        " group by 1, 2, 3, 4, 5", (twin.id,)).fetchall(), key=repr)
+
+
+def test_an_edited_learned_vote_moves_in_the_daily_summary(db, service, make_user, make_runner):
+    # A moderator relabels a learned vote's reason (service role); the voter then changes that
+    # vote. The change's retraction must find the vote in its new bucket (it used to find the old
+    # bucket still counting it and the new one empty: 23514 in every later run).
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
+    runner = make_runner()
+    row = vote(voter, twin, "t0", 1, "a", reason="helpful")
+    learn(runner, twin)
+    service.table("persona_training_events").update({"reason": "incorrect"}).eq(
+        "id", row["id"]).execute()
+    assert daily_summary(db, twin) == daily_from_scratch(db, twin)
+    learn(runner, twin)
+    vote(voter, twin, "t0", -1, "a")
+    learn(runner, twin)
+    assert daily_summary(db, twin) == daily_from_scratch(db, twin)
+    # Every bucket column at once, on a vote that is then replaced and relearned.
+    service.table("persona_training_events").update(
+        {"score": 1, "reason": "other", "intent_label": "b", "module_key": "n",
+         "created_at": "2026-01-02T00:00:00Z"}).eq("id", row["id"]).execute()
+    assert daily_summary(db, twin) == daily_from_scratch(db, twin)
+    learn(runner, twin)
+    latest = db.execute("select id from persona_training_events where twin_id = %s"
+                        " order by id desc limit 1", (twin.id,)).fetchone()[0]
+    service.table("persona_training_events").update({"reason": "unsafe"}).eq(
+        "id", latest).execute()
+    vote(voter, twin, "t0", 0, "b")
+    learn(runner, twin)
+    assert daily_summary(db, twin) == daily_from_scratch(db, twin) != []
+    assert_modules_exact(db, twin.id)
+
+
+@pytest.mark.parametrize("column, value", [("supersedes_id", None), ("superseded_at", "now")])
+def test_an_audit_carries_no_vote_change_link(db, service, make_user, make_runner, column, value):
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    learned = vote(voter, twin, "t0", 1, "a")
+    learn(make_runner(), twin)
+    link = learned["id"] if column == "supersedes_id" else datetime.now(UTC).isoformat()
+    before = counts(db, twin)
+    with pytest.raises(APIError) as refused:
+        service.table("persona_training_events").insert(
+            {**audit_row(twin, "t9", True, None), column: link}).execute()
+    assert refused.value.code == "23514"
+    assert f"{column}_on_feedback_only" in refused.value.message
+    audit = service.table("persona_training_events").insert(
+        audit_row(twin, "t9", True, None)).execute().data[0]
+    with pytest.raises(APIError) as edited:
+        service.table("persona_training_events").update({column: link}).eq(
+            "id", audit["id"]).execute()
+    assert f"{column}_on_feedback_only" in edited.value.message
+    assert counts(db, twin)[0] == before[0] + 1
+    assert count(db, f"select count(*) from persona_training_events where {column} is not null"
+                 " and source = 'persona_audit'") == 0
+
+
+def test_a_vote_change_link_is_followed_within_its_twin_only(db, service, make_user, make_runner):
+    # A service-role edit points a vote's supersedes_id at another twin's learned vote: the
+    # claim must not retract that vote here (its bucket is not this twin's: 23514, and the twin
+    # stuck).
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    other = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    foreign = vote(voter, other, "t0", -1, "a", reason="unsafe")
+    learn(runner, other)
+    vote(voter, twin, "t1", 1, "a")
+    learn(runner, twin)  # the twin's cursor passes the other twin's vote
+    row = vote(voter, twin, "t0", 1, "a")
+    service.table("persona_training_events").update({"supersedes_id": foreign["id"]}).eq(
+        "id", row["id"]).execute()
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (2, 0)
+    assert daily_summary(db, twin) == daily_from_scratch(db, twin) != []
+    assert_modules_exact(db, twin.id)
+    assert_modules_exact(db, other.id)
+
+
+@pytest.mark.parametrize("edit", [
+    "insert into persona_modules (twin_id, module_key, intent_label) values (%s, 'mx', 'x')",
+    "update persona_learning_settings set feedback_weight = 4 where twin_id = %s",
+])
+def test_an_edit_open_across_a_twins_first_claim_is_read(db, stack, make_user, make_runner, edit):
+    # The edit's transaction began before any run, so its trigger saw none running and nothing
+    # learned; the run claimed meanwhile read the modules and weighting as they were.
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    assert count(db, "select evidence_generation - learned_generation from twins where id = %s",
+                 twin.id) == 0  # a twin with nothing learned is not marked by its modules
+    for trace in ("t0", "t1", "t2"):
+        vote(voter, twin, trace, 1, "x")
+    runner = make_runner()
+    store, twin_id = runner.store, uuid.UUID(twin.id)
+    with psycopg.connect(stack.database_url) as other:
+        other.execute(edit, (twin.id,))
+        store.enqueue_due_runs(twin_id)
+        run = store.claim_run(runner.worker_id, 30, twin_id)
+        assert run is not None
+        stale = store.claim_events(run)
+        assert isinstance(stale, RunBatch)
+        other.commit()
+    with pytest.raises(BatchChangedError):
+        store.complete_run(run, decide(stale, safe_mode=True))
+    batch = store.claim_events(run)
+    assert isinstance(batch, RunBatch)
+    done = store.complete_run(run, decide(batch, safe_mode=True))
+    assert done.status == "completed" and done.rebuilt_modules is False
+    assert_modules_exact(db, twin.id)
+    if "persona_modules" in edit:
+        assert sf(db, twin, "mx") == (3, 0)
+
+
+@pytest.mark.parametrize("column, value, rule", [
+    ("half_life_days", 1e-6, "half_life_days_0_01_to_3650"),
+    ("half_life_days", "Infinity", "half_life_days_0_01_to_3650"),
+    ("feedback_weight", "Infinity", "feedback_weight_0_to_1000"),
+    ("audit_weight", "NaN", "audit_weight_0_to_1000"),
+    ("unsafe_multiplier", 1e9, "unsafe_multiplier_1_to_1000"),
+    ("min_evidence", "NaN", "min_evidence_0_to_1000000"),
+    ("gate_min_pairs", 100001, "gate_min_pairs_1_to_100000"),
+    ("gate_min_audited_traces", 2_000_000_000, "gate_min_audited_traces_1_to_100000"),
+])
+def test_learning_settings_are_bounded(db, make_user, column, value, rule):
+    owner = make_user("owner")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    before = db.execute("select to_jsonb(s) from persona_learning_settings s where twin_id = %s",
+                        (twin.id,)).fetchone()[0]
+    with pytest.raises(APIError) as refused:
+        owner.client.table("persona_learning_settings").update({column: value}).eq(
+            "twin_id", twin.id).execute()
+    assert refused.value.code == "23514" and rule in refused.value.message
+    assert db.execute("select to_jsonb(s) from persona_learning_settings s where twin_id = %s",
+                      (twin.id,)).fetchone()[0] == before
+
+
+def test_a_completed_run_leaves_no_scratch_row_even_for_an_empty_batch(
+    db, make_user, make_runner
+):
+    twin = create_twin(db, make_user("owner").id, {"m": "a"})
+    [run] = make_runner().run_once(uuid.UUID(twin.id), request=True)
+    assert run.status == "completed" and run.events_scanned == 0
+    assert count(db, "select count(*) from private.learning_run_summaries where run_id = %s",
+                 str(run.id)) == 0

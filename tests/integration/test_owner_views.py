@@ -244,6 +244,38 @@ def test_a_run_read_without_its_batch_summary_reads_the_batch_again(
                   " where r.twin_id = %s", twin.id) == 0
 
 
+def test_a_claim_drops_what_an_unfinished_run_of_the_twin_left(
+    db: psycopg.Connection, make_user: Callable[[str], User], runner: Runner
+) -> None:
+    # A run reads its batch (its summaries kept for its completion) and fails for good; the
+    # twin's next run's claim drops that row: one scratch row per twin at most.
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id)
+    other = create_twin(db, owner.id)
+    vote(voter, twin, "t1", -1, "incorrect")
+    vote(owner, other, "t1", 1, "helpful")
+    store = runner.store
+
+    def read(twin_id: str) -> Run:
+        store.enqueue_due_runs(uuid.UUID(twin_id))
+        run = store.claim_run(runner.worker_id, 30, uuid.UUID(twin_id))
+        assert run is not None
+        assert isinstance(store.claim_events(run), RunBatch)
+        return run
+
+    def scratch() -> set[str]:
+        return {str(r[0]) for r in db.execute(
+            "select run_id from private.learning_run_summaries").fetchall()}
+
+    first, elsewhere = read(twin.id), read(other.id)
+    assert {str(first.id), str(elsewhere.id)} <= scratch()
+    store.fail_run(first, "worker gave up", retryable=False)
+    second = read(twin.id)
+    assert second.id != first.id
+    assert str(first.id) not in scratch()
+    assert {str(second.id), str(elsewhere.id)} <= scratch()  # another twin's row stays
+
+
 def test_pfl_runs_explains_the_moves(learned: dict, stack: Stack) -> None:
     twin = learned["twin"]
     env = {"SUPABASE_URL": stack.url, "SUPABASE_SERVICE_ROLE_KEY": stack.service_key,

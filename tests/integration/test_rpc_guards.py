@@ -136,6 +136,30 @@ def test_a_delivery_recorded_for_a_superseded_vote_keeps_it_superseded(
     )
 
 
+def test_a_delivery_of_a_claimed_vote_releases_the_newer_vote_waiting_for_it(
+    db: psycopg.Connection, service: Client, make_user: Any
+) -> None:
+    # The old vote is claimed (hidden from other drains for 60 s, as claim_langfuse_outbox does
+    # with p_visibility_seconds=60; set directly so that no other test's row is claimed) before
+    # the new vote is cast: the new vote waits until the old one's window closes, and recording
+    # the old one's delivery releases it at once.
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = create_twin(db, owner.id)
+    old = vote(voter, twin.id, "trace-1", 1)
+    db.execute(
+        "update persona_training_events set langfuse_next_attempt_at = now() + interval '60 s'"
+        " where id = %s",
+        (old["id"],),
+    )
+    new = vote(voter, twin.id, "trace-1", -1)
+    waiting = "select langfuse_next_attempt_at > now() from persona_training_events where id = %s"
+    assert scalar(db, waiting, new["id"])
+
+    assert rpc(service, "record_langfuse_deliveries",
+               p_deliveries=[{"event_id": old["id"], "outcome": "sent", "error": None}]) == 1
+    assert not scalar(db, waiting, new["id"])
+
+
 def test_skipping_the_outbox_leaves_a_superseded_vote_superseded(
     db: psycopg.Connection, service: Client, make_user: Any
 ) -> None:
