@@ -84,7 +84,17 @@ def obf_alpha_spent(information: float, alpha: float) -> float:
     if information == 0.0:
         return 0.0
     z = _NORMAL.inv_cdf(1.0 - alpha / 2.0)
-    return 2.0 - 2.0 * _NORMAL.cdf(z / math.sqrt(information))
+    # 2 − 2Φ(x) = erfc(x/√2), exact in the tail where 2 − 2Φ(x) cancels to 0 (x > 8.3: early
+    # looks at a small alpha) and NormalDist.cdf, through erf, does too.
+    return math.erfc(z / math.sqrt(2.0 * information))
+
+
+def _upper_quantile(share: float) -> float:
+    """z with 1 − Φ(z) = `share` (a one-sided level), computed as −Φ⁻¹(share), which is exact
+    in the tail: 1 − share rounds to 1.0 below 2⁻⁵⁴ (5.6e-17), where Φ⁻¹(1 − share) would raise
+    (an early look spends about 1e-16 split over the comparisons). math.inf when there is
+    nothing to spend (share <= 0): no finite bound may then call a regression."""
+    return -_NORMAL.inv_cdf(share) if share > 0.0 else math.inf
 
 
 def look_index(information_count: int, pass_evidence: int, looks: int) -> int:
@@ -117,7 +127,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       between looks and comparisons.
     - A comparison with at least `min_evidence` on each side is a regression when the upper
       bound of Newcombe's interval for (new − old) at the one-sided level of its share lies
-      below −margin (z = Φ⁻¹(1 − share)).
+      below −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)).
     - The watch ends `regressed` when any comparison regressed; `passed` after the last look
       (K) without one ("no regression found", not "proved as good"); `expired` when
       `expire_days` have passed since the publish before that; otherwise it goes on
@@ -137,7 +147,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     if test:
         spent_after = max(evidence.alpha_spent, obf_alpha_spent(due / s.looks, s.alpha))
         share = (spent_after - evidence.alpha_spent) / planned
-        z = _NORMAL.inv_cdf(1.0 - share) if share > 0 else math.inf
+        z = _upper_quantile(share)
 
     comparisons = tuple(
         _compare(c, z, s.margin, s.min_evidence, test)

@@ -549,3 +549,41 @@ def test_a_15_point_drop_in_votes_is_caught_beside_audits_that_hold() -> None:
                     seed=17)
     caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
     assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+
+
+# --- every look of every plan can be computed ----------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0001, 0.001, 0.01, 0.05, 0.5])
+@pytest.mark.parametrize("looks", [1, 2, 5, 10, 40, 100])
+@pytest.mark.parametrize("modules_total", [0, 1, 5, 50])
+def test_every_look_of_every_plan_has_a_finite_quantile(
+    alpha: float, looks: int, modules_total: int
+) -> None:
+    # An early look spends about 1e-16 (alpha 0.01, look 1 of 10), split over 2 x (1 + modules)
+    # comparisons: 1 - share rounds to 1.0, and Φ⁻¹(1 - share) raised, failing every run of the
+    # twin (the review's case: 5 modules, alpha 0.01, 10 looks, 40 votes a side). Each look of
+    # the plan, reached in turn, has a positive finite z at the level of its share (or none when
+    # the share underflows to 0: nothing to spend), and a drop from all passing to none passing
+    # regresses by the last look.
+    pass_evidence = 100 * looks
+    spent, done = 0.0, 0
+    modules = tuple(module(f"m{i}", "votes", (0, 0), (0, 0)) for i in range(modules_total))
+    for k in range(1, looks + 1):
+        n = k * pass_evidence // looks
+        made = decide_watch(evidence(
+            (n, 0), (n, n), looks_done=done, alpha_spent=spent, modules=modules,
+            modules_total=modules_total, alpha=alpha, looks=looks, pass_evidence=pass_evidence,
+            min_evidence=1, expire_days=3650))
+        assert made.tested and made.look == k
+        share = made.alpha_per_comparison
+        assert share is not None and share >= 0
+        if share == 0:  # below the smallest float (alpha 1e-4, look 1 of 100: about 1e-330)
+            assert made.z is None and made.state is WatchState.watching
+        else:
+            assert made.z is not None and 0 < made.z < 40
+            assert 0.5 * math.erfc(made.z / math.sqrt(2)) == pytest.approx(share, rel=1e-6)
+        spent, done = made.alpha_spent, made.look
+        if made.state is not WatchState.watching:
+            break
+    assert made.state is WatchState.regressed
