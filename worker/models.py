@@ -400,6 +400,23 @@ WatchKind = Literal["audits", "votes"]
 WATCH_KINDS: tuple[WatchKind, ...] = ("audits", "votes")
 
 
+class WatchStratum(_Frozen):
+    """The part of a twin-wide comparison's counts matched to one module (module_key None:
+    matched to none)."""
+
+    module_key: str | None = None
+    new_n: int = Field(ge=0)
+    new_passed: int = Field(ge=0)
+    old_n: int = Field(ge=0)
+    old_passed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _passed_within_n(self) -> Self:
+        if self.new_passed > self.new_n or self.old_passed > self.old_n:
+            raise ValueError("passed exceeds n")
+        return self
+
+
 class WatchComparisonEvidence(_Frozen):
     """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
     since the new spec's publish against those of an equally long window before it, or audits
@@ -413,11 +430,21 @@ class WatchComparisonEvidence(_Frozen):
     new_passed: int = Field(ge=0)
     old_n: int = Field(ge=0)
     old_passed: int = Field(ge=0)
+    strata: tuple[WatchStratum, ...] = Field(
+        (),
+        description="A twin-wide comparison's counts by module (a partition of them); empty: "
+        "one stratum, the counts themselves.",
+    )
 
     @model_validator(mode="after")
     def _passed_within_n(self) -> Self:
         if self.new_passed > self.new_n or self.old_passed > self.old_n:
             raise ValueError("passed exceeds n")
+        if self.strata and tuple(
+            sum(getattr(s, f) for s in self.strata)
+            for f in ("new_n", "new_passed", "old_n", "old_passed")
+        ) != (self.new_n, self.new_passed, self.old_n, self.old_passed):
+            raise ValueError("strata do not sum to the comparison's counts")
         return self
 
 
@@ -453,7 +480,8 @@ class WatchEvidence(_Frozen):
 class WatchComparison(_Frozen):
     """One comparison as the run's report shows it: `value` is the upper bound of Newcombe's
     interval for (new - old) at this look's level (None when not tested), against `threshold`
-    (-margin)."""
+    (-margin); for a twin-wide comparison over several modules, of the difference standardised
+    to the old side's module mix (`worker.watch.standardized_interval`)."""
 
     scope: Literal["twin", "module"]
     kind: WatchKind
