@@ -421,7 +421,7 @@ class WatchComparisonEvidence(_Frozen):
     """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
     since the new spec's publish against those of an equally long window before it, or audits
     of the new spec since its publish against audits of the replaced spec in that window (both
-    without audits of a trace audited under both specs: the gate's pairing)."""
+    without audits of a trace also audited under another spec: a gate's pairing)."""
 
     scope: Literal["twin", "module"]
     kind: WatchKind

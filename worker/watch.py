@@ -3,14 +3,16 @@
 Each run after a publish looks at the live evidence of the new spec against the replaced
 spec's, one kind at a time and never pooled: votes cast since the publish against votes cast in
 an equally long window before the switch, and audits of the new spec since the publish against
-audits of the replaced spec in that window (neither counting an audit of a trace audited under
-both specs: that is the gate's offline pairing, not production). Each kind is compared for the
+audits of the replaced spec in that window (neither counting an audit of a trace also audited
+under any other spec: a gate's offline pairing, not production). Each kind is compared for the
 twin as a whole and per module with enough evidence, aggregated in SQL
 (`claim_production_watch`). The difference of two pass rates (new − old) gets Newcombe's hybrid
-score interval; because the watch looks again at every run, the error it may make is spent over
-a plan of looks (`obf_alpha_spent`) and split over all the comparisons (2 kinds × (twin +
-modules)), so that the chance of a false regression over the whole watch stays below `alpha`
-however many runs look.
+score interval; twin-wide, the difference standardised by module to the old side's mix
+(`standardized_interval`), so that a change in traffic mix alone is no regression. Because
+the watch looks again at every run, the error it may make is spent over a plan of looks
+(`obf_alpha_spent`) and split over all the comparisons (2 kinds × (twin + modules)), so that
+the chance of a false regression over the whole watch stays below `alpha` however many runs
+look.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).

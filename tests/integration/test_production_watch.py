@@ -62,16 +62,18 @@ def audits(
 
 
 def votes(
-    db: psycopg.Connection, twin: Twin, voter: str, up: int, down: int, *, at: str, prefix: str
+    db: psycopg.Connection, twin: Twin, voter: str, up: int, down: int, *, at: str, prefix: str,
+    intent: str = "casual_chat",
 ) -> None:
-    """`up` +1 and `down` -1 votes of one user on traces <prefix>-<i> (small_talk's intent)."""
+    """`up` +1 and `down` -1 votes of one user on traces <prefix>-<i> of the intent `intent`
+    (small_talk's unless given)."""
     db.execute(
         "insert into public.persona_training_events (twin_id, trace_id, score, reason, "
         "intent_label, created_by, created_at) "
         "select %s, %s || '-' || g, case when g <= %s then 1 else -1 end, "
         "case when g <= %s then 'helpful' else 'off_persona' end::public.training_event_reason, "
-        f"'casual_chat', %s, {at} from generate_series(1, %s) g",
-        (twin.id, prefix, up, up, voter, up + down),
+        f"%s, %s, {at} from generate_series(1, %s) g",
+        (twin.id, prefix, up, up, intent, voter, up + down),
     )
 
 
@@ -371,21 +373,6 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
     ]
 
 
-def module_votes(
-    db: psycopg.Connection, twin: Twin, voter: str, intent: str, up: int, down: int, *,
-    at: str, prefix: str,
-) -> None:
-    """`up` +1 and `down` -1 votes of one user on traces <prefix>-<i> of the intent `intent`."""
-    db.execute(
-        "insert into public.persona_training_events (twin_id, trace_id, score, reason, "
-        "intent_label, created_by, created_at) "
-        "select %s, %s || '-' || g, case when g <= %s then 1 else -1 end, "
-        "case when g <= %s then 'helpful' else 'off_persona' end::public.training_event_reason, "
-        f"%s, %s, {at} from generate_series(1, %s) g",
-        (twin.id, prefix, up, up, intent, voter, up + down),
-    )
-
-
 def test_a_change_in_module_mix_alone_rolls_nothing_back(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
@@ -397,10 +384,10 @@ def test_a_change_in_module_mix_alone_rolls_nothing_back(
     twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
     for intent, before, after in (("casual_chat", (288, 32), (180, 20)),
                                   ("factual_with_evidence", (40, 40), (100, 100))):
-        module_votes(db, twin, owner.id, intent, *before, at="now() - interval '3 days'",
-                     prefix=f"before-{intent}")
-        module_votes(db, twin, owner.id, intent, *after, at="now() - interval '1 day'",
-                     prefix=f"after-{intent}")
+        votes(db, twin, owner.id, *before, at="now() - interval '3 days'",
+              prefix=f"before-{intent}", intent=intent)
+        votes(db, twin, owner.id, *after, at="now() - interval '1 day'",
+              prefix=f"after-{intent}", intent=intent)
 
     [run] = runner.run_once(UUID(twin.id))
 

@@ -765,3 +765,23 @@ def test_a_15_point_drop_in_every_module_is_caught_with_the_mix_moving() -> None
                         {"e": 0.5, "s": 0.5}, watches=200, seed=19)
     caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
     assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+
+
+# README's low-traffic tables: votes alone at 80% (old passed = round(0.8 n)), n a side, the
+# default plan over 6 comparisons, each look reached in turn -> the smallest observed drop (in
+# points, rounded) the look reached at n calls a regression; None: no look reached.
+DROP_NEEDED = [(42, 69), (70, 56), (140, 24), (280, 14), (420, 11),  # 14 days
+               (21, None), (35, None), (210, 17)]  # 7 days (70 and 140 as above)
+
+
+@pytest.mark.parametrize(("n", "drop"), DROP_NEEDED)
+def test_the_drop_a_low_traffic_watch_needs(n: int, drop: int | None) -> None:
+    old = round(0.8 * n)
+    k = look_index(n, 400, 10)
+    regressing = [
+        x for x in range(n + 1)
+        if decide_watch(evidence((n, x), (n, old), looks_done=k - 1 if k else 0,
+                                 alpha_spent=obf_alpha_spent((k - 1) / 10, 0.05) if k else 0.0,
+                                 modules_total=2)).state is WatchState.regressed
+    ]
+    assert (round(100 * (old - max(regressing)) / n) if regressing else None) == drop
