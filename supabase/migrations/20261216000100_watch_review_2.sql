@@ -72,7 +72,8 @@ begin
                  and not exists (
                    select 1 from public.persona_training_events p
                    where p.twin_id = v_run.twin_id and p.trace_id = e.trace_id
-                     and p.source = 'persona_audit' and p.persona_spec_id <> e.persona_spec_id
+                     and p.source = 'persona_audit'
+                     and p.persona_spec_id is distinct from e.persona_spec_id
                      and p.id <= v_run.batch_last_event_id)))
       order by e.created_at desc
       limit 50000
@@ -90,7 +91,8 @@ begin
                  and not exists (
                    select 1 from public.persona_training_events p
                    where p.twin_id = v_run.twin_id and p.trace_id = e.trace_id
-                     and p.source = 'persona_audit' and p.persona_spec_id <> e.persona_spec_id
+                     and p.source = 'persona_audit'
+                     and p.persona_spec_id is distinct from e.persona_spec_id
                      and p.id <= v_run.batch_last_event_id)))
       order by e.created_at desc
       limit 50000
@@ -204,8 +206,8 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'published_at to T (new) against those cast from window_start = max(published_at - (T - '
   'published_at), previous_published_at) to published_at (old); audits: audits of spec_id from '
   'published_at to T (new) against audits of previous_spec_id from window_start to published_at '
-  '(old), neither counting an audit of a trace also audited under any other spec of the twin '
-  '(a replay: a gate''s pairing, whatever draft). Only events of the batch or before it; matched '
+  '(old), neither counting an audit of a trace also audited under any other spec of the twin, '
+  'or one since deleted (a replay: a gate''s pairing, whatever draft). Only events of the batch or before it; matched '
   'to modules by module_key, else intent_label. Counts, not weights; each side at most its '
   'latest 50,000 events (through the index on (twin_id, created_at)). Raises P0002 and PT409 '
   '(HTTP 409, stale lease) as private.lock_leased_run; 55000 when the run has no batch.';

@@ -371,6 +371,17 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
         (twin.draft_spec_id, "published", False, None),
         (v3, "draft", False, None),
     ]
+    # The owner deletes draft v3: its audits lose their spec (on delete set null) and are still
+    # the other half of a replay, not v2's production.
+    db.execute("delete from public.persona_specs where id = %s", (v3,))
+    votes(db, twin, owner.id, 1, 0, at="now()", prefix="late")
+    [later] = runner.run_once(UUID(twin.id))
+    assert later.gate_report is not None
+    audits_now = [c for c in later.gate_report["watch"]["comparisons"]
+                  if (c["scope"], c["kind"]) == ("twin", "audits")]
+    assert [c["evidence"] for c in audits_now] == [
+        {"new_n": 200, "new_passed": 180, "old_n": 200, "old_passed": 180}]
+    assert later.hold_reason != "rolled_back" and watch_row(db, watch_id)["state"] == "watching"
 
 
 def test_a_change_in_module_mix_alone_rolls_nothing_back(

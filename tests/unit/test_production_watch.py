@@ -738,7 +738,8 @@ def simulate_mix(
                 alpha_spent=spent, looks_done=looks, modules_total=len(keys), settings=settings,
                 twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0,
                                               new_passed=0, old_n=0, old_passed=0),
-                      stratified("votes", *((k, *c[k]) for k in keys))),
+                      stratified("votes", *((k, c[k][0], c[k][1], c[k][2], c[k][3])
+                                            for k in keys))),
                 modules=tuple(module(k, "votes", (c[k][0], c[k][1]), (c[k][2], c[k][3]))
                               for k in keys),
             ))
