@@ -231,7 +231,11 @@ def describe_watch(
             f"{'up' if kind == 'votes' else 'passed'} since the publish "
             f"vs {e.get('old_passed')}/{e.get('old_n')} before, {c.get('verdict')}"
         )
-        if c.get("value") is not None:
+        if c.get("method") == "newcombe_mover_standardized" and c.get("difference") is not None:
+            clause += (f" (by module at the earlier mix: difference {c['difference']:+.4f}"
+                       + (f", upper bound {c['value']:.4f}" if c.get("value") is not None else "")
+                       + f", threshold {c.get('threshold')})")
+        elif c.get("value") is not None:
             clause += f" (upper bound {c['value']:.4f}, threshold {c.get('threshold')})"
         clauses.append(clause)
     if clauses:

@@ -411,14 +411,10 @@ WatchKind = Literal["audits", "votes"]
 WATCH_KINDS: tuple[WatchKind, ...] = ("audits", "votes")
 
 
-class WatchComparisonEvidence(_Frozen):
-    """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
-    since the new spec's publish against those of an equally long window before it, or audits
-    of the new spec since its publish against audits of the replaced spec in that window (both
-    without audits of a trace audited under both specs: the gate's pairing)."""
+class WatchStratum(_Frozen):
+    """The part of a twin-wide comparison's counts matched to one module (module_key None:
+    matched to none)."""
 
-    scope: Literal["twin", "module"]
-    kind: WatchKind
     module_key: str | None = None
     new_n: int = Field(ge=0)
     new_passed: int = Field(ge=0)
@@ -429,6 +425,37 @@ class WatchComparisonEvidence(_Frozen):
     def _passed_within_n(self) -> Self:
         if self.new_passed > self.new_n or self.old_passed > self.old_n:
             raise ValueError("passed exceeds n")
+        return self
+
+
+class WatchComparisonEvidence(_Frozen):
+    """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
+    since the new spec's publish against those of an equally long window before it, or audits
+    of the new spec since its publish against audits of the replaced spec in that window (both
+    without audits of a trace also audited under another spec: a gate's pairing)."""
+
+    scope: Literal["twin", "module"]
+    kind: WatchKind
+    module_key: str | None = None
+    new_n: int = Field(ge=0)
+    new_passed: int = Field(ge=0)
+    old_n: int = Field(ge=0)
+    old_passed: int = Field(ge=0)
+    strata: tuple[WatchStratum, ...] = Field(
+        (),
+        description="A twin-wide comparison's counts by module (a partition of them); empty: "
+        "one stratum, the counts themselves.",
+    )
+
+    @model_validator(mode="after")
+    def _passed_within_n(self) -> Self:
+        if self.new_passed > self.new_n or self.old_passed > self.old_n:
+            raise ValueError("passed exceeds n")
+        if self.strata and tuple(
+            sum(getattr(s, f) for s in self.strata)
+            for f in ("new_n", "new_passed", "old_n", "old_passed")
+        ) != (self.new_n, self.new_passed, self.old_n, self.old_passed):
+            raise ValueError("strata do not sum to the comparison's counts")
         return self
 
 
@@ -464,7 +491,8 @@ class WatchEvidence(_Frozen):
 class WatchComparison(_Frozen):
     """One comparison as the run's report shows it: `value` is the upper bound of Newcombe's
     interval for (new - old) at this look's level (None when not tested), against `threshold`
-    (-margin)."""
+    (-margin); for a twin-wide comparison over several modules, of the difference standardised
+    to the old side's module mix (`worker.watch.standardized_interval`)."""
 
     scope: Literal["twin", "module"]
     kind: WatchKind

@@ -3,14 +3,16 @@
 Each run after a publish looks at the live evidence of the new spec against the replaced
 spec's, one kind at a time and never pooled: votes cast since the publish against votes cast in
 an equally long window before the switch, and audits of the new spec since the publish against
-audits of the replaced spec in that window (neither counting an audit of a trace audited under
-both specs: that is the gate's offline pairing, not production). Each kind is compared for the
+audits of the replaced spec in that window (neither counting an audit of a trace also audited
+under any other spec: a gate's offline pairing, not production). Each kind is compared for the
 twin as a whole and per module with enough evidence, aggregated in SQL
 (`claim_production_watch`). The difference of two pass rates (new − old) gets Newcombe's hybrid
-score interval; because the watch looks again at every run, the error it may make is spent over
-a plan of looks (`obf_alpha_spent`) and split over all the comparisons (2 kinds × (twin +
-modules)), so that the chance of a false regression over the whole watch stays below `alpha`
-however many runs look.
+score interval; twin-wide, the difference standardised by module to the old side's mix
+(`standardized_interval`), so that a change in traffic mix alone is no regression. Because
+the watch looks again at every run, the error it may make is spent over a plan of looks
+(`obf_alpha_spent`) and split over all the comparisons (2 kinds × (twin + modules)), so that
+the chance of a false regression over the whole watch stays below `alpha` however many runs
+look.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -19,6 +21,7 @@ that the run's completion writes (and, in `auto` mode, acts on).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import timedelta
 from statistics import NormalDist
 
@@ -33,9 +36,11 @@ from worker.models import (
     WatchMode,
     WatchReport,
     WatchState,
+    WatchStratum,
 )
 
 NEWCOMBE_METHOD = "newcombe_hybrid_score"
+STANDARDIZED_METHOD = "newcombe_mover_standardized"
 _NORMAL = NormalDist()
 
 
@@ -67,6 +72,43 @@ def newcombe_interval(
     return max(-1.0, lower), min(1.0, upper)
 
 
+def standardized_interval(
+    strata: Sequence[tuple[int, int, int, int]], z: float
+) -> tuple[float, float, float]:
+    """(difference, lower, upper) for the difference of pass rates (new − old) standardised to
+    the old side's mix of strata (direct standardisation): d = Σ w_k (p1_k − p2_k) with
+    w_k = n2_k / Σ n2 and p1_k = x1_k/n1_k (new), p2_k = x2_k/n2_k (old), from strata
+    (x1, n1, x2, n2), each with both sides non-empty.
+
+    The bounds combine the strata's Wilson intervals (l, u) by the method of variance estimates
+    recovery for a linear combination (MOVER: Zou, G. Y. and Donner, A. (2008), "Construction
+    of confidence limits about effect measures: a general approach", Statistics in Medicine
+    27:1693-1702), of which Newcombe's method 10 is the one-stratum case:
+    upper = d + √(Σ w_k² ((u1_k − p1_k)² + (p2_k − l2_k)²)), lower = d − √(Σ w_k² ((p1_k −
+    l1_k)² + (u2_k − p2_k)²)), clipped to [−1, 1]. The weights are taken as fixed (the estimand
+    is the difference at the old side's observed mix). One stratum gives `newcombe_interval`
+    exactly. Raises ValueError for no strata, an empty side or impossible counts, or z <= 0.
+    """
+    if not strata:
+        raise ValueError("need at least one stratum")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z}")
+    old_total = sum(n2 for _, _, _, n2 in strata)
+    d = low_sq = up_sq = 0.0
+    for x1, n1, x2, n2 in strata:
+        for x, n in ((x1, n1), (x2, n2)):
+            if n <= 0 or x < 0 or x > n:
+                raise ValueError(f"need 0 <= x <= n and n > 0, got x={x}, n={n}")
+        w = n2 / old_total
+        p1, p2 = x1 / n1, x2 / n2
+        l1, u1 = wilson_bounds(x1, n1 - x1, z)
+        l2, u2 = wilson_bounds(x2, n2 - x2, z)
+        d += w * (p1 - p2)
+        low_sq += w * w * ((p1 - l1) ** 2 + (u2 - p2) ** 2)
+        up_sq += w * w * ((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return d, max(-1.0, d - math.sqrt(low_sq)), min(1.0, d + math.sqrt(up_sq))
+
+
 def obf_alpha_spent(information: float, alpha: float) -> float:
     """The error allowed to be spent by `information` (a fraction in [0, 1]) of a watch.
 
@@ -84,7 +126,17 @@ def obf_alpha_spent(information: float, alpha: float) -> float:
     if information == 0.0:
         return 0.0
     z = _NORMAL.inv_cdf(1.0 - alpha / 2.0)
-    return 2.0 - 2.0 * _NORMAL.cdf(z / math.sqrt(information))
+    # 2 − 2Φ(x) = erfc(x/√2), exact in the tail where 2 − 2Φ(x) cancels to 0 (x > 8.3: early
+    # looks at a small alpha) and NormalDist.cdf, through erf, does too.
+    return math.erfc(z / math.sqrt(2.0 * information))
+
+
+def _upper_quantile(share: float) -> float:
+    """z with 1 − Φ(z) = `share` (a one-sided level), computed as −Φ⁻¹(share), which is exact
+    in the tail: 1 − share rounds to 1.0 below 2⁻⁵⁴ (5.6e-17), where Φ⁻¹(1 − share) would raise
+    (an early look spends about 1e-16 split over the comparisons). math.inf when there is
+    nothing to spend (share <= 0): no finite bound may then call a regression."""
+    return -_NORMAL.inv_cdf(share) if share > 0.0 else math.inf
 
 
 def look_index(information_count: int, pass_evidence: int, looks: int) -> int:
@@ -117,7 +169,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       between looks and comparisons.
     - A comparison with at least `min_evidence` on each side is a regression when the upper
       bound of Newcombe's interval for (new − old) at the one-sided level of its share lies
-      below −margin (z = Φ⁻¹(1 − share)).
+      below −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)).
     - The watch ends `regressed` when any comparison regressed; `passed` after the last look
       (K) without one ("no regression found", not "proved as good"); `expired` when
       `expire_days` have passed since the publish before that; otherwise it goes on
@@ -137,7 +189,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     if test:
         spent_after = max(evidence.alpha_spent, obf_alpha_spent(due / s.looks, s.alpha))
         share = (spent_after - evidence.alpha_spent) / planned
-        z = _NORMAL.inv_cdf(1.0 - share) if share > 0 else math.inf
+        z = _upper_quantile(share)
 
     comparisons = tuple(
         _compare(c, z, s.margin, s.min_evidence, test)
@@ -189,10 +241,17 @@ def _compare(
     counts = {
         "new_n": c.new_n, "new_passed": c.new_passed, "old_n": c.old_n, "old_passed": c.old_passed,
     }
-    difference = (
-        c.new_passed / c.new_n - c.old_passed / c.old_n if c.new_n and c.old_n else None
-    )
-    if min(c.new_n, c.old_n) < min_evidence:
+    # Strata with evidence on both sides (a module seen on one side only has nothing to be
+    # compared with); a comparison without strata is one stratum.
+    strata = [
+        (s.new_passed, s.new_n, s.old_passed, s.old_n)
+        for s in c.strata or (WatchStratum(new_n=c.new_n, new_passed=c.new_passed,
+                                           old_n=c.old_n, old_passed=c.old_passed),)
+        if s.new_n and s.old_n
+    ]
+    difference = standardized_interval(strata, 1.0)[0] if strata else None
+    compared = min(sum(s[1] for s in strata), sum(s[3] for s in strata))
+    if compared < min_evidence:
         return WatchComparison(
             scope=c.scope, kind=c.kind, module_key=c.module_key, value=None,
             difference=difference, threshold=threshold,
@@ -205,10 +264,7 @@ def _compare(
             difference=difference, threshold=threshold,
             verdict=WatchComparisonVerdict.not_tested, evidence=counts,
         )
-    upper = (
-        1.0 if math.isinf(z)
-        else newcombe_interval(c.new_passed, c.new_n, c.old_passed, c.old_n, z)[1]
-    )
+    upper = 1.0 if math.isinf(z) else standardized_interval(strata, z)[2]
     verdict = (
         WatchComparisonVerdict.regressed if upper < threshold
         else WatchComparisonVerdict.no_regression
@@ -216,5 +272,5 @@ def _compare(
     return WatchComparison(
         scope=c.scope, kind=c.kind, module_key=c.module_key, value=upper,
         difference=difference, threshold=threshold, verdict=verdict, evidence=counts,
-        method=NEWCOMBE_METHOD,
+        method=NEWCOMBE_METHOD if len(strata) == 1 else STANDARDIZED_METHOD,
     )

@@ -148,6 +148,11 @@ create unique index persona_training_events_current_vote_idx
 create index persona_training_events_audits_idx
   on public.persona_training_events (persona_spec_id, trace_id, created_at desc, id desc)
   where source = 'persona_audit';
+-- Audits of a twin by trace: the production watch leaves out an audit of a trace also audited
+-- under another spec (a replay, not production; claim_production_watch).
+create index persona_training_events_audit_traces_idx
+  on public.persona_training_events (twin_id, trace_id, persona_spec_id, id)
+  where source = 'persona_audit';
 -- The outbox claim takes due rows `order by langfuse_next_attempt_at, id`: with the id in the key
 -- it is an index scan that stops at its limit, even when many rows share one due time (a requeue
 -- gives every requeued row the same).

@@ -401,8 +401,9 @@ begin
   if v_previous.id is null then
     raise exception using
       errcode = 'PT409',
-      message = format('twin %s: spec version %s is the only spec published; there is nothing '
-                       'to roll back to', p_twin_id, v_current.version);
+      message = format('twin %s: no spec was published before version %s that was not itself '
+                       'rolled back; there is nothing to roll back to', p_twin_id,
+                       v_current.version);
   end if;
 
   insert into public.persona_feedback_learning_runs (
@@ -1503,9 +1504,9 @@ begin
   -- Current votes (+1 passes, -1 fails, 0 is no evidence) and the two specs' audits, cast up to
   -- the run's time within the run's batch, counted per kind and match key (module_key if given,
   -- else intent_label), then matched to the modules as learning matches them. An audit of a
-  -- trace audited under both specs is the gate's pairing (an offline comparison, made just
-  -- before the publish for the replaced spec), not production evidence: it counts on neither
-  -- side (found through the audit index, one probe per audit).
+  -- trace also audited under any other spec of the twin is a replay (a gate's pairing, whatever
+  -- draft it judged), not production evidence: it counts on neither side (one probe per audit,
+  -- through the index on audits by twin and trace).
   with evidence as (
     -- Each side through the index on (twin_id, created_at), newest first and at most 50,000 of
     -- its events (watch_pass_evidence is at most 50,000): the call's cost is bounded however
@@ -1522,8 +1523,9 @@ begin
              or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.spec_id
                  and not exists (
                    select 1 from public.persona_training_events p
-                   where p.persona_spec_id = v_watch.previous_spec_id
-                     and p.trace_id = e.trace_id and p.source = 'persona_audit'
+                   where p.twin_id = v_run.twin_id and p.trace_id = e.trace_id
+                     and p.source = 'persona_audit'
+                     and p.persona_spec_id is distinct from e.persona_spec_id
                      and p.id <= v_run.batch_last_event_id)))
       order by e.created_at desc
       limit 50000
@@ -1540,8 +1542,9 @@ begin
              or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.previous_spec_id
                  and not exists (
                    select 1 from public.persona_training_events p
-                   where p.persona_spec_id = v_watch.spec_id
-                     and p.trace_id = e.trace_id and p.source = 'persona_audit'
+                   where p.twin_id = v_run.twin_id and p.trace_id = e.trace_id
+                     and p.source = 'persona_audit'
+                     and p.persona_spec_id is distinct from e.persona_spec_id
                      and p.id <= v_run.batch_last_event_id)))
       order by e.created_at desc
       limit 50000
@@ -1561,15 +1564,34 @@ begin
     select false, m.intent_label, m.module_key
     from public.persona_modules m where m.twin_id = v_run.twin_id
   ),
-  sums as (
-    -- Twin-wide: every event once, matched to a module or not; both kinds, even without any.
-    select d.kind, null::text as module_key,
+  -- The twin-wide comparison's strata: each event in exactly one, the module it is matched to
+  -- (the first by module_key when several share its intent_label), or none (null).
+  stratum_sums as (
+    select d.kind, s.module_key,
            coalesce(sum(k.n) filter (where k.is_new), 0) as new_n,
            coalesce(sum(k.passed) filter (where k.is_new), 0) as new_passed,
            coalesce(sum(k.n) filter (where not k.is_new), 0) as old_n,
            coalesce(sum(k.passed) filter (where not k.is_new), 0) as old_passed
     from kinds d
-    left join per_key k on k.is_vote = d.is_vote
+    join per_key k on k.is_vote = d.is_vote
+    left join lateral (
+      select min(t.module_key) as module_key from targets t
+      where t.by_key = k.by_key and t.key = k.key
+    ) s on true
+    group by d.kind, s.module_key
+  ),
+  sums as (
+    -- Twin-wide: every event once, matched to a module or not; both kinds, even without any.
+    select d.kind, null::text as module_key,
+           coalesce(sum(k.new_n), 0) as new_n, coalesce(sum(k.new_passed), 0) as new_passed,
+           coalesce(sum(k.old_n), 0) as old_n, coalesce(sum(k.old_passed), 0) as old_passed,
+           coalesce(jsonb_agg(jsonb_build_object(
+             'module_key', k.module_key, 'new_n', k.new_n, 'new_passed', k.new_passed,
+             'old_n', k.old_n, 'old_passed', k.old_passed)
+             order by k.module_key nulls last) filter (where k.kind is not null), '[]')
+             as strata
+    from kinds d
+    left join stratum_sums k on k.kind = d.kind
     group by d.kind
     union all
     -- Per module with evidence (an event whose intent_label several modules share counts for
@@ -1578,7 +1600,8 @@ begin
            coalesce(sum(k.n) filter (where k.is_new), 0),
            coalesce(sum(k.passed) filter (where k.is_new), 0),
            coalesce(sum(k.n) filter (where not k.is_new), 0),
-           coalesce(sum(k.passed) filter (where not k.is_new), 0)
+           coalesce(sum(k.passed) filter (where not k.is_new), 0),
+           null
     from kinds d
     join per_key k on k.is_vote = d.is_vote
     join targets t on t.by_key = k.by_key and t.key = k.key
@@ -1587,7 +1610,8 @@ begin
   select
     (select jsonb_agg(jsonb_build_object(
        'scope', 'twin', 'kind', c.kind, 'module_key', null, 'new_n', c.new_n,
-       'new_passed', c.new_passed, 'old_n', c.old_n, 'old_passed', c.old_passed)
+       'new_passed', c.new_passed, 'old_n', c.old_n, 'old_passed', c.old_passed,
+       'strata', c.strata)
        order by c.kind)
      from sums c where c.module_key is null),
     (select coalesce(jsonb_agg(jsonb_build_object(
@@ -1625,15 +1649,19 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'else {watch: {watch_id, spec_id, previous_spec_id, published_at, window_start, learning_time '
   'T, alpha_spent, looks_done, modules_total, settings {mode, margin, alpha, min_evidence, '
   'pass_evidence, looks, expire_days}, twin [{scope twin, kind, module_key null, new_n, '
-  'new_passed, old_n, old_passed}: one per kind, audits then votes], modules [the same per '
-  'module and kind with evidence, by module_key then kind]}}. Kinds are never pooled. votes: '
-  'current votes with score +1 (passed) or -1 cast from published_at to T (new) against those '
-  'cast from window_start = max(published_at - (T - published_at), previous_published_at) to '
-  'published_at (old); audits: audits of spec_id from published_at to T (new) against audits of '
-  'previous_spec_id from window_start to published_at (old), neither counting an audit of a '
-  'trace audited under both specs (the gate''s pairing). Only events of the batch or before it; '
-  'matched to modules by module_key, else intent_label. Counts, not weights; each side at most '
-  'its latest 50,000 events (through the index on (twin_id, created_at)). Raises P0002 and PT409 '
+  'new_passed, old_n, old_passed, strata [{module_key (null: matched to no module), new_n, '
+  'new_passed, old_n, old_passed}: a partition of the twin-wide counts, each event under the '
+  'module it is matched to (the first by module_key when several match), by module_key, nulls '
+  'last]}: one per kind, audits then votes], modules [{scope module, kind, module_key, new_n, '
+  'new_passed, old_n, old_passed} per module and kind with evidence, by module_key then kind]}}. '
+  'Kinds are never pooled. votes: current votes with score +1 (passed) or -1 cast from '
+  'published_at to T (new) against those cast from window_start = max(published_at - (T - '
+  'published_at), previous_published_at) to published_at (old); audits: audits of spec_id from '
+  'published_at to T (new) against audits of previous_spec_id from window_start to published_at '
+  '(old), neither counting an audit of a trace also audited under any other spec of the twin, '
+  'or one since deleted (a replay: a gate''s pairing, whatever draft). Only events of the batch or before it; matched '
+  'to modules by module_key, else intent_label. Counts, not weights; each side at most its '
+  'latest 50,000 events (through the index on (twin_id, created_at)). Raises P0002 and PT409 '
   '(HTTP 409, stale lease) as private.lock_leased_run; 55000 when the run has no batch.';
 
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
@@ -1957,7 +1985,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261214000100'::text;
+  select '20261216000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

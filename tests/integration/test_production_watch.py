@@ -62,26 +62,31 @@ def audits(
 
 
 def votes(
-    db: psycopg.Connection, twin: Twin, voter: str, up: int, down: int, *, at: str, prefix: str
+    db: psycopg.Connection, twin: Twin, voter: str, up: int, down: int, *, at: str, prefix: str,
+    intent: str = "casual_chat",
 ) -> None:
-    """`up` +1 and `down` -1 votes of one user on traces <prefix>-<i> (small_talk's intent)."""
+    """`up` +1 and `down` -1 votes of one user on traces <prefix>-<i> of the intent `intent`
+    (small_talk's unless given)."""
     db.execute(
         "insert into public.persona_training_events (twin_id, trace_id, score, reason, "
         "intent_label, created_by, created_at) "
         "select %s, %s || '-' || g, case when g <= %s then 1 else -1 end, "
         "case when g <= %s then 'helpful' else 'off_persona' end::public.training_event_reason, "
-        f"'casual_chat', %s, {at} from generate_series(1, %s) g",
-        (twin.id, prefix, up, up, voter, up + down),
+        f"%s, %s, {at} from generate_series(1, %s) g",
+        (twin.id, prefix, up, up, intent, voter, up + down),
     )
 
 
 def published_twin(
-    db: psycopg.Connection, runner: Runner, owner: User, **settings: object
+    db: psycopg.Connection, runner: Runner, owner: User, modules: dict[str, str] | None = None,
+    **settings: object,
 ) -> tuple[Twin, str, Run]:
-    """A twin whose draft (v2) was published over v1 by a real run; the publish and v1's moved
-    2 and 30 days into the past. Returns the twin, its watch's id and the publishing run."""
-    twin = create_twin(db, owner.id, MODULES, settings={"auto_publish": True, **settings},
-                       draft={"modules": list(MODULES)})
+    """A twin (of `modules`, MODULES if not given) whose draft (v2) was published over v1 by a
+    real run; the publish and v1's moved 2 and 30 days into the past. Returns the twin, its
+    watch's id and the publishing run."""
+    modules = modules or MODULES
+    twin = create_twin(db, owner.id, modules, settings={"auto_publish": True, **settings},
+                       draft={"modules": list(modules)})
     # The gate's evidence: 80 traces both specs pass (Tango's bound -0.0458 >= -0.05), audited
     # 10 days ago, outside every window below.
     assert twin.draft_spec_id is not None
@@ -214,6 +219,14 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
     assert "rolled back" in shown and "watch of v2: regressed at look 5/10, rolled back" in shown
     assert "twin-wide audits 120/200 passed since the publish vs 170/200 before" in shown
 
+    # v2 was rolled back: a plain rollback of v1 has no earlier spec to go to that was not
+    # itself rolled back (v1 is not "the only spec published": v2 was), and changes nothing.
+    again = rollback(owner, twin, "v1 too")
+    assert (again.status_code, again.json()["message"]) == (409, (
+        f"twin {twin.id}: no spec was published before version 1 that was not itself rolled "
+        "back; there is nothing to roll back to")), again.text
+    assert published_count(db, twin) == 1 and spec_rows(db, twin)[0][1] == "published"
+
 
 def test_alert_mode_records_the_regression_and_changes_no_spec(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
@@ -315,6 +328,114 @@ def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
     assert twin_wide["audits"]["verdict"] == "no_regression"
     assert watch_row(db, watch_id)["state"] == "watching"
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_the_next_drafts_gate_audits_make_no_false_regression(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The second review's case: v2 was published over v1 two days ago (auto). Production is
+    # unchanged: audits 180/200 of each spec, votes 180/300 before and after. An hour ago the
+    # next draft, v3, was gated against v2 on a hard set of 300 traces (both 60%: v3 as good as
+    # v2). Its pairing is neither of the watch's two specs', and counted on the new side it read
+    # 360/500 against 180/200 and rolled v2 back; an audit of a trace also audited under any
+    # other spec is a replay and counts on neither side.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 180, 20, at="now() - interval '3 days'",
+           prefix="prod-before")
+    audits(db, twin, twin.draft_spec_id, 180, 20, at="now() - interval '1 day'",
+           prefix="prod-after")
+    votes(db, twin, owner.id, 180, 120, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 180, 120, at="now() - interval '1 day'", prefix="vote-after")
+    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
+                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    for spec in (twin.draft_spec_id, v3):
+        audits(db, twin, spec, 180, 120, at="now() - interval '1 hour'", prefix="hard-set")
+    # The owner publishes v3 by hand, later: this run judges the watch alone.
+    db.execute("update public.persona_learning_settings set auto_publish = false "
+               "where twin_id = %s", (twin.id,))
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason != "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"]) == ("watching", "none")
+    twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
+    assert twin_wide["audits"]["evidence"] == {
+        "new_n": 200, "new_passed": 180, "old_n": 200, "old_passed": 180}
+    assert {c["verdict"] for c in report["comparisons"]} == {"no_regression"}
+    assert watch_row(db, watch_id)["state"] == "watching"
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "archived", False, None),
+        (twin.draft_spec_id, "published", False, None),
+        (v3, "draft", False, None),
+    ]
+    # The owner deletes draft v3: its audits lose their spec (on delete set null) and are still
+    # the other half of a replay, not v2's production.
+    db.execute("delete from public.persona_specs where id = %s", (v3,))
+    votes(db, twin, owner.id, 1, 0, at="now()", prefix="late")
+    [later] = runner.run_once(UUID(twin.id))
+    assert later.gate_report is not None
+    audits_now = [c for c in later.gate_report["watch"]["comparisons"]
+                  if (c["scope"], c["kind"]) == ("twin", "audits")]
+    assert [c["evidence"] for c in audits_now] == [
+        {"new_n": 200, "new_passed": 180, "old_n": 200, "old_passed": 180}]
+    assert later.hold_reason != "rolled_back" and watch_row(db, watch_id)["state"] == "watching"
+
+
+def test_a_change_in_module_mix_alone_rolls_nothing_back(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # small_talk 90% up before and after, evidence_answers 50% before and after; only the
+    # traffic moves (320 of 400 votes on small_talk before, 200 of 400 after). Pooled, the twin
+    # read 280/400 against 328/400 and rolled back while both modules held; by module,
+    # standardised to the old side's mix, nothing changed.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    for intent, before, after in (("casual_chat", (288, 32), (180, 20)),
+                                  ("factual_with_evidence", (40, 40), (100, 100))):
+        votes(db, twin, owner.id, *before, at="now() - interval '3 days'",
+              prefix=f"before-{intent}", intent=intent)
+        votes(db, twin, owner.id, *after, at="now() - interval '1 day'",
+              prefix=f"after-{intent}", intent=intent)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason != "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("passed", "none", 10)
+    votes_ = {c["module_key"]: c for c in report["comparisons"] if c["kind"] == "votes"}
+    assert votes_[None]["evidence"] == {
+        "new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}
+    assert votes_[None]["difference"] == pytest.approx(0.0, abs=1e-12)
+    assert votes_[None]["method"] == "newcombe_mover_standardized"
+    assert {k: c["verdict"] for k, c in votes_.items()} == {
+        None: "no_regression", "evidence_answers": "no_regression",
+        "small_talk": "no_regression"}
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_an_early_look_at_a_small_alpha_over_many_modules_completes(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # 5 modules, watch_alpha 0.01, 10 looks, 40 votes a side: look 1 spends about 4e-16, split
+    # over 12 comparisons; 1 - share rounded to 1.0 and every run of the twin failed.
+    owner = make_user("owner")
+    modules = MODULES | {f"extra_{i}": f"intent_{i}" for i in range(3)}
+    twin, watch_id, _ = published_twin(db, runner, owner, modules, watch_alpha=0.01)
+    votes(db, twin, owner.id, 32, 8, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 32, 8, at="now() - interval '1 day'", prefix="vote-after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert (run.status, run.attempts) == ("completed", 1), run.error
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["look"], report["tested"], report["comparisons_planned"]) == (
+        "watching", 1, True, 12)
+    assert 0 < report["alpha_per_comparison"] < 1e-16 and report["z"] > 8
+    assert watch_row(db, watch_id)["looks_done"] == 1
 
 
 def test_a_15_point_drop_in_votes_alone_rolls_back(

@@ -688,8 +688,8 @@ def test_rollback_with_nothing_earlier_is_refused(
     version = scalar(db, "select version from public.persona_specs where id = %s",
                      w.published_spec)
     assert response.json()["message"] == (
-        f"twin {w.twin}: spec version {version} is the only spec published; there is nothing "
-        "to roll back to")
+        f"twin {w.twin}: no spec was published before version {version} that was not itself "
+        "rolled back; there is nothing to roll back to")
     assert snapshot_all(db, w) == before
 
 

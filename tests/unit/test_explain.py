@@ -205,6 +205,23 @@ def test_a_kind_without_evidence_and_a_report_from_before_kinds_in_words() -> No
     )
 
 
+def test_a_twin_wide_comparison_by_module_says_so() -> None:
+    # The pooled counts read as a drop; the verdict is on the difference at the earlier mix.
+    from worker.explain import describe_watch
+
+    by_module = {**WATCH_REPORT, "state": "passed", "action": "none", "look": 10,
+                 "comparisons": [
+        {"scope": "twin", "kind": "votes", "module_key": None, "value": 0.0612,
+         "difference": 0.0, "threshold": -0.02, "verdict": "no_regression",
+         "method": "newcombe_mover_standardized",
+         "evidence": {"new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}}]}
+    assert describe_watch({"watch": by_module}, {"spec-2": 2}) == (
+        "watch of v2: passed at look 10/10; twin-wide votes 280/400 up since the publish vs "
+        "328/400 before, no_regression (by module at the earlier mix: difference +0.0000, upper "
+        "bound 0.0612, threshold -0.02)"
+    )
+
+
 def test_an_alert_a_pass_and_an_owner_rollback_in_words() -> None:
     from worker.explain import describe_watch, watch_outcome
 

@@ -31,8 +31,15 @@ from worker.models import (
     WatchReport,
     WatchSettings,
     WatchState,
+    WatchStratum,
 )
-from worker.watch import decide_watch, look_index, newcombe_interval, obf_alpha_spent
+from worker.watch import (
+    decide_watch,
+    look_index,
+    newcombe_interval,
+    obf_alpha_spent,
+    standardized_interval,
+)
 
 Z95 = NormalDist().inv_cdf(0.975)
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -549,3 +556,233 @@ def test_a_15_point_drop_in_votes_is_caught_beside_audits_that_hold() -> None:
                     seed=17)
     caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
     assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+
+
+# --- every look of every plan can be computed ----------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0001, 0.001, 0.01, 0.05, 0.5])
+@pytest.mark.parametrize("looks", [1, 2, 5, 10, 40, 100])
+@pytest.mark.parametrize("modules_total", [0, 1, 5, 50])
+def test_every_look_of_every_plan_has_a_finite_quantile(
+    alpha: float, looks: int, modules_total: int
+) -> None:
+    # An early look spends about 1e-16 (alpha 0.01, look 1 of 10), split over 2 x (1 + modules)
+    # comparisons: 1 - share rounds to 1.0, and Φ⁻¹(1 - share) raised, failing every run of the
+    # twin (the review's case: 5 modules, alpha 0.01, 10 looks, 40 votes a side). Each look of
+    # the plan, reached in turn, has a positive finite z at the level of its share (or none when
+    # the share underflows to 0: nothing to spend), and a drop from all passing to none passing
+    # regresses by the last look.
+    pass_evidence = 100 * looks
+    spent, done = 0.0, 0
+    modules = tuple(module(f"m{i}", "votes", (0, 0), (0, 0)) for i in range(modules_total))
+    for k in range(1, looks + 1):
+        n = k * pass_evidence // looks
+        made = decide_watch(evidence(
+            (n, 0), (n, n), looks_done=done, alpha_spent=spent, modules=modules,
+            modules_total=modules_total, alpha=alpha, looks=looks, pass_evidence=pass_evidence,
+            min_evidence=1, expire_days=3650))
+        assert made.tested and made.look == k
+        share = made.alpha_per_comparison
+        assert share is not None and share >= 0
+        if share == 0:  # below the smallest float (alpha 1e-4, look 1 of 100: about 1e-330)
+            assert made.z is None and made.state is WatchState.watching
+        else:
+            assert made.z is not None and 0 < made.z < 40
+            assert 0.5 * math.erfc(made.z / math.sqrt(2)) == pytest.approx(share, rel=1e-6)
+        spent, done = made.alpha_spent, made.look
+        if made.state is not WatchState.watching:
+            break
+    assert made.state is WatchState.regressed
+
+
+# --- the twin-wide comparison by module ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("z", [1.0, Z95, 2.807])
+def test_one_stratum_is_newcombes_interval(z: float) -> None:
+    for n1 in (1, 5, 13, 40):
+        for n2 in (1, 5, 13, 40):
+            for x1 in range(n1 + 1):
+                for x2 in range(n2 + 1):
+                    d, lower, upper = standardized_interval([(x1, n1, x2, n2)], z)
+                    assert d == pytest.approx(x1 / n1 - x2 / n2)
+                    assert (lower, upper) == pytest.approx(newcombe_interval(x1, n1, x2, n2, z))
+
+
+def test_the_standardised_bounds_by_hand() -> None:
+    # Two strata, weights 0.75 and 0.25 (the old side's mix, 300 and 100): d and each bound as
+    # the MOVER combination of the four Wilson intervals, computed here term by term.
+    strata = [(150, 200, 270, 300), (20, 40, 50, 100)]
+    d, lower, upper = standardized_interval(strata, Z95)
+    terms_up = terms_low = 0.0
+    for (x1, n1, x2, n2), w in zip(strata, (0.75, 0.25), strict=True):
+        p1, p2 = x1 / n1, x2 / n2
+        c1, c2 = n1 + Z95**2, n2 + Z95**2
+        h1 = Z95 * math.sqrt(n1 * p1 * (1 - p1) + Z95**2 / 4) / c1
+        h2 = Z95 * math.sqrt(n2 * p2 * (1 - p2) + Z95**2 / 4) / c2
+        m1, m2 = (x1 + Z95**2 / 2) / c1, (x2 + Z95**2 / 2) / c2  # Wilson centres
+        terms_up += w * w * ((m1 + h1 - p1) ** 2 + (p2 - (m2 - h2)) ** 2)
+        terms_low += w * w * ((p1 - (m1 - h1)) ** 2 + (m2 + h2 - p2) ** 2)
+    assert d == pytest.approx(0.75 * (0.75 - 0.9) + 0.25 * (0.5 - 0.5))
+    assert upper == pytest.approx(d + math.sqrt(terms_up))
+    assert lower == pytest.approx(d - math.sqrt(terms_low))
+
+
+@pytest.mark.parametrize(
+    ("strata", "z", "message"),
+    [([], Z95, "need at least one stratum"), ([(1, 2, 1, 0)], Z95, "need 0 <= x <= n"),
+     ([(3, 2, 1, 2)], Z95, "need 0 <= x <= n"), ([(1, 2, 1, 2)], 0.0, "z must be > 0")],
+)
+def test_standardised_interval_refuses_what_it_cannot_judge(
+    strata: list[tuple[int, int, int, int]], z: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        standardized_interval(strata, z)
+
+
+def stratified(kind: WatchKind, *strata: tuple[str | None, int, int, int, int]
+               ) -> WatchComparisonEvidence:
+    """A twin-wide comparison from its strata (module_key, new_n, new_passed, old_n,
+    old_passed)."""
+    parts = tuple(WatchStratum(module_key=k, new_n=a, new_passed=b, old_n=c, old_passed=d)
+                  for k, a, b, c, d in strata)
+    return WatchComparisonEvidence(
+        scope="twin", kind=kind, strata=parts,
+        **{f: sum(getattr(p, f) for p in parts)
+           for f in ("new_n", "new_passed", "old_n", "old_passed")})
+
+
+def test_a_change_in_module_mix_alone_is_no_regression() -> None:
+    # The review's case: small_talk 90% up before and after, evidence_answers 50% before and
+    # after; only the traffic moves (320 of 400 votes on small_talk before, 200 of 400 after).
+    # Pooled, the twin read 280/400 against 328/400 (70% against 82%) and rolled back while
+    # both modules held; standardised to the old side's mix, the difference is 0.
+    by_module = stratified(
+        "votes", ("evidence_answers", 200, 100, 80, 40), ("small_talk", 200, 180, 320, 288))
+
+    def watch(twin_votes_evidence: WatchComparisonEvidence) -> WatchReport:
+        return decide_watch(WatchEvidence(
+            watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
+            window_start=T0 - timedelta(days=2), learning_time=T0 + timedelta(days=2),
+            alpha_spent=0.0, looks_done=0, modules_total=2,
+            settings=WatchSettings(mode=WatchMode.auto),
+            twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0, new_passed=0,
+                                          old_n=0, old_passed=0), twin_votes_evidence),
+            modules=(module("evidence_answers", "votes", (200, 100), (80, 40)),
+                     module("small_talk", "votes", (200, 180), (320, 288))),
+        ))
+
+    made = watch(by_module)
+    assert (made.state, made.action, made.look) == (WatchState.passed, WatchAction.none, 10)
+    twin = twin_votes(made)
+    assert twin.difference == pytest.approx(0.0, abs=1e-12)
+    assert (twin.verdict, twin.method) == (WatchComparisonVerdict.no_regression,
+                                           "newcombe_mover_standardized")
+    assert twin.evidence == {"new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}
+    assert [c.verdict for c in made.comparisons if c.scope == "module"] == [
+        WatchComparisonVerdict.no_regression] * 2
+    # The same counts pooled (no strata: one) roll back.
+    pooled = watch(by_module.model_copy(update={"strata": ()}))
+    assert (pooled.state, pooled.action) == (WatchState.regressed, WatchAction.roll_back)
+
+
+def test_strata_must_add_up_to_the_comparison() -> None:
+    with pytest.raises(ValueError, match="strata do not sum"):
+        WatchComparisonEvidence(
+            scope="twin", kind="votes", new_n=10, new_passed=5, old_n=10, old_passed=5,
+            strata=(WatchStratum(module_key="a", new_n=9, new_passed=5, old_n=10,
+                                 old_passed=5),))
+
+
+def test_a_module_seen_on_one_side_only_is_left_out_of_the_standardised_difference() -> None:
+    # A module live only since the switch has nothing to be compared with: the difference is
+    # that of the module seen on both sides.
+    made = decide_watch(WatchEvidence(
+        watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
+        window_start=T0 - timedelta(days=1), learning_time=T0 + timedelta(days=1),
+        alpha_spent=0.0, looks_done=0, modules_total=2, settings=WatchSettings(),
+        twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0, new_passed=0,
+                                      old_n=0, old_passed=0),
+              stratified("votes", ("a", 200, 120, 200, 170), ("b", 200, 0, 0, 0))),
+    ))
+    twin = twin_votes(made)
+    assert twin.difference == pytest.approx(0.6 - 0.85)
+    assert (twin.verdict, twin.method) == (WatchComparisonVerdict.regressed,
+                                           "newcombe_hybrid_score")
+
+
+def simulate_mix(
+    p_old: dict[str, float], p_new: dict[str, float], mix_old: dict[str, float],
+    mix_new: dict[str, float], *, watches: int, seed: int, per_run: int = 4, runs: int = 100,
+) -> list[tuple[WatchState, int] | None]:
+    """Whole watches of votes in two modules: each run adds `per_run` votes a side, each on a
+    module drawn by that side's mix, passing at that module's rate on that side; the twin-wide
+    comparison by module and each module's own (default settings, auto)."""
+    rng = random.Random(seed)
+    settings = WatchSettings(mode=WatchMode.auto, expire_days=365)
+    keys = sorted(p_old)
+    ends: list[tuple[WatchState, int] | None] = []
+    for _ in range(watches):
+        c = {k: [0, 0, 0, 0] for k in keys}
+        looks, spent, end = 0, 0.0, None
+        for run in range(1, runs + 1):
+            for side, probs, mix in ((0, p_new, mix_new), (2, p_old, mix_old)):
+                for _ in range(per_run):
+                    k = rng.choices(keys, weights=[mix[k] for k in keys])[0]
+                    c[k][side] += 1
+                    c[k][side + 1] += rng.random() < probs[k]
+            made = decide_watch(WatchEvidence(
+                watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
+                window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
+                alpha_spent=spent, looks_done=looks, modules_total=len(keys), settings=settings,
+                twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0,
+                                              new_passed=0, old_n=0, old_passed=0),
+                      stratified("votes", *((k, c[k][0], c[k][1], c[k][2], c[k][3])
+                                            for k in keys))),
+                modules=tuple(module(k, "votes", (c[k][0], c[k][1]), (c[k][2], c[k][3]))
+                              for k in keys),
+            ))
+            spent, looks = made.alpha_spent, made.look
+            if made.state is not WatchState.watching:
+                end = (made.state, sum(v[0] for v in c.values()))
+                break
+        ends.append(end)
+    return ends
+
+
+def test_with_the_module_mix_moving_and_no_true_difference_under_5_percent_regress() -> None:
+    # small_talk 90% and evidence_answers 50% on both sides; 80% of the votes on small_talk
+    # before the switch, 50% after (pooled: 82% against 70%, a regression every time).
+    ends = simulate_mix({"e": 0.5, "s": 0.9}, {"e": 0.5, "s": 0.9}, {"e": 0.2, "s": 0.8},
+                        {"e": 0.5, "s": 0.5}, watches=200, seed=18)
+    assert regressed_share(ends) < 0.05
+
+
+def test_a_15_point_drop_in_every_module_is_caught_with_the_mix_moving() -> None:
+    # Both modules drop 15 points (90% -> 75%, 65% -> 50%) while the mix moves as above: at
+    # least 90% of watches regress by the last look (400 votes a side).
+    ends = simulate_mix({"e": 0.65, "s": 0.9}, {"e": 0.5, "s": 0.75}, {"e": 0.2, "s": 0.8},
+                        {"e": 0.5, "s": 0.5}, watches=200, seed=19)
+    caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
+    assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+
+
+# README's low-traffic tables: votes alone at 80% (old passed = round(0.8 n)), n a side, the
+# default plan over 6 comparisons, each look reached in turn -> the smallest observed drop (in
+# points, rounded) the look reached at n calls a regression; None: no look reached.
+DROP_NEEDED = [(42, 69), (70, 56), (140, 24), (280, 14), (420, 11),  # 14 days
+               (21, None), (35, None), (210, 17)]  # 7 days (70 and 140 as above)
+
+
+@pytest.mark.parametrize(("n", "drop"), DROP_NEEDED)
+def test_the_drop_a_low_traffic_watch_needs(n: int, drop: int | None) -> None:
+    old = round(0.8 * n)
+    k = look_index(n, 400, 10)
+    regressing = [
+        x for x in range(n + 1)
+        if decide_watch(evidence((n, x), (n, old), looks_done=k - 1 if k else 0,
+                                 alpha_spent=obf_alpha_spent((k - 1) / 10, 0.05) if k else 0.0,
+                                 modules_total=2)).state is WatchState.regressed
+    ]
+    assert (round(100 * (old - max(regressing)) / n) if regressing else None) == drop
