@@ -2,27 +2,35 @@
 
 One mode per server generation in use (`generation`), each accepting and refusing what that
 server's own validation does, as read in Langfuse's public source at v3.225.4 (latest v3) and
-v4.16.0 (the newest release in the source available, 2026-08-21; the main branch to 2026-08-22
-changes nothing below): web/src/pages/api/public/ingestion.ts, scores/index.ts, health.ts;
-packages/shared/src/server/ingestion/{types,processEventBatch}.ts, utils/scores.ts;
-web/src/features/public-api/server/{apiAuth,RateLimitService}.ts; worker/src/services/
-IngestionService/{index,utils}.ts; ClickHouse migration 0003_scores. No 4.59 or Cloud source
-was available: for those, the langfuse 5.x SDK's generated client and Langfuse's docs.
+v4.16.0 (the newest release in the source available, 2026-08-21; the main branch to 2026-08-22,
+commit 62751446149b, changes nothing below): web/src/pages/api/public/ingestion.ts,
+scores/index.ts, health.ts; packages/shared/src/server/ingestion/{types,processEventBatch}.ts,
+utils/scores.ts; web/src/features/public-api/server/{apiAuth,RateLimitService}.ts;
+worker/src/services/IngestionService/{index,utils}.ts; ClickHouse migration 0003_scores. No
+4.59 or Cloud source was available: for their `/api/public/scores` array, the langfuse 5.x SDK's
+generated client; for Cloud's ingestion route from 2026-11-16, Langfuse's own statements
+(langfuse/langfuse#17453, langfuse/langfuse-docs#3562), which match the events-only code above.
 
-- `v3` (3.225.4) and `v4` (4.16.0): `POST /api/public/ingestion` takes `{"batch": [...]}`
-  (JSON, `Content-Type: application/json`) up to 4.5 MB (the route's `bodyParser.sizeLimit`;
-  its API definition tells clients 3.5 MB) and answers 207 `{"successes": [{id, status: 201}],
-  "errors": [{id, status: 400, message, error}]}`, a score taking its event's timestamp.
+- `v3` (3.225.4): `POST /api/public/ingestion` takes `{"batch": [...]}` (JSON, `Content-Type:
+  application/json`) up to 4.5 MB (the route's `bodyParser.sizeLimit`; its API definition tells
+  clients 3.5 MB) and answers 207 `{"successes": [{id, status: 201}], "errors": [{id, status:
+  400, message, error}]}`, a score taking its event's timestamp. Only score-create and sdk-log
+  events are modelled (a valid sdk-log is dropped: neither a success nor an error); other
+  types get a stand-in error, although v3 itself would take them.
   `POST /api/public/scores` takes ONE score object up to 1 MB (200 `{"id"}`; a JSON array is
   400 "Invalid request data") and makes it an event stamped with the time of receipt.
   Self-hosted: never 429, never a usage suspension.
-- `v4.59` (4.59.0) and `cloud`: ingestion the same; `POST /api/public/scores` also takes a JSON
+- `v4` (4.16.0): the same, in the `events_only` write mode, v4's default since 4.0.0: the
+  ingestion route keeps score-create and sdk-log events and refuses every other event type
+  inside the 207, one error per event {id, status 400, message "Event type not accepted",
+  error}, appended after the batch's own errors (`_events_only`).
+- `v4.59` (4.59.0) and `cloud`: ingestion as `v4` (Cloud: from 2026-11-16, when Langfuse shuts
+  the route down for every event type but scores); `POST /api/public/scores` also takes a JSON
   array up to 1 MB (202 `{"message": "Accepted"}`, or 207 `{"accepted", "rejected", "errors":
   [{"message"}]}`, no ids), stamped with the time of receipt (the SDK's `CreateScoreRequest`
   has no `timestamp`); SDK-documented, not source-verified.
   `cloud` alone answers 429 (Retry-After, X-RateLimit-*) and 403 "Ingestion suspended: Usage
-  threshold exceeded...". Langfuse's API definition (fern ingestion.yml, v4.16.0) announces the
-  removal of `/api/public/ingestion` on Cloud on 2026-11-16: mode `ingestion_removed`.
+  threshold exceeded...".
 
 Everywhere: HTTP Basic auth, the key found by its secret key (a wrong public key with the right
 secret is accepted, as apiAuth.ts does); 401 `{"error": "UnauthorizedError", "message"}` for a
@@ -41,10 +49,11 @@ a duplicate (`duplicates()`). `forget_event_log()` drops the event files (a life
 Faults switch at runtime (`set_mode`): `ok`, `partial` (reject chosen score ids in the 207),
 `unauthorized` (401), `rate_limited` (429, cloud), `suspended` (403, cloud), `error` (500),
 `redirect` (301 to https://, as an http→https proxy would), `hang` (read the request, never answer
-until the mode changes or the server stops), `ingestion_removed` (404 on /api/public/ingestion:
-what a server without that route answers; the answer Cloud gives since 2026-11-16 is in no
-source read), `proxy_page` (a 200 HTML page for every path: a proxy or a web app answering in
-Langfuse's place). "Down" is `stop()`; `start()` binds the same port.
+until the mode changes or the server stops), `no_route` (404 on /api/public/ingestion while
+health still answers: no Langfuse generation lacks the route, but a proxy in front of Langfuse
+that forwards only some paths, or sends this one elsewhere, answers so), `proxy_page` (a 200
+HTML page for every path: a proxy or a web app answering in Langfuse's place). "Down" is
+`stop()`; `start()` binds the same port.
 
 As a process (`testkit.standin_process`): `python -m testkit.standin --port P --generation G`
 prints the URL on its first stdout line and serves until SIGINT/SIGTERM; `POST /_standin/mode
@@ -89,11 +98,15 @@ Mode = Literal[
     "error",
     "redirect",
     "hang",
-    "ingestion_removed",
+    "no_route",
     "proxy_page",
 ]
 MODES: tuple[str, ...] = get_args(Mode)
 CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
+EVENTS_ONLY: frozenset[Generation] = frozenset({"v4", "v4.59", "cloud"})
+"""Generations whose ingestion route takes score and SDK log events only (see `_events_only`)."""
+SCORE_EVENT, LOG_EVENT = "score-create", "sdk-log"
+EVENT_TYPE_REFUSED = "Event type not accepted"
 
 SCORES_PATH = "/api/public/scores"
 INGESTION_PATH = "/api/public/ingestion"
@@ -137,7 +150,9 @@ class RecordedRequest:
             return [
                 e["body"]
                 for e in batch or []
-                if isinstance(e, dict) and isinstance(e.get("body"), dict)
+                if isinstance(e, dict)
+                and e.get("type") == SCORE_EVENT
+                and isinstance(e.get("body"), dict)
             ]
         if self.path == SCORES_PATH and self.method == "POST":
             items = self.body if isinstance(self.body, list) else [self.body]
@@ -412,15 +427,18 @@ class LangfuseStandin:
             }
         successes: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
+        batch, refused = _events_only(body["batch"], self.generation in EVENTS_ONLY)
         # one event file per score id per request, under the first event's id, events in
         # request order (processEventBatch groups the sorted batch by body id)
         files: dict[str, tuple[str, list[tuple[datetime, dict[str, Any]]]]] = {}
         valid = []
-        for event in body["batch"]:
+        for event in batch:
             event_id = event.get("id") if isinstance(event, dict) else None
             label = event_id if isinstance(event_id, str) else "unknown"
             problem = _invalid_event(event)
             score = event.get("body") if isinstance(event, dict) else None
+            if problem is None and event.get("type") == LOG_EVENT:
+                continue  # logged by the server, then dropped: neither a success nor an error
             if problem is None and isinstance(score, dict) and score.get("id") in reject:
                 status = reject_status
                 message = "Invalid request data" if status < 500 else "Internal Server Error"
@@ -455,7 +473,8 @@ class LangfuseStandin:
             files.setdefault(row["id"], (event["id"], []))[1].append((stamp, row))
         for file_key, events in files.values():
             self._store(file_key, events)
-        return 207, {"successes": successes, "errors": errors}
+        # the events-only refusals come after the batch's own errors, as ingestion.ts appends them
+        return 207, {"successes": successes, "errors": errors + refused}
 
     def _post_scores(self, body: Any, reject: Mapping[str, str]) -> tuple[int, Any]:
         """`POST /api/public/scores`: one score object on v3 and v4 (`scores/index.ts`,
@@ -604,9 +623,46 @@ def _invalid_event(event: object) -> str | None:
     timestamp = event.get("timestamp")
     if not isinstance(timestamp, str) or not _ISO_OFFSET.match(timestamp):
         return "timestamp: an ISO 8601 datetime with an offset is required"
-    if event.get("type") != "score-create":
+    if event.get("type") == LOG_EVENT:
+        log = event.get("body")
+        if not isinstance(log, dict) or "log" not in log:
+            return "body.log: required"
+        if log.get("id") is not None and not isinstance(log.get("id"), str):
+            return "body.id: expected a string"
+        return None
+    if event.get("type") != SCORE_EVENT:
         return f"type {event.get('type')!r}: this stand-in models score-create events only"
     return _invalid_score(event.get("body"))
+
+
+def _events_only(batch: list[Any], events_only: bool) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(the events processed further, the per-event errors of those refused): in v4's
+    `events_only` write mode (its default since 4.0.0, and Langfuse Cloud's for this route from
+    2026-11-16) `ingestion.ts` (`filterBatchForEventsOnly`, main to 2026-08-22) keeps only
+    score-create and sdk-log events, judged by the `type` alone, before any other validation;
+    each other event, or a non-object, is refused with status 400 under its id ("unknown" when
+    it has no string id). Off (v3): the whole batch goes on."""
+    if not events_only:
+        return batch, []
+    kept: list[Any] = []
+    refused: list[dict[str, Any]] = []
+    for event in batch:
+        kind = event.get("type") if isinstance(event, dict) else None
+        kind = kind if isinstance(kind, str) else None
+        if kind in (SCORE_EVENT, LOG_EVENT):
+            kept.append(event)
+            continue
+        event_id = event.get("id") if isinstance(event, dict) else None
+        refused.append(
+            {
+                "id": event_id if isinstance(event_id, str) else "unknown",
+                "status": 400,
+                "message": EVENT_TYPE_REFUSED,
+                "error": f"event type {kind or 'unknown'!r} refused: in the events_only write "
+                "mode this route takes score and SDK log events only",
+            }
+        )
+    return kept, refused
 
 
 def _invalid_score(score: object) -> str | None:
@@ -805,7 +861,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == HEALTH_PATH and self.command == "GET":
             return 200, {"status": "OK", "version": standin.version}, {}
         if path not in (INGESTION_PATH, SCORES_PATH) or (
-            mode == "ingestion_removed" and path == INGESTION_PATH
+            mode == "no_route" and path == INGESTION_PATH
         ):
             return 404, NOT_FOUND_PAGE, {}
         limit = INGESTION_LIMIT if path == INGESTION_PATH else SCORES_LIMIT

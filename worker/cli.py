@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -32,8 +32,10 @@ Handler = Callable[[argparse.Namespace, WorkerSettings, Store], int]
 """A subcommand: its arguments, the settings and the store in; the exit status out."""
 
 
-def summarize(run: Run) -> str:
-    """A run as an owner reads it: its outcome and figures, one fact per line."""
+def summarize(run: Run, versions: Mapping[str, int]) -> str:
+    """A run as an owner reads it: its outcome and figures, one fact per line. `versions` maps
+    the twin's spec ids (text) to their version numbers, for the watch's sentence
+    (`describe_watch`)."""
     decision = run.publish_decision or "-"
     if run.hold_reason:
         decision = f"{decision} ({run.hold_reason})"
@@ -47,7 +49,7 @@ def summarize(run: Run) -> str:
         f"  modules_updated={_fig(run.modules_updated)}",
         f"  gate_passed={_fig(run.gate_passed)}  publish_decision={decision}",
     ]
-    watched = describe_watch(run.gate_report, {})
+    watched = describe_watch(run.gate_report, versions)
     if watched:
         lines.append(f"  {watched}")
     for check in (run.gate_report or {}).get("checks", []):
@@ -120,7 +122,14 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
         request=args.twin is not None and (args.request or safe_mode is not None),
     )
     for run in runs:
-        print(summarize(run))
+        report = run.gate_report or {}
+        # Specs by version, as `pfl runs` names them: only a run that watched or rolled back
+        # names any.
+        versions = (
+            {str(v.id): v.version for v in store.spec_versions(run.twin_id)}
+            if report.get("watch") or report.get("rollback") else {}
+        )
+        print(summarize(run, versions))
     if not runs:
         print("no run was due")
     if args.output:

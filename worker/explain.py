@@ -218,23 +218,29 @@ def describe_watch(
         sentence += f", rolled back to {version(watch.get('previous_spec_id'))}"
     elif action == "alert":
         sentence += ", alert only (watch_mode alert: roll back with rollback_persona_spec)"
-    twin = next(
-        (c for c in watch.get("comparisons", []) if c.get("scope") == "twin"), None
-    )
-    if twin is not None:
-        e = twin.get("evidence", {})
-        sentence += (
-            f"; twin-wide {e.get('new_passed')}/{e.get('new_n')} passed since the publish "
-            f"vs {e.get('old_passed')}/{e.get('old_n')} before, {twin.get('verdict')}"
+    # One clause per kind with evidence (votes and audits are compared apart; a report from
+    # before that has one twin-wide comparison without a kind).
+    clauses = []
+    for c in watch.get("comparisons", []):
+        e = c.get("evidence", {})
+        if c.get("scope") != "twin" or not (e.get("new_n") or e.get("old_n")):
+            continue
+        kind = c.get("kind")
+        clause = (
+            f"{kind + ' ' if kind else ''}{e.get('new_passed')}/{e.get('new_n')} "
+            f"{'up' if kind == 'votes' else 'passed'} since the publish "
+            f"vs {e.get('old_passed')}/{e.get('old_n')} before, {c.get('verdict')}"
         )
-        if twin.get("value") is not None:
-            sentence += (
-                f" (upper bound {twin['value']:.4f}, threshold {twin.get('threshold')})"
-            )
+        if c.get("value") is not None:
+            clause += f" (upper bound {c['value']:.4f}, threshold {c.get('threshold')})"
+        clauses.append(clause)
+    if clauses:
+        sentence += "; twin-wide " + "; ".join(clauses)
     regressed = [
-        c.get("module_key") for c in watch.get("comparisons", [])
+        f"{c.get('module_key')}" + (f" ({c['kind']})" if c.get("kind") else "")
+        for c in watch.get("comparisons", [])
         if c.get("scope") == "module" and c.get("verdict") == "regressed"
     ]
     if regressed:
-        sentence += f"; modules regressed: {', '.join(str(k) for k in regressed)}"
+        sentence += f"; modules regressed: {', '.join(regressed)}"
     return sentence

@@ -13,8 +13,14 @@ from typing import Any
 
 import httpx
 
-from worker.langfuse_response import NO_INGESTION, Outcome, classify
-from worker.langfuse_sender import INGESTION_PATH, LangfuseSender, transport_error
+from worker.langfuse_response import (
+    INGESTION_PATH,
+    NO_ROUTE_HINT,
+    Outcome,
+    classify,
+    redirect_advice,
+)
+from worker.langfuse_sender import LangfuseSender, transport_error
 
 HEALTH_PATH = "/api/public/health"
 MIN_VERSION = (3, 49, 0)
@@ -46,7 +52,8 @@ def generation(version: tuple[int, int, int]) -> str:
 
 def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host (no Langfuse there, a redirect), the keys or the version cannot work (a usage
+    host (no Langfuse there, a redirect, no ingestion route: a proxy or a wrong base path), the
+    keys or the version cannot work (a usage
     suspension or rate limit does not: the sends wait), LangfuseUnavailable when the server
     cannot be asked now (network, timeout, 5xx)."""
     health = _request(sender, "GET", HEALTH_PATH)
@@ -68,7 +75,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     if probe.status_code in (404, 410):
         raise LangfuseConfigError(
             f"Langfuse {'.'.join(map(str, version))} at {sender.host} answered "
-            f"{probe.status_code} to POST {INGESTION_PATH}: {NO_INGESTION}"
+            f"{probe.status_code} to POST {INGESTION_PATH}: {NO_ROUTE_HINT}"
         )
     if not (probe.status_code == 207 and _json(probe) == {"successes": [], "errors": []}):
         now = datetime.now(UTC)
@@ -87,11 +94,13 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
     try:
         answer = sender.http.request(method, sender.host + path, **kwargs)
     except httpx.TransportError as exc:
-        raise LangfuseUnavailable(f"{sender.host}{path}: {transport_error(exc)}") from exc
+        error = transport_error(exc, sender.timeout_seconds)
+        raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
     if answer.is_redirect:
+        location = answer.headers.get("location", "no location given")
         raise LangfuseConfigError(
-            f"LANGFUSE_HOST={sender.host} redirects ({answer.status_code}) to "
-            f"{answer.headers.get('location', '?')}: set LANGFUSE_HOST to the server's own URL"
+            f"LANGFUSE_HOST={sender.host} redirects ({answer.status_code}) to {location}: "
+            f"{redirect_advice(location, path)}"
         )
     return answer
 

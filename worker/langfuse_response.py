@@ -21,13 +21,18 @@ v3.225.4 and v4.16.0):
   (a key without access); 405 for another method; 413 above the 4.5 MB body limit; 429 with
   `Retry-After` (seconds) and `X-RateLimit-*` headers (Cloud only; self-hosted never limits);
   500 for internal errors.
-- 404 or 410 for the whole request: the server has no such route. Langfuse's API definition
-  (`fern/apis/server/definition/ingestion.yml`, v4.16.0) announces the endpoint's removal on
-  Langfuse Cloud on 2026-11-16; the answer it gives since is in no source read. The rows wait
-  (not an attempt: nothing about them is wrong) and the error says why.
+- 404 or 410 for the whole request: nothing serves the route at LANGFUSE_HOST. Every Langfuse
+  from 3.49 serves it for score events, Cloud included after the v3 ingestion sunset of
+  2026-11-16 (only its other event types are refused from then, inside the 207: see the
+  README), so this is a proxy in front of Langfuse or a wrong base path. The rows wait (not an
+  attempt: nothing about them is wrong) and the error says why.
+- In v4's `events_only` write mode (its default, and Cloud's from 2026-11-16) an event of
+  another type than score-create or sdk-log gets a per-event 400 "Event type not accepted":
+  read like any per-event 4xx (failed), though the sender never sends one.
 - A 3xx means LANGFUSE_HOST is not the server itself (e.g. http:// redirected to https://). The
   sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); the
-  rows retry and the error names the location to configure.
+  rows retry and the error names the location and, when the location ends with the route's
+  path, the LANGFUSE_HOST it implies (`redirect_advice`).
 
 Per-item statuses inside a 207 follow the same rule: 429 and 5xx retry, other 4xx fail.
 """
@@ -43,6 +48,7 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 MAX_ERROR_CHARS = 300
 MAX_RETRY_AFTER_SECONDS = 86_400.0
@@ -50,11 +56,13 @@ MAX_RETRY_AFTER_SECONDS = 86_400.0
 SUSPENDED_RETRY_SECONDS = 300.0
 """Usage suspension (403) lifts when the plan or the billing period changes: look every 5 min."""
 NO_ROUTE_RETRY_SECONDS = 300.0
-"""A server without the ingestion route (404/410) is asked again every 5 minutes."""
-NO_INGESTION = (
-    "this server has no POST /api/public/ingestion (Langfuse announced its removal from "
-    "Langfuse Cloud on 2026-11-16); scores wait"
+"""A host that does not serve the ingestion route (404/410) is asked again every 5 minutes."""
+INGESTION_PATH = "/api/public/ingestion"
+NO_ROUTE_HINT = (
+    "every Langfuse from 3.49 serves it for scores, Cloud included: a proxy in front of "
+    "Langfuse, or the path in LANGFUSE_HOST, is in the way"
 )
+NO_INGESTION = f"no POST {INGESTION_PATH} at LANGFUSE_HOST ({NO_ROUTE_HINT}); scores wait"
 
 
 class Outcome(StrEnum):
@@ -98,7 +106,8 @@ def classify(
         return _batch_result(status, parsed, event_ids)
     if 300 <= status < 400:
         location = lower.get("location", "no location given")
-        error = f"HTTP {status}: redirected to {location}; set LANGFUSE_HOST to the server itself"
+        advice = redirect_advice(location, INGESTION_PATH)
+        error = f"HTTP {status}: redirected to {location}; {advice}"
         return _all(event_ids, Verdict(Outcome.retry, _short(error), stop=True))
 
     error = f"HTTP {status}: {_message(parsed, body, status)}"
@@ -123,6 +132,20 @@ def classify(
     # Other 4xx: our request, or our keys, are wrong; sending it again will not help.
     systemic = status in (401, 403, 405)
     return _all(event_ids, Verdict(Outcome.failed, _short(error), stop=systemic))
+
+
+def redirect_advice(location: str, path: str) -> str:
+    """What to set LANGFUSE_HOST to, for a request to `path` redirected to `location`: the
+    location without its query and that path, when it is an absolute http(s) URL ending with
+    it (e.g. `https://x/api/public/ingestion` -> "set LANGFUSE_HOST to https://x"); otherwise
+    the general advice ("set LANGFUSE_HOST to the server itself")."""
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        parts = None
+    if parts and parts.scheme in ("http", "https") and parts.netloc and parts.path.endswith(path):
+        return f"set LANGFUSE_HOST to {parts.scheme}://{parts.netloc}{parts.path[: -len(path)]}"
+    return "set LANGFUSE_HOST to the server itself"
 
 
 def retry_after(headers: Mapping[str, str], now: datetime) -> float | None:

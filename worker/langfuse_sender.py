@@ -9,11 +9,13 @@ One request for every Langfuse server in use (v3 from 3.49, v4 before and after 
                          "metadata": {...}, "environment": "production"}}]}
 
 answered 207 with a success or an error per envelope id (`worker.langfuse_response` reads it).
-Every generation whose source could be read accepts it (v3.225.4, v4.16.0; Langfuse announced
-its removal from Cloud on 2026-11-16, and a server without it is reported, not guessed at: the
-rows wait); the score takes the event's timestamp (the one-score route of v3
-and v4 before 4.59 stamps the time of receipt instead); its errors name the event. Langfuse keys
-a score by (project, day of its timestamp, name, id): all votes of one feedback carry the same
+Every generation accepts it: v3.225.4 and v4.16.0 in their source (v4's default `events_only`
+write mode keeps score-create events and refuses the other types per event), and Langfuse
+Cloud after its v3 ingestion sunset of 2026-11-16, which Langfuse states keeps this route for
+score-create events (langfuse/langfuse#17453). A host that answers 404 there is reported, not
+guessed at: the rows wait. The score takes the event's timestamp (the one-score route of v3 and
+v4 before 4.59 stamps the time of receipt instead); its errors name the event. Langfuse keys a
+score by (project, day of its timestamp, name, id): all votes of one feedback carry the same
 id, name and first vote's time, so a vote changed days later replaces the one score.
 
 `send` never retries and never raises for a delivery problem: retries happen across polls, with
@@ -36,14 +38,13 @@ from uuid import UUID, uuid5
 import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from worker.langfuse_response import Outcome, Verdict, classify
+from worker.langfuse_response import INGESTION_PATH, Outcome, Verdict, classify
 
 LANGFUSE_SCORE_NAMESPACE = UUID("09229364-ef9e-51cb-bd31-b3f7a9619500")
 """Namespace of the uuid5 score ids, fixed as a literal (it is `uuid5(NAMESPACE_URL,
 "urn:persona-feedback-learning:langfuse-score")`). Never change it: every feedback would get a
 new score id and Langfuse would show each vote twice."""
 
-INGESTION_PATH = "/api/public/ingestion"
 DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 """What the endpoint's definition tells clients (`fern/apis/server/definition/ingestion.yml`,
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
@@ -265,7 +266,7 @@ class LangfuseSender:
 def check_host(host: str) -> str:
     """`host` without surrounding blanks or a trailing slash. Raises ValueError unless it is an
     http(s) URL with a host name and no query or fragment (a path prefix, as behind a proxy, is
-    kept)."""
+    kept, but not one with Langfuse's own `/api/public` in it)."""
     host = host.strip() if isinstance(host, str) else host
     try:
         url = httpx.URL(host)
@@ -277,6 +278,11 @@ def check_host(host: str) -> str:
         )
     if url.query or url.fragment:
         raise ValueError(f"LANGFUSE_HOST={host!r} must not have a query or a fragment")
+    if re.search(r"/api/public(/|$)", url.path):
+        raise ValueError(
+            f"LANGFUSE_HOST={host!r} must be Langfuse's base URL, without /api/public (the mirror "
+            "adds the API paths itself), e.g. https://cloud.langfuse.com"
+        )
     return host.rstrip("/")
 
 

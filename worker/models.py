@@ -59,7 +59,7 @@ class LearningSettings(_Frozen):
         "(hysteresis; at most activate_lower_bound).",
     )
     wilson_z: float = Field(
-        1.96, gt=0, description="z of the Wilson bounds and of the gate's paired interval."
+        1.96, gt=0, le=10, description="z of the Wilson bounds and of the gate's paired interval."
     )
     gate_min_pairs: int = Field(
         20, ge=1, description="Paired audits (candidate and baseline) the gate needs at least."
@@ -383,23 +383,31 @@ class WatchSettings(_Frozen):
         description="Chance of a false regression over a whole watch (all looks, comparisons).",
     )
     min_evidence: int = Field(
-        30, ge=1, description="Votes and audits each arm of a comparison needs to be judged."
+        30, ge=1, le=50_000,
+        description="Votes and audits each arm of a comparison needs to be judged.",
     )
     pass_evidence: int = Field(
-        400, ge=1,
+        400, ge=1, le=50_000,
         description="The twin-wide comparison's smaller arm at the last look: passed there.",
     )
     looks: int = Field(10, ge=1, le=100, description="Looks planned over pass_evidence.")
     expire_days: float = Field(
-        14.0, gt=0, description="The watch expires this many days after the publish."
+        14.0, gt=0, le=3650, description="The watch expires this many days after the publish."
     )
 
 
+WatchKind = Literal["audits", "votes"]
+WATCH_KINDS: tuple[WatchKind, ...] = ("audits", "votes")
+
+
 class WatchComparisonEvidence(_Frozen):
-    """Counts of one comparison, aggregated in SQL: votes (+1/-1) and audits of the new spec
-    since its publish, and of the replaced spec in an equally long window before it."""
+    """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
+    since the new spec's publish against those of an equally long window before it, or audits
+    of the new spec since its publish against audits of the replaced spec in that window (both
+    without audits of a trace audited under both specs: the gate's pairing)."""
 
     scope: Literal["twin", "module"]
+    kind: WatchKind
     module_key: str | None = None
     new_n: int = Field(ge=0)
     new_passed: int = Field(ge=0)
@@ -426,8 +434,20 @@ class WatchEvidence(_Frozen):
     looks_done: int = Field(ge=0)
     modules_total: int = Field(ge=0)
     settings: WatchSettings
-    twin: WatchComparisonEvidence
+    twin: tuple[WatchComparisonEvidence, ...] = Field(
+        description="The twin-wide comparisons: one per kind (audits, votes), in that order."
+    )
     modules: tuple[WatchComparisonEvidence, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_twin_comparison_per_kind(self) -> Self:
+        if tuple((c.scope, c.kind) for c in self.twin) != tuple(
+            ("twin", kind) for kind in WATCH_KINDS
+        ):
+            raise ValueError("twin holds one twin-wide comparison per kind: audits, votes")
+        if any(c.scope != "module" for c in self.modules):
+            raise ValueError("modules holds module comparisons only")
+        return self
 
 
 class WatchComparison(_Frozen):
@@ -436,6 +456,7 @@ class WatchComparison(_Frozen):
     (-margin)."""
 
     scope: Literal["twin", "module"]
+    kind: WatchKind
     module_key: str | None
     value: float | None
     difference: float | None
@@ -459,6 +480,9 @@ class WatchReport(_Frozen):
     looks_planned: int
     information: float = Field(ge=0, le=1)
     alpha_spent: float = Field(ge=0, le=1)
+    comparisons_planned: int = Field(
+        ge=1, description="Comparisons the spending is split over: 2 kinds x (twin + modules)."
+    )
     alpha_per_comparison: float | None
     z: float | None
     window_start: AwareDatetime

@@ -1,12 +1,15 @@
 """Pure production watch: is a newly published persona spec doing worse than the one it replaced?
 
-Each run after a publish looks at the live evidence of the new spec (its audits and the feedback
-cast since it was published) against the replaced spec's (its audits and the feedback in an
-equally long window before the switch), for the twin as a whole and per module with enough
-evidence, aggregated in SQL (`claim_production_watch`). The difference of the two pass rates
-(new − old) gets Newcombe's hybrid score interval; because the watch looks again at every run,
-the error it may make is spent over a plan of looks (`obf_alpha_spent`) and split over the
-comparisons, so that the chance of a false regression over the whole watch stays below `alpha`
+Each run after a publish looks at the live evidence of the new spec against the replaced
+spec's, one kind at a time and never pooled: votes cast since the publish against votes cast in
+an equally long window before the switch, and audits of the new spec since the publish against
+audits of the replaced spec in that window (neither counting an audit of a trace audited under
+both specs: that is the gate's offline pairing, not production). Each kind is compared for the
+twin as a whole and per module with enough evidence, aggregated in SQL
+(`claim_production_watch`). The difference of two pass rates (new − old) gets Newcombe's hybrid
+score interval; because the watch looks again at every run, the error it may make is spent over
+a plan of looks (`obf_alpha_spent`) and split over all the comparisons (2 kinds × (twin +
+modules)), so that the chance of a false regression over the whole watch stays below `alpha`
 however many runs look.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
@@ -21,6 +24,7 @@ from statistics import NormalDist
 
 from worker.learning import wilson_bounds
 from worker.models import (
+    WATCH_KINDS,
     WatchAction,
     WatchComparison,
     WatchComparisonEvidence,
@@ -84,9 +88,10 @@ def obf_alpha_spent(information: float, alpha: float) -> float:
 
 
 def look_index(information_count: int, pass_evidence: int, looks: int) -> int:
-    """Which planned look the evidence has reached: k in 0..`looks`, look k being due once the
-    smaller arm of the twin-wide comparison holds k/looks of `pass_evidence` (floor). Raises
-    ValueError for a negative count or non-positive plan sizes."""
+    """Which planned look the evidence has reached: k in 0..`looks`, look k being due once
+    `information_count` (the watch's clock: see `decide_watch`) reaches k/looks of
+    `pass_evidence` (floor). Raises ValueError for a negative count or non-positive plan
+    sizes."""
     if information_count < 0 or pass_evidence <= 0 or looks <= 0:
         raise ValueError("need information_count >= 0, pass_evidence > 0 and looks > 0")
     return min(looks, information_count * looks // pass_evidence)
@@ -98,28 +103,32 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     The decision rule, valid under repeated looks (a Bonferroni bound over looks and
     comparisons, spent by an alpha-spending plan):
 
-    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the smaller arm of
-      the twin-wide comparison. A run tests only when a new look is due (several due at once
-      make one test); runs in between test nothing, so any number of runs makes at most K
-      tests.
+    - Votes and audits are never pooled: each kind is its own comparison, twin-wide and per
+      module (`evidence.twin`, `evidence.modules`), so 2 × (1 + modules_total) comparisons are
+      planned whatever evidence arrives.
+    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the kind with the
+      most evidence: the larger of the two twin-wide comparisons' smaller sides (a count, never
+      a pass rate). A run tests only when a new look is due (several due at once make one
+      test); runs in between test nothing, so any number of runs makes at most K tests.
     - A test at look k may spend α(k/K) − (what earlier tests spent), α the O'Brien-Fleming-type
-      spending function (`obf_alpha_spent`), split equally over the twin-wide comparison and one
-      per module of the twin (1 + modules_total shares). Over the whole watch the shares sum to
-      at most α(1) = alpha: by the union bound, with no true difference the chance of any false
-      regression is at most alpha, whatever the correlation between looks.
-    - A comparison with at least `min_evidence` on each arm is a regression when the upper bound
-      of Newcombe's interval for (new − old) at the one-sided level of its share lies below
-      −margin (z = Φ⁻¹(1 − share)).
+      spending function (`obf_alpha_spent`), split equally over the planned comparisons. Over
+      the whole watch the shares sum to at most α(1) = alpha: by the union bound, with no true
+      difference the chance of any false regression is at most alpha, whatever the correlation
+      between looks and comparisons.
+    - A comparison with at least `min_evidence` on each side is a regression when the upper
+      bound of Newcombe's interval for (new − old) at the one-sided level of its share lies
+      below −margin (z = Φ⁻¹(1 − share)).
     - The watch ends `regressed` when any comparison regressed; `passed` after the last look
-      (K) without one; `expired` when `expire_days` have passed since the publish before that;
-      otherwise it goes on `watching`. A regression's action is `roll_back` in `auto` mode when
-      there is a spec to go back to, `alert` otherwise.
+      (K) without one ("no regression found", not "proved as good"); `expired` when
+      `expire_days` have passed since the publish before that; otherwise it goes on
+      `watching`. A regression's action is `roll_back` in `auto` mode when there is a spec to
+      go back to, `alert` otherwise.
 
     Raises ValueError for settings out of range (as the database refuses them).
     """
     s = evidence.settings
-    twin = evidence.twin
-    info = min(twin.new_n, twin.old_n)
+    info = max(min(c.new_n, c.old_n) for c in evidence.twin)
+    planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
     due = look_index(info, s.pass_evidence, s.looks)
     test = due > evidence.looks_done
     spent_after = evidence.alpha_spent
@@ -127,12 +136,12 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     z: float | None = None
     if test:
         spent_after = max(evidence.alpha_spent, obf_alpha_spent(due / s.looks, s.alpha))
-        share = (spent_after - evidence.alpha_spent) / (1 + evidence.modules_total)
+        share = (spent_after - evidence.alpha_spent) / planned
         z = _NORMAL.inv_cdf(1.0 - share) if share > 0 else math.inf
 
     comparisons = tuple(
         _compare(c, z, s.margin, s.min_evidence, test)
-        for c in (twin, *evidence.modules)
+        for c in (*evidence.twin, *evidence.modules)
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
     looks_done = due if test else evidence.looks_done
@@ -163,6 +172,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         looks_planned=s.looks,
         information=min(1.0, info / s.pass_evidence),
         alpha_spent=spent_after,
+        comparisons_planned=planned,
         alpha_per_comparison=share,
         z=z if z is None or math.isfinite(z) else None,
         window_start=evidence.window_start,
@@ -184,14 +194,16 @@ def _compare(
     )
     if min(c.new_n, c.old_n) < min_evidence:
         return WatchComparison(
-            scope=c.scope, module_key=c.module_key, value=None, difference=difference,
-            threshold=threshold, verdict=WatchComparisonVerdict.insufficient_evidence,
+            scope=c.scope, kind=c.kind, module_key=c.module_key, value=None,
+            difference=difference, threshold=threshold,
+            verdict=WatchComparisonVerdict.insufficient_evidence,
             evidence=counts,
         )
     if not test or z is None:
         return WatchComparison(
-            scope=c.scope, module_key=c.module_key, value=None, difference=difference,
-            threshold=threshold, verdict=WatchComparisonVerdict.not_tested, evidence=counts,
+            scope=c.scope, kind=c.kind, module_key=c.module_key, value=None,
+            difference=difference, threshold=threshold,
+            verdict=WatchComparisonVerdict.not_tested, evidence=counts,
         )
     upper = (
         1.0 if math.isinf(z)
@@ -202,6 +214,7 @@ def _compare(
         else WatchComparisonVerdict.no_regression
     )
     return WatchComparison(
-        scope=c.scope, module_key=c.module_key, value=upper, difference=difference,
-        threshold=threshold, verdict=verdict, evidence=counts, method=NEWCOMBE_METHOD,
+        scope=c.scope, kind=c.kind, module_key=c.module_key, value=upper,
+        difference=difference, threshold=threshold, verdict=verdict, evidence=counts,
+        method=NEWCOMBE_METHOD,
     )

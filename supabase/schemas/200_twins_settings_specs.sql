@@ -124,7 +124,7 @@ create table public.persona_learning_settings (
   keep_active_lower_bound double precision not null default 0.5
     constraint keep_active_lower_bound_0_to_1 check (keep_active_lower_bound between 0 and 1),
   wilson_z double precision not null default 1.96
-    constraint wilson_z_positive check (wilson_z > 0),
+    constraint wilson_z_above_0_to_10 check (wilson_z > 0 and wilson_z <= 10),
   gate_min_pairs integer not null default 20
     constraint gate_min_pairs_at_least_1 check (gate_min_pairs >= 1),
   gate_non_inferiority_margin double precision not null default 0.05
@@ -147,13 +147,14 @@ create table public.persona_learning_settings (
   watch_alpha double precision not null default 0.05
     constraint watch_alpha_above_0_to_0_5 check (watch_alpha > 0 and watch_alpha <= 0.5),
   watch_min_evidence integer not null default 30
-    constraint watch_min_evidence_at_least_1 check (watch_min_evidence >= 1),
+    constraint watch_min_evidence_1_to_50000 check (watch_min_evidence between 1 and 50000),
   watch_pass_evidence integer not null default 400
-    constraint watch_pass_evidence_at_least_1 check (watch_pass_evidence >= 1),
+    constraint watch_pass_evidence_1_to_50000 check (watch_pass_evidence between 1 and 50000),
   watch_looks integer not null default 10
     constraint watch_looks_1_to_100 check (watch_looks between 1 and 100),
   watch_expire_days double precision not null default 14
-    constraint watch_expire_days_positive check (watch_expire_days > 0),
+    constraint watch_expire_days_above_0_to_3650
+    check (watch_expire_days > 0 and watch_expire_days <= 3650),
   constraint keep_active_lower_bound_at_most_activate_lower_bound
     check (keep_active_lower_bound <= activate_lower_bound),
   -- Measured: README.md, "Hosted Supabase" (the worker within the API's timeouts).
@@ -176,6 +177,9 @@ comment on column public.persona_learning_settings.rebuild_step_events is
   'A rebuild of the twin''s modules (after evidence was deleted or modules edited) reads at most '
   'this many events (1 to 500,000) per worker call, so that each call stays well inside the '
   'API''s 8 s statement timeout however long the twin''s history.';
+comment on column public.persona_learning_settings.wilson_z is
+  'z of the Wilson bounds (module status) and of the gate''s intervals (default 1.96; more than '
+  '0, at most 10).';
 comment on column public.persona_learning_settings.max_clock_skew_seconds is
   'An event''s created_at (set by the service role) may be at most this many seconds ahead of '
   'the server''s clock; it is then stored as the server''s time. Further ahead is refused.';
@@ -189,14 +193,16 @@ comment on column public.persona_learning_settings.watch_alpha is
   'The chance of a false regression over a whole watch, all looks and comparisons (default 0.05).';
 comment on column public.persona_learning_settings.watch_min_evidence is
   'Votes and audits each side of a comparison (twin-wide or per module) needs to be judged '
-  '(default 30).';
+  '(default 30; 1 to 50,000).';
 comment on column public.persona_learning_settings.watch_pass_evidence is
   'The watch passes once the smaller side of the twin-wide comparison holds this much evidence '
-  'with no regression found (default 400).';
+  'with no regression found (default 400; 1 to 50,000: each side counts at most its latest '
+  '50,000 events).';
 comment on column public.persona_learning_settings.watch_looks is
   'Looks planned over watch_pass_evidence; runs between two looks test nothing (default 10).';
 comment on column public.persona_learning_settings.watch_expire_days is
-  'A watch that has not concluded this many days after the publish expires (default 14).';
+  'A watch that has not concluded this many days after the publish expires (default 14; more '
+  'than 0, at most 3650).';
 
 
 create trigger persona_learning_settings_touch_updated_at

@@ -349,8 +349,12 @@ comment on function public.request_learning_run(uuid, boolean) is
 grant execute on function public.request_learning_run(uuid, boolean) to authenticated;
 
 -- Rolls the caller's twin back to the spec published before the current one, by hand; the
--- rollback is recorded as a completed run (trigger owner_rollback) carrying the reason.
-create function private.rollback_persona_spec(p_twin_id uuid, p_reason text)
+-- rollback is recorded as a completed run (trigger owner_rollback) carrying the reason. Given
+-- the spec the owner saw published, it rolls back only that one: a second click (or a second
+-- tab) finds it rolled back already and changes nothing, instead of going back another step.
+create function private.rollback_persona_spec(
+  p_twin_id uuid, p_reason text, p_spec_id uuid default null
+)
 returns public.persona_feedback_learning_runs
 language plpgsql
 security definer
@@ -380,6 +384,12 @@ begin
     raise exception using
       errcode = 'PT409',
       message = format('twin %s has no published spec to roll back', p_twin_id);
+  end if;
+  if p_spec_id is not null and p_spec_id <> v_current.id then
+    raise exception using
+      errcode = 'PT409',
+      message = format('p_spec_id: spec %s is not the published spec of twin %s (version %s '
+                       'is); nothing was rolled back', p_spec_id, p_twin_id, v_current.version);
   end if;
   -- The spec published before it: the last one archived that had been published and was not
   -- itself rolled back.
@@ -419,9 +429,10 @@ begin
 end;
 $$;
 
-comment on function private.rollback_persona_spec(uuid, text) is
-  'Owner RPC body (called by public.rollback_persona_spec). In: a twin id and the reason (1-500 '
-  'characters, trimmed). Out: the completed run (trigger owner_rollback, requested_by = the '
+comment on function private.rollback_persona_spec(uuid, text, uuid) is
+  'Owner RPC body (called by public.rollback_persona_spec). In: a twin id, the reason (1-500 '
+  'characters, trimmed) and optionally the spec to roll back (null: whatever is published). '
+  'Out: the completed run (trigger owner_rollback, requested_by = the '
   'caller, gate_report {rollback {reason, from_spec_id, from_version, to_spec_id, to_version}}, '
   'publish_decision published, published_spec_id = the spec published again) that records the rollback: the published spec is '
   'archived with rollback_reason "owner: <reason>" and rolled_back_at, the spec published before '
@@ -430,34 +441,40 @@ comment on function private.rollback_persona_spec(uuid, text) is
   'rolled_back. Raises 42501 (HTTP 403) '
   '"twin_id: twin <id> does not exist or is not yours" when the caller does not own the twin '
   '(the same for a missing twin), 22023 for a missing or over-long reason, PT409 (HTTP 409) '
-  'when the twin has no published spec or no earlier one to go back to; nothing changes then. '
+  'when the twin has no published spec or no earlier one to go back to, or p_spec_id is given '
+  'and is not the published spec ("p_spec_id: spec <id> is not the published spec of twin <id> '
+  '(version <n> is); nothing was rolled back": a repeated click); nothing changes then. '
   'Security definer: owners may not write specs'' status or runs themselves.';
 
-grant execute on function private.rollback_persona_spec(uuid, text) to authenticated;
+grant execute on function private.rollback_persona_spec(uuid, text, uuid) to authenticated;
 
 -- The API face of private.rollback_persona_spec: POST /rest/v1/rpc/rollback_persona_spec.
-create function public.rollback_persona_spec(p_twin_id uuid, p_reason text)
+create function public.rollback_persona_spec(
+  p_twin_id uuid, p_reason text, p_spec_id uuid default null
+)
 returns public.persona_feedback_learning_runs
 language sql
 set search_path = ''
 as $$
-  select * from private.rollback_persona_spec(p_twin_id, p_reason);
+  select * from private.rollback_persona_spec(p_twin_id, p_reason, p_spec_id);
 $$;
 
-comment on function public.rollback_persona_spec(uuid, text) is
+comment on function public.rollback_persona_spec(uuid, text, uuid) is
   'Owner RPC (POST /rest/v1/rpc/rollback_persona_spec). In: p_twin_id, p_reason (1-500 '
-  'characters). Out: the completed run (trigger owner_rollback) recording the rollback: the '
+  'characters), p_spec_id (optional, default null: the spec the owner means to roll back; the '
+  'call changes nothing unless it is the published one). Out: the completed run (trigger owner_rollback) recording the rollback: the '
   'published spec archived with the reason and time, the spec published before it published '
   'again. Raises 42501 (HTTP 403) "twin_id: twin <id> does not exist or is not yours" when the '
   'caller does not own the twin, 22023 for a missing or over-long reason, PT409 (HTTP 409) '
-  '"twin <id> has no published spec to roll back" or "... there is nothing to roll back to"; '
-  'nothing changes then.';
+  '"twin <id> has no published spec to roll back", "... there is nothing to roll back to" or '
+  '"p_spec_id: spec <id> is not the published spec of twin <id> (version <n> is); nothing was '
+  'rolled back"; nothing changes then.';
 
-grant execute on function public.rollback_persona_spec(uuid, text) to authenticated;
+grant execute on function public.rollback_persona_spec(uuid, text, uuid) to authenticated;
 
 revoke execute on function
-  private.rollback_persona_spec(uuid, text),
-  public.rollback_persona_spec(uuid, text)
+  private.rollback_persona_spec(uuid, text, uuid),
+  public.rollback_persona_spec(uuid, text, uuid)
 from public;
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
@@ -1449,7 +1466,7 @@ revoke execute on function private.roll_back_spec(uuid, uuid, uuid, text) from p
 
 -- The production watch's evidence for a run, aggregated here so that no event row travels to
 -- the worker: pass counts of the watched spec since its publish and of the spec it replaced in
--- an equally long window before the switch, twin-wide and per module.
+-- an equally long window before the switch, per kind (votes, audits), twin-wide and per module.
 create function public.claim_production_watch(p_run_id uuid, p_lease_token uuid)
 returns jsonb
 language plpgsql
@@ -1483,44 +1500,59 @@ begin
     coalesce(v_watch.previous_published_at, '-infinity'));
 
   -- Current votes (+1 passes, -1 fails, 0 is no evidence) and the two specs' audits, cast up to
-  -- the run's time within the run's batch, counted per match key (module_key if given, else
-  -- intent_label), then matched to the modules as learning matches them.
+  -- the run's time within the run's batch, counted per kind and match key (module_key if given,
+  -- else intent_label), then matched to the modules as learning matches them. An audit of a
+  -- trace audited under both specs is the gate's pairing (an offline comparison, made just
+  -- before the publish for the replaced spec), not production evidence: it counts on neither
+  -- side (found through the audit index, one probe per audit).
   with evidence as (
     -- Each side through the index on (twin_id, created_at), newest first and at most 50,000 of
-    -- its events (125 times the default watch_pass_evidence): the call's cost is bounded however
+    -- its events (watch_pass_evidence is at most 50,000): the call's cost is bounded however
     -- long the twin's history and its window; a side with more evidence counts its latest.
     select * from (
-      select true as is_new, e.module_key is not null as by_key,
-             coalesce(e.module_key, e.intent_label) as key,
+      select true as is_new, e.source = 'user_feedback' as is_vote,
+             e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
              coalesce(e.score > 0, e.passed) as passed
       from public.persona_training_events e
       where e.twin_id = v_run.twin_id
         and e.created_at >= v_watch.published_at and e.created_at <= v_run.learning_time
         and e.id <= v_run.batch_last_event_id
         and ((e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
-             or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.spec_id))
+             or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.spec_id
+                 and not exists (
+                   select 1 from public.persona_training_events p
+                   where p.persona_spec_id = v_watch.previous_spec_id
+                     and p.trace_id = e.trace_id and p.source = 'persona_audit'
+                     and p.id <= v_run.batch_last_event_id)))
       order by e.created_at desc
       limit 50000
     ) n
     union all
     select * from (
-      select false, e.module_key is not null, coalesce(e.module_key, e.intent_label),
-             coalesce(e.score > 0, e.passed)
+      select false, e.source = 'user_feedback', e.module_key is not null,
+             coalesce(e.module_key, e.intent_label), coalesce(e.score > 0, e.passed)
       from public.persona_training_events e
       where e.twin_id = v_run.twin_id
         and e.created_at >= v_start and e.created_at < v_watch.published_at
         and e.id <= v_run.batch_last_event_id
         and ((e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
-             or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.previous_spec_id))
+             or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.previous_spec_id
+                 and not exists (
+                   select 1 from public.persona_training_events p
+                   where p.persona_spec_id = v_watch.spec_id
+                     and p.trace_id = e.trace_id and p.source = 'persona_audit'
+                     and p.id <= v_run.batch_last_event_id)))
       order by e.created_at desc
       limit 50000
     ) o
   ),
   per_key as (
-    select k.is_new, k.by_key, k.key, count(*) as n, count(*) filter (where k.passed) as passed
+    select k.is_new, k.is_vote, k.by_key, k.key, count(*) as n,
+           count(*) filter (where k.passed) as passed
     from evidence k
-    group by k.is_new, k.by_key, k.key
+    group by k.is_new, k.is_vote, k.by_key, k.key
   ),
+  kinds (kind, is_vote) as (values ('audits', false), ('votes', true)),
   targets as (
     select true as by_key, m.module_key as key, m.module_key
     from public.persona_modules m where m.twin_id = v_run.twin_id
@@ -1528,29 +1560,40 @@ begin
     select false, m.intent_label, m.module_key
     from public.persona_modules m where m.twin_id = v_run.twin_id
   ),
-  per_module as (
-    select t.module_key,
+  sums as (
+    -- Twin-wide: every event once, matched to a module or not; both kinds, even without any.
+    select d.kind, null::text as module_key,
            coalesce(sum(k.n) filter (where k.is_new), 0) as new_n,
            coalesce(sum(k.passed) filter (where k.is_new), 0) as new_passed,
            coalesce(sum(k.n) filter (where not k.is_new), 0) as old_n,
            coalesce(sum(k.passed) filter (where not k.is_new), 0) as old_passed
-    from per_key k
+    from kinds d
+    left join per_key k on k.is_vote = d.is_vote
+    group by d.kind
+    union all
+    -- Per module with evidence (an event whose intent_label several modules share counts for
+    -- each, as learning counts it).
+    select d.kind, t.module_key,
+           coalesce(sum(k.n) filter (where k.is_new), 0),
+           coalesce(sum(k.passed) filter (where k.is_new), 0),
+           coalesce(sum(k.n) filter (where not k.is_new), 0),
+           coalesce(sum(k.passed) filter (where not k.is_new), 0)
+    from kinds d
+    join per_key k on k.is_vote = d.is_vote
     join targets t on t.by_key = k.by_key and t.key = k.key
-    group by t.module_key
+    group by d.kind, t.module_key
   )
   select
-    (select jsonb_build_object(
-       'scope', 'twin', 'module_key', null,
-       'new_n', coalesce(sum(k.n) filter (where k.is_new), 0),
-       'new_passed', coalesce(sum(k.passed) filter (where k.is_new), 0),
-       'old_n', coalesce(sum(k.n) filter (where not k.is_new), 0),
-       'old_passed', coalesce(sum(k.passed) filter (where not k.is_new), 0))
-     from per_key k),
+    (select jsonb_agg(jsonb_build_object(
+       'scope', 'twin', 'kind', c.kind, 'module_key', null, 'new_n', c.new_n,
+       'new_passed', c.new_passed, 'old_n', c.old_n, 'old_passed', c.old_passed)
+       order by c.kind)
+     from sums c where c.module_key is null),
     (select coalesce(jsonb_agg(jsonb_build_object(
-       'scope', 'module', 'module_key', p.module_key, 'new_n', p.new_n,
-       'new_passed', p.new_passed, 'old_n', p.old_n, 'old_passed', p.old_passed)
-       order by p.module_key), '[]')
-     from per_module p)
+       'scope', 'module', 'kind', c.kind, 'module_key', c.module_key, 'new_n', c.new_n,
+       'new_passed', c.new_passed, 'old_n', c.old_n, 'old_passed', c.old_passed)
+       order by c.module_key, c.kind), '[]')
+     from sums c where c.module_key is not null)
   into v_twin, v_modules;
 
   return jsonb_build_object('watch', jsonb_build_object(
@@ -1580,15 +1623,17 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'jsonb {watch: null} when the twin has no watch in state watching or its watch_mode is off; '
   'else {watch: {watch_id, spec_id, previous_spec_id, published_at, window_start, learning_time '
   'T, alpha_spent, looks_done, modules_total, settings {mode, margin, alpha, min_evidence, '
-  'pass_evidence, looks, expire_days}, twin {scope, module_key, new_n, new_passed, old_n, '
-  'old_passed}, modules [the same per module with evidence, by module_key]}}. new: votes cast '
-  'and audits of spec_id from published_at to T; old: votes and audits of previous_spec_id from '
-  'window_start = max(published_at - (T - published_at), previous_published_at) to '
-  'published_at; only events of the batch or before it; current votes with score +1 (passed) '
-  'or -1, audits passed or not; matched to modules by module_key, else intent_label. Counts, '
-  'not weights; each side at most its latest 50,000 events (through the index on (twin_id, '
-  'created_at)). Raises P0002 and PT409 (HTTP 409, stale lease) as private.lock_leased_run; '
-  '55000 when the run has no batch.';
+  'pass_evidence, looks, expire_days}, twin [{scope twin, kind, module_key null, new_n, '
+  'new_passed, old_n, old_passed}: one per kind, audits then votes], modules [the same per '
+  'module and kind with evidence, by module_key then kind]}}. Kinds are never pooled. votes: '
+  'current votes with score +1 (passed) or -1 cast from published_at to T (new) against those '
+  'cast from window_start = max(published_at - (T - published_at), previous_published_at) to '
+  'published_at (old); audits: audits of spec_id from published_at to T (new) against audits of '
+  'previous_spec_id from window_start to published_at (old), neither counting an audit of a '
+  'trace audited under both specs (the gate''s pairing). Only events of the batch or before it; '
+  'matched to modules by module_key, else intent_label. Counts, not weights; each side at most '
+  'its latest 50,000 events (through the index on (twin_id, created_at)). Raises P0002 and PT409 '
+  '(HTTP 409, stale lease) as private.lock_leased_run; 55000 when the run has no batch.';
 
 -- Completes a run in one transaction: marks exactly the batch processed (the twin's cursor moves
 -- over it), applies the module updates (recording each change), publishes the latest draft when
@@ -1911,7 +1956,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261207000100'::text;
+  select '20261214000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

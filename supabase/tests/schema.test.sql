@@ -162,7 +162,7 @@ select results_eq(
 );
 select function_privs_are('public', 'request_learning_run', array['uuid', 'boolean'],
   'authenticated', array['EXECUTE'], 'signed-in users may request runs');
-select function_privs_are('public', 'rollback_persona_spec', array['uuid', 'text'],
+select function_privs_are('public', 'rollback_persona_spec', array['uuid', 'text', 'uuid'],
   'authenticated', array['EXECUTE'], 'signed-in users may roll back (their own twins'' specs)');
 
 

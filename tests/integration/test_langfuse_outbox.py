@@ -957,7 +957,7 @@ def test_a_200_page_from_something_else_confirms_nothing(
     assert standin.scores == {}
 
 
-def test_a_server_without_the_ingestion_route_keeps_rows_waiting(
+def test_a_host_without_the_ingestion_route_keeps_rows_waiting(
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
@@ -965,15 +965,16 @@ def test_a_server_without_the_ingestion_route_keeps_rows_waiting(
     standin: LangfuseStandin,
     make_sender: SenderFactory,
 ) -> None:
-    """Langfuse announced the ingestion endpoint's removal from Cloud (2026-11-16): a server
-    answering 404 there is refused at start, and if it starts answering 404 later the rows
-    wait (no attempt spent, never failed) with the reason on each row."""
+    """Every Langfuse serves the ingestion route for scores (Cloud too after its v3 ingestion
+    sunset), but a proxy in front of it may answer 404 there: such a host is refused at start,
+    and if it starts answering 404 later the rows wait (no attempt spent, never failed) with
+    the reason on each row."""
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
     ids = [vote(voter, twin, f"no-route-{i}", 1)["id"] for i in range(2)]
     sender = make_sender()
-    standin.set_mode("ingestion_removed")
-    with pytest.raises(LangfuseConfigError, match="no POST /api/public/ingestion"):
+    standin.set_mode("no_route")
+    with pytest.raises(LangfuseConfigError, match="answered 404 to POST /api/public/ingestion"):
         check(make_sender(checked=False))
 
     started = db_now(db)

@@ -23,8 +23,9 @@ import pytest
 from pydantic import SecretStr
 
 from testkit.env import StackEnv
-from tests.conftest import Stack, User
-from tests.integration.helpers import Twin, create_twin, pfl, scalar, worker_env
+from tests.conftest import ROOT, Stack, User
+from tests.integration.helpers import Twin, create_twin, pfl, psql_file, scalar, worker_env
+from tests.integration.test_schema_source import scratch_database
 from worker.config import WorkerSettings
 from worker.models import WatchEvidence
 from worker.runner import Runner
@@ -115,13 +116,18 @@ def regress(db: psycopg.Connection, twin: Twin, owner: User) -> None:
     votes(db, twin, owner.id, 20, 30, at="now() - interval '1 day'", prefix="vote-after")
 
 
-def rollback(owner: User, twin: Twin, reason: str = "racing") -> httpx.Response:
-    """The owner's rollback_persona_spec through PostgREST, as an app sends it."""
+def rollback(
+    owner: User, twin: Twin, reason: str = "racing", spec_id: str | None = None
+) -> httpx.Response:
+    """The owner's rollback_persona_spec through PostgREST, as an app sends it (with p_spec_id
+    only when `spec_id` is given)."""
     env = StackEnv.load()
     return httpx.post(
         f"{env.rest}/rpc/rollback_persona_spec",
         headers={"apikey": env.anon_key, "Authorization": f"Bearer {owner.token}"},
-        json={"p_twin_id": twin.id, "p_reason": reason}, timeout=30,
+        json={"p_twin_id": twin.id, "p_reason": reason,
+              **({"p_spec_id": spec_id} if spec_id else {})},
+        timeout=30,
     )
 
 
@@ -157,19 +163,22 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
                                                                    "rolled_back")
     assert run.gate_report is not None
     report = run.gate_report["watch"]
+    # The kind with the most evidence, audits, holds 200 a side: look 5 of 10 (400).
     assert (report["state"], report["action"], report["mode"], report["look"]) == (
-        "regressed", "roll_back", "auto", 6)
-    by_scope = {c["module_key"]: c for c in report["comparisons"]}
-    twin_wide = by_scope[None]
-    # 250 a side: 140/250 since the switch against 210/250 before it.
-    assert twin_wide["evidence"] == {"new_n": 250, "new_passed": 140, "old_n": 250,
-                                     "old_passed": 210}
+        "regressed", "roll_back", "auto", 5)
+    by_scope = {(c["module_key"], c["kind"]): c for c in report["comparisons"]}
+    # Votes and audits apart, never one pass rate: 2 kinds x (twin + 2 modules) comparisons.
+    assert report["comparisons_planned"] == 6
+    assert {k: c["evidence"] for k, c in by_scope.items()} == {
+        (None, "audits"): {"new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170},
+        (None, "votes"): {"new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40},
+        ("evidence_answers", "audits"): {
+            "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170},
+        ("small_talk", "votes"): {"new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40},
+    }
+    twin_wide = by_scope[(None, "audits")]
     assert twin_wide["verdict"] == "regressed" and twin_wide["value"] < twin_wide["threshold"]
     assert twin_wide["threshold"] == -0.02 and twin_wide["method"] == "newcombe_hybrid_score"
-    assert by_scope["evidence_answers"]["evidence"] == {
-        "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170}
-    assert by_scope["small_talk"]["evidence"] == {
-        "new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40}
 
     # v1 published again, v2 archived with the reason and time; exactly one published.
     assert spec_rows(db, twin) == [
@@ -179,7 +188,7 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
     ]
     stored = watch_row(db, watch_id)
     assert (stored["state"], stored["last_run_id"], stored["looks_done"]) == (
-        "rolled_back", str(run.id), 6)
+        "rolled_back", str(run.id), 5)
     assert stored["concluded_at"] is not None and stored["last_report"] == report
     # History: the publish, then the rollback, in time order.
     times = db.execute(
@@ -202,7 +211,8 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
     # `pfl runs` shows the outcome.
     shown = subprocess.run(pfl("runs", "--twin", twin.id), env=worker_env(StackEnv.load()),
                            capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "rolled back" in shown and "watch of v2: regressed at look 6/10, rolled back" in shown
+    assert "rolled back" in shown and "watch of v2: regressed at look 5/10, rolled back" in shown
+    assert "twin-wide audits 120/200 passed since the publish vs 170/200 before" in shown
 
 
 def test_alert_mode_records_the_regression_and_changes_no_spec(
@@ -238,6 +248,18 @@ def test_alert_mode_records_the_regression_and_changes_no_spec(
     assert (stored["state"], stored["last_run_id"]) == ("rolled_back", response.json()["id"])
 
 
+def test_run_once_names_the_watched_specs_by_version(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # `pfl run-once` says what the run's watch found as `pfl runs` does: v2 and v1, not ids.
+    owner = make_user("owner")
+    twin, _, _ = published_twin(db, runner, owner)  # alert
+    regress(db, twin, owner)
+    done = subprocess.run(pfl("run-once", "--twin", twin.id), env=worker_env(StackEnv.load()),
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "  watch of v2: regressed at look 5/10, alert only" in done, done
+
+
 def test_no_regression_passes_the_watch(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
@@ -258,6 +280,64 @@ def test_no_regression_passes_the_watch(
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
 
 
+def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The review's case: nothing changed in production (votes 60% up before and after the
+    # switch, production audits 90% of both specs), and the gate's paired audits of both specs
+    # (190/200 each, the same traces) were made an hour before the publish, inside the old
+    # side's window. Counted on the old side only and pooled with the votes, they read 370/500
+    # against 180/300 and rolled back (auto); now they count on neither side, and each kind is
+    # compared with itself.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    for spec in (twin.published_spec_id, twin.draft_spec_id):
+        audits(db, twin, spec, 190, 10, at="now() - interval '2 days 1 hour'", prefix="pair")
+    audits(db, twin, twin.published_spec_id, 45, 5, at="now() - interval '3 days'",
+           prefix="prod-before")
+    audits(db, twin, twin.draft_spec_id, 45, 5, at="now() - interval '1 day'", prefix="prod-after")
+    votes(db, twin, owner.id, 180, 120, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 180, 120, at="now() - interval '1 day'", prefix="vote-after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason != "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("watching", "none", 7)
+    twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
+    assert twin_wide["votes"]["evidence"] == {
+        "new_n": 300, "new_passed": 180, "old_n": 300, "old_passed": 180}
+    assert twin_wide["votes"]["verdict"] == "no_regression"
+    # Only the unpaired (production) audits: 45/50 a side.
+    assert twin_wide["audits"]["evidence"] == {
+        "new_n": 50, "new_passed": 45, "old_n": 50, "old_passed": 45}
+    assert twin_wide["audits"]["verdict"] == "no_regression"
+    assert watch_row(db, watch_id)["state"] == "watching"
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_15_point_drop_in_votes_alone_rolls_back(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # No audits in production at all; votes 80% up before the switch and 65% since, 400 a side.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    votes(db, twin, owner.id, 320, 80, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 260, 140, at="now() - interval '1 day'", prefix="vote-after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason == "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("regressed", "roll_back", 10)
+    [votes_wide] = [c for c in report["comparisons"]
+                    if (c["scope"], c["kind"]) == ("twin", "votes")]
+    assert votes_wide["verdict"] == "regressed"
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin)[0] == (twin.published_spec_id, "published", False, None)
+
+
 def test_a_watch_without_enough_evidence_expires(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
@@ -271,7 +351,8 @@ def test_a_watch_without_enough_evidence_expires(
 
     assert run.gate_report is not None
     assert run.gate_report["watch"]["state"] == "expired"
-    assert run.gate_report["watch"]["comparisons"][0]["verdict"] == "insufficient_evidence"
+    assert {c["verdict"] for c in run.gate_report["watch"]["comparisons"]} == {
+        "insufficient_evidence"}
     assert watch_row(db, watch_id)["state"] == "expired"
     assert published_count(db, twin) == 1
 
@@ -317,10 +398,30 @@ def test_watch_mode_off_starts_no_watch(
         ({"watch_margin": 1.5}, "watch_margin_0_to_1"),
         ({"watch_margin": -0.01}, "watch_margin_0_to_1"),
         ({"watch_alpha": 0}, "watch_alpha_above_0_to_0_5"),
-        ({"watch_expire_days": -1}, "watch_expire_days_positive"),
-        ({"watch_min_evidence": 0}, "watch_min_evidence_at_least_1"),
+        ({"watch_expire_days": -1}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_min_evidence": 0}, "watch_min_evidence_1_to_50000"),
         ({"watch_looks": 0}, "watch_looks_1_to_100"),
         ({"watch_pass_evidence": 20}, "watch_pass_evidence_at_least_watch_min_evidence"),
+        # NaN sorts above every number in PostgreSQL, so "> 0" alone let it in, and Infinity;
+        # an upper bound refuses both (and a value the scheduler's interval cannot hold).
+        ({"watch_expire_days": "NaN"}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_expire_days": "Infinity"}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_expire_days": 1e12}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_expire_days": 3650.001}, "watch_expire_days_above_0_to_3650"),
+        ({"watch_margin": "NaN"}, "watch_margin_0_to_1"),
+        ({"watch_alpha": "NaN"}, "watch_alpha_above_0_to_0_5"),
+        ({"watch_alpha": "Infinity"}, "watch_alpha_above_0_to_0_5"),
+        # Each side of a watch counts at most its latest 50,000 events: more is never reached.
+        ({"watch_pass_evidence": 50001}, "watch_pass_evidence_1_to_50000"),
+        ({"watch_min_evidence": 50001, "watch_pass_evidence": 50000},
+         "watch_min_evidence_1_to_50000"),
+        # The gate's numbers: its margins were bounded already, its z (wilson_z) was not.
+        ({"gate_non_inferiority_margin": "NaN"}, "gate_non_inferiority_margin_0_to_1"),
+        ({"gate_first_publish_min_lower_bound": "Infinity"},
+         "gate_first_publish_min_lower_bound_0_to_1"),
+        ({"wilson_z": "NaN"}, "wilson_z_above_0_to_10"),
+        ({"wilson_z": "Infinity"}, "wilson_z_above_0_to_10"),
+        ({"wilson_z": 10.5}, "wilson_z_above_0_to_10"),
     ],
 )
 def test_bad_watch_settings_are_refused_and_change_nothing(
@@ -346,6 +447,75 @@ def test_bad_watch_settings_are_refused_and_change_nothing(
                        " s where twin_id = %s) from public.persona_learning_settings",
                        (twin.id,)).fetchone()
     assert after == before
+
+
+def test_the_largest_settings_allowed_keep_every_twins_schedule(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User], stack: Stack,
+) -> None:
+    # One owner's settings must not stop the scheduler for the others: Infinity (accepted before
+    # the bound) made enqueue_due_learning_runs(null) fail with 22008 for every twin. The owner
+    # of a watched twin is refused Infinity and sets the largest values allowed; the scheduler
+    # over all twins then queues another owner's twin, and the watched twin's run completes.
+    owner, other = make_user("owner"), make_user("other")
+    twin, watch_id, _ = published_twin(db, runner, owner)
+    env = StackEnv.load()
+    as_owner = {"apikey": env.anon_key, "Authorization": f"Bearer {owner.token}"}
+    settings = f"{env.rest}/persona_learning_settings?twin_id=eq.{twin.id}"
+    refused = httpx.patch(settings, headers=as_owner, json={"watch_expire_days": "Infinity"},
+                          timeout=20)
+    assert (refused.status_code, refused.json()["code"]) == (400, "23514"), refused.text
+    largest = {"watch_expire_days": 3650, "watch_pass_evidence": 50000,
+               "watch_min_evidence": 50000, "wilson_z": 10}
+    allowed = httpx.patch(settings, headers=as_owner, json=largest, timeout=20)
+    assert allowed.status_code == 204, allowed.text
+    queued_twin = create_twin(db, other.id, MODULES)
+    votes(db, queued_twin, other.id, 3, 0, at="now()", prefix="other")
+
+    queued = httpx.post(
+        f"{env.rest}/rpc/enqueue_due_learning_runs",
+        headers={"apikey": stack.service_key, "Authorization": f"Bearer {stack.service_key}"},
+        json={}, timeout=20,
+    )
+
+    assert queued.status_code == 200, queued.text
+    assert queued_twin.id in {r["twin_id"] for r in queued.json()}
+    votes(db, twin, owner.id, 1, 0, at="now()", prefix="late")
+    [run] = runner.run_once(UUID(twin.id))
+    assert run.status == "completed" and run.gate_report is not None
+    assert run.gate_report["watch"]["state"] == "watching"
+    assert watch_row(db, watch_id)["state"] == "watching"
+
+
+def test_settings_over_the_new_bounds_are_clamped_by_the_migration(stack: Stack) -> None:
+    # A database migrated up to the bounds' migration holds a twin whose settings the bounds
+    # refuse (NaN and Infinity were accepted): the migration clamps them (NaN to the default,
+    # the rest to the bound) before it adds the constraints, and applies.
+    migrations = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
+    bounds = ROOT / "supabase" / "migrations" / "20261214000100_watch_review.sql"
+    with scratch_database(stack) as url:
+        for path in migrations[: migrations.index(bounds)]:
+            psql_file(url, path)
+        with psycopg.connect(url, autocommit=True) as scratch:
+            user = scalar(scratch, "insert into auth.users (id) values (gen_random_uuid()) "
+                                   "returning id::text")
+            twins = [scalar(scratch, "insert into public.twins (owner_id, name) values (%s, %s) "
+                                     "returning id::text", user, name) for name in "abc"]
+            for twin, values in zip(twins, [
+                ("NaN", 1_000_000, 1_000_000, "NaN"),
+                ("Infinity", 30, 400, "Infinity"),
+                (1e12, 30, 60_000, 12.5),
+            ], strict=True):
+                scratch.execute(
+                    "update public.persona_learning_settings set watch_expire_days = %s, "
+                    "watch_min_evidence = %s, watch_pass_evidence = %s, wilson_z = %s "
+                    "where twin_id = %s", (*values, twin))
+            psql_file(url, bounds)
+            clamped = scratch.execute(
+                "select watch_expire_days, watch_min_evidence, watch_pass_evidence, wilson_z "
+                "from public.persona_learning_settings where twin_id = any(%s::uuid[]) "
+                "order by array_position(%s::uuid[], twin_id)", (twins, twins)).fetchall()
+    assert clamped == [(14.0, 50_000, 50_000, 1.96), (3650.0, 30, 400, 10.0),
+                       (3650.0, 30, 50_000, 10.0)]
 
 
 def test_an_unknown_watch_mode_is_refused(
@@ -382,6 +552,122 @@ def twin_with_a_draft_on_top(
 
 
 
+
+
+def test_a_double_click_on_rollback_rolls_back_one_step_only(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # v3 published over v2 over v1 (by real runs); the owner clicks "roll back v3" twice. With
+    # the spec named, the first click goes back to v2 and the second is refused (PT409) with
+    # nothing changed; without it, the second would have rolled v2 back to v1 as well.
+    owner = make_user("owner")
+    twin, v3 = twin_with_a_draft_on_top(db, runner, owner)
+    [published] = runner.run_once(UUID(twin.id), safe_mode=False, request=True)
+    assert str(published.published_spec_id) == v3
+
+    first = rollback(owner, twin, "v3 is worse", spec_id=v3)
+    assert first.status_code == 200, first.text
+
+    def state() -> tuple[Any, ...]:
+        return (spec_rows(db, twin), db.execute(
+            "select count(*), (select jsonb_agg(to_jsonb(w) order by created_at) from "
+            "public.persona_spec_watches w where twin_id = %s) from "
+            "public.persona_feedback_learning_runs where twin_id = %s",
+            (twin.id, twin.id)).fetchone())
+
+    before = state()
+    second = rollback(owner, twin, "v3 is worse", spec_id=v3)
+
+    assert second.status_code == 409, second.text
+    assert second.json()["message"] == (
+        f"p_spec_id: spec {v3} is not the published spec of twin {twin.id} (version 2 is); "
+        "nothing was rolled back")
+    assert state() == before
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "archived", False, None),
+        (twin.draft_spec_id, "published", False, None),
+        (v3, "archived", True, "owner: v3 is worse"),
+    ]
+    # The call without p_spec_id still rolls back whatever is published (v2, to v1).
+    plain = rollback(owner, twin, "v2 too")
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["gate_report"]["rollback"]["from_spec_id"] == twin.draft_spec_id
+    assert published_count(db, twin) == 1
+
+
+def flip_watch_mode_after_the_first_claim(
+    db: psycopg.Connection, runner: Runner, twin: Twin, mode: str
+) -> list[WatchEvidence | None]:
+    """Makes the runner's store set the twin's watch_mode to `mode` (as the owner's PATCH
+    would, committed) right after its first read of the watch; returns every read's answer."""
+    store = runner.store
+    real_claim = store.claim_watch
+    reads: list[WatchEvidence | None] = []
+
+    def claim_then_flip(run: Run) -> WatchEvidence | None:
+        found = real_claim(run)
+        if not reads:
+            db.execute("update public.persona_learning_settings set watch_mode = %s "
+                       "where twin_id = %s", (mode, twin.id))
+        reads.append(found)
+        return found
+
+    store.claim_watch = claim_then_flip  # type: ignore[method-assign]
+    return reads
+
+
+def test_watch_mode_turned_to_auto_mid_run_rolls_back_after_reading_again(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The run read the watch in alert mode; the owner switched to auto before it completed. Its
+    # decision (alert) is stale: the completion refuses it (PT412), the run reads again and the
+    # regression rolls back, as auto says.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner)  # alert
+    regress(db, twin, owner)
+    reads = flip_watch_mode_after_the_first_claim(db, runner, twin, "auto")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert [r.settings.mode if r else None for r in reads] == ["alert", "auto"]
+    assert (run.status, run.attempts, run.hold_reason) == ("completed", 1, "rolled_back")
+    assert run.gate_report is not None
+    assert (run.gate_report["watch"]["mode"], run.gate_report["watch"]["action"]) == (
+        "auto", "roll_back")
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin)[:2] == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True,
+         f"production watch: regression found by run {run.id}"),
+    ]
+
+
+def test_watch_mode_turned_off_mid_run_pauses_the_watch(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The run read the watch in auto mode and would roll back; the owner turned the watch off
+    # before it completed: the completion refuses the stale decision (PT412), the run reads
+    # again, finds no watch to look at and changes no spec. The watch waits, still watching,
+    # and the next run after auto is back rolls back.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    regress(db, twin, owner)
+    reads = flip_watch_mode_after_the_first_claim(db, runner, twin, "off")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert [r.settings.mode if r else None for r in reads] == ["auto", None]
+    assert (run.status, run.attempts, run.hold_reason) == ("completed", 1, "no_draft")
+    assert run.gate_report is not None and run.gate_report["watch"] is None
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["looks_done"], stored["last_run_id"]) == ("watching", 0, None)
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+    db.execute("update public.persona_learning_settings set watch_mode = 'auto' "
+               "where twin_id = %s", (twin.id,))
+    [again] = runner.run_once(UUID(twin.id), request=True)
+    assert again.hold_reason == "rolled_back"
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
 
 
 # auto: the run also looked at v2's watch, which the rollback concluded; off: no watch, so the

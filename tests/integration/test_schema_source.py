@@ -22,6 +22,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -74,6 +75,13 @@ def dump(url: str) -> list[str]:
 def scratch_url(stack: Stack) -> Iterator[str]:
     """A new database of the stack's cluster with the platform's objects (platform.sql, as
     supabase_admin), owned by postgres as a hosted project's database is."""
+    with scratch_database(stack) as url:
+        yield url
+
+
+@contextmanager
+def scratch_database(stack: Stack) -> Iterator[str]:
+    """`scratch_url`'s database as a context manager (its URL); dropped on leaving."""
     name = f"pfl_schema_source_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url(stack.database_url), autocommit=True) as admin:
         admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))

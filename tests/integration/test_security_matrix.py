@@ -888,9 +888,11 @@ def test_service_claims_a_runs_production_watch(
         world.watch, world.published_spec, world.archived_spec)
     assert claimed["settings"]["mode"] == "alert"
     # the owner's vote (+1, cast after the publish) is the new spec's; the audit is the draft's.
-    assert {k: claimed["twin"][k] for k in ("new_n", "new_passed", "old_n", "old_passed")} == {
-        "new_n": 1, "new_passed": 1, "old_n": 0, "old_passed": 0}
-    assert [m["module_key"] for m in claimed["modules"]] == ["evidence_answers"]
+    counts = ("new_n", "new_passed", "old_n", "old_passed")
+    assert [(c["kind"], *(c[k] for k in counts)) for c in claimed["twin"]] == [
+        ("audits", 0, 0, 0, 0), ("votes", 1, 1, 0, 0)]
+    assert [(m["module_key"], m["kind"]) for m in claimed["modules"]] == [
+        ("evidence_answers", "votes")]
 
 
 def test_service_completes_a_run(stack: Stack, db: psycopg.Connection, world: World) -> None:

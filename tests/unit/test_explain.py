@@ -153,13 +153,16 @@ WATCH_REPORT = {
     "spec_id": "spec-2", "previous_spec_id": "spec-1", "state": "regressed", "action": "roll_back",
     "look": 6, "looks_planned": 10,
     "comparisons": [
-        {"scope": "twin", "module_key": None, "value": -0.17218, "threshold": -0.02,
-         "verdict": "regressed",
-         "evidence": {"new_n": 250, "new_passed": 140, "old_n": 250, "old_passed": 210}},
-        {"scope": "module", "module_key": "small_talk", "value": None, "threshold": -0.02,
-         "verdict": "insufficient_evidence", "evidence": {}},
-        {"scope": "module", "module_key": "evidence_answers", "value": -0.13, "threshold": -0.02,
-         "verdict": "regressed", "evidence": {}},
+        {"scope": "twin", "kind": "audits", "module_key": None, "value": -0.17218,
+         "threshold": -0.02, "verdict": "regressed",
+         "evidence": {"new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170}},
+        {"scope": "twin", "kind": "votes", "module_key": None, "value": None,
+         "threshold": -0.02, "verdict": "insufficient_evidence",
+         "evidence": {"new_n": 20, "new_passed": 8, "old_n": 50, "old_passed": 40}},
+        {"scope": "module", "kind": "votes", "module_key": "small_talk", "value": None,
+         "threshold": -0.02, "verdict": "insufficient_evidence", "evidence": {}},
+        {"scope": "module", "kind": "audits", "module_key": "evidence_answers", "value": -0.13,
+         "threshold": -0.02, "verdict": "regressed", "evidence": {}},
     ],
 }
 
@@ -170,6 +173,32 @@ def test_a_rollback_by_the_watch_in_words() -> None:
     report = {"watch": WATCH_REPORT}
     assert watch_outcome(report) == "regressed, rolled back"
     assert describe_watch(report, {"spec-1": 1, "spec-2": 2}) == (
+        "watch of v2: regressed at look 6/10, rolled back to v1; twin-wide audits 120/200 passed "
+        "since the publish vs 170/200 before, regressed (upper bound -0.1722, threshold -0.02); "
+        "votes 8/20 up since the publish vs 40/50 before, insufficient_evidence; "
+        "modules regressed: evidence_answers (audits)"
+    )
+
+
+def test_a_kind_without_evidence_and_a_report_from_before_kinds_in_words() -> None:
+    from worker.explain import describe_watch
+
+    no_votes = {**WATCH_REPORT, "comparisons": [
+        WATCH_REPORT["comparisons"][0],  # type: ignore[index]
+        {"scope": "twin", "kind": "votes", "module_key": None, "value": None,
+         "threshold": -0.02, "verdict": "insufficient_evidence",
+         "evidence": {"new_n": 0, "new_passed": 0, "old_n": 0, "old_passed": 0}}]}
+    assert describe_watch({"watch": no_votes}, {}) == (
+        "watch of spec spec-2: regressed at look 6/10, rolled back to spec spec-1; twin-wide "
+        "audits 120/200 passed since the publish vs 170/200 before, regressed (upper bound "
+        "-0.1722, threshold -0.02)"
+    )
+    pooled = {**WATCH_REPORT, "comparisons": [
+        {"scope": "twin", "module_key": None, "value": -0.17218, "threshold": -0.02,
+         "verdict": "regressed",
+         "evidence": {"new_n": 250, "new_passed": 140, "old_n": 250, "old_passed": 210}},
+        {"scope": "module", "module_key": "evidence_answers", "verdict": "regressed"}]}
+    assert describe_watch({"watch": pooled}, {"spec-1": 1, "spec-2": 2}) == (
         "watch of v2: regressed at look 6/10, rolled back to v1; twin-wide 140/250 passed since "
         "the publish vs 210/250 before, regressed (upper bound -0.1722, threshold -0.02); "
         "modules regressed: evidence_answers"

@@ -416,7 +416,7 @@ def test_run_summary_shows_the_interval_and_its_counts() -> None:
         gate_report=stored,
         created_at=datetime.now(UTC),
     )
-    lines = summarize(run).splitlines()
+    lines = summarize(run, {}).splitlines()
     assert (
         "    audit_non_inferiority: pass (value 0.04016, threshold -0.05, tango_score n=25 b=5 c=0)"
     ) in lines

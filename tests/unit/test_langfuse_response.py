@@ -244,8 +244,8 @@ def test_other_4xx_fail_for_good_with_the_servers_message(status: int, stop: boo
 
 @pytest.mark.parametrize("status", [404, 410])
 def test_no_ingestion_route_waits_and_says_why(status: int) -> None:
-    """A server without the route (Langfuse announced its removal from Cloud): the rows are not
-    at fault, so they wait without spending an attempt, and the pass stops."""
+    """A host that does not serve the route (a proxy, a wrong base path): the rows are not at
+    fault, so they wait without spending an attempt, and the pass stops."""
     verdict = one(run(status, b"404: This page could not be found."))
     assert verdict.outcome == Outcome.wait
     assert verdict.stop is True
@@ -358,3 +358,41 @@ def test_retry_after_reads_seconds_dates_and_langfuses_reset(
 def test_header_names_are_read_in_any_case() -> None:
     verdict = one(run(429, b"", {"RETRY-AFTER": "3"}))
     assert verdict.retry_after_seconds == 3.0
+
+
+def test_207_read_with_extra_top_level_keys() -> None:
+    """Langfuse Cloud adds a top-level deprecation notice to some 207s (batches with trace or
+    observation events, langfuse/langfuse#17261); any key beside successes and errors is
+    ignored, so the per-event result is still read."""
+    verdicts = run(
+        207,
+        {
+            "successes": [{"id": "a", "status": 201}, {"id": "b", "status": 201}],
+            "errors": [{"id": "c", "status": 400, "message": "Event type not accepted"}],
+            "_deprecation": {"message": "move to OpenTelemetry"},
+        },
+    )
+    assert verdicts["a"] == verdicts["b"] == Verdict(Outcome.sent)
+    assert verdicts["c"].outcome == Outcome.failed
+    assert verdicts["c"].error == "rejected by Langfuse (HTTP 400): Event type not accepted"
+
+
+@pytest.mark.parametrize(
+    ("location", "advice"),
+    [
+        ("https://lf.example.com/api/public/ingestion", "set LANGFUSE_HOST to https://lf.example.com"),
+        (
+            "http://lf.example.com:8080/lf/api/public/ingestion?x=1",
+            "set LANGFUSE_HOST to http://lf.example.com:8080/lf",
+        ),
+        ("/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+        ("https://lf.example.com/login", "set LANGFUSE_HOST to the server itself"),
+        ("https:///api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+        ("http://[::1/api/public/ingestion", "set LANGFUSE_HOST to the server itself"),
+    ],
+)
+def test_a_redirect_names_the_host_it_implies(location: str, advice: str) -> None:
+    """An http->https proxy answers with the full URL of the route: the error says which
+    LANGFUSE_HOST that is, not the route's URL (which would double the path)."""
+    verdict = one(run(301, b"", {"Location": location}))
+    assert verdict.error == f"HTTP 301: redirected to {location}; {advice}"

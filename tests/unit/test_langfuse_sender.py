@@ -12,7 +12,13 @@ from uuid import UUID
 import pytest
 from pydantic import ValidationError
 
-from testkit.standin import GENERATIONS, INGESTION_PATH, Generation, LangfuseStandin
+from testkit.standin import (
+    EVENTS_ONLY,
+    GENERATIONS,
+    INGESTION_PATH,
+    Generation,
+    LangfuseStandin,
+)
 from worker.langfuse_check import (
     LangfuseConfigError,
     LangfuseUnavailable,
@@ -20,7 +26,7 @@ from worker.langfuse_check import (
     generation,
     parse_version,
 )
-from worker.langfuse_response import Outcome
+from worker.langfuse_response import Outcome, classify
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, check_host, score_id_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -293,11 +299,14 @@ def test_a_redirect_is_refused_never_followed(standin: LangfuseStandin) -> None:
     standin.set_mode("redirect")
     with sender_for(standin) as sender:
         deliveries = sender.send(make_items(3))
-        with pytest.raises(LangfuseConfigError, match="redirects .* https://"):
+        with pytest.raises(LangfuseConfigError, match="redirects .* https://") as refused:
             check(sender)
 
+    https = f"https://{standin.host}:{standin.port}"
+    assert str(refused.value).endswith(f"set LANGFUSE_HOST to {https}")
     assert outcomes(deliveries) == {Outcome.retry}
-    assert deliveries[0].error is not None and "LANGFUSE_HOST" in deliveries[0].error
+    assert deliveries[0].error is not None
+    assert deliveries[0].error.endswith(f"set LANGFUSE_HOST to {https}")
     assert [(r.method, r.status) for r in standin.requests] == [("POST", 301), ("GET", 301)]
     assert standin.scores == {}
 
@@ -356,12 +365,17 @@ def test_hang_means_retry_within_the_timeout(standin: LangfuseStandin) -> None:
     assert 0.45 <= elapsed < 0.5 + 0.75
     (request,) = standin.requests  # one timeout per send, not one per chunk
     assert request.status is None
+    with (
+        sender_for(standin, timeout=0.3) as sender,
+        pytest.raises(LangfuseUnavailable, match=r"health: timeout after 0\.3s waiting"),
+    ):
+        check(sender)
 
 
-def test_a_server_without_the_ingestion_route_is_refused_at_the_check_and_waits_later(
+def test_a_host_without_the_ingestion_route_is_refused_at_the_check_and_waits_later(
     cloud: LangfuseStandin,
 ) -> None:
-    cloud.set_mode("ingestion_removed")
+    cloud.set_mode("no_route")
     with sender_for(cloud) as sender:
         with pytest.raises(LangfuseConfigError, match=r"answered 404 to POST .*ingestion"):
             check(sender)
@@ -531,6 +545,8 @@ def test_score_item_normalises_timestamp_to_utc() -> None:
         ("ftp://cloud.langfuse.com", "needs a scheme"),
         ("https://", "needs a scheme"),
         ("https://langfuse.example.com/?x=1", "query"),
+        ("https://cloud.langfuse.com/api/public", "without /api/public"),
+        ("https://example.com/langfuse/api/public/ingestion", "without /api/public"),
     ],
 )
 def test_a_host_without_scheme_or_host_is_refused(host: str, error: str) -> None:
@@ -540,6 +556,7 @@ def test_a_host_without_scheme_or_host_is_refused(host: str, error: str) -> None
 
 def test_a_host_keeps_its_path_prefix() -> None:
     assert check_host("https://example.com/langfuse/") == "https://example.com/langfuse"
+    assert check_host("https://example.com/api/publications") == "https://example.com/api/publications"
 
 
 def test_a_host_pasted_with_blanks_is_trimmed() -> None:
@@ -631,3 +648,51 @@ def test_the_standin_reads_json_only_when_the_request_says_it_is_json() -> None:
         )
     assert answer.status_code == 400
     assert answer.json()["message"] == "Invalid request data"
+
+
+@pytest.mark.parametrize("generation_name", sorted(EVENTS_ONLY))
+def test_v4_and_cloud_take_score_events_and_refuse_other_types_one_by_one(
+    generation_name: Generation,
+) -> None:
+    """v4's default `events_only` write mode (Cloud's for this route from its v3 ingestion
+    sunset on 2026-11-16): a trace-create, or an event that is not an object, is refused on
+    its own inside the 207 (400 "Event type not accepted", after the batch's own errors); an
+    sdk-log is taken and dropped (neither a success nor an error); our score-create events are
+    stored, and the worker reads the answer as sent for them, failed for the others."""
+    import httpx
+
+    with LangfuseStandin(generation=generation_name) as lf, sender_for(lf) as sender:
+        items = make_items(3)
+        ours = [sender.event(item) for item in items]
+        stamp = ours[0]["timestamp"]
+        trace = {"id": "ev-trace", "type": "trace-create", "timestamp": stamp, "body": {}}
+        log = {"id": "ev-log", "type": "sdk-log", "timestamp": stamp, "body": {"log": "hi"}}
+        bad = ours[0] | {"id": "ev-bad", "body": ours[0]["body"] | {"id": "x", "value": "1"}}
+        batch = [trace, *ours, log, bad, 42]
+        answer = httpx.post(
+            lf.url + INGESTION_PATH, json={"batch": batch}, auth=(lf.public_key, lf.secret_key)
+        )
+        assert answer.status_code == 207
+        result = answer.json()
+        assert sorted(s["id"] for s in result["successes"]) == sorted(e["id"] for e in ours)
+        assert {s["status"] for s in result["successes"]} == {201}
+        assert [(e["id"], e["status"], e["message"]) for e in result["errors"]] == [
+            ("ev-bad", 400, "Invalid request data"),
+            ("ev-trace", 400, "Event type not accepted"),
+            ("unknown", 400, "Event type not accepted"),
+        ]
+        assert "'trace-create'" in result["errors"][1]["error"]
+        assert set(lf.scores) == {item.score_id for item in items}
+
+        ids = [e["id"] for e in batch if isinstance(e, dict)]
+        verdicts = classify(207, answer.headers, answer.content, ids, datetime.now(UTC))
+        assert {i: v.outcome for i, v in verdicts.items()} == {
+            "ev-trace": Outcome.failed,
+            **{e["id"]: Outcome.sent for e in ours},
+            "ev-log": Outcome.retry,  # never confirmed: the sender never sends one
+            "ev-bad": Outcome.failed,
+        }
+        assert "Event type not accepted" in (verdicts["ev-trace"].error or "")
+
+        assert outcomes(sender.send(make_items(5, start=10))) == {Outcome.sent}
+        assert len(lf.scores) == 8 and lf.duplicates() == {}

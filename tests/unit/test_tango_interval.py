@@ -270,19 +270,32 @@ def test_bad_input_is_refused(args: tuple[int, int, int, float], message: str) -
         tango_interval(*args)
 
 
-@pytest.mark.parametrize(
-    ("share", "needed"), [(0.0, 73), (0.02, 91), (0.05, 120), (0.10, 180), (0.20, 320), (0.30, 467)]
-)
-def test_pairs_a_tie_needs_at_the_default_margin(share: float, needed: int) -> None:
-    # README's table, tie column: b = c = round(share·n/2); `needed` passes at margin 0.05 and
-    # z = 1.96, one pair fewer does not, and neither do the next 20 sizes fail (the table's
-    # "from n on" was checked up to 4,000 pairs when it was written).
+# README's "pairs a draft needs" table, every cell: (discordant share r, the draft's advantage
+# a) -> the fewest pairs n from which on a draft passes, with b = round((r + a)/2 · n) and
+# c = round((r − a)/2 · n) (Python's round). Rounding makes passing non-monotone near the
+# edge (10% discordant, +2: 85-87 pass, 88-96 do not), so the cell is where failing stops.
+PAIRS_NEEDED = [
+    (0.00, 0.00, 73),
+    (0.02, 0.00, 91), (0.02, 0.02, 53),
+    (0.05, 0.00, 120), (0.05, 0.02, 72), (0.05, 0.05, 33),
+    (0.10, 0.00, 180), (0.10, 0.02, 97), (0.10, 0.05, 47),
+    (0.20, 0.00, 320), (0.20, 0.02, 185), (0.20, 0.05, 101),
+    (0.30, 0.00, 467), (0.30, 0.02, 241), (0.30, 0.05, 125),
+]
+
+
+@pytest.mark.parametrize(("share", "advantage", "needed"), PAIRS_NEEDED)
+def test_pairs_a_draft_needs_at_the_default_margin(
+    share: float, advantage: float, needed: int
+) -> None:
+    # `needed` fails one pair fewer and passes at every size from it to 1,000 (twice the
+    # largest cell; README's table was checked up to 4,000), at margin 0.05 and z = 1.96.
     def passes(n: int) -> bool:
-        half = round(share * n / 2)
-        return tango_interval(n, half, half, 1.96)[0] >= -0.05
+        b, c = round((share + advantage) / 2 * n), round((share - advantage) / 2 * n)
+        return tango_interval(n, b, c, 1.96)[0] >= -0.05
 
     assert not passes(needed - 1)
-    assert all(passes(n) for n in range(needed, needed + 21))
+    assert all(passes(n) for n in range(needed, 1001))
 
 
 # --- properties ------------------------------------------------------------------------------
