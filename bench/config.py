@@ -21,7 +21,7 @@ SIZES: dict[str, dict[str, int]] = {
         "learn_batch_small": 100_000,
         "history_events": 5_000_000,
         "new_events": 50_000,
-        "history_trials": 9,
+        "history_trials": 15,
         "ingest_seconds": 5,
         "ingest_rounds": 8,
         "outbox_rows": 10_000,  # per server generation (four)

@@ -346,12 +346,32 @@ def paired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpaired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
-    """One twin in two phases (rounds minutes apart pair nothing): the ratio of the medians, of
-    API CPU (the judged figure) and of run time."""
+    """One twin in two phases, minutes apart, through which the machine's speed drifts with
+    other sessions' load: each trial's API CPU is taken in units of the reference measured right
+    after it (reference_cpu_seconds), and the judged ratio is that of the two phases' medians.
+    The ratio of the plain medians of API CPU and of run time beside it."""
+
+    def normalized(side: dict[str, Any]) -> float:
+        return statistics.median(t["api_cpu_seconds"] / max(t["reference_cpu_seconds"], 1e-3)
+                                 for t in side["trials"])
+
     return {
-        "ratio": round(got["api_cpu_seconds"] / max(floor["api_cpu_seconds"], 1e-3), 3),
+        "ratio": round(normalized(got) / normalized(floor), 3),
+        "cpu_ratio": round(got["api_cpu_seconds"] / max(floor["api_cpu_seconds"], 1e-3), 3),
         "run_ratio": round(got["run_seconds"] / max(floor["run_seconds"], 1e-3), 3),
     }
+
+
+REFERENCE_SQL = "select sum(g) from generate_series(1, 2000000) g"
+
+
+def reference_cpu_seconds(conn: psycopg.Connection) -> float:
+    """The CPU seconds (schedstat, as api_cpu_ns) the bench's own backend spends on a fixed
+    statement that reads no table: how fast the machine runs PostgreSQL now, whatever the data."""
+    path = Path(f"/proc/{scalar(conn, 'select pg_backend_pid()')}/schedstat")
+    before = int(path.read_text().split()[0])
+    conn.execute(REFERENCE_SQL)
+    return round((int(path.read_text().split()[0]) - before) / 1e9, 4)
 
 
 def add_new_events(
@@ -429,6 +449,7 @@ def history_trials(
             figures = learn_all(conn, twin.id)
             cpu_ns = sum(ns - cpu_before.get(pid, 0) for pid, ns in api_cpu_ns(stack).items())
             figures["api_cpu_seconds"] = round(cpu_ns / 1e9, 4)
+            figures["reference_cpu_seconds"] = reference_cpu_seconds(conn)
             if figures["events_processed"] != new[name]:
                 raise CorrectnessError(
                     f"{name}: {figures['events_processed']} of {new[name]} new events processed"
