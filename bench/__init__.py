@@ -14,10 +14,12 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    again at batch 200,000 with the worker's RPCs made by the bench through worker.store.Store
    in the worker's order, each timed through PostgREST; target: the longest single RPC ≤ 4 s,
    half the API's 8 s statement timeout (bench.config says why half).
-2. Cost follows new work: the run over 10,000 new events (among other twins' events) of a twin
+2. Cost follows new work: the run over 50,000 new events (among other twins' events) of a twin
    with 5,000,000 processed events versus a twin with none, and the twin with none after versus
    before those 5,000,000 rows were loaded; without a draft spec and with one under audit (the
-   gate then has work). The runs' own time, best of 5. Target: ratio ≤ 1.2.
+   gate then has work). The API's CPU per `pfl run-once` (PostgREST and its backends), 15
+   rounds: twin against twin the median of paired ratios, before against after the ratio of
+   medians in units of a fixed reference statement. Target: ratio ≤ 1.2.
 3. Worker memory: peak RSS of the worker process in the case 1 runs ≤ 150 MB at both batch sizes.
 4. Feedback ingest, in 8 short rounds (the order of the targets alternating), each target with
    wrk -t2 -c16 and 8 users' JWTs: new votes through nginx → PostgREST into

@@ -20,8 +20,8 @@ SIZES: dict[str, dict[str, int]] = {
         "learn_batch_large": 200_000,  # the schema's ceiling on max_batch_events
         "learn_batch_small": 100_000,
         "history_events": 5_000_000,
-        "new_events": 10_000,
-        "history_trials": 5,
+        "new_events": 50_000,
+        "history_trials": 15,
         "ingest_seconds": 5,
         "ingest_rounds": 8,
         "outbox_rows": 10_000,  # per server generation (four)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -29,6 +32,7 @@ from bench.data import (
     next_event_id,
     vacuum,
 )
+from bench.ingest import StackProcesses, proc_stat
 from bench.worker_process import (
     check_learning,
     forget_learning,
@@ -256,7 +260,9 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
     """Case 2: a run over n new events of a twin with a long processed history versus a twin
     with none, in the same database; and the twin with none before and after the long history
     was loaded (the table's size). Each with no draft spec and with a draft under audit (the
-    run's gate then has work). Best of `history_trials` each, twins alternating."""
+    run's gate then has work). `history_trials` rounds per phase, the twins' order rotating each
+    round; a twin against another measured in the same rounds is judged by the median of the
+    rounds' ratios, a twin against itself before the load by the ratio of its medians."""
     h, n, trials = sizes["history_events"], sizes["new_events"], sizes["history_trials"]
     users = user_ids(make_users(conn, "history", USERS))
     fresh = make_twin(conn, users[0], BENCH_MODULES, name="bench: no history")
@@ -294,8 +300,12 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
         "after the long history was loaded",
     )
     add_draft_under_audit(conn, old)
-    after |= history_trials(
-        conn, {"history_draft": old}, snaps, trials, "after the long history was loaded"
+    after_draft = history_trials(
+        conn,
+        {"draft": drafting, "history_draft": old},
+        snaps,
+        trials,
+        "after the long history was loaded, both twins with a draft",
     )
     return {
         "history_events": h,
@@ -305,11 +315,63 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
         "generation": gen,
         "before": before,
         "after": after,
+        "after_draft": after_draft,
+        "comparisons": {
+            "no_draft": {
+                "history": paired(after["history_no_draft"], after["no_draft"]),
+                "table": unpaired(after["no_draft"], before["no_draft"]),
+            },
+            "draft": {
+                "history": paired(after_draft["history_draft"], after_draft["draft"]),
+                "table": unpaired(after["draft"], before["draft"]),
+            },
+        },
         "check": {
             name: check_learning(conn, t.id)
             for name, t in (("no_history", fresh), ("no_history_draft", drafting), ("history", old))
         },
     }
+
+
+def paired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """Two twins measured in the same rounds: the median of the rounds' ratios of API CPU
+    (the judged figure) and of run time (wall, beside it)."""
+    out: dict[str, Any] = {}
+    for key, name in (("api_cpu_seconds", "ratio"), ("run_seconds", "run_ratio")):
+        ratios = [g[key] / max(f[key], 1e-3)
+                  for g, f in zip(got["trials"], floor["trials"], strict=True)]
+        out[name] = round(statistics.median(ratios), 3)
+        out[f"round_{name}s"] = [round(r, 3) for r in ratios]
+    return out
+
+
+def unpaired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """One twin in two phases, minutes apart, through which the machine's speed drifts with
+    other sessions' load: each trial's API CPU is taken in units of the reference measured right
+    after it (reference_cpu_seconds), and the judged ratio is that of the two phases' medians.
+    The ratio of the plain medians of API CPU and of run time beside it."""
+
+    def normalized(side: dict[str, Any]) -> float:
+        return statistics.median(t["api_cpu_seconds"] / max(t["reference_cpu_seconds"], 1e-3)
+                                 for t in side["trials"])
+
+    return {
+        "ratio": round(normalized(got) / normalized(floor), 3),
+        "cpu_ratio": round(got["api_cpu_seconds"] / max(floor["api_cpu_seconds"], 1e-3), 3),
+        "run_ratio": round(got["run_seconds"] / max(floor["run_seconds"], 1e-3), 3),
+    }
+
+
+REFERENCE_SQL = "select sum(g) from generate_series(1, 2000000) g"
+
+
+def reference_cpu_seconds(conn: psycopg.Connection) -> float:
+    """The CPU seconds (schedstat, as api_cpu_ns) the bench's own backend spends on a fixed
+    statement that reads no table: how fast the machine runs PostgreSQL now, whatever the data."""
+    path = Path(f"/proc/{scalar(conn, 'select pg_backend_pid()')}/schedstat")
+    before = int(path.read_text().split()[0])
+    conn.execute(REFERENCE_SQL)
+    return round((int(path.read_text().split()[0]) - before) / 1e9, 4)
 
 
 def add_new_events(
@@ -362,8 +424,9 @@ def history_trials(
     trials: int,
     label: str,
 ) -> dict[str, Any]:
-    """Learns each twin's new events `trials` times (the twin put back as it was before each
-    trial, the twins alternating); per twin the best process and run time and every trial."""
+    """Learns each twin's new events in `trials` rounds (the twin put back as it was before each
+    trial; each round one trial of every twin, the order rotating so that no twin always goes
+    first); per twin the median process and run time and every trial, in round order."""
     times: dict[str, list[dict[str, Any]]] = {name: [] for name in twins}
     new = {
         name: scalar(
@@ -374,10 +437,19 @@ def history_trials(
         )
         for name, twin in twins.items()
     }
+    stack = StackProcesses.find(conn)
     for trial in range(trials):
-        for name, twin in twins.items():
+        order = list(twins)
+        order = order[trial % len(order):] + order[: trial % len(order)]
+        for name in order:
+            twin = twins[name]
             restore_learning(conn, twin.id, snaps[twin.id])
+            checkpoint()  # the restore's writes are flushed before, not during, the span
+            cpu_before = api_cpu_ns(stack)
             figures = learn_all(conn, twin.id)
+            cpu_ns = sum(ns - cpu_before.get(pid, 0) for pid, ns in api_cpu_ns(stack).items())
+            figures["api_cpu_seconds"] = round(cpu_ns / 1e9, 4)
+            figures["reference_cpu_seconds"] = reference_cpu_seconds(conn)
             if figures["events_processed"] != new[name]:
                 raise CorrectnessError(
                     f"{name}: {figures['events_processed']} of {new[name]} new events processed"
@@ -385,15 +457,39 @@ def history_trials(
             times[name].append(figures)
         log(
             f"case 2 ({label}): trial {trial + 1}: "
-            + ", ".join(f"{name} {runs[-1]['run_seconds']} s" for name, runs in times.items())
+            + ", ".join(f"{name} {runs[-1]['run_seconds']} s "
+                        f"(API CPU {runs[-1]['api_cpu_seconds']} s)"
+                        for name, runs in times.items())
         )
     return {
         name: {
-            "seconds": min(f["seconds"] for f in runs),
-            "run_seconds": min(f["run_seconds"] for f in runs),
+            "seconds": statistics.median(f["seconds"] for f in runs),
+            "run_seconds": statistics.median(f["run_seconds"] for f in runs),
+            "api_cpu_seconds": statistics.median(f["api_cpu_seconds"] for f in runs),
             "events_processed": runs[0]["events_processed"],
             "trials": runs,
         }
         for name, runs in times.items()
     }
 
+
+def api_cpu_ns(stack: StackProcesses) -> dict[int, int]:
+    """CPU time so far, in ns, of the API's side of the bench stack, by process: every thread of
+    PostgREST and each PostgreSQL backend it connected (the postmaster's children whose command
+    line names the `authenticator` role), from the scheduler's per-thread accounting
+    (/proc/<pid>/task/<tid>/schedstat, first field), which counts time on a CPU only: waiting
+    for one on a busy machine is not in it. Background processes (autovacuum, checkpointer) and
+    the bench's own connection are left out."""
+    pids = [stack.postgrest]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc_stat(int(entry.name))["ppid"] == stack.postmaster
+                        and b"authenticator" in (entry / "cmdline").read_bytes()):
+                    pids.append(int(entry.name))
+    times: dict[int, int] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            times[pid] = sum(int((task / "schedstat").read_text().split()[0])
+                             for task in Path(f"/proc/{pid}/task").iterdir())
+    return times

@@ -12,12 +12,14 @@ own (ports 603xx) and stops it afterwards. For N seconds:
   sends the vote again;
 - worker processes (`pfl serve`) learn and mirror feedback to a Langfuse stand-in process;
 - faults at seeded random moments: workers killed with SIGKILL (preferably one holding a run) and
-  replaced, PostgREST restarted, PostgreSQL restarted once, the Langfuse stand-in stopped and
+  replaced, a worker stopped (SIGSTOP) while it holds a run until another takes the run over,
+  then continued, PostgREST restarted, PostgreSQL restarted once, the Langfuse stand-in stopped and
   started again on its port, and periods of HTTP 500s and of hanging requests from it.
 
 Then the clients stop, everything comes back up, the soak waits (with a deadline) until every
 event is learned, no run is queued or running and no outbox row is open, stops the workers with
-SIGTERM and checks five properties, and that the soak itself ran as planned (PASS/FAIL each).
+SIGTERM and checks six properties, and that the soak itself ran as planned (PASS/FAIL
+each).
 The summary goes to stdout and to soak-results/soak-<timestamp>.json; the exit status is 1 when
 a check fails.
 

@@ -124,8 +124,9 @@ def main(argv: list[str]) -> int:
     t2 = time.monotonic()
     db.close()
     db = connect(env.database_url)  # the first one saw a restart
+    pauses = [(p, workers.logged_for(p.worker, p.run_id, p.attempt)) for p in faults.pauses]
     checks = Checks(db, clients.attempts, receipts, workers.permanent_failures(),
-                    standin.duplicates()).all()
+                    standin.duplicates(), args.workers, pauses).all()
     checks.insert(0, harness_check(drained, drain_s, drain_state, faults.errors, worker_exits))
     timings["checks_s"] = round(time.monotonic() - t2, 1)
     summary = {

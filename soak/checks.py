@@ -1,4 +1,4 @@
-"""The checks after the drain: five properties read from the database (as superuser) and the
+"""The checks after the drain: six properties read from the database (as superuser) and the
 stand-in's receipts, and check 0, that the soak itself ran as planned."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ import psycopg
 
 from soak.clients import Attempt
 from soak.config import REL_TOL
+from soak.processes import Pause
 from testkit.oracle import module_counts_from_scratch, relative_error
 from worker.langfuse_sender import score_id_for
 from worker.learning import beta_mean
@@ -32,20 +33,25 @@ def close(a: float, b: float) -> bool:
 
 
 class Checks:
-    """The five properties, read from the database (as superuser) and the stand-in's receipts."""
+    """The six properties, read from the database (as superuser), the stand-in's receipts and
+    the workers' logs."""
 
     def __init__(self, db: psycopg.Connection, attempts: list[Attempt],
                  receipts: dict[str, list[dict[str, Any]]], permanent_failures: list[str],
-                 table_duplicates: dict[str, int] | None = None) -> None:
+                 table_duplicates: dict[str, int] | None = None, workers: int = 1,
+                 pauses: list[tuple[Pause, list[str]]] | None = None) -> None:
         """`table_duplicates`: score ids with rows on more than one day of the stand-ins'
-        score tables (Langfuse's key: day, name, id), i.e. a vote counted twice."""
+        score tables (Langfuse's key: day, name, id), i.e. a vote counted twice. `workers`: how
+        many ran at once. `pauses`: each worker stopped while it held a run, with what it logged
+        about that attempt of the run."""
         self.db, self.attempts, self.receipts = db, attempts, receipts
         self.permanent_failures = permanent_failures
         self.table_duplicates = table_duplicates or {}
+        self.workers, self.pauses = workers, pauses or []
 
     def all(self) -> list[Check]:
         return [self.acknowledged_stored(), self.processed_once(), self.evidence_exact(),
-                self.no_stuck_runs(), self.langfuse_exactly_once()]
+                self.no_stuck_runs(), self.langfuse_exactly_once(), self.workers_shared()]
 
     def acknowledged_stored(self) -> Check:
         rows = {r[0]: r for r in self.db.execute(
@@ -251,6 +257,34 @@ class Checks:
                    f"outbox {outbox}")
         return Check("5. every score delivered to Langfuse exactly once (upsert by id)",
                      not problems, [summary, *problems[:10]], figures)
+
+
+    def workers_shared(self) -> Check:
+        """The workers shared the runs (at least as many of them completed runs as ran at once),
+        and a worker stopped while holding a run, whose run another worker took over, completed
+        nothing of it when it came back: its late work was discarded, not learned twice (check 2
+        proves the batches tile; this proves the fencing of the stalled worker)."""
+        by_worker: dict[str, int] = dict(self.db.execute(
+            "select worker_id, count(*) from persona_feedback_learning_runs"
+            " where status = 'completed' group by worker_id order by worker_id").fetchall())
+        problems = []
+        if len(by_worker) < self.workers:
+            problems.append(f"only {len(by_worker)} workers completed runs; {self.workers} ran")
+        if not self.pauses:
+            problems.append("no worker was stopped while holding a run")
+        ends = []
+        for pause, logged in self.pauses:
+            late = [e for e in logged if e != "run claimed"]
+            ends.append(f"{pause.worker}, run {pause.run_id} attempt {pause.attempt} (taken over "
+                        f"by {pause.taken_over_by}): {late or 'nothing logged after the claim'}")
+            if "run completed" in logged:
+                problems.append(f"{pause.worker} completed run {pause.run_id} after another "
+                                "worker took it over")
+        lines = [f"runs completed by worker: {by_worker}", *ends, *problems]
+        return Check("6. the workers shared the runs; a stalled worker's run taken over and its "
+                     "late work discarded", not problems, lines,
+                     {"completed_by_worker": by_worker,
+                      "pauses": [asdict(p) | {"logged": logged} for p, logged in self.pauses]})
 
 
 def parse_ts(text: object) -> datetime | None:

@@ -9,8 +9,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from soak.config import STACK, log
-from soak.processes import Workers
+from soak.config import STACK, WORKER_ENV, log
+from soak.processes import Pause, Workers
 from testkit.standin_process import StandinProcess
 
 
@@ -20,6 +20,7 @@ def plan_faults(rng: random.Random, seconds: float) -> list[tuple[float, str]]:
     lo, hi = 0.1 * seconds, 0.9 * seconds
     plan = [(rng.uniform(lo, hi), "worker_kill") for _ in range(max(4, round(seconds / 10)))]
     plan += [(rng.uniform(lo, hi), "rest_restart") for _ in range(max(2, round(seconds / 30)))]
+    plan += [(rng.uniform(lo, hi), "worker_pause") for _ in range(max(1, round(seconds / 60)))]
     plan.append((rng.uniform(0.3 * seconds, 0.7 * seconds), "db_restart"))
     episodes = ["langfuse_down", "langfuse_error", "langfuse_hang"]
     while len(episodes) < round(seconds / 60):
@@ -52,6 +53,7 @@ class Faults(threading.Thread):
         self.stop_event = threading.Event()
         self.done: list[FaultRecord] = []
         self.errors: list[str] = []
+        self.pauses: list[Pause] = []
 
     def run(self) -> None:
         for at, kind in self.plan:
@@ -72,6 +74,12 @@ class Faults(threading.Thread):
     def inject(self, kind: str) -> str:
         if kind == "worker_kill":
             return "killed " + self.workers.kill_one(self.rng)
+        if kind == "worker_pause":
+            pause = self.workers.pause_holder(self.rng, float(WORKER_ENV["PFL_LEASE_SECONDS"]))
+            self.pauses.append(pause)
+            return (f"stopped {pause.worker} holding run {pause.run_id} (attempt "
+                    f"{pause.attempt}) for {pause.seconds:.1f}s, until {pause.taken_over_by} "
+                    "took it over")
         if kind in ("rest_restart", "db_restart"):
             target = "rest" if kind == "rest_restart" else "db"
             done = subprocess.run([str(STACK), "restart", target], timeout=120, text=True,

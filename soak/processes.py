@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ import psycopg
 
 from soak.config import WORKER_ENV
 from testkit.env import PFL, StackEnv, worker_env
+from testkit.wait import wait_until
+
+
+@dataclass(frozen=True)
+class Pause:
+    """A worker stopped (SIGSTOP) while it held a run, until another worker took the run over."""
+
+    worker: str
+    run_id: str
+    attempt: int  # the paused worker's attempt of the run
+    taken_over_by: str
+    seconds: float  # how long it was stopped
 
 
 def remember_child(work_dir: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -83,18 +96,16 @@ class Workers:
             self.spawn()
         return unexpected
 
-    def lease_holders(self) -> set[str]:
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one statement on a connection of its own; none when the database is down."""
         with contextlib.suppress(psycopg.Error), psycopg.connect(
                 self.database_url, connect_timeout=2, autocommit=True) as db:
-            rows = db.execute(
-                "select worker_id from persona_feedback_learning_runs where status = 'running'"
-            ).fetchall()
-            return {r[0] for r in rows}
-        return set()
+            return db.execute(sql, params).fetchall()
+        return []
 
     def kill_one(self, rng: random.Random) -> str:
         """SIGKILLs a worker, preferably one holding a run (so that a takeover follows)."""
-        holders = sorted(self.lease_holders() & set(self.procs))
+        holders = sorted({w for w, _ in self.running_runs().values()} & set(self.procs))
         if holders and rng.random() < 0.7:
             name = rng.choice(holders)
         else:
@@ -104,6 +115,50 @@ class Workers:
         self.exits[name] = proc.wait(timeout=10)
         self.spawn()
         return name + (" (holding a run)" if name in holders else "")
+
+    def running_runs(self) -> dict[str, tuple[str, int]]:
+        """Runs now running under a live lease: run id -> (worker id, attempt)."""
+        return {r[0]: (r[1], r[2]) for r in self.query(
+            "select id::text, worker_id, attempts from persona_feedback_learning_runs"
+            " where status = 'running' and lease_expires_at > now()")}
+
+    def pause_holder(self, rng: random.Random, lease_s: float, deadline_s: float = 20) -> Pause:
+        """Stops (SIGSTOP) a worker while it holds a run under a live lease, as a long GC pause
+        or a frozen VM would, and continues it (SIGCONT) once another worker has taken the run
+        over: the paused worker then finds its lease stale and must discard its work. Raises
+        TimeoutError when no worker is caught holding a run within `deadline_s`, or the run is
+        not taken over within the lease and 15 s more."""
+
+        def catch() -> tuple[str, str, int] | None:
+            held = [(run, w, a) for run, (w, a) in self.running_runs().items() if w in self.procs]
+            if not held:
+                return None
+            run_id, name, attempt = rng.choice(sorted(held))
+            self.procs[name].send_signal(signal.SIGSTOP)
+            if self.running_runs().get(run_id) == (name, attempt):
+                return run_id, name, attempt
+            self.procs[name].send_signal(signal.SIGCONT)  # it finished the run meanwhile
+            return None
+
+        run_id, name, attempt = wait_until(catch, deadline_s, "a worker holding a run", every=0.02)
+        def taken_over() -> str | None:
+            worker, at = self.running_runs().get(run_id, ("", 0))
+            return worker if at > attempt else self.completed_by(run_id, attempt)
+
+        stopped = time.monotonic()
+        try:
+            taker = wait_until(taken_over, lease_s + 15,
+                               f"run {run_id} taken over from paused {name}", every=0.1)
+        finally:
+            self.procs[name].send_signal(signal.SIGCONT)
+        return Pause(name, run_id, attempt, taker, round(time.monotonic() - stopped, 2))
+
+    def completed_by(self, run_id: str, attempt: int) -> str | None:
+        """The worker that ended the run at a later attempt than `attempt`, if one did."""
+        rows = self.query("select worker_id from persona_feedback_learning_runs"
+                          " where id = %s and status <> 'running' and attempts > %s",
+                          (run_id, attempt))
+        return rows[0][0] if rows else None
 
     def stop(self, deadline_s: float = 60) -> dict[str, int]:
         """SIGTERM: each finishes the work in hand and exits; exit statuses by worker id."""
@@ -145,6 +200,12 @@ class Workers:
         return Counter(
             f"{e['level']}: {re.sub(r'[0-9][0-9.]*', 'N', str(e.get('event')))[:70]}"
             for e in self.log_entries() if e.get("level") in ("warning", "error", "critical"))
+
+    def logged_for(self, worker: str, run_id: str, attempt: int) -> list[str]:
+        """What `worker` logged about its attempt `attempt` of a run, in order."""
+        return [str(e.get("event")) for e in self.log_entries()
+                if e["worker"] == worker and e.get("run_id") == run_id
+                and e.get("attempt") == attempt]
 
     def permanent_failures(self) -> list[str]:
         """Run attempts a worker failed for good (not retryable). Every fault of the soak is

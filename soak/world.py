@@ -1,4 +1,5 @@
-"""The soak's world: users, and twins of four kinds with their modules and specs."""
+"""The soak's world: users, and twins of four kinds (and four more plain ones) with their
+modules and specs."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ TWIN_PLANS = (
         {"max_batch_events": 10, "auto_publish": True},
         draft=True,
     ),
+    # More twins than workers, so that the workers compete for queued runs.
+    *(TwinPlan(f"plain-{k}", "any_user", {"answers": "factual_with_evidence",
+                                          "chat": "casual_chat"}) for k in range(1, 5)),
 )
 
 
