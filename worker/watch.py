@@ -89,24 +89,33 @@ def standardized_interval(
     is the difference at the old side's observed mix). One stratum gives `newcombe_interval`
     exactly. Raises ValueError for no strata, an empty side or impossible counts, or z <= 0.
     """
-    if not strata:
-        raise ValueError("need at least one stratum")
     if not z > 0:
         raise ValueError(f"z must be > 0, got {z}")
+    d = standardized_difference(strata)
     old_total = sum(n2 for _, _, _, n2 in strata)
-    d = low_sq = up_sq = 0.0
+    low_sq = up_sq = 0.0
     for x1, n1, x2, n2 in strata:
-        for x, n in ((x1, n1), (x2, n2)):
-            if n <= 0 or x < 0 or x > n:
-                raise ValueError(f"need 0 <= x <= n and n > 0, got x={x}, n={n}")
         w = n2 / old_total
         p1, p2 = x1 / n1, x2 / n2
         l1, u1 = wilson_bounds(x1, n1 - x1, z)
         l2, u2 = wilson_bounds(x2, n2 - x2, z)
-        d += w * (p1 - p2)
         low_sq += w * w * ((p1 - l1) ** 2 + (u2 - p2) ** 2)
         up_sq += w * w * ((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return d, max(-1.0, d - math.sqrt(low_sq)), min(1.0, d + math.sqrt(up_sq))
+
+
+def standardized_difference(strata: Sequence[tuple[int, int, int, int]]) -> float:
+    """d = Σ w_k (p1_k − p2_k), the difference of pass rates (new − old) standardised to the old
+    side's mix: w_k = n2_k / Σ n2, from strata (x1, n1, x2, n2) as `standardized_interval` takes
+    them. Raises ValueError for no strata, an empty side or impossible counts."""
+    if not strata:
+        raise ValueError("need at least one stratum")
+    for x1, n1, x2, n2 in strata:
+        for x, n in ((x1, n1), (x2, n2)):
+            if n <= 0 or x < 0 or x > n:
+                raise ValueError(f"need 0 <= x <= n and n > 0, got x={x}, n={n}")
+    old_total = sum(n2 for _, _, _, n2 in strata)
+    return sum(n2 / old_total * (x1 / n1 - x2 / n2) for x1, n1, x2, n2 in strata)
 
 
 def obf_alpha_spent(information: float, alpha: float) -> float:
@@ -192,7 +201,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         z = _upper_quantile(share)
 
     comparisons = tuple(
-        _compare(c, z, s.margin, s.min_evidence, test)
+        _compare(c, z, s.margin, s.min_evidence)
         for c in (*evidence.twin, *evidence.modules)
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
@@ -234,9 +243,10 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
 
 
 def _compare(
-    c: WatchComparisonEvidence, z: float | None, margin: float, min_evidence: int, test: bool
+    c: WatchComparisonEvidence, z: float | None, margin: float, min_evidence: int
 ) -> WatchComparison:
-    """One comparison's verdict at this run (see `decide_watch`)."""
+    """One comparison's verdict at this run (see `decide_watch`); `z` is None when the run
+    tests nothing (no look due, or a share of alpha too small to be a float)."""
     threshold = -margin
     counts = {
         "new_n": c.new_n, "new_passed": c.new_passed, "old_n": c.old_n, "old_passed": c.old_passed,
@@ -249,7 +259,7 @@ def _compare(
                                            old_n=c.old_n, old_passed=c.old_passed),)
         if s.new_n and s.old_n
     ]
-    difference = standardized_interval(strata, 1.0)[0] if strata else None
+    difference = standardized_difference(strata) if strata else None
     compared = min(sum(s[1] for s in strata), sum(s[3] for s in strata))
     if compared < min_evidence:
         return WatchComparison(
@@ -258,7 +268,7 @@ def _compare(
             verdict=WatchComparisonVerdict.insufficient_evidence,
             evidence=counts,
         )
-    if not test or z is None:
+    if z is None:
         return WatchComparison(
             scope=c.scope, kind=c.kind, module_key=c.module_key, value=None,
             difference=difference, threshold=threshold,

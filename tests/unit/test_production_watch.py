@@ -38,6 +38,7 @@ from worker.watch import (
     look_index,
     newcombe_interval,
     obf_alpha_spent,
+    standardized_difference,
     standardized_interval,
 )
 
@@ -786,3 +787,29 @@ def test_the_drop_a_low_traffic_watch_needs(n: int, drop: int | None) -> None:
                                  modules_total=2)).state is WatchState.regressed
     ]
     assert (round(100 * (old - max(regressing)) / n) if regressing else None) == drop
+
+
+@pytest.mark.parametrize(
+    "strata",
+    [
+        [(0, 0, 1, 2)],  # an empty new side
+        [(1, 2, 0, 0)],  # an empty old side
+        [(-1, 5, 1, 2)],  # a negative count
+        [(6, 5, 1, 2)],  # more passed than seen
+        [(1, 2, 1, 2), (0, 0, 1, 2)],  # one bad stratum among good ones
+    ],
+)
+def test_the_standardized_difference_and_interval_refuse_impossible_counts(strata) -> None:
+    with pytest.raises(ValueError, match="need 0 <= x <= n and n > 0"):
+        standardized_difference(strata)
+    with pytest.raises(ValueError, match="need 0 <= x <= n and n > 0"):
+        standardized_interval(strata, Z95)
+
+
+def test_the_standardized_difference_weighs_strata_by_the_old_sides_mix() -> None:
+    # Old side 30 + 10 (weights 3/4, 1/4); new-minus-old 0.5 - 0.2 and 0.1 - 0.6.
+    strata = [(5, 10, 6, 30), (1, 10, 6, 10)]
+    assert standardized_difference(strata) == pytest.approx(0.75 * 0.3 + 0.25 * -0.5)
+    assert standardized_interval(strata, Z95)[0] == standardized_difference(strata)
+    with pytest.raises(ValueError, match="need at least one stratum"):
+        standardized_difference([])
