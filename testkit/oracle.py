@@ -162,3 +162,27 @@ def relative_error(got: float, want: float) -> float:
     """|got − want| relative to want, absolute below 1."""
     return abs(got - want) / max(1.0, abs(want))
 
+
+
+def daily_summary(conn: psycopg.Connection, twin_id: str) -> list[tuple[object, ...]]:
+    """The twin's rows of persona_feedback_daily (day, intent, module key, reason, score,
+    votes), sorted."""
+    return sorted(conn.execute(
+        "select day, intent_label, module_key, reason::text, score, votes"
+        " from public.persona_feedback_daily where twin_id = %s", (twin_id,)).fetchall(), key=repr)
+
+
+def daily_from_scratch(conn: psycopg.Connection, twin_id: str) -> list[tuple[object, ...]]:
+    """What persona_feedback_daily should hold for the twin, straight from the events: the
+    learned feedback votes current at the cursor (never replaced, or replaced by a vote after
+    it), counted per UTC day and bucket, sorted as `daily_summary`."""
+    return sorted(conn.execute(
+        "select (e.created_at at time zone 'UTC')::date, e.intent_label, e.module_key,"
+        " e.reason::text, e.score, count(*)"
+        " from public.persona_training_events e join public.twins t on t.id = e.twin_id"
+        " where e.twin_id = %s and e.source = 'user_feedback'"
+        " and e.id <= t.learned_through_event_id"
+        " and (e.superseded_at is null or exists (select 1 from public.persona_training_events n"
+        "      where n.twin_id = e.twin_id and n.supersedes_id = e.id"
+        "        and n.id > t.learned_through_event_id))"
+        " group by 1, 2, 3, 4, 5", (twin_id,)).fetchall(), key=repr)

@@ -15,7 +15,7 @@ import pytest
 from postgrest.exceptions import APIError
 from pydantic import SecretStr
 
-from testkit.oracle import assert_modules_exact
+from testkit.oracle import assert_modules_exact, daily_from_scratch, daily_summary
 from testkit.oracle import modules_by_key as modules_now
 from tests.conftest import Stack
 from tests.integration.helpers import Twin, create_twin
@@ -689,26 +689,6 @@ def test_a_twins_settings_row_cannot_be_deleted_apart_from_the_twin(db, service,
 # --------------------------------------------------------------------------- after a review
 
 
-def daily_summary(db: psycopg.Connection, twin: Twin) -> list[tuple]:
-    return sorted(db.execute(
-        "select day, intent_label, module_key, reason::text, score, votes"
-        " from persona_feedback_daily where twin_id = %s", (twin.id,)).fetchall(), key=repr)
-
-
-def daily_from_scratch(db: psycopg.Connection, twin: Twin) -> list[tuple]:
-    """The daily summary recomputed: the learned feedback current at the cursor, per bucket."""
-    return sorted(db.execute(
-        "select (e.created_at at time zone 'UTC')::date, e.intent_label, e.module_key,"
-        " e.reason::text, e.score, count(*)"
-        " from persona_training_events e join twins t on t.id = e.twin_id"
-        " where e.twin_id = %s and e.source = 'user_feedback'"
-        " and e.id <= t.learned_through_event_id"
-        " and (e.superseded_at is null or exists (select 1 from persona_training_events n"
-        "      where n.twin_id = e.twin_id and n.supersedes_id = e.id"
-        "        and n.id > t.learned_through_event_id))"
-        " group by 1, 2, 3, 4, 5", (twin.id,)).fetchall(), key=repr)
-
-
 def test_an_edited_learned_vote_moves_in_the_daily_summary(db, service, make_user, make_runner):
     # A moderator relabels a learned vote's reason (service role); the voter then changes that
     # vote. The change's retraction must find the vote in its new bucket (it used to find the old
@@ -720,16 +700,16 @@ def test_an_edited_learned_vote_moves_in_the_daily_summary(db, service, make_use
     learn(runner, twin)
     service.table("persona_training_events").update({"reason": "incorrect"}).eq(
         "id", row["id"]).execute()
-    assert daily_summary(db, twin) == daily_from_scratch(db, twin)
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id)
     learn(runner, twin)
     vote(voter, twin, "t0", -1, "a")
     learn(runner, twin)
-    assert daily_summary(db, twin) == daily_from_scratch(db, twin)
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id)
     # Every bucket column at once, on a vote that is then replaced and relearned.
     service.table("persona_training_events").update(
         {"score": 1, "reason": "other", "intent_label": "b", "module_key": "n",
          "created_at": "2026-01-02T00:00:00Z"}).eq("id", row["id"]).execute()
-    assert daily_summary(db, twin) == daily_from_scratch(db, twin)
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id)
     learn(runner, twin)
     latest = db.execute("select id from persona_training_events where twin_id = %s"
                         " order by id desc limit 1", (twin.id,)).fetchone()[0]
@@ -737,7 +717,7 @@ def test_an_edited_learned_vote_moves_in_the_daily_summary(db, service, make_use
         "id", latest).execute()
     vote(voter, twin, "t0", 0, "b")
     learn(runner, twin)
-    assert daily_summary(db, twin) == daily_from_scratch(db, twin) != []
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id) != []
     assert_modules_exact(db, twin.id)
 
 
@@ -782,7 +762,7 @@ def test_a_vote_change_link_is_followed_within_its_twin_only(db, service, make_u
         "id", row["id"]).execute()
     learn(runner, twin)
     assert sf(db, twin, "m") == (2, 0)
-    assert daily_summary(db, twin) == daily_from_scratch(db, twin) != []
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id) != []
     assert_modules_exact(db, twin.id)
     assert_modules_exact(db, other.id)
 

@@ -36,7 +36,7 @@ from pydantic import SecretStr
 from supabase import Client
 
 from testkit.env import rows
-from testkit.oracle import assert_modules_exact
+from testkit.oracle import assert_modules_exact, daily_from_scratch, daily_summary
 from testkit.oracle import modules_by_key as modules_now
 from testkit.world import make_users
 from tests.conftest import Stack, close, mint_token
@@ -265,7 +265,7 @@ def check_completed(w: World, run: Run) -> None:
         (str(run.id),))}
     assert run.modules_updated == len(history)
     # The owner views' daily summary counts exactly the learned votes current at the cursor.
-    assert daily_summary(w) == daily_from_scratch(w)
+    assert daily_summary(w.db, w.twin_id) == daily_from_scratch(w.db, w.twin_id)
     learning = LearningSettings()
     for m in modules.values():
         assert m.evidence_at == run.learning_time
@@ -275,26 +275,6 @@ def check_completed(w: World, run: Run) -> None:
         if m.module_id in history:
             assert history[m.module_id][:2] == (m.confidence, m.status)
             assert history[m.module_id][3:] == (m.success, m.failure)
-
-
-def daily_summary(w: World) -> list[tuple[Any, ...]]:
-    return sorted(w.db.execute(
-        "select day, intent_label, module_key, reason::text, score, votes"
-        " from persona_feedback_daily where twin_id = %s", (w.twin_id,)).fetchall(), key=repr)
-
-
-def daily_from_scratch(w: World) -> list[tuple[Any, ...]]:
-    """The learned votes current at the cursor (never replaced, or replaced by a vote after it),
-    counted per UTC day and bucket, straight from the events."""
-    return sorted(w.db.execute(
-        "select (e.created_at at time zone 'UTC')::date, e.intent_label, e.module_key,"
-        " e.reason::text, e.score, count(*)"
-        " from persona_training_events e join twins t on t.id = e.twin_id"
-        " where e.twin_id = %s and e.source = 'user_feedback'"
-        " and e.id <= t.learned_through_event_id"
-        " and (e.superseded_at is null or exists (select 1 from persona_training_events n"
-        "      where n.supersedes_id = e.id and n.id > t.learned_through_event_id))"
-        " group by 1, 2, 3, 4, 5", (w.twin_id,)).fetchall(), key=repr)
 
 
 @pytest.fixture(scope="module")
