@@ -4,6 +4,7 @@ its own users and twins, so tests never depend on one another or on the seed."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -11,12 +12,16 @@ from typing import TypeVar
 import httpx
 import psycopg
 import pytest
+from pydantic import SecretStr
 from supabase import Client
 
 from testkit import tokens
 from testkit.env import ROOT, StackEnv
 from testkit.wait import wait_until
 from testkit.world import connect, make_users
+from worker.config import WorkerSettings
+from worker.runner import Runner
+from worker.store import Store
 
 __all__ = ["ROOT", "Stack", "User", "close", "mint_token", "wait_for"]
 
@@ -98,3 +103,28 @@ def wait_for(condition: Callable[[], T | None], timeout: float = 20.0, interval:
         return wait_until(condition, timeout, every=interval)
     except TimeoutError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture
+def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
+    """Builds in-process workers on the stack (service-role key, 2 tries per store call):
+    `make(name="test-worker", lease=30, store_class=Store)`; their connections are closed after
+    the test."""
+    made: list[Runner] = []
+
+    def make(
+        name: str = "test-worker", lease: int = 30, store_class: type[Store] = Store
+    ) -> Runner:
+        settings = WorkerSettings(
+            supabase_url=stack.url,
+            supabase_service_role_key=SecretStr(stack.service_key),
+            pfl_worker_id=f"{name}-{uuid.uuid4().hex[:6]}",
+            pfl_lease_seconds=lease,
+            pfl_store_attempts=2,
+        )
+        made.append(Runner(store_class.connect(settings), settings.pfl_worker_id, lease))
+        return made[-1]
+
+    yield make
+    for runner in made:
+        runner.store.close()

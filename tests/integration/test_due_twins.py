@@ -11,17 +11,14 @@ may be queued too, so each test looks at its own twins' runs only.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
-from pydantic import SecretStr
 
 from testkit.world import make_twin, make_users, scalar
 from tests.conftest import Stack
-from worker.config import WorkerSettings
 from worker.runner import Runner
-from worker.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -66,25 +63,6 @@ def clear_runs(db: psycopg.Connection, *twin_ids: str) -> None:
 @pytest.fixture
 def owner(db: psycopg.Connection) -> str:
     return make_users(db, "due")[0].id
-
-
-@pytest.fixture
-def make_runner(stack: Stack) -> Iterator[Callable[[], Runner]]:
-    made: list[Runner] = []
-
-    def make() -> Runner:
-        settings = WorkerSettings(
-            supabase_url=stack.url,
-            supabase_service_role_key=SecretStr(stack.service_key),
-            pfl_worker_id=f"due-{uuid.uuid4().hex[:6]}",
-            pfl_store_attempts=2,
-        )
-        made.append(Runner(Store.connect(settings), settings.pfl_worker_id, 30))
-        return made[-1]
-
-    yield make
-    for runner in made:
-        runner.store.close()
 
 
 def test_an_event_committed_after_a_later_one_is_not_missed(

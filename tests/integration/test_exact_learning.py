@@ -6,45 +6,22 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 from postgrest.exceptions import APIError
-from pydantic import SecretStr
 
 from testkit.oracle import assert_modules_exact, daily_from_scratch, daily_summary
 from testkit.oracle import modules_by_key as modules_now
-from tests.conftest import Stack
 from tests.integration.helpers import Twin, create_twin
-from worker.config import WorkerSettings
 from worker.models import RunDecision
 from worker.runner import Runner, decide
 from worker.store import BatchChangedError, RebuildProgress, Run, RunBatch, Store
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
-    made: list[Runner] = []
-
-    def make(store_class: type[Store] = Store) -> Runner:
-        settings = WorkerSettings(
-            supabase_url=stack.url,
-            supabase_service_role_key=SecretStr(stack.service_key),
-            pfl_worker_id=f"exact-{uuid.uuid4().hex[:6]}",
-            pfl_lease_seconds=30,
-            pfl_store_attempts=2,
-        )
-        made.append(Runner(store_class.connect(settings), settings.pfl_worker_id, 30))
-        return made[-1]
-
-    yield make
-    for runner in made:
-        runner.store.close()
 
 
 def vote(user, twin: Twin, trace: str, score: int, intent: str, **kw: Any) -> dict:
@@ -181,7 +158,7 @@ def test_input_1_the_runner_reads_the_batch_again_when_a_voter_vanishes(
     DeletingStore.before_first_completion = staticmethod(
         lambda: db.execute("delete from auth.users where id = %s", (voter.id,))
     )
-    [run] = learn(make_runner(DeletingStore), twin)
+    [run] = learn(make_runner(store_class=DeletingStore), twin)
     assert DeletingStore.completions == 2
     assert (run.attempts, run.events_scanned, run.events_processed) == (1, 1, 1)
     assert sf(db, twin, "m") == (1, 0)
@@ -658,7 +635,7 @@ def test_a_rebuild_that_keeps_starting_over_gives_the_attempt_up(
                            (victims.pop(0),))
             return got
 
-    runner = make_runner(ModeratedStore)
+    runner = make_runner(store_class=ModeratedStore)
     run = claimed(runner, twin)
     done = runner.process(run)
     # Four restarts in one read: the attempt is given up (counted; the run waits for another,

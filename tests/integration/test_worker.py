@@ -7,14 +7,12 @@ import json
 import signal
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import psycopg
 import pytest
-from pydantic import SecretStr
 
-from tests.conftest import Stack, wait_for
+from tests.conftest import wait_for
 from tests.integration.helpers import (
     Twin,
     counts_from_scratch,
@@ -23,34 +21,12 @@ from tests.integration.helpers import (
     pfl,
     worker_env,
 )
-from worker.config import WorkerSettings
 from worker.learning import beta_mean, classify
 from worker.models import LearningSettings, ModuleStatus
-from worker.runner import Runner, decide
-from worker.store import StaleLeaseError, Store
+from worker.runner import decide
+from worker.store import StaleLeaseError
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def make_runner(stack: Stack) -> Iterator[Callable[..., Runner]]:
-    """Builds in-process workers; their connections are closed after the test."""
-    made: list[Runner] = []
-
-    def make(name: str = "test-worker", lease: int = 30) -> Runner:
-        settings = WorkerSettings(
-            supabase_url=stack.url,
-            supabase_service_role_key=SecretStr(stack.service_key),
-            pfl_worker_id=f"{name}-{uuid.uuid4().hex[:6]}",
-            pfl_lease_seconds=lease,
-            pfl_store_attempts=2,
-        )
-        made.append(Runner(Store.connect(settings), settings.pfl_worker_id, lease))
-        return made[-1]
-
-    yield make
-    for runner in made:
-        runner.store.close()
 
 
 def vote(user, twin: Twin, trace: str, score: int, intent: str = "factual_with_evidence", **kw):
