@@ -134,7 +134,8 @@ def obf_alpha_spent(information: float, alpha: float) -> float:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if information == 0.0:
         return 0.0
-    z = _NORMAL.inv_cdf(1.0 - alpha / 2.0)
+    # z_{1−α/2} taken from the tail: 1 − α/2 rounds to 1 for α below about 1e-16.
+    z = -_NORMAL.inv_cdf(alpha / 2.0)
     # 2 − 2Φ(x) = erfc(x/√2), exact in the tail where 2 − 2Φ(x) cancels to 0 (x > 8.3: early
     # looks at a small alpha) and NormalDist.cdf, through erf, does too.
     return math.erfc(z / math.sqrt(2.0 * information))

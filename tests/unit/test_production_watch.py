@@ -813,3 +813,10 @@ def test_the_standardized_difference_weighs_strata_by_the_old_sides_mix() -> Non
     assert standardized_interval(strata, Z95)[0] == standardized_difference(strata)
     with pytest.raises(ValueError, match="need at least one stratum"):
         standardized_difference([])
+
+
+@pytest.mark.parametrize("alpha", [1e-17, 1e-100, 1e-300])
+def test_the_spending_function_takes_alphas_too_small_for_one_minus_alpha(alpha: float) -> None:
+    # The database allows any watch_alpha above 0; 1 - alpha/2 rounds to 1 below about 1e-16.
+    assert obf_alpha_spent(1.0, alpha) == pytest.approx(alpha, rel=1e-9)
+    assert 0.0 <= obf_alpha_spent(0.5, alpha) < alpha
