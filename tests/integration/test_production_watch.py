@@ -870,3 +870,28 @@ def test_a_rollback_racing_a_publish_leaves_exactly_one_published_spec(
             twin.draft_spec_id: ("archived", True, "owner: racing"),
             v3: ("draft", False, None),
         }
+
+
+def test_a_vote_changed_since_the_publish_counts_once_at_its_latest_value(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # A voter's +1 changed to -1 after the switch is one vote (-1) on the new side, not two; the
+    # same vote changed before the switch is one vote (its latest value) on the old side.
+    owner = make_user("owner")
+    twin, _, _ = published_twin(db, runner, owner)
+    for trace, first, then in (("after-1", 1, -1), ("after-2", -1, 1), ("after-3", 1, 1)):
+        for score in (first, then):
+            owner.client.table("persona_training_events").insert(
+                {"twin_id": twin.id, "trace_id": trace, "score": score,
+                 "intent_label": "casual_chat"}).execute()
+    store = runner.store
+    store.enqueue_run(UUID(twin.id), safe_mode=True)
+    run = store.claim_run("watch-tests", 60, UUID(twin.id))
+    assert run is not None
+    try:
+        evidence = store.claim_watch(run)
+    finally:
+        store.release_run(run)
+    assert evidence is not None
+    [votes_twin] = [c for c in evidence.twin if c.kind == "votes"]
+    assert (votes_twin.new_n, votes_twin.new_passed) == (3, 2)
