@@ -30,9 +30,6 @@ class Row:
 # quick smoke test in CI reports them as known misses instead of failing on them; a full-size run
 # still fails. Remove an entry once its target holds again.
 KNOWN_MISSES = {
-    "1 learn": "known miss: the run's one pass also counts the owner views' summaries (about "
-    "150 ms per 100,000 events) and each run has about 0.1 s of fixed cost (docs/benchmarks.md, "
-    "case 1)",
     "6 drain": "known miss: one worker makes 4 sequential round trips per run and spends about "
     "20 ms of CPU per run across the stack (docs/benchmarks.md, case 6)",
 }

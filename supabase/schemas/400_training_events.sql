@@ -127,7 +127,9 @@ comment on constraint metadata_object_at_most_4096_compact_json_bytes
   on public.persona_training_events is
   'A JSON object of at most 4,096 bytes as compact JSON in UTF-8: no whitespace between tokens, '
   'characters other than " \ and control characters unescaped (JSON.stringify, or Python '
-  'json.dumps(m, separators=(",", ":"), ensure_ascii=False)); numbers count as written.';
+  'json.dumps(m, separators=(",", ":"), ensure_ascii=False)); numbers count as stored, in plain '
+  'decimal notation (1e3 counts as 1000, 1.5e-7 as 0.00000015), which is how JSON.stringify and '
+  'json.dumps write every number between 1e-4 and 1e16.';
 
 
 -- A twin's evidence in arrival order: runs claim the ids after the twin's cursor.
@@ -382,37 +384,56 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  -- A vote change (the vote recorder marking the earlier vote superseded) is the incremental
+  -- path's; pfl.recording_vote tells it apart from an edit by hand.
+  v_recording boolean := coalesce(current_setting('pfl.recording_vote', true), '') = 'on';
 begin
+  -- Once per statement, each twin once: the rows whose evidence columns changed, as a hashed
+  -- set difference of the transition tables (the twin of the row before and after). A trigger
+  -- per row bumped the twin once per row, and every bump left the twin's row one more version
+  -- to step over: an edit of 3,000 events took 1.7 s, of 100,000 more than 4 minutes.
   update public.twins t
   set evidence_generation = t.evidence_generation + 1
-  where t.id in (old.twin_id, new.twin_id);
+  where t.id in (
+    select c.twin_id from (
+      (select o.id, o.twin_id, o.source, o.intent_label, o.module_key, o.score, o.passed,
+              o.reason, o.created_at, o.audit_of_draft, o.supersedes_id,
+              case when v_recording then null else o.superseded_at end
+       from before_rows o
+       except
+       select n.id, n.twin_id, n.source, n.intent_label, n.module_key, n.score, n.passed,
+              n.reason, n.created_at, n.audit_of_draft, n.supersedes_id,
+              case when v_recording then null else n.superseded_at end
+       from after_rows n)
+      union all
+      (select n.id, n.twin_id, n.source, n.intent_label, n.module_key, n.score, n.passed,
+              n.reason, n.created_at, n.audit_of_draft, n.supersedes_id,
+              case when v_recording then null else n.superseded_at end
+       from after_rows n
+       except
+       select o.id, o.twin_id, o.source, o.intent_label, o.module_key, o.score, o.passed,
+              o.reason, o.created_at, o.audit_of_draft, o.supersedes_id,
+              case when v_recording then null else o.superseded_at end
+       from before_rows o)
+    ) c (id, twin_id)
+  );
   return null;
 end;
 $$;
 
 comment on function private.bump_evidence_generation_on_edit() is
-  'Trigger (after an update that changes an event''s evidence columns): bumps '
-  'evidence_generation of the twin(s) of the old and new row. Security definer: whoever edits, '
-  'the twin is marked. Raises nothing.';
+  'Trigger (after update on persona_training_events, once per statement, the rows as '
+  'before_rows and after_rows): bumps evidence_generation, once, of every twin of a row before '
+  'or after an update that changed its twin_id, source, intent_label, module_key, score, passed, '
+  'reason, created_at, audit_of_draft, supersedes_id or superseded_at (the last not when the vote '
+  'recorder marks a vote superseded, pfl.recording_vote on). Linear in the rows updated (hashed '
+  'set differences). Security definer: whoever edits, the twin is marked. Raises nothing.';
 
--- A vote change (the vote recorder marking the earlier vote superseded) is the incremental
--- path's; pfl.recording_vote tells it apart from an edit by hand.
 create trigger persona_training_events_bump_generation_on_edit
-  after update of twin_id, source, intent_label, module_key, score, passed, reason, created_at,
-    audit_of_draft, supersedes_id, superseded_at
-  on public.persona_training_events
-  for each row when (
-    old.twin_id is distinct from new.twin_id or old.source is distinct from new.source
-    or old.intent_label is distinct from new.intent_label
-    or old.module_key is distinct from new.module_key or old.score is distinct from new.score
-    or old.passed is distinct from new.passed or old.reason is distinct from new.reason
-    or old.created_at is distinct from new.created_at
-    or old.audit_of_draft is distinct from new.audit_of_draft
-    or old.supersedes_id is distinct from new.supersedes_id
-    or (old.superseded_at is distinct from new.superseded_at
-        and coalesce(current_setting('pfl.recording_vote', true), '') <> 'on')
-  )
-  execute function private.bump_evidence_generation_on_edit();
+  after update on public.persona_training_events
+  referencing old table as before_rows new table as after_rows
+  for each statement execute function private.bump_evidence_generation_on_edit();
 
 alter table public.persona_training_events enable row level security;
 

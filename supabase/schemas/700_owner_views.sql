@@ -164,6 +164,36 @@ grant select, insert, update, delete on private.learning_run_summaries to servic
 
 
 -- Writes a completed run's batch into the two summary tables, in the completion's transaction.
+-- A twin's daily feedback summary counted again from its evidence: what a hand edit of a vote's
+-- links, or of the summary itself, leaves no delta to follow.
+create function private.count_feedback_daily_again(p_twin_ids uuid[])
+returns void
+language sql
+security definer
+set search_path = ''
+as $$
+  delete from public.persona_feedback_daily d where d.twin_id = any (p_twin_ids);
+  insert into public.persona_feedback_daily
+    (twin_id, day, intent_label, module_key, reason, score, votes)
+  select e.twin_id, (e.created_at at time zone 'UTC')::date, e.intent_label, e.module_key,
+         e.reason, e.score, count(*)
+  from public.twins t
+  join public.persona_training_events e on e.twin_id = t.id
+  where t.id = any (p_twin_ids) and e.source = 'user_feedback'
+    and e.id <= t.learned_through_event_id
+    and (e.superseded_at is null
+         or exists (select 1 from public.persona_training_events x
+                    where x.twin_id = e.twin_id and x.supersedes_id = e.id
+                      and x.id > t.learned_through_event_id))
+  group by 1, 2, 3, 4, 5, 6;
+$$;
+
+comment on function private.count_feedback_daily_again(uuid[]) is
+  'In: twin ids. Replaces each twin''s rows of persona_feedback_daily by a count of its learned '
+  'feedback votes (id <= learned_through_event_id) current at the cursor (never replaced, or '
+  'replaced by a vote after the cursor), per UTC day, intent label, module key, reason and score. '
+  'Costs a read of the twins'' learned votes. Out: nothing. Raises nothing of its own.';
+
 create function private.summarize_completed_run()
 returns trigger
 language plpgsql
@@ -172,6 +202,7 @@ set search_path = ''
 as $$
 declare
   v_summary private.learning_run_summaries;
+  v_retracted bigint;
 begin
   -- Counted by the claim in its one pass over the batch (claim_learning_run_events). Anything
   -- that changes those counts since (a deletion, a module edit) moved the twin's
@@ -208,35 +239,39 @@ begin
   left join targets t on t.by_key = k.by_key and t.key = k.key
   group by 3, 4, 5, 6;
 
-  -- Existing buckets take their delta (a retraction is negative); new buckets are inserted. An
-  -- insert checks votes_not_negative before any ON CONFLICT, hence the two steps.
-  with delta as (
-    select date '1970-01-01' + x.day as day, x.intent_label, x.module_key, x.reason, x.score,
-           x.votes
-    from unnest(v_summary.feedback_daily) x
-  ),
-  updated as (
-    update public.persona_feedback_daily d
-    set votes = d.votes + x.votes
-    from delta x
-    -- Equalities on coalesced keys, not IS NOT DISTINCT FROM: those can be hashed, so the
-    -- cost follows the batch, not the twin's history of buckets.
-    where d.twin_id = new.twin_id and d.day = x.day and d.intent_label = x.intent_label
-      and coalesce(d.module_key, '') = coalesce(x.module_key, '')
-      and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score
-    returning d.day, d.intent_label, d.module_key, d.reason, d.score
-  )
-  insert into public.persona_feedback_daily
+  -- A retraction (a negative delta) meets a bucket an earlier run filled: updated in place, and
+  -- a bucket left at 0 goes.
+  update public.persona_feedback_daily d
+  set votes = d.votes + x.votes
+  from unnest(v_summary.feedback_daily) x
+  -- Equalities on coalesced keys, not IS NOT DISTINCT FROM: those can be hashed, so the cost
+  -- follows the batch, not the twin's history of buckets.
+  where x.votes < 0 and d.twin_id = new.twin_id and d.day = date '1970-01-01' + x.day
+    and d.intent_label = x.intent_label
+    and coalesce(d.module_key, '') = coalesce(x.module_key, '')
+    and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score;
+  get diagnostics v_retracted = row_count;
+  if v_retracted < (select count(*) from unnest(v_summary.feedback_daily) x where x.votes < 0)
+  then
+    -- The summary lost a bucket this run retracts from (an edit of the summary by hand): it is
+    -- counted again from the twin's learned votes, this batch included (the cursor has moved).
+    perform private.count_feedback_daily_again(array[new.twin_id]);
+    return null;
+  end if;
+  if v_retracted > 0 then
+    delete from public.persona_feedback_daily d where d.twin_id = new.twin_id and d.votes = 0;
+  end if;
+  -- Everything else adds: one upsert on the bucket's key (NULLS NOT DISTINCT). Only positive
+  -- deltas go through it: an insert checks votes_not_negative before ON CONFLICT is considered.
+  -- It costs half the update-then-insert it replaces (which sorted the twin's every bucket).
+  insert into public.persona_feedback_daily as d
     (twin_id, day, intent_label, module_key, reason, score, votes)
-  select new.twin_id, x.day, x.intent_label, x.module_key, x.reason, x.score, x.votes
-  from delta x
-  where not exists (
-    select 1 from updated u
-    where u.day = x.day and u.intent_label = x.intent_label
-      and coalesce(u.module_key, '') = coalesce(x.module_key, '')
-      and coalesce(u.reason::text, '') = coalesce(x.reason::text, '') and u.score = x.score
-  );
-  delete from public.persona_feedback_daily d where d.twin_id = new.twin_id and d.votes = 0;
+  select new.twin_id, date '1970-01-01' + x.day, x.intent_label, x.module_key, x.reason, x.score,
+         x.votes
+  from unnest(v_summary.feedback_daily) x
+  where x.votes > 0
+  on conflict on constraint persona_feedback_daily_key
+  do update set votes = d.votes + excluded.votes;
   return null;
 end;
 $$;
@@ -251,7 +286,8 @@ comment on function private.summarize_completed_run() is
   'written by no API role. Raises PT412 (HTTP 412) '
   '"run <id> has no batch summary: read the batch again" when the run''s batch was read without '
   'one; a vote count below 0 would be 23514 votes_not_negative. Either rolls the completion '
-  'back.';
+  'back. A retraction whose bucket is missing (the summary edited by hand) counts the twin''s '
+  'summary again from its learned votes (private.count_feedback_daily_again).';
 
 create trigger persona_feedback_learning_runs_summarize
   after update of status on public.persona_feedback_learning_runs
@@ -336,30 +372,70 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_relinked uuid[];
 begin
-  -- Most updates (outbox states, vote changes) change no bucket column: they stop here.
+  -- The transition tables are compared by set differences, which are hashed: a join of the two
+  -- under EXISTS was planned as a nested loop, quadratic in the rows updated (1.1 s for 3,000
+  -- rows, 20 minutes for 100,000; the outbox's requeue updates 10,000 rows per call).
+  --
+  -- Most updates (outbox states) change none of the columns the summary depends on: they stop
+  -- here.
   if not exists (
-    select 1 from before_rows o join after_rows n on n.id = o.id
-    where (o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason, o.score)
-          is distinct from
-          (n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason, n.score)
+    select o.id, o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason,
+           o.score, o.supersedes_id, o.superseded_at
+    from before_rows o
+    except
+    select n.id, n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason,
+           n.score, n.supersedes_id, n.superseded_at
+    from after_rows n
   ) then
     return null;
   end if;
-  with moved as (
-    -- Each edited row as it was (-1) and as it is (+1), when a column the summary buckets by
-    -- changed. A vote change (superseded_at set by the vote recorder) changes none of them.
-    select -1 as sign, o.*
-    from before_rows o join after_rows n on n.id = o.id
-    where (o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason, o.score)
-          is distinct from
-          (n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason, n.score)
+
+  -- A hand edit of a vote's links (supersedes_id, superseded_at: the service role repairing
+  -- data; the vote recorder's own write sets pfl.recording_vote) can change which votes count in
+  -- ways a delta per edited row cannot follow (the edited vote, the vote it names, the vote
+  -- naming it). The summary of each twin such an edit touches (or an edit of a row's twin) is
+  -- counted again from the twin's learned votes, by the rule of the deltas below. Rare, and it
+  -- costs a read of the twin's learned votes.
+  if coalesce(current_setting('pfl.recording_vote', true), '') <> 'on' then
+    select array_agg(distinct c.twin_id) into v_relinked
+    from (
+      (select o.id, o.twin_id, o.supersedes_id, o.superseded_at from before_rows o
+       except
+       select n.id, n.twin_id, n.supersedes_id, n.superseded_at from after_rows n)
+      union all
+      (select n.id, n.twin_id, n.supersedes_id, n.superseded_at from after_rows n
+       except
+       select o.id, o.twin_id, o.supersedes_id, o.superseded_at from before_rows o)
+    ) c;
+  end if;
+  if v_relinked is not null then
+    perform private.count_feedback_daily_again(v_relinked);
+  end if;
+
+  with changed as (
+    -- The rows whose bucket columns changed (twins counted again above are right already). A
+    -- vote change (superseded_at set by the vote recorder) changes none of them.
+    select x.id from (
+      select o.id, o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason,
+             o.score
+      from before_rows o
+      except
+      select n.id, n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason,
+             n.score
+      from after_rows n
+    ) x
+    where not (x.twin_id = any (coalesce(v_relinked, '{}')))
+  ),
+  moved as (
+    -- Each such row as it was (-1) and as it is (+1).
+    select -1 as sign, o.* from before_rows o where o.id in (select c.id from changed c)
+      and not (o.twin_id = any (coalesce(v_relinked, '{}')))
     union all
-    select 1, n.*
-    from after_rows n join before_rows o on o.id = n.id
-    where (o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason, o.score)
-          is distinct from
-          (n.twin_id, n.source, n.created_at, n.intent_label, n.module_key, n.reason, n.score)
+    select 1, n.* from after_rows n where n.id in (select c.id from changed c)
+      and not (n.twin_id = any (coalesce(v_relinked, '{}')))
   ),
   counted as (
     -- A vote the summary counts: learned, and current at its twin's cursor (never replaced, or
@@ -408,8 +484,11 @@ comment on function private.move_edited_feedback() is
   'after_rows): for each row whose twin_id, source, created_at, intent_label, module_key, reason '
   'or score changed, takes it out of persona_feedback_daily as it was when the summary counted it '
   '(a learned vote current at its twin''s cursor) and puts it in as it is now when counted, then '
-  'drops buckets left at 0. Costs a join of the updated rows; a row whose bucket columns did not '
-  'change costs nothing more. Security definer: the summary is written by no API role. Raises '
+  'drops buckets left at 0. A hand edit of a row''s supersedes_id, superseded_at or twin_id (not '
+  'the vote recorder''s, which sets pfl.recording_vote) counts the summary of each twin it '
+  'touches again from the twin''s learned votes instead. The transition tables are compared by '
+  'hashed set differences: linear in the rows updated; an update changing none of those columns '
+  'costs that comparison alone. Security definer: the summary is written by no API role. Raises '
   'nothing of its own (a count below 0 would be 23514 votes_not_negative).';
 
 create trigger persona_training_events_move_edited_feedback
@@ -419,6 +498,7 @@ create trigger persona_training_events_move_edited_feedback
 
 revoke execute on function
   private.wilson_bounds(double precision, double precision, double precision),
+  private.count_feedback_daily_again(uuid[]),
   private.summarize_completed_run(),
   private.subtract_deleted_feedback(),
   private.move_edited_feedback()

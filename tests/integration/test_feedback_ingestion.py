@@ -298,6 +298,10 @@ BAD_INPUTS = {
     "metadata-string": Bad({"metadata": "note"}, 400, "23514", check("metadata"), "metadata"),
     "metadata-over-4kb": Bad({"metadata": {"k": "v" * 4096}}, 400, "23514", check("metadata"),
                              "metadata"),
+    # a number sent with an exponent counts written out, as jsonb stores it: 3,819 bytes as sent
+    # (1e+300), 4,114 as stored (1 and 300 zeros).
+    "metadata-exponent-counts-written-out": Bad({"metadata": {"n": 1e300, "k": "v" * 3800}}, 400,
+                                                "23514", check("metadata"), "metadata"),
     # required fields missing or null.
     "score-missing": Bad({"score": MISSING}, 400, "23514", check("score_required"), "score"),
     "score-null": Bad({"score": None}, 400, "23514", check("score_required"), "score"),

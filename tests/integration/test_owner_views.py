@@ -13,6 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from testkit.env import rows as rest_rows
+from testkit.oracle import daily_from_scratch, daily_summary
 from tests.conftest import ROOT, Stack, User
 from tests.integration.helpers import Twin, create_twin, scalar
 from worker.config import WorkerSettings
@@ -209,6 +210,40 @@ def test_deleting_an_unlearned_vote_change_keeps_the_learned_vote_out(
     assert reasons() == expected
 
 
+def test_a_hand_edit_of_a_votes_links_recounts_the_feedback_summary(
+    learned: dict, db: psycopg.Connection, runner: Runner
+) -> None:
+    # Marking a learned vote superseded by hand (no vote replaces it) takes it out of what
+    # counts, and clearing the mark puts it back: the summary follows at once, as learning does
+    # at its next run; a vote recorded meanwhile moves only its own bucket.
+    owner, twin, voters = learned["owner"], learned["twin"], learned["voters"]
+    t4 = scalar(db, "select id from persona_training_events where twin_id = %s and trace_id = 't4'",
+                twin.id)
+
+    def reasons() -> dict:
+        return {(r["module_key"], r["reason"]): r["votes_30d"]
+                for r in rows(owner, "persona_module_feedback_reasons", twin_id=twin.id)}
+
+    before = reasons()
+    assert before[("evidence_answers", "helpful")] == 2
+    db.execute("update persona_training_events set superseded_at = now() where id = %s", (t4,))
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id)
+    assert reasons() == {**before, ("evidence_answers", "helpful"): 1}
+    [run] = runner.run_once(uuid.UUID(twin.id), request=True)
+    assert run.status == "completed" and run.rebuilt_modules
+    assert reasons() == {**before, ("evidence_answers", "helpful"): 1}
+
+    db.execute("update persona_training_events set superseded_at = null where id = %s", (t4,))
+    assert reasons() == before
+    vote(voters[4], twin, "t5", -1, "incorrect")  # the recorder's own link write
+    [run] = runner.run_once(uuid.UUID(twin.id))
+    assert run.status == "completed"
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id)
+    after = reasons()
+    assert after[("evidence_answers", "incorrect")] == before[("evidence_answers", "incorrect")] + 1
+    assert after.get(("evidence_answers", None), 0) == before[("evidence_answers", None)] - 1
+
+
 def test_a_run_read_without_its_batch_summary_reads_the_batch_again(
     db: psycopg.Connection, make_user: Callable[[str], User], runner: Runner
 ) -> None:
@@ -274,6 +309,24 @@ def test_a_claim_drops_what_an_unfinished_run_of_the_twin_left(
     assert second.id != first.id
     assert str(first.id) not in scratch()
     assert {str(second.id), str(elsewhere.id)} <= scratch()  # another twin's row stays
+
+
+def test_a_retraction_no_daily_bucket_holds_counts_the_summary_again(
+    learned: dict, db: psycopg.Connection, runner: Runner
+) -> None:
+    # Should a bucket go missing (here: a hand delete of the summary), the run that retracts a
+    # vote from it counts the twin's summary again instead of completing on a wrong count.
+    twin, voters = learned["twin"], learned["voters"]
+    db.execute(
+        "delete from persona_feedback_daily where twin_id = %s and reason = 'incorrect'"
+        " and score = -1", (twin.id,),
+    )
+    vote(voters[1], twin, "t2", 1, "helpful")  # retracts voter 1's learned "incorrect"
+    [run] = runner.run_once(uuid.UUID(twin.id))
+    assert run.status == "completed"
+    summary = daily_summary(db, twin.id)
+    assert summary == daily_from_scratch(db, twin.id)
+    assert [r[5] for r in summary if r[3] == "incorrect"] == [1]  # voter 0's, counted again
 
 
 def test_pfl_runs_explains_the_moves(learned: dict, stack: Stack) -> None:
