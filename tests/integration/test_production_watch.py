@@ -119,6 +119,12 @@ def published_twin(
     return twin, watch[0][0], run
 
 
+def next_draft(db: psycopg.Connection, twin: Twin) -> str:
+    """A new draft spec of the twin (the next version, v3 after published_twin); its id."""
+    return str(scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
+                          "returning id::text", twin.id, '{"modules": ["evidence_answers"]}'))
+
+
 def regress(db: psycopg.Connection, twin: Twin, owner: User) -> None:
     """Production evidence of a regression: before the switch 85% of 200 audits of v1 passed and
     80% of 50 votes were up; since, 60% of 200 audits of v2 and 40% of 50 votes."""
@@ -359,8 +365,7 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
            prefix="prod-after")
     votes(db, twin, owner.id, 180, 120, at="now() - interval '3 days'", prefix="vote-before")
     votes(db, twin, owner.id, 180, 120, at="now() - interval '1 day'", prefix="vote-after")
-    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
-                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    v3 = next_draft(db, twin)
     for spec in (twin.draft_spec_id, v3):
         audits(db, twin, spec, 180, 120, at="now() - interval '1 hour'", prefix="hard-set",
                origin="replay" if spec == twin.draft_spec_id else None)
@@ -460,8 +465,7 @@ def test_a_drop_is_found_when_the_next_draft_is_gated_on_the_live_specs_failures
     audits(db, twin, twin.published_spec_id, 180, 20, at="now() - interval '3 days'",
            prefix="prod-v1")
     audits(db, twin, twin.draft_spec_id, 120, 80, at="now() - interval '1 day'", prefix="prod-v2")
-    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
-                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    v3 = next_draft(db, twin)
     # Traces 121-200 failed in production. Replayed, v2 passes 20 of them (121-140); v3 passes
     # 70 (121-190).
     audits(db, twin, twin.draft_spec_id, 20, 60, at="now() - interval '1 hour'",
@@ -796,8 +800,7 @@ def twin_with_a_draft_on_top(
     against v2 (80 agreeing traces); returns the twin and v3's id."""
     twin, _, _ = published_twin(db, runner, owner, watch_mode="auto")
     assert twin.draft_spec_id is not None
-    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
-                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    v3 = next_draft(db, twin)
     for spec in (twin.draft_spec_id, v3):
         audits(db, twin, spec, 80, 0, at="now() - interval '12 hours'", prefix="gate3")
     return twin, v3
