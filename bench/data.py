@@ -16,13 +16,16 @@ from testkit.world import Twin, add_spec, connect, module_keys, scalar
 
 def add_draft_under_audit(conn: psycopg.Connection, twin: Twin) -> None:
     """A draft spec, with audits of it and of the published spec on the same GATE_TRACES traces,
-    written as the audit pipeline writes them (plain inserts, through the insert trigger)."""
+    written as the audit pipeline writes them (plain inserts, through the insert trigger; the
+    gate's traces replayed under both specs, so marked replay)."""
     draft = add_spec(conn, twin.id, "draft", {"modules": module_keys(MODULES), "note": "next"})
     conn.execute(
         "insert into public.persona_training_events "
-        "  (twin_id, source, trace_id, intent_label, passed, reason, persona_spec_id) "
+        "  (twin_id, source, trace_id, intent_label, passed, reason, persona_spec_id, "
+        "   audit_origin) "
         "select %s, 'persona_audit', 'gate-' || i, 'intent_' || (i %% 10), i %% 7 <> 0, "
-        "  case when i %% 7 = 0 then 'off_persona'::public.training_event_reason end, spec "
+        "  case when i %% 7 = 0 then 'off_persona'::public.training_event_reason end, spec, "
+        "  'replay' "
         "from generate_series(1, %s) i, unnest(array[%s, %s]::uuid[]) spec",
         (twin.id, GATE_TRACES, twin.published_spec_id, draft),
     )
@@ -34,13 +37,13 @@ def add_draft_under_audit(conn: psycopg.Connection, twin: Twin) -> None:
 # and user, flipped score), which that row records as superseded. 80 % of the votes name a
 # module, 18 % only an intent, 2 % an intent no module serves; success rates differ by module.
 # Feedback is marked sent to Langfuse, as it would be long after it was cast. What the insert
-# trigger sets (created_by, first_vote_id, supersedes, outbox state) is filled in; feedback
-# names no spec (only audits do).
+# triggers set (created_by, first_vote_id, supersedes, outbox state, an audit's origin) is filled
+# in; feedback names no spec (only audits do).
 EVENTS_SQL = """
 insert into public.persona_training_events (
   id, twin_id, source, trace_id, intent_label, module_key, score, passed, reason,
   persona_spec_id, created_by, created_at, first_vote_id, supersedes_id, superseded_at,
-  langfuse_status, langfuse_attempts, langfuse_next_attempt_at, langfuse_sent_at)
+  langfuse_status, langfuse_attempts, langfuse_next_attempt_at, langfuse_sent_at, audit_origin)
 overriding system value
 select %(base)s + (g - %(g0)s) * %(stride)s, %(twin)s,
        (case when audit then 'persona_audit' else 'user_feedback' end)
@@ -66,7 +69,8 @@ select %(base)s + (g - %(g0)s) * %(stride)s, %(twin)s,
        case when not audit then 'sent'::public.langfuse_status end,
        case when not audit then 1 else 0 end,
        case when not audit then ts end,
-       case when not audit then ts end
+       case when not audit then ts end,
+       case when audit then 'production'::public.audit_origin end
 from (
   select *,
          case when revote then (case when first_vote = 1 then -1 else 1 end)

@@ -131,8 +131,9 @@ def add_twins(conn: psycopg.Connection, owner: str, n: int) -> list[str]:
         )
         conn.execute(
             "insert into public.persona_training_events (twin_id, source, trace_id, "
-            "intent_label, passed) "
-            "select t, 'persona_audit', 'learned-' || g, 'intent_' || (g %% 2), true "
+            "intent_label, passed, audit_origin) "
+            "select t, 'persona_audit', 'learned-' || g, 'intent_' || (g %% 2), true, "
+            "'production' "
             "from generate_series(1, %s) g, unnest(%s::uuid[]) t",
             (LEARNED_EVENTS_PER_TWIN, ids),
         )
@@ -183,9 +184,10 @@ def add_new_events(conn: psycopg.Connection, twins: list[str], per_twin: int) ->
         conn.execute("set local session_replication_role = replica")
         conn.execute(
             "insert into public.persona_training_events (twin_id, source, trace_id, "
-            "intent_label, passed) "
+            "intent_label, passed, audit_origin) "
             "select t, 'persona_audit', 'new-' || g || '-' || %s, 'intent_' || (g %% 2), "
-            "g %% 3 <> 0 from generate_series(1, %s) g, unnest(%s::uuid[]) t order by g",
+            "g %% 3 <> 0, 'production' from generate_series(1, %s) g, unnest(%s::uuid[]) t "
+            "order by g",
             (uuid.uuid4().hex[:8], per_twin, twins),
         )
     return int(scalar(conn, "select max(id) from public.persona_training_events"))

@@ -108,6 +108,9 @@ def audits(
             "reason": ("unsafe" if trace in unsafe else "off_persona")
             if trace in failing
             else None,
+            # The gate's traces are replayed under each spec, not answers users got: the
+            # production watch counts no replay (a draft's audits are replays in any case).
+            "audit_origin": "replay",
         }
         for trace in AUDIT_TRACES
     ]

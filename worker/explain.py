@@ -212,6 +212,7 @@ def describe_watch(
     sentence = (
         f"watch of {version(watch.get('spec_id'))}: {watch.get('state')} at look "
         f"{watch.get('look')}/{watch.get('looks_planned')}"
+        + (" (its final test, at expiry)" if watch.get("final") else "")
     )
     action = watch.get("action")
     if action == "roll_back":
@@ -237,6 +238,10 @@ def describe_watch(
                        + f", threshold {c.get('threshold')})")
         elif c.get("value") is not None:
             clause += f" (upper bound {c['value']:.4f}, threshold {c.get('threshold')})"
+        compared = (c.get("compared_new_n"), c.get("compared_old_n"))
+        if compared[0] is not None and compared != (e.get("new_n"), e.get("old_n")):
+            clause += (f" (compared {compared[0]} vs {compared[1]}: modules with fewer than "
+                       "watch_min_evidence a side left out)")
         clauses.append(clause)
     if clauses:
         sentence += "; twin-wide " + "; ".join(clauses)

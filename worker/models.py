@@ -432,7 +432,8 @@ class WatchComparisonEvidence(_Frozen):
     """Counts of one comparison, aggregated in SQL, of one kind of evidence: votes (+1/-1) cast
     since the new spec's publish against those of an equally long window before it, or audits
     of the new spec since its publish against audits of the replaced spec in that window (both
-    without audits of a trace also audited under another spec: a gate's pairing)."""
+    production audits only: audit_origin production, never a replay such as a gate's
+    pairing)."""
 
     scope: Literal["twin", "module"]
     kind: WatchKind
@@ -492,7 +493,10 @@ class WatchComparison(_Frozen):
     """One comparison as the run's report shows it: `value` is the upper bound of Newcombe's
     interval for (new - old) at this look's level (None when not tested), against `threshold`
     (-margin); for a twin-wide comparison over several modules, of the difference standardised
-    to the old side's module mix (`worker.watch.standardized_interval`)."""
+    to the old side's module mix (`worker.watch.standardized_interval`) over the modules with
+    at least min_evidence on each side. `evidence` holds all the comparison's counts;
+    `compared_new_n` and `compared_old_n` those of the strata it compared (None: none had
+    enough evidence)."""
 
     scope: Literal["twin", "module"]
     kind: WatchKind
@@ -502,6 +506,8 @@ class WatchComparison(_Frozen):
     threshold: float
     verdict: WatchComparisonVerdict
     evidence: dict[str, int]
+    compared_new_n: int | None = None
+    compared_old_n: int | None = None
     method: str | None = None
 
 
@@ -515,7 +521,12 @@ class WatchReport(_Frozen):
     state: WatchState
     action: WatchAction
     tested: bool
-    look: int = Field(ge=0, description="Looks done, this one included.")
+    final: bool = Field(
+        False,
+        description="True when the watch had expired: this run's test was the final one, "
+        "spending all the alpha left (the state is then regressed, passed or expired).",
+    )
+    look: int = Field(ge=0, description="Planned looks reached, this one included.")
     looks_planned: int
     information: float = Field(ge=0, le=1)
     alpha_spent: float = Field(ge=0, le=1)

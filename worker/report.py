@@ -433,6 +433,8 @@ def _card(title: str, big: str, small: str, cls: str = "") -> str:
 def _last_run(o: TwinOverview) -> str:
     """The last run's gate and decision in words (escaped)."""
     gate = {True: "passed", False: "did not pass", None: "—"}[o.last_run_gate_passed]
+    if o.last_run_trigger == "owner_rollback":
+        gate = "not run (a rollback by hand)"
     if o.last_run_failed_checks:
         gate += f" ({', '.join(o.last_run_failed_checks)})"
     decision = o.last_run_publish_decision or "—"
@@ -492,7 +494,9 @@ def render(data: ReportData, now: datetime) -> str:
         _card("latest draft", f"v{o.draft_version}" if o.draft_version else "—",
               f"edited {_t(o.draft_updated_at)}"),
         _card("last run", _e(o.last_run_status), _last_run(o),
-              "ok" if o.last_run_status == "completed" and o.last_run_gate_passed else "bad"),
+              # A rollback by hand ran no gate (gate_passed null): completed is all it says.
+              "ok" if o.last_run_status == "completed" and o.last_run_gate_passed is not False
+              else "bad"),
         _card("waiting evidence", str(o.pending_events), f"since {_t(o.pending_since)}"),
         _card("production watch", _e(o.watch_state), "of the spec published last"),
         "</div>",
@@ -512,12 +516,13 @@ def render(data: ReportData, now: datetime) -> str:
             f"{c.get('name')}: {c.get('verdict')}" for c in (r.gate_report or {}).get("checks", [])
         )
         decision = (r.publish_decision or "—") + (f" ({r.hold_reason})" if r.hold_reason else "")
+        gate = "not run" if r.trigger == "owner_rollback" else GATE_WORDS[r.gate_passed]
         watched = describe_watch(r.gate_report, versions)
         said = [*([watched] if watched else []), *moves.get(r.id, [])]
         sentences = "".join(f"<li>{_e(s)}</li>" for s in said)
         parts.append(
             f"<tr><td>{_t(r.created_at)}</td><td>{_e(r.status)}</td>"
-            f"<td>{_e(r.events_processed)}</td><td>{_e(checks or GATE_WORDS[r.gate_passed])}</td>"
+            f"<td>{_e(r.events_processed)}</td><td>{_e(checks or gate)}</td>"
             f"<td>{_e(decision)}</td><td><ul class='moves'>{sentences}</ul>"
             f"{_e(r.error) if r.error else ''}</td></tr>"
         )

@@ -2,17 +2,19 @@
 
 Each run after a publish looks at the live evidence of the new spec against the replaced
 spec's, one kind at a time and never pooled: votes cast since the publish against votes cast in
-an equally long window before the switch, and audits of the new spec since the publish against
-audits of the replaced spec in that window (neither counting an audit of a trace also audited
-under any other spec: a gate's offline pairing, not production). Each kind is compared for the
-twin as a whole and per module with enough evidence, aggregated in SQL
-(`claim_production_watch`). The difference of two pass rates (new − old) gets Newcombe's hybrid
-score interval; twin-wide, the difference standardised by module to the old side's mix
-(`standardized_interval`), so that a change in traffic mix alone is no regression. Because
-the watch looks again at every run, the error it may make is spent over a plan of looks
-(`obf_alpha_spent`) and split over all the comparisons (2 kinds × (twin + modules)), so that
-the chance of a false regression over the whole watch stays below `alpha` however many runs
-look.
+an equally long window before the switch, and production audits of the new spec since the
+publish against production audits of the replaced spec in that window (the origin the audit
+pipeline recorded, `audit_origin`: a replay, such as a gate's offline pairing, counts on
+neither side). Each kind is compared for the twin as a whole and per module with enough
+evidence, aggregated in SQL (`claim_production_watch`). The difference of two pass rates
+(new − old) gets Newcombe's hybrid score interval; twin-wide, the difference standardised by
+module to the old side's mix (`standardized_interval`) over the modules with at least
+`min_evidence` on each side (`comparable_strata`), so that a change in traffic mix alone is no
+regression and no module is judged on a handful of events. Because the watch looks again at
+every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`), with what is
+left spent by a final test when the watch expires, and split over all the comparisons (2 kinds ×
+(twin + modules)), so that the chance of a false regression over the whole watch stays below
+`alpha` however many runs look.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -159,6 +161,44 @@ def look_index(information_count: int, pass_evidence: int, looks: int) -> int:
     return min(looks, information_count * looks // pass_evidence)
 
 
+Stratum = tuple[int, int, int, int]
+"""(x1, n1, x2, n2): passed and seen on the new side, passed and seen on the old side."""
+
+
+def comparable_strata(c: WatchComparisonEvidence, min_evidence: int) -> list[Stratum]:
+    """The strata of comparison `c` that its test compares: those with at least `min_evidence`
+    events on each side, as (x1, n1, x2, n2) (`standardized_interval`'s form). A comparison
+    without strata (a module's own) is one stratum, its counts.
+
+    The floor is the one a comparison of its own needs (`watch_min_evidence`), applied to each
+    stratum of the twin-wide comparison before it is standardised: a module that holds most of
+    the old side's weight but has a handful of events since the publish would otherwise carry
+    that weight on a Wilson interval whose one-sided level, at the small shares a look spends,
+    holds only with some tens of events (one failure in one new event read as a drop of its
+    whole weight: where that module held 90% of the old side's votes, passed 92% and got one
+    vote since the publish, 5.4% of 6,000 simulated watches falsely regressed at alpha 0.05;
+    tests/unit/test_production_watch.py). Strata below the floor are left out, not pooled into
+    one "rest" stratum: a pooled stratum compares different modules on the two sides and brings
+    back the dependence on the traffic mix that standardisation removes. The estimand is then
+    the difference at the old side's mix over the modules with enough evidence; a module left
+    out is judged by its own comparison once it has `min_evidence` a side.
+    """
+    return [
+        (s.new_passed, s.new_n, s.old_passed, s.old_n)
+        for s in c.strata or (WatchStratum(new_n=c.new_n, new_passed=c.new_passed,
+                                           old_n=c.old_n, old_passed=c.old_passed),)
+        if s.new_n >= min_evidence and s.old_n >= min_evidence
+    ]
+
+
+def compared_evidence(strata: Sequence[Stratum]) -> int:
+    """The smaller side of the compared strata, in events (0 without strata): a comparison's
+    share of the watch's clock."""
+    if not strata:
+        return 0
+    return min(sum(n1 for _, n1, _, _ in strata), sum(n2 for _, _, _, n2 in strata))
+
+
 def decide_watch(evidence: WatchEvidence) -> WatchReport:
     """The watch's decision at this run: the comparisons it made and the watch's next state.
 
@@ -168,51 +208,65 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     - Votes and audits are never pooled: each kind is its own comparison, twin-wide and per
       module (`evidence.twin`, `evidence.modules`), so 2 × (1 + modules_total) comparisons are
       planned whatever evidence arrives.
+    - A comparison compares its strata with at least `min_evidence` on each side
+      (`comparable_strata`); without any it is `insufficient_evidence`.
     - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the kind with the
-      most evidence: the larger of the two twin-wide comparisons' smaller sides (a count, never
-      a pass rate). A run tests only when a new look is due (several due at once make one
-      test); runs in between test nothing, so any number of runs makes at most K tests.
+      most evidence that can be compared: the larger of the two twin-wide comparisons'
+      `compared_evidence` (the smaller side of their compared strata; a count, never a pass
+      rate). Evidence on one side only, or in a module below the floor, moves no clock. A run
+      tests only when a new look is due (several due at once make one test); runs in between
+      test nothing, so any number of runs makes at most K tests, and one more at expiry.
     - A test at look k may spend α(k/K) − (what earlier tests spent), α the O'Brien-Fleming-type
-      spending function (`obf_alpha_spent`), split equally over the planned comparisons. Over
-      the whole watch the shares sum to at most α(1) = alpha: by the union bound, with no true
-      difference the chance of any false regression is at most alpha, whatever the correlation
-      between looks and comparisons.
-    - A comparison with at least `min_evidence` on each side is a regression when the upper
-      bound of Newcombe's interval for (new − old) at the one-sided level of its share lies
-      below −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)).
-    - The watch ends `regressed` when any comparison regressed; `passed` after the last look
-      (K) without one ("no regression found", not "proved as good"); `expired` when
-      `expire_days` have passed since the publish before that; otherwise it goes on
-      `watching`. A regression's action is `roll_back` in `auto` mode when there is a spec to
-      go back to, `alert` otherwise.
+      spending function (`obf_alpha_spent`), split equally over the planned comparisons. Once
+      `expire_days` have passed since the publish, the run makes a final test that spends all
+      that is left, α(1) − spent (Lan and DeMets' spending function lets the last analysis come
+      at any time and spend the rest), so a watch of a quiet twin still ends with a real test.
+      Over the whole watch the shares sum to at most α(1) = alpha: by the union bound, with no
+      true difference the chance of any false regression is at most alpha, whatever the
+      correlation between looks and comparisons.
+    - A compared comparison is a regression when the upper bound of Newcombe's interval for
+      (new − old), standardised over its strata, at the one-sided level of its share lies below
+      −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)).
+    - The watch ends `regressed` when any comparison regressed (at a planned look or at the
+      final test); `passed` at the last look (K) only when that look tested at least one
+      comparison with something to spend and found no regression ("no regression found", not
+      "proved as good"); `expired` when it expires otherwise ("ran out of time; the final test
+      found no regression"); else it goes on `watching`. A regression's action is `roll_back`
+      in `auto` mode when there is a spec to go back to, `alert` otherwise.
 
     Raises ValueError for settings out of range (as the database refuses them).
     """
     s = evidence.settings
-    info = max(min(c.new_n, c.old_n) for c in evidence.twin)
+    every = (*evidence.twin, *evidence.modules)
+    compared = [comparable_strata(c, s.min_evidence) for c in every]
+    info = max(compared_evidence(strata) for strata in compared[: len(evidence.twin)])
     planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
     due = look_index(info, s.pass_evidence, s.looks)
-    test = due > evidence.looks_done
+    age = evidence.learning_time - evidence.published_at
+    expiring = age >= timedelta(days=s.expire_days)
+    test = due > evidence.looks_done or expiring
     spent_after = evidence.alpha_spent
     share: float | None = None
     z: float | None = None
     if test:
-        spent_after = max(evidence.alpha_spent, obf_alpha_spent(due / s.looks, s.alpha))
+        spend_to = 1.0 if expiring else due / s.looks
+        spent_after = max(evidence.alpha_spent, obf_alpha_spent(spend_to, s.alpha))
         share = (spent_after - evidence.alpha_spent) / planned
         z = _upper_quantile(share)
 
     comparisons = tuple(
-        _compare(c, z, s.margin, s.min_evidence)
-        for c in (*evidence.twin, *evidence.modules)
+        _compare(c, strata, z, s.margin) for c, strata in zip(every, compared, strict=True)
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
-    looks_done = due if test else evidence.looks_done
-    age = evidence.learning_time - evidence.published_at
+    # A look tested something when it had error to spend and a comparison with evidence.
+    tested_any = share is not None and share > 0.0 and any(
+        c.verdict is WatchComparisonVerdict.no_regression for c in comparisons)
+    looks_done = max(due, evidence.looks_done)
     if regressed:
         state = WatchState.regressed
-    elif looks_done >= s.looks:
+    elif tested_any and looks_done >= s.looks:
         state = WatchState.passed
-    elif age >= timedelta(days=s.expire_days):
+    elif expiring:
         state = WatchState.expired
     else:
         state = WatchState.watching
@@ -230,6 +284,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         state=state,
         action=action,
         tested=test,
+        final=expiring,
         look=looks_done,
         looks_planned=s.looks,
         information=min(1.0, info / s.pass_evidence),
@@ -244,44 +299,41 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
 
 
 def _compare(
-    c: WatchComparisonEvidence, z: float | None, margin: float, min_evidence: int
+    c: WatchComparisonEvidence, strata: list[Stratum], z: float | None, margin: float
 ) -> WatchComparison:
-    """One comparison's verdict at this run (see `decide_watch`); `z` is None when the run
-    tests nothing (no look due, or a share of alpha too small to be a float)."""
+    """One comparison's verdict at this run (see `decide_watch`), over `strata`, its strata
+    with enough evidence on each side (`comparable_strata`); `z` is None when the run tests
+    nothing (no look due). `difference` is that of the compared strata, or, when none has
+    enough evidence, of those seen on both sides (for the report; nothing is judged on it)."""
     threshold = -margin
     counts = {
         "new_n": c.new_n, "new_passed": c.new_passed, "old_n": c.old_n, "old_passed": c.old_passed,
     }
-    # Strata with evidence on both sides (a module seen on one side only has nothing to be
-    # compared with); a comparison without strata is one stratum.
-    strata = [
+    seen = strata or [
         (s.new_passed, s.new_n, s.old_passed, s.old_n)
         for s in c.strata or (WatchStratum(new_n=c.new_n, new_passed=c.new_passed,
                                            old_n=c.old_n, old_passed=c.old_passed),)
         if s.new_n and s.old_n
     ]
-    difference = standardized_difference(strata) if strata else None
-    compared = min(sum(s[1] for s in strata), sum(s[3] for s in strata))
-    if compared < min_evidence:
+    difference = standardized_difference(seen) if seen else None
+
+    def judged(verdict: WatchComparisonVerdict, value: float | None = None,
+               method: str | None = None) -> WatchComparison:
         return WatchComparison(
-            scope=c.scope, kind=c.kind, module_key=c.module_key, value=None,
-            difference=difference, threshold=threshold,
-            verdict=WatchComparisonVerdict.insufficient_evidence,
-            evidence=counts,
+            scope=c.scope, kind=c.kind, module_key=c.module_key, value=value,
+            difference=difference, threshold=threshold, verdict=verdict, evidence=counts,
+            compared_new_n=sum(n1 for _, n1, _, _ in strata) if strata else None,
+            compared_old_n=sum(n2 for _, _, _, n2 in strata) if strata else None,
+            method=method,
         )
+
+    if not strata:
+        return judged(WatchComparisonVerdict.insufficient_evidence)
     if z is None:
-        return WatchComparison(
-            scope=c.scope, kind=c.kind, module_key=c.module_key, value=None,
-            difference=difference, threshold=threshold,
-            verdict=WatchComparisonVerdict.not_tested, evidence=counts,
-        )
+        return judged(WatchComparisonVerdict.not_tested)
     upper = 1.0 if math.isinf(z) else standardized_interval(strata, z)[2]
     verdict = (
         WatchComparisonVerdict.regressed if upper < threshold
         else WatchComparisonVerdict.no_regression
     )
-    return WatchComparison(
-        scope=c.scope, kind=c.kind, module_key=c.module_key, value=upper,
-        difference=difference, threshold=threshold, verdict=verdict, evidence=counts,
-        method=NEWCOMBE_METHOD if len(strata) == 1 else STANDARDIZED_METHOD,
-    )
+    return judged(verdict, upper, NEWCOMBE_METHOD if len(strata) == 1 else STANDARDIZED_METHOD)

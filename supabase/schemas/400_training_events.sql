@@ -17,6 +17,11 @@ create type public.training_event_reason as enum
 comment on type public.training_event_reason is
   'Why a vote or an audit came out as it did; unsafe failures weigh 3x in learning.';
 
+create type public.audit_origin as enum ('production', 'replay');
+comment on type public.audit_origin is
+  'Where an audited answer came from: production (an answer the spec gave a user while it was '
+  'live) or replay (an answer regenerated offline: a gate''s pairing, a hard set, a draft).';
+
 create type public.langfuse_status as enum
   ('pending', 'retrying', 'sent', 'skipped', 'failed', 'superseded');
 comment on type public.langfuse_status is
@@ -62,6 +67,7 @@ create table public.persona_training_events (
   langfuse_last_error text,
   langfuse_sent_at timestamptz,
   audit_of_draft boolean not null default false,
+  audit_origin public.audit_origin,
   constraint score_on_feedback_only check ((source = 'user_feedback') = (score is not null)),
   constraint passed_on_audits_only check ((source = 'persona_audit') = (passed is not null)),
   -- Feedback names its voter, so that an insert without a user is refused by the insert policy
@@ -72,6 +78,11 @@ create table public.persona_training_events (
   constraint persona_training_events_persona_spec_fkey foreign key (twin_id, persona_spec_id)
     references public.persona_specs (twin_id, id) on delete set null (persona_spec_id),
   constraint audit_of_draft_on_audits_only check (not audit_of_draft or source = 'persona_audit'),
+  -- Every audit has an origin (the database fills in a default: mark_audit_of_draft), feedback
+  -- none; a draft never answered a user, so its audits are replays.
+  constraint audit_origin_on_audits_only
+    check ((source = 'persona_audit') = (audit_origin is not null)),
+  constraint audit_origin_replay_for_drafts check (not audit_of_draft or audit_origin = 'replay'),
   -- A vote change links two votes of one feedback; an audit replaces nothing and is never
   -- replaced (the claim would otherwise retract whatever vote its supersedes_id names).
   constraint supersedes_id_on_feedback_only
@@ -118,6 +129,17 @@ comment on column public.persona_training_events.audit_of_draft is
   'the gate only and moves no module, whatever becomes of the spec later. Set by the database.';
 comment on constraint audit_of_draft_on_audits_only on public.persona_training_events is
   'Only an audit can be an audit of a draft.';
+comment on column public.persona_training_events.audit_origin is
+  'Audits: production (the audited answer was given to a user by the audited spec while it was '
+  'live: the production watch''s evidence) or replay (regenerated offline for a comparison: a '
+  'gate''s pairing, a hard set; the gate pairs any audit, the watch counts none). The audit '
+  'pipeline sends it; left out, an audit of a draft is a replay and any other a production '
+  'audit. Null on feedback.';
+comment on constraint audit_origin_on_audits_only on public.persona_training_events is
+  'Every audit has an origin (production or replay; the database fills in a default), feedback '
+  'none.';
+comment on constraint audit_origin_replay_for_drafts on public.persona_training_events is
+  'An audit of a draft is a replay: a draft never answered a user, so it has no production.';
 comment on constraint supersedes_id_on_feedback_only on public.persona_training_events is
   'Only a vote replaces an earlier vote (set by the database when a voter changes a vote); an '
   'audit carries no supersedes_id.';
@@ -149,11 +171,6 @@ create unique index persona_training_events_current_vote_idx
 -- of it, so ingestion does not pay for it.
 create index persona_training_events_audits_idx
   on public.persona_training_events (persona_spec_id, trace_id, created_at desc, id desc)
-  where source = 'persona_audit';
--- Audits of a twin by trace: the production watch leaves out an audit of a trace also audited
--- under another spec (a replay, not production; claim_production_watch).
-create index persona_training_events_audit_traces_idx
-  on public.persona_training_events (twin_id, trace_id, persona_spec_id, id)
   where source = 'persona_audit';
 -- The outbox claim takes due rows `order by langfuse_next_attempt_at, id`: with the id in the key
 -- it is an index scan that stops at its limit, even when many rows share one due time (a requeue
@@ -305,7 +322,8 @@ create trigger persona_training_events_bound_created_at
   execute function private.bound_event_created_at();
 
 
--- Audits of a draft: decided when the audit is recorded (or re-targeted to another spec).
+-- Audits of a draft: decided when the audit is recorded (or re-targeted to another spec); and
+-- an audit's origin when the pipeline sent none.
 create function private.mark_audit_of_draft()
 returns trigger
 language plpgsql
@@ -322,6 +340,13 @@ begin
       where s.id = new.persona_spec_id and s.status = 'draft'
     );
   end if;
+  -- A draft never answered a user: its audits are replays. Any other spec's audit is taken for
+  -- production unless the pipeline says replay (audit_origin_replay_for_drafts refuses a
+  -- draft's audit sent as production).
+  if tg_op = 'INSERT' and new.audit_origin is null then
+    new.audit_origin := case when new.audit_of_draft then 'replay' else 'production'
+                        end::public.audit_origin;
+  end if;
   return new;
 end;
 $$;
@@ -329,8 +354,10 @@ $$;
 comment on function private.mark_audit_of_draft() is
   'Trigger (before insert, or update of persona_spec_id, of audits on persona_training_events): '
   'sets audit_of_draft to whether the audited spec is a draft now, whatever the writer said; '
-  'when persona_spec_id becomes null (the spec deleted), keeps the value it had. Security '
-  'definer: it reads specs whoever writes. Raises nothing of its own.';
+  'when persona_spec_id becomes null (the spec deleted), keeps the value it had. On insert, an '
+  'audit sent without audit_origin gets replay when it audits a draft, else production; one '
+  'sent with it keeps it. Security definer: it reads specs whoever writes. Raises nothing of '
+  'its own (the check constraints on audit_origin refuse what does not fit).';
 
 create trigger persona_training_events_mark_audit_of_draft
   before insert or update of persona_spec_id on public.persona_training_events

@@ -54,12 +54,17 @@ create table public.persona_feedback_learning_runs (
   rebuilt_modules boolean,
   constraint lease_while_running
     check ((status = 'running') = (lease_token is not null and lease_expires_at is not null)),
+  -- A completed run has its figures; gate_passed only where a gate ran (a rollback by hand ran
+  -- none, and its run says so with null rather than claiming a pass).
   constraint figures_when_completed check (
     status <> 'completed' or (
       events_scanned is not null and events_processed is not null and modules_updated is not null
-      and gate_passed is not null and gate_report is not null and publish_decision is not null
+      and (gate_passed is not null or trigger = 'owner_rollback')
+      and gate_report is not null and publish_decision is not null
     )
   ),
+  constraint gate_passed_null_on_owner_rollback
+    check (trigger <> 'owner_rollback' or gate_passed is null),
   constraint hold_reason_when_held_and_spec_when_published check (
     publish_decision is null
     or (publish_decision = 'held') = (hold_reason is not null)
@@ -70,7 +75,8 @@ create table public.persona_feedback_learning_runs (
 comment on table public.persona_feedback_learning_runs is
   'One execution of the learning pipeline for one twin: queued, running, completed or failed.';
 comment on column public.persona_feedback_learning_runs.trigger is
-  'owner_request (request_learning_run), schedule (pending evidence) or manual (operator CLI).';
+  'owner_request (request_learning_run), schedule (pending evidence), manual (operator CLI) or '
+  'owner_rollback (rollback_persona_spec: a rollback by hand, no gate).';
 comment on column public.persona_feedback_learning_runs.safe_mode is
   'A safe-mode run learns and gates but never publishes.';
 comment on column public.persona_feedback_learning_runs.lease_token is
@@ -91,6 +97,15 @@ comment on column public.persona_feedback_learning_runs.events_unmatched is
   'Events in the batch that matched no module of the twin.';
 comment on column public.persona_feedback_learning_runs.modules_updated is
   'Modules whose confidence or status changed.';
+comment on column public.persona_feedback_learning_runs.gate_passed is
+  'Whether the regression gate passed (true also when there was no draft to judge); null until '
+  'the run completes, and always for a rollback by hand (trigger owner_rollback), which runs no '
+  'gate.';
+comment on constraint figures_when_completed on public.persona_feedback_learning_runs is
+  'A completed run has its figures: events scanned and processed, modules updated, gate report '
+  'and publish decision, and gate_passed unless it is a rollback by hand (owner_rollback).';
+comment on constraint gate_passed_null_on_owner_rollback on public.persona_feedback_learning_runs
+  is 'A rollback by hand runs no gate, so its run claims no gate outcome: gate_passed is null.';
 comment on column public.persona_feedback_learning_runs.gate_report is
   'Each regression-gate check with its value, threshold and verdict.';
 comment on column public.persona_feedback_learning_runs.publish_decision is
@@ -408,11 +423,12 @@ begin
 
   insert into public.persona_feedback_learning_runs (
     twin_id, status, trigger, requested_by, safe_mode, attempts, max_attempts, events_scanned,
-    events_processed, events_unmatched, modules_updated, gate_passed, gate_report,
+    events_processed, events_unmatched, modules_updated, gate_report,
     publish_decision, published_spec_id, started_at, finished_at
   )
   values (
-    p_twin_id, 'completed', 'owner_rollback', (select auth.uid()), false, 1, 1, 0, 0, 0, 0, true,
+    -- No gate_passed: no gate ran (constraint gate_passed_null_on_owner_rollback).
+    p_twin_id, 'completed', 'owner_rollback', (select auth.uid()), false, 1, 1, 0, 0, 0, 0,
     jsonb_build_object('rollback', jsonb_build_object(
       'reason', btrim(p_reason), 'from_spec_id', v_current.id, 'from_version', v_current.version,
       'to_spec_id', v_previous.id, 'to_version', v_previous.version)),
@@ -434,7 +450,7 @@ comment on function private.rollback_persona_spec(uuid, text, uuid) is
   'Owner RPC body (called by public.rollback_persona_spec). In: a twin id, the reason (1-500 '
   'characters, trimmed) and optionally the spec to roll back (null: whatever is published). '
   'Out: the completed run (trigger owner_rollback, requested_by = the '
-  'caller, gate_report {rollback {reason, from_spec_id, from_version, to_spec_id, to_version}}, '
+  'caller, gate_passed null: no gate ran, gate_report {rollback {reason, from_spec_id, from_version, to_spec_id, to_version}}, '
   'publish_decision published, published_spec_id = the spec published again) that records the rollback: the published spec is '
   'archived with rollback_reason "owner: <reason>" and rolled_back_at, the spec published before '
   'it (the latest archived one that had been published and was not rolled back) is published '
@@ -463,7 +479,8 @@ $$;
 comment on function public.rollback_persona_spec(uuid, text, uuid) is
   'Owner RPC (POST /rest/v1/rpc/rollback_persona_spec). In: p_twin_id, p_reason (1-500 '
   'characters), p_spec_id (optional, default null: the spec the owner means to roll back; the '
-  'call changes nothing unless it is the published one). Out: the completed run (trigger owner_rollback) recording the rollback: the '
+  'call changes nothing unless it is the published one). Out: the completed run (trigger '
+  'owner_rollback, gate_passed null: no gate ran) recording the rollback: the '
   'published spec archived with the reason and time, the spec published before it published '
   'again. Raises 42501 (HTTP 403) "twin_id: twin <id> does not exist or is not yours" when the '
   'caller does not own the twin, 22023 for a missing or over-long reason, PT409 (HTTP 409) '
@@ -1509,12 +1526,12 @@ begin
     v_watch.published_at - greatest(v_run.learning_time - v_watch.published_at, interval '0'),
     coalesce(v_watch.previous_published_at, '-infinity'));
 
-  -- Current votes (+1 passes, -1 fails, 0 is no evidence) and the two specs' audits, cast up to
-  -- the run's time within the run's batch, counted per kind and match key (module_key if given,
-  -- else intent_label), then matched to the modules as learning matches them. An audit of a
-  -- trace also audited under any other spec of the twin is a replay (a gate's pairing, whatever
-  -- draft it judged), not production evidence: it counts on neither side (one probe per audit,
-  -- through the index on audits by twin and trace).
+  -- Current votes (+1 passes, -1 fails, 0 is no evidence) and the two specs' production audits,
+  -- cast up to the run's time within the run's batch, counted per kind and match key
+  -- (module_key if given, else intent_label), then matched to the modules as learning matches
+  -- them. An audit counts by the origin the audit pipeline recorded (audit_origin): a replay (a
+  -- gate's pairing, a hard set) counts on neither side, a production audit on its spec's side
+  -- whether or not its trace was audited again under another spec.
   with evidence as (
     -- Each side through the index on (twin_id, created_at), newest first and at most 50,000 of
     -- its events (watch_pass_evidence is at most 50,000): the call's cost is bounded however
@@ -1529,12 +1546,7 @@ begin
         and e.id <= v_run.batch_last_event_id
         and ((e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
              or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.spec_id
-                 and not exists (
-                   select 1 from public.persona_training_events p
-                   where p.twin_id = v_run.twin_id and p.trace_id = e.trace_id
-                     and p.source = 'persona_audit'
-                     and p.persona_spec_id is distinct from e.persona_spec_id
-                     and p.id <= v_run.batch_last_event_id)))
+                 and e.audit_origin = 'production'))
       order by e.created_at desc
       limit 50000
     ) n
@@ -1548,12 +1560,7 @@ begin
         and e.id <= v_run.batch_last_event_id
         and ((e.source = 'user_feedback' and e.score <> 0 and e.superseded_at is null)
              or (e.source = 'persona_audit' and e.persona_spec_id = v_watch.previous_spec_id
-                 and not exists (
-                   select 1 from public.persona_training_events p
-                   where p.twin_id = v_run.twin_id and p.trace_id = e.trace_id
-                     and p.source = 'persona_audit'
-                     and p.persona_spec_id is distinct from e.persona_spec_id
-                     and p.id <= v_run.batch_last_event_id)))
+                 and e.audit_origin = 'production'))
       order by e.created_at desc
       limit 50000
     ) o
@@ -1666,8 +1673,8 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'published_at to T (new) against those cast from window_start = max(published_at - (T - '
   'published_at), previous_published_at) to published_at (old); audits: audits of spec_id from '
   'published_at to T (new) against audits of previous_spec_id from window_start to published_at '
-  '(old), neither counting an audit of a trace also audited under any other spec of the twin, '
-  'or one since deleted (a replay: a gate''s pairing, whatever draft). Only events of the batch or before it; matched '
+  '(old), production audits only (audit_origin production; a replay counts on neither side). '
+  'Only events of the batch or before it; matched '
   'to modules by module_key, else intent_label. Counts, not weights; each side at most its '
   'latest 50,000 events (through the index on (twin_id, created_at)). Raises P0002 and PT409 '
   '(HTTP 409, stale lease) as private.lock_leased_run; 55000 when the run has no batch.';
@@ -1993,7 +2000,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261216000100'::text;
+  select '20261217000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -780,19 +780,21 @@ comment on column public.persona_twin_overview.last_run_id is
   'The twin''s latest run that ended (completed or failed); null before its first.';
 comment on column public.persona_twin_overview.last_run_status is 'completed or failed.';
 comment on column public.persona_twin_overview.last_run_trigger is
-  'owner_request, schedule or manual.';
+  'owner_request, schedule, manual or owner_rollback (a rollback by hand).';
 comment on column public.persona_twin_overview.last_run_created_at is 'When it was queued.';
 comment on column public.persona_twin_overview.last_run_finished_at is
   'When it completed or failed.';
 comment on column public.persona_twin_overview.last_run_gate_passed is
-  'Whether the regression gate passed; null unless completed.';
+  'Whether the regression gate passed; null unless completed, and for a rollback by hand '
+  '(owner_rollback: no gate ran).';
 comment on column public.persona_twin_overview.last_run_failed_checks is
   'Names of the gate checks that did not pass (fail or insufficient_evidence); empty when all '
   'passed or the run has no gate report.';
 comment on column public.persona_twin_overview.last_run_publish_decision is
   'published or held; null unless completed.';
 comment on column public.persona_twin_overview.last_run_hold_reason is
-  'Why it held: no_draft, safe_mode or gate_failed.';
+  'Why it held: no_draft, safe_mode, gate_failed or rolled_back (its production watch rolled '
+  'the spec back).';
 comment on column public.persona_twin_overview.last_run_error is 'What went wrong, if it failed.';
 comment on column public.persona_twin_overview.pending_events is
   'Events (feedback and audits) waiting for the next run.';

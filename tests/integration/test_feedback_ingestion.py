@@ -225,11 +225,14 @@ RULES = {
     "score_required": "score_on_feedback_only",
     "passed_required": "passed_on_audits_only",
     "langfuse_status_required": "langfuse_status_on_feedback_only",
+    "audit_origin_required": "audit_origin_on_audits_only",
+    "audit_origin_of_a_draft": "audit_origin_replay_for_drafts",
 }
 ENUMS = {
     "source": "training_event_source",
     "reason": "training_event_reason",
     "langfuse_status": "langfuse_status",
+    "audit_origin": "audit_origin",
 }
 
 
@@ -335,6 +338,7 @@ BAD_INPUTS = {
     "forge-audit": Bad({"source": "persona_audit", "passed": True, "score": MISSING}, 403,
                        "42501", NO_PRIVILEGE, None),
     "forge-passed": Bad({"passed": True}, 403, "42501", NO_PRIVILEGE, None),
+    "forge-audit-origin": Bad({"audit_origin": "production"}, 403, "42501", NO_PRIVILEGE, None),
     "forge-superseded-at": Bad({"superseded_at": "2026-01-01T00:00:00Z"}, 403, "42501",
                                NO_PRIVILEGE, None),
     "forge-supersedes-id": Bad({"supersedes_id": 1}, 403, "42501", NO_PRIVILEGE, None),
@@ -512,8 +516,17 @@ def audit(w: World, **fields: object) -> dict:
         ({"score": 1}, "23514", check("score_required"), "score"),
         ({"source": "survey"}, "22P02", bad_enum("source", "survey"), "source"),
         ({"module_key": "Module-1"}, "23514", check("module_key"), "module_key"),
+        ({"audit_origin": "shadow"}, "22P02", bad_enum("audit_origin", "shadow"), "audit_origin"),
+        # the audit pipeline's audit of a draft sent as production: a draft answered no user.
+        ({"audit_origin": "production"}, "23514", check("audit_origin_of_a_draft"),
+         "audit_origin"),
+        # feedback sent by the service role with an audit's origin.
+        ({"source": "user_feedback", "passed": None, "score": 1, "persona_spec_id": None,
+          "created_by": lambda w: w.voter.id, "audit_origin": "production"}, "23514",
+         check("audit_origin_required"), "audit_origin"),
     ],
-    ids=["audit-without-outcome", "audit-with-a-vote", "unknown-source", "module-not-a-slug"],
+    ids=["audit-without-outcome", "audit-with-a-vote", "unknown-source", "module-not-a-slug",
+         "unknown-audit-origin", "draft-audit-as-production", "feedback-with-an-origin"],
 )
 def test_the_audit_pipeline_gets_the_same_rules(
     stack: Stack, db: psycopg.Connection, world: World, fields: dict, code: str, message: str,
@@ -521,6 +534,7 @@ def test_the_audit_pipeline_gets_the_same_rules(
 ):
     """The service role bypasses RLS, not the rules on the fields."""
     before = snapshot(db, world)
+    fields = {k: v(world) if callable(v) else v for k, v in fields.items()}
     response = post(stack, stack.service_key, audit(world, **fields))
     assert_rejected(response, 400, code, message)
     assert column in response.json()["message"]
@@ -534,12 +548,13 @@ def test_the_audit_pipeline_gets_the_same_rules(
         ({"intent_label": "Not A Slug"}, "23514", check("intent_label"), "intent_label"),
         ({"langfuse_status": "lost"}, "22P02", bad_enum("langfuse_status", "lost"),
          "langfuse_status"),
-        # a vote turned into an audit: it is in the outbox, carries a score and no outcome.
-        # PostgreSQL checks a table's constraints in name order: the outbox rule answers first.
-        ({"source": "persona_audit"}, "23514", check("langfuse_status_required"),
-         "langfuse_status"),
+        # a vote turned into an audit: it has no origin, is in the outbox, carries a score and
+        # no outcome. PostgreSQL checks a table's constraints in name order: the origin rule
+        # answers first.
+        ({"source": "persona_audit"}, "23514", check("audit_origin_required"), "audit_origin"),
+        ({"audit_origin": "replay"}, "23514", check("audit_origin_required"), "audit_origin"),
     ],
-    ids=["score", "intent", "outbox-status", "feedback-into-audit"],
+    ids=["score", "intent", "outbox-status", "feedback-into-audit", "feedback-given-an-origin"],
 )
 def test_updates_keep_the_rules(
     stack: Stack, db: psycopg.Connection, world: World, change: dict, code: str, message: str,
@@ -550,6 +565,27 @@ def test_updates_keep_the_rules(
     assert_rejected(response, 400, code, message)
     assert column in response.json()["message"]
     assert snapshot(db, world) == before
+
+
+def test_an_audit_records_the_origin_the_pipeline_sends_or_the_default(
+    stack: Stack, db: psycopg.Connection, world: World
+):
+    """The audit pipeline marks a replay (audit_origin replay); left out, an audit of the
+    published spec is production and an audit of a draft a replay. Feedback has none."""
+    sent = [
+        ({"persona_spec_id": world.published_spec}, "production"),
+        ({"persona_spec_id": world.published_spec, "audit_origin": "replay"}, "replay"),
+        ({"persona_spec_id": world.published_spec, "audit_origin": "production"}, "production"),
+        ({"persona_spec_id": world.draft_spec}, "replay"),
+        ({"persona_spec_id": world.draft_spec, "audit_origin": "replay"}, "replay"),
+    ]
+    for i, (fields, origin) in enumerate(sent):
+        response = post(stack, stack.service_key, audit(world, trace_id=f"origin-{i}", **fields))
+        assert response.status_code == 201, response.text
+        [row] = response.json()
+        assert (row["audit_origin"], row["audit_of_draft"]) == (
+            origin, fields["persona_spec_id"] == world.draft_spec), fields
+    assert stored(db, world.voter_vote)["audit_origin"] is None
 
 
 def test_a_valid_update_by_the_service_role_is_stored(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -49,15 +50,20 @@ def runner(stack: Stack) -> Iterator[Runner]:
 
 def audits(
     db: psycopg.Connection, twin: Twin, spec_id: str, passed: int, failed: int, *,
-    at: str, prefix: str, module_key: str = "evidence_answers",
+    at: str, prefix: str, module_key: str = "evidence_answers", origin: str | None = None,
+    first: int = 1,
 ) -> None:
-    """`passed` + `failed` audits of the spec, on traces <prefix>-<i>, cast at the SQL time `at`."""
+    """`passed` + `failed` audits of the spec, on traces <prefix>-<i> (i from `first`, the
+    passed ones first), cast at the SQL time `at`, with the audit pipeline's `origin`
+    (production or replay; None: left to the database's default, as a pipeline that sends
+    none)."""
     db.execute(
         "insert into public.persona_training_events (twin_id, source, trace_id, passed, "
-        "intent_label, module_key, persona_spec_id, created_at) "
-        "select %s, 'persona_audit', %s || '-' || g, g <= %s, 'factual_with_evidence', %s, %s, "
-        f"{at} from generate_series(1, %s) g",
-        (twin.id, prefix, passed, module_key, spec_id, passed + failed),
+        "intent_label, module_key, persona_spec_id, created_at, audit_origin) "
+        "select %s, 'persona_audit', %s || '-' || g, g < %s + %s, 'factual_with_evidence', %s, "
+        f"%s, {at}, %s::public.audit_origin from generate_series(%s, %s + %s - 1) g",
+        (twin.id, prefix, first, passed, module_key, spec_id, origin, first, first,
+         passed + failed),
     )
 
 
@@ -79,19 +85,22 @@ def votes(
 
 def published_twin(
     db: psycopg.Connection, runner: Runner, owner: User, modules: dict[str, str] | None = None,
-    **settings: object,
+    before_publish: Callable[[Twin], None] | None = None, **settings: object,
 ) -> tuple[Twin, str, Run]:
     """A twin (of `modules`, MODULES if not given) whose draft (v2) was published over v1 by a
-    real run; the publish and v1's moved 2 and 30 days into the past. Returns the twin, its
-    watch's id and the publishing run."""
+    real run, after `before_publish` (if given) wrote what it writes; the publish and v1's moved
+    2 and 30 days into the past. Returns the twin, its watch's id and the publishing run."""
     modules = modules or MODULES
     twin = create_twin(db, owner.id, modules, settings={"auto_publish": True, **settings},
                        draft={"modules": list(modules)})
     # The gate's evidence: 80 traces both specs pass (Tango's bound -0.0458 >= -0.05), audited
-    # 10 days ago, outside every window below.
+    # 10 days ago, outside every window below (replayed for the gate under both).
     assert twin.draft_spec_id is not None
     for spec in (twin.published_spec_id, twin.draft_spec_id):
-        audits(db, twin, spec, 80, 0, at="now() - interval '10 days'", prefix="gate")
+        audits(db, twin, spec, 80, 0, at="now() - interval '10 days'", prefix="gate",
+               origin="replay")
+    if before_publish is not None:
+        before_publish(twin)
     [run] = runner.run_once(UUID(twin.id))
     assert (run.status, run.publish_decision, str(run.published_spec_id)) == (
         "completed", "published", twin.draft_spec_id)
@@ -108,6 +117,12 @@ def published_twin(
         "previous_published_at = now() - interval '30 days' where id = %s", (watch[0][0],),
     )
     return twin, watch[0][0], run
+
+
+def next_draft(db: psycopg.Connection, twin: Twin) -> str:
+    """A new draft spec of the twin (the next version, v3 after published_twin); its id."""
+    return str(scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
+                          "returning id::text", twin.id, '{"modules": ["evidence_answers"]}'))
 
 
 def regress(db: psycopg.Connection, twin: Twin, owner: User) -> None:
@@ -298,15 +313,17 @@ def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
 ) -> None:
     # The review's case: nothing changed in production (votes 60% up before and after the
     # switch, production audits 90% of both specs), and the gate's paired audits of both specs
-    # (190/200 each, the same traces) were made an hour before the publish, inside the old
-    # side's window. Counted on the old side only and pooled with the votes, they read 370/500
-    # against 180/300 and rolled back (auto); now they count on neither side, and each kind is
-    # compared with itself.
+    # (190/200 each, the same traces, replayed: the pipeline says so for the published spec's,
+    # and a draft's are replays by definition) were made an hour before the publish, inside the
+    # old side's window. Counted on the old side only and pooled with the votes, they read
+    # 370/500 against 180/300 and rolled back (auto); now they count on neither side, and each
+    # kind is compared with itself.
     owner = make_user("owner")
     twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
     assert twin.draft_spec_id is not None
     for spec in (twin.published_spec_id, twin.draft_spec_id):
-        audits(db, twin, spec, 190, 10, at="now() - interval '2 days 1 hour'", prefix="pair")
+        audits(db, twin, spec, 190, 10, at="now() - interval '2 days 1 hour'", prefix="pair",
+               origin="replay")
     audits(db, twin, twin.published_spec_id, 45, 5, at="now() - interval '3 days'",
            prefix="prod-before")
     audits(db, twin, twin.draft_spec_id, 45, 5, at="now() - interval '1 day'", prefix="prod-after")
@@ -336,9 +353,9 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
     # The second review's case: v2 was published over v1 two days ago (auto). Production is
     # unchanged: audits 180/200 of each spec, votes 180/300 before and after. An hour ago the
     # next draft, v3, was gated against v2 on a hard set of 300 traces (both 60%: v3 as good as
-    # v2). Its pairing is neither of the watch's two specs', and counted on the new side it read
-    # 360/500 against 180/200 and rolled v2 back; an audit of a trace also audited under any
-    # other spec is a replay and counts on neither side.
+    # v2), replayed under both (the pipeline marks v2's replays; v3's, a draft's, are replays
+    # by definition). Counted on the new side they read 360/500 against 180/200 and rolled v2
+    # back; a replay counts on neither side.
     owner = make_user("owner")
     twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
     assert twin.draft_spec_id is not None
@@ -348,10 +365,10 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
            prefix="prod-after")
     votes(db, twin, owner.id, 180, 120, at="now() - interval '3 days'", prefix="vote-before")
     votes(db, twin, owner.id, 180, 120, at="now() - interval '1 day'", prefix="vote-after")
-    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
-                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    v3 = next_draft(db, twin)
     for spec in (twin.draft_spec_id, v3):
-        audits(db, twin, spec, 180, 120, at="now() - interval '1 hour'", prefix="hard-set")
+        audits(db, twin, spec, 180, 120, at="now() - interval '1 hour'", prefix="hard-set",
+               origin="replay" if spec == twin.draft_spec_id else None)
     # The owner publishes v3 by hand, later: this run judges the watch alone.
     db.execute("update public.persona_learning_settings set auto_publish = false "
                "where twin_id = %s", (twin.id,))
@@ -371,8 +388,8 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
         (twin.draft_spec_id, "published", False, None),
         (v3, "draft", False, None),
     ]
-    # The owner deletes draft v3: its audits lose their spec (on delete set null) and are still
-    # the other half of a replay, not v2's production.
+    # The owner deletes draft v3: its audits lose their spec (on delete set null); v2's replays
+    # stay replays.
     db.execute("delete from public.persona_specs where id = %s", (v3,))
     votes(db, twin, owner.id, 1, 0, at="now()", prefix="late")
     [later] = runner.run_once(UUID(twin.id))
@@ -382,6 +399,99 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
     assert [c["evidence"] for c in audits_now] == [
         {"new_n": 200, "new_passed": 180, "old_n": 200, "old_passed": 180}]
     assert later.hold_reason != "rolled_back" and watch_row(db, watch_id)["state"] == "watching"
+
+
+def audit_check(run: Run) -> dict[str, Any]:
+    """The gate's audit_non_inferiority check in the run's report."""
+    assert run.gate_report is not None
+    [check] = [c for c in run.gate_report["checks"] if c["name"] == "audit_non_inferiority"]
+    return check  # type: ignore[no-any-return]
+
+
+def test_production_failures_re_audited_for_a_gate_stay_production_evidence(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The third review's false rollback: production is the same on both sides (audits 80% of
+    # v1 before the switch and of v2 since). Before publishing v2 the owner gated it on v1's
+    # 40 failed production traces (v2 fixes 36 of them; the gate pairs them with v1's
+    # production audits of those traces). The watch took every audit of a trace also audited
+    # under another spec for a replay: v1's 40 failures left the old side, which read 160/160
+    # against 160/200 and v2 was rolled back. The pipeline records each audit's origin now; a
+    # production audit stays one whatever is audited later on its trace.
+    owner = make_user("owner")
+
+    def gate_v2_on_v1s_failures(twin: Twin) -> None:
+        assert twin.draft_spec_id is not None
+        audits(db, twin, twin.published_spec_id, 160, 40, at="now() - interval '3 days'",
+               prefix="prod-v1")  # production: the pipeline sends no origin
+        audits(db, twin, twin.draft_spec_id, 36, 4, at="now() - interval '2 days 6 hours'",
+               prefix="prod-v1", first=161)  # a draft's audits: replays by definition
+
+    twin, watch_id, publish_run = published_twin(db, runner, owner, watch_mode="auto",
+                                                 before_publish=gate_v2_on_v1s_failures)
+    # The gate paired v2's re-audits with v1's production audits of those traces: 80 traces
+    # both pass, and 36 v2 fixed.
+    assert audit_check(publish_run)["evidence"] == {"n": 120, "b": 36, "c": 0}
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.draft_spec_id, 160, 40, at="now() - interval '1 day'", prefix="prod-v2")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason != "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"]) == ("watching", "none", 5)
+    audits_ = {c["module_key"]: c for c in report["comparisons"] if c["kind"] == "audits"}
+    for key in (None, "evidence_answers"):
+        assert audits_[key]["evidence"] == {
+            "new_n": 200, "new_passed": 160, "old_n": 200, "old_passed": 160}
+        assert audits_[key]["verdict"] == "no_regression"
+    assert watch_row(db, watch_id)["state"] == "watching"
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_drop_is_found_when_the_next_draft_is_gated_on_the_live_specs_failures(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The third review's missed regression: production audits fell 30 points with v2 (90% of
+    # v1 before the switch, 60% of v2 since). An hour ago the owner gated the next draft, v3,
+    # on v2's 80 failed production traces, replayed under v2 (the pipeline marks them replay)
+    # and audited under v3. The inference took v2's 80 failures for replays: the new side read
+    # 120/120 against 180/200 and the drop was hidden. Now they stay v2's production (120/200),
+    # the replays count on neither side, and the drop rolls v2 back; the gate paired v3's
+    # audits with v2's replays (the latest audit of each trace).
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 180, 20, at="now() - interval '3 days'",
+           prefix="prod-v1")
+    audits(db, twin, twin.draft_spec_id, 120, 80, at="now() - interval '1 day'", prefix="prod-v2")
+    v3 = next_draft(db, twin)
+    # Traces 121-200 failed in production. Replayed, v2 passes 20 of them (121-140); v3 passes
+    # 70 (121-190).
+    audits(db, twin, twin.draft_spec_id, 20, 60, at="now() - interval '1 hour'",
+           prefix="prod-v2", first=121, origin="replay")
+    audits(db, twin, v3, 70, 10, at="now() - interval '1 hour'", prefix="prod-v2", first=121)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    # The gate judged v3 against v2's replays: 50 traces only v3 passes (141-190), none only
+    # v2 (paired with v2's production failures it would have been 70).
+    assert audit_check(run)["evidence"] == {"n": 80, "b": 50, "c": 0}
+    assert run.gate_report is not None and run.hold_reason == "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"]) == ("regressed", "roll_back")
+    [audits_wide] = [c for c in report["comparisons"]
+                     if (c["scope"], c["kind"]) == ("twin", "audits")]
+    assert audits_wide["evidence"] == {
+        "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 180}
+    assert audits_wide["verdict"] == "regressed"
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True,
+         f"production watch: regression found by run {run.id}"),
+        (v3, "draft", False, None),
+    ]
 
 
 def test_a_change_in_module_mix_alone_rolls_nothing_back(
@@ -476,6 +586,31 @@ def test_a_watch_without_enough_evidence_expires(
         "insufficient_evidence"}
     assert watch_row(db, watch_id)["state"] == "expired"
     assert published_count(db, twin) == 1
+
+
+def test_an_expired_watch_spends_what_is_left_on_a_final_test(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # A quiet twin: 50 production audits a side by expiry (look 1 of 10, which spent almost
+    # nothing: 1e-9), 90% of v1 before the switch and 60% of v2 since. The watch expired
+    # without a real test; its final test now spends the alpha left and the drop rolls back.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto",
+                                       watch_expire_days=1.5)
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 45, 5, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, 30, 20, at="now() - interval '1 day'", prefix="after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None and run.hold_reason == "rolled_back"
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["final"], report["look"]) == (
+        "regressed", "roll_back", True, 1)
+    assert report["alpha_spent"] == pytest.approx(0.05)
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin)[0] == (twin.published_spec_id, "published", False, None)
 
 
 def test_the_scheduler_concludes_a_watch_past_its_time_without_new_evidence(
@@ -665,8 +800,7 @@ def twin_with_a_draft_on_top(
     against v2 (80 agreeing traces); returns the twin and v3's id."""
     twin, _, _ = published_twin(db, runner, owner, watch_mode="auto")
     assert twin.draft_spec_id is not None
-    v3 = scalar(db, "insert into public.persona_specs (twin_id, spec) values (%s, %s) "
-                    "returning id::text", twin.id, '{"modules": ["evidence_answers"]}')
+    v3 = next_draft(db, twin)
     for spec in (twin.draft_spec_id, v3):
         audits(db, twin, spec, 80, 0, at="now() - interval '12 hours'", prefix="gate3")
     return twin, v3
@@ -714,6 +848,53 @@ def test_a_double_click_on_rollback_rolls_back_one_step_only(
     assert plain.status_code == 200, plain.text
     assert plain.json()["gate_report"]["rollback"]["from_spec_id"] == twin.draft_spec_id
     assert published_count(db, twin) == 1
+
+
+def test_a_rollback_by_hand_claims_no_gate_outcome(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User], tmp_path: Path,
+) -> None:
+    # A rollback by hand runs no gate: its run recorded gate_passed true (a completed run's
+    # figures could not be null). It is null now, and the database keeps it so for that kind of
+    # run only; `pfl runs`, the overview and the report say no gate ran.
+    owner = make_user("owner")
+    twin, _, publish_run = published_twin(db, runner, owner)
+    response = rollback(owner, twin, "users dislike the tone", spec_id=twin.draft_spec_id)
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert (run["trigger"], run["status"], run["gate_passed"], run["publish_decision"]) == (
+        "owner_rollback", "completed", None, "published")
+    seen = owner.client.table("persona_twin_overview").select(
+        "last_run_trigger,last_run_gate_passed").eq("twin_id", twin.id).execute().data
+    assert seen == [{"last_run_trigger": "owner_rollback", "last_run_gate_passed": None}]
+
+    env = worker_env(StackEnv.load())
+    shown = subprocess.run(pfl("runs", "--twin", twin.id), env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    [line] = [x for x in shown.splitlines() if x.split()[2:3] == [run["id"][:8]]]
+    assert line.split()[3:8] == ["completed", "0", "0", "0", "-"], line
+    assert "owner rollback" in line
+    page = tmp_path / "report.html"
+    subprocess.run(pfl("report", "--twin", twin.id, "--out", str(page)),
+                   env={**env, "MPLCONFIGDIR": str(tmp_path / "mpl")}, capture_output=True,
+                   text=True, timeout=120, check=True)
+    html_ = page.read_text()
+    assert "gate not run (a rollback by hand)" in html_ and "<td>not run</td>" in html_
+
+    # The database holds it: a rollback's run claiming a gate outcome, or another completed run
+    # without one, is refused (23514, naming the rule) and changes nothing.
+    def runs() -> list[tuple[Any, ...]]:
+        return db.execute("select id::text, gate_passed from public.persona_feedback_learning_runs"
+                          " where twin_id = %s order by created_at", (twin.id,)).fetchall()
+
+    before = runs()
+    assert before == [(str(publish_run.id), True), (run["id"], None)]
+    with pytest.raises(psycopg.errors.CheckViolation, match="gate_passed_null_on_owner_rollback"):
+        db.execute("update public.persona_feedback_learning_runs set gate_passed = true "
+                   "where id = %s", (run["id"],))
+    with pytest.raises(psycopg.errors.CheckViolation, match="figures_when_completed"):
+        db.execute("update public.persona_feedback_learning_runs set gate_passed = null "
+                   "where id = %s", (str(publish_run.id),))
+    assert runs() == before
 
 
 def flip_watch_mode_after_the_first_claim(

@@ -222,6 +222,23 @@ def test_a_twin_wide_comparison_by_module_says_so() -> None:
     )
 
 
+def test_a_final_test_at_expiry_and_modules_left_out_in_words() -> None:
+    from worker.explain import describe_watch, watch_outcome
+
+    expired = {**WATCH_REPORT, "state": "expired", "action": "none", "look": 2, "final": True,
+               "comparisons": [
+        {"scope": "twin", "kind": "votes", "module_key": None, "value": 0.0412,
+         "difference": -0.001, "threshold": -0.02, "verdict": "no_regression",
+         "method": "newcombe_hybrid_score", "compared_new_n": 399, "compared_old_n": 40,
+         "evidence": {"new_n": 400, "new_passed": 319, "old_n": 400, "old_passed": 372}}]}
+    assert watch_outcome({"watch": expired}) == "expired"
+    assert describe_watch({"watch": expired}, {"spec-2": 2}) == (
+        "watch of v2: expired at look 2/10 (its final test, at expiry); twin-wide votes 319/400 "
+        "up since the publish vs 372/400 before, no_regression (upper bound 0.0412, threshold "
+        "-0.02) (compared 399 vs 40: modules with fewer than watch_min_evidence a side left out)"
+    )
+
+
 def test_an_alert_a_pass_and_an_owner_rollback_in_words() -> None:
     from worker.explain import describe_watch, watch_outcome
 
