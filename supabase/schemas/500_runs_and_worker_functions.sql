@@ -1986,7 +1986,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261216000100'::text;
+  select '20261217000200'::text;
 $$;
 
 comment on function public.worker_schema_version() is
