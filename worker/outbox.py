@@ -98,6 +98,12 @@ class OutboxDrainer:
         self._unreachable = False  # "not reachable" was logged, and no check has passed since
         self._holding = False  # the last answer recorded was a wait
 
+    @property
+    def holding(self) -> bool:
+        """Whether the last answer this drainer recorded asked it to wait (a hold is in force,
+        or its end has come and the next pass probes)."""
+        return self._holding
+
     def ready(self) -> bool:
         """Whether a pass may claim rows. The sender's server is checked until a check passes,
         unless the mirror's hold is in force (False, nothing sent): a host, key pair or version

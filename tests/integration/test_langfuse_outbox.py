@@ -1211,7 +1211,7 @@ def test_a_proxys_bare_429s_double_the_hold_and_a_success_starts_again(
     assert seconds is not None and 0.0 <= seconds <= 2.0 and bare == 1
 
 
-def test_serve_sends_one_request_per_hold_and_idles_while_held(
+def test_serve_sends_one_request_per_hold_until_the_limit_lifts(
     stack: Stack,
     service: Client,
     make_user: Callable[[str], User],

@@ -224,6 +224,25 @@ def test_a_403_without_langfuses_error_body_is_named_a_proxy_or_firewall() -> No
     assert "keys" not in verdict.error
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"error": "Forbidden", "message": "Forbidden"},  # not a `<Name>Error`
+        {"error": "ForbiddenError"},  # no message
+        {"error": "ForbiddenError", "message": ["Forbidden"]},  # a message that is not text
+        {"error": ["ForbiddenError"], "message": "Forbidden"},
+        ["ForbiddenError", "Forbidden"],
+    ],
+)
+def test_only_langfuses_error_body_makes_a_403_langfuses(payload: Any) -> None:
+    """Langfuse's refusals are `{"error": "<Name>Error", "message": "..."}` (its handlers'
+    `res.status(error.httpCode).json({error: error.name, message: error.message})`); any other
+    body came from something in front of it."""
+    verdict = one(run(403, payload))
+    assert verdict.outcome == Outcome.off and verdict.error is not None
+    assert verdict.error.startswith("refused by something in front of Langfuse")
+
+
 def test_langfuses_own_403_other_than_a_suspension_is_a_refused_request() -> None:
     verdict = one(run(403, {"error": "ForbiddenError", "message": "Forbidden"}))
     assert verdict == Verdict(
