@@ -138,6 +138,19 @@ def hold(db: psycopg.Connection) -> tuple[float | None, str | None, int]:
     return row[0], row[1], row[2]
 
 
+def record(
+    service: Client, event_ids: list[int], outcome: str, delay: float | None = None
+) -> None:
+    """What a worker records after a request: `outcome` for these rows, through the RPC (a
+    wait: the server's answer was a 429, with `delay` as its Retry-After, if any)."""
+    deliveries = [
+        {"event_id": i, "outcome": outcome, "error": "HTTP 429: Rate limit exceeded",
+         "retry_after_seconds": delay}
+        for i in event_ids
+    ]
+    service.rpc("record_langfuse_deliveries", {"p_deliveries": deliveries}).execute()
+
+
 def end_hold(db: psycopg.Connection) -> None:
     """Stands for the passage of time: the hold's end has come (the next claim is the probe)."""
     db.execute(
@@ -1125,17 +1138,9 @@ def test_after_a_hold_one_claim_at_a_time_is_the_probe(
         ).execute()
         return [r["event_id"] for r in rows(answer)]
 
-    def record(event_ids: list[int], outcome: str, delay: float | None = None) -> None:
-        deliveries = [
-            {"event_id": i, "outcome": outcome, "error": "HTTP 429: Rate limit exceeded",
-             "retry_after_seconds": delay}
-            for i in event_ids
-        ]
-        service.rpc("record_langfuse_deliveries", {"p_deliveries": deliveries}).execute()
-
     first = claim()  # worker A
     assert first == ids[:2]
-    record(first, "wait", 30.0)  # A's request met a 429, Retry-After: 30
+    record(service, first, "wait", 30.0)  # A's request met a 429, Retry-After: 30
     seconds, _, bare = hold(db)
     assert seconds is not None and 29 <= seconds <= 30 and bare == 0
     assert claim() == []  # worker B: held
@@ -1144,7 +1149,7 @@ def test_after_a_hold_one_claim_at_a_time_is_the_probe(
     probe = claim()  # A (or B): the probe
     assert probe == ids[2:4]
     assert claim() == []  # the other, though ids[4:] are due: the probe is in flight
-    record(probe, "sent")
+    record(service, probe, "sent")
     assert hold(db) == (None, None, 0)
     assert claim() == ids[4:]  # every worker claims again
     make_due(db, first, "30 days")
@@ -1163,9 +1168,7 @@ def test_a_worker_started_during_a_hold_sends_nothing_not_even_its_check(
     line saying until when; after the hold it checks, and the rows go."""
     owner, voter = make_user("owner"), make_user("voter")
     event = vote(voter, open_twin(service, owner), "started-held", 1)
-    deliveries = [{"event_id": event["id"], "outcome": "wait", "error": "HTTP 429: Rate limit "
-                   "exceeded", "retry_after_seconds": 60}]
-    service.rpc("record_langfuse_deliveries", {"p_deliveries": deliveries}).execute()
+    record(service, [event["id"]], "wait", 60.0)
     with LangfuseStandin(generation="cloud") as lf:
         out = run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf)
         assert lf.requests == []
@@ -1188,35 +1191,26 @@ def test_a_proxys_bare_429s_double_the_hold_and_a_success_starts_again(
     owner, voter = make_user("owner"), make_user("voter")
     event = vote(voter, open_twin(service, owner), "bare", 1)
 
-    def record(outcome: str, delay: float | None = None) -> None:
-        deliveries = [{"event_id": event["id"], "outcome": outcome, "error": "HTTP 429",
-                       "retry_after_seconds": delay}]
-        service.rpc("record_langfuse_deliveries", {"p_deliveries": deliveries}).execute()
-
     for n in range(10):
-        record("wait")
+        record(service, [event["id"]], "wait")
         seconds, _, bare = hold(db)
         low, high = (min(2.0 * 2**n, 300.0) * j for j in (0.5, 1.0))
         assert seconds is not None and low - 1.0 <= seconds <= high, (n, seconds)
         assert bare == n + 1
         end_hold(db)
-    record("wait", 7.0)  # a delay given: the hold it asks for, the count kept
+    record(service, [event["id"]], "wait", 7.0)  # a delay given: its hold, the count kept
     seconds, _, bare = hold(db)
     assert seconds is not None and 6.0 <= seconds <= 7.0 and bare == 10
     end_hold(db)
-    record("sent")
+    record(service, [event["id"]], "sent")
     assert hold(db) == (None, None, 0)
-    record("wait")
+    record(service, [event["id"]], "wait")
     seconds, _, bare = hold(db)
     assert seconds is not None and 0.0 <= seconds <= 2.0 and bare == 1
 
 
 def test_serve_sends_one_request_per_hold_until_the_limit_lifts(
-    stack: Stack,
-    service: Client,
-    make_user: Callable[[str], User],
-    db: psycopg.Connection,
-    tmp_path: Path,
+    stack: Stack, service: Client, make_user: Callable[[str], User], tmp_path: Path
 ) -> None:
     """`pfl serve` against Langfuse Cloud's rate limit (Retry-After: 2): after the first 429
     its requests come one per hold, at least two seconds apart, and nothing else is sent
