@@ -194,6 +194,7 @@ begin
         reason = left(v_reason, 2000),
         bare_waits = h.bare_waits + case when v_bare then 1 else 0 end,
         probe_until = null
+    where h.singleton  -- the one row (hosted Supabase refuses an update without a where)
     returning h.hold_until into v_hold_until;
   elsif jsonb_array_length(p_deliveries) > 0 then
     update private.langfuse_hold h

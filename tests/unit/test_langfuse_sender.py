@@ -23,6 +23,7 @@ from testkit.standin import (
 from worker.langfuse_check import (
     LangfuseConfigError,
     LangfuseHostUnusable,
+    LangfuseRefused,
     LangfuseUnavailable,
     check,
     generation,
@@ -473,6 +474,16 @@ def test_https_to_a_plain_http_port_is_a_setting_checked_again_later(
     assert "Langfuse mirror off: LANGFUSE_HOST=https://" in line
     assert "checked again every 0 s" in line
     assert LangfuseHostUnusable.recheck and not LangfuseConfigError.recheck
+
+
+def test_a_proxys_403_on_the_health_route_is_a_refusal_checked_again_later() -> None:
+    """Langfuse answers its health route without keys: a 403 there (nginx's page) is a proxy or
+    a firewall in front of it, which may be fixed later, not "no Langfuse at LANGFUSE_HOST"."""
+    with LangfuseStandin() as lf, sender_for(lf) as sender:
+        lf.set_mode("proxy_forbidden")
+        with pytest.raises(LangfuseRefused, match=r"refused \(403\) by something in front"):
+            check(sender)
+    assert LangfuseRefused.recheck
 
 
 class NoHold:
