@@ -54,8 +54,11 @@ health still answers: no Langfuse generation lacks the route, but a proxy in fro
 that forwards only some paths, or sends this one elsewhere, answers so), `proxy_page` (a 200
 HTML page for every path: a proxy or a web app answering in Langfuse's place),
 `proxy_rate_limited` (nginx's `limit_req` page, 429 with no Retry-After or rate-limit header,
-for every path: a proxy's rate limit in front of any generation). "Down" is
-`stop()`; `start()` binds the same port.
+for every path: a proxy's rate limit in front of any generation), `proxy_forbidden` (nginx's 403
+page, for every path: a proxy's or firewall's `deny` rule), `proxy_not_allowed` (nginx's 405
+page, for every POST: a web server that serves static files at LANGFUSE_HOST). Langfuse's own
+refusals carry `{"error": "<Name>Error", "message"}` (see `_answer`); these pages do not. "Down"
+is `stop()`; `start()` binds the same port.
 
 As a process (`testkit.standin_process`): `python -m testkit.standin --port P --generation G`
 prints the URL on its first stdout line and serves until SIGINT/SIGTERM; `POST /_standin/mode
@@ -103,6 +106,8 @@ Mode = Literal[
     "no_route",
     "proxy_page",
     "proxy_rate_limited",
+    "proxy_forbidden",
+    "proxy_not_allowed",
 ]
 MODES: tuple[str, ...] = get_args(Mode)
 CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
@@ -121,11 +126,19 @@ INVALID_CREDENTIALS = "Invalid credentials. Confirm that you've configured the c
 SUSPENDED = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
 NOT_FOUND_PAGE = "404: This page could not be found."
 PROXY_PAGE = "<!doctype html><html><body>Sign in to continue</body></html>"
-PROXY_429_PAGE = (  # nginx's page for limit_req_status 429: no Retry-After
-    "<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n"
-    "<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n"
-    "</body>\r\n</html>\r\n"
-)
+
+
+def nginx_page(status: str) -> str:
+    """nginx's own error page for `status` (e.g. "429 Too Many Requests"), as it answers when
+    it refuses a request itself (no Retry-After, no JSON)."""
+    return (
+        f"<html>\r\n<head><title>{status}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{status}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    )
+
+
+PROXY_429_PAGE = nginx_page("429 Too Many Requests")  # limit_req_status 429
 RETRY_AFTER_SECONDS = 2
 _DATA_TYPES = frozenset({"NUMERIC", "BOOLEAN", "CATEGORICAL", "TEXT", "CORRECTION"})
 _SOURCES = frozenset({"API", "EVAL", "ANNOTATION"})
@@ -418,7 +431,7 @@ class LangfuseStandin:
         environment Langfuse files it under; also kept in `scores`."""
         row = {k: v for k, v in score.items() if k != "timestamp"}
         row["timestamp"] = timestamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        row["environment"] = _environment(score.get("environment"))
+        row["environment"] = _environment(score.get("environment"), self.generation)
         row.setdefault(
             "dataType", "NUMERIC" if not isinstance(row.get("value"), str) else "CATEGORICAL"
         )
@@ -608,12 +621,15 @@ def _deep_merge(a: Any, b: Any) -> Any:
     return b
 
 
-def _environment(value: object) -> str:
-    """Langfuse's public environment rule: lower case, leading "langfuse" prefixes removed, at
-    most 40 of [a-z0-9_-]; anything else is "default"."""
+def _environment(value: object, generation: Generation) -> str:
+    """Langfuse's public environment rule (`PublicEnvironmentName`,
+    packages/shared/src/server/ingestion/types.ts): lower case, the leading "langfuse" prefix
+    removed (v3.225.4: one; v4.16.0: all of them), at most 40 of [a-z0-9_-]; anything else is
+    "default"."""
     if not isinstance(value, str):
         return "default"
-    stripped = re.sub(r"^(?:langfuse[-_]?)+", "", value.lower())[:40]
+    prefix = r"^langfuse[-_]?" if generation == "v3" else r"^(?:langfuse[-_]?)+"
+    stripped = re.sub(prefix, "", value.lower())[:40]
     return stripped if stripped and re.fullmatch(r"[a-z0-9_-]+", stripped) else "default"
 
 
@@ -865,6 +881,10 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, PROXY_PAGE, {"Content-Type": "text/html; charset=utf-8"}
         if mode == "proxy_rate_limited":  # a proxy's rate limit in front of Langfuse
             return 429, PROXY_429_PAGE, {"Content-Type": "text/html"}
+        if mode == "proxy_forbidden":  # a proxy's or firewall's deny rule
+            return 403, nginx_page("403 Forbidden"), {"Content-Type": "text/html"}
+        if mode == "proxy_not_allowed" and self.command == "POST":  # static files, not Langfuse
+            return 405, nginx_page("405 Not Allowed"), {"Content-Type": "text/html"}
         if mode == "redirect":  # an http -> https proxy in front of Langfuse
             location = f"https://{standin.host}:{standin.port}{self.path}"
             return 301, "Moved Permanently", {"Location": location}

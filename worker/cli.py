@@ -216,7 +216,8 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         return busy
 
     def outbox_step() -> bool:
-        busy = drainer.drain_once() > 0
+        # A pass that met a wait (429, suspension) is idle: the hold keeps the next ones empty.
+        busy = drainer.drain_once() > 0 and not drainer.holding
         if metrics:
             metrics.poll_succeeded("langfuse-outbox")
         return busy

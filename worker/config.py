@@ -67,9 +67,10 @@ class WorkerSettings(BaseSettings):
     pfl_langfuse_environment: str | None = Field(
         None,
         description="The Langfuse environment of the feedback scores: set it to the environment "
-        "of the traces. Kept as Langfuse keeps it (lower-cased, a leading 'langfuse' prefix "
-        "dropped, 40 characters); one Langfuse would file under `default` (nothing left, or "
-        "other characters than a-z 0-9 - _) is refused when the mirror starts. Default: "
+        "of the traces. Sent as Langfuse 4 files a name (lower-cased, leading 'langfuse' "
+        "prefixes dropped, 40 characters), a name every Langfuse from 3.31 stores unchanged; "
+        "one Langfuse 4 would file under `default` (nothing left, or other characters than "
+        "a-z 0-9 - _) is refused when the mirror starts. Default: "
         "LANGFUSE_TRACING_ENVIRONMENT, else `default`.",
     )
     pfl_langfuse_batch_size: int = Field(

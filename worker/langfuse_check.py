@@ -9,8 +9,6 @@ keys allowed, as Cloud's `_deprecation` notice; stores nothing).
 from __future__ import annotations
 
 import re
-import socket
-import ssl
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +21,7 @@ from worker.langfuse_response import (
     classify,
     redirect_advice,
 )
-from worker.langfuse_sender import LangfuseSender, transport_error
+from worker.langfuse_sender import LangfuseSender, transport_error, unusable_host
 
 HEALTH_PATH = "/api/public/health"
 MIN_VERSION = (3, 49, 0)
@@ -40,9 +38,11 @@ class LangfuseConfigError(Exception):
     recheck = False
 
 
-class LangfuseKeysRefused(LangfuseConfigError):
-    """Langfuse refused the keys (401, 403 other than a usage suspension, 405): they may work
-    again (a key pair restored, a proxy's access rule fixed), so the check is repeated later."""
+class LangfuseRefused(LangfuseConfigError):
+    """Langfuse refused the keys, or something in front of it refused our requests (401, 403
+    other than a usage suspension, 405; a 401 or 403 to the health route, which Langfuse
+    serves to anyone): the keys may work again (a key pair restored) or a proxy's rule be
+    fixed, so the check is repeated later."""
 
     recheck = True
 
@@ -50,7 +50,8 @@ class LangfuseKeysRefused(LangfuseConfigError):
 class LangfuseHostUnusable(LangfuseConfigError):
     """LANGFUSE_HOST's name does not resolve, or its TLS handshake fails (https:// to a port
     that speaks plain HTTP, a certificate not trusted): a setting to fix, but DNS or the
-    server may also come right (a container not started yet), so the check is repeated later."""
+    server may also come right (a container not started yet), so the check is repeated later.
+    The same failure on a send later is treated alike (`Outcome.off`)."""
 
     recheck = True
 
@@ -76,15 +77,22 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
     host (no Langfuse there, a redirect, no ingestion route: a proxy or a wrong base path), the
     keys or the version cannot work (a usage
-    suspension or rate limit does not: the sends wait), LangfuseKeysRefused (a
-    LangfuseConfigError) when the keys are refused, LangfuseHostUnusable (one too) when the
-    host name does not resolve or TLS fails, LangfuseUnavailable when the server cannot be
-    asked now (refused or reset connections, timeout, 5xx, a 429 on the health route)."""
+    suspension or rate limit does not: the sends wait), LangfuseRefused (a
+    LangfuseConfigError) when the keys, or our requests, are refused, LangfuseHostUnusable (one
+    too) when the host name does not resolve or TLS fails, LangfuseUnavailable when the server
+    cannot be asked now (refused or reset connections, timeout, 5xx, a 429 on the health
+    route)."""
     health = _request(sender, "GET", HEALTH_PATH)
     body = _json(health)
     version = parse_version(body.get("version")) if isinstance(body, dict) else None
     if health.status_code >= 500 or health.status_code == 429:
         raise LangfuseUnavailable(f"{sender.host}{HEALTH_PATH} answered {health.status_code}")
+    if health.status_code in (401, 403):
+        raise LangfuseRefused(
+            f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
+            f"keys, was refused ({health.status_code}) by something in front of it: a proxy "
+            "or firewall"
+        )
     if health.status_code != 200 or version is None:
         raise LangfuseConfigError(
             f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
@@ -107,9 +115,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
         now = datetime.now(UTC)
         verdict = classify(probe.status_code, probe.headers, probe.content, ["-"], now)["-"]
         if verdict.outcome == Outcome.off:
-            raise LangfuseKeysRefused(
-                f"Langfuse at {sender.host} refused the keys: {verdict.error}"
-            )
+            raise LangfuseRefused(f"LANGFUSE_HOST={sender.host}: {verdict.error}")
         if verdict.outcome == Outcome.failed:
             raise LangfuseConfigError(
                 f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
@@ -124,9 +130,9 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
     try:
         answer = sender.http.request(method, sender.host + path, **kwargs)
     except httpx.TransportError as exc:
-        unusable = _unusable_host(exc, sender.host)
+        unusable = unusable_host(exc, sender.host)
         if unusable is not None:
-            raise LangfuseHostUnusable(unusable) from exc
+            raise LangfuseHostUnusable(f"LANGFUSE_HOST={sender.host}: {unusable}") from exc
         error = transport_error(exc, sender.timeout_seconds)
         raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
     if answer.is_redirect:
@@ -136,25 +142,6 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
             f"{redirect_advice(location, path)}"
         )
     return answer
-
-
-def _unusable_host(exc: httpx.TransportError, host: str) -> str | None:
-    """What is wrong with LANGFUSE_HOST when `exc` says its name does not resolve or TLS
-    failed (an ssl.SSLError or socket.gaierror among its causes); None for any other failure."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, socket.gaierror):
-            name = httpx.URL(host).host
-            return f"LANGFUSE_HOST={host}: the host name {name} does not resolve ({cause})"
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"LANGFUSE_HOST={host}: its TLS certificate is not trusted ({cause})"
-        if isinstance(cause, ssl.SSLError):
-            return (
-                f"LANGFUSE_HOST={host}: the TLS handshake failed ({cause}); a port that speaks "
-                "plain HTTP answers so: use http://, or the server's TLS port"
-            )
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def _json(answer: httpx.Response) -> Any:

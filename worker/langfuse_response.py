@@ -4,10 +4,11 @@
 `POST /api/public/ingestion` request (a batch of `score-create` events whose envelope ids are
 `event_ids`) and returns one `Verdict` per event id: `sent`, `retry` (an attempt; again after the
 database's backoff, or the server's `Retry-After` if later), `wait` (the server asked us to come
-back later: not an attempt, never fails a row), `failed` (permanent, with the server's message),
-or, for the request as a whole, `smaller` (413: send the events in smaller requests) or `off`
-(401, 403 other than a suspension, 405: the server refuses every request of ours, e.g. keys
-rotated; the mirror turns off and the rows are left as they were).
+back later: not an attempt, never fails a row, and no request goes to it before the wait ends:
+the database's hold), `failed` (permanent, with the server's message), or, for the request as a
+whole, `smaller` (413: send the events in smaller requests) or `off` (401, 403 other than a
+suspension, 405: the server, or something in front of it, refuses every request of ours, e.g.
+keys rotated; the mirror turns off and the rows are left as they were).
 
 What the endpoint documents, read in Langfuse's server source (`web/src/pages/api/public/
 ingestion.ts` and `packages/shared/src/server/ingestion/processEventBatch.ts`, the same in
@@ -18,11 +19,16 @@ v3.225.4 and v4.16.0):
   answers; any other 2xx, or a 207 without that shape, confirms nothing (retry: resending is
   harmless, the score id makes it an update).
 - 400 `{"message": "Invalid request data", "errors": [...]}` for a body that is not
-  `{"batch": [...]}`; 401 for keys that fail (`{"error": "UnauthorizedError", "message"}`);
-  403 "Ingestion suspended: Usage threshold exceeded..." (Cloud usage threshold) or another 403
-  (a key without access); 405 for another method; 413 above the 4.5 MB body limit; 429 with
-  `Retry-After` (seconds) and `X-RateLimit-*` headers (Cloud only; self-hosted never limits);
-  500 for internal errors.
+  `{"batch": [...]}`; every other refusal of the route is its `BaseError` answered as
+  `{"error": <its name>, "message"}` (`res.status(error.httpCode).json(...)`): 401
+  `UnauthorizedError` for keys that fail (an in-app agent key included); 403 `ForbiddenError`
+  "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan." when the key's
+  scope `isIngestionSuspended` (Cloud's usage threshold), the route's only 403; 405
+  `MethodNotAllowedError` for any method but POST, so never to our POST from Langfuse itself;
+  413 above the 4.5 MB body limit; 429 with `Retry-After` (seconds) and `X-RateLimit-*` headers
+  (Cloud only; self-hosted never limits); 500 for internal errors. A 401, 403 or 405 without
+  that body came from something in front of Langfuse (a proxy, a firewall, another server at
+  LANGFUSE_HOST), and the error says so.
 - 404 or 410 for the whole request: nothing serves the route at LANGFUSE_HOST. Every Langfuse
   from 3.49 serves it for score events, Cloud included after the v3 ingestion sunset of
   2026-11-16 (only its other event types are refused from then, inside the 207: see the
@@ -57,6 +63,14 @@ MAX_RETRY_AFTER_SECONDS = 86_400.0
 """A Retry-After beyond a day is read as a day (the database's limit for one delay)."""
 SUSPENDED_RETRY_SECONDS = 300.0
 """Usage suspension (403) lifts when the plan or the billing period changes: look every 5 min."""
+SUSPENDED = (
+    "ForbiddenError",
+    "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan.",
+)
+"""The usage suspension exactly as Langfuse answers it: `throw new ForbiddenError("Ingestion
+suspended: ...")` in `web/src/pages/api/public/ingestion.ts` when the key's scope
+`isIngestionSuspended`, answered `{"error": error.name, "message": error.message}` with 403 by
+the same handler (v3.225.4, v4.16.0 and main commit 62751446149b). Another 403 is not one."""
 NO_ROUTE_RETRY_SECONDS = 300.0
 """A host that does not serve the ingestion route (404/410) is asked again every 5 minutes."""
 INGESTION_PATH = "/api/public/ingestion"
@@ -77,8 +91,14 @@ class Outcome(StrEnum):
     smaller = "smaller"
     """The request was too large (413): send its events again in smaller requests."""
     off = "off"
-    """The server refuses us, not the scores (401, 403 other than a suspension, 405): the
-    mirror turns off until a start-up check passes again; the rows are left as they were."""
+    """The server, or the way to it, refuses us, not the scores (401, 403 other than a
+    suspension, 405; from the sender: a host name that does not resolve, a TLS handshake that
+    fails): the mirror turns off until a start-up check passes again (repeated every few
+    minutes); the rows are left as they were."""
+    unreachable = "unreachable"
+    """From the sender: no connection could be made (refused, connect timeout, no route), so
+    nothing was sent: the rows are left as they were, and the mirror checks the server again
+    on its next pass, as when it is down at start."""
 
 
 @dataclass(frozen=True)
@@ -128,17 +148,40 @@ def classify(
                 Outcome.wait, _short(f"{error}: {NO_INGESTION}"), NO_ROUTE_RETRY_SECONDS, True
             ),
         )
-    if status == 403 and "suspended" in error.lower():
+    shape = _langfuse_error(parsed)
+    if status == 403 and shape == SUSPENDED:
         return _all(
             event_ids, Verdict(Outcome.wait, _short(error), SUSPENDED_RETRY_SECONDS, stop=True)
         )
     if status >= 500 or status == 408:
         return _all(event_ids, Verdict(Outcome.retry, _short(error), retry_after(lower, now), True))
     if status in (401, 403, 405):
-        # Our keys (or the method, behind a proxy) are refused: every request would be.
-        return _all(event_ids, Verdict(Outcome.off, _short(error), stop=True))
+        # Every request would be refused the same way: the mirror goes off, the rows wait.
+        refused = _short(refusal(status, error, shape))
+        return _all(event_ids, Verdict(Outcome.off, refused, stop=True))
     # Other 4xx: our request is wrong; sending it again will not help.
     return _all(event_ids, Verdict(Outcome.failed, _short(error)))
+
+
+def refusal(status: int, error: str, shape: tuple[str, str] | None) -> str:
+    """What a 401, 403 or 405 to our POST means, followed by `error` (the status and the
+    server's words); `shape` is Langfuse's (error name, message) when the body has that shape.
+    Only Langfuse's own 401 is about the keys; Langfuse never answers 405 to a POST there, and
+    its only other 403 is a usage suspension (see `SUSPENDED`)."""
+    if status == 405:
+        return (
+            f"method not allowed, though Langfuse takes POST {INGESTION_PATH}: LANGFUSE_HOST "
+            f"is not Langfuse's base URL (a wrong host or path), or a proxy in front of it "
+            f"refuses POST ({error})"
+        )
+    if shape is None:
+        return (
+            f"refused by something in front of Langfuse, not Langfuse (no Langfuse error in the "
+            f"body): a proxy or firewall at LANGFUSE_HOST ({error})"
+        )
+    if status == 401:
+        return f"Langfuse refused the keys: {error}"
+    return f"Langfuse refused the request: {error}"
 
 
 def redirect_advice(location: str, path: str) -> str:
@@ -250,6 +293,17 @@ def _ingestion_shape(parsed: Any) -> tuple[set[str], dict[str, tuple[int, str]]]
             item_status = 500
         rejected[item["id"]] = (item_status, _message(item, b"", item_status))
     return accepted - set(rejected), rejected
+
+
+def _langfuse_error(parsed: Any) -> tuple[str, str] | None:
+    """(error name, message) of a body shaped as Langfuse answers a refusal, `{"error":
+    "<Name>Error", "message": "..."}`; None for any other body."""
+    if not isinstance(parsed, dict):
+        return None
+    name, message = parsed.get("error"), parsed.get("message")
+    if isinstance(name, str) and name.endswith("Error") and isinstance(message, str):
+        return name, message
+    return None
 
 
 def _all(event_ids: Sequence[str], verdict: Verdict) -> dict[str, Verdict]:

@@ -19,7 +19,13 @@ score by (project, day of its timestamp, name, id): all votes of one feedback ca
 id, name and first vote's time, so a vote changed days later replaces the one score.
 
 `send` never retries and never raises for a delivery problem: retries happen across polls, with
-the delay the database computes (`record_langfuse_deliveries`).
+the delay the database computes (`record_langfuse_deliveries`, which also holds every worker's
+sends while Langfuse asks to wait). A request that could not even connect (`_post`) spends no
+attempt: a host name that does not resolve or a TLS handshake that fails turns the mirror off
+(`Outcome.off`) and a refused or timed-out connection leaves the rows for the next pass
+(`Outcome.unreachable`), both as at start; a failure once the request was on its way (a
+timeout waiting for the answer, a reset) is a retry, an attempt: the request itself may be why
+(too large for a proxy's limits, a body that crashes the server), and attempts bound that.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from __future__ import annotations
 import errno
 import json
 import math
-import random
 import re
+import socket
+import ssl
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Self
 from uuid import UUID, uuid5
@@ -50,21 +57,20 @@ DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 """What the endpoint's definition tells clients (`fern/apis/server/definition/ingestion.yml`,
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
 to 4.5 MB (its `bodyParser.sizeLimit`), a proxy in front of it may take less."""
-WAIT_BASE_SECONDS = 2.0
-WAIT_MAX_SECONDS = 300.0
-"""A wait the server gave no delay for (a proxy's bare 429): the n-th in a row waits
-min(WAIT_BASE_SECONDS * 2^(n-1), WAIT_MAX_SECONDS) seconds, times 0.5 to 1 (equal jitter, as
-the database's retry backoff); not an attempt."""
 _SPAN = 10**19 - 1  # envelope ids count down from here
 
 
 def langfuse_environment(name: str) -> str:
-    """The environment Langfuse files `name` under, by its own rule (`PublicEnvironmentName`
-    in `packages/shared/src/server/ingestion/types.ts`, v3.225.4 and main): lower-cased,
-    leading `langfuse`, `langfuse-` or `langfuse_` prefixes removed, the first 40 characters
-    kept. So `Staging` is `staging`, where Langfuse puts traces sent as `Staging`. Raises
-    ValueError when what is left is empty or not only a-z 0-9 - _ (Langfuse would file it
-    under `default`)."""
+    """The environment name the worker sends for `name`: lower-cased, leading `langfuse`,
+    `langfuse-` or `langfuse_` prefixes removed, the first 40 characters kept, which is how
+    Langfuse 4 files a name (`PublicEnvironmentName` in
+    `packages/shared/src/server/ingestion/types.ts`, v4.0.0 to v4.16.0 and main). Older servers
+    differ for the names this changes: 3.161 to 3.225 remove one prefix only; 3.122 to 3.160
+    lower-case but refuse a name starting with `langfuse`; 3.31 to 3.121 refuse any name not
+    already lower-case a-z 0-9 - _ (their `EnvironmentName`), so there `Staging` cannot be a
+    trace's environment at all. The result is such a name, which every server from 3.31 stores
+    unchanged: the scores land in `staging` everywhere. Raises ValueError when what is left is
+    empty or not only a-z 0-9 - _ (Langfuse 4 would file it under `default`)."""
     kept = re.sub(r"^(?:langfuse[-_]?)+", "", name.lower())[:40]
     if not re.fullmatch(r"[a-z0-9_-]+", kept):
         raise ValueError(
@@ -143,7 +149,7 @@ class LangfuseSender:
     request bounded by `timeout_seconds`. `version` is the server's once
     `worker.langfuse_check.check` passed. Close it (or use `with`) to release its connections.
 
-    `environment` is kept the way Langfuse keeps it (`langfuse_environment`). Raises
+    `environment` is sent as `langfuse_environment` makes it. Raises
     ValueError for a host that is not an http(s) URL with a host name, an empty key, an
     environment Langfuse would file under `default`, a timeout that is not a positive number
     of seconds, a batch_size below 1 or a max_request_bytes below 1024.
@@ -172,7 +178,6 @@ class LangfuseSender:
         self.timeout_seconds = float(timeout_seconds)
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
         self.version: tuple[int, int, int] | None = None
-        self._bare_waits = 0  # answers in a row that asked us to wait without saying how long
         self.http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
@@ -195,7 +200,7 @@ class LangfuseSender:
         one score id: only the last is sent (pass them oldest first), the others share its
         outcome. After an answer that would repeat for every request (`Verdict.stop`: down, 5xx,
         429, bad keys...), the rest is not attempted and gets the same outcome. A wait without
-        a server-given delay backs off across calls (WAIT_BASE_SECONDS). Raises ValueError for
+        a server-given delay keeps none: the database's hold backs off. Raises ValueError for
         duplicate event ids."""
         if len({item.event_id for item in items}) != len(items):
             raise ValueError("duplicate event_id in one send")
@@ -212,7 +217,7 @@ class LangfuseSender:
                     Verdict(stopped.outcome, error, stopped.retry_after_seconds),
                 )
             else:
-                verdicts = self._paced(self._post(chunk))
+                verdicts = self._post(chunk)
                 if len(chunk) > 1 and any(v.outcome == Outcome.smaller for v in verdicts.values()):
                     pending.extendleft([chunk[len(chunk) // 2 :], chunk[: len(chunk) // 2]])
                     continue
@@ -268,25 +273,6 @@ class LangfuseSender:
             size += item_size
         return [chunk for chunk in chunks if chunk]
 
-    def _paced(self, verdicts: dict[str, Verdict]) -> dict[str, Verdict]:
-        """`verdicts` with a delay for waits the server gave none for (a proxy's 429 without
-        Retry-After): the n-th such answer in a row waits about WAIT_BASE_SECONDS * 2^(n-1)
-        (see WAIT_MAX_SECONDS); any other answer starts the count again."""
-        if not any(
-            v.outcome == Outcome.wait and v.retry_after_seconds is None for v in verdicts.values()
-        ):
-            self._bare_waits = 0
-            return verdicts
-        self._bare_waits += 1
-        backoff = min(WAIT_BASE_SECONDS * 2 ** min(self._bare_waits - 1, 30), WAIT_MAX_SECONDS)
-        delay = backoff * (0.5 + random.random() / 2)
-        return {
-            event_id: replace(v, retry_after_seconds=delay)
-            if v.outcome == Outcome.wait and v.retry_after_seconds is None
-            else v
-            for event_id, v in verdicts.items()
-        }
-
     def _post(self, chunk: Chunk) -> dict[str, Verdict]:
         ids = [item.envelope_id for item, _ in chunk]
         body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
@@ -297,9 +283,20 @@ class LangfuseSender:
                 headers={"content-type": "application/json"},
             )
         except httpx.TransportError as exc:
-            error = transport_error(exc, self.timeout_seconds)
-            return dict.fromkeys(ids, Verdict(Outcome.retry, error, stop=True))
+            return dict.fromkeys(ids, self._unanswered(exc))
         return classify(answer.status_code, answer.headers, answer.content, ids, datetime.now(UTC))
+
+
+    def _unanswered(self, exc: httpx.TransportError) -> Verdict:
+        """A request without an answer (see the module docstring): off, unreachable or retry."""
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):  # nothing was sent
+            unusable = unusable_host(exc, self.host)
+            if unusable is not None:
+                return Verdict(Outcome.off, unusable, stop=True)
+            outcome = Outcome.unreachable
+        else:
+            outcome = Outcome.retry
+        return Verdict(outcome, transport_error(exc, self.timeout_seconds), stop=True)
 
 
 def check_host(host: str) -> str:
@@ -342,3 +339,21 @@ def transport_error(exc: httpx.TransportError, timeout: float | None = None) -> 
         cause = cause.__cause__ or cause.__context__
     text = " ".join((str(exc) or type(exc).__name__).split())[:200]
     return "connection refused" if "Connection refused" in text else f"network error: {text}"
+
+
+def unusable_host(exc: httpx.TransportError, host: str) -> str | None:
+    """What is wrong with LANGFUSE_HOST when `exc` says its name does not resolve or TLS
+    failed (an ssl.SSLError or socket.gaierror among its causes); None for any other failure."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"the host name {httpx.URL(host).host} does not resolve ({cause})"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted ({cause})"
+        if isinstance(cause, ssl.SSLError):
+            return (
+                f"the TLS handshake failed ({cause}); a port that speaks plain HTTP answers so: "
+                "use http://, or the server's TLS port"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -3,8 +3,8 @@
 Served only when PFL_METRICS_PORT is set, on PFL_METRICS_HOST (127.0.0.1 by default). Imported
 by `serve` alone, so `pfl run-once` never loads prometheus_client.
 
-Metrics (every one of this process, except the outbox's two, which are the database's and read
-the same from every worker):
+Metrics (every one of this process, except the outbox's three, which are the database's and
+read the same from every worker):
 
 - pfl_learning_runs_total{outcome}, counter: attempts at runs by how they ended: completed,
   failed (for good), retried (the attempt failed, the run waits for another), lease_lost;
@@ -18,6 +18,9 @@ the same from every worker):
   scrape time;
 - pfl_outbox_oldest_pending_age_seconds, gauge: the oldest one's age (0 when none waits), read
   at scrape time;
+- pfl_outbox_hold_seconds, gauge: seconds until the mirror's hold ends (Langfuse asked to
+  wait: a rate limit, a usage suspension, no ingestion route; no worker sends it anything
+  before then), 0 when none holds, read at scrape time;
 - process_*: the process's CPU seconds, memory and open files (prometheus_client's own).
 
 Health: /healthz answers 200 while the last successful poll for runs ended at most
@@ -48,7 +51,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from worker.runner import OUTCOMES, Outcome
-from worker.store import Run, Store, StoreError
+from worker.store import OutboxBacklog, Run, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +61,16 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 
 
 class OutboxCollector(Collector):
-    """The outbox's backlog, asked of the database at each scrape (one indexed read whose cost
-    follows the backlog). When the call fails the two gauges are left out of that scrape."""
+    """The outbox's backlog and the mirror's hold, asked of the database at each scrape (one
+    indexed read whose cost follows the backlog). When the call fails the three gauges are left
+    out of that scrape."""
 
-    def __init__(self, backlog: Callable[[], tuple[int, float | None]]) -> None:
+    def __init__(self, backlog: Callable[[], OutboxBacklog]) -> None:
         self._backlog = backlog
 
     def collect(self) -> Iterable[Metric]:
         try:
-            rows, oldest = self._backlog()
+            backlog = self._backlog()
         except (StoreError, TypeError) as exc:
             logger.warning("could not read the outbox backlog", extra={"error": str(exc)})
             return []
@@ -74,12 +78,18 @@ class OutboxCollector(Collector):
             GaugeMetricFamily(
                 "pfl_outbox_backlog",
                 "Feedback votes waiting for Langfuse (pending or retrying), in the database.",
-                value=rows,
+                value=backlog.rows,
             ),
             GaugeMetricFamily(
                 "pfl_outbox_oldest_pending_age_seconds",
                 "Age of the oldest vote waiting for Langfuse, in seconds; 0 when none waits.",
-                value=oldest or 0.0,
+                value=backlog.oldest_seconds or 0.0,
+            ),
+            GaugeMetricFamily(
+                "pfl_outbox_hold_seconds",
+                "Seconds until Langfuse may be sent to again (it asked to wait); 0 when none "
+                "holds.",
+                value=backlog.hold_seconds,
             ),
         ]
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 
 from worker.langfuse_check import LangfuseConfigError, LangfuseUnavailable, check, generation
-from worker.langfuse_response import Outcome
+from worker.langfuse_response import INGESTION_PATH, Outcome
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
-from worker.store import DeliveryRecord, OutboxRow, Store
+from worker.store import DeliveryRecord, OutboxBacklog, OutboxRow, Store
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
 DEFAULT_VISIBILITY_SECONDS = 120
 RECHECK_SECONDS = 300.0
-"""Keys Langfuse refused (at start or later), or a host name that did not resolve or whose TLS
-failed at the check, are checked again this often."""
+"""Keys refused (at start or later), or a host name that did not resolve or whose TLS failed
+(at the check or on a send), are checked again this often."""
+UNSENT = (Outcome.off, Outcome.unreachable)
+"""Outcomes of rows that are left as they were (not recorded): the mirror, not the row, failed."""
 
 
 def score_item(row: OutboxRow) -> ScoreItem:
@@ -56,13 +59,18 @@ class OutboxDrainer:
     One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
-    first send the drainer checks the server (`ready`). Keys refused, at that check or by a
-    send later (a key pair rotated mid-run), turn the mirror off the same way (as does a host
-    name that does not resolve, or a failed TLS handshake, at the check): one error line,
-    the batch's rows left as they were (no attempt spent; due again once `visibility_seconds`
-    have passed), and the check repeated every `recheck_seconds`. A score fails for good after
-    `max_attempts` deliveries; claimed rows stay hidden from other workers for
-    `visibility_seconds`. The store's errors propagate.
+    first send the drainer checks the server (`ready`). Keys or requests refused, a host name
+    that does not resolve or a TLS handshake that fails, at that check or by a send later (a
+    key pair rotated, DNS gone mid-run), turn the mirror off the same way: one error line, the
+    batch's rows left as they were (no attempt spent; due again once `visibility_seconds` have
+    passed), and the check repeated every `recheck_seconds`. A send that cannot connect
+    (refused, connect timeout) leaves its rows so too, and the check runs again next pass, as
+    when Langfuse is down at start (one warning line per outage). When Langfuse asks to wait
+    (429, usage suspension, no route), the database holds every worker's claims until the wait
+    is over (`record_langfuse_deliveries`): a held pass claims nothing and sends nothing, and one
+    line says so when the hold starts. A score fails for good after `max_attempts` deliveries;
+    claimed rows stay hidden from other workers for `visibility_seconds`. The store's errors
+    propagate.
     """
 
     def __init__(
@@ -86,28 +94,42 @@ class OutboxDrainer:
         self.config_error = config_error
         self.recheck_seconds = recheck_seconds
         self._recheck_at: float | None = None  # time.monotonic() to check refused keys again
-        self._reported = False
+        self._reported = False  # the config_error was logged
+        self._unreachable = False  # "not reachable" was logged, and no check has passed since
+        self._holding = False  # the last answer recorded was a wait
+
+    @property
+    def holding(self) -> bool:
+        """Whether the last answer this drainer recorded asked it to wait (a hold is in force,
+        or its end has come and the next pass probes)."""
+        return self._holding
 
     def ready(self) -> bool:
-        """Whether a pass may claim rows. The sender's server is checked until a check passes:
-        a host, key pair or version that cannot work becomes the `config_error` (logged once,
-        as an error; False from then on, but refused keys, an unresolved host name and a failed
-        TLS handshake are checked again every `recheck_seconds`); a server that cannot be
-        asked now (down, hanging, 5xx) makes this pass a no-op, rows untouched (False), and is
-        checked again next pass."""
+        """Whether a pass may claim rows. The sender's server is checked until a check passes,
+        unless the mirror's hold is in force (False, nothing sent): a host, key pair or version
+        that cannot work becomes the `config_error` (logged once, as an error; False from then
+        on, but refused keys or requests, an unresolved host name and a failed TLS handshake are
+        checked again every `recheck_seconds`); a server that cannot be asked now (down,
+        hanging, 5xx) makes this pass a no-op, rows untouched (False), and is checked again next
+        pass."""
         sender = self.sender
         if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
             self.config_error, self._recheck_at = None, None
         if self.config_error is None and sender is not None and sender.version is None:
+            backlog = self.store.outbox_backlog()
+            if backlog.hold_seconds > 0:  # not even the check goes out before it ends
+                if not self._holding:
+                    self._say_hold(backlog)
+                return False
             try:
                 version = check(sender)
             except LangfuseConfigError as exc:
                 self._turn_off(str(exc), recheck=exc.recheck)
             except LangfuseUnavailable as exc:
-                logger.warning("Langfuse not reachable; outbox rows wait", extra={"why": str(exc)})
+                self._say_unreachable(str(exc))
                 return False
             else:
-                self._reported = False
+                self._reported = self._unreachable = False
                 logger.info(
                     "Langfuse mirror ready",
                     extra={
@@ -136,6 +158,30 @@ class OutboxDrainer:
             "Langfuse mirror off: %s; feedback stays pending, %s", self.config_error, until
         )
 
+    def _say_unreachable(self, why: str) -> None:
+        """Logs that Langfuse cannot be reached (`why`), once until a check passes again."""
+        if not self._unreachable:
+            self._unreachable = True
+            logger.warning(
+                "Langfuse not reachable (%s); outbox rows wait, no attempt spent, checked again "
+                "each pass",
+                why,
+            )
+
+    def _say_hold(self, backlog: OutboxBacklog) -> None:
+        """Logs the mirror's hold: a warning when one starts, then a line at info level for
+        each hold in a row (each probe that met another wait)."""
+        until = datetime.now(UTC) + timedelta(seconds=backlog.hold_seconds)
+        log = logger.info if self._holding else logger.warning
+        self._holding = True
+        log(
+            "Langfuse asked to wait (%s): no request to it before %s (%.0f s), from any worker; "
+            "outbox rows wait, no attempt spent",
+            backlog.hold_reason or "a hold set by another worker",
+            until.isoformat(timespec="seconds"),
+            backlog.hold_seconds,
+        )
+
     def _turn_off(self, error: str, *, recheck: bool) -> None:
         """The mirror is off for `error`; with `recheck`, the start-up check is repeated after
         `recheck_seconds`."""
@@ -146,8 +192,8 @@ class OutboxDrainer:
 
     def drain_once(self) -> int:
         """Handles one batch of due rows; returns how many rows it recorded (0, rows untouched,
-        when the configuration cannot work, the server cannot be checked or the keys were
-        refused)."""
+        when the configuration cannot work, the server cannot be checked or reached, the keys
+        were refused, or Langfuse's wait holds the outbox)."""
         if not self.ready():
             return 0
         if self.sender is None:
@@ -160,24 +206,32 @@ class OutboxDrainer:
             return 0
         sender = self.sender
         deliveries = sender.send([score_item(r) for r in rows])
-        refused = next((d for d in deliveries if d.outcome == Outcome.off), None)
-        deliveries = [d for d in deliveries if d.outcome != Outcome.off]
+        unsent = next((d for d in deliveries if d.outcome in UNSENT), None)
+        deliveries = [d for d in deliveries if d.outcome not in UNSENT]
         if deliveries:
             self.store.record_deliveries([_as_record(d) for d in deliveries], self.max_attempts)
-        if refused is not None:
-            # Keys rotated mid-run: as at start, the mirror goes off and its rows stay as they
-            # were (pending, no attempt spent), not failed one batch after another.
-            error = f"Langfuse at {sender.host} refused the keys: {refused.error}"
-            self._turn_off(error, recheck=True)
+        # Keys rotated or DNS gone mid-run (off), or Langfuse down (unreachable): as at start,
+        # its rows stay as they were (no attempt spent), not failed one batch after another.
+        if unsent is not None and unsent.outcome == Outcome.off:
+            self._turn_off(f"LANGFUSE_HOST={sender.host}: {unsent.error}", recheck=True)
             self._say_off()
+        elif unsent is not None:
+            sender.version = None  # checked again next pass
+            self._say_unreachable(f"{sender.host}{INGESTION_PATH}: {unsent.error}")
         if not deliveries:
             return 0
         counts: dict[str, int] = {}
         for d in deliveries:
             counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
-        errors = sorted({d.error for d in deliveries if d.error})
-        log = logger.warning if errors else logger.info
-        log("outbox batch delivered", extra={**counts, "errors": errors[:3]})
+        if Outcome.wait in counts:
+            self._say_hold(self.store.outbox_backlog())  # the hold the database set
+        elif self._holding:
+            self._holding = False
+            logger.info("Langfuse takes scores again after its wait")
+        if set(counts) != {Outcome.wait}:
+            errors = sorted({d.error for d in deliveries if d.error})
+            log = logger.warning if errors else logger.info
+            log("outbox batch delivered", extra={**counts, "errors": errors[:3]})
         return len(deliveries)
 
     def drain(self) -> int:

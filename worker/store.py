@@ -16,7 +16,7 @@ from uuid import UUID
 import httpx
 from postgrest.exceptions import APIError
 from postgrest.types import JSON
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from supabase import Client, ClientOptions, create_client
 from tenacity import (
     Retrying,
@@ -66,7 +66,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261217000100"
+REQUIRED_SCHEMA_VERSION = "20261217000200"
 
 
 class ConfigurationError(Exception):
@@ -151,6 +151,20 @@ class OutboxRow(_Frozen):
     metadata: dict[str, Any] = {}
     attempts: int
     score_timestamp: datetime
+
+
+class OutboxBacklog(_Frozen):
+    """`langfuse_outbox_backlog()`: the feedback votes waiting for Langfuse (pending or
+    retrying), the age in seconds of the oldest (None when none waits), the seconds until the
+    mirror's hold ends (0 when none holds: no request to Langfuse before then, from any worker)
+    and the answer that set it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    rows: int = Field(ge=0)
+    oldest_seconds: float | None = None
+    hold_seconds: float = Field(0.0, ge=0)
+    hold_reason: str | None = None
 
 
 class RunBatch(_Frozen):
@@ -643,17 +657,16 @@ class Store:
         """Marks up to `limit` due rows skipped (Langfuse not configured); returns how many."""
         return _count(self._rpc("skip_langfuse_outbox", {"p_limit": limit}))
 
-    def outbox_backlog(self) -> tuple[int, float | None]:
-        """The feedback votes waiting for Langfuse (pending or retrying) and the age in seconds
-        of the oldest of them (None when none waits). Raises TypeError for an answer of
-        another shape."""
+    def outbox_backlog(self) -> OutboxBacklog:
+        """The outbox's backlog and the mirror's hold (`OutboxBacklog`). Raises TypeError for
+        an answer of another shape."""
         doc = self._rpc("langfuse_outbox_backlog", {})
         if not isinstance(doc, dict):
             raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
-        oldest = doc.get("oldest_seconds")
-        if oldest is not None and not isinstance(oldest, int | float):
-            raise TypeError(f"expected a number of seconds, got {oldest!r:.50}")
-        return _count(doc.get("rows")), None if oldest is None else float(oldest)
+        try:
+            return OutboxBacklog.model_validate(doc)
+        except ValidationError as exc:
+            raise TypeError(f"unexpected outbox backlog {doc!r:.200}: {exc}") from exc
 
     def requeue_outbox(self, status: str, chunk: int = 10_000) -> int:
         """Puts rows of `status` ("skipped" or "failed") back to pending, `chunk` (1-10,000) per

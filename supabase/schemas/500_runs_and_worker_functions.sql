@@ -2000,7 +2000,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261217000100'::text;
+  select '20261217000200'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -22,8 +22,35 @@ revoke all on public.persona_langfuse_outbox from anon, authenticated;
 -- persona_training_events with the caller's rights).
 grant select, insert, update, delete on public.persona_langfuse_outbox to service_role;
 
+-- Section: the mirror's hold. When Langfuse (or a proxy in front of it) asks the mirror to wait
+-- (a 429, a usage suspension, no ingestion route), no worker may send it anything before the
+-- hold ends: record_langfuse_deliveries sets it, claim_langfuse_outbox honours it, for every
+-- worker draining this outbox. One row.
+create table private.langfuse_hold (
+  singleton boolean primary key default true constraint one_row check (singleton),
+  hold_until timestamptz,
+  reason text,
+  bare_waits integer not null default 0 constraint bare_waits_not_negative check (bare_waits >= 0),
+  probe_until timestamptz
+);
+
+comment on table private.langfuse_hold is
+  'The Langfuse mirror''s hold (one row). hold_until: no outbox row is claimed for Langfuse '
+  'before it (null: no hold); once it has passed, one claim at a time is the probe (probe_until: '
+  'until when another claim waits for that probe''s answer), and the probe''s recorded answer '
+  'ends the hold or sets the next one. reason: the answer that set it. bare_waits: answers in a '
+  'row that asked to wait without saying how long (a proxy''s bare 429), which double the next '
+  'hold. Set it back with: update private.langfuse_hold set hold_until = null, reason = null, '
+  'bare_waits = 0, probe_until = null;';
+
+insert into private.langfuse_hold default values;
+
+grant select, update on private.langfuse_hold to service_role;
+
 -- Claims up to p_limit due feedback rows for delivery. They stay invisible to other workers for
--- p_visibility_seconds; a worker that dies leaves them due again after that.
+-- p_visibility_seconds; a worker that dies leaves them due again after that. Nothing is claimed
+-- while the mirror's hold lasts; once it has passed, one claim at a time (for
+-- p_visibility_seconds) is the probe whose recorded answer ends the hold or sets the next one.
 create function public.claim_langfuse_outbox(p_limit integer default 100,
                                              p_visibility_seconds integer default 60)
 returns table (
@@ -35,12 +62,29 @@ returns table (
 language plpgsql
 set search_path = ''
 as $$
+declare
+  v_hold_until timestamptz;
 begin
   if p_limit is null or p_limit not between 1 and 1000 then
     raise exception using errcode = '22023', message = 'p_limit must be 1 to 1000';
   end if;
   if p_visibility_seconds is null or p_visibility_seconds not between 1 and 3600 then
     raise exception using errcode = '22023', message = 'p_visibility_seconds must be 1 to 3600';
+  end if;
+  select h.hold_until into v_hold_until from private.langfuse_hold h;
+  if v_hold_until is not null then
+    if v_hold_until > now() then
+      return;  -- Langfuse asked to wait: no request before the hold ends
+    end if;
+    -- The hold has passed: this claim is the probe, unless another one is in flight (the row
+    -- lock makes a concurrent claim wait, then find probe_until set).
+    update private.langfuse_hold h
+    set probe_until = now() + make_interval(secs => p_visibility_seconds)
+    where h.hold_until is not null and h.hold_until <= now()
+      and (h.probe_until is null or h.probe_until <= now());
+    if not found then
+      return;
+    end if;
   end if;
   return query
   with due as (
@@ -75,16 +119,23 @@ comment on function public.claim_langfuse_outbox(integer, integer) is
   'now), oldest due first, as (event_id, twin_id, trace_id, created_by, score, reason, '
   'intent_label, module_key, comment, metadata, attempts, score_timestamp = the first vote''s '
   'created_at, so every vote of one feedback updates one Langfuse score); their next attempt '
-  'moves to now() + p_visibility_seconds, so a worker that dies leaves them due again. Raises '
-  '22023 for a p_limit or p_visibility_seconds out of range.';
+  'moves to now() + p_visibility_seconds, so a worker that dies leaves them due again. None '
+  'while private.langfuse_hold holds (Langfuse asked to wait); after the hold, one claim at a '
+  'time, for p_visibility_seconds, is the probe, and the others get none. Raises 22023 for a '
+  'p_limit or p_visibility_seconds out of range.';
 
 -- Records what happened to claimed rows: p_deliveries is a JSON array of
 -- {"event_id": n, "outcome": "sent" | "retry" | "wait" | "failed", "error": text|null,
 -- "retry_after_seconds": n|null}. A retry waits base * 2^attempts seconds (at most
 -- p_max_delay_seconds) with jitter, or the server's Retry-After if longer; after p_max_attempts
--- deliveries it fails. A wait (429, usage suspension) waits the same but is not an attempt. A superseded vote keeps that status; if the newer vote was
--- already sent, it is sent again so that Langfuse ends with the newer value; if it waits for
--- this delivery, it is released.
+-- deliveries it fails. A wait (Langfuse asked the mirror to wait: 429, usage suspension, no
+-- ingestion route) is not an attempt: it sets the mirror's hold (private.langfuse_hold), for the
+-- longest retry_after_seconds of the batch's waits, or, for a wait without one (a proxy's bare
+-- 429), base * 2^n seconds (at most 300) with jitter, n the bare waits in a row before it; no
+-- claim before the hold ends, and the waiting rows are due then. A batch recorded without a wait
+-- ends a hold that has passed (the probe was answered) and the count of bare waits. A superseded
+-- vote keeps that status; if the newer vote was already sent, it is sent again so that Langfuse
+-- ends with the newer value; if it waits for this delivery, it is released.
 create function public.record_langfuse_deliveries(
   p_deliveries jsonb,
   p_max_attempts integer default 8,
@@ -97,6 +148,11 @@ set search_path = ''
 as $$
 declare
   v_count integer;
+  v_waits integer;
+  v_given double precision;
+  v_bare boolean;
+  v_reason text;
+  v_hold_until timestamptz;
 begin
   if jsonb_typeof(p_deliveries) is distinct from 'array' then
     raise exception using errcode = '22023', message = 'p_deliveries must be a JSON array';
@@ -118,13 +174,42 @@ begin
       message = 'p_max_attempts, p_base_delay_seconds and p_max_delay_seconds must be positive';
   end if;
 
+  -- The mirror's hold: waits set it (all of one request's rows carry the same answer), a batch
+  -- without one ends a hold that has passed. The bare-wait backoff: equal jitter, as the rows'.
+  select count(*), max(d.retry_after_seconds), coalesce(bool_or(d.retry_after_seconds is null), false),
+         min(d.error)
+    into v_waits, v_given, v_bare, v_reason
+  from jsonb_to_recordset(p_deliveries)
+    as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+  where d.outcome = 'wait';
+  if v_waits > 0 then
+    update private.langfuse_hold h
+    set hold_until = greatest(h.hold_until, now() + make_interval(secs => greatest(
+          coalesce(v_given, 0),
+          case when v_bare
+            then least(p_base_delay_seconds * power(2, least(h.bare_waits, 30)), 300)
+                 * (0.5 + random() / 2)
+            else 0
+          end))),
+        reason = left(v_reason, 2000),
+        bare_waits = h.bare_waits + case when v_bare then 1 else 0 end,
+        probe_until = null
+    where h.singleton  -- the one row (hosted Supabase refuses an update without a where)
+    returning h.hold_until into v_hold_until;
+  elsif jsonb_array_length(p_deliveries) > 0 then
+    update private.langfuse_hold h
+    set hold_until = null, reason = null, bare_waits = 0, probe_until = null
+    where (h.hold_until is not null or h.bare_waits > 0)
+      and (h.hold_until is null or h.hold_until <= now());
+  end if;
+
   with d as (
     select * from jsonb_to_recordset(p_deliveries)
       as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
   ),
   updated as (
     update public.persona_training_events e
-    -- a wait (the server asked us to come back later: 429, usage suspension) is not an attempt
+    -- a wait (the server asked us to come back later) is not an attempt
     set langfuse_attempts = e.langfuse_attempts + case when d.outcome = 'wait' then 0 else 1 end,
         langfuse_status = case
           when e.langfuse_status = 'superseded' then 'superseded'
@@ -141,7 +226,8 @@ begin
           else left(d.error, 2000)
         end,
         langfuse_next_attempt_at = case
-          when d.outcome in ('retry', 'wait') then now() + make_interval(secs => greatest(
+          when d.outcome = 'wait' then coalesce(v_hold_until, now())
+          when d.outcome = 'retry' then now() + make_interval(secs => greatest(
             coalesce(d.retry_after_seconds, 0),
             least(p_base_delay_seconds * power(2, e.langfuse_attempts), p_max_delay_seconds)
             * (0.5 + random() / 2)))
@@ -182,11 +268,16 @@ comment on function public.record_langfuse_deliveries(jsonb, integer, double pre
   'failed, or a retry on the last attempt: failed with the error (up to 2000 chars); retry: an '
   'attempt, due again after max(retry_after_seconds, min(base * 2^attempts, max) * (0.5 + '
   'random()/2)) seconds, exponential backoff with "equal jitter" (AWS Architecture Blog, '
-  'Exponential Backoff and Jitter, 2015); wait (Langfuse rate limit or usage suspension): the '
-  'same delay, but not an attempt, so it never fails a row. A superseded vote stays superseded; '
-  'the newer vote that waited for it is released, and sent again if it went out first. Raises '
-  '22023 when p_deliveries is not an array, an item lacks event_id or a known outcome or has a '
-  'retry_after_seconds out of range, or a limit is not positive.';
+  'Exponential Backoff and Jitter, 2015); wait (Langfuse asked to wait: rate limit, usage '
+  'suspension, no ingestion route): not an attempt, so it never fails a row; it sets the '
+  'mirror''s hold (private.langfuse_hold, no claim before it ends) to now() + the longest '
+  'retry_after_seconds of the waits, or, with a wait that has none, at least min(base * 2^n, '
+  '300) * (0.5 + random()/2) seconds, n the bare waits in a row before it (then n + 1), and the '
+  'waiting rows are due at its end. A batch without a wait ends a hold that has passed and sets '
+  'n to 0. A superseded vote stays superseded; the newer vote that waited for it is released, '
+  'and sent again if it went out first. Raises 22023 when p_deliveries is not an array, an item '
+  'lacks event_id or a known outcome or has a retry_after_seconds out of range, or a limit is '
+  'not positive.';
 
 -- Langfuse is not configured: due rows are kept locally and marked skipped.
 create function public.skip_langfuse_outbox(p_limit integer default 1000)
@@ -284,16 +375,23 @@ as $$
   select jsonb_build_object(
     'rows', count(*),
     'oldest_seconds',
-      date_part('epoch', statement_timestamp() - min(e.created_at))
+      date_part('epoch', statement_timestamp() - min(e.created_at)),
+    'hold_seconds', coalesce((
+      select greatest(date_part('epoch', h.hold_until - statement_timestamp()), 0)
+      from private.langfuse_hold h), 0),
+    'hold_reason', (
+      select h.reason from private.langfuse_hold h where h.hold_until > statement_timestamp())
   )
   from public.persona_training_events e
   where e.langfuse_status in ('pending', 'retrying');
 $$;
 
 comment on function public.langfuse_outbox_backlog() is
-  'Worker (metrics). In: nothing. Out: jsonb {rows: the feedback votes waiting for Langfuse '
-  '(status pending or retrying; bigint), oldest_seconds: the age in seconds (float8) of the '
-  'oldest of them, from its created_at to now, null when none waits}. Raises nothing.';
+  'Worker (metrics, and the outbox drain after a wait). In: nothing. Out: jsonb {rows: the '
+  'feedback votes waiting for Langfuse (status pending or retrying; bigint), oldest_seconds: the '
+  'age in seconds (float8) of the oldest of them, from its created_at to now, null when none '
+  'waits, hold_seconds: the seconds (float8) until the mirror''s hold ends, 0 when none holds, '
+  'hold_reason: the answer that set a hold in force (text), else null}. Raises nothing.';
 
 grant execute on function public.langfuse_outbox_backlog() to service_role;
 revoke execute on function public.langfuse_outbox_backlog() from public;

@@ -6,7 +6,7 @@
 -- Names another change may rename are in the last block, "Names that may change", and nowhere
 -- else in this file.
 begin;
-select plan(56);
+select plan(58);
 
 
 -- Tables, views and row-level security
@@ -324,6 +324,21 @@ select ok(
   has_table_privilege('service_role', 'private.learning_run_summaries',
                       'select, insert, update, delete'),
   'the worker (service role) writes its batch summaries'
+);
+
+
+-- The Langfuse mirror's hold (one row): the worker's functions read and set it, nobody else.
+
+select is_empty(
+  $$ select r.role from unnest(array['anon', 'authenticated']) r(role)
+     where has_table_privilege(r.role, 'private.langfuse_hold', 'select, insert, update, delete') $$,
+  'no API role but the service role sees or changes the Langfuse mirror''s hold'
+);
+select ok(
+  has_table_privilege('service_role', 'private.langfuse_hold', 'select, update')
+  and not has_table_privilege('service_role', 'private.langfuse_hold', 'insert')
+  and not has_table_privilege('service_role', 'private.langfuse_hold', 'delete'),
+  'the worker reads and sets the hold, and never adds or removes its one row'
 );
 
 select * from finish();

@@ -8,15 +8,19 @@ drain here may also carry other tests' due rows, which no assertion depends on. 
 (down, 5xx, hang, 401) are driven through `drain_ours`, a pass that claims exactly the test's own
 rows, so they never mark other tests' rows retrying or failed. Waiting for a retry (or a claim
 window) to become due is never a sleep: `make_due` moves `langfuse_next_attempt_at` back, which
-stands for the passage of time.
+stands for the passage of time, as `end_hold` does for the mirror's hold (private.langfuse_hold,
+which holds every drain of the database while Langfuse asks to wait; `no_hold` clears it around
+each test, so that one test's hold never stops another's drains).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -31,8 +35,8 @@ import pytest
 from postgrest.types import CountMethod
 from supabase import Client
 
-from testkit.env import PFL, rows
-from testkit.standin import GENERATIONS, LangfuseStandin
+from testkit.env import PFL, rows, worker_env
+from testkit.standin import GENERATIONS, INGESTION_PATH, Generation, LangfuseStandin, Mode
 from tests.conftest import Stack, User, wait_for
 from worker.config import WorkerSettings
 from worker.langfuse_check import LangfuseConfigError, check
@@ -106,7 +110,53 @@ def make_sender(standin: LangfuseStandin) -> Iterator[SenderFactory]:
         sender.close()
 
 
+CLEAR_HOLD = (
+    "update private.langfuse_hold"
+    " set hold_until = null, reason = null, bare_waits = 0, probe_until = null"
+)
+
+
+@pytest.fixture(autouse=True)
+def no_hold(db: psycopg.Connection) -> Iterator[None]:
+    """No hold before or after a test: a wait left by one test would hold every other's drain."""
+    db.execute(CLEAR_HOLD)
+    yield
+    db.execute(CLEAR_HOLD)
+
+
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def hold(db: psycopg.Connection) -> tuple[float | None, str | None, int]:
+    """The mirror's hold: (seconds until it ends, None when there is none; the answer that set
+    it; the bare waits in a row)."""
+    row = db.execute(
+        "select extract(epoch from hold_until - now())::float8, reason, bare_waits"
+        " from private.langfuse_hold"
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def record(
+    service: Client, event_ids: list[int], outcome: str, delay: float | None = None
+) -> None:
+    """What a worker records after a request: `outcome` for these rows, through the RPC (a
+    wait: the server's answer was a 429, with `delay` as its Retry-After, if any)."""
+    deliveries = [
+        {"event_id": i, "outcome": outcome, "error": "HTTP 429: Rate limit exceeded",
+         "retry_after_seconds": delay}
+        for i in event_ids
+    ]
+    service.rpc("record_langfuse_deliveries", {"p_deliveries": deliveries}).execute()
+
+
+def end_hold(db: psycopg.Connection) -> None:
+    """Stands for the passage of time: the hold's end has come (the next claim is the probe)."""
+    db.execute(
+        "update private.langfuse_hold set hold_until = now() - interval '1 second'"
+        " where hold_until is not null"
+    )
 
 
 def open_twin(service: Client, owner: User) -> str:
@@ -382,7 +432,7 @@ def test_ingestion_never_waits_for_a_hanging_langfuse(
 # -- 3. down, then up --------------------------------------------------------------------------
 
 
-def test_down_then_up_retries_and_delivers_every_score_exactly_once(
+def test_down_then_up_waits_without_attempts_and_delivers_every_score_exactly_once(
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
@@ -390,6 +440,9 @@ def test_down_then_up_retries_and_delivers_every_score_exactly_once(
     standin: LangfuseStandin,
     make_sender: SenderFactory,
 ) -> None:
+    """Langfuse goes down after a good start: the request cannot connect, nothing was sent, so
+    the rows wait as they were (as when it is down at start), however long it lasts; once it
+    is back, each score arrives once, on the first attempt."""
     sender = make_sender(timeout=5.0)
     owner, alice, bob = make_user("owner"), make_user("alice"), make_user("bob")
     twin = open_twin(service, owner)
@@ -406,26 +459,20 @@ def test_down_then_up_retries_and_delivers_every_score_exactly_once(
     }
 
     standin.stop()  # Langfuse down: connections are refused
-    assert drain_ours(db, store, sender, ids) == len(ids)
-    now = db_now(db)
-    rows = outbox(service, ids)
-    due = due_times(db, ids)
-    for event_id, row in rows.items():
-        assert row["status"] == "retrying"
-        assert row["attempts"] == 1
-        assert "connection refused" in row["last_error"]
-        assert row["sent_at"] is None
-        assert due[event_id] > now
+    for _ in range(3):  # max_attempts=1: an attempt would have failed them
+        assert drain_ours(db, store, sender, ids, max_attempts=1) == 0
+        for row in outbox(service, ids).values():
+            assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
     assert standin.score_requests == []
 
     standin.start()  # up again, on the same port
     assert sender.host == standin.url
-    assert drain_ours(db, store, sender, ids) == len(ids)  # the retry delay has passed
+    assert drain_ours(db, store, sender, ids) == len(ids)  # checked again, then sent
     for row in outbox(service, ids).values():
         assert row["status"] == "sent"
         assert row["sent_at"] is not None
         assert row["last_error"] is None
-        assert row["attempts"] == 2
+        assert row["attempts"] == 1
     assert_delivered_once(standin, expected)
     # Nothing of ours is due any more: another drain sends none of it again.
     OutboxDrainer(store, sender, batch_size=100, max_attempts=8).drain()
@@ -599,40 +646,6 @@ def test_keys_refused_at_start_or_later_turn_the_mirror_off_and_keep_rows_pendin
     assert set(statuses(service, ids).values()) == {"sent"}
     assert ours <= set(standin.scores)
     assert all(len(standin.scores[score_id]) == 1 for score_id in ours)
-
-
-def test_a_proxys_429_without_retry_after_waits_longer_each_time_without_spending_attempts(
-    service: Client,
-    make_user: Callable[[str], User],
-    db: psycopg.Connection,
-    store: Store,
-    standin: LangfuseStandin,
-    make_sender: SenderFactory,
-) -> None:
-    """A rate limit in front of self-hosted Langfuse (nginx's 429, no Retry-After): each such
-    answer in a row waits about twice as long as the one before (2^n to 2^(n+1) s), never
-    spends an attempt, and the rows go out once it lets them through."""
-    owner, voter = make_user("owner"), make_user("voter")
-    twin = open_twin(service, owner)
-    ids = [vote(voter, twin, f"proxy-429-{i}", 1)["id"] for i in range(2)]
-    sender = make_sender()
-    standin.set_mode("proxy_rate_limited")
-
-    least = []
-    for n in range(4):
-        started = db_now(db)
-        assert drain_ours(db, store, sender, ids, max_attempts=1) == len(ids)
-        rows = outbox(service, ids)
-        assert {(r["status"], r["attempts"]) for r in rows.values()} == {("retrying", 0)}
-        assert "HTTP 429" in rows[ids[0]]["last_error"]
-        waits = [due - started for due in due_times(db, ids).values()]
-        assert all(timedelta(seconds=2**n) - SLACK <= w <= timedelta(seconds=2 ** (n + 1) + 5)
-                   for w in waits), (n, waits)
-        least.append(min(waits))
-    assert least == sorted(least)
-    standin.set_mode("ok")
-    assert drain_ours(db, store, sender, ids) == len(ids)
-    assert set(statuses(service, ids).values()) == {"sent"}
 
 
 # -- 6. changed votes ----------------------------------------------------------------------------
@@ -873,6 +886,103 @@ def test_down_at_start_touches_nothing_until_the_check_passes(
     assert sender.version is not None
 
 
+@pytest.mark.parametrize(
+    ("cause", "level", "line"),
+    [
+        ("closed port", "WARNING", "Langfuse not reachable ("),
+        ("unresolvable name", "ERROR", "the host name langfuse.invalid does not resolve"),
+        ("https to a plain-HTTP port", "ERROR", "the TLS handshake failed"),
+    ],
+)
+def test_a_connection_that_fails_mid_run_spends_no_attempt(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    cause: str,
+    level: str,
+    line: str,
+) -> None:
+    """The worker started against a working Langfuse; then the server goes away, its name
+    stops resolving, or TLS fails (the real client, real sockets). The request never left, so
+    the rows wait as they were (pending, no attempt: max_attempts=1 would have failed them),
+    however many passes it lasts, with one line naming the cause; once it is fixed they go."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"mid-run-{i}", 1)["id"] for i in range(3)]
+    with (
+        LangfuseStandin(generation="v4") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0) as sender,
+    ):
+        check(sender)  # the start succeeded
+        if cause == "closed port":
+            lf.stop()
+        elif cause == "unresolvable name":
+            sender.host = f"http://langfuse.invalid:{lf.port}"
+        else:
+            sender.host = lf.url.replace("http://", "https://")
+        drainer = OutboxDrainer(store, sender, len(ids), max_attempts=1, recheck_seconds=0)
+        with caplog.at_level("WARNING", logger="worker.outbox"):
+            for _ in range(3):
+                make_due(db, ids, "30 days")
+                assert drainer.drain_once() == 0
+                for row in outbox(service, ids).values():
+                    assert (row["status"], row["attempts"], row["last_error"]) == (
+                        "pending", 0, None
+                    )
+        (said,) = [r for r in caplog.records if r.name == "worker.outbox"]
+        assert (said.levelname, line in said.getMessage()) == (level, True), said.getMessage()
+        assert lf.score_requests == []
+
+        if cause == "closed port":
+            lf.start()
+        else:
+            sender.host = lf.url
+        make_due(db, ids, "30 days")
+        assert drainer.drain_once() == len(ids)
+    rows_ = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("sent", 1)}
+
+
+@pytest.mark.parametrize(
+    ("mode", "line"),
+    [
+        ("proxy_forbidden", "refused by something in front of Langfuse, not Langfuse"),
+        ("proxy_not_allowed", "method not allowed, though Langfuse takes POST"),
+    ],
+)
+def test_a_proxys_refusal_mid_run_says_what_it_is_and_keeps_rows_pending(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    mode: Mode,
+    line: str,
+) -> None:
+    """A proxy's 403 page or a 405 (no Langfuse error body) after a good start: the mirror goes
+    off with a line that names a proxy, a firewall or a wrong host, not the keys; no row is
+    failed or spends an attempt."""
+    owner, voter = make_user("owner"), make_user("voter")
+    ids = [vote(voter, open_twin(service, owner), f"{mode}-{i}", 1)["id"] for i in range(2)]
+    with (
+        LangfuseStandin(generation="v3") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0) as sender,
+    ):
+        check(sender)
+        lf.set_mode(mode)
+        make_due(db, ids, "30 days")
+        drainer = OutboxDrainer(store, sender, len(ids), max_attempts=1)
+        with caplog.at_level("ERROR", logger="worker.outbox"):
+            assert drainer.drain_once() == 0
+        (said,) = caplog.messages
+        assert said.startswith("Langfuse mirror off: LANGFUSE_HOST=") and line in said
+        assert "keys" not in said
+    for row in outbox(service, ids).values():
+        assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+
+
 # -- 10. bad configuration: one clear line, rows kept ------------------------------------------
 
 
@@ -935,39 +1045,210 @@ def test_environment_defaults_to_langfuses_own_variable(
     assert set(statuses(service, [first["id"], second["id"]]).values()) == {"sent"}
 
 
-# -- 11. Cloud: rate limits and usage suspension wait; redirects are refused --------------------
+# -- 11. Langfuse asks to wait: one hold for every worker; redirects are refused ---------------
 
 
-def test_rate_limit_and_suspension_wait_without_spending_attempts(
+@pytest.mark.parametrize(
+    ("generation", "mode", "holds"),
+    [
+        # Langfuse Cloud's rate limit: Retry-After 2 (the stand-in's), each time
+        ("cloud", "rate_limited", [(2.0, 2.0)] * 3),
+        # Cloud's usage suspension: looked at again every 5 minutes
+        ("cloud", "suspended", [(300.0, 300.0)] * 3),
+        # a proxy's bare 429 in front of any generation: 1-2 s, then twice as long each time
+        ("v3", "proxy_rate_limited", [(1.0, 2.0), (2.0, 4.0), (4.0, 8.0)]),
+    ],
+    ids=["retry-after", "suspended", "bare-429"],
+)
+def test_a_wait_holds_every_send_one_probe_per_hold_until_it_lifts(
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
     store: Store,
+    caplog: pytest.LogCaptureFixture,
+    generation: Generation,
+    mode: Mode,
+    holds: list[tuple[float, float]],
 ) -> None:
+    """A backlog of three batches meets a rate limit or a suspension. The first request's
+    answer holds the whole outbox: passes during the hold claim nothing and send nothing; when
+    it ends, one request (the next batch) probes, and each limited probe sets the next hold.
+    No attempt is spent (max_attempts=1: one would fail the rows); once the limit lifts every
+    score goes out."""
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
-    events = [vote(voter, twin, f"cloud-{i}", 1) for i in range(4)]
-    ids = [e["id"] for e in events]
+    ids = [vote(voter, twin, f"hold-{mode}-{i}", 1)["id"] for i in range(6)]
+    make_due(db, ids, "30 days")  # ours first in the claim order, two by two
     with (
-        LangfuseStandin(generation="cloud") as lf,
+        LangfuseStandin(generation=generation) as lf,
         LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
     ):
         check(sender)
-        for mode, least in (("rate_limited", 2.0), ("suspended", 300.0)):
-            lf.set_mode(mode)  # type: ignore[arg-type]
-            started = db_now(db)
-            assert drain_ours(db, store, sender, ids, max_attempts=1) == len(ids)
-            assert len(lf.score_requests) == 1  # the pass stops at the first answer
-            lf.clear()
+        drainer = OutboxDrainer(store, sender, batch_size=2, max_attempts=1)
+        lf.set_mode(mode)
+        with caplog.at_level("INFO", logger="worker.outbox"):
+            for n, (low, high) in enumerate(holds):
+                if n:
+                    end_hold(db)  # the hold has run out: the next pass is the probe
+                seen = len(lf.requests)
+                assert drainer.drain_once() == 2
+                seconds, reason, _ = hold(db)
+                assert seconds is not None and low - 1.0 <= seconds <= high, (n, seconds)
+                assert reason is not None and str(lf.requests[-1].status) in reason
+                until = db.execute("select hold_until from private.langfuse_hold").fetchall()
+                batch = [int(s["metadata"]["event_id"]) for s in lf.requests[-1].scores]
+                assert batch == ids[2 * n : 2 * n + 2]
+                assert set(due_times(db, batch).values()) == {until[0][0]}  # due at its end
+                # However slow the passes below, they fall inside the hold.
+                db.execute("update private.langfuse_hold set hold_until = now() + interval '1h'")
+                assert [drainer.drain_once() for _ in range(5)] == [0] * 5
+                assert drainer.drain() == 0
+                assert len(lf.requests) == seen + 1, "exactly one request per hold"
             rows = outbox(service, ids)
-            for event_id, due in due_times(db, ids).items():
-                # max_attempts=1: a counted attempt would have failed the row
-                assert (rows[event_id]["status"], rows[event_id]["attempts"]) == ("retrying", 0)
-                assert due - started >= timedelta(seconds=least) - SLACK
-            assert str(429 if mode == "rate_limited" else 403) in rows[ids[0]]["last_error"]
-        lf.set_mode("ok")
-        assert drain_ours(db, store, sender, ids) == len(ids)
-    assert set(statuses(service, ids).values()) == {"sent"}
+            assert {(r["status"], r["attempts"]) for r in rows.values()} == {("retrying", 0)}
+            assert [r.status for r in lf.score_requests] == [lf.requests[-1].status] * 3
+
+            lf.set_mode("ok")  # the limit lifts
+            end_hold(db)
+            make_due(db, ids, "30 days")
+            drainer.drain()
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records
+                 if r.getMessage().startswith("Langfuse asked to wait")]
+    assert [level for level, _ in lines] == ["WARNING", "INFO", "INFO"]  # one line per hold
+    assert "no request to it before" in lines[0][1]
+    assert "Langfuse takes scores again after its wait" in caplog.messages
+    rows = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("sent", 1)}
+    assert hold(db) == (None, None, 0)  # a success ends the hold and the count of bare waits
+
+
+def test_after_a_hold_one_claim_at_a_time_is_the_probe(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """Several workers drain one outbox: the hold one worker's answer set holds the others'
+    claims too, and when it ends only one of them sends (the probe) until its answer is in."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"probe-{i}", 1)["id"] for i in range(6)]
+    make_due(db, ids, "30 days")
+
+    def claim() -> list[int]:
+        answer = service.rpc(
+            "claim_langfuse_outbox", {"p_limit": 2, "p_visibility_seconds": 60}
+        ).execute()
+        return [r["event_id"] for r in rows(answer)]
+
+    first = claim()  # worker A
+    assert first == ids[:2]
+    record(service, first, "wait", 30.0)  # A's request met a 429, Retry-After: 30
+    seconds, _, bare = hold(db)
+    assert seconds is not None and 29 <= seconds <= 30 and bare == 0
+    assert claim() == []  # worker B: held
+
+    end_hold(db)
+    probe = claim()  # A (or B): the probe
+    assert probe == ids[2:4]
+    assert claim() == []  # the other, though ids[4:] are due: the probe is in flight
+    record(service, probe, "sent")
+    assert hold(db) == (None, None, 0)
+    assert claim() == ids[4:]  # every worker claims again
+    make_due(db, first, "30 days")
+    assert claim() == first
+
+
+def test_a_worker_started_during_a_hold_sends_nothing_not_even_its_check(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    tmp_path: Path,
+) -> None:
+    """Another worker's request met a 429 (Retry-After: 60): `pfl outbox drain` started now
+    asks the database first and sends Langfuse nothing, its start-up check included, with one
+    line saying until when; after the hold it checks, and the rows go."""
+    owner, voter = make_user("owner"), make_user("voter")
+    event = vote(voter, open_twin(service, owner), "started-held", 1)
+    record(service, [event["id"]], "wait", 60.0)
+    with LangfuseStandin(generation="cloud") as lf:
+        out = run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf)
+        assert lf.requests == []
+        (line,) = [x for x in out.stderr.splitlines() if "Langfuse asked to wait" in x]
+        assert "HTTP 429: Rate limit exceeded" in line and "no request to it before" in line
+        assert "handled 0 outbox rows" in out.stdout
+        end_hold(db)
+        make_due(db, [event["id"]], "30 days")
+        run_pfl(stack, tmp_path, "outbox", "drain", langfuse=lf)
+        assert [r.path for r in lf.requests[:2]] == ["/api/public/health", INGESTION_PATH]
+    assert statuses(service, [event["id"]]) == {event["id"]: "sent"}
+
+
+def test_a_proxys_bare_429s_double_the_hold_and_a_success_starts_again(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """The count of bare waits (429 without a delay) lives in the database, so it is the same
+    for every worker: each one in a row doubles the hold (equal jitter, at most 300 s), a
+    delay the server gives sets its own hold without counting, a success starts again."""
+    owner, voter = make_user("owner"), make_user("voter")
+    event = vote(voter, open_twin(service, owner), "bare", 1)
+
+    for n in range(10):
+        record(service, [event["id"]], "wait")
+        seconds, _, bare = hold(db)
+        low, high = (min(2.0 * 2**n, 300.0) * j for j in (0.5, 1.0))
+        assert seconds is not None and low - 1.0 <= seconds <= high, (n, seconds)
+        assert bare == n + 1
+        end_hold(db)
+    record(service, [event["id"]], "wait", 7.0)  # a delay given: its hold, the count kept
+    seconds, _, bare = hold(db)
+    assert seconds is not None and 6.0 <= seconds <= 7.0 and bare == 10
+    end_hold(db)
+    record(service, [event["id"]], "sent")
+    assert hold(db) == (None, None, 0)
+    record(service, [event["id"]], "wait")
+    seconds, _, bare = hold(db)
+    assert seconds is not None and 0.0 <= seconds <= 2.0 and bare == 1
+
+
+def test_serve_sends_one_request_per_hold_until_the_limit_lifts(
+    stack: Stack, service: Client, make_user: Callable[[str], User], tmp_path: Path
+) -> None:
+    """`pfl serve` against Langfuse Cloud's rate limit (Retry-After: 2): after the first 429
+    its requests come one per hold, at least two seconds apart, and nothing else is sent
+    meanwhile; when the limit lifts every score goes out, none failed."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"serve-hold-{i}", 1)["id"] for i in range(6)]
+    log = tmp_path / "serve.log"
+    with LangfuseStandin(generation="cloud") as lf:
+        lf.set_mode("rate_limited")
+        env = worker_env(
+            stack,
+            LANGFUSE_HOST=lf.url, LANGFUSE_PUBLIC_KEY=lf.public_key,
+            LANGFUSE_SECRET_KEY=lf.secret_key, PFL_LANGFUSE_BATCH_SIZE="2",
+            PFL_LANGFUSE_MAX_ATTEMPTS="1", PFL_POLL_MIN_SECONDS="0.05",
+            PFL_POLL_MAX_SECONDS="0.2", PFL_LOG_FORMAT="json",
+        )
+        with log.open("w") as sink:
+            proc = subprocess.Popen([str(PFL), "serve"], cwd=tmp_path, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=sink)
+        try:
+            wait_for(lambda: len(lf.score_requests) >= 4, timeout=30)
+            lf.set_mode("ok")
+            wait_for(lambda: set(statuses(service, ids).values()) == {"sent"}, timeout=30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+    limited = [r for r in lf.requests if r.status == 429 and r.path == INGESTION_PATH]
+    first = next(i for i, r in enumerate(lf.requests) if r.status == 429 and r.scores)
+    during = lf.requests[first : lf.requests.index(limited[-1]) + 1]
+    assert all(r.status == 429 and r.scores for r in during), "only the probes, nothing else"
+    gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(during)]
+    assert len(gaps) >= 3 and min(gaps) >= 1.9, gaps
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    holds = [e for e in events if e["event"].startswith("Langfuse asked to wait")]
+    assert [e["level"] for e in holds][:1] == ["warning"] and len(holds) >= len(during)
+    rows_ = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("sent", 1)}
 
 
 def test_a_redirect_is_refused_and_the_rows_say_where_to(
@@ -1049,6 +1330,8 @@ def test_a_host_without_the_ingestion_route_keeps_rows_waiting(
     assert all(when - started >= timedelta(seconds=300) - SLACK for when in due)
     assert standin.scores == {}
     standin.set_mode("ok")
+    assert drain_ours(db, store, sender, ids) == 0  # held: asked again in 5 minutes
+    end_hold(db)
     assert drain_ours(db, store, sender, ids) == len(ids)
     assert set(statuses(service, ids).values()) == {"sent"}
 
@@ -1076,3 +1359,4 @@ def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
             (json.dumps([{"event_id": event["id"], "error": "x", **delivery}]),),
         )
     assert outbox(service, [event["id"]]) == before
+    assert hold(db) == (None, None, 0)

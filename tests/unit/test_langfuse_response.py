@@ -181,19 +181,89 @@ def test_429_without_retry_after_waits_for_the_backoff_alone() -> None:
     )
 
 
+SUSPENSION = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
+NGINX_403 = (
+    b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+    b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
 def test_403_usage_suspension_waits() -> None:
-    message = "Ingestion suspended: Usage threshold exceeded. Please upgrade your plan."
-    verdict = one(run(403, {"error": "ForbiddenError", "message": message}))
+    # exactly what web/src/pages/api/public/ingestion.ts answers (ForbiddenError -> 403)
+    verdict = one(run(403, {"error": "ForbiddenError", "message": SUSPENSION}))
     assert verdict.outcome == Outcome.wait
     assert verdict.retry_after_seconds == SUSPENDED_RETRY_SECONDS
-    assert verdict.stop and verdict.error is not None and message in verdict.error
+    assert verdict.stop and verdict.error is not None and SUSPENSION in verdict.error
 
 
-def test_another_403_turns_the_mirror_off_with_the_servers_message() -> None:
-    verdict = one(run(403, {"message": "Access denied - in-app agent keys are not allowed"}))
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # the MCP route's wording, not the ingestion route's
+        {"error": "ForbiddenError", "message": SUSPENSION.replace("Ingestion", "Access")},
+        # the right words without Langfuse's error shape: not Langfuse's answer
+        {"message": SUSPENSION},
+        SUSPENSION.encode(),
+        # a proxy's page that happens to say "suspended"
+        b"<html><body>Your account has been suspended</body></html>",
+    ],
+)
+def test_only_langfuses_own_suspension_waits(payload: Any) -> None:
+    """The word "suspended" alone is no suspension: these refuse us, the mirror goes off."""
+    verdict = one(run(403, payload))
+    assert (verdict.outcome, verdict.retry_after_seconds, verdict.stop) == (Outcome.off, None, True)
+
+
+def test_a_403_without_langfuses_error_body_is_named_a_proxy_or_firewall() -> None:
+    verdict = one(run(403, NGINX_403))
+    assert verdict.outcome == Outcome.off and verdict.stop
+    assert verdict.error is not None
+    assert verdict.error.startswith("refused by something in front of Langfuse, not Langfuse")
+    assert "a proxy or firewall" in verdict.error and "HTTP 403: <html>" in verdict.error
+    assert "keys" not in verdict.error
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"error": "Forbidden", "message": "Forbidden"},  # not a `<Name>Error`
+        {"error": "ForbiddenError"},  # no message
+        {"error": "ForbiddenError", "message": ["Forbidden"]},  # a message that is not text
+        {"error": ["ForbiddenError"], "message": "Forbidden"},
+        ["ForbiddenError", "Forbidden"],
+    ],
+)
+def test_only_langfuses_error_body_makes_a_403_langfuses(payload: Any) -> None:
+    """Langfuse's refusals are `{"error": "<Name>Error", "message": "..."}` (its handlers'
+    `res.status(error.httpCode).json({error: error.name, message: error.message})`); any other
+    body came from something in front of it."""
+    verdict = one(run(403, payload))
+    assert verdict.outcome == Outcome.off and verdict.error is not None
+    assert verdict.error.startswith("refused by something in front of Langfuse")
+
+
+def test_langfuses_own_403_other_than_a_suspension_is_a_refused_request() -> None:
+    verdict = one(run(403, {"error": "ForbiddenError", "message": "Forbidden"}))
     assert verdict == Verdict(
-        Outcome.off, "HTTP 403: Access denied - in-app agent keys are not allowed", stop=True
+        Outcome.off, "Langfuse refused the request: HTTP 403: Forbidden: ForbiddenError", stop=True
     )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"error": "MethodNotAllowedError", "message": "Method not allowed"},  # Langfuse's shape
+        b"<html><head><title>405 Not Allowed</title></head></html>",  # nginx, static files
+    ],
+)
+def test_405_is_a_wrong_host_or_path_or_a_proxy_not_the_keys(payload: Any) -> None:
+    verdict = one(run(405, payload))
+    assert verdict.outcome == Outcome.off and verdict.stop
+    assert verdict.error is not None
+    assert verdict.error.startswith("method not allowed, though Langfuse takes POST")
+    assert "a wrong host or path" in verdict.error and "a proxy" in verdict.error
+    assert "keys" not in verdict.error
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
@@ -248,8 +318,9 @@ def test_other_4xx_fail_for_good_or_turn_the_mirror_off_with_the_servers_message
     )
     assert verdict.outcome == outcome
     assert verdict.stop is stop
-    assert verdict.error == (
-        f'HTTP {status}: Invalid request data: ["Expected object, received array"]'
+    assert verdict.error is not None
+    assert f'HTTP {status}: Invalid request data: ["Expected object, received array"]' in (
+        verdict.error
     )
 
 
@@ -267,7 +338,14 @@ def test_no_ingestion_route_waits_and_says_why(status: int) -> None:
 def test_401_keeps_langfuses_words() -> None:
     message = "Invalid credentials. Confirm that you've configured the correct host."
     verdict = one(run(401, {"error": "UnauthorizedError", "message": message}))
-    assert verdict.error == f"HTTP 401: {message}: UnauthorizedError"
+    assert verdict.error == f"Langfuse refused the keys: HTTP 401: {message}: UnauthorizedError"
+
+
+def test_a_401_without_langfuses_error_body_is_not_about_the_keys() -> None:
+    """A proxy asking for credentials of its own (basic auth in front of Langfuse)."""
+    verdict = one(run(401, b"<html><title>401 Authorization Required</title></html>"))
+    assert verdict.outcome == Outcome.off and verdict.error is not None
+    assert verdict.error.startswith("refused by something in front of Langfuse")
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.metrics import WorkerMetrics
-from worker.store import Run, StoreError, TransientStoreError
+from worker.store import OutboxBacklog, Run, StoreError, TransientStoreError
 
 
 class FakeStore:
     def __init__(self) -> None:
-        self.backlog: tuple[int, float | None] | StoreError = (0, None)
+        self.backlog: OutboxBacklog | StoreError = OutboxBacklog(rows=0)
 
-    def outbox_backlog(self) -> tuple[int, float | None]:
+    def outbox_backlog(self) -> OutboxBacklog:
         if isinstance(self.backlog, StoreError):
             raise self.backlog
         return self.backlog
@@ -88,12 +88,15 @@ def test_runs_are_counted_by_outcome_with_their_events_and_durations() -> None:
 def test_the_outbox_gauges_are_read_at_scrape_time_and_left_out_when_the_read_fails() -> None:
     store = FakeStore()
     metrics = make(store, Clock(0.0))
-    assert (samples(metrics)["pfl_outbox_backlog"],
-            samples(metrics)["pfl_outbox_oldest_pending_age_seconds"]) == (0, 0)
-    store.backlog = (42, 17.5)
+    gauges = ("pfl_outbox_backlog", "pfl_outbox_oldest_pending_age_seconds",
+              "pfl_outbox_hold_seconds")
+    assert tuple(samples(metrics)[g] for g in gauges) == (0, 0, 0)
+    # Langfuse asked to wait: the hold's seconds left are the third gauge
+    store.backlog = OutboxBacklog(rows=42, oldest_seconds=17.5, hold_seconds=12.5,
+                                  hold_reason="HTTP 429: Rate limit exceeded")
     m = samples(metrics)
-    assert (m["pfl_outbox_backlog"], m["pfl_outbox_oldest_pending_age_seconds"]) == (42, 17.5)
+    assert tuple(m[g] for g in gauges) == (42, 17.5, 12.5)
     store.backlog = TransientStoreError("unreachable")
     m = samples(metrics)
-    assert "pfl_outbox_backlog" not in m and "pfl_outbox_oldest_pending_age_seconds" not in m
+    assert not any(g in m for g in gauges)
     assert "pfl_learning_runs_total{outcome=completed}" in m

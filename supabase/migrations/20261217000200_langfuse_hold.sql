@@ -1,0 +1,303 @@
+-- Delta: one hold for the whole Langfuse mirror (issue 12, after review). A 429 or a usage
+-- suspension used to stop only the request that met it: the next pass claimed other due rows and
+-- posted again, one request per batch into the limit. Now a wait recorded by
+-- record_langfuse_deliveries sets private.langfuse_hold, claim_langfuse_outbox claims nothing
+-- before it ends (for every worker draining this outbox), and then one claim at a time is the
+-- probe; a proxy's bare 429 backs off by the waits in a row, kept here for every worker.
+-- langfuse_outbox_backlog() says how long the hold lasts (metrics, and the drain's log line).
+-- The worker needs all of it: its version moves here.
+
+-- Section: the mirror's hold. When Langfuse (or a proxy in front of it) asks the mirror to wait
+-- (a 429, a usage suspension, no ingestion route), no worker may send it anything before the
+-- hold ends: record_langfuse_deliveries sets it, claim_langfuse_outbox honours it, for every
+-- worker draining this outbox. One row.
+create table private.langfuse_hold (
+  singleton boolean primary key default true constraint one_row check (singleton),
+  hold_until timestamptz,
+  reason text,
+  bare_waits integer not null default 0 constraint bare_waits_not_negative check (bare_waits >= 0),
+  probe_until timestamptz
+);
+
+comment on table private.langfuse_hold is
+  'The Langfuse mirror''s hold (one row). hold_until: no outbox row is claimed for Langfuse '
+  'before it (null: no hold); once it has passed, one claim at a time is the probe (probe_until: '
+  'until when another claim waits for that probe''s answer), and the probe''s recorded answer '
+  'ends the hold or sets the next one. reason: the answer that set it. bare_waits: answers in a '
+  'row that asked to wait without saying how long (a proxy''s bare 429), which double the next '
+  'hold. Set it back with: update private.langfuse_hold set hold_until = null, reason = null, '
+  'bare_waits = 0, probe_until = null;';
+
+insert into private.langfuse_hold default values;
+
+grant select, update on private.langfuse_hold to service_role;
+
+-- Claims up to p_limit due feedback rows for delivery. They stay invisible to other workers for
+-- p_visibility_seconds; a worker that dies leaves them due again after that. Nothing is claimed
+-- while the mirror's hold lasts; once it has passed, one claim at a time (for
+-- p_visibility_seconds) is the probe whose recorded answer ends the hold or sets the next one.
+create or replace function public.claim_langfuse_outbox(p_limit integer default 100,
+                                             p_visibility_seconds integer default 60)
+returns table (
+  event_id bigint, twin_id uuid, trace_id text, created_by uuid, score smallint,
+  reason public.training_event_reason,
+  intent_label text, module_key text, comment text, metadata jsonb, attempts integer,
+  score_timestamp timestamptz
+)
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_hold_until timestamptz;
+begin
+  if p_limit is null or p_limit not between 1 and 1000 then
+    raise exception using errcode = '22023', message = 'p_limit must be 1 to 1000';
+  end if;
+  if p_visibility_seconds is null or p_visibility_seconds not between 1 and 3600 then
+    raise exception using errcode = '22023', message = 'p_visibility_seconds must be 1 to 3600';
+  end if;
+  select h.hold_until into v_hold_until from private.langfuse_hold h;
+  if v_hold_until is not null then
+    if v_hold_until > now() then
+      return;  -- Langfuse asked to wait: no request before the hold ends
+    end if;
+    -- The hold has passed: this claim is the probe, unless another one is in flight (the row
+    -- lock makes a concurrent claim wait, then find probe_until set).
+    update private.langfuse_hold h
+    set probe_until = now() + make_interval(secs => p_visibility_seconds)
+    where h.hold_until is not null and h.hold_until <= now()
+      and (h.probe_until is null or h.probe_until <= now());
+    if not found then
+      return;
+    end if;
+  end if;
+  return query
+  with due as (
+    select e.id
+    from public.persona_training_events e
+    where e.langfuse_status in ('pending', 'retrying') and e.langfuse_next_attempt_at <= now()
+    order by e.langfuse_next_attempt_at, e.id
+    limit p_limit
+    for update skip locked
+  ),
+  claimed as (
+    update public.persona_training_events e
+    set langfuse_next_attempt_at = now() + make_interval(secs => p_visibility_seconds)
+    from due
+    where e.id = due.id
+    returning e.*
+  )
+  select c.id, c.twin_id, c.trace_id, c.created_by, c.score, c.reason, c.intent_label,
+         c.module_key, c.comment, c.metadata, c.langfuse_attempts,
+         -- Every vote of one feedback carries the first vote's time, so Langfuse updates the
+         -- same score instead of adding one.
+         coalesce(first_vote.created_at, c.created_at)
+  from claimed c
+  left join public.persona_training_events first_vote on first_vote.id = c.first_vote_id
+  order by c.id;
+end;
+$$;
+
+comment on function public.claim_langfuse_outbox(integer, integer) is
+  'Worker (outbox drain). In: at most p_limit rows (1-1000), hidden from other workers for '
+  'p_visibility_seconds (1-3600). Out: the claimed due feedback rows (pending or retrying, due '
+  'now), oldest due first, as (event_id, twin_id, trace_id, created_by, score, reason, '
+  'intent_label, module_key, comment, metadata, attempts, score_timestamp = the first vote''s '
+  'created_at, so every vote of one feedback updates one Langfuse score); their next attempt '
+  'moves to now() + p_visibility_seconds, so a worker that dies leaves them due again. None '
+  'while private.langfuse_hold holds (Langfuse asked to wait); after the hold, one claim at a '
+  'time, for p_visibility_seconds, is the probe, and the others get none. Raises 22023 for a '
+  'p_limit or p_visibility_seconds out of range.';
+
+-- Records what happened to claimed rows: p_deliveries is a JSON array of
+-- {"event_id": n, "outcome": "sent" | "retry" | "wait" | "failed", "error": text|null,
+-- "retry_after_seconds": n|null}. A retry waits base * 2^attempts seconds (at most
+-- p_max_delay_seconds) with jitter, or the server's Retry-After if longer; after p_max_attempts
+-- deliveries it fails. A wait (Langfuse asked the mirror to wait: 429, usage suspension, no
+-- ingestion route) is not an attempt: it sets the mirror's hold (private.langfuse_hold), for the
+-- longest retry_after_seconds of the batch's waits, or, for a wait without one (a proxy's bare
+-- 429), base * 2^n seconds (at most 300) with jitter, n the bare waits in a row before it; no
+-- claim before the hold ends, and the waiting rows are due then. A batch recorded without a wait
+-- ends a hold that has passed (the probe was answered) and the count of bare waits. A superseded
+-- vote keeps that status; if the newer vote was already sent, it is sent again so that Langfuse
+-- ends with the newer value; if it waits for this delivery, it is released.
+create or replace function public.record_langfuse_deliveries(
+  p_deliveries jsonb,
+  p_max_attempts integer default 8,
+  p_base_delay_seconds double precision default 2,
+  p_max_delay_seconds double precision default 600
+)
+returns integer
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_count integer;
+  v_waits integer;
+  v_given double precision;
+  v_bare boolean;
+  v_reason text;
+  v_hold_until timestamptz;
+begin
+  if jsonb_typeof(p_deliveries) is distinct from 'array' then
+    raise exception using errcode = '22023', message = 'p_deliveries must be a JSON array';
+  end if;
+  if exists (
+    select 1 from jsonb_to_recordset(p_deliveries)
+      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+    where d.event_id is null or d.outcome is null
+       or d.outcome not in ('sent', 'retry', 'wait', 'failed')
+       or d.retry_after_seconds < 0 or d.retry_after_seconds > 86400
+  ) then
+    raise exception using errcode = '22023',
+      message = 'each delivery needs an event_id, an outcome of sent, retry, wait or failed, '
+                'and a retry_after_seconds of 0 to 86400 or none';
+  end if;
+  if p_max_attempts is null or p_max_attempts < 1 or p_base_delay_seconds is null
+     or p_base_delay_seconds <= 0 or p_max_delay_seconds is null or p_max_delay_seconds <= 0 then
+    raise exception using errcode = '22023',
+      message = 'p_max_attempts, p_base_delay_seconds and p_max_delay_seconds must be positive';
+  end if;
+
+  -- The mirror's hold: waits set it (all of one request's rows carry the same answer), a batch
+  -- without one ends a hold that has passed. The bare-wait backoff: equal jitter, as the rows'.
+  select count(*), max(d.retry_after_seconds), coalesce(bool_or(d.retry_after_seconds is null), false),
+         min(d.error)
+    into v_waits, v_given, v_bare, v_reason
+  from jsonb_to_recordset(p_deliveries)
+    as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+  where d.outcome = 'wait';
+  if v_waits > 0 then
+    update private.langfuse_hold h
+    set hold_until = greatest(h.hold_until, now() + make_interval(secs => greatest(
+          coalesce(v_given, 0),
+          case when v_bare
+            then least(p_base_delay_seconds * power(2, least(h.bare_waits, 30)), 300)
+                 * (0.5 + random() / 2)
+            else 0
+          end))),
+        reason = left(v_reason, 2000),
+        bare_waits = h.bare_waits + case when v_bare then 1 else 0 end,
+        probe_until = null
+    where h.singleton  -- the one row (hosted Supabase refuses an update without a where)
+    returning h.hold_until into v_hold_until;
+  elsif jsonb_array_length(p_deliveries) > 0 then
+    update private.langfuse_hold h
+    set hold_until = null, reason = null, bare_waits = 0, probe_until = null
+    where (h.hold_until is not null or h.bare_waits > 0)
+      and (h.hold_until is null or h.hold_until <= now());
+  end if;
+
+  with d as (
+    select * from jsonb_to_recordset(p_deliveries)
+      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+  ),
+  updated as (
+    update public.persona_training_events e
+    -- a wait (the server asked us to come back later) is not an attempt
+    set langfuse_attempts = e.langfuse_attempts + case when d.outcome = 'wait' then 0 else 1 end,
+        langfuse_status = case
+          when e.langfuse_status = 'superseded' then 'superseded'
+          when d.outcome = 'sent' then 'sent'
+          when d.outcome = 'wait' then 'retrying'
+          when d.outcome = 'failed' or e.langfuse_attempts + 1 >= p_max_attempts then 'failed'
+          else 'retrying'
+        end::public.langfuse_status,
+        langfuse_sent_at = case when d.outcome = 'sent' then now() else e.langfuse_sent_at end,
+        langfuse_last_error = case
+          when d.outcome = 'sent' then null
+          when d.outcome = 'retry' and e.langfuse_attempts + 1 >= p_max_attempts
+            then left(format('gave up after %s attempts: %s', e.langfuse_attempts + 1, d.error), 2000)
+          else left(d.error, 2000)
+        end,
+        langfuse_next_attempt_at = case
+          when d.outcome = 'wait' then coalesce(v_hold_until, now())
+          when d.outcome = 'retry' then now() + make_interval(secs => greatest(
+            coalesce(d.retry_after_seconds, 0),
+            least(p_base_delay_seconds * power(2, e.langfuse_attempts), p_max_delay_seconds)
+            * (0.5 + random() / 2)))
+          else now()
+        end
+    from d
+    where e.id = d.event_id and e.source = 'user_feedback'
+      and e.langfuse_status in ('pending', 'retrying', 'superseded')
+    returning e.twin_id, e.trace_id, e.created_by, e.superseded_at, d.outcome
+  ),
+  -- The newer vote of a superseded one waited for this delivery: release it now, and send it
+  -- again if it already went out before the older value.
+  release_newer as (
+    update public.persona_training_events cur
+    set langfuse_status = case when cur.langfuse_status = 'sent' and u.outcome = 'sent'
+                               then 'pending' else cur.langfuse_status end,
+        langfuse_attempts = case when cur.langfuse_status = 'sent' and u.outcome = 'sent'
+                                 then 0 else cur.langfuse_attempts end,
+        langfuse_next_attempt_at = now()
+    from updated u
+    -- the current vote of the same feedback, found through the current-vote index
+    where u.superseded_at is not null
+      and cur.twin_id = u.twin_id and cur.trace_id = u.trace_id and cur.created_by = u.created_by
+      and cur.source = 'user_feedback' and cur.superseded_at is null
+      and (cur.langfuse_status = 'pending' or (cur.langfuse_status = 'sent' and u.outcome = 'sent'))
+    returning 1
+  )
+  select count(*) into v_count from updated;
+  return v_count;
+end;
+$$;
+
+comment on function public.record_langfuse_deliveries(jsonb, integer, double precision, double precision) is
+  'Worker (outbox drain). In: p_deliveries, a JSON array of {"event_id": n, "outcome": "sent" | '
+  '"retry" | "wait" | "failed", "error": text or null, "retry_after_seconds": 0-86400 or null '
+  '(the server''s Retry-After)}; p_max_attempts (default 8), p_base_delay_seconds (2) and '
+  'p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = now(); '
+  'failed, or a retry on the last attempt: failed with the error (up to 2000 chars); retry: an '
+  'attempt, due again after max(retry_after_seconds, min(base * 2^attempts, max) * (0.5 + '
+  'random()/2)) seconds, exponential backoff with "equal jitter" (AWS Architecture Blog, '
+  'Exponential Backoff and Jitter, 2015); wait (Langfuse asked to wait: rate limit, usage '
+  'suspension, no ingestion route): not an attempt, so it never fails a row; it sets the '
+  'mirror''s hold (private.langfuse_hold, no claim before it ends) to now() + the longest '
+  'retry_after_seconds of the waits, or, with a wait that has none, at least min(base * 2^n, '
+  '300) * (0.5 + random()/2) seconds, n the bare waits in a row before it (then n + 1), and the '
+  'waiting rows are due at its end. A batch without a wait ends a hold that has passed and sets '
+  'n to 0. A superseded vote stays superseded; the newer vote that waited for it is released, '
+  'and sent again if it went out first. Raises 22023 when p_deliveries is not an array, an item '
+  'lacks event_id or a known outcome or has a retry_after_seconds out of range, or a limit is '
+  'not positive.';
+
+-- The backlog says how long the hold lasts.
+create or replace function public.langfuse_outbox_backlog()
+returns jsonb
+language sql
+stable
+set search_path = ''
+as $$
+  select jsonb_build_object(
+    'rows', count(*),
+    'oldest_seconds',
+      date_part('epoch', statement_timestamp() - min(e.created_at)),
+    'hold_seconds', coalesce((
+      select greatest(date_part('epoch', h.hold_until - statement_timestamp()), 0)
+      from private.langfuse_hold h), 0),
+    'hold_reason', (
+      select h.reason from private.langfuse_hold h where h.hold_until > statement_timestamp())
+  )
+  from public.persona_training_events e
+  where e.langfuse_status in ('pending', 'retrying');
+$$;
+
+comment on function public.langfuse_outbox_backlog() is
+  'Worker (metrics, and the outbox drain after a wait). In: nothing. Out: jsonb {rows: the '
+  'feedback votes waiting for Langfuse (status pending or retrying; bigint), oldest_seconds: the '
+  'age in seconds (float8) of the oldest of them, from its created_at to now, null when none '
+  'waits, hold_seconds: the seconds (float8) until the mirror''s hold ends, 0 when none holds, '
+  'hold_reason: the answer that set a hold in force (text), else null}. Raises nothing.';
+
+-- The worker honours the hold and reads it back: it needs this migration.
+create or replace function public.worker_schema_version()
+returns text
+language sql
+stable
+set search_path = ''
+as $$
+  select '20261217000200'::text;
+$$;
