@@ -36,16 +36,16 @@ with cursor as (
 counted as (
   -- The twin's events the cursor has passed that count: current as of the cursor (never
   -- replaced, or replaced by a vote beyond the cursor; a vote whose replacement was deleted
-  -- stays retracted) and not neutral. One hash join finds each vote's successor.
+  -- stays retracted) and not neutral; each once, however many votes name it.
   select e.id, e.source::text as source, e.module_key, e.intent_label, e.score, e.passed,
          e.reason::text as reason, e.created_at, e.audit_of_draft
   from public.persona_training_events e
   cross join cursor c
-  left join public.persona_training_events n
-    on n.twin_id = e.twin_id and n.supersedes_id = e.id
   where e.twin_id = %(twin)s
     and e.id <= c.id
-    and (e.superseded_at is null or n.id > c.id)
+    and (e.superseded_at is null
+         or exists (select 1 from public.persona_training_events n
+                    where n.twin_id = e.twin_id and n.supersedes_id = e.id and n.id > c.id))
     and (e.source = 'persona_audit' or e.score <> 0)
 )
 select m.id::text, v.id, v.source, v.score, v.passed, v.reason, v.created_at, v.audit_of_draft

@@ -14,8 +14,17 @@
 -- buckets through a merge join that sorted every bucket of the twin, then inserted the rest: 81
 -- ms for 5,500 buckets against a twin's 10,000. Additions are now one upsert on the bucket's key
 -- (43 ms); retractions, which cannot go through an insert (votes_not_negative is checked before
--- ON CONFLICT), update their buckets apart. A retraction that finds no bucket (the summary
--- edited by hand) no longer fails the run: the twin's summary is counted again from its votes.
+-- ON CONFLICT), update their buckets apart. A retraction that finds no bucket, or one holding
+-- fewer votes (the summary edited by hand), no longer fails every run of the twin: the twin's
+-- summary is counted again from its votes.
+--
+-- And the three readers of a vote change agree on a hand-edited link (a review found them
+-- apart): a vote named by another vote's supersedes_id counts as replaced only when it is
+-- marked superseded (superseded_at), and once however many votes name it. The claim's
+-- retraction and the rebuild (private.rebuild_key_sums) checked neither, while the summaries
+-- and the rebuild's first part went by superseded_at: a pending vote pointed at a current
+-- learned one by hand took that vote out of the daily summary for good, or counted it twice in
+-- a module until the next run.
 
 create or replace function public.claim_learning_run_events(p_run_id uuid, p_lease_token uuid)
 returns jsonb
@@ -113,27 +122,33 @@ begin
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
-    -- What an earlier run learned and a vote of the batch replaced: retracted. A second read of
-    -- the batch's range, kept apart from the first: a lateral pair of rows for every event
-    -- (the vote, and its retraction when there is one) cost a third of the whole call. The
-    -- batch's vote changes are picked by `coalesce(…) <> 0`, not IS NOT NULL, which would let
-    -- the planner walk the twin's whole index of vote changes instead (its size grows with the
-    -- history); each looks up the vote it replaced by primary key (offset 0 keeps the planner
-    -- from hashing the whole table instead).
+    -- What an earlier run learned and a vote of the batch replaced: retracted, once however
+    -- many votes name it, and only when it is marked superseded (a vote a hand edit names
+    -- while it is still current keeps counting, as the rebuild and the summaries count it).
+    -- A second read of the batch's range, kept apart from the first: a lateral pair of rows for
+    -- every event (the vote, and its retraction when there is one) cost a third of the whole
+    -- call. The batch's vote changes are picked by `coalesce(…) <> 0`, not IS NOT NULL, which
+    -- would let the planner walk the twin's whole index of vote changes instead (its size grows
+    -- with the history); each replaced vote is looked up by primary key (offset 0 keeps the
+    -- planner from hashing the whole table instead).
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed, p.reason,
            p.created_at, p.audit_of_draft, false, 1.0::float8
-    from public.persona_training_events e
+    from (
+      select distinct e.supersedes_id as id
+      from public.persona_training_events e
+      where e.twin_id = v_run.twin_id
+        and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
+        and coalesce(e.supersedes_id, 0) <> 0
+    ) c
     cross join lateral (
       select r.source, r.module_key, r.intent_label, r.score, r.passed, r.reason, r.created_at,
              r.audit_of_draft
       from public.persona_training_events r
-      where r.id = e.supersedes_id and r.twin_id = v_run.twin_id
+      where r.id = c.id and r.twin_id = v_run.twin_id
         and r.id <= v_run.batch_after_event_id
+        and r.superseded_at is not null
       offset 0
     ) p
-    where e.twin_id = v_run.twin_id
-      and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-      and coalesce(e.supersedes_id, 0) <> 0
   ),
   weighted as (
     select v.sign, v.current, v.source, v.reason, v.changes, v.audit_of_draft, v.intent_label,
@@ -351,7 +366,8 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
   'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
   'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
   'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
-  'another also retracts that one with the same formula if an earlier run learned it; a vote of the '
+  'another also retracts that one with the same formula if an earlier run learned it and it is '
+  'marked superseded (once, however many votes name it); a vote of the '
   'batch counts only if current at the batch''s end (not replaced inside the batch, and not '
   'replaced by a vote since deleted). Raises P0002 and PT409 (HTTP 409, stale '
   'lease) as private.lock_leased_run; P0002 "twin <id> has no persona_learning_settings row".';
@@ -441,12 +457,14 @@ begin
   where x.votes < 0 and d.twin_id = new.twin_id and d.day = date '1970-01-01' + x.day
     and d.intent_label = x.intent_label
     and coalesce(d.module_key, '') = coalesce(x.module_key, '')
-    and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score;
+    and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score
+    and d.votes + x.votes >= 0;
   get diagnostics v_retracted = row_count;
   if v_retracted < (select count(*) from unnest(v_summary.feedback_daily) x where x.votes < 0)
   then
-    -- The summary lost a bucket this run retracts from (an edit of the summary by hand): it is
-    -- counted again from the twin's learned votes, this batch included (the cursor has moved).
+    -- The summary holds less than this run retracts (a bucket missing or short: an edit of the
+    -- summary by hand): it is counted again from the twin's learned votes, this batch included
+    -- (the cursor has moved), rather than fail every run of the twin on votes_not_negative.
     perform private.count_feedback_daily_again(array[new.twin_id]);
     return null;
   end if;
@@ -478,5 +496,92 @@ comment on function private.summarize_completed_run() is
   'written by no API role. Raises PT412 (HTTP 412) '
   '"run <id> has no batch summary: read the batch again" when the run''s batch was read without '
   'one; a vote count below 0 would be 23514 votes_not_negative. Either rolls the completion '
-  'back. A retraction whose bucket is missing (the summary edited by hand) counts the twin''s '
-  'summary again from its learned votes (private.count_feedback_daily_again).';
+  'back. A retraction whose bucket is missing or holds fewer votes (the summary edited by hand) '
+  'counts the twin''s summary again from its learned votes (private.count_feedback_daily_again).';
+
+create or replace function private.rebuild_key_sums(
+  p_twin_id uuid, p_after_event_id bigint, p_through_event_id bigint, p_batch_last_event_id bigint,
+  p_learning_time timestamptz, p_half_life_days double precision,
+  p_feedback_weight double precision, p_audit_weight double precision,
+  p_unsafe_multiplier double precision
+)
+returns table (by_key boolean, key text, success double precision, failure double precision)
+language plpgsql
+stable
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+  v_t_epoch float8 := date_part('epoch', p_learning_time);
+  v_rate float8 := ln(2::float8) / (p_half_life_days * 86400);
+begin
+  -- Each weight's decay is exp(least(0, t - T) * ln 2 / H) with t and T in epoch seconds: the
+  -- same 2^(-(T - t)/H) as a batch's, without an interval per row. The events current at the
+  -- batch's end are those never replaced, plus those replaced only by a vote after it (found
+  -- from that vote, through the index on (twin_id, supersedes_id)); a vote whose replacement
+  -- was deleted stays out. Each part is summed per match key on its own, so PostgreSQL may run
+  -- the large first part in parallel, as it runs a bare aggregate, with no join per row.
+  return query
+  select k.by_key, k.key, sum(k.success), sum(k.failure)
+  from (
+    select e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
+           sum(w.weight) filter (where w.success) as success,
+           sum(w.weight) filter (where not w.success) as failure
+    from public.persona_training_events e
+    cross join lateral (
+      select coalesce(e.score > 0, e.passed) as success,
+             case when e.source = 'user_feedback' then p_feedback_weight
+                  else p_audit_weight end
+             * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                    then p_unsafe_multiplier else 1 end
+             * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+    ) w
+    where e.twin_id = p_twin_id
+      and e.id > p_after_event_id and e.id <= p_through_event_id
+      and e.superseded_at is null
+      and not e.audit_of_draft and (e.source = 'persona_audit' or e.score <> 0)
+    group by 1, 2
+    union all
+    select e.module_key is not null, coalesce(e.module_key, e.intent_label),
+           sum(w.weight) filter (where w.success),
+           sum(w.weight) filter (where not w.success)
+    from public.persona_training_events e
+    cross join lateral (
+      select coalesce(e.score > 0, e.passed) as success,
+             case when e.source = 'user_feedback' then p_feedback_weight
+                  else p_audit_weight end
+             * case when e.reason = 'unsafe' and not coalesce(e.score > 0, e.passed)
+                    then p_unsafe_multiplier else 1 end
+             * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
+    ) w
+    -- Each such vote once, however many votes name it, and only when marked superseded (one
+    -- still current was counted above).
+    where e.id in (
+        select n.supersedes_id from public.persona_training_events n
+        where n.twin_id = p_twin_id
+          and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
+          and n.id > p_batch_last_event_id)
+      and e.twin_id = p_twin_id
+      and e.superseded_at is not null
+      and not e.audit_of_draft and (e.source = 'persona_audit' or e.score <> 0)
+    group by 1, 2
+  ) k
+  group by k.by_key, k.key;
+end;
+$$;
+
+comment on function private.rebuild_key_sums(
+  uuid, bigint, bigint, bigint, timestamptz, double precision, double precision,
+  double precision, double precision
+) is
+  'One step of the exact learning path. In: a twin, an event-id range (p_after_event_id, '
+  'p_through_event_id], the batch''s last event id, the time T, half_life_days H, '
+  'feedback_weight, audit_weight, unsafe_multiplier. Out: one row per match key (by_key: the '
+  'events named a module_key; key: that module_key, else the intent_label) with success and '
+  'failure (null when none): the sum over the range''s events that are current at the batch''s '
+  'end (superseded_at null, or marked superseded and named by a vote after '
+  'p_batch_last_event_id, counted once; a vote whose '
+  'replacement was deleted stays out), feedback with a score other than 0 and audits that did '
+  'not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
+  'age at least 0) with w the source''s weight, times unsafe_multiplier for an unsafe failure. '
+  'Raises nothing.';

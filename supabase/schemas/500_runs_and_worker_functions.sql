@@ -986,8 +986,7 @@ begin
     select e.module_key is not null, coalesce(e.module_key, e.intent_label),
            sum(w.weight) filter (where w.success),
            sum(w.weight) filter (where not w.success)
-    from public.persona_training_events n
-    join public.persona_training_events e on e.id = n.supersedes_id
+    from public.persona_training_events e
     cross join lateral (
       select coalesce(e.score > 0, e.passed) as success,
              case when e.source = 'user_feedback' then p_feedback_weight
@@ -996,10 +995,15 @@ begin
                     then p_unsafe_multiplier else 1 end
              * exp(least(0, date_part('epoch', e.created_at) - v_t_epoch) * v_rate) as weight
     ) w
-    where n.twin_id = p_twin_id
-      and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
-      and n.id > p_batch_last_event_id
+    -- Each such vote once, however many votes name it, and only when marked superseded (one
+    -- still current was counted above).
+    where e.id in (
+        select n.supersedes_id from public.persona_training_events n
+        where n.twin_id = p_twin_id
+          and n.supersedes_id > p_after_event_id and n.supersedes_id <= p_through_event_id
+          and n.id > p_batch_last_event_id)
       and e.twin_id = p_twin_id
+      and e.superseded_at is not null
       and not e.audit_of_draft and (e.source = 'persona_audit' or e.score <> 0)
     group by 1, 2
   ) k
@@ -1016,7 +1020,8 @@ comment on function private.rebuild_key_sums(
   'feedback_weight, audit_weight, unsafe_multiplier. Out: one row per match key (by_key: the '
   'events named a module_key; key: that module_key, else the intent_label) with success and '
   'failure (null when none): the sum over the range''s events that are current at the batch''s '
-  'end (never replaced, or replaced by a vote after p_batch_last_event_id; a vote whose '
+  'end (superseded_at null, or marked superseded and named by a vote after '
+  'p_batch_last_event_id, counted once; a vote whose '
   'replacement was deleted stays out), feedback with a score other than 0 and audits that did '
   'not audit a draft, each weighing w * 2^(-(T - t)/H) (DESIGN.md, Learning; '
   'age at least 0) with w the source''s weight, times unsafe_multiplier for an unsafe failure. '
@@ -1204,27 +1209,33 @@ begin
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
-    -- What an earlier run learned and a vote of the batch replaced: retracted. A second read of
-    -- the batch's range, kept apart from the first: a lateral pair of rows for every event
-    -- (the vote, and its retraction when there is one) cost a third of the whole call. The
-    -- batch's vote changes are picked by `coalesce(…) <> 0`, not IS NOT NULL, which would let
-    -- the planner walk the twin's whole index of vote changes instead (its size grows with the
-    -- history); each looks up the vote it replaced by primary key (offset 0 keeps the planner
-    -- from hashing the whole table instead).
+    -- What an earlier run learned and a vote of the batch replaced: retracted, once however
+    -- many votes name it, and only when it is marked superseded (a vote a hand edit names
+    -- while it is still current keeps counting, as the rebuild and the summaries count it).
+    -- A second read of the batch's range, kept apart from the first: a lateral pair of rows for
+    -- every event (the vote, and its retraction when there is one) cost a third of the whole
+    -- call. The batch's vote changes are picked by `coalesce(…) <> 0`, not IS NOT NULL, which
+    -- would let the planner walk the twin's whole index of vote changes instead (its size grows
+    -- with the history); each replaced vote is looked up by primary key (offset 0 keeps the
+    -- planner from hashing the whole table instead).
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed, p.reason,
            p.created_at, p.audit_of_draft, false, 1.0::float8
-    from public.persona_training_events e
+    from (
+      select distinct e.supersedes_id as id
+      from public.persona_training_events e
+      where e.twin_id = v_run.twin_id
+        and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
+        and coalesce(e.supersedes_id, 0) <> 0
+    ) c
     cross join lateral (
       select r.source, r.module_key, r.intent_label, r.score, r.passed, r.reason, r.created_at,
              r.audit_of_draft
       from public.persona_training_events r
-      where r.id = e.supersedes_id and r.twin_id = v_run.twin_id
+      where r.id = c.id and r.twin_id = v_run.twin_id
         and r.id <= v_run.batch_after_event_id
+        and r.superseded_at is not null
       offset 0
     ) p
-    where e.twin_id = v_run.twin_id
-      and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-      and coalesce(e.supersedes_id, 0) <> 0
   ),
   weighted as (
     select v.sign, v.current, v.source, v.reason, v.changes, v.audit_of_draft, v.intent_label,
@@ -1442,7 +1453,8 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
   'Learning), computed as exp(-ln 2 * age / (half_life_days * 86400)) with the age T - t in '
   'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
   'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
-  'another also retracts that one with the same formula if an earlier run learned it; a vote of the '
+  'another also retracts that one with the same formula if an earlier run learned it and it is '
+  'marked superseded (once, however many votes name it); a vote of the '
   'batch counts only if current at the batch''s end (not replaced inside the batch, and not '
   'replaced by a vote since deleted). Raises P0002 and PT409 (HTTP 409, stale '
   'lease) as private.lock_leased_run; P0002 "twin <id> has no persona_learning_settings row".';

@@ -249,12 +249,14 @@ begin
   where x.votes < 0 and d.twin_id = new.twin_id and d.day = date '1970-01-01' + x.day
     and d.intent_label = x.intent_label
     and coalesce(d.module_key, '') = coalesce(x.module_key, '')
-    and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score;
+    and coalesce(d.reason::text, '') = coalesce(x.reason::text, '') and d.score = x.score
+    and d.votes + x.votes >= 0;
   get diagnostics v_retracted = row_count;
   if v_retracted < (select count(*) from unnest(v_summary.feedback_daily) x where x.votes < 0)
   then
-    -- The summary lost a bucket this run retracts from (an edit of the summary by hand): it is
-    -- counted again from the twin's learned votes, this batch included (the cursor has moved).
+    -- The summary holds less than this run retracts (a bucket missing or short: an edit of the
+    -- summary by hand): it is counted again from the twin's learned votes, this batch included
+    -- (the cursor has moved), rather than fail every run of the twin on votes_not_negative.
     perform private.count_feedback_daily_again(array[new.twin_id]);
     return null;
   end if;
@@ -286,8 +288,8 @@ comment on function private.summarize_completed_run() is
   'written by no API role. Raises PT412 (HTTP 412) '
   '"run <id> has no batch summary: read the batch again" when the run''s batch was read without '
   'one; a vote count below 0 would be 23514 votes_not_negative. Either rolls the completion '
-  'back. A retraction whose bucket is missing (the summary edited by hand) counts the twin''s '
-  'summary again from its learned votes (private.count_feedback_daily_again).';
+  'back. A retraction whose bucket is missing or holds fewer votes (the summary edited by hand) '
+  'counts the twin''s summary again from its learned votes (private.count_feedback_daily_again).';
 
 create trigger persona_feedback_learning_runs_summarize
   after update of status on public.persona_feedback_learning_runs

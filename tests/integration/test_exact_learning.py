@@ -809,3 +809,95 @@ def test_a_completed_run_leaves_no_scratch_row_even_for_an_empty_batch(
     assert run.status == "completed" and run.events_scanned == 0
     assert count(db, "select count(*) from private.learning_run_summaries where run_id = %s",
                  str(run.id)) == 0
+
+
+# ------------------------------------------------- hand-edited vote-change links (a review)
+
+
+def exact(db: psycopg.Connection, twin: Twin) -> None:
+    """Modules and the daily feedback summary equal the recomputation from the evidence."""
+    assert_modules_exact(db, twin.id)
+    assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id)
+
+
+def test_a_pending_vote_linked_by_hand_to_a_current_vote_retracts_nothing(
+    db, service, make_user, make_runner
+):
+    # The service role points a pending vote's supersedes_id at a learned vote that is still
+    # current (superseded_at null): that vote keeps counting, in the modules and the summary.
+    owner, u1, u2 = make_user("owner"), make_user("u1"), make_user("u2")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    first = vote(u1, twin, "t1", 1, "a")
+    learn(runner, twin)
+    pending = vote(u2, twin, "t2", -1, "a")
+    service.table("persona_training_events").update({"supersedes_id": first["id"]}).eq(
+        "id", pending["id"]).execute()
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (1, 1)
+    exact(db, twin)
+
+
+def test_a_current_vote_named_after_a_rebuilt_batch_counts_once(
+    db, service, make_user, make_runner
+):
+    # The same link, with the linking vote after the rebuilding run's batch: the rebuild counts
+    # the named vote once (it is current), not also as "replaced by a vote after the batch".
+    owner, u1, u2, u3 = (make_user(n) for n in ("owner", "u1", "u2", "u3"))
+    twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
+    db.execute("update persona_learning_settings set max_batch_events = 1 where twin_id = %s",
+               (twin.id,))
+    runner = make_runner()
+    first = vote(u1, twin, "t1", 1, "a")
+    learn(runner, twin)
+    vote(u3, twin, "t3", 1, "b")
+    pending = vote(u2, twin, "t2", -1, "a")
+    service.table("persona_training_events").update({"supersedes_id": first["id"]}).eq(
+        "id", pending["id"]).execute()
+    runner.store.enqueue_due_runs(uuid.UUID(twin.id))
+    run = runner.store.claim_run(runner.worker_id, 30, uuid.UUID(twin.id))
+    assert run is not None
+    done = runner.process(run)  # the rebuild, whose batch ends before the linking vote
+    assert done.status == "completed" and done.rebuilt_modules
+    assert sf(db, twin, "m") == (1, 0)
+    exact(db, twin)
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (1, 1)
+    exact(db, twin)
+
+
+def test_a_vote_named_by_two_votes_is_retracted_once(db, service, make_user, make_runner):
+    owner, u1 = make_user("owner"), make_user("u1")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    first = vote(u1, twin, "t1", 1, "a")
+    vote(owner, twin, "t9", 1, "a")
+    learn(runner, twin)
+    second = vote(u1, twin, "t1", -1, "a")  # replaces the first (the recorder's link)
+    other = vote(owner, twin, "t2", -1, "a")
+    service.table("persona_training_events").update({"supersedes_id": first["id"]}).eq(
+        "id", other["id"]).execute()
+    assert second["supersedes_id"] == first["id"]
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (1, 2)
+    exact(db, twin)
+
+
+def test_a_summary_short_of_a_retraction_is_counted_again_not_stuck(
+    db, service, make_user, make_runner
+):
+    # A bucket lowered by hand below what a batch retracts from it: the run completes and the
+    # summary is counted again, instead of every run failing on votes_not_negative.
+    owner, u1, u2 = make_user("owner"), make_user("u1"), make_user("u2")
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    vote(u1, twin, "t1", 1, "a")
+    vote(u2, twin, "t2", 1, "a")
+    learn(runner, twin)
+    db.execute("update persona_feedback_daily set votes = 1 where twin_id = %s and score = 1",
+               (twin.id,))
+    vote(u1, twin, "t1", -1, "a")
+    vote(u2, twin, "t2", -1, "a")
+    learn(runner, twin)
+    assert sf(db, twin, "m") == (0, 2)
+    exact(db, twin)
