@@ -731,14 +731,17 @@ def test_a_vote_change_link_is_followed_within_its_twin_only(db, service, make_u
     other = create_twin(db, owner.id, {"m": "a"})
     runner = make_runner()
     foreign = vote(voter, other, "t0", -1, "a", reason="unsafe")
+    vote(voter, other, "t0", 1, "a")  # marks the foreign vote superseded, as a retraction needs
     learn(runner, other)
     vote(voter, twin, "t1", 1, "a")
+    # A bucket of this twin that the foreign vote's retraction would land in (were it followed).
+    vote(make_user("voter2"), twin, "t5", -1, "a", reason="unsafe")
     learn(runner, twin)  # the twin's cursor passes the other twin's vote
     row = vote(voter, twin, "t0", 1, "a")
     service.table("persona_training_events").update({"supersedes_id": foreign["id"]}).eq(
         "id", row["id"]).execute()
     learn(runner, twin)
-    assert sf(db, twin, "m") == (2, 0)
+    assert sf(db, twin, "m") == (2, 3)
     assert daily_summary(db, twin.id) == daily_from_scratch(db, twin.id) != []
     assert_modules_exact(db, twin.id)
     assert_modules_exact(db, other.id)
