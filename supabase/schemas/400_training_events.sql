@@ -163,6 +163,10 @@ create index persona_training_events_created_by_idx on public.persona_training_e
 -- A twin's vote changes by the vote each replaced: a rebuild step reads those of its range.
 create index persona_training_events_supersedes_idx
   on public.persona_training_events (twin_id, supersedes_id) where supersedes_id is not null;
+-- A twin's vote changes in arrival order: a run's claim reads those of its batch (to retract
+-- the votes they replaced) without reading the batch's pages a second time.
+create index persona_training_events_vote_changes_idx
+  on public.persona_training_events (twin_id, id) where supersedes_id is not null;
 -- One current vote per twin, trace and user; a new vote supersedes the old one.
 create unique index persona_training_events_current_vote_idx
   on public.persona_training_events (twin_id, trace_id, created_by)

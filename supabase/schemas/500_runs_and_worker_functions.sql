@@ -1217,12 +1217,11 @@ begin
     -- What an earlier run learned and a vote of the batch replaced: retracted, once however
     -- many votes name it, and only when it is marked superseded (a vote a hand edit names
     -- while it is still current keeps counting, as the rebuild and the summaries count it).
-    -- A second read of the batch's range, kept apart from the first: a lateral pair of rows for
-    -- every event (the vote, and its retraction when there is one) cost a third of the whole
-    -- call. The batch's vote changes are picked by `coalesce(…) <> 0`, not IS NOT NULL, which
-    -- would let the planner walk the twin's whole index of vote changes instead (its size grows
-    -- with the history); each replaced vote is looked up by primary key (offset 0 keeps the
-    -- planner from hashing the whole table instead).
+    -- Kept apart from the first read: a lateral pair of rows for every event (the vote, and its
+    -- retraction when there is one) cost a third of the whole call. The batch's vote changes
+    -- come from their own index on (twin_id, id) (persona_training_events_vote_changes_idx), a
+    -- range as narrow as the batch; each replaced vote is looked up by primary key (offset 0
+    -- keeps the planner from hashing the whole table instead).
     select -1.0::float8, p.source, p.module_key, p.intent_label, p.score, p.passed, p.reason,
            p.created_at, p.audit_of_draft, false, 1.0::float8
     from (
@@ -1230,7 +1229,7 @@ begin
       from public.persona_training_events e
       where e.twin_id = v_run.twin_id
         and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-        and coalesce(e.supersedes_id, 0) <> 0
+        and e.supersedes_id is not null
     ) c
     cross join lateral (
       select r.source, r.module_key, r.intent_label, r.score, r.passed, r.reason, r.created_at,
