@@ -14,8 +14,8 @@ regression and no module is judged on a handful of events. Because the watch loo
 every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`), with what is
 left spent by a final test when the watch expires, and split over all the comparisons (2 kinds ×
 (twin + modules)), so that the chance of a false regression over the whole watch stays below
-`alpha` however many runs look. The looks follow the kind with the least compared evidence, so
-a watch passes only once every kind in play has been tested with `pass_evidence` a side.
+`alpha` however many runs look. The looks follow the kind in play with the least compared evidence,
+so a watch passes only once every kind in play has been tested with `pass_evidence` a side.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
