@@ -212,8 +212,16 @@ def describe_watch(
     sentence = (
         f"watch of {version(watch.get('spec_id'))}: {watch.get('state')} at look "
         f"{watch.get('look')}/{watch.get('looks_planned')}"
-        + (" (its final test, at expiry)" if watch.get("final") else "")
     )
+    if watch.get("final"):
+        verdicts = {c.get("verdict") for c in watch.get("comparisons", [])}
+        if verdicts & {"regressed", "no_regression"}:
+            sentence += " (its final test, at expiry)"
+        elif "not_tested" in verdicts:
+            sentence += " (at expiry, with no final test: no alpha left to spend)"
+        else:
+            sentence += (" (at expiry, with no final test: no comparison had watch_min_evidence"
+                         " a side)")
     action = watch.get("action")
     if action == "roll_back":
         sentence += f", rolled back to {version(watch.get('previous_spec_id'))}"

@@ -381,6 +381,12 @@ class WatchComparisonVerdict(StrEnum):
     insufficient_evidence = "insufficient_evidence"
 
 
+WATCH_ALPHA_MIN = 1e-10
+"""The smallest watch_alpha (the database's watch_alpha_1e_10_to_0_5): below it the spending
+function's quantiles leave what a float holds (5e-324 made α/2 round to 0 and every run of the
+twin fail), and no watch of a persona's traffic could find anything at such a level."""
+
+
 class WatchSettings(_Frozen):
     """A twin's watch settings (persona_learning_settings.watch_*), as the database holds them."""
 
@@ -390,8 +396,9 @@ class WatchSettings(_Frozen):
         description="A regression is a drop of the pass rate (new - old) beyond this.",
     )
     alpha: float = Field(
-        0.05, gt=0, le=0.5,
-        description="Chance of a false regression over a whole watch (all looks, comparisons).",
+        0.05, ge=WATCH_ALPHA_MIN, le=0.5,
+        description="Chance of a false regression over a whole watch (all looks, comparisons); "
+        "1e-10 to 0.5.",
     )
     min_evidence: int = Field(
         30, ge=1, le=50_000,

@@ -14,7 +14,8 @@ regression and no module is judged on a handful of events. Because the watch loo
 every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`), with what is
 left spent by a final test when the watch expires, and split over all the comparisons (2 kinds ×
 (twin + modules)), so that the chance of a false regression over the whole watch stays below
-`alpha` however many runs look.
+`alpha` however many runs look. The looks follow the kind in play with the least compared evidence,
+so a watch passes only once every kind in play has been tested with `pass_evidence` a side.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -128,12 +129,15 @@ def obf_alpha_spent(information: float, alpha: float) -> float:
     "Discrete sequential boundaries for clinical trials", Biometrika 70:659-663; O'Brien, P. C.
     and Fleming, T. R. (1979), Biometrics 35:549-556). It spends almost nothing early, where
     noise is largest, and most of α near the end. Raises ValueError for information outside
-    [0, 1] or alpha outside (0, 1).
+    [0, 1], alpha outside (0, 1), or an alpha so small that α/2 rounds to 0 (5e-324: the
+    watch's settings allow no alpha below `WATCH_ALPHA_MIN`, 1e-10).
     """
     if not 0.0 <= information <= 1.0:
         raise ValueError(f"information must be in [0, 1], got {information}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if alpha / 2.0 == 0.0:
+        raise ValueError(f"alpha is too small: alpha/2 rounds to 0, got {alpha}")
     if information == 0.0:
         return 0.0
     # z_{1−α/2} taken from the tail: 1 − α/2 rounds to 1 for α below about 1e-16.
@@ -183,11 +187,19 @@ def comparable_strata(c: WatchComparisonEvidence, min_evidence: int) -> list[Str
     the difference at the old side's mix over the modules with enough evidence; a module left
     out is judged by its own comparison once it has `min_evidence` a side.
     """
+    return [s for s in seen_strata(c) if s[1] >= min_evidence and s[3] >= min_evidence]
+
+
+def seen_strata(c: WatchComparisonEvidence) -> list[Stratum]:
+    """The strata of comparison `c` seen on both sides (at least one event each), as
+    (x1, n1, x2, n2); a comparison without strata is one stratum, its counts. A kind with any
+    is in play: it holds the watch's clock (`decide_watch`) even before a stratum reaches
+    `min_evidence` a side."""
     return [
         (s.new_passed, s.new_n, s.old_passed, s.old_n)
         for s in c.strata or (WatchStratum(new_n=c.new_n, new_passed=c.new_passed,
                                            old_n=c.old_n, old_passed=c.old_passed),)
-        if s.new_n >= min_evidence and s.old_n >= min_evidence
+        if s.new_n > 0 and s.old_n > 0
     ]
 
 
@@ -210,12 +222,21 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       planned whatever evidence arrives.
     - A comparison compares its strata with at least `min_evidence` on each side
       (`comparable_strata`); without any it is `insufficient_evidence`.
-    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the kind with the
-      most evidence that can be compared: the larger of the two twin-wide comparisons'
-      `compared_evidence` (the smaller side of their compared strata; a count, never a pass
-      rate). Evidence on one side only, or in a module below the floor, moves no clock. A run
-      tests only when a new look is due (several due at once make one test); runs in between
-      test nothing, so any number of runs makes at most K tests, and one more at expiry.
+    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the kind in play
+      with the least evidence that can be compared: the smaller of the two twin-wide
+      comparisons' `compared_evidence` (the smaller side of their compared strata; a count,
+      never a pass rate), over the kinds seen on both sides of some stratum (`seen_strata`);
+      a kind seen on one side only, or not at all, does not hold the watch. A kind in play
+      whose strata are all below the floor holds the clock at 0. So the last look, and
+      `passed`, needs every kind in play to reach `pass_evidence`: plentiful audits that hold
+      do not end a watch whose few votes were never tested at a useful level (with the most
+      evidence setting the clock, audits 10 a run at 90% and votes 1–2 a run 80% → 60% ended
+      `passed` in 58–82% of simulated watches); such a watch runs on until the votes catch up
+      or to its expiry and final test. Evidence on one side only, or in a module below the
+      floor, moves no clock. A run tests only when a new look is due (several due at once
+      make one test); runs in between test nothing, so any number of runs makes at most K
+      tests, and one more at expiry. Looks done never go back (a kind that comes into play
+      later holds the clock from then on: no new look is due until it catches up).
     - A test at look k may spend α(k/K) − (what earlier tests spent), α the O'Brien-Fleming-type
       spending function (`obf_alpha_spent`), split equally over the planned comparisons. Once
       `expire_days` have passed since the publish, the run makes a final test that spends all
@@ -226,12 +247,15 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       correlation between looks and comparisons.
     - A compared comparison is a regression when the upper bound of Newcombe's interval for
       (new − old), standardised over its strata, at the one-sided level of its share lies below
-      −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)).
+      −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)). A look with nothing left to
+      spend (share <= 0: watch_alpha, looks or pass_evidence changed mid-watch so that the plan
+      allows no more than was spent) tests nothing: its comparisons are `not_tested`.
     - The watch ends `regressed` when any comparison regressed (at a planned look or at the
       final test); `passed` at the last look (K) only when that look tested at least one
       comparison with something to spend and found no regression ("no regression found", not
-      "proved as good"); `expired` when it expires otherwise ("ran out of time; the final test
-      found no regression"); else it goes on `watching`. A regression's action is `roll_back`
+      "proved as good"); `expired` when it expires otherwise (ran out of time; the final test
+      found no regression, or, when no comparison had enough evidence or nothing was left to
+      spend, made none); else it goes on `watching`. A regression's action is `roll_back`
       in `auto` mode when there is a spec to go back to, `alert` otherwise.
 
     Raises ValueError for settings out of range (as the database refuses them).
@@ -239,7 +263,11 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     s = evidence.settings
     every = (*evidence.twin, *evidence.modules)
     compared = [comparable_strata(c, s.min_evidence) for c in every]
-    info = max(compared_evidence(strata) for strata in compared[: len(evidence.twin)])
+    # The clock: the kind in play (seen on both sides) with the least compared evidence.
+    info = min((compared_evidence(strata)
+                for c, strata in zip(evidence.twin, compared[: len(evidence.twin)], strict=True)
+                if seen_strata(c)),
+               default=0)
     planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
     due = look_index(info, s.pass_evidence, s.looks)
     age = evidence.learning_time - evidence.published_at
@@ -258,9 +286,9 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         _compare(c, strata, z, s.margin) for c, strata in zip(every, compared, strict=True)
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
-    # A look tested something when it had error to spend and a comparison with evidence.
-    tested_any = share is not None and share > 0.0 and any(
-        c.verdict is WatchComparisonVerdict.no_regression for c in comparisons)
+    # A look tested something when it had error to spend and a comparison with evidence (with
+    # nothing to spend every comparison with evidence is not_tested).
+    tested_any = any(c.verdict is WatchComparisonVerdict.no_regression for c in comparisons)
     looks_done = max(due, evidence.looks_done)
     if regressed:
         state = WatchState.regressed
@@ -303,18 +331,15 @@ def _compare(
 ) -> WatchComparison:
     """One comparison's verdict at this run (see `decide_watch`), over `strata`, its strata
     with enough evidence on each side (`comparable_strata`); `z` is None when the run tests
-    nothing (no look due). `difference` is that of the compared strata, or, when none has
-    enough evidence, of those seen on both sides (for the report; nothing is judged on it)."""
+    nothing (no look due) and math.inf when the look has nothing to spend: both leave a
+    comparison with evidence `not_tested`. `difference` is that of the compared strata, or,
+    when none has enough evidence, of those seen on both sides (`seen_strata`; for the report,
+    nothing is judged on it)."""
     threshold = -margin
     counts = {
         "new_n": c.new_n, "new_passed": c.new_passed, "old_n": c.old_n, "old_passed": c.old_passed,
     }
-    seen = strata or [
-        (s.new_passed, s.new_n, s.old_passed, s.old_n)
-        for s in c.strata or (WatchStratum(new_n=c.new_n, new_passed=c.new_passed,
-                                           old_n=c.old_n, old_passed=c.old_passed),)
-        if s.new_n and s.old_n
-    ]
+    seen = strata or seen_strata(c)
     difference = standardized_difference(seen) if seen else None
 
     def judged(verdict: WatchComparisonVerdict, value: float | None = None,
@@ -329,9 +354,11 @@ def _compare(
 
     if not strata:
         return judged(WatchComparisonVerdict.insufficient_evidence)
-    if z is None:
+    if z is None or math.isinf(z):
+        # No look due, or a look with nothing left to spend (share <= 0: the plan was changed
+        # mid-watch below what was spent): nothing is tested, and nothing reads as tested.
         return judged(WatchComparisonVerdict.not_tested)
-    upper = 1.0 if math.isinf(z) else standardized_interval(strata, z)[2]
+    upper = standardized_interval(strata, z)[2]
     verdict = (
         WatchComparisonVerdict.regressed if upper < threshold
         else WatchComparisonVerdict.no_regression

@@ -148,7 +148,7 @@ create table public.persona_learning_settings (
   watch_margin double precision not null default 0.02
     constraint watch_margin_0_to_1 check (watch_margin between 0 and 1),
   watch_alpha double precision not null default 0.05
-    constraint watch_alpha_above_0_to_0_5 check (watch_alpha > 0 and watch_alpha <= 0.5),
+    constraint watch_alpha_1e_10_to_0_5 check (watch_alpha >= 1e-10 and watch_alpha <= 0.5),
   watch_min_evidence integer not null default 30
     constraint watch_min_evidence_1_to_50000 check (watch_min_evidence between 1 and 50000),
   watch_pass_evidence integer not null default 400
@@ -207,14 +207,16 @@ comment on column public.persona_learning_settings.watch_mode is
 comment on column public.persona_learning_settings.watch_margin is
   'A regression is a drop of the pass rate (new spec - replaced spec) beyond this (default 0.02).';
 comment on column public.persona_learning_settings.watch_alpha is
-  'The chance of a false regression over a whole watch, all looks and comparisons (default 0.05).';
+  'The chance of a false regression over a whole watch, all looks and comparisons (default '
+  '0.05; 1e-10 to 0.5). Changed mid-watch, it changes the plan of the looks to come; what was '
+  'spent stays spent.';
 comment on column public.persona_learning_settings.watch_min_evidence is
   'Votes and audits each side of a comparison (twin-wide or per module) needs to be judged '
   '(default 30; 1 to 50,000).';
 comment on column public.persona_learning_settings.watch_pass_evidence is
-  'The watch passes once the smaller side of the twin-wide comparison holds this much evidence '
-  'with no regression found (default 400; 1 to 50,000: each side counts at most its latest '
-  '50,000 events).';
+  'The watch passes once the smaller compared side of the twin-wide comparison of every kind in '
+  'play (votes, audits) holds this much evidence with no regression found (default 400; 1 to '
+  '50,000: each side counts at most its latest 50,000 events).';
 comment on column public.persona_learning_settings.watch_looks is
   'Looks planned over watch_pass_evidence; runs between two looks test nothing (default 10).';
 comment on column public.persona_learning_settings.watch_expire_days is

@@ -127,13 +127,14 @@ def next_draft(db: psycopg.Connection, twin: Twin) -> str:
 
 def regress(db: psycopg.Connection, twin: Twin, owner: User) -> None:
     """Production evidence of a regression: before the switch 85% of 200 audits of v1 passed and
-    80% of 50 votes were up; since, 60% of 200 audits of v2 and 40% of 50 votes."""
+    80% of 200 votes were up; since, 60% of 200 audits of v2 and 40% of 200 votes (both kinds
+    at 200 a side: the kind with the least evidence holds the watch's clock, look 5 of 10)."""
     assert twin.draft_spec_id is not None
     audits(db, twin, twin.published_spec_id, 170, 30, at="now() - interval '3 days'",
            prefix="before")
     audits(db, twin, twin.draft_spec_id, 120, 80, at="now() - interval '1 day'", prefix="after")
-    votes(db, twin, owner.id, 40, 10, at="now() - interval '3 days'", prefix="vote-before")
-    votes(db, twin, owner.id, 20, 30, at="now() - interval '1 day'", prefix="vote-after")
+    votes(db, twin, owner.id, 160, 40, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 80, 120, at="now() - interval '1 day'", prefix="vote-after")
 
 
 def rollback(
@@ -183,7 +184,7 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
                                                                    "rolled_back")
     assert run.gate_report is not None
     report = run.gate_report["watch"]
-    # The kind with the most evidence, audits, holds 200 a side: look 5 of 10 (400).
+    # Both kinds hold 200 a side: look 5 of 10 (400).
     assert (report["state"], report["action"], report["mode"], report["look"]) == (
         "regressed", "roll_back", "auto", 5)
     by_scope = {(c["module_key"], c["kind"]): c for c in report["comparisons"]}
@@ -191,10 +192,11 @@ def test_auto_mode_rolls_a_regressing_spec_back_in_the_run_that_finds_it(
     assert report["comparisons_planned"] == 6
     assert {k: c["evidence"] for k, c in by_scope.items()} == {
         (None, "audits"): {"new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170},
-        (None, "votes"): {"new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40},
+        (None, "votes"): {"new_n": 200, "new_passed": 80, "old_n": 200, "old_passed": 160},
         ("evidence_answers", "audits"): {
             "new_n": 200, "new_passed": 120, "old_n": 200, "old_passed": 170},
-        ("small_talk", "votes"): {"new_n": 50, "new_passed": 20, "old_n": 50, "old_passed": 40},
+        ("small_talk", "votes"): {
+            "new_n": 200, "new_passed": 80, "old_n": 200, "old_passed": 160},
     }
     twin_wide = by_scope[(None, "audits")]
     assert twin_wide["verdict"] == "regressed" and twin_wide["value"] < twin_wide["threshold"]
@@ -308,6 +310,64 @@ def test_no_regression_passes_the_watch(
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
 
 
+def test_plentiful_audits_that_hold_do_not_pass_a_watch_whose_votes_dropped(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The review's case: 400 production audits a side holding at 90%, and 40 votes a side
+    # dropping from 80% to 55%. With the most evidence on the clock the audits reached the last
+    # look and the watch ended passed, the votes' drop tested at look 10's level on 40 votes
+    # and never looked at again. The votes hold the clock now: look 1, still watching.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 360, 40, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, 360, 40, at="now() - interval '1 day'", prefix="after")
+    votes(db, twin, owner.id, 32, 8, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 22, 18, at="now() - interval '1 day'", prefix="vote-after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"], report["information"]) == (
+        "watching", "none", 1, 0.1)
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["looks_done"]) == ("watching", 1)
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_look_with_no_alpha_left_after_the_owner_lowered_it_tests_nothing(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The review's case: the watch spent 0.04 by look 9 of 10, then the owner lowered
+    # watch_alpha to 0.01. Look 10 has nothing left to spend: its comparisons are not_tested
+    # (they read no_regression at an upper bound of 1 before), and the watch is not passed.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    db.execute("update public.persona_spec_watches set alpha_spent = 0.04, looks_done = 9 "
+               "where id = %s", (watch_id,))
+    db.execute("update public.persona_learning_settings set watch_alpha = 0.01 "
+               "where twin_id = %s", (twin.id,))
+    audits(db, twin, twin.published_spec_id, 380, 20, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, 200, 200, at="now() - interval '1 day'", prefix="after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["look"], report["tested"]) == (
+        "watching", "none", 10, True)
+    assert (report["alpha_per_comparison"], report["z"], report["alpha_spent"]) == (
+        0.0, None, 0.04)
+    twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
+    assert (twin_wide["audits"]["verdict"], twin_wide["audits"]["value"]) == ("not_tested", None)
+    assert watch_row(db, watch_id)["state"] == "watching"
+    assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
 def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
@@ -334,7 +394,9 @@ def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
 
     assert run.gate_report is not None and run.hold_reason != "rolled_back"
     report = run.gate_report["watch"]
-    assert (report["state"], report["action"], report["look"]) == ("watching", "none", 7)
+    # The kind with the least compared evidence, the production audits (50 a side), holds the
+    # clock: look 1 of 10 (300 votes a side alone would be look 7).
+    assert (report["state"], report["action"], report["look"]) == ("watching", "none", 1)
     twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
     assert twin_wide["votes"]["evidence"] == {
         "new_n": 300, "new_passed": 180, "old_n": 300, "old_passed": 180}
@@ -653,7 +715,7 @@ def test_watch_mode_off_starts_no_watch(
     [
         ({"watch_margin": 1.5}, "watch_margin_0_to_1"),
         ({"watch_margin": -0.01}, "watch_margin_0_to_1"),
-        ({"watch_alpha": 0}, "watch_alpha_above_0_to_0_5"),
+        ({"watch_alpha": 0}, "watch_alpha_1e_10_to_0_5"),
         ({"watch_expire_days": -1}, "watch_expire_days_above_0_to_3650"),
         ({"watch_min_evidence": 0}, "watch_min_evidence_1_to_50000"),
         ({"watch_looks": 0}, "watch_looks_1_to_100"),
@@ -665,8 +727,11 @@ def test_watch_mode_off_starts_no_watch(
         ({"watch_expire_days": 1e12}, "watch_expire_days_above_0_to_3650"),
         ({"watch_expire_days": 3650.001}, "watch_expire_days_above_0_to_3650"),
         ({"watch_margin": "NaN"}, "watch_margin_0_to_1"),
-        ({"watch_alpha": "NaN"}, "watch_alpha_above_0_to_0_5"),
-        ({"watch_alpha": "Infinity"}, "watch_alpha_above_0_to_0_5"),
+        ({"watch_alpha": "NaN"}, "watch_alpha_1e_10_to_0_5"),
+        ({"watch_alpha": "Infinity"}, "watch_alpha_1e_10_to_0_5"),
+        # The smallest float was accepted: α/2 rounded to 0 and every run of the twin failed.
+        ({"watch_alpha": 5e-324}, "watch_alpha_1e_10_to_0_5"),
+        ({"watch_alpha": 9.9e-11}, "watch_alpha_1e_10_to_0_5"),
         # Each side of a watch counts at most its latest 50,000 events: more is never reached.
         ({"watch_pass_evidence": 50001}, "watch_pass_evidence_1_to_50000"),
         ({"watch_min_evidence": 50001, "watch_pass_evidence": 50000},

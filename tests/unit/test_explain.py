@@ -239,6 +239,30 @@ def test_a_final_test_at_expiry_and_modules_left_out_in_words() -> None:
     )
 
 
+def test_an_expiry_that_tested_nothing_does_not_claim_a_final_test() -> None:
+    # The review's cases: traffic spread over modules each under watch_min_evidence a side
+    # (every comparison insufficient_evidence), and a plan changed mid-watch so that nothing
+    # was left to spend (comparisons with evidence not_tested): "its final test" named a test
+    # that was never made.
+    from worker.explain import describe_watch
+
+    votes = {"scope": "twin", "kind": "votes", "module_key": None, "value": None,
+             "difference": -0.24, "threshold": -0.02, "method": None,
+             "evidence": {"new_n": 500, "new_passed": 280, "old_n": 500, "old_passed": 400}}
+    thin = {**WATCH_REPORT, "state": "expired", "action": "none", "look": 0, "final": True,
+            "comparisons": [{**votes, "verdict": "insufficient_evidence"}]}
+    assert describe_watch({"watch": thin}, {"spec-2": 2}) == (
+        "watch of v2: expired at look 0/10 (at expiry, with no final test: no comparison had "
+        "watch_min_evidence a side); twin-wide votes 280/500 up since the publish vs 400/500 "
+        "before, insufficient_evidence"
+    )
+    spent = {**thin, "look": 9, "comparisons": [{**votes, "verdict": "not_tested"}]}
+    assert describe_watch({"watch": spent}, {"spec-2": 2}) == (
+        "watch of v2: expired at look 9/10 (at expiry, with no final test: no alpha left to "
+        "spend); twin-wide votes 280/500 up since the publish vs 400/500 before, not_tested"
+    )
+
+
 def test_an_alert_a_pass_and_an_owner_rollback_in_words() -> None:
     from worker.explain import describe_watch, watch_outcome
 

@@ -390,11 +390,47 @@ def test_votes_and_audits_are_never_pooled() -> None:
     ]
 
 
-def test_the_clock_is_the_kind_with_the_most_evidence() -> None:
-    # 100 votes a side and 300 audits on the new side but 150 on the old: the audits' smaller
-    # side (150) is the larger, so look 3 of 10 at pass_evidence 400.
+def test_the_clock_is_the_kind_with_the_least_compared_evidence() -> None:
+    # 100 votes a side and 300 audits on the new side but 150 on the old: the votes' smaller
+    # side (100) is the smaller, so look 2 of 10 at pass_evidence 400 (it was look 3 when the
+    # kind with the most evidence set the clock).
     made = decide_watch(evidence((100, 80), (100, 80), other=(300, 240, 150, 120)))
-    assert (made.look, made.information) == (3, 150 / 400)
+    assert (made.look, made.information) == (2, 100 / 400)
+
+
+@pytest.mark.parametrize(
+    ("new", "old"),
+    [((0, 0), (0, 0)),  # no votes at all
+     ((0, 0), (50, 40)),  # votes before the switch only
+     ((50, 40), (0, 0))],  # votes since the publish only
+)
+def test_a_kind_not_seen_on_both_sides_does_not_hold_the_clock(
+    new: tuple[int, int], old: tuple[int, int]
+) -> None:
+    # 400 audits a side: the votes have nothing to compare, the audits alone reach the last
+    # look and pass.
+    made = decide_watch(evidence(new, old, other=(400, 360, 400, 360)))
+    assert (made.look, made.information, made.state) == (10, 1.0, WatchState.passed)
+
+
+def test_a_kind_in_play_below_the_floor_holds_the_clock_at_zero() -> None:
+    # 29 votes a side (under watch_min_evidence, 30) beside 400 audits a side: the votes are
+    # in play but nothing of them can be compared yet, so no look is due and the watch is not
+    # passed on the audits alone; at 40 a side the votes' clock reaches look 1 of 10.
+    made = decide_watch(evidence((29, 20), (29, 20), other=(400, 360, 400, 360)))
+    assert (made.look, made.information, made.tested, made.state) == (
+        0, 0.0, False, WatchState.watching)
+    made = decide_watch(evidence((40, 30), (40, 30), other=(400, 360, 400, 360)))
+    assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
+
+
+def test_plentiful_audits_do_not_pass_a_watch_whose_votes_lag() -> None:
+    # The review's case: 400 audits a side holding at 90%, 40 votes a side 80% -> 55%. The
+    # clock follows the votes (look 1 of 10, where almost nothing is spent): no regression
+    # can be found yet, and the watch is not passed on the audits; it goes on watching.
+    made = decide_watch(evidence((40, 22), (40, 32), other=(400, 360, 400, 360),
+                                 mode=WatchMode.auto))
+    assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
 
 
 def test_the_report_names_the_watch_the_plan_and_the_level_of_the_look() -> None:
@@ -467,11 +503,11 @@ def test_a_regression_is_an_upper_bound_strictly_below_minus_the_margin() -> Non
     assert twin_votes(above).verdict is WatchComparisonVerdict.regressed
 
 
-def test_a_look_with_no_error_left_to_spend_cannot_regress() -> None:
+def test_a_look_with_no_error_left_to_spend_tests_nothing() -> None:
     # 0.01 already spent (the plan was changed mid-watch: α(0.5) = 0.0056 at alpha 0.05 is
-    # below it). Spending never goes back, so look 5 has nothing to spend: its bound is the
-    # 100%-confidence one, 1 (a difference of proportions is at most 1), and even the largest
-    # possible drop (all passed before, none now) is no regression. No finite quantile: z None.
+    # below it). Spending never goes back, so look 5 has nothing to spend: nothing is tested,
+    # even the largest possible drop (all passed before, none now). Its comparisons say so
+    # (not_tested, no bound) rather than "no regression" at a bound of 1. No quantile: z None.
     modules = (module("evidence_answers", "votes", (200, 0), (200, 200)),)
     made = decide_watch(evidence((200, 0), (200, 200), looks_done=4, alpha_spent=0.01,
                                  modules=modules, modules_total=1))
@@ -480,9 +516,17 @@ def test_a_look_with_no_error_left_to_spend_cannot_regress() -> None:
     assert (made.state, made.action) == (WatchState.watching, WatchAction.none)
     assert [(c.kind, c.value, c.verdict) for c in made.comparisons] == [
         ("audits", None, WatchComparisonVerdict.insufficient_evidence),  # no audits at all
-        ("votes", 1.0, WatchComparisonVerdict.no_regression),
-        ("votes", 1.0, WatchComparisonVerdict.no_regression),
+        ("votes", None, WatchComparisonVerdict.not_tested),
+        ("votes", None, WatchComparisonVerdict.not_tested),
     ]
+    # At its expiry (alpha lowered to 0.01 below the 0.04 spent), the final test has nothing
+    # to spend either: expired, every comparison with evidence not_tested.
+    late = decide_watch(evidence((400, 200), (400, 380), looks_done=9, alpha_spent=0.04,
+                                 alpha=0.01, hours=24 * 14, mode=WatchMode.auto))
+    assert (late.state, late.final, late.action, late.alpha_per_comparison) == (
+        WatchState.expired, True, WatchAction.none, 0.0)
+    assert twin_votes(late).verdict is WatchComparisonVerdict.not_tested
+    assert twin_votes(late).value is None
 
 
 def test_looks_done_never_go_back_when_evidence_is_deleted() -> None:
@@ -504,51 +548,79 @@ def test_looks_done_never_go_back_when_evidence_is_deleted() -> None:
 
 class Arm(NamedTuple):
     """One kind of evidence in a simulated watch: its true pass rates before and after the
-    switch, and how many of it each run adds to the old and the new side."""
+    switch, how many of it each run adds to the old and the new side, and up to how many more
+    (drawn uniformly, the same for both sides) when `extra_per_run` is set."""
 
     p_old: float
     p_new: float
     old_per_run: int = 4
     new_per_run: int = 4
+    extra_per_run: int = 0
 
 
 def simulate(
-    arms: dict[WatchKind, Arm], *, watches: int, runs: int, seed: int
+    arms: dict[WatchKind, Arm], *, watches: int, runs: int, seed: int, modules_total: int = 0,
+    expire_days: float = 365,
 ) -> list[tuple[WatchState, int] | None]:
-    """`watches` watches with the default settings (auto), each looked at by `runs` runs that
-    each add the `arms`' votes or audits to either side; the state each concluded in and the
-    new side's evidence of the first arm then, or None when it was still watching."""
+    """`watches` watches with the default settings (auto; `expire_days` 365 unless given), each
+    looked at by `runs` hourly runs that each add the `arms`' votes or audits to either side;
+    the state each concluded in and the new side's evidence of the first arm then, or None
+    when it was still watching. With `modules_total` > 0 each event goes to one of that many
+    modules at random (the same true rates in each): the twin-wide comparisons are made by
+    module and every module has its own comparisons, as `claim_production_watch` gives them."""
     rng = random.Random(seed)
-    settings = WatchSettings(mode=WatchMode.auto, expire_days=365)
+    settings = WatchSettings(mode=WatchMode.auto, expire_days=expire_days)
     ends: list[tuple[WatchState, int] | None] = []
     first = next(iter(arms))
+    buckets = max(1, modules_total)
     for _ in range(watches):
-        counts = {kind: [0, 0, 0, 0] for kind in WATCH_KINDS}  # new n, passed; old n, passed
+        # per kind, per module: new n, passed; old n, passed
+        counts = {kind: [[0, 0, 0, 0] for _ in range(buckets)] for kind in WATCH_KINDS}
         looks = 0
         spent = 0.0
         end: tuple[WatchState, int] | None = None
         for run in range(1, runs + 1):
             for kind, arm in arms.items():
-                c = counts[kind]
-                c[0] += arm.new_per_run
-                c[1] += sum(rng.random() < arm.p_new for _ in range(arm.new_per_run))
-                c[2] += arm.old_per_run
-                c[3] += sum(rng.random() < arm.p_old for _ in range(arm.old_per_run))
+                extra = rng.randint(0, arm.extra_per_run) if arm.extra_per_run else 0
+                for side, per_run, p in ((0, arm.new_per_run, arm.p_new),
+                                         (2, arm.old_per_run, arm.p_old)):
+                    for _ in range(per_run + extra):
+                        c = counts[kind][rng.randrange(buckets) if modules_total else 0]
+                        c[side] += 1
+                        c[side + 1] += rng.random() < p
             made = decide_watch(WatchEvidence(
                 watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
                 window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
-                alpha_spent=spent, looks_done=looks, modules_total=0, settings=settings,
-                twin=tuple(
-                    WatchComparisonEvidence(scope="twin", kind=kind, new_n=c[0], new_passed=c[1],
-                                            old_n=c[2], old_passed=c[3])
-                    for kind, c in counts.items()),
+                alpha_spent=spent, looks_done=looks, modules_total=modules_total,
+                settings=settings,
+                twin=tuple(_simulated(kind, by_module, modules_total)
+                           for kind, by_module in counts.items()),
+                modules=tuple(
+                    WatchComparisonEvidence(scope="module", kind=kind, module_key=f"m{i}",
+                                            new_n=c[0], new_passed=c[1], old_n=c[2],
+                                            old_passed=c[3])
+                    for kind, by_module in counts.items() if modules_total
+                    for i, c in enumerate(by_module) if c[0] or c[2]),
             ))
             spent, looks = made.alpha_spent, made.look
             if made.state is not WatchState.watching:
-                end = (made.state, counts[first][0])
+                end = (made.state, sum(c[0] for c in counts[first]))
                 break
         ends.append(end)
     return ends
+
+
+def _simulated(kind: WatchKind, by_module: list[list[int]], modules_total: int
+               ) -> WatchComparisonEvidence:
+    """A simulated watch's twin-wide comparison of `kind`: by module when it has modules."""
+    total = [sum(c[i] for c in by_module) for i in range(4)]
+    return WatchComparisonEvidence(
+        scope="twin", kind=kind, new_n=total[0], new_passed=total[1], old_n=total[2],
+        old_passed=total[3],
+        strata=tuple(WatchStratum(module_key=f"m{i}", new_n=c[0], new_passed=c[1], old_n=c[2],
+                                  old_passed=c[3])
+                     for i, c in enumerate(by_module) if c[0] or c[2]) if modules_total else (),
+    )
 
 
 def regressed_share(ends: list[tuple[WatchState, int] | None]) -> float:
@@ -565,6 +637,43 @@ def test_with_no_true_difference_under_5_percent_of_watches_regress_over_100_run
     # The rest passed at the last look: a good spec is not left watching.
     assert sum(1 for e in ends if e is not None and e[0] is WatchState.passed) == round(
         300 * (1 - regressed))
+
+
+def reviewers_traffic(p_new_votes: float, *, modules_total: int, seed: int, watches: int
+                      ) -> list[tuple[WatchState, int] | None]:
+    """A review's traffic over a whole 14-day watch of hourly runs (auto): audits 10 a run a
+    side at 90% on both specs, votes 1 or 2 a run a side at 80% before the switch and
+    `p_new_votes` after."""
+    arms: dict[WatchKind, Arm] = {"votes": Arm(0.8, p_new_votes, 1, 1, 1),
+                                  "audits": Arm(0.9, 0.9, 10, 10)}
+    return simulate(arms, watches=watches, runs=14 * 24, seed=seed,
+                    modules_total=modules_total, expire_days=14)
+
+
+@pytest.mark.parametrize("modules_total", [0, 2])
+def test_audits_that_hold_do_not_pass_a_watch_before_the_votes_are_tested(
+    modules_total: int,
+) -> None:
+    # The review's case: votes dropping from 80% to 60% beside plentiful audits that hold.
+    # With the most evidence on the clock, the audits reached the last look within 40 runs
+    # (40-80 votes a side) and 58-82% of watches ended passed with the drop untested. Held by
+    # the votes, a watch passes only once they reach the last look, 400 a side; nearly every
+    # watch is caught first. With two modules (6 comparisons, each module's votes under the
+    # floor for the first ~40 runs) the same holds.
+    ends = reviewers_traffic(0.6, modules_total=modules_total, seed=21, watches=200)
+    assert all(e is not None for e in ends)  # every watch concluded within its 14 days
+    assert regressed_share(ends) >= 0.95
+    # A watch that passed had its votes tested at the last look: 400 a side.
+    assert all(n >= 400 for state, n in filter(None, ends) if state is WatchState.passed)
+
+
+@pytest.mark.parametrize("modules_total", [0, 2])
+def test_with_kinds_at_very_different_rates_under_5_percent_of_watches_regress(
+    modules_total: int,
+) -> None:
+    # The review's traffic with no true difference, ending at the last look or the final test.
+    ends = reviewers_traffic(0.8, modules_total=modules_total, seed=22, watches=300)
+    assert regressed_share(ends) < 0.05
 
 
 def test_kinds_at_different_rates_and_mixes_raise_no_false_regression() -> None:
@@ -594,6 +703,26 @@ def test_a_15_point_drop_in_votes_is_caught_beside_audits_that_hold() -> None:
                     seed=17)
     caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
     assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+
+
+def test_a_15_point_drop_in_votes_is_caught_in_a_twin_with_two_modules() -> None:
+    # The two cases above in a twin with two modules, each event on either at random with the
+    # same rates: 6 comparisons share alpha instead of 2, and the twin-wide ones are made by
+    # module. Votes alone: 187 of 200 caught by the last look (93.5%), half by 240 votes a
+    # side; beside audits that hold: 179 of 200 (89.5%), half by 240. With no true difference
+    # 1 of 300 regressed.
+    cases: list[tuple[dict[WatchKind, Arm], int, float]] = [
+        ({"votes": Arm(0.80, 0.65)}, 15, 0.92),
+        ({"votes": Arm(0.80, 0.65), "audits": Arm(0.9, 0.9)}, 17, 0.88),
+    ]
+    for arms, seed, caught_at_least in cases:
+        ends = simulate(arms, watches=200, runs=100, seed=seed, modules_total=2)
+        caught = sorted(e[1] for e in ends if e is not None and e[0] is WatchState.regressed)
+        assert len(caught) / len(ends) >= caught_at_least
+        assert all(n <= 400 for n in caught) and caught[len(caught) // 2] <= 240
+    null = simulate({"votes": Arm(0.8, 0.8), "audits": Arm(0.8, 0.8)}, watches=300, runs=100,
+                    seed=14, modules_total=2)
+    assert regressed_share(null) < 0.05
 
 
 # --- every look of every plan can be computed ----------------------------------------------------
@@ -925,7 +1054,10 @@ def test_a_15_point_drop_in_every_module_is_caught_with_the_mix_moving() -> None
 # reached look 10 before (420 a side) concluded there. At 7 days a weekly shipper's next publish
 # supersedes the watch: the last look reached is all it had.
 DROP_AT_EXPIRY = [(28, None), (42, 29), (70, 21), (140, 15), (280, 12)]
-DROP_AT_LAST_LOOK = [(420, 11), (14, None), (21, None), (35, None), (70, 56), (140, 24),
+# (a side by then, drop): the last look reached is tested in the run where it becomes due, on
+# the evidence then (40·k a side for look k), not on all the evidence by day 7 (which read 56,
+# 24 and 17 points for 70, 140 and 210 a side, and 11 for 420).
+DROP_AT_LAST_LOOK = [(420, 11), (14, None), (21, None), (35, None), (70, 72), (140, 26),
                      (210, 17)]
 
 
@@ -949,7 +1081,8 @@ def test_the_drop_a_low_traffic_watch_needs_at_its_final_test(n: int, drop: int 
 @pytest.mark.parametrize(("n", "drop"), DROP_AT_LAST_LOOK)
 def test_the_drop_a_low_traffic_watch_needs_at_its_last_look(n: int, drop: int | None) -> None:
     k = look_index(n, 400, 10)
-    assert _drop_needed(n, looks_done=k - 1 if k else 0,
+    due_at = -(-k * 400 // 10)  # the evidence a side when look k became due: its test's
+    assert _drop_needed(due_at if k else n, looks_done=k - 1 if k else 0,
                         alpha_spent=obf_alpha_spent((k - 1) / 10, 0.05) if k else 0.0) == drop
 
 
@@ -981,6 +1114,22 @@ def test_the_standardized_difference_weighs_strata_by_the_old_sides_mix() -> Non
 
 @pytest.mark.parametrize("alpha", [1e-17, 1e-100, 1e-300])
 def test_the_spending_function_takes_alphas_too_small_for_one_minus_alpha(alpha: float) -> None:
-    # The database allows any watch_alpha above 0; 1 - alpha/2 rounds to 1 below about 1e-16.
+    # 1 - alpha/2 rounds to 1 below about 1e-16 (the settings stop at 1e-10; the function
+    # itself takes any alpha whose half is a positive float).
     assert obf_alpha_spent(1.0, alpha) == pytest.approx(alpha, rel=1e-9)
     assert 0.0 <= obf_alpha_spent(0.5, alpha) < alpha
+
+
+def test_an_alpha_whose_half_rounds_to_zero_is_refused() -> None:
+    # The review's case: watch_alpha 5e-324 was accepted and every run of the twin then failed
+    # (statistics.StatisticsError from Φ⁻¹(0)). The settings refuse it, as the database does
+    # (watch_alpha_1e_10_to_0_5), and the spending function says what is wrong.
+    with pytest.raises(ValueError,
+                       match="^alpha is too small: alpha/2 rounds to 0, got 5e-324$"):
+        obf_alpha_spent(0.5, 5e-324)
+    for alpha in (5e-324, 1e-300, 9.9e-11):
+        with pytest.raises(ValueError, match="greater than or equal to 0.0000000001"):
+            WatchSettings(alpha=alpha)
+    assert WatchSettings(alpha=1e-10).alpha == 1e-10
+    made = decide_watch(evidence((400, 200), (400, 380), alpha=1e-10, hours=24 * 14))
+    assert made.state is WatchState.regressed  # a 45-point drop at the smallest alpha allowed
