@@ -135,8 +135,9 @@ begin
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
     union all
     -- What an earlier run learned and a vote of the batch replaced: retracted, once however
-    -- many votes name it, and only when it is marked superseded (a vote a hand edit names
-    -- while it is still current keeps counting, as the rebuild and the summaries count it).
+    -- many votes name it, only when it is marked superseded (a vote a hand edit names while it
+    -- is still current keeps counting, as the rebuild and the summaries count it), and only
+    -- when no vote after the batch names it too.
     -- Kept apart from the first read: a lateral pair of rows for every event (the vote, and its
     -- retraction when there is one) cost a third of the whole call. The batch's vote changes
     -- come from their own index on (twin_id, id) (persona_training_events_vote_changes_idx), a
@@ -158,6 +159,14 @@ begin
       where r.id = c.id and r.twin_id = v_run.twin_id
         and r.id <= v_run.batch_after_event_id
         and r.superseded_at is not null
+        -- Still counted while a vote after the batch names it (the rule of the rebuild and
+        -- the summaries): that vote's run retracts it, not this one.
+        and (
+          select n.id from public.persona_training_events n
+          where n.twin_id = v_run.twin_id and n.supersedes_id = r.id
+            and n.id + 0 > v_run.batch_last_event_id
+          limit 1
+        ) is null
       offset 0
     ) p
   ),
@@ -378,7 +387,7 @@ comment on function public.claim_learning_run_events(uuid, uuid) is
   'seconds (at least 0): w = feedback_weight or audit_weight (0 for a neutral vote and for an '
   'audit of a draft), times unsafe_multiplier for an unsafe failure; a vote that supersedes '
   'another also retracts that one with the same formula if an earlier run learned it and it is '
-  'marked superseded (once, however many votes name it); a vote of the '
+  'marked superseded and named by no vote after the batch (once, however many votes name it); a vote of the '
   'batch counts only if current at the batch''s end (not replaced inside the batch, and not '
   'replaced by a vote since deleted). Raises P0002 and PT409 (HTTP 409, stale '
   'lease) as private.lock_leased_run; P0002 "twin <id> has no persona_learning_settings row".';

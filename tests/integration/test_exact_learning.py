@@ -904,3 +904,26 @@ def test_a_summary_short_of_a_retraction_is_counted_again_not_stuck(
     learn(runner, twin)
     assert sf(db, twin, "m") == (0, 2)
     exact(db, twin)
+
+
+def test_a_vote_named_by_votes_in_several_batches_is_retracted_once(
+    db, service, make_user, make_runner
+):
+    # A superseded vote named by its replacement and, by hand, by two later votes that fall in
+    # later batches: it counts until the last vote naming it is learned, and is retracted once.
+    owner, u1, u2, u3, u4 = (make_user(n) for n in ("owner", "u1", "u2", "u3", "u4"))
+    twin = create_twin(db, owner.id, {"m": "a"})
+    runner = make_runner()
+    first = vote(u1, twin, "t1", 1, "a")
+    vote(u3, twin, "t3", 1, "a")
+    vote(u4, twin, "t4", 1, "a")
+    learn(runner, twin)
+    db.execute("update persona_learning_settings set max_batch_events = 1 where twin_id = %s",
+               (twin.id,))
+    vote(u1, twin, "t1", -1, "a")  # the recorder's link: replaces the first vote
+    later = [vote(u2, twin, t, -1, "a")["id"] for t in ("t2", "t5")]
+    service.table("persona_training_events").update({"supersedes_id": first["id"]}).in_(
+        "id", later).execute()
+    assert len(learn(runner, twin)) >= 3  # one event per run (a rebuild first)
+    exact(db, twin)
+    assert sf(db, twin, "m") == (2, 3)
