@@ -211,14 +211,18 @@ def test_metrics_count_exactly_the_runs_events_and_backlog_of_the_worker(
 
 
 class Proxy:
-    """A TCP forwarder from `port` to the stack's API: stopping it makes the API unreachable
-    for whoever connects through it (new connections are refused, open ones are closed)."""
+    """A TCP forwarder from `port` to the stack's API. Paused, it makes the API unreachable for
+    whoever connects through it (open connections are closed, new ones closed as they come) while
+    it keeps the port: binding it again could find it taken, as it lies in the range the system
+    hands out to outgoing connections."""
 
     def __init__(self, port: int, target: tuple[str, int]) -> None:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
         self.listener.settimeout(0.1)
         self.open: list[socket.socket] = []
+        self.serving = threading.Event()
+        self.serving.set()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
@@ -231,6 +235,9 @@ class Proxy:
                 continue
             except OSError:
                 return
+            if not self.serving.is_set():
+                client.close()
+                continue
             upstream = socket.create_connection(self.target)
             self.open += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -248,14 +255,25 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self.listener.close()
+    def _close_open(self) -> None:
         for s in self.open:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+        self.open = []
+
+    def pause(self) -> None:
+        self.serving.clear()
+        self._close_open()
+
+    def resume(self) -> None:
+        self.serving.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.listener.close()
+        self._close_open()
 
 
 def test_health_is_503_while_the_api_is_unreachable_and_200_when_it_is(stack, tmp_path):
@@ -271,7 +289,7 @@ def test_health_is_503_while_the_api_is_unreachable_and_200_when_it_is(stack, tm
     try:
         wait_for(lambda: (r := get("/healthz")) is not None and r.status_code == 200)
 
-        proxy.stop()  # the API is unreachable from the worker from now on
+        proxy.pause()  # the API is unreachable from the worker from now on
         down = wait_for(lambda: (r := get("/healthz")) is not None and r.status_code == 503 and r)
         facts = down.json()
         assert facts["status"] == "unhealthy" and facts["max_age_seconds"] == 1
@@ -285,7 +303,7 @@ def test_health_is_503_while_the_api_is_unreachable_and_200_when_it_is(stack, tm
         assert "pfl_outbox_backlog" not in m
         assert m['pfl_last_successful_poll_timestamp_seconds{poller="learning-runs"}'] > 0
 
-        proxy = Proxy(PROXY_PORT, target)  # back
+        proxy.resume()  # back
         up = wait_for(lambda: (r := get("/healthz")) is not None and r.status_code == 200 and r)
         assert up.json()["last_successful_poll_age_seconds"] <= 1
     finally:
