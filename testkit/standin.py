@@ -56,7 +56,9 @@ HTML page for every path: a proxy or a web app answering in Langfuse's place),
 `proxy_rate_limited` (nginx's `limit_req` page, 429 with no Retry-After or rate-limit header,
 for every path: a proxy's rate limit in front of any generation), `proxy_forbidden` (nginx's 403
 page, for every path: a proxy's or firewall's `deny` rule), `proxy_not_allowed` (nginx's 405
-page, for every POST: a web server that serves static files at LANGFUSE_HOST). Langfuse's own
+page, for every POST: a web server that serves static files at LANGFUSE_HOST),
+`proxy_bad_gateway` (nginx's 502 page, for every path: langfuse-web restarting or down behind
+its proxy; Langfuse's handler itself never answers 502). Langfuse's own
 refusals carry `{"error": "<Name>Error", "message"}` (see `_answer`); these pages do not. "Down"
 is `stop()`; `start()` binds the same port.
 
@@ -108,6 +110,7 @@ Mode = Literal[
     "proxy_rate_limited",
     "proxy_forbidden",
     "proxy_not_allowed",
+    "proxy_bad_gateway",
 ]
 MODES: tuple[str, ...] = get_args(Mode)
 CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
@@ -883,6 +886,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 429, PROXY_429_PAGE, {"Content-Type": "text/html"}
         if mode == "proxy_forbidden":  # a proxy's or firewall's deny rule
             return 403, nginx_page("403 Forbidden"), {"Content-Type": "text/html"}
+        if mode == "proxy_bad_gateway":  # nothing behind the proxy answers for now
+            return 502, nginx_page("502 Bad Gateway"), {"Content-Type": "text/html"}
         if mode == "proxy_not_allowed" and self.command == "POST":  # static files, not Langfuse
             return 405, nginx_page("405 Not Allowed"), {"Content-Type": "text/html"}
         if mode == "redirect":  # an http -> https proxy in front of Langfuse

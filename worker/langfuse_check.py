@@ -18,6 +18,7 @@ from worker.langfuse_response import (
     INGESTION_PATH,
     NO_ROUTE_HINT,
     Outcome,
+    Verdict,
     classify,
     redirect_advice,
 )
@@ -56,8 +57,27 @@ class LangfuseHostUnusable(LangfuseConfigError):
     recheck = True
 
 
+class LangfuseNotThere(LangfuseConfigError):
+    """No Langfuse answers at LANGFUSE_HOST, or not its ingestion route (a health route without
+    a version, a 404 or 410 to the ingestion POST): a wrong host or path, or a proxy in front
+    of a Langfuse not ready yet (a container starting behind Traefik answers 404 until it is
+    healthy), so the check is repeated later, as mid-run (a 5-minute hold)."""
+
+    recheck = True
+
+
 class LangfuseUnavailable(Exception):
     """Langfuse could not be asked (down, timeout, 5xx): try again later."""
+
+
+class LangfuseWait(LangfuseUnavailable):
+    """The health route answered that Langfuse, or a proxy in front of it, asks to wait (a 429)
+    or is not there for now (a gateway's 502/503/504): `verdict` is that wait (its error and
+    delay), which the drainer makes the database's hold, as for a send."""
+
+    def __init__(self, message: str, verdict: Verdict) -> None:
+        super().__init__(message)
+        self.verdict = verdict
 
 
 def parse_version(text: object) -> tuple[int, int, int] | None:
@@ -75,18 +95,24 @@ def generation(version: tuple[int, int, int]) -> str:
 
 def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host (no Langfuse there, a redirect, no ingestion route: a proxy or a wrong base path), the
-    keys or the version cannot work (a usage
-    suspension or rate limit does not: the sends wait), LangfuseRefused (a
-    LangfuseConfigError) when the keys, or our requests, are refused, LangfuseHostUnusable (one
-    too) when the host name does not resolve or TLS fails, LangfuseUnavailable when the server
-    cannot be asked now (refused or reset connections, timeout, 5xx, a 429 on the health
-    route)."""
+    host (a redirect), the keys or the version cannot work (a usage suspension or rate limit
+    on the ingestion route does not: the sends wait), LangfuseNotThere (a LangfuseConfigError,
+    checked again later) when no Langfuse, or no ingestion route, answers there (a proxy or a
+    wrong base path), LangfuseRefused (one too) when the keys, or our requests, are refused,
+    LangfuseHostUnusable (one too) when the host name does not resolve or TLS fails,
+    LangfuseWait (a LangfuseUnavailable) when the health route answers 429 or a gateway's
+    502/503/504 (the drainer holds every worker for it), LangfuseUnavailable when the server
+    cannot be asked now (refused or reset connections, timeout, another 5xx)."""
     health = _request(sender, "GET", HEALTH_PATH)
     body = _json(health)
     version = parse_version(body.get("version")) if isinstance(body, dict) else None
     if health.status_code >= 500 or health.status_code == 429:
-        raise LangfuseUnavailable(f"{sender.host}{HEALTH_PATH} answered {health.status_code}")
+        now = datetime.now(UTC)
+        verdict = classify(health.status_code, health.headers, health.content, ["-"], now)["-"]
+        message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
+        if verdict.outcome == Outcome.wait:
+            raise LangfuseWait(message, verdict)
+        raise LangfuseUnavailable(message)
     if health.status_code in (401, 403):
         raise LangfuseRefused(
             f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
@@ -94,7 +120,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             "or firewall"
         )
     if health.status_code != 200 or version is None:
-        raise LangfuseConfigError(
+        raise LangfuseNotThere(
             f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
             f"{health.status_code} without a version"
         )
@@ -105,7 +131,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
         )
     probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
     if probe.status_code in (404, 410):
-        raise LangfuseConfigError(
+        raise LangfuseNotThere(
             f"Langfuse {'.'.join(map(str, version))} at {sender.host} answered "
             f"{probe.status_code} to POST {INGESTION_PATH}: {NO_ROUTE_HINT}"
         )

@@ -2,13 +2,14 @@
 
 `classify(status, headers, body, event_ids, now)` reads the answer to one
 `POST /api/public/ingestion` request (a batch of `score-create` events whose envelope ids are
-`event_ids`) and returns one `Verdict` per event id: `sent`, `retry` (an attempt; again after the
-database's backoff, or the server's `Retry-After` if later), `wait` (the server asked us to come
-back later: not an attempt, never fails a row, and no request goes to it before the wait ends:
-the database's hold), `failed` (permanent, with the server's message), or, for the request as a
-whole, `smaller` (413: send the events in smaller requests) or `off` (401, 403 other than a
-suspension, 405: the server, or something in front of it, refuses every request of ours, e.g.
-keys rotated; the mirror turns off and the rows are left as they were).
+`event_ids`) and returns one `Verdict` per event id: `sent`, `retry` (an attempt; again after
+the database's backoff, or the server's `Retry-After` if later; with `hold`, a top-level 500,
+it also holds every worker as a wait does), `wait` (the server asked us to come back later, or
+is not there for now: not an attempt, never fails a row, and no request goes to it before the
+wait ends: the database's hold), `failed` (permanent, with the server's message), or, for the
+request as a whole, `smaller` (413: send the events in smaller requests) or `off` (401, 403
+other than a suspension, 405: the server, or something in front of it, refuses every request
+of ours, e.g. keys rotated; the mirror turns off and the rows are left as they were).
 
 What the endpoint documents, read in Langfuse's server source (`web/src/pages/api/public/
 ingestion.ts` and `packages/shared/src/server/ingestion/processEventBatch.ts`, the same in
@@ -26,7 +27,7 @@ v3.225.4 and v4.16.0):
   scope `isIngestionSuspended` (Cloud's usage threshold), the route's only 403; 405
   `MethodNotAllowedError` for any method but POST, so never to our POST from Langfuse itself;
   413 above the 4.5 MB body limit; 429 with `Retry-After` (seconds) and `X-RateLimit-*` headers
-  (Cloud only; self-hosted never limits); 500 for internal errors. A 401, 403 or 405 without
+  (Cloud only; self-hosted never limits); 500 for internal errors (below). A 401, 403 or 405 without
   that body came from something in front of Langfuse (a proxy, a firewall, another server at
   LANGFUSE_HOST), and the error says so.
 - 404 or 410 for the whole request: nothing serves the route at LANGFUSE_HOST. Every Langfuse
@@ -42,7 +43,23 @@ v3.225.4 and v4.16.0):
   rows retry and the error names the location and, when the location ends with the route's
   path, the LANGFUSE_HOST it implies (`redirect_advice`).
 
-Per-item statuses inside a 207 follow the same rule: 429 and 5xx retry, other 4xx fail.
+- A top-level 502 or 504 never comes from Langfuse's handler (it answers a `BaseError`'s own
+  code or 500): a gateway or load balancer in front of it says the server is not there for now
+  (langfuse-web restarting, overloaded, a deploy); so does a gateway's 503, and Langfuse's own
+  503 is its `ServiceUnavailableError` ("Storage service temporarily unavailable", a DNS
+  failure reaching blob storage: `StorageService.ts`). Each is an outage: the rows wait (no
+  attempt, never failed for it) and every worker holds, for the `Retry-After` when given,
+  else the database's doubling backoff (as a bare 429).
+- A top-level 500 is Langfuse's catch-all: a Prisma error (`{"error": "Internal Server
+  Error"}`), or any other exception (`{"message": "Invalid request data", "errors": [<its
+  message>]}`): blob storage or Redis failing in `processEventBatch` ("Failed to upload events
+  to blob storage", "Redis not initialized"), the queue, the database. Those are outages, so a
+  500 holds every worker too (no storm of requests); but the same catch-all also answers an
+  exception our body itself may raise, which no wait cures, so it stays an attempt (`retry`
+  with `hold`): a row fails after the configured attempts, each one a hold apart.
+
+Per-item statuses inside a 207 are one event's, not the server's: 429 and 5xx retry (no hold),
+other 4xx fail.
 """
 
 from __future__ import annotations
@@ -74,6 +91,9 @@ the same handler (v3.225.4, v4.16.0 and main commit 62751446149b). Another 403 i
 NO_ROUTE_RETRY_SECONDS = 300.0
 """A host that does not serve the ingestion route (404/410) is asked again every 5 minutes."""
 INGESTION_PATH = "/api/public/ingestion"
+OUTAGE_STATUSES = frozenset({502, 503, 504})
+"""Top-level answers of a gateway in front of Langfuse, or Langfuse's own "temporarily
+unavailable" (see above): the server is not there for now, so the rows wait."""
 NO_ROUTE_HINT = (
     "every Langfuse from 3.49 serves it for scores, Cloud included: a proxy in front of "
     "Langfuse, or the path in LANGFUSE_HOST, is in the way"
@@ -106,12 +126,14 @@ class Verdict:
     """One row's outcome; `error` is short and human readable (None when sent);
     `retry_after_seconds` is the least delay the server asked for (None: the backoff alone);
     `stop` says the same answer would come for every other request of this pass (down,
-    overloaded, bad keys, suspended), so the sender sends no more of it."""
+    overloaded, bad keys, suspended), so the sender sends no more of it; `hold` (a `retry`
+    only: a top-level 500) says the answer also holds every worker, as a wait does."""
 
     outcome: Outcome
     error: str | None = None
     retry_after_seconds: float | None = None
     stop: bool = False
+    hold: bool = False
 
 
 def classify(
@@ -153,7 +175,12 @@ def classify(
         return _all(
             event_ids, Verdict(Outcome.wait, _short(error), SUSPENDED_RETRY_SECONDS, stop=True)
         )
-    if status >= 500 or status == 408:
+    if status in OUTAGE_STATUSES:  # a gateway: the server is not there for now
+        return _all(event_ids, Verdict(Outcome.wait, _short(error), retry_after(lower, now), True))
+    if status >= 500:  # Langfuse's catch-all: an outage, or a body that breaks it
+        wait = retry_after(lower, now)
+        return _all(event_ids, Verdict(Outcome.retry, _short(error), wait, True, hold=True))
+    if status == 408:
         return _all(event_ids, Verdict(Outcome.retry, _short(error), retry_after(lower, now), True))
     if status in (401, 403, 405):
         # Every request would be refused the same way: the mirror goes off, the rows wait.

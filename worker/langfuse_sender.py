@@ -132,13 +132,15 @@ class ScoreItem(BaseModel):
 
 @dataclass(frozen=True)
 class Delivery:
-    """One item's outcome (sent, retry, wait or failed), a short error (None when sent) and the
-    least delay the server asked for, in seconds."""
+    """One item's outcome (sent, retry, wait or failed), a short error (None when sent), the
+    least delay the server asked for, in seconds, and whether the answer holds every worker
+    though it is a retry (`Verdict.hold`: a top-level 500)."""
 
     event_id: int
     outcome: Outcome
     error: str | None = None
     retry_after_seconds: float | None = None
+    hold: bool = False
 
 
 Chunk = list[tuple[ScoreItem, dict[str, Any]]]
@@ -214,7 +216,7 @@ class LangfuseSender:
                 error = f"{stopped.error} (not attempted)"
                 verdicts = dict.fromkeys(
                     (i.envelope_id for i, _ in chunk),
-                    Verdict(stopped.outcome, error, stopped.retry_after_seconds),
+                    Verdict(stopped.outcome, error, stopped.retry_after_seconds, hold=stopped.hold),
                 )
             else:
                 verdicts = self._post(chunk)
@@ -226,12 +228,12 @@ class LangfuseSender:
                 v = verdicts[item.envelope_id]
                 outcome = Outcome.failed if v.outcome == Outcome.smaller else v.outcome
                 results[item.event_id] = Delivery(
-                    item.event_id, outcome, v.error, v.retry_after_seconds
+                    item.event_id, outcome, v.error, v.retry_after_seconds, v.hold
                 )
         out = []
         for item in items:
             d = results[latest[item.score_id].event_id]
-            out.append(Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds))
+            out.append(Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds, d.hold))
         return out
 
     def event(self, item: ScoreItem) -> dict[str, Any]:

@@ -13,7 +13,13 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 
-from worker.langfuse_check import LangfuseConfigError, LangfuseUnavailable, check, generation
+from worker.langfuse_check import (
+    LangfuseConfigError,
+    LangfuseUnavailable,
+    LangfuseWait,
+    check,
+    generation,
+)
 from worker.langfuse_response import INGESTION_PATH, Outcome
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
 from worker.store import DeliveryRecord, OutboxBacklog, OutboxRow, Store
@@ -125,6 +131,9 @@ class OutboxDrainer:
                 version = check(sender)
             except LangfuseConfigError as exc:
                 self._turn_off(str(exc), recheck=exc.recheck)
+            except LangfuseWait as exc:  # a 429 (or a gateway's 5xx) on the health route
+                self._hold_for(exc.verdict.error, exc.verdict.retry_after_seconds)
+                return False
             except LangfuseUnavailable as exc:
                 self._say_unreachable(str(exc))
                 return False
@@ -168,18 +177,34 @@ class OutboxDrainer:
                 why,
             )
 
-    def _say_hold(self, backlog: OutboxBacklog) -> None:
+    def _hold_for(self, error: str | None, retry_after_seconds: float | None) -> None:
+        """Sets the database's hold for a wait met with no row in hand (at the start-up check),
+        as `record_langfuse_deliveries` sets it for a send's: a wait for event id 0, which no
+        row has (ids start at 1), so no row changes; then says so."""
+        record: DeliveryRecord = {
+            "event_id": 0,
+            "outcome": Outcome.wait.value,
+            "error": error,
+            "retry_after_seconds": retry_after_seconds,
+            "hold": False,
+        }
+        self.store.record_deliveries([record], self.max_attempts)
+        self._say_hold(self.store.outbox_backlog())
+
+    def _say_hold(self, backlog: OutboxBacklog, *, attempt: bool = False) -> None:
         """Logs the mirror's hold: a warning when one starts, then a line at info level for
-        each hold in a row (each probe that met another wait)."""
+        each hold in a row (each probe that met another wait); `attempt`: the answer that set
+        it spent an attempt of its rows (a top-level 500)."""
         until = datetime.now(UTC) + timedelta(seconds=backlog.hold_seconds)
         log = logger.info if self._holding else logger.warning
         self._holding = True
         log(
             "Langfuse asked to wait (%s): no request to it before %s (%.0f s), from any worker; "
-            "outbox rows wait, no attempt spent",
+            "outbox rows wait, %s",
             backlog.hold_reason or "a hold set by another worker",
             until.isoformat(timespec="seconds"),
             backlog.hold_seconds,
+            "one attempt spent for this answer" if attempt else "no attempt spent",
         )
 
     def _turn_off(self, error: str, *, recheck: bool) -> None:
@@ -223,8 +248,9 @@ class OutboxDrainer:
         counts: dict[str, int] = {}
         for d in deliveries:
             counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
-        if Outcome.wait in counts:
-            self._say_hold(self.store.outbox_backlog())  # the hold the database set
+        if Outcome.wait in counts or any(d.hold for d in deliveries):
+            attempt = any(d.hold for d in deliveries)
+            self._say_hold(self.store.outbox_backlog(), attempt=attempt)  # the database's hold
         elif self._holding:
             self._holding = False
             logger.info("Langfuse takes scores again after its wait")
@@ -235,10 +261,13 @@ class OutboxDrainer:
         return len(deliveries)
 
     def drain(self) -> int:
-        """Drains until nothing is due (rows waiting for a retry stay for a later pass)."""
+        """Drains until nothing is due (rows waiting for a retry stay for a later pass), or a
+        pass met a hold (Langfuse asked to wait, or is down: the next pass is a later one's)."""
         total = 0
         while (handled := self.drain_once()) > 0:
             total += handled
+            if self._holding:
+                break
         return total
 
 
@@ -249,4 +278,5 @@ def _as_record(d: Delivery) -> DeliveryRecord:
         "outcome": d.outcome.value,
         "error": d.error,
         "retry_after_seconds": d.retry_after_seconds,
+        "hold": d.hold,
     }

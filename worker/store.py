@@ -66,7 +66,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261217000200"
+REQUIRED_SCHEMA_VERSION = "20261217000800"
 
 
 class ConfigurationError(Exception):
@@ -229,6 +229,7 @@ class DeliveryRecord(TypedDict):
     outcome: str  # "sent", "retry", "wait" or "failed": a langfuse_response.Outcome value
     error: str | None
     retry_after_seconds: float | None  # the least delay the server asked for
+    hold: bool  # a retry that also holds every worker (a top-level 500); false otherwise
 
 
 # The decision's fields that make the payload: the payload's keys, and of each module update

@@ -38,10 +38,10 @@ comment on table private.langfuse_hold is
   'The Langfuse mirror''s hold (one row). hold_until: no outbox row is claimed for Langfuse '
   'before it (null: no hold); once it has passed, one claim at a time is the probe (probe_until: '
   'until when another claim waits for that probe''s answer), and the probe''s recorded answer '
-  'ends the hold or sets the next one. reason: the answer that set it. bare_waits: answers in a '
-  'row that asked to wait without saying how long (a proxy''s bare 429), which double the next '
-  'hold. Set it back with: update private.langfuse_hold set hold_until = null, reason = null, '
-  'bare_waits = 0, probe_until = null;';
+  'ends the hold or sets the next one. reason: the answer that set it. bare_waits: holds in a '
+  'row set by an answer without a delay (a proxy''s bare 429 or 502, a 500), counted once per '
+  'hold, which double the next one; a success sets it to 0. End a hold early with select '
+  'public.end_langfuse_hold(); (it also makes the rows that waited for it due).';
 
 insert into private.langfuse_hold default values;
 
@@ -126,14 +126,19 @@ comment on function public.claim_langfuse_outbox(integer, integer) is
 
 -- Records what happened to claimed rows: p_deliveries is a JSON array of
 -- {"event_id": n, "outcome": "sent" | "retry" | "wait" | "failed", "error": text|null,
--- "retry_after_seconds": n|null}. A retry waits base * 2^attempts seconds (at most
--- p_max_delay_seconds) with jitter, or the server's Retry-After if longer; after p_max_attempts
--- deliveries it fails. A wait (Langfuse asked the mirror to wait: 429, usage suspension, no
--- ingestion route) is not an attempt: it sets the mirror's hold (private.langfuse_hold), for the
--- longest retry_after_seconds of the batch's waits, or, for a wait without one (a proxy's bare
--- 429), base * 2^n seconds (at most 300) with jitter, n the bare waits in a row before it; no
--- claim before the hold ends, and the waiting rows are due then. A batch recorded without a wait
--- ends a hold that has passed (the probe was answered) and the count of bare waits. A superseded
+-- "retry_after_seconds": n|null, "hold": boolean|null}. A retry waits base * 2^attempts seconds
+-- (at most p_max_delay_seconds) with jitter, or the server's Retry-After if longer; after
+-- p_max_attempts deliveries it fails. A wait (Langfuse asked the mirror to wait, or is not there
+-- for now: 429, usage suspension, no ingestion route, a gateway's 502/503/504) is not an
+-- attempt: it sets the mirror's hold (private.langfuse_hold), for the longest
+-- retry_after_seconds of the batch's waits, or, for a wait without one (a proxy's bare 429),
+-- base * 2^n seconds (at most 300) with jitter, n the holds in a row set so before it; at least
+-- 1 s; no claim before the hold ends, and the waiting rows are due then. A retry with hold (a
+-- top-level 500) sets the hold the same way and is an attempt, due at the later of its backoff
+-- and the hold's end. n counts once per hold: an answer recorded while a hold is in force
+-- (another worker's request of the same moment) may lengthen it but does not count again.
+-- A batch recorded without a wait ends a hold that has passed (the probe was answered); a
+-- batch with a success also sets n to 0. A superseded
 -- vote keeps that status; if the newer vote was already sent, it is sent again so that Langfuse
 -- ends with the newer value; if it waits for this delivery, it is released.
 create function public.record_langfuse_deliveries(
@@ -153,20 +158,28 @@ declare
   v_bare boolean;
   v_reason text;
   v_hold_until timestamptz;
+  v_sent boolean;
 begin
   if jsonb_typeof(p_deliveries) is distinct from 'array' then
     raise exception using errcode = '22023', message = 'p_deliveries must be a JSON array';
   end if;
   if exists (
+    select 1 from jsonb_array_elements(p_deliveries) x
+    where jsonb_typeof(x) is distinct from 'object'
+       or jsonb_typeof(x -> 'hold') not in ('boolean', 'null')
+  ) or exists (
     select 1 from jsonb_to_recordset(p_deliveries)
-      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision,
+           hold boolean)
     where d.event_id is null or d.outcome is null
        or d.outcome not in ('sent', 'retry', 'wait', 'failed')
        or d.retry_after_seconds < 0 or d.retry_after_seconds > 86400
+       or (d.hold and d.outcome not in ('retry', 'wait'))
   ) then
     raise exception using errcode = '22023',
       message = 'each delivery needs an event_id, an outcome of sent, retry, wait or failed, '
-                'and a retry_after_seconds of 0 to 86400 or none';
+                'a retry_after_seconds of 0 to 86400 or none, and a hold of true only with a '
+                'retry or a wait';
   end if;
   if p_max_attempts is null or p_max_attempts < 1 or p_base_delay_seconds is null
      or p_base_delay_seconds <= 0 or p_max_delay_seconds is null or p_max_delay_seconds <= 0 then
@@ -174,38 +187,49 @@ begin
       message = 'p_max_attempts, p_base_delay_seconds and p_max_delay_seconds must be positive';
   end if;
 
-  -- The mirror's hold: waits set it (all of one request's rows carry the same answer), a batch
-  -- without one ends a hold that has passed. The bare-wait backoff: equal jitter, as the rows'.
+  -- The mirror's hold: waits and retries with hold set it (all of one request's rows carry the
+  -- same answer), a batch without one ends a hold that has passed. The bare backoff: equal
+  -- jitter, as the rows'; it counts once per hold, not once per worker that met the answer: an
+  -- answer recorded while a hold is in force (h.hold_until > now()) neither counts nor doubles.
   select count(*), max(d.retry_after_seconds), coalesce(bool_or(d.retry_after_seconds is null), false),
          min(d.error)
     into v_waits, v_given, v_bare, v_reason
   from jsonb_to_recordset(p_deliveries)
-    as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
-  where d.outcome = 'wait';
+    as d(event_id bigint, outcome text, error text, retry_after_seconds double precision,
+         hold boolean)
+  where d.outcome = 'wait' or (d.outcome = 'retry' and d.hold);
+  select coalesce(bool_or(d.outcome = 'sent'), false) into v_sent
+  from jsonb_to_recordset(p_deliveries) as d(outcome text);
   if v_waits > 0 then
     update private.langfuse_hold h
     set hold_until = greatest(h.hold_until, now() + make_interval(secs => greatest(
+          1,  -- a Retry-After of 0 (or a date gone by) still holds a second: no busy loop
           coalesce(v_given, 0),
           case when v_bare
-            then least(p_base_delay_seconds * power(2, least(h.bare_waits, 30)), 300)
+            then least(p_base_delay_seconds * power(2, least(
+                   case when h.hold_until > now() then greatest(h.bare_waits - 1, 0)
+                        else h.bare_waits end, 30)), 300)
                  * (0.5 + random() / 2)
             else 0
           end))),
         reason = left(v_reason, 2000),
-        bare_waits = h.bare_waits + case when v_bare then 1 else 0 end,
+        bare_waits = h.bare_waits
+          + case when v_bare and not coalesce(h.hold_until > now(), false) then 1 else 0 end,
         probe_until = null
     where h.singleton  -- the one row (hosted Supabase refuses an update without a where)
     returning h.hold_until into v_hold_until;
   elsif jsonb_array_length(p_deliveries) > 0 then
     update private.langfuse_hold h
-    set hold_until = null, reason = null, bare_waits = 0, probe_until = null
-    where (h.hold_until is not null or h.bare_waits > 0)
+    set hold_until = null, reason = null, probe_until = null,
+        bare_waits = case when v_sent then 0 else h.bare_waits end
+    where (h.hold_until is not null or (v_sent and h.bare_waits > 0))
       and (h.hold_until is null or h.hold_until <= now());
   end if;
 
   with d as (
     select * from jsonb_to_recordset(p_deliveries)
-      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision)
+      as d(event_id bigint, outcome text, error text, retry_after_seconds double precision,
+           hold boolean)
   ),
   updated as (
     update public.persona_training_events e
@@ -227,10 +251,11 @@ begin
         end,
         langfuse_next_attempt_at = case
           when d.outcome = 'wait' then coalesce(v_hold_until, now())
-          when d.outcome = 'retry' then now() + make_interval(secs => greatest(
+          -- greatest() skips the null of a retry without hold
+          when d.outcome = 'retry' then greatest(now() + make_interval(secs => greatest(
             coalesce(d.retry_after_seconds, 0),
             least(p_base_delay_seconds * power(2, e.langfuse_attempts), p_max_delay_seconds)
-            * (0.5 + random() / 2)))
+            * (0.5 + random() / 2))), case when d.hold then v_hold_until end)
           else now()
         end
     from d
@@ -263,21 +288,24 @@ $$;
 comment on function public.record_langfuse_deliveries(jsonb, integer, double precision, double precision) is
   'Worker (outbox drain). In: p_deliveries, a JSON array of {"event_id": n, "outcome": "sent" | '
   '"retry" | "wait" | "failed", "error": text or null, "retry_after_seconds": 0-86400 or null '
-  '(the server''s Retry-After)}; p_max_attempts (default 8), p_base_delay_seconds (2) and '
+  '(the server''s Retry-After), "hold": true with a retry that also holds every worker (a '
+  'top-level 500), else false or absent}; p_max_attempts (default 8), p_base_delay_seconds (2) and '
   'p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = now(); '
   'failed, or a retry on the last attempt: failed with the error (up to 2000 chars); retry: an '
   'attempt, due again after max(retry_after_seconds, min(base * 2^attempts, max) * (0.5 + '
   'random()/2)) seconds, exponential backoff with "equal jitter" (AWS Architecture Blog, '
-  'Exponential Backoff and Jitter, 2015); wait (Langfuse asked to wait: rate limit, usage '
-  'suspension, no ingestion route): not an attempt, so it never fails a row; it sets the '
-  'mirror''s hold (private.langfuse_hold, no claim before it ends) to now() + the longest '
-  'retry_after_seconds of the waits, or, with a wait that has none, at least min(base * 2^n, '
-  '300) * (0.5 + random()/2) seconds, n the bare waits in a row before it (then n + 1), and the '
-  'waiting rows are due at its end. A batch without a wait ends a hold that has passed and sets '
-  'n to 0. A superseded vote stays superseded; the newer vote that waited for it is released, '
+  'Exponential Backoff and Jitter, 2015); wait (Langfuse asked to wait or is not there for now: '
+  'rate limit, usage suspension, no ingestion route, a gateway''s 502/503/504): not an attempt, '
+  'so it never fails a row; it sets the mirror''s hold (private.langfuse_hold, no claim before '
+  'it ends) to now() + the longest retry_after_seconds of the waits, or, with a wait that has '
+  'none, at least min(base * 2^n, 300) * (0.5 + random()/2) seconds, n the holds in a row set '
+  'so (then n + 1; an answer recorded while a hold is in force neither counts nor doubles), and '
+  'at least 1 s; the waiting rows are due at its end. A retry with hold sets the hold alike and '
+  'is an attempt, due at the later of its backoff and the hold''s end. A batch without a wait '
+  'or hold ends a hold that has passed; one with a sent row sets n to 0. A superseded vote stays superseded; the newer vote that waited for it is released, '
   'and sent again if it went out first. Raises 22023 when p_deliveries is not an array, an item '
-  'lacks event_id or a known outcome or has a retry_after_seconds out of range, or a limit is '
-  'not positive.';
+  'lacks event_id or a known outcome, has a retry_after_seconds out of range or a hold that is '
+  'not a boolean or is true with sent or failed, or a limit is not positive.';
 
 -- Langfuse is not configured: due rows are kept locally and marked skipped.
 create function public.skip_langfuse_outbox(p_limit integer default 1000)
@@ -395,3 +423,41 @@ comment on function public.langfuse_outbox_backlog() is
 
 grant execute on function public.langfuse_outbox_backlog() to service_role;
 revoke execute on function public.langfuse_outbox_backlog() from public;
+
+-- An operator ends the mirror's hold early (the plan upgraded, the proxy fixed): the hold and
+-- its count of bare waits go, and the rows that waited for it are due now (their next attempt
+-- was the hold's end).
+create function public.end_langfuse_hold()
+returns integer
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_until timestamptz;
+  v_count integer;
+begin
+  select h.hold_until into v_until from private.langfuse_hold h where h.singleton for update;
+  update private.langfuse_hold h
+  set hold_until = null, reason = null, bare_waits = 0, probe_until = null
+  where h.singleton;
+  if v_until is null or v_until <= now() then
+    return 0;  -- no hold in force: its rows, if any, are already due
+  end if;
+  update public.persona_training_events e
+  set langfuse_next_attempt_at = now()
+  where e.source = 'user_feedback' and e.langfuse_status in ('pending', 'retrying')
+    and e.langfuse_next_attempt_at > now() and e.langfuse_next_attempt_at <= v_until;
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$$;
+
+comment on function public.end_langfuse_hold() is
+  'Operator (service role). In: nothing. Ends the Langfuse mirror''s hold now '
+  '(private.langfuse_hold cleared, its bare-wait count 0) and makes due now every pending or '
+  'retrying feedback row whose next attempt falls before the hold''s end: the rows that waited '
+  'for it, and retries whose backoff the hold outlasted. Out: how many rows it made due (0 '
+  'when no hold was in force). Raises nothing.';
+
+grant execute on function public.end_langfuse_hold() to service_role;
+revoke execute on function public.end_langfuse_hold() from public;

@@ -513,16 +513,19 @@ def test_errors_back_off_exponentially_do_not_block_other_twins_and_finally_fail
         for event_id, due in dues.items():
             assert rows[event_id]["status"] == "retrying"
             assert rows[event_id]["attempts"] == attempt
-            assert rows[event_id]["last_error"].startswith("HTTP 500")
+            assert rows[event_id]["last_error"].startswith("rejected by Langfuse (HTTP 500)")
             # the delay is due - (time of the record), which lies between started and finished
             assert due - started >= low - SLACK, (attempt, due - started)
             assert due - finished <= high + SLACK, (attempt, due - finished)
 
-    standin.set_mode("error")
+    # Langfuse's per-event 500 inside the 207 (one event's failure, not an outage: a top-level
+    # 500 holds every worker, see section 12): each row backs off on its own.
+    standin.set_mode("partial", reject=dict.fromkeys(a_scores, "Internal Server Error"),
+                     reject_status=500)
     for attempt in (1, 2, 3):  # delays of 1-2 s, 2-4 s, 4-8 s
         requests_before = len(standin.score_requests)
         failing_pass(attempt)
-        assert len(standin.score_requests) == requests_before + 1  # 5xx stops the pass
+        assert len(standin.score_requests) == requests_before + 3  # 5 rows, 2 a request
     assert not a_scores & set(standin.scores)
 
     # Langfuse is back. A day passes for both twins (every delay has run out, the order of the
@@ -1057,8 +1060,10 @@ def test_environment_defaults_to_langfuses_own_variable(
         ("cloud", "suspended", [(300.0, 300.0)] * 3),
         # a proxy's bare 429 in front of any generation: 1-2 s, then twice as long each time
         ("v3", "proxy_rate_limited", [(1.0, 2.0), (2.0, 4.0), (4.0, 8.0)]),
+        # langfuse-web restarting behind its proxy (502): an outage, backed off the same way
+        ("v4", "proxy_bad_gateway", [(1.0, 2.0), (2.0, 4.0), (4.0, 8.0)]),
     ],
-    ids=["retry-after", "suspended", "bare-429"],
+    ids=["retry-after", "suspended", "bare-429", "bare-502"],
 )
 def test_a_wait_holds_every_send_one_probe_per_hold_until_it_lifts(
     service: Client,
@@ -1342,6 +1347,8 @@ def test_a_host_without_the_ingestion_route_keeps_rows_waiting(
         {"outcome": "wait", "retry_after_seconds": -1},
         {"outcome": "retry", "retry_after_seconds": 86401},
         {"outcome": "later"},
+        {"outcome": "sent", "hold": True},
+        {"outcome": "retry", "hold": "yes"},
     ],
 )
 def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
@@ -1353,10 +1360,235 @@ def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
     owner, voter = make_user("owner"), make_user("voter")
     event = vote(voter, open_twin(service, owner), "bad-record", 1)
     before = outbox(service, [event["id"]])
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="retry_after_seconds of 0"):
+    refused = "retry_after_seconds of 0.*hold"
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=refused):
         db.execute(
             "select public.record_langfuse_deliveries(%s::jsonb)",
             (json.dumps([{"event_id": event["id"], "error": "x", **delivery}]),),
         )
     assert outbox(service, [event["id"]]) == before
     assert hold(db) == (None, None, 0)
+
+
+# -- 12. Outages: a 5xx holds every worker; the bare backoff counts holds; ending one early ----
+
+
+def claim_ids(service: Client, limit: int = 2) -> list[int]:
+    """One worker's claim, as `claim_langfuse_outbox` answers it: the event ids."""
+    answer = service.rpc(
+        "claim_langfuse_outbox", {"p_limit": limit, "p_visibility_seconds": 60}
+    ).execute()
+    return [r["event_id"] for r in rows(answer)]
+
+
+def test_langfuses_500_holds_every_worker_and_spends_one_attempt_per_hold(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+) -> None:
+    """Langfuse's catch-all 500 (its storage or queue down): the first request's answer holds
+    every worker (no request per batch, per worker, per poll), and each hold costs its rows one
+    attempt (a body that breaks the server still fails after max_attempts); the rows are due
+    no earlier than the hold's end."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"five-hundred-{i}", 1)["id"] for i in range(6)]
+    make_due(db, ids, "30 days")
+    with (
+        LangfuseStandin(generation="v3") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
+    ):
+        check(sender)
+        drainer = OutboxDrainer(store, sender, batch_size=2, max_attempts=8)
+        lf.set_mode("error")
+        seen = len(lf.requests)
+        assert drainer.drain_once() == 2
+        seconds, reason, bare = hold(db)
+        assert seconds is not None and 0.5 <= seconds <= 2.0 and bare == 1
+        assert reason is not None and "HTTP 500" in reason
+        assert drainer.holding
+        first = ids[:2]
+        rows_ = outbox(service, first)
+        assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("retrying", 1)}
+        until = db.execute("select hold_until from private.langfuse_hold").fetchone()
+        assert until is not None
+        assert all(when >= until[0] for when in due_times(db, first).values())
+        db.execute("update private.langfuse_hold set hold_until = now() + interval '1h'")
+        assert claim_ids(service) == []  # another worker: held too
+        assert drainer.drain() == 0
+        assert len(lf.requests) == seen + 1, "one request, not one per batch"
+        end_hold(db)
+        assert drainer.drain_once() == 2  # the probe meets the 500 again: the next hold, longer
+        seconds, _, bare = hold(db)
+        assert seconds is not None and 1.0 <= seconds <= 4.0 and bare == 2
+        lf.set_mode("ok")
+        end_hold(db)
+        make_due(db, ids, "30 days")
+        drainer.drain()
+    rows_ = outbox(service, ids)
+    assert {r["status"] for r in rows_.values()} == {"sent"}
+    assert hold(db) == (None, None, 0)
+
+
+def test_the_bare_backoff_counts_holds_not_answers_and_only_a_success_resets_it(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """Four workers meet the same bare 429 at once: one hold, counted once (the first hold
+    stays 1-2 s); a retry (a timeout, say) after the hold ends it but keeps the count; only a
+    success starts the count again."""
+    owner, voter = make_user("owner"), make_user("voter")
+    event = vote(voter, open_twin(service, owner), "count-holds", 1)
+    for _ in range(4):  # the same answer, recorded by four workers while the hold is in force
+        record(service, [event["id"]], "wait")
+    seconds, _, bare = hold(db)
+    assert seconds is not None and 0.5 <= seconds <= 2.0 and bare == 1
+    end_hold(db)
+    record(service, [event["id"]], "retry")  # the probe timed out: not a success
+    assert hold(db) == (None, None, 1)
+    record(service, [event["id"]], "wait")  # the next bare answer: twice as long
+    seconds, _, bare = hold(db)
+    assert seconds is not None and 1.0 <= seconds <= 4.0 and bare == 2
+    end_hold(db)
+    record(service, [event["id"]], "sent")
+    assert hold(db) == (None, None, 0)
+
+
+def test_a_retry_after_of_zero_still_holds_a_second_and_drain_stops_after_a_held_pass(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+) -> None:
+    """`Retry-After: 0` (or a date gone by) holds at least a second, so the next claim is not
+    a probe at once; and `outbox drain` stops after a pass that met a hold, however short:
+    even if the hold has run out by the next pass, it sends one request, not one per batch."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    event = vote(voter, twin, "retry-after-zero", 1)
+    record(service, [event["id"]], "wait", 0.0)
+    seconds, _, _ = hold(db)
+    assert seconds is not None and 0.5 <= seconds <= 1.0
+    assert claim_ids(service) == []
+
+    db.execute(CLEAR_HOLD)
+    ids = [vote(voter, twin, f"drain-stops-{i}", 1)["id"] for i in range(6)]
+    make_due(db, ids, "30 days")
+
+    class HoldRunsOut(Store):
+        """The worker's store, where every hold has run out by the next pass."""
+
+        def record_deliveries(self, deliveries: Any, max_attempts: int) -> int:
+            recorded = super().record_deliveries(deliveries, max_attempts)
+            end_hold(db)
+            return recorded
+
+    quick = object.__new__(HoldRunsOut)
+    quick.__dict__.update(store.__dict__)
+    with (
+        LangfuseStandin(generation="v3") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
+    ):
+        check(sender)
+        lf.set_mode("proxy_rate_limited")
+        seen = len(lf.requests)
+        assert OutboxDrainer(quick, sender, batch_size=2, max_attempts=1).drain() == 2
+        assert len(lf.requests) == seen + 1
+
+
+def test_ending_a_hold_early_makes_its_waiting_rows_due(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """The plan upgraded: `select public.end_langfuse_hold()` ends the hold and makes the rows
+    that waited for it due now, so the next claim takes them (clearing private.langfuse_hold
+    alone left them waiting until the hold's old end); without a hold it changes nothing."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"end-early-{i}", 1)["id"] for i in range(2)]
+    make_due(db, ids, "400 days")  # ahead of other tests' due rows
+    assert claim_ids(service) == ids
+    record(service, ids, "wait", 3600.0)  # a suspension, say: an hour
+    later = vote(voter, twin, "end-early-not-waiting", 1)["id"]
+    db.execute(
+        "update public.persona_training_events set langfuse_next_attempt_at = now() + "
+        "interval '2 hours' where id = %s", (later,),
+    )  # a retry whose backoff outlasts the hold: left as it is
+    released = service.rpc("end_langfuse_hold", {}).execute().data
+    assert isinstance(released, int) and released >= 2
+    assert hold(db) == (None, None, 0)
+    now = db_now(db)
+    assert all(when <= now for when in due_times(db, ids).values())
+    assert due_times(db, [later])[later] > now + timedelta(hours=1)
+    make_due(db, ids, "400 days")
+    assert claim_ids(service) == ids
+    assert service.rpc("end_langfuse_hold", {}).execute().data == 0
+    assert {r["attempts"] for r in outbox(service, ids).values()} == {0}
+
+
+def test_a_proxys_429_on_the_health_route_at_start_holds_every_worker(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+) -> None:
+    """A proxy's rate limit answers even the start-up check (its bare 429 on every path): that
+    sets the database's hold, as on a send, so no worker asks again before it ends (not a
+    check per pass per worker); after it, the check passes and the rows go."""
+    owner, voter = make_user("owner"), make_user("voter")
+    ids = [vote(voter, open_twin(service, owner), f"health-429-{i}", 1)["id"] for i in range(2)]
+    with (
+        LangfuseStandin(generation="v4") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0) as sender,
+    ):
+        lf.set_mode("proxy_rate_limited")
+        drainer = OutboxDrainer(store, sender, batch_size=len(ids), max_attempts=1)
+        assert drainer.drain_once() == 0
+        seconds, reason, bare = hold(db)
+        assert seconds is not None and 0.5 <= seconds <= 2.0 and bare == 1
+        assert reason is not None and "HTTP 429" in reason
+        assert [(r.path, r.status) for r in lf.requests] == [("/api/public/health", 429)]
+        other = OutboxDrainer(store, sender, batch_size=len(ids), max_attempts=1)
+        assert other.drain_once() == drainer.drain_once() == 0
+        assert len(lf.requests) == 1, "nothing before the hold ends, from any worker"
+        lf.set_mode("ok")
+        end_hold(db)
+        make_due(db, ids, "400 days")
+        assert drainer.drain_once() == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
+    assert {r["attempts"] for r in outbox(service, ids).values()} == {1}
+
+
+@pytest.mark.parametrize("mode", ["no_route", "proxy_page"])
+def test_no_langfuse_at_start_is_checked_again_without_a_restart(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    mode: Mode,
+) -> None:
+    """A proxy with no route to Langfuse yet (Traefik before the container is healthy answers
+    404; or a page of its own): the mirror is off with one line, and checked again every
+    `recheck_seconds`, so it comes back once Langfuse answers, no restart needed; the rows
+    stay pending meanwhile."""
+    owner, voter = make_user("owner"), make_user("voter")
+    ids = [vote(voter, open_twin(service, owner), f"start-{mode}-{i}", 1)["id"] for i in range(2)]
+    with (
+        LangfuseStandin(generation="v4") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0) as sender,
+        caplog.at_level("ERROR", logger="worker.outbox"),
+    ):
+        lf.set_mode(mode)
+        drainer = OutboxDrainer(store, sender, batch_size=len(ids), max_attempts=1,
+                                recheck_seconds=0)
+        assert drainer.drain_once() == 0
+        assert drainer.config_error is not None
+        (line,) = [m for m in caplog.messages if "Langfuse mirror off" in m]
+        assert "checked again every 0 s" in line
+        assert {(r["status"], r["attempts"]) for r in outbox(service, ids).values()} == {
+            ("pending", 0)
+        }
+        lf.set_mode("ok")
+        make_due(db, ids, "400 days")
+        assert drainer.drain_once() == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}

@@ -771,6 +771,7 @@ WORKER_CALLS: dict[str, WorkerCall] = {
         lambda w, lease: {"p_status": "skipped"}, skip_world_feedback),
     "worker_schema_version": WorkerCall(lambda w, lease: {}),
     "langfuse_outbox_backlog": WorkerCall(lambda w, lease: {}),
+    "end_langfuse_hold": WorkerCall(lambda w, lease: {}),
 }
 
 # The project owner's functions (SQL as postgres, for the optional pg_cron schedule): no key may

@@ -266,18 +266,50 @@ def test_405_is_a_wrong_host_or_path_or_a_proxy_not_the_keys(payload: Any) -> No
     assert "keys" not in verdict.error
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
-def test_server_errors_and_timeouts_retry_and_stop_the_pass(status: int) -> None:
-    verdict = one(run(status, {"message": "boom"}, {"Retry-After": "5"}))
-    assert (verdict.outcome, verdict.retry_after_seconds, verdict.stop) == (
-        Outcome.retry,
-        5.0,
-        True,
+@pytest.mark.parametrize("status", [502, 503, 504])
+@pytest.mark.parametrize(("headers", "delay"), [({"Retry-After": "5"}, 5.0), ({}, None)])
+def test_a_gateways_5xx_is_an_outage_that_waits_not_an_attempt(
+    status: int, headers: dict[str, str], delay: float | None
+) -> None:
+    """langfuse-web restarting behind a proxy: the rows wait (the database's hold, for the
+    Retry-After when given, else its doubling backoff), no attempt spent."""
+    verdict = one(run(status, b"<html>Bad Gateway</html>", headers))
+    assert verdict == Verdict(
+        Outcome.wait, f"HTTP {status}: <html>Bad Gateway</html>", delay, stop=True
     )
 
 
+@pytest.mark.parametrize("status", [500, 501, 599])
+@pytest.mark.parametrize(("headers", "delay"), [({"Retry-After": "5"}, 5.0), ({}, None)])
+def test_langfuses_500_holds_every_worker_and_stays_an_attempt(
+    status: int, headers: dict[str, str], delay: float | None
+) -> None:
+    """Langfuse's catch-all 500 (storage, Redis, the database down, or a body that breaks
+    it): a retry, so attempts bound it, that also sets the hold (no storm)."""
+    payload = {"message": "Invalid request data", "errors": ["Redis not initialized"]}
+    verdict = one(run(status, payload, headers))
+    assert (verdict.outcome, verdict.retry_after_seconds, verdict.stop, verdict.hold) == (
+        Outcome.retry, delay, True, True
+    )
+
+
+def test_a_408_retries_and_stops_the_pass_without_a_hold() -> None:
+    verdict = one(run(408, {"message": "boom"}, {"Retry-After": "5"}))
+    assert verdict == Verdict(Outcome.retry, "HTTP 408: boom", 5.0, stop=True, hold=False)
+
+
+def test_only_a_top_level_500_holds() -> None:
+    """Per-item 5xx inside a 207 are one event's: they retry without holding anyone."""
+    payload = {"successes": [], "errors": [{"id": i, "status": 503} for i in IDS]}
+    assert {(v.outcome, v.hold, v.stop) for v in run(207, payload).values()} == {
+        (Outcome.retry, False, False)
+    }
+    for status in (200, 207, 301, 400, 401, 404, 413, 429):
+        assert not any(v.hold for v in run(status, {"message": "x"}).values()), status
+
+
 @pytest.mark.parametrize(
-    ("status", "outcome"), [(429, Outcome.wait), (503, Outcome.retry), (500, Outcome.retry)]
+    ("status", "outcome"), [(429, Outcome.wait), (503, Outcome.wait), (500, Outcome.retry)]
 )
 @pytest.mark.parametrize(
     "headers",
@@ -369,7 +401,7 @@ def test_a_proxys_detail_is_the_message() -> None:
 def test_a_body_that_is_not_utf8_is_shown_not_raised() -> None:
     verdict = one(run(503, b"Service unavailable \xe9t\xe9"))
     assert verdict == Verdict(
-        Outcome.retry, "HTTP 503: Service unavailable \ufffdt\ufffd", stop=True
+        Outcome.wait, "HTTP 503: Service unavailable \ufffdt\ufffd", stop=True
     )
 
 

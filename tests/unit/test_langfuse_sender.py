@@ -215,8 +215,23 @@ def test_server_error_means_retry_for_every_item(
 
     assert outcomes(deliveries) == {Outcome.retry}
     assert all(d.error is not None and "HTTP 500" in d.error for d in deliveries)
+    assert all(d.hold for d in deliveries)  # the rows not attempted hold every worker too
     assert len(standin.requests) == 1  # the other chunks are not attempted
     assert standin.scores == {}
+
+
+def test_a_proxys_502_waits_for_every_item_and_sends_no_more(
+    standin: LangfuseStandin, sender: LangfuseSender
+) -> None:
+    """langfuse-web restarting behind nginx: a wait (no attempt), the rest not attempted."""
+    standin.set_mode("proxy_bad_gateway")
+
+    deliveries = sender.send(make_items(250))
+
+    assert outcomes(deliveries) == {Outcome.wait}
+    assert {d.retry_after_seconds for d in deliveries} == {None}
+    assert all(d.error is not None and "HTTP 502" in d.error for d in deliveries)
+    assert len(standin.requests) == 1
 
 
 def test_rate_limited_waits_for_retry_after(cloud: LangfuseStandin) -> None:
