@@ -66,6 +66,15 @@ class LangfuseNotThere(LangfuseConfigError):
     recheck = True
 
 
+class LangfuseRedirected(LangfuseConfigError):
+    """LANGFUSE_HOST answers with a redirect (never followed: a redirected POST may arrive as a
+    GET elsewhere): a setting to fix, but also what a proxy in front of Langfuse answers while
+    it is being set up (http:// to https://), so the check is repeated later, as for a redirect
+    met mid-run."""
+
+    recheck = True
+
+
 class LangfuseUnavailable(Exception):
     """Langfuse could not be asked (down, timeout, 5xx): try again later."""
 
@@ -95,10 +104,11 @@ def generation(version: tuple[int, int, int]) -> str:
 
 def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host (a redirect), the keys or the version cannot work (a usage suspension or rate limit
+    host, the keys or the version cannot work (a usage suspension or rate limit
     on the ingestion route does not: the sends wait), LangfuseNotThere (a LangfuseConfigError,
     checked again later) when no Langfuse, or no ingestion route, answers there (a proxy or a
-    wrong base path), LangfuseRefused (one too) when the keys, or our requests, are refused,
+    wrong base path), LangfuseRedirected (one too, checked again later) for a redirect,
+    LangfuseRefused (one too) when the keys, or our requests, are refused,
     LangfuseHostUnusable (one too) when the host name does not resolve or TLS fails,
     LangfuseWait (a LangfuseUnavailable) when the health route answers 429 or a gateway's
     502/503/504 (the drainer holds every worker for it), LangfuseUnavailable when the server
@@ -163,7 +173,7 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
         raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
     if answer.is_redirect:
         location = answer.headers.get("location", "no location given")
-        raise LangfuseConfigError(
+        raise LangfuseRedirected(
             f"LANGFUSE_HOST={sender.host} redirects ({answer.status_code}) to {location}: "
             f"{redirect_advice(location, path)}"
         )

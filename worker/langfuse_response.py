@@ -39,9 +39,10 @@ v3.225.4 and v4.16.0):
   another type than score-create or sdk-log gets a per-event 400 "Event type not accepted":
   read like any per-event 4xx (failed), though the sender never sends one.
 - A 3xx means LANGFUSE_HOST is not the server itself (e.g. http:// redirected to https://). The
-  sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); the
-  rows retry and the error names the location and, when the location ends with the route's
-  path, the LANGFUSE_HOST it implies (`redirect_advice`).
+  sender never follows it (a redirected POST may arrive as a GET elsewhere and answer 200); as
+  at start, the mirror turns off (`off`: every request would be redirected, nothing about the
+  rows is wrong, no attempt) and the error names the location and, when the location ends with
+  the route's path, the LANGFUSE_HOST it implies (`redirect_advice`).
 
 - A top-level 502 or 504 never comes from Langfuse's handler (it answers a `BaseError`'s own
   code or 500): a gateway or load balancer in front of it says the server is not there for now
@@ -112,9 +113,9 @@ class Outcome(StrEnum):
     """The request was too large (413): send its events again in smaller requests."""
     off = "off"
     """The server, or the way to it, refuses us, not the scores (401, 403 other than a
-    suspension, 405; from the sender: a host name that does not resolve, a TLS handshake that
-    fails): the mirror turns off until a start-up check passes again (repeated every few
-    minutes); the rows are left as they were."""
+    suspension, 405, a redirect; from the sender: a host name that does not resolve, a TLS
+    handshake that fails): the mirror turns off until a start-up check passes again
+    (repeated every few minutes); the rows are left as they were."""
     unreachable = "unreachable"
     """From the sender: no connection could be made (refused, connect timeout, no route), so
     nothing was sent: the rows are left as they were, and the mirror checks the server again
@@ -155,7 +156,7 @@ def classify(
         location = lower.get("location", "no location given")
         advice = redirect_advice(location, INGESTION_PATH)
         error = f"HTTP {status}: redirected to {location}; {advice}"
-        return _all(event_ids, Verdict(Outcome.retry, _short(error), stop=True))
+        return _all(event_ids, Verdict(Outcome.off, _short(error), stop=True))
 
     error = f"HTTP {status}: {_message(parsed, body, status)}"
     if status == 413:

@@ -1256,26 +1256,44 @@ def test_serve_sends_one_request_per_hold_until_the_limit_lifts(
     assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("sent", 1)}
 
 
-def test_a_redirect_is_refused_and_the_rows_say_where_to(
+def test_a_redirect_mid_run_turns_the_mirror_off_as_at_start_and_spends_nothing(
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
     store: Store,
     standin: LangfuseStandin,
     make_sender: SenderFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A proxy starts redirecting http:// to https:// while the worker runs: one error line
+    saying where to, no attempt spent, no request per pass (the mirror is off), checked again
+    every `recheck_seconds`; once the host answers again, the rows go."""
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
-    ids = [vote(voter, twin, "redirected", 1)["id"]]
+    ids = [vote(voter, twin, f"redirected-{i}", 1)["id"] for i in range(2)]
     sender = make_sender()
     standin.set_mode("redirect")
-
-    assert drain_ours(db, store, sender, ids) == 1
-    (row,) = outbox(service, ids).values()
-    assert row["status"] == "retrying"
-    assert "redirected to https://" in row["last_error"] and "LANGFUSE_HOST" in row["last_error"]
+    make_due(db, ids, "400 days")
+    drainer = OutboxDrainer(store, sender, batch_size=len(ids), max_attempts=1,
+                            recheck_seconds=3600)
+    with caplog.at_level("ERROR", logger="worker.outbox"):
+        assert drainer.drain_once() == 0
+        seen = len(standin.requests)
+        assert [drainer.drain_once() for _ in range(5)] == [0] * 5
+    assert len(standin.requests) == seen, "off: no request per pass"
+    (line,) = [m for m in caplog.messages if "Langfuse mirror off" in m]
+    assert "redirected to https://" in line and "set LANGFUSE_HOST to https://" in line
+    rows_ = outbox(service, ids)
+    assert {(r["status"], r["attempts"], r["last_error"]) for r in rows_.values()} == {
+        ("pending", 0, None)
+    }
     assert [(r.method, r.status) for r in standin.requests[-1:]] == [("POST", 301)]
-    assert standin.scores == {}
+    standin.set_mode("ok")
+    drainer.recheck_seconds = 0
+    drainer._recheck_at = 0.0  # the recheck is due (stands for the passage of time)
+    make_due(db, ids, "400 days")
+    assert drainer.drain_once() == len(ids)
+    assert set(statuses(service, ids).values()) == {"sent"}
 
 
 def test_a_200_page_from_something_else_confirms_nothing(

@@ -146,8 +146,9 @@ def test_a_2xx_without_the_documented_body_confirms_nothing(status: int, payload
 
 @pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308])
 def test_a_redirect_is_never_taken_for_delivery(status: int) -> None:
+    """As at start: the mirror turns off (no attempt), saying where the host redirects."""
     verdict = one(run(status, b"Moved", {"Location": "https://langfuse.example.com/api"}))
-    assert verdict.outcome == Outcome.retry
+    assert verdict.outcome == Outcome.off
     assert verdict.stop
     assert verdict.error is not None
     assert "https://langfuse.example.com/api" in verdict.error and "LANGFUSE_HOST" in verdict.error
@@ -156,7 +157,7 @@ def test_a_redirect_is_never_taken_for_delivery(status: int) -> None:
 def test_a_redirect_without_a_location_says_so() -> None:
     verdict = one(run(302, b""))
     assert verdict == Verdict(
-        Outcome.retry,
+        Outcome.off,
         "HTTP 302: redirected to no location given; set LANGFUSE_HOST to the server itself",
         stop=True,
     )
