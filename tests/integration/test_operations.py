@@ -29,7 +29,6 @@ pytestmark = pytest.mark.integration
 # stand-in API proxy get ports of this prefix, beside the stack's own.
 PREFIX = os.environ.get("PFL_API_PORT", "55321")[:3]
 METRICS_PORT = int(f"{PREFIX}61")
-PROXY_PORT = int(f"{PREFIX}62")
 DEAD_PORT = int(f"{PREFIX}63")  # nothing listens there: a Langfuse that is down
 
 
@@ -211,14 +210,14 @@ def test_metrics_count_exactly_the_runs_events_and_backlog_of_the_worker(
 
 
 class Proxy:
-    """A TCP forwarder from `port` to the stack's API. Paused, it makes the API unreachable for
-    whoever connects through it (open connections are closed, new ones closed as they come) while
-    it keeps the port: binding it again could find it taken, as it lies in the range the system
-    hands out to outgoing connections."""
+    """A TCP forwarder from `port` (0: one the system picks; `self.port` says which) to the
+    stack's API. Paused, it makes the API unreachable for whoever connects through it (open
+    connections are closed, new ones closed as they come) while it keeps the port."""
 
     def __init__(self, port: int, target: tuple[str, int]) -> None:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self.port: int = self.listener.getsockname()[1]
         self.listener.settimeout(0.1)
         self.open: list[socket.socket] = []
         self.serving = threading.Event()
@@ -279,10 +278,12 @@ class Proxy:
 def test_health_is_503_while_the_api_is_unreachable_and_200_when_it_is(stack, tmp_path):
     api = httpx.URL(stack.url)
     target = (api.host, api.port or 80)
-    proxy = Proxy(PROXY_PORT, target)
+    # A port the system picks: a fixed one lies in the range handed to outgoing connections,
+    # and a fresh-clone CI run found it taken.
+    proxy = Proxy(0, target)
     log = tmp_path / "serve.log"
     proc = serve(
-        stack, log, url=f"http://127.0.0.1:{PROXY_PORT}",
+        stack, log, url=f"http://127.0.0.1:{proxy.port}",
         PFL_METRICS_PORT=str(METRICS_PORT), PFL_HEALTH_MAX_AGE_SECONDS="1",
         PFL_STORE_ATTEMPTS="1", PFL_HTTP_TIMEOUT_SECONDS="2",
     )
