@@ -30,6 +30,9 @@ class Row:
 # quick smoke test in CI reports them as known misses instead of failing on them; a full-size run
 # still fails. Remove an entry once its target holds again.
 KNOWN_MISSES = {
+    "1 learn": "known miss at quick size only: its floor is 0.3-0.6 s, against which each run's "
+    "fixed cost (about 0.1 s: the claim, the completion and their round trips) weighs 2-3 times "
+    "what it does at full size, which passes (docs/benchmarks.md, case 1)",
     "6 drain": "known miss: one worker makes 4 sequential round trips per run and spends about "
     "20 ms of CPU per run across the stack (docs/benchmarks.md, case 6)",
 }
