@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypedDict, TypeVar, cast
 from uuid import UUID
@@ -197,6 +198,18 @@ class RebuildProgress(_Frozen):
     steps: int
 
 
+@dataclass(frozen=True, slots=True)
+class RunRead:
+    """One run's part of `read_learning_runs`' answer: its batch (`RunBatch`), the rebuild's
+    progress (`RebuildProgress`: the run goes on through the one-run path), or None when the
+    batched read left the run to the one-run path; the production watch's evidence (None when
+    nothing is watched or the batch was not read); or the error that run's read raised."""
+
+    batch: RunBatch | RebuildProgress | None = None
+    watch: WatchEvidence | None = None
+    error: StoreError | None = None
+
+
 class ModuleUpdatePayload(TypedDict):
     """One element of `module_updates` in complete_learning_run's p_result."""
 
@@ -277,8 +290,12 @@ _TRANSIENT_CODES = frozenset(
 
 def _error_from(exc: APIError) -> StoreError:
     """The project's error for what PostgREST (or a gateway in front of it) answered."""
-    code = exc.code
-    message = exc.message or str(exc)
+    return error_for(exc.code, exc.message or str(exc))
+
+
+def error_for(code: str | None, message: str) -> StoreError:
+    """The project's error for a code and message the database (or a gateway) answered with:
+    a whole call's, or one run's in a batched call's answer."""
     if code == "PT409":
         return StaleLeaseError(message, code)
     # PT412: the twin's evidence or modules changed since the claim. (PT422, the twin's cursor
@@ -432,6 +449,90 @@ class Store:
         )
         claimed = _rows(rows)
         return Run.model_validate(claimed[0]) if claimed else None
+
+    def claim_runs(self, worker_id: str, lease_seconds: int, max_runs: int) -> list[Run]:
+        """Claims up to `max_runs` runs in one call (claim_learning_runs), each as `claim_run`
+        claims one, in claim order; fewer when fewer are due, or after a run the batched read
+        leaves to the one-run path (a rebuild, a large batch: it comes last), or once the
+        batches claimed hold 50,000 events. Raises StoreError (22023) for a bad `max_runs`."""
+        rows = self._rpc(
+            "claim_learning_runs",
+            {"p_worker_id": worker_id, "p_lease_seconds": lease_seconds, "p_max_runs": max_runs},
+        )
+        return [Run.model_validate(r) for r in _rows(rows)]
+
+    def read_runs(self, runs: Sequence[Run]) -> list[RunRead]:
+        """The batches and production watches of claimed runs in one call (read_learning_runs),
+        one `RunRead` per run in the same order. Raises TypeError for an answer of another
+        shape."""
+        answer = _rows(
+            self._rpc(
+                "read_learning_runs",
+                {"p_runs": [{"run_id": str(r.id), "lease_token": _token(r)} for r in runs]},
+            )
+        )
+        if len(answer) != len(runs):
+            raise TypeError(f"read_learning_runs answered {len(answer)} runs of {len(runs)}")
+        reads: list[RunRead] = []
+        for run, item in zip(runs, answer, strict=True):
+            if not isinstance(item, dict) or item.get("run_id") != str(run.id):
+                raise TypeError(f"read_learning_runs: unexpected element {item!r:.200}")
+            error = item.get("error")
+            if isinstance(error, dict):
+                reads.append(RunRead(error=_run_error(error)))
+                continue
+            doc = item.get("batch")
+            if not isinstance(doc, dict):
+                reads.append(RunRead())
+            elif doc.get("rebuild_pending"):
+                reads.append(RunRead(batch=RebuildProgress.model_validate(doc)))
+            else:
+                watch = item.get("watch")
+                found = watch.get("watch") if isinstance(watch, dict) else None
+                reads.append(
+                    RunRead(
+                        batch=RunBatch.model_validate(doc),
+                        watch=None if found is None else WatchEvidence.model_validate(found),
+                    )
+                )
+        return reads
+
+    def complete_runs(
+        self, completions: Sequence[tuple[Run, RunDecision]]
+    ) -> list[Run | StoreError]:
+        """Completes several runs in one call (complete_learning_runs), each exactly as
+        `complete_run` completes one and in a transaction of its own: per run, in the same
+        order, its row afterwards or the error its completion raised (StaleLeaseError,
+        BatchChangedError, StoreError), which left that run as it was. Raises the store's
+        errors for the call as a whole, and TypeError for an answer of another shape."""
+        answer = _rows(
+            self._rpc(
+                "complete_learning_runs",
+                {
+                    "p_completions": [
+                        {
+                            "run_id": str(run.id),
+                            "lease_token": _token(run),
+                            "result": completion_payload(decision),
+                        }
+                        for run, decision in completions
+                    ]
+                },
+            )
+        )
+        if len(answer) != len(completions):
+            raise TypeError(
+                f"complete_learning_runs answered {len(answer)} runs of {len(completions)}"
+            )
+        done: list[Run | StoreError] = []
+        for (run, _), item in zip(completions, answer, strict=True):
+            if not isinstance(item, dict) or item.get("run_id") != str(run.id):
+                raise TypeError(f"complete_learning_runs: unexpected element {item!r:.200}")
+            error = item.get("error")
+            done.append(
+                _run_error(error) if isinstance(error, dict) else Run.model_validate(item["run"])
+            )
+        return done
 
     def extend_lease(self, run: Run, lease_seconds: int) -> None:
         """Renews the run's lease for `lease_seconds` from now."""
@@ -691,6 +792,12 @@ def _rows(data: JSON) -> Sequence[JSON]:
     if isinstance(data, str) or not isinstance(data, Sequence):
         raise TypeError(f"expected a JSON array of rows, got {type(data).__name__}")
     return data
+
+
+def _run_error(error: dict[str, JSON]) -> StoreError:
+    """One run's error in a batched call's answer ({code, message}) as the store's error."""
+    code = error.get("code")
+    return error_for(code if isinstance(code, str) else None, str(error.get("message")))
 
 
 def _count(data: JSON) -> int:
