@@ -56,10 +56,10 @@ _Model = TypeVar("_Model", bound=BaseModel)
 PAGE_ROWS = 1000
 
 # A batched read or completion sends its runs in requests of at most this many bytes of runs:
-# an API gateway keeps a larger body in a temporary file (nginx's and Kong's
-# client_body_buffer_size is 8 KB by default), and the local stack's nginx then forwards it
-# about 40 ms later (measured: 44 ms for a 12 KB body against 1.4 ms for 9 KB; PostgREST
-# directly: 1.4 ms), more than the round trip a second request costs.
+# nginx keeps a body larger than its client_body_buffer_size (8 KB by default) in a temporary
+# file, and the local stack's nginx then forwards it about 40 ms later (measured: 44 ms for a
+# 12 KB body against 1.4 ms for 9 KB; PostgREST directly: 1.4 ms), far more than the round trip
+# of a second request.
 BATCH_BODY_BYTES = 7_000
 
 RunStatus = Literal["queued", "running", "completed", "failed"]
