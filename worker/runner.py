@@ -321,8 +321,8 @@ class Runner:
             logger.info("run claimed", extra=log)
         try:
             reads = self.store.read_runs(runs)
-        except (StoreError, TypeError) as exc:  # the call as a whole: each run reads alone
-            logger.warning("batched read failed; reading run by run", extra={"error": str(exc)})
+        except Exception:  # a bug or an answer of another shape: each run reads alone
+            logger.exception("batched read failed; reading run by run")
             reads = [RunRead() for _ in runs]
         ended: dict[int, tuple[Run, Outcome]] = {}
         alone: list[int] = []
@@ -362,14 +362,10 @@ class Runner:
                 with contextlib.suppress(StoreError):
                     self.store.extend_lease(runs[i], self.lease_seconds)
         try:
-            results: list[Run | StoreError] = self.store.complete_runs(
-                [(runs[i], decision) for i, decision in decided]
-            )
-        except StoreError as exc:
-            results = [exc] * len(decided)
-        except TypeError as exc:  # an answer of another shape: as a crash of each run
+            results = self.store.complete_runs([(runs[i], decision) for i, decision in decided])
+        except Exception as exc:  # a bug or an answer of another shape: a crash of each run
             for i, _ in decided:
-                logger.error("batched completion answered badly", extra=logs[i])
+                logger.exception("batched completion crashed", extra=logs[i])
                 ended[i] = self._fail(runs[i], exc, retryable=True, log=logs[i])
             return
         for (i, decision), result in zip(decided, results, strict=True):

@@ -470,13 +470,21 @@ class Store:
         return [Run.model_validate(r) for r in _rows(rows)]
 
     def read_runs(self, runs: Sequence[Run]) -> list[RunRead]:
-        """The batches and production watches of claimed runs in one call (read_learning_runs),
-        one `RunRead` per run in the same order. Raises TypeError for an answer of another
-        shape."""
+        """The batches and production watches of claimed runs in one call (read_learning_runs;
+        one per BATCH_BODY_BYTES of runs), one `RunRead` per run in the same order. The runs of
+        a request that failed as a whole (after the store's tries) are left unread (`RunRead()`:
+        the one-run path reads them). Raises TypeError for an answer of another shape."""
         items: list[JSON] = [{"run_id": str(r.id), "lease_token": _token(r)} for r in runs]
         answer: list[JSON] = []
         for chunk in _chunks(items):
-            answer.extend(_rows(self._rpc("read_learning_runs", {"p_runs": chunk})))
+            try:
+                answer.extend(_rows(self._rpc("read_learning_runs", {"p_runs": chunk})))
+            except StoreError as exc:  # this request's runs are read one by one instead
+                logger.warning("a batched read failed", extra={"error": str(exc)})
+                answer.extend(
+                    {"run_id": cast(dict[str, JSON], item)["run_id"], "batch": None}
+                    for item in chunk
+                )
         if len(answer) != len(runs):
             raise TypeError(f"read_learning_runs answered {len(answer)} runs of {len(runs)}")
         reads: list[RunRead] = []
@@ -509,8 +517,10 @@ class Store:
         """Completes several runs in one call (complete_learning_runs), each exactly as
         `complete_run` completes one and in a transaction of its own: per run, in the same
         order, its row afterwards or the error its completion raised (StaleLeaseError,
-        BatchChangedError, StoreError), which left that run as it was. Raises the store's
-        errors for the call as a whole, and TypeError for an answer of another shape."""
+        BatchChangedError, StoreError), which left that run as it was. The runs go in requests
+        of at most BATCH_BODY_BYTES; a request that failed as a whole (after the store's tries)
+        gives each of its runs that error, and the other requests' runs stand. Raises TypeError
+        for an answer of another shape."""
         items: list[JSON] = [
             {
                 "run_id": str(run.id),
@@ -519,15 +529,23 @@ class Store:
             }
             for run, decision in completions
         ]
-        answer: list[JSON] = []
+        answer: list[JSON | StoreError] = []
         for chunk in _chunks(items):
-            answer.extend(_rows(self._rpc("complete_learning_runs", {"p_completions": chunk})))
+            try:
+                answer.extend(
+                    _rows(self._rpc("complete_learning_runs", {"p_completions": chunk}))
+                )
+            except StoreError as exc:  # this request's runs only: the others stand
+                answer.extend([exc] * len(chunk))
         if len(answer) != len(completions):
             raise TypeError(
                 f"complete_learning_runs answered {len(answer)} runs of {len(completions)}"
             )
         done: list[Run | StoreError] = []
         for (run, _), item in zip(completions, answer, strict=True):
+            if isinstance(item, StoreError):
+                done.append(item)
+                continue
             if not isinstance(item, dict) or item.get("run_id") != str(run.id):
                 raise TypeError(f"complete_learning_runs: unexpected element {item!r:.200}")
             error = item.get("error")

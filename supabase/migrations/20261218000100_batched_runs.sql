@@ -651,14 +651,14 @@ set jit = off
 as $$
 declare
   v_item jsonb;
-  v_ids uuid[] := '{}';
-  v_tokens uuid[] := '{}';
+  v_ids uuid[] := '{}'::uuid[];
+  v_tokens uuid[] := '{}'::uuid[];
   v_id uuid;
   v_token uuid;
   v_run public.persona_feedback_learning_runs;
   v_batch jsonb;
   v_watch jsonb;
-  v_out jsonb := '[]';
+  v_out jsonb := '[]'::jsonb;
   v_events bigint := 0;
   v_state text;
   v_message text;
@@ -743,7 +743,7 @@ declare
   v_id uuid;
   v_token uuid;
   v_run public.persona_feedback_learning_runs;
-  v_out jsonb := '[]';
+  v_out jsonb := '[]'::jsonb;
   v_state text;
   v_message text;
   v_index integer := 0;

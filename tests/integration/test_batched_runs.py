@@ -19,7 +19,7 @@ from testkit.oracle import assert_modules_exact
 from tests.integration.helpers import Twin, create_twin, scalar
 from worker.models import RunDecision
 from worker.runner import Runner
-from worker.store import Run, RunBatch, RunRead, Store, StoreError
+from worker.store import Run, RunBatch, RunRead, Store, StoreError, TransientStoreError
 
 pytestmark = pytest.mark.integration
 
@@ -387,3 +387,57 @@ def test_two_workers_claiming_at_once_never_share_a_run(db, service, make_user, 
     for twin in twins:
         [run] = runs_of(db, twin)
         assert (run["status"], run["attempts"], run["events_processed"]) == ("completed", 1, 2)
+
+
+class FailingCompletion(RecordingStore):
+    """Fails the complete_learning_runs request that carries `fail_run_id`, as the API would
+    after every try."""
+
+    fail_run_id: str | None = None
+
+    def _rpc(self, name: str, params: dict[str, object]) -> Any:
+        if name == "complete_learning_runs" and any(
+            c["run_id"] == self.fail_run_id for c in params["p_completions"]  # type: ignore[attr-defined]
+        ):
+            self.fail_run_id = None
+            raise TransientStoreError("complete_learning_runs: ReadTimeout: timed out")
+        return super()._rpc(name, params)
+
+
+def test_a_failed_completion_request_fails_its_runs_only(
+    db, service, make_user, make_runner, monkeypatch
+):
+    owner = make_user("owner")
+    voters = [make_user("voter") for _ in range(3)]
+    twins = [create_twin(db, owner.id, MODULES) for _ in range(3)]
+    for i, twin in enumerate(twins):
+        feed(service, voters, twin, f"f{i}")
+    monkeypatch.setattr("worker.store.BATCH_BODY_BYTES", 1)  # one run per request
+    runner = make_runner("failing", store_class=FailingCompletion)
+    runner.claim_runs = 100
+    outcomes: dict[str, str] = {}
+    runner.observer = lambda outcome, run, seconds: outcomes.setdefault(str(run.id), outcome)
+    for twin in twins:
+        runner.store.enqueue_run(uuid.UUID(twin.id), safe_mode=None)
+    first, failed, third = (runs_of(db, t)[0]["id"] for t in twins)
+    store = runner.store
+    assert isinstance(store, FailingCompletion)
+    store.fail_run_id = failed
+    runner.step()
+
+    assert any({first, failed, third} <= set(c) for c in store.completions), store.completions
+    assert store.fail_run_id is None  # the request failed
+    for run_id, twin in ((first, twins[0]), (third, twins[2])):
+        [run] = runs_of(db, twin)
+        assert (outcomes[run_id], run["status"], run["events_processed"]) == (
+            "completed", "completed", 7)
+    # The failed request's run: its attempt failed (retryable), the run waits for another.
+    [run] = runs_of(db, twins[1])
+    assert (outcomes[failed], run["status"], run["events_processed"]) == (
+        "retried", "running", None)
+    assert scalar(db, "select error from public.persona_feedback_learning_runs where id = %s",
+                  failed).startswith("TransientStoreError: complete_learning_runs")
+    drain(runner, db, twins)
+    assert runs_of(db, twins[1])[0]["attempts"] == 2
+    for twin in twins:
+        assert_modules_exact(db, twin.id)
