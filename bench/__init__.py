@@ -41,7 +41,7 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    target ≤ 1.2); 10,000 twins × 5 new events drained by 1, 2 and 4 `pfl serve` processes:
    runs per second (the database's clock, first run started to last finished), RPC requests per
    run (nginx's access log) and CPU per run of PostgreSQL, PostgREST, nginx and the workers
-   (/proc); target ≥ 200 runs/s for one worker (a known miss, docs/benchmarks.md); freshness:
+   (/proc); target ≥ 200 runs/s for one worker (several runs per round trip); freshness:
    votes through the API at half of one worker's drain rate over 1,000 twins for 60 s (quick:
    15 s) with one `pfl serve` at default settings, each vote's commit to the finish of the run
    that learned it, p50 and p99; target p99 ≤ 5 s.

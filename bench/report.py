@@ -33,8 +33,6 @@ KNOWN_MISSES = {
     "1 learn": "known miss at quick size only: its floor is 0.3-0.6 s, against which each run's "
     "fixed cost (about 0.1 s: the claim, the completion and their round trips) weighs 2-3 times "
     "what it does at full size, which passes (docs/benchmarks.md, case 1)",
-    "6 drain": "known miss: one worker makes 4 sequential round trips per run and spends about "
-    "20 ms of CPU per run across the stack (docs/benchmarks.md, case 6)",
 }
 
 

@@ -114,7 +114,10 @@ def write_artifact(path: Path, runs: Sequence[Run]) -> None:
 
 
 def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
-    runner = Runner(store, settings.pfl_worker_id, settings.pfl_lease_seconds)
+    runner = Runner(
+        store, settings.pfl_worker_id, settings.pfl_lease_seconds,
+        claim_runs=settings.pfl_claim_runs,
+    )
     safe_mode = True if args.safe_mode else False if args.auto_publish else None
     runs = runner.run_once(
         args.twin,
@@ -205,6 +208,7 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         settings.pfl_worker_id,
         settings.pfl_lease_seconds,
         observer=metrics.observe_run if metrics else None,
+        claim_runs=settings.pfl_claim_runs,
     )
     drainer = make_drainer(settings, store)
     stop = threading.Event()

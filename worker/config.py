@@ -51,6 +51,15 @@ class WorkerSettings(BaseSettings):
     pfl_poll_max_seconds: float = Field(
         30.0, gt=0, description="`serve`: longest wait between polls while idle."
     )
+    pfl_claim_runs: int = Field(
+        16,
+        ge=1,
+        le=100,
+        description="`serve` and `run-once`: the most runs claimed, read and completed per call "
+        "(claim_learning_runs, read_learning_runs, complete_learning_runs); 1 takes one run at a "
+        "time through the one-run functions. A run that needs a rebuild or holds more than "
+        "10,000 events goes through the one-run path either way.",
+    )
     pfl_log_format: str = Field(
         "text", pattern="^(text|json)$", description="Log lines as `text` or `json`."
     )

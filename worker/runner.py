@@ -6,11 +6,12 @@ store writes with one RPC.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 from uuid import UUID
 
@@ -28,6 +29,7 @@ from worker.store import (
     BatchChangedError,
     Run,
     RunBatch,
+    RunRead,
     StaleLeaseError,
     Store,
     StoreError,
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 # How often one attempt reads its batch again when the completion finds that the evidence changed
 # under it (a deletion or a module edit committed mid-run) before the attempt counts as failed.
 READS_PER_ATTEMPT = 3
+# The most runs one batched call may claim, read or complete (the database's bound).
+MAX_CLAIM_RUNS = 100
 # A rebuild started over this many times in one read (deletions or module edits between its
 # calls) gives the attempt up: the run's attempts bound the work, as they bound re-reads.
 REBUILD_RESTARTS_PER_READ = 3
@@ -117,7 +121,9 @@ class Runner:
     `worker_id` names the worker on the runs it holds; `lease_seconds` is how long a claimed run
     stays ours (renewed once a run has taken half of it); `observer`, if given, is told of each
     attempt's end; `queue_every_seconds` is how long `step` goes on claiming from the queue
-    before it queues what fell due meanwhile.
+    before it queues what fell due meanwhile; `claim_runs` is how many runs `step` and
+    `run_once` claim per call (1: one run at a time, `claim_learning_run`; more: the batched
+    path, `process_many`).
     """
 
     def __init__(
@@ -127,12 +133,16 @@ class Runner:
         lease_seconds: int,
         observer: RunObserver | None = None,
         queue_every_seconds: float = 1.0,
+        claim_runs: int = 1,
     ) -> None:
+        if not 1 <= claim_runs <= MAX_CLAIM_RUNS:
+            raise ValueError(f"claim_runs must be 1 to {MAX_CLAIM_RUNS}, got {claim_runs}")
         self.store = store
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.observer = observer
         self.queue_every_seconds = queue_every_seconds
+        self.claim_runs = claim_runs
         self._queued_at = -math.inf
 
     def process(self, run: Run) -> Run:
@@ -144,29 +154,50 @@ class Runner:
         lease, reading the run back fails.
         """
         started = time.monotonic()
-        done, outcome = self._attempt(run, started)
+        log = _log_fields(run)
+        logger.info("run claimed", extra=log)
+        return self._observed(run, started, self._attempt(run, started, log))
+
+    def _observed(self, run: Run, started: float, ended: tuple[Run, Outcome]) -> Run:
+        """Tells the observer how the attempt at `run` begun at `started` ended; its row."""
+        done, outcome = ended
         if self.observer is not None:
             self.observer(outcome, done, time.monotonic() - started)
         return done
 
-    def _attempt(self, run: Run, started: float) -> tuple[Run, Outcome]:
-        """`process`'s work: the run's row afterwards and how the attempt ended."""
-        log = {"run_id": str(run.id), "twin_id": str(run.twin_id), "attempt": run.attempts}
-        logger.info("run claimed", extra=log)
+    def _attempt(
+        self, run: Run, started: float, log: dict[str, object], first_read: int = 1
+    ) -> tuple[Run, Outcome]:
+        """`process`'s work: the run's row afterwards and how the attempt ended. `first_read`
+        is the number of this attempt's first read of the batch (a batched read came first)."""
         try:
-            decision, done = self._learn_and_complete(run, started, log)
-        except StaleLeaseError as exc:
+            decision, done = self._learn_and_complete(run, started, log, first_read)
+        except StoreError as exc:
+            return self._refused(run, exc, log)
+        except Exception as exc:  # a bug or bad data: record it on the run, retry up to the limit
+            logger.exception("run crashed", extra=log)
+            return self._fail(run, exc, retryable=True, log=log)
+        return self._completed(done, decision, started, log), "completed"
+
+    def _refused(
+        self, run: Run, exc: StoreError, log: dict[str, object]
+    ) -> tuple[Run, Outcome]:
+        """How an attempt ends when the store refused one of its calls with `exc`: a lost
+        lease discards the work; a changed batch or a transient error fails the attempt
+        (retryable), any other refusal the run."""
+        if isinstance(exc, StaleLeaseError):
             logger.warning(
                 "run lease lost; its work was discarded", extra={**log, "error": str(exc)}
             )
             return self.store.get_run(run.id) or run, "lease_lost"
-        except (BatchChangedError, TransientStoreError) as exc:
-            return self._fail(run, exc, retryable=True, log=log)
-        except StoreError as exc:
-            return self._fail(run, exc, retryable=False, log=log)
-        except Exception as exc:  # a bug or bad data: record it on the run, retry up to the limit
-            logger.exception("run crashed", extra=log)
-            return self._fail(run, exc, retryable=True, log=log)
+        retryable = isinstance(exc, (BatchChangedError, TransientStoreError))
+        return self._fail(run, exc, retryable=retryable, log=log)
+
+    @staticmethod
+    def _completed(
+        done: Run, decision: RunDecision, started: float, log: dict[str, object]
+    ) -> Run:
+        """Logs a completed run; its row."""
         logger.info(
             "run completed",
             extra={
@@ -180,20 +211,21 @@ class Runner:
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
-        return done, "completed"
+        return done
 
     def _learn_and_complete(
-        self, run: Run, started: float, log: dict[str, object]
+        self, run: Run, started: float, log: dict[str, object], first_read: int = 1
     ) -> tuple[RunDecision, Run]:
         """Reads the run's batch, decides and completes; returns the decision and the run's row.
 
         When the completion finds that the twin's evidence or modules changed since the batch
         was read (events deleted, a module edited: BatchChangedError), the batch is read and
-        decided again, up to READS_PER_ATTEMPT reads in all; the last refusal is raised, as are
-        the store's other errors. `started` is the attempt's time.monotonic() (the lease's start).
+        decided again, up to READS_PER_ATTEMPT reads in all (counting from `first_read`: the
+        reads a batched call made before); the last refusal is raised, as are the store's other
+        errors. `started` is the attempt's time.monotonic() (the lease's start).
         """
         renewed = started
-        for read in range(1, READS_PER_ATTEMPT + 1):
+        for read in range(first_read, READS_PER_ATTEMPT + 1):
             batch, renewed = self._read_batch(run, renewed, log)
             watch = self.store.claim_watch(run)
             decision = decide(batch, safe_mode=run.safe_mode, watch=watch)
@@ -268,6 +300,99 @@ class Runner:
             return run, "retried"
         return failed, "failed" if failed.status == "failed" else "retried"
 
+    def process_many(self, runs: Sequence[Run]) -> list[Run]:
+        """Executes claimed runs with one batched read and one batched completion; returns
+        their rows afterwards, in the order given.
+
+        Each run ends as `process` would end it: its batch and watch are read for all in one
+        call (read_learning_runs), each is decided, and the decisions are completed in one
+        call (complete_learning_runs), where each run's completion is its own transaction. A
+        run the batched read left out (a rebuild, a large batch) or whose read is a rebuild in
+        progress goes through the one-run path afterwards; a run whose completion found its
+        evidence changed (BatchChangedError) reads again through the one-run path (the batched
+        read was its first of READS_PER_ATTEMPT); any other refusal of one run (a lost lease, a
+        refused payload) ends that run as `process` would, and the others are unaffected. The
+        observer is told of each run. Raises StoreError only when, after a lost lease, reading
+        a run back fails.
+        """
+        started = time.monotonic()
+        logs = [_log_fields(run) for run in runs]
+        for log in logs:
+            logger.info("run claimed", extra=log)
+        try:
+            reads = self.store.read_runs(runs)
+        except Exception:  # a bug or an answer of another shape: each run reads alone
+            logger.exception("batched read failed; reading run by run")
+            reads = [RunRead() for _ in runs]
+        ended: dict[int, tuple[Run, Outcome]] = {}
+        alone: list[int] = []
+        decided: list[tuple[int, RunDecision]] = []
+        for i, (run, read) in enumerate(zip(runs, reads, strict=True)):
+            if read.error is not None:
+                ended[i] = self._refused(run, read.error, logs[i])
+            elif not isinstance(read.batch, RunBatch):
+                alone.append(i)
+            else:
+                try:
+                    decided.append(
+                        (i, decide(read.batch, safe_mode=run.safe_mode, watch=read.watch))
+                    )
+                except Exception as exc:  # a bug or bad data, as in `process`
+                    logger.exception("run crashed", extra=logs[i])
+                    ended[i] = self._fail(run, exc, retryable=True, log=logs[i])
+        if decided:
+            self._complete_many(runs, decided, started, logs, ended)
+        for i in alone:
+            ended[i] = self._attempt(runs[i], started, logs[i])
+        return [self._observed(run, started, ended[i]) for i, run in enumerate(runs)]
+
+    def _complete_many(
+        self,
+        runs: Sequence[Run],
+        decided: list[tuple[int, RunDecision]],
+        started: float,
+        logs: list[dict[str, object]],
+        ended: dict[int, tuple[Run, Outcome]],
+    ) -> None:
+        """Completes the decided runs (index into `runs`, decision) in one call and records
+        how each ended in `ended`."""
+        if time.monotonic() - started > self.lease_seconds / 2:
+            for i, _ in decided:  # as _keep_lease: a lease half gone is renewed first
+                # A refusal here is the completion's to report.
+                with contextlib.suppress(StoreError):
+                    self.store.extend_lease(runs[i], self.lease_seconds)
+        try:
+            results = self.store.complete_runs([(runs[i], decision) for i, decision in decided])
+        except Exception as exc:  # a bug or an answer of another shape: a crash of each run
+            for i, _ in decided:
+                logger.exception("batched completion crashed", extra=logs[i])
+                ended[i] = self._fail(runs[i], exc, retryable=True, log=logs[i])
+            return
+        for (i, decision), result in zip(decided, results, strict=True):
+            if isinstance(result, Run):
+                ended[i] = self._completed(result, decision, started, logs[i]), "completed"
+            elif isinstance(result, BatchChangedError):
+                logger.info(
+                    "evidence changed during the run; reading the batch again",
+                    extra={**logs[i], "read": 1, "error": str(result)},
+                )
+                ended[i] = self._attempt(runs[i], started, logs[i], first_read=2)
+            else:
+                ended[i] = self._refused(runs[i], result, logs[i])
+
+    def _claim(self) -> list[Run]:
+        """Claims up to `claim_runs` runs: one call either way."""
+        if self.claim_runs == 1:
+            run = self.store.claim_run(self.worker_id, self.lease_seconds)
+            return [] if run is None else [run]
+        return self.store.claim_runs(self.worker_id, self.lease_seconds, self.claim_runs)
+
+    def _execute(self, runs: list[Run]) -> list[Run]:
+        """Executes claimed runs: one through `process`, several through `process_many`."""
+        if len(runs) == 1 and self.claim_runs == 1:
+            return [self.process(runs[0])]
+        return self.process_many(runs)
+
     def run_once(
         self, twin_id: UUID | None = None, safe_mode: bool | None = None, *, request: bool = False
     ) -> list[Run]:
@@ -289,15 +414,21 @@ class Runner:
         while True:
             if progress:
                 self.store.enqueue_due_runs(twin_id)
-            run = self.store.claim_run(self.worker_id, self.lease_seconds, twin_id)
-            if run is None:
+            if twin_id is None:
+                runs = self._claim()
+            else:  # one twin has one run at a time
+                run = self.store.claim_run(self.worker_id, self.lease_seconds, twin_id)
+                runs = [] if run is None else [run]
+            if not runs:
                 return finished
-            done = self.process(run)
-            finished.append(done)
-            progress = done.status == "completed" and (done.events_scanned or 0) > 0
+            done = self._execute(runs) if twin_id is None else [self.process(runs[0])]
+            finished.extend(done)
+            progress = any(
+                d.status == "completed" and (d.events_scanned or 0) > 0 for d in done
+            )
 
     def step(self) -> bool:
-        """One poll: execute one run if one is due; True if it did.
+        """One poll: execute up to `claim_runs` runs if any is due; True if it did.
 
         Within `queue_every_seconds` of its last queuing it claims from the queue first (each
         queuing is one more round trip, and a busy worker's queue already holds the next runs);
@@ -305,17 +436,22 @@ class Runner:
         twin that fell due behind a long queue waits at most that long to be queued. Raises the
         store's errors when queuing or claiming fails (`poll_until_stopped` logs them).
         """
-        run = None
+        runs: list[Run] = []
         if time.monotonic() - self._queued_at < self.queue_every_seconds:
-            run = self.store.claim_run(self.worker_id, self.lease_seconds)
-        if run is None:
+            runs = self._claim()
+        if not runs:
             self.store.enqueue_due_runs()
             self._queued_at = time.monotonic()
-            run = self.store.claim_run(self.worker_id, self.lease_seconds)
-        if run is None:
+            runs = self._claim()
+        if not runs:
             return False
-        self.process(run)
+        self._execute(runs)
         return True
+
+
+def _log_fields(run: Run) -> dict[str, object]:
+    """The fields every log line of a run's attempt carries."""
+    return {"run_id": str(run.id), "twin_id": str(run.twin_id), "attempt": run.attempts}
 
 
 def poll_until_stopped(

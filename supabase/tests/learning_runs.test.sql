@@ -2,7 +2,7 @@
 -- only the worker (the service role) writes them. Four actors: the owner, another signed-in user,
 -- anon and the service role. Helpers: supabase/tests/000_helpers.sql.
 begin;
-select plan(21);
+select plan(24);
 
 -- The owner has three twins: one with a module, a scheduled run and the change that run made;
 -- one the owner will request a run for; one the worker will queue a run for.
@@ -73,6 +73,21 @@ select throws_ok(
   $$ select public.claim_learning_run('owner-worker') $$,
   '42501', 'permission denied for function claim_learning_run',
   'the owner cannot execute a worker function'
+);
+select throws_ok(
+  $$ select public.claim_learning_runs('owner-worker', 60, 4) $$,
+  '42501', 'permission denied for function claim_learning_runs',
+  'the owner cannot claim runs in a batch'
+);
+select throws_ok(
+  $$ select public.read_learning_runs('[]') $$,
+  '42501', 'permission denied for function read_learning_runs',
+  'the owner cannot read runs in a batch'
+);
+select throws_ok(
+  $$ select public.complete_learning_runs('[]') $$,
+  '42501', 'permission denied for function complete_learning_runs',
+  'the owner cannot complete runs in a batch'
 );
 
 

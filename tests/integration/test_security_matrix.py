@@ -755,6 +755,14 @@ WORKER_CALLS: dict[str, WorkerCall] = {
         lambda w, lease: {"p_run_id": w.run, "p_lease_token": lease,
                           "p_result": NO_MODULE_UPDATES},
         claim_batch),
+    "claim_learning_runs": WorkerCall(
+        lambda w, lease: {"p_worker_id": "api-worker", "p_max_runs": 1}),
+    "read_learning_runs": WorkerCall(
+        lambda w, lease: {"p_runs": [{"run_id": w.run, "lease_token": lease}]}, claim_run),
+    "complete_learning_runs": WorkerCall(
+        lambda w, lease: {"p_completions": [{"run_id": w.run, "lease_token": lease,
+                                             "result": NO_MODULE_UPDATES}]},
+        claim_batch),
     "fail_learning_run": WorkerCall(
         lambda w, lease: {"p_run_id": w.run, "p_lease_token": lease, "p_error": "worker crashed",
                           "p_retryable": False},
@@ -904,6 +912,24 @@ def test_service_completes_a_run(stack: Stack, db: psycopg.Connection, world: Wo
         "select e.id, e.processed_run_id::text from public.persona_training_events e "
         "where e.twin_id = %s order by e.id", (world.twin,)).fetchall()
     assert processed == [(world.owner_vote, world.run), (world.audit, world.run)]
+
+
+def test_service_reads_runs_in_a_batch(stack: Stack, db: psycopg.Connection, world: World) -> None:
+    [read] = service_rpc(stack, world, db, "read_learning_runs")
+    assert (read["run_id"], read["batch"]["run"]["id"], read["batch"]["events_scanned"]) == (
+        world.run, world.run, 2)
+    assert "lease_token" not in read["batch"]["run"]
+    assert read["watch"]["watch"]["watch_id"] == world.watch
+
+
+def test_service_completes_runs_in_a_batch(
+    stack: Stack, db: psycopg.Connection, world: World
+) -> None:
+    [done] = service_rpc(stack, world, db, "complete_learning_runs")
+    assert (done["run_id"], done["run"]["status"], done["run"]["events_processed"]) == (
+        world.run, "completed", 2)
+    assert "lease_token" not in done["run"]
+    assert run_row(db, world.run)["status"] == "completed"
 
 
 def test_service_fails_a_run(stack: Stack, db: psycopg.Connection, world: World) -> None:
