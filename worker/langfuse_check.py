@@ -49,8 +49,9 @@ class LangfuseRefused(LangfuseConfigError):
 
 
 class LangfuseHostUnusable(LangfuseConfigError):
-    """LANGFUSE_HOST's name does not resolve, or its TLS handshake fails (https:// to a port
-    that speaks plain HTTP, a certificate not trusted): a setting to fix, but DNS or the
+    """LANGFUSE_HOST's name does not exist ("Name or service not known"; a resolver's temporary
+    failure is no such thing: LangfuseUnavailable), or TLS cannot work with it (https:// to a
+    port that speaks plain HTTP, a certificate not trusted): a setting to fix, but DNS or the
     server may also come right (a container not started yet), so the check is repeated later.
     The same failure on a send later is treated alike (`Outcome.off`)."""
 
@@ -104,15 +105,16 @@ def generation(version: tuple[int, int, int]) -> str:
 
 def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host, the keys or the version cannot work (a usage suspension or rate limit
-    on the ingestion route does not: the sends wait), LangfuseNotThere (a LangfuseConfigError,
+    host, the keys or the version cannot work, LangfuseNotThere (a LangfuseConfigError,
     checked again later) when no Langfuse, or no ingestion route, answers there (a proxy or a
     wrong base path), LangfuseRedirected (one too, checked again later) for a redirect,
     LangfuseRefused (one too) when the keys, or our requests, are refused,
     LangfuseHostUnusable (one too) when the host name does not resolve or TLS fails,
-    LangfuseWait (a LangfuseUnavailable) when the health route answers 429 or a gateway's
-    502/503/504 (the drainer holds every worker for it), LangfuseUnavailable when the server
-    cannot be asked now (refused or reset connections, timeout, another 5xx)."""
+    LangfuseWait (a LangfuseUnavailable) when the health route or the empty batch answers a
+    wait (429, a usage suspension, a gateway's 502/503/504: the drainer holds every worker for
+    it, as for a send's), LangfuseUnavailable when the server cannot be asked now (refused or
+    reset connections, a resolver's temporary failure, timeout, another 5xx, an answer whose
+    body cannot be read)."""
     health = _request(sender, "GET", HEALTH_PATH)
     body = _json(health)
     version = parse_version(body.get("version")) if isinstance(body, dict) else None
@@ -156,8 +158,9 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             raise LangfuseConfigError(
                 f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
             )
-        if verdict.outcome != Outcome.wait:
-            raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
+        if verdict.outcome == Outcome.wait:  # a 429, a suspension, a gateway's 5xx
+            raise LangfuseWait(f"Langfuse at {sender.host}: {verdict.error}", verdict)
+        raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
     sender.version = version
     return version
 
@@ -171,6 +174,11 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
             raise LangfuseHostUnusable(f"LANGFUSE_HOST={sender.host}: {unusable}") from exc
         error = transport_error(exc, sender.timeout_seconds)
         raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
+    except httpx.HTTPError as exc:  # an answer whose body cannot be read (a lying encoding)
+        why = " ".join((str(exc) or type(exc).__name__).split())[:200]
+        raise LangfuseUnavailable(
+            f"{sender.host}{path}: an answer that could not be read ({type(exc).__name__}: {why})"
+        ) from exc
     if answer.is_redirect:
         location = answer.headers.get("location", "no location given")
         raise LangfuseRedirected(
