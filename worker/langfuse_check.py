@@ -114,33 +114,38 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     wait (429, a usage suspension, a gateway's 502/503/504: the drainer holds every worker for
     it, as for a send's), LangfuseUnavailable when the server cannot be asked now (refused or
     reset connections, a resolver's temporary failure, timeout, another 5xx, an answer whose
-    body cannot be read)."""
-    health = _request(sender, "GET", HEALTH_PATH)
-    body = _json(health)
-    version = parse_version(body.get("version")) if isinstance(body, dict) else None
-    if health.status_code >= 500 or health.status_code == 429:
-        now = datetime.now(UTC)
-        verdict = classify(health.status_code, health.headers, health.content, ["-"], now)["-"]
-        message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
-        if verdict.outcome == Outcome.wait:
-            raise LangfuseWait(message, verdict)
-        raise LangfuseUnavailable(message)
-    if health.status_code in (401, 403):
-        raise LangfuseRefused(
-            f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
-            f"keys, was refused ({health.status_code}) by something in front of it: a proxy "
-            "or firewall"
-        )
-    if health.status_code != 200 or version is None:
-        raise LangfuseNotThere(
-            f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
-            f"{health.status_code} without a version"
-        )
-    if version < MIN_VERSION:
-        raise LangfuseConfigError(
-            f"Langfuse {'.'.join(map(str, version))} at {sender.host} is too old: score metadata "
-            f"and environments need {'.'.join(map(str, MIN_VERSION))} or later"
-        )
+    body cannot be read). A check after one whose empty batch met a wait sends that batch
+    alone (the version read then is kept): after a hold, a worker's check is one request."""
+    version, sender.waited_version = sender.waited_version, None
+    if version is None:
+        health = _request(sender, "GET", HEALTH_PATH)
+        body = _json(health)
+        version = parse_version(body.get("version")) if isinstance(body, dict) else None
+        if health.status_code >= 500 or health.status_code == 429:
+            now = datetime.now(UTC)
+            verdict = classify(
+                health.status_code, health.headers, health.content, ["-"], now
+            )["-"]
+            message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
+            if verdict.outcome == Outcome.wait:
+                raise LangfuseWait(message, verdict)
+            raise LangfuseUnavailable(message)
+        if health.status_code in (401, 403):
+            raise LangfuseRefused(
+                f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
+                f"keys, was refused ({health.status_code}) by something in front of it: a proxy "
+                "or firewall"
+            )
+        if health.status_code != 200 or version is None:
+            raise LangfuseNotThere(
+                f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
+                f"{health.status_code} without a version"
+            )
+        if version < MIN_VERSION:
+            raise LangfuseConfigError(
+                f"Langfuse {'.'.join(map(str, version))} at {sender.host} is too old: score "
+                f"metadata and environments need {'.'.join(map(str, MIN_VERSION))} or later"
+            )
     probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
     if probe.status_code in (404, 410):
         raise LangfuseNotThere(
@@ -159,6 +164,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
                 f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
             )
         if verdict.outcome == Outcome.wait:  # a 429, a suspension, a gateway's 5xx
+            sender.waited_version = version  # the next check (the hold's probe) is this POST
             raise LangfuseWait(f"Langfuse at {sender.host}: {verdict.error}", verdict)
         raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
     sender.version = version

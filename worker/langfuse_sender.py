@@ -180,6 +180,9 @@ class LangfuseSender:
         self.timeout_seconds = float(timeout_seconds)
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
         self.version: tuple[int, int, int] | None = None
+        # The version a check read before its empty batch met a wait (its next check skips
+        # the health route): `worker.langfuse_check.check` keeps it.
+        self.waited_version: tuple[int, int, int] | None = None
         self.http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
