@@ -316,6 +316,9 @@ create trigger persona_training_events_check_metadata_numbers
   for each row when (jsonb_path_exists(new.metadata, 'strict $.** ? (@.type() == "number" && @.abs() >= 179769313486231580793728971405303415079934132710037826936173778980444968292764750946649017977587207096330286416692887910946555547851940402630657488671505820681908902000708383676273854845817711531764475730270069855571366959622842914819860834936475292719074168444365510704342711559699508093042880177904174497792)'))
   execute function private.check_metadata_numbers();
 
+-- PostgreSQL lets PUBLIC execute every new function; a trigger needs no grant to fire.
+revoke execute on function private.check_metadata_numbers() from public;
+
 -- Service-role times: refused beyond the skew, clamped within it (DESIGN: no stored time is in
 -- the future, so a skewed clock cannot capture the gate's latest audit per trace).
 create function private.bound_event_created_at()
