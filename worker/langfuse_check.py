@@ -111,10 +111,10 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     LangfuseRefused (one too) when the keys, or our requests, are refused,
     LangfuseHostUnusable (one too) when the host name does not resolve or TLS fails,
     LangfuseWait (a LangfuseUnavailable) when the health route or the empty batch answers a
-    wait (429, a usage suspension, a gateway's 502/503/504: the drainer holds every worker for
-    it, as for a send's), LangfuseUnavailable when the server cannot be asked now (refused or
-    reset connections, a resolver's temporary failure, timeout, another 5xx, an answer whose
-    body cannot be read). A check after one whose empty batch met a wait sends that batch
+    wait (429, a usage suspension, a gateway's 502/503/504) or Langfuse's 500: the drainer
+    holds every worker for it, as for a send's; LangfuseUnavailable when the server cannot be
+    asked now (refused or reset connections, a resolver's temporary failure, timeout, another
+    5xx, an answer whose body cannot be read). A check after one whose empty batch met a wait sends that batch
     alone (the version read then is kept): after a hold, a worker's check is one request."""
     version, sender.waited_version = sender.waited_version, None
     if version is None:
@@ -127,7 +127,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
                 health.status_code, health.headers, health.content, ["-"], now
             )["-"]
             message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
-            if verdict.outcome == Outcome.wait:
+            if verdict.outcome == Outcome.wait or verdict.hold:  # a 500 holds, as on a send
                 raise LangfuseWait(message, verdict)
             raise LangfuseUnavailable(message)
         if health.status_code in (401, 403):
@@ -163,7 +163,9 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             raise LangfuseConfigError(
                 f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
             )
-        if verdict.outcome == Outcome.wait:  # a 429, a suspension, a gateway's 5xx
+        # a 429, a suspension, a gateway's 5xx; Langfuse's 500 holds every worker too, as on a
+        # send (no rows here, so no attempt)
+        if verdict.outcome == Outcome.wait or verdict.hold:
             sender.waited_version = version  # the next check (the hold's probe) is this POST
             raise LangfuseWait(f"Langfuse at {sender.host}: {verdict.error}", verdict)
         raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")

@@ -67,15 +67,21 @@ class OutboxDrainer:
     One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
-    first send the drainer checks the server (`ready`). Keys or requests refused, a host name
-    that does not resolve or a TLS handshake that fails, at that check or by a send later (a
-    key pair rotated, DNS gone mid-run), turn the mirror off the same way: one error line, the
+    first send the drainer checks the server (`ready`), through the mirror's hold: no check
+    while it holds, and after it one worker's check (or claim) at a time is its probe. Keys or
+    requests refused, a host name that does not exist or TLS that cannot work, at that check or
+    by a send later (a key pair rotated, a name removed mid-run), turn the mirror off the same
+    way: one error line, the
     batch's rows left as they were (no attempt spent; due again once `visibility_seconds` have
     passed), and the check repeated every `recheck_seconds`. A send that cannot connect
-    (refused, connect timeout) leaves its rows so too, and the check runs again next pass, as
-    when Langfuse is down at start (one warning line per outage). When Langfuse asks to wait
+    (refused, connect timeout, a resolver's temporary failure, a TLS handshake cut short)
+    leaves its rows so too, and the check runs again next pass, as when Langfuse is down at
+    start (one warning line per outage). A claimed row that cannot be a score (`score_item`
+    refuses it: metadata read as Infinity) is recorded failed on its own, with the reason; the
+    rest of its batch is sent. When Langfuse asks to wait
     (429, usage suspension, no route), the database holds every worker's claims until the wait
-    is over (`record_langfuse_deliveries`): a held pass claims nothing and sends nothing, and one
+    is over (`record_langfuse_deliveries`, or `record_langfuse_check` for an answer to the
+    check): a held pass claims nothing and sends nothing, and one
     line says so when the hold starts. A score fails for good after `max_attempts` deliveries;
     claimed rows stay hidden from other workers for `visibility_seconds`. The store's errors
     propagate.

@@ -291,6 +291,21 @@ def test_a_wait_answered_to_the_checks_empty_batch_is_a_wait(
     assert [r.path for r in cloud.requests] == ["/api/public/health", "/api/public/ingestion"]
 
 
+def test_langfuses_500_at_the_check_holds_like_a_sends() -> None:
+    """Langfuse's catch-all 500 to the empty batch (its storage or queue down) holds every
+    worker, as on a send (no request per worker per pass meanwhile); no rows, so no attempt.
+    The next check, the hold's probe, is the empty batch alone."""
+    with LangfuseStandin() as lf, sender_for(lf) as sender:
+        lf.set_mode("error")
+        with pytest.raises(LangfuseWait) as raised:
+            check(sender)
+        assert raised.value.verdict.hold and "HTTP 500" in (raised.value.verdict.error or "")
+        lf.set_mode("ok")
+        assert check(sender) == parse_version(lf.version)
+        assert [r.path for r in lf.requests] == [
+            "/api/public/health", "/api/public/ingestion", "/api/public/ingestion"]
+
+
 def test_usage_suspension_waits(cloud: LangfuseStandin) -> None:
     cloud.set_mode("suspended")
     with sender_for(cloud) as sender:
