@@ -114,8 +114,9 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     wait (429, a usage suspension, a gateway's 502/503/504) or Langfuse's 500: the drainer
     holds every worker for it, as for a send's; LangfuseUnavailable when the server cannot be
     asked now (refused or reset connections, a resolver's temporary failure, timeout, another
-    5xx, an answer whose body cannot be read). A check after one whose empty batch met a wait sends that batch
-    alone (the version read then is kept): after a hold, a worker's check is one request."""
+    5xx, an answer whose body cannot be read). A check after one whose empty batch met a wait
+    sends that batch alone (the version read then is kept): after a hold, a worker's check is
+    one request."""
     version, sender.waited_version = sender.waited_version, None
     if version is None:
         health = _request(sender, "GET", HEALTH_PATH)
