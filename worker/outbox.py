@@ -137,6 +137,11 @@ class OutboxDrainer:
             if turn.turn == "held":  # not even the check goes out before the hold ends
                 if turn.hold_seconds > 0 and not self._holding:
                     self._say_hold(turn.hold_seconds, turn.hold_reason)
+                elif turn.hold_seconds == 0:
+                    logger.info(
+                        "Langfuse's wait is over and another worker's request is its probe; "
+                        "this pass sends nothing until its answer is recorded"
+                    )
                 return False
             probe = turn.turn == "probe"
             try:
