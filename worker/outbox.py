@@ -126,8 +126,9 @@ class OutboxDrainer:
         work becomes the `config_error` (logged once, as an error; False from then on, but
         refused keys or requests, a host name that does not exist and a failed TLS handshake
         are checked again every `recheck_seconds`); a wait answered to the check (429, usage
-        suspension, a gateway's 5xx) sets the hold as a send's does; a server that cannot be
-        asked now (down, hanging, 5xx, a resolver's temporary failure) makes this pass a no-op,
+        suspension, a gateway's 5xx) or Langfuse's 500 sets the hold as a send's does; a server
+        that cannot be asked now (down, hanging, another 5xx, a resolver's temporary failure,
+        an answer that cannot be read) makes this pass a no-op,
         rows untouched (False), and is checked again next pass."""
         sender = self.sender
         if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
@@ -149,7 +150,7 @@ class OutboxDrainer:
             except LangfuseConfigError as exc:
                 self._probe_failed(probe)
                 self._turn_off(str(exc), recheck=exc.recheck)
-            except LangfuseWait as exc:  # a 429, a suspension or a gateway's 5xx
+            except LangfuseWait as exc:  # a 429, a suspension, a gateway's 5xx, a 500
                 self._hold_for(exc.verdict.error, exc.verdict.retry_after_seconds)
                 return False
             except LangfuseUnavailable as exc:
