@@ -46,6 +46,16 @@ create trigger persona_training_events_check_metadata_numbers
 -- PostgreSQL lets PUBLIC execute every new function; a trigger needs no grant to fire.
 revoke execute on function private.check_metadata_numbers() from public;
 
+comment on table private.langfuse_hold is
+  'The Langfuse mirror''s hold (one row). hold_until: no outbox row is claimed for Langfuse, and '
+  'no start-up check sent, before it (null: no hold); once it has passed, one claim that takes '
+  'rows, or one check (claim_langfuse_check), at a time is the probe (probe_until: until when '
+  'other claims and checks wait for that probe''s answer), and the probe''s recorded answer '
+  'ends the hold or sets the next one. reason: the answer that set it. bare_waits: holds in a '
+  'row set by an answer without a delay (a proxy''s bare 429 or 502, a 500), counted once per '
+  'hold, which double the next one; a success sets it to 0. End a hold early with select '
+  'public.end_langfuse_hold(); (it also makes the rows that waited for it due).';
+
 -- Claims up to p_limit due feedback rows for delivery. They stay invisible to other workers for
 -- p_visibility_seconds; a worker that dies leaves them due again after that. Nothing is claimed
 -- while the mirror's hold lasts; once it has passed, one claim at a time (for

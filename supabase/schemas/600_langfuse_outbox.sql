@@ -35,9 +35,10 @@ create table private.langfuse_hold (
 );
 
 comment on table private.langfuse_hold is
-  'The Langfuse mirror''s hold (one row). hold_until: no outbox row is claimed for Langfuse '
-  'before it (null: no hold); once it has passed, one claim at a time is the probe (probe_until: '
-  'until when another claim waits for that probe''s answer), and the probe''s recorded answer '
+  'The Langfuse mirror''s hold (one row). hold_until: no outbox row is claimed for Langfuse, and '
+  'no start-up check sent, before it (null: no hold); once it has passed, one claim that takes '
+  'rows, or one check (claim_langfuse_check), at a time is the probe (probe_until: until when '
+  'other claims and checks wait for that probe''s answer), and the probe''s recorded answer '
   'ends the hold or sets the next one. reason: the answer that set it. bare_waits: holds in a '
   'row set by an answer without a delay (a proxy''s bare 429 or 502, a 500), counted once per '
   'hold, which double the next one; a success sets it to 0. End a hold early with select '
