@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from postgrest.exceptions import APIError
@@ -1756,7 +1757,26 @@ def test_a_temporary_dns_failure_is_not_reachable_not_a_setting(
             ("pending", 0)}
         make_due(db, ids, "1 day")
         assert drainer.drain_once() == len(ids)
-    assert set(statuses(service, ids).values()) == {"sent"}
+        assert set(statuses(service, ids).values()) == {"sent"}
+
+        # the same on a send, once the check has passed: a new connection (a fresh client, as
+        # after a dropped keep-alive) meets EAI_AGAIN; the batch is left as it was, no attempt
+        later = [vote(voter, open_twin(service, owner), f"eai-again-send-{i}", 1)["id"]
+                 for i in range(2)]
+        sender.http.close()
+        sender.http = httpx.Client(auth=(standin.public_key, standin.secret_key), timeout=5.0)
+        failures["left"] = 1
+        seen = len(standin.requests)
+        make_due(db, later, "1 day")
+        drainer.batch_size = len(later)
+        assert drainer.drain_once() == 0
+        assert failures["left"] == 0 and drainer.config_error is None
+        assert len(standin.requests) == seen
+        assert {(r["status"], r["attempts"]) for r in outbox(service, later).values()} == {
+            ("pending", 0)}
+        make_due(db, later, "1 day")
+        assert drainer.drain_once() == len(later)  # checked again, then sent
+    assert set(statuses(service, later).values()) == {"sent"}
 
 
 def check_turn(service: Client) -> dict[str, Any]:
