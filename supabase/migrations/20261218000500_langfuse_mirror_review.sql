@@ -1,7 +1,7 @@
 -- Delta: the Langfuse mirror after a thirteenth review.
 -- * Metadata numbers beyond a double's range are refused at insert (a trigger naming the column):
---   Python and JavaScript read them as Infinity, which is not JSON, so the vote could never be
---   mirrored and, before this, its row stopped every drain.
+--   JavaScript reads them as Infinity (Python too, with a fraction), which is not JSON, so the
+--   vote could never be mirrored and, before this, such a row stopped every drain.
 -- * claim_langfuse_outbox arms the probe only when it claims a row: an empty claim after a hold
 --   left a probe that nothing answered, holding every claim for the visibility (120 s).
 -- * end_langfuse_hold() makes due only the rows whose next attempt is the hold's end (those that
@@ -12,9 +12,9 @@
 --   records its answer (a wait sets the hold: this replaces recording a wait for event id 0).
 -- The worker calls the two new functions: its version moves here.
 
--- A metadata number beyond a double's range (about ±1.8e308, e.g. a 310-digit integer) fits the
--- size limit, but JSON readers (JavaScript, Python, Langfuse) read it as Infinity, which is not
--- JSON: such a vote could never be mirrored. Refused at insert (and at an update of metadata),
+-- A metadata number beyond a double's range (about ±1.8e308, e.g. 310 digits) fits the size
+-- limit, but JSON readers read it as Infinity (JavaScript and Langfuse always, Python when it
+-- has a fraction or an exponent), which is not JSON: such a vote could never be mirrored. Refused at insert (and at an update of metadata),
 -- naming the column; rows stored before this rule are failed by the worker, one row at a time.
 create function private.check_metadata_numbers()
 returns trigger
@@ -26,9 +26,10 @@ begin
     errcode = '22003',
     column = 'metadata',
     message = 'metadata: a number is beyond the range of a double (its magnitude must stay below '
-              '2^1024, about 1.8e308): JSON readers take it for Infinity, so the vote could not '
-              'be mirrored to Langfuse; send it as a string',
-    hint = 'Numbers in metadata are read as IEEE 754 doubles by JavaScript, Python and Langfuse.';
+              '2^1024 - 2^970, about 1.8e308): JSON readers take it for Infinity, so the vote '
+              'could not be mirrored to Langfuse; send it as a string',
+    hint = 'JavaScript (Langfuse) reads every JSON number as an IEEE 754 double, and Python '
+           'every number with a fraction or an exponent.';
 end;
 $$;
 

@@ -285,9 +285,9 @@ create trigger persona_training_events_record_vote
   for each row when (new.source = 'user_feedback')
   execute function private.record_feedback_vote();
 
--- A metadata number beyond a double's range (about ±1.8e308, e.g. a 310-digit integer) fits the
--- size limit, but JSON readers (JavaScript, Python, Langfuse) read it as Infinity, which is not
--- JSON: such a vote could never be mirrored. Refused at insert (and at an update of metadata),
+-- A metadata number beyond a double's range (about ±1.8e308, e.g. 310 digits) fits the size
+-- limit, but JSON readers read it as Infinity (JavaScript and Langfuse always, Python when it
+-- has a fraction or an exponent), which is not JSON: such a vote could never be mirrored. Refused at insert (and at an update of metadata),
 -- naming the column; rows stored before this rule are failed by the worker, one row at a time.
 create function private.check_metadata_numbers()
 returns trigger
@@ -299,9 +299,10 @@ begin
     errcode = '22003',
     column = 'metadata',
     message = 'metadata: a number is beyond the range of a double (its magnitude must stay below '
-              '2^1024, about 1.8e308): JSON readers take it for Infinity, so the vote could not '
-              'be mirrored to Langfuse; send it as a string',
-    hint = 'Numbers in metadata are read as IEEE 754 doubles by JavaScript, Python and Langfuse.';
+              '2^1024 - 2^970, about 1.8e308): JSON readers take it for Infinity, so the vote '
+              'could not be mirrored to Langfuse; send it as a string',
+    hint = 'JavaScript (Langfuse) reads every JSON number as an IEEE 754 double, and Python '
+           'every number with a fraction or an exponent.';
 end;
 $$;
 

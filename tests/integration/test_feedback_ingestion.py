@@ -261,8 +261,8 @@ def bad_type(pg_type: str, value: str) -> str:
 
 NO_PRIVILEGE = "permission denied for table persona_training_events"
 BEYOND_DOUBLE = ("metadata: a number is beyond the range of a double (its magnitude must stay "
-                 "below 2^1024, about 1.8e308): JSON readers take it for Infinity, so the vote "
-                 "could not be mirrored to Langfuse; send it as a string")
+                 "below 2^1024 - 2^970, about 1.8e308): JSON readers take it for Infinity, so the "
+                 "vote could not be mirrored to Langfuse; send it as a string")
 REFUSED_TWIN = "twin_id: twin {twin} does not exist or does not accept feedback from this user"
 GONE_TWIN = str(uuid.UUID(int=1))
 
