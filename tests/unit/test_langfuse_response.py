@@ -498,6 +498,10 @@ def test_retry_after_reads_seconds_dates_and_langfuses_reset(
         ({"ratelimit-reset": "later", "x-ratelimit-reset": "90"}, 90.0),
         # Retry-After is delta-seconds only (RFC 9110): a big number is a long wait, not a time
         ({"retry-after": str(int(NOW.timestamp()) + 20)}, MAX_RETRY_AFTER_SECONDS),
+        # the bounds belong to the larger unit: 10^12 is milliseconds, 10^9 seconds (both in
+        # 2001: gone by, no wait), not 10^12 seconds or a 31-year delay (a day)
+        ({"x-ratelimit-reset": "1000000000000"}, 0.0),
+        ({"ratelimit-reset": "1000000000"}, 0.0),
     ],
 )
 def test_reset_headers_read_epoch_seconds_milliseconds_and_delta_seconds(
@@ -520,6 +524,25 @@ def test_a_2xx_whose_body_cannot_be_read_confirms_nothing(status: int) -> None:
     assert verdict.error is not None
     assert f"HTTP {status} with a body that could not be read" in verdict.error
     assert "decompressing" in verdict.error and "not confirmed" in verdict.error
+
+
+def test_a_408_takes_an_http_date_retry_after() -> None:
+    later = format_datetime(NOW + timedelta(seconds=40), usegmt=True)
+    verdict = one(run(408, b"", {"Retry-After": later}))
+    assert (verdict.outcome, verdict.retry_after_seconds) == (Outcome.retry, 40.0)
+
+
+def test_a_3xx_whose_body_cannot_be_read_is_still_a_redirect() -> None:
+    headers = {"location": "https://lf.example.com/api/public/ingestion"}
+    for status in (300, 301):
+        verdict = one(unreadable(status, headers, "bad gzip", IDS, NOW))
+        assert verdict.outcome == Outcome.off and "redirected" in (verdict.error or "")
+
+
+def test_an_unreadable_429_takes_its_http_date_retry_after() -> None:
+    later = format_datetime(NOW + timedelta(seconds=25), usegmt=True)
+    verdict = one(unreadable(429, {"retry-after": later}, "bad gzip", IDS, NOW))
+    assert (verdict.outcome, verdict.retry_after_seconds) == (Outcome.wait, 25.0)
 
 
 def test_another_status_whose_body_cannot_be_read_is_read_without_it() -> None:
