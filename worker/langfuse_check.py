@@ -109,7 +109,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
     checked again later) when no Langfuse, or no ingestion route, answers there (a proxy or a
     wrong base path), LangfuseRedirected (one too, checked again later) for a redirect,
     LangfuseRefused (one too) when the keys, or our requests, are refused,
-    LangfuseHostUnusable (one too) when the host name does not resolve or TLS fails,
+    LangfuseHostUnusable (one too) when the host name does not exist or TLS cannot work,
     LangfuseWait (a LangfuseUnavailable) when the health route or the empty batch answers a
     wait (429, a usage suspension, a gateway's 502/503/504) or Langfuse's 500: the drainer
     holds every worker for it, as for a send's; LangfuseUnavailable when the server cannot be

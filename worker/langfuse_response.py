@@ -113,13 +113,14 @@ class Outcome(StrEnum):
     """The request was too large (413): send its events again in smaller requests."""
     off = "off"
     """The server, or the way to it, refuses us, not the scores (401, 403 other than a
-    suspension, 405, a redirect; from the sender: a host name that does not resolve, a TLS
-    handshake that fails): the mirror turns off until a start-up check passes again
+    suspension, 405, a redirect; from the sender: a host name that does not exist, TLS that
+    cannot work with the host): the mirror turns off until a start-up check passes again
     (repeated every few minutes); the rows are left as they were."""
     unreachable = "unreachable"
-    """From the sender: no connection could be made (refused, connect timeout, no route), so
-    nothing was sent: the rows are left as they were, and the mirror checks the server again
-    on its next pass, as when it is down at start."""
+    """From the sender: no connection could be made (refused, connect timeout, no route, a
+    resolver's temporary failure, a TLS handshake cut short), so nothing was sent: the rows
+    are left as they were, and the mirror checks the server again on its next pass, as when
+    it is down at start."""
 
 
 @dataclass(frozen=True)

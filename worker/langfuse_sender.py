@@ -21,11 +21,14 @@ id, name and first vote's time, so a vote changed days later replaces the one sc
 `send` never retries and never raises for a delivery problem: retries happen across polls, with
 the delay the database computes (`record_langfuse_deliveries`, which also holds every worker's
 sends while Langfuse asks to wait). A request that could not even connect (`_post`) spends no
-attempt: a host name that does not resolve or a TLS handshake that fails turns the mirror off
-(`Outcome.off`) and a refused or timed-out connection leaves the rows for the next pass
+attempt: a host name that does not exist or TLS that cannot work with the host turns the
+mirror off (`Outcome.off`, `unusable_host`), and a refused or timed-out connection, a
+resolver's temporary failure or a TLS handshake cut short leaves the rows for the next pass
 (`Outcome.unreachable`), both as at start; a failure once the request was on its way (a
 timeout waiting for the answer, a reset) is a retry, an attempt: the request itself may be why
-(too large for a proxy's limits, a body that crashes the server), and attempts bound that.
+(too large for a proxy's limits, a body that crashes the server), and attempts bound that. An
+answer whose body cannot be read (a Content-Encoding it does not have) is read by its status
+(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry).
 """
 
 from __future__ import annotations
