@@ -58,7 +58,9 @@ for every path: a proxy's rate limit in front of any generation), `proxy_forbidd
 page, for every path: a proxy's or firewall's `deny` rule), `proxy_not_allowed` (nginx's 405
 page, for every POST: a web server that serves static files at LANGFUSE_HOST),
 `proxy_bad_gateway` (nginx's 502 page, for every path: langfuse-web restarting or down behind
-its proxy; Langfuse's handler itself never answers 502). Langfuse's own
+its proxy; Langfuse's handler itself never answers 502), `proxy_bad_encoding` (Langfuse takes
+a non-empty batch as in `ok`, but its 207 arrives marked `Content-Encoding: gzip` without being
+gzip: a proxy that broke the answer, which no client can read). Langfuse's own
 refusals carry `{"error": "<Name>Error", "message"}` (see `_answer`); these pages do not. "Down"
 is `stop()`; `start()` binds the same port.
 
@@ -111,6 +113,7 @@ Mode = Literal[
     "proxy_forbidden",
     "proxy_not_allowed",
     "proxy_bad_gateway",
+    "proxy_bad_encoding",
 ]
 MODES: tuple[str, ...] = get_args(Mode)
 CLOUD_ONLY = frozenset({"rate_limited", "suspended"})
@@ -866,6 +869,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         status, payload, extra = self._answer(mode, reject, reject_status, path, auth, raw, body)
+        if mode == "proxy_bad_encoding" and path == INGESTION_PATH and status == 207:
+            batch = body.get("batch") if isinstance(body, dict) else None
+            if batch:  # the start-up check's empty batch is answered readably
+                extra = {**extra, "Content-Encoding": "gzip"}
         record(status)
         self._respond(status, payload, extra)
 

@@ -233,17 +233,22 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     waits = (settings.pfl_poll_min_seconds, settings.pfl_poll_max_seconds)
-    # Langfuse is a mirror: its own thread, so a slow or down Langfuse never delays a run.
+
+    def failed(poller: str) -> Callable[[], None] | None:
+        return (lambda: metrics.poll_failed(poller)) if metrics else None
+
+    # Langfuse is a mirror: its own thread, so a slow or down Langfuse never delays a run. A
+    # pass that raises is logged and counted, and the thread goes on (poll_until_stopped).
     mirror = threading.Thread(
         target=poll_until_stopped,
-        args=("langfuse-outbox", outbox_step, stop, *waits),
+        args=("langfuse-outbox", outbox_step, stop, *waits, failed("langfuse-outbox")),
         name="langfuse-outbox",
     )
     if server:
         server.start()
     mirror.start()
     try:
-        poll_until_stopped("learning-runs", learning_step, stop, *waits)
+        poll_until_stopped("learning-runs", learning_step, stop, *waits, failed("learning-runs"))
     finally:
         stop.set()
         mirror.join()

@@ -49,8 +49,9 @@ class LangfuseRefused(LangfuseConfigError):
 
 
 class LangfuseHostUnusable(LangfuseConfigError):
-    """LANGFUSE_HOST's name does not resolve, or its TLS handshake fails (https:// to a port
-    that speaks plain HTTP, a certificate not trusted): a setting to fix, but DNS or the
+    """LANGFUSE_HOST's name does not exist ("Name or service not known"; a resolver's temporary
+    failure is no such thing: LangfuseUnavailable), or TLS cannot work with it (https:// to a
+    port that speaks plain HTTP, a certificate not trusted): a setting to fix, but DNS or the
     server may also come right (a container not started yet), so the check is repeated later.
     The same failure on a send later is treated alike (`Outcome.off`)."""
 
@@ -104,41 +105,48 @@ def generation(version: tuple[int, int, int]) -> str:
 
 def check(sender: LangfuseSender) -> tuple[int, int, int]:
     """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host, the keys or the version cannot work (a usage suspension or rate limit
-    on the ingestion route does not: the sends wait), LangfuseNotThere (a LangfuseConfigError,
+    host, the keys or the version cannot work, LangfuseNotThere (a LangfuseConfigError,
     checked again later) when no Langfuse, or no ingestion route, answers there (a proxy or a
     wrong base path), LangfuseRedirected (one too, checked again later) for a redirect,
     LangfuseRefused (one too) when the keys, or our requests, are refused,
-    LangfuseHostUnusable (one too) when the host name does not resolve or TLS fails,
-    LangfuseWait (a LangfuseUnavailable) when the health route answers 429 or a gateway's
-    502/503/504 (the drainer holds every worker for it), LangfuseUnavailable when the server
-    cannot be asked now (refused or reset connections, timeout, another 5xx)."""
-    health = _request(sender, "GET", HEALTH_PATH)
-    body = _json(health)
-    version = parse_version(body.get("version")) if isinstance(body, dict) else None
-    if health.status_code >= 500 or health.status_code == 429:
-        now = datetime.now(UTC)
-        verdict = classify(health.status_code, health.headers, health.content, ["-"], now)["-"]
-        message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
-        if verdict.outcome == Outcome.wait:
-            raise LangfuseWait(message, verdict)
-        raise LangfuseUnavailable(message)
-    if health.status_code in (401, 403):
-        raise LangfuseRefused(
-            f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
-            f"keys, was refused ({health.status_code}) by something in front of it: a proxy "
-            "or firewall"
-        )
-    if health.status_code != 200 or version is None:
-        raise LangfuseNotThere(
-            f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
-            f"{health.status_code} without a version"
-        )
-    if version < MIN_VERSION:
-        raise LangfuseConfigError(
-            f"Langfuse {'.'.join(map(str, version))} at {sender.host} is too old: score metadata "
-            f"and environments need {'.'.join(map(str, MIN_VERSION))} or later"
-        )
+    LangfuseHostUnusable (one too) when the host name does not exist or TLS cannot work,
+    LangfuseWait (a LangfuseUnavailable) when the health route or the empty batch answers a
+    wait (429, a usage suspension, a gateway's 502/503/504) or Langfuse's 500: the drainer
+    holds every worker for it, as for a send's; LangfuseUnavailable when the server cannot be
+    asked now (refused or reset connections, a resolver's temporary failure, timeout, another
+    5xx, an answer whose body cannot be read). A check after one whose empty batch met a wait
+    sends that batch alone (the version read then is kept): after a hold, a worker's check is
+    one request."""
+    version, sender.waited_version = sender.waited_version, None
+    if version is None:
+        health = _request(sender, "GET", HEALTH_PATH)
+        body = _json(health)
+        version = parse_version(body.get("version")) if isinstance(body, dict) else None
+        if health.status_code >= 500 or health.status_code == 429:
+            now = datetime.now(UTC)
+            verdict = classify(
+                health.status_code, health.headers, health.content, ["-"], now
+            )["-"]
+            message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
+            if verdict.outcome == Outcome.wait or verdict.hold:  # a 500 holds, as on a send
+                raise LangfuseWait(message, verdict)
+            raise LangfuseUnavailable(message)
+        if health.status_code in (401, 403):
+            raise LangfuseRefused(
+                f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
+                f"keys, was refused ({health.status_code}) by something in front of it: a proxy "
+                "or firewall"
+            )
+        if health.status_code != 200 or version is None:
+            raise LangfuseNotThere(
+                f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
+                f"{health.status_code} without a version"
+            )
+        if version < MIN_VERSION:
+            raise LangfuseConfigError(
+                f"Langfuse {'.'.join(map(str, version))} at {sender.host} is too old: score "
+                f"metadata and environments need {'.'.join(map(str, MIN_VERSION))} or later"
+            )
     probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
     if probe.status_code in (404, 410):
         raise LangfuseNotThere(
@@ -156,8 +164,12 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
             raise LangfuseConfigError(
                 f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
             )
-        if verdict.outcome != Outcome.wait:
-            raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
+        # a 429, a suspension, a gateway's 5xx; Langfuse's 500 holds every worker too, as on a
+        # send (no rows here, so no attempt)
+        if verdict.outcome == Outcome.wait or verdict.hold:
+            sender.waited_version = version  # the next check (the hold's probe) is this POST
+            raise LangfuseWait(f"Langfuse at {sender.host}: {verdict.error}", verdict)
+        raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
     sender.version = version
     return version
 
@@ -171,6 +183,11 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
             raise LangfuseHostUnusable(f"LANGFUSE_HOST={sender.host}: {unusable}") from exc
         error = transport_error(exc, sender.timeout_seconds)
         raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
+    except httpx.HTTPError as exc:  # an answer whose body cannot be read (a lying encoding)
+        why = " ".join((str(exc) or type(exc).__name__).split())[:200]
+        raise LangfuseUnavailable(
+            f"{sender.host}{path}: an answer that could not be read ({type(exc).__name__}: {why})"
+        ) from exc
     if answer.is_redirect:
         location = answer.headers.get("location", "no location given")
         raise LangfuseRedirected(

@@ -113,13 +113,14 @@ class Outcome(StrEnum):
     """The request was too large (413): send its events again in smaller requests."""
     off = "off"
     """The server, or the way to it, refuses us, not the scores (401, 403 other than a
-    suspension, 405, a redirect; from the sender: a host name that does not resolve, a TLS
-    handshake that fails): the mirror turns off until a start-up check passes again
+    suspension, 405, a redirect; from the sender: a host name that does not exist, TLS that
+    cannot work with the host): the mirror turns off until a start-up check passes again
     (repeated every few minutes); the rows are left as they were."""
     unreachable = "unreachable"
-    """From the sender: no connection could be made (refused, connect timeout, no route), so
-    nothing was sent: the rows are left as they were, and the mirror checks the server again
-    on its next pass, as when it is down at start."""
+    """From the sender: no connection could be made (refused, connect timeout, no route, a
+    resolver's temporary failure, a TLS handshake cut short), so nothing was sent: the rows
+    are left as they were, and the mirror checks the server again on its next pass, as when
+    it is down at start."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,24 @@ def classify(
     return _all(event_ids, Verdict(Outcome.failed, _short(error)))
 
 
+def unreadable(
+    status: int,
+    headers: Mapping[str, str],
+    why: str,
+    event_ids: Sequence[str],
+    now: datetime,
+) -> dict[str, Verdict]:
+    """The verdicts for an answer whose status and headers came but whose body could not be
+    read (`why`: e.g. a Content-Encoding of gzip on a body that is not gzip, from a proxy): a
+    2xx confirms nothing, as a 2xx without the ingestion result (retry: an attempt; resending
+    is harmless, the score id makes it an update); another status is read without its body.
+    Total: never raises."""
+    if 200 <= status < 300:
+        error = f"HTTP {status} with a body that could not be read ({why}): not confirmed"
+        return _all(event_ids, Verdict(Outcome.retry, _short(error)))
+    return classify(status, headers, b"", event_ids, now)
+
+
 def refusal(status: int, error: str, shape: tuple[str, str] | None) -> str:
     """What a 401, 403 or 405 to our POST means, followed by `error` (the status and the
     server's words); `shape` is Langfuse's (error name, message) when the body has that shape.
@@ -229,26 +248,39 @@ def redirect_advice(location: str, path: str) -> str:
 
 def retry_after(headers: Mapping[str, str], now: datetime) -> float | None:
     """Seconds to wait from `Retry-After` (delta-seconds or an HTTP-date, RFC 9110 §10.2.3),
-    else from `X-RateLimit-Reset` (an epoch in seconds, or a date as Langfuse writes it);
-    clamped to 0..MAX_RETRY_AFTER_SECONDS; None when neither header is usable. Header names in
-    lower case."""
-    for name in ("retry-after", "x-ratelimit-reset"):
+    else from `RateLimit-Reset` (the IETF rate-limit headers draft: delta-seconds), else from
+    `X-RateLimit-Reset` (a date as Langfuse writes it, or a number); clamped to
+    0..MAX_RETRY_AFTER_SECONDS; None when no header is usable. Header names in lower case.
+    A reset header's number is read by its size, since servers send all three: from 1e12 Unix
+    time in milliseconds, from 1e9 Unix time in seconds (2001 on), below that delta-seconds
+    (1e9 s is over 31 years, so no delay is taken for a time)."""
+    for name in ("retry-after", "ratelimit-reset", "x-ratelimit-reset"):
         value = headers.get(name, "").strip()
         if not value:
             continue
-        seconds = _seconds_until(value, now, epoch=name == "x-ratelimit-reset")
+        seconds = _seconds_until(value, now, reset=name != "retry-after")
         if seconds is not None:
             return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
     return None
 
 
-def _seconds_until(value: str, now: datetime, *, epoch: bool) -> float | None:
+EPOCH_SECONDS_FROM = 1e9
+"""A reset header's number from here on is a Unix time in seconds (2001-09-09 on)..."""
+EPOCH_MILLISECONDS_FROM = 1e12
+"""...and from here on in milliseconds (1e12 ms is 2001-09-09; 1e12 s would be year 33658)."""
+
+
+def _seconds_until(value: str, now: datetime, *, reset: bool) -> float | None:
     try:
         number = float(value)
     except ValueError:
         number = math.nan
     if math.isfinite(number):
-        return number - now.timestamp() if epoch and number > 1e9 else number
+        if reset and number >= EPOCH_MILLISECONDS_FROM:
+            return number / 1000 - now.timestamp()
+        if reset and number >= EPOCH_SECONDS_FROM:
+            return number - now.timestamp()
+        return number
     for parse in (_http_date, _js_date):
         when = parse(value)
         if when is not None:

@@ -21,11 +21,14 @@ id, name and first vote's time, so a vote changed days later replaces the one sc
 `send` never retries and never raises for a delivery problem: retries happen across polls, with
 the delay the database computes (`record_langfuse_deliveries`, which also holds every worker's
 sends while Langfuse asks to wait). A request that could not even connect (`_post`) spends no
-attempt: a host name that does not resolve or a TLS handshake that fails turns the mirror off
-(`Outcome.off`) and a refused or timed-out connection leaves the rows for the next pass
+attempt: a host name that does not exist or TLS that cannot work with the host turns the
+mirror off (`Outcome.off`, `unusable_host`), and a refused or timed-out connection, a
+resolver's temporary failure or a TLS handshake cut short leaves the rows for the next pass
 (`Outcome.unreachable`), both as at start; a failure once the request was on its way (a
 timeout waiting for the answer, a reset) is a retry, an attempt: the request itself may be why
-(too large for a proxy's limits, a body that crashes the server), and attempts bound that.
+(too large for a proxy's limits, a body that crashes the server), and attempts bound that. An
+answer whose body cannot be read (a Content-Encoding it does not have) is read by its status
+(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from uuid import UUID, uuid5
 import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from worker.langfuse_response import INGESTION_PATH, Outcome, Verdict, classify
+from worker.langfuse_response import INGESTION_PATH, Outcome, Verdict, classify, unreadable
 
 LANGFUSE_SCORE_NAMESPACE = UUID("09229364-ef9e-51cb-bd31-b3f7a9619500")
 """Namespace of the uuid5 score ids, fixed as a literal (it is `uuid5(NAMESPACE_URL,
@@ -180,6 +183,9 @@ class LangfuseSender:
         self.timeout_seconds = float(timeout_seconds)
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
         self.version: tuple[int, int, int] | None = None
+        # The version a check read before its empty batch met a wait (its next check skips
+        # the health route): `worker.langfuse_check.check` keeps it.
+        self.waited_version: tuple[int, int, int] | None = None
         self.http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
@@ -279,15 +285,24 @@ class LangfuseSender:
         ids = [item.envelope_id for item, _ in chunk]
         body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
         try:
-            answer = self.http.post(
+            with self.http.stream(
+                "POST",
                 self.host + INGESTION_PATH,
                 content=body,
                 headers={"content-type": "application/json"},
-            )
+            ) as answer:
+                try:
+                    content = answer.read()
+                except httpx.DecodingError as exc:  # status and headers came, the body is not
+                    why = " ".join((str(exc) or type(exc).__name__).split())[:200]
+                    now = datetime.now(UTC)
+                    return unreadable(answer.status_code, answer.headers, why, ids, now)
         except httpx.TransportError as exc:
             return dict.fromkeys(ids, self._unanswered(exc))
-        return classify(answer.status_code, answer.headers, answer.content, ids, datetime.now(UTC))
-
+        except httpx.HTTPError as exc:  # anything else httpx raises for one request
+            error = f"no usable answer ({type(exc).__name__}: {exc})"
+            return dict.fromkeys(ids, Verdict(Outcome.retry, error[:300], stop=True))
+        return classify(answer.status_code, answer.headers, content, ids, datetime.now(UTC))
 
     def _unanswered(self, exc: httpx.TransportError) -> Verdict:
         """A request without an answer (see the module docstring): off, unreachable or retry."""
@@ -343,16 +358,42 @@ def transport_error(exc: httpx.TransportError, timeout: float | None = None) -> 
     return "connection refused" if "Connection refused" in text else f"network error: {text}"
 
 
+CONFIGURATION_EAI = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY", "EAI_SERVICE", "EAI_FAMILY")
+    if hasattr(socket, name)
+)
+"""Resolver answers that say the name itself is wrong ("Name or service not known": NXDOMAIN,
+no address of that family): a setting to fix. Every other one (EAI_AGAIN "Temporary failure
+in name resolution", EAI_FAIL a failing DNS server, EAI_MEMORY, EAI_SYSTEM) is the resolver's
+trouble of the moment: Langfuse is unreachable for now."""
+
+TRANSIENT_TLS_REASONS = frozenset(
+    {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
+)
+"""OpenSSL's reasons for a handshake the other side closed (a restart, a load balancer
+dropping the connection): nothing about our settings."""
+
+
 def unusable_host(exc: httpx.TransportError, host: str) -> str | None:
-    """What is wrong with LANGFUSE_HOST when `exc` says its name does not resolve or TLS
-    failed (an ssl.SSLError or socket.gaierror among its causes); None for any other failure."""
+    """What is wrong with LANGFUSE_HOST when `exc` says its name does not exist or TLS cannot
+    work with it (a socket.gaierror of `CONFIGURATION_EAI`, a certificate not trusted, a
+    handshake refused for its protocol, e.g. https:// to a port that speaks plain HTTP, among
+    its causes); None for any other failure, a temporary one included (a resolver's "temporary
+    failure in name resolution", a handshake cut short by EOF or a reset)."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, socket.gaierror):
+            if cause.errno not in CONFIGURATION_EAI:
+                return None
             return f"the host name {httpx.URL(host).host} does not resolve ({cause})"
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"its TLS certificate is not trusted ({cause})"
+        if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+            return None
         if isinstance(cause, ssl.SSLError):
+            if getattr(cause, "reason", None) in TRANSIENT_TLS_REASONS:
+                return None
             return (
                 f"the TLS handshake failed ({cause}); a port that speaks plain HTTP answers so: "
                 "use http://, or the server's TLS port"

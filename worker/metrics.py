@@ -14,6 +14,8 @@ read the same from every worker):
   completed;
 - pfl_last_successful_poll_timestamp_seconds{poller}, gauge: Unix time at which a poll of
   `learning-runs` or `langfuse-outbox` last succeeded;
+- pfl_poll_failures_total{poller}, counter: polls that raised (the API or the database
+  failing, or an unexpected error, logged with its traceback); the poller goes on;
 - pfl_outbox_backlog, gauge: feedback votes waiting for Langfuse (pending or retrying), read at
   scrape time;
 - pfl_outbox_oldest_pending_age_seconds, gauge: the oldest one's age (0 when none waits), read
@@ -25,7 +27,12 @@ read the same from every worker):
 
 Health: /healthz answers 200 while the last successful poll for runs ended at most
 `max_poll_age` seconds ago, and 503 before the first one or once it is older (the API or the
-database unreachable, or refusing the worker's calls); the body is JSON saying which.
+database unreachable, or refusing the worker's calls). The Langfuse mirror's poller makes it
+503 too when it is failing: its last poll failed and none has succeeded for `max_poll_age`
+seconds (since its last success, or since start). A mirror that is slow, or waiting for
+Langfuse (down, a hold), is not failing: those passes succeed. The body is JSON saying which:
+the runs' poll age at its top level (as before) and, under `pollers`, each poller's age, its
+failures and whether it is failing.
 """
 
 from __future__ import annotations
@@ -110,6 +117,9 @@ class WorkerMetrics:
         self.max_poll_age = max_poll_age
         self._clock = clock
         self._last_poll: dict[str, float] = {}
+        self._last_failure: dict[str, float] = {}
+        self._failures: dict[str, int] = dict.fromkeys(POLLERS, 0)
+        self._started = clock()
         self._lock = threading.Lock()
         self.runs = Counter(
             "pfl_learning_runs",
@@ -136,6 +146,14 @@ class WorkerMetrics:
             ["poller"],
             registry=self.registry,
         )
+        self.failures = Counter(
+            "pfl_poll_failures",
+            "Polls that raised (the API or the database failing, or an unexpected error).",
+            ["poller"],
+            registry=self.registry,
+        )
+        for poller in POLLERS:
+            self.failures.labels(poller)  # exported from the start, at 0
         self.registry.register(OutboxCollector(store.outbox_backlog))
         ProcessCollector(registry=self.registry)
 
@@ -153,16 +171,45 @@ class WorkerMetrics:
             self._last_poll[poller] = now
         self.polls.labels(poller).set(now)
 
+    def poll_failed(self, poller: str) -> None:
+        """Records that a poll of `poller` (one of POLLERS) just raised."""
+        now = self._clock()
+        with self._lock:
+            self._last_failure[poller] = now
+            self._failures[poller] = self._failures.get(poller, 0) + 1
+        self.failures.labels(poller).inc()
+
     def health(self) -> tuple[bool, dict[str, object]]:
         """Whether the worker is healthy by the rule above, and the facts behind it."""
+        now = self._clock()
         with self._lock:
-            last = self._last_poll.get("learning-runs")
-        age = None if last is None else max(0.0, self._clock() - last)
-        healthy = age is not None and age <= self.max_poll_age
+            last = dict(self._last_poll)
+            failed = dict(self._last_failure)
+            counts = dict(self._failures)
+        pollers: dict[str, dict[str, object]] = {}
+        ages: dict[str, float | None] = {}
+        for poller in POLLERS:
+            success = last.get(poller)
+            age = ages[poller] = None if success is None else max(0.0, now - success)
+            quiet = now - (success if success is not None else self._started)
+            failing = (
+                poller in failed
+                and (success is None or failed[poller] >= success)
+                and quiet > self.max_poll_age
+            )
+            pollers[poller] = {
+                "last_successful_poll_age_seconds": None if age is None else round(age, 3),
+                "failures": counts.get(poller, 0),
+                "failing": failing,
+            }
+        runs_age = ages["learning-runs"]
+        runs_ok = runs_age is not None and runs_age <= self.max_poll_age
+        healthy = runs_ok and not pollers["langfuse-outbox"]["failing"]
         return healthy, {
             "status": "ok" if healthy else "unhealthy",
-            "last_successful_poll_age_seconds": None if age is None else round(age, 3),
+            "last_successful_poll_age_seconds": None if runs_age is None else round(runs_age, 3),
             "max_age_seconds": self.max_poll_age,
+            "pollers": pollers,
         }
 
     def exposition(self) -> bytes:

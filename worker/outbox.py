@@ -13,6 +13,8 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 
+from pydantic import ValidationError
+
 from worker.langfuse_check import (
     LangfuseConfigError,
     LangfuseUnavailable,
@@ -22,7 +24,7 @@ from worker.langfuse_check import (
 )
 from worker.langfuse_response import INGESTION_PATH, Outcome
 from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, score_id_for
-from worker.store import DeliveryRecord, OutboxBacklog, OutboxRow, Store
+from worker.store import DeliveryRecord, OutboxRow, Store
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +67,21 @@ class OutboxDrainer:
     One pass claims at most `batch_size` rows; `sender` None means Langfuse is not configured
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
-    first send the drainer checks the server (`ready`). Keys or requests refused, a host name
-    that does not resolve or a TLS handshake that fails, at that check or by a send later (a
-    key pair rotated, DNS gone mid-run), turn the mirror off the same way: one error line, the
+    first send the drainer checks the server (`ready`), through the mirror's hold: no check
+    while it holds, and after it one worker's check (or claim) at a time is its probe. Keys or
+    requests refused, a host name that does not exist or TLS that cannot work, at that check or
+    by a send later (a key pair rotated, a name removed mid-run), turn the mirror off the same
+    way: one error line, the
     batch's rows left as they were (no attempt spent; due again once `visibility_seconds` have
     passed), and the check repeated every `recheck_seconds`. A send that cannot connect
-    (refused, connect timeout) leaves its rows so too, and the check runs again next pass, as
-    when Langfuse is down at start (one warning line per outage). When Langfuse asks to wait
+    (refused, connect timeout, a resolver's temporary failure, a TLS handshake cut short)
+    leaves its rows so too, and the check runs again next pass, as when Langfuse is down at
+    start (one warning line per outage). A claimed row that cannot be a score (`score_item`
+    refuses it: metadata read as Infinity) is recorded failed on its own, with the reason; the
+    rest of its batch is sent. When Langfuse asks to wait
     (429, usage suspension, no route), the database holds every worker's claims until the wait
-    is over (`record_langfuse_deliveries`): a held pass claims nothing and sends nothing, and one
+    is over (`record_langfuse_deliveries`, or `record_langfuse_check` for an answer to the
+    check): a held pass claims nothing and sends nothing, and one
     line says so when the hold starts. A score fails for good after `max_attempts` deliveries;
     claimed rows stay hidden from other workers for `visibility_seconds`. The store's errors
     propagate.
@@ -111,33 +119,50 @@ class OutboxDrainer:
         return self._holding
 
     def ready(self) -> bool:
-        """Whether a pass may claim rows. The sender's server is checked until a check passes,
-        unless the mirror's hold is in force (False, nothing sent): a host, key pair or version
-        that cannot work becomes the `config_error` (logged once, as an error; False from then
-        on, but refused keys or requests, an unresolved host name and a failed TLS handshake are
-        checked again every `recheck_seconds`); a server that cannot be asked now (down,
-        hanging, 5xx) makes this pass a no-op, rows untouched (False), and is checked again next
-        pass."""
+        """Whether a pass may claim rows. The sender's server is checked until a check passes;
+        the check goes through the mirror's hold as a claim does (`claim_langfuse_check`): none
+        while a hold is in force, and once it has passed only one worker's check, or claim, is
+        its probe (False, nothing sent, for the others). A host, key pair or version that cannot
+        work becomes the `config_error` (logged once, as an error; False from then on, but
+        refused keys or requests, a host name that does not exist and a failed TLS handshake
+        are checked again every `recheck_seconds`); a wait answered to the check (429, usage
+        suspension, a gateway's 5xx) or Langfuse's 500 sets the hold as a send's does; a server
+        that cannot be asked now (down, hanging, another 5xx, a resolver's temporary failure,
+        an answer that cannot be read) makes this pass a no-op,
+        rows untouched (False), and is checked again next pass."""
         sender = self.sender
         if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
             self.config_error, self._recheck_at = None, None
         if self.config_error is None and sender is not None and sender.version is None:
-            backlog = self.store.outbox_backlog()
-            if backlog.hold_seconds > 0:  # not even the check goes out before it ends
-                if not self._holding:
-                    self._say_hold(backlog)
+            turn = self.store.claim_check(self.visibility_seconds)
+            if turn.turn == "held":  # not even the check goes out before the hold ends
+                if turn.hold_seconds > 0 and not self._holding:
+                    self._say_hold(turn.hold_seconds, turn.hold_reason)
+                elif turn.hold_seconds == 0:
+                    logger.info(
+                        "Langfuse's wait is over and another worker's request is its probe; "
+                        "this pass sends nothing until its answer is recorded"
+                    )
                 return False
+            probe = turn.turn == "probe"
             try:
                 version = check(sender)
             except LangfuseConfigError as exc:
+                self._probe_failed(probe)
                 self._turn_off(str(exc), recheck=exc.recheck)
-            except LangfuseWait as exc:  # a 429 (or a gateway's 5xx) on the health route
+            except LangfuseWait as exc:  # a 429, a suspension, a gateway's 5xx, a 500
                 self._hold_for(exc.verdict.error, exc.verdict.retry_after_seconds)
                 return False
             except LangfuseUnavailable as exc:
+                self._probe_failed(probe)
                 self._say_unreachable(str(exc))
                 return False
+            except BaseException:
+                self._probe_failed(probe)
+                raise
             else:
+                if probe:  # the hold's probe was answered: every worker may send again
+                    self.store.record_check("passed")
                 self._reported = self._unreachable = False
                 logger.info(
                     "Langfuse mirror ready",
@@ -152,6 +177,12 @@ class OutboxDrainer:
             self._say_off()
             return False
         return True
+
+    def _probe_failed(self, probe: bool) -> None:
+        """A check that was the hold's probe met neither a pass nor a wait: another worker
+        may probe now (not after the probe's visibility)."""
+        if probe:
+            self.store.record_check("failed")
 
     def _say_off(self) -> None:
         """Logs the `config_error` as one error line, once until a check passes again."""
@@ -178,32 +209,26 @@ class OutboxDrainer:
             )
 
     def _hold_for(self, error: str | None, retry_after_seconds: float | None) -> None:
-        """Sets the database's hold for a wait met with no row in hand (at the start-up check),
-        as `record_langfuse_deliveries` sets it for a send's: a wait for event id 0, which no
-        row has (ids start at 1), so no row changes; then says so."""
-        record: DeliveryRecord = {
-            "event_id": 0,
-            "outcome": Outcome.wait.value,
-            "error": error,
-            "retry_after_seconds": retry_after_seconds,
-            "hold": False,
-        }
-        self.store.record_deliveries([record], self.max_attempts)
-        self._say_hold(self.store.outbox_backlog())
+        """Sets the database's hold for a wait met by the start-up check, no row in hand
+        (`record_langfuse_check`: the same rules as a send's wait), then says so."""
+        self.store.record_check("wait", error, retry_after_seconds)
+        backlog = self.store.outbox_backlog()
+        self._say_hold(backlog.hold_seconds, backlog.hold_reason)
 
-    def _say_hold(self, backlog: OutboxBacklog, *, attempt: bool = False) -> None:
-        """Logs the mirror's hold: a warning when one starts, then a line at info level for
-        each hold in a row (each probe that met another wait); `attempt`: the answer that set
-        it spent an attempt of its rows (a top-level 500)."""
-        until = datetime.now(UTC) + timedelta(seconds=backlog.hold_seconds)
+    def _say_hold(self, seconds: float, reason: str | None, *, attempt: bool = False) -> None:
+        """Logs the mirror's hold (`seconds` left, set by the answer `reason`): a warning when
+        one starts, then a line at info level for each hold in a row (each probe that met
+        another wait); `attempt`: the answer that set it spent an attempt of its rows (a
+        top-level 500)."""
+        until = datetime.now(UTC) + timedelta(seconds=seconds)
         log = logger.info if self._holding else logger.warning
         self._holding = True
         log(
             "Langfuse asked to wait (%s): no request to it before %s (%.0f s), from any worker; "
             "outbox rows wait, %s",
-            backlog.hold_reason or "a hold set by another worker",
+            reason or "a hold set by another worker",
             until.isoformat(timespec="seconds"),
-            backlog.hold_seconds,
+            seconds,
             "one attempt spent for this answer" if attempt else "no attempt spent",
         )
 
@@ -230,7 +255,13 @@ class OutboxDrainer:
         if not rows:
             return 0
         sender = self.sender
-        deliveries = sender.send([score_item(r) for r in rows])
+        items, refused = [], []
+        for row in rows:  # a row Langfuse cannot take fails alone; the batch goes out
+            try:
+                items.append(score_item(row))
+            except ValueError as exc:  # pydantic's ValidationError is one
+                refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc)))
+        deliveries = [*(sender.send(items) if items else []), *refused]
         unsent = next((d for d in deliveries if d.outcome in UNSENT), None)
         deliveries = [d for d in deliveries if d.outcome not in UNSENT]
         if deliveries:
@@ -250,7 +281,8 @@ class OutboxDrainer:
             counts[d.outcome.value] = counts.get(d.outcome.value, 0) + 1
         if Outcome.wait in counts or any(d.hold for d in deliveries):
             attempt = any(d.hold for d in deliveries)
-            self._say_hold(self.store.outbox_backlog(), attempt=attempt)  # the database's hold
+            backlog = self.store.outbox_backlog()  # the database's hold
+            self._say_hold(backlog.hold_seconds, backlog.hold_reason, attempt=attempt)
         elif self._holding:
             self._holding = False
             logger.info("Langfuse takes scores again after its wait")
@@ -269,6 +301,20 @@ class OutboxDrainer:
             if self._holding:
                 break
         return total
+
+
+def unsendable(exc: ValueError) -> str:
+    """Why a claimed row cannot become a Langfuse score (`score_item`'s error), as stored on
+    the row: the first validation error, e.g. metadata with a number JSON readers take for
+    Infinity (a row stored before the database refused such numbers)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "row"
+        why = f"{where}: {first.get('msg', 'invalid')}"
+    else:
+        why = str(exc) or type(exc).__name__
+    text = " ".join(why.split())
+    return f"not sent: Langfuse cannot take this row ({text})"[:300]
 
 
 def _as_record(d: Delivery) -> DeliveryRecord:

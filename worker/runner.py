@@ -455,14 +455,23 @@ def _log_fields(run: Run) -> dict[str, object]:
 
 
 def poll_until_stopped(
-    name: str, step: Callable[[], bool], stop: threading.Event, min_wait: float, max_wait: float
+    name: str,
+    step: Callable[[], bool],
+    stop: threading.Event,
+    min_wait: float,
+    max_wait: float,
+    on_failure: Callable[[], None] | None = None,
 ) -> None:
     """Calls `step` until `stop` is set; `name` names the poller in logs.
 
     `step` returns True when it found work. After a busy step it polls again at once; while idle
     the wait doubles from `min_wait` up to `max_wait` (seconds). A step in progress when `stop`
-    is set finishes first; a StoreError is logged and counts as idle, so an outage slows polling
-    down. Any other exception from `step` propagates.
+    is set finishes first. A step that raises counts as idle, so an outage slows polling down,
+    and the poller goes on: a StoreError (the API or the database failing) is logged as a
+    warning, any other exception (a bug, data the code did not expect) as an error with its
+    traceback; either way `on_failure` is told (serve's metrics count it, and /healthz turns
+    unhealthy once no poll has succeeded for too long). Only a BaseException that is not an
+    Exception (KeyboardInterrupt, SystemExit) ends the poller.
     """
     wait = min_wait
     logger.info("poller started", extra={"poller": name})
@@ -474,9 +483,27 @@ def poll_until_stopped(
                 "poll failed", extra={"poller": name, "error": str(exc), "code": exc.code}
             )
             busy = False
+            _failed(on_failure)
+        except Exception as exc:
+            logger.exception(
+                "poll crashed; the poller goes on",
+                extra={"poller": name, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            busy = False
+            _failed(on_failure)
         if busy:
             wait = min_wait
             continue
         stop.wait(wait)
         wait = min(wait * 2, max_wait)
     logger.info("poller stopped", extra={"poller": name})
+
+
+def _failed(on_failure: Callable[[], None] | None) -> None:
+    """Tells `on_failure` of a failed poll; its own error is logged, never raised."""
+    if on_failure is None:
+        return
+    try:
+        on_failure()
+    except Exception:
+        logger.exception("could not count a failed poll")

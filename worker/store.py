@@ -75,7 +75,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261218000100"
+REQUIRED_SCHEMA_VERSION = "20261218000500"
 
 
 class ConfigurationError(Exception):
@@ -172,6 +172,19 @@ class OutboxBacklog(_Frozen):
 
     rows: int = Field(ge=0)
     oldest_seconds: float | None = None
+    hold_seconds: float = Field(0.0, ge=0)
+    hold_reason: str | None = None
+
+
+class CheckTurn(_Frozen):
+    """`claim_langfuse_check()`: whether this worker may send its start-up check now. `turn`:
+    "check" (no hold), "probe" (a hold has passed and this check is its one probe: record its
+    answer with `record_check`) or "held" (a hold in force, `hold_seconds` left, or another
+    worker's probe in flight, 0 left: send nothing); `hold_reason`: the answer that set it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    turn: Literal["check", "probe", "held"]
     hold_seconds: float = Field(0.0, ge=0)
     hold_reason: str | None = None
 
@@ -774,6 +787,32 @@ class Store:
                 {"p_deliveries": deliveries, "p_max_attempts": max_attempts},
             )
         )
+
+    def claim_check(self, visibility_seconds: int) -> CheckTurn:
+        """Whether the start-up check may go out now (`CheckTurn`); a probe's turn lasts
+        `visibility_seconds` unless `record_check` records its answer first. Raises TypeError
+        for an answer of another shape."""
+        doc = self._rpc("claim_langfuse_check", {"p_visibility_seconds": visibility_seconds})
+        try:
+            return CheckTurn.model_validate(doc)
+        except ValidationError as exc:
+            raise TypeError(f"unexpected check turn {doc!r:.200}: {exc}") from exc
+
+    def record_check(
+        self, outcome: str, error: str | None = None, retry_after_seconds: float | None = None
+    ) -> float:
+        """Records the start-up check's answer for the mirror's hold: "wait" sets the hold (as a
+        send's wait does: `retry_after_seconds` the server's delay, else the bare backoff),
+        "passed" ends a hold that has passed, "failed" frees a probe for another worker. Returns
+        the seconds until the hold ends (0: none)."""
+        data = self._rpc(
+            "record_langfuse_check",
+            {"p_outcome": outcome, "p_error": error,
+             "p_retry_after_seconds": retry_after_seconds},
+        )
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            raise TypeError(f"expected a number of seconds, got {type(data).__name__}")
+        return float(data)
 
     def skip_outbox(self, limit: int) -> int:
         """Marks up to `limit` due rows skipped (Langfuse not configured); returns how many."""

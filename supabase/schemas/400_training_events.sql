@@ -285,6 +285,41 @@ create trigger persona_training_events_record_vote
   for each row when (new.source = 'user_feedback')
   execute function private.record_feedback_vote();
 
+-- A metadata number beyond a double's range (about ±1.8e308, e.g. 310 digits) fits the size
+-- limit, but JSON readers read it as Infinity (JavaScript and Langfuse always, Python when it
+-- has a fraction or an exponent), which is not JSON: such a vote could never be mirrored. Refused at insert (and at an update of metadata),
+-- naming the column; rows stored before this rule are failed by the worker, one row at a time.
+create function private.check_metadata_numbers()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  raise exception using
+    errcode = '22003',
+    column = 'metadata',
+    message = 'metadata: a number is beyond the range of a double (its magnitude must stay below '
+              '2^1024 - 2^970, about 1.8e308): JSON readers take it for Infinity, so the vote '
+              'could not be mirrored to Langfuse; send it as a string',
+    hint = 'JavaScript (Langfuse) reads every JSON number as an IEEE 754 double, and Python '
+           'every number with a fraction or an exponent.';
+end;
+$$;
+
+comment on function private.check_metadata_numbers() is
+  'Trigger (before insert, or update of metadata, on persona_training_events, only when a number '
+  'in metadata, at any depth, has a magnitude of at least 2^1024 - 2^970, the least that a '
+  'double rounds to Infinity): raises 22003 (HTTP 400) "metadata: a number is beyond the range '
+  'of a double ..." with column metadata. Other rows never call it.';
+
+create trigger persona_training_events_check_metadata_numbers
+  before insert or update of metadata on public.persona_training_events
+  for each row when (jsonb_path_exists(new.metadata, 'strict $.** ? (@.type() == "number" && @.abs() >= 179769313486231580793728971405303415079934132710037826936173778980444968292764750946649017977587207096330286416692887910946555547851940402630657488671505820681908902000708383676273854845817711531764475730270069855571366959622842914819860834936475292719074168444365510704342711559699508093042880177904174497792)'))
+  execute function private.check_metadata_numbers();
+
+-- PostgreSQL lets PUBLIC execute every new function; a trigger needs no grant to fire.
+revoke execute on function private.check_metadata_numbers() from public;
+
 -- Service-role times: refused beyond the skew, clamped within it (DESIGN: no stored time is in
 -- the future, so a skewed clock cannot capture the gate's latest audit per trace).
 create function private.bound_event_created_at()

@@ -2356,7 +2356,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261218000100'::text;
+  select '20261218000500'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -239,7 +239,8 @@ select functions_are('public', array[
   'claim_learning_run', 'extend_learning_run_lease', 'claim_learning_run_events',
   'complete_learning_run', 'fail_learning_run', 'release_learning_run', 'claim_langfuse_outbox',
   'record_langfuse_deliveries', 'skip_langfuse_outbox', 'requeue_langfuse_outbox',
-  'langfuse_outbox_backlog', 'end_langfuse_hold', 'worker_schema_version', 'claim_production_watch',
+  'langfuse_outbox_backlog', 'end_langfuse_hold', 'claim_langfuse_check', 'record_langfuse_check',
+  'worker_schema_version', 'claim_production_watch',
   'rollback_persona_spec', 'claim_learning_runs', 'read_learning_runs', 'complete_learning_runs',
   -- the project owner's, for the optional pg_cron schedule; no API role executes them
   'schedule_learning_runs', 'unschedule_learning_runs',

@@ -184,6 +184,9 @@ def test_a_vote_on_one_trace_leaves_the_voters_other_traces_alone(
         ({"comment": "c" * 2000}, "comment", "c" * 2000),
         ({"intent_label": "a" + "b" * 63}, "intent_label", "a" + "b" * 63),
         ({"metadata": {"k": "v" * 4080}}, "metadata", {"k": "v" * 4080}),
+        # the largest numbers a double reads as finite (below 2^1024 - 2^970) are stored.
+        ({"metadata": {"n": [2**1024 - 2**970 - 1, -(2**1024 - 2**970 - 1), 1.5e-320]}},
+         "metadata", {"n": [2**1024 - 2**970 - 1, -(2**1024 - 2**970 - 1), 1.5e-320]}),
         # a neutral vote is a vote.
         ({"score": 0}, "score", 0),
         # PostgREST casts JSON scalars to the column type: a numeric trace id is its text, a
@@ -257,6 +260,9 @@ def bad_type(pg_type: str, value: str) -> str:
 
 
 NO_PRIVILEGE = "permission denied for table persona_training_events"
+BEYOND_DOUBLE = ("metadata: a number is beyond the range of a double (its magnitude must stay "
+                 "below 2^1024 - 2^970, about 1.8e308): JSON readers take it for Infinity, so the "
+                 "vote could not be mirrored to Langfuse; send it as a string")
 REFUSED_TWIN = "twin_id: twin {twin} does not exist or does not accept feedback from this user"
 GONE_TWIN = str(uuid.UUID(int=1))
 
@@ -305,6 +311,13 @@ BAD_INPUTS = {
     # (1e+300), 4,114 as stored (1 and 300 zeros).
     "metadata-exponent-counts-written-out": Bad({"metadata": {"n": 1e300, "k": "v" * 3800}}, 400,
                                                 "23514", check("metadata"), "metadata"),
+    # a number beyond a double's range (magnitude 2^1024 - 2^970 or more) fits the size limit,
+    # but JSON readers take it for Infinity: it could never be mirrored to Langfuse.
+    "metadata-number-beyond-a-double": Bad({"metadata": {"n": 10**309}}, 400, "22003",
+                                           BEYOND_DOUBLE, "metadata"),
+    "metadata-number-beyond-a-double-nested": Bad(
+        {"metadata": {"a": [1, {"b": -(2**1024 - 2**970)}]}}, 400, "22003", BEYOND_DOUBLE,
+        "metadata"),
     # required fields missing or null.
     "score-missing": Bad({"score": MISSING}, 400, "23514", check("score_required"), "score"),
     "score-null": Bad({"score": None}, 400, "23514", check("score_required"), "score"),

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -30,8 +31,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+from postgrest.exceptions import APIError
 from postgrest.types import CountMethod
 from supabase import Client
 
@@ -1217,9 +1220,11 @@ def test_a_proxys_bare_429s_double_the_hold_and_a_success_starts_again(
 def test_serve_sends_one_request_per_hold_until_the_limit_lifts(
     stack: Stack, service: Client, make_user: Callable[[str], User], tmp_path: Path
 ) -> None:
-    """`pfl serve` against Langfuse Cloud's rate limit (Retry-After: 2): after the first 429
-    its requests come one per hold, at least two seconds apart, and nothing else is sent
-    meanwhile; when the limit lifts every score goes out, none failed."""
+    """`pfl serve` against Langfuse Cloud's rate limit (Retry-After: 2): the start-up check's
+    empty batch meets the first 429, which holds like a send's; after it the requests come one
+    per hold (the check's empty batch, the hold's probe), at least two seconds apart, and
+    nothing else is sent meanwhile; when the limit lifts the check passes once and every score
+    goes out, none failed."""
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
     ids = [vote(voter, twin, f"serve-hold-{i}", 1)["id"] for i in range(6)]
@@ -1237,21 +1242,26 @@ def test_serve_sends_one_request_per_hold_until_the_limit_lifts(
             proc = subprocess.Popen([str(PFL), "serve"], cwd=tmp_path, env=env,
                                     stdout=subprocess.DEVNULL, stderr=sink)
         try:
-            wait_for(lambda: len(lf.score_requests) >= 4, timeout=30)
+            wait_for(lambda: sum(r.status == 429 for r in lf.requests) >= 4, timeout=30)
             lf.set_mode("ok")
             wait_for(lambda: set(statuses(service, ids).values()) == {"sent"}, timeout=30)
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
-    limited = [r for r in lf.requests if r.status == 429 and r.path == INGESTION_PATH]
-    first = next(i for i, r in enumerate(lf.requests) if r.status == 429 and r.scores)
-    during = lf.requests[first : lf.requests.index(limited[-1]) + 1]
-    assert all(r.status == 429 and r.scores for r in during), "only the probes, nothing else"
+    # The start-up check's empty batch met the first 429: its wait set the hold, and each
+    # probe after it is one request (the check's empty batch again, no health read), until one
+    # passes; then the scores go.
+    first = next(i for i, r in enumerate(lf.requests) if r.status == 429)
+    last = max(i for i, r in enumerate(lf.requests) if r.status == 429)
+    during = lf.requests[first : last + 1]
+    assert all(r.status == 429 and r.path == INGESTION_PATH for r in during), (
+        "only the probes, nothing else")
     gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(during)]
     assert len(gaps) >= 3 and min(gaps) >= 1.9, gaps
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     holds = [e for e in events if e["event"].startswith("Langfuse asked to wait")]
     assert [e["level"] for e in holds][:1] == ["warning"] and len(holds) >= len(during)
+    assert [e["event"] for e in events].count("Langfuse mirror ready") == 1
     rows_ = outbox(service, ids)
     assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("sent", 1)}
 
@@ -1615,3 +1625,390 @@ def test_no_langfuse_at_start_is_checked_again_without_a_restart(
         make_due(db, ids, "400 days")
         assert drainer.drain_once() == len(ids)
     assert set(statuses(service, ids).values()) == {"sent"}
+
+
+# -- 13. One bad row, an unreadable answer, DNS, the check in the hold, and the hold's end ------
+
+
+BAD_NUMBERS_TRIGGER = "persona_training_events_check_metadata_numbers"
+EVENTS = "public.persona_training_events"
+
+
+def store_metadata_as_before_the_rule(db: psycopg.Connection, event_id: int, metadata: str) -> None:
+    """Stands for a row stored before the database refused metadata numbers beyond a double:
+    the rule's trigger is off for this one update (one transaction, as the table's owner)."""
+    with db.transaction():
+        db.execute(f"alter table {EVENTS} disable trigger {BAD_NUMBERS_TRIGGER}")
+        db.execute(
+            "update public.persona_training_events set metadata = %s::jsonb where id = %s",
+            (metadata, event_id),
+        )
+        db.execute(f"alter table {EVENTS} enable trigger {BAD_NUMBERS_TRIGGER}")
+
+
+def test_a_row_langfuse_cannot_take_fails_alone_and_the_rest_of_the_batch_goes_out(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    make_sender: SenderFactory,
+    standin: LangfuseStandin,
+    tmp_path: Path,
+) -> None:
+    """A vote stored with a metadata number beyond a double (before the database refused them)
+    reads as Infinity, which no JSON score can carry: its row is recorded failed with the
+    reason (a permanent refusal, one attempt), the batch's other rows are sent, and `pfl outbox
+    drain` ends normally (it once crashed on it, as did serve's mirror thread)."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"poison-{i}", 1)["id"] for i in range(3)]
+    # 10^309 + 0.5 (310 digits): Python, as JavaScript, reads it as Infinity
+    store_metadata_as_before_the_rule(db, ids[1], '{"x": 1' + "0" * 309 + '.5}')
+    sender = make_sender()
+    assert drain_ours(db, store, sender, ids) == 3
+    rows_ = outbox(service, ids)
+    assert (rows_[ids[1]]["status"], rows_[ids[1]]["attempts"]) == ("failed", 1)
+    error = rows_[ids[1]]["last_error"]
+    assert error.startswith("not sent: Langfuse cannot take this row (metadata")
+    assert "JSON" in error
+    others = [(rows_[i]["status"], rows_[i]["attempts"]) for i in (ids[0], ids[2])]
+    assert others == [("sent", 1)] * 2
+    assert sid(twin, "poison-1", voter) not in standin.scores
+    assert {sid(twin, f"poison-{i}", voter) for i in (0, 2)} <= set(standin.scores)
+
+    # the CLI, as a fresh process: the row is failed for good, a requeue brings it back, and
+    # the drain fails it again without stopping
+    run_pfl(stack, tmp_path, "outbox", "requeue", "--failed", langfuse=standin)
+    make_due(db, [ids[1]], "1 day")
+    out = run_pfl(stack, tmp_path, "outbox", "drain", langfuse=standin)
+    assert "handled" in out.stdout
+    assert statuses(service, [ids[1]]) == {ids[1]: "failed"}
+
+
+def test_an_answer_whose_body_cannot_be_read_is_an_unconfirmed_retry(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    make_sender: SenderFactory,
+    standin: LangfuseStandin,
+    tmp_path: Path,
+) -> None:
+    """A proxy marks Langfuse's 207 gzip without compressing it: the client cannot read it
+    (httpx's DecodingError, no TransportError). The drain goes on: each row is a retry (an
+    attempt: nothing confirmed, resending is harmless), and once the answers are readable the
+    scores are confirmed; `pfl outbox drain` exits 0 meanwhile."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"bad-gzip-{i}", 1)["id"] for i in range(2)]
+    sender = make_sender()
+    standin.set_mode("proxy_bad_encoding")
+    assert drain_ours(db, store, sender, ids) == 2
+    rows_ = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("retrying", 1)}
+    assert all("HTTP 207 with a body that could not be read" in r["last_error"]
+               for r in rows_.values())
+    make_due(db, ids, "1 day")
+    out = run_pfl(stack, tmp_path, "outbox", "drain", langfuse=standin)
+    assert "handled" in out.stdout
+    standin.set_mode("ok")
+    assert drain_ours(db, store, sender, ids) == 2
+    rows_ = outbox(service, ids)
+    assert {r["status"] for r in rows_.values()} == {"sent"}
+
+
+def test_a_temporary_dns_failure_is_not_reachable_not_a_setting(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One "temporary failure in name resolution" (EAI_AGAIN) at the check: the rows wait
+    (untouched), "not reachable" is logged, the mirror is not turned off for minutes, and the
+    next pass (the resolver answering again) checks and sends."""
+    owner, voter = make_user("owner"), make_user("voter")
+    ids = [vote(voter, open_twin(service, owner), f"eai-again-{i}", 1)["id"] for i in range(2)]
+    real = socket.getaddrinfo
+    failures = {"left": 1}
+
+    def flaky(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost" and failures["left"]:
+            failures["left"] -= 1
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    url = standin.url.replace("127.0.0.1", "localhost")
+    with LangfuseSender(url, standin.public_key, standin.secret_key, 5.0) as sender:
+        make_due(db, ids, "1 day")
+        drainer = OutboxDrainer(store, sender, batch_size=len(ids), max_attempts=8)
+        with caplog.at_level("WARNING", logger="worker.outbox"):
+            assert drainer.drain_once() == 0
+        assert failures["left"] == 0 and drainer.config_error is None
+        assert any("Langfuse not reachable" in m and "Temporary failure" in m
+                   for m in caplog.messages)
+        assert not any("Langfuse mirror off" in m for m in caplog.messages)
+        assert {(r["status"], r["attempts"]) for r in outbox(service, ids).values()} == {
+            ("pending", 0)}
+        make_due(db, ids, "1 day")
+        assert drainer.drain_once() == len(ids)
+        assert set(statuses(service, ids).values()) == {"sent"}
+
+        # the same on a send, once the check has passed: a new connection (a fresh client, as
+        # after a dropped keep-alive) meets EAI_AGAIN; the batch is left as it was, no attempt
+        later = [vote(voter, open_twin(service, owner), f"eai-again-send-{i}", 1)["id"]
+                 for i in range(2)]
+        sender.http.close()
+        sender.http = httpx.Client(auth=(standin.public_key, standin.secret_key), timeout=5.0)
+        failures["left"] = 1
+        seen = len(standin.requests)
+        make_due(db, later, "1 day")
+        drainer.batch_size = len(later)
+        assert drainer.drain_once() == 0
+        assert failures["left"] == 0 and drainer.config_error is None
+        assert len(standin.requests) == seen
+        assert {(r["status"], r["attempts"]) for r in outbox(service, later).values()} == {
+            ("pending", 0)}
+        make_due(db, later, "1 day")
+        assert drainer.drain_once() == len(later)  # checked again, then sent
+    assert set(statuses(service, later).values()) == {"sent"}
+
+
+def check_turn(service: Client) -> dict[str, Any]:
+    answer = service.rpc("claim_langfuse_check", {"p_visibility_seconds": 60}).execute().data
+    assert isinstance(answer, dict)
+    return answer
+
+
+def record_check(
+    service: Client, outcome: str, delay: float | None = None, error: str | None = None
+) -> float:
+    answer = service.rpc(
+        "record_langfuse_check",
+        {"p_outcome": outcome, "p_error": error, "p_retry_after_seconds": delay},
+    ).execute().data
+    assert isinstance(answer, int | float)
+    return float(answer)
+
+
+def test_after_a_hold_one_check_or_claim_at_a_time_is_the_probe(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """The start-up check takes part in the hold as a claim does: none while it holds; once it
+    has passed one check is the probe, and no other check or claim goes out until its answer
+    is recorded: failed frees the probe, passed ends the hold, a wait sets the next one."""
+    owner, voter = make_user("owner"), make_user("voter")
+    ids = [vote(voter, open_twin(service, owner), f"check-probe-{i}", 1)["id"] for i in range(2)]
+    make_due(db, ids, "400 days")
+    assert check_turn(service) == {"turn": "check", "hold_seconds": 0, "hold_reason": None}
+    assert record_check(service, "wait", 30.0, "HTTP 429: Rate limit exceeded") == pytest.approx(
+        30.0, abs=1.0)
+    turn = check_turn(service)
+    assert turn["turn"] == "held" and 29.0 <= turn["hold_seconds"] <= 30.0
+    assert turn["hold_reason"] == "HTTP 429: Rate limit exceeded"
+    assert claim_ids(service) == []
+
+    end_hold(db)
+    assert check_turn(service)["turn"] == "probe"  # worker A's check
+    assert check_turn(service) == {"turn": "held", "hold_seconds": 0,
+                                   "hold_reason": "HTTP 429: Rate limit exceeded"}  # B's
+    assert claim_ids(service) == [], "no claim while a check is the probe"
+    record_check(service, "failed")  # A's check met a closed port: another may probe
+    assert check_turn(service)["turn"] == "probe"  # B's check
+    assert check_turn(service)["turn"] == "held"
+    assert record_check(service, "passed") == 0.0  # B's check passed: the hold is over
+    assert hold(db) == (None, None, 0)
+    assert check_turn(service)["turn"] == "check"
+    assert claim_ids(service) == ids
+    assert {r["attempts"] for r in outbox(service, ids).values()} == {0}
+
+
+def test_a_checks_wait_sets_the_hold_by_the_same_rules_as_a_sends(
+    service: Client, db: psycopg.Connection
+) -> None:
+    """record_langfuse_check's wait: the longest delay given, never shortened; without one the
+    bare backoff, counted once per hold; at least 1 s. Passed ends only a hold that has passed;
+    bad input is refused and changes nothing."""
+    record_check(service, "wait", 0.0, "HTTP 429")
+    seconds, reason, bare = hold(db)
+    assert seconds is not None and 0.5 <= seconds <= 1.0 and reason == "HTTP 429" and bare == 0
+    record_check(service, "wait", 20.0, "HTTP 429")
+    record_check(service, "wait", 5.0, "HTTP 429")  # a shorter one does not shorten it
+    seconds, _, _ = hold(db)
+    assert seconds is not None and 19.0 <= seconds <= 20.0
+    assert record_check(service, "passed") > 19.0  # a hold in force is not ended by a pass
+    db.execute(CLEAR_HOLD)
+    for n in range(3):
+        record_check(service, "wait", None, "HTTP 429: proxy")
+        record_check(service, "wait", None, "HTTP 429: proxy")  # same hold: counted once
+        seconds, _, bare = hold(db)
+        low, high = (2.0 * 2**n * j for j in (0.5, 1.0))
+        assert seconds is not None and low - 1.0 <= seconds <= high and bare == n + 1, (n, seconds)
+        end_hold(db)
+    raw = "select hold_until, reason, bare_waits, probe_until from private.langfuse_hold"
+    before = db.execute(raw).fetchall()
+    for params in (
+        {"p_outcome": "sent"},
+        {"p_outcome": "wait", "p_retry_after_seconds": -1},
+        {"p_outcome": "wait", "p_retry_after_seconds": 86401},
+        {"p_outcome": "wait", "p_base_delay_seconds": 0},
+    ):
+        with pytest.raises(APIError) as raised:
+            service.rpc("record_langfuse_check", params).execute()
+        assert raised.value.code == "22023"
+    assert db.execute(raw).fetchall() == before
+
+
+def test_workers_started_during_a_hold_send_one_probe_per_hold(
+    stack: Stack, service: Client, make_user: Callable[[str], User], db: psycopg.Connection,
+    tmp_path: Path,
+) -> None:
+    """Three `pfl serve` workers start during a hold, and Langfuse Cloud still rate-limits when
+    it ends: at each hold's end one request goes out (a check's empty batch, or its health read
+    and empty batch the first time a worker probes), never one per worker, and none in
+    between; when the limit lifts every score goes out once."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"three-workers-{i}", 1)["id"] for i in range(6)]
+    db.execute("update private.langfuse_hold set hold_until = now() + interval '2 seconds',"
+               " reason = 'HTTP 429: seeded'")
+    with LangfuseStandin(generation="cloud") as lf:
+        lf.set_mode("rate_limited")
+        env = worker_env(
+            stack,
+            LANGFUSE_HOST=lf.url, LANGFUSE_PUBLIC_KEY=lf.public_key,
+            LANGFUSE_SECRET_KEY=lf.secret_key, PFL_LANGFUSE_BATCH_SIZE="2",
+            PFL_POLL_MIN_SECONDS="0.05", PFL_POLL_MAX_SECONDS="0.1",
+        )
+        logs = [tmp_path / f"w{i}.log" for i in range(3)]
+        procs = []
+        for log in logs:
+            with log.open("w") as sink:
+                procs.append(subprocess.Popen([str(PFL), "serve"], cwd=tmp_path, env=env,
+                                              stdout=subprocess.DEVNULL, stderr=sink))
+        try:
+            wait_for(lambda: sum(r.status == 429 for r in lf.requests) >= 4, timeout=40)
+            lf.set_mode("ok")
+            wait_for(lambda: set(statuses(service, ids).values()) == {"sent"}, timeout=30)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc, log in zip(procs, logs, strict=True):
+                assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+    limited = [r for r in lf.requests if r.status == 429]
+    last = lf.requests.index(limited[-1])
+    during = lf.requests[: last + 1]
+    assert all(r.status in (200, 429) for r in during)
+    # a health read (a worker's first probe) is followed at once by its empty batch
+    probes = [r for r in during if r.method == "POST"]
+    assert all(r.status == 429 and r.path == INGESTION_PATH and not r.scores for r in probes)
+    assert len([r for r in during if r.method == "GET"]) <= 3
+    gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(probes)]
+    assert len(gaps) >= 3 and min(gaps) >= 1.9, gaps  # one request per hold, from any worker
+    rows_ = outbox(service, ids)
+    assert {(r["status"], r["attempts"]) for r in rows_.values()} == {("sent", 1)}
+    assert_delivered_once(lf, {
+        sid(twin, f"three-workers-{i}", voter): (1.0, ts(rows_[ids[i]]["created_at"]))
+        for i in range(6)
+    })
+
+
+def test_a_wait_answered_to_the_checks_empty_batch_holds_every_worker(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection, store: Store,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Langfuse Cloud's 429 to the start-up check's empty batch: not "ready"; the database's
+    hold is set with its Retry-After (2 s), nothing else goes out before it ends, and no
+    attempt is spent."""
+    owner, voter = make_user("owner"), make_user("voter")
+    ids = [vote(voter, open_twin(service, owner), f"check-429-{i}", 1)["id"] for i in range(2)]
+    with (
+        LangfuseStandin(generation="cloud") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0) as sender,
+    ):
+        lf.set_mode("rate_limited")
+        drainer = OutboxDrainer(store, sender, batch_size=len(ids), max_attempts=1)
+        with caplog.at_level("INFO", logger="worker.outbox"):
+            assert drainer.drain_once() == 0
+        assert "Langfuse mirror ready" not in caplog.messages
+        assert any(m.startswith("Langfuse asked to wait (HTTP 429") for m in caplog.messages)
+        seconds, reason, bare = hold(db)
+        assert seconds is not None and 1.0 <= seconds <= 2.0 and bare == 0
+        assert reason is not None and reason.startswith("HTTP 429")
+        assert [(r.method, r.status) for r in lf.requests] == [("GET", 200), ("POST", 429)]
+        assert OutboxDrainer(store, sender, batch_size=2, max_attempts=1).drain_once() == 0
+        assert len(lf.requests) == 2
+        lf.set_mode("ok")
+        end_hold(db)
+        make_due(db, ids, "400 days")
+        assert drainer.drain_once() == len(ids)
+        # the probe: the empty batch again (the version read before is kept), then the scores
+        assert [(r.method, r.status) for r in lf.requests[2:]] == [("POST", 207), ("POST", 207)]
+    assert {(r["status"], r["attempts"]) for r in outbox(service, ids).values()} == {("sent", 1)}
+    assert hold(db) == (None, None, 0)
+
+
+def test_ending_a_hold_early_leaves_rows_in_flight_alone(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """Worker A has a row in flight (claimed, its request not answered yet) when worker B's
+    request meets a suspension and the operator then ends the hold: only B's row, which waited
+    for the hold, is due again; A's stays claimed, so no worker C sends it a second time."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    a_row, b_row = (vote(voter, twin, f"in-flight-{i}", 1)["id"] for i in range(2))
+    make_due(db, [a_row, b_row], "400 days")
+    claim = lambda: [r["event_id"] for r in rows(service.rpc(  # noqa: E731
+        "claim_langfuse_outbox", {"p_limit": 1, "p_visibility_seconds": 120}).execute())]
+    assert claim() == [a_row]  # worker A: in flight
+    assert claim() == [b_row]  # worker B
+    record(service, [b_row], "wait", 300.0)  # B: Langfuse suspended, 5 minutes
+    in_flight = due_times(db, [a_row])[a_row]
+    assert service.rpc("end_langfuse_hold", {}).execute().data == 1
+    assert due_times(db, [a_row])[a_row] == in_flight
+    assert due_times(db, [b_row])[b_row] <= db_now(db)
+    make_due(db, [b_row], "400 days")
+    assert claim() == [b_row]  # worker C takes B's row, not A's
+    assert claim() != [a_row]
+
+
+def test_a_claim_that_finds_nothing_after_a_hold_arms_no_probe(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """A hold ends with nothing due: the claims that find nothing arm no probe, so a vote sent
+    next is claimed at once (it once waited for a probe nobody would answer, up to the
+    visibility); the claim that takes it is the probe, and its answer ends the hold."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    # nothing due in the whole outbox for this test: other tests' due rows wait a day meanwhile
+    saved = db.execute(
+        "select id, langfuse_next_attempt_at from public.persona_training_events"
+        " where langfuse_status in ('pending', 'retrying') and langfuse_next_attempt_at <= now()"
+    ).fetchall()
+    db.execute(
+        "update public.persona_training_events set langfuse_next_attempt_at = now() + '1 day'"
+        " where id = any(%s)", ([r[0] for r in saved],),
+    )
+    try:
+        record_check(service, "wait", 1.0, "HTTP 429")
+        end_hold(db)
+        assert claim_ids(service) == [] and claim_ids(service) == []
+        probe_until = db.execute("select probe_until from private.langfuse_hold").fetchone()
+        assert probe_until == (None,)
+        event = vote(voter, twin, "after-an-empty-claim", 1)["id"]
+        assert claim_ids(service) == [event]  # the probe
+        assert claim_ids(service) == []  # its answer is not in yet
+        record(service, [event], "sent")
+        assert hold(db) == (None, None, 0)
+    finally:
+        with db.transaction():
+            for event_id, due in saved:
+                db.execute(
+                    "update public.persona_training_events set langfuse_next_attempt_at = %s"
+                    " where id = %s", (due, event_id),
+                )

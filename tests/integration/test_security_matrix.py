@@ -780,6 +780,8 @@ WORKER_CALLS: dict[str, WorkerCall] = {
     "worker_schema_version": WorkerCall(lambda w, lease: {}),
     "langfuse_outbox_backlog": WorkerCall(lambda w, lease: {}),
     "end_langfuse_hold": WorkerCall(lambda w, lease: {}),
+    "claim_langfuse_check": WorkerCall(lambda w, lease: {"p_visibility_seconds": 60}),
+    "record_langfuse_check": WorkerCall(lambda w, lease: {"p_outcome": "failed"}),
 }
 
 # The project owner's functions (SQL as postgres, for the optional pg_cron schedule): no key may

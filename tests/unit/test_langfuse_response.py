@@ -20,6 +20,7 @@ from worker.langfuse_response import (
     classify,
     redirect_advice,
     retry_after,
+    unreadable,
 )
 
 NOW = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
@@ -475,6 +476,80 @@ def test_retry_after_reads_seconds_dates_and_langfuses_reset(
     headers: dict[str, str], seconds: float | None
 ) -> None:
     assert retry_after(headers, NOW) == seconds
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        # Unix time in milliseconds (what Date.now() gives): 60 s, not a day
+        ({"x-ratelimit-reset": str(int(NOW.timestamp() * 1000) + 60_000)}, 60.0),
+        ({"ratelimit-reset": str(int(NOW.timestamp() * 1000) + 30_000)}, 30.0),
+        # Unix time in seconds, in either reset header
+        ({"ratelimit-reset": str(int(NOW.timestamp()) + 20)}, 20.0),
+        # delta-seconds: the IETF draft's RateLimit-Reset, and an X-RateLimit-Reset so sent
+        ({"ratelimit-reset": "60"}, 60.0),
+        ({"x-ratelimit-reset": "75"}, 75.0),
+        # a time gone by is no wait; 1e9 - 1 s of delta is over a day, read as a day
+        ({"x-ratelimit-reset": str(int(NOW.timestamp()) - 5)}, 0.0),
+        ({"ratelimit-reset": "999999999"}, MAX_RETRY_AFTER_SECONDS),
+        # Retry-After first, then RateLimit-Reset, then X-RateLimit-Reset
+        ({"retry-after": "3", "ratelimit-reset": "60", "x-ratelimit-reset": "90"}, 3.0),
+        ({"ratelimit-reset": "60", "x-ratelimit-reset": "90"}, 60.0),
+        ({"ratelimit-reset": "later", "x-ratelimit-reset": "90"}, 90.0),
+        # Retry-After is delta-seconds only (RFC 9110): a big number is a long wait, not a time
+        ({"retry-after": str(int(NOW.timestamp()) + 20)}, MAX_RETRY_AFTER_SECONDS),
+        # the bounds belong to the larger unit: 10^12 is milliseconds, 10^9 seconds (both in
+        # 2001: gone by, no wait), not 10^12 seconds or a 31-year delay (a day)
+        ({"x-ratelimit-reset": "1000000000000"}, 0.0),
+        ({"ratelimit-reset": "1000000000"}, 0.0),
+    ],
+)
+def test_reset_headers_read_epoch_seconds_milliseconds_and_delta_seconds(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    assert retry_after(headers, NOW) == pytest.approx(seconds)
+
+
+def test_a_429_with_only_an_ietf_ratelimit_reset_holds_that_long() -> None:
+    verdict = one(run(429, b"", {"RateLimit-Reset": "42"}))
+    assert (verdict.outcome, verdict.retry_after_seconds) == (Outcome.wait, 42.0)
+
+
+@pytest.mark.parametrize("status", [200, 207])
+def test_a_2xx_whose_body_cannot_be_read_confirms_nothing(status: int) -> None:
+    verdicts = unreadable(status, {}, "Error -3 while decompressing data", IDS, NOW)
+    assert set(verdicts) == set(IDS)
+    verdict = one(verdicts)
+    assert verdict.outcome == Outcome.retry and not verdict.hold
+    assert verdict.error is not None
+    assert f"HTTP {status} with a body that could not be read" in verdict.error
+    assert "decompressing" in verdict.error and "not confirmed" in verdict.error
+
+
+def test_a_408_takes_an_http_date_retry_after() -> None:
+    later = format_datetime(NOW + timedelta(seconds=40), usegmt=True)
+    verdict = one(run(408, b"", {"Retry-After": later}))
+    assert (verdict.outcome, verdict.retry_after_seconds) == (Outcome.retry, 40.0)
+
+
+def test_a_3xx_whose_body_cannot_be_read_is_still_a_redirect() -> None:
+    headers = {"location": "https://lf.example.com/api/public/ingestion"}
+    for status in (300, 301):
+        verdict = one(unreadable(status, headers, "bad gzip", IDS, NOW))
+        assert verdict.outcome == Outcome.off and "redirected" in (verdict.error or "")
+
+
+def test_an_unreadable_429_takes_its_http_date_retry_after() -> None:
+    later = format_datetime(NOW + timedelta(seconds=25), usegmt=True)
+    verdict = one(unreadable(429, {"retry-after": later}, "bad gzip", IDS, NOW))
+    assert (verdict.outcome, verdict.retry_after_seconds) == (Outcome.wait, 25.0)
+
+
+def test_another_status_whose_body_cannot_be_read_is_read_without_it() -> None:
+    assert one(unreadable(429, {"retry-after": "7"}, "bad gzip", IDS, NOW)) == Verdict(
+        Outcome.wait, "HTTP 429: Too Many Requests", 7.0, stop=True)
+    assert one(unreadable(400, {}, "bad gzip", IDS, NOW)).outcome == Outcome.failed
+    assert one(unreadable(500, {}, "bad gzip", IDS, NOW)).hold
 
 
 def test_header_names_are_read_in_any_case() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -19,20 +21,29 @@ from testkit.standin import (
     INGESTION_PATH,
     Generation,
     LangfuseStandin,
+    Mode,
 )
 from worker.langfuse_check import (
     LangfuseConfigError,
     LangfuseHostUnusable,
     LangfuseRefused,
     LangfuseUnavailable,
+    LangfuseWait,
     check,
     generation,
     parse_version,
 )
 from worker.langfuse_response import Outcome, classify
-from worker.langfuse_sender import Delivery, LangfuseSender, ScoreItem, check_host, score_id_for
+from worker.langfuse_sender import (
+    Delivery,
+    LangfuseSender,
+    ScoreItem,
+    check_host,
+    score_id_for,
+    unusable_host,
+)
 from worker.outbox import OutboxDrainer
-from worker.store import OutboxBacklog, Store
+from worker.store import CheckTurn, OutboxBacklog, Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -264,12 +275,41 @@ def test_a_proxys_429_without_retry_after_waits_without_a_delay_of_its_own(
             check(sender)
 
 
+@pytest.mark.parametrize("mode", ["suspended", "rate_limited"])
+def test_a_wait_answered_to_the_checks_empty_batch_is_a_wait(
+    cloud: LangfuseStandin, mode: Mode
+) -> None:
+    """The check's empty batch meets a usage suspension or a 429: the check does not pass (no
+    "ready"), it raises the wait, with its delay, for the drainer to make the hold."""
+    cloud.set_mode(mode)
+    with sender_for(cloud) as sender, pytest.raises(LangfuseWait) as raised:
+        check(sender)
+    assert sender.version is None
+    verdict = raised.value.verdict
+    assert verdict.outcome == Outcome.wait
+    assert verdict.retry_after_seconds == (300.0 if mode == "suspended" else 2.0)
+    assert [r.path for r in cloud.requests] == ["/api/public/health", "/api/public/ingestion"]
+
+
+def test_langfuses_500_at_the_check_holds_like_a_sends() -> None:
+    """Langfuse's catch-all 500 to the empty batch (its storage or queue down) holds every
+    worker, as on a send (no request per worker per pass meanwhile); no rows, so no attempt.
+    The next check, the hold's probe, is the empty batch alone."""
+    with LangfuseStandin() as lf, sender_for(lf) as sender:
+        lf.set_mode("error")
+        with pytest.raises(LangfuseWait) as raised:
+            check(sender)
+        assert raised.value.verdict.hold and "HTTP 500" in (raised.value.verdict.error or "")
+        lf.set_mode("ok")
+        assert check(sender) == parse_version(lf.version)
+        assert [r.path for r in lf.requests] == [
+            "/api/public/health", "/api/public/ingestion", "/api/public/ingestion"]
+
+
 def test_usage_suspension_waits(cloud: LangfuseStandin) -> None:
     cloud.set_mode("suspended")
     with sender_for(cloud) as sender:
         deliveries = sender.send(make_items(3))
-        # the keys work: the check passes, and the sends wait until the suspension lifts
-        assert check(sender) == (4, 61, 0)
 
     assert outcomes(deliveries) == {Outcome.wait}
     assert deliveries[0].error is not None and "Ingestion suspended" in deliveries[0].error
@@ -507,6 +547,9 @@ class NoHold:
 
     def outbox_backlog(self) -> OutboxBacklog:
         return OutboxBacklog(rows=0)
+
+    def claim_check(self, visibility_seconds: int) -> CheckTurn:
+        return CheckTurn(turn="check")
 
 
 def test_a_server_too_old_is_refused_at_the_check() -> None:
@@ -851,3 +894,89 @@ def test_v4_and_cloud_take_score_events_and_refuse_other_types_one_by_one(
 
         assert outcomes(sender.send(make_items(5, start=10))) == {Outcome.sent}
         assert len(lf.scores) == 8 and lf.duplicates() == {}
+
+
+# -- what a failure to connect says about LANGFUSE_HOST --------------------------------------
+
+
+def connect_error(cause: BaseException) -> httpx.ConnectError:
+    """A ConnectError as httpx raises it, from `cause` (httpcore's error in between)."""
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise httpx.ConnectError(str(inner)) from inner
+    except httpx.ConnectError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("cause", "setting"),
+    [
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), False),
+        (socket.gaierror(socket.EAI_FAIL, "Non-recoverable failure in name resolution"), False),
+        (ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred"), False),
+        (ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed (EOF)"), False),
+        (ConnectionResetError(104, "Connection reset by peer"), False),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), True),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), True),
+        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), True),
+    ],
+    ids=["eai-again", "eai-fail", "tls-eof", "tls-closed", "reset", "nxdomain", "cert",
+         "plain-http-port"],
+)
+def test_only_a_name_that_does_not_exist_or_tls_that_cannot_work_is_a_setting(
+    cause: BaseException, setting: bool
+) -> None:
+    """A resolver's temporary failure or a handshake cut short is the moment's trouble: the
+    rows wait for the next pass (unreachable); a wrong name, an untrusted certificate or a
+    plain-HTTP port is a setting (off, checked again every few minutes)."""
+    exc = connect_error(cause)
+    assert (unusable_host(exc, "https://langfuse.example.com") is not None) is setting
+    with LangfuseSender("https://langfuse.example.com", "pk", "sk", 2.0) as sender:
+        verdict = sender._unanswered(exc)
+    assert verdict.outcome == (Outcome.off if setting else Outcome.unreachable)
+    assert verdict.stop
+
+
+def test_a_temporary_dns_failure_at_the_check_is_unavailable_not_a_setting() -> None:
+    """The start-up check follows the same rule: EAI_AGAIN is "not reachable, checked again
+    next pass", not "mirror off for 5 minutes"."""
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        raise connect_error(socket.gaierror(socket.EAI_AGAIN, "Temporary failure"))
+
+    with LangfuseSender("http://langfuse.example.com", "pk", "sk", 2.0) as sender:
+        sender.http = httpx.Client(transport=httpx.MockTransport(transport))
+        with pytest.raises(LangfuseUnavailable) as raised:
+            check(sender)
+    assert not isinstance(raised.value, LangfuseConfigError)
+
+
+def test_an_answer_whose_body_cannot_be_read_at_the_check_is_unavailable() -> None:
+    """A health answer marked gzip that is not: httpx raises DecodingError (no TransportError);
+    the check says Langfuse cannot be asked now, instead of raising it."""
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-encoding": "gzip"}, content=b'{"status":"OK"}'
+        )
+
+    with LangfuseSender("http://langfuse.example.com", "pk", "sk", 2.0) as sender:
+        sender.http = httpx.Client(transport=httpx.MockTransport(transport))
+        with pytest.raises(LangfuseUnavailable, match="an answer that could not be read"):
+            check(sender)
+
+
+def test_a_207_whose_body_cannot_be_read_is_an_unconfirmed_retry() -> None:
+    """A proxy marks Langfuse's 207 gzip without compressing it (the stand-in's
+    proxy_bad_encoding): each row is a retry (an attempt: resending is harmless, Langfuse
+    stored them), not an exception out of `send`."""
+    with LangfuseStandin() as lf, sender_for(lf) as sender:
+        check(sender)  # the empty batch's 207 is readable
+        lf.set_mode("proxy_bad_encoding")
+        deliveries = sender.send(make_items(3))
+        assert len(lf.score_requests) == 1
+    assert outcomes(deliveries) == {Outcome.retry}
+    assert all("HTTP 207 with a body that could not be read" in (d.error or "")
+               for d in deliveries)

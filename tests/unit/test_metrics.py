@@ -52,19 +52,60 @@ def run(status: str, processed: int | None) -> Run:
 def test_health_follows_the_age_of_the_last_successful_poll_for_runs() -> None:
     clock = Clock(1000.0)
     metrics = make(FakeStore(), clock)
-    assert metrics.health() == (False, {
-        "status": "unhealthy", "last_successful_poll_age_seconds": None, "max_age_seconds": 90.0})
-    metrics.poll_succeeded("langfuse-outbox")  # the mirror's polls do not count
+    healthy, facts = metrics.health()
+    assert (healthy, facts["status"], facts["last_successful_poll_age_seconds"]) == (
+        False, "unhealthy", None)
+    assert facts["max_age_seconds"] == 90.0
+    metrics.poll_succeeded("langfuse-outbox")  # the mirror's polls do not make it healthy
     assert metrics.health()[0] is False
     metrics.poll_succeeded("learning-runs")
     clock.now = 1090.0
-    assert metrics.health() == (True, {
-        "status": "ok", "last_successful_poll_age_seconds": 90.0, "max_age_seconds": 90.0})
+    healthy, facts = metrics.health()
+    assert (healthy, facts["status"], facts["last_successful_poll_age_seconds"]) == (
+        True, "ok", 90.0)
     clock.now = 1090.5
     healthy, facts = metrics.health()
     assert not healthy and facts["last_successful_poll_age_seconds"] == 90.5
     metrics.poll_succeeded("learning-runs")
     assert metrics.health()[0] is True
+
+
+def test_a_failing_mirror_turns_health_unhealthy_and_is_counted() -> None:
+    """The mirror's poller failing (every pass raising) for longer than the bound makes the
+    worker unhealthy, though runs go on; a slow or idle mirror (no poll for a while, none
+    failed) does not; a success makes it healthy again. Failures are counted per poller."""
+    clock = Clock(1000.0)
+    metrics = make(FakeStore(), clock)
+    metrics.poll_succeeded("learning-runs")
+    metrics.poll_succeeded("langfuse-outbox")
+    clock.now = 1080.0
+    metrics.poll_succeeded("learning-runs")
+    assert metrics.health()[0] is True  # no mirror poll for 80 s, none failed: fine
+    metrics.poll_failed("langfuse-outbox")
+    metrics.poll_failed("langfuse-outbox")
+    assert metrics.health()[0] is True  # failing, but only 80 s since its last success
+    clock.now = 1090.5
+    metrics.poll_succeeded("learning-runs")
+    healthy, facts = metrics.health()
+    assert not healthy and facts["status"] == "unhealthy"
+    assert facts["pollers"]["langfuse-outbox"] == {  # type: ignore[index]
+        "last_successful_poll_age_seconds": 90.5, "failures": 2, "failing": True}
+    assert facts["pollers"]["learning-runs"]["failing"] is False  # type: ignore[index]
+    values = samples(metrics)
+    assert values['pfl_poll_failures_total{poller=langfuse-outbox}'] == 2
+    assert values['pfl_poll_failures_total{poller=learning-runs}'] == 0
+    metrics.poll_succeeded("langfuse-outbox")
+    assert metrics.health()[0] is True
+
+
+def test_a_mirror_that_never_succeeded_is_failing_once_the_bound_passes() -> None:
+    clock = Clock(1000.0)
+    metrics = make(FakeStore(), clock)
+    metrics.poll_failed("langfuse-outbox")  # its first pass crashed, and every one after
+    clock.now = 1091.0
+    metrics.poll_succeeded("learning-runs")
+    healthy, facts = metrics.health()
+    assert not healthy and facts["pollers"]["langfuse-outbox"]["failing"]  # type: ignore[index]
 
 
 def test_runs_are_counted_by_outcome_with_their_events_and_durations() -> None:
