@@ -531,9 +531,10 @@ class Store:
         `complete_run` completes one and in a transaction of its own: per run, in the same
         order, its row afterwards or the error its completion raised (StaleLeaseError,
         BatchChangedError, StoreError), which left that run as it was. The runs go in requests
-        of at most BATCH_BODY_BYTES; a request that failed as a whole (after the store's tries)
-        gives each of its runs that error, and the other requests' runs stand. Raises TypeError
-        for an answer of another shape."""
+        of at most BATCH_BODY_BYTES; a request that failed as a whole (after the store's tries,
+        or refused whatever its code) gives each of its runs that error as a
+        TransientStoreError (its attempt fails, the run waits for another), and the other
+        requests' runs stand. Raises TypeError for an answer of another shape."""
         items: list[JSON] = [
             {
                 "run_id": str(run.id),
@@ -549,7 +550,11 @@ class Store:
                     _rows(self._rpc("complete_learning_runs", {"p_completions": chunk}))
                 )
             except StoreError as exc:  # this request's runs only: the others stand
-                answer.extend([exc] * len(chunk))
+                # Refused as a whole (an outage, a statement timeout, a gateway's 413): not any
+                # run's fault, so each run's attempt fails and the run waits for another.
+                failed = exc if isinstance(exc, TransientStoreError) else TransientStoreError(
+                    str(exc), exc.code)
+                answer.extend([failed] * len(chunk))
         if len(answer) != len(completions):
             raise TypeError(
                 f"complete_learning_runs answered {len(answer)} runs of {len(completions)}"

@@ -103,7 +103,7 @@ def feed(service, voters, twin: Twin, tag: str) -> None:
 def learned(db: psycopg.Connection, twin: Twin) -> bool:
     """Whether the twin's cursor is at its newest event and no run of it is queued or running."""
     return bool(scalar(
-        db, "select t.learned_through_event_id = (select max(e.id) from "
+        db, "select t.learned_through_event_id >= (select max(e.id) from "
         "public.persona_training_events e where e.twin_id = t.id) and not exists (select 1 from "
         "public.persona_feedback_learning_runs r where r.twin_id = t.id "
         "and r.status in ('queued', 'running')) from public.twins t where t.id = %s", twin.id))
@@ -394,18 +394,27 @@ class FailingCompletion(RecordingStore):
     after every try."""
 
     fail_run_id: str | None = None
+    error: StoreError = TransientStoreError("complete_learning_runs: ReadTimeout: timed out")
 
     def _rpc(self, name: str, params: dict[str, object]) -> Any:
         if name == "complete_learning_runs" and any(
             c["run_id"] == self.fail_run_id for c in params["p_completions"]  # type: ignore[attr-defined]
         ):
             self.fail_run_id = None
-            raise TransientStoreError("complete_learning_runs: ReadTimeout: timed out")
+            raise self.error
         return super()._rpc(name, params)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [TransientStoreError("complete_learning_runs: ReadTimeout: timed out"),
+     # The request refused as a whole (a statement timeout, a gateway's 413): not the runs'
+     # fault, so their attempts fail and the runs wait for another, as for an outage.
+     StoreError("canceling statement due to statement timeout", "57014")],
+    ids=["transient", "request-refused"],
+)
 def test_a_failed_completion_request_fails_its_runs_only(
-    db, service, make_user, make_runner, monkeypatch
+    db, service, make_user, make_runner, monkeypatch, error
 ):
     owner = make_user("owner")
     voters = [make_user("voter") for _ in range(3)]
@@ -422,7 +431,7 @@ def test_a_failed_completion_request_fails_its_runs_only(
     first, failed, third = (runs_of(db, t)[0]["id"] for t in twins)
     store = runner.store
     assert isinstance(store, FailingCompletion)
-    store.fail_run_id = failed
+    store.fail_run_id, store.error = failed, error
     runner.step()
 
     assert any({first, failed, third} <= set(c) for c in store.completions), store.completions
@@ -436,7 +445,7 @@ def test_a_failed_completion_request_fails_its_runs_only(
     assert (outcomes[failed], run["status"], run["events_processed"]) == (
         "retried", "running", None)
     assert scalar(db, "select error from public.persona_feedback_learning_runs where id = %s",
-                  failed).startswith("TransientStoreError: complete_learning_runs")
+                  failed) == f"TransientStoreError: {error}"
     drain(runner, db, twins)
     assert runs_of(db, twins[1])[0]["attempts"] == 2
     for twin in twins:
