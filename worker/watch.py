@@ -32,6 +32,7 @@ from worker.learning import wilson_bounds
 from worker.models import (
     WATCH_KINDS,
     WatchAction,
+    WatchClock,
     WatchComparison,
     WatchComparisonEvidence,
     WatchComparisonVerdict,
@@ -263,36 +264,50 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     s = evidence.settings
     every = (*evidence.twin, *evidence.modules)
     compared = [comparable_strata(c, s.min_evidence) for c in every]
-    # The clock: the kind in play (seen on both sides) with the least compared evidence.
-    info = min((compared_evidence(strata)
-                for c, strata in zip(evidence.twin, compared[: len(evidence.twin)], strict=True)
-                if seen_strata(c)),
-               default=0)
     planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
-    due = look_index(info, s.pass_evidence, s.looks)
     age = evidence.learning_time - evidence.published_at
     expiring = age >= timedelta(days=s.expire_days)
-    test = due > evidence.looks_done or expiring
-    spent_after = evidence.alpha_spent
-    share: float | None = None
-    z: float | None = None
-    if test:
-        spend_to = 1.0 if expiring else due / s.looks
-        spent_after = max(evidence.alpha_spent, obf_alpha_spent(spend_to, s.alpha))
-        share = (spent_after - evidence.alpha_spent) / planned
-        z = _upper_quantile(share)
+    before = {c.kind: c for c in evidence.clocks}
+    clocks: dict[str, WatchClock] = {}
+    for twin, strata in zip(evidence.twin, compared[: len(evidence.twin)], strict=True):
+        kind = twin.kind
+        # Watches whose last report has no clocks (before 20261218000700) shared one: each
+        # kind's comparisons had spent the same share of it.
+        was = before.get(kind) or WatchClock(kind=kind, look=evidence.looks_done,
+                                             alpha_spent=evidence.alpha_spent)
+        info = compared_evidence(strata)
+        due = look_index(info, s.pass_evidence, s.looks)
+        test = due > was.look or expiring
+        spent = was.alpha_spent
+        share: float | None = None
+        z: float | None = None
+        if test:
+            spend_to = 1.0 if expiring else due / s.looks
+            spent = max(was.alpha_spent, obf_alpha_spent(spend_to, s.alpha))
+            share = (spent - was.alpha_spent) / planned
+            z = _upper_quantile(share)
+        clocks[kind] = WatchClock(
+            kind=kind, look=max(due, was.look), alpha_spent=spent, passed=was.passed,
+            in_play=bool(seen_strata(twin)), information=min(1.0, info / s.pass_evidence),
+            tested=test, alpha_per_comparison=share, z=z)
 
     comparisons = tuple(
-        _compare(c, strata, z, s.margin) for c, strata in zip(every, compared, strict=True)
+        _compare(c, strata, clocks[c.kind].z if clocks[c.kind].tested else None, s.margin)
+        for c, strata in zip(every, compared, strict=True)
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
-    # A look tested something when it had error to spend and a comparison with evidence (with
-    # nothing to spend every comparison with evidence is not_tested).
-    tested_any = any(c.verdict is WatchComparisonVerdict.no_regression for c in comparisons)
-    looks_done = max(due, evidence.looks_done)
+    for kind, clock in clocks.items():
+        # A kind passes its plan when its last look tested something (had error to spend and a
+        # comparison with evidence: with nothing to spend they are not_tested) and found no
+        # regression; it stays passed.
+        tested_any = any(c.verdict is WatchComparisonVerdict.no_regression
+                         for c in comparisons if c.kind == kind)
+        if clock.tested and clock.look >= s.looks and tested_any and not regressed:
+            clocks[kind] = clock.model_copy(update={"passed": True})
+    in_play = [c for c in clocks.values() if c.in_play]
     if regressed:
         state = WatchState.regressed
-    elif tested_any and looks_done >= s.looks:
+    elif in_play and all(c.passed for c in in_play):
         state = WatchState.passed
     elif expiring:
         state = WatchState.expired
@@ -304,6 +319,10 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         action = WatchAction.roll_back
     else:
         action = WatchAction.alert
+    shown = in_play or list(clocks.values())
+    tested = [c for c in clocks.values() if c.tested]
+    widest = max(tested, key=lambda c: c.alpha_per_comparison or 0.0, default=None)
+    z_shown = widest.z if widest is not None else None
     return WatchReport(
         watch_id=evidence.watch_id,
         spec_id=evidence.spec_id,
@@ -311,18 +330,22 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         mode=s.mode,
         state=state,
         action=action,
-        tested=test,
+        tested=bool(tested),
         final=expiring,
-        look=looks_done,
+        look=min(c.look for c in shown) if in_play else max(c.look for c in shown),
         looks_planned=s.looks,
-        information=min(1.0, info / s.pass_evidence),
-        alpha_spent=spent_after,
+        information=min(c.information for c in in_play) if in_play else 0.0,
+        # Each kind's comparisons hold half of the planned ones: the watch as a whole has spent
+        # the mean of the kinds' shares of the spending function.
+        alpha_spent=min(1.0, sum(c.alpha_spent for c in clocks.values()) / len(WATCH_KINDS)),
         comparisons_planned=planned,
-        alpha_per_comparison=share,
-        z=z if z is None or math.isfinite(z) else None,
+        alpha_per_comparison=widest.alpha_per_comparison if widest is not None else None,
+        z=z_shown if z_shown is None or math.isfinite(z_shown) else None,
         window_start=evidence.window_start,
         published_at=evidence.published_at,
         comparisons=comparisons,
+        clocks=tuple(c if c.z is None or math.isfinite(c.z) else c.model_copy(update={"z": None})
+                     for c in (clocks[k] for k in WATCH_KINDS)),
     )
 
 

@@ -22,6 +22,7 @@ import pytest
 from worker.models import (
     WATCH_KINDS,
     WatchAction,
+    WatchClock,
     WatchComparison,
     WatchComparisonEvidence,
     WatchComparisonVerdict,
@@ -227,6 +228,7 @@ def evidence(
     hours: float = 24,
     looks_done: int = 0,
     alpha_spent: float = 0.0,
+    clocks: tuple[WatchClock, ...] = (),
     modules: tuple[WatchComparisonEvidence, ...] = (),
     modules_total: int = 0,
     previous: UUID | None = OLD,
@@ -245,8 +247,8 @@ def evidence(
     return WatchEvidence(
         watch_id=WATCH, spec_id=NEW, previous_spec_id=previous, published_at=T0,
         window_start=T0 - timedelta(hours=hours), learning_time=T0 + timedelta(hours=hours),
-        alpha_spent=alpha_spent, looks_done=looks_done, modules_total=modules_total,
-        settings=WatchSettings(mode=mode, **settings),  # type: ignore[arg-type]
+        alpha_spent=alpha_spent, looks_done=looks_done, clocks=clocks,
+        modules_total=modules_total, settings=WatchSettings(mode=mode, **settings),  # type: ignore[arg-type]
         twin=tuple(twin[k] for k in WATCH_KINDS), modules=modules,
     )
 
@@ -287,7 +289,13 @@ def test_a_clear_drop_at_a_due_look_is_a_regression_alerted_or_rolled_back() -> 
     assert twin.value == pytest.approx(newcombe_interval(120, 200, 170, 200, z)[1])
     assert twin.value is not None and twin.value < twin.threshold == -0.02
     assert twin.verdict is WatchComparisonVerdict.regressed
-    assert alerted.alpha_spent == pytest.approx(spent)
+    # The votes' own plan spent α(0.5); the audits, not in play, nothing: the watch as a whole
+    # has spent half of α(0.5) (each kind's comparisons hold half of the planned ones).
+    audits, votes = alerted.clocks
+    assert (votes.kind, votes.look, votes.alpha_spent, votes.tested) == (
+        "votes", 5, pytest.approx(spent), True)
+    assert (audits.kind, audits.look, audits.alpha_spent, audits.tested) == ("audits", 0, 0, False)
+    assert alerted.alpha_spent == pytest.approx(spent / 2)
     auto = decide_watch(evidence((200, 120), (200, 170), mode=WatchMode.auto))
     assert (auto.state, auto.action) == (WatchState.regressed, WatchAction.roll_back)
     # Nothing to go back to: auto can only alert.
@@ -307,7 +315,7 @@ def test_the_last_look_without_a_regression_passes() -> None:
     made = decide_watch(evidence((400, 330), (400, 332), looks_done=9,
                                  alpha_spent=obf_alpha_spent(0.9, 0.05)))
     assert (made.state, made.action, made.look) == (WatchState.passed, WatchAction.none, 10)
-    assert made.alpha_spent == pytest.approx(0.05)
+    assert made.clocks[1].alpha_spent == pytest.approx(0.05) and made.clocks[1].passed
     assert twin_votes(made).verdict is WatchComparisonVerdict.no_regression
 
 
@@ -361,16 +369,19 @@ def test_each_module_and_kind_gets_its_share_and_its_own_verdict() -> None:
         module("evidence_answers", "audits", (40, 36), (40, 36)),
         module("small_talk", "votes", (10, 2), (10, 10)),
     )
-    made = decide_watch(evidence((400, 330), (400, 350), modules=modules, modules_total=3,
+    made = decide_watch(evidence((400, 330), (400, 350), other=(40, 36, 40, 36),
+                                 modules=modules, modules_total=3,
                                  looks_done=5, alpha_spent=obf_alpha_spent(0.5, 0.05)))
     share = (0.05 - obf_alpha_spent(0.5, 0.05)) / 8
     assert (made.comparisons_planned, made.alpha_per_comparison) == (8, pytest.approx(share))
+    # The audits follow their own plan (40 a side, look 1 of 10, passed on the old shared
+    # clock's look 5): not a look of theirs, nothing of them tested.
     verdicts = {(c.module_key, c.kind): c.verdict for c in made.comparisons}
     assert verdicts == {
-        (None, "audits"): WatchComparisonVerdict.insufficient_evidence,
+        (None, "audits"): WatchComparisonVerdict.not_tested,
         (None, "votes"): WatchComparisonVerdict.no_regression,
         ("evidence_answers", "votes"): WatchComparisonVerdict.regressed,
-        ("evidence_answers", "audits"): WatchComparisonVerdict.no_regression,
+        ("evidence_answers", "audits"): WatchComparisonVerdict.not_tested,
         ("small_talk", "votes"): WatchComparisonVerdict.insufficient_evidence,
     }
     assert made.state is WatchState.regressed
@@ -418,8 +429,12 @@ def test_a_kind_in_play_below_the_floor_holds_the_clock_at_zero() -> None:
     # in play but nothing of them can be compared yet, so no look is due and the watch is not
     # passed on the audits alone; at 40 a side the votes' clock reaches look 1 of 10.
     made = decide_watch(evidence((29, 20), (29, 20), other=(400, 360, 400, 360)))
-    assert (made.look, made.information, made.tested, made.state) == (
-        0, 0.0, False, WatchState.watching)
+    audits, votes = made.clocks
+    assert (votes.look, votes.information, votes.tested, votes.passed) == (0, 0.0, False, False)
+    # The audits' own plan reached its last look and passed it; the watch goes on for the
+    # votes, and its look is the least of the kinds in play.
+    assert (audits.look, audits.tested, audits.passed) == (10, True, True)
+    assert (made.look, made.information, made.state) == (0, 0.0, WatchState.watching)
     made = decide_watch(evidence((40, 30), (40, 30), other=(400, 360, 400, 360)))
     assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
 
@@ -431,6 +446,58 @@ def test_plentiful_audits_do_not_pass_a_watch_whose_votes_lag() -> None:
     made = decide_watch(evidence((40, 22), (40, 32), other=(400, 360, 400, 360),
                                  mode=WatchMode.auto))
     assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
+
+
+def test_a_trickle_of_votes_does_not_hold_back_a_large_drop_in_audits() -> None:
+    # The fourth review's case: production audits 60% since the publish against 90% before
+    # (200 a side), one vote a side. With one clock for both kinds (the least compared evidence),
+    # the vote, in play but under watch_min_evidence, held it at 0: no look was due and the
+    # drop waited for the expiry. Each kind has its own plan now: the audits reach look 5.
+    for votes in ((0, 0, 0, 0), (1, 1, 1, 1), (29, 23, 29, 23)):
+        made = decide_watch(evidence((200, 120), (200, 180), kind="audits", other=votes,
+                                     mode=WatchMode.auto))
+        assert (made.state, made.action) == (WatchState.regressed, WatchAction.roll_back)
+        audits, vote_clock = made.clocks
+        assert (audits.look, audits.tested, audits.alpha_spent) == (
+            5, True, pytest.approx(obf_alpha_spent(0.5, 0.05)))
+        assert (vote_clock.look, vote_clock.tested, vote_clock.alpha_spent) == (0, False, 0.0)
+        # Each comparison keeps the share it had: α(0.5) over the 2 planned comparisons.
+        assert made.alpha_per_comparison == pytest.approx(obf_alpha_spent(0.5, 0.05) / 2)
+
+
+def test_each_kind_keeps_its_own_plan_from_run_to_run() -> None:
+    # Run 1: 400 audits a side pass their last look; 40 votes a side reach look 1 of theirs.
+    first = decide_watch(evidence((40, 32), (40, 32), other=(400, 360, 400, 360)))
+    audits, votes = first.clocks
+    assert (audits.look, audits.passed, audits.alpha_spent) == (10, True, pytest.approx(0.05))
+    assert (votes.look, votes.passed) == (1, False)
+    assert first.state is WatchState.watching and first.look == 1
+    assert first.alpha_spent == pytest.approx((0.05 + obf_alpha_spent(0.1, 0.05)) / 2)
+    # Run 2, read back from the last report (the legacy columns say nothing that counts): the
+    # votes reach their last look and pass; the audits, done, test nothing more and stay passed.
+    second = decide_watch(evidence((400, 320), (400, 320), other=(440, 396, 440, 396),
+                                   looks_done=99, alpha_spent=0.9, clocks=first.clocks))
+    assert second.state is WatchState.passed and second.alpha_spent == pytest.approx(0.05)
+    assert [(c.kind, c.look, c.tested, c.passed) for c in second.clocks] == [
+        ("audits", 10, False, True), ("votes", 10, True, True)]
+    assert {c.kind: c.verdict for c in second.comparisons} == {
+        "audits": WatchComparisonVerdict.not_tested, "votes": WatchComparisonVerdict.no_regression}
+    # A report without clocks (a watch from before them) gives each kind the shared clock:
+    # both start at look 9 with α(0.9) spent.
+    legacy = decide_watch(evidence((400, 320), (400, 320), other=(400, 360, 400, 360),
+                                   looks_done=9, alpha_spent=obf_alpha_spent(0.9, 0.05)))
+    assert legacy.state is WatchState.passed
+    assert legacy.alpha_per_comparison == pytest.approx((0.05 - obf_alpha_spent(0.9, 0.05)) / 2)
+
+
+def test_a_kind_that_passed_does_not_pass_the_watch_while_the_other_drops() -> None:
+    # Audits pass their whole plan; the votes, still in play, drop: the watch keeps watching
+    # and the votes' own looks catch it.
+    first = decide_watch(evidence((100, 80), (100, 80), other=(400, 360, 400, 360)))
+    assert first.state is WatchState.watching and first.clocks[0].passed
+    later = decide_watch(evidence((400, 240), (400, 320), other=(400, 360, 400, 360),
+                                  clocks=first.clocks, mode=WatchMode.auto))
+    assert (later.state, later.action) == (WatchState.regressed, WatchAction.roll_back)
 
 
 def test_the_report_names_the_watch_the_plan_and_the_level_of_the_look() -> None:
@@ -556,6 +623,7 @@ class Arm(NamedTuple):
     old_per_run: int = 4
     new_per_run: int = 4
     extra_per_run: int = 0
+    every_runs: int = 1  # the arm adds its events only every that many runs
 
 
 def simulate(
@@ -578,9 +646,12 @@ def simulate(
         counts = {kind: [[0, 0, 0, 0] for _ in range(buckets)] for kind in WATCH_KINDS}
         looks = 0
         spent = 0.0
+        clocks: tuple[WatchClock, ...] = ()
         end: tuple[WatchState, int] | None = None
         for run in range(1, runs + 1):
             for kind, arm in arms.items():
+                if run % arm.every_runs:
+                    continue
                 extra = rng.randint(0, arm.extra_per_run) if arm.extra_per_run else 0
                 for side, per_run, p in ((0, arm.new_per_run, arm.p_new),
                                          (2, arm.old_per_run, arm.p_old)):
@@ -591,7 +662,7 @@ def simulate(
             made = decide_watch(WatchEvidence(
                 watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
                 window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
-                alpha_spent=spent, looks_done=looks, modules_total=modules_total,
+                alpha_spent=spent, looks_done=looks, clocks=clocks, modules_total=modules_total,
                 settings=settings,
                 twin=tuple(_simulated(kind, by_module, modules_total)
                            for kind, by_module in counts.items()),
@@ -602,7 +673,7 @@ def simulate(
                     for kind, by_module in counts.items() if modules_total
                     for i, c in enumerate(by_module) if c[0] or c[2]),
             ))
-            spent, looks = made.alpha_spent, made.look
+            spent, looks, clocks = made.alpha_spent, made.look, made.clocks
             if made.state is not WatchState.watching:
                 end = (made.state, sum(c[0] for c in counts[first]))
                 break
@@ -673,6 +744,32 @@ def test_with_kinds_at_very_different_rates_under_5_percent_of_watches_regress(
 ) -> None:
     # The review's traffic with no true difference, ending at the last look or the final test.
     ends = reviewers_traffic(0.8, modules_total=modules_total, seed=22, watches=300)
+    assert regressed_share(ends) < 0.05
+
+
+def trickle(p_new_audits: float, *, watches: int, runs: int, seed: int, expire_days: float
+            ) -> list[tuple[WatchState, int] | None]:
+    """The fourth review's traffic: production audits 10 a run a side at 90% before the
+    switch and `p_new_audits` after, and a trickle of votes, one a side every 5 hourly runs
+    (about 5 a day), at 80% on both sides: in play, under watch_min_evidence for days."""
+    return simulate({"audits": Arm(0.9, p_new_audits, 10, 10),
+                     "votes": Arm(0.8, 0.8, 1, 1, every_runs=5)},
+                    watches=watches, runs=runs, seed=seed, expire_days=expire_days)
+
+
+def test_a_trickle_of_votes_does_not_delay_catching_a_30_point_drop_in_audits() -> None:
+    # One clock for both kinds, the votes' (under the floor: 0) held every look until the
+    # expiry: 21 of 100 such watches were caught within 24 hourly runs at 5 votes a day (the
+    # review's figure; none at 2 a day). With a plan per kind every one is caught within a day.
+    ends = trickle(0.6, watches=100, runs=24, seed=31, expire_days=14)
+    assert all(e is not None and e[0] is WatchState.regressed for e in ends)
+
+
+def test_a_trickle_of_votes_beside_audits_raises_no_false_regression() -> None:
+    # The same traffic with no true difference, every watch ending with its final test at the
+    # 100th run (each kind's plan spends all of its alpha): within the bound.
+    ends = trickle(0.9, watches=200, runs=100, seed=32, expire_days=99.5 / 24)
+    assert all(e is not None for e in ends)
     assert regressed_share(ends) < 0.05
 
 
@@ -985,6 +1082,7 @@ def simulate_mix(
     for _ in range(watches):
         c = {k: [0, 0, 0, 0] for k in keys}
         looks, spent, end = 0, 0.0, None
+        clocks: tuple[WatchClock, ...] = ()
         for run in range(1, runs + 1):
             for side, probs, mix in ((0, p_new, mix_new), (2, p_old, mix_old)):
                 for _ in range(per_run):
@@ -996,7 +1094,8 @@ def simulate_mix(
             made = decide_watch(WatchEvidence(
                 watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
                 window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
-                alpha_spent=spent, looks_done=looks, modules_total=len(keys), settings=settings,
+                alpha_spent=spent, looks_done=looks, clocks=clocks, modules_total=len(keys),
+                settings=settings,
                 twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0,
                                               new_passed=0, old_n=0, old_passed=0),
                       stratified("votes", *((k, c[k][0], c[k][1], c[k][2], c[k][3])
@@ -1004,7 +1103,7 @@ def simulate_mix(
                 modules=tuple(module(k, "votes", (c[k][0], c[k][1]), (c[k][2], c[k][3]))
                               for k in keys),
             ))
-            spent, looks = made.alpha_spent, made.look
+            spent, looks, clocks = made.alpha_spent, made.look, made.clocks
             if made.state is not WatchState.watching:
                 end = (made.state, sum(v[0] for v in c.values()))
                 break
