@@ -387,13 +387,23 @@ function's quantiles leave what a float holds (5e-324 made α/2 round to 0 and e
 twin fail), and no watch of a persona's traffic could find anything at such a level."""
 
 
+WATCH_MARGIN_MIN = 0.02
+WATCH_MIN_EVIDENCE_MIN = 30
+"""The floors of watch_margin and watch_min_evidence (the database's watch_margin_0_02_to_1 and
+watch_min_evidence_30_to_50000): at them, with each side's Wilson width capped at twice the
+other side's events (`worker.watch.IMBALANCE_CAP`), every single test of the watch calls a
+false regression with at most its share of watch_alpha, by exact enumeration of the binomial
+outcomes (README, "When the bound holds"; tests/unit/test_watch_exact.py). At margin 0 or with
+a few events a side it did not (12.2% for a 5% watch at min_evidence 1, pass_evidence 2)."""
+
+
 class WatchSettings(_Frozen):
     """A twin's watch settings (persona_learning_settings.watch_*), as the database holds them."""
 
     mode: WatchMode = Field(WatchMode.alert, description="off, alert (default) or auto.")
     margin: float = Field(
-        0.02, ge=0, le=1,
-        description="A regression is a drop of the pass rate (new - old) beyond this.",
+        0.02, ge=WATCH_MARGIN_MIN, le=1,
+        description="A regression is a drop of the pass rate (new - old) beyond this; 0.02 to 1.",
     )
     alpha: float = Field(
         0.05, ge=WATCH_ALPHA_MIN, le=0.5,
@@ -401,11 +411,11 @@ class WatchSettings(_Frozen):
         "1e-10 to 0.5.",
     )
     min_evidence: int = Field(
-        30, ge=1, le=50_000,
-        description="Votes and audits each arm of a comparison needs to be judged.",
+        30, ge=WATCH_MIN_EVIDENCE_MIN, le=50_000,
+        description="Votes and audits each arm of a comparison needs to be judged; 30 to 50,000.",
     )
     pass_evidence: int = Field(
-        400, ge=1, le=50_000,
+        400, ge=WATCH_MIN_EVIDENCE_MIN, le=50_000,
         description="The twin-wide comparison's smaller arm at the last look: passed there.",
     )
     looks: int = Field(10, ge=1, le=100, description="Looks planned over pass_evidence.")

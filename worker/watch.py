@@ -76,8 +76,23 @@ def newcombe_interval(
     return max(-1.0, lower), min(1.0, upper)
 
 
+IMBALANCE_CAP = 2.0
+"""A side's Wilson interval is computed as if it had at most this many times the other side's
+events (its pass rate from all of them): Newcombe's interval does not hold its one-sided level
+when one side is much larger than the other at high pass rates (10 new events against 400 old
+at 92%: up to 2.9 times its share of alpha, exactly enumerated), and it does with the larger
+side's width capped so (README, "When the bound holds"; tests/unit/test_watch_exact.py)."""
+
+STRATUM_MIN_EVIDENCE = 10
+"""Events each side a module needs to enter its twin's standardised comparison (which itself
+needs `watch_min_evidence` a side over the modules it compares): with `watch_min_evidence` (30)
+for each module, traffic spread over many modules left the twin-wide comparison empty until the
+expiry (20 modules of 25 votes a side: a drop from 80% to 56% caught in 4 of 40 watches, only at
+expiry; README, "Many small modules")."""
+
+
 def standardized_interval(
-    strata: Sequence[tuple[int, int, int, int]], z: float
+    strata: Sequence[tuple[int, int, int, int]], z: float, cap: float | None = None
 ) -> tuple[float, float, float]:
     """(difference, lower, upper) for the difference of pass rates (new − old) standardised to
     the old side's mix of strata (direct standardisation): d = Σ w_k (p1_k − p2_k) with
@@ -91,7 +106,10 @@ def standardized_interval(
     upper = d + √(Σ w_k² ((u1_k − p1_k)² + (p2_k − l2_k)²)), lower = d − √(Σ w_k² ((p1_k −
     l1_k)² + (u2_k − p2_k)²)), clipped to [−1, 1]. The weights are taken as fixed (the estimand
     is the difference at the old side's observed mix). One stratum gives `newcombe_interval`
-    exactly. Raises ValueError for no strata, an empty side or impossible counts, or z <= 0.
+    exactly. With `cap`, each side's Wilson interval takes at most `cap` times the other side's
+    events as its size (its pass rate stays x/n): the larger side's interval is no narrower than
+    that of a side `cap` times the smaller (`IMBALANCE_CAP`). Raises ValueError for no strata, an
+    empty side or impossible counts, or z <= 0.
     """
     if not z > 0:
         raise ValueError(f"z must be > 0, got {z}")
@@ -101,8 +119,10 @@ def standardized_interval(
     for x1, n1, x2, n2 in strata:
         w = n2 / old_total
         p1, p2 = x1 / n1, x2 / n2
-        l1, u1 = wilson_bounds(x1, n1 - x1, z)
-        l2, u2 = wilson_bounds(x2, n2 - x2, z)
+        m1 = n1 if cap is None else min(n1, cap * n2)
+        m2 = n2 if cap is None else min(n2, cap * n1)
+        l1, u1 = wilson_bounds(p1 * m1, (1.0 - p1) * m1, z)
+        l2, u2 = wilson_bounds(p2 * m2, (1.0 - p2) * m2, z)
         low_sq += w * w * ((p1 - l1) ** 2 + (u2 - p2) ** 2)
         up_sq += w * w * ((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return d, max(-1.0, d - math.sqrt(low_sq)), min(1.0, d + math.sqrt(up_sq))
@@ -171,24 +191,36 @@ Stratum = tuple[int, int, int, int]
 
 
 def comparable_strata(c: WatchComparisonEvidence, min_evidence: int) -> list[Stratum]:
-    """The strata of comparison `c` that its test compares: those with at least `min_evidence`
-    events on each side, as (x1, n1, x2, n2) (`standardized_interval`'s form). A comparison
-    without strata (a module's own) is one stratum, its counts.
+    """The strata of comparison `c` that its test compares, as (x1, n1, x2, n2)
+    (`standardized_interval`'s form). A comparison without strata (a module's own) is one
+    stratum, its counts, compared with at least `min_evidence` (`watch_min_evidence`) on each
+    side. A twin-wide comparison compares its strata (modules) with at least
+    `STRATUM_MIN_EVIDENCE` (10; `min_evidence` if lower) on each side, and only when those hold
+    `min_evidence` on each side in all.
 
-    The floor is the one a comparison of its own needs (`watch_min_evidence`), applied to each
-    stratum of the twin-wide comparison before it is standardised: a module that holds most of
-    the old side's weight but has a handful of events since the publish would otherwise carry
-    that weight on a Wilson interval whose one-sided level, at the small shares a look spends,
-    holds only with some tens of events (one failure in one new event read as a drop of its
-    whole weight: where that module held 90% of the old side's votes, passed 92% and got one
-    vote since the publish, 5.4% of 6,000 simulated watches falsely regressed at alpha 0.05;
-    tests/unit/test_production_watch.py). Strata below the floor are left out, not pooled into
+    A floor for each stratum: a module that holds most of the old side's weight but has a
+    handful of events since the publish would otherwise carry that weight on a Wilson interval
+    of a few events (one failure in one new event read as a drop of its whole weight: where that
+    module held 90% of the old side's votes, passed 92% and got one vote since the publish, 5.4%
+    of 6,000 simulated watches falsely regressed at alpha 0.05). The floor was
+    `min_evidence` (30) until 20261218000700, which left traffic spread over many modules with
+    nothing to compare until the expiry; at 10 (with the larger side's width capped,
+    `IMBALANCE_CAP`) the heavy-module case and adversarial mixes stay within alpha
+    (tests/unit/test_production_watch.py). Strata below the floor are left out, not pooled into
     one "rest" stratum: a pooled stratum compares different modules on the two sides and brings
-    back the dependence on the traffic mix that standardisation removes. The estimand is then
-    the difference at the old side's mix over the modules with enough evidence; a module left
-    out is judged by its own comparison once it has `min_evidence` a side.
+    back the dependence on the traffic mix that standardisation removes (simulated: 14.4% and
+    95.6% false regressions). The estimand is the difference at the old side's mix over the
+    modules with enough evidence; a module left out is judged by its own comparison once it has
+    `min_evidence` a side.
     """
-    return [s for s in seen_strata(c) if s[1] >= min_evidence and s[3] >= min_evidence]
+    if not c.strata:
+        return [s for s in seen_strata(c) if s[1] >= min_evidence and s[3] >= min_evidence]
+    floor = min(STRATUM_MIN_EVIDENCE, min_evidence)
+    strata = [s for s in seen_strata(c) if s[1] >= floor and s[3] >= floor]
+    if (sum(n1 for _, n1, _, _ in strata) < min_evidence
+            or sum(n2 for _, _, _, n2 in strata) < min_evidence):
+        return []
+    return strata
 
 
 def seen_strata(c: WatchComparisonEvidence) -> list[Stratum]:
@@ -381,7 +413,7 @@ def _compare(
         # No look due, or a look with nothing left to spend (share <= 0: the plan was changed
         # mid-watch below what was spent): nothing is tested, and nothing reads as tested.
         return judged(WatchComparisonVerdict.not_tested)
-    upper = standardized_interval(strata, z)[2]
+    upper = standardized_interval(strata, z, IMBALANCE_CAP)[2]
     verdict = (
         WatchComparisonVerdict.regressed if upper < threshold
         else WatchComparisonVerdict.no_regression
