@@ -9,13 +9,14 @@ neither side). Each kind is compared for the twin as a whole and per module with
 evidence, aggregated in SQL (`claim_production_watch`). The difference of two pass rates
 (new − old) gets Newcombe's hybrid score interval; twin-wide, the difference standardised by
 module to the old side's mix (`standardized_interval`) over the modules with at least
-`min_evidence` on each side (`comparable_strata`), so that a change in traffic mix alone is no
-regression and no module is judged on a handful of events. Because the watch looks again at
-every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`), with what is
-left spent by a final test when the watch expires, and split over all the comparisons (2 kinds ×
-(twin + modules)), so that the chance of a false regression over the whole watch stays below
-`alpha` however many runs look. The looks follow the kind in play with the least compared evidence,
-so a watch passes only once every kind in play has been tested with `pass_evidence` a side.
+`STRATUM_MIN_EVIDENCE` on each side (`comparable_strata`), so that a change in traffic mix
+alone is no regression and no module is judged on a handful of events. Because the watch looks
+again at every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`),
+with what is left spent by a final test when the watch expires, and split over all the
+comparisons (2 kinds × (twin + modules)), so that the chance of a false regression over the
+whole watch stays below `alpha` however many runs look. Each kind of evidence follows its own
+plan of looks, and a watch passes only once every kind in play has been tested with
+`pass_evidence` a side.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -37,6 +38,7 @@ from worker.models import (
     WatchComparisonEvidence,
     WatchComparisonVerdict,
     WatchEvidence,
+    WatchKind,
     WatchMode,
     WatchReport,
     WatchState,
@@ -255,23 +257,22 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       planned whatever evidence arrives.
     - A comparison compares its strata with at least `min_evidence` on each side
       (`comparable_strata`); without any it is `insufficient_evidence`.
-    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the kind in play
-      with the least evidence that can be compared: the smaller of the two twin-wide
-      comparisons' `compared_evidence` (the smaller side of their compared strata; a count,
-      never a pass rate), over the kinds seen on both sides of some stratum (`seen_strata`);
-      a kind seen on one side only, or not at all, does not hold the watch. A kind in play
-      whose strata are all below the floor holds the clock at 0. So the last look, and
-      `passed`, needs every kind in play to reach `pass_evidence`: plentiful audits that hold
-      do not end a watch whose few votes were never tested at a useful level (with the most
-      evidence setting the clock, audits 10 a run at 90% and votes 1–2 a run 80% → 60% ended
-      `passed` in 58–82% of simulated watches); such a watch runs on until the votes catch up
-      or to its expiry and final test. Evidence on one side only, or in a module below the
-      floor, moves no clock. A run tests only when a new look is due (several due at once
-      make one test); runs in between test nothing, so any number of runs makes at most K
-      tests, and one more at expiry. Looks done never go back (a kind that comes into play
-      later holds the clock from then on: no new look is due until it catches up).
-    - A test at look k may spend α(k/K) − (what earlier tests spent), α the O'Brien-Fleming-type
-      spending function (`obf_alpha_spent`), split equally over the planned comparisons. Once
+    - Each kind of evidence has its own plan of looks (`WatchClock`, read back from the
+      watch's last report: `evidence.clocks`; without them both kinds start from `looks_done`
+      and `alpha_spent`, the one clock watches kept before). A kind's looks are planned at k/K
+      of `pass_evidence` (K = `looks`), counted on its twin-wide comparison's
+      `compared_evidence` (the smaller side of its compared strata; a count, never a pass
+      rate). A kind is in play once some stratum has seen it on both sides (`seen_strata`).
+      With one clock for both kinds, the least compared evidence of the kinds in play, a
+      trickle of votes under the floor held every look of plentiful audits at 0 until the
+      expiry (audits 60% against 90%, 200 a side, beside one vote a side: never looked at);
+      with the most, plentiful audits that hold passed a watch whose few votes were never
+      tested at a useful level. A run tests a kind only when a new look of it is due (several
+      due at once make one test), so any number of runs makes at most K tests of each kind,
+      and one more at expiry. Looks done never go back.
+    - A test of a kind at its look k may spend α(k/K) − (what the kind's earlier tests spent),
+      α the O'Brien-Fleming-type spending function (`obf_alpha_spent`), split equally over all
+      the planned comparisons: each kind's comparisons (half of them) spend at most α/2. Once
       `expire_days` have passed since the publish, the run makes a final test that spends all
       that is left, α(1) − spent (Lan and DeMets' spending function lets the last analysis come
       at any time and spend the rest), so a watch of a quiet twin still ends with a real test.
@@ -284,12 +285,13 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       spend (share <= 0: watch_alpha, looks or pass_evidence changed mid-watch so that the plan
       allows no more than was spent) tests nothing: its comparisons are `not_tested`.
     - The watch ends `regressed` when any comparison regressed (at a planned look or at the
-      final test); `passed` at the last look (K) only when that look tested at least one
-      comparison with something to spend and found no regression ("no regression found", not
-      "proved as good"); `expired` when it expires otherwise (ran out of time; the final test
-      found no regression, or, when no comparison had enough evidence or nothing was left to
-      spend, made none); else it goes on `watching`. A regression's action is `roll_back`
-      in `auto` mode when there is a spec to go back to, `alert` otherwise.
+      final test); `passed` once every kind in play has passed its last look (K): that look
+      tested at least one comparison of the kind with something to spend and found no
+      regression ("no regression found", not "proved as good"); `expired` when it expires
+      otherwise (ran out of time; the final test found no regression, or, when no comparison
+      had enough evidence or nothing was left to spend, made none); else it goes on
+      `watching`. A regression's action is `roll_back` in `auto` mode when there is a spec
+      to go back to, `alert` otherwise.
 
     Raises ValueError for settings out of range (as the database refuses them).
     """
@@ -300,7 +302,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     age = evidence.learning_time - evidence.published_at
     expiring = age >= timedelta(days=s.expire_days)
     before = {c.kind: c for c in evidence.clocks}
-    clocks: dict[str, WatchClock] = {}
+    clocks: dict[WatchKind, WatchClock] = {}
     for twin, strata in zip(evidence.twin, compared[: len(evidence.twin)], strict=True):
         kind = twin.kind
         # Watches whose last report has no clocks (before 20261218000700) shared one: each

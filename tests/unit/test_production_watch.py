@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
 from typing import NamedTuple
@@ -695,7 +696,7 @@ def _simulated(kind: WatchKind, by_module: list[list[int]], modules_total: int
     )
 
 
-def regressed_share(ends: list[tuple[WatchState, int] | None]) -> float:
+def regressed_share(ends: Sequence[tuple[WatchState, float] | None]) -> float:
     return sum(1 for e in ends if e is not None and e[0] is WatchState.regressed) / len(ends)
 
 
@@ -998,6 +999,7 @@ def test_a_module_below_min_evidence_a_side_is_left_out_of_the_twin_wide_compari
     # 399 new against 40 old: the new side's width is that of 80 events (IMBALANCE_CAP).
     assert twin.value == pytest.approx(
         standardized_interval([(319, 399, 32, 40)], made.z or 0.0, IMBALANCE_CAP)[2])
+    assert twin.value is not None
     assert twin.value > newcombe_interval(319, 399, 32, 40, made.z or 0.0)[1]
     # Every module in (the floor at one vote), that look regressed.
     every = standardized_interval([(319, 399, 32, 40), (0, 1, 340, 360)], made.z or 0.0)
@@ -1210,7 +1212,8 @@ def simulate_spread(
                 clocks=clocks, modules_total=len(keys), settings=settings,
                 twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0,
                                               new_passed=0, old_n=0, old_passed=0),
-                      stratified("votes", *((k, *v) for k, v in zip(keys, c, strict=True)
+                      stratified("votes", *((k, v[0], v[1], v[2], v[3])
+                                            for k, v in zip(keys, c, strict=True)
                                             if v[0] or v[2]))),
                 modules=tuple(module(k, "votes", (v[0], v[1]), (v[2], v[3]))
                               for k, v in zip(keys, c, strict=True) if v[0] or v[2]),
