@@ -297,14 +297,14 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     """
     s = evidence.settings
     every = (*evidence.twin, *evidence.modules)
-    compared = [comparable_strata(c, s.min_evidence) for c in every]
     planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
     age = evidence.learning_time - evidence.published_at
     expiring = age >= timedelta(days=s.expire_days)
     before = {c.kind: c for c in evidence.clocks}
     clocks: dict[WatchKind, WatchClock] = {}
-    for twin, strata in zip(evidence.twin, compared[: len(evidence.twin)], strict=True):
+    for twin in evidence.twin:
         kind = twin.kind
+        strata = comparable_strata(twin, s.min_evidence)
         # Watches whose last report has no clocks (before 20261218000700) shared one: each
         # kind's comparisons had spent the same share of it.
         was = before.get(kind) or WatchClock(kind=kind, look=evidence.looks_done,
@@ -325,9 +325,10 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
             in_play=bool(seen_strata(twin)), information=min(1.0, info / s.pass_evidence),
             tested=test, alpha_per_comparison=share, z=z)
 
+    # A kind's z is None unless it is tested at this run (no look of it due: not_tested).
     comparisons = tuple(
-        _compare(c, strata, clocks[c.kind].z if clocks[c.kind].tested else None, s.margin)
-        for c, strata in zip(every, compared, strict=True)
+        _compare(c, comparable_strata(c, s.min_evidence), clocks[c.kind].z, s.margin)
+        for c in every
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
     for kind, clock in clocks.items():
@@ -371,7 +372,7 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         information=min(c.information for c in in_play) if in_play else 0.0,
         # Each kind's comparisons hold half of the planned ones: the watch as a whole has spent
         # the mean of the kinds' shares of the spending function.
-        alpha_spent=min(1.0, sum(c.alpha_spent for c in clocks.values()) / len(WATCH_KINDS)),
+        alpha_spent=sum(c.alpha_spent for c in clocks.values()) / len(WATCH_KINDS),
         comparisons_planned=planned,
         alpha_per_comparison=widest.alpha_per_comparison if widest is not None else None,
         z=z_shown if z_shown is None or math.isfinite(z_shown) else None,

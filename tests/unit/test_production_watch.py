@@ -462,7 +462,10 @@ def test_a_trickle_of_votes_does_not_hold_back_a_large_drop_in_audits() -> None:
         audits, vote_clock = made.clocks
         assert (audits.look, audits.tested, audits.alpha_spent) == (
             5, True, pytest.approx(obf_alpha_spent(0.5, 0.05)))
+        assert audits.z == made.z and made.z is not None and 2 < made.z < 4
         assert (vote_clock.look, vote_clock.tested, vote_clock.alpha_spent) == (0, False, 0.0)
+        # One vote a side is in play (seen on both sides): it holds the watch from passing.
+        assert vote_clock.in_play is (votes != (0, 0, 0, 0))
         # Each comparison keeps the share it had: α(0.5) over the 2 planned comparisons.
         assert made.alpha_per_comparison == pytest.approx(obf_alpha_spent(0.5, 0.05) / 2)
 
@@ -490,6 +493,29 @@ def test_each_kind_keeps_its_own_plan_from_run_to_run() -> None:
                                    looks_done=9, alpha_spent=obf_alpha_spent(0.9, 0.05)))
     assert legacy.state is WatchState.passed
     assert legacy.alpha_per_comparison == pytest.approx((0.05 - obf_alpha_spent(0.9, 0.05)) / 2)
+
+
+def test_the_report_shows_the_kind_that_spent_the_most_and_no_infinite_quantile() -> None:
+    # Both kinds reach look 5 (200 a side); the audits' plan had already spent 0.04 (above
+    # α(0.5): nothing left), the votes' α(0.4). The audits test nothing (share 0, their z None
+    # rather than infinite); the report's share and z are the votes'.
+    spent = obf_alpha_spent(0.4, 0.05)
+    made = decide_watch(evidence(
+        (200, 160), (200, 160), other=(200, 180, 200, 180),
+        clocks=(WatchClock(kind="audits", look=4, alpha_spent=0.04),
+                WatchClock(kind="votes", look=4, alpha_spent=spent))))
+    audits, votes = made.clocks
+    assert (audits.tested, audits.alpha_per_comparison, audits.z) == (True, 0.0, None)
+    share = (obf_alpha_spent(0.5, 0.05) - spent) / 2
+    assert votes.alpha_per_comparison == pytest.approx(share)
+    assert (made.alpha_per_comparison, made.z) == (votes.alpha_per_comparison, votes.z)
+    assert votes.z is not None and math.isfinite(votes.z)
+    assert {c.kind: c.verdict for c in made.comparisons} == {
+        "audits": WatchComparisonVerdict.not_tested, "votes": WatchComparisonVerdict.no_regression}
+    # With no kind in play the report's look is the furthest a kind's plan reached.
+    idle = decide_watch(evidence((0, 0), (0, 0), clocks=(
+        WatchClock(kind="audits", look=3), WatchClock(kind="votes", look=5))))
+    assert (idle.look, idle.information, idle.tested) == (5, 0.0, False)
 
 
 def test_a_kind_that_passed_does_not_pass_the_watch_while_the_other_drops() -> None:
@@ -1042,6 +1068,11 @@ def test_many_small_modules_enter_the_twin_wide_comparison_at_10_a_side() -> Non
     # such modules (20 a side) compare nothing; three (30) do.
     two = decide_watch(by_module(stratified("votes", ("a", 10, 8, 10, 8), ("b", 10, 8, 10, 8))))
     assert twin_votes(two).verdict is WatchComparisonVerdict.insufficient_evidence
+    assert (twin_votes(two).compared_new_n, twin_votes(two).compared_old_n) == (None, None)
+    # 40 new but 20 old in all: the old side is short of watch_min_evidence.
+    short = decide_watch(by_module(
+        stratified("votes", ("a", 20, 16, 10, 8), ("b", 20, 16, 10, 8))))
+    assert twin_votes(short).verdict is WatchComparisonVerdict.insufficient_evidence
     three = decide_watch(by_module(
         stratified("votes", ("a", 10, 8, 10, 8), ("b", 10, 8, 10, 8), ("c", 10, 8, 10, 8))))
     assert twin_votes(three).compared_new_n == 30
