@@ -248,8 +248,8 @@ def describe_watch(
             clause += f" (upper bound {c['value']:.4f}, threshold {c.get('threshold')})"
         compared = (c.get("compared_new_n"), c.get("compared_old_n"))
         if compared[0] is not None and compared != (e.get("new_n"), e.get("old_n")):
-            clause += (f" (compared {compared[0]} vs {compared[1]}: modules with fewer than "
-                       "watch_min_evidence a side left out)")
+            clause += (f" (compared {compared[0]} vs {compared[1]}: modules with too few events "
+                       "a side left out)")
         clauses.append(clause)
     if clauses:
         sentence += "; twin-wide " + "; ".join(clauses)

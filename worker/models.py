@@ -387,13 +387,23 @@ function's quantiles leave what a float holds (5e-324 made α/2 round to 0 and e
 twin fail), and no watch of a persona's traffic could find anything at such a level."""
 
 
+WATCH_MARGIN_MIN = 0.02
+WATCH_MIN_EVIDENCE_MIN = 30
+"""The floors of watch_margin and watch_min_evidence (the database's watch_margin_0_02_to_1 and
+watch_min_evidence_30_to_50000): at them, with each side's Wilson width capped at twice the
+other side's events (`worker.watch.IMBALANCE_CAP`), every single test of the watch calls a
+false regression with at most its share of watch_alpha, by exact enumeration of the binomial
+outcomes (README, "When the bound holds"; tests/unit/test_watch_exact.py). At margin 0 or with
+a few events a side it did not (12.2% for a 5% watch at min_evidence 1, pass_evidence 2)."""
+
+
 class WatchSettings(_Frozen):
     """A twin's watch settings (persona_learning_settings.watch_*), as the database holds them."""
 
     mode: WatchMode = Field(WatchMode.alert, description="off, alert (default) or auto.")
     margin: float = Field(
-        0.02, ge=0, le=1,
-        description="A regression is a drop of the pass rate (new - old) beyond this.",
+        0.02, ge=WATCH_MARGIN_MIN, le=1,
+        description="A regression is a drop of the pass rate (new - old) beyond this; 0.02 to 1.",
     )
     alpha: float = Field(
         0.05, ge=WATCH_ALPHA_MIN, le=0.5,
@@ -401,11 +411,11 @@ class WatchSettings(_Frozen):
         "1e-10 to 0.5.",
     )
     min_evidence: int = Field(
-        30, ge=1, le=50_000,
-        description="Votes and audits each arm of a comparison needs to be judged.",
+        30, ge=WATCH_MIN_EVIDENCE_MIN, le=50_000,
+        description="Votes and audits each arm of a comparison needs to be judged; 30 to 50,000.",
     )
     pass_evidence: int = Field(
-        400, ge=1, le=50_000,
+        400, ge=WATCH_MIN_EVIDENCE_MIN, le=50_000,
         description="The twin-wide comparison's smaller arm at the last look: passed there.",
     )
     looks: int = Field(10, ge=1, le=100, description="Looks planned over pass_evidence.")
@@ -467,6 +477,26 @@ class WatchComparisonEvidence(_Frozen):
         return self
 
 
+class WatchClock(_Frozen):
+    """One kind's own plan of looks (`worker.watch.decide_watch`): the looks it reached, the
+    error its comparisons spent (on the scale of the spending function: α(k/K) after look k),
+    and whether its last planned look tested and found no regression. A run's report holds one
+    per kind (`WatchReport.clocks`, with this run's figures); the next run reads them back from
+    the watch's last report (`WatchEvidence.clocks`)."""
+
+    kind: WatchKind
+    look: int = Field(0, ge=0)
+    alpha_spent: float = Field(0.0, ge=0, le=1)
+    passed: bool = Field(
+        False, description="Its last planned look tested a comparison and found no regression."
+    )
+    in_play: bool = Field(False, description="Seen on both sides of some stratum this run.")
+    information: float = Field(0.0, ge=0, le=1)
+    tested: bool = Field(False, description="This run tested the kind's comparisons.")
+    alpha_per_comparison: float | None = None
+    z: float | None = None
+
+
 class WatchEvidence(_Frozen):
     """What `claim_production_watch` returns for a twin with a watch on."""
 
@@ -478,6 +508,12 @@ class WatchEvidence(_Frozen):
     learning_time: AwareDatetime
     alpha_spent: float = Field(ge=0, le=1)
     looks_done: int = Field(ge=0)
+    clocks: tuple[WatchClock, ...] = Field(
+        (),
+        description="Each kind's plan of looks as the watch's last run left it (its report's "
+        "clocks); empty before any run wrote them: each kind then starts from looks_done and "
+        "alpha_spent (one clock shared by both kinds, as watches before 20261218000700 kept).",
+    )
     modules_total: int = Field(ge=0)
     settings: WatchSettings
     twin: tuple[WatchComparisonEvidence, ...] = Field(
@@ -533,18 +569,27 @@ class WatchReport(_Frozen):
         description="True when the watch had expired: this run's test was the final one, "
         "spending all the alpha left (the state is then regressed, passed or expired).",
     )
-    look: int = Field(ge=0, description="Planned looks reached, this one included.")
+    look: int = Field(
+        ge=0, description="Planned looks reached, this one included: the least of the kinds in "
+        "play (each kind has its own plan: clocks).")
     looks_planned: int
-    information: float = Field(ge=0, le=1)
-    alpha_spent: float = Field(ge=0, le=1)
+    information: float = Field(ge=0, le=1, description="The least of the kinds in play.")
+    alpha_spent: float = Field(
+        ge=0, le=1, description="The share of watch_alpha spent by the whole watch so far: the "
+        "mean of the kinds' own (each kind's comparisons hold half of the planned ones).")
     comparisons_planned: int = Field(
         ge=1, description="Comparisons the spending is split over: 2 kinds x (twin + modules)."
     )
-    alpha_per_comparison: float | None
+    alpha_per_comparison: float | None = Field(
+        description="The largest share a comparison tested at this run spent (each kind's own "
+        "in clocks); None when nothing was tested.")
     z: float | None
     window_start: AwareDatetime
     published_at: AwareDatetime
     comparisons: tuple[WatchComparison, ...]
+    clocks: tuple[WatchClock, ...] = Field(
+        (), description="Each kind's own plan of looks after this run, audits then votes."
+    )
 
 
 GateReport.model_rebuild()

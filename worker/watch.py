@@ -9,13 +9,14 @@ neither side). Each kind is compared for the twin as a whole and per module with
 evidence, aggregated in SQL (`claim_production_watch`). The difference of two pass rates
 (new − old) gets Newcombe's hybrid score interval; twin-wide, the difference standardised by
 module to the old side's mix (`standardized_interval`) over the modules with at least
-`min_evidence` on each side (`comparable_strata`), so that a change in traffic mix alone is no
-regression and no module is judged on a handful of events. Because the watch looks again at
-every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`), with what is
-left spent by a final test when the watch expires, and split over all the comparisons (2 kinds ×
-(twin + modules)), so that the chance of a false regression over the whole watch stays below
-`alpha` however many runs look. The looks follow the kind in play with the least compared evidence,
-so a watch passes only once every kind in play has been tested with `pass_evidence` a side.
+`STRATUM_MIN_EVIDENCE` on each side (`comparable_strata`), so that a change in traffic mix
+alone is no regression and no module is judged on a handful of events. Because the watch looks
+again at every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`),
+with what is left spent by a final test when the watch expires, and split over all the
+comparisons (2 kinds × (twin + modules)), so that the chance of a false regression over the
+whole watch stays below `alpha` however many runs look. Each kind of evidence follows its own
+plan of looks, and a watch passes only once every kind in play has been tested with
+`pass_evidence` a side.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -32,10 +33,12 @@ from worker.learning import wilson_bounds
 from worker.models import (
     WATCH_KINDS,
     WatchAction,
+    WatchClock,
     WatchComparison,
     WatchComparisonEvidence,
     WatchComparisonVerdict,
     WatchEvidence,
+    WatchKind,
     WatchMode,
     WatchReport,
     WatchState,
@@ -75,8 +78,23 @@ def newcombe_interval(
     return max(-1.0, lower), min(1.0, upper)
 
 
+IMBALANCE_CAP = 2.0
+"""A side's Wilson interval is computed as if it had at most this many times the other side's
+events (its pass rate from all of them): Newcombe's interval does not hold its one-sided level
+when one side is much larger than the other at high pass rates (10 new events against 400 old
+at 92%: up to 2.9 times its share of alpha, exactly enumerated), and it does with the larger
+side's width capped so (README, "When the bound holds"; tests/unit/test_watch_exact.py)."""
+
+STRATUM_MIN_EVIDENCE = 10
+"""Events each side a module needs to enter its twin's standardised comparison (which itself
+needs `watch_min_evidence` a side over the modules it compares): with `watch_min_evidence` (30)
+for each module, traffic spread over many modules left the twin-wide comparison empty until the
+expiry (20 modules of 25 votes a side: a drop from 80% to 56% caught in 4 of 40 watches, only at
+expiry; README, "Many small modules")."""
+
+
 def standardized_interval(
-    strata: Sequence[tuple[int, int, int, int]], z: float
+    strata: Sequence[tuple[int, int, int, int]], z: float, cap: float | None = None
 ) -> tuple[float, float, float]:
     """(difference, lower, upper) for the difference of pass rates (new − old) standardised to
     the old side's mix of strata (direct standardisation): d = Σ w_k (p1_k − p2_k) with
@@ -90,7 +108,10 @@ def standardized_interval(
     upper = d + √(Σ w_k² ((u1_k − p1_k)² + (p2_k − l2_k)²)), lower = d − √(Σ w_k² ((p1_k −
     l1_k)² + (u2_k − p2_k)²)), clipped to [−1, 1]. The weights are taken as fixed (the estimand
     is the difference at the old side's observed mix). One stratum gives `newcombe_interval`
-    exactly. Raises ValueError for no strata, an empty side or impossible counts, or z <= 0.
+    exactly. With `cap`, each side's Wilson interval takes at most `cap` times the other side's
+    events as its size (its pass rate stays x/n): the larger side's interval is no narrower than
+    that of a side `cap` times the smaller (`IMBALANCE_CAP`). Raises ValueError for no strata, an
+    empty side or impossible counts, or z <= 0.
     """
     if not z > 0:
         raise ValueError(f"z must be > 0, got {z}")
@@ -100,8 +121,10 @@ def standardized_interval(
     for x1, n1, x2, n2 in strata:
         w = n2 / old_total
         p1, p2 = x1 / n1, x2 / n2
-        l1, u1 = wilson_bounds(x1, n1 - x1, z)
-        l2, u2 = wilson_bounds(x2, n2 - x2, z)
+        m1 = n1 if cap is None else min(n1, cap * n2)
+        m2 = n2 if cap is None else min(n2, cap * n1)
+        l1, u1 = wilson_bounds(p1 * m1, (1.0 - p1) * m1, z)
+        l2, u2 = wilson_bounds(p2 * m2, (1.0 - p2) * m2, z)
         low_sq += w * w * ((p1 - l1) ** 2 + (u2 - p2) ** 2)
         up_sq += w * w * ((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return d, max(-1.0, d - math.sqrt(low_sq)), min(1.0, d + math.sqrt(up_sq))
@@ -170,24 +193,36 @@ Stratum = tuple[int, int, int, int]
 
 
 def comparable_strata(c: WatchComparisonEvidence, min_evidence: int) -> list[Stratum]:
-    """The strata of comparison `c` that its test compares: those with at least `min_evidence`
-    events on each side, as (x1, n1, x2, n2) (`standardized_interval`'s form). A comparison
-    without strata (a module's own) is one stratum, its counts.
+    """The strata of comparison `c` that its test compares, as (x1, n1, x2, n2)
+    (`standardized_interval`'s form). A comparison without strata (a module's own) is one
+    stratum, its counts, compared with at least `min_evidence` (`watch_min_evidence`) on each
+    side. A twin-wide comparison compares its strata (modules) with at least
+    `STRATUM_MIN_EVIDENCE` (10; `min_evidence` if lower) on each side, and only when those hold
+    `min_evidence` on each side in all.
 
-    The floor is the one a comparison of its own needs (`watch_min_evidence`), applied to each
-    stratum of the twin-wide comparison before it is standardised: a module that holds most of
-    the old side's weight but has a handful of events since the publish would otherwise carry
-    that weight on a Wilson interval whose one-sided level, at the small shares a look spends,
-    holds only with some tens of events (one failure in one new event read as a drop of its
-    whole weight: where that module held 90% of the old side's votes, passed 92% and got one
-    vote since the publish, 5.4% of 6,000 simulated watches falsely regressed at alpha 0.05;
-    tests/unit/test_production_watch.py). Strata below the floor are left out, not pooled into
+    A floor for each stratum: a module that holds most of the old side's weight but has a
+    handful of events since the publish would otherwise carry that weight on a Wilson interval
+    of a few events (one failure in one new event read as a drop of its whole weight: where that
+    module held 90% of the old side's votes, passed 92% and got one vote since the publish, 5.4%
+    of 6,000 simulated watches falsely regressed at alpha 0.05). The floor was
+    `min_evidence` (30) until 20261218000700, which left traffic spread over many modules with
+    nothing to compare until the expiry; at 10 (with the larger side's width capped,
+    `IMBALANCE_CAP`) the heavy-module case and adversarial mixes stay within alpha
+    (tests/unit/test_production_watch.py). Strata below the floor are left out, not pooled into
     one "rest" stratum: a pooled stratum compares different modules on the two sides and brings
-    back the dependence on the traffic mix that standardisation removes. The estimand is then
-    the difference at the old side's mix over the modules with enough evidence; a module left
-    out is judged by its own comparison once it has `min_evidence` a side.
+    back the dependence on the traffic mix that standardisation removes (simulated: 14.4% and
+    95.6% false regressions). The estimand is the difference at the old side's mix over the
+    modules with enough evidence; a module left out is judged by its own comparison once it has
+    `min_evidence` a side.
     """
-    return [s for s in seen_strata(c) if s[1] >= min_evidence and s[3] >= min_evidence]
+    if not c.strata:
+        return [s for s in seen_strata(c) if s[1] >= min_evidence and s[3] >= min_evidence]
+    floor = min(STRATUM_MIN_EVIDENCE, min_evidence)
+    strata = [s for s in seen_strata(c) if s[1] >= floor and s[3] >= floor]
+    if (sum(n1 for _, n1, _, _ in strata) < min_evidence
+            or sum(n2 for _, _, _, n2 in strata) < min_evidence):
+        return []
+    return strata
 
 
 def seen_strata(c: WatchComparisonEvidence) -> list[Stratum]:
@@ -222,23 +257,22 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       planned whatever evidence arrives.
     - A comparison compares its strata with at least `min_evidence` on each side
       (`comparable_strata`); without any it is `insufficient_evidence`.
-    - Looks are planned at k/K of `pass_evidence` (K = `looks`), counted on the kind in play
-      with the least evidence that can be compared: the smaller of the two twin-wide
-      comparisons' `compared_evidence` (the smaller side of their compared strata; a count,
-      never a pass rate), over the kinds seen on both sides of some stratum (`seen_strata`);
-      a kind seen on one side only, or not at all, does not hold the watch. A kind in play
-      whose strata are all below the floor holds the clock at 0. So the last look, and
-      `passed`, needs every kind in play to reach `pass_evidence`: plentiful audits that hold
-      do not end a watch whose few votes were never tested at a useful level (with the most
-      evidence setting the clock, audits 10 a run at 90% and votes 1–2 a run 80% → 60% ended
-      `passed` in 58–82% of simulated watches); such a watch runs on until the votes catch up
-      or to its expiry and final test. Evidence on one side only, or in a module below the
-      floor, moves no clock. A run tests only when a new look is due (several due at once
-      make one test); runs in between test nothing, so any number of runs makes at most K
-      tests, and one more at expiry. Looks done never go back (a kind that comes into play
-      later holds the clock from then on: no new look is due until it catches up).
-    - A test at look k may spend α(k/K) − (what earlier tests spent), α the O'Brien-Fleming-type
-      spending function (`obf_alpha_spent`), split equally over the planned comparisons. Once
+    - Each kind of evidence has its own plan of looks (`WatchClock`, read back from the
+      watch's last report: `evidence.clocks`; without them both kinds start from `looks_done`
+      and `alpha_spent`, the one clock watches kept before). A kind's looks are planned at k/K
+      of `pass_evidence` (K = `looks`), counted on its twin-wide comparison's
+      `compared_evidence` (the smaller side of its compared strata; a count, never a pass
+      rate). A kind is in play once some stratum has seen it on both sides (`seen_strata`).
+      With one clock for both kinds, the least compared evidence of the kinds in play, a
+      trickle of votes under the floor held every look of plentiful audits at 0 until the
+      expiry (audits 60% against 90%, 200 a side, beside one vote a side: never looked at);
+      with the most, plentiful audits that hold passed a watch whose few votes were never
+      tested at a useful level. A run tests a kind only when a new look of it is due (several
+      due at once make one test), so any number of runs makes at most K tests of each kind,
+      and one more at expiry. Looks done never go back.
+    - A test of a kind at its look k may spend α(k/K) − (what the kind's earlier tests spent),
+      α the O'Brien-Fleming-type spending function (`obf_alpha_spent`), split equally over all
+      the planned comparisons: each kind's comparisons (half of them) spend at most α/2. Once
       `expire_days` have passed since the publish, the run makes a final test that spends all
       that is left, α(1) − spent (Lan and DeMets' spending function lets the last analysis come
       at any time and spend the rest), so a watch of a quiet twin still ends with a real test.
@@ -251,48 +285,64 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       spend (share <= 0: watch_alpha, looks or pass_evidence changed mid-watch so that the plan
       allows no more than was spent) tests nothing: its comparisons are `not_tested`.
     - The watch ends `regressed` when any comparison regressed (at a planned look or at the
-      final test); `passed` at the last look (K) only when that look tested at least one
-      comparison with something to spend and found no regression ("no regression found", not
-      "proved as good"); `expired` when it expires otherwise (ran out of time; the final test
-      found no regression, or, when no comparison had enough evidence or nothing was left to
-      spend, made none); else it goes on `watching`. A regression's action is `roll_back`
-      in `auto` mode when there is a spec to go back to, `alert` otherwise.
+      final test); `passed` once every kind in play has passed its last look (K): that look
+      tested at least one comparison of the kind with something to spend and found no
+      regression ("no regression found", not "proved as good"); `expired` when it expires
+      otherwise (ran out of time; the final test found no regression, or, when no comparison
+      had enough evidence or nothing was left to spend, made none); else it goes on
+      `watching`. A regression's action is `roll_back` in `auto` mode when there is a spec
+      to go back to, `alert` otherwise.
 
     Raises ValueError for settings out of range (as the database refuses them).
     """
     s = evidence.settings
     every = (*evidence.twin, *evidence.modules)
-    compared = [comparable_strata(c, s.min_evidence) for c in every]
-    # The clock: the kind in play (seen on both sides) with the least compared evidence.
-    info = min((compared_evidence(strata)
-                for c, strata in zip(evidence.twin, compared[: len(evidence.twin)], strict=True)
-                if seen_strata(c)),
-               default=0)
     planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
-    due = look_index(info, s.pass_evidence, s.looks)
     age = evidence.learning_time - evidence.published_at
     expiring = age >= timedelta(days=s.expire_days)
-    test = due > evidence.looks_done or expiring
-    spent_after = evidence.alpha_spent
-    share: float | None = None
-    z: float | None = None
-    if test:
-        spend_to = 1.0 if expiring else due / s.looks
-        spent_after = max(evidence.alpha_spent, obf_alpha_spent(spend_to, s.alpha))
-        share = (spent_after - evidence.alpha_spent) / planned
-        z = _upper_quantile(share)
+    before = {c.kind: c for c in evidence.clocks}
+    clocks: dict[WatchKind, WatchClock] = {}
+    for twin in evidence.twin:
+        kind = twin.kind
+        strata = comparable_strata(twin, s.min_evidence)
+        # Watches whose last report has no clocks (before 20261218000700) shared one: each
+        # kind's comparisons had spent the same share of it.
+        was = before.get(kind) or WatchClock(kind=kind, look=evidence.looks_done,
+                                             alpha_spent=evidence.alpha_spent)
+        info = compared_evidence(strata)
+        due = look_index(info, s.pass_evidence, s.looks)
+        test = due > was.look or expiring
+        spent = was.alpha_spent
+        share: float | None = None
+        z: float | None = None
+        if test:
+            spend_to = 1.0 if expiring else due / s.looks
+            spent = max(was.alpha_spent, obf_alpha_spent(spend_to, s.alpha))
+            share = (spent - was.alpha_spent) / planned
+            z = _upper_quantile(share)
+        clocks[kind] = WatchClock(
+            kind=kind, look=max(due, was.look), alpha_spent=spent, passed=was.passed,
+            in_play=bool(seen_strata(twin)), information=min(1.0, info / s.pass_evidence),
+            tested=test, alpha_per_comparison=share, z=z)
 
+    # A kind's z is None unless it is tested at this run (no look of it due: not_tested).
     comparisons = tuple(
-        _compare(c, strata, z, s.margin) for c, strata in zip(every, compared, strict=True)
+        _compare(c, comparable_strata(c, s.min_evidence), clocks[c.kind].z, s.margin)
+        for c in every
     )
     regressed = any(c.verdict is WatchComparisonVerdict.regressed for c in comparisons)
-    # A look tested something when it had error to spend and a comparison with evidence (with
-    # nothing to spend every comparison with evidence is not_tested).
-    tested_any = any(c.verdict is WatchComparisonVerdict.no_regression for c in comparisons)
-    looks_done = max(due, evidence.looks_done)
+    for kind, clock in clocks.items():
+        # A kind passes its plan when its last look tested something (had error to spend and a
+        # comparison with evidence: with nothing to spend they are not_tested) and found no
+        # regression; it stays passed.
+        tested_any = any(c.verdict is WatchComparisonVerdict.no_regression
+                         for c in comparisons if c.kind == kind)
+        if clock.tested and clock.look >= s.looks and tested_any and not regressed:
+            clocks[kind] = clock.model_copy(update={"passed": True})
+    in_play = [c for c in clocks.values() if c.in_play]
     if regressed:
         state = WatchState.regressed
-    elif tested_any and looks_done >= s.looks:
+    elif in_play and all(c.passed for c in in_play):
         state = WatchState.passed
     elif expiring:
         state = WatchState.expired
@@ -304,6 +354,10 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         action = WatchAction.roll_back
     else:
         action = WatchAction.alert
+    shown = in_play or list(clocks.values())
+    tested = [c for c in clocks.values() if c.tested]
+    widest = max(tested, key=lambda c: c.alpha_per_comparison or 0.0, default=None)
+    z_shown = widest.z if widest is not None else None
     return WatchReport(
         watch_id=evidence.watch_id,
         spec_id=evidence.spec_id,
@@ -311,18 +365,22 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
         mode=s.mode,
         state=state,
         action=action,
-        tested=test,
+        tested=bool(tested),
         final=expiring,
-        look=looks_done,
+        look=min(c.look for c in shown) if in_play else max(c.look for c in shown),
         looks_planned=s.looks,
-        information=min(1.0, info / s.pass_evidence),
-        alpha_spent=spent_after,
+        information=min(c.information for c in in_play) if in_play else 0.0,
+        # Each kind's comparisons hold half of the planned ones: the watch as a whole has spent
+        # the mean of the kinds' shares of the spending function.
+        alpha_spent=sum(c.alpha_spent for c in clocks.values()) / len(WATCH_KINDS),
         comparisons_planned=planned,
-        alpha_per_comparison=share,
-        z=z if z is None or math.isfinite(z) else None,
+        alpha_per_comparison=widest.alpha_per_comparison if widest is not None else None,
+        z=z_shown if z_shown is None or math.isfinite(z_shown) else None,
         window_start=evidence.window_start,
         published_at=evidence.published_at,
         comparisons=comparisons,
+        clocks=tuple(c if c.z is None or math.isfinite(c.z) else c.model_copy(update={"z": None})
+                     for c in (clocks[k] for k in WATCH_KINDS)),
     )
 
 
@@ -358,7 +416,7 @@ def _compare(
         # No look due, or a look with nothing left to spend (share <= 0: the plan was changed
         # mid-watch below what was spent): nothing is tested, and nothing reads as tested.
         return judged(WatchComparisonVerdict.not_tested)
-    upper = standardized_interval(strata, z)[2]
+    upper = standardized_interval(strata, z, IMBALANCE_CAP)[2]
     verdict = (
         WatchComparisonVerdict.regressed if upper < threshold
         else WatchComparisonVerdict.no_regression

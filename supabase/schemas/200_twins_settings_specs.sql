@@ -146,13 +146,13 @@ create table public.persona_learning_settings (
   rebuild_step_events integer not null default 500000,
   watch_mode public.watch_mode not null default 'alert',
   watch_margin double precision not null default 0.02
-    constraint watch_margin_0_to_1 check (watch_margin between 0 and 1),
+    constraint watch_margin_0_02_to_1 check (watch_margin between 0.02 and 1),
   watch_alpha double precision not null default 0.05
     constraint watch_alpha_1e_10_to_0_5 check (watch_alpha >= 1e-10 and watch_alpha <= 0.5),
   watch_min_evidence integer not null default 30
-    constraint watch_min_evidence_1_to_50000 check (watch_min_evidence between 1 and 50000),
+    constraint watch_min_evidence_30_to_50000 check (watch_min_evidence between 30 and 50000),
   watch_pass_evidence integer not null default 400
-    constraint watch_pass_evidence_1_to_50000 check (watch_pass_evidence between 1 and 50000),
+    constraint watch_pass_evidence_30_to_50000 check (watch_pass_evidence between 30 and 50000),
   watch_looks integer not null default 10
     constraint watch_looks_1_to_100 check (watch_looks between 1 and 100),
   watch_expire_days double precision not null default 14
@@ -205,18 +205,23 @@ comment on column public.persona_learning_settings.watch_mode is
   'Production watch of each newly published spec: off, alert (record a regression; default) or '
   'auto (the run that finds a regression publishes the previous spec again).';
 comment on column public.persona_learning_settings.watch_margin is
-  'A regression is a drop of the pass rate (new spec - replaced spec) beyond this (default 0.02).';
+  'A regression is a drop of the pass rate (new spec - replaced spec) beyond this (default 0.02; '
+  '0.02 to 1: at 0 Newcombe''s interval calls a false regression more often than its share of '
+  'watch_alpha, README "When the bound holds").';
 comment on column public.persona_learning_settings.watch_alpha is
   'The chance of a false regression over a whole watch, all looks and comparisons (default '
   '0.05; 1e-10 to 0.5). Changed mid-watch, it changes the plan of the looks to come; what was '
   'spent stays spent.';
 comment on column public.persona_learning_settings.watch_min_evidence is
   'Votes and audits each side of a comparison (twin-wide or per module) needs to be judged '
-  '(default 30; 1 to 50,000).';
+  '(default 30; 30 to 50,000: below 30 a side Newcombe''s interval does not hold its level, '
+  'README "When the bound holds"). Within the twin-wide comparison a module enters with 10 a '
+  'side.';
 comment on column public.persona_learning_settings.watch_pass_evidence is
   'The watch passes once the smaller compared side of the twin-wide comparison of every kind in '
-  'play (votes, audits) holds this much evidence with no regression found (default 400; 1 to '
-  '50,000: each side counts at most its latest 50,000 events).';
+  'play (votes, audits) holds this much evidence with no regression found (default 400; 30 to '
+  '50,000 and at least watch_min_evidence: each side counts at most its latest 50,000 '
+  'events).';
 comment on column public.persona_learning_settings.watch_looks is
   'Looks planned over watch_pass_evidence; runs between two looks test nothing (default 10).';
 comment on column public.persona_learning_settings.watch_expire_days is

@@ -200,9 +200,11 @@ comment on column public.persona_spec_watches.published_at is
 comment on column public.persona_spec_watches.previous_published_at is
   'When the replaced spec had been published: its window never reaches further back.';
 comment on column public.persona_spec_watches.looks_done is
-  'Planned looks done (a look is due at each watch_looks-th of watch_pass_evidence).';
+  'Planned looks done: the least of the kinds in play (each kind of evidence has its own plan, '
+  'a look due at each watch_looks-th of watch_pass_evidence; last_report.clocks holds them).';
 comment on column public.persona_spec_watches.alpha_spent is
-  'The error spent by the looks done (O''Brien-Fleming-type spending of watch_alpha).';
+  'The share of watch_alpha the looks done spent (O''Brien-Fleming-type spending, each kind of '
+  'evidence on its own plan over half of the comparisons: the mean of last_report.clocks).';
 comment on column public.persona_spec_watches.last_report is
   'The last run''s look: each comparison with its value, threshold, evidence and verdict.';
 comment on column public.persona_spec_watches.concluded_at is
@@ -1629,15 +1631,22 @@ begin
   -- them. An audit counts by the origin the audit pipeline recorded (audit_origin): a replay (a
   -- gate's pairing, a hard set) counts on neither side, a production audit on its spec's side
   -- whether or not its trace was audited again under another spec.
-  with evidence as (
-    -- Each side through the index on (twin_id, created_at), newest first and at most 50,000 of
-    -- its events (watch_pass_evidence is at most 50,000): the call's cost is bounded however
+  with scanned as (
+    -- Each window through the index on (twin_id, created_at), newest first and at most 50,000
+    -- of its events (watch_pass_evidence is at most 50,000): the call's cost is bounded however
     -- long the twin's history and its window; a side with more evidence counts its latest.
+    -- A vote is placed by when its feedback's first vote was cast (first_vote_id), not when it
+    -- was last changed: it judges the answer of the spec live then. A vote cast before the
+    -- publish and changed after it stays on the old side (counted at its latest value), and
+    -- one whose first vote lies before the old window counts on neither side.
     select * from (
-      select true as is_new, e.source = 'user_feedback' as is_vote,
+      select coalesce(f.created_at, e.created_at) as placed_at,
+             e.source = 'user_feedback' as is_vote,
              e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
              coalesce(e.score > 0, e.passed) as passed
       from public.persona_training_events e
+      left join public.persona_training_events f
+        on e.source = 'user_feedback' and f.id = e.first_vote_id and e.first_vote_id <> e.id
       where e.twin_id = v_run.twin_id
         and e.created_at >= v_watch.published_at and e.created_at <= v_run.learning_time
         and e.id <= v_run.batch_last_event_id
@@ -1649,9 +1658,12 @@ begin
     ) n
     union all
     select * from (
-      select false, e.source = 'user_feedback', e.module_key is not null,
-             coalesce(e.module_key, e.intent_label), coalesce(e.score > 0, e.passed)
+      select coalesce(f.created_at, e.created_at), e.source = 'user_feedback',
+             e.module_key is not null, coalesce(e.module_key, e.intent_label),
+             coalesce(e.score > 0, e.passed)
       from public.persona_training_events e
+      left join public.persona_training_events f
+        on e.source = 'user_feedback' and f.id = e.first_vote_id and e.first_vote_id <> e.id
       where e.twin_id = v_run.twin_id
         and e.created_at >= v_start and e.created_at < v_watch.published_at
         and e.id <= v_run.batch_last_event_id
@@ -1661,6 +1673,11 @@ begin
       order by e.created_at desc
       limit 50000
     ) o
+  ),
+  evidence as (
+    select k.placed_at >= v_watch.published_at as is_new, k.is_vote, k.by_key, k.key, k.passed
+    from scanned k
+    where k.placed_at >= v_start
   ),
   per_key as (
     select k.is_new, k.is_vote, k.by_key, k.key, count(*) as n,
@@ -1742,6 +1759,11 @@ begin
     'learning_time', v_run.learning_time,
     'alpha_spent', v_watch.alpha_spent,
     'looks_done', v_watch.looks_done,
+    -- Each kind's own plan of looks, as the watch's last run left it (its report's clocks);
+    -- empty before any run wrote them (the worker then starts both from looks_done and
+    -- alpha_spent).
+    'clocks', case when jsonb_typeof(v_watch.last_report -> 'clocks') = 'array'
+                   then v_watch.last_report -> 'clocks' else '[]'::jsonb end,
     'modules_total', (select count(*) from public.persona_modules m
                       where m.twin_id = v_run.twin_id),
     'settings', jsonb_build_object(
@@ -1759,16 +1781,19 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'Worker. In: a run id and its lease token (the run''s batch fixed by claim_learning_run). Out: '
   'jsonb {watch: null} when the twin has no watch in state watching or its watch_mode is off; '
   'else {watch: {watch_id, spec_id, previous_spec_id, published_at, window_start, learning_time '
-  'T, alpha_spent, looks_done, modules_total, settings {mode, margin, alpha, min_evidence, '
+  'T, alpha_spent, looks_done, clocks [each kind''s plan as the last run''s report left it: '
+  '{kind, look, alpha_spent, passed, ...}; [] before any], modules_total, settings {mode, '
+  'margin, alpha, min_evidence, '
   'pass_evidence, looks, expire_days}, twin [{scope twin, kind, module_key null, new_n, '
   'new_passed, old_n, old_passed, strata [{module_key (null: matched to no module), new_n, '
   'new_passed, old_n, old_passed}: a partition of the twin-wide counts, each event under the '
   'module it is matched to (the first by module_key when several match), by module_key, nulls '
   'last]}: one per kind, audits then votes], modules [{scope module, kind, module_key, new_n, '
   'new_passed, old_n, old_passed} per module and kind with evidence, by module_key then kind]}}. '
-  'Kinds are never pooled. votes: current votes with score +1 (passed) or -1 cast from '
-  'published_at to T (new) against those cast from window_start = max(published_at - (T - '
-  'published_at), previous_published_at) to published_at (old); audits: audits of spec_id from '
+  'Kinds are never pooled. votes: current votes with score +1 (passed) or -1 placed from '
+  'published_at to T (new) against those placed from window_start = max(published_at - (T - '
+  'published_at), previous_published_at) to published_at (old), a vote placed by when its '
+  'feedback''s first vote was cast (first_vote_id), at its latest value; audits: audits of spec_id from '
   'published_at to T (new) against audits of previous_spec_id from window_start to published_at '
   '(old), production audits only (audit_origin production; a replay counts on neither side). '
   'Only events of the batch or before it; matched '
@@ -2356,7 +2381,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261218000500'::text;
+  select '20261218000700'::text;
 $$;
 
 comment on function public.worker_schema_version() is

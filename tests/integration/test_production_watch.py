@@ -305,7 +305,11 @@ def test_no_regression_passes_the_watch(
     assert run.gate_report is not None
     report = run.gate_report["watch"]
     assert (report["state"], report["action"], report["look"]) == ("passed", "none", 10)
-    assert report["alpha_spent"] == pytest.approx(0.05)
+    # The audits' plan spent all of its alpha; the votes, not in play, none of theirs: half of
+    # watch_alpha in all (each kind's comparisons hold half of the planned ones).
+    assert report["alpha_spent"] == pytest.approx(0.025)
+    assert {c["kind"]: c["alpha_spent"] for c in report["clocks"]} == {
+        "audits": pytest.approx(0.05), "votes": 0.0}
     assert watch_row(db, watch_id)["state"] == "passed"
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
 
@@ -713,29 +717,37 @@ def test_watch_mode_off_starts_no_watch(
 @pytest.mark.parametrize(
     ("patch", "constraint"),
     [
-        ({"watch_margin": 1.5}, "watch_margin_0_to_1"),
-        ({"watch_margin": -0.01}, "watch_margin_0_to_1"),
+        ({"watch_margin": 1.5}, "watch_margin_0_02_to_1"),
+        ({"watch_margin": -0.01}, "watch_margin_0_02_to_1"),
+        # At margin 0, or under 30 a side, a test calls false regressions more often than its
+        # share of watch_alpha (README, "When the bound holds").
+        ({"watch_margin": 0}, "watch_margin_0_02_to_1"),
+        ({"watch_margin": 0.0199}, "watch_margin_0_02_to_1"),
+        ({"watch_min_evidence": 29}, "watch_min_evidence_30_to_50000"),
+        ({"watch_min_evidence": 1, "watch_pass_evidence": 2}, "watch_min_evidence_30_to_50000"),
+        ({"watch_pass_evidence": 29}, "watch_pass_evidence_30_to_50000"),
         ({"watch_alpha": 0}, "watch_alpha_1e_10_to_0_5"),
         ({"watch_expire_days": -1}, "watch_expire_days_above_0_to_3650"),
-        ({"watch_min_evidence": 0}, "watch_min_evidence_1_to_50000"),
+        ({"watch_min_evidence": 0}, "watch_min_evidence_30_to_50000"),
         ({"watch_looks": 0}, "watch_looks_1_to_100"),
-        ({"watch_pass_evidence": 20}, "watch_pass_evidence_at_least_watch_min_evidence"),
+        ({"watch_min_evidence": 100, "watch_pass_evidence": 50},
+         "watch_pass_evidence_at_least_watch_min_evidence"),
         # NaN sorts above every number in PostgreSQL, so "> 0" alone let it in, and Infinity;
         # an upper bound refuses both (and a value the scheduler's interval cannot hold).
         ({"watch_expire_days": "NaN"}, "watch_expire_days_above_0_to_3650"),
         ({"watch_expire_days": "Infinity"}, "watch_expire_days_above_0_to_3650"),
         ({"watch_expire_days": 1e12}, "watch_expire_days_above_0_to_3650"),
         ({"watch_expire_days": 3650.001}, "watch_expire_days_above_0_to_3650"),
-        ({"watch_margin": "NaN"}, "watch_margin_0_to_1"),
+        ({"watch_margin": "NaN"}, "watch_margin_0_02_to_1"),
         ({"watch_alpha": "NaN"}, "watch_alpha_1e_10_to_0_5"),
         ({"watch_alpha": "Infinity"}, "watch_alpha_1e_10_to_0_5"),
         # The smallest float was accepted: α/2 rounded to 0 and every run of the twin failed.
         ({"watch_alpha": 5e-324}, "watch_alpha_1e_10_to_0_5"),
         ({"watch_alpha": 9.9e-11}, "watch_alpha_1e_10_to_0_5"),
         # Each side of a watch counts at most its latest 50,000 events: more is never reached.
-        ({"watch_pass_evidence": 50001}, "watch_pass_evidence_1_to_50000"),
+        ({"watch_pass_evidence": 50001}, "watch_pass_evidence_30_to_50000"),
         ({"watch_min_evidence": 50001, "watch_pass_evidence": 50000},
-         "watch_min_evidence_1_to_50000"),
+         "watch_min_evidence_30_to_50000"),
         # The gate's numbers: its margins were bounded already, its z (wilson_z) was not.
         ({"gate_non_inferiority_margin": "NaN"}, "gate_non_inferiority_margin_0_to_1"),
         ({"gate_first_publish_min_lower_bound": "Infinity"},
@@ -837,6 +849,36 @@ def test_settings_over_the_new_bounds_are_clamped_by_the_migration(stack: Stack)
                 "order by array_position(%s::uuid[], twin_id)", (twins, twins)).fetchall()
     assert clamped == [(14.0, 50_000, 50_000, 1.96), (3650.0, 30, 400, 10.0),
                        (3650.0, 30, 50_000, 10.0)]
+
+
+def test_settings_under_the_new_floors_are_raised_by_the_migration(stack: Stack) -> None:
+    # Settings the floors refuse (watch_margin under 0.02, watch_min_evidence or
+    # watch_pass_evidence under 30) were allowed before 20261218000700: the migration raises
+    # them to the floors (and watch_pass_evidence to at least watch_min_evidence) before it
+    # adds the constraints, and applies; a row within the floors is left as it was.
+    migrations = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
+    floors = ROOT / "supabase" / "migrations" / "20261218000700_watch_review_4.sql"
+    with scratch_database(stack) as url:
+        for path in migrations[: migrations.index(floors)]:
+            psql_file(url, path)
+        with psycopg.connect(url, autocommit=True) as scratch:
+            user = scalar(scratch, "insert into auth.users (id) values (gen_random_uuid()) "
+                                   "returning id::text")
+            twins = [scalar(scratch, "insert into public.twins (owner_id, name) values (%s, %s) "
+                                     "returning id::text", user, name) for name in "abcd"]
+            for twin, values in zip(twins, [
+                (0.0, 1, 2), (0.01, 10, 400), (0.5, 29, 29), (0.03, 40, 500),
+            ], strict=True):
+                scratch.execute(
+                    "update public.persona_learning_settings set watch_margin = %s, "
+                    "watch_min_evidence = %s, watch_pass_evidence = %s where twin_id = %s",
+                    (*values, twin))
+            psql_file(url, floors)
+            raised = scratch.execute(
+                "select watch_margin, watch_min_evidence, watch_pass_evidence "
+                "from public.persona_learning_settings where twin_id = any(%s::uuid[]) "
+                "order by array_position(%s::uuid[], twin_id)", (twins, twins)).fetchall()
+    assert raised == [(0.02, 30, 30), (0.02, 30, 400), (0.5, 30, 30), (0.03, 40, 500)]
 
 
 def test_an_unknown_watch_mode_is_refused(
@@ -1141,3 +1183,87 @@ def test_a_vote_changed_since_the_publish_counts_once_at_its_latest_value(
     assert evidence is not None
     [votes_twin] = [c for c in evidence.twin if c.kind == "votes"]
     assert (votes_twin.new_n, votes_twin.new_passed) == (3, 2)
+
+
+def claimed_watch(runner: Runner, twin: Twin) -> WatchEvidence:
+    """The watch's evidence as the next run would claim it (the run is then released)."""
+    store = runner.store
+    store.enqueue_run(UUID(twin.id), safe_mode=True)
+    run = store.claim_run("watch-tests", 60, UUID(twin.id))
+    assert run is not None
+    try:
+        evidence = store.claim_watch(run)
+    finally:
+        store.release_run(run)
+    assert evidence is not None
+    return evidence
+
+
+def test_a_vote_changed_after_the_publish_stays_on_the_side_of_the_answer_it_judges(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The fourth review's case: votes cast before the publish and changed after it. Placed by
+    # the time of the change, a +1 changed to -1 left the old side and landed on the new one as
+    # a failure, inventing a regression (about 40 of 320 old up-votes changed: 6.4% of watches
+    # with no difference in the spec regressed). Placed by the feedback's first vote it stays on
+    # the old side at its latest value; one whose first vote lies before the old window counts
+    # on neither side.
+    owner = make_user("owner")
+    twin, _, _ = published_twin(db, runner, owner)  # published 2 days ago: old window from 4
+    votes(db, twin, owner.id, 5, 0, at="now() - interval '3 days'", prefix="early")
+    votes(db, twin, owner.id, 2, 0, at="now() - interval '5 days'", prefix="older")
+    # Changed a day ago (after the publish): two of the five, and both older ones, to -1.
+    for prefix, n in (("early", 2), ("older", 2)):
+        votes(db, twin, owner.id, 0, n, at="now() - interval '1 day'", prefix=prefix)
+    votes(db, twin, owner.id, 3, 1, at="now() - interval '1 day'", prefix="fresh")
+    assert scalar(db, "select count(*) from public.persona_training_events where twin_id = %s "
+                      "and source = 'user_feedback' and superseded_at is not null",
+                  twin.id) == 4
+    evidence = claimed_watch(runner, twin)
+    [votes_twin] = [c for c in evidence.twin if c.kind == "votes"]
+    # Old side: the five early votes, two of them now -1; new side: the four fresh ones only.
+    assert (votes_twin.old_n, votes_twin.old_passed) == (5, 3)
+    assert (votes_twin.new_n, votes_twin.new_passed) == (4, 3)
+
+
+def test_a_trickle_of_votes_does_not_hold_back_the_audits_looks(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # Production audits 90% before the switch, 60% since (200 a side), and one vote a side. One
+    # clock for both kinds, the votes' (under watch_min_evidence: 0), left every look undue
+    # until the expiry. Each kind has its own plan: a first run at 40 audits a side reaches the
+    # audits' look 1 (stored in the watch's report, read back by the next claim), and the run
+    # after the rest arrived reaches look 5 and rolls the spec back.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    votes(db, twin, owner.id, 1, 0, at="now() - interval '3 days'", prefix="vote-before")
+    votes(db, twin, owner.id, 1, 0, at="now() - interval '1 day'", prefix="vote-after")
+    audits(db, twin, twin.published_spec_id, 36, 4, at="now() - interval '3 days'", prefix="b")
+    audits(db, twin, twin.draft_spec_id, 36, 4, at="now() - interval '1 day'", prefix="a")
+    [first] = runner.run_once(UUID(twin.id))
+    assert first.gate_report is not None
+    report = first.gate_report["watch"]
+    assert (report["state"], report["look"]) == ("watching", 0)  # the least of the kinds
+    clocks = {c["kind"]: c for c in report["clocks"]}
+    assert (clocks["audits"]["look"], clocks["audits"]["tested"]) == (1, True)
+    assert (clocks["votes"]["look"], clocks["votes"]["in_play"]) == (0, True)
+    assert watch_row(db, watch_id)["last_report"]["clocks"] == report["clocks"]
+
+    audits(db, twin, twin.published_spec_id, 144, 16, at="now() - interval '3 days'",
+           prefix="b", first=41)
+    audits(db, twin, twin.draft_spec_id, 84, 76, at="now() - interval '1 day'", prefix="a",
+           first=41)
+    # The next claim reads each kind's plan back (the run it claims is released with its batch,
+    # and the next run_once completes it).
+    claimed = claimed_watch(runner, twin)
+    assert [(c.kind, c.look, c.alpha_spent) for c in claimed.clocks] == [
+        (c["kind"], c["look"], c["alpha_spent"]) for c in report["clocks"]]
+    [run] = runner.run_once(UUID(twin.id))
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"]) == ("regressed", "roll_back")
+    assert {c["kind"]: c["look"] for c in report["clocks"]} == {"audits": 5, "votes": 0}
+    assert published_count(db, twin) == 1
+    assert scalar(db, "select status::text from public.persona_specs where id = %s",
+                  twin.draft_spec_id) == "archived"

@@ -235,7 +235,7 @@ def test_a_final_test_at_expiry_and_modules_left_out_in_words() -> None:
     assert describe_watch({"watch": expired}, {"spec-2": 2}) == (
         "watch of v2: expired at look 2/10 (its final test, at expiry); twin-wide votes 319/400 "
         "up since the publish vs 372/400 before, no_regression (upper bound 0.0412, threshold "
-        "-0.02) (compared 399 vs 40: modules with fewer than watch_min_evidence a side left out)"
+        "-0.02) (compared 399 vs 40: modules with too few events a side left out)"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
 from typing import NamedTuple
@@ -22,6 +23,7 @@ import pytest
 from worker.models import (
     WATCH_KINDS,
     WatchAction,
+    WatchClock,
     WatchComparison,
     WatchComparisonEvidence,
     WatchComparisonVerdict,
@@ -34,6 +36,7 @@ from worker.models import (
     WatchStratum,
 )
 from worker.watch import (
+    IMBALANCE_CAP,
     decide_watch,
     look_index,
     newcombe_interval,
@@ -227,6 +230,7 @@ def evidence(
     hours: float = 24,
     looks_done: int = 0,
     alpha_spent: float = 0.0,
+    clocks: tuple[WatchClock, ...] = (),
     modules: tuple[WatchComparisonEvidence, ...] = (),
     modules_total: int = 0,
     previous: UUID | None = OLD,
@@ -245,8 +249,8 @@ def evidence(
     return WatchEvidence(
         watch_id=WATCH, spec_id=NEW, previous_spec_id=previous, published_at=T0,
         window_start=T0 - timedelta(hours=hours), learning_time=T0 + timedelta(hours=hours),
-        alpha_spent=alpha_spent, looks_done=looks_done, modules_total=modules_total,
-        settings=WatchSettings(mode=mode, **settings),  # type: ignore[arg-type]
+        alpha_spent=alpha_spent, looks_done=looks_done, clocks=clocks,
+        modules_total=modules_total, settings=WatchSettings(mode=mode, **settings),  # type: ignore[arg-type]
         twin=tuple(twin[k] for k in WATCH_KINDS), modules=modules,
     )
 
@@ -287,7 +291,13 @@ def test_a_clear_drop_at_a_due_look_is_a_regression_alerted_or_rolled_back() -> 
     assert twin.value == pytest.approx(newcombe_interval(120, 200, 170, 200, z)[1])
     assert twin.value is not None and twin.value < twin.threshold == -0.02
     assert twin.verdict is WatchComparisonVerdict.regressed
-    assert alerted.alpha_spent == pytest.approx(spent)
+    # The votes' own plan spent α(0.5); the audits, not in play, nothing: the watch as a whole
+    # has spent half of α(0.5) (each kind's comparisons hold half of the planned ones).
+    audits, votes = alerted.clocks
+    assert (votes.kind, votes.look, votes.alpha_spent, votes.tested) == (
+        "votes", 5, pytest.approx(spent), True)
+    assert (audits.kind, audits.look, audits.alpha_spent, audits.tested) == ("audits", 0, 0, False)
+    assert alerted.alpha_spent == pytest.approx(spent / 2)
     auto = decide_watch(evidence((200, 120), (200, 170), mode=WatchMode.auto))
     assert (auto.state, auto.action) == (WatchState.regressed, WatchAction.roll_back)
     # Nothing to go back to: auto can only alert.
@@ -307,7 +317,7 @@ def test_the_last_look_without_a_regression_passes() -> None:
     made = decide_watch(evidence((400, 330), (400, 332), looks_done=9,
                                  alpha_spent=obf_alpha_spent(0.9, 0.05)))
     assert (made.state, made.action, made.look) == (WatchState.passed, WatchAction.none, 10)
-    assert made.alpha_spent == pytest.approx(0.05)
+    assert made.clocks[1].alpha_spent == pytest.approx(0.05) and made.clocks[1].passed
     assert twin_votes(made).verdict is WatchComparisonVerdict.no_regression
 
 
@@ -361,16 +371,19 @@ def test_each_module_and_kind_gets_its_share_and_its_own_verdict() -> None:
         module("evidence_answers", "audits", (40, 36), (40, 36)),
         module("small_talk", "votes", (10, 2), (10, 10)),
     )
-    made = decide_watch(evidence((400, 330), (400, 350), modules=modules, modules_total=3,
+    made = decide_watch(evidence((400, 330), (400, 350), other=(40, 36, 40, 36),
+                                 modules=modules, modules_total=3,
                                  looks_done=5, alpha_spent=obf_alpha_spent(0.5, 0.05)))
     share = (0.05 - obf_alpha_spent(0.5, 0.05)) / 8
     assert (made.comparisons_planned, made.alpha_per_comparison) == (8, pytest.approx(share))
+    # The audits follow their own plan (40 a side, look 1 of 10, passed on the old shared
+    # clock's look 5): not a look of theirs, nothing of them tested.
     verdicts = {(c.module_key, c.kind): c.verdict for c in made.comparisons}
     assert verdicts == {
-        (None, "audits"): WatchComparisonVerdict.insufficient_evidence,
+        (None, "audits"): WatchComparisonVerdict.not_tested,
         (None, "votes"): WatchComparisonVerdict.no_regression,
         ("evidence_answers", "votes"): WatchComparisonVerdict.regressed,
-        ("evidence_answers", "audits"): WatchComparisonVerdict.no_regression,
+        ("evidence_answers", "audits"): WatchComparisonVerdict.not_tested,
         ("small_talk", "votes"): WatchComparisonVerdict.insufficient_evidence,
     }
     assert made.state is WatchState.regressed
@@ -418,8 +431,12 @@ def test_a_kind_in_play_below_the_floor_holds_the_clock_at_zero() -> None:
     # in play but nothing of them can be compared yet, so no look is due and the watch is not
     # passed on the audits alone; at 40 a side the votes' clock reaches look 1 of 10.
     made = decide_watch(evidence((29, 20), (29, 20), other=(400, 360, 400, 360)))
-    assert (made.look, made.information, made.tested, made.state) == (
-        0, 0.0, False, WatchState.watching)
+    audits, votes = made.clocks
+    assert (votes.look, votes.information, votes.tested, votes.passed) == (0, 0.0, False, False)
+    # The audits' own plan reached its last look and passed it; the watch goes on for the
+    # votes, and its look is the least of the kinds in play.
+    assert (audits.look, audits.tested, audits.passed) == (10, True, True)
+    assert (made.look, made.information, made.state) == (0, 0.0, WatchState.watching)
     made = decide_watch(evidence((40, 30), (40, 30), other=(400, 360, 400, 360)))
     assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
 
@@ -431,6 +448,84 @@ def test_plentiful_audits_do_not_pass_a_watch_whose_votes_lag() -> None:
     made = decide_watch(evidence((40, 22), (40, 32), other=(400, 360, 400, 360),
                                  mode=WatchMode.auto))
     assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
+
+
+def test_a_trickle_of_votes_does_not_hold_back_a_large_drop_in_audits() -> None:
+    # The fourth review's case: production audits 60% since the publish against 90% before
+    # (200 a side), one vote a side. With one clock for both kinds (the least compared evidence),
+    # the vote, in play but under watch_min_evidence, held it at 0: no look was due and the
+    # drop waited for the expiry. Each kind has its own plan now: the audits reach look 5.
+    for votes in ((0, 0, 0, 0), (1, 1, 1, 1), (29, 23, 29, 23)):
+        made = decide_watch(evidence((200, 120), (200, 180), kind="audits", other=votes,
+                                     mode=WatchMode.auto))
+        assert (made.state, made.action) == (WatchState.regressed, WatchAction.roll_back)
+        audits, vote_clock = made.clocks
+        assert (audits.look, audits.tested, audits.alpha_spent) == (
+            5, True, pytest.approx(obf_alpha_spent(0.5, 0.05)))
+        assert audits.z == made.z and made.z is not None and 2 < made.z < 4
+        assert (vote_clock.look, vote_clock.tested, vote_clock.alpha_spent) == (0, False, 0.0)
+        # One vote a side is in play (seen on both sides): it holds the watch from passing.
+        assert vote_clock.in_play is (votes != (0, 0, 0, 0))
+        # Each comparison keeps the share it had: α(0.5) over the 2 planned comparisons.
+        assert made.alpha_per_comparison == pytest.approx(obf_alpha_spent(0.5, 0.05) / 2)
+
+
+def test_each_kind_keeps_its_own_plan_from_run_to_run() -> None:
+    # Run 1: 400 audits a side pass their last look; 40 votes a side reach look 1 of theirs.
+    first = decide_watch(evidence((40, 32), (40, 32), other=(400, 360, 400, 360)))
+    audits, votes = first.clocks
+    assert (audits.look, audits.passed, audits.alpha_spent) == (10, True, pytest.approx(0.05))
+    assert (votes.look, votes.passed) == (1, False)
+    assert first.state is WatchState.watching and first.look == 1
+    assert first.alpha_spent == pytest.approx((0.05 + obf_alpha_spent(0.1, 0.05)) / 2)
+    # Run 2, read back from the last report (the legacy columns say nothing that counts): the
+    # votes reach their last look and pass; the audits, done, test nothing more and stay passed.
+    second = decide_watch(evidence((400, 320), (400, 320), other=(440, 396, 440, 396),
+                                   looks_done=99, alpha_spent=0.9, clocks=first.clocks))
+    assert second.state is WatchState.passed and second.alpha_spent == pytest.approx(0.05)
+    assert [(c.kind, c.look, c.tested, c.passed) for c in second.clocks] == [
+        ("audits", 10, False, True), ("votes", 10, True, True)]
+    assert {c.kind: c.verdict for c in second.comparisons} == {
+        "audits": WatchComparisonVerdict.not_tested, "votes": WatchComparisonVerdict.no_regression}
+    # A report without clocks (a watch from before them) gives each kind the shared clock:
+    # both start at look 9 with α(0.9) spent.
+    legacy = decide_watch(evidence((400, 320), (400, 320), other=(400, 360, 400, 360),
+                                   looks_done=9, alpha_spent=obf_alpha_spent(0.9, 0.05)))
+    assert legacy.state is WatchState.passed
+    assert legacy.alpha_per_comparison == pytest.approx((0.05 - obf_alpha_spent(0.9, 0.05)) / 2)
+
+
+def test_the_report_shows_the_kind_that_spent_the_most_and_no_infinite_quantile() -> None:
+    # Both kinds reach look 5 (200 a side); the audits' plan had already spent 0.04 (above
+    # α(0.5): nothing left), the votes' α(0.4). The audits test nothing (share 0, their z None
+    # rather than infinite); the report's share and z are the votes'.
+    spent = obf_alpha_spent(0.4, 0.05)
+    made = decide_watch(evidence(
+        (200, 160), (200, 160), other=(200, 180, 200, 180),
+        clocks=(WatchClock(kind="audits", look=4, alpha_spent=0.04),
+                WatchClock(kind="votes", look=4, alpha_spent=spent))))
+    audits, votes = made.clocks
+    assert (audits.tested, audits.alpha_per_comparison, audits.z) == (True, 0.0, None)
+    share = (obf_alpha_spent(0.5, 0.05) - spent) / 2
+    assert votes.alpha_per_comparison == pytest.approx(share)
+    assert (made.alpha_per_comparison, made.z) == (votes.alpha_per_comparison, votes.z)
+    assert votes.z is not None and math.isfinite(votes.z)
+    assert {c.kind: c.verdict for c in made.comparisons} == {
+        "audits": WatchComparisonVerdict.not_tested, "votes": WatchComparisonVerdict.no_regression}
+    # With no kind in play the report's look is the furthest a kind's plan reached.
+    idle = decide_watch(evidence((0, 0), (0, 0), clocks=(
+        WatchClock(kind="audits", look=3), WatchClock(kind="votes", look=5))))
+    assert (idle.look, idle.information, idle.tested) == (5, 0.0, False)
+
+
+def test_a_kind_that_passed_does_not_pass_the_watch_while_the_other_drops() -> None:
+    # Audits pass their whole plan; the votes, still in play, drop: the watch keeps watching
+    # and the votes' own looks catch it.
+    first = decide_watch(evidence((100, 80), (100, 80), other=(400, 360, 400, 360)))
+    assert first.state is WatchState.watching and first.clocks[0].passed
+    later = decide_watch(evidence((400, 240), (400, 320), other=(400, 360, 400, 360),
+                                  clocks=first.clocks, mode=WatchMode.auto))
+    assert (later.state, later.action) == (WatchState.regressed, WatchAction.roll_back)
 
 
 def test_the_report_names_the_watch_the_plan_and_the_level_of_the_look() -> None:
@@ -494,7 +589,7 @@ def test_an_arm_of_exactly_min_evidence_is_judged() -> None:
 def test_a_regression_is_an_upper_bound_strictly_below_minus_the_margin() -> None:
     # The bound of the clear drop at look 5, then margins that put -margin exactly on it (not
     # below: no regression) and one double above it (the bound now lies below: regressed).
-    bound = twin_votes(decide_watch(evidence((200, 120), (200, 170), margin=0.0))).value
+    bound = twin_votes(decide_watch(evidence((200, 120), (200, 170), margin=0.02))).value
     assert bound is not None and -0.3 < bound < -0.1
     on = twin_votes(decide_watch(evidence((200, 120), (200, 170), margin=-bound)))
     assert (on.value, on.threshold, on.verdict) == (
@@ -556,6 +651,7 @@ class Arm(NamedTuple):
     old_per_run: int = 4
     new_per_run: int = 4
     extra_per_run: int = 0
+    every_runs: int = 1  # the arm adds its events only every that many runs
 
 
 def simulate(
@@ -578,9 +674,12 @@ def simulate(
         counts = {kind: [[0, 0, 0, 0] for _ in range(buckets)] for kind in WATCH_KINDS}
         looks = 0
         spent = 0.0
+        clocks: tuple[WatchClock, ...] = ()
         end: tuple[WatchState, int] | None = None
         for run in range(1, runs + 1):
             for kind, arm in arms.items():
+                if run % arm.every_runs:
+                    continue
                 extra = rng.randint(0, arm.extra_per_run) if arm.extra_per_run else 0
                 for side, per_run, p in ((0, arm.new_per_run, arm.p_new),
                                          (2, arm.old_per_run, arm.p_old)):
@@ -591,7 +690,7 @@ def simulate(
             made = decide_watch(WatchEvidence(
                 watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
                 window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
-                alpha_spent=spent, looks_done=looks, modules_total=modules_total,
+                alpha_spent=spent, looks_done=looks, clocks=clocks, modules_total=modules_total,
                 settings=settings,
                 twin=tuple(_simulated(kind, by_module, modules_total)
                            for kind, by_module in counts.items()),
@@ -602,7 +701,7 @@ def simulate(
                     for kind, by_module in counts.items() if modules_total
                     for i, c in enumerate(by_module) if c[0] or c[2]),
             ))
-            spent, looks = made.alpha_spent, made.look
+            spent, looks, clocks = made.alpha_spent, made.look, made.clocks
             if made.state is not WatchState.watching:
                 end = (made.state, sum(c[0] for c in counts[first]))
                 break
@@ -623,7 +722,7 @@ def _simulated(kind: WatchKind, by_module: list[list[int]], modules_total: int
     )
 
 
-def regressed_share(ends: list[tuple[WatchState, int] | None]) -> float:
+def regressed_share(ends: Sequence[tuple[WatchState, float] | None]) -> float:
     return sum(1 for e in ends if e is not None and e[0] is WatchState.regressed) / len(ends)
 
 
@@ -673,6 +772,32 @@ def test_with_kinds_at_very_different_rates_under_5_percent_of_watches_regress(
 ) -> None:
     # The review's traffic with no true difference, ending at the last look or the final test.
     ends = reviewers_traffic(0.8, modules_total=modules_total, seed=22, watches=300)
+    assert regressed_share(ends) < 0.05
+
+
+def trickle(p_new_audits: float, *, watches: int, runs: int, seed: int, expire_days: float
+            ) -> list[tuple[WatchState, int] | None]:
+    """The fourth review's traffic: production audits 10 a run a side at 90% before the
+    switch and `p_new_audits` after, and a trickle of votes, one a side every 5 hourly runs
+    (about 5 a day), at 80% on both sides: in play, under watch_min_evidence for days."""
+    return simulate({"audits": Arm(0.9, p_new_audits, 10, 10),
+                     "votes": Arm(0.8, 0.8, 1, 1, every_runs=5)},
+                    watches=watches, runs=runs, seed=seed, expire_days=expire_days)
+
+
+def test_a_trickle_of_votes_does_not_delay_catching_a_30_point_drop_in_audits() -> None:
+    # One clock for both kinds, the votes' (under the floor: 0) held every look until the
+    # expiry: 21 of 100 such watches were caught within 24 hourly runs at 5 votes a day (the
+    # review's figure; none at 2 a day). With a plan per kind every one is caught within a day.
+    ends = trickle(0.6, watches=100, runs=24, seed=31, expire_days=14)
+    assert all(e is not None and e[0] is WatchState.regressed for e in ends)
+
+
+def test_a_trickle_of_votes_beside_audits_raises_no_false_regression() -> None:
+    # The same traffic with no true difference, every watch ending with its final test at the
+    # 100th run (each kind's plan spends all of its alpha): within the bound.
+    ends = trickle(0.9, watches=200, runs=100, seed=32, expire_days=99.5 / 24)
+    assert all(e is not None for e in ends)
     assert regressed_share(ends) < 0.05
 
 
@@ -741,14 +866,14 @@ def test_every_look_of_every_plan_has_a_finite_quantile(
     # the share underflows to 0: nothing to spend), and a drop from all passing to none passing
     # regresses by the last look.
     pass_evidence = 100 * looks
-    spent, done = 0.0, 0
+    clocks: tuple[WatchClock, ...] = ()
     modules = tuple(module(f"m{i}", "votes", (0, 0), (0, 0)) for i in range(modules_total))
     for k in range(1, looks + 1):
         n = k * pass_evidence // looks
         made = decide_watch(evidence(
-            (n, 0), (n, n), looks_done=done, alpha_spent=spent, modules=modules,
+            (n, 0), (n, n), clocks=clocks, modules=modules,
             modules_total=modules_total, alpha=alpha, looks=looks, pass_evidence=pass_evidence,
-            min_evidence=1, expire_days=3650))
+            min_evidence=30, expire_days=3650))
         assert made.tested and made.look == k
         share = made.alpha_per_comparison
         assert share is not None and share >= 0
@@ -757,7 +882,7 @@ def test_every_look_of_every_plan_has_a_finite_quantile(
         else:
             assert made.z is not None and 0 < made.z < 40
             assert 0.5 * math.erfc(made.z / math.sqrt(2)) == pytest.approx(share, rel=1e-6)
-        spent, done = made.alpha_spent, made.look
+        clocks = made.clocks
         if made.state is not WatchState.watching:
             break
     assert made.state is WatchState.regressed
@@ -897,19 +1022,23 @@ def test_a_module_below_min_evidence_a_side_is_left_out_of_the_twin_wide_compari
         WatchComparisonVerdict.no_regression, "newcombe_hybrid_score", 399, 40)
     assert twin.difference == pytest.approx(319 / 399 - 32 / 40)
     assert twin.evidence == {"new_n": 400, "new_passed": 319, "old_n": 400, "old_passed": 372}
-    assert twin.value == pytest.approx(newcombe_interval(319, 399, 32, 40, made.z or 0.0)[1])
+    # 399 new against 40 old: the new side's width is that of 80 events (IMBALANCE_CAP).
+    assert twin.value == pytest.approx(
+        standardized_interval([(319, 399, 32, 40)], made.z or 0.0, IMBALANCE_CAP)[2])
+    assert twin.value is not None
+    assert twin.value > newcombe_interval(319, 399, 32, 40, made.z or 0.0)[1]
     # Every module in (the floor at one vote), that look regressed.
     every = standardized_interval([(319, 399, 32, 40), (0, 1, 340, 360)], made.z or 0.0)
     assert every[2] < -0.02
 
 
 def test_the_clock_counts_only_evidence_that_can_be_compared() -> None:
-    # evidence_answers 70 a side, small_talk 20 a side: 90 a side in all (look 2 of 10 at
-    # pass_evidence 400), but small_talk is under watch_min_evidence: 70 can be compared, look 1.
+    # evidence_answers 70 a side, small_talk 9 a side: 79 a side in all, but small_talk is
+    # under STRATUM_MIN_EVIDENCE (10) within the twin-wide comparison: 70 can be compared.
     made = decide_watch(by_module(
-        stratified("votes", ("evidence_answers", 70, 56, 70, 56), ("small_talk", 20, 16, 20, 16)),
+        stratified("votes", ("evidence_answers", 70, 56, 70, 56), ("small_talk", 9, 7, 9, 7)),
         module("evidence_answers", "votes", (70, 56), (70, 56)),
-        module("small_talk", "votes", (20, 16), (20, 16))))
+        module("small_talk", "votes", (9, 7), (9, 7))))
     assert (made.look, made.information, made.tested) == (1, 70 / 400, True)
     assert [(c.module_key, c.verdict, c.compared_new_n) for c in made.comparisons] == [
         (None, WatchComparisonVerdict.insufficient_evidence, None),  # audits: none
@@ -917,6 +1046,36 @@ def test_the_clock_counts_only_evidence_that_can_be_compared() -> None:
         ("evidence_answers", WatchComparisonVerdict.no_regression, 70),
         ("small_talk", WatchComparisonVerdict.insufficient_evidence, None),
     ]
+
+
+def test_many_small_modules_enter_the_twin_wide_comparison_at_10_a_side() -> None:
+    # The known limit: 20 modules of 25 votes a side each, 80% before and 56% since. Each
+    # module's own comparison needs watch_min_evidence (30): none has it. Within the twin-wide
+    # comparison a module needs STRATUM_MIN_EVIDENCE (10) a side: all 20 enter (500 a side),
+    # and the final test at expiry finds the drop (it found nothing to compare before).
+    keys = [f"m{i:02}" for i in range(20)]
+    made = decide_watch(by_module(
+        stratified("votes", *((k, 25, 14, 25, 20) for k in keys)),
+        *(module(k, "votes", (25, 14), (25, 20)) for k in keys),
+        hours=24 * 14, mode=WatchMode.auto))
+    twin = twin_votes(made)
+    assert (twin.verdict, twin.compared_new_n, twin.compared_old_n) == (
+        WatchComparisonVerdict.regressed, 500, 500)
+    assert all(c.verdict is WatchComparisonVerdict.insufficient_evidence
+               for c in made.comparisons if c.scope == "module")
+    assert (made.state, made.action) == (WatchState.regressed, WatchAction.roll_back)
+    # Modules at 10 a side count only when they hold watch_min_evidence a side in all: two
+    # such modules (20 a side) compare nothing; three (30) do.
+    two = decide_watch(by_module(stratified("votes", ("a", 10, 8, 10, 8), ("b", 10, 8, 10, 8))))
+    assert twin_votes(two).verdict is WatchComparisonVerdict.insufficient_evidence
+    assert (twin_votes(two).compared_new_n, twin_votes(two).compared_old_n) == (None, None)
+    # 40 new but 20 old in all: the old side is short of watch_min_evidence.
+    short = decide_watch(by_module(
+        stratified("votes", ("a", 20, 16, 10, 8), ("b", 20, 16, 10, 8))))
+    assert twin_votes(short).verdict is WatchComparisonVerdict.insufficient_evidence
+    three = decide_watch(by_module(
+        stratified("votes", ("a", 10, 8, 10, 8), ("b", 10, 8, 10, 8), ("c", 10, 8, 10, 8))))
+    assert twin_votes(three).compared_new_n == 30
 
 
 def test_evidence_on_one_side_only_never_reaches_a_look_nor_passes() -> None:
@@ -985,6 +1144,7 @@ def simulate_mix(
     for _ in range(watches):
         c = {k: [0, 0, 0, 0] for k in keys}
         looks, spent, end = 0, 0.0, None
+        clocks: tuple[WatchClock, ...] = ()
         for run in range(1, runs + 1):
             for side, probs, mix in ((0, p_new, mix_new), (2, p_old, mix_old)):
                 for _ in range(per_run):
@@ -996,7 +1156,8 @@ def simulate_mix(
             made = decide_watch(WatchEvidence(
                 watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
                 window_start=T0 - timedelta(hours=run), learning_time=T0 + timedelta(hours=run),
-                alpha_spent=spent, looks_done=looks, modules_total=len(keys), settings=settings,
+                alpha_spent=spent, looks_done=looks, clocks=clocks, modules_total=len(keys),
+                settings=settings,
                 twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0,
                                               new_passed=0, old_n=0, old_passed=0),
                       stratified("votes", *((k, c[k][0], c[k][1], c[k][2], c[k][3])
@@ -1004,7 +1165,7 @@ def simulate_mix(
                 modules=tuple(module(k, "votes", (c[k][0], c[k][1]), (c[k][2], c[k][3]))
                               for k in keys),
             ))
-            spent, looks = made.alpha_spent, made.look
+            spent, looks, clocks = made.alpha_spent, made.look, made.clocks
             if made.state is not WatchState.watching:
                 end = (made.state, sum(v[0] for v in c.values()))
                 break
@@ -1045,6 +1206,95 @@ def test_a_15_point_drop_in_every_module_is_caught_with_the_mix_moving() -> None
                         {"e": 0.5, "s": 0.5}, watches=200, seed=19)
     caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
     assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+
+
+def simulate_spread(
+    p_old: list[float], p_new: list[float], mix_old: list[float], mix_new: list[float], *,
+    per_day: float, watches: int, seed: int, old_per_day: float | None = None,
+    days: float = 14, run_hours: int = 6,
+) -> list[tuple[WatchState, float] | None]:
+    """Whole 14-day watches of votes spread over many modules (default settings, auto), a run
+    every `run_hours`: each run adds about `per_day` · run_hours/24 votes to the new side
+    (`old_per_day` to the old), each on a module drawn by that side's mix, passing at that
+    module's rate on that side. The state each watch concluded in and the hours it took (None:
+    still watching, which cannot happen: every watch expires)."""
+    rng = random.Random(seed)
+    settings = WatchSettings(mode=WatchMode.auto, expire_days=days)
+    keys = [f"m{i:02}" for i in range(len(p_old))]
+    runs = int(days * 24 / run_hours)
+    ends: list[tuple[WatchState, float] | None] = []
+    for _ in range(watches):
+        c = [[0, 0, 0, 0] for _ in keys]
+        clocks: tuple[WatchClock, ...] = ()
+        end = None
+        for run in range(1, runs + 1):
+            for side, probs, mix, rate in ((0, p_new, mix_new, per_day),
+                                           (2, p_old, mix_old, old_per_day or per_day)):
+                mean = rate * run_hours / 24
+                n = int(mean) + (rng.random() < mean - int(mean))
+                for i in rng.choices(range(len(keys)), weights=mix, k=n):
+                    c[i][side] += 1
+                    c[i][side + 1] += rng.random() < probs[i]
+            hours = run * run_hours
+            made = decide_watch(WatchEvidence(
+                watch_id=WATCH, spec_id=NEW, previous_spec_id=OLD, published_at=T0,
+                window_start=T0 - timedelta(hours=hours),
+                learning_time=T0 + timedelta(hours=hours), alpha_spent=0.0, looks_done=0,
+                clocks=clocks, modules_total=len(keys), settings=settings,
+                twin=(WatchComparisonEvidence(scope="twin", kind="audits", new_n=0,
+                                              new_passed=0, old_n=0, old_passed=0),
+                      stratified("votes", *((k, v[0], v[1], v[2], v[3])
+                                            for k, v in zip(keys, c, strict=True)
+                                            if v[0] or v[2]))),
+                modules=tuple(module(k, "votes", (v[0], v[1]), (v[2], v[3]))
+                              for k, v in zip(keys, c, strict=True) if v[0] or v[2]),
+            ))
+            clocks = made.clocks
+            if made.state is not WatchState.watching:
+                end = (made.state, float(hours))
+                break
+        ends.append(end)
+    return ends
+
+
+def test_a_drop_spread_over_20_small_modules_is_caught() -> None:
+    # The known limit: 20 modules with equal traffic, about 25 votes a side each over 14 days
+    # (500 a side in all), every module 80% -> 56%. With each module needing 30 a side within
+    # the twin-wide comparison, 4 of 40 such watches were caught, all at the expiry's final
+    # test (80% -> 65%: 0 of 40). At 10 a side every one is caught.
+    ends = simulate_spread([0.8] * 20, [0.56] * 20, [1] * 20, [1] * 20, per_day=500 / 14,
+                           watches=40, seed=41)
+    assert all(e is not None and e[0] is WatchState.regressed for e in ends)
+
+
+def _spread_rates(m: int) -> list[float]:
+    return [0.5 + 0.49 * i / (m - 1) for i in range(m)]  # 50% .. 99%
+
+
+@pytest.mark.parametrize(
+    ("case", "mix_old", "mix_new", "old_per_day"),
+    [
+        # The new side's traffic tilts to the low-rate modules (pooled: a 10-point "drop").
+        ("tilt", [1 + 2 * i / 19 for i in range(20)], [3 - 2 * i / 19 for i in range(20)], None),
+        # Most of the old side's traffic on the 99% module, the new side's spread evenly: that
+        # module enters with 10 new votes beside hundreds of old ones.
+        ("heavy", [1] * 19 + [60], [1] * 20, None),
+        # The old window holds a third of the new one's votes (the replaced spec was live for
+        # a short while), and the new side tilts to the low-rate modules.
+        ("short_old", [1] * 20, [3 - 2 * i / 19 for i in range(20)], 500 / 42),
+    ],
+)
+def test_small_modules_under_adversarial_mixes_raise_no_false_regression(
+    case: str, mix_old: list[float], mix_new: list[float], old_per_day: float | None
+) -> None:
+    # No true difference in any module (20 modules from 50% to 99%), traffic spread so that
+    # most modules enter the twin-wide comparison at 10-30 a side; each watch ends with its
+    # final test at expiry at the latest. Within the 5% bound in every mix.
+    rates = _spread_rates(20)
+    ends = simulate_spread(rates, rates, mix_old, mix_new, per_day=500 / 14, watches=150,
+                           seed=42, old_per_day=old_per_day)
+    assert all(e is not None for e in ends)
+    assert regressed_share(ends) < 0.05, case
 
 
 # README's low-traffic table: votes alone at 80% (old passed = round(0.8 n)), n a side, the

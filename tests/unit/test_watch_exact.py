@@ -1,0 +1,137 @@
+"""When a single test of the production watch holds its share of alpha: exact enumeration.
+
+A watch's union bound (README, "The production watch") needs each of its tests, a comparison
+at one look, to call a false regression with probability at most the share of watch_alpha it
+spends. This is checked here exactly, not by simulation: with n1 new and n2 old events at the
+same true pass rate p, every pair of outcomes (x1, x2) is enumerated, the real decision
+(`worker.watch.standardized_interval` on one stratum, with the imbalance cap the watch uses)
+is applied to each, and the binomial probabilities of those that regress are summed. Which
+outcomes regress depends on (n1, n2, z, margin) only, so each is judged once and weighed for
+every p.
+
+Run as a script for the wider scan whose figures the README quotes:
+    .venv/bin/python tests/unit/test_watch_exact.py
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import pytest
+
+from worker.models import WATCH_MARGIN_MIN, WATCH_MIN_EVIDENCE_MIN, WatchSettings
+from worker.watch import IMBALANCE_CAP, standardized_interval
+
+# p from 0.5 to 0.99, denser where the interval is most delicate (high pass rates).
+RATES = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.91, 0.92, 0.93,
+         0.94, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99]
+# One-sided shares a test may spend: alpha up to 0.5 over at least 2 comparisons (0.25) down
+# to what an early look spends (O'Brien-Fleming: alpha 0.05, look 1 of 10, about 1e-10).
+SHARES = [0.25, 0.1, 0.05, 0.025, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6, 1e-8, 1e-10, 1e-12]
+
+
+def _pmf(n: int, p: float) -> list[float]:
+    return [math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                     + k * math.log(p) + (n - k) * math.log1p(-p)) for k in range(n + 1)]
+
+
+def regressing(n1: int, n2: int, share: float, margin: float, cap: float | None
+               ) -> list[tuple[int, int]]:
+    """The outcomes (x1 of n1 new, x2 of n2 old passing) whose upper bound at the one-sided
+    level `share` lies below -margin: the watch's decision, one stratum."""
+    z = -NormalDist().inv_cdf(share)
+    found = []
+    for x2 in range(n2 + 1):
+        # The bound grows with x1: scan up from 0 and stop at the first outcome that holds.
+        for x1 in range(n1 + 1):
+            if standardized_interval([(x1, n1, x2, n2)], z, cap)[2] < -margin:
+                found.append((x1, x2))
+            else:
+                break
+    return found
+
+
+def worst_ratio(n1: int, n2: int, margin: float, cap: float | None,
+                rates: list[float] = RATES, shares: list[float] = SHARES
+                ) -> tuple[float, float, float]:
+    """max over p and share of P(false regression) / share, with the p and share where."""
+    pmfs = {p: (_pmf(n1, p), _pmf(n2, p)) for p in rates}
+    worst = (0.0, 0.0, 0.0)
+    for share in shares:
+        out = regressing(n1, n2, share, margin, cap)
+        for p, (f1, f2) in pmfs.items():
+            error = sum(f1[x1] * f2[x2] for x1, x2 in out)
+            worst = max(worst, (error / share, p, share))
+    return worst
+
+
+def test_the_bound_grows_with_the_new_sides_passes() -> None:
+    # `regressing` stops at the first outcome that holds: checked against the full scan.
+    z = -NormalDist().inv_cdf(0.01)
+    full = {(x1, x2) for x1 in range(31) for x2 in range(46)
+            if standardized_interval([(x1, 30, x2, 45)], z, IMBALANCE_CAP)[2] < -0.02}
+    assert set(regressing(30, 45, 0.01, 0.02, IMBALANCE_CAP)) == full and full
+
+
+@pytest.mark.parametrize(
+    ("n1", "n2"),
+    [(30, 30), (30, 45), (30, 60), (60, 30), (45, 30), (30, 300), (300, 30), (40, 40), (50, 100)],
+)
+def test_at_the_floors_every_test_holds_its_share(n1: int, n2: int) -> None:
+    # watch_margin 0.02, 30 events a side at least, the larger side's width capped at twice
+    # the smaller's: at every p from 50% to 99% and every share from 0.25 to 1e-12, the exact
+    # chance of a false regression is at most the share (worst over this grid: 0.93 of it;
+    # README "When the bound holds" has the wider scan). A larger margin only regresses less.
+    assert (WATCH_MARGIN_MIN, WATCH_MIN_EVIDENCE_MIN, IMBALANCE_CAP) == (0.02, 30, 2.0)
+    ratio, p, share = worst_ratio(n1, n2, WATCH_MARGIN_MIN, IMBALANCE_CAP)
+    assert ratio <= 1.0, (ratio, p, share)
+
+
+@pytest.mark.parametrize(
+    ("n1", "n2", "margin", "cap", "over"),
+    [
+        # Margin 0, 30 a side (allowed before the floors): 1.08 times its share at p = 0.85.
+        (30, 30, 0.0, IMBALANCE_CAP, 1.05),
+        # Under 30 a side: 20 a side at the margin, 1.07 times its share at p = 0.5.
+        (20, 20, 0.02, IMBALANCE_CAP, 1.05),
+        # 10 new against 400 old without the cap (a module entering the twin-wide comparison
+        # at 10 a side beside most of the old weight): 2.9 times its share at high p.
+        (10, 400, 0.02, None, 2.0),
+    ],
+)
+def test_without_the_floors_or_the_cap_a_test_overspends(
+    n1: int, n2: int, margin: float, cap: float | None, over: float
+) -> None:
+    ratio, _, _ = worst_ratio(n1, n2, margin, cap)
+    assert ratio > over
+
+
+def test_with_the_cap_a_small_new_side_beside_a_large_old_one_holds() -> None:
+    # The same 10 against 400 with the old side's width capped at that of 20 events.
+    assert worst_ratio(10, 400, WATCH_MARGIN_MIN, IMBALANCE_CAP)[0] <= 1.0
+
+
+def test_the_smallest_plan_the_database_allowed_overspent_its_alpha() -> None:
+    # min_evidence 1, pass_evidence 2, one look, margin 0 (allowed before 20261218000700): one
+    # test at 2 a side spends all of alpha 0.05 over 2 comparisons (0.025 each). 0 of 2 against
+    # 2 of 2 regresses, 1/16 at p = 0.5: 6.25%, 2.5 times its share. Refused now.
+    assert regressing(2, 2, 0.025, 0.0, None) == [(0, 2)]
+    with pytest.raises(ValueError):
+        WatchSettings(min_evidence=1, pass_evidence=2, looks=1, margin=0.0)
+
+
+def _wide_scan() -> None:  # pragma: no cover - by hand: about ten minutes
+    pairs = []
+    for n in [*range(30, 81), 100, 150, 200, 300, 400]:
+        for f in (1, 1.25, 1.5, 1.75, 2, 3, 10):
+            m = round(n * f)
+            pairs += [(n, m)] + ([(m, n)] if f != 1 else [])
+    worst = max((*worst_ratio(n1, n2, WATCH_MARGIN_MIN, IMBALANCE_CAP), n1, n2)
+                for n1, n2 in pairs)
+    print(f"{len(pairs)} pairs: worst actual/nominal {worst[0]:.3f} at p={worst[1]}, "
+          f"share={worst[2]}, n1={worst[3]}, n2={worst[4]}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _wide_scan()
