@@ -28,7 +28,10 @@ resolver's temporary failure or a TLS handshake cut short leaves the rows for th
 timeout waiting for the answer, a reset) is a retry, an attempt: the request itself may be why
 (too large for a proxy's limits, a body that crashes the server), and attempts bound that. An
 answer whose body cannot be read (a Content-Encoding it does not have) is read by its status
-(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry).
+(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry), and so is one whose
+body is over `MAX_ANSWER_BYTES`; an answer not read in full within the timeout (counted from
+the request's start: httpx's own timeout bounds each network read only) is a timeout waiting
+for the answer.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import math
 import re
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +65,36 @@ DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
 to 4.5 MB (its `bodyParser.sizeLimit`), a proxy in front of it may take less."""
 _SPAN = 10**19 - 1  # envelope ids count down from here
+MAX_ANSWER_BYTES = 1 << 20
+"""The most of an answer's body the worker reads (decoded): Langfuse answers a batch of at
+most a few hundred events in a few kB; a longer body is read as unreadable
+(`AnswerTooLarge`)."""
+
+
+class AnswerTooLarge(httpx.DecodingError):
+    """An answer's body over `MAX_ANSWER_BYTES`: read as one whose body cannot be read."""
+
+
+def read_bounded(
+    answer: httpx.Response, deadline: float, timeout: float, limit: int = MAX_ANSWER_BYTES
+) -> bytes:
+    """The decoded body of a streamed `answer`, read chunk by chunk. httpx's timeout bounds
+    each network read, not the request: a body trickling in a byte at a time would never time
+    out. Raises httpx.ReadTimeout (a TransportError, classified like httpx's own: no answer)
+    once `time.monotonic()` passes `deadline` (the request's start plus `timeout` seconds),
+    AnswerTooLarge (an httpx.DecodingError) past `limit` bytes; httpx's own errors pass."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in answer.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"an answer over {limit} bytes", request=answer.request)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout(
+                f"the answer took longer than {timeout}s", request=answer.request
+            )
+    return b"".join(chunks)
 
 
 def langfuse_environment(name: str) -> str:
@@ -151,8 +185,10 @@ Chunk = list[tuple[ScoreItem, dict[str, Any]]]
 
 class LangfuseSender:
     """Sends `ScoreItem`s to one Langfuse project with httpx, redirects never followed, every
-    request bounded by `timeout_seconds`. `version` is the server's once
-    `worker.langfuse_check.check` passed. Close it (or use `with`) to release its connections.
+    request bounded by `timeout_seconds` in all (each network read, and the answer's body read
+    in full: `read_bounded`; a body over `MAX_ANSWER_BYTES` is unreadable). `version` is the
+    server's once `worker.langfuse_check.check` passed. Close it (or use `with`) to release
+    its connections.
 
     `environment` is sent as `langfuse_environment` makes it. Raises
     ValueError for a host that is not an http(s) URL with a host name, an empty key, an
@@ -284,6 +320,7 @@ class LangfuseSender:
     def _post(self, chunk: Chunk) -> dict[str, Verdict]:
         ids = [item.envelope_id for item, _ in chunk]
         body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
+        deadline = time.monotonic() + self.timeout_seconds
         try:
             with self.http.stream(
                 "POST",
@@ -292,7 +329,7 @@ class LangfuseSender:
                 headers={"content-type": "application/json"},
             ) as answer:
                 try:
-                    content = answer.read()
+                    content = read_bounded(answer, deadline, self.timeout_seconds)
                 except httpx.DecodingError as exc:  # status and headers came, the body is not
                     why = " ".join((str(exc) or type(exc).__name__).split())[:200]
                     now = datetime.now(UTC)
