@@ -76,7 +76,8 @@ class OutboxDrainer:
     passed), and the check repeated every `recheck_seconds`. A send that cannot connect
     (refused, connect timeout, a resolver's temporary failure, a TLS handshake cut short)
     leaves its rows so too, and the check runs again next pass, as when Langfuse is down at
-    start (one warning line per outage). A claimed row that cannot be a score (`score_item`
+    start (one warning line per outage); if that claim was the hold's probe, the probe is
+    freed (`record_langfuse_check('failed')`). A claimed row that cannot be a score (`score_item`
     refuses it: metadata read as Infinity) is recorded failed on its own, with the reason; the
     rest of its batch is sent. When Langfuse asks to wait
     (429, usage suspension, no route), the database holds every worker's claims until the wait
@@ -268,6 +269,12 @@ class OutboxDrainer:
             self.store.record_deliveries([_as_record(d) for d in deliveries], self.max_attempts)
         # Keys rotated or DNS gone mid-run (off), or Langfuse down (unreachable): as at start,
         # its rows stay as they were (no attempt spent), not failed one batch after another.
+        if unsent is not None:
+            # Langfuse was not reached: if this claim was the hold's probe, nothing answered
+            # it, so free the probe for the next pass of any worker (this one's included) rather
+            # than hold every worker for the visibility. A no-op when no hold has passed (none,
+            # or one just set by an answer recorded above).
+            self.store.record_check("failed")
         if unsent is not None and unsent.outcome == Outcome.off:
             self._turn_off(f"LANGFUSE_HOST={sender.host}: {unsent.error}", recheck=True)
             self._say_off()

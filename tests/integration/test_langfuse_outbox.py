@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -1975,6 +1976,46 @@ def test_ending_a_hold_early_leaves_rows_in_flight_alone(
     make_due(db, [b_row], "400 days")
     assert claim() == [b_row]  # worker C takes B's row, not A's
     assert claim() != [a_row]
+
+
+def test_a_probe_claim_that_cannot_connect_frees_the_probe_at_once(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a hold, the claim that is its probe meets a refused connection: its rows stay as
+    they were (no attempt) and the probe is freed, so the next pass (this worker's, checking
+    Langfuse again) probes at once instead of every worker waiting for the visibility."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"probe-refused-{i}", 1)["id"] for i in range(2)]
+    make_due(db, ids, "30 days")
+    with (
+        LangfuseStandin(generation="v3") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
+    ):
+        check(sender)
+        drainer = OutboxDrainer(store, sender, batch_size=2, max_attempts=1)
+        lf.stop()  # Langfuse down: connections are refused
+        record_check(service, "wait", 1.0, "HTTP 429: Rate limit exceeded")
+        end_hold(db)  # the next claim is the probe
+        assert drainer.drain_once() == 0
+        for row in outbox(service, ids).values():
+            assert (row["status"], row["attempts"]) == ("pending", 0)
+        probe = db.execute(
+            "select hold_until <= now(), probe_until from private.langfuse_hold"
+        ).fetchone()
+        assert probe == (True, None), "the probe that reached nothing is freed"
+        lf.start()  # back at once, on the same port
+        make_due(db, ids, "30 days")  # as the visibility's end would (no attempt was spent)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="worker.outbox"):
+            assert drainer.drain_once() == 2  # its check is the probe, then it sends
+        assert "another worker's request is its probe" not in caplog.text
+        assert hold(db) == (None, None, 0)
+        assert {row["status"] for row in outbox(service, ids).values()} == {"sent"}
 
 
 def test_a_claim_that_finds_nothing_after_a_hold_arms_no_probe(
