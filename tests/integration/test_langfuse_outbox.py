@@ -42,6 +42,7 @@ from supabase import Client
 from testkit.env import PFL, rows, worker_env
 from testkit.standin import GENERATIONS, INGESTION_PATH, Generation, LangfuseStandin, Mode
 from tests.conftest import Stack, User, wait_for
+from worker import outbox as outbox_module
 from worker.config import WorkerSettings
 from worker.langfuse_check import LangfuseConfigError, check
 from worker.langfuse_sender import LangfuseSender, score_id_for
@@ -2016,6 +2017,36 @@ def test_a_probe_claim_that_cannot_connect_frees_the_probe_at_once(
         assert "another worker's request is its probe" not in caplog.text
         assert hold(db) == (None, None, 0)
         assert {row["status"] for row in outbox(service, ids).values()} == {"sent"}
+
+
+def test_a_checks_probe_lasts_two_langfuse_timeouts_and_a_margin_not_the_visibility(
+    service: Client, db: psycopg.Connection, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up check that is a hold's probe is two requests, each bounded by the Langfuse
+    timeout: its probe window is that (and a margin), not the outbox's visibility, so a worker
+    killed while checking holds the others seconds, not minutes."""
+    record_check(service, "wait", 1.0, "HTTP 429: Rate limit exceeded")
+    end_hold(db)
+    seen: list[float] = []
+
+    def killed_while_checking(sender: LangfuseSender) -> tuple[int, int, int]:
+        row = db.execute(
+            "select extract(epoch from probe_until - now())::float8 from private.langfuse_hold"
+        ).fetchone()
+        assert row is not None
+        seen.append(row[0])
+        raise KeyboardInterrupt  # stands for the worker killed mid-check
+
+    monkeypatch.setattr(outbox_module, "check", killed_while_checking)
+    with LangfuseSender("http://127.0.0.1:9", "pk", "sk", 3.0) as sender:
+        drainer = OutboxDrainer(store, sender, 1, max_attempts=1, visibility_seconds=600)
+        with pytest.raises(KeyboardInterrupt):
+            drainer.drain_once()
+    (window,) = seen
+    assert 2 * 3.0 < window <= 2 * 3.0 + outbox_module.CHECK_MARGIN_SECONDS
+    assert outbox_module.check_window(3.0) == 6 + outbox_module.CHECK_MARGIN_SECONDS
+    assert outbox_module.check_window(0.2) == 1 + outbox_module.CHECK_MARGIN_SECONDS
+    assert outbox_module.check_window(10_000) == 3600
 
 
 def test_a_claim_that_finds_nothing_after_a_hold_arms_no_probe(
