@@ -129,6 +129,29 @@ def score_id_for(twin_id: UUID | str, trace_id: str, user_id: UUID | str) -> str
     return str(uuid5(LANGFUSE_SCORE_NAMESPACE, json.dumps([twin, trace_id, user])))
 
 
+DOUBLE_LIMIT = 2**1024 - 2**970
+"""The least magnitude a double rounds to Infinity: a JSON number at least this large, an
+integer included (Python keeps it exact, JavaScript, so Langfuse, reads it as Infinity), is
+refused, as the database's metadata rule (`private.check_metadata_numbers`) refuses it."""
+
+
+def _beyond_double(value: object) -> bool:
+    """Whether a number in `value` (plain JSON: dicts, lists, scalars), at any depth, has a
+    magnitude of at least `DOUBLE_LIMIT` (an infinite float included)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return True  # a finite double is below the limit
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= DOUBLE_LIMIT:
+            return True
+    return False
+
+
 class ScoreItem(BaseModel):
     """One outbox row (`event_id`) to mirror as a NUMERIC score on `trace_id`. Re-sends keep
     `score_id`, `name` and `timestamp` (the first vote's time, sent in UTC)."""
@@ -156,6 +179,12 @@ class ScoreItem(BaseModel):
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata must be plain JSON: {exc}") from exc
+        if _beyond_double(value):
+            raise ValueError(
+                "metadata must be plain JSON: a number is beyond the range of a double (its "
+                "magnitude must stay below 2^1024 - 2^970, about 1.8e308): JavaScript "
+                "(Langfuse) reads it as Infinity"
+            )
         return value
 
     @property

@@ -1688,6 +1688,31 @@ def test_a_row_langfuse_cannot_take_fails_alone_and_the_rest_of_the_batch_goes_o
     assert statuses(service, [ids[1]]) == {ids[1]: "failed"}
 
 
+def test_a_legacy_integer_beyond_a_double_fails_alone_as_the_database_would_refuse_it(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    make_sender: SenderFactory,
+    standin: LangfuseStandin,
+) -> None:
+    """jsonb keeps 1e309 as a 310-digit integer, which Python reads exactly but JavaScript
+    (Langfuse) as Infinity: a row stored so before the rule fails alone with the reason, as
+    one with a fraction does, and the batch's other row is sent."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"big-int-{i}", 1)["id"] for i in range(2)]
+    store_metadata_as_before_the_rule(db, ids[1], '{"n": {"x": -1e309}}')
+    stored = db.execute(f"select metadata #>> '{{n,x}}' from {EVENTS} where id = %s", (ids[1],))
+    assert stored.fetchone() == ("-1" + "0" * 309,)  # an integer, no exponent
+    assert drain_ours(db, store, make_sender(), ids) == 2
+    rows_ = outbox(service, ids)
+    assert (rows_[ids[1]]["status"], rows_[ids[1]]["attempts"]) == ("failed", 1)
+    assert "beyond the range of a double" in rows_[ids[1]]["last_error"]
+    assert rows_[ids[0]]["status"] == "sent"
+    assert sid(twin, "big-int-1", voter) not in standin.scores
+
+
 def test_an_answer_whose_body_cannot_be_read_is_an_unconfirmed_retry(
     stack: Stack,
     service: Client,

@@ -686,6 +686,33 @@ def test_score_item_refuses_what_langfuse_would(changes: dict[str, Any]) -> None
         ScoreItem(**(fields | changes))
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"x": 2**1024 - 2**970},  # the least that JavaScript reads as Infinity: jsonb's 1e309
+        {"x": int("1" + "0" * 309)},
+        {"deep": [{"x": -(2**1024)}]},
+        {"x": float("inf")},
+    ],
+)
+def test_score_item_refuses_a_metadata_number_beyond_a_double_ints_included(
+    metadata: dict[str, Any],
+) -> None:
+    fields: dict[str, Any] = {
+        "event_id": 1,
+        "score_id": "s",
+        "trace_id": "t",
+        "name": "user_feedback",
+        "value": 1,
+        "timestamp": BASE_TIME,
+    }
+    with pytest.raises(ValidationError, match="beyond the range of a double|plain JSON"):
+        ScoreItem(**fields, metadata=metadata)
+    # just below the limit JavaScript rounds to the largest double: sent as it is
+    near = {"x": 2**1024 - 2**970 - 1, "y": -(2**1024 - 2**970 - 1), "f": 1.7976931348623157e308}
+    assert ScoreItem(**fields, metadata=near | {"b": True, "n": None}).metadata["x"] == near["x"]
+
+
 def test_score_item_normalises_timestamp_to_utc() -> None:
     item = make_items(1)[0]
     assert item.timestamp.tzinfo is UTC
