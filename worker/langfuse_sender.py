@@ -199,14 +199,16 @@ class ScoreItem(BaseModel):
 @dataclass(frozen=True)
 class Delivery:
     """One item's outcome (sent, retry, wait or failed), a short error (None when sent), the
-    least delay the server asked for, in seconds, and whether the answer holds every worker
-    though it is a retry (`Verdict.hold`: a top-level 500)."""
+    least delay the server asked for, in seconds, whether the answer holds every worker
+    though it is a retry (`Verdict.hold`: a top-level 500), and whether the item never left
+    the worker (`unsent`: failed without a request, so no answer of Langfuse's)."""
 
     event_id: int
     outcome: Outcome
     error: str | None = None
     retry_after_seconds: float | None = None
     hold: bool = False
+    unsent: bool = False
 
 
 Chunk = list[tuple[ScoreItem, dict[str, Any]]]
@@ -304,7 +306,9 @@ class LangfuseSender:
         out = []
         for item in items:
             d = results[latest[item.score_id].event_id]
-            out.append(Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds, d.hold))
+            out.append(
+                Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds, d.hold, d.unsent)
+            )
         return out
 
     def event(self, item: ScoreItem) -> dict[str, Any]:
@@ -336,7 +340,7 @@ class LangfuseSender:
             item_size = len(json.dumps(event, ensure_ascii=False).encode()) + 1
             if item_size + envelope > self.max_request_bytes:
                 error = f"score is {item_size} bytes, over the {self.max_request_bytes}-byte limit"
-                results[item.event_id] = Delivery(item.event_id, Outcome.failed, error)
+                results[item.event_id] = Delivery(item.event_id, Outcome.failed, error, unsent=True)
                 continue
             full = len(chunks[-1]) >= self.batch_size
             if chunks[-1] and (full or size + item_size > self.max_request_bytes):

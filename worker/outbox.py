@@ -266,7 +266,7 @@ class OutboxDrainer:
             try:
                 items.append(score_item(row))
             except ValueError as exc:  # pydantic's ValidationError is one
-                refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc)))
+                refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc), unsent=True))
         deliveries = [*(sender.send(items) if items else []), *refused]
         unsent = next((d for d in deliveries if d.outcome in UNSENT), None)
         deliveries = [d for d in deliveries if d.outcome not in UNSENT]
@@ -345,4 +345,5 @@ def _as_record(d: Delivery) -> DeliveryRecord:
         "error": d.error,
         "retry_after_seconds": d.retry_after_seconds,
         "hold": d.hold,
+        "unsent": d.unsent,
     }

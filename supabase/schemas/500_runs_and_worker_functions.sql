@@ -2356,7 +2356,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261218000500'::text;
+  select '20261218001000'::text;
 $$;
 
 comment on function public.worker_schema_version() is

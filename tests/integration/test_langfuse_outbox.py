@@ -1379,6 +1379,9 @@ def test_a_host_without_the_ingestion_route_keeps_rows_waiting(
         {"outcome": "later"},
         {"outcome": "sent", "hold": True},
         {"outcome": "retry", "hold": "yes"},
+        {"outcome": "sent", "unsent": True},
+        {"outcome": "wait", "unsent": True},
+        {"outcome": "failed", "unsent": "yes"},
     ],
 )
 def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
@@ -1390,7 +1393,7 @@ def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
     owner, voter = make_user("owner"), make_user("voter")
     event = vote(voter, open_twin(service, owner), "bad-record", 1)
     before = outbox(service, [event["id"]])
-    refused = "retry_after_seconds of 0.*hold"
+    refused = "retry_after_seconds of 0.*hold.*unsent"
     with pytest.raises(psycopg.errors.InvalidParameterValue, match=refused):
         db.execute(
             "select public.record_langfuse_deliveries(%s::jsonb)",
@@ -1711,6 +1714,46 @@ def test_a_legacy_integer_beyond_a_double_fails_alone_as_the_database_would_refu
     assert "beyond the range of a double" in rows_[ids[1]]["last_error"]
     assert rows_[ids[0]]["status"] == "sent"
     assert sid(twin, "big-int-1", voter) not in standin.scores
+
+
+def test_a_probe_claim_of_only_unsendable_rows_neither_ends_nor_sets_the_hold(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+) -> None:
+    """After a hold, the claim that is its probe takes only a row the worker cannot send: it is
+    recorded failed (unsent) without a request, which is no answer of Langfuse's, so the hold
+    stays (it once ended it) and the probe is freed: the next claim is the probe, and
+    Langfuse's answer to it (still a 429) sets the next hold."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    bad, good = (vote(voter, twin, f"unsent-probe-{i}", 1)["id"] for i in range(2))
+    store_metadata_as_before_the_rule(db, bad, '{"x": 1' + "0" * 309 + '.5}')
+    make_due(db, [bad], "60 days")  # first in the claim order
+    make_due(db, [good], "59 days")
+    with (
+        LangfuseStandin(generation="cloud") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=1) as sender,
+    ):
+        check(sender)
+        lf.set_mode("rate_limited")  # Langfuse still limits
+        requests = len(lf.requests)
+        record_check(service, "wait", 1.0, "HTTP 429: Rate limit exceeded")
+        end_hold(db)  # the next claim is the probe
+        drainer = OutboxDrainer(store, sender, batch_size=1, max_attempts=8)
+        assert drainer.drain_once() == 1  # the bad row alone, failed without a request
+        assert len(lf.requests) == requests
+        assert statuses(service, [bad]) == {bad: "failed"}
+        state = db.execute(
+            "select hold_until <= now(), reason, probe_until from private.langfuse_hold"
+        ).fetchone()
+        assert state == (True, "HTTP 429: Rate limit exceeded", None)  # kept, probe freed
+        assert drainer.drain_once() == 1  # the good row is the probe: Langfuse answers 429
+        assert len(lf.requests) == requests + 1
+        seconds, reason, _ = hold(db)
+        assert seconds is not None and seconds > 0 and reason is not None and "429" in reason
+        assert statuses(service, [good]) == {good: "retrying"}
 
 
 def test_an_answer_whose_body_cannot_be_read_is_an_unconfirmed_retry(
