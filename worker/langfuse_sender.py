@@ -82,7 +82,10 @@ def read_bounded(
     each network read, not the request: a body trickling in a byte at a time would never time
     out. Raises httpx.ReadTimeout (a TransportError, classified like httpx's own: no answer)
     once `time.monotonic()` passes `deadline` (the request's start plus `timeout` seconds),
-    AnswerTooLarge (an httpx.DecodingError) past `limit` bytes; httpx's own errors pass."""
+    AnswerTooLarge (an httpx.DecodingError) past `limit` bytes; httpx's own errors pass. The
+    deadline is checked between chunks, so the read ends at most one network read (itself
+    bounded by httpx's timeout) after it. The status line and headers are read by httpx before
+    this: each of their reads is bounded, not their whole."""
     chunks: list[bytes] = []
     size = 0
     for chunk in answer.iter_bytes():
@@ -216,10 +219,10 @@ Chunk = list[tuple[ScoreItem, dict[str, Any]]]
 
 class LangfuseSender:
     """Sends `ScoreItem`s to one Langfuse project with httpx, redirects never followed, every
-    request bounded by `timeout_seconds` in all (each network read, and the answer's body read
-    in full: `read_bounded`; a body over `MAX_ANSWER_BYTES` is unreadable). `version` is the
-    server's once `worker.langfuse_check.check` passed. Close it (or use `with`) to release
-    its connections.
+    request bounded by `timeout_seconds` (each network read, and the answer's body read in full
+    from the request's start: `read_bounded`; a body over `MAX_ANSWER_BYTES` is unreadable).
+    `version` is the server's once `worker.langfuse_check.check` passed. Close it (or use
+    `with`) to release its connections.
 
     `environment` is sent as `langfuse_environment` makes it. Raises
     ValueError for a host that is not an http(s) URL with a host name, an empty key, an
