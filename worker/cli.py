@@ -177,6 +177,8 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
 # Seconds one scrape waits for the database's outbox backlog (Prometheus' default scrape
 # timeout is 10 s).
 SCRAPE_TIMEOUT = 3.0
+MIRROR_JOIN_SECONDS = 30.0
+"""At stop, how long `serve` waits for the mirror's pass in hand, beyond four Langfuse timeouts."""
 
 
 def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
@@ -214,6 +216,8 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
     stop = threading.Event()
 
     def learning_step() -> bool:
+        if metrics:
+            metrics.poll_started("learning-runs")
         busy = runner.step()
         if metrics:
             metrics.poll_succeeded("learning-runs")
@@ -221,6 +225,8 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
 
     def outbox_step() -> bool:
         # A pass that met a wait (429, suspension) is idle: the hold keeps the next ones empty.
+        if metrics:
+            metrics.poll_started("langfuse-outbox")
         busy = drainer.drain_once() > 0 and not drainer.holding
         if metrics:
             metrics.poll_succeeded("langfuse-outbox")
@@ -243,6 +249,7 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         target=poll_until_stopped,
         args=("langfuse-outbox", outbox_step, stop, *waits, failed("langfuse-outbox")),
         name="langfuse-outbox",
+        daemon=True,  # a pass stuck past the join's bound does not keep the process alive
     )
     if server:
         server.start()
@@ -251,7 +258,15 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         poll_until_stopped("learning-runs", learning_step, stop, *waits, failed("learning-runs"))
     finally:
         stop.set()
-        mirror.join()
+        # A pass's requests are each bounded by the Langfuse timeout: this bound is generous.
+        bound = MIRROR_JOIN_SECONDS + 4 * settings.pfl_langfuse_timeout_seconds
+        mirror.join(bound)
+        if mirror.is_alive():
+            logger.warning(
+                "the Langfuse mirror did not stop; exiting without it (its claimed rows come "
+                "back after the visibility)",
+                extra={"poller": "langfuse-outbox", "waited_seconds": bound},
+            )
         if server:
             server.stop()
         if scrape_store:

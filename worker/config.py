@@ -86,7 +86,10 @@ class WorkerSettings(BaseSettings):
         100, ge=1, le=1000, description="Outbox rows claimed and sent per Langfuse request batch."
     )
     pfl_langfuse_timeout_seconds: float = Field(
-        10.0, gt=0, description="Timeout of one request to Langfuse."
+        10.0,
+        gt=0,
+        description="Timeout of one request to Langfuse: each network wait, and the answer's "
+        "body read in full within it from the request's start.",
     )
     pfl_langfuse_max_attempts: int = Field(
         8, ge=1, le=100, description="Deliveries of one score before it is marked failed."

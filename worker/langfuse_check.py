@@ -9,6 +9,7 @@ keys allowed, as Cloud's `_deprecation` notice; stores nothing).
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from worker.langfuse_response import (
     classify,
     redirect_advice,
 )
-from worker.langfuse_sender import LangfuseSender, transport_error, unusable_host
+from worker.langfuse_sender import LangfuseSender, read_bounded, transport_error, unusable_host
 
 HEALTH_PATH = "/api/public/health"
 MIN_VERSION = (3, 49, 0)
@@ -124,9 +125,7 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
         version = parse_version(body.get("version")) if isinstance(body, dict) else None
         if health.status_code >= 500 or health.status_code == 429:
             now = datetime.now(UTC)
-            verdict = classify(
-                health.status_code, health.headers, health.content, ["-"], now
-            )["-"]
+            verdict = classify(health.status_code, health.headers, health.content, ["-"], now)["-"]
             message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
             if verdict.outcome == Outcome.wait or verdict.hold:  # a 500 holds, as on a send
                 raise LangfuseWait(message, verdict)
@@ -175,8 +174,16 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
 
 
 def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """The answer, its body read (`read_bounded`: within the sender's timeout from the start,
+    at most `MAX_ANSWER_BYTES`)."""
+    deadline = time.monotonic() + sender.timeout_seconds
     try:
-        answer = sender.http.request(method, sender.host + path, **kwargs)
+        with sender.http.stream(method, sender.host + path, **kwargs) as streamed:
+            content = read_bounded(streamed, deadline, sender.timeout_seconds)
+        headers = {k: v for k, v in streamed.headers.items() if k not in _BODY_HEADERS}
+        answer = httpx.Response(
+            streamed.status_code, headers=headers, content=content, request=streamed.request
+        )
     except httpx.TransportError as exc:
         unusable = unusable_host(exc, sender.host)
         if unusable is not None:
@@ -197,8 +204,12 @@ def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> h
     return answer
 
 
+_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+"""Headers of the body as it came, dropped from the answer rebuilt around the decoded body."""
+
+
 def _json(answer: httpx.Response) -> Any:
     try:
         return answer.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested beyond Python's stack
         return None

@@ -373,8 +373,8 @@ def _all(event_ids: Sequence[str], verdict: Verdict) -> dict[str, Verdict]:
 def _json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None  # RecursionError: JSON nested beyond Python's stack ('[' * 200_000)
 
 
 def _message(parsed: Any, raw: bytes, status: int) -> str:

@@ -28,7 +28,10 @@ resolver's temporary failure or a TLS handshake cut short leaves the rows for th
 timeout waiting for the answer, a reset) is a retry, an attempt: the request itself may be why
 (too large for a proxy's limits, a body that crashes the server), and attempts bound that. An
 answer whose body cannot be read (a Content-Encoding it does not have) is read by its status
-(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry).
+(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry), and so is one whose
+body is over `MAX_ANSWER_BYTES`; an answer not read in full within the timeout (counted from
+the request's start: httpx's own timeout bounds each network read only) is a timeout waiting
+for the answer.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import math
 import re
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +65,39 @@ DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
 to 4.5 MB (its `bodyParser.sizeLimit`), a proxy in front of it may take less."""
 _SPAN = 10**19 - 1  # envelope ids count down from here
+MAX_ANSWER_BYTES = 1 << 20
+"""The most of an answer's body the worker reads (decoded): Langfuse answers a batch of at
+most a few hundred events in a few kB; a longer body is read as unreadable
+(`AnswerTooLarge`)."""
+
+
+class AnswerTooLarge(httpx.DecodingError):
+    """An answer's body over `MAX_ANSWER_BYTES`: read as one whose body cannot be read."""
+
+
+def read_bounded(
+    answer: httpx.Response, deadline: float, timeout: float, limit: int = MAX_ANSWER_BYTES
+) -> bytes:
+    """The decoded body of a streamed `answer`, read chunk by chunk. httpx's timeout bounds
+    each network read, not the request: a body trickling in a byte at a time would never time
+    out. Raises httpx.ReadTimeout (a TransportError, classified like httpx's own: no answer)
+    once `time.monotonic()` passes `deadline` (the request's start plus `timeout` seconds),
+    AnswerTooLarge (an httpx.DecodingError) past `limit` bytes; httpx's own errors pass. The
+    deadline is checked between chunks, so the read ends at most one network read (itself
+    bounded by httpx's timeout) after it. The status line and headers are read by httpx before
+    this: each of their reads is bounded, not their whole."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in answer.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"an answer over {limit} bytes", request=answer.request)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout(
+                f"the answer took longer than {timeout}s", request=answer.request
+            )
+    return b"".join(chunks)
 
 
 def langfuse_environment(name: str) -> str:
@@ -95,6 +132,29 @@ def score_id_for(twin_id: UUID | str, trace_id: str, user_id: UUID | str) -> str
     return str(uuid5(LANGFUSE_SCORE_NAMESPACE, json.dumps([twin, trace_id, user])))
 
 
+DOUBLE_LIMIT = 2**1024 - 2**970
+"""The least magnitude a double rounds to Infinity: a JSON number at least this large, an
+integer included (Python keeps it exact, JavaScript, so Langfuse, reads it as Infinity), is
+refused, as the database's metadata rule (`private.check_metadata_numbers`) refuses it."""
+
+
+def _beyond_double(value: object) -> bool:
+    """Whether a number in `value` (plain JSON: dicts, lists, scalars), at any depth, has a
+    magnitude of at least `DOUBLE_LIMIT` (an infinite float included)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return True  # a finite double is below the limit
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= DOUBLE_LIMIT:
+            return True
+    return False
+
+
 class ScoreItem(BaseModel):
     """One outbox row (`event_id`) to mirror as a NUMERIC score on `trace_id`. Re-sends keep
     `score_id`, `name` and `timestamp` (the first vote's time, sent in UTC)."""
@@ -122,6 +182,12 @@ class ScoreItem(BaseModel):
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata must be plain JSON: {exc}") from exc
+        if _beyond_double(value):
+            raise ValueError(
+                "metadata must be plain JSON: a number is beyond the range of a double (its "
+                "magnitude must stay below 2^1024 - 2^970, about 1.8e308): JavaScript "
+                "(Langfuse) reads it as Infinity"
+            )
         return value
 
     @property
@@ -136,14 +202,16 @@ class ScoreItem(BaseModel):
 @dataclass(frozen=True)
 class Delivery:
     """One item's outcome (sent, retry, wait or failed), a short error (None when sent), the
-    least delay the server asked for, in seconds, and whether the answer holds every worker
-    though it is a retry (`Verdict.hold`: a top-level 500)."""
+    least delay the server asked for, in seconds, whether the answer holds every worker
+    though it is a retry (`Verdict.hold`: a top-level 500), and whether the item never left
+    the worker (`unsent`: failed without a request, so no answer of Langfuse's)."""
 
     event_id: int
     outcome: Outcome
     error: str | None = None
     retry_after_seconds: float | None = None
     hold: bool = False
+    unsent: bool = False
 
 
 Chunk = list[tuple[ScoreItem, dict[str, Any]]]
@@ -151,8 +219,10 @@ Chunk = list[tuple[ScoreItem, dict[str, Any]]]
 
 class LangfuseSender:
     """Sends `ScoreItem`s to one Langfuse project with httpx, redirects never followed, every
-    request bounded by `timeout_seconds`. `version` is the server's once
-    `worker.langfuse_check.check` passed. Close it (or use `with`) to release its connections.
+    request bounded by `timeout_seconds` (each network read, and the answer's body read in full
+    from the request's start: `read_bounded`; a body over `MAX_ANSWER_BYTES` is unreadable).
+    `version` is the server's once `worker.langfuse_check.check` passed. Close it (or use
+    `with`) to release its connections.
 
     `environment` is sent as `langfuse_environment` makes it. Raises
     ValueError for a host that is not an http(s) URL with a host name, an empty key, an
@@ -239,7 +309,9 @@ class LangfuseSender:
         out = []
         for item in items:
             d = results[latest[item.score_id].event_id]
-            out.append(Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds, d.hold))
+            out.append(
+                Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds, d.hold, d.unsent)
+            )
         return out
 
     def event(self, item: ScoreItem) -> dict[str, Any]:
@@ -271,7 +343,7 @@ class LangfuseSender:
             item_size = len(json.dumps(event, ensure_ascii=False).encode()) + 1
             if item_size + envelope > self.max_request_bytes:
                 error = f"score is {item_size} bytes, over the {self.max_request_bytes}-byte limit"
-                results[item.event_id] = Delivery(item.event_id, Outcome.failed, error)
+                results[item.event_id] = Delivery(item.event_id, Outcome.failed, error, unsent=True)
                 continue
             full = len(chunks[-1]) >= self.batch_size
             if chunks[-1] and (full or size + item_size > self.max_request_bytes):
@@ -284,6 +356,7 @@ class LangfuseSender:
     def _post(self, chunk: Chunk) -> dict[str, Verdict]:
         ids = [item.envelope_id for item, _ in chunk]
         body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
+        deadline = time.monotonic() + self.timeout_seconds
         try:
             with self.http.stream(
                 "POST",
@@ -292,7 +365,7 @@ class LangfuseSender:
                 headers={"content-type": "application/json"},
             ) as answer:
                 try:
-                    content = answer.read()
+                    content = read_bounded(answer, deadline, self.timeout_seconds)
                 except httpx.DecodingError as exc:  # status and headers came, the body is not
                     why = " ".join((str(exc) or type(exc).__name__).split())[:200]
                     now = datetime.now(UTC)

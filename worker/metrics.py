@@ -29,8 +29,10 @@ Health: /healthz answers 200 while the last successful poll for runs ended at mo
 `max_poll_age` seconds ago, and 503 before the first one or once it is older (the API or the
 database unreachable, or refusing the worker's calls). The Langfuse mirror's poller makes it
 503 too when it is failing: its last poll failed and none has succeeded for `max_poll_age`
-seconds (since its last success, or since start). A mirror that is slow, or waiting for
-Langfuse (down, a hold), is not failing: those passes succeed. The body is JSON saying which:
+seconds (since its last success, or since start), or when its pass in progress started more
+than `max_poll_age` seconds ago (a pass stuck, e.g. in a request: each is bounded by the
+Langfuse timeout, so this is a bug or a wedged store call). A mirror that is slow, or waiting
+for Langfuse (down, a hold), is not failing: those passes succeed. The body is JSON saying which:
 the runs' poll age at its top level (as before) and, under `pollers`, each poller's age, its
 failures and whether it is failing.
 """
@@ -118,6 +120,7 @@ class WorkerMetrics:
         self._clock = clock
         self._last_poll: dict[str, float] = {}
         self._last_failure: dict[str, float] = {}
+        self._pass_started: dict[str, float] = {}
         self._failures: dict[str, int] = dict.fromkeys(POLLERS, 0)
         self._started = clock()
         self._lock = threading.Lock()
@@ -164,10 +167,18 @@ class WorkerMetrics:
         if outcome == "completed":
             self.events.inc(run.events_processed or 0)
 
+    def poll_started(self, poller: str) -> None:
+        """Records that a poll of `poller` (one of POLLERS) starts now: it is failing if it is
+        still in progress `max_poll_age` seconds later."""
+        now = self._clock()
+        with self._lock:
+            self._pass_started[poller] = now
+
     def poll_succeeded(self, poller: str) -> None:
         """Records that `poller` (one of POLLERS) just finished a poll without an error."""
         now = self._clock()
         with self._lock:
+            self._pass_started.pop(poller, None)
             self._last_poll[poller] = now
         self.polls.labels(poller).set(now)
 
@@ -175,6 +186,7 @@ class WorkerMetrics:
         """Records that a poll of `poller` (one of POLLERS) just raised."""
         now = self._clock()
         with self._lock:
+            self._pass_started.pop(poller, None)
             self._last_failure[poller] = now
             self._failures[poller] = self._failures.get(poller, 0) + 1
         self.failures.labels(poller).inc()
@@ -186,13 +198,16 @@ class WorkerMetrics:
             last = dict(self._last_poll)
             failed = dict(self._last_failure)
             counts = dict(self._failures)
+            in_pass = dict(self._pass_started)
         pollers: dict[str, dict[str, object]] = {}
         ages: dict[str, float | None] = {}
         for poller in POLLERS:
             success = last.get(poller)
             age = ages[poller] = None if success is None else max(0.0, now - success)
             quiet = now - (success if success is not None else self._started)
-            failing = (
+            started = in_pass.get(poller)
+            stuck = started is not None and now - started > self.max_poll_age
+            failing = stuck or (
                 poller in failed
                 and (success is None or failed[poller] >= success)
                 and quiet > self.max_poll_age
@@ -201,10 +216,11 @@ class WorkerMetrics:
                 "last_successful_poll_age_seconds": None if age is None else round(age, 3),
                 "failures": counts.get(poller, 0),
                 "failing": failing,
+                "pass_age_seconds": None if started is None else round(now - started, 3),
             }
         runs_age = ages["learning-runs"]
         runs_ok = runs_age is not None and runs_age <= self.max_poll_age
-        healthy = runs_ok and not pollers["langfuse-outbox"]["failing"]
+        healthy = runs_ok and not any(p["failing"] for p in pollers.values())
         return healthy, {
             "status": "ok" if healthy else "unhealthy",
             "last_successful_poll_age_seconds": None if runs_age is None else round(runs_age, 3),

@@ -10,6 +10,7 @@ Persona audits are not mirrored: the audit pipeline writes them and owns their r
 from __future__ import annotations
 
 import logging
+import math
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -32,6 +33,9 @@ SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
 DEFAULT_VISIBILITY_SECONDS = 120
 RECHECK_SECONDS = 300.0
+CHECK_MARGIN_SECONDS = 10
+"""Beyond its two requests' timeouts, how long a start-up check that is the hold's probe may
+take (its store calls) before another worker may probe: `check_window`."""
 """Keys refused (at start or later), or a host name that did not resolve or whose TLS failed
 (at the check or on a send), are checked again this often."""
 UNSENT = (Outcome.off, Outcome.unreachable)
@@ -68,7 +72,8 @@ class OutboxDrainer:
     (rows are marked skipped), unless `config_error` says why the configuration cannot work: then
     nothing is claimed or changed (rows stay pending) and the reason is logged once. Before its
     first send the drainer checks the server (`ready`), through the mirror's hold: no check
-    while it holds, and after it one worker's check (or claim) at a time is its probe. Keys or
+    while it holds, and after it one worker's check (or claim) at a time is its probe (a
+    check's for `check_window`, a claim's for `visibility_seconds`). Keys or
     requests refused, a host name that does not exist or TLS that cannot work, at that check or
     by a send later (a key pair rotated, a name removed mid-run), turn the mirror off the same
     way: one error line, the
@@ -76,7 +81,8 @@ class OutboxDrainer:
     passed), and the check repeated every `recheck_seconds`. A send that cannot connect
     (refused, connect timeout, a resolver's temporary failure, a TLS handshake cut short)
     leaves its rows so too, and the check runs again next pass, as when Langfuse is down at
-    start (one warning line per outage). A claimed row that cannot be a score (`score_item`
+    start (one warning line per outage); if that claim was the hold's probe, the probe is
+    freed (`record_langfuse_check('failed')`). A claimed row that cannot be a score (`score_item`
     refuses it: metadata read as Infinity) is recorded failed on its own, with the reason; the
     rest of its batch is sent. When Langfuse asks to wait
     (429, usage suspension, no route), the database holds every worker's claims until the wait
@@ -134,7 +140,7 @@ class OutboxDrainer:
         if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
             self.config_error, self._recheck_at = None, None
         if self.config_error is None and sender is not None and sender.version is None:
-            turn = self.store.claim_check(self.visibility_seconds)
+            turn = self.store.claim_check(check_window(sender.timeout_seconds))
             if turn.turn == "held":  # not even the check goes out before the hold ends
                 if turn.hold_seconds > 0 and not self._holding:
                     self._say_hold(turn.hold_seconds, turn.hold_reason)
@@ -260,7 +266,7 @@ class OutboxDrainer:
             try:
                 items.append(score_item(row))
             except ValueError as exc:  # pydantic's ValidationError is one
-                refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc)))
+                refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc), unsent=True))
         deliveries = [*(sender.send(items) if items else []), *refused]
         unsent = next((d for d in deliveries if d.outcome in UNSENT), None)
         deliveries = [d for d in deliveries if d.outcome not in UNSENT]
@@ -268,6 +274,12 @@ class OutboxDrainer:
             self.store.record_deliveries([_as_record(d) for d in deliveries], self.max_attempts)
         # Keys rotated or DNS gone mid-run (off), or Langfuse down (unreachable): as at start,
         # its rows stay as they were (no attempt spent), not failed one batch after another.
+        if unsent is not None:
+            # Langfuse was not reached: if this claim was the hold's probe, nothing answered
+            # it, so free the probe for the next pass of any worker (this one's included) rather
+            # than hold every worker for the visibility. A no-op when no hold has passed (none,
+            # or one just set by an answer recorded above).
+            self.store.record_check("failed")
         if unsent is not None and unsent.outcome == Outcome.off:
             self._turn_off(f"LANGFUSE_HOST={sender.host}: {unsent.error}", recheck=True)
             self._say_off()
@@ -303,6 +315,14 @@ class OutboxDrainer:
         return total
 
 
+def check_window(timeout_seconds: float) -> int:
+    """Seconds a start-up check that is the hold's probe keeps the probe: its two requests (a
+    health read, an empty batch), each bounded by the Langfuse timeout in all, and
+    `CHECK_MARGIN_SECONDS`; not the outbox's visibility, so a worker killed mid-check holds the
+    others only that long. 1 to 3600, as `claim_langfuse_check` takes it."""
+    return max(1, min(3600, math.ceil(2 * timeout_seconds) + CHECK_MARGIN_SECONDS))
+
+
 def unsendable(exc: ValueError) -> str:
     """Why a claimed row cannot become a Langfuse score (`score_item`'s error), as stored on
     the row: the first validation error, e.g. metadata with a number JSON readers take for
@@ -325,4 +345,5 @@ def _as_record(d: Delivery) -> DeliveryRecord:
         "error": d.error,
         "retry_after_seconds": d.retry_after_seconds,
         "hold": d.hold,
+        "unsent": d.unsent,
     }

@@ -75,7 +75,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261218000700"
+REQUIRED_SCHEMA_VERSION = "20261218001000"
 
 
 class ConfigurationError(Exception):
@@ -264,6 +264,7 @@ class DeliveryRecord(TypedDict):
     error: str | None
     retry_after_seconds: float | None  # the least delay the server asked for
     hold: bool  # a retry that also holds every worker (a top-level 500); false otherwise
+    unsent: bool  # a failed row that never left the worker: not Langfuse's answer
 
 
 # The decision's fields that make the payload: the payload's keys, and of each module update

@@ -172,6 +172,7 @@ declare
   v_reason text;
   v_hold_until timestamptz;
   v_sent boolean;
+  v_answered boolean;
 begin
   if jsonb_typeof(p_deliveries) is distinct from 'array' then
     raise exception using errcode = '22023', message = 'p_deliveries must be a JSON array';
@@ -180,19 +181,21 @@ begin
     select 1 from jsonb_array_elements(p_deliveries) x
     where jsonb_typeof(x) is distinct from 'object'
        or jsonb_typeof(x -> 'hold') not in ('boolean', 'null')
+       or jsonb_typeof(x -> 'unsent') not in ('boolean', 'null')
   ) or exists (
     select 1 from jsonb_to_recordset(p_deliveries)
       as d(event_id bigint, outcome text, error text, retry_after_seconds double precision,
-           hold boolean)
+           hold boolean, unsent boolean)
     where d.event_id is null or d.outcome is null
        or d.outcome not in ('sent', 'retry', 'wait', 'failed')
        or d.retry_after_seconds < 0 or d.retry_after_seconds > 86400
        or (d.hold and d.outcome not in ('retry', 'wait'))
+       or (d.unsent and d.outcome <> 'failed')
   ) then
     raise exception using errcode = '22023',
       message = 'each delivery needs an event_id, an outcome of sent, retry, wait or failed, '
-                'a retry_after_seconds of 0 to 86400 or none, and a hold of true only with a '
-                'retry or a wait';
+                'a retry_after_seconds of 0 to 86400 or none, a hold of true only with a '
+                'retry or a wait, and an unsent of true only with failed';
   end if;
   if p_max_attempts is null or p_max_attempts < 1 or p_base_delay_seconds is null
      or p_base_delay_seconds <= 0 or p_max_delay_seconds is null or p_max_delay_seconds <= 0 then
@@ -211,8 +214,10 @@ begin
     as d(event_id bigint, outcome text, error text, retry_after_seconds double precision,
          hold boolean)
   where d.outcome = 'wait' or (d.outcome = 'retry' and d.hold);
-  select coalesce(bool_or(d.outcome = 'sent'), false) into v_sent
-  from jsonb_to_recordset(p_deliveries) as d(outcome text);
+  select coalesce(bool_or(d.outcome = 'sent'), false),
+         coalesce(bool_or(not coalesce(d.unsent, false)), false)
+    into v_sent, v_answered
+  from jsonb_to_recordset(p_deliveries) as d(outcome text, unsent boolean);
   if v_waits > 0 then
     update private.langfuse_hold h
     set hold_until = greatest(h.hold_until, now() + make_interval(secs => greatest(
@@ -231,12 +236,18 @@ begin
         probe_until = null
     where h.singleton  -- the one row (hosted Supabase refuses an update without a where)
     returning h.hold_until into v_hold_until;
-  elsif jsonb_array_length(p_deliveries) > 0 then
+  elsif v_answered then
     update private.langfuse_hold h
     set hold_until = null, reason = null, probe_until = null,
         bare_waits = case when v_sent then 0 else h.bare_waits end
     where (h.hold_until is not null or (v_sent and h.bare_waits > 0))
       and (h.hold_until is null or h.hold_until <= now());
+  elsif jsonb_array_length(p_deliveries) > 0 then
+    -- Only rows that never left the worker: Langfuse answered nothing, so the hold stays; if
+    -- this batch was its probe, the probe is freed for the next claim or check.
+    update private.langfuse_hold h
+    set probe_until = null
+    where h.hold_until <= now() and h.probe_until is not null;
   end if;
 
   with d as (
@@ -302,7 +313,9 @@ comment on function public.record_langfuse_deliveries(jsonb, integer, double pre
   'Worker (outbox drain). In: p_deliveries, a JSON array of {"event_id": n, "outcome": "sent" | '
   '"retry" | "wait" | "failed", "error": text or null, "retry_after_seconds": 0-86400 or null '
   '(the server''s Retry-After), "hold": true with a retry that also holds every worker (a '
-  'top-level 500), else false or absent}; p_max_attempts (default 8), p_base_delay_seconds (2) and '
+  'top-level 500), else false or absent, "unsent": true with a failed row that never left the '
+  'worker (it could not be a score: Langfuse answered nothing for it), else false or absent}; '
+  'p_max_attempts (default 8), p_base_delay_seconds (2) and '
   'p_max_delay_seconds (600). Out: how many feedback rows it recorded. sent: sent_at = now(); '
   'failed, or a retry on the last attempt: failed with the error (up to 2000 chars); retry: an '
   'attempt, due again after max(retry_after_seconds, min(base * 2^attempts, max) * (0.5 + '
@@ -315,10 +328,13 @@ comment on function public.record_langfuse_deliveries(jsonb, integer, double pre
   'so (then n + 1; an answer recorded while a hold is in force neither counts nor doubles), and '
   'at least 1 s; the waiting rows are due at its end. A retry with hold sets the hold alike and '
   'is an attempt, due at the later of its backoff and the hold''s end. A batch without a wait '
-  'or hold ends a hold that has passed; one with a sent row sets n to 0. A superseded vote stays superseded; the newer vote that waited for it is released, '
+  'or hold that has a row Langfuse answered (not unsent) ends a hold that has passed; one with a '
+  'sent row sets n to 0; a batch of unsent rows only neither ends nor sets a hold, and frees '
+  'the probe of a hold that has passed (nothing answered it). A superseded vote stays superseded; the newer vote that waited for it is released, '
   'and sent again if it went out first. Raises 22023 when p_deliveries is not an array, an item '
-  'lacks event_id or a known outcome, has a retry_after_seconds out of range or a hold that is '
-  'not a boolean or is true with sent or failed, or a limit is not positive.';
+  'lacks event_id or a known outcome, has a retry_after_seconds out of range, a hold that is '
+  'not a boolean or is true with sent or failed, or an unsent that is not a boolean or is true '
+  'with another outcome than failed, or a limit is not positive.';
 
 -- Langfuse is not configured: due rows are kept locally and marked skipped.
 create function public.skip_langfuse_outbox(p_limit integer default 1000)
@@ -585,8 +601,9 @@ comment on function public.record_langfuse_check(text, text, double precision, d
   'Worker (the outbox drain''s start-up check). In: p_outcome, what the check met: wait (the '
   'health route or the empty batch answered a 429, a usage suspension, a gateway''s 502/503/504: '
   'p_error is that answer, p_retry_after_seconds its delay in seconds, 0-86400, or null), passed '
-  '(the server takes our requests), or failed (neither: down, refused; only the probe''s worker '
-  'records it); p_base_delay_seconds (default 2). wait sets the mirror''s hold as a wait recorded '
+  '(the server takes our requests), or failed (neither: down, refused; the probe''s worker '
+  'records it, and so does a worker whose send could not reach Langfuse, as its claim may have '
+  'been the probe); p_base_delay_seconds (default 2). wait sets the mirror''s hold as a wait recorded '
   'by record_langfuse_deliveries does (now() + the delay given, or with none min(base * 2^n, '
   '300) * (0.5 + random()/2) seconds, n the holds in a row set so, counted once per hold; at '
   'least 1 s; never shortened); passed ends a hold that has passed (its bare-wait count kept: '

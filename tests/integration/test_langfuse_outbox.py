@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -41,6 +42,7 @@ from supabase import Client
 from testkit.env import PFL, rows, worker_env
 from testkit.standin import GENERATIONS, INGESTION_PATH, Generation, LangfuseStandin, Mode
 from tests.conftest import Stack, User, wait_for
+from worker import outbox as outbox_module
 from worker.config import WorkerSettings
 from worker.langfuse_check import LangfuseConfigError, check
 from worker.langfuse_sender import LangfuseSender, score_id_for
@@ -1377,6 +1379,9 @@ def test_a_host_without_the_ingestion_route_keeps_rows_waiting(
         {"outcome": "later"},
         {"outcome": "sent", "hold": True},
         {"outcome": "retry", "hold": "yes"},
+        {"outcome": "sent", "unsent": True},
+        {"outcome": "wait", "unsent": True},
+        {"outcome": "failed", "unsent": "yes"},
     ],
 )
 def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
@@ -1388,7 +1393,7 @@ def test_record_refuses_an_unknown_outcome_or_delay_and_changes_nothing(
     owner, voter = make_user("owner"), make_user("voter")
     event = vote(voter, open_twin(service, owner), "bad-record", 1)
     before = outbox(service, [event["id"]])
-    refused = "retry_after_seconds of 0.*hold"
+    refused = "retry_after_seconds of 0.*hold.*unsent"
     with pytest.raises(psycopg.errors.InvalidParameterValue, match=refused):
         db.execute(
             "select public.record_langfuse_deliveries(%s::jsonb)",
@@ -1686,6 +1691,71 @@ def test_a_row_langfuse_cannot_take_fails_alone_and_the_rest_of_the_batch_goes_o
     assert statuses(service, [ids[1]]) == {ids[1]: "failed"}
 
 
+def test_a_legacy_integer_beyond_a_double_fails_alone_as_the_database_would_refuse_it(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    make_sender: SenderFactory,
+    standin: LangfuseStandin,
+) -> None:
+    """jsonb keeps 1e309 as a 310-digit integer, which Python reads exactly but JavaScript
+    (Langfuse) as Infinity: a row stored so before the rule fails alone with the reason, as
+    one with a fraction does, and the batch's other row is sent."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"big-int-{i}", 1)["id"] for i in range(2)]
+    store_metadata_as_before_the_rule(db, ids[1], '{"n": {"x": -1e309}}')
+    stored = db.execute(f"select metadata #>> '{{n,x}}' from {EVENTS} where id = %s", (ids[1],))
+    assert stored.fetchone() == ("-1" + "0" * 309,)  # an integer, no exponent
+    assert drain_ours(db, store, make_sender(), ids) == 2
+    rows_ = outbox(service, ids)
+    assert (rows_[ids[1]]["status"], rows_[ids[1]]["attempts"]) == ("failed", 1)
+    assert "beyond the range of a double" in rows_[ids[1]]["last_error"]
+    assert rows_[ids[0]]["status"] == "sent"
+    assert sid(twin, "big-int-1", voter) not in standin.scores
+
+
+def test_a_probe_claim_of_only_unsendable_rows_neither_ends_nor_sets_the_hold(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+) -> None:
+    """After a hold, the claim that is its probe takes only a row the worker cannot send: it is
+    recorded failed (unsent) without a request, which is no answer of Langfuse's, so the hold
+    stays (it once ended it) and the probe is freed: the next claim is the probe, and
+    Langfuse's answer to it (still a 429) sets the next hold."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    bad, good = (vote(voter, twin, f"unsent-probe-{i}", 1)["id"] for i in range(2))
+    store_metadata_as_before_the_rule(db, bad, '{"x": 1' + "0" * 309 + '.5}')
+    make_due(db, [bad], "60 days")  # first in the claim order
+    make_due(db, [good], "59 days")
+    with (
+        LangfuseStandin(generation="cloud") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=1) as sender,
+    ):
+        check(sender)
+        lf.set_mode("rate_limited")  # Langfuse still limits
+        requests = len(lf.requests)
+        record_check(service, "wait", 1.0, "HTTP 429: Rate limit exceeded")
+        end_hold(db)  # the next claim is the probe
+        drainer = OutboxDrainer(store, sender, batch_size=1, max_attempts=8)
+        assert drainer.drain_once() == 1  # the bad row alone, failed without a request
+        assert len(lf.requests) == requests
+        assert statuses(service, [bad]) == {bad: "failed"}
+        state = db.execute(
+            "select hold_until <= now(), reason, probe_until from private.langfuse_hold"
+        ).fetchone()
+        assert state == (True, "HTTP 429: Rate limit exceeded", None)  # kept, probe freed
+        assert drainer.drain_once() == 1  # the good row is the probe: Langfuse answers 429
+        assert len(lf.requests) == requests + 1
+        seconds, reason, _ = hold(db)
+        assert seconds is not None and seconds > 0 and reason is not None and "429" in reason
+        assert statuses(service, [good]) == {good: "retrying"}
+
+
 def test_an_answer_whose_body_cannot_be_read_is_an_unconfirmed_retry(
     stack: Stack,
     service: Client,
@@ -1975,6 +2045,76 @@ def test_ending_a_hold_early_leaves_rows_in_flight_alone(
     make_due(db, [b_row], "400 days")
     assert claim() == [b_row]  # worker C takes B's row, not A's
     assert claim() != [a_row]
+
+
+def test_a_probe_claim_that_cannot_connect_frees_the_probe_at_once(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a hold, the claim that is its probe meets a refused connection: its rows stay as
+    they were (no attempt) and the probe is freed, so the next pass (this worker's, checking
+    Langfuse again) probes at once instead of every worker waiting for the visibility."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    ids = [vote(voter, twin, f"probe-refused-{i}", 1)["id"] for i in range(2)]
+    make_due(db, ids, "30 days")
+    with (
+        LangfuseStandin(generation="v3") as lf,
+        LangfuseSender(lf.url, lf.public_key, lf.secret_key, 5.0, batch_size=2) as sender,
+    ):
+        check(sender)
+        drainer = OutboxDrainer(store, sender, batch_size=2, max_attempts=1)
+        lf.stop()  # Langfuse down: connections are refused
+        record_check(service, "wait", 1.0, "HTTP 429: Rate limit exceeded")
+        end_hold(db)  # the next claim is the probe
+        assert drainer.drain_once() == 0
+        for row in outbox(service, ids).values():
+            assert (row["status"], row["attempts"]) == ("pending", 0)
+        probe = db.execute(
+            "select hold_until <= now(), probe_until from private.langfuse_hold"
+        ).fetchone()
+        assert probe == (True, None), "the probe that reached nothing is freed"
+        lf.start()  # back at once, on the same port
+        make_due(db, ids, "30 days")  # as the visibility's end would (no attempt was spent)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="worker.outbox"):
+            assert drainer.drain_once() == 2  # its check is the probe, then it sends
+        assert "another worker's request is its probe" not in caplog.text
+        assert hold(db) == (None, None, 0)
+        assert {row["status"] for row in outbox(service, ids).values()} == {"sent"}
+
+
+def test_a_checks_probe_lasts_two_langfuse_timeouts_and_a_margin_not_the_visibility(
+    service: Client, db: psycopg.Connection, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up check that is a hold's probe is two requests, each bounded by the Langfuse
+    timeout: its probe window is that (and a margin), not the outbox's visibility, so a worker
+    killed while checking holds the others seconds, not minutes."""
+    record_check(service, "wait", 1.0, "HTTP 429: Rate limit exceeded")
+    end_hold(db)
+    seen: list[float] = []
+
+    def killed_while_checking(sender: LangfuseSender) -> tuple[int, int, int]:
+        row = db.execute(
+            "select extract(epoch from probe_until - now())::float8 from private.langfuse_hold"
+        ).fetchone()
+        assert row is not None
+        seen.append(row[0])
+        raise KeyboardInterrupt  # stands for the worker killed mid-check
+
+    monkeypatch.setattr(outbox_module, "check", killed_while_checking)
+    with LangfuseSender("http://127.0.0.1:9", "pk", "sk", 3.0) as sender:
+        drainer = OutboxDrainer(store, sender, 1, max_attempts=1, visibility_seconds=600)
+        with pytest.raises(KeyboardInterrupt):
+            drainer.drain_once()
+    (window,) = seen
+    assert 2 * 3.0 < window <= 2 * 3.0 + outbox_module.CHECK_MARGIN_SECONDS
+    assert outbox_module.check_window(3.0) == 6 + outbox_module.CHECK_MARGIN_SECONDS
+    assert outbox_module.check_window(0.2) == 1 + outbox_module.CHECK_MARGIN_SECONDS
+    assert outbox_module.check_window(10_000) == 3600
 
 
 def test_a_claim_that_finds_nothing_after_a_hold_arms_no_probe(

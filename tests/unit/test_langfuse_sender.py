@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
@@ -685,6 +686,33 @@ def test_score_item_refuses_what_langfuse_would(changes: dict[str, Any]) -> None
         ScoreItem(**(fields | changes))
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"x": 2**1024 - 2**970},  # the least that JavaScript reads as Infinity: jsonb's 1e309
+        {"x": int("1" + "0" * 309)},
+        {"deep": [{"x": -(2**1024)}]},
+        {"x": float("inf")},
+    ],
+)
+def test_score_item_refuses_a_metadata_number_beyond_a_double_ints_included(
+    metadata: dict[str, Any],
+) -> None:
+    fields: dict[str, Any] = {
+        "event_id": 1,
+        "score_id": "s",
+        "trace_id": "t",
+        "name": "user_feedback",
+        "value": 1,
+        "timestamp": BASE_TIME,
+    }
+    with pytest.raises(ValidationError, match="beyond the range of a double|plain JSON"):
+        ScoreItem(**fields, metadata=metadata)
+    # just below the limit JavaScript rounds to the largest double: sent as it is
+    near = {"x": 2**1024 - 2**970 - 1, "y": -(2**1024 - 2**970 - 1), "f": 1.7976931348623157e308}
+    assert ScoreItem(**fields, metadata=near | {"b": True, "n": None}).metadata["x"] == near["x"]
+
+
 def test_score_item_normalises_timestamp_to_utc() -> None:
     item = make_items(1)[0]
     assert item.timestamp.tzinfo is UTC
@@ -980,3 +1008,98 @@ def test_a_207_whose_body_cannot_be_read_is_an_unconfirmed_retry() -> None:
     assert outcomes(deliveries) == {Outcome.retry}
     assert all("HTTP 207 with a body that could not be read" in (d.error or "")
                for d in deliveries)
+
+
+class _Drip:
+    """A server on 127.0.0.1 (port 0) whose answers, health route and ingestion alike, are
+    `status` with `body`, sent `drip` bytes at a time every `pause` seconds (pause 0: at once),
+    until the client goes or the server stops."""
+
+    def __init__(self, status: int, body: bytes, *, drip: int = 1, pause: float = 0.0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stop = self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                step = drip if pause else len(body)
+                for start in range(0, len(body), step):
+                    if stop.wait(pause) if pause else stop.is_set():
+                        return
+                    try:
+                        self.wfile.write(body[start : start + step])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+            do_GET = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> _Drip:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _drip_sender(url: str, timeout: float) -> LangfuseSender:
+    return LangfuseSender(url, "pk", "sk", timeout, environment="production")
+
+
+def test_an_answer_trickling_in_times_out_within_the_timeout_in_all() -> None:
+    # httpx's timeout bounds each read: a byte every 0.1 s never trips it, the deadline does
+    items = make_items(2)
+    ok = json.dumps(
+        {"successes": [{"id": i.envelope_id, "status": 201} for i in items], "errors": []}
+    ).encode()
+    with _Drip(207, ok + b" " * 1000, pause=0.1) as server:
+        with _drip_sender(server.url, 0.6) as sender:
+            started = time.monotonic()
+            deliveries = sender.send(items)
+            elapsed = time.monotonic() - started
+        assert outcomes(deliveries) == {Outcome.retry}  # as a read timeout: an attempt
+        assert "timeout after 0.6s waiting for a response" in (deliveries[0].error or "")
+        assert 0.55 <= elapsed < 0.6 + 0.6 + 1.0  # the deadline, then at most one read
+        with _drip_sender(server.url, 0.6) as sender:
+            started = time.monotonic()
+            with pytest.raises(LangfuseUnavailable, match=r"health: timeout after 0\.6s"):
+                check(sender)
+            assert time.monotonic() - started < 0.6 + 0.6 + 1.0
+
+
+def test_an_answer_over_a_mebibyte_is_unreadable() -> None:
+    items = make_items(2)
+    ok = json.dumps(
+        {"successes": [{"id": i.envelope_id, "status": 201} for i in items], "errors": []}
+    ).encode()
+    with _Drip(207, ok + b" " * (1 << 20)) as server, _drip_sender(server.url, 5) as sender:
+        deliveries = sender.send(items)
+        # read in full it would confirm both: over the cap, a 2xx confirms nothing
+        assert outcomes(deliveries) == {Outcome.retry}
+        assert "bytes" in (deliveries[0].error or "")
+        with pytest.raises(LangfuseUnavailable, match="could not be read"):
+            check(sender)
+    health = json.dumps({"status": "OK", "version": "4.16.0"}).encode()
+    # under the cap: the health route is read as before (its version passes), the batch not
+    with (
+        _Drip(200, health + b" " * 1000) as server,
+        _drip_sender(server.url, 5) as sender,
+        pytest.raises(LangfuseUnavailable, match="without the ingestion result"),
+    ):
+        check(sender)

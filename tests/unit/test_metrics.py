@@ -89,13 +89,42 @@ def test_a_failing_mirror_turns_health_unhealthy_and_is_counted() -> None:
     healthy, facts = metrics.health()
     assert not healthy and facts["status"] == "unhealthy"
     assert facts["pollers"]["langfuse-outbox"] == {  # type: ignore[index]
-        "last_successful_poll_age_seconds": 90.5, "failures": 2, "failing": True}
+        "last_successful_poll_age_seconds": 90.5, "failures": 2, "failing": True,
+        "pass_age_seconds": None}
     assert facts["pollers"]["learning-runs"]["failing"] is False  # type: ignore[index]
     values = samples(metrics)
     assert values['pfl_poll_failures_total{poller=langfuse-outbox}'] == 2
     assert values['pfl_poll_failures_total{poller=learning-runs}'] == 0
     metrics.poll_succeeded("langfuse-outbox")
     assert metrics.health()[0] is True
+
+
+def test_a_mirror_pass_running_longer_than_the_bound_is_failing() -> None:
+    """A pass stuck (in a request, a store call) is failing once it has run for longer than
+    the bound, though no pass failed and runs go on; its end makes the worker healthy again."""
+    clock = Clock(1000.0)
+    metrics = make(FakeStore(), clock)
+    metrics.poll_succeeded("learning-runs")
+    metrics.poll_succeeded("langfuse-outbox")
+    metrics.poll_started("langfuse-outbox")
+    clock.now = 1090.0
+    metrics.poll_succeeded("learning-runs")
+    healthy, facts = metrics.health()
+    assert healthy  # 90 s into the pass: not beyond the bound yet
+    assert facts["pollers"]["langfuse-outbox"]["pass_age_seconds"] == 90.0  # type: ignore[index]
+    clock.now = 1090.5
+    metrics.poll_succeeded("learning-runs")
+    healthy, facts = metrics.health()
+    assert not healthy and facts["pollers"]["langfuse-outbox"]["failing"]  # type: ignore[index]
+    metrics.poll_succeeded("langfuse-outbox")  # the pass ended
+    assert metrics.health()[0] is True
+    metrics.poll_started("langfuse-outbox")
+    clock.now = 1200.0
+    metrics.poll_started("learning-runs")
+    metrics.poll_failed("langfuse-outbox")  # ended by failing: no pass in progress, one failure
+    healthy, facts = metrics.health()
+    assert facts["pollers"]["langfuse-outbox"]["pass_age_seconds"] is None  # type: ignore[index]
+    assert not healthy  # the runs' last success is 109.5 s old
 
 
 def test_a_mirror_that_never_succeeded_is_failing_once_the_bound_passes() -> None:
