@@ -33,11 +33,11 @@ SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
 DEFAULT_VISIBILITY_SECONDS = 120
 RECHECK_SECONDS = 300.0
+"""Keys refused (at start or later), or a host name that did not resolve or whose TLS failed
+(at the check or on a send), are checked again this often."""
 CHECK_MARGIN_SECONDS = 10
 """Beyond its two requests' timeouts, how long a start-up check that is the hold's probe may
 take (its store calls) before another worker may probe: `check_window`."""
-"""Keys refused (at start or later), or a host name that did not resolve or whose TLS failed
-(at the check or on a send), are checked again this often."""
 UNSENT = (Outcome.off, Outcome.unreachable)
 """Outcomes of rows that are left as they were (not recorded): the mirror, not the row, failed."""
 
