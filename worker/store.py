@@ -512,17 +512,17 @@ class Store:
             doc = item.get("batch")
             if not isinstance(doc, dict):
                 reads.append(RunRead())
-            elif doc.get("rebuild_pending"):
-                reads.append(RunRead(batch=RebuildProgress.model_validate(doc)))
-            else:
-                watch = item.get("watch")
-                found = watch.get("watch") if isinstance(watch, dict) else None
-                reads.append(
-                    RunRead(
-                        batch=RunBatch.model_validate(doc),
-                        watch=None if found is None else WatchEvidence.model_validate(found),
-                    )
+                continue
+            batch = _batch(doc)
+            watch = item.get("watch")
+            reads.append(
+                RunRead(
+                    batch=batch,
+                    watch=_watch(watch)
+                    if isinstance(batch, RunBatch) and isinstance(watch, dict)
+                    else None,
                 )
+            )
         return reads
 
     def complete_runs(
@@ -591,9 +591,7 @@ class Store:
         doc = self._rpc(
             "claim_learning_run_events", {"p_run_id": str(run.id), "p_lease_token": _token(run)}
         )
-        if isinstance(doc, dict) and doc.get("rebuild_pending"):
-            return RebuildProgress.model_validate(doc)
-        return RunBatch.model_validate(doc)
+        return _batch(doc)
 
     def claim_watch(self, run: Run) -> WatchEvidence | None:
         """The production watch's evidence for the run (claim_production_watch): None when the
@@ -603,8 +601,7 @@ class Store:
         )
         if not isinstance(doc, dict):
             raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
-        found = doc.get("watch")
-        return None if found is None else WatchEvidence.model_validate(found)
+        return _watch(doc)
 
     def complete_run(self, run: Run, decision: RunDecision) -> Run:
         """Writes the run's decision in one transaction: module updates and their history, the
@@ -873,6 +870,21 @@ def _chunks(items: list[JSON]) -> Iterator[list[JSON]]:
         size += length
     if chunk:
         yield chunk
+
+
+def _batch(doc: JSON) -> RunBatch | RebuildProgress:
+    """claim_learning_run_events' answer (also each run's batch in read_learning_runs'): the
+    batch, or the progress of a rebuild step."""
+    if isinstance(doc, dict) and doc.get("rebuild_pending"):
+        return RebuildProgress.model_validate(doc)
+    return RunBatch.model_validate(doc)
+
+
+def _watch(doc: dict[str, JSON]) -> WatchEvidence | None:
+    """claim_production_watch's answer (also each run's watch in read_learning_runs'): the
+    evidence, or None when no spec is watched."""
+    found = doc.get("watch")
+    return None if found is None else WatchEvidence.model_validate(found)
 
 
 def _run_error(error: dict[str, JSON]) -> StoreError:
