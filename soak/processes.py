@@ -4,6 +4,7 @@ if an earlier soak left them running."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -125,12 +126,18 @@ class Workers:
     def pause_holder(self, rng: random.Random, lease_s: float, deadline_s: float = 20) -> Pause:
         """Stops (SIGSTOP) a worker while it holds a run under a live lease, as a long GC pause
         or a frozen VM would, and continues it (SIGCONT) once another worker has taken the run
-        over: the paused worker then finds its lease stale and must discard its work. Raises
-        TimeoutError when no worker is caught holding a run within `deadline_s`, or the run is
-        not taken over within the lease and 15 s more."""
+        over: the paused worker then finds its lease stale and must discard its work. A run that
+        ends at the paused worker's own attempt after all (its completion was already in flight
+        when the worker stopped) is no takeover: the worker is continued and another holder is
+        caught. Raises TimeoutError when no worker is caught holding a run within `deadline_s`,
+        or a caught run is neither taken over nor ended within the lease and 15 s more."""
 
         def catch() -> tuple[str, str, int] | None:
-            held = [(run, w, a) for run, (w, a) in self.running_runs().items() if w in self.procs]
+            # Not a run on its last attempt: an expired lease would fail it, not hand it over.
+            held = [(r[0], r[1], r[2]) for r in self.query(
+                "select id::text, worker_id, attempts from persona_feedback_learning_runs"
+                " where status = 'running' and lease_expires_at > now()"
+                " and attempts < max_attempts") if r[1] in self.procs]
             if not held:
                 return None
             run_id, name, attempt = rng.choice(sorted(held))
@@ -140,25 +147,36 @@ class Workers:
             self.procs[name].send_signal(signal.SIGCONT)  # it finished the run meanwhile
             return None
 
-        run_id, name, attempt = wait_until(catch, deadline_s, "a worker holding a run", every=0.02)
-        def taken_over() -> str | None:
-            worker, at = self.running_runs().get(run_id, ("", 0))
-            return worker if at > attempt else self.completed_by(run_id, attempt)
+        give_up = time.monotonic() + deadline_s
+        while True:
+            run_id, name, attempt = wait_until(catch, max(0.1, give_up - time.monotonic()),
+                                               "a worker holding a run", every=0.02)
 
-        stopped = time.monotonic()
-        try:
-            taker = wait_until(taken_over, lease_s + 15,
-                               f"run {run_id} taken over from paused {name}", every=0.1)
-        finally:
-            self.procs[name].send_signal(signal.SIGCONT)
-        return Pause(name, run_id, attempt, taker, round(time.monotonic() - stopped, 2))
+            stopped = time.monotonic()
+            try:
+                taker = wait_until(functools.partial(self.successor, run_id, attempt), lease_s + 15,
+                                   f"run {run_id} taken over from paused {name}", every=0.1)
+            except TimeoutError as exc:
+                row = self.query("select status, worker_id, attempts, lease_expires_at - now()"
+                                 " from persona_feedback_learning_runs where id = %s", (run_id,))
+                raise TimeoutError(f"{exc}; the run now (status, worker, attempts, lease "
+                                   f"left): {row[0] if row else 'unreadable'}") from None
+            finally:
+                self.procs[name].send_signal(signal.SIGCONT)
+            if taker != "itself":
+                return Pause(name, run_id, attempt, taker, round(time.monotonic() - stopped, 2))
 
-    def completed_by(self, run_id: str, attempt: int) -> str | None:
-        """The worker that ended the run at a later attempt than `attempt`, if one did."""
-        rows = self.query("select worker_id from persona_feedback_learning_runs"
-                          " where id = %s and status <> 'running' and attempts > %s",
-                          (run_id, attempt))
-        return rows[0][0] if rows else None
+    def successor(self, run_id: str, attempt: int) -> str | None:
+        """The worker that took the run over after `attempt` (running it, or having ended it),
+        "itself" when the run ended at `attempt`, None while it is still that attempt's."""
+        worker, at = self.running_runs().get(run_id, ("", 0))
+        if at > attempt:
+            return worker
+        rows = self.query("select worker_id, attempts from persona_feedback_learning_runs"
+                          " where id = %s and status not in ('queued', 'running')", (run_id,))
+        if not rows:
+            return None
+        return rows[0][0] if rows[0][1] > attempt else "itself"
 
     def stop(self, deadline_s: float = 60) -> dict[str, int]:
         """SIGTERM: each finishes the work in hand and exits; exit statuses by worker id."""
