@@ -20,6 +20,11 @@ from typing import Any
 from worker.learning import wilson_bounds
 from worker.models import LearningSettings, ModuleStatus
 from worker.views import RunEvidence, TrendPoint
+from worker.watch import STANDARDIZED_METHOD
+
+STANDARDIZED_METHODS = (STANDARDIZED_METHOD, "newcombe_mover_standardized")
+"""`method` of a twin-wide comparison over several modules: now, and in reports written before
+20261219000100 (each module's Wilson interval combined by variance recovery)."""
 
 STATUS_WORDS = {
     ModuleStatus.insufficient_data: "insufficient data",
@@ -240,7 +245,7 @@ def describe_watch(
             f"{'up' if kind == 'votes' else 'passed'} since the publish "
             f"vs {e.get('old_passed')}/{e.get('old_n')} before, {c.get('verdict')}"
         )
-        if c.get("method") == "newcombe_mover_standardized" and c.get("difference") is not None:
+        if c.get("method") in STANDARDIZED_METHODS and c.get("difference") is not None:
             clause += (f" (by module at the earlier mix: difference {c['difference']:+.4f}"
                        + (f", upper bound {c['value']:.4f}" if c.get("value") is not None else "")
                        + f", threshold {c.get('threshold')})")

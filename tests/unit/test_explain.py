@@ -205,15 +205,18 @@ def test_a_kind_without_evidence_and_a_report_from_before_kinds_in_words() -> No
     )
 
 
-def test_a_twin_wide_comparison_by_module_says_so() -> None:
+@pytest.mark.parametrize(
+    "method", ["newcombe_standardized_effective_n", "newcombe_mover_standardized"])
+def test_a_twin_wide_comparison_by_module_says_so(method: str) -> None:
     # The pooled counts read as a drop; the verdict is on the difference at the earlier mix.
+    # Reports before 20261219000100 name the method they used then.
     from worker.explain import describe_watch
 
     by_module = {**WATCH_REPORT, "state": "passed", "action": "none", "look": 10,
                  "comparisons": [
         {"scope": "twin", "kind": "votes", "module_key": None, "value": 0.0612,
          "difference": 0.0, "threshold": -0.02, "verdict": "no_regression",
-         "method": "newcombe_mover_standardized",
+         "method": method,
          "evidence": {"new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}}]}
     assert describe_watch({"watch": by_module}, {"spec-2": 2}) == (
         "watch of v2: passed at look 10/10; twin-wide votes 280/400 up since the publish vs "

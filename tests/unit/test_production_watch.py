@@ -903,22 +903,22 @@ def test_one_stratum_is_newcombes_interval(z: float) -> None:
 
 
 def test_the_standardised_bounds_by_hand() -> None:
-    # Two strata, weights 0.75 and 0.25 (the old side's mix, 300 and 100): d and each bound as
-    # the MOVER combination of the four Wilson intervals, computed here term by term.
+    # Two strata, weights 0.75 and 0.25 (the old side's mix, 300 and 100). Standardised rates
+    # 0.75·0.75 + 0.25·0.5 = 0.6875 (new) and 0.75·0.9 + 0.25·0.5 = 0.8 (old); Kish's effective
+    # sizes 1 / (0.75²/200 + 0.25²/40) = 1600/7 and 1 / (0.75²/300 + 0.25²/100) = 400; Wilson's
+    # interval of each at its size, computed here from the formula, combined as Newcombe's.
     strata = [(150, 200, 270, 300), (20, 40, 50, 100)]
     d, lower, upper = standardized_interval(strata, Z95)
-    terms_up = terms_low = 0.0
-    for (x1, n1, x2, n2), w in zip(strata, (0.75, 0.25), strict=True):
-        p1, p2 = x1 / n1, x2 / n2
-        c1, c2 = n1 + Z95**2, n2 + Z95**2
-        h1 = Z95 * math.sqrt(n1 * p1 * (1 - p1) + Z95**2 / 4) / c1
-        h2 = Z95 * math.sqrt(n2 * p2 * (1 - p2) + Z95**2 / 4) / c2
-        m1, m2 = (x1 + Z95**2 / 2) / c1, (x2 + Z95**2 / 2) / c2  # Wilson centres
-        terms_up += w * w * ((m1 + h1 - p1) ** 2 + (p2 - (m2 - h2)) ** 2)
-        terms_low += w * w * ((p1 - (m1 - h1)) ** 2 + (m2 + h2 - p2) ** 2)
-    assert d == pytest.approx(0.75 * (0.75 - 0.9) + 0.25 * (0.5 - 0.5))
-    assert upper == pytest.approx(d + math.sqrt(terms_up))
-    assert lower == pytest.approx(d - math.sqrt(terms_low))
+
+    def wilson(p: float, n: float) -> tuple[float, float]:
+        centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+        half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+        return centre - half, centre + half
+
+    (l1, u1), (l2, u2) = wilson(0.6875, 1600 / 7), wilson(0.8, 400.0)
+    assert d == pytest.approx(0.6875 - 0.8)
+    assert upper == pytest.approx(d + math.sqrt((u1 - 0.6875) ** 2 + (0.8 - l2) ** 2))
+    assert lower == pytest.approx(d - math.sqrt((0.6875 - l1) ** 2 + (u2 - 0.8) ** 2))
 
 
 @pytest.mark.parametrize(
@@ -970,7 +970,7 @@ def test_a_change_in_module_mix_alone_is_no_regression() -> None:
     twin = twin_votes(made)
     assert twin.difference == pytest.approx(0.0, abs=1e-12)
     assert (twin.verdict, twin.method) == (WatchComparisonVerdict.no_regression,
-                                           "newcombe_mover_standardized")
+                                           "newcombe_standardized_effective_n")
     assert twin.evidence == {"new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}
     assert [c.verdict for c in made.comparisons if c.scope == "module"] == [
         WatchComparisonVerdict.no_regression] * 2

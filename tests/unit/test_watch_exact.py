@@ -20,8 +20,9 @@ from statistics import NormalDist
 
 import pytest
 
+from worker.learning import wilson_bounds
 from worker.models import WATCH_MARGIN_MIN, WATCH_MIN_EVIDENCE_MIN, WatchSettings
-from worker.watch import IMBALANCE_CAP, standardized_interval
+from worker.watch import IMBALANCE_CAP, STRATUM_MIN_EVIDENCE, standardized_interval
 
 # p from 0.5 to 0.99, denser where the interval is most delicate (high pass rates).
 RATES = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.91, 0.92, 0.93,
@@ -119,6 +120,128 @@ def test_the_smallest_plan_the_database_allowed_overspent_its_alpha() -> None:
     assert regressing(2, 2, 0.025, 0.0, None) == [(0, 2)]
     with pytest.raises(ValueError):
         WatchSettings(min_evidence=1, pass_evidence=2, looks=1, margin=0.0)
+
+
+# --- the twin-wide comparison: several modules (strata) -----------------------------------------
+
+Side = dict[float, tuple[float, list[int]]]
+"""A side's standardised pass rate (rounded, so that equal sums meet) -> its probability and
+some counts x_k that give it."""
+
+
+def _standardised_rates(sizes: list[int], weights: list[float], rates: list[float]) -> Side:
+    """The distribution of Σ w_k x_k / n_k with x_k ~ Binomial(n_k, p_k), independent."""
+    out: Side = {0.0: (1.0, [])}
+    for n, w, p in zip(sizes, weights, rates, strict=True):
+        step: Side = {}
+        for rate, (chance, xs) in out.items():
+            for x, px in enumerate(_pmf(n, p)):
+                key = round(rate + w * x / n, 12)
+                was, counts = step.get(key, (0.0, [*xs, x]))
+                step[key] = (was + chance * px, counts)
+        out = step
+    return out
+
+
+def strata_regress_chance(sides: list[tuple[int, int]], rates: list[float], share: float,
+                          margin: float = WATCH_MARGIN_MIN) -> float:
+    """The exact chance that the twin-wide test over strata of (n1, n2) events, both sides of
+    stratum k at the true pass rate rates[k], calls a regression at the one-sided level
+    `share`: the worker's own `standardized_interval` (with the cap) judges each pair of
+    standardised rates (it depends on the counts through them alone, at given sizes), and the
+    chances of those that regress are summed."""
+    z = -NormalDist().inv_cdf(share)
+    news, olds = [n1 for n1, _ in sides], [n2 for _, n2 in sides]
+    weights = [n2 / sum(olds) for n2 in olds]
+    new_side = sorted(_standardised_rates(news, weights, rates).items())
+    chance = 0.0
+    for p_old, xs2 in _standardised_rates(olds, weights, rates).values():
+        # The bound grows with the new side's rate: stop at the first that holds.
+        for _, (p_new, xs1) in new_side:
+            strata = [(a, n1, b, n2) for a, n1, b, n2 in zip(xs1, news, xs2, olds, strict=True)]
+            if standardized_interval(strata, z, IMBALANCE_CAP)[2] >= -margin:
+                break
+            chance += p_new * p_old
+    return chance
+
+
+def _mover_upper(strata: list[tuple[int, int, int, int]], z: float) -> float:
+    """The twin-wide upper bound until 20261219000100: each stratum's own Wilson intervals
+    combined by variance recovery (Zou and Donner 2008), the larger side capped as now."""
+    total = sum(n2 for *_, n2 in strata)
+    d = sum(n2 / total * (x1 / n1 - x2 / n2) for x1, n1, x2, n2 in strata)
+    square = 0.0
+    for x1, n1, x2, n2 in strata:
+        w, p1, p2 = n2 / total, x1 / n1, x2 / n2
+        m1, m2 = min(n1, IMBALANCE_CAP * n2), min(n2, IMBALANCE_CAP * n1)
+        u1 = wilson_bounds(p1 * m1, (1 - p1) * m1, z)[1]
+        l2 = wilson_bounds(p2 * m2, (1 - p2) * m2, z)[0]
+        square += w * w * ((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return d + math.sqrt(square)
+
+
+def test_the_exact_strata_scan_agrees_with_a_full_enumeration() -> None:
+    # Two strata of 6 and 9 events, every outcome judged one by one.
+    z = -NormalDist().inv_cdf(0.01)
+    sides, rates = [(6, 9), (9, 6)], [0.6, 0.8]
+    full = 0.0
+    for a in range(7):
+        for b in range(10):
+            for c in range(10):
+                for e in range(7):
+                    strata = [(a, 6, b, 9), (c, 9, e, 6)]
+                    if standardized_interval(strata, z, IMBALANCE_CAP)[2] < -0.02:
+                        full += (_pmf(6, 0.6)[a] * _pmf(9, 0.6)[b] * _pmf(9, 0.8)[c]
+                                 * _pmf(6, 0.8)[e])
+    assert full > 0
+    assert strata_regress_chance(sides, rates, 0.01) == pytest.approx(full, rel=1e-9)
+
+
+STRATA_SHARES = [0.025, 1e-3, 1e-4, 1e-6, 1e-8, 1e-10]
+
+
+def test_three_modules_at_the_floor_hold_their_share_at_every_level() -> None:
+    # The review's case: three modules of 10 events a side (STRATUM_MIN_EVIDENCE, and 30 a
+    # side in all), the same pass rate on both sides. Each stratum's own Wilson interval,
+    # combined by variance recovery, regressed at 67 times the share at 1e-6 and 1.04 times at
+    # 0.025 (p = 0.5); one Wilson interval per side at Kish's effective size holds everywhere.
+    assert STRATUM_MIN_EVIDENCE == 10
+    worst = max((strata_regress_chance([(10, 10)] * 3, [p] * 3, share) / share, p, share)
+                for share in STRATA_SHARES for p in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99))
+    assert worst[0] <= 1.0, worst
+
+
+@pytest.mark.parametrize(
+    ("sides", "rates"),
+    [
+        # A module holding most of the old side's weight enters with 10 new events.
+        ([(10, 360), (30, 20), (30, 20)], [0.7, 0.99, 0.9]),
+        ([(10, 400), (10, 10), (10, 10)], [0.7, 0.5, 0.5]),
+        # Unequal sides both ways, rates apart.
+        ([(40, 10), (10, 40), (10, 10)], [0.9, 0.7, 0.7]),
+        ([(12, 30), (30, 12), (15, 15)], [0.7, 0.9, 0.7]),
+        ([(10, 10)] * 4, [0.5, 0.99, 0.5, 0.99]),
+    ],
+)
+def test_modules_at_different_rates_and_sizes_hold_their_share(
+    sides: list[tuple[int, int]], rates: list[float]
+) -> None:
+    for share in (0.025, 1e-3, 1e-6):
+        assert strata_regress_chance(sides, rates, share) <= share, share
+
+
+def test_each_modules_own_interval_combined_overspent_at_an_early_looks_level() -> None:
+    # What the review found, with the combination the worker used until 20261219000100:
+    # three modules of 10 a side at p = 0.5, share 1e-6 (an early look's).
+    z, share = -NormalDist().inv_cdf(1e-6), 1e-6
+    f = _pmf(10, 0.5)
+    chance = sum(
+        f[a] * f[b] * f[c] * f[d] * f[e] * f[g]
+        for a in range(11) for b in range(11) for c in range(11)
+        for d in range(11) for e in range(11) for g in range(11)
+        if a + c + e <= 12 and b + d + g >= 18
+        and _mover_upper([(a, 10, b, 10), (c, 10, d, 10), (e, 10, g, 10)], z) < -0.02)
+    assert chance > 50 * share
 
 
 def _wide_scan() -> None:  # pragma: no cover - by hand: about ten minutes
