@@ -1244,10 +1244,12 @@ def test_a_trickle_of_votes_does_not_hold_back_the_audits_looks(
     [first] = runner.run_once(UUID(twin.id))
     assert first.gate_report is not None
     report = first.gate_report["watch"]
-    assert (report["state"], report["look"]) == ("watching", 0)  # the least of the kinds
+    # The votes, one a side, were never compared: not in play, so the watch's look is the
+    # audits' (the least of the kinds in play).
+    assert (report["state"], report["look"]) == ("watching", 1)
     clocks = {c["kind"]: c for c in report["clocks"]}
     assert (clocks["audits"]["look"], clocks["audits"]["tested"]) == (1, True)
-    assert (clocks["votes"]["look"], clocks["votes"]["in_play"]) == (0, True)
+    assert (clocks["votes"]["look"], clocks["votes"]["in_play"]) == (0, False)
     assert watch_row(db, watch_id)["last_report"]["clocks"] == report["clocks"]
 
     audits(db, twin, twin.published_spec_id, 144, 16, at="now() - interval '3 days'",
@@ -1257,8 +1259,8 @@ def test_a_trickle_of_votes_does_not_hold_back_the_audits_looks(
     # The next claim reads each kind's plan back (the run it claims is released with its batch,
     # and the next run_once completes it).
     claimed = claimed_watch(runner, twin)
-    assert [(c.kind, c.look, c.alpha_spent) for c in claimed.clocks] == [
-        (c["kind"], c["look"], c["alpha_spent"]) for c in report["clocks"]]
+    assert [(c.kind, c.look, c.alpha_spent, c.in_play) for c in claimed.clocks] == [
+        (c["kind"], c["look"], c["alpha_spent"], c["in_play"]) for c in report["clocks"]]
     [run] = runner.run_once(UUID(twin.id))
     assert run.gate_report is not None
     report = run.gate_report["watch"]
