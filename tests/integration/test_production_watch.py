@@ -31,6 +31,7 @@ from worker.config import WorkerSettings
 from worker.models import WatchEvidence
 from worker.runner import Runner
 from worker.store import Run, Store
+from worker.watch import obf_alpha_spent
 
 pytestmark = pytest.mark.integration
 
@@ -345,8 +346,9 @@ def test_a_look_with_no_alpha_left_after_the_owner_lowered_it_tests_nothing(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
     # The review's case: the watch spent 0.04 by look 9 of 10, then the owner lowered
-    # watch_alpha to 0.01. Look 10 has nothing left to spend: its comparisons are not_tested
-    # (they read no_regression at an upper bound of 1 before), and the watch is not passed.
+    # watch_alpha to 0.01. Look 10 has nothing left to spend, so it is not due: nothing is
+    # tested, its comparisons are not_tested (they read no_regression at an upper bound of 1
+    # before), and the watch is not passed.
     owner = make_user("owner")
     twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
     assert twin.draft_spec_id is not None
@@ -363,13 +365,46 @@ def test_a_look_with_no_alpha_left_after_the_owner_lowered_it_tests_nothing(
     assert run.gate_report is not None
     report = run.gate_report["watch"]
     assert (report["state"], report["action"], report["look"], report["tested"]) == (
-        "watching", "none", 10, True)
+        "watching", "none", 10, False)
     assert (report["alpha_per_comparison"], report["z"], report["alpha_spent"]) == (
-        0.0, None, 0.04)
+        None, None, 0.04)
     twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
     assert (twin_wide["audits"]["verdict"], twin_wide["audits"]["value"]) == ("not_tested", None)
     assert watch_row(db, watch_id)["state"] == "watching"
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_plan_cut_to_fewer_looks_than_were_done_still_tests_and_passes(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The watch reached look 4 of 5 (α(0.8) spent), then the owner lowered watch_looks to 3.
+    # A look is due when the plan allows more than was spent: at 400 audits a side its look 3
+    # (α(1)) tests, finds no regression and passes the watch, at look 3 of 3 (before: no look
+    # past 4 was ever due, the watch could only expire, and it read look 4 of 3).
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    spent = obf_alpha_spent(0.8, 0.05)
+    db.execute("update public.persona_spec_watches set alpha_spent = %s, looks_done = 4 "
+               "where id = %s", (spent, watch_id))
+    db.execute("update public.persona_learning_settings set watch_looks = 3 "
+               "where twin_id = %s", (twin.id,))
+    audits(db, twin, twin.published_spec_id, 340, 60, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, 336, 64, at="now() - interval '1 day'", prefix="after")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["look"], report["looks_planned"], report["tested"]) == (
+        "passed", 3, 3, True)
+    clocks = {c["kind"]: c for c in report["clocks"]}
+    assert (clocks["audits"]["look"], clocks["audits"]["passed"]) == (3, True)
+    assert clocks["audits"]["alpha_per_comparison"] == pytest.approx(
+        (0.05 - spent) / report["comparisons_planned"])
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["looks_done"]) == ("passed", 3)
 
 
 def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
