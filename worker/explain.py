@@ -214,9 +214,14 @@ def describe_watch(
     watch = report.get("watch")
     if not isinstance(watch, dict):
         return None
+    look, planned = watch.get("look"), watch.get("looks_planned")
+    if isinstance(look, int) and isinstance(planned, int):
+        # Reports from before looks were kept within the plan could hold a kind's look past a
+        # watch_looks lowered mid-watch: never "look 4/3".
+        look = min(look, planned)
     sentence = (
         f"watch of {version(watch.get('spec_id'))}: {watch.get('state')} at look "
-        f"{watch.get('look')}/{watch.get('looks_planned')}"
+        f"{look}/{planned}"
     )
     if watch.get("final"):
         verdicts = {c.get("verdict") for c in watch.get("comparisons", [])}

@@ -490,7 +490,14 @@ class WatchClock(_Frozen):
     passed: bool = Field(
         False, description="Its last planned look tested a comparison and found no regression."
     )
-    in_play: bool = Field(False, description="Seen on both sides of some stratum this run.")
+    in_play: bool = Field(
+        False,
+        description="Compared at this run or an earlier one (its twin-wide comparison had "
+        "comparable strata, watch_min_evidence a side): it then holds the watch from passing "
+        "until its own plan passes, even if its evidence goes. A kind never compared does not. "
+        "Clocks written before this rule said 'seen on both sides of some stratum at that run' "
+        "and are read as they are (that can only hold a watch longer).",
+    )
     information: float = Field(0.0, ge=0, le=1)
     tested: bool = Field(False, description="This run tested the kind's comparisons.")
     alpha_per_comparison: float | None = None
@@ -571,7 +578,7 @@ class WatchReport(_Frozen):
     )
     look: int = Field(
         ge=0, description="Planned looks reached, this one included: the least of the kinds in "
-        "play (each kind has its own plan: clocks).")
+        "play (each kind has its own plan: clocks); never more than looks_planned.")
     looks_planned: int
     information: float = Field(ge=0, le=1, description="The least of the kinds in play.")
     alpha_spent: float = Field(

@@ -15,8 +15,8 @@ again at every run, the error it may make is spent over a plan of looks (`obf_al
 with what is left spent by a final test when the watch expires, and split over all the
 comparisons (2 kinds × (twin + modules)), so that the chance of a false regression over the
 whole watch stays below `alpha` however many runs look. Each kind of evidence follows its own
-plan of looks, and a watch passes only once every kind in play has been tested with
-`pass_evidence` a side.
+plan of looks, and a watch passes only once every kind in play (compared at some run) has been
+tested with `pass_evidence` a side.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -190,6 +190,19 @@ def _upper_quantile(share: float) -> float:
     return -_NORMAL.inv_cdf(share) if share > 0.0 else math.inf
 
 
+_SAME_SPEND = 1e-9
+"""Relative difference under which what a look allows and what a kind spent count as equal
+(`_more_to_spend`): a kind's `alpha_spent` is read back from its last report, and a rounding
+between there and here must not make a look that was tested due again. Two different looks'
+allowances differ far more (k/K and k'/K' with K, K' <= 100 differ by at least 1e-4 of the
+plan, and the spending function is steep)."""
+
+
+def _more_to_spend(allowed: float, spent: float) -> bool:
+    """Whether the plan allows more than was spent, past rounding (`_SAME_SPEND`)."""
+    return allowed > spent and not math.isclose(allowed, spent, rel_tol=_SAME_SPEND)
+
+
 def look_index(information_count: int, pass_evidence: int, looks: int) -> int:
     """Which planned look the evidence has reached: k in 0..`looks`, look k being due once
     `information_count` (the watch's clock: see `decide_watch`) reaches k/looks of
@@ -239,9 +252,9 @@ def comparable_strata(c: WatchComparisonEvidence, min_evidence: int) -> list[Str
 
 def seen_strata(c: WatchComparisonEvidence) -> list[Stratum]:
     """The strata of comparison `c` seen on both sides (at least one event each), as
-    (x1, n1, x2, n2); a comparison without strata is one stratum, its counts. A kind with any
-    is in play: it holds the watch's clock (`decide_watch`) even before a stratum reaches
-    `min_evidence` a side."""
+    (x1, n1, x2, n2); a comparison without strata is one stratum, its counts. They give a
+    comparison's `difference` when none has enough evidence to compare; a kind seen so but
+    never compared (`comparable_strata`) is not in play and holds no watch (`decide_watch`)."""
     return [
         (s.new_passed, s.new_n, s.old_passed, s.old_n)
         for s in c.strata or (WatchStratum(new_n=c.new_n, new_passed=c.new_passed,
@@ -274,14 +287,27 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       and `alpha_spent`, the one clock watches kept before). A kind's looks are planned at k/K
       of `pass_evidence` (K = `looks`), counted on its twin-wide comparison's
       `compared_evidence` (the smaller side of its compared strata; a count, never a pass
-      rate). A kind is in play once some stratum has seen it on both sides (`seen_strata`).
-      With one clock for both kinds, the least compared evidence of the kinds in play, a
-      trickle of votes under the floor held every look of plentiful audits at 0 until the
-      expiry (audits 60% against 90%, 200 a side, beside one vote a side: never looked at);
-      with the most, plentiful audits that hold passed a watch whose few votes were never
-      tested at a useful level. A run tests a kind only when a new look of it is due (several
-      due at once make one test), so any number of runs makes at most K tests of each kind,
-      and one more at expiry. Looks done never go back.
+      rate). A kind is in play once it has been compared: its twin-wide comparison had
+      comparable strata (`min_evidence` a side) at this run or an earlier one (the clock's
+      `in_play` keeps it; a clock written before that rule, when in play meant seen on both
+      sides at that run, is read as it is, which can only hold a watch longer). A kind that
+      never reached `min_evidence` a side (one vote a side, say) does not hold the watch, and
+      a kind compared once stays in play when its evidence goes (votes retracted). With one
+      clock for both kinds, the least compared evidence of the kinds in play, a trickle of
+      votes under the floor held every look of plentiful audits at 0 until the expiry (audits
+      60% against 90%, 200 a side, beside one vote a side: never looked at); with the most,
+      plentiful audits that hold passed a watch whose few votes were never tested at a useful
+      level.
+    - A run tests a kind when a look of it is due: when the plan as it now stands allows more
+      to be spent than the kind has spent, α(k/K) > its `alpha_spent` (past rounding:
+      `_more_to_spend`), k = `look_index` of its compared evidence with K, `pass_evidence`
+      and alpha as now set. Several looks due at once make one test, and a run at a look
+      already tested tests nothing, so with the settings unchanged any number of runs makes
+      at most K tests of each kind, and one more at expiry. Changing the plan mid-watch moves
+      what the looks to come may spend, never what was spent: with `looks` lowered from 5 to
+      3 after a kind's look 4 (α(0.8) spent), its look 3 (α(1)) is due once its evidence
+      reaches it, and is its last; raised to 10, its looks up to 8 test nothing. The look a
+      kind reached never goes back and never exceeds K.
     - A test of a kind at its look k may spend α(k/K) − (what the kind's earlier tests spent),
       α the O'Brien-Fleming-type spending function (`obf_alpha_spent`), split equally over all
       the planned comparisons: each kind's comparisons (half of them) spend at most α/2. Once
@@ -293,13 +319,15 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
       correlation between looks and comparisons.
     - A compared comparison is a regression when the upper bound of Newcombe's interval for
       (new − old), standardised over its strata, at the one-sided level of its share lies below
-      −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)). A look with nothing left to
-      spend (share <= 0: watch_alpha, looks or pass_evidence changed mid-watch so that the plan
-      allows no more than was spent) tests nothing: its comparisons are `not_tested`.
+      −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)). A planned look always has
+      something to spend; a final test with nothing left (watch_alpha lowered mid-watch below
+      what was spent), or a share that underflows, tests nothing: its comparisons are
+      `not_tested`.
     - The watch ends `regressed` when any comparison regressed (at a planned look or at the
-      final test); `passed` once every kind in play has passed its last look (K): that look
-      tested at least one comparison of the kind with something to spend and found no
-      regression ("no regression found", not "proved as good"); `expired` when it expires
+      final test); `passed` once at least one kind is in play and every kind in play has
+      passed its last look (K): that look tested at least one comparison of the kind with
+      something to spend and found no regression ("no regression found", not "proved as
+      good"); `expired` when it expires
       otherwise (ran out of time; the final test found no regression, or, when no comparison
       had enough evidence or nothing was left to spend, made none); else it goes on
       `watching`. A regression's action is `roll_back` in `auto` mode when there is a spec
@@ -323,7 +351,12 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
                                              alpha_spent=evidence.alpha_spent)
         info = compared_evidence(strata)
         due = look_index(info, s.pass_evidence, s.looks)
-        test = due > was.look or expiring
+        # A look is due when the plan, as it stands now, allows more to be spent than the kind
+        # has spent, not when its index passes the last one's: the two differ once watch_looks,
+        # watch_pass_evidence or watch_alpha changed mid-watch (a plan cut from 5 looks to 3
+        # never got past a kind's look 4, and so never tested it again).
+        test = expiring or _more_to_spend(obf_alpha_spent(due / s.looks, s.alpha),
+                                          was.alpha_spent)
         spent = was.alpha_spent
         share: float | None = None
         z: float | None = None
@@ -333,9 +366,10 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
             share = (spent - was.alpha_spent) / planned
             z = _upper_quantile(share)
         clocks[kind] = WatchClock(
-            kind=kind, look=max(due, was.look), alpha_spent=spent, passed=was.passed,
-            in_play=bool(seen_strata(twin)), information=min(1.0, info / s.pass_evidence),
-            tested=test, alpha_per_comparison=share, z=z)
+            kind=kind, look=min(s.looks, max(due, was.look)), alpha_spent=spent,
+            passed=was.passed, in_play=was.in_play or bool(strata),
+            information=min(1.0, info / s.pass_evidence), tested=test,
+            alpha_per_comparison=share, z=z)
 
     # A kind's z is None unless it is tested at this run (no look of it due: not_tested).
     comparisons = tuple(

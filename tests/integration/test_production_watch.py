@@ -21,6 +21,7 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 from pydantic import SecretStr
 
 from testkit.env import StackEnv
@@ -31,6 +32,7 @@ from worker.config import WorkerSettings
 from worker.models import WatchEvidence
 from worker.runner import Runner
 from worker.store import Run, Store
+from worker.watch import obf_alpha_spent
 
 pytestmark = pytest.mark.integration
 
@@ -341,35 +343,68 @@ def test_plentiful_audits_that_hold_do_not_pass_a_watch_whose_votes_dropped(
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
 
 
+def changed_mid_watch(
+    db: psycopg.Connection, runner: Runner, owner: User, *, spent: float, looks_done: int,
+    setting: str, value: float, before: tuple[int, int], after: tuple[int, int],
+) -> tuple[Twin, str, dict[str, Any]]:
+    """A published twin (watch_mode auto) whose watch had spent `spent` by look `looks_done`
+    (the shared columns, as a watch from before the kinds' own clocks) when the owner set
+    `setting` to `value`; then production audits (passed, failed) of the replaced spec
+    (`before`) and of the live one (`after`), and a run. Returns the twin, the watch's id and
+    the run's watch report."""
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    assert twin.draft_spec_id is not None
+    db.execute("update public.persona_spec_watches set alpha_spent = %s, looks_done = %s "
+               "where id = %s", (spent, looks_done, watch_id))
+    db.execute(sql.SQL("update public.persona_learning_settings set {} = %s where twin_id = %s")
+               .format(sql.Identifier(setting)), (value, twin.id))
+    audits(db, twin, twin.published_spec_id, *before, at="now() - interval '3 days'",
+           prefix="before")
+    audits(db, twin, twin.draft_spec_id, *after, at="now() - interval '1 day'", prefix="after")
+    [run] = runner.run_once(UUID(twin.id))
+    assert run.gate_report is not None
+    return twin, watch_id, run.gate_report["watch"]
+
+
 def test_a_look_with_no_alpha_left_after_the_owner_lowered_it_tests_nothing(
     db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
 ) -> None:
     # The review's case: the watch spent 0.04 by look 9 of 10, then the owner lowered
-    # watch_alpha to 0.01. Look 10 has nothing left to spend: its comparisons are not_tested
-    # (they read no_regression at an upper bound of 1 before), and the watch is not passed.
-    owner = make_user("owner")
-    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
-    assert twin.draft_spec_id is not None
-    db.execute("update public.persona_spec_watches set alpha_spent = 0.04, looks_done = 9 "
-               "where id = %s", (watch_id,))
-    db.execute("update public.persona_learning_settings set watch_alpha = 0.01 "
-               "where twin_id = %s", (twin.id,))
-    audits(db, twin, twin.published_spec_id, 380, 20, at="now() - interval '3 days'",
-           prefix="before")
-    audits(db, twin, twin.draft_spec_id, 200, 200, at="now() - interval '1 day'", prefix="after")
-
-    [run] = runner.run_once(UUID(twin.id))
-
-    assert run.gate_report is not None
-    report = run.gate_report["watch"]
+    # watch_alpha to 0.01. Look 10 has nothing left to spend, so it is not due: nothing is
+    # tested, its comparisons are not_tested (they read no_regression at an upper bound of 1
+    # before), and the watch is not passed.
+    twin, watch_id, report = changed_mid_watch(
+        db, runner, make_user("owner"), spent=0.04, looks_done=9, setting="watch_alpha",
+        value=0.01, before=(380, 20), after=(200, 200))
     assert (report["state"], report["action"], report["look"], report["tested"]) == (
-        "watching", "none", 10, True)
+        "watching", "none", 10, False)
     assert (report["alpha_per_comparison"], report["z"], report["alpha_spent"]) == (
-        0.0, None, 0.04)
+        None, None, 0.04)
     twin_wide = {c["kind"]: c for c in report["comparisons"] if c["scope"] == "twin"}
     assert (twin_wide["audits"]["verdict"], twin_wide["audits"]["value"]) == ("not_tested", None)
     assert watch_row(db, watch_id)["state"] == "watching"
     assert spec_rows(db, twin)[1] == (twin.draft_spec_id, "published", False, None)
+
+
+def test_a_plan_cut_to_fewer_looks_than_were_done_still_tests_and_passes(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The watch reached look 4 of 5 (α(0.8) spent), then the owner lowered watch_looks to 3.
+    # A look is due when the plan allows more than was spent: at 400 audits a side its look 3
+    # (α(1)) tests, finds no regression and passes the watch, at look 3 of 3 (before: no look
+    # past 4 was ever due, the watch could only expire, and it read look 4 of 3).
+    spent = obf_alpha_spent(0.8, 0.05)
+    _, watch_id, report = changed_mid_watch(
+        db, runner, make_user("owner"), spent=spent, looks_done=4, setting="watch_looks",
+        value=3, before=(340, 60), after=(336, 64))
+    assert (report["state"], report["look"], report["looks_planned"], report["tested"]) == (
+        "passed", 3, 3, True)
+    clocks = {c["kind"]: c for c in report["clocks"]}
+    assert (clocks["audits"]["look"], clocks["audits"]["passed"]) == (3, True)
+    assert clocks["audits"]["alpha_per_comparison"] == pytest.approx(
+        (0.05 - spent) / report["comparisons_planned"])
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["looks_done"]) == ("passed", 3)
 
 
 def test_the_gates_paired_audits_and_the_other_kind_make_no_false_regression(
@@ -1244,10 +1279,12 @@ def test_a_trickle_of_votes_does_not_hold_back_the_audits_looks(
     [first] = runner.run_once(UUID(twin.id))
     assert first.gate_report is not None
     report = first.gate_report["watch"]
-    assert (report["state"], report["look"]) == ("watching", 0)  # the least of the kinds
+    # The votes, one a side, were never compared: not in play, so the watch's look is the
+    # audits' (the least of the kinds in play).
+    assert (report["state"], report["look"]) == ("watching", 1)
     clocks = {c["kind"]: c for c in report["clocks"]}
     assert (clocks["audits"]["look"], clocks["audits"]["tested"]) == (1, True)
-    assert (clocks["votes"]["look"], clocks["votes"]["in_play"]) == (0, True)
+    assert (clocks["votes"]["look"], clocks["votes"]["in_play"]) == (0, False)
     assert watch_row(db, watch_id)["last_report"]["clocks"] == report["clocks"]
 
     audits(db, twin, twin.published_spec_id, 144, 16, at="now() - interval '3 days'",
@@ -1257,8 +1294,8 @@ def test_a_trickle_of_votes_does_not_hold_back_the_audits_looks(
     # The next claim reads each kind's plan back (the run it claims is released with its batch,
     # and the next run_once completes it).
     claimed = claimed_watch(runner, twin)
-    assert [(c.kind, c.look, c.alpha_spent) for c in claimed.clocks] == [
-        (c["kind"], c["look"], c["alpha_spent"]) for c in report["clocks"]]
+    assert [(c.kind, c.look, c.alpha_spent, c.in_play) for c in claimed.clocks] == [
+        (c["kind"], c["look"], c["alpha_spent"], c["in_play"]) for c in report["clocks"]]
     [run] = runner.run_once(UUID(twin.id))
     assert run.gate_report is not None
     report = run.gate_report["watch"]

@@ -266,6 +266,16 @@ def test_an_expiry_that_tested_nothing_does_not_claim_a_final_test() -> None:
     )
 
 
+def test_a_report_past_its_plan_never_reads_more_looks_than_planned() -> None:
+    # A report written before looks were kept within the plan (watch_looks lowered from 5 to 3
+    # mid-watch left a kind at look 4): it reads look 3/3, never 4/3.
+    from worker.explain import describe_watch
+
+    past = {**WATCH_REPORT, "state": "watching", "action": "none", "look": 4,
+            "looks_planned": 3, "comparisons": []}
+    assert describe_watch({"watch": past}, {"spec-2": 2}) == "watch of v2: watching at look 3/3"
+
+
 def test_an_alert_a_pass_and_an_owner_rollback_in_words() -> None:
     from worker.explain import describe_watch, watch_outcome
 

@@ -426,18 +426,19 @@ def test_a_kind_not_seen_on_both_sides_does_not_hold_the_clock(
     assert (made.look, made.information, made.state) == (10, 1.0, WatchState.passed)
 
 
-def test_a_kind_in_play_below_the_floor_holds_the_clock_at_zero() -> None:
-    # 29 votes a side (under watch_min_evidence, 30) beside 400 audits a side: the votes are
-    # in play but nothing of them can be compared yet, so no look is due and the watch is not
-    # passed on the audits alone; at 40 a side the votes' clock reaches look 1 of 10.
+def test_a_kind_below_the_floor_is_not_in_play_until_it_is_compared() -> None:
+    # 29 votes a side (under watch_min_evidence, 30) beside 400 audits a side: nothing of the
+    # votes can be compared, so they are not in play (no look of theirs is due, and they do not
+    # hold the watch: the audits pass it). At 40 a side the votes are compared: in play, their
+    # clock reaches look 1 of 10 and holds the watch (its look the least of the kinds in play).
     made = decide_watch(evidence((29, 20), (29, 20), other=(400, 360, 400, 360)))
     audits, votes = made.clocks
-    assert (votes.look, votes.information, votes.tested, votes.passed) == (0, 0.0, False, False)
-    # The audits' own plan reached its last look and passed it; the watch goes on for the
-    # votes, and its look is the least of the kinds in play.
+    assert (votes.look, votes.information, votes.tested, votes.passed, votes.in_play) == (
+        0, 0.0, False, False, False)
     assert (audits.look, audits.tested, audits.passed) == (10, True, True)
-    assert (made.look, made.information, made.state) == (0, 0.0, WatchState.watching)
+    assert (made.look, made.information, made.state) == (10, 1.0, WatchState.passed)
     made = decide_watch(evidence((40, 30), (40, 30), other=(400, 360, 400, 360)))
+    assert made.clocks[1].in_play
     assert (made.look, made.information, made.state) == (1, 0.1, WatchState.watching)
 
 
@@ -464,8 +465,8 @@ def test_a_trickle_of_votes_does_not_hold_back_a_large_drop_in_audits() -> None:
             5, True, pytest.approx(obf_alpha_spent(0.5, 0.05)))
         assert audits.z == made.z and made.z is not None and 2 < made.z < 4
         assert (vote_clock.look, vote_clock.tested, vote_clock.alpha_spent) == (0, False, 0.0)
-        # One vote a side is in play (seen on both sides): it holds the watch from passing.
-        assert vote_clock.in_play is (votes != (0, 0, 0, 0))
+        # Votes under watch_min_evidence a side were never compared: not in play.
+        assert not vote_clock.in_play
         # Each comparison keeps the share it had: α(0.5) over the 2 planned comparisons.
         assert made.alpha_per_comparison == pytest.approx(obf_alpha_spent(0.5, 0.05) / 2)
 
@@ -497,21 +498,31 @@ def test_each_kind_keeps_its_own_plan_from_run_to_run() -> None:
 
 def test_the_report_shows_the_kind_that_spent_the_most_and_no_infinite_quantile() -> None:
     # Both kinds reach look 5 (200 a side); the audits' plan had already spent 0.04 (above
-    # α(0.5): nothing left), the votes' α(0.4). The audits test nothing (share 0, their z None
-    # rather than infinite); the report's share and z are the votes'.
+    # α(0.5): nothing left, no look of theirs due), the votes' α(0.4). The audits test nothing
+    # (no share, no z); the report's share and z are the votes'.
     spent = obf_alpha_spent(0.4, 0.05)
     made = decide_watch(evidence(
         (200, 160), (200, 160), other=(200, 180, 200, 180),
         clocks=(WatchClock(kind="audits", look=4, alpha_spent=0.04),
                 WatchClock(kind="votes", look=4, alpha_spent=spent))))
     audits, votes = made.clocks
-    assert (audits.tested, audits.alpha_per_comparison, audits.z) == (True, 0.0, None)
+    assert (audits.tested, audits.alpha_per_comparison, audits.z) == (False, None, None)
     share = (obf_alpha_spent(0.5, 0.05) - spent) / 2
     assert votes.alpha_per_comparison == pytest.approx(share)
     assert (made.alpha_per_comparison, made.z) == (votes.alpha_per_comparison, votes.z)
     assert votes.z is not None and math.isfinite(votes.z)
     assert {c.kind: c.verdict for c in made.comparisons} == {
         "audits": WatchComparisonVerdict.not_tested, "votes": WatchComparisonVerdict.no_regression}
+    # At expiry the audits' final test, all of alpha spent already, has a share of 0: their z
+    # is None rather than infinite, and the report's are the votes'.
+    final = decide_watch(evidence(
+        (200, 160), (200, 160), other=(200, 180, 200, 180), hours=24 * 14,
+        clocks=(WatchClock(kind="audits", look=5, alpha_spent=obf_alpha_spent(1.0, 0.05)),
+                WatchClock(kind="votes", look=4, alpha_spent=spent))))
+    audits, votes = final.clocks
+    assert (audits.tested, audits.alpha_per_comparison, audits.z) == (True, 0.0, None)
+    assert (final.alpha_per_comparison, final.z) == (votes.alpha_per_comparison, votes.z)
+    assert votes.z is not None and math.isfinite(votes.z)
     # With no kind in play the report's look is the furthest a kind's plan reached.
     idle = decide_watch(evidence((0, 0), (0, 0), clocks=(
         WatchClock(kind="audits", look=3), WatchClock(kind="votes", look=5))))
@@ -600,14 +611,14 @@ def test_a_regression_is_an_upper_bound_strictly_below_minus_the_margin() -> Non
 
 def test_a_look_with_no_error_left_to_spend_tests_nothing() -> None:
     # 0.01 already spent (the plan was changed mid-watch: α(0.5) = 0.0056 at alpha 0.05 is
-    # below it). Spending never goes back, so look 5 has nothing to spend: nothing is tested,
-    # even the largest possible drop (all passed before, none now). Its comparisons say so
-    # (not_tested, no bound) rather than "no regression" at a bound of 1. No quantile: z None.
+    # below it). Spending never goes back, so look 5 has nothing to spend: it is not due and
+    # nothing is tested, even the largest possible drop (all passed before, none now). Its
+    # comparisons say so (not_tested, no bound) rather than "no regression" at a bound of 1.
     modules = (module("evidence_answers", "votes", (200, 0), (200, 200)),)
     made = decide_watch(evidence((200, 0), (200, 200), looks_done=4, alpha_spent=0.01,
                                  modules=modules, modules_total=1))
-    assert (made.tested, made.look, made.alpha_spent) == (True, 5, 0.01)
-    assert (made.alpha_per_comparison, made.z) == (0.0, None)
+    assert (made.tested, made.look, made.alpha_spent) == (False, 5, 0.01)
+    assert (made.alpha_per_comparison, made.z) == (None, None)
     assert (made.state, made.action) == (WatchState.watching, WatchAction.none)
     assert [(c.kind, c.value, c.verdict) for c in made.comparisons] == [
         ("audits", None, WatchComparisonVerdict.insufficient_evidence),  # no audits at all
@@ -636,6 +647,125 @@ def test_looks_done_never_go_back_when_evidence_is_deleted() -> None:
         (None, "votes", WatchComparisonVerdict.not_tested),
         ("evidence_answers", "votes", WatchComparisonVerdict.not_tested),
     ]
+
+
+def test_lowering_watch_looks_mid_watch_lets_a_kind_reach_its_last_look_and_pass() -> None:
+    # The votes reached look 4 of 5 (α(0.8) spent); the owner lowers watch_looks to 3. A look is
+    # due when the plan now allows more than the kind spent: at 320 a side (look 2 of 3, α(2/3)
+    # below α(0.8)) nothing is tested; at 400 a side the last look (3 of 3) spends α(1) − α(0.8)
+    # and passes the watch. The look never reads more than the looks planned. (Before: a look
+    # was due only past look 4, which a plan of 3 never reaches: never tested, "look 4 of 3".)
+    spent = obf_alpha_spent(0.8, 0.05)
+    clocks = (WatchClock(kind="audits"), WatchClock(kind="votes", look=4, alpha_spent=spent,
+                                                    in_play=True))
+    between = decide_watch(evidence((320, 256), (320, 256), clocks=clocks, looks=3))
+    assert (between.state, between.tested, between.look, between.looks_planned) == (
+        WatchState.watching, False, 3, 3)
+    assert (between.clocks[1].look, between.clocks[1].alpha_spent) == (3, spent)
+    last = decide_watch(evidence((400, 320), (400, 320), clocks=between.clocks, looks=3))
+    assert (last.state, last.tested, last.look, last.looks_planned) == (
+        WatchState.passed, True, 3, 3)
+    votes = last.clocks[1]
+    assert (votes.look, votes.tested, votes.passed) == (3, True, True)
+    assert votes.alpha_spent == pytest.approx(0.05)
+    assert votes.alpha_per_comparison == pytest.approx((0.05 - spent) / 2)
+    # The same last look finds a drop: lowering the looks does not stop the watch testing.
+    drop = decide_watch(evidence((400, 240), (400, 320), clocks=between.clocks, looks=3,
+                                 mode=WatchMode.auto))
+    assert (drop.state, drop.action, drop.look) == (WatchState.regressed, WatchAction.roll_back, 3)
+    # A kind past the new plan's end (look 5 of 5, not passed: nothing was left to spend at it)
+    # reads look 3 of 3, never 5 of 3.
+    past = decide_watch(evidence((400, 320), (400, 320), looks=3, clocks=(
+        WatchClock(kind="audits"), WatchClock(kind="votes", look=5, alpha_spent=0.05))))
+    assert (past.look, past.clocks[1].look, past.tested, past.state) == (
+        3, 3, False, WatchState.watching)
+
+
+def test_raising_watch_looks_mid_watch_spends_nothing_twice() -> None:
+    # The votes reached look 4 of 5 (α(0.8) spent); the owner raises watch_looks to 10. At 320 a
+    # side (look 8 of 10: α(0.8), what was spent) nothing is due; at 200 a side (look 5) the plan
+    # allows less than was spent: nothing is tested, nothing spent goes back. At 360 a side
+    # (look 9) the look spends α(0.9) − α(0.8).
+    spent = obf_alpha_spent(0.8, 0.05)
+    clocks = (WatchClock(kind="audits"), WatchClock(kind="votes", look=4, alpha_spent=spent,
+                                                    in_play=True))
+    for n, look in ((320, 8), (200, 5)):
+        made = decide_watch(evidence((n, n // 2), (n, n // 2), clocks=clocks, looks=10))
+        votes = made.clocks[1]
+        assert (made.tested, votes.tested, votes.look, votes.alpha_spent) == (
+            False, False, look, spent)
+        assert (made.alpha_per_comparison, made.z) == (None, None)
+        assert twin_votes(made).verdict is WatchComparisonVerdict.not_tested
+    later = decide_watch(evidence((360, 180), (360, 180), clocks=clocks, looks=10))
+    votes = later.clocks[1]
+    assert (later.tested, votes.look) == (True, 9)
+    assert votes.alpha_spent == pytest.approx(obf_alpha_spent(0.9, 0.05))
+    assert votes.alpha_per_comparison == pytest.approx(
+        (obf_alpha_spent(0.9, 0.05) - spent) / 2)
+
+
+def test_a_run_at_the_same_look_with_the_same_settings_tests_nothing_again() -> None:
+    # Look 5 tested at 200 a side; the next run, read back from the report through JSON, is
+    # still at look 5: nothing is tested or spent again. Nor when what was spent reads a hair
+    # below α(0.5) (a float that went through another rounding): equal up to rounding is equal.
+    first = decide_watch(evidence((200, 170), (200, 170)))
+    assert first.tested and first.clocks[1].look == 5
+    read_back = WatchReport.model_validate_json(first.model_dump_json()).clocks
+    again = decide_watch(evidence((230, 195), (230, 195), clocks=read_back))
+    assert (again.tested, again.clocks[1].tested) == (False, False)
+    assert again.clocks[1].alpha_spent == first.clocks[1].alpha_spent
+    hair = obf_alpha_spent(0.5, 0.05) * (1 - 4e-16)
+    assert hair < obf_alpha_spent(0.5, 0.05)
+    nudged = decide_watch(evidence((200, 170), (200, 170), clocks=(
+        WatchClock(kind="audits"), WatchClock(kind="votes", look=5, alpha_spent=hair))))
+    assert (nudged.tested, nudged.clocks[1].alpha_spent) == (False, hair)
+
+
+def test_a_kind_never_compared_does_not_hold_the_watch_from_passing() -> None:
+    # One vote a side beside 400 audits a side: the votes were never compared (under
+    # watch_min_evidence a side), so they are not in play, and the audits, having passed their
+    # last look, pass the watch. (Before: the one vote a side was "in play" and held the watch
+    # until it could only expire.)
+    for votes in ((1, 1, 1, 0), (29, 20, 29, 23)):
+        made = decide_watch(evidence((400, 360), (400, 360), kind="audits", other=votes))
+        audits, vote_clock = made.clocks
+        assert (audits.passed, audits.in_play) == (True, True)
+        assert (vote_clock.in_play, vote_clock.passed, vote_clock.look) == (False, False, 0)
+        assert (made.state, made.look, made.information) == (WatchState.passed, 10, 1.0)
+
+
+def test_a_kind_compared_once_stays_in_play_when_its_evidence_goes() -> None:
+    # Run 1: 40 votes a side are compared (look 1 of 10): the votes are in play. Run 2: the
+    # votes were retracted (none, or one a side, left) while the audits reach their last look:
+    # the votes stay in play, so the watch goes on (their plan was not done) rather than
+    # passing on the audits alone. (Before: in play was judged on each run's evidence.)
+    first = decide_watch(evidence((40, 32), (40, 32), other=(100, 90, 100, 90)))
+    assert first.clocks[1].in_play and first.state is WatchState.watching
+    for votes in ((0, 0), (1, 1)):
+        later = decide_watch(evidence(votes, votes, other=(400, 360, 400, 360),
+                                      clocks=first.clocks))
+        audits, vote_clock = later.clocks
+        assert (audits.passed, vote_clock.in_play, vote_clock.passed) == (True, True, False)
+        assert (later.state, later.look, later.information) == (WatchState.watching, 1, 0.0)
+        # At expiry such a watch ends expired, never passed.
+        late = decide_watch(evidence(votes, votes, other=(400, 360, 400, 360),
+                                     clocks=later.clocks, hours=24 * 14))
+        assert late.state is WatchState.expired
+
+
+def test_clocks_from_before_the_sticky_rule_are_read_as_they_are() -> None:
+    # A report written while in play meant "seen on both sides at this run": its in_play is read
+    # as it is, the cautious reading (it can only keep a watch from passing, never pass one).
+    old = (WatchClock(kind="audits", look=9, alpha_spent=obf_alpha_spent(0.9, 0.05),
+                      in_play=True),
+           WatchClock(kind="votes", in_play=True))
+    made = decide_watch(evidence((400, 360), (400, 360), kind="audits", other=(1, 1, 1, 1),
+                                 clocks=old))
+    assert made.clocks[1].in_play and made.state is WatchState.watching
+    # Without in play anywhere, no watch passes, whatever its clocks say.
+    idle = decide_watch(evidence((0, 0), (0, 0), clocks=(
+        WatchClock(kind="audits", look=10, passed=True), WatchClock(kind="votes"))))
+    assert idle.state is WatchState.watching
 
 
 # --- whole watches, simulated ------------------------------------------------------------------
@@ -874,10 +1004,13 @@ def test_every_look_of_every_plan_has_a_finite_quantile(
             (n, 0), (n, n), clocks=clocks, modules=modules,
             modules_total=modules_total, alpha=alpha, looks=looks, pass_evidence=pass_evidence,
             min_evidence=30, expire_days=3650))
-        assert made.tested and made.look == k
+        assert made.look == k
         share = made.alpha_per_comparison
-        assert share is not None and share >= 0
-        if share == 0:  # below the smallest float (alpha 1e-4, look 1 of 100: about 1e-330)
+        if not made.tested:  # α(k/K) below the smallest float (alpha 1e-4, look 1 of 100:
+            # about 1e-330): the plan allows nothing yet, so no look is due.
+            assert obf_alpha_spent(k / looks, alpha) == 0.0
+            assert (share, made.z, made.state) == (None, None, WatchState.watching)
+        elif share == 0:  # a share split over the comparisons underflows: nothing to spend
             assert made.z is None and made.state is WatchState.watching
         else:
             assert made.z is not None and 0 < made.z < 40
@@ -1097,11 +1230,11 @@ def test_evidence_on_one_side_only_never_reaches_a_look_nor_passes() -> None:
 
 
 def test_the_last_look_passes_only_when_it_could_test_something() -> None:
-    # Look 10 is due, but the plan was changed mid-watch (watch_alpha lowered below what was
-    # spent): the look has nothing to spend, its bounds are the 100% ones and cannot regress,
-    # so it tested nothing: the watch is not passed; it waits for its expiry.
+    # Look 10 is reached, but the plan was changed mid-watch (watch_alpha lowered below what was
+    # spent): the plan allows no more than was spent, so no look is due and nothing is tested:
+    # the watch is not passed; it waits for its expiry.
     made = decide_watch(evidence((400, 330), (400, 332), looks_done=9, alpha_spent=0.06))
-    assert (made.tested, made.look, made.alpha_per_comparison) == (True, 10, 0.0)
+    assert (made.tested, made.look, made.alpha_per_comparison) == (False, 10, None)
     assert (made.state, made.action) == (WatchState.watching, WatchAction.none)
     # At its expiry it is over: nothing left to spend, expired (not passed).
     late = decide_watch(evidence((400, 330), (400, 332), looks_done=10, alpha_spent=0.06,
