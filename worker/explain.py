@@ -24,7 +24,7 @@ from worker.watch import STANDARDIZED_METHOD
 
 STANDARDIZED_METHODS = (STANDARDIZED_METHOD, "newcombe_mover_standardized")
 """`method` of a twin-wide comparison over several modules: now, and in reports written before
-20261219000100 (each module's Wilson interval combined by variance recovery)."""
+the effective-size interval (each module's Wilson interval combined by variance recovery)."""
 
 STATUS_WORDS = {
     ModuleStatus.insufficient_data: "insufficient data",

@@ -111,12 +111,13 @@ def standardized_interval(
     are taken as fixed (the estimand is the difference at the old side's observed mix).
 
     Why not each stratum's own Wilson interval, combined by variance recovery (MOVER: Zou and
-    Donner 2008, Statistics in Medicine 27:1693-1702; the method until 20261219000100): a Wilson
-    interval of a few events cannot be wider than [0, 1], so at the large z of an early look
-    the strata's widths saturate while the combination still shrinks them as if they were
-    normal. Three modules of 10 events a side at p = 0.5 then regressed at 67 times the test's
-    share at 1e-6 and 1.04 times at 0.025, exactly enumerated; one interval at the effective
-    size holds its share there and in every mix enumerated (tests/unit/test_watch_exact.py).
+    Donner 2008, Statistics in Medicine 27:1693-1702; reports of that method say
+    `newcombe_mover_standardized`): a Wilson interval of a few events cannot be wider than
+    [0, 1], so at the large z of an early look the strata's widths saturate while the
+    combination still shrinks them as if they were normal. Three modules of 10 events a side
+    at p = 0.5 then regressed at 67 times the test's share at 1e-6 and 1.04 times at 0.025,
+    exactly enumerated; one interval at the effective size holds its share there and in every
+    mix enumerated (tests/unit/test_watch_exact.py).
 
     With `cap`, each stratum's side counts at most `cap` times the other side's events in its
     effective size (its pass rate stays x/n): the larger side's interval is no narrower than

@@ -209,7 +209,7 @@ def test_a_kind_without_evidence_and_a_report_from_before_kinds_in_words() -> No
     "method", ["newcombe_standardized_effective_n", "newcombe_mover_standardized"])
 def test_a_twin_wide_comparison_by_module_says_so(method: str) -> None:
     # The pooled counts read as a drop; the verdict is on the difference at the earlier mix.
-    # Reports before 20261219000100 name the method they used then.
+    # Older reports name the method they used then.
     from worker.explain import describe_watch
 
     by_module = {**WATCH_REPORT, "state": "passed", "action": "none", "look": 10,

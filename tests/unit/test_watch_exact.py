@@ -166,8 +166,9 @@ def strata_regress_chance(sides: list[tuple[int, int]], rates: list[float], shar
 
 
 def _mover_upper(strata: list[tuple[int, int, int, int]], z: float) -> float:
-    """The twin-wide upper bound until 20261219000100: each stratum's own Wilson intervals
-    combined by variance recovery (Zou and Donner 2008), the larger side capped as now."""
+    """The twin-wide upper bound the worker used before the effective size: each stratum's own
+    Wilson intervals combined by variance recovery (Zou and Donner 2008), the larger side capped
+    as now."""
     total = sum(n2 for *_, n2 in strata)
     d = sum(n2 / total * (x1 / n1 - x2 / n2) for x1, n1, x2, n2 in strata)
     square = 0.0
@@ -231,7 +232,7 @@ def test_modules_at_different_rates_and_sizes_hold_their_share(
 
 
 def test_each_modules_own_interval_combined_overspent_at_an_early_looks_level() -> None:
-    # What the review found, with the combination the worker used until 20261219000100:
+    # What the review found, with the combination the worker used before:
     # three modules of 10 a side at p = 0.5, share 1e-6 (an early look's).
     z, share = -NormalDist().inv_cdf(1e-6), 1e-6
     f = _pmf(10, 0.5)
