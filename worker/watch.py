@@ -381,10 +381,12 @@ def decide_watch(evidence: WatchEvidence) -> WatchReport:
     for kind, clock in clocks.items():
         # A kind passes its plan when its last look tested something (had error to spend and a
         # comparison with evidence: with nothing to spend they are not_tested) and found no
-        # regression; it stays passed.
+        # regression; it stays passed. The last look is judged on the evidence, not on the look
+        # reached: with watch_looks lowered mid-watch the look reached may already be the new
+        # last one while the evidence holds a third of pass_evidence.
         tested_any = any(c.verdict is WatchComparisonVerdict.no_regression
                          for c in comparisons if c.kind == kind)
-        if clock.tested and clock.look >= s.looks and tested_any and not regressed:
+        if clock.tested and clock.information >= 1.0 and tested_any and not regressed:
             clocks[kind] = clock.model_copy(update={"passed": True})
     in_play = [c for c in clocks.values() if c.in_play]
     if regressed:

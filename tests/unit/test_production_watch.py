@@ -649,6 +649,18 @@ def test_looks_done_never_go_back_when_evidence_is_deleted() -> None:
     ]
 
 
+def test_lowering_watch_looks_mid_watch_passes_only_on_the_whole_plans_evidence() -> None:
+    # A review's case: look 3 of 10 reached (α(0.3) spent), the owner lowers watch_looks to 3.
+    # At 134 a side (look 1 of 3 by the evidence, α(1/3) > α(0.3): a test) the look reached
+    # already reads 3 of 3; the watch must not pass on a third of watch_pass_evidence.
+    clocks = (WatchClock(kind="audits"),
+              WatchClock(kind="votes", look=3, alpha_spent=obf_alpha_spent(0.3, 0.05),
+                         in_play=True))
+    early = decide_watch(evidence((134, 107), (134, 107), clocks=clocks, looks=3))
+    assert early.tested and early.state is WatchState.watching
+    assert not early.clocks[1].passed
+
+
 def test_lowering_watch_looks_mid_watch_lets_a_kind_reach_its_last_look_and_pass() -> None:
     # The votes reached look 4 of 5 (α(0.8) spent); the owner lowers watch_looks to 3. A look is
     # due when the plan now allows more than the kind spent: at 320 a side (look 2 of 3, α(2/3)
