@@ -117,11 +117,13 @@ class Workers:
         self.spawn()
         return name + (" (holding a run)" if name in holders else "")
 
-    def running_runs(self) -> dict[str, tuple[str, int]]:
-        """Runs now running under a live lease: run id -> (worker id, attempt)."""
+    def running_runs(self, *, before_last_attempt: bool = False) -> dict[str, tuple[str, int]]:
+        """Runs now running under a live lease: run id -> (worker id, attempt); with
+        `before_last_attempt`, only those an expired lease would hand over rather than fail."""
         return {r[0]: (r[1], r[2]) for r in self.query(
             "select id::text, worker_id, attempts from persona_feedback_learning_runs"
-            " where status = 'running' and lease_expires_at > now()")}
+            " where status = 'running' and lease_expires_at > now()"
+            + (" and attempts < max_attempts" if before_last_attempt else ""))}
 
     def pause_holder(self, rng: random.Random, lease_s: float, deadline_s: float = 20) -> Pause:
         """Stops (SIGSTOP) a worker while it holds a run under a live lease, as a long GC pause
@@ -133,11 +135,8 @@ class Workers:
         or a caught run is neither taken over nor ended within the lease and 15 s more."""
 
         def catch() -> tuple[str, str, int] | None:
-            # Not a run on its last attempt: an expired lease would fail it, not hand it over.
-            held = [(r[0], r[1], r[2]) for r in self.query(
-                "select id::text, worker_id, attempts from persona_feedback_learning_runs"
-                " where status = 'running' and lease_expires_at > now()"
-                " and attempts < max_attempts") if r[1] in self.procs]
+            held = [(run, w, a) for run, (w, a)
+                    in self.running_runs(before_last_attempt=True).items() if w in self.procs]
             if not held:
                 return None
             run_id, name, attempt = rng.choice(sorted(held))
@@ -157,10 +156,8 @@ class Workers:
                 taker = wait_until(functools.partial(self.successor, run_id, attempt), lease_s + 15,
                                    f"run {run_id} taken over from paused {name}", every=0.1)
             except TimeoutError as exc:
-                row = self.query("select status, worker_id, attempts, lease_expires_at - now()"
-                                 " from persona_feedback_learning_runs where id = %s", (run_id,))
                 raise TimeoutError(f"{exc}; the run now (status, worker, attempts, lease "
-                                   f"left): {row[0] if row else 'unreadable'}") from None
+                                   f"live): {self.run_state(run_id)}") from None
             finally:
                 self.procs[name].send_signal(signal.SIGCONT)
             if taker != "itself":
@@ -169,14 +166,20 @@ class Workers:
     def successor(self, run_id: str, attempt: int) -> str | None:
         """The worker that took the run over after `attempt` (running it, or having ended it),
         "itself" when the run ended at `attempt`, None while it is still that attempt's."""
-        worker, at = self.running_runs().get(run_id, ("", 0))
-        if at > attempt:
-            return worker
-        rows = self.query("select worker_id, attempts from persona_feedback_learning_runs"
-                          " where id = %s and status not in ('queued', 'running')", (run_id,))
-        if not rows:
+        state = self.run_state(run_id)
+        if state is None:
             return None
-        return rows[0][0] if rows[0][1] > attempt else "itself"
+        status, worker, at, live = state
+        if at > attempt and (live or status not in ("queued", "running")):
+            return worker
+        return "itself" if status not in ("queued", "running") else None
+
+    def run_state(self, run_id: str) -> tuple[str, str, int, bool] | None:
+        """(status, worker id, attempts, lease live) of a run; None when it cannot be read."""
+        rows = self.query("select status, worker_id, attempts,"
+                          " coalesce(lease_expires_at > now(), false)"
+                          " from persona_feedback_learning_runs where id = %s", (run_id,))
+        return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
     def stop(self, deadline_s: float = 60) -> dict[str, int]:
         """SIGTERM: each finishes the work in hand and exits; exit statuses by worker id."""
