@@ -116,8 +116,10 @@ def standardized_interval(
     [0, 1], so at the large z of an early look the strata's widths saturate while the
     combination still shrinks them as if they were normal. Three modules of 10 events a side
     at p = 0.5 then regressed at 67 times the test's share at 1e-6 and 1.04 times at 0.025,
-    exactly enumerated; one interval at the effective size holds its share there and in every
-    mix enumerated (tests/unit/test_watch_exact.py).
+    exactly enumerated; one interval at the effective size holds its share there and in the
+    mixes tests/unit/test_watch_exact.py enumerates. Not in every mix: a module with most of
+    the old weight and 10 new events at 85% beside a large module at 99% or more overspends
+    (1.1-1.4 times at 1e-3, more at smaller shares; README, "When the bound holds").
 
     With `cap`, each stratum's side counts at most `cap` times the other side's events in its
     effective size (its pass rate stays x/n): the larger side's interval is no narrower than
