@@ -22,9 +22,11 @@ from worker.models import LearningSettings, ModuleStatus
 from worker.views import RunEvidence, TrendPoint
 from worker.watch import STANDARDIZED_METHOD
 
-STANDARDIZED_METHODS = (STANDARDIZED_METHOD, "newcombe_mover_standardized")
-"""`method` of a twin-wide comparison over several modules: now, and in reports written before
-the effective-size interval (each module's Wilson interval combined by variance recovery)."""
+STANDARDIZED_METHODS = (
+    STANDARDIZED_METHOD, "newcombe_standardized_effective_n", "newcombe_mover_standardized")
+"""`method` of a twin-wide comparison over several modules: now (the wider of the effective-size
+and the combined modules' intervals), and in reports written before, with the effective-size
+interval alone, and before that the modules' intervals combined alone."""
 
 STATUS_WORDS = {
     ModuleStatus.insufficient_data: "insufficient data",

@@ -46,7 +46,7 @@ from worker.models import (
 )
 
 NEWCOMBE_METHOD = "newcombe_hybrid_score"
-STANDARDIZED_METHOD = "newcombe_standardized_effective_n"
+STANDARDIZED_METHOD = "newcombe_standardized_kish_or_mover"
 _NORMAL = NormalDist()
 
 
@@ -99,50 +99,95 @@ def standardized_interval(
     """(difference, lower, upper) for the difference of pass rates (new − old) standardised to
     the old side's mix of strata (direct standardisation): d = P1 − P2, P1 = Σ w_k p1_k and
     P2 = Σ w_k p2_k, with w_k = n2_k / Σ n2, p1_k = x1_k/n1_k (new) and p2_k = x2_k/n2_k (old),
-    from strata (x1, n1, x2, n2), each with both sides non-empty.
+    from strata (x1, n1, x2, n2), each with both sides non-empty. The weights are taken as fixed
+    (the estimand is the difference at the old side's observed mix).
 
-    Each side's standardised rate gets Wilson's score interval (Wilson 1927;
-    `worker.learning.wilson_bounds`) at its effective sample size, Kish's n_eff = 1 / Σ w_k² /
-    n_k (Kish, L. (1965), Survey Sampling, Wiley, section 11.7: the size of a simple random
-    sample whose proportion has the variance of the weighted one, p(1 − p) Σ w_k² / n_k at a
-    common p), and the two intervals are combined as Newcombe's method 10 combines two
-    (`newcombe_interval`): upper = d + √((u1 − P1)² + (P2 − l2)²), lower = d − √((P1 − l1)² +
-    (u2 − P2)²), clipped to [−1, 1]. One stratum gives `newcombe_interval` exactly. The weights
-    are taken as fixed (the estimand is the difference at the old side's observed mix).
+    Each side's standardised rate gets two distances from its estimate to its bound, and the
+    wider of them is taken, bound by bound:
+    - Wilson's score interval (Wilson 1927; `worker.learning.wilson_bounds`) of the side's rate
+      at Kish's effective sample size n_eff = 1 / Σ w_k² / n_k (Kish, L. (1965), Survey
+      Sampling, Wiley, section 11.7: the size of a simple random sample whose proportion has
+      the variance of the weighted one, p(1 − p) Σ w_k² / n_k, at a common p);
+    - each stratum's own Wilson interval, combined by variance recovery (MOVER: Zou, G. Y. and
+      Donner, A. (2008), Statistics in Medicine 27:1693-1702): √(Σ w_k² (u_k − p_k)²) above
+      the rate and √(Σ w_k² (p_k − l_k)²) below it.
+    The two sides' distances are then combined as Newcombe's method 10 combines two
+    (`newcombe_interval`): upper = d + √(up1² + down2²), lower = d − √(down1² + up2²), clipped
+    to [−1, 1]. One stratum gives `newcombe_interval` exactly (both distances are then that
+    stratum's Wilson interval).
 
-    Why not each stratum's own Wilson interval, combined by variance recovery (MOVER: Zou and
-    Donner 2008, Statistics in Medicine 27:1693-1702; reports of that method say
-    `newcombe_mover_standardized`): a Wilson interval of a few events cannot be wider than
-    [0, 1], so at the large z of an early look the strata's widths saturate while the
-    combination still shrinks them as if they were normal. Three modules of 10 events a side
-    at p = 0.5 then regressed at 67 times the test's share at 1e-6 and 1.04 times at 0.025,
-    exactly enumerated; one interval at the effective size holds its share there and in the
-    mixes tests/unit/test_watch_exact.py enumerates. Not in every mix: a module with most of
-    the old weight and 10 new events at 85% beside a large module at 99% or more overspends
-    (1.1-1.4 times at 1e-3, more at smaller shares; README, "When the bound holds").
+    Why the wider of two: each fails where the other holds, and an outcome regresses under the
+    wider only when it regresses under both, so a test's chance of a false regression is at
+    most the smaller of the two methods' (README, "When the bound holds"). Kish's size assumes
+    one pass rate in every stratum: a module with most of the old weight and 10 new events at
+    85% beside a large module at 99-99.9% has a variance three times what it assumes, and
+    regressed at up to 7.8 times its share at 1e-8 (1.1-1.4 times at 1e-3). The strata's own
+    intervals follow such a module, but a Wilson interval of a few events cannot be wider than
+    [0, 1], so at the large z of an early look their widths saturate while the combination
+    still shrinks them as if they were normal: three modules of 10 events a side at p = 0.5
+    regressed at 67 times the share at 1e-6 with them alone. Both cases, and the mixes between,
+    are enumerated exactly in tests/unit/test_watch_exact.py.
 
-    With `cap`, each stratum's side counts at most `cap` times the other side's events in its
-    effective size (its pass rate stays x/n): the larger side's interval is no narrower than
-    that of a side `cap` times the smaller (`IMBALANCE_CAP`). Raises ValueError for no strata, an
-    empty side or impossible counts, or z <= 0.
+    With `cap`, each stratum's side counts at most `cap` times the other side's events in both
+    distances (its pass rate stays x/n): the larger side's interval is no narrower than that of
+    a side `cap` times the smaller (`IMBALANCE_CAP`). Raises ValueError for no strata, an empty
+    side or impossible counts, or z <= 0.
     """
     if not z > 0:
         raise ValueError(f"z must be > 0, got {z}")
     d = standardized_difference(strata)
+    up1, down1, up2, down2 = (max(kish, mover) for kish, mover in zip(
+        effective_size_distances(strata, z, cap), strata_distances(strata, z, cap), strict=True))
+    lower = d - math.sqrt(down1 ** 2 + up2 ** 2)
+    upper = d + math.sqrt(up1 ** 2 + down2 ** 2)
+    return d, max(-1.0, lower), min(1.0, upper)
+
+
+Distances = tuple[float, float, float, float]
+"""From each side's standardised rate to its bounds: (new up, new down, old up, old down)."""
+
+
+def _sizes(n1: int, n2: int, cap: float | None) -> tuple[float, float]:
+    return (n1, n2) if cap is None else (min(n1, cap * n2), min(n2, cap * n1))
+
+
+def effective_size_distances(
+    strata: Sequence[tuple[int, int, int, int]], z: float, cap: float | None = None
+) -> Distances:
+    """Each side's distances to the bounds of Wilson's interval of its standardised rate at
+    Kish's effective size (`standardized_interval`; strata checked there)."""
     old_total = sum(n2 for _, _, _, n2 in strata)
     rate1 = rate2 = inverse1 = inverse2 = 0.0
     for x1, n1, x2, n2 in strata:
         w = n2 / old_total
+        size1, size2 = _sizes(n1, n2, cap)
         rate1 += w * x1 / n1
         rate2 += w * x2 / n2
-        inverse1 += w * w / (n1 if cap is None else min(n1, cap * n2))
-        inverse2 += w * w / (n2 if cap is None else min(n2, cap * n1))
+        inverse1 += w * w / size1
+        inverse2 += w * w / size2
     rate1, rate2 = min(1.0, rate1), min(1.0, rate2)
     l1, u1 = wilson_bounds(rate1 / inverse1, (1.0 - rate1) / inverse1, z)
     l2, u2 = wilson_bounds(rate2 / inverse2, (1.0 - rate2) / inverse2, z)
-    lower = d - math.sqrt((rate1 - l1) ** 2 + (u2 - rate2) ** 2)
-    upper = d + math.sqrt((u1 - rate1) ** 2 + (rate2 - l2) ** 2)
-    return d, max(-1.0, lower), min(1.0, upper)
+    return u1 - rate1, rate1 - l1, u2 - rate2, rate2 - l2
+
+
+def strata_distances(
+    strata: Sequence[tuple[int, int, int, int]], z: float, cap: float | None = None
+) -> Distances:
+    """Each side's distances to its bounds from each stratum's own Wilson interval, weighted and
+    combined by variance recovery, √(Σ w_k² d_k²) (`standardized_interval`; strata checked
+    there)."""
+    old_total = sum(n2 for _, _, _, n2 in strata)
+    squares = [0.0, 0.0, 0.0, 0.0]
+    for x1, n1, x2, n2 in strata:
+        w = n2 / old_total
+        for side, (p, size) in enumerate(zip((x1 / n1, x2 / n2), _sizes(n1, n2, cap),
+                                             strict=True)):
+            low, high = wilson_bounds(p * size, (1.0 - p) * size, z)
+            squares[2 * side] += (w * (high - p)) ** 2
+            squares[2 * side + 1] += (w * (p - low)) ** 2
+    up1, down1, up2, down2 = (math.sqrt(s) for s in squares)
+    return up1, down1, up2, down2
 
 
 def standardized_difference(strata: Sequence[tuple[int, int, int, int]]) -> float:

@@ -975,12 +975,15 @@ def test_a_15_point_drop_in_votes_is_caught_beside_audits_that_hold() -> None:
 def test_a_15_point_drop_in_votes_is_caught_in_a_twin_with_two_modules() -> None:
     # The two cases above in a twin with two modules, each event on either at random with the
     # same rates: 6 comparisons share alpha instead of 2, and the twin-wide ones are made by
-    # module. Votes alone: 187 of 200 caught by the last look (93.5%), half by 240 votes a
-    # side; beside audits that hold: 179 of 200 (89.5%), half by 240. With no true difference
-    # 1 of 300 regressed.
+    # module. Votes alone: 186 of 200 caught by the last look (93.0%), half by 240 votes a
+    # side; beside audits that hold: 182 of 200 (91.0%), half by 240. The power is about 92%
+    # and 90%: other seeds gave 179-191 and 175-184 of 200 (101-105, 101-103), so the
+    # thresholds sit two standard errors below, where a change of seed or of the random draws'
+    # order does not fail them and a real loss of power does. With no true difference none of
+    # 300 regressed.
     cases: list[tuple[dict[WatchKind, Arm], int, float]] = [
-        ({"votes": Arm(0.80, 0.65)}, 15, 0.92),
-        ({"votes": Arm(0.80, 0.65), "audits": Arm(0.9, 0.9)}, 17, 0.88),
+        ({"votes": Arm(0.80, 0.65)}, 15, 0.85),
+        ({"votes": Arm(0.80, 0.65), "audits": Arm(0.9, 0.9)}, 17, 0.85),
     ]
     for arms, seed, caught_at_least in cases:
         ends = simulate(arms, watches=200, runs=100, seed=seed, modules_total=2)
@@ -1115,7 +1118,7 @@ def test_a_change_in_module_mix_alone_is_no_regression() -> None:
     twin = twin_votes(made)
     assert twin.difference == pytest.approx(0.0, abs=1e-12)
     assert (twin.verdict, twin.method) == (WatchComparisonVerdict.no_regression,
-                                           "newcombe_standardized_effective_n")
+                                           "newcombe_standardized_kish_or_mover")
     assert twin.evidence == {"new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}
     assert [c.verdict for c in made.comparisons if c.scope == "module"] == [
         WatchComparisonVerdict.no_regression] * 2
@@ -1345,12 +1348,13 @@ def test_a_module_with_most_of_the_old_weight_and_one_new_vote_raises_no_false_r
 
 
 def test_a_15_point_drop_in_every_module_is_caught_with_the_mix_moving() -> None:
-    # Both modules drop 15 points (90% -> 75%, 65% -> 50%) while the mix moves as above: at
-    # least 90% of watches regress by the last look (400 votes a side).
+    # Both modules drop 15 points (90% -> 75%, 65% -> 50%) while the mix moves as above: 186
+    # of 200 watches regress by the last look (400 votes a side), 181-193 with seeds 101-104;
+    # at least 85% must.
     ends = simulate_mix({"e": 0.65, "s": 0.9}, {"e": 0.5, "s": 0.75}, {"e": 0.2, "s": 0.8},
                         {"e": 0.5, "s": 0.5}, watches=200, seed=19)
     caught = [e[1] for e in ends if e is not None and e[0] is WatchState.regressed]
-    assert len(caught) / len(ends) >= 0.9 and all(n <= 400 for n in caught)
+    assert len(caught) / len(ends) >= 0.85 and all(n <= 400 for n in caught)
 
 
 def simulate_spread(

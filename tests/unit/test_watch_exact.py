@@ -15,14 +15,22 @@ Run as a script for the wider scan whose figures the README quotes:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from statistics import NormalDist
 
 import pytest
 
-from worker.learning import wilson_bounds
 from worker.models import WATCH_MARGIN_MIN, WATCH_MIN_EVIDENCE_MIN, WatchSettings
-from worker.watch import IMBALANCE_CAP, STRATUM_MIN_EVIDENCE, standardized_interval
+from worker.watch import (
+    IMBALANCE_CAP,
+    STRATUM_MIN_EVIDENCE,
+    effective_size_distances,
+    standardized_difference,
+    standardized_interval,
+    strata_distances,
+)
 
 # p from 0.5 to 0.99, denser where the interval is most delicate (high pass rates).
 RATES = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.91, 0.92, 0.93,
@@ -124,77 +132,112 @@ def test_the_smallest_plan_the_database_allowed_overspent_its_alpha() -> None:
 
 # --- the twin-wide comparison: several modules (strata) -----------------------------------------
 
-Side = dict[float, tuple[float, list[int]]]
-"""A side's standardised pass rate (rounded, so that equal sums meet) -> its probability and
-some counts x_k that give it."""
+Side = dict[float, dict[float, tuple[float, tuple[int, ...]]]]
+"""A side's standardised pass rate (rounded, so that equal sums meet) -> the square of its
+strata's combined distance to the bound that matters (rounded likewise) -> the probability of
+the outcome vectors with both, and one such vector x_k."""
 
 
-def _standardised_rates(sizes: list[int], weights: list[float], rates: list[float]) -> Side:
-    """The distribution of Σ w_k x_k / n_k with x_k ~ Binomial(n_k, p_k), independent."""
-    out: Side = {0.0: (1.0, [])}
-    for n, w, p in zip(sizes, weights, rates, strict=True):
+NEGLIGIBLE = 1e-40
+"""A count whose probability is below this is left out of a side's distribution: what that
+drops, at most 1e-40 per count and stratum, is far below any share checked."""
+
+
+def _standardised_rates(sizes: list[int], weights: list[float], rates: list[float],
+                        squares: list[list[float]]) -> Side:
+    """The distribution of (Σ w_k x_k / n_k, Σ squares[k][x_k]) with x_k ~ Binomial(n_k, p_k),
+    independent."""
+    out: Side = {0.0: {0.0: (1.0, ())}}
+    for n, w, p, square in zip(sizes, weights, rates, squares, strict=True):
         step: Side = {}
-        for rate, (chance, xs) in out.items():
+        for rate, by_square in out.items():
             for x, px in enumerate(_pmf(n, p)):
-                key = round(rate + w * x / n, 12)
-                was, counts = step.get(key, (0.0, [*xs, x]))
-                step[key] = (was + chance * px, counts)
+                if px < NEGLIGIBLE:
+                    continue
+                into = step.setdefault(round(rate + w * x / n, 12), {})
+                for total, (chance, xs) in by_square.items():
+                    key = round(total + square[x], 15)
+                    was = into.get(key, (0.0, (*xs, x)))
+                    into[key] = (was[0] + chance * px, was[1])
         out = step
     return out
 
 
 def strata_regress_chance(sides: list[tuple[int, int]], rates: list[float], share: float,
-                          margin: float = WATCH_MARGIN_MIN) -> float:
+                          margin: float = WATCH_MARGIN_MIN, effective_size_only: bool = False
+                          ) -> float:
     """The exact chance that the twin-wide test over strata of (n1, n2) events, both sides of
     stratum k at the true pass rate rates[k], calls a regression at the one-sided level
-    `share`: the worker's own `standardized_interval` (with the cap) judges each pair of
-    standardised rates (it depends on the counts through them alone, at given sizes), and the
-    chances of those that regress are summed."""
+    `share`, by the worker's `standardized_interval` (with the cap), taken apart: its upper
+    bound is d + √(up1² + down2²), each distance the wider of the effective-size one (a
+    function of that side's standardised rate, which grows with the new side's rate) and the
+    strata's combined one, √(Σ w_k² d_k(x_k)²), each stratum's distance a function of its own
+    count. So every outcome vector is summed by (rate, Σ w_k² d_k²), and only pairs of rates
+    that regress under the effective-size distances alone are judged in full.
+    `test_the_exact_strata_scan_agrees_with_a_full_enumeration` checks this against the worker's
+    own decision, outcome by outcome. With `effective_size_only`, the chance under the
+    effective-size distances alone (the interval before the strata's own were taken as well)."""
     z = -NormalDist().inv_cdf(share)
     news, olds = [n1 for n1, _ in sides], [n2 for _, n2 in sides]
     weights = [n2 / sum(olds) for n2 in olds]
-    new_side = sorted(_standardised_rates(news, weights, rates).items())
+    # Each stratum's own distance, weighted and squared, per count: new side up, old side down.
+    up = [[(w * strata_distances([(x, n1, 0, n2)], z, IMBALANCE_CAP)[0]) ** 2
+           for x in range(n1 + 1)] for n1, n2, w in zip(news, olds, weights, strict=True)]
+    down = [[(w * strata_distances([(0, n1, x, n2)], z, IMBALANCE_CAP)[3]) ** 2
+             for x in range(n2 + 1)] for n1, n2, w in zip(news, olds, weights, strict=True)]
+    if effective_size_only:
+        up, down = [[0.0] * len(u) for u in up], [[0.0] * len(d) for d in down]
+    new_side = sorted(_standardised_rates(news, weights, rates, up).items())
     chance = 0.0
-    for p_old, xs2 in _standardised_rates(olds, weights, rates).values():
-        # The bound grows with the new side's rate: stop at the first that holds.
-        for _, (p_new, xs1) in new_side:
-            strata = [(a, n1, b, n2) for a, n1, b, n2 in zip(xs1, news, xs2, olds, strict=True)]
-            if standardized_interval(strata, z, IMBALANCE_CAP)[2] >= -margin:
+    for rate2, old_vectors in _standardised_rates(olds, weights, rates, down).items():
+        xs2 = next(iter(old_vectors.values()))[1]
+        # The old side's down2² = max(kish², Σ): its outcomes by Σ, with running chances.
+        down_squares = sorted(old_vectors)
+        below = list(itertools.accumulate(old_vectors[d][0] for d in down_squares))
+        for rate1, new_vectors in new_side:
+            first = [(a, n1, b, n2) for a, n1, b, n2 in
+                     zip(next(iter(new_vectors.values()))[1], news, xs2, olds, strict=True)]
+            kish_up1, _, _, kish_down2 = effective_size_distances(first, z, IMBALANCE_CAP)
+            gap = rate2 - rate1 - margin  # regresses when √(up1² + down2²) < gap
+            if gap <= 0 or kish_up1 ** 2 + kish_down2 ** 2 >= gap ** 2:
                 break
-            chance += p_new * p_old
+            for up_square, (p_new, _) in new_vectors.items():
+                room = gap ** 2 - max(kish_up1 ** 2, up_square)  # down2² must stay below it
+                if room > kish_down2 ** 2:
+                    under = bisect.bisect_left(down_squares, room)
+                    chance += p_new * (below[under - 1] if under else 0.0)
     return chance
 
 
 def _mover_upper(strata: list[tuple[int, int, int, int]], z: float) -> float:
     """The twin-wide upper bound the worker used before the effective size: each stratum's own
-    Wilson intervals combined by variance recovery (Zou and Donner 2008), the larger side capped
-    as now."""
-    total = sum(n2 for *_, n2 in strata)
-    d = sum(n2 / total * (x1 / n1 - x2 / n2) for x1, n1, x2, n2 in strata)
-    square = 0.0
-    for x1, n1, x2, n2 in strata:
-        w, p1, p2 = n2 / total, x1 / n1, x2 / n2
-        m1, m2 = min(n1, IMBALANCE_CAP * n2), min(n2, IMBALANCE_CAP * n1)
-        u1 = wilson_bounds(p1 * m1, (1 - p1) * m1, z)[1]
-        l2 = wilson_bounds(p2 * m2, (1 - p2) * m2, z)[0]
-        square += w * w * ((u1 - p1) ** 2 + (p2 - l2) ** 2)
-    return d + math.sqrt(square)
+    Wilson intervals combined by variance recovery (Zou and Donner 2008) alone, the larger side
+    capped as now."""
+    up1, _, _, down2 = strata_distances(strata, z, IMBALANCE_CAP)
+    return standardized_difference(strata) + math.hypot(up1, down2)
 
 
 def test_the_exact_strata_scan_agrees_with_a_full_enumeration() -> None:
-    # Two strata of 6 and 9 events, every outcome judged one by one.
+    # Two strata of 6 and 9 events at different rates, every outcome judged one by one by the
+    # worker: the scan, which takes the bound apart, gives the same chance. The strata's own
+    # distances are wider than the effective-size ones in some outcomes here (the chance under
+    # those alone is larger), so both parts of the decision are checked.
     z = -NormalDist().inv_cdf(0.01)
-    sides, rates = [(6, 9), (9, 6)], [0.6, 0.8]
-    full = 0.0
+    sides, rates = [(6, 9), (9, 6)], [0.7, 0.95]
+    full = effective_only = 0.0
     for a in range(7):
         for b in range(10):
             for c in range(10):
                 for e in range(7):
                     strata = [(a, 6, b, 9), (c, 9, e, 6)]
+                    chance = (_pmf(6, 0.7)[a] * _pmf(9, 0.7)[b] * _pmf(9, 0.95)[c]
+                              * _pmf(6, 0.95)[e])
                     if standardized_interval(strata, z, IMBALANCE_CAP)[2] < -0.02:
-                        full += (_pmf(6, 0.6)[a] * _pmf(9, 0.6)[b] * _pmf(9, 0.8)[c]
-                                 * _pmf(6, 0.8)[e])
-    assert full > 0
+                        full += chance
+                    up1, _, _, down2 = effective_size_distances(strata, z, IMBALANCE_CAP)
+                    if standardized_difference(strata) + math.hypot(up1, down2) < -0.02:
+                        effective_only += chance
+    assert 0 < full < 0.7 * effective_only
     assert strata_regress_chance(sides, rates, 0.01) == pytest.approx(full, rel=1e-9)
 
 
@@ -229,6 +272,20 @@ def test_modules_at_different_rates_and_sizes_hold_their_share(
 ) -> None:
     for share in (0.025, 1e-3, 1e-6):
         assert strata_regress_chance(sides, rates, share) <= share, share
+
+
+@pytest.mark.parametrize("large_rate", [0.99, 0.999])
+def test_a_heavy_module_at_a_lower_rate_beside_a_large_one_holds_its_share(
+    large_rate: float
+) -> None:
+    # A review's case: a module with a fifth of the old weight (400 old events) enters with 10
+    # new at 85%, beside a module of 3,200 new and 1,600 old at 99% or 99.9%. The effective size
+    # assumes one rate for both and took the new side's variance as a third of what it is: alone
+    # it regressed at up to 1.5 and 2.2 times the share at 1e-4, 3.2 and 7.8 at 1e-6 and 1e-8.
+    sides, rates = [(10, 400), (3200, 1600)], [0.85, large_rate]
+    for share in (1e-3, 1e-4, 1e-6, 1e-8):
+        assert strata_regress_chance(sides, rates, share) <= share, share
+    assert strata_regress_chance(sides, rates, 1e-4, effective_size_only=True) > 1.4e-4
 
 
 def test_each_modules_own_interval_combined_overspent_at_an_early_looks_level() -> None:
