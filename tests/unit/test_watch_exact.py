@@ -9,8 +9,9 @@ is applied to each, and the binomial probabilities of those that regress are sum
 outcomes regress depends on (n1, n2, z, margin) only, so each is judged once and weighed for
 every p.
 
-Run as a script for the wider scan whose figures the README quotes:
-    .venv/bin/python tests/unit/test_watch_exact.py
+Run as a script for the wider scans whose figures the README quotes:
+    .venv/bin/python tests/unit/test_watch_exact.py          (one module: pairs of side sizes)
+    .venv/bin/python tests/unit/test_watch_exact.py strata   (several modules)
 """
 
 from __future__ import annotations
@@ -314,5 +315,38 @@ def _wide_scan() -> None:  # pragma: no cover - by hand: about ten minutes
           f"share={worst[2]}, n1={worst[3]}, n2={worst[4]}")
 
 
+def _strata_scan() -> None:  # pragma: no cover - by hand: about half an hour
+    """The README's scans of twin-wide comparisons: a grid of a small module with much of the
+    old weight beside a large one at 99% or 99.9%, and random mixes of two and three modules."""
+    grid = list(itertools.product([10, 20], [100, 400, 1600], [0.5, 0.8, 0.85, 0.9], [800, 3200],
+                                  [400, 1600], [0.99, 0.999], [1e-3, 1e-5, 1e-8]))
+    ours = alone = 0.0
+    over = 0
+    for a1, a2, pa, b1, b2, pb, share in grid:
+        sides, rates = [(a1, a2), (b1, b2)], [pa, pb]
+        ours = max(ours, strata_regress_chance(sides, rates, share) / share)
+        ratio = strata_regress_chance(sides, rates, share, effective_size_only=True) / share
+        alone, over = max(alone, ratio), over + (ratio > 1)
+    print(f"grid, {len(grid)} tests: worst {ours:.3f} of the share; the effective size alone "
+          f"overspent in {over}, up to {alone:.2f} times")
+    rng = random.Random(1)
+    for strata, sizes, count in ((2, [10, 12, 15, 20, 30, 45, 60, 100, 200, 400], 100),
+                                 (3, [10, 12, 15, 20, 30, 45, 60, 100], 100)):
+        worst = 0.0
+        for _ in range(count):
+            sides = [(rng.choice(sizes), rng.choice(sizes)) for _ in range(strata)]
+            rates = [rng.choice([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999])
+                     for _ in range(strata)]
+            worst = max([worst] + [strata_regress_chance(sides, rates, share) / share
+                                   for share in (0.025, 1e-3, 1e-5, 1e-8, 1e-10)])
+        print(f"{count} random mixes of {strata} modules, 5 shares each: worst {worst:.3f}")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    _wide_scan()
+    import random
+    import sys
+
+    if sys.argv[1:] == ["strata"]:
+        _strata_scan()
+    else:
+        _wide_scan()
