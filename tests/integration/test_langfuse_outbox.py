@@ -745,6 +745,58 @@ def test_changed_vote_updates_the_same_score_with_the_first_votes_time(
     assert early_versions[0]["metadata"]["intent_label"] == "small_talk"
 
 
+def test_a_deleted_first_vote_leaves_the_score_its_time_and_its_one_row(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """A moderator may delete a vote, the feedback's first one included. The votes after it
+    keep the first vote's time (first_vote_at, stored on each row when it is written), so the
+    score keeps its timestamp and its one row of Langfuse's table, even once the server's
+    stored events have expired and it can no longer merge the change into the old row."""
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    score_id = sid(twin, "deleted-first", voter)
+
+    first = vote(voter, twin, "deleted-first", 1)
+    # Passage of time: the first vote was cast three days ago (its row as it would read then).
+    cast_at = db.execute(
+        "update public.persona_training_events"
+        " set created_at = created_at - interval '3 days',"
+        "     first_vote_at = first_vote_at - interval '3 days'"
+        " where id = %s returning created_at",
+        (first["id"],),
+    ).fetchone()[0]  # type: ignore[index]
+    drainer.drain()
+    second = vote(voter, twin, "deleted-first", -1, reason="incorrect")
+    drainer.drain()
+
+    # The moderator deletes the first vote; the bucket's lifecycle rule expires the stored
+    # events; the voter changes their mind again another day.
+    db.execute("delete from public.persona_training_events where id = %s", (first["id"],))
+    standin.forget_event_log()
+    standin.advance(days=1)
+    third = vote(voter, twin, "deleted-first", 1, reason="helpful")
+    times = db.execute(
+        "select id, first_vote_at from public.persona_training_events where id = any(%s)",
+        ([second["id"], third["id"]],),
+    ).fetchall()
+    assert dict(times) == {second["id"]: cast_at, third["id"]: cast_at}
+    drainer.drain()
+
+    assert set(statuses(service, [second["id"], third["id"]]).values()) == {"sent"}
+    versions = standin.scores[score_id]
+    assert [v["value"] for v in versions] == [1.0, -1.0, 1.0]
+    assert {ts(v["timestamp"]) for v in versions} == {cast_at}, "one time for every vote"
+    (row,) = [r for (_, _, i), r in standin.table.items() if i == score_id]
+    assert row["value"] == 1.0
+    assert score_id not in standin.duplicates()
+
+
 def test_changed_vote_after_delivery_is_sent_by_the_next_drain(
     service: Client,
     make_user: Callable[[str], User],
