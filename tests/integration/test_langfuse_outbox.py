@@ -5,8 +5,9 @@ subprocess) into the Langfuse stand-in on 127.0.0.1.
 The outbox is shared by every twin in the database and other tests leave rows in it, so each
 test makes its own users and twins and asserts only about its own events and score ids; a
 drain here may also carry other tests' due rows, which no assertion depends on. Failure modes
-(down, 5xx, hang, 401) are driven through `drain_ours`, a pass that claims exactly the test's own
-rows, so they never mark other tests' rows retrying or failed. Waiting for a retry (or a claim
+(down, 5xx, hang, 401) are driven through `drain_ours`, a pass that can claim only the test's own
+rows (it locks every other row of the outbox meanwhile), so they never mark other tests' rows
+retrying or failed. Waiting for a retry (or a claim
 window) to become due is never a sleep: `make_due` moves `langfuse_next_attempt_at` back, which
 stands for the passage of time, as `end_hold` does for the mirror's hold (private.langfuse_hold,
 which holds every drain of the database while Langfuse asks to wait; `no_hold` clears it around
@@ -243,12 +244,20 @@ def drain_ours(
     event_ids: list[int],
     max_attempts: int = 8,
 ) -> int:
-    """One drain pass over exactly these rows, so that a failure mode under test does not touch
-    other tests' rows: they have waited a day (passage of time), which puts them at the head of
-    the claim order, and the pass claims a batch of their number."""
+    """One drain pass over these rows and no other, so that a failure mode under test does not
+    touch other tests' rows: they have waited a day (passage of time: due), and for the pass
+    every other row of the outbox is locked by this connection, which the claim (`for update
+    skip locked`) passes over. So the pass claims only the rows given that are still in the
+    outbox (none of a row sent, failed or superseded), whatever else is due."""
     make_due(db, event_ids, "1 day")
     drainer = OutboxDrainer(store, sender, batch_size=len(event_ids), max_attempts=max_attempts)
-    return drainer.drain_once()
+    with db.transaction():
+        db.execute(
+            "select 1 from public.persona_training_events"
+            " where langfuse_status in ('pending', 'retrying') and id <> all(%s) for update",
+            (event_ids,),
+        )
+        return drainer.drain_once()
 
 
 def sid(twin_id: str, trace_id: str, user: User | str) -> str:
