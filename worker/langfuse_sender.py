@@ -333,35 +333,35 @@ class LangfuseSender:
         }
 
     def _chunks(self, items: list[ScoreItem], results: dict[int, Delivery]) -> list[Chunk]:
-        """Requests of at most batch_size events and max_request_bytes; an event too large for
-        any request fails into `results` unsent."""
+        """Requests of at most batch_size events and max_request_bytes, counted exactly as
+        `body` serialises them (`{"batch":[` + the events joined by `,` + `]}`); an event too
+        large for any request fails into `results` unsent."""
         chunks: list[Chunk] = [[]]
-        envelope = len(b'{"batch":[]}')
-        size = envelope
+        size = len(body([]))
         for item in items:
             event = self.event(item)
-            item_size = len(json.dumps(event, ensure_ascii=False).encode()) + 1
-            if item_size + envelope > self.max_request_bytes:
+            item_size = len(body([event])) - len(body([]))
+            if len(body([event])) > self.max_request_bytes:
                 error = f"score is {item_size} bytes, over the {self.max_request_bytes}-byte limit"
                 results[item.event_id] = Delivery(item.event_id, Outcome.failed, error, unsent=True)
                 continue
             full = len(chunks[-1]) >= self.batch_size
-            if chunks[-1] and (full or size + item_size > self.max_request_bytes):
+            if chunks[-1] and (full or size + 1 + item_size > self.max_request_bytes):
                 chunks.append([])
-                size = envelope
+                size = len(body([]))
+            size += item_size + (1 if chunks[-1] else 0)  # the comma before all but the first
             chunks[-1].append((item, event))
-            size += item_size
         return [chunk for chunk in chunks if chunk]
 
     def _post(self, chunk: Chunk) -> dict[str, Verdict]:
         ids = [item.envelope_id for item, _ in chunk]
-        body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
+        payload = body([event for _, event in chunk])
         deadline = time.monotonic() + self.timeout_seconds
         try:
             with self.http.stream(
                 "POST",
                 self.host + INGESTION_PATH,
-                content=body,
+                content=payload,
                 headers={"content-type": "application/json"},
             ) as answer:
                 try:
@@ -387,6 +387,12 @@ class LangfuseSender:
         else:
             outcome = Outcome.retry
         return Verdict(outcome, transport_error(exc, self.timeout_seconds), stop=True)
+
+
+def body(events: list[dict[str, Any]]) -> bytes:
+    """The request body of an ingestion batch: compact JSON (no blanks after `,` and `:`),
+    UTF-8, as sent; `_chunks` counts request sizes with it."""
+    return json.dumps({"batch": events}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def check_host(host: str) -> str:

@@ -39,6 +39,7 @@ from worker.langfuse_sender import (
     Delivery,
     LangfuseSender,
     ScoreItem,
+    body,
     check_host,
     score_id_for,
     unusable_host,
@@ -407,6 +408,23 @@ def test_413_splits_the_request(standin: LangfuseStandin) -> None:
     statuses = [r.status for r in standin.requests]
     assert statuses[0] == 413 and statuses.count(207) >= 2
     assert len(standin.scores) == 6
+
+
+@pytest.mark.parametrize("room", [0, -1], ids=["exactly-the-limit", "one-byte-over"])
+def test_requests_are_counted_to_the_byte_as_sent(room: int) -> None:
+    """A batch whose body is exactly max_request_bytes goes as one request; one byte less and it
+    goes as two, none over the limit (the count is of the body as sent, separators included)."""
+    with LangfuseStandin(generation="v3") as lf, sender_for(lf, batch_size=1000) as probe:
+        items = make_items(40)
+        whole = len(body([probe.event(i) for i in items]))
+        assert whole > 4096
+        with sender_for(lf, batch_size=1000, max_request_bytes=whole + room) as sender:
+            assert outcomes(sender.send(items)) == {Outcome.sent}
+        sizes = [int(r.headers["content-length"]) for r in lf.score_requests]
+    if room == 0:
+        assert sizes == [whole]
+    else:
+        assert len(sizes) == 2 and max(sizes) <= whole - 1, sizes
 
 
 def test_a_score_too_large_for_any_request_fails_without_being_sent(
