@@ -140,20 +140,24 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
     return 1 if any(r.status == "failed" for r in runs) else 0
 
 
-def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
+def make_drainer(
+    settings: WorkerSettings, store: Store, *, one_shot: bool = False
+) -> OutboxDrainer:
     """The outbox drainer the settings describe: with no sender when Langfuse is not configured
-    (rows are skipped), with a `config_error` when its settings cannot work (rows stay pending)."""
+    (rows are skipped), with a `config_error` when its settings cannot work (rows stay pending).
+    `one_shot` (`pfl outbox drain`): a check that fails is not repeated by this process."""
     # Imported here: `pfl run-once` (cron) never needs the mirror's modules.
     from worker.langfuse_sender import LangfuseSender
-    from worker.outbox import OutboxDrainer
+    from worker.outbox import RECHECK_SECONDS, OutboxDrainer
 
     sender, error = None, None
     if settings.langfuse_missing:
         error = f"{', '.join(settings.langfuse_missing)} not set"
     elif settings.langfuse_configured:
         try:
+            setting, url = settings.langfuse_url
             sender = LangfuseSender(
-                settings.langfuse_host or "",
+                url or "",
                 settings.langfuse_public_key or "",
                 settings.langfuse_secret_key.get_secret_value()
                 if settings.langfuse_secret_key
@@ -161,6 +165,7 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
                 settings.pfl_langfuse_timeout_seconds,
                 environment=settings.langfuse_environment,
                 batch_size=settings.pfl_langfuse_batch_size,
+                setting=setting,
             )
         except ValueError as exc:
             error = str(exc)
@@ -171,6 +176,7 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
         settings.pfl_langfuse_max_attempts,
         settings.pfl_langfuse_visibility_seconds,
         config_error=error,
+        recheck_seconds=None if one_shot else RECHECK_SECONDS,
     )
 
 
@@ -279,7 +285,7 @@ def _cmd_outbox(args: argparse.Namespace, settings: WorkerSettings, store: Store
         status = "failed" if args.failed else "skipped"
         print(f"requeued {store.requeue_outbox(status)} {status} feedback rows")
         return 0
-    drainer = make_drainer(settings, store)
+    drainer = make_drainer(settings, store, one_shot=True)
     handled = drainer.drain()
     if drainer.config_error is not None:
         return 1  # the drainer's log line ("Langfuse mirror off: ...") said why

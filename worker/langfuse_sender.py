@@ -240,8 +240,10 @@ class LangfuseSender:
         environment: str = "default",
         batch_size: int = 100,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        setting: str = "LANGFUSE_HOST",
     ) -> None:
-        self.host = check_host(host)
+        self.setting = setting  # the name of the base URL's setting, for the messages
+        self.host = check_host(host, setting)
         if not public_key or not secret_key:
             raise ValueError("LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must not be empty")
         environment = langfuse_environment(environment)
@@ -252,10 +254,13 @@ class LangfuseSender:
         self.public_key, self.environment = public_key, environment
         self.timeout_seconds = float(timeout_seconds)
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
+        # Whether a check (`worker.langfuse_check.check`) passed, and nothing failed since.
+        self.checked = False
+        # The server's version as the last check read it (None: not read, or not served).
         self.version: tuple[int, int, int] | None = None
-        # The version a check read before its empty batch met a wait (its next check skips
-        # the health route): `worker.langfuse_check.check` keeps it.
-        self.waited_version: tuple[int, int, int] | None = None
+        # Whether the last check's empty batch met a wait, so the next check (the hold's probe)
+        # sends that batch alone, keeping `version`: `worker.langfuse_check.check` keeps it.
+        self.waited = False
         self.http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
@@ -369,13 +374,15 @@ class LangfuseSender:
                 except httpx.DecodingError as exc:  # status and headers came, the body is not
                     why = " ".join((str(exc) or type(exc).__name__).split())[:200]
                     now = datetime.now(UTC)
-                    return unreadable(answer.status_code, answer.headers, why, ids, now)
+                    status, headers = answer.status_code, answer.headers
+                    return unreadable(status, headers, why, ids, now, self.setting)
         except httpx.TransportError as exc:
             return dict.fromkeys(ids, self._unanswered(exc))
         except httpx.HTTPError as exc:  # anything else httpx raises for one request
             error = f"no usable answer ({type(exc).__name__}: {exc})"
             return dict.fromkeys(ids, Verdict(Outcome.retry, error[:300], stop=True))
-        return classify(answer.status_code, answer.headers, content, ids, datetime.now(UTC))
+        now = datetime.now(UTC)
+        return classify(answer.status_code, answer.headers, content, ids, now, self.setting)
 
     def _unanswered(self, exc: httpx.TransportError) -> Verdict:
         """A request without an answer (see the module docstring): off, unreachable or retry."""
@@ -395,24 +402,32 @@ def body(events: list[dict[str, Any]]) -> bytes:
     return json.dumps({"batch": events}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def check_host(host: str) -> str:
-    """`host` without surrounding blanks or a trailing slash. Raises ValueError unless it is an
-    http(s) URL with a host name and no query or fragment (a path prefix, as behind a proxy, is
-    kept, but not one with Langfuse's own `/api/public` in it)."""
+def check_host(host: str, setting: str = "LANGFUSE_HOST") -> str:
+    """`host` without surrounding blanks or a trailing slash. Raises ValueError, naming
+    `setting`, unless it is an http or https URL with a host name and no query or fragment (a
+    path prefix, as behind a proxy, is kept, but not one with Langfuse's own `/api/public`)."""
     host = host.strip() if isinstance(host, str) else host
     try:
         url = httpx.URL(host)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"LANGFUSE_HOST={host!r} is not a URL: {exc}") from exc
-    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{setting}={host!r} is not a URL: {exc}") from exc
+    if "://" not in host:  # "localhost:3000" parses as the scheme "localhost"
         raise ValueError(
-            f"LANGFUSE_HOST={host!r} needs a scheme and a host, e.g. https://cloud.langfuse.com"
+            f"{setting}={host!r} needs a scheme (http:// or https://) and a host, e.g. "
+            "https://cloud.langfuse.com"
         )
+    if url.scheme not in ("http", "https"):
+        raise ValueError(
+            f"{setting}={host!r}: the scheme must be http or https, not {url.scheme}, e.g. "
+            "https://cloud.langfuse.com"
+        )
+    if not url.host:
+        raise ValueError(f"{setting}={host!r} needs a host, e.g. https://cloud.langfuse.com")
     if url.query or url.fragment:
-        raise ValueError(f"LANGFUSE_HOST={host!r} must not have a query or a fragment")
+        raise ValueError(f"{setting}={host!r} must not have a query or a fragment")
     if re.search(r"/api/public(/|$)", url.path):
         raise ValueError(
-            f"LANGFUSE_HOST={host!r} must be Langfuse's base URL, without /api/public (the mirror "
+            f"{setting}={host!r} must be Langfuse's base URL, without /api/public (the mirror "
             "adds the API paths itself), e.g. https://cloud.langfuse.com"
         )
     return host.rstrip("/")

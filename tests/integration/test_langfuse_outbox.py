@@ -1058,7 +1058,9 @@ def test_a_proxys_refusal_mid_run_says_what_it_is_and_keeps_rows_pending(
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("no scheme", "needs a scheme and a host"),
+        ("no scheme", "LANGFUSE_HOST='127.0.0.1:"),
+        # Langfuse's SDK reads LANGFUSE_BASE_URL before LANGFUSE_HOST, and so does the worker
+        ("base URL wins", "LANGFUSE_BASE_URL='127.0.0.1:"),
         ("wrong keys", "refused the keys: HTTP 401"),
         ("too old", "is too old: score metadata and environments need 3.49.0"),
         ("half configured", "LANGFUSE_SECRET_KEY not set"),
@@ -1080,6 +1082,7 @@ def test_bad_configuration_says_why_once_and_keeps_rows_pending(
     with LangfuseStandin(version="3.48.2" if case == "too old" else None) as lf:
         extra = {
             "no scheme": {"LANGFUSE_HOST": lf.url.removeprefix("http://")},
+            "base URL wins": {"LANGFUSE_BASE_URL": lf.url.removeprefix("http://")},
             "wrong keys": {"LANGFUSE_SECRET_KEY": "sk-lf-wrong"},
             "too old": {},
             "half configured": {"LANGFUSE_SECRET_KEY": ""},
@@ -1091,6 +1094,10 @@ def test_bad_configuration_says_why_once_and_keeps_rows_pending(
     errors = [line for line in out.stderr.splitlines() if "Langfuse mirror off" in line]
     assert len(errors) == 1, out.stderr
     assert expected in errors[0]
+    if "scheme" in case or "URL" in case:
+        assert "needs a scheme (http:// or https://) and a host" in errors[0]
+    # a one-shot drain promises no second check
+    assert errors[0].endswith("feedback stays pending, not sent by this drain"), errors[0]
     for row in outbox(service, ids).values():
         assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
 
