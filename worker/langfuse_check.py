@@ -15,22 +15,19 @@ DNS, a certificate or the server itself (an upgrade past 3.49) may come right wi
 
 from __future__ import annotations
 
-import re
-import time
 from datetime import UTC, datetime
-from typing import Any
 
-import httpx
-
+from worker.langfuse_http import Answer, LangfuseClient, Unanswered
 from worker.langfuse_response import (
     INGESTION_PATH,
     Outcome,
     Verdict,
     classify,
+    health_version,
     no_route_hint,
+    passed_empty_batch,
     redirect_advice,
 )
-from worker.langfuse_sender import LangfuseSender, read_bounded, transport_error, unusable_host
 
 HEALTH_PATH = "/api/public/health"
 MIN_VERSION = (3, 49, 0)
@@ -86,12 +83,6 @@ class LangfuseWait(LangfuseUnavailable):
         self.verdict = verdict
 
 
-def parse_version(text: object) -> tuple[int, int, int] | None:
-    """(major, minor, patch) of "4.16.0", "v3.225.4" or "4.60.1-rc.1"; None otherwise."""
-    match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", text) if isinstance(text, str) else None
-    return (int(match[1]), int(match[2]), int(match[3])) if match else None
-
-
 def generation(version: tuple[int, int, int] | None) -> str:
     """The server generation of a version, as the README's table names it ("unknown" for
     None: the health route was not served)."""
@@ -102,7 +93,7 @@ def generation(version: tuple[int, int, int] | None) -> str:
     return "v4 before 4.59" if version < (4, 59, 0) else "v4 4.59 or later"
 
 
-def check(sender: LangfuseSender) -> tuple[int, int, int] | None:
+def check(sender: LangfuseClient) -> tuple[int, int, int] | None:
     """The server's version (None: its health route is not served at the base URL, so unknown),
     also kept as `sender.version`, and `sender.checked` set. Raises LangfuseConfigError when the
     host, the keys or the version cannot work, LangfuseNotThere (one too) when no Langfuse, or
@@ -119,19 +110,15 @@ def check(sender: LangfuseSender) -> tuple[int, int, int] | None:
         version, sender.waited = sender.version, False
     else:
         version = _health(sender)
-    probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
-    if probe.status_code in (404, 410):
+    probe = _request(sender, "POST", INGESTION_PATH, b'{"batch":[]}')
+    if probe.status in (404, 410):
         raise LangfuseNotThere(
-            f"Langfuse {_named(version)} at {sender.host} answered {probe.status_code} to POST "
+            f"Langfuse {_named(version)} at {sender.host} answered {probe.status} to POST "
             f"{INGESTION_PATH}: {no_route_hint(sender.setting)}"
         )
-    answer = _json(probe)
-    empty = isinstance(answer, dict) and answer.get("successes") == answer.get("errors") == []
-    if not (probe.status_code == 207 and empty):
+    if not passed_empty_batch(probe.status, probe.body):
         now = datetime.now(UTC)
-        verdict = classify(
-            probe.status_code, probe.headers, probe.content, ["-"], now, sender.setting
-        )["-"]
+        verdict = classify(probe.status, probe.headers, probe.body, ["-"], now, sender.setting)["-"]
         if verdict.outcome == Outcome.off:
             raise LangfuseRefused(f"{sender.setting}={sender.host}: {verdict.error}")
         if verdict.outcome == Outcome.failed:
@@ -154,25 +141,24 @@ proxy in front of it does not expose the route, so the version is unknown, not t
 missing; the empty batch to the ingestion route decides."""
 
 
-def _health(sender: LangfuseSender) -> tuple[int, int, int] | None:
+def _health(sender: LangfuseClient) -> tuple[int, int, int] | None:
     """The version `GET /api/public/health` answers, None when the route is hidden
     (`HIDDEN_HEALTH`). Raises as `check` does."""
     health = _request(sender, "GET", HEALTH_PATH)
-    body = _json(health)
-    version = parse_version(body.get("version")) if isinstance(body, dict) else None
-    if health.status_code >= 500 or health.status_code == 429:
+    version = health_version(health.body)
+    if health.status >= 500 or health.status == 429:
         now = datetime.now(UTC)
-        verdict = classify(health.status_code, health.headers, health.content, ["-"], now)["-"]
-        message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
+        verdict = classify(health.status, health.headers, health.body, ["-"], now)["-"]
+        message = f"{sender.host}{HEALTH_PATH} answered {health.status}"
         if verdict.outcome == Outcome.wait or verdict.hold:  # a 500 holds, as on a send
             raise LangfuseWait(message, verdict)
         raise LangfuseUnavailable(message)
-    if health.status_code in HIDDEN_HEALTH:
+    if health.status in HIDDEN_HEALTH:
         return None
-    if health.status_code != 200 or version is None:
+    if health.status != 200 or version is None:
         raise LangfuseNotThere(
             f"no Langfuse at {sender.setting}={sender.host}: GET {HEALTH_PATH} answered "
-            f"{health.status_code} without a version"
+            f"{health.status} without a version"
         )
     if version < MIN_VERSION:
         raise LangfuseConfigError(
@@ -186,43 +172,26 @@ def _named(version: tuple[int, int, int] | None) -> str:
     return "(version unknown)" if version is None else ".".join(map(str, version))
 
 
-def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """The answer, its body read (`read_bounded`: within the sender's timeout from the start,
-    at most `MAX_ANSWER_BYTES`)."""
-    deadline = time.monotonic() + sender.timeout_seconds
+def _request(
+    sender: LangfuseClient, method: str, path: str, payload: bytes | None = None
+) -> Answer:
+    """The answer to one request of the check, its body read (`LangfuseClient.exchange`).
+    Raises LangfuseHostUnusable, LangfuseUnavailable (no answer, or one whose body cannot be
+    read) or LangfuseRedirected, as `check` says."""
     try:
-        with sender.http.stream(method, sender.host + path, **kwargs) as streamed:
-            content = read_bounded(streamed, deadline, sender.timeout_seconds)
-        headers = {k: v for k, v in streamed.headers.items() if k not in _BODY_HEADERS}
-        answer = httpx.Response(
-            streamed.status_code, headers=headers, content=content, request=streamed.request
-        )
-    except httpx.TransportError as exc:
-        unusable = unusable_host(exc, sender.host)
-        if unusable is not None:
-            raise LangfuseHostUnusable(f"{sender.setting}={sender.host}: {unusable}") from exc
-        error = transport_error(exc, sender.timeout_seconds)
-        raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
-    except httpx.HTTPError as exc:  # an answer whose body cannot be read (a lying encoding)
-        why = " ".join((str(exc) or type(exc).__name__).split())[:200]
+        answer = sender.exchange(method, path, payload)
+    except Unanswered as exc:
+        if exc.verdict.outcome == Outcome.off:  # a name that does not exist, TLS that fails
+            raise LangfuseHostUnusable(f"{sender.setting}={sender.host}: {exc}") from exc
+        raise LangfuseUnavailable(f"{sender.host}{path}: {exc}") from exc
+    if answer.unreadable is not None:  # e.g. a lying Content-Encoding
         raise LangfuseUnavailable(
-            f"{sender.host}{path}: an answer that could not be read ({type(exc).__name__}: {why})"
-        ) from exc
-    if answer.is_redirect:
+            f"{sender.host}{path}: an answer that could not be read ({answer.unreadable})"
+        )
+    if 300 <= answer.status < 400:
         location = answer.headers.get("location", "no location given")
         raise LangfuseRedirected(
-            f"{sender.setting}={sender.host} redirects ({answer.status_code}) to {location}: "
+            f"{sender.setting}={sender.host} redirects ({answer.status}) to {location}: "
             f"{redirect_advice(location, path, sender.setting)}"
         )
     return answer
-
-
-_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
-"""Headers of the body as it came, dropped from the answer rebuilt around the decoded body."""
-
-
-def _json(answer: httpx.Response) -> Any:
-    try:
-        return answer.json()
-    except (ValueError, RecursionError):  # RecursionError: JSON nested beyond Python's stack
-        return None

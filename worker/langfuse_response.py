@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -342,6 +343,26 @@ def _batch_result(status: int, parsed: Any, event_ids: Sequence[str]) -> dict[st
         else:
             out[event_id] = Verdict(Outcome.retry, "Langfuse did not confirm the score")
     return out
+
+
+def passed_empty_batch(status: int, body: bytes) -> bool:
+    """Whether an answer to an empty batch (the start-up check's) is the ingestion result of
+    one: 207 with no success and no error (other top-level keys allowed, as Cloud's
+    `_deprecation` notice)."""
+    return status == 207 and _ingestion_shape(_json(body)) == (set(), {})
+
+
+def health_version(body: bytes) -> tuple[int, int, int] | None:
+    """The version of a `GET /api/public/health` answer's body (`{"status": "OK", "version":
+    "4.16.0"}`), None when it has none."""
+    parsed = _json(body)
+    return parse_version(parsed.get("version")) if isinstance(parsed, dict) else None
+
+
+def parse_version(text: object) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of "4.16.0", "v3.225.4" or "4.60.1-rc.1"; None otherwise."""
+    match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", text) if isinstance(text, str) else None
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
 def _ingestion_shape(parsed: Any) -> tuple[set[str], dict[str, tuple[int, str]]] | None:

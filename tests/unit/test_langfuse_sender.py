@@ -32,17 +32,15 @@ from worker.langfuse_check import (
     LangfuseWait,
     check,
     generation,
-    parse_version,
 )
-from worker.langfuse_response import Outcome, classify
+from worker.langfuse_http import check_host, unusable_host
+from worker.langfuse_response import Outcome, classify, parse_version
 from worker.langfuse_sender import (
     Delivery,
     LangfuseSender,
     ScoreItem,
     body,
-    check_host,
     score_id_for,
-    unusable_host,
 )
 from worker.outbox import OutboxDrainer
 from worker.store import CheckTurn, OutboxBacklog, Store
