@@ -120,6 +120,9 @@ class Outcome(StrEnum):
     suspension, 405, a redirect; from the sender: a host name that does not exist, TLS that
     cannot work with the host): the mirror turns off until a start-up check passes again
     (repeated every few minutes); the rows are left as they were."""
+    later = "later"
+    """From the sender: not sent, as the worker is stopping (no request starts once it is): the
+    rows are left as they were, due again once their claim window has passed; no attempt."""
     unreachable = "unreachable"
     """From the sender: no connection could be made (refused, connect timeout, no route, a
     resolver's temporary failure, a TLS handshake cut short), so nothing was sent: the rows

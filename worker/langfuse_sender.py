@@ -30,7 +30,7 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -200,14 +200,17 @@ class LangfuseSender(LangfuseClient):
         self.environment = environment
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
 
-    def send(self, items: Sequence[ScoreItem]) -> list[Delivery]:
+    def send(
+        self, items: Sequence[ScoreItem], stopping: Callable[[], bool] = lambda: False
+    ) -> list[Delivery]:
         """Send `items`; return one Delivery per item, in their order. Requests hold at most
         `batch_size` events and `max_request_bytes`; a 413 splits one in halves. Several items of
         one score id: only the last is sent (pass them oldest first), the others share its
         outcome. After an answer that would repeat for every request (`Verdict.stop`: down, 5xx,
-        429, bad keys...), the rest is not attempted and gets the same outcome. A wait without
-        a server-given delay keeps none: the database's hold backs off. Raises ValueError for
-        duplicate event ids."""
+        429, bad keys...), the rest is not attempted and gets the same outcome; once `stopping()`
+        is true (the worker stops), no request starts and the rest is `Outcome.later`. A wait
+        without a server-given delay keeps none: the database's hold backs off. Raises
+        ValueError for duplicate event ids."""
         if len({item.event_id for item in items}) != len(items):
             raise ValueError("duplicate event_id in one send")
         latest = {item.score_id: item for item in items}  # the last version of each score
@@ -216,6 +219,8 @@ class LangfuseSender(LangfuseClient):
         stopped: Verdict | None = None
         while pending:
             chunk = pending.popleft()
+            if stopped is None and stopping():
+                stopped = Verdict(Outcome.later, "not sent: the worker is stopping")
             if stopped is not None:
                 not_sent = replace(stopped, error=f"{stopped.error} (not attempted)")
                 verdicts = dict.fromkeys((i.envelope_id for i, _ in chunk), not_sent)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
@@ -106,6 +107,7 @@ class OutboxDrainer:
         *,
         config_error: str | None = None,
         recheck_seconds: float | None = RECHECK_SECONDS,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -116,6 +118,8 @@ class OutboxDrainer:
         self.visibility_seconds = visibility_seconds
         self.config_error = config_error
         self.recheck_seconds = recheck_seconds
+        # `serve` stopping: a pass claims nothing more and starts no further request.
+        self.stopping = stopping
         self._recheck_at: float | None = None  # time.monotonic() to check again
         self._reported = False  # the config_error was logged
         self._unreachable = False  # "not reachable" was logged, and no check has passed since
@@ -262,7 +266,7 @@ class OutboxDrainer:
         """Handles one batch of due rows; returns how many rows it recorded (0, rows untouched,
         when the configuration cannot work, the server cannot be checked or reached, the keys
         were refused, or Langfuse's wait holds the outbox)."""
-        if not self.ready():
+        if self.stopping() or not self.ready():
             return 0
         if self.sender is None:
             skipped = self.store.skip_outbox(self.batch_size)
@@ -279,7 +283,12 @@ class OutboxDrainer:
                 items.append(score_item(row))
             except ValueError as exc:  # pydantic's ValidationError is one
                 refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc), unsent=True))
-        deliveries = [*(sender.send(items) if items else []), *refused]
+        sent = sender.send(items, self.stopping) if items else []
+        # Not sent as the worker stops: left as they were, due again after the claim window;
+        # if this claim was the hold's probe, another worker may probe (a no-op otherwise).
+        deliveries = [*(d for d in sent if d.outcome != Outcome.later), *refused]
+        if len(deliveries) < len(sent) + len(refused):
+            self.store.record_check("failed")
         unsent = next((d for d in deliveries if d.outcome in UNSENT), None)
         deliveries = [d for d in deliveries if d.outcome not in UNSENT]
         if deliveries:

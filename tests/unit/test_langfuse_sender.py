@@ -424,6 +424,27 @@ def test_requests_are_counted_to_the_byte_as_sent(room: int) -> None:
         assert len(sizes) == 2 and max(sizes) <= whole - 1, sizes
 
 
+def test_once_the_worker_stops_no_request_starts(standin: LangfuseStandin) -> None:
+    """`serve` stopping: the request in flight ends, the batch's other requests never start
+    (`later`: left for after the claim window), and a pass that has not claimed yet claims
+    nothing and checks nothing, so a pass in hand ends within what is in flight."""
+    stop = threading.Event()
+    with sender_for(standin, batch_size=2) as sender:
+
+        def stopping() -> bool:  # stop is asked for once the first request has been answered
+            if standin.score_requests:
+                stop.set()
+            return stop.is_set()
+
+        deliveries = sender.send(make_items(5), stopping)
+        assert [d.outcome for d in deliveries] == [Outcome.sent] * 2 + [Outcome.later] * 3
+        assert len(standin.score_requests) == 1
+        seen = len(standin.requests)
+        drainer = OutboxDrainer(cast(Store, NoHold()), sender, 10, 8, stopping=stop.is_set)
+        assert drainer.drain_once() == 0
+    assert len(standin.requests) == seen
+
+
 def test_a_score_too_large_for_any_request_fails_without_being_sent(
     standin: LangfuseStandin,
 ) -> None:
