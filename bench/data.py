@@ -37,13 +37,14 @@ def add_draft_under_audit(conn: psycopg.Connection, twin: Twin) -> None:
 # and user, flipped score), which that row records as superseded. 80 % of the votes name a
 # module, 18 % only an intent, 2 % an intent no module serves; success rates differ by module.
 # Feedback is marked sent to Langfuse, as it would be long after it was cast. What the insert
-# triggers set (created_by, first_vote_id, supersedes, outbox state, an audit's origin) is filled
-# in; feedback names no spec (only audits do).
+# triggers set (created_by, first_vote_id and first_vote_at, supersedes, outbox state, an audit's
+# origin) is filled in; feedback names no spec (only audits do).
 EVENTS_SQL = """
 insert into public.persona_training_events (
   id, twin_id, source, trace_id, intent_label, module_key, score, passed, reason,
   persona_spec_id, created_by, created_at, first_vote_id, supersedes_id, superseded_at,
-  langfuse_status, langfuse_attempts, langfuse_next_attempt_at, langfuse_sent_at, audit_origin)
+  langfuse_status, langfuse_attempts, langfuse_next_attempt_at, langfuse_sent_at, audit_origin,
+  first_vote_at)
 overriding system value
 select %(base)s + (g - %(g0)s) * %(stride)s, %(twin)s,
        (case when audit then 'persona_audit' else 'user_feedback' end)
@@ -70,7 +71,9 @@ select %(base)s + (g - %(g0)s) * %(stride)s, %(twin)s,
        case when not audit then 1 else 0 end,
        case when not audit then ts end,
        case when not audit then ts end,
-       case when audit then 'production'::public.audit_origin end
+       case when audit then 'production'::public.audit_origin end,
+       -- the first vote's time: row o's (a changed vote's first vote is the row before it)
+       case when not audit then %(now)s - (%(g_last)s - o) * %(step)s * interval '1 second' end
 from (
   select *,
          case when revote then (case when first_vote = 1 then -1 else 1 end)
@@ -175,13 +178,14 @@ def generate_outbox(
         conn.execute("set local session_replication_role = replica")
         conn.execute(
             "insert into public.persona_training_events (twin_id, source, trace_id, "
-            "  intent_label, score, reason, created_by, created_at, "
+            "  intent_label, score, reason, created_by, created_at, first_vote_at, "
             "  langfuse_status, langfuse_next_attempt_at) "
             "select %(twin)s, 'user_feedback', 'outbox-' || g, 'intent_' || (g %% 10), "
             "  case when g %% 3 = 0 then -1 else 1 end, "
             "  (case when g %% 3 = 0 then 'incorrect' else 'helpful' end)"
             "::public.training_event_reason, "
             "  (%(users)s::uuid[])[1 + g %% %(nusers)s], "
+            "  now() - (%(n)s - g) * interval '1 second', "
             "  now() - (%(n)s - g) * interval '1 second', 'pending', "
             "  now() - (%(n)s - g) * interval '1 second' "
             "from generate_series(1, %(n)s) g",

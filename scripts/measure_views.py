@@ -128,7 +128,7 @@ def load_world(db: psycopg.Connection, args: argparse.Namespace) -> dict[str, An
             reason = None if passed else rng.choice(NEGATIVE_REASONS)
             rows.append([eid, twin, "persona_audit", f"audit-{eid}", intent, module_key, None,
                          passed, reason, published, None, at, None, None, None, None, None,
-                         "production"])
+                         "production", None])
             continue
         if votes and rng.random() < 0.05:  # a voter changes an earlier vote
             old = rows[votes.pop(rng.randrange(len(votes)))]
@@ -137,7 +137,7 @@ def load_world(db: psycopg.Connection, args: argparse.Namespace) -> dict[str, An
             score = 1 if rng.random() < p else -1
             reason = "helpful" if score > 0 else rng.choice(NEGATIVE_REASONS)
             rows.append([eid, twin, "user_feedback", old[3], old[4], old[5], score, None, reason,
-                         None, old[10], at, None, old[13], old[0], "pending", at, None])
+                         None, old[10], at, None, old[13], old[0], "pending", at, None, old[18]])
             continue
         u = rng.random()
         score = 1 if u < p else (0 if u < p + 0.03 else -1)
@@ -145,13 +145,13 @@ def load_world(db: psycopg.Connection, args: argparse.Namespace) -> dict[str, An
                   None if score == 0 else rng.choice(NEGATIVE_REASONS))
         rows.append([eid, twin, "user_feedback", f"trace-{eid}", intent, module_key, score, None,
                      reason, None, voters[rng.randrange(len(voters))], at, None, eid, None,
-                     "pending", at, None])
+                     "pending", at, None, at])
         votes.append(len(rows) - 1)
 
     columns = (
         "id, twin_id, source, trace_id, intent_label, module_key, score, passed, reason, "
         "persona_spec_id, created_by, created_at, superseded_at, first_vote_id, supersedes_id, "
-        "langfuse_status, langfuse_next_attempt_at, audit_origin"
+        "langfuse_status, langfuse_next_attempt_at, audit_origin, first_vote_at"
     )
     t0 = time.monotonic()
     with db.transaction():

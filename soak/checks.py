@@ -197,9 +197,8 @@ class Checks:
         problems: list[str] = []
         votes = self.db.execute(
             "select e.id, e.twin_id::text, e.trace_id, e.created_by::text, e.score,"
-            " e.langfuse_status, first.created_at"
+            " e.langfuse_status, e.first_vote_at"
             " from persona_training_events e"
-            " join persona_training_events first on first.id = e.first_vote_id"
             " where e.source = 'user_feedback' and e.superseded_at is null").fetchall()
         expected: set[str] = set()
         missing = wrong_value = wrong_time = not_sent = other_row = 0

@@ -140,20 +140,29 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
     return 1 if any(r.status == "failed" for r in runs) else 0
 
 
-def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
+def make_drainer(
+    settings: WorkerSettings,
+    store: Store,
+    *,
+    one_shot: bool = False,
+    stopping: Callable[[], bool] = lambda: False,
+) -> OutboxDrainer:
     """The outbox drainer the settings describe: with no sender when Langfuse is not configured
-    (rows are skipped), with a `config_error` when its settings cannot work (rows stay pending)."""
+    (rows are skipped), with a `config_error` when its settings cannot work (rows stay pending).
+    `one_shot` (`pfl outbox drain`): a check that fails is not repeated by this process;
+    `stopping`: true once `serve` stops (`OutboxDrainer.stopping`)."""
     # Imported here: `pfl run-once` (cron) never needs the mirror's modules.
     from worker.langfuse_sender import LangfuseSender
-    from worker.outbox import OutboxDrainer
+    from worker.outbox import RECHECK_SECONDS, OutboxDrainer
 
     sender, error = None, None
     if settings.langfuse_missing:
         error = f"{', '.join(settings.langfuse_missing)} not set"
     elif settings.langfuse_configured:
         try:
+            setting, url = settings.langfuse_url
             sender = LangfuseSender(
-                settings.langfuse_host or "",
+                url or "",
                 settings.langfuse_public_key or "",
                 settings.langfuse_secret_key.get_secret_value()
                 if settings.langfuse_secret_key
@@ -161,6 +170,7 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
                 settings.pfl_langfuse_timeout_seconds,
                 environment=settings.langfuse_environment,
                 batch_size=settings.pfl_langfuse_batch_size,
+                setting=setting,
             )
         except ValueError as exc:
             error = str(exc)
@@ -171,6 +181,8 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
         settings.pfl_langfuse_max_attempts,
         settings.pfl_langfuse_visibility_seconds,
         config_error=error,
+        recheck_seconds=None if one_shot else RECHECK_SECONDS,
+        stopping=stopping,
     )
 
 
@@ -178,7 +190,19 @@ def make_drainer(settings: WorkerSettings, store: Store) -> OutboxDrainer:
 # timeout is 10 s).
 SCRAPE_TIMEOUT = 3.0
 MIRROR_JOIN_SECONDS = 30.0
-"""At stop, how long `serve` waits for the mirror's pass in hand, beyond four Langfuse timeouts."""
+"""At stop, how long `serve` waits for the mirror's pass in hand, beyond its requests in flight
+(`mirror_stop_bound`): its store calls."""
+
+
+def mirror_stop_bound(timeout_seconds: float) -> float:
+    """Seconds `serve` waits at stop for the mirror's pass in hand. Once stop is set, a pass
+    claims nothing more and starts no further request (`OutboxDrainer.stopping`: the batch's
+    requests not yet started are left for later, due again after the claim window), so what
+    is left is what is in flight: a start-up check's two requests at most, or one send
+    request, each ending within about four `timeout_seconds` (connect, upload and headers
+    each bounded by it, the body by one timeout from the request's start); then its store
+    calls, `MIRROR_JOIN_SECONDS`."""
+    return MIRROR_JOIN_SECONDS + 2 * 4 * timeout_seconds
 
 
 def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store) -> int:
@@ -212,8 +236,8 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         observer=metrics.observe_run if metrics else None,
         claim_runs=settings.pfl_claim_runs,
     )
-    drainer = make_drainer(settings, store)
     stop = threading.Event()
+    drainer = make_drainer(settings, store, stopping=stop.is_set)
 
     def learning_step() -> bool:
         if metrics:
@@ -258,8 +282,7 @@ def _cmd_serve(args: argparse.Namespace, settings: WorkerSettings, store: Store)
         poll_until_stopped("learning-runs", learning_step, stop, *waits, failed("learning-runs"))
     finally:
         stop.set()
-        # A pass's requests are each bounded by the Langfuse timeout: this bound is generous.
-        bound = MIRROR_JOIN_SECONDS + 4 * settings.pfl_langfuse_timeout_seconds
+        bound = mirror_stop_bound(settings.pfl_langfuse_timeout_seconds)
         mirror.join(bound)
         if mirror.is_alive():
             logger.warning(
@@ -279,7 +302,7 @@ def _cmd_outbox(args: argparse.Namespace, settings: WorkerSettings, store: Store
         status = "failed" if args.failed else "skipped"
         print(f"requeued {store.requeue_outbox(status)} {status} feedback rows")
         return 0
-    drainer = make_drainer(settings, store)
+    drainer = make_drainer(settings, store, one_shot=True)
     handled = drainer.drain()
     if drainer.config_error is not None:
         return 1  # the drainer's log line ("Langfuse mirror off: ...") said why

@@ -63,8 +63,14 @@ class WorkerSettings(BaseSettings):
     pfl_log_format: str = Field(
         "text", pattern="^(text|json)$", description="Log lines as `text` or `json`."
     )
+    langfuse_base_url: str | None = Field(
+        None,
+        description="Langfuse base URL, as Langfuse's SDK reads it (it wins over LANGFUSE_HOST "
+        "when both are set, as in the SDK); unset with LANGFUSE_HOST too means feedback is kept "
+        "locally only.",
+    )
     langfuse_host: str | None = Field(
-        None, description="Langfuse base URL; unset means feedback is kept locally only."
+        None, description="Langfuse base URL, the SDK's older name for LANGFUSE_BASE_URL."
     )
     langfuse_public_key: str | None = Field(None, description="Langfuse project public key.")
     langfuse_secret_key: SecretStr | None = Field(None, description="Langfuse project secret key.")
@@ -157,16 +163,24 @@ class WorkerSettings(BaseSettings):
         return self
 
     @property
+    def langfuse_url(self) -> tuple[str, str | None]:
+        """(the setting's name, its value) of Langfuse's base URL: LANGFUSE_BASE_URL when set,
+        else LANGFUSE_HOST, as Langfuse's SDK 5.x (`Langfuse.__init__`) reads them."""
+        if self.langfuse_base_url:
+            return "LANGFUSE_BASE_URL", self.langfuse_base_url
+        return "LANGFUSE_HOST", self.langfuse_host
+
+    @property
     def langfuse_configured(self) -> bool:
-        """Whether Langfuse's host and both keys are set (else feedback stays local)."""
-        return bool(self.langfuse_host and self.langfuse_public_key and self.langfuse_secret_key)
+        """Whether Langfuse's base URL and both keys are set (else feedback stays local)."""
+        return bool(self.langfuse_url[1] and self.langfuse_public_key and self.langfuse_secret_key)
 
     @property
     def langfuse_missing(self) -> list[str]:
         """The Langfuse settings missing when some, not all, are set (a configuration that
         cannot work); empty when all or none are set."""
         values = {
-            "LANGFUSE_HOST": self.langfuse_host,
+            "LANGFUSE_BASE_URL (or LANGFUSE_HOST)": self.langfuse_url[1],
             "LANGFUSE_PUBLIC_KEY": self.langfuse_public_key,
             "LANGFUSE_SECRET_KEY": self.langfuse_secret_key,
         }

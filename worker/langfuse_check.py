@@ -3,27 +3,31 @@
 `check(sender)` reads `GET /api/public/health` (no auth; every generation answers 200
 `{"status": "OK", "version": "4.16.0"}`) and sends an empty batch to `POST
 /api/public/ingestion` (207 `{"successes": [], "errors": []}` when the keys work, other top-level
-keys allowed, as Cloud's `_deprecation` notice; stores nothing).
+keys allowed, as Cloud's `_deprecation` notice; stores nothing). Langfuse serves its health route
+to anyone, without keys; a 401, 403, 404, 405 or 410 there comes from something in front of it
+(a proxy that exposes only the API routes it must), so the version is unknown (the 3.49 minimum
+cannot be checked; the drainer says so) and the ingestion route, which every supported
+generation serves, decides.
+
+Every failure of the check is checked again later (`worker.outbox`): a key pair, a proxy's rule,
+DNS, a certificate or the server itself (an upgrade past 3.49) may come right without a restart.
 """
 
 from __future__ import annotations
 
-import re
-import time
 from datetime import UTC, datetime
-from typing import Any
 
-import httpx
-
+from worker.langfuse_http import Answer, LangfuseClient, Unanswered
 from worker.langfuse_response import (
     INGESTION_PATH,
-    NO_ROUTE_HINT,
     Outcome,
     Verdict,
     classify,
+    health_version,
+    no_route_hint,
+    passed_empty_batch,
     redirect_advice,
 )
-from worker.langfuse_sender import LangfuseSender, read_bounded, transport_error, unusable_host
 
 HEALTH_PATH = "/api/public/health"
 MIN_VERSION = (3, 49, 0)
@@ -32,21 +36,15 @@ older servers drop them without a word, so the mirror does not send to them."""
 
 
 class LangfuseConfigError(Exception):
-    """Langfuse is configured in a way that cannot work (host, keys, version): the message says
-    what to change. Nothing is sent until the worker restarts with a fixed configuration, or,
-    when `recheck` is true (something outside the worker may fix it), until a later check
-    passes."""
-
-    recheck = False
+    """Langfuse is configured in a way that cannot work (host, keys, a server older than 3.49):
+    the message says what to change. Nothing is sent until a later check passes (something
+    outside the worker may fix it: an upgrade, a proxy's rule)."""
 
 
 class LangfuseRefused(LangfuseConfigError):
     """Langfuse refused the keys, or something in front of it refused our requests (401, 403
-    other than a usage suspension, 405; a 401 or 403 to the health route, which Langfuse
-    serves to anyone): the keys may work again (a key pair restored) or a proxy's rule be
-    fixed, so the check is repeated later."""
-
-    recheck = True
+    other than a usage suspension, 405): the keys may work again (a key pair restored) or a
+    proxy's rule be fixed, so the check is repeated later."""
 
 
 class LangfuseHostUnusable(LangfuseConfigError):
@@ -56,8 +54,6 @@ class LangfuseHostUnusable(LangfuseConfigError):
     server may also come right (a container not started yet), so the check is repeated later.
     The same failure on a send later is treated alike (`Outcome.off`)."""
 
-    recheck = True
-
 
 class LangfuseNotThere(LangfuseConfigError):
     """No Langfuse answers at LANGFUSE_HOST, or not its ingestion route (a health route without
@@ -65,16 +61,12 @@ class LangfuseNotThere(LangfuseConfigError):
     of a Langfuse not ready yet (a container starting behind Traefik answers 404 until it is
     healthy), so the check is repeated later, as mid-run (a 5-minute hold)."""
 
-    recheck = True
-
 
 class LangfuseRedirected(LangfuseConfigError):
     """LANGFUSE_HOST answers with a redirect (never followed: a redirected POST may arrive as a
     GET elsewhere): a setting to fix, but also what a proxy in front of Langfuse answers while
     it is being set up (http:// to https://), so the check is repeated later, as for a redirect
     met mid-run."""
-
-    recheck = True
 
 
 class LangfuseUnavailable(Exception):
@@ -91,74 +83,44 @@ class LangfuseWait(LangfuseUnavailable):
         self.verdict = verdict
 
 
-def parse_version(text: object) -> tuple[int, int, int] | None:
-    """(major, minor, patch) of "4.16.0", "v3.225.4" or "4.60.1-rc.1"; None otherwise."""
-    match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", text) if isinstance(text, str) else None
-    return (int(match[1]), int(match[2]), int(match[3])) if match else None
-
-
-def generation(version: tuple[int, int, int]) -> str:
-    """The server generation of a version, as the README's table names it."""
+def generation(version: tuple[int, int, int] | None) -> str:
+    """The server generation of a version, as the README's table names it ("unknown" for
+    None: the health route was not served)."""
+    if version is None:
+        return "unknown"
     if version < (4, 0, 0):
         return "v3"
     return "v4 before 4.59" if version < (4, 59, 0) else "v4 4.59 or later"
 
 
-def check(sender: LangfuseSender) -> tuple[int, int, int]:
-    """The server's version, also kept as `sender.version`. Raises LangfuseConfigError when the
-    host, the keys or the version cannot work, LangfuseNotThere (a LangfuseConfigError,
-    checked again later) when no Langfuse, or no ingestion route, answers there (a proxy or a
-    wrong base path), LangfuseRedirected (one too, checked again later) for a redirect,
-    LangfuseRefused (one too) when the keys, or our requests, are refused,
+def check(sender: LangfuseClient) -> tuple[int, int, int] | None:
+    """The server's version (None: its health route is not served at the base URL, so unknown),
+    also kept as `sender.version`, and `sender.checked` set. Raises LangfuseConfigError when the
+    host, the keys or the version cannot work, LangfuseNotThere (one too) when no Langfuse, or
+    no ingestion route, answers there (a proxy or a wrong base path), LangfuseRedirected (one
+    too) for a redirect, LangfuseRefused (one too) when the keys, or our requests, are refused,
     LangfuseHostUnusable (one too) when the host name does not exist or TLS cannot work,
-    LangfuseWait (a LangfuseUnavailable) when the health route or the empty batch answers a
-    wait (429, a usage suspension, a gateway's 502/503/504) or Langfuse's 500: the drainer
-    holds every worker for it, as for a send's; LangfuseUnavailable when the server cannot be
-    asked now (refused or reset connections, a resolver's temporary failure, timeout, another
-    5xx, an answer whose body cannot be read). A check after one whose empty batch met a wait
-    sends that batch alone (the version read then is kept): after a hold, a worker's check is
-    one request."""
-    version, sender.waited_version = sender.waited_version, None
-    if version is None:
-        health = _request(sender, "GET", HEALTH_PATH)
-        body = _json(health)
-        version = parse_version(body.get("version")) if isinstance(body, dict) else None
-        if health.status_code >= 500 or health.status_code == 429:
-            now = datetime.now(UTC)
-            verdict = classify(health.status_code, health.headers, health.content, ["-"], now)["-"]
-            message = f"{sender.host}{HEALTH_PATH} answered {health.status_code}"
-            if verdict.outcome == Outcome.wait or verdict.hold:  # a 500 holds, as on a send
-                raise LangfuseWait(message, verdict)
-            raise LangfuseUnavailable(message)
-        if health.status_code in (401, 403):
-            raise LangfuseRefused(
-                f"LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH}, which Langfuse answers without "
-                f"keys, was refused ({health.status_code}) by something in front of it: a proxy "
-                "or firewall"
-            )
-        if health.status_code != 200 or version is None:
-            raise LangfuseNotThere(
-                f"no Langfuse at LANGFUSE_HOST={sender.host}: GET {HEALTH_PATH} answered "
-                f"{health.status_code} without a version"
-            )
-        if version < MIN_VERSION:
-            raise LangfuseConfigError(
-                f"Langfuse {'.'.join(map(str, version))} at {sender.host} is too old: score "
-                f"metadata and environments need {'.'.join(map(str, MIN_VERSION))} or later"
-            )
-    probe = _request(sender, "POST", INGESTION_PATH, json={"batch": []})
-    if probe.status_code in (404, 410):
+    LangfuseWait (a LangfuseUnavailable) when the health route or the empty batch answers a wait
+    (429, a usage suspension, a gateway's 502/503/504) or Langfuse's 500: the drainer holds
+    every worker for it, as for a send's; LangfuseUnavailable when the server cannot be asked
+    now (refused or reset connections, a resolver's temporary failure, timeout, another 5xx, an
+    answer whose body cannot be read). A check after one whose empty batch met a wait sends that
+    batch alone (the version read then is kept): after a hold, a worker's check is one request."""
+    if sender.waited:
+        version, sender.waited = sender.version, False
+    else:
+        version = _health(sender)
+    probe = _request(sender, "POST", INGESTION_PATH, b'{"batch":[]}')
+    if probe.status in (404, 410):
         raise LangfuseNotThere(
-            f"Langfuse {'.'.join(map(str, version))} at {sender.host} answered "
-            f"{probe.status_code} to POST {INGESTION_PATH}: {NO_ROUTE_HINT}"
+            f"Langfuse {_named(version)} at {sender.host} answered {probe.status} to POST "
+            f"{INGESTION_PATH}: {no_route_hint(sender.setting)}"
         )
-    answer = _json(probe)
-    empty = isinstance(answer, dict) and answer.get("successes") == answer.get("errors") == []
-    if not (probe.status_code == 207 and empty):
+    if not passed_empty_batch(probe.status, probe.body):
         now = datetime.now(UTC)
-        verdict = classify(probe.status_code, probe.headers, probe.content, ["-"], now)["-"]
+        verdict = classify(probe.status, probe.headers, probe.body, ["-"], now, sender.setting)["-"]
         if verdict.outcome == Outcome.off:
-            raise LangfuseRefused(f"LANGFUSE_HOST={sender.host}: {verdict.error}")
+            raise LangfuseRefused(f"{sender.setting}={sender.host}: {verdict.error}")
         if verdict.outcome == Outcome.failed:
             raise LangfuseConfigError(
                 f"Langfuse at {sender.host} refused an empty batch: {verdict.error}"
@@ -166,50 +128,70 @@ def check(sender: LangfuseSender) -> tuple[int, int, int]:
         # a 429, a suspension, a gateway's 5xx; Langfuse's 500 holds every worker too, as on a
         # send (no rows here, so no attempt)
         if verdict.outcome == Outcome.wait or verdict.hold:
-            sender.waited_version = version  # the next check (the hold's probe) is this POST
+            sender.version, sender.waited = version, True  # the hold's probe is this POST
             raise LangfuseWait(f"Langfuse at {sender.host}: {verdict.error}", verdict)
         raise LangfuseUnavailable(f"Langfuse at {sender.host}: {verdict.error}")
-    sender.version = version
+    sender.version, sender.checked = version, True
     return version
 
 
-def _request(sender: LangfuseSender, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """The answer, its body read (`read_bounded`: within the sender's timeout from the start,
-    at most `MAX_ANSWER_BYTES`)."""
-    deadline = time.monotonic() + sender.timeout_seconds
-    try:
-        with sender.http.stream(method, sender.host + path, **kwargs) as streamed:
-            content = read_bounded(streamed, deadline, sender.timeout_seconds)
-        headers = {k: v for k, v in streamed.headers.items() if k not in _BODY_HEADERS}
-        answer = httpx.Response(
-            streamed.status_code, headers=headers, content=content, request=streamed.request
+HIDDEN_HEALTH = frozenset({401, 403, 404, 405, 410})
+"""Answers to the health route that Langfuse never gives (it serves the route to anyone): a
+proxy in front of it does not expose the route, so the version is unknown, not the server
+missing; the empty batch to the ingestion route decides."""
+
+
+def _health(sender: LangfuseClient) -> tuple[int, int, int] | None:
+    """The version `GET /api/public/health` answers, None when the route is hidden
+    (`HIDDEN_HEALTH`). Raises as `check` does."""
+    health = _request(sender, "GET", HEALTH_PATH)
+    version = health_version(health.body)
+    if health.status >= 500 or health.status == 429:
+        now = datetime.now(UTC)
+        verdict = classify(health.status, health.headers, health.body, ["-"], now)["-"]
+        message = f"{sender.host}{HEALTH_PATH} answered {health.status}"
+        if verdict.outcome == Outcome.wait or verdict.hold:  # a 500 holds, as on a send
+            raise LangfuseWait(message, verdict)
+        raise LangfuseUnavailable(message)
+    if health.status in HIDDEN_HEALTH:
+        return None
+    if health.status != 200 or version is None:
+        raise LangfuseNotThere(
+            f"no Langfuse at {sender.setting}={sender.host}: GET {HEALTH_PATH} answered "
+            f"{health.status} without a version"
         )
-    except httpx.TransportError as exc:
-        unusable = unusable_host(exc, sender.host)
-        if unusable is not None:
-            raise LangfuseHostUnusable(f"LANGFUSE_HOST={sender.host}: {unusable}") from exc
-        error = transport_error(exc, sender.timeout_seconds)
-        raise LangfuseUnavailable(f"{sender.host}{path}: {error}") from exc
-    except httpx.HTTPError as exc:  # an answer whose body cannot be read (a lying encoding)
-        why = " ".join((str(exc) or type(exc).__name__).split())[:200]
+    if version < MIN_VERSION:
+        raise LangfuseConfigError(
+            f"Langfuse {_named(version)} at {sender.host} is too old: score metadata and "
+            f"environments need {_named(MIN_VERSION)} or later"
+        )
+    return version
+
+
+def _named(version: tuple[int, int, int] | None) -> str:
+    return "(version unknown)" if version is None else ".".join(map(str, version))
+
+
+def _request(
+    sender: LangfuseClient, method: str, path: str, payload: bytes | None = None
+) -> Answer:
+    """The answer to one request of the check, its body read (`LangfuseClient.exchange`).
+    Raises LangfuseHostUnusable, LangfuseUnavailable (no answer, or one whose body cannot be
+    read) or LangfuseRedirected, as `check` says."""
+    try:
+        answer = sender.exchange(method, path, payload)
+    except Unanswered as exc:
+        if exc.verdict.outcome == Outcome.off:  # a name that does not exist, TLS that fails
+            raise LangfuseHostUnusable(f"{sender.setting}={sender.host}: {exc}") from exc
+        raise LangfuseUnavailable(f"{sender.host}{path}: {exc}") from exc
+    if answer.unreadable is not None:  # e.g. a lying Content-Encoding
         raise LangfuseUnavailable(
-            f"{sender.host}{path}: an answer that could not be read ({type(exc).__name__}: {why})"
-        ) from exc
-    if answer.is_redirect:
+            f"{sender.host}{path}: an answer that could not be read ({answer.unreadable})"
+        )
+    if 300 <= answer.status < 400:
         location = answer.headers.get("location", "no location given")
         raise LangfuseRedirected(
-            f"LANGFUSE_HOST={sender.host} redirects ({answer.status_code}) to {location}: "
-            f"{redirect_advice(location, path)}"
+            f"{sender.setting}={sender.host} redirects ({answer.status}) to {location}: "
+            f"{redirect_advice(location, path, sender.setting)}"
         )
     return answer
-
-
-_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
-"""Headers of the body as it came, dropped from the answer rebuilt around the decoded body."""
-
-
-def _json(answer: httpx.Response) -> Any:
-    try:
-        return answer.json()
-    except (ValueError, RecursionError):  # RecursionError: JSON nested beyond Python's stack
-        return None

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,11 +96,14 @@ INGESTION_PATH = "/api/public/ingestion"
 OUTAGE_STATUSES = frozenset({502, 503, 504})
 """Top-level answers of a gateway in front of Langfuse, or Langfuse's own "temporarily
 unavailable" (see above): the server is not there for now, so the rows wait."""
-NO_ROUTE_HINT = (
-    "every Langfuse from 3.49 serves it for scores, Cloud included: a proxy in front of "
-    "Langfuse, or the path in LANGFUSE_HOST, is in the way"
-)
-NO_INGESTION = f"no POST {INGESTION_PATH} at LANGFUSE_HOST ({NO_ROUTE_HINT}); scores wait"
+
+
+def no_route_hint(setting: str = "LANGFUSE_HOST") -> str:
+    """Why a host answers 404 or 410 to the ingestion route, naming the base URL's `setting`."""
+    return (
+        "every Langfuse from 3.49 serves it for scores, Cloud included: a proxy in front of "
+        f"Langfuse, or the path in {setting}, is in the way"
+    )
 
 
 class Outcome(StrEnum):
@@ -116,6 +120,9 @@ class Outcome(StrEnum):
     suspension, 405, a redirect; from the sender: a host name that does not exist, TLS that
     cannot work with the host): the mirror turns off until a start-up check passes again
     (repeated every few minutes); the rows are left as they were."""
+    later = "later"
+    """From the sender: not sent, as the worker is stopping (no request starts once it is): the
+    rows are left as they were, due again once their claim window has passed; no attempt."""
     unreachable = "unreachable"
     """From the sender: no connection could be made (refused, connect timeout, no route, a
     resolver's temporary failure, a TLS handshake cut short), so nothing was sent: the rows
@@ -144,10 +151,13 @@ def classify(
     body: bytes,
     event_ids: Sequence[str],
     now: datetime,
+    setting: str = "LANGFUSE_HOST",
 ) -> dict[str, Verdict]:
     """The verdict for each of `event_ids` (the envelope ids of the request, in any order) from
     the answer's `status`, `headers` (names in any case) and raw `body`; `now` (aware) turns an
-    HTTP-date Retry-After into seconds. Total: never raises, every id gets a verdict."""
+    HTTP-date Retry-After into seconds; `setting` is the name of the base URL's setting, as the
+    errors name it (LANGFUSE_HOST or LANGFUSE_BASE_URL). Total: never raises, every id gets a
+    verdict."""
     lower = {k.lower(): v for k, v in headers.items()}
     parsed = _json(body)
 
@@ -155,7 +165,7 @@ def classify(
         return _batch_result(status, parsed, event_ids)
     if 300 <= status < 400:
         location = lower.get("location", "no location given")
-        advice = redirect_advice(location, INGESTION_PATH)
+        advice = redirect_advice(location, INGESTION_PATH, setting)
         error = f"HTTP {status}: redirected to {location}; {advice}"
         return _all(event_ids, Verdict(Outcome.off, _short(error), stop=True))
 
@@ -169,7 +179,11 @@ def classify(
         return _all(
             event_ids,
             Verdict(
-                Outcome.wait, _short(f"{error}: {NO_INGESTION}"), NO_ROUTE_RETRY_SECONDS, True
+                Outcome.wait,
+                _short(f"{error}: no POST {INGESTION_PATH} at {setting} "
+                       f"({no_route_hint(setting)}); scores wait"),
+                NO_ROUTE_RETRY_SECONDS,
+                True,
             ),
         )
     shape = _langfuse_error(parsed)
@@ -186,7 +200,7 @@ def classify(
         return _all(event_ids, Verdict(Outcome.retry, _short(error), retry_after(lower, now), True))
     if status in (401, 403, 405):
         # Every request would be refused the same way: the mirror goes off, the rows wait.
-        refused = _short(refusal(status, error, shape))
+        refused = _short(refusal(status, error, shape, setting))
         return _all(event_ids, Verdict(Outcome.off, refused, stop=True))
     # Other 4xx: our request is wrong; sending it again will not help.
     return _all(event_ids, Verdict(Outcome.failed, _short(error)))
@@ -198,6 +212,7 @@ def unreadable(
     why: str,
     event_ids: Sequence[str],
     now: datetime,
+    setting: str = "LANGFUSE_HOST",
 ) -> dict[str, Verdict]:
     """The verdicts for an answer whose status and headers came but whose body could not be
     read (`why`: e.g. a Content-Encoding of gzip on a body that is not gzip, from a proxy): a
@@ -207,42 +222,44 @@ def unreadable(
     if 200 <= status < 300:
         error = f"HTTP {status} with a body that could not be read ({why}): not confirmed"
         return _all(event_ids, Verdict(Outcome.retry, _short(error)))
-    return classify(status, headers, b"", event_ids, now)
+    return classify(status, headers, b"", event_ids, now, setting)
 
 
-def refusal(status: int, error: str, shape: tuple[str, str] | None) -> str:
+def refusal(
+    status: int, error: str, shape: tuple[str, str] | None, setting: str = "LANGFUSE_HOST"
+) -> str:
     """What a 401, 403 or 405 to our POST means, followed by `error` (the status and the
     server's words); `shape` is Langfuse's (error name, message) when the body has that shape.
     Only Langfuse's own 401 is about the keys; Langfuse never answers 405 to a POST there, and
     its only other 403 is a usage suspension (see `SUSPENDED`)."""
     if status == 405:
         return (
-            f"method not allowed, though Langfuse takes POST {INGESTION_PATH}: LANGFUSE_HOST "
+            f"method not allowed, though Langfuse takes POST {INGESTION_PATH}: {setting} "
             f"is not Langfuse's base URL (a wrong host or path), or a proxy in front of it "
             f"refuses POST ({error})"
         )
     if shape is None:
         return (
             f"refused by something in front of Langfuse, not Langfuse (no Langfuse error in the "
-            f"body): a proxy or firewall at LANGFUSE_HOST ({error})"
+            f"body): a proxy or firewall at {setting} ({error})"
         )
     if status == 401:
         return f"Langfuse refused the keys: {error}"
     return f"Langfuse refused the request: {error}"
 
 
-def redirect_advice(location: str, path: str) -> str:
-    """What to set LANGFUSE_HOST to, for a request to `path` redirected to `location`: the
-    location without its query and that path, when it is an absolute http(s) URL ending with
-    it (e.g. `https://x/api/public/ingestion` -> "set LANGFUSE_HOST to https://x"); otherwise
-    the general advice ("set LANGFUSE_HOST to the server itself")."""
-    general = "set LANGFUSE_HOST to the server itself"
+def redirect_advice(location: str, path: str, setting: str = "LANGFUSE_HOST") -> str:
+    """What to set the base URL (`setting`) to, for a request to `path` redirected to
+    `location`: the location without its query and that path, when it is an absolute http(s)
+    URL ending with it (e.g. `https://x/api/public/ingestion` -> "set LANGFUSE_HOST to
+    https://x"); otherwise the general advice ("set LANGFUSE_HOST to the server itself")."""
+    general = f"set {setting} to the server itself"
     try:
         parts = urlsplit(location)
     except ValueError:
         return general
     if parts.scheme in ("http", "https") and parts.netloc and parts.path.endswith(path):
-        return f"set LANGFUSE_HOST to {parts.scheme}://{parts.netloc}{parts.path[: -len(path)]}"
+        return f"set {setting} to {parts.scheme}://{parts.netloc}{parts.path[: -len(path)]}"
     return general
 
 
@@ -329,6 +346,26 @@ def _batch_result(status: int, parsed: Any, event_ids: Sequence[str]) -> dict[st
         else:
             out[event_id] = Verdict(Outcome.retry, "Langfuse did not confirm the score")
     return out
+
+
+def passed_empty_batch(status: int, body: bytes) -> bool:
+    """Whether an answer to an empty batch (the start-up check's) is the ingestion result of
+    one: 207 with no success and no error (other top-level keys allowed, as Cloud's
+    `_deprecation` notice)."""
+    return status == 207 and _ingestion_shape(_json(body)) == (set(), {})
+
+
+def health_version(body: bytes) -> tuple[int, int, int] | None:
+    """The version of a `GET /api/public/health` answer's body (`{"status": "OK", "version":
+    "4.16.0"}`), None when it has none."""
+    parsed = _json(body)
+    return parse_version(parsed.get("version")) if isinstance(parsed, dict) else None
+
+
+def parse_version(text: object) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of "4.16.0", "v3.225.4" or "4.60.1-rc.1"; None otherwise."""
+    match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", text) if isinstance(text, str) else None
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
 def _ingestion_shape(parsed: Any) -> tuple[set[str], dict[str, tuple[int, str]]] | None:

@@ -20,39 +20,25 @@ id, name and first vote's time, so a vote changed days later replaces the one sc
 
 `send` never retries and never raises for a delivery problem: retries happen across polls, with
 the delay the database computes (`record_langfuse_deliveries`, which also holds every worker's
-sends while Langfuse asks to wait). A request that could not even connect (`_post`) spends no
-attempt: a host name that does not exist or TLS that cannot work with the host turns the
-mirror off (`Outcome.off`, `unusable_host`), and a refused or timed-out connection, a
-resolver's temporary failure or a TLS handshake cut short leaves the rows for the next pass
-(`Outcome.unreachable`), both as at start; a failure once the request was on its way (a
-timeout waiting for the answer, a reset) is a retry, an attempt: the request itself may be why
-(too large for a proxy's limits, a body that crashes the server), and attempts bound that. An
-answer whose body cannot be read (a Content-Encoding it does not have) is read by its status
-(`worker.langfuse_response.unreadable`: a 2xx confirms nothing, a retry), and so is one whose
-body is over `MAX_ANSWER_BYTES`; an answer not read in full within the timeout (counted from
-the request's start: httpx's own timeout bounds each network read only) is a timeout waiting
-for the answer.
+sends while Langfuse asks to wait). The request itself, and what a request without an answer
+means for its rows, is `worker.langfuse_http`'s; what an answer means, `worker.langfuse_response`'s.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import re
-import socket
-import ssl
-import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 from uuid import UUID, uuid5
 
-import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
+from worker.langfuse_http import LangfuseClient, Unanswered
 from worker.langfuse_response import INGESTION_PATH, Outcome, Verdict, classify, unreadable
 
 LANGFUSE_SCORE_NAMESPACE = UUID("09229364-ef9e-51cb-bd31-b3f7a9619500")
@@ -65,41 +51,6 @@ DEFAULT_MAX_REQUEST_BYTES = 3_500_000
 v3.225.4 and v4.16.0: "Batch sizes are limited to 3.5 MB in total"); the route itself takes up
 to 4.5 MB (its `bodyParser.sizeLimit`), a proxy in front of it may take less."""
 _SPAN = 10**19 - 1  # envelope ids count down from here
-MAX_ANSWER_BYTES = 1 << 20
-"""The most of an answer's body the worker reads (decoded): Langfuse answers a batch of at
-most a few hundred events in a few kB; a longer body is read as unreadable
-(`AnswerTooLarge`)."""
-
-
-class AnswerTooLarge(httpx.DecodingError):
-    """An answer's body over `MAX_ANSWER_BYTES`: read as one whose body cannot be read."""
-
-
-def read_bounded(
-    answer: httpx.Response, deadline: float, timeout: float, limit: int = MAX_ANSWER_BYTES
-) -> bytes:
-    """The decoded body of a streamed `answer`, read chunk by chunk. httpx's timeout bounds
-    each network read, not the request: a body trickling in a byte at a time would never time
-    out. Raises httpx.ReadTimeout (a TransportError, classified like httpx's own: no answer)
-    once `time.monotonic()` passes `deadline` (the request's start plus `timeout` seconds),
-    AnswerTooLarge (an httpx.DecodingError) past `limit` bytes; httpx's own errors pass. The
-    deadline is checked between chunks, so the read ends at most one network read (itself
-    bounded by httpx's timeout) after it. The status line and headers are read by httpx before
-    this: each of their reads is bounded, not their whole."""
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in answer.iter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise AnswerTooLarge(f"an answer over {limit} bytes", request=answer.request)
-        chunks.append(chunk)
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout(
-                f"the answer took longer than {timeout}s", request=answer.request
-            )
-    return b"".join(chunks)
-
-
 def langfuse_environment(name: str) -> str:
     """The environment name the worker sends for `name`: lower-cased, leading `langfuse`,
     `langfuse-` or `langfuse_` prefixes removed, the first 40 characters kept, which is how
@@ -213,22 +164,22 @@ class Delivery:
     hold: bool = False
     unsent: bool = False
 
+    @classmethod
+    def of(cls, event_id: int, verdict: Verdict) -> Delivery:
+        """The delivery a verdict gives (a 413 no split can cure, `smaller`, fails)."""
+        outcome = Outcome.failed if verdict.outcome == Outcome.smaller else verdict.outcome
+        return cls(event_id, outcome, verdict.error, verdict.retry_after_seconds, verdict.hold)
+
 
 Chunk = list[tuple[ScoreItem, dict[str, Any]]]
 
 
-class LangfuseSender:
-    """Sends `ScoreItem`s to one Langfuse project with httpx, redirects never followed, every
-    request bounded by `timeout_seconds` (each network read, and the answer's body read in full
-    from the request's start: `read_bounded`; a body over `MAX_ANSWER_BYTES` is unreadable).
-    `version` is the server's once `worker.langfuse_check.check` passed. Close it (or use
-    `with`) to release its connections.
-
-    `environment` is sent as `langfuse_environment` makes it. Raises
-    ValueError for a host that is not an http(s) URL with a host name, an empty key, an
-    environment Langfuse would file under `default`, a timeout that is not a positive number
-    of seconds, a batch_size below 1 or a max_request_bytes below 1024.
-    """
+class LangfuseSender(LangfuseClient):
+    """Sends `ScoreItem`s to one Langfuse project (a `LangfuseClient`: its requests, bounds
+    and base URL), as `environment` (sent as `langfuse_environment` makes it), in requests of
+    at most `batch_size` events and `max_request_bytes`. Raises ValueError as LangfuseClient
+    does, and for an environment Langfuse would file under `default`, a batch_size below 1 or a
+    max_request_bytes below 1024."""
 
     def __init__(
         self,
@@ -240,46 +191,26 @@ class LangfuseSender:
         environment: str = "default",
         batch_size: int = 100,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        setting: str = "LANGFUSE_HOST",
     ) -> None:
-        self.host = check_host(host)
-        if not public_key or not secret_key:
-            raise ValueError("LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must not be empty")
         environment = langfuse_environment(environment)
-        if not timeout_seconds > 0 or not math.isfinite(timeout_seconds):
-            raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
         if batch_size < 1 or max_request_bytes < 1024:
             raise ValueError("batch_size must be at least 1 and max_request_bytes at least 1024")
-        self.public_key, self.environment = public_key, environment
-        self.timeout_seconds = float(timeout_seconds)
+        super().__init__(host, public_key, secret_key, timeout_seconds, setting=setting)
+        self.environment = environment
         self.batch_size, self.max_request_bytes = batch_size, max_request_bytes
-        self.version: tuple[int, int, int] | None = None
-        # The version a check read before its empty batch met a wait (its next check skips
-        # the health route): `worker.langfuse_check.check` keeps it.
-        self.waited_version: tuple[int, int, int] | None = None
-        self.http = httpx.Client(
-            auth=(public_key, secret_key),
-            timeout=self.timeout_seconds,
-            follow_redirects=False,
-            headers={"user-agent": "persona-feedback-learning"},
-        )
 
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, items: Sequence[ScoreItem]) -> list[Delivery]:
+    def send(
+        self, items: Sequence[ScoreItem], stopping: Callable[[], bool] = lambda: False
+    ) -> list[Delivery]:
         """Send `items`; return one Delivery per item, in their order. Requests hold at most
         `batch_size` events and `max_request_bytes`; a 413 splits one in halves. Several items of
         one score id: only the last is sent (pass them oldest first), the others share its
         outcome. After an answer that would repeat for every request (`Verdict.stop`: down, 5xx,
-        429, bad keys...), the rest is not attempted and gets the same outcome. A wait without
-        a server-given delay keeps none: the database's hold backs off. Raises ValueError for
-        duplicate event ids."""
+        429, bad keys...), the rest is not attempted and gets the same outcome; once `stopping()`
+        is true (the worker stops), no request starts and the rest is `Outcome.later`. A wait
+        without a server-given delay keeps none: the database's hold backs off. Raises
+        ValueError for duplicate event ids."""
         if len({item.event_id for item in items}) != len(items):
             raise ValueError("duplicate event_id in one send")
         latest = {item.score_id: item for item in items}  # the last version of each score
@@ -288,12 +219,11 @@ class LangfuseSender:
         stopped: Verdict | None = None
         while pending:
             chunk = pending.popleft()
+            if stopped is None and stopping():
+                stopped = Verdict(Outcome.later, "not sent: the worker is stopping")
             if stopped is not None:
-                error = f"{stopped.error} (not attempted)"
-                verdicts = dict.fromkeys(
-                    (i.envelope_id for i, _ in chunk),
-                    Verdict(stopped.outcome, error, stopped.retry_after_seconds, hold=stopped.hold),
-                )
+                not_sent = replace(stopped, error=f"{stopped.error} (not attempted)")
+                verdicts = dict.fromkeys((i.envelope_id for i, _ in chunk), not_sent)
             else:
                 verdicts = self._post(chunk)
                 if len(chunk) > 1 and any(v.outcome == Outcome.smaller for v in verdicts.values()):
@@ -301,18 +231,8 @@ class LangfuseSender:
                     continue
                 stopped = next((v for v in verdicts.values() if v.stop), None)
             for item, _ in chunk:
-                v = verdicts[item.envelope_id]
-                outcome = Outcome.failed if v.outcome == Outcome.smaller else v.outcome
-                results[item.event_id] = Delivery(
-                    item.event_id, outcome, v.error, v.retry_after_seconds, v.hold
-                )
-        out = []
-        for item in items:
-            d = results[latest[item.score_id].event_id]
-            out.append(
-                Delivery(item.event_id, d.outcome, d.error, d.retry_after_seconds, d.hold, d.unsent)
-            )
-        return out
+                results[item.event_id] = Delivery.of(item.event_id, verdicts[item.envelope_id])
+        return [replace(results[latest[i.score_id].event_id], event_id=i.event_id) for i in items]
 
     def event(self, item: ScoreItem) -> dict[str, Any]:
         """The `score-create` ingestion event of one item, as sent."""
@@ -333,143 +253,42 @@ class LangfuseSender:
         }
 
     def _chunks(self, items: list[ScoreItem], results: dict[int, Delivery]) -> list[Chunk]:
-        """Requests of at most batch_size events and max_request_bytes; an event too large for
-        any request fails into `results` unsent."""
+        """Requests of at most batch_size events and max_request_bytes, counted exactly as
+        `body` serialises them (`{"batch":[` + the events joined by `,` + `]}`); an event too
+        large for any request fails into `results` unsent."""
         chunks: list[Chunk] = [[]]
-        envelope = len(b'{"batch":[]}')
-        size = envelope
+        empty = len(body([]))
+        size = empty
         for item in items:
             event = self.event(item)
-            item_size = len(json.dumps(event, ensure_ascii=False).encode()) + 1
-            if item_size + envelope > self.max_request_bytes:
+            item_size = len(body([event])) - empty
+            if empty + item_size > self.max_request_bytes:
                 error = f"score is {item_size} bytes, over the {self.max_request_bytes}-byte limit"
                 results[item.event_id] = Delivery(item.event_id, Outcome.failed, error, unsent=True)
                 continue
             full = len(chunks[-1]) >= self.batch_size
-            if chunks[-1] and (full or size + item_size > self.max_request_bytes):
+            if chunks[-1] and (full or size + 1 + item_size > self.max_request_bytes):
                 chunks.append([])
-                size = envelope
+                size = empty
+            size += item_size + (1 if chunks[-1] else 0)  # the comma before all but the first
             chunks[-1].append((item, event))
-            size += item_size
         return [chunk for chunk in chunks if chunk]
 
     def _post(self, chunk: Chunk) -> dict[str, Verdict]:
+        """One request of `chunk`'s events: the verdict of each envelope id."""
         ids = [item.envelope_id for item, _ in chunk]
-        body = json.dumps({"batch": [event for _, event in chunk]}, ensure_ascii=False).encode()
-        deadline = time.monotonic() + self.timeout_seconds
         try:
-            with self.http.stream(
-                "POST",
-                self.host + INGESTION_PATH,
-                content=body,
-                headers={"content-type": "application/json"},
-            ) as answer:
-                try:
-                    content = read_bounded(answer, deadline, self.timeout_seconds)
-                except httpx.DecodingError as exc:  # status and headers came, the body is not
-                    why = " ".join((str(exc) or type(exc).__name__).split())[:200]
-                    now = datetime.now(UTC)
-                    return unreadable(answer.status_code, answer.headers, why, ids, now)
-        except httpx.TransportError as exc:
-            return dict.fromkeys(ids, self._unanswered(exc))
-        except httpx.HTTPError as exc:  # anything else httpx raises for one request
-            error = f"no usable answer ({type(exc).__name__}: {exc})"
-            return dict.fromkeys(ids, Verdict(Outcome.retry, error[:300], stop=True))
-        return classify(answer.status_code, answer.headers, content, ids, datetime.now(UTC))
-
-    def _unanswered(self, exc: httpx.TransportError) -> Verdict:
-        """A request without an answer (see the module docstring): off, unreachable or retry."""
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):  # nothing was sent
-            unusable = unusable_host(exc, self.host)
-            if unusable is not None:
-                return Verdict(Outcome.off, unusable, stop=True)
-            outcome = Outcome.unreachable
-        else:
-            outcome = Outcome.retry
-        return Verdict(outcome, transport_error(exc, self.timeout_seconds), stop=True)
+            answer = self.exchange("POST", INGESTION_PATH, body([event for _, event in chunk]))
+        except Unanswered as exc:
+            return dict.fromkeys(ids, exc.verdict)
+        now = datetime.now(UTC)
+        if answer.unreadable is not None:
+            return unreadable(answer.status, answer.headers, answer.unreadable, ids, now,
+                              self.setting)
+        return classify(answer.status, answer.headers, answer.body, ids, now, self.setting)
 
 
-def check_host(host: str) -> str:
-    """`host` without surrounding blanks or a trailing slash. Raises ValueError unless it is an
-    http(s) URL with a host name and no query or fragment (a path prefix, as behind a proxy, is
-    kept, but not one with Langfuse's own `/api/public` in it)."""
-    host = host.strip() if isinstance(host, str) else host
-    try:
-        url = httpx.URL(host)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"LANGFUSE_HOST={host!r} is not a URL: {exc}") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(
-            f"LANGFUSE_HOST={host!r} needs a scheme and a host, e.g. https://cloud.langfuse.com"
-        )
-    if url.query or url.fragment:
-        raise ValueError(f"LANGFUSE_HOST={host!r} must not have a query or a fragment")
-    if re.search(r"/api/public(/|$)", url.path):
-        raise ValueError(
-            f"LANGFUSE_HOST={host!r} must be Langfuse's base URL, without /api/public (the mirror "
-            "adds the API paths itself), e.g. https://cloud.langfuse.com"
-        )
-    return host.rstrip("/")
-
-
-def transport_error(exc: httpx.TransportError, timeout: float | None = None) -> str:
-    """A short account of a request that got no answer: "connection refused", "timeout after
-    Ns waiting for a response", "network error: ..."."""
-    if isinstance(exc, httpx.TimeoutException):
-        phase = {
-            httpx.ConnectTimeout: " connecting",
-            httpx.ReadTimeout: " waiting for a response",
-            httpx.WriteTimeout: " sending",
-        }.get(type(exc), "")
-        return f"timeout after {timeout}s{phase}" if timeout else f"timeout{phase}"
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
-            return "connection refused"
-        cause = cause.__cause__ or cause.__context__
-    text = " ".join((str(exc) or type(exc).__name__).split())[:200]
-    return "connection refused" if "Connection refused" in text else f"network error: {text}"
-
-
-CONFIGURATION_EAI = frozenset(
-    getattr(socket, name)
-    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY", "EAI_SERVICE", "EAI_FAMILY")
-    if hasattr(socket, name)
-)
-"""Resolver answers that say the name itself is wrong ("Name or service not known": NXDOMAIN,
-no address of that family): a setting to fix. Every other one (EAI_AGAIN "Temporary failure
-in name resolution", EAI_FAIL a failing DNS server, EAI_MEMORY, EAI_SYSTEM) is the resolver's
-trouble of the moment: Langfuse is unreachable for now."""
-
-TRANSIENT_TLS_REASONS = frozenset(
-    {"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"}
-)
-"""OpenSSL's reasons for a handshake the other side closed (a restart, a load balancer
-dropping the connection): nothing about our settings."""
-
-
-def unusable_host(exc: httpx.TransportError, host: str) -> str | None:
-    """What is wrong with LANGFUSE_HOST when `exc` says its name does not exist or TLS cannot
-    work with it (a socket.gaierror of `CONFIGURATION_EAI`, a certificate not trusted, a
-    handshake refused for its protocol, e.g. https:// to a port that speaks plain HTTP, among
-    its causes); None for any other failure, a temporary one included (a resolver's "temporary
-    failure in name resolution", a handshake cut short by EOF or a reset)."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, socket.gaierror):
-            if cause.errno not in CONFIGURATION_EAI:
-                return None
-            return f"the host name {httpx.URL(host).host} does not resolve ({cause})"
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"its TLS certificate is not trusted ({cause})"
-        if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
-            return None
-        if isinstance(cause, ssl.SSLError):
-            if getattr(cause, "reason", None) in TRANSIENT_TLS_REASONS:
-                return None
-            return (
-                f"the TLS handshake failed ({cause}); a port that speaks plain HTTP answers so: "
-                "use http://, or the server's TLS port"
-            )
-        cause = cause.__cause__ or cause.__context__
-    return None
+def body(events: list[dict[str, Any]]) -> bytes:
+    """The request body of an ingestion batch: compact JSON (no blanks after `,` and `:`),
+    UTF-8, as sent; `_chunks` counts request sizes with it."""
+    return json.dumps({"batch": events}, ensure_ascii=False, separators=(",", ":")).encode()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 
 from worker.langfuse_check import (
+    HEALTH_PATH,
     LangfuseConfigError,
     LangfuseUnavailable,
     LangfuseWait,
@@ -33,8 +35,9 @@ SCORE_NAME = "user_feedback"
 NOT_CONFIGURED = "stored locally; Langfuse logging unavailable"
 DEFAULT_VISIBILITY_SECONDS = 120
 RECHECK_SECONDS = 300.0
-"""Keys refused (at start or later), or a host name that did not resolve or whose TLS failed
-(at the check or on a send), are checked again this often."""
+"""A check that failed (keys refused, a host name that did not resolve or whose TLS failed, a
+server too old, a proxy in the way, at the check or on a send) is repeated this often by
+`serve`; `pfl outbox drain` checks once."""
 CHECK_MARGIN_SECONDS = 10
 """Beyond its two requests' timeouts, how long a start-up check that is the hold's probe may
 take (its store calls) before another worker may probe: `check_window`."""
@@ -78,8 +81,9 @@ class OutboxDrainer:
     by a send later (a key pair rotated, a name removed mid-run), turn the mirror off the same
     way: one error line, the
     batch's rows left as they were (no attempt spent; due again once `visibility_seconds` have
-    passed), and the check repeated every `recheck_seconds`. A send that cannot connect
-    (refused, connect timeout, a resolver's temporary failure, a TLS handshake cut short)
+    passed), and the check repeated every `recheck_seconds` (None: never, a one-shot drain), as
+    is any other check that failed (a server too old, a proxy in the way). A send that cannot
+    connect (refused, connect timeout, a resolver's temporary failure, a TLS handshake cut short)
     leaves its rows so too, and the check runs again next pass, as when Langfuse is down at
     start (one warning line per outage); if that claim was the hold's probe, the probe is
     freed (`record_langfuse_check('failed')`). A claimed row that cannot be a score (`score_item`
@@ -102,7 +106,8 @@ class OutboxDrainer:
         visibility_seconds: int = DEFAULT_VISIBILITY_SECONDS,
         *,
         config_error: str | None = None,
-        recheck_seconds: float = RECHECK_SECONDS,
+        recheck_seconds: float | None = RECHECK_SECONDS,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.sender = sender
@@ -113,7 +118,9 @@ class OutboxDrainer:
         self.visibility_seconds = visibility_seconds
         self.config_error = config_error
         self.recheck_seconds = recheck_seconds
-        self._recheck_at: float | None = None  # time.monotonic() to check refused keys again
+        # `serve` stopping: a pass claims nothing more and starts no further request.
+        self.stopping = stopping
+        self._recheck_at: float | None = None  # time.monotonic() to check again
         self._reported = False  # the config_error was logged
         self._unreachable = False  # "not reachable" was logged, and no check has passed since
         self._holding = False  # the last answer recorded was a wait
@@ -129,9 +136,8 @@ class OutboxDrainer:
         the check goes through the mirror's hold as a claim does (`claim_langfuse_check`): none
         while a hold is in force, and once it has passed only one worker's check, or claim, is
         its probe (False, nothing sent, for the others). A host, key pair or version that cannot
-        work becomes the `config_error` (logged once, as an error; False from then on, but
-        refused keys or requests, a host name that does not exist and a failed TLS handshake
-        are checked again every `recheck_seconds`); a wait answered to the check (429, usage
+        work becomes the `config_error` (logged once, as an error; False until the check,
+        repeated every `recheck_seconds`, passes); a wait answered to the check (429, usage
         suspension, a gateway's 5xx) or Langfuse's 500 sets the hold as a send's does; a server
         that cannot be asked now (down, hanging, another 5xx, a resolver's temporary failure,
         an answer that cannot be read) makes this pass a no-op,
@@ -139,7 +145,7 @@ class OutboxDrainer:
         sender = self.sender
         if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
             self.config_error, self._recheck_at = None, None
-        if self.config_error is None and sender is not None and sender.version is None:
+        if self.config_error is None and sender is not None and not sender.checked:
             turn = self.store.claim_check(check_window(sender.timeout_seconds))
             if turn.turn == "held":  # not even the check goes out before the hold ends
                 if turn.hold_seconds > 0 and not self._holding:
@@ -155,7 +161,7 @@ class OutboxDrainer:
                 version = check(sender)
             except LangfuseConfigError as exc:
                 self._probe_failed(probe)
-                self._turn_off(str(exc), recheck=exc.recheck)
+                self._turn_off(str(exc))
             except LangfuseWait as exc:  # a 429, a suspension, a gateway's 5xx, a 500
                 self._hold_for(exc.verdict.error, exc.verdict.retry_after_seconds)
                 return False
@@ -174,11 +180,19 @@ class OutboxDrainer:
                     "Langfuse mirror ready",
                     extra={
                         "host": sender.host,
-                        "version": ".".join(map(str, version)),
+                        "version": ".".join(map(str, version)) if version else "unknown",
                         "generation": generation(version),
                         "environment": sender.environment,
                     },
                 )
+                if version is None:
+                    logger.warning(
+                        "Langfuse's version is unknown: %s%s is not served (a proxy in front of "
+                        "Langfuse?), though its ingestion route is; scores need Langfuse 3.49 "
+                        "or later, which cannot be checked",
+                        sender.host,
+                        HEALTH_PATH,
+                    )
         if self.config_error is not None:
             self._say_off()
             return False
@@ -195,11 +209,12 @@ class OutboxDrainer:
         if self._reported:
             return
         self._reported = True
-        until = (
-            f"checked again every {self.recheck_seconds:g} s"
-            if self._recheck_at is not None
-            else "until the worker restarts with a working configuration"
-        )
+        if self._recheck_at is not None:
+            until = f"checked again every {self.recheck_seconds:g} s"
+        elif self.recheck_seconds is None:  # `pfl outbox drain`: one pass, no second check
+            until = "not sent by this drain"
+        else:
+            until = "until the worker restarts with a working configuration"
         logger.error(
             "Langfuse mirror off: %s; feedback stays pending, %s", self.config_error, until
         )
@@ -238,19 +253,20 @@ class OutboxDrainer:
             "one attempt spent for this answer" if attempt else "no attempt spent",
         )
 
-    def _turn_off(self, error: str, *, recheck: bool) -> None:
-        """The mirror is off for `error`; with `recheck`, the start-up check is repeated after
-        `recheck_seconds`."""
+    def _turn_off(self, error: str) -> None:
+        """The mirror is off for `error` (what a check or a send met); the start-up check is
+        repeated after `recheck_seconds` (never for None: a one-shot drain)."""
         self.config_error = error
-        self._recheck_at = time.monotonic() + self.recheck_seconds if recheck else None
         if self.sender is not None:
-            self.sender.version = None
+            self.sender.checked = False
+        if self.recheck_seconds is not None:
+            self._recheck_at = time.monotonic() + self.recheck_seconds
 
     def drain_once(self) -> int:
         """Handles one batch of due rows; returns how many rows it recorded (0, rows untouched,
         when the configuration cannot work, the server cannot be checked or reached, the keys
         were refused, or Langfuse's wait holds the outbox)."""
-        if not self.ready():
+        if self.stopping() or not self.ready():
             return 0
         if self.sender is None:
             skipped = self.store.skip_outbox(self.batch_size)
@@ -267,7 +283,12 @@ class OutboxDrainer:
                 items.append(score_item(row))
             except ValueError as exc:  # pydantic's ValidationError is one
                 refused.append(Delivery(row.event_id, Outcome.failed, unsendable(exc), unsent=True))
-        deliveries = [*(sender.send(items) if items else []), *refused]
+        sent = sender.send(items, self.stopping) if items else []
+        # Not sent as the worker stops: left as they were, due again after the claim window;
+        # if this claim was the hold's probe, another worker may probe (a no-op otherwise).
+        deliveries = [*(d for d in sent if d.outcome != Outcome.later), *refused]
+        if len(deliveries) < len(sent) + len(refused):
+            self.store.record_check("failed")
         unsent = next((d for d in deliveries if d.outcome in UNSENT), None)
         deliveries = [d for d in deliveries if d.outcome not in UNSENT]
         if deliveries:
@@ -281,10 +302,10 @@ class OutboxDrainer:
             # or one just set by an answer recorded above).
             self.store.record_check("failed")
         if unsent is not None and unsent.outcome == Outcome.off:
-            self._turn_off(f"LANGFUSE_HOST={sender.host}: {unsent.error}", recheck=True)
+            self._turn_off(f"{sender.setting}={sender.host}: {unsent.error}")
             self._say_off()
         elif unsent is not None:
-            sender.version = None  # checked again next pass
+            sender.checked = False  # checked again next pass
             self._say_unreachable(f"{sender.host}{INGESTION_PATH}: {unsent.error}")
         if not deliveries:
             return 0

@@ -68,6 +68,7 @@ create table public.persona_training_events (
   langfuse_sent_at timestamptz,
   audit_of_draft boolean not null default false,
   audit_origin public.audit_origin,
+  first_vote_at timestamptz,
   constraint score_on_feedback_only check ((source = 'user_feedback') = (score is not null)),
   constraint passed_on_audits_only check ((source = 'persona_audit') = (passed is not null)),
   -- Feedback names its voter, so that an insert without a user is refused by the insert policy
@@ -88,7 +89,11 @@ create table public.persona_training_events (
   constraint supersedes_id_on_feedback_only
     check (source = 'user_feedback' or supersedes_id is null),
   constraint superseded_at_on_feedback_only
-    check (source = 'user_feedback' or superseded_at is null)
+    check (source = 'user_feedback' or superseded_at is null),
+  -- Every vote of a feedback carries its first vote's time, kept when that vote is deleted: the
+  -- Langfuse score's timestamp (part of Langfuse's key), which must never change.
+  constraint first_vote_at_on_feedback_only
+    check ((source = 'user_feedback') = (first_vote_at is not null))
 );
 
 comment on table public.persona_training_events is
@@ -106,6 +111,10 @@ comment on column public.persona_training_events.persona_spec_id is
 comment on column public.persona_training_events.created_by is 'The user who voted; from the JWT.';
 comment on column public.persona_training_events.first_vote_id is
   'The first vote of this feedback (same twin, trace and user); later votes change it.';
+comment on column public.persona_training_events.first_vote_at is
+  'When this feedback''s first vote was cast (its created_at), set by the vote recorder and '
+  'carried by every later vote, so it stays when the first vote is deleted: the Langfuse '
+  'score''s timestamp, which keys the score there with its id. Null on audits.';
 comment on column public.persona_training_events.supersedes_id is
   'The earlier vote this one replaces; the worker retracts what that one contributed.';
 comment on column public.persona_training_events.superseded_at is
@@ -222,6 +231,7 @@ as $$
 declare
   v_previous_id bigint;
   v_first_vote_id bigint;
+  v_first_vote_at timestamptz;
   v_previous_due_at timestamptz;
   v_previous_status public.langfuse_status;
 begin
@@ -247,12 +257,14 @@ begin
     and p.created_by = new.created_by
     and p.source = 'user_feedback'
     and p.superseded_at is null
-  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
-    into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
+  returning p.id, p.first_vote_id, p.first_vote_at, p.langfuse_next_attempt_at, p.langfuse_status
+    into v_previous_id, v_first_vote_id, v_first_vote_at, v_previous_due_at, v_previous_status;
   perform set_config('pfl.recording_vote', '', true);
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
+  -- Carried down the chain of votes, not looked up: it survives the first vote's deletion.
+  new.first_vote_at := coalesce(v_first_vote_at, new.created_at);
   new.langfuse_status := 'pending';
   -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
   -- in flight: wait until its delivery is recorded (which releases this one) or its window
@@ -271,7 +283,8 @@ comment on function private.record_feedback_vote() is
   'trace) so two votes of one feedback take turns; marks the voter''s current vote on the trace '
   'superseded (its outbox state too when not yet delivered), with pfl.recording_vote on so that '
   'this vote change is not taken for an edit by hand, and links the new vote to it '
-  '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id); puts the new vote '
+  '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id; first_vote_at = '
+  'the superseded vote''s first_vote_at, or the new created_at); puts the new vote '
   'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
   'closes). Security definer: voters may not update events. Raises nothing of its own.';
 

@@ -2381,7 +2381,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261218001000'::text;
+  select '20261219000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -109,11 +109,11 @@ begin
   )
   select c.id, c.twin_id, c.trace_id, c.created_by, c.score, c.reason, c.intent_label,
          c.module_key, c.comment, c.metadata, c.langfuse_attempts,
-         -- Every vote of one feedback carries the first vote's time, so Langfuse updates the
-         -- same score instead of adding one.
-         coalesce(first_vote.created_at, c.created_at)
+         -- Every vote of one feedback carries the first vote's time (stored on the row, so
+         -- it stays when the first vote is deleted): Langfuse updates the same score instead
+         -- of adding one.
+         c.first_vote_at
   from claimed c
-  left join public.persona_training_events first_vote on first_vote.id = c.first_vote_id
   order by c.id;
   -- Nothing due: no probe is in flight, so nothing would ever answer it (a probe armed here
   -- would hold every claim for p_visibility_seconds); the hold stays until a claim with rows.
@@ -129,8 +129,9 @@ comment on function public.claim_langfuse_outbox(integer, integer) is
   'Worker (outbox drain). In: at most p_limit rows (1-1000), hidden from other workers for '
   'p_visibility_seconds (1-3600). Out: the claimed due feedback rows (pending or retrying, due '
   'now), oldest due first, as (event_id, twin_id, trace_id, created_by, score, reason, '
-  'intent_label, module_key, comment, metadata, attempts, score_timestamp = the first vote''s '
-  'created_at, so every vote of one feedback updates one Langfuse score); their next attempt '
+  'intent_label, module_key, comment, metadata, attempts, score_timestamp = the row''s '
+  'first_vote_at, the feedback''s first vote''s created_at, kept when that vote is deleted, so '
+  'every vote of one feedback updates one Langfuse score); their next attempt '
   'moves to now() + p_visibility_seconds, so a worker that dies leaves them due again. None '
   'while private.langfuse_hold holds (Langfuse asked to wait); after the hold, one claim at a '
   'time that takes rows, for p_visibility_seconds, is the probe, and the others get none (a '

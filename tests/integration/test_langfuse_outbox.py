@@ -5,8 +5,9 @@ subprocess) into the Langfuse stand-in on 127.0.0.1.
 The outbox is shared by every twin in the database and other tests leave rows in it, so each
 test makes its own users and twins and asserts only about its own events and score ids; a
 drain here may also carry other tests' due rows, which no assertion depends on. Failure modes
-(down, 5xx, hang, 401) are driven through `drain_ours`, a pass that claims exactly the test's own
-rows, so they never mark other tests' rows retrying or failed. Waiting for a retry (or a claim
+(down, 5xx, hang, 401) are driven through `drain_ours`, a pass that can claim only the test's own
+rows (it locks every other row of the outbox meanwhile), so they never mark other tests' rows
+retrying or failed. Waiting for a retry (or a claim
 window) to become due is never a sleep: `make_due` moves `langfuse_next_attempt_at` back, which
 stands for the passage of time, as `end_hold` does for the mirror's hold (private.langfuse_hold,
 which holds every drain of the database while Langfuse asks to wait; `no_hold` clears it around
@@ -243,12 +244,20 @@ def drain_ours(
     event_ids: list[int],
     max_attempts: int = 8,
 ) -> int:
-    """One drain pass over exactly these rows, so that a failure mode under test does not touch
-    other tests' rows: they have waited a day (passage of time), which puts them at the head of
-    the claim order, and the pass claims a batch of their number."""
+    """One drain pass over these rows and no other, so that a failure mode under test does not
+    touch other tests' rows: they have waited a day (passage of time: due), and for the pass
+    every other row of the outbox is locked by this connection, which the claim (`for update
+    skip locked`) passes over. So the pass claims only the rows given that are still in the
+    outbox (none of a row sent, failed or superseded), whatever else is due."""
     make_due(db, event_ids, "1 day")
     drainer = OutboxDrainer(store, sender, batch_size=len(event_ids), max_attempts=max_attempts)
-    return drainer.drain_once()
+    with db.transaction():
+        db.execute(
+            "select 1 from public.persona_training_events"
+            " where langfuse_status in ('pending', 'retrying') and id <> all(%s) for update",
+            (event_ids,),
+        )
+        return drainer.drain_once()
 
 
 def sid(twin_id: str, trace_id: str, user: User | str) -> str:
@@ -745,6 +754,58 @@ def test_changed_vote_updates_the_same_score_with_the_first_votes_time(
     assert early_versions[0]["metadata"]["intent_label"] == "small_talk"
 
 
+def test_a_deleted_first_vote_leaves_the_score_its_time_and_its_one_row(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """A moderator may delete a vote, the feedback's first one included. The votes after it
+    keep the first vote's time (first_vote_at, stored on each row when it is written), so the
+    score keeps its timestamp and its one row of Langfuse's table, even once the server's
+    stored events have expired and it can no longer merge the change into the old row."""
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    score_id = sid(twin, "deleted-first", voter)
+
+    first = vote(voter, twin, "deleted-first", 1)
+    # Passage of time: the first vote was cast three days ago (its row as it would read then).
+    cast_at = db.execute(
+        "update public.persona_training_events"
+        " set created_at = created_at - interval '3 days',"
+        "     first_vote_at = first_vote_at - interval '3 days'"
+        " where id = %s returning created_at",
+        (first["id"],),
+    ).fetchone()[0]  # type: ignore[index]
+    drainer.drain()
+    second = vote(voter, twin, "deleted-first", -1, reason="incorrect")
+    drainer.drain()
+
+    # The moderator deletes the first vote; the bucket's lifecycle rule expires the stored
+    # events; the voter changes their mind again another day.
+    db.execute("delete from public.persona_training_events where id = %s", (first["id"],))
+    standin.forget_event_log()
+    standin.advance(days=1)
+    third = vote(voter, twin, "deleted-first", 1, reason="helpful")
+    times = db.execute(
+        "select id, first_vote_at from public.persona_training_events where id = any(%s)",
+        ([second["id"], third["id"]],),
+    ).fetchall()
+    assert dict(times) == {second["id"]: cast_at, third["id"]: cast_at}
+    drainer.drain()
+
+    assert set(statuses(service, [second["id"], third["id"]]).values()) == {"sent"}
+    versions = standin.scores[score_id]
+    assert [v["value"] for v in versions] == [1.0, -1.0, 1.0]
+    assert {ts(v["timestamp"]) for v in versions} == {cast_at}, "one time for every vote"
+    (row,) = [r for (_, _, i), r in standin.table.items() if i == score_id]
+    assert row["value"] == 1.0
+    assert score_id not in standin.duplicates()
+
+
 def test_changed_vote_after_delivery_is_sent_by_the_next_drain(
     service: Client,
     make_user: Callable[[str], User],
@@ -997,7 +1058,9 @@ def test_a_proxys_refusal_mid_run_says_what_it_is_and_keeps_rows_pending(
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("no scheme", "needs a scheme and a host"),
+        ("no scheme", "LANGFUSE_HOST='127.0.0.1:"),
+        # Langfuse's SDK reads LANGFUSE_BASE_URL before LANGFUSE_HOST, and so does the worker
+        ("base URL wins", "LANGFUSE_BASE_URL='127.0.0.1:"),
         ("wrong keys", "refused the keys: HTTP 401"),
         ("too old", "is too old: score metadata and environments need 3.49.0"),
         ("half configured", "LANGFUSE_SECRET_KEY not set"),
@@ -1019,6 +1082,7 @@ def test_bad_configuration_says_why_once_and_keeps_rows_pending(
     with LangfuseStandin(version="3.48.2" if case == "too old" else None) as lf:
         extra = {
             "no scheme": {"LANGFUSE_HOST": lf.url.removeprefix("http://")},
+            "base URL wins": {"LANGFUSE_BASE_URL": lf.url.removeprefix("http://")},
             "wrong keys": {"LANGFUSE_SECRET_KEY": "sk-lf-wrong"},
             "too old": {},
             "half configured": {"LANGFUSE_SECRET_KEY": ""},
@@ -1030,6 +1094,10 @@ def test_bad_configuration_says_why_once_and_keeps_rows_pending(
     errors = [line for line in out.stderr.splitlines() if "Langfuse mirror off" in line]
     assert len(errors) == 1, out.stderr
     assert expected in errors[0]
+    if "scheme" in case or "URL" in case:
+        assert "needs a scheme (http:// or https://) and a host" in errors[0]
+    # a one-shot drain promises no second check
+    assert errors[0].endswith("feedback stays pending, not sent by this drain"), errors[0]
     for row in outbox(service, ids).values():
         assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
 

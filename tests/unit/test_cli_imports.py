@@ -30,8 +30,8 @@ def test_the_cli_loads_no_mirror_module_until_it_drains() -> None:
 
 def test_the_outbox_loads_the_sender_and_no_sdk() -> None:
     assert loaded_modules("worker.outbox", MIRROR) == (
-        "['worker.langfuse_check', 'worker.langfuse_response', 'worker.langfuse_sender', "
-        "'worker.outbox']"
+        "['worker.langfuse_check', 'worker.langfuse_http', 'worker.langfuse_response', "
+        "'worker.langfuse_sender', 'worker.outbox']"
     )
 
 

@@ -32,16 +32,15 @@ from worker.langfuse_check import (
     LangfuseWait,
     check,
     generation,
-    parse_version,
 )
-from worker.langfuse_response import Outcome, classify
+from worker.langfuse_http import check_host, unusable_host
+from worker.langfuse_response import Outcome, classify, parse_version
 from worker.langfuse_sender import (
     Delivery,
     LangfuseSender,
     ScoreItem,
-    check_host,
+    body,
     score_id_for,
-    unusable_host,
 )
 from worker.outbox import OutboxDrainer
 from worker.store import CheckTurn, OutboxBacklog, Store
@@ -111,7 +110,7 @@ def test_check_reads_the_version_and_tries_the_keys_without_storing(
 ) -> None:
     version = check(sender)
 
-    assert ".".join(map(str, version)) == standin.version
+    assert version is not None and ".".join(map(str, version)) == standin.version
     health, probe = standin.requests
     assert (health.method, health.path, health.status) == ("GET", "/api/public/health", 200)
     assert (probe.method, probe.path, probe.body, probe.status) == (
@@ -285,7 +284,7 @@ def test_a_wait_answered_to_the_checks_empty_batch_is_a_wait(
     cloud.set_mode(mode)
     with sender_for(cloud) as sender, pytest.raises(LangfuseWait) as raised:
         check(sender)
-    assert sender.version is None
+    assert sender.waited  # the next check is the empty batch alone
     verdict = raised.value.verdict
     assert verdict.outcome == Outcome.wait
     assert verdict.retry_after_seconds == (300.0 if mode == "suspended" else 2.0)
@@ -386,7 +385,6 @@ def test_a_redirect_is_refused_never_followed(standin: LangfuseStandin) -> None:
         deliveries = sender.send(make_items(3))
         with pytest.raises(LangfuseConfigError, match="redirects .* https://") as refused:
             check(sender)
-    assert refused.value.recheck  # a proxy being set up: checked again later
 
     https = f"https://{standin.host}:{standin.port}"
     assert str(refused.value).endswith(f"set LANGFUSE_HOST to {https}")
@@ -407,6 +405,44 @@ def test_413_splits_the_request(standin: LangfuseStandin) -> None:
     statuses = [r.status for r in standin.requests]
     assert statuses[0] == 413 and statuses.count(207) >= 2
     assert len(standin.scores) == 6
+
+
+@pytest.mark.parametrize("room", [0, -1], ids=["exactly-the-limit", "one-byte-over"])
+def test_requests_are_counted_to_the_byte_as_sent(room: int) -> None:
+    """A batch whose body is exactly max_request_bytes goes as one request; one byte less and it
+    goes as two, none over the limit (the count is of the body as sent, separators included)."""
+    with LangfuseStandin(generation="v3") as lf, sender_for(lf, batch_size=1000) as probe:
+        items = make_items(40)
+        whole = len(body([probe.event(i) for i in items]))
+        assert whole > 4096
+        with sender_for(lf, batch_size=1000, max_request_bytes=whole + room) as sender:
+            assert outcomes(sender.send(items)) == {Outcome.sent}
+        sizes = [int(r.headers["content-length"]) for r in lf.score_requests]
+    if room == 0:
+        assert sizes == [whole]
+    else:
+        assert len(sizes) == 2 and max(sizes) <= whole - 1, sizes
+
+
+def test_once_the_worker_stops_no_request_starts(standin: LangfuseStandin) -> None:
+    """`serve` stopping: the request in flight ends, the batch's other requests never start
+    (`later`: left for after the claim window), and a pass that has not claimed yet claims
+    nothing and checks nothing, so a pass in hand ends within what is in flight."""
+    stop = threading.Event()
+    with sender_for(standin, batch_size=2) as sender:
+
+        def stopping() -> bool:  # stop is asked for once the first request has been answered
+            if standin.score_requests:
+                stop.set()
+            return stop.is_set()
+
+        deliveries = sender.send(make_items(5), stopping)
+        assert [d.outcome for d in deliveries] == [Outcome.sent] * 2 + [Outcome.later] * 3
+        assert len(standin.score_requests) == 1
+        seen = len(standin.requests)
+        drainer = OutboxDrainer(cast(Store, NoHold()), sender, 10, 8, stopping=stop.is_set)
+        assert drainer.drain_once() == 0
+    assert len(standin.requests) == seen
 
 
 def test_a_score_too_large_for_any_request_fails_without_being_sent(
@@ -530,17 +566,71 @@ def test_https_to_a_plain_http_port_is_a_setting_checked_again_later(
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "Langfuse mirror off: LANGFUSE_HOST=https://" in line
     assert "checked again every 0 s" in line
-    assert LangfuseHostUnusable.recheck and not LangfuseConfigError.recheck
 
 
-def test_a_proxys_403_on_the_health_route_is_a_refusal_checked_again_later() -> None:
-    """Langfuse answers its health route without keys: a 403 there (nginx's page) is a proxy or
-    a firewall in front of it, which may be fixed later, not "no Langfuse at LANGFUSE_HOST"."""
+def test_a_proxy_refusing_every_route_is_a_refusal() -> None:
+    """A 403 to the health route (nginx's page) hides the version, and the empty batch, refused
+    the same way, says so: a proxy or a firewall in front of Langfuse, which may be fixed later,
+    not "no Langfuse at LANGFUSE_HOST"."""
     with LangfuseStandin() as lf, sender_for(lf) as sender:
         lf.set_mode("proxy_forbidden")
-        with pytest.raises(LangfuseRefused, match=r"refused \(403\) by something in front"):
+        with pytest.raises(LangfuseRefused, match="refused by something in front of Langfuse"):
             check(sender)
-    assert LangfuseRefused.recheck
+        assert [(r.path, r.status) for r in lf.requests] == [
+            ("/api/public/health", 403),
+            ("/api/public/ingestion", 403),
+        ]
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 410])
+def test_a_health_route_a_proxy_hides_leaves_the_version_unknown_and_the_ingestion_route_decides(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Langfuse serves its health route to anyone; a proxy that exposes only the ingestion route
+    answers it with its own page. The check then takes the empty batch's answer: ready, the
+    version unknown, and one warning that the 3.49 minimum could not be checked."""
+    seen: list[str] = []
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/api/public/health":
+            return httpx.Response(status, text="<html>nginx</html>")
+        return httpx.Response(207, json={"successes": [], "errors": []})
+
+    with LangfuseSender("http://lf.example", "pk", "sk", 2.0) as sender:
+        sender.http.close()
+        sender.http = httpx.Client(transport=httpx.MockTransport(proxy))
+        drainer = OutboxDrainer(cast(Store, NoHold()), sender, 10, 8)
+        with caplog.at_level("INFO", logger="worker.outbox"):
+            assert drainer.ready()
+        assert sender.version is None
+    assert seen == ["/api/public/health", "/api/public/ingestion"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "version is unknown" in warning and "3.49" in warning
+
+
+def test_a_server_too_old_is_checked_again_and_taken_once_upgraded() -> None:
+    """A server older than 3.49 turns the mirror off; an upgrade is seen by the next check
+    (`recheck_seconds`, 0 here: the time passing), with no restart."""
+    with LangfuseStandin(generation="v3", version="3.48.2") as lf, sender_for(lf) as sender:
+        drainer = OutboxDrainer(cast(Store, NoHold()), sender, 10, 8, recheck_seconds=0)
+        assert not drainer.ready()
+        assert drainer.config_error is not None and "too old" in drainer.config_error
+        lf.version = "3.49.0"
+        assert drainer.ready()
+        assert sender.version == (3, 49, 0)
+
+
+def test_a_one_shot_drain_does_not_promise_a_second_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with LangfuseStandin() as lf, sender_for(lf, secret_key="sk-wrong") as sender:
+        drainer = OutboxDrainer(cast(Store, NoHold()), sender, 10, 8, recheck_seconds=None)
+        with caplog.at_level("ERROR", logger="worker.outbox"):
+            assert not drainer.ready()
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.endswith("feedback stays pending, not sent by this drain")
+    assert "checked again" not in line
 
 
 class NoHold:
@@ -724,8 +814,8 @@ def test_score_item_normalises_timestamp_to_utc() -> None:
     [
         ("localhost:3000", "needs a scheme"),
         ("cloud.langfuse.com", "needs a scheme"),
-        ("ftp://cloud.langfuse.com", "needs a scheme"),
-        ("https://", "needs a scheme"),
+        ("ftp://cloud.langfuse.com", "the scheme must be http or https, not ftp"),
+        ("https://", "needs a host"),
         ("https://langfuse.example.com/?x=1", "query"),
         ("https://cloud.langfuse.com/api/public", "without /api/public"),
         ("https://example.com/langfuse/api/public/ingestion", "without /api/public"),
@@ -734,6 +824,37 @@ def test_score_item_normalises_timestamp_to_utc() -> None:
 def test_a_host_without_scheme_or_host_is_refused(host: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         check_host(host)
+
+
+def test_langfuse_base_url_wins_over_langfuse_host_as_in_langfuses_sdk() -> None:
+    """Langfuse's SDK 5.x reads LANGFUSE_BASE_URL first, LANGFUSE_HOST (its older name) after;
+    the worker too, and its messages name the setting in use."""
+    from pydantic import SecretStr
+
+    from worker.cli import make_drainer
+    from worker.config import WorkerSettings
+
+    def settings(**urls: str) -> WorkerSettings:
+        values: dict[str, Any] = {
+            "supabase_url": "http://127.0.0.1:1",
+            "supabase_service_role_key": SecretStr("sb_secret_x"),
+            "langfuse_public_key": "pk",
+            "langfuse_secret_key": SecretStr("sk"),
+            **urls,
+        }
+        return WorkerSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    both = settings(langfuse_base_url="https://b.example", langfuse_host="https://h.example")
+    assert both.langfuse_url == ("LANGFUSE_BASE_URL", "https://b.example")
+    assert settings(langfuse_host="https://h.example").langfuse_url == (
+        "LANGFUSE_HOST", "https://h.example"
+    )
+    assert settings(langfuse_base_url="https://b.example").langfuse_configured
+    drainer = make_drainer(settings(langfuse_base_url="b.example"), cast(Store, NoHold()))
+    assert drainer.config_error is not None
+    assert drainer.config_error.startswith("LANGFUSE_BASE_URL='b.example' needs a scheme")
+    missing = settings().langfuse_missing
+    assert missing == ["LANGFUSE_BASE_URL (or LANGFUSE_HOST)"]
 
 
 def test_a_host_keeps_its_path_prefix() -> None:
