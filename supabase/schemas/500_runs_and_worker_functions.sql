@@ -1635,18 +1635,17 @@ begin
     -- Each window through the index on (twin_id, created_at), newest first and at most 50,000
     -- of its events (watch_pass_evidence is at most 50,000): the call's cost is bounded however
     -- long the twin's history and its window; a side with more evidence counts its latest.
-    -- A vote is placed by when its feedback's first vote was cast (first_vote_id), not when it
-    -- was last changed: it judges the answer of the spec live then. A vote cast before the
+    -- A vote is placed by when its feedback's first vote was cast (first_vote_at, kept when
+    -- that vote is deleted), not when it was last changed: it judges the answer of the spec
+    -- live then. A vote cast before the
     -- publish and changed after it stays on the old side (counted at its latest value), and
     -- one whose first vote lies before the old window counts on neither side.
     select * from (
-      select coalesce(f.created_at, e.created_at) as placed_at,
+      select coalesce(e.first_vote_at, e.created_at) as placed_at,
              e.source = 'user_feedback' as is_vote,
              e.module_key is not null as by_key, coalesce(e.module_key, e.intent_label) as key,
              coalesce(e.score > 0, e.passed) as passed
       from public.persona_training_events e
-      left join public.persona_training_events f
-        on e.source = 'user_feedback' and f.id = e.first_vote_id and e.first_vote_id <> e.id
       where e.twin_id = v_run.twin_id
         and e.created_at >= v_watch.published_at and e.created_at <= v_run.learning_time
         and e.id <= v_run.batch_last_event_id
@@ -1658,12 +1657,10 @@ begin
     ) n
     union all
     select * from (
-      select coalesce(f.created_at, e.created_at), e.source = 'user_feedback',
+      select coalesce(e.first_vote_at, e.created_at), e.source = 'user_feedback',
              e.module_key is not null, coalesce(e.module_key, e.intent_label),
              coalesce(e.score > 0, e.passed)
       from public.persona_training_events e
-      left join public.persona_training_events f
-        on e.source = 'user_feedback' and f.id = e.first_vote_id and e.first_vote_id <> e.id
       where e.twin_id = v_run.twin_id
         and e.created_at >= v_start and e.created_at < v_watch.published_at
         and e.id <= v_run.batch_last_event_id
@@ -1793,7 +1790,7 @@ comment on function public.claim_production_watch(uuid, uuid) is
   'Kinds are never pooled. votes: current votes with score +1 (passed) or -1 placed from '
   'published_at to T (new) against those placed from window_start = max(published_at - (T - '
   'published_at), previous_published_at) to published_at (old), a vote placed by when its '
-  'feedback''s first vote was cast (first_vote_id), at its latest value; audits: audits of spec_id from '
+  'feedback''s first vote was cast (first_vote_at), at its latest value; audits: audits of spec_id from '
   'published_at to T (new) against audits of previous_spec_id from window_start to published_at '
   '(old), production audits only (audit_origin production; a replay counts on neither side). '
   'Only events of the batch or before it; matched '
@@ -2381,7 +2378,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261219000100'::text;
+  select '20261219000200'::text;
 $$;
 
 comment on function public.worker_schema_version() is

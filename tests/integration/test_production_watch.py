@@ -1259,6 +1259,15 @@ def test_a_vote_changed_after_the_publish_stays_on_the_side_of_the_answer_it_jud
     # Old side: the five early votes, two of them now -1; new side: the four fresh ones only.
     assert (votes_twin.old_n, votes_twin.old_passed) == (5, 3)
     assert (votes_twin.new_n, votes_twin.new_passed) == (4, 3)
+    # A moderator deletes the two changed feedbacks' first votes: each feedback's later vote
+    # keeps its first vote's time (first_vote_at). Found by joining to the deleted row, it fell
+    # back to the change's own time, and the two -1s moved to the new side (6 of 3 there).
+    assert scalar(db, "with gone as (delete from public.persona_training_events where "
+                      "twin_id = %s and trace_id like 'early-%%' and superseded_at is not null "
+                      "returning 1) select count(*) from gone", twin.id) == 2
+    [votes_twin] = [c for c in claimed_watch(runner, twin).twin if c.kind == "votes"]
+    assert (votes_twin.old_n, votes_twin.old_passed) == (5, 3)
+    assert (votes_twin.new_n, votes_twin.new_passed) == (4, 3)
 
 
 def test_a_trickle_of_votes_does_not_hold_back_the_audits_looks(
