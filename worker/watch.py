@@ -119,9 +119,10 @@ def standardized_interval(
     Why the wider of two: each fails where the other holds, and an outcome regresses under the
     wider only when it regresses under both, so a test's chance of a false regression is at
     most the smaller of the two methods' (README, "When the bound holds"). Kish's size assumes
-    one pass rate in every stratum: a module with most of the old weight and 10 new events at
-    85% beside a large module at 99-99.9% has a variance three times what it assumes, and
-    regressed at up to 7.8 times its share at 1e-8 (1.1-1.4 times at 1e-3). The strata's own
+    one pass rate in every stratum: a module with a fifth of the old weight (400 old events) and
+    10 new events at 85% beside a large module at 99-99.9% has a variance three times what it
+    assumes on the new side, and regressed at up to 7.8 times its share at 1e-8 (1.1-1.4 times
+    at 1e-3). The strata's own
     intervals follow such a module, but a Wilson interval of a few events cannot be wider than
     [0, 1], so at the large z of an early look their widths saturate while the combination
     still shrinks them as if they were normal: three modules of 10 events a side at p = 0.5
