@@ -227,12 +227,13 @@ def describe_watch(
     )
     if watch.get("final"):
         verdicts = {c.get("verdict") for c in watch.get("comparisons", [])}
+        when = "at the next spec's publish" if watch.get("superseding") else "at expiry"
         if verdicts & {"regressed", "no_regression"}:
-            sentence += " (its final test, at expiry)"
+            sentence += f" (its final test, {when})"
         elif "not_tested" in verdicts:
-            sentence += " (at expiry, with no final test: no alpha left to spend)"
+            sentence += f" ({when}, with no final test: no alpha left to spend)"
         else:
-            sentence += (" (at expiry, with no final test: no comparison had watch_min_evidence"
+            sentence += (f" ({when}, with no final test: no comparison had watch_min_evidence"
                          " a side)")
     action = watch.get("action")
     if action == "roll_back":

@@ -573,8 +573,14 @@ class WatchReport(_Frozen):
     tested: bool
     final: bool = Field(
         False,
-        description="True when the watch had expired: this run's test was the final one, "
-        "spending all the alpha left (the state is then regressed, passed or expired).",
+        description="True when the watch had expired or this run publishes the next spec: "
+        "this run's test was the final one, spending all the alpha left (the state is then "
+        "regressed, passed, expired or superseded).",
+    )
+    superseding: bool = Field(
+        False,
+        description="True when this run publishes the next spec: its final test was made then "
+        "(the state is regressed, passed or superseded), not at expiry.",
     )
     look: int = Field(
         ge=0, description="Planned looks reached, this one included: the least of the kinds in "

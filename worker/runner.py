@@ -58,8 +58,9 @@ def decide(
     Takes the batch `claim_learning_run_events` aggregated, whether the run is in safe mode
     (never publishes) and the watch's evidence (`claim_production_watch`; None when no spec is
     watched); returns the run's decision for `Store.complete_run`. The gate report carries the
-    watch's look (`watch`); a regression with watch_mode auto rolls the spec back, and the run
-    then publishes nothing (held, rolled_back). Raises ValueError when the batch's evidence
+    watch's look (`watch`), its final test when the run publishes the next spec; a regression
+    with watch_mode auto rolls the spec back, and the run then publishes nothing (held,
+    rolled_back). Raises ValueError when the batch's evidence
     names a module the batch does not list.
     """
     evidence = {e.module_id: e for e in batch.evidence}
@@ -76,7 +77,10 @@ def decide(
         batch.settings,
     )
     if watch is not None:
-        looked = decide_watch(watch)
+        # A run that publishes the next spec ends the watch: its final test comes first, and a
+        # regression it finds (auto) rolls back and holds the draft instead.
+        looked = decide_watch(
+            watch, superseding=report.publish_decision is PublishDecision.published)
         if looked.action is WatchAction.roll_back:
             report = report.model_copy(
                 update={

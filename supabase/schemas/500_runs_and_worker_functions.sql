@@ -1907,12 +1907,20 @@ begin
   if v_watch_doc is not null and jsonb_typeof(v_watch_doc) <> 'null' then
     if jsonb_typeof(v_watch_doc) <> 'object'
        or coalesce(v_watch_doc ->> 'action', '') not in ('none', 'alert', 'roll_back')
-       or coalesce(v_watch_doc ->> 'state', '') not in ('watching', 'passed', 'regressed', 'expired')
+       or coalesce(v_watch_doc ->> 'state', '') not in ('watching', 'passed', 'regressed', 'expired',
+                                                         'superseded')
        or jsonb_typeof(v_watch_doc -> 'look') is distinct from 'number'
        or jsonb_typeof(v_watch_doc -> 'alpha_spent') is distinct from 'number' then
       raise exception using errcode = '22023',
-        message = 'p_result.watch needs watch_id, mode, state (watching, passed, regressed or '
-                  'expired), action (none, alert or roll_back), look and alpha_spent';
+        message = 'p_result.watch needs watch_id, mode, state (watching, passed, regressed, '
+                  'expired or superseded), action (none, alert or roll_back), look and '
+                  'alpha_spent';
+    end if;
+    -- superseded: the final test of a run that publishes the next spec found no regression.
+    if v_watch_doc ->> 'state' = 'superseded' and v_publish_spec_id is null then
+      raise exception using errcode = '55000',
+        message = format('run %s: a watch ends superseded only in a run that publishes a spec',
+                         p_run_id);
     end if;
     select * into v_watch from public.persona_spec_watches w
     where w.id = (v_watch_doc ->> 'watch_id')::uuid and w.twin_id = v_run.twin_id
@@ -2025,7 +2033,8 @@ comment on function public.complete_learning_run(uuid, uuid, jsonb) is
   'moves the twin''s cursor '
   'over the batch and sets its learned_generation to the run''s evidence_generation, applies the '
   'module updates (recording each change of confidence or status in persona_module_changes), '
-  'records the watch''s look (state, looks_done, alpha_spent, last_report) and, for action '
+  'records the watch''s look (state, looks_done, alpha_spent, last_report; superseded, the '
+  'final test of a run that publishes, only with publish_spec_id) and, for action '
   'roll_back (watch_mode auto, state regressed), archives the watched spec with its rollback '
   'reason and time and publishes the spec it replaced again, '
   'publishes the draft (the published spec archived, its watch superseded, a watch of the new '

@@ -29,9 +29,9 @@ from tests.conftest import ROOT, Stack, User
 from tests.integration.helpers import Twin, create_twin, pfl, psql_file, scalar, worker_env
 from tests.integration.test_schema_source import scratch_database
 from worker.config import WorkerSettings
-from worker.models import WatchEvidence
-from worker.runner import Runner
-from worker.store import Run, Store
+from worker.models import WatchEvidence, WatchState
+from worker.runner import Runner, decide
+from worker.store import Run, RunBatch, Store, StoreError
 from worker.watch import obf_alpha_spent
 
 pytestmark = pytest.mark.integration
@@ -500,6 +500,133 @@ def test_the_next_drafts_gate_audits_make_no_false_regression(
     assert [c["evidence"] for c in audits_now] == [
         {"new_n": 200, "new_passed": 180, "old_n": 200, "old_passed": 180}]
     assert later.hold_reason != "rolled_back" and watch_row(db, watch_id)["state"] == "watching"
+
+
+def gated_next_draft(db: psycopg.Connection, twin: Twin, drop: bool) -> str:
+    """After published_twin: 30 production audits a side of v1 (before the switch) and v2
+    (since), 27 of 30 passing before and 9 (`drop`) or 27 since: compared, but short of the
+    plan's first look (40 a side), so no run tests them. Then v3, a draft that passes its gate
+    against v2 (80 paired replays, all agreeing). Returns v3's id."""
+    assert twin.draft_spec_id is not None
+    audits(db, twin, twin.published_spec_id, 27, 3, at="now() - interval '3 days'",
+           prefix="prod-before")
+    audits(db, twin, twin.draft_spec_id, 9 if drop else 27, 21 if drop else 3,
+           at="now() - interval '1 day'", prefix="prod-after")
+    v3 = next_draft(db, twin)
+    for spec in (twin.draft_spec_id, v3):
+        audits(db, twin, spec, 80, 0, at="now() - interval '1 hour'", prefix="gate-v3",
+               origin="replay" if spec == twin.draft_spec_id else None)
+    return v3
+
+
+def test_a_publish_makes_the_running_watchs_final_test_first(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # A fresh review's case: the next publish ended a running watch `superseded`, untested, and
+    # the spec that had dropped became the next one's baseline (a weekly shipper at about 12
+    # votes a day a side: a drop from 80% to 50% caught before the next publish in 29 of 200
+    # watches). The publishing run now makes the watch's final test first, spending what is
+    # left: here it regresses, and with watch_mode auto the run rolls v2 back and holds v3.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    v3 = gated_next_draft(db, twin, drop=True)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert (run.status, run.publish_decision, run.hold_reason) == ("completed", "held",
+                                                                   "rolled_back")
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["final"], report["superseding"]) == (
+        "regressed", "roll_back", True, True)
+    assert report["look"] == 0  # short of the first look: only the final test could see it
+    assert spec_rows(db, twin) == [
+        (twin.published_spec_id, "published", False, None),
+        (twin.draft_spec_id, "archived", True,
+         f"production watch: regression found by run {run.id}"),
+        (v3, "draft", False, None),
+    ]
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert scalar(db, "select count(*) from public.persona_spec_watches where twin_id = %s",
+                  twin.id) == 1
+    shown = subprocess.run(pfl("runs", "--twin", twin.id), env=worker_env(StackEnv.load()),
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "watch of v2: regressed at look 0/10 (its final test, at the next spec's publish)" \
+        in shown, shown
+
+
+def test_in_alert_mode_a_publish_records_the_final_tests_regression_and_publishes(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The same with watch_mode alert: the finding is recorded on v2's watch (regressed, not
+    # superseded) and the owner's next spec goes live, watched against v2.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner)
+    v3 = gated_next_draft(db, twin, drop=True)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert (run.publish_decision, str(run.published_spec_id)) == ("published", v3)
+    assert run.gate_report is not None
+    report = run.gate_report["watch"]
+    assert (report["state"], report["action"], report["superseding"]) == (
+        "regressed", "alert", True)
+    assert watch_row(db, watch_id)["state"] == "regressed"
+    assert [r[1] for r in spec_rows(db, twin)] == ["archived", "archived", "published"]
+    assert db.execute("select state::text, previous_spec_id::text from "
+                      "public.persona_spec_watches where twin_id = %s and spec_id = %s",
+                      (twin.id, v3)).fetchall() == [("watching", twin.draft_spec_id)]
+
+
+def test_a_publish_over_a_watch_with_no_regression_ends_it_superseded_after_its_test(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    v3 = gated_next_draft(db, twin, drop=False)
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert (run.publish_decision, str(run.published_spec_id)) == ("published", v3)
+    stored = watch_row(db, watch_id)
+    assert (stored["state"], stored["last_run_id"]) == ("superseded", str(run.id))
+    report = stored["last_report"]
+    assert (report["state"], report["final"], report["superseding"]) == (
+        "superseded", True, True)
+    twin_audits = [c for c in report["comparisons"]
+                   if (c["scope"], c["kind"]) == ("twin", "audits")]
+    assert [c["verdict"] for c in twin_audits] == ["no_regression"]
+    # All that was left spent: the audits' comparisons spent their half of watch_alpha.
+    assert {c["kind"]: c["alpha_spent"] for c in report["clocks"]}["audits"] == \
+        pytest.approx(0.05)
+
+
+def test_a_watch_ends_superseded_only_in_a_run_that_publishes(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The database takes `superseded` from a run's report only with a publish: a worker that
+    # sent it otherwise is refused with a clear error, and nothing changes.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner)
+    audits(db, twin, twin.published_spec_id, 27, 3, at="now() - interval '3 days'", prefix="b")
+    store = runner.store
+    store.enqueue_run(UUID(twin.id), safe_mode=True)
+    run = store.claim_run("watch-tests", 60, UUID(twin.id))
+    assert run is not None
+    batch = store.claim_events(run)
+    watch = store.claim_watch(run)
+    assert isinstance(batch, RunBatch) and watch is not None
+    decision = decide(batch, safe_mode=True, watch=watch)
+    assert decision.watch is not None and decision.publish_spec_id is None
+    forged = decision.model_copy(update={
+        "watch": decision.watch.model_copy(update={"state": WatchState.superseded})})
+    before = watch_row(db, watch_id)
+    with pytest.raises(StoreError, match="a watch ends superseded only in a run that publishes"):
+        store.complete_run(run, forged)
+    assert watch_row(db, watch_id) == before
+    assert scalar(db, "select status::text from public.persona_feedback_learning_runs "
+                      "where id = %s", str(run.id)) == "running"
+    store.release_run(run)
 
 
 def audit_check(run: Run) -> dict[str, Any]:

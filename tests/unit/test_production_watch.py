@@ -363,6 +363,29 @@ def test_an_expiring_watch_spends_what_is_left_in_a_final_test() -> None:
     assert (done.state, done.look, done.final) == (WatchState.passed, 10, True)
 
 
+def test_a_run_that_publishes_the_next_spec_makes_the_final_test_first() -> None:
+    # The same evidence between looks, a day after the publish: a run that publishes the next
+    # spec ends the watch, so it spends what is left on a final test (an ordinary run tests
+    # nothing). It regresses, or ends superseded after its test.
+    spent = obf_alpha_spent(0.2, 0.05)
+    dropped = evidence((100, 62), (100, 80), looks_done=2, alpha_spent=spent, mode=WatchMode.auto)
+    assert decide_watch(dropped).tested is False
+    final = decide_watch(dropped, superseding=True)
+    assert (final.state, final.action, final.final, final.superseding, final.tested) == (
+        WatchState.regressed, WatchAction.roll_back, True, True, True)
+    assert final.alpha_spent == pytest.approx(0.05)
+    held = decide_watch(evidence((100, 80), (100, 80), looks_done=2, alpha_spent=spent),
+                        superseding=True)
+    assert (held.state, held.action, held.final, held.superseding) == (
+        WatchState.superseded, WatchAction.none, True, True)
+    assert twin_votes(held).verdict is WatchComparisonVerdict.no_regression
+    assert held.alpha_spent == pytest.approx(0.05)
+    # A watch whose kinds all passed their plan ends passed, superseding or not.
+    done = decide_watch(evidence((400, 320), (400, 320), looks_done=9,
+                                 alpha_spent=obf_alpha_spent(0.9, 0.05)), superseding=True)
+    assert (done.state, done.look, done.superseding) == (WatchState.passed, 10, True)
+
+
 def test_each_module_and_kind_gets_its_share_and_its_own_verdict() -> None:
     # The twin's votes hold up overall; one module of three dropped from 90% to 50% in votes.
     # 2 kinds x (the twin + 3 modules): 8 shares, whatever evidence arrived.
@@ -1458,14 +1481,17 @@ DROP_AT_EXPIRY = [(28, None), (42, 29), (70, 21), (140, 15), (280, 12)]
 # 24 and 17 points for 70, 140 and 210 a side, and 11 for 420).
 DROP_AT_LAST_LOOK = [(420, 11), (14, None), (21, None), (35, None), (70, 72), (140, 26),
                      (210, 17)]
+# (a side on day 7, drop): the next publish's final test, on all the evidence by then, spending
+# what the looks reached (each tested when due) left.
+DROP_AT_NEXT_PUBLISH = [(14, None), (21, None), (35, 31), (70, 21), (140, 15), (210, 13)]
 
 
-def _drop_needed(n: int, **at: object) -> int | None:
+def _drop_needed(n: int, superseding: bool = False, **at: object) -> int | None:
     old = round(0.8 * n)
     regressing = [
         x for x in range(n + 1)
-        if decide_watch(evidence((n, x), (n, old), modules_total=2, **at)  # type: ignore[arg-type]
-                        ).state is WatchState.regressed
+        if decide_watch(evidence((n, x), (n, old), modules_total=2, **at),  # type: ignore[arg-type]
+                        superseding).state is WatchState.regressed
     ]
     return round(100 * (old - max(regressing)) / n) if regressing else None
 
@@ -1483,6 +1509,13 @@ def test_the_drop_a_low_traffic_watch_needs_at_its_last_look(n: int, drop: int |
     due_at = -(-k * 400 // 10)  # the evidence a side when look k became due: its test's
     assert _drop_needed(due_at if k else n, looks_done=k - 1 if k else 0,
                         alpha_spent=obf_alpha_spent((k - 1) / 10, 0.05) if k else 0.0) == drop
+
+
+@pytest.mark.parametrize(("n", "drop"), DROP_AT_NEXT_PUBLISH)
+def test_the_drop_a_low_traffic_watch_needs_at_the_next_publish(n: int, drop: int | None) -> None:
+    k = look_index(n, 400, 10)
+    assert _drop_needed(n, True, looks_done=k, alpha_spent=obf_alpha_spent(k / 10, 0.05),
+                        hours=24 * 7) == drop
 
 
 @pytest.mark.parametrize(
