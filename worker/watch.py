@@ -14,9 +14,11 @@ alone is no regression and no module is judged on a handful of events. Because t
 again at every run, the error it may make is spent over a plan of looks (`obf_alpha_spent`),
 with what is left spent by a final test when the watch expires, and split over all the
 comparisons (2 kinds × (twin + modules)), so that the chance of a false regression over the
-whole watch stays below `alpha` however many runs look. Each kind of evidence follows its own
-plan of looks, and a watch passes only once every kind in play (compared at some run) has been
-tested with `pass_evidence` a side.
+whole watch stays below `alpha` however many runs look (a union bound over single tests, each
+holding its share where README "When the bound holds" says: pass rates 0.5-0.99 scanned exactly,
+independent events, several modules as far as the exact scans and simulations reach). Each kind
+of evidence follows its own plan of looks, and a watch passes only once every kind in play
+(compared at some run) has been tested with `pass_evidence` a side.
 
 No I/O here: `decide_watch` takes the evidence and the watch's settings and returns the decision
 that the run's completion writes (and, in `auto` mode, acts on).
@@ -46,7 +48,7 @@ from worker.models import (
 )
 
 NEWCOMBE_METHOD = "newcombe_hybrid_score"
-STANDARDIZED_METHOD = "newcombe_standardized_kish_or_mover"
+STANDARDIZED_METHOD = "newcombe_standardized_kish_and_mover"
 _NORMAL = NormalDist()
 
 
@@ -372,7 +374,8 @@ def decide_watch(evidence: WatchEvidence, superseding: bool = False) -> WatchRep
       evidence, so it may be the last analysis.
       Over the whole watch the shares sum to at most α(1) = alpha: by the union bound, with no
       true difference the chance of any false regression is at most alpha, whatever the
-      correlation between looks and comparisons.
+      correlation between looks and comparisons, as far as each single test holds its share
+      (README, "When the bound holds").
     - A compared comparison is a regression when the upper bound of Newcombe's interval for
       (new − old), standardised over its strata, at the one-sided level of its share lies below
       −margin (z = Φ⁻¹(1 − share), computed as −Φ⁻¹(share)). A planned look always has

@@ -747,7 +747,7 @@ def test_a_change_in_module_mix_alone_rolls_nothing_back(
     assert votes_[None]["evidence"] == {
         "new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}
     assert votes_[None]["difference"] == pytest.approx(0.0, abs=1e-12)
-    assert votes_[None]["method"] == "newcombe_standardized_kish_or_mover"
+    assert votes_[None]["method"] == "newcombe_standardized_kish_and_mover"
     assert {k: c["verdict"] for k, c in votes_.items()} == {
         None: "no_regression", "evidence_answers": "no_regression",
         "small_talk": "no_regression"}

@@ -206,7 +206,7 @@ def test_a_kind_without_evidence_and_a_report_from_before_kinds_in_words() -> No
 
 
 @pytest.mark.parametrize(
-    "method", ["newcombe_standardized_kish_or_mover", "newcombe_standardized_effective_n",
+    "method", ["newcombe_standardized_kish_and_mover", "newcombe_standardized_effective_n",
                "newcombe_mover_standardized"])
 def test_a_twin_wide_comparison_by_module_says_so(method: str) -> None:
     # The pooled counts read as a drop; the verdict is on the difference at the earlier mix.

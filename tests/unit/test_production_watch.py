@@ -1141,7 +1141,7 @@ def test_a_change_in_module_mix_alone_is_no_regression() -> None:
     twin = twin_votes(made)
     assert twin.difference == pytest.approx(0.0, abs=1e-12)
     assert (twin.verdict, twin.method) == (WatchComparisonVerdict.no_regression,
-                                           "newcombe_standardized_kish_or_mover")
+                                           "newcombe_standardized_kish_and_mover")
     assert twin.evidence == {"new_n": 400, "new_passed": 280, "old_n": 400, "old_passed": 328}
     assert [c.verdict for c in made.comparisons if c.scope == "module"] == [
         WatchComparisonVerdict.no_regression] * 2

@@ -175,9 +175,10 @@ def strata_regress_chance(sides: list[tuple[int, int]], rates: list[float], shar
     strata's combined one, √(Σ w_k² d_k(x_k)²), each stratum's distance a function of its own
     count. So every outcome vector is summed by (rate, Σ w_k² d_k²), and only pairs of rates
     that regress under the effective-size distances alone are judged in full.
-    `test_the_exact_strata_scan_agrees_with_a_full_enumeration` checks this against the worker's
-    own decision, outcome by outcome. With `effective_size_only`, the chance under the
-    effective-size distances alone (the interval before the strata's own were taken as well)."""
+    `test_the_exact_strata_scan_agrees_with_a_full_enumeration` checks the chance against a full
+    enumeration judged by the worker's own `standardized_interval`. With `effective_size_only`,
+    the chance under the effective-size distances alone (the interval before the strata's own
+    were taken as well)."""
     z = -NormalDist().inv_cdf(share)
     news, olds = [n1 for n1, _ in sides], [n2 for _, n2 in sides]
     weights = [n2 / sum(olds) for n2 in olds]
