@@ -227,7 +227,7 @@ def describe_watch(
     )
     if watch.get("final"):
         verdicts = {c.get("verdict") for c in watch.get("comparisons", [])}
-        when = "at the next spec's publish" if watch.get("superseding") else "at expiry"
+        when = "as the next spec passed its gate" if watch.get("superseding") else "at expiry"
         if verdicts & {"regressed", "no_regression"}:
             sentence += f" (its final test, {when})"
         elif "not_tested" in verdicts:

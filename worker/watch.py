@@ -370,8 +370,11 @@ def decide_watch(evidence: WatchEvidence, superseding: bool = False) -> WatchRep
       publish ends the watch, and without it a spec that regressed but was not caught yet
       ended `superseded` untested and became the next spec's baseline (a weekly shipper's
       twin at about 12 votes a day a side: a drop from 80% to 50% caught before the next
-      publish in 29 of 200 watches). The time of a publish does not depend on the watch's
-      evidence, so it may be the last analysis.
+      publish in 29 of 200 watches). A spending plan's last analysis may come at any time
+      that does not depend on the evidence tested; a publish mostly comes with the next
+      draft, but a gate paired with the watched spec's production audits, or an owner timing
+      a publish on the interim comparisons, ties it to them (README, "The publish as the last
+      analysis").
       Over the whole watch the shares sum to at most α(1) = alpha: by the union bound, with no
       true difference the chance of any false regression is at most alpha, whatever the
       correlation between looks and comparisons, as far as each single test holds its share

@@ -397,6 +397,23 @@ begin
                          'read (now %s); read the batch again', p_run_id, v_run.twin_id,
                          coalesce(v_previous.id::text, 'none'));
     end if;
+    -- A publish ends the running watch: the run must have made its final test (its report
+    -- concludes the watch). A report without the watch read it with watch_mode off, and the mode
+    -- has changed since: read again (PT412); one that leaves it watching skipped the test.
+    if v_mode <> 'off' and exists (
+      select 1 from public.persona_spec_watches w
+      where w.twin_id = v_run.twin_id and w.state = 'watching'
+    ) then
+      if v_watch_doc is null or jsonb_typeof(v_watch_doc) = 'null' then
+        raise exception using errcode = 'PT412',
+          message = format('run %s: twin %s has a running watch (watch_mode %s) that the run '
+                           'did not read; read the batch again', p_run_id, v_run.twin_id, v_mode);
+      end if;
+      raise exception using errcode = '55000',
+        message = format('run %s publishes spec %s but leaves watch %s watching: a publish '
+                         'makes the running watch''s final test first', p_run_id,
+                         v_publish_spec_id, v_watch_doc ->> 'watch_id');
+    end if;
     update public.persona_specs s set status = 'archived'
     where s.twin_id = v_run.twin_id and s.status = 'published';
     update public.persona_specs s set status = 'published'
@@ -439,7 +456,9 @@ comment on function public.complete_learning_run(uuid, uuid, jsonb) is
   'over the batch and sets its learned_generation to the run''s evidence_generation, applies the '
   'module updates (recording each change of confidence or status in persona_module_changes), '
   'records the watch''s look (state, looks_done, alpha_spent, last_report; superseded, the '
-  'final test of a run that publishes, only with publish_spec_id) and, for action '
+  'final test of a run that publishes, only with publish_spec_id; a run that publishes while '
+  'a watch is running, watch_mode not off, must conclude it: 55000 when its report leaves it '
+  'watching, PT412 when it read no watch) and, for action '
   'roll_back (watch_mode auto, state regressed), archives the watched spec with its rollback '
   'reason and time and publishes the spec it replaced again, '
   'publishes the draft (the published spec archived, its watch superseded, a watch of the new '

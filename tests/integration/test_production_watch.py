@@ -32,7 +32,7 @@ from worker.config import WorkerSettings
 from worker.models import WatchEvidence, WatchState
 from worker.runner import Runner, decide
 from worker.store import Run, RunBatch, Store, StoreError
-from worker.watch import obf_alpha_spent
+from worker.watch import decide_watch, obf_alpha_spent
 
 pytestmark = pytest.mark.integration
 
@@ -551,8 +551,8 @@ def test_a_publish_makes_the_running_watchs_final_test_first(
                   twin.id) == 1
     shown = subprocess.run(pfl("runs", "--twin", twin.id), env=worker_env(StackEnv.load()),
                            capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "watch of v2: regressed at look 0/10 (its final test, at the next spec's publish)" \
-        in shown, shown
+    assert ("watch of v2: regressed at look 0/10 (its final test, as the next spec passed its "
+            "gate), rolled back to v1") in shown, shown
 
 
 def test_in_alert_mode_a_publish_records_the_final_tests_regression_and_publishes(
@@ -627,6 +627,56 @@ def test_a_watch_ends_superseded_only_in_a_run_that_publishes(
     assert scalar(db, "select status::text from public.persona_feedback_learning_runs "
                       "where id = %s", str(run.id)) == "running"
     store.release_run(run)
+
+
+def test_a_publish_that_leaves_the_running_watch_watching_is_refused(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # A worker that publishes without the watch's final test (one built before it, say): the
+    # database refuses the publish, and nothing changes; the run's next attempt concludes it.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    v3 = gated_next_draft(db, twin, drop=True)
+    store = runner.store
+    store.enqueue_run(UUID(twin.id), safe_mode=False)
+    run = store.claim_run("watch-tests", 60, UUID(twin.id))
+    assert run is not None
+    batch, watch = store.claim_events(run), store.claim_watch(run)
+    assert isinstance(batch, RunBatch) and watch is not None
+    decision = decide(batch, safe_mode=False, watch=watch)
+    assert decision.publish_spec_id is None  # the final test regressed: held, rolled back
+    untested = decide(batch, safe_mode=False, watch=None).model_copy(
+        update={"watch": decide_watch(watch)})
+    assert untested.publish_spec_id is not None and untested.watch is not None
+    assert untested.watch.state is WatchState.watching
+    before = (spec_rows(db, twin), watch_row(db, watch_id))
+    with pytest.raises(StoreError, match=f"leaves watch {watch_id} watching: a publish makes "
+                                         "the running watch's final test first"):
+        store.complete_run(run, untested)
+    assert (spec_rows(db, twin), watch_row(db, watch_id)) == before
+    assert spec_rows(db, twin)[2] == (v3, "draft", False, None)
+    store.release_run(run)
+
+
+def test_a_watch_turned_on_mid_run_is_tested_before_the_publish(
+    db: psycopg.Connection, runner: Runner, make_user: Callable[[str], User],
+) -> None:
+    # The run read no watch (watch_mode off); the owner turned it to auto before the run
+    # completed its publish. The completion refuses (PT412), the run reads again, and the
+    # watch's final test rolls v2 back instead of v3 going live over it untested.
+    owner = make_user("owner")
+    twin, watch_id, _ = published_twin(db, runner, owner, watch_mode="auto")
+    v3 = gated_next_draft(db, twin, drop=True)
+    db.execute("update public.persona_learning_settings set watch_mode = 'off' "
+               "where twin_id = %s", (twin.id,))
+    reads = flip_watch_mode_after_the_first_claim(db, runner, twin, "auto")
+
+    [run] = runner.run_once(UUID(twin.id))
+
+    assert reads[0] is None and reads[1] is not None
+    assert (run.status, run.attempts, run.hold_reason) == ("completed", 1, "rolled_back")
+    assert watch_row(db, watch_id)["state"] == "rolled_back"
+    assert spec_rows(db, twin)[2] == (v3, "draft", False, None)
 
 
 def audit_check(run: Run) -> dict[str, Any]:

@@ -244,7 +244,8 @@ def test_a_final_test_at_expiry_and_modules_left_out_in_words() -> None:
     # The final test a run makes before it publishes the next spec says so.
     superseded = {**expired, "state": "superseded", "superseding": True}
     assert describe_watch({"watch": superseded}, {"spec-2": 2}).startswith(  # type: ignore[union-attr]
-        "watch of v2: superseded at look 2/10 (its final test, at the next spec's publish); ")
+        "watch of v2: superseded at look 2/10 (its final test, as the next spec passed its "
+        "gate); ")
 
 
 def test_an_expiry_that_tested_nothing_does_not_claim_a_final_test() -> None:
