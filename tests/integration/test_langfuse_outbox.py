@@ -832,6 +832,17 @@ def rows_of(standin: LangfuseStandin, score_id: str) -> list[dict[str, Any]]:
     return [r for (_, _, i), r in standin.table.items() if i == score_id]
 
 
+def assert_sent_into_one_row(
+    service: Client, standin: LangfuseStandin, event_id: int, score_id: str, value: float
+) -> None:
+    """The vote `event_id` was sent, and its score `score_id` is one row of Langfuse's table,
+    with the vote's value."""
+    assert statuses(service, [event_id]) == {event_id: "sent"}
+    assert score_id not in standin.duplicates()
+    (row,) = rows_of(standin, score_id)
+    assert row["value"] == value
+
+
 def test_a_vote_after_the_current_vote_was_deleted_keeps_the_first_vote_time(
     service: Client,
     make_user: Callable[[str], User],
@@ -862,10 +873,7 @@ def test_a_vote_after_the_current_vote_was_deleted_keeps_the_first_vote_time(
     third = vote(voter, twin, "current-deleted", 0, reason="other")
     drainer.drain()
 
-    assert statuses(service, [third["id"]]) == {third["id"]: "sent"}
-    assert score_id not in standin.duplicates()
-    (row,) = rows_of(standin, score_id)
-    assert row["value"] == 0.0
+    assert_sent_into_one_row(service, standin, third["id"], score_id, 0.0)
     versions = standin.scores[score_id]
     assert [v["value"] for v in versions] == [1.0, -1.0, 0.0]
     assert {ts(v["timestamp"]) for v in versions} == {cast_at}, "one time for every vote"
@@ -903,10 +911,7 @@ def test_a_vote_after_the_only_vote_was_deleted_keeps_the_first_vote_time(
     again = vote(voter, twin, "only-deleted", 1)
     drainer.drain()
 
-    assert statuses(service, [again["id"]]) == {again["id"]: "sent"}
-    assert score_id not in standin.duplicates()
-    (row,) = rows_of(standin, score_id)
-    assert row["value"] == 1.0
+    assert_sent_into_one_row(service, standin, again["id"], score_id, 1.0)
     versions = standin.scores[score_id]
     assert [(v["value"], ts(v["timestamp"])) for v in versions] == [(-1.0, cast_at), (1.0, cast_at)]
 
