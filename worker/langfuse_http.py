@@ -164,11 +164,12 @@ class LangfuseClient:
 
 class Deadline:
     """The deadline of one exchange of `client`'s: `seconds` from its creation (`at`, on
-    `time.monotonic()`). Used as a context manager around the request: a watchdog timer then
-    shuts down (SHUT_RDWR, which wakes a thread blocked reading or writing it) the socket of the
-    client's connection once the deadline passes, so the request fails at once with httpx's
-    error for a closed connection, which the exchange reports as this timeout (`verdict`). Pass
-    `trace` as the request's httpx "trace" extension: it records the connection's stream when
+    `time.monotonic()`). Used as a context manager around the request: a watchdog timer (a
+    thread, joined when the exchange ends) then shuts down (SHUT_RDWR, which wakes a thread
+    blocked reading or writing it) the socket of the client's connection once the deadline
+    passes, so the request fails at once with httpx's error for a closed connection, which
+    the exchange reports as this timeout (`verdict`). Pass `trace` as the request's httpx
+    "trace" extension: it records the connection's stream when
     one is made (a connection kept alive from an earlier request is the client's `stream`),
     shuts down a stream made after the deadline, and notes when the request starts going out
     (so a timeout before that sent nothing). Raises nothing of its own."""
@@ -182,6 +183,7 @@ class Deadline:
         self._done = False
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
+        self._timer.name = "langfuse-deadline"
 
     def __enter__(self) -> Self:
         self._timer.start()
@@ -191,6 +193,7 @@ class Deadline:
         with self._lock:
             self._done = True
         self._timer.cancel()
+        self._timer.join()  # at once once cancelled: no thread outlives the exchange
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's trace callback: `connection.connect_tcp.complete` and
