@@ -199,9 +199,10 @@ def mirror_stop_bound(timeout_seconds: float) -> float:
     claims nothing more and starts no further request (`OutboxDrainer.stopping`: the batch's
     requests not yet started are left for later, due again after the claim window), so what
     is left is what is in flight: a start-up check's two requests at most, or one send
-    request, each ending within about four `timeout_seconds` (connect, upload and headers
-    each bounded by it, the body by one timeout from the request's start); then its store
-    calls, `MIRROR_JOIN_SECONDS`."""
+    request, each ending within `timeout_seconds` of its start once its host name is resolved
+    (`worker.langfuse_http.Deadline`); the bound allows four timeouts a request, the rest for
+    the system resolver's look-up, which no socket bounds; then its store calls,
+    `MIRROR_JOIN_SECONDS`."""
     return MIRROR_JOIN_SECONDS + 2 * 4 * timeout_seconds
 
 

@@ -94,8 +94,9 @@ class WorkerSettings(BaseSettings):
     pfl_langfuse_timeout_seconds: float = Field(
         10.0,
         gt=0,
-        description="Timeout of one request to Langfuse: each network wait, and the answer's "
-        "body read in full within it from the request's start.",
+        description="Timeout of one request to Langfuse, from its start to the answer's body "
+        "read in full (connecting, uploading, headers, body; the host name's look-up is the "
+        "system resolver's).",
     )
     pfl_langfuse_max_attempts: int = Field(
         8, ge=1, le=100, description="Deliveries of one score before it is marked failed."

@@ -3,26 +3,35 @@
 `LangfuseClient.exchange(method, path, payload)` makes one request to the base URL with HTTP
 Basic auth (public key : secret key), redirects never followed, and returns its `Answer`: the
 status, the headers and the body read in full within the timeout counted from the request's
-start (`read_bounded`: httpx's own timeout bounds each network read only), at most
-`MAX_ANSWER_BYTES` (a longer body, or one whose Content-Encoding it does not have, is an answer
-whose body could not be read: `Answer.unreadable` says why). A request that got no answer raises
-`Unanswered` with the verdict for its rows: a host name that does not exist or TLS that cannot
-work with the host is a setting (`Outcome.off`, `unusable_host`); a refused or timed-out
-connection, a resolver's temporary failure or a TLS handshake cut short sent nothing
-(`Outcome.unreachable`); a failure once the request was on its way (a timeout waiting for the
-answer, a reset) is a retry, as the request itself may be why.
+start, at most `MAX_ANSWER_BYTES` (a longer body, or one whose Content-Encoding it does not
+have, is an answer whose body could not be read: `Answer.unreadable` says why). A request that
+got no answer raises `Unanswered` with the verdict for its rows: a host name that does not
+exist or TLS that cannot work with the host is a setting (`Outcome.off`, `unusable_host`); a
+refused or timed-out connection, a resolver's temporary failure or a TLS handshake cut short
+sent nothing (`Outcome.unreachable`); a failure once the request was on its way (a timeout
+waiting for the answer, a reset) is a retry, as the request itself may be why.
+
+The timeout bounds the whole exchange, not only each network wait (httpx's own timeout bounds
+each connect, write and read, so a server trickling its headers a byte at a time would hold a
+request for ever): `Deadline`, a watchdog timer, shuts the connection's socket down once the
+request's start plus the timeout has passed, wherever the exchange is (connecting, uploading,
+waiting for the headers, reading the body), and the request ends as a timeout. What no socket
+bounds is the system resolver's look-up of the host name, before any connection: its own
+timeout and attempts (resolv.conf) bound it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import re
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
@@ -62,9 +71,10 @@ class LangfuseClient:
     """One Langfuse project's base URL (`host`, named `setting` in messages: LANGFUSE_HOST or
     LANGFUSE_BASE_URL) and keys, over one httpx client, every request bounded by
     `timeout_seconds`; what the start-up check last learnt of the server (`checked`, `version`,
-    `waited`: see `worker.langfuse_check.check`). Close it (or use `with`) to release its
-    connections. Raises ValueError for a host that is not an http(s) URL with a host name, an
-    empty key or a timeout that is not a positive number of seconds."""
+    `waited`: see `worker.langfuse_check.check`). The host and the keys are taken without
+    surrounding blanks (a trailing newline from a mounted secret). Close it (or use `with`) to
+    release its connections. Raises ValueError for a host that is not an http(s) URL with a host
+    name, an empty (or blank) key or a timeout that is not a positive number of seconds."""
 
     def __init__(
         self,
@@ -77,6 +87,9 @@ class LangfuseClient:
     ) -> None:
         self.setting = setting
         self.host = check_host(host, setting)
+        # Keys without surrounding blanks, as the host: a secret mounted from a file (a
+        # Kubernetes secret made with a trailing newline) would otherwise be refused as wrong.
+        public_key, secret_key = public_key.strip(), secret_key.strip()
         if not public_key or not secret_key:
             raise ValueError("LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY must not be empty")
         if not timeout_seconds > 0 or not math.isfinite(timeout_seconds):
@@ -85,11 +98,15 @@ class LangfuseClient:
         self.checked = False  # a check passed, and nothing failed since
         self.version: tuple[int, int, int] | None = None  # as the last check read it
         self.waited = False  # the last check's empty batch met a wait: the next sends it alone
+        self.stream: Any = None  # the network stream of the client's one connection, if any
         self.http = httpx.Client(
             auth=(public_key, secret_key),
             timeout=self.timeout_seconds,
             follow_redirects=False,
             headers={"user-agent": "persona-feedback-learning"},
+            # One connection (kept alive between requests): the one a request's watchdog shuts
+            # down is the one it uses. Requests are made one at a time (the mirror's thread).
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
 
     def close(self) -> None:
@@ -102,22 +119,33 @@ class LangfuseClient:
         self.close()
 
     def exchange(self, method: str, path: str, payload: bytes | None = None) -> Answer:
-        """The answer to `method` `host + path`, with `payload` (JSON) as its body if given.
-        Raises Unanswered when no answer came (see the module docstring)."""
-        deadline = time.monotonic() + self.timeout_seconds
+        """The answer to `method` `host + path`, with `payload` (JSON) as its body if given,
+        within `timeout_seconds` of its start (`Deadline`; the resolver's look-up of the host
+        name aside). Raises Unanswered when no answer came (see the module docstring): past
+        the deadline, a timeout, `unreachable` if the request had not been sent yet, else a
+        retry."""
+        deadline = Deadline(self, self.timeout_seconds)
         headers = {"content-type": "application/json"} if payload is not None else None
         try:
-            with self.http.stream(
-                method, self.host + path, content=payload, headers=headers
+            with deadline, self.http.stream(
+                method,
+                self.host + path,
+                content=payload,
+                headers=headers,
+                extensions={"trace": deadline.trace},
             ) as streamed:
                 try:
-                    body = read_bounded(streamed, deadline, self.timeout_seconds)
+                    body = read_bounded(streamed, deadline.at, self.timeout_seconds)
                 except httpx.DecodingError as exc:  # status and headers came, the body is not
                     why = " ".join((str(exc) or type(exc).__name__).split())[:200]
                     return Answer(streamed.status_code, streamed.headers, b"", why)
         except httpx.TransportError as exc:
+            if deadline.passed:
+                raise Unanswered(deadline.verdict()) from exc
             raise Unanswered(self._unanswered(exc)) from exc
         except httpx.HTTPError as exc:  # anything else httpx raises for one request
+            if deadline.passed:
+                raise Unanswered(deadline.verdict()) from exc
             error = f"an answer that could not be read ({type(exc).__name__}: {exc})"
             raise Unanswered(Verdict(Outcome.retry, error[:300], stop=True)) from exc
         return Answer(streamed.status_code, streamed.headers, body)
@@ -134,6 +162,78 @@ class LangfuseClient:
         return Verdict(outcome, transport_error(exc, self.timeout_seconds), stop=True)
 
 
+class Deadline:
+    """The deadline of one exchange of `client`'s: `seconds` from its creation (`at`, on
+    `time.monotonic()`). Used as a context manager around the request: a watchdog timer (a
+    thread, joined when the exchange ends) then shuts down (SHUT_RDWR, which wakes a thread
+    blocked reading or writing it) the socket of the client's connection once the deadline
+    passes, so the request fails at once with httpx's error for a closed connection, which
+    the exchange reports as this timeout (`verdict`). Pass `trace` as the request's httpx
+    "trace" extension: it records the connection's stream when
+    one is made (a connection kept alive from an earlier request is the client's `stream`),
+    shuts down a stream made after the deadline, and notes when the request starts going out
+    (so a timeout before that sent nothing). Raises nothing of its own."""
+
+    def __init__(self, client: LangfuseClient, seconds: float) -> None:
+        self.client, self.seconds = client, seconds
+        self.at = time.monotonic() + seconds
+        self.passed = False  # the watchdog fired: the exchange ran out of time
+        self.sending = False  # the request started going out
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.name = "langfuse-deadline"
+
+    def __enter__(self) -> Self:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+        self._timer.join()  # at once once cancelled: no thread outlives the exchange
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: `connection.connect_tcp.complete` and
+        `connection.start_tls.complete` carry the new stream as `return_value`;
+        `http11.send_request_headers.started` is the request going out."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            with self._lock:
+                self.client.stream = info.get("return_value")
+                if self.passed:
+                    shut_down(self.client.stream)
+        elif event.endswith(".send_request_headers.started"):
+            self.sending = True
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.passed = True
+            shut_down(self.client.stream)
+
+    def verdict(self) -> Verdict:
+        """A request the deadline ended: a timeout, nothing sent (`unreachable`) if it had not
+        started going out, else a retry (it may have arrived)."""
+        if self.sending:
+            return Verdict(
+                Outcome.retry, f"timeout after {self.seconds}s waiting for a response", stop=True
+            )
+        return Verdict(Outcome.unreachable, f"timeout after {self.seconds}s connecting", stop=True)
+
+
+def shut_down(stream: Any) -> None:
+    """Shuts down both directions of an httpcore network stream's socket (its TLS socket's
+    underlying one too: the plain socket call, not SSLSocket's, which would tear its TLS state
+    down under a reading thread); a stream without a socket, or one already closed, is left."""
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 def read_bounded(
     answer: httpx.Response, deadline: float, timeout: float, limit: int = MAX_ANSWER_BYTES
 ) -> bytes:
@@ -142,9 +242,8 @@ def read_bounded(
     out. Raises httpx.ReadTimeout (a TransportError, classified like httpx's own: no answer)
     once `time.monotonic()` passes `deadline` (the request's start plus `timeout` seconds),
     AnswerTooLarge (an httpx.DecodingError) past `limit` bytes; httpx's own errors pass. The
-    deadline is checked between chunks, so the read ends at most one network read (itself
-    bounded by httpx's timeout) after it. The status line and headers are read by httpx before
-    this: each of their reads is bounded, not their whole."""
+    deadline is checked between chunks (a body that stops coming in is cut by the exchange's
+    watchdog, `Deadline`)."""
     chunks: list[bytes] = []
     size = 0
     for chunk in answer.iter_bytes():

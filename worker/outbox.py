@@ -338,7 +338,8 @@ class OutboxDrainer:
 
 def check_window(timeout_seconds: float) -> int:
     """Seconds a start-up check that is the hold's probe keeps the probe: its two requests (a
-    health read, an empty batch), each bounded by the Langfuse timeout in all, and
+    health read, an empty batch), each bounded by the Langfuse timeout in all (from its start,
+    once its host name is resolved: `worker.langfuse_http.Deadline`), and
     `CHECK_MARGIN_SECONDS`; not the outbox's visibility, so a worker killed mid-check holds the
     others only that long. 1 to 3600, as `claim_langfuse_check` takes it."""
     return max(1, min(3600, math.ceil(2 * timeout_seconds) + CHECK_MARGIN_SECONDS))

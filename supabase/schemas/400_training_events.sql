@@ -192,6 +192,27 @@ create index persona_training_events_langfuse_due_idx
   on public.persona_training_events (langfuse_next_attempt_at, id)
   where langfuse_status in ('pending', 'retrying');
 
+-- Section: a feedback's first vote time, kept when every vote of it is deleted. Keyed as the
+-- Langfuse score id is (twin, trace, voter): the score's timestamp is part of Langfuse's key, so
+-- a vote cast after a moderator deleted the feedback's current (or only) vote must go out with
+-- the time its first vote went out with, or it is a second row there, counted twice.
+create table private.feedback_first_votes (
+  twin_id uuid not null references public.twins (id) on delete cascade,
+  trace_id text not null,
+  created_by uuid not null references auth.users (id) on delete cascade,
+  first_vote_at timestamptz not null,
+  primary key (twin_id, trace_id, created_by)
+);
+
+comment on table private.feedback_first_votes is
+  'When each feedback (twin, trace, voter: what the Langfuse score id is derived from) was first '
+  'voted on: written by the vote recorder with the feedback''s first vote, read by every later '
+  'vote (persona_training_events.first_vote_at), kept when its votes are deleted (a moderator), '
+  'removed with the twin or the voter''s account (auth.users). No API role may read or write it.';
+
+-- A user's account deleted: the cascade finds the voter's rows by this index.
+create index feedback_first_votes_created_by_idx on private.feedback_first_votes (created_by);
+
 create function private.check_feedback_consent()
 returns trigger
 language plpgsql
@@ -261,9 +282,17 @@ begin
     into v_previous_id, v_first_vote_id, v_first_vote_at, v_previous_due_at, v_previous_status;
   perform set_config('pfl.recording_vote', '', true);
 
+  -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
+  -- vote cast after its current (or only) vote was deleted still finds it.
+  if v_first_vote_at is null then
+    select f.first_vote_at into v_first_vote_at
+    from private.feedback_first_votes f
+    where f.twin_id = new.twin_id and f.trace_id = new.trace_id
+      and f.created_by = new.created_by;
+  end if;
+
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
-  -- Carried down the chain of votes, not looked up: it survives the first vote's deletion.
   new.first_vote_at := coalesce(v_first_vote_at, new.created_at);
   new.langfuse_status := 'pending';
   -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
@@ -284,7 +313,8 @@ comment on function private.record_feedback_vote() is
   'superseded (its outbox state too when not yet delivered), with pfl.recording_vote on so that '
   'this vote change is not taken for an edit by hand, and links the new vote to it '
   '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id; first_vote_at = '
-  'the superseded vote''s first_vote_at, or the new created_at); puts the new vote '
+  'the superseded vote''s first_vote_at, else the feedback''s in private.feedback_first_votes, '
+  'else the new created_at); puts the new vote '
   'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
   'closes). Security definer: voters may not update events. Raises nothing of its own.';
 
@@ -297,6 +327,34 @@ create trigger persona_training_events_record_vote
   before insert on public.persona_training_events
   for each row when (new.source = 'user_feedback')
   execute function private.record_feedback_vote();
+
+-- The first vote of a feedback leaves its time in private.feedback_first_votes. After the
+-- insert: the row has passed its checks and foreign keys (those fire first), so a vote that is
+-- refused writes nothing there and its error stays the events table's own.
+create function private.keep_feedback_first_vote()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+  values (new.twin_id, new.trace_id, new.created_by, new.first_vote_at)
+  on conflict (twin_id, trace_id, created_by) do nothing;
+  return null;
+end;
+$$;
+
+comment on function private.keep_feedback_first_vote() is
+  'Trigger (after insert of a feedback vote that replaces none, on persona_training_events): '
+  'records its feedback''s first vote time (first_vote_at, as the vote recorder set it) in '
+  'private.feedback_first_votes, unless the feedback has one there already. Security definer: '
+  'no API role may write that table. Raises nothing of its own.';
+
+create trigger persona_training_events_keep_first_vote
+  after insert on public.persona_training_events
+  for each row when (new.source = 'user_feedback' and new.supersedes_id is null)
+  execute function private.keep_feedback_first_vote();
 
 -- A metadata number beyond a double's range (about ±1.8e308, e.g. 310 digits) fits the size
 -- limit, but JSON readers read it as Infinity (JavaScript and Langfuse always, Python when it
@@ -535,6 +593,7 @@ grant insert (twin_id, trace_id, score, reason, intent_label, module_key, commen
 revoke execute on function
   private.check_feedback_consent(),
   private.record_feedback_vote(),
+  private.keep_feedback_first_vote(),
   private.bound_event_created_at(),
   private.mark_audit_of_draft(),
   private.bump_evidence_generation_on_delete(),

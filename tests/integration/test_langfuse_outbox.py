@@ -806,6 +806,154 @@ def test_a_deleted_first_vote_leaves_the_score_its_time_and_its_one_row(
     assert score_id not in standin.duplicates()
 
 
+def cast_days_ago(db: psycopg.Connection, event_id: int, days: int) -> datetime:
+    """Passage of time: the feedback's first vote `event_id` was cast `days` ago (its row, and
+    its feedback's first vote time kept apart from its votes, as they would read then). Returns
+    that time."""
+    cast_at = db.execute(
+        "update public.persona_training_events"
+        " set created_at = created_at - make_interval(days => %s),"
+        "     first_vote_at = first_vote_at - make_interval(days => %s)"
+        " where id = %s returning created_at",
+        (days, days, event_id),
+    ).fetchone()[0]  # type: ignore[index]
+    db.execute(
+        "update private.feedback_first_votes f set first_vote_at = e.first_vote_at"
+        " from public.persona_training_events e where e.id = %s and f.twin_id = e.twin_id"
+        " and f.trace_id = e.trace_id and f.created_by = e.created_by",
+        (event_id,),
+    )
+    return cast_at  # type: ignore[no-any-return]
+
+
+def rows_of(standin: LangfuseStandin, score_id: str) -> list[dict[str, Any]]:
+    """The rows of the stand-in's score table (Langfuse's: one per day, name and id) for
+    `score_id`: more than one is the feedback counted twice."""
+    return [r for (_, _, i), r in standin.table.items() if i == score_id]
+
+
+def assert_sent_into_one_row(
+    service: Client, standin: LangfuseStandin, event_id: int, score_id: str, value: float
+) -> None:
+    """The vote `event_id` was sent, and its score `score_id` is one row of Langfuse's table,
+    with the vote's value."""
+    assert statuses(service, [event_id]) == {event_id: "sent"}
+    assert score_id not in standin.duplicates()
+    (row,) = rows_of(standin, score_id)
+    assert row["value"] == value
+
+
+def test_a_vote_after_the_current_vote_was_deleted_keeps_the_first_vote_time(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """A moderator deletes the feedback's current vote (an earlier one stays, superseded), so
+    no vote is current. The voter votes again days later: that vote starts no new feedback; it
+    goes out with the first vote's time, into the one row Langfuse holds for the score, even
+    once the server's stored events have expired."""
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    score_id = sid(twin, "current-deleted", voter)
+
+    first = vote(voter, twin, "current-deleted", 1)
+    cast_at = cast_days_ago(db, first["id"], 3)
+    drainer.drain()
+    second = vote(voter, twin, "current-deleted", -1, reason="incorrect")
+    drainer.drain()
+    assert len(rows_of(standin, score_id)) == 1
+
+    db.execute("delete from public.persona_training_events where id = %s", (second["id"],))
+    standin.forget_event_log()
+    standin.advance(days=2)
+    third = vote(voter, twin, "current-deleted", 0, reason="other")
+    drainer.drain()
+
+    assert_sent_into_one_row(service, standin, third["id"], score_id, 0.0)
+    versions = standin.scores[score_id]
+    assert [v["value"] for v in versions] == [1.0, -1.0, 0.0]
+    assert {ts(v["timestamp"]) for v in versions} == {cast_at}, "one time for every vote"
+    kept = db.execute(
+        "select first_vote_at, supersedes_id from public.persona_training_events where id = %s",
+        (third["id"],),
+    ).fetchone()
+    assert kept == (cast_at, None), "no current vote carried it: the kept time was taken"
+
+
+def test_a_vote_after_the_only_vote_was_deleted_keeps_the_first_vote_time(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """The feedback's only vote, already in Langfuse, is deleted by a moderator; the voter
+    votes on the same trace a day later. Langfuse still holds the first vote's row: the new
+    vote replaces it (the same id and time) instead of adding a row beside it."""
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    score_id = sid(twin, "only-deleted", voter)
+
+    only = vote(voter, twin, "only-deleted", -1, reason="incorrect")
+    cast_at = cast_days_ago(db, only["id"], 1)
+    drainer.drain()
+    assert statuses(service, [only["id"]]) == {only["id"]: "sent"}
+
+    db.execute("delete from public.persona_training_events where id = %s", (only["id"],))
+    standin.forget_event_log()
+    standin.advance(days=1)
+    again = vote(voter, twin, "only-deleted", 1)
+    drainer.drain()
+
+    assert_sent_into_one_row(service, standin, again["id"], score_id, 1.0)
+    versions = standin.scores[score_id]
+    assert [(v["value"], ts(v["timestamp"])) for v in versions] == [(-1.0, cast_at), (1.0, cast_at)]
+
+
+def test_the_kept_first_vote_times_go_with_the_twin_and_with_the_voter(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+) -> None:
+    """private.feedback_first_votes keeps a feedback's first vote time past its votes, one row
+    per feedback (twin, trace, voter), written by its first vote only; a twin's deletion
+    removes its rows, a user's account deletion the user's."""
+    owner, voter, other = make_user("owner"), make_user("voter"), make_user("other")
+    twin, kept_twin = open_twin(service, owner), open_twin(service, owner)
+
+    def kept(where: str, key: str) -> int:
+        found = db.execute(
+            f"select count(*) from private.feedback_first_votes where {where} = %s", (key,)
+        ).fetchone()
+        return int(found[0])  # type: ignore[index]
+
+    first = vote(voter, twin, "kept", 1)
+    vote(voter, twin, "kept", -1, reason="incorrect")
+    vote(voter, kept_twin, "kept", 1)
+    vote(other, twin, "kept", 1)
+    assert db.execute(
+        "select first_vote_at from private.feedback_first_votes"
+        " where twin_id = %s and trace_id = 'kept' and created_by = %s",
+        (twin, voter.id),
+    ).fetchall() == [(ts(first["created_at"]),)]
+    assert (kept("twin_id", twin), kept("created_by", voter.id)) == (2, 2)
+
+    db.execute("delete from public.persona_training_events where twin_id = %s", (twin,))
+    assert kept("twin_id", twin) == 2, "a moderator's delete of the votes leaves their times"
+
+    db.execute("delete from auth.users where id = %s", (voter.id,))
+    assert (kept("created_by", voter.id), kept("twin_id", kept_twin)) == (0, 0)
+    assert kept("twin_id", twin) == 1  # the other voter's
+    db.execute("delete from public.twins where id = %s", (twin,))
+    assert kept("twin_id", twin) == 0
+
+
 def test_changed_vote_after_delivery_is_sent_by_the_next_drain(
     service: Client,
     make_user: Callable[[str], User],

@@ -1091,3 +1091,51 @@ def test_owner_views_and_summaries_grant_select_only_and_nothing_to_anon(
     ).fetchall()
     assert grants == [(v, role, "SELECT") for v in sorted([*OWNER_VIEWS, *SUMMARIES])
                       for role in ("authenticated", "service_role")]
+
+
+# ----------------------------------------------------------------------------- private tables
+
+
+@pytest.mark.parametrize("actor", ["anon", "other", "owner", "service"])
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("GET", None), ("POST", {"twin_id": "00000000-0000-0000-0000-000000000000",
+                              "trace_id": "t", "created_by": "00000000-0000-0000-0000-000000000000",
+                              "first_vote_at": "2026-01-01T00:00:00Z"})],
+)
+def test_kept_first_vote_times_are_out_of_every_keys_reach(
+    stack: Stack, db: psycopg.Connection, world: World, actor: str, method: str, body: object
+) -> None:
+    """private.feedback_first_votes (a feedback's first vote time, kept past its votes) is no
+    API's: PostgREST does not serve the private schema, asked for by its profile header or not,
+    and the rows stay as they were."""
+    before = scalar(db, "select count(*) from private.feedback_first_votes")
+    assert before > 0  # the world's votes left theirs
+    token = token_of(stack, world, actor)
+    profile = "Accept-Profile" if method == "GET" else "Content-Profile"
+    for path, headers, status, code in [
+        ("feedback_first_votes", {profile: "private"}, 406, "PGRST106"),
+        # PostgREST 12 names the missing relation to a read, and answers a write with {}.
+        ("feedback_first_votes", {}, 404, "42P01" if method == "GET" else None),
+    ]:
+        response = httpx.request(
+            method, f"{stack.rest}/{path}", json=body, timeout=20,
+            headers={"apikey": stack.anon_key, "Authorization": f"Bearer {token}", **headers},
+        )
+        assert (response.status_code, response.json().get("code")) == (status, code), response.text
+    assert scalar(db, "select count(*) from private.feedback_first_votes") == before
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+def test_kept_first_vote_times_grant_nothing_to_api_roles(
+    db: psycopg.Connection, world: World, role: str
+) -> None:
+    """Under PostgREST too: the API roles may neither read nor write the table (authenticated
+    has usage on the private schema, for the policies' helpers, but no privilege on it)."""
+    for statement in [
+        "select count(*) from private.feedback_first_votes",
+        "delete from private.feedback_first_votes where true",
+    ]:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), db.transaction():
+            db.execute(f"set local role {role}")
+            db.execute(statement)
