@@ -401,7 +401,8 @@ def decide_watch(evidence: WatchEvidence, superseding: bool = False) -> WatchRep
     every = (*evidence.twin, *evidence.modules)
     planned = len(WATCH_KINDS) * (1 + evidence.modules_total)
     age = evidence.learning_time - evidence.published_at
-    expiring = superseding or age >= timedelta(days=s.expire_days)
+    expired = age >= timedelta(days=s.expire_days)
+    final = expired or superseding  # this run's test spends all that is left
     before = {c.kind: c for c in evidence.clocks}
     clocks: dict[WatchKind, WatchClock] = {}
     for twin in evidence.twin:
@@ -417,13 +418,13 @@ def decide_watch(evidence: WatchEvidence, superseding: bool = False) -> WatchRep
         # has spent, not when its index passes the last one's: the two differ once watch_looks,
         # watch_pass_evidence or watch_alpha changed mid-watch (a plan cut from 5 looks to 3
         # never got past a kind's look 4, and so never tested it again).
-        test = expiring or _more_to_spend(obf_alpha_spent(due / s.looks, s.alpha),
-                                          was.alpha_spent)
+        test = final or _more_to_spend(obf_alpha_spent(due / s.looks, s.alpha),
+                                       was.alpha_spent)
         spent = was.alpha_spent
         share: float | None = None
         z: float | None = None
         if test:
-            spend_to = 1.0 if expiring else due / s.looks
+            spend_to = 1.0 if final else due / s.looks
             spent = max(was.alpha_spent, obf_alpha_spent(spend_to, s.alpha))
             share = (spent - was.alpha_spent) / planned
             z = _upper_quantile(share)
@@ -456,7 +457,7 @@ def decide_watch(evidence: WatchEvidence, superseding: bool = False) -> WatchRep
         state = WatchState.passed
     elif superseding:
         state = WatchState.superseded
-    elif expiring:
+    elif expired:
         state = WatchState.expired
     else:
         state = WatchState.watching
@@ -478,7 +479,7 @@ def decide_watch(evidence: WatchEvidence, superseding: bool = False) -> WatchRep
         state=state,
         action=action,
         tested=bool(tested),
-        final=expiring,
+        final=final,
         superseding=superseding,
         look=min(c.look for c in shown) if in_play else max(c.look for c in shown),
         looks_planned=s.looks,
