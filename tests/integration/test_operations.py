@@ -291,7 +291,10 @@ def test_health_is_503_while_the_api_is_unreachable_and_200_when_it_is(stack, tm
         wait_for(lambda: (r := get("/healthz")) is not None and r.status_code == 200)
 
         proxy.pause()  # the API is unreachable from the worker from now on
-        down = wait_for(lambda: (r := get("/healthz")) is not None and r.status_code == 503 and r)
+        # Another poller (the Langfuse mirror's pass, its API call hanging) can turn the worker
+        # unhealthy first: wait for the run poller's own age to pass the bound as well.
+        down = wait_for(lambda: (r := get("/healthz")) is not None and r.status_code == 503
+                        and r.json()["last_successful_poll_age_seconds"] >= 1 and r)
         facts = down.json()
         assert facts["status"] == "unhealthy" and facts["max_age_seconds"] == 1
         # Unhealthy once the age passes 1 s; the age is reported rounded to the millisecond, so
