@@ -17,7 +17,8 @@ request for ever): `Deadline`, a watchdog timer, shuts the connection's socket d
 request's start plus the timeout has passed, wherever the exchange is (connecting, uploading,
 waiting for the headers, reading the body), and the request ends as a timeout. What no socket
 bounds is the system resolver's look-up of the host name, before any connection: its own
-timeout and attempts (resolv.conf) bound it.
+timeout and attempts (resolv.conf) bound it, and a name it says does not exist is a setting to
+fix even when that answer comes past the deadline.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class LangfuseClient:
         within `timeout_seconds` of its start (`Deadline`; the resolver's look-up of the host
         name aside). Raises Unanswered when no answer came (see the module docstring): past
         the deadline, a timeout, `unreachable` if the request had not been sent yet, else a
-        retry."""
+        retry (a host name that does not exist is `off` all the same)."""
         deadline = Deadline(self, self.timeout_seconds)
         headers = {"content-type": "application/json"} if payload is not None else None
         try:
@@ -140,9 +141,12 @@ class LangfuseClient:
                     why = " ".join((str(exc) or type(exc).__name__).split())[:200]
                     return Answer(streamed.status_code, streamed.headers, b"", why)
         except httpx.TransportError as exc:
-            if deadline.passed:
-                raise Unanswered(deadline.verdict()) from exc
-            raise Unanswered(self._unanswered(exc)) from exc
+            verdict = self._unanswered(exc)
+            # A setting to fix (a host name that does not exist, TLS that cannot work) stays
+            # one when its answer came past the deadline: no timeout would ever get through.
+            if deadline.passed and verdict.outcome is not Outcome.off:
+                verdict = deadline.verdict()
+            raise Unanswered(verdict) from exc
         except httpx.HTTPError as exc:  # anything else httpx raises for one request
             if deadline.passed:
                 raise Unanswered(deadline.verdict()) from exc

@@ -112,9 +112,11 @@ comment on column public.persona_training_events.created_by is 'The user who vot
 comment on column public.persona_training_events.first_vote_id is
   'The first vote of this feedback (same twin, trace and user); later votes change it.';
 comment on column public.persona_training_events.first_vote_at is
-  'When this feedback''s first vote was cast (its created_at), set by the vote recorder and '
-  'carried by every later vote, so it stays when the first vote is deleted: the Langfuse '
-  'score''s timestamp, which keys the score there with its id. Null on audits.';
+  'When this feedback''s first vote was cast (its created_at), kept in '
+  'private.feedback_first_votes and set from there on every vote, and on a vote moved into the '
+  'feedback by hand, so it stays when the first vote is deleted: the Langfuse score''s '
+  'timestamp, which keys the score there with its id. An edit may not set it to another time. '
+  'Null on audits.';
 comment on column public.persona_training_events.supersedes_id is
   'The earlier vote this one replaces; the worker retracts what that one contributed.';
 comment on column public.persona_training_events.superseded_at is
@@ -206,9 +208,11 @@ create table private.feedback_first_votes (
 
 comment on table private.feedback_first_votes is
   'When each feedback (twin, trace, voter: what the Langfuse score id is derived from) was first '
-  'voted on: written by the vote recorder with the feedback''s first vote, read by every later '
-  'vote (persona_training_events.first_vote_at), kept when its votes are deleted (a moderator), '
-  'removed with the twin or the voter''s account (auth.users). No API role may read or write it.';
+  'voted on: written with the feedback''s first vote (or the first vote moved into it by hand), '
+  'read by every later vote and every vote moved into it (persona_training_events.first_vote_at, '
+  'which an edit may not set to another time), kept when its votes are deleted (a moderator) or '
+  'moved away, removed with the twin or the voter''s account (auth.users). No API role may read '
+  'or write it.';
 
 -- A user's account deleted: the cascade finds the voter's rows by this index.
 create index feedback_first_votes_created_by_idx on private.feedback_first_votes (created_by);
@@ -253,6 +257,7 @@ declare
   v_previous_id bigint;
   v_first_vote_id bigint;
   v_first_vote_at timestamptz;
+  v_kept_at timestamptz;
   v_previous_due_at timestamptz;
   v_previous_status public.langfuse_status;
 begin
@@ -283,17 +288,15 @@ begin
   perform set_config('pfl.recording_vote', '', true);
 
   -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
-  -- vote cast after its current (or only) vote was deleted still finds it.
-  if v_first_vote_at is null then
-    select f.first_vote_at into v_first_vote_at
-    from private.feedback_first_votes f
-    where f.twin_id = new.twin_id and f.trace_id = new.trace_id
-      and f.created_by = new.created_by;
-  end if;
+  -- vote cast after its current (or only) vote was deleted, or moved away by hand, still finds
+  -- it. Where it is kept, it is the time (a vote moved in by hand carries it too).
+  select f.first_vote_at into v_kept_at
+  from private.feedback_first_votes f
+  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by;
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
-  new.first_vote_at := coalesce(v_first_vote_at, new.created_at);
+  new.first_vote_at := coalesce(v_kept_at, v_first_vote_at, new.created_at);
   new.langfuse_status := 'pending';
   -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
   -- in flight: wait until its delivery is recorded (which releases this one) or its window
@@ -313,7 +316,7 @@ comment on function private.record_feedback_vote() is
   'superseded (its outbox state too when not yet delivered), with pfl.recording_vote on so that '
   'this vote change is not taken for an edit by hand, and links the new vote to it '
   '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id; first_vote_at = '
-  'the superseded vote''s first_vote_at, else the feedback''s in private.feedback_first_votes, '
+  'the feedback''s in private.feedback_first_votes, else the superseded vote''s first_vote_at, '
   'else the new created_at); puts the new vote '
   'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
   'closes). Security definer: voters may not update events. Raises nothing of its own.';
@@ -328,9 +331,10 @@ create trigger persona_training_events_record_vote
   for each row when (new.source = 'user_feedback')
   execute function private.record_feedback_vote();
 
--- The first vote of a feedback leaves its time in private.feedback_first_votes. After the
--- insert: the row has passed its checks and foreign keys (those fire first), so a vote that is
--- refused writes nothing there and its error stays the events table's own.
+-- Every vote of a feedback leaves its first vote time in private.feedback_first_votes, unless
+-- the feedback has one there. After the insert: the row has passed its checks and foreign keys
+-- (those fire first), so a vote that is refused writes nothing there and its error stays the
+-- events table's own.
 create function private.keep_feedback_first_vote()
 returns trigger
 language plpgsql
@@ -346,15 +350,82 @@ end;
 $$;
 
 comment on function private.keep_feedback_first_vote() is
-  'Trigger (after insert of a feedback vote that replaces none, on persona_training_events): '
-  'records its feedback''s first vote time (first_vote_at, as the vote recorder set it) in '
+  'Trigger (after insert of a feedback vote on persona_training_events): records its '
+  'feedback''s first vote time (first_vote_at, as the vote recorder set it) in '
   'private.feedback_first_votes, unless the feedback has one there already. Security definer: '
   'no API role may write that table. Raises nothing of its own.';
 
 create trigger persona_training_events_keep_first_vote
   after insert on public.persona_training_events
-  for each row when (new.source = 'user_feedback' and new.supersedes_id is null)
+  for each row when (new.source = 'user_feedback')
   execute function private.keep_feedback_first_vote();
+
+-- An edit by hand that moves a vote to another feedback (its twin, trace or voter changed, or an
+-- event made feedback) or changes its first vote time. The kept time is the Langfuse score's
+-- timestamp: a vote moved into a feedback must go out with that feedback's time, and the
+-- feedback it starts must keep its own time when the vote is later deleted, or the next vote
+-- there is a second row of Langfuse's score table.
+create function private.keep_feedback_first_vote_on_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_kept timestamptz;
+  v_moved boolean := (old.source, old.twin_id, old.trace_id, old.created_by)
+                     is distinct from (new.source, new.twin_id, new.trace_id, new.created_by);
+begin
+  -- A feedback new to the table keeps the vote's time: inserted here, so that a concurrent vote
+  -- or move into the same feedback waits for this one and then reads it. Only for a twin and a
+  -- voter that exist, and a time given: otherwise the events table's own foreign key or check
+  -- refuses the row, with its own error.
+  if v_moved then
+    insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+    select new.twin_id, new.trace_id, new.created_by, new.first_vote_at
+    where new.first_vote_at is not null
+      and exists (select 1 from public.twins t where t.id = new.twin_id)
+      and exists (select 1 from auth.users u where u.id = new.created_by)
+    on conflict (twin_id, trace_id, created_by) do nothing;
+  end if;
+  select f.first_vote_at into v_kept
+  from private.feedback_first_votes f
+  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by;
+  if not found then
+    return new;
+  elsif v_moved then
+    new.first_vote_at := v_kept;
+  elsif new.first_vote_at is distinct from v_kept then
+    raise exception using
+      errcode = '23514',
+      column = 'first_vote_at',
+      message = format('first_vote_at: event %s is a vote of a feedback first voted on at %s, '
+                       'its Langfuse score''s timestamp; it cannot be set to %s',
+                       new.id, v_kept, coalesce(new.first_vote_at::text, 'null')),
+      hint = 'The feedback''s first vote time is kept in private.feedback_first_votes (twin_id, '
+             'trace_id, created_by): change it there first, then on its votes.';
+  end if;
+  return new;
+end;
+$$;
+
+comment on function private.keep_feedback_first_vote_on_edit() is
+  'Trigger (before update of source, twin_id, trace_id, created_by or first_vote_at of a feedback '
+  'vote on persona_training_events, when one of them changed): a vote moved to another feedback '
+  '(twin, trace, voter) takes that feedback''s first vote time from '
+  'private.feedback_first_votes, or leaves its own there when the feedback has none; a vote that '
+  'stays keeps its feedback''s time. Raises 23514 naming first_vote_at when an edit sets a vote''s '
+  'first_vote_at to another time than its feedback''s kept one (change that first). Security '
+  'definer: no API role may read or write that table.';
+
+create trigger persona_training_events_keep_first_vote_on_edit
+  before update of source, twin_id, trace_id, created_by, first_vote_at
+  on public.persona_training_events
+  for each row when (
+    new.source = 'user_feedback'
+    and (old.source, old.twin_id, old.trace_id, old.created_by, old.first_vote_at)
+        is distinct from (new.source, new.twin_id, new.trace_id, new.created_by, new.first_vote_at))
+  execute function private.keep_feedback_first_vote_on_edit();
 
 -- A metadata number beyond a double's range (about ±1.8e308, e.g. 310 digits) fits the size
 -- limit, but JSON readers read it as Infinity (JavaScript and Langfuse always, Python when it
@@ -594,6 +665,7 @@ revoke execute on function
   private.check_feedback_consent(),
   private.record_feedback_vote(),
   private.keep_feedback_first_vote(),
+  private.keep_feedback_first_vote_on_edit(),
   private.bound_event_created_at(),
   private.mark_audit_of_draft(),
   private.bump_evidence_generation_on_delete(),

@@ -2406,7 +2406,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261219000300'::text;
+  select '20261220000200'::text;
 $$;
 
 comment on function public.worker_schema_version() is

@@ -772,14 +772,7 @@ def test_a_deleted_first_vote_leaves_the_score_its_time_and_its_one_row(
     score_id = sid(twin, "deleted-first", voter)
 
     first = vote(voter, twin, "deleted-first", 1)
-    # Passage of time: the first vote was cast three days ago (its row as it would read then).
-    cast_at = db.execute(
-        "update public.persona_training_events"
-        " set created_at = created_at - interval '3 days',"
-        "     first_vote_at = first_vote_at - interval '3 days'"
-        " where id = %s returning created_at",
-        (first["id"],),
-    ).fetchone()[0]  # type: ignore[index]
+    cast_at = cast_days_ago(db, first["id"], 3)
     drainer.drain()
     second = vote(voter, twin, "deleted-first", -1, reason="incorrect")
     drainer.drain()
@@ -807,9 +800,17 @@ def test_a_deleted_first_vote_leaves_the_score_its_time_and_its_one_row(
 
 
 def cast_days_ago(db: psycopg.Connection, event_id: int, days: int) -> datetime:
-    """Passage of time: the feedback's first vote `event_id` was cast `days` ago (its row, and
-    its feedback's first vote time kept apart from its votes, as they would read then). Returns
+    """Passage of time: the feedback's first vote `event_id` was cast `days` ago (its
+    feedback's first vote time kept apart from its votes, then its row, as they would read
+    then: an edit may set a vote's first_vote_at only to its feedback's kept time). Returns
     that time."""
+    db.execute(
+        "update private.feedback_first_votes f"
+        " set first_vote_at = f.first_vote_at - make_interval(days => %s)"
+        " from public.persona_training_events e where e.id = %s and f.twin_id = e.twin_id"
+        " and f.trace_id = e.trace_id and f.created_by = e.created_by",
+        (days, event_id),
+    )
     cast_at = db.execute(
         "update public.persona_training_events"
         " set created_at = created_at - make_interval(days => %s),"
@@ -817,12 +818,6 @@ def cast_days_ago(db: psycopg.Connection, event_id: int, days: int) -> datetime:
         " where id = %s returning created_at",
         (days, days, event_id),
     ).fetchone()[0]  # type: ignore[index]
-    db.execute(
-        "update private.feedback_first_votes f set first_vote_at = e.first_vote_at"
-        " from public.persona_training_events e where e.id = %s and f.twin_id = e.twin_id"
-        " and f.trace_id = e.trace_id and f.created_by = e.created_by",
-        (event_id,),
-    )
     return cast_at  # type: ignore[no-any-return]
 
 
@@ -952,6 +947,153 @@ def test_the_kept_first_vote_times_go_with_the_twin_and_with_the_voter(
     assert kept("twin_id", twin) == 1  # the other voter's
     db.execute("delete from public.twins where id = %s", (twin,))
     assert kept("twin_id", twin) == 0
+
+
+def kept_time(db: psycopg.Connection, twin_id: str, trace_id: str, user: User) -> datetime | None:
+    """The first vote time private.feedback_first_votes keeps for a feedback, if any."""
+    found = db.execute(
+        "select first_vote_at from private.feedback_first_votes"
+        " where twin_id = %s and trace_id = %s and created_by = %s",
+        (twin_id, trace_id, user.id),
+    ).fetchone()
+    return None if found is None else found[0]  # type: ignore[no-any-return]
+
+
+def first_vote_times(db: psycopg.Connection, event_ids: Iterable[int]) -> dict[int, datetime]:
+    found = db.execute(
+        "select id, first_vote_at from public.persona_training_events where id = any(%s)",
+        (list(event_ids),),
+    ).fetchall()
+    return {int(r[0]): r[1] for r in found}
+
+
+def test_a_vote_moved_by_hand_leaves_its_new_feedback_its_time_past_a_delete(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """An operator moves a vote by hand to another trace (a wrong trace id fixed); the voter
+    changes it there, which goes out to Langfuse with the moved vote's time; a moderator then
+    deletes the current vote. The next vote on that trace finds no current vote, yet goes out
+    with the same time, into the one row Langfuse holds for the score: the move left its time
+    for the new feedback. The feedback it left keeps its own time as well."""
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    left_id, moved_id = sid(twin, "typo-trace", voter), sid(twin, "right-trace", voter)
+
+    first = vote(voter, twin, "typo-trace", 1)
+    cast_at = cast_days_ago(db, first["id"], 3)
+    drainer.drain()
+    db.execute(
+        "update public.persona_training_events set trace_id = 'right-trace' where id = %s",
+        (first["id"],),
+    )
+    assert kept_time(db, twin, "right-trace", voter) == cast_at, "the move left its time"
+    assert kept_time(db, twin, "typo-trace", voter) == cast_at, "the old feedback keeps its own"
+    changed = vote(voter, twin, "right-trace", -1, reason="incorrect")
+    drainer.drain()
+    assert_sent_into_one_row(service, standin, changed["id"], moved_id, -1.0)
+
+    db.execute("delete from public.persona_training_events where id = %s", (changed["id"],))
+    standin.forget_event_log()
+    standin.advance(days=2)
+    again = vote(voter, twin, "right-trace", 0, reason="other")
+    back = vote(voter, twin, "typo-trace", 1)
+    drainer.drain()
+
+    assert first_vote_times(db, [again["id"], back["id"]]) == {
+        again["id"]: cast_at,
+        back["id"]: cast_at,
+    }
+    assert_sent_into_one_row(service, standin, again["id"], moved_id, 0.0)
+    assert {ts(v["timestamp"]) for v in standin.scores[moved_id]} == {cast_at}
+    assert_sent_into_one_row(service, standin, back["id"], left_id, 1.0)
+    assert {ts(v["timestamp"]) for v in standin.scores[left_id]} == {cast_at}
+
+
+def test_a_vote_moved_into_a_feedback_takes_that_feedbacks_time(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    store: Store,
+    standin: LangfuseStandin,
+    make_sender: SenderFactory,
+) -> None:
+    """A feedback's only vote, in Langfuse, was deleted by a moderator; an operator then moves
+    another vote of the voter into that feedback (by twin and trace at once). The moved vote
+    takes the feedback's first vote time, whatever time it carried, so it goes out into the
+    row Langfuse already holds for the score instead of adding a second one."""
+    drainer = OutboxDrainer(store, make_sender(), batch_size=100, max_attempts=8)
+    owner, voter = make_user("owner"), make_user("voter")
+    twin, other_twin = open_twin(service, owner), open_twin(service, owner)
+    score_id = sid(twin, "merged", voter)
+
+    earlier = vote(voter, twin, "merged", 1)
+    cast_at = cast_days_ago(db, earlier["id"], 5)
+    drainer.drain()
+    db.execute("delete from public.persona_training_events where id = %s", (earlier["id"],))
+    elsewhere = vote(voter, other_twin, "stray", -1, reason="incorrect")
+    assert first_vote_times(db, [elsewhere["id"]]) == {elsewhere["id"]: ts(elsewhere["created_at"])}
+
+    db.execute(
+        "update public.persona_training_events set twin_id = %s, trace_id = 'merged' where id = %s",
+        (twin, elsewhere["id"]),
+    )
+    assert first_vote_times(db, [elsewhere["id"]]) == {elsewhere["id"]: cast_at}
+    standin.forget_event_log()
+    standin.advance(days=1)
+    drainer.drain()
+
+    assert_sent_into_one_row(service, standin, elsewhere["id"], score_id, -1.0)
+    assert {ts(v["timestamp"]) for v in standin.scores[score_id]} == {cast_at}
+    assert sid(other_twin, "stray", voter) not in standin.scores, "it went out moved, once"
+
+
+def test_an_edit_of_a_first_vote_time_against_its_feedbacks_is_refused(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """A vote's first_vote_at is its feedback's kept time (the Langfuse score's timestamp): an
+    edit setting another time, by hand or by the service role through the API, is refused with
+    a clear error naming the column, and changes nothing. Changed first where it is kept, the
+    votes follow."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    first = vote(voter, twin, "fixed-time", 1)
+    second = vote(voter, twin, "fixed-time", -1, reason="incorrect")
+    cast_at = ts(first["created_at"])
+    before = first_vote_times(db, [first["id"], second["id"]])
+    assert before == {first["id"]: cast_at, second["id"]: cast_at}
+
+    with pytest.raises(psycopg.errors.CheckViolation) as refused, db.transaction():
+        db.execute(
+            "update public.persona_training_events"
+            " set first_vote_at = first_vote_at - interval '1 day' where id = %s",
+            (second["id"],),
+        )
+    assert refused.value.diag.column_name == "first_vote_at"
+    assert "its Langfuse score's timestamp" in str(refused.value)
+    with pytest.raises(APIError) as via_api:
+        service.table("persona_training_events").update(
+            {"first_vote_at": "2020-01-01T00:00:00+00:00"}
+        ).eq("id", first["id"]).execute()
+    assert via_api.value.code == "23514"
+    assert "first_vote_at" in str(via_api.value.message)
+    assert first_vote_times(db, [first["id"], second["id"]]) == before
+    assert kept_time(db, twin, "fixed-time", voter) == cast_at
+
+    shifted = cast_days_ago(db, first["id"], 2)
+    db.execute(
+        "update public.persona_training_events set first_vote_at = %s where id = %s",
+        (shifted, second["id"]),
+    )
+    assert first_vote_times(db, [first["id"], second["id"]]) == {
+        first["id"]: shifted,
+        second["id"]: shifted,
+    }
 
 
 def test_changed_vote_after_delivery_is_sent_by_the_next_drain(

@@ -24,6 +24,7 @@ from testkit.standin import (
     LangfuseStandin,
     Mode,
 )
+from worker import langfuse_http
 from worker.langfuse_check import (
     LangfuseConfigError,
     LangfuseHostUnusable,
@@ -1086,6 +1087,49 @@ def test_only_a_name_that_does_not_exist_or_tls_that_cannot_work_is_a_setting(
         verdict = sender._unanswered(exc)
     assert verdict.outcome == (Outcome.off if setting else Outcome.unreachable)
     assert verdict.stop
+
+
+@pytest.mark.parametrize(
+    ("cause", "outcome", "error"),
+    [
+        (
+            socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+            Outcome.off,
+            "the host name langfuse.example.com does not resolve",
+        ),
+        (
+            socket.gaierror(socket.EAI_AGAIN, "Temporary failure"),
+            Outcome.unreachable,
+            "timeout after 0.2s connecting",
+        ),
+    ],
+    ids=["nxdomain", "eai-again"],
+)
+def test_a_name_lookup_answered_after_the_deadline_keeps_its_verdict(
+    monkeypatch: pytest.MonkeyPatch, cause: BaseException, outcome: Outcome, error: str
+) -> None:
+    """The resolver's look-up is the one wait no watchdog cuts. When it says, past the
+    exchange's deadline, that the name does not exist, that is still a setting to fix (no
+    timeout would ever find the host); a temporary failure past the deadline is the timeout
+    it ran into: nothing was sent."""
+    expired = threading.Event()
+    expire = langfuse_http.Deadline._expire
+
+    def expire_and_tell(deadline: langfuse_http.Deadline) -> None:
+        expire(deadline)
+        expired.set()
+
+    monkeypatch.setattr(langfuse_http.Deadline, "_expire", expire_and_tell)
+
+    def slow_resolver(request: httpx.Request) -> httpx.Response:
+        assert expired.wait(10), "the deadline's watchdog never fired"
+        raise connect_error(cause)
+
+    with LangfuseSender("http://langfuse.example.com", "pk", "sk", 0.2) as sender:
+        sender.http = httpx.Client(transport=httpx.MockTransport(slow_resolver))
+        (delivery,) = sender.send(make_items(1))
+    assert delivery.outcome == outcome
+    assert error in (delivery.error or "")
 
 
 def test_a_temporary_dns_failure_at_the_check_is_unavailable_not_a_setting() -> None:
