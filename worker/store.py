@@ -75,7 +75,7 @@ RUN_COLUMNS = (
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261219000300"
+REQUIRED_SCHEMA_VERSION = "20261220000100"
 
 
 class ConfigurationError(Exception):
