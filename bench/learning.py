@@ -362,8 +362,8 @@ def unpaired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
     """One twin in two phases, minutes apart: the ratio of the phases' medians of the backends'
     CPU (judged), and beside it of the API's CPU and of run time, and the control's
     (control_cpu_seconds), which says whether the machine ran the same work faster or slower in
-    one phase than in the other. The control is not divided out: its own figure moved by up to
-    10 % between the phases while the runs' did not (case 2 in docs/benchmarks.md)."""
+    one phase than in the other. The control is not divided out: its own figure moved by 6-8 %
+    between the phases of a run whose runs did not move (case 2 in docs/benchmarks.md)."""
 
     def ratio(key: str) -> float:
         return round(got[key] / max(floor[key], 1e-4), 3)
@@ -484,9 +484,9 @@ def history_trials(
     events are read into shared buffers, so that no trial pays for another twin's trial having
     pushed its batch out (3 twins a round after the load, 2 before); a run reading more than its
     batch still pays for the rest. The control (control_cpu_seconds) is measured right before
-    that read and right after the trial, and the mean of the two kept. (Measured between the
-    read and the run, the control's 70 MB pushed the batch back out of the 128 MB of shared
-    buffers, and the same runs took 90 ms of backend CPU instead of 65.)"""
+    that read and right after the trial, and the mean of the two kept: it reads about 70 MB,
+    which between the read and the run could push the batch back out of the 128 MB of shared
+    buffers."""
     times: dict[str, list[dict[str, Any]]] = {name: [] for name in twins}
     new = {
         name: scalar(
@@ -509,7 +509,7 @@ def history_trials(
             restore_learning(conn, twin.id, snaps[twin.id])
             checkpoint()  # the restore's writes are flushed before, not during, the span
             control = control_cpu_seconds(conn, control_twin)
-            read_pending(conn, twin, snaps[twin.id]["cursor"])  # after the control: it reads 70 MB
+            read_pending(conn, twin, snaps[twin.id]["cursor"])  # after the control (above)
             cpu_before = api_cpu_ns(stack)
             figures = learn_all(conn, twin.id)
             cpu_after = api_cpu_ns(stack)
