@@ -263,9 +263,10 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
     run's gate then has work). `history_trials` rounds per phase, the twins' order rotating each
     round. The judged figure is the CPU of the PostgreSQL backends serving the run-once. A twin
     against another measured in the same rounds is judged by the median of the rounds' ratios;
-    a twin against itself before the load (phases minutes apart) by the ratio of the phases'
-    medians, with a control measured around each trial beside it (CONTROL_SQL over a copy of
-    the batch in a table that never grows: how fast the machine ran that kind of work)."""
+    a twin against itself before the load (phases minutes apart) by a ratio of ratios: each
+    trial against a control measured around it (CONTROL_SQL over a copy of the batch in a table
+    that never grows: how fast the machine ran that kind of work then), the phases' medians of
+    that compared."""
     h, n, trials = sizes["history_events"], sizes["new_events"], sizes["history_trials"]
     users = user_ids(make_users(conn, "history", USERS))
     fresh = make_twin(conn, users[0], BENCH_MODULES, name="bench: no history")
@@ -359,24 +360,30 @@ def paired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpaired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
-    """One twin in two phases, minutes apart: the ratio of the phases' medians of the backends'
-    CPU (judged), and beside it of the API's CPU and of run time, and the control's
-    (control_cpu_seconds), which says whether the machine ran the same work faster or slower in
-    one phase than in the other. The control is not divided out: its own figure moved by 6-8 %
-    between the phases of a run whose runs did not move (case 2 in docs/benchmarks.md)."""
+    """One twin in two phases, minutes apart, through which the machine's speed drifts with
+    other sessions' load: each trial's backend CPU is taken in units of the control measured
+    around it (control_cpu_seconds), and the judged ratio is that of the phases' medians of
+    that, a ratio of ratios. Beside it the plain ratios of the phases' medians (backends' CPU,
+    API CPU, run time) and the control's own, which says how much the machine's speed moved."""
 
     def ratio(key: str) -> float:
         return round(got[key] / max(floor[key], 1e-4), 3)
 
+    def in_control_units(side: dict[str, Any]) -> float:
+        return statistics.median(
+            t["db_cpu_seconds"] / max(t["control_cpu_seconds"], 1e-4) for t in side["trials"]
+        )
+
     return {
-        "ratio": ratio("db_cpu_seconds"),
+        "ratio": round(in_control_units(got) / in_control_units(floor), 3),
+        "cpu_ratio": ratio("db_cpu_seconds"),
         "api_ratio": ratio("api_cpu_seconds"),
         "run_ratio": ratio("run_seconds"),
         "control_ratio": ratio("control_cpu_seconds"),
     }
 
 
-# The control beside the before/after-load comparison: the run's kind of work (an index range of
+# The control of the before/after-load comparison: the run's kind of work (an index range of
 # one twin's events, interleaved with another twin's as in the live table, each vote's decayed
 # weight summed per match key) over a copy of the no-history twin's batch made before the load,
 # in a table that never grows. Its cost tracks the machine's speed, never the events table's size.
