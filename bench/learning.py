@@ -261,8 +261,12 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
     with none, in the same database; and the twin with none before and after the long history
     was loaded (the table's size). Each with no draft spec and with a draft under audit (the
     run's gate then has work). `history_trials` rounds per phase, the twins' order rotating each
-    round; a twin against another measured in the same rounds is judged by the median of the
-    rounds' ratios, a twin against itself before the load by the ratio of its medians."""
+    round. The judged figure is the CPU of the PostgreSQL backends serving the run-once. A twin
+    against another measured in the same rounds is judged by the median of the rounds' ratios;
+    a twin against itself before the load (phases minutes apart) by a ratio of ratios: each
+    trial against a control measured around it (CONTROL_SQL over a copy of the batch in a table
+    that never grows: how fast the machine ran that kind of work then), the phases' medians of
+    that compared."""
     h, n, trials = sizes["history_events"], sizes["new_events"], sizes["history_trials"]
     users = user_ids(make_users(conn, "history", USERS))
     fresh = make_twin(conn, users[0], BENCH_MODULES, name="bench: no history")
@@ -274,6 +278,7 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
     for twin, g_from in ((fresh, 1), (drafting, 1)):
         add_new_events(env, twin, other, users, n, g_from=g_from)
     add_draft_under_audit(conn, drafting)
+    make_control(conn, fresh)
     vacuum(conn)
     snaps = {t.id: snapshot_learning(conn, t.id) for t in (fresh, drafting)}
     before = history_trials(
@@ -282,6 +287,7 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
         snaps,
         trials,
         "no history, before the long history was loaded",
+        control_twin=fresh,
     )
 
     log(f"case 2: generating {h:,} events of history")
@@ -298,6 +304,7 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
         snaps,
         trials,
         "after the long history was loaded",
+        control_twin=fresh,
     )
     add_draft_under_audit(conn, old)
     after_draft = history_trials(
@@ -306,7 +313,9 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
         snaps,
         trials,
         "after the long history was loaded, both twins with a draft",
+        control_twin=fresh,
     )
+    conn.execute("drop table public.bench_history_control")
     return {
         "history_events": h,
         "new_events": n,
@@ -334,12 +343,17 @@ def case_history(env: StackEnv, conn: psycopg.Connection, sizes: dict[str, int])
 
 
 def paired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
-    """Two twins measured in the same rounds: the median of the rounds' ratios of API CPU
-    (the judged figure) and of run time (wall, beside it)."""
+    """Two twins measured in the same rounds: the median of the rounds' ratios of the backends'
+    CPU (the judged figure), and beside it of the API's CPU (PostgREST too) and of run time."""
     out: dict[str, Any] = {}
-    for key, name in (("api_cpu_seconds", "ratio"), ("run_seconds", "run_ratio")):
-        ratios = [g[key] / max(f[key], 1e-3)
-                  for g, f in zip(got["trials"], floor["trials"], strict=True)]
+    for key, name in (
+        ("db_cpu_seconds", "ratio"),
+        ("api_cpu_seconds", "api_ratio"),
+        ("run_seconds", "run_ratio"),
+    ):
+        ratios = [
+            g[key] / max(f[key], 1e-3) for g, f in zip(got["trials"], floor["trials"], strict=True)
+        ]
         out[name] = round(statistics.median(ratios), 3)
         out[f"round_{name}s"] = [round(r, 3) for r in ratios]
     return out
@@ -347,31 +361,72 @@ def paired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
 
 def unpaired(got: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
     """One twin in two phases, minutes apart, through which the machine's speed drifts with
-    other sessions' load: each trial's API CPU is taken in units of the reference measured right
-    after it (reference_cpu_seconds), and the judged ratio is that of the two phases' medians.
-    The ratio of the plain medians of API CPU and of run time beside it."""
+    other sessions' load: each trial's backend CPU is taken in units of the control measured
+    around it (control_cpu_seconds), and the judged ratio is that of the phases' medians of
+    that, a ratio of ratios. Beside it the plain ratios of the phases' medians (backends' CPU,
+    API CPU, run time) and the control's own, which says how much the machine's speed moved."""
 
-    def normalized(side: dict[str, Any]) -> float:
-        return statistics.median(t["api_cpu_seconds"] / max(t["reference_cpu_seconds"], 1e-3)
-                                 for t in side["trials"])
+    def ratio(key: str) -> float:
+        return round(got[key] / max(floor[key], 1e-4), 3)
+
+    def in_control_units(side: dict[str, Any]) -> float:
+        return statistics.median(
+            t["db_cpu_seconds"] / max(t["control_cpu_seconds"], 1e-4) for t in side["trials"]
+        )
 
     return {
-        "ratio": round(normalized(got) / normalized(floor), 3),
-        "cpu_ratio": round(got["api_cpu_seconds"] / max(floor["api_cpu_seconds"], 1e-3), 3),
-        "run_ratio": round(got["run_seconds"] / max(floor["run_seconds"], 1e-3), 3),
+        "ratio": round(in_control_units(got) / in_control_units(floor), 3),
+        "cpu_ratio": ratio("db_cpu_seconds"),
+        "api_ratio": ratio("api_cpu_seconds"),
+        "run_ratio": ratio("run_seconds"),
+        "control_ratio": ratio("control_cpu_seconds"),
     }
 
 
-REFERENCE_SQL = "select sum(g) from generate_series(1, 2000000) g"
+# The control of the before/after-load comparison: the run's kind of work (an index range of
+# one twin's events, interleaved with another twin's as in the live table, each vote's decayed
+# weight summed per match key) over a copy of the no-history twin's batch made before the load,
+# in a table that never grows. Its cost tracks the machine's speed, never the events table's size.
+CONTROL_SQL = """
+select module_key, intent_label, source, count(*),
+       sum(exp(-ln(2) * extract(epoch from now() - created_at) / (30 * 86400))
+           * coalesce(score, 1))
+from public.bench_history_control
+where twin_id = %s and id > 0
+group by module_key, intent_label, source
+"""
 
 
-def reference_cpu_seconds(conn: psycopg.Connection) -> float:
-    """The CPU seconds (schedstat, as api_cpu_ns) the bench's own backend spends on a fixed
-    statement that reads no table: how fast the machine runs PostgreSQL now, whatever the data."""
+def make_control(conn: psycopg.Connection, twin: Twin) -> None:
+    """The control's table: the twin's pending events and the other twins' between them (the
+    ids from its first pending event to its last), copied with the (twin_id, id) index."""
+    conn.execute("drop table if exists public.bench_history_control")
+    conn.execute(
+        "create table public.bench_history_control as select e.* "
+        "from public.persona_training_events e, "
+        "(select min(id) lo, max(id) hi from public.persona_training_events where twin_id = %s) b "
+        "where e.id between b.lo and b.hi order by e.id",
+        (twin.id,),
+    )
+    conn.execute("create index on public.bench_history_control (twin_id, id)")
+
+
+def control_cpu_seconds(conn: psycopg.Connection, twin: Twin, repeats: int = 3) -> float:
+    """The CPU seconds (schedstat, as api_cpu_ns) the bench's own backend spends on CONTROL_SQL,
+    the least of `repeats` in a row, with no parallel workers: how fast the machine runs this kind
+    of statement now, whatever the events table holds. Measured once, with parallel workers
+    allowed, a 28 ms control read 17-44 ms after the load: a worker's CPU is not the backend's,
+    and the first statement after a trial may find its pages pushed out of shared buffers."""
     path = Path(f"/proc/{scalar(conn, 'select pg_backend_pid()')}/schedstat")
-    before = int(path.read_text().split()[0])
-    conn.execute(REFERENCE_SQL)
-    return round((int(path.read_text().split()[0]) - before) / 1e9, 4)
+    least = float("inf")
+    with conn.transaction():
+        # All of it on this backend: a parallel worker's CPU would not be in its schedstat.
+        conn.execute("set local max_parallel_workers_per_gather = 0")
+        for _ in range(repeats):
+            before = int(path.read_text().split()[0])
+            conn.execute(CONTROL_SQL, (twin.id,)).fetchall()
+            least = min(least, (int(path.read_text().split()[0]) - before) / 1e9)
+    return least
 
 
 def add_new_events(
@@ -423,10 +478,22 @@ def history_trials(
     snaps: dict[str, Any],
     trials: int,
     label: str,
+    *,
+    control_twin: Twin,
 ) -> dict[str, Any]:
     """Learns each twin's new events in `trials` rounds (the twin put back as it was before each
     trial; each round one trial of every twin, the order rotating so that no twin always goes
-    first); per twin the median process and run time and every trial, in round order."""
+    first); per twin the medians and every trial, in round order.
+
+    Before the rounds each twin learns once untimed: PostgREST closes a pool connection idle for
+    30 s, and the first run on a new one pays for the backend's start and for compiling the
+    worker's functions (20 ms more of backend CPU here). Before each trial the twin's pending
+    events are read into shared buffers, so that no trial pays for another twin's trial having
+    pushed its batch out (3 twins a round after the load, 2 before); a run reading more than its
+    batch still pays for the rest. The control (control_cpu_seconds) is measured right before
+    that read and right after the trial, and the mean of the two kept: it reads about 70 MB,
+    which between the read and the run could push the batch back out of the 128 MB of shared
+    buffers."""
     times: dict[str, list[dict[str, Any]]] = {name: [] for name in twins}
     new = {
         name: scalar(
@@ -438,6 +505,9 @@ def history_trials(
         for name, twin in twins.items()
     }
     stack = StackProcesses.find(conn)
+    for twin in twins.values():
+        restore_learning(conn, twin.id, snaps[twin.id])
+        learn_all(conn, twin.id)
     for trial in range(trials):
         order = list(twins)
         order = order[trial % len(order):] + order[: trial % len(order)]
@@ -445,11 +515,18 @@ def history_trials(
             twin = twins[name]
             restore_learning(conn, twin.id, snaps[twin.id])
             checkpoint()  # the restore's writes are flushed before, not during, the span
+            control = control_cpu_seconds(conn, control_twin)
+            read_pending(conn, twin, snaps[twin.id]["cursor"])  # after the control (above)
             cpu_before = api_cpu_ns(stack)
             figures = learn_all(conn, twin.id)
-            cpu_ns = sum(ns - cpu_before.get(pid, 0) for pid, ns in api_cpu_ns(stack).items())
-            figures["api_cpu_seconds"] = round(cpu_ns / 1e9, 4)
-            figures["reference_cpu_seconds"] = reference_cpu_seconds(conn)
+            cpu_after = api_cpu_ns(stack)
+            control += control_cpu_seconds(conn, control_twin)
+            delta = {pid: ns - cpu_before.get(pid, 0) for pid, ns in cpu_after.items()}
+            figures["api_cpu_seconds"] = round(sum(delta.values()) / 1e9, 4)
+            figures["db_cpu_seconds"] = round(
+                sum(ns for pid, ns in delta.items() if pid != stack.postgrest) / 1e9, 4
+            )
+            figures["control_cpu_seconds"] = round(control / 2, 5)
             if figures["events_processed"] != new[name]:
                 raise CorrectnessError(
                     f"{name}: {figures['events_processed']} of {new[name]} new events processed"
@@ -457,15 +534,21 @@ def history_trials(
             times[name].append(figures)
         log(
             f"case 2 ({label}): trial {trial + 1}: "
-            + ", ".join(f"{name} {runs[-1]['run_seconds']} s "
-                        f"(API CPU {runs[-1]['api_cpu_seconds']} s)"
-                        for name, runs in times.items())
+            + ", ".join(
+                f"{name} {runs[-1]['run_seconds']} s "
+                f"(CPU {runs[-1]['db_cpu_seconds'] * 1e3:.0f} ms backends, "
+                f"{runs[-1]['api_cpu_seconds'] * 1e3:.0f} ms with PostgREST)"
+                for name, runs in times.items()
+            )
+            + f"; control {times[order[-1]][-1]['control_cpu_seconds'] * 1e3:.1f} ms"
         )
     return {
         name: {
             "seconds": statistics.median(f["seconds"] for f in runs),
             "run_seconds": statistics.median(f["run_seconds"] for f in runs),
             "api_cpu_seconds": statistics.median(f["api_cpu_seconds"] for f in runs),
+            "db_cpu_seconds": statistics.median(f["db_cpu_seconds"] for f in runs),
+            "control_cpu_seconds": statistics.median(f["control_cpu_seconds"] for f in runs),
             "events_processed": runs[0]["events_processed"],
             "trials": runs,
         }
@@ -473,13 +556,22 @@ def history_trials(
     }
 
 
+def read_pending(conn: psycopg.Connection, twin: Twin, cursor: int) -> None:
+    """Reads the twin's events after `cursor` (heap and index) into shared buffers: `score` is
+    not in the index, so every row's page is visited."""
+    conn.execute(
+        "select count(score) from public.persona_training_events where twin_id = %s and id > %s",
+        (twin.id, cursor),
+    )
+
+
 def api_cpu_ns(stack: StackProcesses) -> dict[int, int]:
     """CPU time so far, in ns, of the API's side of the bench stack, by process: every thread of
-    PostgREST and each PostgreSQL backend it connected (the postmaster's children whose command
-    line names the `authenticator` role), from the scheduler's per-thread accounting
-    (/proc/<pid>/task/<tid>/schedstat, first field), which counts time on a CPU only: waiting
-    for one on a busy machine is not in it. Background processes (autovacuum, checkpointer) and
-    the bench's own connection are left out."""
+    PostgREST (pid stack.postgrest) and each PostgreSQL backend it connected (the postmaster's
+    children whose command line names the `authenticator` role), from the scheduler's per-thread
+    accounting (/proc/<pid>/task/<tid>/schedstat, first field), which counts time on a CPU only:
+    waiting for one on a busy machine is not in it. Background processes (autovacuum,
+    checkpointer) and the bench's own connection are left out."""
     pids = [stack.postgrest]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
