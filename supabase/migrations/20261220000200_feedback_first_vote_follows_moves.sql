@@ -5,7 +5,9 @@
 -- deleted it the next vote there went out with its own time: the same Langfuse score id on
 -- another day, a second row of Langfuse's score table.
 -- * The vote recorder takes the kept time first, whatever vote it replaces.
--- * Every vote keeps its feedback's time when the feedback has none (not only one replacing none).
+-- * Every vote keeps its feedback's time when the feedback has none (not only one replacing none),
+--   written by the vote recorder before it reads it (the after-insert trigger that wrote it is
+--   gone), so a vote and a hand move into one new feedback at the same moment take one time.
 -- * An edit moving a vote to another feedback gives it that feedback's kept time, or keeps its
 --   own there; an edit setting a vote's first_vote_at to another time than its feedback's kept
 --   one is refused (23514).
@@ -51,6 +53,29 @@ begin
     hashtext('public.persona_training_events'),
     hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
   );
+  -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
+  -- vote cast after its current (or only) vote was deleted, or moved away by hand, still finds
+  -- it; where it is kept, it is the time. A feedback new to the table keeps its current vote's
+  -- time (votes stored before the table), else this vote's. Its row is locked for the
+  -- transaction, as a vote moved into the feedback by hand locks it (the edit trigger): a move
+  -- and a vote at the same moment take turns, and the vote then finds the moved vote as the
+  -- current one (the update below reads after the lock). The twin exists (the consent check);
+  -- a voter that does not is the events table's foreign key to refuse.
+  insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+  select new.twin_id, new.trace_id, new.created_by,
+         coalesce((select p.first_vote_at from public.persona_training_events p
+                   where p.twin_id = new.twin_id and p.trace_id = new.trace_id
+                     and p.created_by = new.created_by and p.source = 'user_feedback'
+                     and p.superseded_at is null),
+                  new.created_at)
+  where new.trace_id is not null
+    and exists (select 1 from auth.users u where u.id = new.created_by)
+  on conflict (twin_id, trace_id, created_by) do nothing;
+  select f.first_vote_at into v_kept_at
+  from private.feedback_first_votes f
+  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by
+  for update;
+
   perform set_config('pfl.recording_vote', 'on', true);
   update public.persona_training_events p
   set superseded_at = now(),
@@ -64,13 +89,6 @@ begin
   returning p.id, p.first_vote_id, p.first_vote_at, p.langfuse_next_attempt_at, p.langfuse_status
     into v_previous_id, v_first_vote_id, v_first_vote_at, v_previous_due_at, v_previous_status;
   perform set_config('pfl.recording_vote', '', true);
-
-  -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
-  -- vote cast after its current (or only) vote was deleted, or moved away by hand, still finds
-  -- it. Where it is kept, it is the time (a vote moved in by hand carries it too).
-  select f.first_vote_at into v_kept_at
-  from private.feedback_first_votes f
-  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by;
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
@@ -94,23 +112,13 @@ comment on function private.record_feedback_vote() is
   'superseded (its outbox state too when not yet delivered), with pfl.recording_vote on so that '
   'this vote change is not taken for an edit by hand, and links the new vote to it '
   '(supersedes_id; first_vote_id = the feedback''s first vote, or the new id; first_vote_at = '
-  'the feedback''s in private.feedback_first_votes, else the superseded vote''s first_vote_at, '
-  'else the new created_at); puts the new vote '
+  'the feedback''s in private.feedback_first_votes, whose row it locks, where a feedback new '
+  'to it keeps the current vote''s first_vote_at, else the new created_at); puts the new vote '
   'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
   'closes). Security definer: voters may not update events. Raises nothing of its own.';
 
 drop trigger persona_training_events_keep_first_vote on public.persona_training_events;
-
-comment on function private.keep_feedback_first_vote() is
-  'Trigger (after insert of a feedback vote on persona_training_events): records its '
-  'feedback''s first vote time (first_vote_at, as the vote recorder set it) in '
-  'private.feedback_first_votes, unless the feedback has one there already. Security definer: '
-  'no API role may write that table. Raises nothing of its own.';
-
-create trigger persona_training_events_keep_first_vote
-  after insert on public.persona_training_events
-  for each row when (new.source = 'user_feedback')
-  execute function private.keep_feedback_first_vote();
+drop function private.keep_feedback_first_vote();
 
 -- An edit by hand that moves a vote to another feedback (its twin, trace or voter changed, or an
 -- event made feedback) or changes its first vote time. The kept time is the Langfuse score's
@@ -128,8 +136,10 @@ declare
   v_moved boolean := (old.source, old.twin_id, old.trace_id, old.created_by)
                      is distinct from (new.source, new.twin_id, new.trace_id, new.created_by);
 begin
-  -- A feedback new to the table keeps the vote's time: inserted here, so that a concurrent vote
-  -- or move into the same feedback waits for this one and then reads it. Only for a twin and a
+  -- A feedback new to the table keeps the vote's time. Its row is locked for the transaction
+  -- (a row lock, not an advisory one: a move of many votes takes no slot of the lock table per
+  -- vote), so a vote or a move into the same feedback at the same moment waits for this one,
+  -- then reads its time and finds this vote where it moved. Inserted only for a twin and a
   -- voter that exist, and a time given: otherwise the events table's own foreign key or check
   -- refuses the row, with its own error.
   if v_moved then
@@ -142,7 +152,8 @@ begin
   end if;
   select f.first_vote_at into v_kept
   from private.feedback_first_votes f
-  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by;
+  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by
+  for update;
   if not found then
     return new;
   elsif v_moved then

@@ -1053,6 +1053,62 @@ def test_a_vote_moved_into_a_feedback_takes_that_feedbacks_time(
     assert sid(other_twin, "stray", voter) not in standin.scores, "it went out moved, once"
 
 
+@pytest.mark.parametrize("moved_is_current", [True, False], ids=["current", "superseded"])
+def test_a_vote_cast_while_a_vote_is_moved_into_its_feedback_takes_turns_with_the_move(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+    moved_is_current: bool,
+) -> None:
+    """An operator moves a vote (cast three days ago) into a feedback no vote has touched, in
+    a transaction still open, while the voter votes on that feedback through the API. The vote
+    waits for the move (both lock the feedback's kept time), then takes the moved vote's time
+    and, when the moved vote is current, supersedes it, instead of going out with its own time
+    or colliding with it on the current-vote index."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    moved = vote(voter, twin, "moved-from", 1)
+    cast_at = cast_days_ago(db, moved["id"], 3)
+    if not moved_is_current:
+        vote(voter, twin, "moved-from", -1, reason="incorrect")
+    got: dict[str, Any] = {}
+
+    def cast() -> None:
+        try:
+            got["vote"] = vote(voter, twin, "moved-to", 0, reason="other")
+        except Exception as exc:  # the assertion below shows it
+            got["error"] = exc
+
+    with psycopg.connect(stack.database_url) as operator:
+        operator.execute(
+            "update public.persona_training_events set trace_id = 'moved-to' where id = %s",
+            (moved["id"],),
+        )
+        voting = threading.Thread(target=cast)
+        voting.start()
+        wait_for(
+            lambda: db.execute(
+                "select 1 from pg_stat_activity where wait_event_type = 'Lock'"
+                " and query like '%%persona_training_events%%' and pid <> %s",
+                (operator.info.backend_pid,),
+            ).fetchone()
+        )
+        operator.commit()
+    voting.join(20)
+    assert "error" not in got, got.get("error")
+    new = got["vote"]
+    assert first_vote_times(db, [moved["id"], new["id"]]) == {
+        moved["id"]: cast_at,
+        new["id"]: cast_at,
+    }
+    assert kept_time(db, twin, "moved-to", voter) == cast_at
+    links = db.execute(
+        "select supersedes_id from public.persona_training_events where id = %s", (new["id"],)
+    ).fetchone()
+    assert links == ((moved["id"] if moved_is_current else None),)
+
+
 def test_an_edit_of_a_first_vote_time_against_its_feedbacks_is_refused(
     service: Client, make_user: Callable[[str], User], db: psycopg.Connection
 ) -> None:
