@@ -200,3 +200,21 @@ set search_path = ''
 as $$
   select '20261220000200'::text;
 $$;
+
+-- Backfill: a feedback a vote was moved into by hand before this migration may have no kept time
+-- (its votes' earliest is taken), and a vote moved into one that had may carry another time:
+-- votes not yet sent take the kept one, so they go out into the score's one row.
+insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+select e.twin_id, e.trace_id, e.created_by, min(e.first_vote_at)
+from public.persona_training_events e
+where e.source = 'user_feedback'
+group by e.twin_id, e.trace_id, e.created_by
+on conflict (twin_id, trace_id, created_by) do nothing;
+
+update public.persona_training_events e
+set first_vote_at = f.first_vote_at
+from private.feedback_first_votes f
+where e.source = 'user_feedback'
+  and e.langfuse_status in ('pending', 'retrying', 'skipped', 'failed')
+  and f.twin_id = e.twin_id and f.trace_id = e.trace_id and f.created_by = e.created_by
+  and e.first_vote_at is distinct from f.first_vote_at;
