@@ -59,8 +59,9 @@ begin
   -- time (votes stored before the table), else this vote's. Its row is locked for the
   -- transaction, as a vote moved into the feedback by hand locks it (the edit trigger): a move
   -- and a vote at the same moment take turns, and the vote then finds the moved vote as the
-  -- current one (the update below reads after the lock). The twin exists (the consent check);
-  -- a voter that does not is the events table's foreign key to refuse.
+  -- current one (the update below reads after the lock). A twin given exists (the consent
+  -- check); no twin, no trace or a voter that does not exist is the events table's to refuse,
+  -- with its own error.
   insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
   select new.twin_id, new.trace_id, new.created_by,
          coalesce((select p.first_vote_at from public.persona_training_events p
@@ -68,7 +69,7 @@ begin
                      and p.created_by = new.created_by and p.source = 'user_feedback'
                      and p.superseded_at is null),
                   new.created_at)
-  where new.trace_id is not null
+  where new.twin_id is not null and new.trace_id is not null
     and exists (select 1 from auth.users u where u.id = new.created_by)
   on conflict (twin_id, trace_id, created_by) do nothing;
   select f.first_vote_at into v_kept_at
@@ -145,7 +146,7 @@ begin
   if v_moved then
     insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
     select new.twin_id, new.trace_id, new.created_by, new.first_vote_at
-    where new.first_vote_at is not null
+    where new.first_vote_at is not null and new.trace_id is not null
       and exists (select 1 from public.twins t where t.id = new.twin_id)
       and exists (select 1 from auth.users u where u.id = new.created_by)
     on conflict (twin_id, trace_id, created_by) do nothing;
