@@ -114,13 +114,14 @@ class WorkerSettings(BaseSettings):
         ge=1,
         le=65535,
         description="`serve`: the port of the health endpoint (/healthz) and the Prometheus "
-        "metrics (/metrics); unset (the default) serves neither.",
+        "metrics (/metrics); unset or empty (the default) serves neither.",
     )
     pfl_metrics_host: str = Field(
         "127.0.0.1",
         min_length=1,
-        description="`serve`: the address the metrics port listens on; 0.0.0.0 for every "
-        "interface (e.g. a scraper in another container).",
+        description="`serve`: the address the metrics port listens on, IPv4 or IPv6 (or a "
+        "name: its first address); 0.0.0.0 for every IPv4 interface, :: for every interface "
+        "(e.g. a scraper in another container).",
     )
     pfl_health_max_age_seconds: float = Field(
         90.0,
@@ -142,6 +143,15 @@ class WorkerSettings(BaseSettings):
                 "must be the project's API URL with its scheme, e.g. https://<ref>.supabase.co"
             )
         return url
+
+    @field_validator("pfl_metrics_port", mode="before")
+    @classmethod
+    def _port_unset_when_empty(cls, value: object) -> object:
+        """An empty PFL_METRICS_PORT (`PFL_METRICS_PORT=` in `.env`, or a template's blank)
+        means unset, as for a variable not given: metrics off, not a refusal to start."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("supabase_service_role_key")
     @classmethod

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -236,12 +237,19 @@ class WorkerMetrics:
 class MetricsServer:
     """An HTTP server in a thread of its own: GET /metrics and GET /healthz, 404 otherwise.
 
-    Raises OSError when it cannot listen on `host`:`port` (e.g. the port is taken).
+    `host` is an IPv4 or IPv6 address or a name (the first address the resolver gives for it is
+    taken; `::` listens on every interface, IPv4 too where the system maps it, as Linux does by
+    default). Raises OSError when it cannot listen on `host`:`port` (e.g. the port is taken, or
+    the name does not resolve: socket.gaierror).
     """
 
     def __init__(self, metrics: WorkerMetrics, host: str, port: int) -> None:
         handler = _handler_for(metrics)
-        self._server = ThreadingHTTPServer((host, port), handler)
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server_class = type("MetricsHTTPServer", (ThreadingHTTPServer,),
+                            {"address_family": family})
+        self._server = server_class(address[:2], handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
@@ -251,6 +259,7 @@ class MetricsServer:
         """Starts answering requests."""
         self._thread.start()
         host, port = self._server.server_address[:2]
+        host = f"[{host!s}]" if self._server.address_family == socket.AF_INET6 else host
         logger.info("metrics served", extra={"address": f"http://{host!s}:{port}/metrics"})
 
     def stop(self) -> None:

@@ -2533,7 +2533,9 @@ begin
   if not exists (select from pg_catalog.pg_extension x where x.extname = 'pg_cron') then
     raise exception using
       errcode = '55000',
-      message = 'pg_cron is not enabled in this database';
+      message = 'pg_cron is not enabled in this database',
+      hint = 'without pg_cron no schedule of learning runs exists: nothing to remove; runs are '
+             'queued by pfl serve or pfl run-once';
   end if;
   execute format('select exists (select from %I.job j where j.jobname = $1 '
                  'and j.username = current_user)', v_cron)
@@ -2549,7 +2551,8 @@ $$;
 comment on function public.unschedule_learning_runs() is
   'Project owner (SQL, as postgres; no API role may execute it). In: nothing. Out: true when it '
   'removed the caller''s pg_cron job pfl_enqueue_due_learning_runs, false when there was none. '
-  'Raises 55000 "pg_cron is not enabled in this database" without the extension.';
+  'Raises 55000 "pg_cron is not enabled in this database" without the extension (its hint: no '
+  'schedule exists then, nothing to remove).';
 
 -- Only the owner of the functions (postgres, who enables pg_cron's rights) executes them.
 revoke execute on function

@@ -91,11 +91,14 @@ def runs_of(db: psycopg.Connection, twin_id: str) -> list[tuple]:
 def test_without_pg_cron_scheduling_says_so_and_changes_nothing(db: psycopg.Connection):
     installed = "select count(*) from pg_extension where extname = 'pg_cron'"
     assert scalar(db, installed) == 0
-    for call in ("select public.schedule_learning_runs('* * * * *')",
-                 "select public.unschedule_learning_runs()"):
+    hints = {"select public.schedule_learning_runs('* * * * *')": "enable it",
+             "select public.unschedule_learning_runs()": "without pg_cron no schedule"}
+    for call, hint in hints.items():
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
-                           match="pg_cron is not enabled in this database"):
+                           match="pg_cron is not enabled in this database") as refused:
             db.execute(call)
+        assert refused.value.diag.message_hint is not None
+        assert refused.value.diag.message_hint.startswith(hint)
     assert scalar(db, "select count(*) from pg_namespace where nspname = 'cron'") == 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.metrics import WorkerMetrics
+from worker.metrics import MetricsServer, WorkerMetrics
 from worker.store import OutboxBacklog, Run, StoreError, TransientStoreError
 
 
@@ -170,3 +171,17 @@ def test_the_outbox_gauges_are_read_at_scrape_time_and_left_out_when_the_read_fa
     m = samples(metrics)
     assert not any(g in m for g in gauges)
     assert "pfl_learning_runs_total{outcome=completed}" in m
+
+
+@pytest.mark.parametrize(("host", "family"), [
+    ("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6), ("::", socket.AF_INET6)])
+def test_the_metrics_server_listens_on_an_ipv4_or_ipv6_address(host: str, family: int) -> None:
+    """PFL_METRICS_HOST may be an IPv6 address (a scraper in an IPv6-only network): the server
+    takes the address's family. Only bound, not connected to: tests reach 127.0.0.1 alone."""
+    server = MetricsServer(make(FakeStore(), Clock(0.0)), host, 0)
+    try:
+        sock = server._server.socket
+        assert (sock.family, sock.getsockname()[0]) == (family, host)
+        assert sock.getsockname()[1] > 0
+    finally:
+        server._server.server_close()

@@ -131,3 +131,35 @@ def test_the_api_url_is_kept_without_surrounding_space() -> None:
         _env_file=None,
     )
     assert settings.supabase_url == "https://abc.supabase.co"
+
+
+@pytest.mark.parametrize(("value", "port"), [("", None), ("  ", None), ("9464", 9464)])
+def test_an_empty_metrics_port_means_metrics_off(
+    value: str, port: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PFL_METRICS_PORT=` (a blank line of a `.env` template) is unset, not a refusal that
+    stops every command."""
+    from worker.config import WorkerSettings
+
+    monkeypatch.setenv("PFL_METRICS_PORT", value)
+    settings = WorkerSettings(
+        supabase_url="https://abc.supabase.co",
+        supabase_service_role_key=SecretStr("sb_secret_x"),
+        _env_file=None,
+    )
+    assert settings.pfl_metrics_port == port
+
+
+def test_a_metrics_port_that_is_no_number_is_still_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from worker.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "sb_secret_abc")
+    monkeypatch.setenv("PFL_METRICS_PORT", "metrics")
+    assert main(["run-once"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "pfl: invalid settings: PFL_METRICS_PORT: Input should be a valid integer, unable to "
+        "parse string as an integer"]
