@@ -927,3 +927,34 @@ def test_a_vote_named_by_votes_in_several_batches_is_retracted_once(
     assert len(learn(runner, twin)) >= 3  # one event per run (a rebuild first)
     exact(db, twin)
     assert sf(db, twin, "m") == (2, 3)
+
+
+def test_a_batch_of_more_than_10000_events_is_learned_exactly(db, make_user, make_runner):
+    # A batch past 10,000 events is read with a custom plan whose bounds are also row comparisons
+    # on (twin_id, id) (claim_learning_run_events' v_large_batch); a smaller one with the generic
+    # plan. Both must read exactly the batch: other twins' events interleaved in its id range
+    # stay out, and its changes of votes learned before retract them.
+    owner, other_owner = make_user("owner"), make_user("other")
+    twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
+    other = create_twin(db, other_owner.id, {"m": "a"})
+    runner = make_runner()
+
+    def votes(to: Twin, voter: str, prefix: str, n: int, up_every: int) -> None:
+        db.execute(
+            "insert into public.persona_training_events (twin_id, trace_id, score, intent_label,"
+            " created_by) select %s, %s || g, case when g %% %s = 0 then 1 else -1 end,"
+            " case when g %% 3 = 0 then 'b' else 'a' end, %s from generate_series(1, %s) g",
+            (to.id, prefix, up_every, voter, n))
+
+    votes(twin, owner.id, "t", 300, 2)
+    learn(runner, twin)
+    # 10,300 events: 300 changes of the learned votes, 10,000 new ones, each followed by an
+    # event of the other twin (ids interleaved).
+    for i in range(103):
+        votes(twin, owner.id, "t" if i < 3 else f"u{i}-", 100, 3)
+        votes(other, other_owner.id, f"o{i}-", 100, 5)
+    [run] = learn(runner, twin)
+    assert (run.events_scanned, run.events_processed) == (10_300, 10_300)
+    exact(db, twin)
+    assert count(db, "select count(*) from persona_training_events e where e.twin_id = %s"
+                 " and e.processed_run_id is null", other.id) == 10_300
