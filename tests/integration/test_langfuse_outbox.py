@@ -21,9 +21,11 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
+import string
 import subprocess
 import threading
 import time
@@ -1150,6 +1152,127 @@ def test_an_edit_of_a_first_vote_time_against_its_feedbacks_is_refused(
         first["id"]: shifted,
         second["id"]: shifted,
     }
+
+
+def test_a_move_naming_a_time_of_its_own_or_a_future_time_is_refused(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection
+) -> None:
+    """A move into a feedback that keeps a time, naming another time in the same edit, is refused
+    as any edit of that time is (it was silently given the kept one); a first vote time in the
+    future is refused, even for a feedback the move starts, which would keep it. Nothing
+    changes."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    kept = vote(voter, twin, "keeps-a-time", 1)
+    cast_days_ago(db, kept["id"], 2)
+    stray = vote(voter, twin, "stray", -1, reason="incorrect")
+    vote(voter, twin, "stray", 1)  # the stray vote superseded: a move of it collides with none
+    before = first_vote_times(db, [kept["id"], stray["id"]])
+    kept_rows = "select count(*) from private.feedback_first_votes where twin_id = %s"
+    rows_before = db.execute(kept_rows, (twin,)).fetchone()
+    for trace, at in (("keeps-a-time", "2024-01-01T00:00:00+00:00"),
+                      ("new-feedback", "2999-01-01T00:00:00+00:00")):
+        with pytest.raises(APIError) as refused:
+            service.table("persona_training_events").update(
+                {"trace_id": trace, "first_vote_at": at}).eq("id", stray["id"]).execute()
+        assert refused.value.code == "23514"
+        assert str(refused.value.message).startswith(f"first_vote_at: event {stray['id']} ")
+    assert "in the future" in str(refused.value.message)
+    assert first_vote_times(db, [kept["id"], stray["id"]]) == before
+    assert db.execute(
+        "select trace_id from public.persona_training_events where id = %s", (stray["id"],)
+    ).fetchone() == ("stray",)
+    assert db.execute(kept_rows, (twin,)).fetchone() == rows_before
+
+
+# Random characters: a repeated one compresses to a key short enough for any index.
+@pytest.mark.parametrize("trace_id", [
+    "".join(random.Random(1).choices(string.ascii_letters, k=3000)),
+    "".join(random.Random(2).choices([chr(c) for c in range(0x4E00, 0x9FA5)], k=3000)),
+], ids=["ascii", "cjk"])
+def test_a_trace_id_too_long_for_any_key_is_refused_by_the_events_tables_check(
+    service: Client, make_user: Callable[[str], User], db: psycopg.Connection, trace_id: str
+) -> None:
+    """A trace id far past 200 characters (past what an index key can hold) is refused with the
+    events table's own check, 400, as a 201-character one is, by a voter's insert and by the
+    service role's move alike: the kept first vote time is not written first (its key's limit
+    answered 413, naming a private table). Nothing is stored."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    stray = vote(voter, twin, "stray", 1)
+    counts = (
+        "select (select count(*) from public.persona_training_events where twin_id = %s),"
+        " (select count(*) from private.feedback_first_votes where twin_id = %s)"
+    )
+    before = db.execute(counts, (twin, twin)).fetchone()
+    with pytest.raises(APIError) as by_voter:
+        vote(voter, twin, trace_id, 1)
+    with pytest.raises(APIError) as by_move:
+        service.table("persona_training_events").update({"trace_id": trace_id}).eq(
+            "id", stray["id"]).execute()
+    for refused in (by_voter, by_move):
+        assert refused.value.code == "23514"
+        assert "trace_id_1_to_200_chars" in str(refused.value.message)
+    assert db.execute(counts, (twin, twin)).fetchone() == before
+    assert db.execute(
+        "select trace_id from public.persona_training_events where id = %s", (stray["id"],)
+    ).fetchone() == ("stray",)
+
+
+def test_a_vote_waits_for_an_operator_who_edits_its_current_vote_then_moves_one_in(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+) -> None:
+    """An operator's transaction moves a feedback's current vote away, and, while a vote on that
+    feedback waits for it, moves an earlier vote of the voter's into the feedback. The vote and
+    the move take the current vote and the feedback's kept time in the same order, so the vote
+    waits and then lands (before, one of them took the kept time first and the two deadlocked:
+    the vote was lost with a 500). The vote keeps the feedback's time."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    current = vote(voter, twin, "busy", 1)
+    cast_at = cast_days_ago(db, current["id"], 3)
+    earlier = vote(voter, twin, "elsewhere", 1)
+    vote(voter, twin, "elsewhere", -1, reason="incorrect")
+    got: dict[str, Any] = {}
+
+    def cast() -> None:
+        try:
+            got["vote"] = vote(voter, twin, "busy", 0, reason="other")
+        except Exception as exc:  # the assertion below shows it
+            got["error"] = exc
+
+    with psycopg.connect(stack.database_url) as operator:
+        operator.execute(
+            "update public.persona_training_events set trace_id = 'moved-away' where id = %s",
+            (current["id"],),
+        )
+        voting = threading.Thread(target=cast)
+        voting.start()
+        wait_for(
+            lambda: db.execute(
+                "select 1 from pg_stat_activity where wait_event_type = 'Lock'"
+                " and query like '%%persona_training_events%%' and pid <> %s",
+                (operator.info.backend_pid,),
+            ).fetchone()
+        )
+        operator.execute(
+            "update public.persona_training_events set trace_id = 'busy' where id = %s",
+            (earlier["id"],),
+        )
+        operator.commit()
+    voting.join(20)
+    assert "error" not in got, got.get("error")
+    new = got["vote"]
+    assert first_vote_times(db, [new["id"]]) == {new["id"]: cast_at}
+    assert kept_time(db, twin, "busy", voter) == cast_at
+    current_votes = db.execute(
+        "select id, supersedes_id from public.persona_training_events where twin_id = %s"
+        " and trace_id = 'busy' and superseded_at is null", (twin,)
+    ).fetchall()
+    assert current_votes == [(new["id"], None)]
 
 
 def test_changed_vote_after_delivery_is_sent_by_the_next_drain(

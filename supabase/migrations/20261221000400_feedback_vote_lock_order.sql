@@ -1,0 +1,193 @@
+-- Kept first vote times (issue 12), found by a fresh review of 20261220000200:
+--
+-- - A vote whose trace_id was too long for an index key (about 2,700 bytes) was refused with
+--   54000 (HTTP 413) naming private.feedback_first_votes' key, before the events table's own
+--   check could refuse it (23514, trace_id_1_to_200_chars, HTTP 400). The recorder and the edit
+--   trigger now write a kept time only for a trace of 1 to 200 characters.
+-- - A vote deadlocked (40P01, HTTP 500: the vote lost) with an operator's transaction that edited
+--   the feedback's current vote and then moved another vote into the feedback: the vote locked
+--   the kept time's row and waited for the current vote; the operator held the current vote and
+--   waited for the kept row. The recorder now locks the current vote first, as the edit does.
+-- - An edit that moves a vote and names a time of its own was silently given the feedback's kept
+--   time; it is now refused as any other edit of first_vote_at against the kept time (23514), and
+--   a first vote time in the future is refused (a feedback started by a move would keep it).
+-- - Votes moved by hand before 20261220000200 and already sent carried their old time, which a
+--   re-send would take: every vote now carries its feedback's kept time (a vote already sent is
+--   not sent again by this; re-sending it updates the feedback's one score).
+
+create or replace function private.record_feedback_vote()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_previous_id bigint;
+  v_first_vote_id bigint;
+  v_first_vote_at timestamptz;
+  v_kept_at timestamptz;
+  v_previous_due_at timestamptz;
+  v_previous_status public.langfuse_status;
+begin
+  new.superseded_at := null;
+  new.supersedes_id := null;
+  new.langfuse_attempts := 0;
+  new.langfuse_last_error := null;
+  new.langfuse_sent_at := null;
+
+  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
+  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
+  perform pg_advisory_xact_lock(
+    hashtext('public.persona_training_events'),
+    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
+  );
+  -- Locks in one order: the feedback's current vote, then its kept time's row (below). An
+  -- operator's transaction that edits the current vote and then moves a vote into the feedback
+  -- takes them in that order; a vote taking them the other way round deadlocked with it.
+  perform 1 from public.persona_training_events p
+  where p.twin_id = new.twin_id and p.trace_id = new.trace_id and p.created_by = new.created_by
+    and p.source = 'user_feedback' and p.superseded_at is null
+  for update;
+  -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
+  -- vote cast after its current (or only) vote was deleted, or moved away by hand, still finds
+  -- it; where it is kept, it is the time. A feedback new to the table keeps its current vote's
+  -- time (votes stored before the table), else this vote's. Its row is locked for the
+  -- transaction, as a vote moved into the feedback by hand locks it (the edit trigger): a move
+  -- and a vote at the same moment take turns, and the vote then finds the moved vote as the
+  -- current one (the update below reads after the lock). A twin given exists (the consent
+  -- check); no twin, a trace out of the events table's bounds (1 to 200 characters: a longer
+  -- one is too long for this table's key) or a voter that does not exist is the events table's
+  -- to refuse, with its own error.
+  insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+  select new.twin_id, new.trace_id, new.created_by,
+         coalesce((select p.first_vote_at from public.persona_training_events p
+                   where p.twin_id = new.twin_id and p.trace_id = new.trace_id
+                     and p.created_by = new.created_by and p.source = 'user_feedback'
+                     and p.superseded_at is null),
+                  new.created_at)
+  where new.twin_id is not null and char_length(new.trace_id) between 1 and 200
+    and exists (select 1 from auth.users u where u.id = new.created_by)
+  on conflict (twin_id, trace_id, created_by) do nothing;
+  select f.first_vote_at into v_kept_at
+  from private.feedback_first_votes f
+  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by
+  for update;
+
+  perform set_config('pfl.recording_vote', 'on', true);
+  update public.persona_training_events p
+  set superseded_at = now(),
+      langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
+                             then 'superseded' else p.langfuse_status end
+  where p.twin_id = new.twin_id
+    and p.trace_id = new.trace_id
+    and p.created_by = new.created_by
+    and p.source = 'user_feedback'
+    and p.superseded_at is null
+  returning p.id, p.first_vote_id, p.first_vote_at, p.langfuse_next_attempt_at, p.langfuse_status
+    into v_previous_id, v_first_vote_id, v_first_vote_at, v_previous_due_at, v_previous_status;
+  perform set_config('pfl.recording_vote', '', true);
+
+  new.supersedes_id := v_previous_id;
+  new.first_vote_id := coalesce(v_first_vote_id, new.id);
+  new.first_vote_at := coalesce(v_kept_at, v_first_vote_at, new.created_at);
+  new.langfuse_status := 'pending';
+  -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
+  -- in flight: wait until its delivery is recorded (which releases this one) or its window
+  -- closes, so that the new value always lands last.
+  new.langfuse_next_attempt_at := case when v_previous_status = 'superseded'
+                                       then greatest(new.created_at, v_previous_due_at)
+                                       else new.created_at end;
+  return new;
+end;
+$$;
+
+comment on function private.record_feedback_vote() is
+  'Trigger (before insert of feedback on persona_training_events, after the consent check): '
+  'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
+  'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
+  'trace) so two votes of one feedback take turns; locks the voter''s current vote on the trace, '
+  'then the feedback''s row in private.feedback_first_votes (in that order, as an edit by hand '
+  'takes them); marks the current vote as it then is superseded (its outbox state too when not '
+  'yet delivered), with pfl.recording_vote on so that this vote change is not taken for an edit '
+  'by hand, and links the new vote to it (supersedes_id; first_vote_id = the feedback''s first '
+  'vote, or the new id; first_vote_at = the feedback''s in private.feedback_first_votes, where a '
+  'feedback new to it keeps the current vote''s first_vote_at, else the new created_at); puts '
+  'the new vote '
+  'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
+  'closes). Security definer: voters may not update events. Raises nothing of its own.';
+
+create or replace function private.keep_feedback_first_vote_on_edit()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_kept timestamptz;
+  v_moved boolean := (old.source, old.twin_id, old.trace_id, old.created_by)
+                     is distinct from (new.source, new.twin_id, new.trace_id, new.created_by);
+  -- The edit names a time of its own (a move alone carries the old one).
+  v_set boolean := new.first_vote_at is distinct from old.first_vote_at;
+begin
+  -- No stored time is in the future (as created_at): a feedback started by a move would keep it.
+  if v_set and new.first_vote_at > now() then
+    raise exception using
+      errcode = '23514',
+      column = 'first_vote_at',
+      message = format('first_vote_at: event %s cannot take a first vote time in the future (%s)',
+                       new.id, new.first_vote_at);
+  end if;
+  -- A feedback new to the table keeps the vote's time. Its row is locked for the transaction
+  -- (a row lock, not an advisory one: a move of many votes takes no slot of the lock table per
+  -- vote), so a vote or a move into the same feedback at the same moment waits for this one,
+  -- then reads its time and finds this vote where it moved. Inserted only for a twin and a
+  -- voter that exist, a trace within the events table's bounds and a time given: otherwise the
+  -- events table's own foreign key or check refuses the row, with its own error.
+  if v_moved then
+    insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+    select new.twin_id, new.trace_id, new.created_by, new.first_vote_at
+    where new.first_vote_at is not null and char_length(new.trace_id) between 1 and 200
+      and exists (select 1 from public.twins t where t.id = new.twin_id)
+      and exists (select 1 from auth.users u where u.id = new.created_by)
+    on conflict (twin_id, trace_id, created_by) do nothing;
+  end if;
+  select f.first_vote_at into v_kept
+  from private.feedback_first_votes f
+  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by
+  for update;
+  if not found then
+    return new;
+  elsif v_moved and not v_set then
+    new.first_vote_at := v_kept;
+  elsif new.first_vote_at is distinct from v_kept then
+    raise exception using
+      errcode = '23514',
+      column = 'first_vote_at',
+      message = format('first_vote_at: event %s is a vote of a feedback first voted on at %s, '
+                       'its Langfuse score''s timestamp; it cannot be set to %s',
+                       new.id, v_kept, coalesce(new.first_vote_at::text, 'null')),
+      hint = 'Leave first_vote_at out of the edit: a vote moved to a feedback takes its time. '
+             'The time is kept in private.feedback_first_votes (twin_id, trace_id, created_by); '
+             'a score already sent to Langfuse keeps the old one, so changing it there makes '
+             'the next vote a second score in Langfuse.';
+  end if;
+  return new;
+end;
+$$;
+
+comment on function private.keep_feedback_first_vote_on_edit() is
+  'Trigger (before update of source, twin_id, trace_id, created_by or first_vote_at of a feedback '
+  'vote on persona_training_events, when one of them changed): a vote moved to another feedback '
+  '(twin, trace, voter) takes that feedback''s first vote time from '
+  'private.feedback_first_votes, or leaves its own there when the feedback has none; a vote that '
+  'stays keeps its feedback''s time. Raises 23514 naming first_vote_at when an edit sets a vote''s '
+  'first_vote_at to another time than its feedback''s kept one (a move with a time of its own '
+  'too), or to a time in the future. Security definer: no API role may read or write that '
+  'table.';
+
+update public.persona_training_events e
+set first_vote_at = f.first_vote_at
+from private.feedback_first_votes f
+where e.source = 'user_feedback'
+  and f.twin_id = e.twin_id and f.trace_id = e.trace_id and f.created_by = e.created_by
+  and e.first_vote_at is distinct from f.first_vote_at;
