@@ -267,15 +267,14 @@ begin
   new.langfuse_last_error := null;
   new.langfuse_sent_at := null;
 
-  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
-  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
-  perform pg_advisory_xact_lock(
-    hashtext('public.persona_training_events'),
-    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
-  );
-  -- Locks in one order: the feedback's current vote, then its kept time's row (below). An
-  -- operator's transaction that edits the current vote and then moves a vote into the feedback
-  -- takes them in that order; a vote taking them the other way round deadlocked with it.
+  -- Votes of one feedback take turns on two row locks, taken in one order: its current vote's,
+  -- then its kept time's (below; a feedback new to the table: its insert, which a second vote
+  -- waits on until the first commits). A vote from the voter's second device waits for the first
+  -- one, then supersedes it, instead of colliding with it on the current-vote index. Row locks,
+  -- not advisory ones: a transaction writing many votes takes no slot of the lock table per vote
+  -- (about 6,000 votes in one transaction ran out of them). The order: an operator's transaction
+  -- that edits the current vote and then moves a vote into the feedback takes them so; a vote
+  -- taking them the other way round deadlocked with it.
   perform 1 from public.persona_training_events p
   where p.twin_id = new.twin_id and p.trace_id = new.trace_id and p.created_by = new.created_by
     and p.source = 'user_feedback' and p.superseded_at is null
@@ -336,17 +335,17 @@ $$;
 comment on function private.record_feedback_vote() is
   'Trigger (before insert of feedback on persona_training_events, after the consent check): '
   'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
-  'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
-  'trace) so two votes of one feedback take turns; locks the voter''s current vote on the trace, '
-  'then the feedback''s row in private.feedback_first_votes (in that order, as an edit by hand '
-  'takes them); marks the current vote as it then is superseded (its outbox state too when not '
-  'yet delivered), with pfl.recording_vote on so that this vote change is not taken for an edit '
-  'by hand, and links the new vote to it (supersedes_id; first_vote_id = the feedback''s first '
-  'vote, or the new id; first_vote_at = the feedback''s in private.feedback_first_votes, where a '
-  'feedback new to it keeps the current vote''s first_vote_at, else the new created_at); puts '
-  'the new vote '
-  'in the outbox (pending, due at its created_at, or when the superseded one''s delivery window '
-  'closes). Security definer: voters may not update events. Raises nothing of its own.';
+  'langfuse_last_error, langfuse_sent_at); locks the voter''s current vote on the trace, then '
+  'the feedback''s row in private.feedback_first_votes (inserting it for a feedback new to it), '
+  'so that two votes of one feedback take turns (in that order, as an edit by hand takes them; '
+  'row locks: no lock-table slot per vote); marks the current vote as it then is superseded '
+  '(its outbox state too when not yet delivered), with pfl.recording_vote on so that this vote '
+  'change is not taken for an edit by hand, and links the new vote to it (supersedes_id; '
+  'first_vote_id = the feedback''s first vote, or the new id; first_vote_at = the feedback''s in '
+  'private.feedback_first_votes, where a feedback new to it keeps the current vote''s '
+  'first_vote_at, else the new created_at); puts the new vote in the outbox (pending, due at its '
+  'created_at, or when the superseded one''s delivery window closes). Security definer: voters '
+  'may not update events. Raises nothing of its own.';
 
 create trigger persona_training_events_check_consent
   before insert on public.persona_training_events

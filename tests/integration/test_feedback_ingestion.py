@@ -643,3 +643,23 @@ def test_two_devices_voting_on_one_trace_at_once_both_succeed(
         (first_id, 1, False), (second_id, -1, True)
     ]
     assert (rows[1]["supersedes_id"], rows[1]["first_vote_id"]) == (first_id, first_id)
+
+
+def test_one_transaction_records_thirty_thousand_votes(db: psycopg.Connection, world: World):
+    """An import of many votes in one transaction: each vote takes row locks only (its current
+    vote's, its feedback's kept time), no slot of the lock table (an advisory lock per vote ran
+    out of them between 10,000 and 30,000 votes here: "out of shared memory"). A vote changed
+    within the same statement supersedes the earlier one, as votes sent one by one do."""
+    inserted = db.execute(
+        "insert into public.persona_training_events (twin_id, trace_id, score, intent_label,"
+        " created_by) select %s, 'import-' || (g %% 29990), case when g > 29990 then -1 else 1"
+        " end, %s, %s from generate_series(1, 30000) g",
+        (world.open_twin, INTENT, world.voter.id),
+    )
+    assert inserted.rowcount == 30_000
+    imported = "from public.persona_training_events where trace_id like 'import-%%'"
+    assert scalar(db, f"select count(*) {imported} and superseded_at is null") == 29_990
+    assert scalar(db, f"select count(*) {imported} and supersedes_id is not null") == 10
+    assert scalar(db, f"select count(*) {imported} and superseded_at is null and score = -1") == 10
+    assert scalar(db, "select count(*) from private.feedback_first_votes where twin_id = %s"
+                  " and trace_id like 'import-%%'", world.open_twin) == 29_990
