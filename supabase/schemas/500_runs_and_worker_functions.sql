@@ -1226,7 +1226,6 @@ declare
   v_generation bigint;
   v_rebuild boolean;
   v_modules jsonb;
-  v_large_batch boolean;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   select * into v_settings from public.persona_learning_settings s
@@ -1257,23 +1256,11 @@ begin
   -- twin) is read with each statement's generic plan, made once per connection: planning the
   -- batch's statement anew cost 1.7 ms of the 2.3 ms a 5-event run took (case 6). A larger
   -- batch keeps its custom plan (above). The count stops at 10,001 index entries.
-  -- In a custom plan the batch's bounds are given twice: as a range of ids, which the planner
-  -- can estimate, and as row comparisons on (twin_id, id), which only that index can take. With
-  -- the range alone, for a twin holding most of the table the planner expected most of the
-  -- range's events to be the twin's, and read the primary key's range, filtering out the other
-  -- twins' events interleaved in it: 250,000 rows for a 50,000-event batch among 200,000 others,
-  -- 1.3 times the same run of a twin with no history (bench case 2). With the row comparisons
-  -- alone it estimated them by the twin column only and scanned the table. A generic plan keeps
-  -- the range alone: it reads the index as it is, and with the row comparisons it combined two
-  -- bitmaps, one of every event of the twin.
-  v_large_batch := (select count(*) from (
+  if (select count(*) from (
         select 1 from public.persona_training_events e
-        where e.twin_id = v_run.twin_id
-          and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-          and (e.twin_id, e.id) > (v_run.twin_id, v_run.batch_after_event_id)
-          and (e.twin_id, e.id) <= (v_run.twin_id, v_run.batch_last_event_id)
-        limit 10001) b) > 10000;
-  if not v_large_batch then
+        where e.twin_id = v_run.twin_id and e.id > v_run.batch_after_event_id
+          and e.id <= v_run.batch_last_event_id
+        limit 10001) b) <= 10000 then
     -- Local to this call: the function's own setting is restored when it returns.
     perform set_config('plan_cache_mode', 'force_generic_plan', true);
   end if;
@@ -1320,10 +1307,6 @@ begin
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-      -- Folded away in the generic plan's place (see v_large_batch above).
-      and (not v_large_batch
-           or (e.twin_id, e.id) > (v_run.twin_id, v_run.batch_after_event_id)
-              and (e.twin_id, e.id) <= (v_run.twin_id, v_run.batch_last_event_id))
     union all
     -- What an earlier run learned and a vote of the batch replaced: retracted, once however
     -- many votes name it, only when it is marked superseded (a vote a hand edit names while it
@@ -1341,9 +1324,6 @@ begin
       from public.persona_training_events e
       where e.twin_id = v_run.twin_id
         and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
-        and (not v_large_batch
-             or (e.twin_id, e.id) > (v_run.twin_id, v_run.batch_after_event_id)
-                and (e.twin_id, e.id) <= (v_run.twin_id, v_run.batch_last_event_id))
         and e.supersedes_id is not null
     ) c
     cross join lateral (

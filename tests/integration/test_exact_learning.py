@@ -930,10 +930,10 @@ def test_a_vote_named_by_votes_in_several_batches_is_retracted_once(
 
 
 def test_a_batch_of_more_than_10000_events_is_learned_exactly(db, make_user, make_runner):
-    # A batch past 10,000 events is read with a custom plan whose bounds are also row comparisons
-    # on (twin_id, id) (claim_learning_run_events' v_large_batch); a smaller one with the generic
-    # plan. Both must read exactly the batch: other twins' events interleaved in its id range
-    # stay out, and its changes of votes learned before retract them.
+    # A batch past 10,000 events is read with a custom plan (claim_learning_run_events), a
+    # smaller one with each statement's generic plan; the suite's other batches are small. Both
+    # must read exactly the batch: other twins' events interleaved in its id range stay out, and
+    # its changes of votes learned before retract them.
     owner, other_owner = make_user("owner"), make_user("other")
     twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
     other = create_twin(db, other_owner.id, {"m": "a"})
