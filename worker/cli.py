@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -66,6 +67,11 @@ def summarize(run: Run, versions: Mapping[str, int]) -> str:
         )
     if run.error:
         lines.append(f"  error={run.error}")
+    if run.retry_not_before:
+        lines.append(
+            f"  retry_not_before={run.retry_not_before.isoformat()}  (no scheduled run of the"
+            " twin before then; --request runs it now)"
+        )
     return "\n".join(lines)
 
 
@@ -134,10 +140,25 @@ def _cmd_run_once(args: argparse.Namespace, settings: WorkerSettings, store: Sto
         )
         print(summarize(run, versions))
     if not runs:
-        print("no run was due")
+        print("no run was due" + _held_back(store, args.twin))
     if args.output:
         write_artifact(args.output, runs)
     return 1 if any(r.status == "failed" for r in runs) else 0
+
+
+def _held_back(store: Store, twin_id: UUID | None) -> str:
+    """Why `run-once --twin` found nothing, when a failed run holds the twin back: its
+    retry_not_before in words (empty otherwise). Raises the store's errors."""
+    if twin_id is None:
+        return ""
+    last = store.list_runs(twin_id, 1)
+    held = last[0].retry_not_before if last else None
+    if held is None or held <= datetime.now(UTC):
+        return ""
+    return (
+        f": its last run failed, so no run is scheduled before {held.isoformat()}"
+        " (--request runs it now)"
+    )
 
 
 def make_drainer(

@@ -441,7 +441,13 @@ def _last_run(o: TwinOverview) -> str:
     if o.last_run_hold_reason:
         decision += f" ({o.last_run_hold_reason})"
     under_way = f" · a run is {o.next_run_status}" if o.next_run_status else ""
-    return _e(f"gate {gate} · {decision} · ") + _t(o.last_run_finished_at) + _e(under_way)
+    held = ""  # a failed run holding the scheduler back (its time not passed yet)
+    retry = o.last_run_retry_not_before
+    if retry and retry > datetime.now(UTC) and not o.next_run_status:
+        held = _e(" · failed: no scheduled run before ") + _t(retry)
+    return (
+        _e(f"gate {gate} · {decision} · ") + _t(o.last_run_finished_at) + _e(under_way) + held
+    )
 
 
 GATE_WORDS = {True: "passed", False: "did not pass", None: None}

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
@@ -302,7 +303,14 @@ class Runner:
             # The lease will expire and another attempt (or the final failure) follows from it.
             logger.warning("could not record the failure", extra={**log, "error": str(fail_exc)})
             return run, "retried"
-        return failed, "failed" if failed.status == "failed" else "retried"
+        if failed.status != "failed":
+            return failed, "retried"
+        # Why the twin is not queued again at once: the database's backoff after failed runs.
+        logger.warning(
+            "run failed; its twin is not scheduled again before retry_not_before",
+            extra={**log, "retry_not_before": _iso(failed.retry_not_before)},
+        )
+        return failed, "failed"
 
     def process_many(self, runs: Sequence[Run]) -> list[Run]:
         """Executes claimed runs with one batched read and one batched completion; returns
@@ -404,20 +412,19 @@ class Runner:
 
         With `request`, an operator's run is queued for `twin_id` even without new evidence,
         in safe mode or not as `safe_mode` says (None: the twin's auto_publish setting).
-        Returns the runs it executed, in order, as their rows say afterwards. Raises ValueError
-        for `request` without a twin, and the store's errors when queuing or claiming fails.
+        Returns the runs it executed, in order, as their rows say afterwards. It ends when a
+        claim finds nothing: a twin whose run failed is not queued again before its
+        retry_not_before (the database's backoff, at least 10 s), so a failing twin is not run
+        over and over within one burst. Raises ValueError for `request` without a twin, and the
+        store's errors when queuing or claiming fails.
         """
         if request:
             if twin_id is None:
                 raise ValueError("a requested run needs a twin")
             self.store.enqueue_run(twin_id, safe_mode=safe_mode)
         finished: list[Run] = []
-        # Queue due runs again only after a run made progress: a twin whose run keeps failing
-        # is not queued over and over within one burst.
-        progress = True
         while True:
-            if progress:
-                self.store.enqueue_due_runs(twin_id)
+            self.store.enqueue_due_runs(twin_id)
             if twin_id is None:
                 runs = self._claim()
             else:  # one twin has one run at a time
@@ -425,14 +432,13 @@ class Runner:
                 runs = [] if run is None else [run]
             if not runs:
                 return finished
-            done = self._execute(runs) if twin_id is None else [self.process(runs[0])]
-            finished.extend(done)
-            progress = any(
-                d.status == "completed" and (d.events_scanned or 0) > 0 for d in done
+            finished.extend(
+                self._execute(runs) if twin_id is None else [self.process(runs[0])]
             )
 
     def step(self) -> bool:
-        """One poll: execute up to `claim_runs` runs if any is due; True if it did.
+        """One poll: execute up to `claim_runs` runs if any is due; True if it did, False when
+        nothing was claimed (`serve` then waits before the next poll).
 
         Within `queue_every_seconds` of its last queuing it claims from the queue first (each
         queuing is one more round trip, and a busy worker's queue already holds the next runs);
@@ -451,6 +457,11 @@ class Runner:
             return False
         self._execute(runs)
         return True
+
+
+def _iso(value: datetime | None) -> str | None:
+    """A time for a log line: ISO 8601, or None."""
+    return None if value is None else value.isoformat()
 
 
 def _log_fields(run: Run) -> dict[str, object]:

@@ -69,13 +69,13 @@ RUN_COLUMNS = (
     "id,twin_id,status,trigger,safe_mode,attempts,max_attempts,worker_id,learning_time,"
     "events_scanned,events_processed,events_unmatched,modules_updated,gate_passed,gate_report,"
     "publish_decision,hold_reason,published_spec_id,error,created_at,started_at,finished_at,"
-    "rebuilt_modules"
+    "rebuilt_modules,retry_not_before"
 )
 
 
 # The newest migration that changed what the worker calls (public.worker_schema_version()
 # answers the database's); an older database is refused at start.
-REQUIRED_SCHEMA_VERSION = "20261220000200"
+REQUIRED_SCHEMA_VERSION = "20261221000100"
 
 
 class ConfigurationError(Exception):
@@ -142,6 +142,10 @@ class Run(_Frozen):
     rebuilt_modules: bool | None = None
     """True when the run recounted the twin's modules from the evidence that exists (evidence
     was deleted or edited since the last run) instead of adding its batch; None until claimed."""
+    retry_not_before: datetime | None = None
+    """For a run that failed: the scheduler queues no new run of its twin before this time (10 s
+    after the first failure in a row, doubled for each further one, at most 1 hour; a request
+    is not held back). None for any other run."""
 
 
 class OutboxRow(_Frozen):

@@ -121,6 +121,8 @@ class TwinOverview(_Row):
     next_run_status: str | None = None
     watch_state: str | None = None
     watch_spec_id: UUID | None = None
+    last_run_retry_not_before: datetime | None = None
+    """When the last run that ended failed: no scheduled run of the twin before this time."""
 
 
 class SpecVersion(_Row):

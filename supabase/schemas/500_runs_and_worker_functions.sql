@@ -52,6 +52,7 @@ create table public.persona_feedback_learning_runs (
   updated_at timestamptz not null default now(),
   evidence_generation bigint,
   rebuilt_modules boolean,
+  retry_not_before timestamptz,
   constraint lease_while_running
     check ((status = 'running') = (lease_token is not null and lease_expires_at is not null)),
   -- A completed run has its figures; gate_passed only where a gate ran (a rollback by hand ran
@@ -69,7 +70,9 @@ create table public.persona_feedback_learning_runs (
     publish_decision is null
     or (publish_decision = 'held') = (hold_reason is not null)
     and (publish_decision = 'published') = (published_spec_id is not null)
-  )
+  ),
+  constraint retry_not_before_only_when_failed
+    check (retry_not_before is null or status = 'failed')
 );
 
 comment on table public.persona_feedback_learning_runs is
@@ -115,6 +118,14 @@ comment on column public.persona_feedback_learning_runs.evidence_generation is
 comment on column public.persona_feedback_learning_runs.rebuilt_modules is
   'True when the run recomputed every module from all the twin''s evidence (something other than '
   'an append or a vote change happened since the last run), false when it learned incrementally.';
+comment on column public.persona_feedback_learning_runs.retry_not_before is
+  'For a run that failed (ended failed from queued or running): the scheduler '
+  '(enqueue_due_learning_runs, serve, run-once, the pg_cron job) queues no new run of its twin '
+  'before this time: finished_at + 10 s, doubled for each failed run of the twin since its last '
+  'completed one, at most 1 hour (private.failed_run_retry_delay). An owner''s or operator''s '
+  'request is not held back, and a completed run ends the backoff. Null for any other run.';
+comment on constraint retry_not_before_only_when_failed on public.persona_feedback_learning_runs
+  is 'Only a failed run holds its twin''s scheduling back (retry_not_before).';
 
 -- The module change history names the run that made each change.
 alter table public.persona_module_changes
@@ -518,6 +529,11 @@ from public;
 -- first claim of a run anyway, and by a poll when no insert is in flight). An event the poll
 -- saw whose twin already had a run queued or running is not forgotten: that run's end puts the
 -- twin in private.learning_due.
+-- A run that fails holds its twin back: its end puts the twin in private.learning_due with a
+-- not-before time (the run's retry_not_before: 10 s doubled per consecutive failed run, at most
+-- 1 hour), and the scheduler queues no run of the twin before it. The poll takes only the rows
+-- that are due (an index on not_before), so the row waits there until then and brings the twin
+-- back without a new event; events after the scanned mark meanwhile are covered by it.
 
 create table private.event_marks (
   name text primary key
@@ -537,14 +553,24 @@ values ('scanned', 0), ('committed', 0);
 
 create table private.learning_due (
   twin_id uuid primary key,
-  mark bigint not null default 0
+  mark bigint not null default 0,
+  not_before timestamptz not null default '-infinity'
 );
 
 comment on table private.learning_due is
-  'Twins the next poll of enqueue_due_learning_runs must look at although no new event names '
-  'them: a run of theirs left queued or running (completed, failed or deleted: more may be due), '
-  'or their cursor moved back. mark changes at every such change, so that a poll removes only the '
-  'rows as it saw them. A deleted twin''s row is removed by the next poll.';
+  'Twins a poll of enqueue_due_learning_runs must look at although no new event names them: a '
+  'run of theirs left queued or running (completed, failed or deleted: more may be due), or '
+  'their cursor moved back. mark changes at every such change, so that a poll removes only the '
+  'rows as it saw them. not_before: the first poll at or after it takes the row (-infinity: the '
+  'next); until then the scheduler queues no run of the twin (a failed run''s backoff). A '
+  'deleted twin''s row is removed by the first poll that takes it.';
+comment on column private.learning_due.not_before is
+  'No scheduled run of the twin before this time: the retry_not_before of its last run that '
+  'failed, -infinity when none holds it back (a completed run sets it so). A poll takes the row '
+  'only once it has passed.';
+
+-- The poll reads only the rows that are due: twins held back after failed runs cost it nothing.
+create index learning_due_not_before_idx on private.learning_due (not_before);
 
 grant select, insert, update, delete on private.event_marks, private.learning_due to service_role;
 
@@ -572,16 +598,104 @@ $$;
 
 comment on function private.mark_twin_due() is
   'Trigger (after a row change; its argument names the column of the old row holding the twin''s '
-  'id): puts the twin in private.learning_due, so that the next poll of '
-  'enqueue_due_learning_runs looks at it again. Fired when a run queued or running ends or is '
-  'deleted, and when a twin''s cursor moves back (an operator putting a twin back to be learned '
-  'again). Security definer: whoever made the change. Raises nothing.';
+  'id): puts the twin in private.learning_due, so that a poll of enqueue_due_learning_runs looks '
+  'at it again: the next one, or, when a failed run holds the twin back, the first after its '
+  'not_before (kept). Fired when a run queued or running is deleted, and when a twin''s cursor '
+  'moves back (an operator putting a twin back to be learned again); a run''s end is '
+  'private.mark_run_twin_due''s. Security definer: whoever made the change. Raises nothing.';
+
+-- The backoff after failed runs: how long the scheduler waits before it queues the twin again.
+create function private.failed_run_retry_delay(p_failures integer)
+returns interval
+language sql
+immutable
+set search_path = ''
+as $$
+  -- 10 s, doubled for each failure after the first, at most 1 hour (the exponent is bounded
+  -- first, so that no count overflows).
+  select make_interval(
+    secs => least(10 * power(2, least(greatest(p_failures, 1) - 1, 20)), 3600));
+$$;
+
+comment on function private.failed_run_retry_delay(integer) is
+  'The scheduler''s backoff after failed runs. In: how many runs of a twin failed in a row since '
+  'its last completed one, this one included (below 1 counts as 1). Out: how long the scheduler '
+  'waits before it queues the twin again: 10 s for the first, doubled for each further one, at '
+  'most 1 hour (10, 20, 40 s ... 42 min 40 s, then 1 hour from the tenth). The two constants '
+  'live here. Raises nothing.';
+
+-- Sets a failing run's retry_not_before (before the row is written, so that the run's end
+-- carries it to private.learning_due).
+create function private.set_retry_not_before()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_failures integer := 1;
+  v_status public.learning_run_status;
+begin
+  -- The twin's runs that ended before this one, newest first, up to its last completed one
+  -- (a rollback by hand is no learning run): the failures in a row. Eleven are enough to
+  -- reach the cap; the (twin_id, created_at) index reads no more than that.
+  for v_status in
+    select r.status from public.persona_feedback_learning_runs r
+    where r.twin_id = new.twin_id and r.id <> new.id and r.status in ('completed', 'failed')
+      and r.trigger <> 'owner_rollback'
+    order by r.created_at desc
+    limit 11
+  loop
+    exit when v_status = 'completed';
+    v_failures := v_failures + 1;
+  end loop;
+  new.retry_not_before := now() + private.failed_run_retry_delay(v_failures);
+  return new;
+end;
+$$;
+
+comment on function private.set_retry_not_before() is
+  'Trigger (before update of status on persona_feedback_learning_runs, when a run queued or '
+  'running becomes failed). Sets the run''s retry_not_before: now() + '
+  'private.failed_run_retry_delay(n), n the failed runs of its twin in a row since its last '
+  'completed one (owner_rollback runs skipped), this one included, counted up to 12. Security '
+  'definer: whoever fails the run, every run of the twin is counted. Raises nothing.';
+
+create trigger persona_feedback_learning_runs_failed_retry_not_before
+  before update of status on public.persona_feedback_learning_runs
+  for each row
+  when (old.status in ('queued', 'running') and new.status = 'failed')
+  execute function private.set_retry_not_before();
+
+-- A run's end: the twin is looked at again, at once after a completed run (which ends any
+-- backoff), not before the run's retry_not_before after a failed one.
+create function private.mark_run_twin_due()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  insert into private.learning_due as d (twin_id, not_before)
+  values (new.twin_id, coalesce(new.retry_not_before, '-infinity'))
+  on conflict (twin_id) do update set mark = d.mark + 1, not_before = excluded.not_before;
+  return null;
+end;
+$$;
+
+comment on function private.mark_run_twin_due() is
+  'Trigger (after update of status on persona_feedback_learning_runs, when a run queued or '
+  'running ends): puts the twin in private.learning_due, so that a poll of '
+  'enqueue_due_learning_runs looks at it again: with not_before = the run''s retry_not_before '
+  'when it failed (the scheduler queues no run of the twin before then), -infinity when it '
+  'completed (the next poll; a backoff ends). Security definer: whoever ended the run. Raises '
+  'nothing.';
 
 create trigger persona_feedback_learning_runs_ended_mark_due
   after update of status on public.persona_feedback_learning_runs
   for each row
   when (old.status in ('queued', 'running') and new.status not in ('queued', 'running'))
-  execute function private.mark_twin_due('twin_id');
+  execute function private.mark_run_twin_due();
 
 create trigger persona_feedback_learning_runs_deleted_mark_due
   after delete on public.persona_feedback_learning_runs
@@ -593,7 +707,12 @@ create trigger twins_cursor_moved_back_mark_due
   for each row when (new.learned_through_event_id < old.learned_through_event_id)
   execute function private.mark_twin_due('id');
 
-revoke execute on function private.mark_twin_due() from public;
+revoke execute on function
+  private.mark_twin_due(),
+  private.failed_run_retry_delay(integer),
+  private.set_retry_not_before(),
+  private.mark_run_twin_due()
+from public;
 
 -- Section: the worker's functions. Executable by service_role only.
 
@@ -626,8 +745,9 @@ begin
       from private.event_marks c, private.event_marks s
       where c.name = 'committed' and s.name = 'scanned'
     ),
+    -- The rows that are due; a twin held back after a failed run stays until its not_before.
     seen as (
-      select d.twin_id, d.mark from private.learning_due d
+      select d.twin_id, d.mark from private.learning_due d where d.not_before <= now()
     ),
     -- Only the rows as this poll saw them: a run ending meanwhile changes its twin's mark.
     forgotten as (
@@ -691,6 +811,11 @@ begin
         select 1 from public.persona_feedback_learning_runs r
         where r.twin_id = t.id and r.status in ('queued', 'running')
       )
+      -- Not before the not-before time of a run that failed (its row stays until then, and
+      -- brings the twin back): new events do not bypass the backoff.
+      and not exists (
+        select 1 from private.learning_due d where d.twin_id = t.id and d.not_before > now()
+      )
     on conflict do nothing
     returning *;
   end if;
@@ -724,9 +849,13 @@ comment on function public.enqueue_due_learning_runs(uuid) is
   'auto_publish, max_attempts from its settings): one per twin with an event after its cursor '
   '(learned_through_event_id), or whose evidence_generation differs from its learned_generation '
   '(modules to rebuild), or whose production watch is past watch_expire_days (watch_mode not '
-  'off), and no run queued or running. Without a twin it looks only at candidates (events after '
-  'private.event_marks scanned, private.learning_due, twins to rebuild, watches past the shortest '
-  'expiry), so its cost follows the work due, not the number of twins: with none it makes one '
+  'off), and no run queued or running, and not held back by a failed run: none before the '
+  'twin''s not-before time (the retry_not_before of its last failed run, 10 s doubled per '
+  'failure in a row, at most 1 hour; a completed run ends it; operators'' and owners'' requests '
+  'are not held back). Without a twin it looks only at candidates (events after '
+  'private.event_marks scanned, the rows of private.learning_due that are due, which it removes, '
+  'twins to rebuild, watches past the shortest expiry), so its cost follows the work due, not '
+  'the number of twins: with none it makes one '
   'statement, planned once per session (about 0.05 ms of CPU, bench case 6). It then moves the '
   'scanned mark up to the committed one, and records a new committed mark when the newest event '
   'it saw is past it and no event insert is in flight (share lock, nowait). Raises nothing; an '
@@ -2426,7 +2555,7 @@ language sql
 stable
 set search_path = ''
 as $$
-  select '20261220000200'::text;
+  select '20261221000100'::text;
 $$;
 
 comment on function public.worker_schema_version() is

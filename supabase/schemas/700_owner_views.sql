@@ -717,7 +717,8 @@ select t.id as twin_id, t.name,
        pend.oldest as pending_since,
        nr.status as next_run_status,
        wa.state as watch_state,
-       wa.spec_id as watch_spec_id
+       wa.spec_id as watch_spec_id,
+       lr.retry_not_before as last_run_retry_not_before
 from public.twins t
 left join lateral (
   select count(*)::integer as modules,
@@ -761,7 +762,8 @@ left join lateral (
 comment on view public.persona_twin_overview is
   'A twin at a glance: its modules by status, its published spec and latest draft, its last run '
   'that ended with the gate''s outcome, a run under way, the evidence waiting for the next run, '
-  'and its latest production watch. One row per twin.';
+  'its latest production watch, and until when a failed run holds the scheduler back. One row '
+  'per twin.';
 comment on column public.persona_twin_overview.twin_id is 'The twin.';
 comment on column public.persona_twin_overview.name is 'The twin''s name.';
 comment on column public.persona_twin_overview.modules is 'Modules of the twin.';
@@ -809,6 +811,10 @@ comment on column public.persona_twin_overview.watch_state is
   'rolled_back, superseded); null when no spec was ever watched.';
 comment on column public.persona_twin_overview.watch_spec_id is
   'The spec that watch is about.';
+comment on column public.persona_twin_overview.last_run_retry_not_before is
+  'When the last run that ended failed: the scheduler queues no new run of the twin before this '
+  'time (10 s after the first failure in a row, doubled for each further one, at most 1 hour; '
+  'an owner''s request is not held back). Null when it completed.';
 
 
 create view public.persona_training_events_state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import tomllib
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -14,7 +15,7 @@ from testkit.world import Twin, add_twin, module_row, scalar
 from testkit.world import make_twin as create_twin
 
 __all__ = [
-    "LEGACY_DEFAULTS", "PSQL", "Twin", "add_twin", "counts_from_scratch", "create_twin",
+    "LEGACY_DEFAULTS", "PSQL", "Refusal", "Twin", "add_twin", "counts_from_scratch", "create_twin",
     "module_row", "pfl", "psql_file", "scalar", "schema_paths", "worker_env",
 ]
 
@@ -66,3 +67,27 @@ def schema_paths() -> list[Path]:
     paths = config["db"]["migrations"]["schema_paths"]
     assert paths, "config.toml lists no [db.migrations] schema_paths"
     return [(testkit_env.ROOT / "supabase" / p).resolve() for p in paths]
+
+
+class Refusal:
+    """A throwaway trigger that makes the database refuse to complete the runs of one twin
+    (a run then fails for good); `lift` drops it."""
+
+    def __init__(self, db: psycopg.Connection, twin_id: str) -> None:
+        self.db = db
+        self.fn = f"public.test_refuse_{uuid.uuid4().hex[:8]}"
+        db.execute(
+            f"create function {self.fn}() returns trigger language plpgsql set search_path = ''"
+            " as $$ begin raise exception 'refused for the test'; end $$"
+        )
+        db.execute(
+            f"create trigger refuse before update on public.persona_modules for each row "
+            f"when (new.twin_id = '{twin_id}'::uuid) execute function {self.fn}()"
+        )
+        self.lifted = False
+
+    def lift(self) -> None:
+        if not self.lifted:
+            self.db.execute("drop trigger refuse on public.persona_modules")
+            self.db.execute(f"drop function {self.fn}()")
+            self.lifted = True

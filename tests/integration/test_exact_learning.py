@@ -388,9 +388,10 @@ def test_a_vote_whose_replacement_was_deleted_stays_out_of_a_later_batch(
                " - interval '1 second' where id = %s", (str(run.id),))
     first, middle, last = (vote(voter, twin, "t1", -1, "a") for _ in range(3))
     service.table("persona_training_events").delete().eq("id", middle["id"]).execute()
-    [takeover] = learn(runner, twin)  # rebuilds over its batch: empty, fixed before the votes
+    # The takeover rebuilds over its batch (empty, fixed before the votes); the next run learns
+    # the votes, incrementally.
+    takeover, later = learn(runner, twin)
     assert takeover.id == run.id and takeover.events_scanned == 0
-    [later] = learn(runner, twin)  # the votes, incrementally
     assert later.events_scanned == 2
     # The first vote was replaced (its replacement since deleted): only the last one counts.
     assert sf(db, twin, "m") == (0, 1)

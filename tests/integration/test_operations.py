@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testkit import env as testkit_env
 from testkit.world import make_twin
 from tests.conftest import Stack, User, wait_for
-from tests.integration.helpers import pfl
+from tests.integration.helpers import Refusal, pfl
 
 pytestmark = pytest.mark.integration
 
@@ -84,30 +84,6 @@ def count(db: psycopg.Connection, query: str, *params: object) -> float:
     return row[0]
 
 
-class Refusal:
-    """A throwaway trigger that makes the database refuse to complete the runs of one twin
-    (a run then fails for good); `lift` drops it."""
-
-    def __init__(self, db: psycopg.Connection, twin_id: str) -> None:
-        self.db = db
-        self.fn = f"public.test_refuse_{uuid.uuid4().hex[:8]}"
-        db.execute(
-            f"create function {self.fn}() returns trigger language plpgsql set search_path = ''"
-            " as $$ begin raise exception 'refused for the test'; end $$"
-        )
-        db.execute(
-            f"create trigger refuse before update on public.persona_modules for each row "
-            f"when (new.twin_id = '{twin_id}'::uuid) execute function {self.fn}()"
-        )
-        self.lifted = False
-
-    def lift(self) -> None:
-        if not self.lifted:
-            self.db.execute("drop trigger refuse on public.persona_modules")
-            self.db.execute(f"drop function {self.fn}()")
-            self.lifted = True
-
-
 RUNS_OF = (
     "select twin_id::text, status::text, events_processed, attempts, error"
     " from persona_feedback_learning_runs where worker_id = %s"
@@ -143,6 +119,10 @@ def test_metrics_count_exactly_the_runs_events_and_backlog_of_the_worker(
             db, "select count(*) from persona_feedback_learning_runs where twin_id = %s"
             " and status = 'failed'", failing.id), timeout=60)
         refusal.lift()
+        # Its twin is held back after the failed run (10 s): moving its not-before time back
+        # stands for that time passing.
+        db.execute("update private.learning_due set not_before = now() where twin_id = %s",
+                   (failing.id,))
         # Six events for the other twin, one of them a changed vote.
         for i, voter in enumerate(voters):
             vote(voter, twin.id, f"trace-a{i}", 1)

@@ -305,6 +305,9 @@ def test_a_claim_drops_what_an_unfinished_run_of_the_twin_left(
     first, elsewhere = read(twin.id), read(other.id)
     assert {str(first.id), str(elsewhere.id)} <= scratch()
     store.fail_run(first, "worker gave up", retryable=False)
+    # The failed run holds its twin back (10 s): moving that time back stands for it passing.
+    db.execute("update private.learning_due set not_before = now() where twin_id = %s",
+               (twin.id,))
     second = read(twin.id)
     assert second.id != first.id
     assert str(first.id) not in scratch()

@@ -381,9 +381,15 @@ def test_runs_fail_after_max_attempts_and_release_their_events(
         assert run is not None and run.id == queued.id and run.attempts == attempt
         after = store.fail_run(run, f"boom {attempt}", retryable=True)
     assert (after.status, after.error) == ("failed", "boom 3")
+    assert after.retry_not_before is not None and after.finished_at is not None
+    assert (after.retry_not_before - after.finished_at).total_seconds() == 10
     assert store.claim_run("crashy", 30, uuid.UUID(twin.id)) is None
-    # Nothing was counted; the event waits for the next run, which learns it.
+    # Nothing was counted; the event waits for the next run, which learns it once the failed
+    # run's not-before time has passed (moved back here: time passing).
     assert count(db, PENDING, twin.id) == 1
+    assert make_runner().run_once(uuid.UUID(twin.id)) == []
+    db.execute("update private.learning_due set not_before = now() where twin_id = %s",
+               (twin.id,))
     [run] = make_runner().run_once(uuid.UUID(twin.id))
     assert (run.status, run.events_processed) == ("completed", 1)
 

@@ -7,8 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from worker.models import LearningSettings, ModuleStatus
-from worker.report import chart_confidence
-from worker.views import TrendPoint
+from worker.report import _last_run, chart_confidence
+from worker.views import TrendPoint, TwinOverview
 
 NOW = datetime(2026, 11, 30, 12, tzinfo=UTC)
 
@@ -31,3 +31,21 @@ def test_a_module_changed_by_one_run_still_shows_its_confidence_line() -> None:
     line = re.search(r'<path d="([^"]*)"[^>]*style="[^"]*stroke: #1f4e79', svg)
     assert line is not None
     assert "L " in line.group(1)
+
+
+def test_the_last_run_line_says_until_when_a_failed_run_holds_the_twin_back() -> None:
+    def line(retry: datetime | None, next_run: str | None = None) -> str:
+        overview = TwinOverview(
+            twin_id=uuid.uuid4(), name="t", modules=1, modules_active=0, modules_probation=0,
+            modules_disabled=0, modules_insufficient_data=1, pending_events=1,
+            last_run_status="failed", last_run_finished_at=NOW,
+            last_run_retry_not_before=retry, next_run_status=next_run,
+        )
+        return _last_run(overview)
+
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    assert f"no scheduled run before {later.strftime('%Y-%m-%d %H:%M UTC')}" in line(later)
+    # Its time passed, or a run (an owner's request) is queued: nothing holds the twin back.
+    assert "no scheduled run" not in line(datetime.now(UTC) - timedelta(seconds=1))
+    assert "no scheduled run" not in line(later, "queued")
+    assert "no scheduled run" not in line(None)
