@@ -1,4 +1,4 @@
--- Kept first vote times (issue 12), found by a fresh review of 20261220000200:
+-- Kept first vote times (issue 12), found by fresh reviews of 20261220000200:
 --
 -- - A vote whose trace_id was too long for an index key (about 2,700 bytes) was refused with
 --   54000 (HTTP 413) naming private.feedback_first_votes' key, before the events table's own
@@ -7,16 +7,21 @@
 -- - A vote deadlocked (40P01, HTTP 500: the vote lost) with an operator's transaction that edited
 --   the feedback's current vote and then moved another vote into the feedback: the vote locked
 --   the kept time's row and waited for the current vote; the operator held the current vote and
---   waited for the kept row. The recorder now locks the current vote first, as the edit does.
--- - Votes of one feedback take turns on those two row locks alone: the advisory lock per vote is
---   gone, with its limit (about 6,000 votes in one transaction ran out of the lock table's slots,
---   "out of shared memory").
+--   waited for the kept row. The recorder now locks the current vote first, as the edit does
+--   (votes of one feedback still take turns on their advisory lock before either).
+-- - A vote whose voter or twin was deleted while it waited was refused naming
+--   private.feedback_first_votes' foreign key: its foreign keys are now checked at commit, so the
+--   events table's own refuses the vote first, naming it.
 -- - An edit that moves a vote and names a time of its own was silently given the feedback's kept
 --   time; it is now refused as any other edit of first_vote_at against the kept time (23514), and
 --   a first vote time in the future is refused (a feedback started by a move would keep it).
 -- - Votes moved by hand before 20261220000200 and already sent carried their old time, which a
 --   re-send would take: every vote now carries its feedback's kept time (a vote already sent is
 --   not sent again by this; re-sending it updates the feedback's one score).
+
+alter table private.feedback_first_votes
+  alter constraint feedback_first_votes_twin_id_fkey deferrable initially deferred,
+  alter constraint feedback_first_votes_created_by_fkey deferrable initially deferred;
 
 create or replace function private.record_feedback_vote()
 returns trigger
@@ -38,14 +43,19 @@ begin
   new.langfuse_last_error := null;
   new.langfuse_sent_at := null;
 
-  -- Votes of one feedback take turns on two row locks, taken in one order: its current vote's,
-  -- then its kept time's (below; a feedback new to the table: its insert, which a second vote
-  -- waits on until the first commits). A vote from the voter's second device waits for the first
-  -- one, then supersedes it, instead of colliding with it on the current-vote index. Row locks,
-  -- not advisory ones: a transaction writing many votes takes no slot of the lock table per vote
-  -- (about 6,000 votes in one transaction ran out of them). The order: an operator's transaction
-  -- that edits the current vote and then moves a vote into the feedback takes them so; a vote
-  -- taking them the other way round deadlocked with it.
+  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
+  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
+  -- An advisory lock, taken before any row lock: with row locks alone (the two below) three votes
+  -- at once deadlocked, one holding the kept time's row and wanting the current vote another had
+  -- locked. It takes a slot of the lock table per vote: one transaction can write some 10,000
+  -- votes (30,000 ran out of slots at the default max_locks_per_transaction).
+  perform pg_advisory_xact_lock(
+    hashtext('public.persona_training_events'),
+    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
+  );
+  -- Then the feedback's current vote, then its kept time's row (below), in the order an
+  -- operator's transaction that edits the current vote and then moves a vote into the feedback
+  -- takes them; a vote taking them the other way round deadlocked with it.
   perform 1 from public.persona_training_events p
   where p.twin_id = new.twin_id and p.trace_id = new.trace_id and p.created_by = new.created_by
     and p.source = 'user_feedback' and p.superseded_at is null
@@ -106,10 +116,10 @@ $$;
 comment on function private.record_feedback_vote() is
   'Trigger (before insert of feedback on persona_training_events, after the consent check): '
   'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
-  'langfuse_last_error, langfuse_sent_at); locks the voter''s current vote on the trace, then '
-  'the feedback''s row in private.feedback_first_votes (inserting it for a feedback new to it), '
-  'so that two votes of one feedback take turns (in that order, as an edit by hand takes them; '
-  'row locks: no lock-table slot per vote); marks the current vote as it then is superseded '
+  'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
+  'trace) so that votes of one feedback take turns; locks the voter''s current vote on the trace, '
+  'then the feedback''s row in private.feedback_first_votes (inserting it for a feedback new to '
+  'it), in the order an edit by hand takes them; marks the current vote as it then is superseded '
   '(its outbox state too when not yet delivered), with pfl.recording_vote on so that this vote '
   'change is not taken for an edit by hand, and links the new vote to it (supersedes_id; '
   'first_vote_id = the feedback''s first vote, or the new id; first_vote_at = the feedback''s in '
@@ -132,7 +142,7 @@ declare
   v_set boolean := new.first_vote_at is distinct from old.first_vote_at;
 begin
   -- No stored time is in the future (as created_at): a feedback started by a move would keep it.
-  if v_set and new.first_vote_at > now() then
+  if v_set and new.first_vote_at > statement_timestamp() then
     raise exception using
       errcode = '23514',
       column = 'first_vote_at',

@@ -199,9 +199,13 @@ create index persona_training_events_langfuse_due_idx
 -- a vote cast after a moderator deleted the feedback's current (or only) vote must go out with
 -- the time its first vote went out with, or it is a second row there, counted twice.
 create table private.feedback_first_votes (
-  twin_id uuid not null references public.twins (id) on delete cascade,
+  -- Checked at commit: a vote whose twin or voter is deleted while it waits is refused by the
+  -- events table's own foreign key, naming it, before this table's would be checked.
+  twin_id uuid not null references public.twins (id) on delete cascade
+    deferrable initially deferred,
   trace_id text not null,
-  created_by uuid not null references auth.users (id) on delete cascade,
+  created_by uuid not null references auth.users (id) on delete cascade
+    deferrable initially deferred,
   first_vote_at timestamptz not null,
   primary key (twin_id, trace_id, created_by)
 );
@@ -267,14 +271,19 @@ begin
   new.langfuse_last_error := null;
   new.langfuse_sent_at := null;
 
-  -- Votes of one feedback take turns on two row locks, taken in one order: its current vote's,
-  -- then its kept time's (below; a feedback new to the table: its insert, which a second vote
-  -- waits on until the first commits). A vote from the voter's second device waits for the first
-  -- one, then supersedes it, instead of colliding with it on the current-vote index. Row locks,
-  -- not advisory ones: a transaction writing many votes takes no slot of the lock table per vote
-  -- (about 6,000 votes in one transaction ran out of them). The order: an operator's transaction
-  -- that edits the current vote and then moves a vote into the feedback takes them so; a vote
-  -- taking them the other way round deadlocked with it.
+  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
+  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
+  -- An advisory lock, taken before any row lock: with row locks alone (the two below) three votes
+  -- at once deadlocked, one holding the kept time's row and wanting the current vote another had
+  -- locked. It takes a slot of the lock table per vote: one transaction can write some 10,000
+  -- votes (30,000 ran out of slots at the default max_locks_per_transaction).
+  perform pg_advisory_xact_lock(
+    hashtext('public.persona_training_events'),
+    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
+  );
+  -- Then the feedback's current vote, then its kept time's row (below), in the order an
+  -- operator's transaction that edits the current vote and then moves a vote into the feedback
+  -- takes them; a vote taking them the other way round deadlocked with it.
   perform 1 from public.persona_training_events p
   where p.twin_id = new.twin_id and p.trace_id = new.trace_id and p.created_by = new.created_by
     and p.source = 'user_feedback' and p.superseded_at is null
@@ -335,10 +344,10 @@ $$;
 comment on function private.record_feedback_vote() is
   'Trigger (before insert of feedback on persona_training_events, after the consent check): '
   'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
-  'langfuse_last_error, langfuse_sent_at); locks the voter''s current vote on the trace, then '
-  'the feedback''s row in private.feedback_first_votes (inserting it for a feedback new to it), '
-  'so that two votes of one feedback take turns (in that order, as an edit by hand takes them; '
-  'row locks: no lock-table slot per vote); marks the current vote as it then is superseded '
+  'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
+  'trace) so that votes of one feedback take turns; locks the voter''s current vote on the trace, '
+  'then the feedback''s row in private.feedback_first_votes (inserting it for a feedback new to '
+  'it), in the order an edit by hand takes them; marks the current vote as it then is superseded '
   '(its outbox state too when not yet delivered), with pfl.recording_vote on so that this vote '
   'change is not taken for an edit by hand, and links the new vote to it (supersedes_id; '
   'first_vote_id = the feedback''s first vote, or the new id; first_vote_at = the feedback''s in '
@@ -376,7 +385,7 @@ declare
   v_set boolean := new.first_vote_at is distinct from old.first_vote_at;
 begin
   -- No stored time is in the future (as created_at): a feedback started by a move would keep it.
-  if v_set and new.first_vote_at > now() then
+  if v_set and new.first_vote_at > statement_timestamp() then
     raise exception using
       errcode = '23514',
       column = 'first_vote_at',

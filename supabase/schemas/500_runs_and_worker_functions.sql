@@ -1355,6 +1355,9 @@ declare
   v_generation bigint;
   v_rebuild boolean;
   v_modules jsonb;
+  v_head_events integer;
+  v_head_last_id bigint;
+  v_sparse_batch boolean;
 begin
   v_run := private.lock_leased_run(p_run_id, p_lease_token);
   select * into v_settings from public.persona_learning_settings s
@@ -1385,11 +1388,28 @@ begin
   -- twin) is read with each statement's generic plan, made once per connection: planning the
   -- batch's statement anew cost 1.7 ms of the 2.3 ms a 5-event run took (case 6). A larger
   -- batch keeps its custom plan (above). The count stops at 10,001 index entries.
-  if (select count(*) from (
-        select 1 from public.persona_training_events e
-        where e.twin_id = v_run.twin_id and e.id > v_run.batch_after_event_id
-          and e.id <= v_run.batch_last_event_id
-        limit 10001) b) <= 10000 then
+  select count(*), max(b.id) into v_head_events, v_head_last_id
+  from (
+    select e.id from public.persona_training_events e
+    where e.twin_id = v_run.twin_id and e.id > v_run.batch_after_event_id
+      and e.id <= v_run.batch_last_event_id
+    limit 10001) b;
+  -- A large batch whose twin holds under half the ids of its range (its first 10,001 events
+  -- span more than twice as many ids: other twins write between them) is a sparse one. The
+  -- planner cannot see that: for a twin holding most of the table it expects most of the
+  -- range's events to be the twin's, and reads the primary key's range, filtering out the other
+  -- twins' events in it (250,000 rows read for a 50,000-event batch among 200,000 others: 1.3
+  -- times the same run of a twin with no history, bench case 2). A sparse batch's reads are
+  -- also bounded by row comparisons on (twin_id, id), which only that index takes and which the
+  -- planner estimates by the twin column alone: at most the share of the twins after this one,
+  -- so the narrow read of that index wins. Not for a dense batch: for a twin alone in the table
+  -- that estimate is one row, and a 100,000-event batch was read through that index at 40-60
+  -- ms instead of a 20 ms bitmap of the primary key (case 1). A custom plan folds the condition
+  -- away when it does not hold; in a generic plan (a small batch, never sparse by this rule) it
+  -- is a filter.
+  v_sparse_batch := v_head_events > 10000
+    and v_head_last_id - v_run.batch_after_event_id > 2 * v_head_events;
+  if v_head_events <= 10000 then
     -- Local to this call: the function's own setting is restored when it returns.
     perform set_config('plan_cache_mode', 'force_generic_plan', true);
   end if;
@@ -1436,6 +1456,9 @@ begin
     from public.persona_training_events e
     where e.twin_id = v_run.twin_id
       and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
+      and (not v_sparse_batch
+           or (e.twin_id, e.id) > (v_run.twin_id, v_run.batch_after_event_id)
+              and (e.twin_id, e.id) <= (v_run.twin_id, v_run.batch_last_event_id))
     union all
     -- What an earlier run learned and a vote of the batch replaced: retracted, once however
     -- many votes name it, only when it is marked superseded (a vote a hand edit names while it
@@ -1453,6 +1476,9 @@ begin
       from public.persona_training_events e
       where e.twin_id = v_run.twin_id
         and e.id > v_run.batch_after_event_id and e.id <= v_run.batch_last_event_id
+        and (not v_sparse_batch
+             or (e.twin_id, e.id) > (v_run.twin_id, v_run.batch_after_event_id)
+                and (e.twin_id, e.id) <= (v_run.twin_id, v_run.batch_last_event_id))
         and e.supersedes_id is not null
     ) c
     cross join lateral (

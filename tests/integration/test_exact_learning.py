@@ -930,11 +930,16 @@ def test_a_vote_named_by_votes_in_several_batches_is_retracted_once(
     assert sf(db, twin, "m") == (2, 3)
 
 
-def test_a_batch_of_more_than_10000_events_is_learned_exactly(db, make_user, make_runner):
+@pytest.mark.parametrize("others_between", [0, 250], ids=["dense", "sparse"])
+def test_a_batch_of_more_than_10000_events_is_learned_exactly(
+    db, make_user, make_runner, others_between
+):
     # A batch past 10,000 events is read with a custom plan (claim_learning_run_events), a
-    # smaller one with each statement's generic plan; the suite's other batches are small. Both
-    # must read exactly the batch: other twins' events interleaved in its id range stay out, and
-    # its changes of votes learned before retract them.
+    # smaller one with each statement's generic plan; the suite's other batches are small. A
+    # large batch is dense when its twin holds most ids of its range (no other twin's events
+    # between, here), sparse otherwise (250 of another twin's events after every 100: its reads
+    # are also bounded by row comparisons). Each must read exactly the batch: other twins' events
+    # interleaved in its id range stay out, and its changes of votes learned before retract them.
     owner, other_owner = make_user("owner"), make_user("other")
     twin = create_twin(db, owner.id, {"m": "a", "n": "b"})
     other = create_twin(db, other_owner.id, {"m": "a"})
@@ -949,15 +954,15 @@ def test_a_batch_of_more_than_10000_events_is_learned_exactly(db, make_user, mak
 
     votes(twin, owner.id, "t", 300, 2)
     learn(runner, twin)
-    # 10,300 events: 300 changes of the learned votes, 10,000 new ones, each followed by an
-    # event of the other twin (ids interleaved).
+    # 10,300 events: 300 changes of the learned votes, 10,000 new ones.
     for i in range(103):
         votes(twin, owner.id, "t" if i < 3 else f"u{i}-", 100, 3)
-        votes(other, other_owner.id, f"o{i}-", 100, 5)
+        if others_between:
+            votes(other, other_owner.id, f"o{i}-", others_between, 5)
     [run] = learn(runner, twin)
     assert (run.events_scanned, run.events_processed) == (10_300, 10_300)
     exact(db, twin)
     assert count(db, "select count(*) from persona_training_events e where e.twin_id = %s"
-                 " and e.processed_run_id is null", other.id) == 10_300
+                 " and e.processed_run_id is null", other.id) == 103 * others_between
     # Not left pending in the suite's one database: a later outbox drain would send them all.
     db.execute("delete from public.twins where id = any(%s::uuid[])", ([twin.id, other.id],))

@@ -1275,6 +1275,68 @@ def test_a_vote_waits_for_an_operator_who_edits_its_current_vote_then_moves_one_
     assert current_votes == [(new["id"], None)]
 
 
+def test_three_votes_on_one_feedback_take_turns_across_a_move_and_a_restored_vote(
+    stack: Stack,
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+) -> None:
+    """Votes of one feedback take turns on one lock before any row lock. An operator moves a vote
+    into a feedback with no current vote (a transaction still open: it holds the kept time); a
+    vote waits for it; a moderator restores an earlier vote as current; a third vote comes. With
+    row locks alone the second vote, holding the kept time, wanted the restored vote the third
+    had locked, and the third wanted the kept time: a deadlock, one vote lost (500). Both land,
+    one after the other, each the feedback's current vote in turn."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    earlier = vote(voter, twin, "f", 1)
+    cast_at = cast_days_ago(db, earlier["id"], 2)
+    deleted = vote(voter, twin, "f", -1, reason="incorrect")
+    moved = vote(voter, twin, "g", 1)
+    vote(voter, twin, "g", 0, reason="other")  # `moved` superseded
+    db.execute("delete from public.persona_training_events where id = %s", (deleted["id"],))
+    got: dict[str, Any] = {}
+
+    def cast(name: str, score: int) -> None:
+        try:
+            got[name] = vote(voter, twin, "f", score, reason="other")
+        except Exception as exc:  # the assertion below shows it
+            got[f"{name} error"] = exc
+
+    waiting = ("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+               " and pid <> %s")
+    with psycopg.connect(stack.database_url) as operator:
+        operator.execute(
+            "update public.persona_training_events set trace_id = 'f' where id = %s",
+            (moved["id"],),
+        )
+        pid = operator.info.backend_pid
+        second = threading.Thread(target=cast, args=("second", 1))
+        second.start()
+        wait_for(lambda: db.execute(waiting, (pid,)).fetchone() == (1,))
+        db.execute(
+            "update public.persona_training_events set superseded_at = null where id = %s",
+            (earlier["id"],),
+        )
+        third = threading.Thread(target=cast, args=("third", -1))
+        third.start()
+        wait_for(lambda: db.execute(waiting, (pid,)).fetchone() == (2,))
+        operator.commit()
+    second.join(20)
+    third.join(20)
+    assert not [k for k in got if k.endswith("error")], got
+    chain = db.execute(
+        "select id, supersedes_id, superseded_at is null, first_vote_at"
+        " from public.persona_training_events where twin_id = %s and trace_id = 'f'"
+        " and id <> %s order by id", (twin, moved["id"]),
+    ).fetchall()
+    assert chain == [
+        (earlier["id"], None, False, cast_at),
+        (got["second"]["id"], earlier["id"], False, cast_at),
+        (got["third"]["id"], got["second"]["id"], True, cast_at),
+    ]
+
+
 def test_changed_vote_after_delivery_is_sent_by_the_next_drain(
     service: Client,
     make_user: Callable[[str], User],
