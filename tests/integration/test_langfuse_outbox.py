@@ -1055,6 +1055,40 @@ def test_a_vote_moved_into_a_feedback_takes_that_feedbacks_time(
     assert sid(other_twin, "stray", voter) not in standin.scores, "it went out moved, once"
 
 
+def vote_in_background(
+    voter: User, twin_id: str, trace_id: str, score: int
+) -> Callable[[], dict[str, Any]]:
+    """Sends a vote (reason `other`) through the API from a thread of its own, as a second device
+    would while a transaction holds what it needs. The function returned waits for it (20 s at
+    most) and gives its row, or fails the test with the error the vote met."""
+    got: dict[str, Any] = {}
+
+    def cast() -> None:
+        try:
+            got["vote"] = vote(voter, twin_id, trace_id, score, reason="other")
+        except Exception as exc:  # the result shows it
+            got["error"] = exc
+
+    thread = threading.Thread(target=cast)
+    thread.start()
+
+    def result() -> dict[str, Any]:
+        thread.join(20)
+        assert "error" not in got, got.get("error")
+        return got["vote"]  # type: ignore[no-any-return]
+
+    return result
+
+
+def wait_for_lock_waits(db: psycopg.Connection, holder_pid: int, waiting: int = 1) -> None:
+    """Waits until `waiting` sessions other than `holder_pid` wait on a lock in a statement on the
+    events table (a vote queued behind a transaction still open)."""
+    wait_for(lambda: db.execute(
+        "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+        " and query like '%%persona_training_events%%' and pid <> %s", (holder_pid,),
+    ).fetchone() == (waiting,))
+
+
 @pytest.mark.parametrize("moved_is_current", [True, False], ids=["current", "superseded"])
 def test_a_vote_cast_while_a_vote_is_moved_into_its_feedback_takes_turns_with_the_move(
     stack: Stack,
@@ -1074,32 +1108,15 @@ def test_a_vote_cast_while_a_vote_is_moved_into_its_feedback_takes_turns_with_th
     cast_at = cast_days_ago(db, moved["id"], 3)
     if not moved_is_current:
         vote(voter, twin, "moved-from", -1, reason="incorrect")
-    got: dict[str, Any] = {}
-
-    def cast() -> None:
-        try:
-            got["vote"] = vote(voter, twin, "moved-to", 0, reason="other")
-        except Exception as exc:  # the assertion below shows it
-            got["error"] = exc
-
     with psycopg.connect(stack.database_url) as operator:
         operator.execute(
             "update public.persona_training_events set trace_id = 'moved-to' where id = %s",
             (moved["id"],),
         )
-        voting = threading.Thread(target=cast)
-        voting.start()
-        wait_for(
-            lambda: db.execute(
-                "select 1 from pg_stat_activity where wait_event_type = 'Lock'"
-                " and query like '%%persona_training_events%%' and pid <> %s",
-                (operator.info.backend_pid,),
-            ).fetchone()
-        )
+        voted = vote_in_background(voter, twin, "moved-to", 0)
+        wait_for_lock_waits(db, operator.info.backend_pid)
         operator.commit()
-    voting.join(20)
-    assert "error" not in got, got.get("error")
-    new = got["vote"]
+    new = voted()
     assert first_vote_times(db, [moved["id"], new["id"]]) == {
         moved["id"]: cast_at,
         new["id"]: cast_at,
@@ -1236,36 +1253,19 @@ def test_a_vote_waits_for_an_operator_who_edits_its_current_vote_then_moves_one_
     cast_at = cast_days_ago(db, current["id"], 3)
     earlier = vote(voter, twin, "elsewhere", 1)
     vote(voter, twin, "elsewhere", -1, reason="incorrect")
-    got: dict[str, Any] = {}
-
-    def cast() -> None:
-        try:
-            got["vote"] = vote(voter, twin, "busy", 0, reason="other")
-        except Exception as exc:  # the assertion below shows it
-            got["error"] = exc
-
     with psycopg.connect(stack.database_url) as operator:
         operator.execute(
             "update public.persona_training_events set trace_id = 'moved-away' where id = %s",
             (current["id"],),
         )
-        voting = threading.Thread(target=cast)
-        voting.start()
-        wait_for(
-            lambda: db.execute(
-                "select 1 from pg_stat_activity where wait_event_type = 'Lock'"
-                " and query like '%%persona_training_events%%' and pid <> %s",
-                (operator.info.backend_pid,),
-            ).fetchone()
-        )
+        voted = vote_in_background(voter, twin, "busy", 0)
+        wait_for_lock_waits(db, operator.info.backend_pid)
         operator.execute(
             "update public.persona_training_events set trace_id = 'busy' where id = %s",
             (earlier["id"],),
         )
         operator.commit()
-    voting.join(20)
-    assert "error" not in got, got.get("error")
-    new = got["vote"]
+    new = voted()
     assert first_vote_times(db, [new["id"]]) == {new["id"]: cast_at}
     assert kept_time(db, twin, "busy", voter) == cast_at
     current_votes = db.execute(
@@ -1295,36 +1295,21 @@ def test_three_votes_on_one_feedback_take_turns_across_a_move_and_a_restored_vot
     moved = vote(voter, twin, "g", 1)
     vote(voter, twin, "g", 0, reason="other")  # `moved` superseded
     db.execute("delete from public.persona_training_events where id = %s", (deleted["id"],))
-    got: dict[str, Any] = {}
-
-    def cast(name: str, score: int) -> None:
-        try:
-            got[name] = vote(voter, twin, "f", score, reason="other")
-        except Exception as exc:  # the assertion below shows it
-            got[f"{name} error"] = exc
-
-    waiting = ("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
-               " and pid <> %s")
     with psycopg.connect(stack.database_url) as operator:
         operator.execute(
             "update public.persona_training_events set trace_id = 'f' where id = %s",
             (moved["id"],),
         )
-        pid = operator.info.backend_pid
-        second = threading.Thread(target=cast, args=("second", 1))
-        second.start()
-        wait_for(lambda: db.execute(waiting, (pid,)).fetchone() == (1,))
+        second_voted = vote_in_background(voter, twin, "f", 1)
+        wait_for_lock_waits(db, operator.info.backend_pid)
         db.execute(
             "update public.persona_training_events set superseded_at = null where id = %s",
             (earlier["id"],),
         )
-        third = threading.Thread(target=cast, args=("third", -1))
-        third.start()
-        wait_for(lambda: db.execute(waiting, (pid,)).fetchone() == (2,))
+        third_voted = vote_in_background(voter, twin, "f", -1)
+        wait_for_lock_waits(db, operator.info.backend_pid, waiting=2)
         operator.commit()
-    second.join(20)
-    third.join(20)
-    assert not [k for k in got if k.endswith("error")], got
+    second, third = second_voted(), third_voted()
     chain = db.execute(
         "select id, supersedes_id, superseded_at is null, first_vote_at"
         " from public.persona_training_events where twin_id = %s and trace_id = 'f'"
@@ -1332,8 +1317,8 @@ def test_three_votes_on_one_feedback_take_turns_across_a_move_and_a_restored_vot
     ).fetchall()
     assert chain == [
         (earlier["id"], None, False, cast_at),
-        (got["second"]["id"], earlier["id"], False, cast_at),
-        (got["third"]["id"], got["second"]["id"], True, cast_at),
+        (second["id"], earlier["id"], False, cast_at),
+        (third["id"], second["id"], True, cast_at),
     ]
 
 
