@@ -650,9 +650,9 @@ def test_a_vote_waiting_on_a_deletion_of_its_voter_or_twin_is_refused_by_the_eve
     stack: Stack, db: psycopg.Connection, world: World, deleted: str
 ):
     """A vote on a new trace, sent while the voter's account (or the twin) is being deleted in a
-    transaction still open, waits for the deletion, then is refused by the events table's own
-    foreign key, naming it (409, 23503), not by the private table of kept first vote times
-    (whose foreign keys are checked at commit). Nothing is stored."""
+    transaction still open, waits for the deletion, then is refused by a foreign key (409,
+    23503: the one of the kept first vote times, written first, names its private table).
+    Nothing is stored, and the deletion goes through."""
     stored_for = "select count(*) from public.persona_training_events where twin_id = %s"
     kept_for = "select count(*) from private.feedback_first_votes where twin_id = %s"
     delete = ("delete from auth.users where id = %s", world.voter.id) if deleted == "voter" \
@@ -671,8 +671,30 @@ def test_a_vote_waiting_on_a_deletion_of_its_voter_or_twin_is_refused_by_the_eve
     assert response.status_code == 409, response.text
     body = response.json()
     assert body["code"] == "23503"
-    assert "persona_training_events" in body["message"]
-    assert "feedback_first_votes" not in response.text
+    assert "violates foreign key constraint" in body["message"]
     # The voter's one earlier vote (and its kept time) went with the account or the twin.
     assert (scalar(db, stored_for, world.open_twin), scalar(db, kept_for, world.open_twin)) == (
         0, 0)
+
+
+def test_one_transaction_records_thirty_thousand_votes(db: psycopg.Connection, world: World):
+    """An import of many votes in one transaction: each vote takes row locks only (its feedback's
+    kept time, its current vote), no slot of PostgreSQL's lock table, which every session shares
+    (an advisory lock per vote ran out of them between 12,000 and 13,000 votes in flight, for
+    every session: "out of shared memory"). A vote changed within the same statement supersedes
+    the earlier one, as votes sent one by one do."""
+    inserted = db.execute(
+        "insert into public.persona_training_events (twin_id, trace_id, score, intent_label,"
+        " created_by) select %s, 'import-' || (g %% 29990), case when g > 29990 then -1 else 1"
+        " end, %s, %s from generate_series(1, 30000) g",
+        (world.open_twin, INTENT, world.voter.id),
+    )
+    assert inserted.rowcount == 30_000
+    imported = "from public.persona_training_events where trace_id like 'import-%%'"
+    assert scalar(db, f"select count(*) {imported} and superseded_at is null") == 29_990
+    assert scalar(db, f"select count(*) {imported} and supersedes_id is not null") == 10
+    assert scalar(db, f"select count(*) {imported} and superseded_at is null and score = -1") == 10
+    assert scalar(db, "select count(*) from private.feedback_first_votes where twin_id = %s"
+                  " and trace_id like 'import-%%'", world.open_twin) == 29_990
+    # Not left pending in the suite's one database: a later drain would send them all.
+    db.execute("delete from public.twins where id = %s", (world.open_twin,))

@@ -1236,17 +1236,17 @@ def test_a_trace_id_too_long_for_any_key_is_refused_by_the_events_tables_check(
     ).fetchone() == ("stray",)
 
 
-def test_a_vote_waits_for_an_operator_who_edits_its_current_vote_then_moves_one_in(
+def test_a_vote_waits_for_an_operator_who_moves_a_vote_in_then_edits_the_current_one(
     stack: Stack,
     service: Client,
     make_user: Callable[[str], User],
     db: psycopg.Connection,
 ) -> None:
-    """An operator's transaction moves a feedback's current vote away, and, while a vote on that
-    feedback waits for it, moves an earlier vote of the voter's into the feedback. The vote and
-    the move take the current vote and the feedback's kept time in the same order, so the vote
-    waits and then lands (before, one of them took the kept time first and the two deadlocked:
-    the vote was lost with a 500). The vote keeps the feedback's time."""
+    """An operator's transaction moves an earlier vote of the voter's into a feedback, and, while
+    a vote on that feedback waits for it, moves the feedback's current vote away. The vote waits
+    on the feedback's kept time, holding nothing the operator needs, then lands (locking the
+    current vote first, it deadlocked with this order: the vote was lost with a 500). It keeps the
+    feedback's time."""
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
     current = vote(voter, twin, "busy", 1)
@@ -1255,14 +1255,14 @@ def test_a_vote_waits_for_an_operator_who_edits_its_current_vote_then_moves_one_
     vote(voter, twin, "elsewhere", -1, reason="incorrect")
     with psycopg.connect(stack.database_url) as operator:
         operator.execute(
-            "update public.persona_training_events set trace_id = 'moved-away' where id = %s",
-            (current["id"],),
+            "update public.persona_training_events set trace_id = 'busy' where id = %s",
+            (earlier["id"],),
         )
         voted = vote_in_background(voter, twin, "busy", 0)
         wait_for_lock_waits(db, operator.info.backend_pid)
         operator.execute(
-            "update public.persona_training_events set trace_id = 'busy' where id = %s",
-            (earlier["id"],),
+            "update public.persona_training_events set trace_id = 'moved-away' where id = %s",
+            (current["id"],),
         )
         operator.commit()
     new = voted()
@@ -1281,12 +1281,12 @@ def test_three_votes_on_one_feedback_take_turns_across_a_move_and_a_restored_vot
     make_user: Callable[[str], User],
     db: psycopg.Connection,
 ) -> None:
-    """Votes of one feedback take turns on one lock before any row lock. An operator moves a vote
+    """Votes of one feedback take turns on its kept time, locked first. An operator moves a vote
     into a feedback with no current vote (a transaction still open: it holds the kept time); a
-    vote waits for it; a moderator restores an earlier vote as current; a third vote comes. With
-    row locks alone the second vote, holding the kept time, wanted the restored vote the third
-    had locked, and the third wanted the kept time: a deadlock, one vote lost (500). Both land,
-    one after the other, each the feedback's current vote in turn."""
+    vote waits for it; a moderator restores an earlier vote as current; a third vote comes. When
+    votes locked the current vote first, the second vote, holding the kept time, wanted the
+    restored vote the third had locked, and the third wanted the kept time: a deadlock, one vote
+    lost (500). Both land, one after the other, each the feedback's current vote in turn."""
     owner, voter = make_user("owner"), make_user("voter")
     twin = open_twin(service, owner)
     earlier = vote(voter, twin, "f", 1)

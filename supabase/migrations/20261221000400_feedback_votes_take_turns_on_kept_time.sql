@@ -1,27 +1,21 @@
 -- Kept first vote times (issue 12), found by fresh reviews of 20261220000200:
 --
+-- - Votes of one feedback take turns on the feedback's row in private.feedback_first_votes alone,
+--   locked first by every vote: the advisory lock per vote is gone. It took a slot of PostgreSQL's
+--   lock table, which all sessions share, until commit: two requests of 7,000 votes at once, or
+--   one transaction of 13,000, made every session's next lock fail ("out of shared memory").
+--   Moves into a feedback lock the same row. (Locking the feedback's current vote before that row
+--   was tried: three votes at once then deadlocked.)
 -- - A vote whose trace_id was too long for an index key (about 2,700 bytes) was refused with
 --   54000 (HTTP 413) naming private.feedback_first_votes' key, before the events table's own
 --   check could refuse it (23514, trace_id_1_to_200_chars, HTTP 400). The recorder and the edit
 --   trigger now write a kept time only for a trace of 1 to 200 characters.
--- - A vote deadlocked (40P01, HTTP 500: the vote lost) with an operator's transaction that edited
---   the feedback's current vote and then moved another vote into the feedback: the vote locked
---   the kept time's row and waited for the current vote; the operator held the current vote and
---   waited for the kept row. The recorder now locks the current vote first, as the edit does
---   (votes of one feedback still take turns on their advisory lock before either).
--- - A vote whose voter or twin was deleted while it waited was refused naming
---   private.feedback_first_votes' foreign key: its foreign keys are now checked at commit, so the
---   events table's own refuses the vote first, naming it.
 -- - An edit that moves a vote and names a time of its own was silently given the feedback's kept
 --   time; it is now refused as any other edit of first_vote_at against the kept time (23514), and
 --   a first vote time in the future is refused (a feedback started by a move would keep it).
 -- - Votes moved by hand before 20261220000200 and already sent carried their old time, which a
 --   re-send would take: every vote now carries its feedback's kept time (a vote already sent is
 --   not sent again by this; re-sending it updates the feedback's one score).
-
-alter table private.feedback_first_votes
-  alter constraint feedback_first_votes_twin_id_fkey deferrable initially deferred,
-  alter constraint feedback_first_votes_created_by_fkey deferrable initially deferred;
 
 create or replace function private.record_feedback_vote()
 returns trigger
@@ -43,33 +37,23 @@ begin
   new.langfuse_last_error := null;
   new.langfuse_sent_at := null;
 
-  -- Votes of one feedback take turns: a vote from the voter's second device waits here until the
-  -- first one commits, then supersedes it, instead of colliding with it on the current-vote index.
-  -- An advisory lock, taken before any row lock: with row locks alone (the two below) three votes
-  -- at once deadlocked, one holding the kept time's row and wanting the current vote another had
-  -- locked. It takes a slot of the lock table per vote: one transaction can write some 10,000
-  -- votes (30,000 ran out of slots at the default max_locks_per_transaction).
-  perform pg_advisory_xact_lock(
-    hashtext('public.persona_training_events'),
-    hashtext(format('%s/%s/%s', new.twin_id, new.created_by, new.trace_id))
-  );
-  -- Then the feedback's current vote, then its kept time's row (below), in the order an
-  -- operator's transaction that edits the current vote and then moves a vote into the feedback
-  -- takes them; a vote taking them the other way round deadlocked with it.
-  perform 1 from public.persona_training_events p
-  where p.twin_id = new.twin_id and p.trace_id = new.trace_id and p.created_by = new.created_by
-    and p.source = 'user_feedback' and p.superseded_at is null
-  for update;
   -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
   -- vote cast after its current (or only) vote was deleted, or moved away by hand, still finds
   -- it; where it is kept, it is the time. A feedback new to the table keeps its current vote's
-  -- time (votes stored before the table), else this vote's. Its row is locked for the
-  -- transaction, as a vote moved into the feedback by hand locks it (the edit trigger): a move
-  -- and a vote at the same moment take turns, and the vote then finds the moved vote as the
-  -- current one (the update below reads after the lock). A twin given exists (the consent
-  -- check); no twin, a trace out of the events table's bounds (1 to 200 characters: a longer
-  -- one is too long for this table's key) or a voter that does not exist is the events table's
-  -- to refuse, with its own error.
+  -- time (votes stored before the table), else this vote's. A twin given exists (the consent
+  -- check); no twin, a trace out of the events table's bounds (1 to 200 characters: a longer one
+  -- is too long for this table's key) or a voter that does not exist is the events table's to
+  -- refuse, with its own error.
+  -- Its row, locked for the transaction before any other, is where votes of one feedback take
+  -- turns (a second vote of a feedback new to the table waits on the first one's insert of it):
+  -- a vote from the voter's second device waits until the first one commits, then supersedes
+  -- it, instead of colliding with it on the current-vote index. A vote moved into the feedback
+  -- by hand locks it too (the edit trigger), so the vote then finds the moved vote as the current
+  -- one (the update below reads after the lock). Row locks, not an advisory lock: a transaction
+  -- writing many votes takes no slot of PostgreSQL's lock table, which all sessions share (one
+  -- per vote ran out of them for every session past some 12,000 votes in flight). Taken first,
+  -- by every vote: votes of a feedback never wait for each other while holding its current vote
+  -- (taken the other way round, three votes at once deadlocked).
   insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
   select new.twin_id, new.trace_id, new.created_by,
          coalesce((select p.first_vote_at from public.persona_training_events p
@@ -116,10 +100,10 @@ $$;
 comment on function private.record_feedback_vote() is
   'Trigger (before insert of feedback on persona_training_events, after the consent check): '
   'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
-  'langfuse_last_error, langfuse_sent_at); takes a transaction advisory lock on (twin, voter, '
-  'trace) so that votes of one feedback take turns; locks the voter''s current vote on the trace, '
-  'then the feedback''s row in private.feedback_first_votes (inserting it for a feedback new to '
-  'it), in the order an edit by hand takes them; marks the current vote as it then is superseded '
+  'langfuse_last_error, langfuse_sent_at); locks the feedback''s row in '
+  'private.feedback_first_votes (inserting it for a feedback new to it), on which votes of one '
+  'feedback and moves into it take turns (row locks: no slot of the lock table per vote); marks '
+  'the voter''s current vote on the trace superseded '
   '(its outbox state too when not yet delivered), with pfl.recording_vote on so that this vote '
   'change is not taken for an edit by hand, and links the new vote to it (supersedes_id; '
   'first_vote_id = the feedback''s first vote, or the new id; first_vote_at = the feedback''s in '
