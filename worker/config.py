@@ -119,9 +119,9 @@ class WorkerSettings(BaseSettings):
     pfl_metrics_host: str = Field(
         "127.0.0.1",
         min_length=1,
-        description="`serve`: the address the metrics port listens on, IPv4 or IPv6 (or a "
-        "name: its first address); 0.0.0.0 for every IPv4 interface, :: for every interface "
-        "(e.g. a scraper in another container).",
+        description="`serve`: the address the metrics port listens on, IPv4 or IPv6 (`[::1]` "
+        "is taken as ::1), or a name (its first address); 0.0.0.0 for every IPv4 interface, :: "
+        "for every interface (e.g. a scraper in another container).",
     )
     pfl_health_max_age_seconds: float = Field(
         90.0,
@@ -151,6 +151,14 @@ class WorkerSettings(BaseSettings):
         means unset, as for a variable not given: metrics off, not a refusal to start."""
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("pfl_metrics_host")
+    @classmethod
+    def _host_without_brackets(cls, value: str) -> str:
+        """An IPv6 address as a URL writes it (`[::1]`) is taken without its brackets."""
+        if value.startswith("[") and value.endswith("]"):
+            return value[1:-1]
         return value
 
     @field_validator("supabase_service_role_key")

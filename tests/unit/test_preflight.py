@@ -163,3 +163,19 @@ def test_a_metrics_port_that_is_no_number_is_still_refused(
     assert capsys.readouterr().err.splitlines() == [
         "pfl: invalid settings: PFL_METRICS_PORT: Input should be a valid integer, unable to "
         "parse string as an integer"]
+
+
+@pytest.mark.parametrize(("value", "host"), [("[::1]", "::1"), ("::", "::"),
+                                            ("127.0.0.1", "127.0.0.1")])
+def test_a_bracketed_ipv6_metrics_host_is_taken_without_brackets(
+    value: str, host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.config import WorkerSettings
+
+    monkeypatch.setenv("PFL_METRICS_HOST", value)
+    settings = WorkerSettings(
+        supabase_url="https://abc.supabase.co",
+        supabase_service_role_key=SecretStr("sb_secret_x"),
+        _env_file=None,
+    )
+    assert settings.pfl_metrics_host == host
