@@ -247,6 +247,60 @@ comment on function private.check_feedback_consent() is
   'not exist or does not accept feedback from this user" otherwise. Security definer: it reads '
   'twins the voter''s policies hide. Runs before the insert policy, so the error names twin_id.';
 
+-- The row of a feedback's kept first vote time, locked for the transaction: votes of one
+-- feedback, and moves of votes into it, take turns on it. Called by the vote recorder and the
+-- edit trigger below, as postgres (their owner).
+create function private.lock_feedback_first_vote(
+  p_twin_id uuid, p_trace_id text, p_created_by uuid, p_first_vote_at timestamptz
+)
+returns timestamptz
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_kept timestamptz;
+begin
+  -- A feedback voted on before: one read, no insert (every change of a vote comes this way).
+  select f.first_vote_at into v_kept
+  from private.feedback_first_votes f
+  where f.twin_id = p_twin_id and f.trace_id = p_trace_id and f.created_by = p_created_by
+  for update;
+  if found then
+    return v_kept;
+  end if;
+  -- A feedback new to the table keeps its current vote's time (votes stored before the table),
+  -- else the one given. Written only for a twin and a voter that exist, a trace within the
+  -- events table's bounds (1 to 200 characters: a longer one is too long for this table's key)
+  -- and a time given: otherwise the events table's own constraint refuses the vote, with its own
+  -- error. A second vote of a new feedback waits here on the first one's insert, until it
+  -- commits (then it finds the row) or rolls back (then it writes its own).
+  insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
+  select p_twin_id, p_trace_id, p_created_by,
+         coalesce((select p.first_vote_at from public.persona_training_events p
+                   where p.twin_id = p_twin_id and p.trace_id = p_trace_id
+                     and p.created_by = p_created_by and p.source = 'user_feedback'
+                     and p.superseded_at is null),
+                  p_first_vote_at)
+  where p_first_vote_at is not null and char_length(p_trace_id) between 1 and 200
+    and exists (select 1 from public.twins t where t.id = p_twin_id)
+    and exists (select 1 from auth.users u where u.id = p_created_by)
+  on conflict (twin_id, trace_id, created_by) do nothing;
+  select f.first_vote_at into v_kept
+  from private.feedback_first_votes f
+  where f.twin_id = p_twin_id and f.trace_id = p_trace_id and f.created_by = p_created_by
+  for update;
+  return v_kept;
+end;
+$$;
+
+comment on function private.lock_feedback_first_vote(uuid, text, uuid, timestamptz) is
+  'Vote recorder''s and edit trigger''s helper. In: a feedback (twin, trace, voter) and the time '
+  'to keep if it has none (null: keep none). Out: the feedback''s kept first vote time in '
+  'private.feedback_first_votes, its row locked for the transaction (a row lock: no slot of the '
+  'lock table), written first when missing (its current vote''s first_vote_at, else the time '
+  'given) where the twin and the voter exist and the trace has 1 to 200 characters; null when '
+  'none is kept. Raises nothing of its own.';
+
 create function private.record_feedback_vote()
 returns trigger
 language plpgsql
@@ -256,7 +310,6 @@ as $$
 declare
   v_previous_id bigint;
   v_first_vote_id bigint;
-  v_first_vote_at timestamptz;
   v_kept_at timestamptz;
   v_previous_due_at timestamptz;
   v_previous_status public.langfuse_status;
@@ -269,35 +322,19 @@ begin
 
   -- The feedback's first vote time is kept apart from its votes, so it outlives all of them: a
   -- vote cast after its current (or only) vote was deleted, or moved away by hand, still finds
-  -- it; where it is kept, it is the time. A feedback new to the table keeps its current vote's
-  -- time (votes stored before the table), else this vote's. A twin given exists (the consent
-  -- check); no twin, a trace out of the events table's bounds (1 to 200 characters: a longer one
-  -- is too long for this table's key) or a voter that does not exist is the events table's to
-  -- refuse, with its own error.
-  -- Its row, locked for the transaction before any other, is where votes of one feedback take
-  -- turns (a second vote of a feedback new to the table waits on the first one's insert of it):
-  -- a vote from the voter's second device waits until the first one commits, then supersedes
-  -- it, instead of colliding with it on the current-vote index. A vote moved into the feedback
-  -- by hand locks it too (the edit trigger), so the vote then finds the moved vote as the current
-  -- one (the update below reads after the lock). Row locks, not an advisory lock: a transaction
-  -- writing many votes takes no slot of PostgreSQL's lock table, which all sessions share (one
-  -- per vote ran out of them for every session past some 12,000 votes in flight). Taken first,
-  -- by every vote: votes of a feedback never wait for each other while holding its current vote
-  -- (taken the other way round, three votes at once deadlocked).
-  insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
-  select new.twin_id, new.trace_id, new.created_by,
-         coalesce((select p.first_vote_at from public.persona_training_events p
-                   where p.twin_id = new.twin_id and p.trace_id = new.trace_id
-                     and p.created_by = new.created_by and p.source = 'user_feedback'
-                     and p.superseded_at is null),
-                  new.created_at)
-  where new.twin_id is not null and char_length(new.trace_id) between 1 and 200
-    and exists (select 1 from auth.users u where u.id = new.created_by)
-  on conflict (twin_id, trace_id, created_by) do nothing;
-  select f.first_vote_at into v_kept_at
-  from private.feedback_first_votes f
-  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by
-  for update;
+  -- it; where it is kept, it is the time (a feedback new to the table keeps this vote's). Its
+  -- row, locked for the transaction before any other, is where votes of one feedback take
+  -- turns: a vote from the voter's second device waits until the first one commits, then
+  -- supersedes it, instead of colliding with it on the current-vote index. A vote moved into the
+  -- feedback by hand locks it too (the edit trigger), so the vote then finds the moved vote as
+  -- the current one (the update below reads after the lock). Row locks, not an advisory lock: a
+  -- transaction writing many votes takes no slot of PostgreSQL's lock table, which all sessions
+  -- share (one per vote ran out of them for every session past some 12,000 votes in flight).
+  -- Taken first, by every vote: votes of a feedback never wait for each other while holding its
+  -- current vote (taken the other way round, three votes at once deadlocked). None is kept for
+  -- a vote the events table refuses (no twin, a trace out of bounds, an unknown voter).
+  v_kept_at := private.lock_feedback_first_vote(
+    new.twin_id, new.trace_id, new.created_by, new.created_at);
 
   perform set_config('pfl.recording_vote', 'on', true);
   update public.persona_training_events p
@@ -309,13 +346,13 @@ begin
     and p.created_by = new.created_by
     and p.source = 'user_feedback'
     and p.superseded_at is null
-  returning p.id, p.first_vote_id, p.first_vote_at, p.langfuse_next_attempt_at, p.langfuse_status
-    into v_previous_id, v_first_vote_id, v_first_vote_at, v_previous_due_at, v_previous_status;
+  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
+    into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
   perform set_config('pfl.recording_vote', '', true);
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
-  new.first_vote_at := coalesce(v_kept_at, v_first_vote_at, new.created_at);
+  new.first_vote_at := coalesce(v_kept_at, new.created_at);
   new.langfuse_status := 'pending';
   -- The new vote updates the same Langfuse score. If the old one was not yet delivered it may be
   -- in flight: wait until its delivery is recorded (which releases this one) or its window
@@ -378,25 +415,12 @@ begin
       message = format('first_vote_at: event %s cannot take a first vote time in the future (%s)',
                        new.id, new.first_vote_at);
   end if;
-  -- A feedback new to the table keeps the vote's time. Its row is locked for the transaction
-  -- (a row lock, not an advisory one: a move of many votes takes no slot of the lock table per
-  -- vote), so a vote or a move into the same feedback at the same moment waits for this one,
-  -- then reads its time and finds this vote where it moved. Inserted only for a twin and a
-  -- voter that exist, a trace within the events table's bounds and a time given: otherwise the
-  -- events table's own foreign key or check refuses the row, with its own error.
-  if v_moved then
-    insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
-    select new.twin_id, new.trace_id, new.created_by, new.first_vote_at
-    where new.first_vote_at is not null and char_length(new.trace_id) between 1 and 200
-      and exists (select 1 from public.twins t where t.id = new.twin_id)
-      and exists (select 1 from auth.users u where u.id = new.created_by)
-    on conflict (twin_id, trace_id, created_by) do nothing;
-  end if;
-  select f.first_vote_at into v_kept
-  from private.feedback_first_votes f
-  where f.twin_id = new.twin_id and f.trace_id = new.trace_id and f.created_by = new.created_by
-  for update;
-  if not found then
+  -- The feedback's kept time, its row locked (a vote or a move into the same feedback at the
+  -- same moment waits for this one, then reads its time and finds this vote where it moved);
+  -- a feedback a move starts keeps the moved vote's time.
+  v_kept := private.lock_feedback_first_vote(
+    new.twin_id, new.trace_id, new.created_by, case when v_moved then new.first_vote_at end);
+  if v_kept is null then
     return new;
   elsif v_moved and not v_set then
     new.first_vote_at := v_kept;
@@ -671,6 +695,7 @@ grant insert (twin_id, trace_id, score, reason, intent_label, module_key, commen
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
   private.check_feedback_consent(),
+  private.lock_feedback_first_vote(uuid, text, uuid, timestamptz),
   private.record_feedback_vote(),
   private.keep_feedback_first_vote_on_edit(),
   private.bound_event_created_at(),

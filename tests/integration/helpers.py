@@ -16,7 +16,7 @@ from testkit.world import make_twin as create_twin
 
 __all__ = [
     "LEGACY_DEFAULTS", "PSQL", "Refusal", "Twin", "add_twin", "counts_from_scratch", "create_twin",
-    "module_row", "pfl", "psql_file", "scalar", "schema_paths", "worker_env",
+    "module_row", "pfl", "psql_file", "scalar", "schema_paths", "time_passes", "worker_env",
 ]
 
 # The stack's PostgreSQL 15 client; it also applies SQL files to the PostgreSQL 17 server of
@@ -91,3 +91,11 @@ class Refusal:
             self.db.execute("drop trigger refuse on public.persona_modules")
             self.db.execute(f"drop function {self.fn}()")
             self.lifted = True
+
+
+def time_passes(db: psycopg.Connection, twin_id: str) -> None:
+    """A failed run's backoff ends for the twin: its not-before time, which the scheduler reads
+    in private.learning_due, is moved to now (standing for the time passing; no sleep)."""
+    db.execute(
+        "update private.learning_due set not_before = now() where twin_id = %s", (twin_id,)
+    )

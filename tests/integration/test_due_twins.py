@@ -20,7 +20,7 @@ import pytest
 
 from testkit.world import make_twin, make_users, scalar
 from tests.conftest import Stack, User
-from tests.integration.helpers import Refusal, pfl, worker_env
+from tests.integration.helpers import Refusal, pfl, time_passes, worker_env
 from worker.runner import Runner
 
 pytestmark = pytest.mark.integration
@@ -148,13 +148,6 @@ def held_until(db: psycopg.Connection, twin_id: str) -> datetime | None:
 
 def due_rows(db: psycopg.Connection, twin_id: str) -> int:
     return int(scalar(db, "select count(*) from private.learning_due where twin_id = %s", twin_id))
-
-
-def time_passes(db: psycopg.Connection, twin_id: str) -> None:
-    """The twin's not-before time passes (the scheduler reads it in private.learning_due)."""
-    db.execute(
-        "update private.learning_due set not_before = now() where twin_id = %s", (twin_id,)
-    )
 
 
 def test_a_failed_run_holds_its_twin_back_until_its_not_before_time(

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testkit import env as testkit_env
 from testkit.world import make_twin
 from tests.conftest import Stack, User, wait_for
-from tests.integration.helpers import Refusal, pfl
+from tests.integration.helpers import Refusal, pfl, time_passes
 
 pytestmark = pytest.mark.integration
 
@@ -119,10 +119,8 @@ def test_metrics_count_exactly_the_runs_events_and_backlog_of_the_worker(
             db, "select count(*) from persona_feedback_learning_runs where twin_id = %s"
             " and status = 'failed'", failing.id), timeout=60)
         refusal.lift()
-        # Its twin is held back after the failed run (10 s): moving its not-before time back
-        # stands for that time passing.
-        db.execute("update private.learning_due set not_before = now() where twin_id = %s",
-                   (failing.id,))
+        # Its twin is held back after the failed run (10 s).
+        time_passes(db, failing.id)
         # Six events for the other twin, one of them a changed vote.
         for i, voter in enumerate(voters):
             vote(voter, twin.id, f"trace-a{i}", 1)

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from testkit.env import rows as rest_rows
 from testkit.oracle import daily_from_scratch, daily_summary
 from tests.conftest import ROOT, Stack, User
-from tests.integration.helpers import Twin, create_twin, scalar
+from tests.integration.helpers import Twin, create_twin, scalar, time_passes
 from worker.config import WorkerSettings
 from worker.learning import wilson_bounds
 from worker.runner import Runner
@@ -305,9 +305,8 @@ def test_a_claim_drops_what_an_unfinished_run_of_the_twin_left(
     first, elsewhere = read(twin.id), read(other.id)
     assert {str(first.id), str(elsewhere.id)} <= scratch()
     store.fail_run(first, "worker gave up", retryable=False)
-    # The failed run holds its twin back (10 s): moving that time back stands for it passing.
-    db.execute("update private.learning_due set not_before = now() where twin_id = %s",
-               (twin.id,))
+    # The failed run holds its twin back (10 s).
+    time_passes(db, twin.id)
     second = read(twin.id)
     assert second.id != first.id
     assert str(first.id) not in scratch()

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     create_twin,
     module_row,
     pfl,
+    time_passes,
     worker_env,
 )
 from worker.learning import beta_mean, classify
@@ -388,8 +389,7 @@ def test_runs_fail_after_max_attempts_and_release_their_events(
     # run's not-before time has passed (moved back here: time passing).
     assert count(db, PENDING, twin.id) == 1
     assert make_runner().run_once(uuid.UUID(twin.id)) == []
-    db.execute("update private.learning_due set not_before = now() where twin_id = %s",
-               (twin.id,))
+    time_passes(db, twin.id)
     [run] = make_runner().run_once(uuid.UUID(twin.id))
     assert (run.status, run.events_processed) == ("completed", 1)
 
