@@ -9,7 +9,7 @@ import pytest
 from postgrest.exceptions import APIError
 from pydantic import SecretStr
 
-from worker.config import key_role
+from worker.config import WorkerSettings, key_role
 from worker.store import REQUIRED_SCHEMA_VERSION, ConfigurationError, Store, StoreError
 
 
@@ -102,6 +102,9 @@ def test_other_refusals_stay_store_errors(code: str) -> None:
         ({"SUPABASE_URL": None}, "pfl: invalid settings: SUPABASE_URL: Field required"),
         ({"PFL_LEASE_SECONDS": "-3"}, "pfl: invalid settings: PFL_LEASE_SECONDS: Input should be "
          "greater than or equal to 5"),
+        # Not a number is refused; empty means unset (below).
+        ({"PFL_METRICS_PORT": "metrics"}, "pfl: invalid settings: PFL_METRICS_PORT: Input should "
+         "be a valid integer, unable to parse string as an integer"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(
@@ -133,36 +136,23 @@ def test_the_api_url_is_kept_without_surrounding_space() -> None:
     assert settings.supabase_url == "https://abc.supabase.co"
 
 
+def settings() -> WorkerSettings:
+    """Settings from the environment as the test left it, with an API URL and a key, no .env."""
+    return WorkerSettings(
+        supabase_url="https://abc.supabase.co",
+        supabase_service_role_key=SecretStr("sb_secret_x"),
+        _env_file=None,
+    )
+
+
 @pytest.mark.parametrize(("value", "port"), [("", None), ("  ", None), ("9464", 9464)])
 def test_an_empty_metrics_port_means_metrics_off(
     value: str, port: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`PFL_METRICS_PORT=` (a blank line of a `.env` template) is unset, not a refusal that
     stops every command."""
-    from worker.config import WorkerSettings
-
     monkeypatch.setenv("PFL_METRICS_PORT", value)
-    settings = WorkerSettings(
-        supabase_url="https://abc.supabase.co",
-        supabase_service_role_key=SecretStr("sb_secret_x"),
-        _env_file=None,
-    )
-    assert settings.pfl_metrics_port == port
-
-
-def test_a_metrics_port_that_is_no_number_is_still_refused(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    from worker.cli import main
-
-    monkeypatch.chdir(tmp_path)  # no .env
-    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:1")
-    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "sb_secret_abc")
-    monkeypatch.setenv("PFL_METRICS_PORT", "metrics")
-    assert main(["run-once"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "pfl: invalid settings: PFL_METRICS_PORT: Input should be a valid integer, unable to "
-        "parse string as an integer"]
+    assert settings().pfl_metrics_port == port
 
 
 @pytest.mark.parametrize(("value", "host"), [("[::1]", "::1"), ("::", "::"),
@@ -170,12 +160,5 @@ def test_a_metrics_port_that_is_no_number_is_still_refused(
 def test_a_bracketed_ipv6_metrics_host_is_taken_without_brackets(
     value: str, host: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.config import WorkerSettings
-
     monkeypatch.setenv("PFL_METRICS_HOST", value)
-    settings = WorkerSettings(
-        supabase_url="https://abc.supabase.co",
-        supabase_service_role_key=SecretStr("sb_secret_x"),
-        _env_file=None,
-    )
-    assert settings.pfl_metrics_host == host
+    assert settings().pfl_metrics_host == host
