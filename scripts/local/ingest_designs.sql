@@ -64,10 +64,7 @@ begin
      not like '%update public.bench_design_no_fks p%' then
     raise exception 'private.record_feedback_vote changed: its supersede UPDATE was not retargeted';
   end if;
-  -- The product's triggers, in the same (name) order.
-  create trigger check_consent before insert on public.bench_design_no_fks
-    for each row when (new.source = 'user_feedback')
-    execute function private.check_feedback_consent();
+  -- The product's insert trigger (consent, then the vote's record).
   create trigger record_vote before insert on public.bench_design_no_fks
     for each row when (new.source = 'user_feedback')
     execute function bench_design.no_fks_record_vote();

@@ -217,56 +217,27 @@ comment on table private.feedback_first_votes is
 -- A user's account deleted: the cascade finds the voter's rows by this index.
 create index feedback_first_votes_created_by_idx on private.feedback_first_votes (created_by);
 
-create function private.check_feedback_consent()
-returns trigger
-language plpgsql
-security definer
-set search_path = ''
-as $$
-begin
-  -- No twin at all is the NOT NULL constraint's to refuse (23502 naming twin_id).
-  if new.twin_id is not null and not exists (
-    select 1 from public.twins t
-    where t.id = new.twin_id
-      and (t.feedback_from = 'any_user' or t.owner_id = new.created_by)
-  ) then
-    raise exception using
-      errcode = '42501',
-      column = 'twin_id',
-      message = format('twin_id: twin %s does not exist or does not accept feedback from this user',
-                       new.twin_id);
-  end if;
-  return new;
-end;
-$$;
-
-comment on function private.check_feedback_consent() is
-  'Trigger (before insert of feedback on persona_training_events, for every role): lets the vote '
-  'through when its twin accepts feedback from its voter (created_by): the owner always, others '
-  'when the twin''s feedback_from is any_user. Raises 42501 (HTTP 403) "twin_id: twin <id> does '
-  'not exist or does not accept feedback from this user" otherwise. Security definer: it reads '
-  'twins the voter''s policies hide. Runs before the insert policy, so the error names twin_id.';
-
 -- The row of a feedback's kept first vote time, locked for the transaction: votes of one
 -- feedback, and moves of votes into it, take turns on it. Called by the vote recorder and the
 -- edit trigger below, as postgres (their owner).
 create function private.lock_feedback_first_vote(
-  p_twin_id uuid, p_trace_id text, p_created_by uuid, p_first_vote_at timestamptz
+  p_twin_id uuid, p_trace_id text, p_created_by uuid, p_first_vote_at timestamptz,
+  out first_vote_at timestamptz, out started boolean
 )
-returns timestamptz
 language plpgsql
 set search_path = ''
 as $$
 declare
-  v_kept timestamptz;
+  v_current_at timestamptz;
 begin
+  started := false;
   -- A feedback voted on before: one read, no insert (every change of a vote comes this way).
-  select f.first_vote_at into v_kept
+  select f.first_vote_at into first_vote_at
   from private.feedback_first_votes f
   where f.twin_id = p_twin_id and f.trace_id = p_trace_id and f.created_by = p_created_by
   for update;
   if found then
-    return v_kept;
+    return;
   end if;
   -- A feedback new to the table keeps its current vote's time (votes stored before the table),
   -- else the one given. Written only for a twin and a voter that exist, a trace within the
@@ -274,32 +245,39 @@ begin
   -- and a time given: otherwise the events table's own constraint refuses the vote, with its own
   -- error. A second vote of a new feedback waits here on the first one's insert, until it
   -- commits (then it finds the row) or rolls back (then it writes its own).
-  insert into private.feedback_first_votes (twin_id, trace_id, created_by, first_vote_at)
-  select p_twin_id, p_trace_id, p_created_by,
-         coalesce((select p.first_vote_at from public.persona_training_events p
-                   where p.twin_id = p_twin_id and p.trace_id = p_trace_id
-                     and p.created_by = p_created_by and p.source = 'user_feedback'
-                     and p.superseded_at is null),
-                  p_first_vote_at)
+  select p.first_vote_at into v_current_at
+  from public.persona_training_events p
+  where p.twin_id = p_twin_id and p.trace_id = p_trace_id and p.created_by = p_created_by
+    and p.source = 'user_feedback' and p.superseded_at is null;
+  insert into private.feedback_first_votes as f (twin_id, trace_id, created_by, first_vote_at)
+  select p_twin_id, p_trace_id, p_created_by, coalesce(v_current_at, p_first_vote_at)
   where p_first_vote_at is not null and char_length(p_trace_id) between 1 and 200
     and exists (select 1 from public.twins t where t.id = p_twin_id)
     and exists (select 1 from auth.users u where u.id = p_created_by)
-  on conflict (twin_id, trace_id, created_by) do nothing;
-  select f.first_vote_at into v_kept
+  on conflict (twin_id, trace_id, created_by) do nothing
+  returning f.first_vote_at into first_vote_at;
+  if found then
+    -- Written here, under this transaction's lock: no other vote of the feedback can be current
+    -- unless one was stored before the table (found above).
+    started := v_current_at is null;
+    return;
+  end if;
+  select f.first_vote_at into first_vote_at
   from private.feedback_first_votes f
   where f.twin_id = p_twin_id and f.trace_id = p_trace_id and f.created_by = p_created_by
   for update;
-  return v_kept;
 end;
 $$;
 
 comment on function private.lock_feedback_first_vote(uuid, text, uuid, timestamptz) is
   'Vote recorder''s and edit trigger''s helper. In: a feedback (twin, trace, voter) and the time '
-  'to keep if it has none (null: keep none). Out: the feedback''s kept first vote time in '
-  'private.feedback_first_votes, its row locked for the transaction (a row lock: no slot of the '
-  'lock table), written first when missing (its current vote''s first_vote_at, else the time '
-  'given) where the twin and the voter exist and the trace has 1 to 200 characters; null when '
-  'none is kept. Raises nothing of its own.';
+  'to keep if it has none (null: keep none). Out: first_vote_at, the feedback''s kept first vote '
+  'time in private.feedback_first_votes, its row locked for the transaction (a row lock: no slot '
+  'of the lock table), written first when missing (its current vote''s first_vote_at, else the '
+  'time given) where the twin and the voter exist and the trace has 1 to 200 characters, null '
+  'when none is kept; started, true when this call wrote the row and the feedback has no current '
+  'vote (the vote being recorded starts the feedback: there is nothing to supersede). Raises '
+  'nothing of its own.';
 
 create function private.record_feedback_vote()
 returns trigger
@@ -313,7 +291,25 @@ declare
   v_kept_at timestamptz;
   v_previous_due_at timestamptz;
   v_previous_status public.langfuse_status;
+  v_started boolean;
 begin
+  -- Consent first: whether the twin takes votes from this voter (the owner always, anyone when
+  -- feedback_from is any_user). Checked here, for every role, before the insert policy, so the
+  -- error names twin_id. One trigger for both steps: each trigger call on this path is paid on
+  -- every vote (case 4 of the benchmark). No twin at all is the NOT NULL constraint's to refuse
+  -- (23502 naming twin_id).
+  if new.twin_id is not null and not exists (
+    select 1 from public.twins t
+    where t.id = new.twin_id
+      and (t.feedback_from = 'any_user' or t.owner_id = new.created_by)
+  ) then
+    raise exception using
+      errcode = '42501',
+      column = 'twin_id',
+      message = format('twin_id: twin %s does not exist or does not accept feedback from this user',
+                       new.twin_id);
+  end if;
+
   new.superseded_at := null;
   new.supersedes_id := null;
   new.langfuse_attempts := 0;
@@ -333,22 +329,29 @@ begin
   -- Taken first, by every vote: votes of a feedback never wait for each other while holding its
   -- current vote (taken the other way round, three votes at once deadlocked). None is kept for
   -- a vote the events table refuses (no twin, a trace out of bounds, an unknown voter).
-  v_kept_at := private.lock_feedback_first_vote(
-    new.twin_id, new.trace_id, new.created_by, new.created_at);
+  select l.first_vote_at, l.started into v_kept_at, v_started
+  from private.lock_feedback_first_vote(
+    new.twin_id, new.trace_id, new.created_by, new.created_at) l;
 
-  perform set_config('pfl.recording_vote', 'on', true);
-  update public.persona_training_events p
-  set superseded_at = now(),
-      langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
-                             then 'superseded' else p.langfuse_status end
-  where p.twin_id = new.twin_id
-    and p.trace_id = new.trace_id
-    and p.created_by = new.created_by
-    and p.source = 'user_feedback'
-    and p.superseded_at is null
-  returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
-    into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
-  perform set_config('pfl.recording_vote', '', true);
+  -- A vote that starts its feedback (most votes) has nothing to supersede: no update, so none
+  -- of the update's statement triggers run for it either.
+  if not v_started then
+    -- pfl.recording_vote tells this update apart from an edit by hand: the statement triggers
+    -- that follow edits of evidence skip it (their WHEN).
+    perform set_config('pfl.recording_vote', 'on', true);
+    update public.persona_training_events p
+    set superseded_at = now(),
+        langfuse_status = case when p.langfuse_status in ('pending', 'retrying')
+                               then 'superseded' else p.langfuse_status end
+    where p.twin_id = new.twin_id
+      and p.trace_id = new.trace_id
+      and p.created_by = new.created_by
+      and p.source = 'user_feedback'
+      and p.superseded_at is null
+    returning p.id, p.first_vote_id, p.langfuse_next_attempt_at, p.langfuse_status
+      into v_previous_id, v_first_vote_id, v_previous_due_at, v_previous_status;
+    perform set_config('pfl.recording_vote', '', true);
+  end if;
 
   new.supersedes_id := v_previous_id;
   new.first_vote_id := coalesce(v_first_vote_id, new.id);
@@ -365,25 +368,24 @@ end;
 $$;
 
 comment on function private.record_feedback_vote() is
-  'Trigger (before insert of feedback on persona_training_events, after the consent check): '
-  'records the vote. Clears the server columns (superseded_at, supersedes_id, langfuse_attempts, '
-  'langfuse_last_error, langfuse_sent_at); locks the feedback''s row in '
+  'Trigger (before insert of feedback on persona_training_events, for every role): checks that '
+  'the twin accepts feedback from the voter (created_by): the owner always, others when the '
+  'twin''s feedback_from is any_user; raises 42501 (HTTP 403) "twin_id: twin <id> does not exist '
+  'or does not accept feedback from this user" otherwise, before the insert policy is evaluated. '
+  'Then records the vote. Clears the server columns (superseded_at, supersedes_id, '
+  'langfuse_attempts, langfuse_last_error, langfuse_sent_at); locks the feedback''s row in '
   'private.feedback_first_votes (inserting it for a feedback new to it), on which votes of one '
-  'feedback and moves into it take turns (row locks: no slot of the lock table per vote); marks '
-  'the voter''s current vote on the trace superseded '
-  '(its outbox state too when not yet delivered), with pfl.recording_vote on so that this vote '
-  'change is not taken for an edit by hand, and links the new vote to it (supersedes_id; '
+  'feedback and moves into it take turns (row locks: no slot of the lock table per vote); unless '
+  'the vote starts its feedback, marks the voter''s current vote on the trace superseded '
+  '(its outbox state too when not yet delivered), with pfl.recording_vote on so that the '
+  'triggers following edits by hand skip this vote change, and links the new vote to it (supersedes_id; '
   'first_vote_id = the feedback''s first vote, or the new id; first_vote_at = the feedback''s in '
   'private.feedback_first_votes, where a feedback new to it keeps the current vote''s '
   'first_vote_at, else the new created_at); puts the new vote in the outbox (pending, due at its '
-  'created_at, or when the superseded one''s delivery window closes). Security definer: voters '
-  'may not update events. Raises nothing of its own.';
+  'created_at, or when the superseded one''s delivery window closes). Security definer: it reads '
+  'twins the voter''s policies hide, and voters may not update events. Raises the 42501 above.';
 
-create trigger persona_training_events_check_consent
-  before insert on public.persona_training_events
-  for each row when (new.source = 'user_feedback')
-  execute function private.check_feedback_consent();
--- Fires after the consent check: triggers of one event fire in name order.
+-- Triggers of one event fire in name order: this one after bound_created_at (it reads created_at).
 create trigger persona_training_events_record_vote
   before insert on public.persona_training_events
   for each row when (new.source = 'user_feedback')
@@ -418,8 +420,9 @@ begin
   -- The feedback's kept time, its row locked (a vote or a move into the same feedback at the
   -- same moment waits for this one, then reads its time and finds this vote where it moved);
   -- a feedback a move starts keeps the moved vote's time.
-  v_kept := private.lock_feedback_first_vote(
-    new.twin_id, new.trace_id, new.created_by, case when v_moved then new.first_vote_at end);
+  select l.first_vote_at into v_kept
+  from private.lock_feedback_first_vote(
+    new.twin_id, new.trace_id, new.created_by, case when v_moved then new.first_vote_at end) l;
   if v_kept is null then
     return new;
   elsif v_moved and not v_set then
@@ -624,10 +627,6 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  -- A vote change (the vote recorder marking the earlier vote superseded) is the incremental
-  -- path's; pfl.recording_vote tells it apart from an edit by hand.
-  v_recording boolean := coalesce(current_setting('pfl.recording_vote', true), '') = 'on';
 begin
   -- Once per statement, each twin once: the rows whose evidence columns changed, as a hashed
   -- set difference of the transition tables (the twin of the row before and after). A trigger
@@ -638,23 +637,19 @@ begin
   where t.id in (
     select c.twin_id from (
       (select o.id, o.twin_id, o.source, o.intent_label, o.module_key, o.score, o.passed,
-              o.reason, o.created_at, o.audit_of_draft, o.supersedes_id,
-              case when v_recording then null else o.superseded_at end
+              o.reason, o.created_at, o.audit_of_draft, o.supersedes_id, o.superseded_at
        from before_rows o
        except
        select n.id, n.twin_id, n.source, n.intent_label, n.module_key, n.score, n.passed,
-              n.reason, n.created_at, n.audit_of_draft, n.supersedes_id,
-              case when v_recording then null else n.superseded_at end
+              n.reason, n.created_at, n.audit_of_draft, n.supersedes_id, n.superseded_at
        from after_rows n)
       union all
       (select n.id, n.twin_id, n.source, n.intent_label, n.module_key, n.score, n.passed,
-              n.reason, n.created_at, n.audit_of_draft, n.supersedes_id,
-              case when v_recording then null else n.superseded_at end
+              n.reason, n.created_at, n.audit_of_draft, n.supersedes_id, n.superseded_at
        from after_rows n
        except
        select o.id, o.twin_id, o.source, o.intent_label, o.module_key, o.score, o.passed,
-              o.reason, o.created_at, o.audit_of_draft, o.supersedes_id,
-              case when v_recording then null else o.superseded_at end
+              o.reason, o.created_at, o.audit_of_draft, o.supersedes_id, o.superseded_at
        from before_rows o)
     ) c (id, twin_id)
   );
@@ -664,16 +659,21 @@ $$;
 
 comment on function private.bump_evidence_generation_on_edit() is
   'Trigger (after update on persona_training_events, once per statement, the rows as '
-  'before_rows and after_rows): bumps evidence_generation, once, of every twin of a row before '
-  'or after an update that changed its twin_id, source, intent_label, module_key, score, passed, '
-  'reason, created_at, audit_of_draft, supersedes_id or superseded_at (the last not when the vote '
-  'recorder marks a vote superseded, pfl.recording_vote on). Linear in the rows updated (hashed '
-  'set differences). Security definer: whoever edits, the twin is marked. Raises nothing.';
+  'before_rows and after_rows; not for the vote recorder''s own update, pfl.recording_vote on): '
+  'bumps evidence_generation, once, of every twin of a row before or after an update that '
+  'changed its twin_id, source, intent_label, module_key, score, passed, reason, created_at, '
+  'audit_of_draft, supersedes_id or superseded_at. Linear in the rows updated (hashed set '
+  'differences). Security definer: whoever edits, the twin is marked. Raises nothing.';
 
+-- The vote recorder's own update (marking a changed vote superseded, pfl.recording_vote on) is
+-- the incremental path's: it changes superseded_at and the outbox state alone, so this trigger
+-- and move_edited_feedback (700_owner_views.sql) skip it before their function is called.
 create trigger persona_training_events_bump_generation_on_edit
   after update on public.persona_training_events
   referencing old table as before_rows new table as after_rows
-  for each statement execute function private.bump_evidence_generation_on_edit();
+  for each statement
+  when (coalesce(current_setting('pfl.recording_vote', true), '') <> 'on')
+  execute function private.bump_evidence_generation_on_edit();
 
 alter table public.persona_training_events enable row level security;
 
@@ -681,7 +681,7 @@ create policy "Voters and twin owners can read events"
   on public.persona_training_events
   for select to authenticated
   using (created_by = (select auth.uid()) or twin_id = any ((select private.owned_twin_ids())::uuid[]));
--- Whether the twin accepts the vote is checked by private.check_feedback_consent, which raises a
+-- Whether the twin accepts the vote is checked by private.record_feedback_vote, which raises a
 -- clear error naming twin_id before this policy is evaluated.
 create policy "Users send their own feedback" on public.persona_training_events
   for insert to authenticated
@@ -694,7 +694,6 @@ grant insert (twin_id, trace_id, score, reason, intent_label, module_key, commen
 
 -- PostgreSQL lets PUBLIC execute every new function; only the grants above apply here.
 revoke execute on function
-  private.check_feedback_consent(),
   private.lock_feedback_first_vote(uuid, text, uuid, timestamptz),
   private.record_feedback_vote(),
   private.keep_feedback_first_vote_on_edit(),

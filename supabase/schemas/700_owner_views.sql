@@ -396,30 +396,27 @@ begin
   end if;
 
   -- A hand edit of a vote's links (supersedes_id, superseded_at: the service role repairing
-  -- data; the vote recorder's own write sets pfl.recording_vote) can change which votes count in
-  -- ways a delta per edited row cannot follow (the edited vote, the vote it names, the vote
+  -- data; the vote recorder's own write does not fire this trigger) can change which votes count
+  -- in ways a delta per edited row cannot follow (the edited vote, the vote it names, the vote
   -- naming it). The summary of each twin such an edit touches (or an edit of a row's twin) is
   -- counted again from the twin's learned votes, by the rule of the deltas below. Rare, and it
   -- costs a read of the twin's learned votes.
-  if coalesce(current_setting('pfl.recording_vote', true), '') <> 'on' then
-    select array_agg(distinct c.twin_id) into v_relinked
-    from (
-      (select o.id, o.twin_id, o.supersedes_id, o.superseded_at from before_rows o
-       except
-       select n.id, n.twin_id, n.supersedes_id, n.superseded_at from after_rows n)
-      union all
-      (select n.id, n.twin_id, n.supersedes_id, n.superseded_at from after_rows n
-       except
-       select o.id, o.twin_id, o.supersedes_id, o.superseded_at from before_rows o)
-    ) c;
-  end if;
+  select array_agg(distinct c.twin_id) into v_relinked
+  from (
+    (select o.id, o.twin_id, o.supersedes_id, o.superseded_at from before_rows o
+     except
+     select n.id, n.twin_id, n.supersedes_id, n.superseded_at from after_rows n)
+    union all
+    (select n.id, n.twin_id, n.supersedes_id, n.superseded_at from after_rows n
+     except
+     select o.id, o.twin_id, o.supersedes_id, o.superseded_at from before_rows o)
+  ) c;
   if v_relinked is not null then
     perform private.count_feedback_daily_again(v_relinked);
   end if;
 
   with changed as (
-    -- The rows whose bucket columns changed (twins counted again above are right already). A
-    -- vote change (superseded_at set by the vote recorder) changes none of them.
+    -- The rows whose bucket columns changed (twins counted again above are right already).
     select x.id from (
       select o.id, o.twin_id, o.source, o.created_at, o.intent_label, o.module_key, o.reason,
              o.score
@@ -483,20 +480,23 @@ $$;
 
 comment on function private.move_edited_feedback() is
   'Trigger (after update on persona_training_events, per statement, the rows as before_rows and '
-  'after_rows): for each row whose twin_id, source, created_at, intent_label, module_key, reason '
-  'or score changed, takes it out of persona_feedback_daily as it was when the summary counted it '
-  '(a learned vote current at its twin''s cursor) and puts it in as it is now when counted, then '
-  'drops buckets left at 0. A hand edit of a row''s supersedes_id, superseded_at or twin_id (not '
-  'the vote recorder''s, which sets pfl.recording_vote) counts the summary of each twin it '
-  'touches again from the twin''s learned votes instead. The transition tables are compared by '
+  'after_rows; not for the vote recorder''s own update, pfl.recording_vote on): for each row '
+  'whose twin_id, source, created_at, intent_label, module_key, reason or score changed, takes it '
+  'out of persona_feedback_daily as it was when the summary counted it (a learned vote current at '
+  'its twin''s cursor) and puts it in as it is now when counted, then drops buckets left at 0. A '
+  'hand edit of a row''s supersedes_id, superseded_at or twin_id counts the summary of each twin '
+  'it touches again from the twin''s learned votes instead. The transition tables are compared by '
   'hashed set differences: linear in the rows updated; an update changing none of those columns '
   'costs that comparison alone. Security definer: the summary is written by no API role. Raises '
   'nothing of its own (a count below 0 would be 23514 votes_not_negative).';
 
+-- Not for the vote recorder's own update: see persona_training_events_bump_generation_on_edit.
 create trigger persona_training_events_move_edited_feedback
   after update on public.persona_training_events
   referencing old table as before_rows new table as after_rows
-  for each statement execute function private.move_edited_feedback();
+  for each statement
+  when (coalesce(current_setting('pfl.recording_vote', true), '') <> 'on')
+  execute function private.move_edited_feedback();
 
 revoke execute on function
   private.wilson_bounds(double precision, double precision, double precision),

@@ -289,15 +289,15 @@ select has_index(
 select is_empty(
   $$ select p.proname from pg_proc p
      where p.pronamespace = 'private'::regnamespace
-       and p.proname in ('is_twin_owner', 'check_feedback_consent', 'record_feedback_vote')
+       and p.proname in ('is_twin_owner', 'record_feedback_vote')
        and not p.prosecdef $$,
   'the helpers policies and the insert triggers call are security definer'
 );
 select is(
   (select count(*)::int from pg_proc p
    where p.pronamespace = 'private'::regnamespace
-     and p.proname in ('is_twin_owner', 'check_feedback_consent', 'record_feedback_vote')),
-  3,
+     and p.proname in ('is_twin_owner', 'record_feedback_vote')),
+  2,
   'the helpers named above exist, so the check above is not vacuous'
 );
 

@@ -961,6 +961,38 @@ def kept_time(db: psycopg.Connection, twin_id: str, trace_id: str, user: User) -
     return None if found is None else found[0]  # type: ignore[no-any-return]
 
 
+def test_a_vote_on_a_feedback_with_a_current_vote_but_no_kept_time_supersedes_it(
+    service: Client,
+    make_user: Callable[[str], User],
+    db: psycopg.Connection,
+) -> None:
+    """A vote whose feedback keeps no first vote time yet writes one, and then has nothing to
+    supersede, unless a vote of the feedback was stored without one (before the table existed,
+    or loaded with triggers off): that vote is still found, superseded and linked, and its time
+    is the one kept. Without it the new vote would collide with it on the current-vote index."""
+    owner, voter = make_user("owner"), make_user("voter")
+    twin = open_twin(service, owner)
+    stored = vote(voter, twin, "stored-before", 1)
+    cast_at = cast_days_ago(db, stored["id"], 3)
+    db.execute(
+        "delete from private.feedback_first_votes where twin_id = %s and created_by = %s",
+        (twin, voter.id),
+    )
+    assert kept_time(db, twin, "stored-before", voter) is None
+
+    later = vote(voter, twin, "stored-before", -1, reason="incorrect")
+
+    assert kept_time(db, twin, "stored-before", voter) == cast_at
+    assert db.execute(
+        "select id, supersedes_id, superseded_at is null, first_vote_id, first_vote_at"
+        " from public.persona_training_events where twin_id = %s order by id",
+        (twin,),
+    ).fetchall() == [
+        (stored["id"], None, False, stored["id"], cast_at),
+        (later["id"], stored["id"], True, stored["id"], cast_at),
+    ]
+
+
 def first_vote_times(db: psycopg.Connection, event_ids: Iterable[int]) -> dict[int, datetime]:
     found = db.execute(
         "select id, first_vote_at from public.persona_training_events where id = any(%s)",
