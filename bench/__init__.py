@@ -26,7 +26,9 @@ figures as JSON. Cases at full size (--quick shrinks them and fails only on clea
    persona_training_events against the endpoint a user would otherwise build
    (bench/fastapi_baseline.py: FastAPI under uvicorn, 2 workers, pydantic then supabase-py as the
    user, through the same gateway). Target: the median of the paired rate ratios ≥ 3 at the same
-   connections, with our p99 no higher than its. Beside it: batch ingest, 100 votes a request
+   connections, with our p99 no higher than its. Reported: the rate at equal p99, each path's
+   best rate at 1, 2, 4, 8 or 16 connections (short runs) with its p99 within ours at 16
+   (bench.ingest.rate_at_equal_p99). Beside it: batch ingest, 100 votes a request
    (a JSON array, return=minimal), in votes per second; a bare table as a reference; the CPU
    time PostgreSQL, PostgREST, nginx and uvicorn spend per request. Every answer 2xx, every
    2xx its votes' rows, and over every vote sent one current vote per feedback, the last. wrk

@@ -24,6 +24,7 @@ SIZES: dict[str, dict[str, int]] = {
         "history_trials": 15,
         "ingest_seconds": 5,
         "ingest_rounds": 8,
+        "ingest_sweep_seconds": 4,
         "outbox_rows": 10_000,  # per server generation (four)
         "rebuild_events": 1_000_000,
         "rebuild_trials": 5,
@@ -41,6 +42,7 @@ SIZES: dict[str, dict[str, int]] = {
         "history_trials": 3,
         "ingest_seconds": 3,
         "ingest_rounds": 2,
+        "ingest_sweep_seconds": 2,
         "outbox_rows": 2_000,  # per server generation (four)
         "rebuild_events": 200_000,
         "rebuild_trials": 3,
@@ -56,6 +58,8 @@ BENCH_MODULES = many_modules(MODULES, INTENTS)  # module_k serves intent_(k mod 
 USERS = 1_000
 INGEST_USERS = 8
 WRK_THREADS, WRK_CONNECTIONS = 2, 16
+# Case 4's rate at equal p99: our path and the FastAPI endpoint at each of these connections.
+SWEEP_CONNECTIONS = (1, 2, 4, 8, 16)
 # Case 4's batch ingest: votes in one request (a JSON array, return=minimal).
 BATCH_VOTES = 100
 # Case 4's comparison (bench/fastapi_baseline.py): uvicorn workers, one per core of this 2-core

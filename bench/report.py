@@ -207,6 +207,28 @@ def cpu_text(cpu: dict[str, float], per: int = 1, uvicorn: bool = False) -> str:
     return " + ".join(f"{cpu[k] / per:.0f}" for k in names) + " µs"
 
 
+def equal_p99_row(equal: dict[str, Any]) -> Row:
+    """Case 4's rate at equal p99 (bench.ingest.rate_at_equal_p99), reported beside the judged
+    same-connections ratio."""
+    ours, theirs = equal["ours"], equal["theirs"]
+    connections = ", ".join(str(p["connections"]) for p in equal["sweep"]["fastapi"])
+
+    def point(p: dict[str, float]) -> str:
+        return f"{p['rate']:.0f}/s at {p['connections']:.0f} connections (p99 {p['p99_ms']:.0f} ms)"
+
+    lowest = min((p["p99_ms"] for p in equal["sweep"]["fastapi"]), default=float("nan"))
+    return Row(
+        f"4 rate at equal p99 (≤ {equal['budget_ms']:.0f} ms, ours at 16 connections): ours vs "
+        f"FastAPI at {connections} connections",
+        point(ours) if ours else "-",
+        f"{point(theirs)} FastAPI" if theirs
+        else f"FastAPI: no p99 within it (lowest {lowest:.0f} ms)",
+        equal["ratio"],
+        "(reported; ≥ 3 is judged above)",
+        "-",
+    )
+
+
 def ingest_rows(ingest: dict[str, Any], quick: bool) -> list[Row]:
     """Case 4: the write path against the FastAPI endpoint a user would otherwise build (rate at
     the same connections, judged on the median paired ratio, and the p99 of each), batch ingest
@@ -234,6 +256,7 @@ def ingest_rows(ingest: dict[str, Any], quick: bool) -> list[Row]:
                 events["latency_ms"]["p99"] / fastapi["latency_ms"]["p99"], "<=", 1, quick,
             )
         )
+        rows.append(equal_p99_row(ingest["equal_p99"]))
         batch = ingest["batch"]
         n = batch["votes_per_request"]
         rows.append(
