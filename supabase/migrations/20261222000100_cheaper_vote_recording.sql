@@ -10,10 +10,16 @@
 --   (pfl.recording_vote on): it changes superseded_at and the outbox state alone, which both
 --   already ignored for a vote change.
 -- - The consent check runs in the vote recorder's trigger, first: one trigger call per vote
---   instead of two, the same error (42501 naming twin_id) before the insert policy.
+--   instead of two, the same error (42501 naming twin_id) before the vote's other rules and the
+--   insert policy.
 
 drop trigger persona_training_events_check_consent on public.persona_training_events;
 drop function private.check_feedback_consent();
+-- Triggers of one event fire in name order: the merged one still comes after bound_created_at
+-- (it reads the clamped created_at) and before check_metadata_numbers (consent is the first
+-- answer, as before).
+alter trigger persona_training_events_record_vote on public.persona_training_events
+  rename to persona_training_events_check_consent_and_record_vote;
 
 -- Its result changes from the kept time to (first_vote_at, started).
 drop function private.lock_feedback_first_vote(uuid, text, uuid, timestamptz);
@@ -275,7 +281,8 @@ comment on function private.bump_evidence_generation_on_edit() is
 
 -- The vote recorder's own update (marking a changed vote superseded, pfl.recording_vote on) is
 -- the incremental path's: it changes superseded_at and the outbox state alone, so this trigger
--- and move_edited_feedback (700_owner_views.sql) skip it before their function is called.
+-- and move_edited_feedback (700_owner_views.sql) skip it before their function is called. The
+-- flag is the recorder's alone: an operator who sets it by hand makes an edit skip both.
 drop trigger persona_training_events_bump_generation_on_edit on public.persona_training_events;
 create trigger persona_training_events_bump_generation_on_edit
   after update on public.persona_training_events

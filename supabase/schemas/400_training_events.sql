@@ -385,8 +385,9 @@ comment on function private.record_feedback_vote() is
   'created_at, or when the superseded one''s delivery window closes). Security definer: it reads '
   'twins the voter''s policies hide, and voters may not update events. Raises the 42501 above.';
 
--- Triggers of one event fire in name order: this one after bound_created_at (it reads created_at).
-create trigger persona_training_events_record_vote
+-- Triggers of one event fire in name order: this one after bound_created_at (it reads the
+-- clamped created_at) and before check_metadata_numbers (consent is the first answer).
+create trigger persona_training_events_check_consent_and_record_vote
   before insert on public.persona_training_events
   for each row when (new.source = 'user_feedback')
   execute function private.record_feedback_vote();
@@ -667,7 +668,8 @@ comment on function private.bump_evidence_generation_on_edit() is
 
 -- The vote recorder's own update (marking a changed vote superseded, pfl.recording_vote on) is
 -- the incremental path's: it changes superseded_at and the outbox state alone, so this trigger
--- and move_edited_feedback (700_owner_views.sql) skip it before their function is called.
+-- and move_edited_feedback (700_owner_views.sql) skip it before their function is called. The
+-- flag is the recorder's alone: an operator who sets it by hand makes an edit skip both.
 create trigger persona_training_events_bump_generation_on_edit
   after update on public.persona_training_events
   referencing old table as before_rows new table as after_rows

@@ -332,6 +332,10 @@ BAD_INPUTS = {
     "twin-unknown": Bad({"twin_id": GONE_TWIN}, 403, "42501", REFUSED_TWIN, "twin_id"),
     "twin-owner-only": Bad({"twin_id": lambda w: w.closed_twin}, 403, "42501", REFUSED_TWIN,
                            "twin_id"),
+    # consent is checked before the vote's other rules: a refused twin is the answer.
+    "twin-owner-only-and-metadata-beyond-a-double": Bad(
+        {"twin_id": lambda w: w.closed_twin, "metadata": {"n": 10**309}}, 403, "42501",
+        REFUSED_TWIN, "twin_id"),
     # an unknown column is PostgREST's own error.
     "unknown-column": Bad({"rating": 5}, 400, "PGRST204",
                           "Column 'rating' of relation 'persona_training_events' does not exist",
