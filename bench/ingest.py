@@ -238,6 +238,7 @@ def ingest(
         # votes per second in batches ÷ single votes per second, paired by round
         figures["batch_vs_events"] = summary("batch", against="events", pick="votes_rate")
         figures["equal_p99"] = rate_at_equal_p99(figures["events"], figures["fastapi"], sweep)
+        figures["equal_p99"]["sweep_seconds"] = sizes["ingest_sweep_seconds"]
     return figures
 
 
@@ -247,8 +248,9 @@ def rate_at_equal_p99(
     """Each path's best rate (requests per second) with its p99 within one budget: our path's
     p99 (ms) at the rounds' 16 connections, where it runs flat out. In: the rounds' summaries
     (rate, latency_ms) and, per path, the sweep's points ({connections, rate, p99_ms}). Out:
-    budget_ms, ours and theirs (the best point within it, or None when no connection count
-    kept the endpoint's p99 there; the rounds count as a point at 16 connections), and ratio
+    budget_ms, ours and theirs (the best point within it, or None for theirs when no connection
+    count kept the endpoint's p99 there; the rounds count as a point at 16 connections),
+    theirs_rounds (that point of the endpoint's), and ratio
     (ours ÷ theirs; None without a point of theirs). At a looser budget ours stays flat while
     theirs may rise."""
     budget = float(events["latency_ms"]["p99"])
@@ -260,10 +262,13 @@ def rate_at_equal_p99(
         return max(within, key=lambda p: p["rate"]) if within else None
 
     ours, theirs = best(events, sweep["events"]), best(fastapi, sweep["fastapi"])
+    assert ours is not None  # its rounds' p99 is the budget
     return {
         "budget_ms": budget,
         "ours": ours,
         "theirs": theirs,
+        "theirs_rounds": {"connections": WRK_CONNECTIONS, "rate": float(fastapi["rate"]),
+                          "p99_ms": float(fastapi["latency_ms"]["p99"])},
         "ratio": round(ours["rate"] / theirs["rate"], 3) if ours and theirs else None,
         "sweep": sweep,
     }

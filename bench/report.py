@@ -211,18 +211,23 @@ def equal_p99_row(equal: dict[str, Any]) -> Row:
     """Case 4's rate at equal p99 (bench.ingest.rate_at_equal_p99), reported beside the judged
     same-connections ratio."""
     ours, theirs = equal["ours"], equal["theirs"]
-    connections = ", ".join(str(p["connections"]) for p in equal["sweep"]["fastapi"])
+    counts = sorted({int(p["connections"]) for p in equal["sweep"]["fastapi"]} | {16})
 
     def point(p: dict[str, float]) -> str:
-        return f"{p['rate']:.0f}/s at {p['connections']:.0f} connections (p99 {p['p99_ms']:.0f} ms)"
+        n = int(p["connections"])
+        return (f"{p['rate']:.0f}/s at {n} connection{'s' if n > 1 else ''} "
+                f"(p99 {p['p99_ms']:.1f} ms)")
 
-    lowest = min((p["p99_ms"] for p in equal["sweep"]["fastapi"]), default=float("nan"))
+    if theirs:
+        floor = f"{point(theirs)} FastAPI"
+    else:
+        lowest = min(p["p99_ms"] for p in [*equal["sweep"]["fastapi"], equal["theirs_rounds"]])
+        floor = f"FastAPI: no p99 within it (lowest {lowest:.1f} ms)"
     return Row(
-        f"4 rate at equal p99 (≤ {equal['budget_ms']:.0f} ms, ours at 16 connections): ours vs "
-        f"FastAPI at {connections} connections",
-        point(ours) if ours else "-",
-        f"{point(theirs)} FastAPI" if theirs
-        else f"FastAPI: no p99 within it (lowest {lowest:.0f} ms)",
+        f"4 rate at equal p99 (≤ {equal['budget_ms']:.1f} ms, ours at 16 connections): ours vs "
+        f"FastAPI at {', '.join(map(str, counts))} connections",
+        point(ours),
+        floor,
         equal["ratio"],
         "(reported; ≥ 3 is judged above)",
         "-",

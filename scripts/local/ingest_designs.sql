@@ -3,9 +3,9 @@
 -- dropped when the case ends (the tables, and the schema bench_design that holds their helpers);
 -- none of this is the product's schema. Run as the postgres superuser.
 --
---   bench_design_no_fks            persona_training_events as it is (its declared rules, its two
---                                  triggers, the vote recorder retargeted; its policies), without
---                                  its foreign keys
+--   bench_design_no_fks            persona_training_events as it is (its declared rules, its
+--                                  insert trigger, the vote recorder retargeted; its policies),
+--                                  without its foreign keys
 --   bench_design_lazy              no insert trigger: the declared rules as in the product, the
 --                                  twin's consent in the insert policy (a refused twin calls a
 --                                  function that raises its error), the outbox stamped by column

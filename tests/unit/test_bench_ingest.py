@@ -48,6 +48,14 @@ def test_no_endpoint_point_within_the_budget_is_reported_as_such() -> None:
 
     assert equal["theirs"] is None and equal["ratio"] is None
     row = equal_p99_row(equal)
-    assert row.floor == "FastAPI: no p99 within it (lowest 15 ms)"
+    assert row.floor == "FastAPI: no p99 within it (lowest 15.0 ms)"
     assert row.ratio is None and row.verdict == "-"
-    assert row.measured == "730/s at 16 connections (p99 10 ms)"
+    assert row.measured == "730/s at 16 connections (p99 10.0 ms)"
+    assert row.case.startswith("4 rate at equal p99 (≤ 10.0 ms, ours at 16 connections)")
+    assert row.case.endswith("FastAPI at 1, 2, 16 connections")
+
+
+def test_one_connection_is_written_in_the_singular() -> None:
+    sweep = {"events": points((1, 300, 3)), "fastapi": points((1, 120, 4.6))}
+    row = equal_p99_row(rate_at_equal_p99(rounds(730, 4.7), rounds(227, 234), sweep))
+    assert row.floor == "120/s at 1 connection (p99 4.6 ms) FastAPI"
