@@ -255,23 +255,28 @@ def rate_at_equal_p99(
     theirs may rise."""
     budget = float(events["latency_ms"]["p99"])
 
-    def best(summary: dict[str, Any], points: list[dict[str, float]]) -> dict[str, float] | None:
-        rounds = {"connections": WRK_CONNECTIONS, "rate": float(summary["rate"]),
-                  "p99_ms": float(summary["latency_ms"]["p99"])}
-        within = [p for p in [*points, rounds] if p["p99_ms"] <= budget]
+    def best(points: list[dict[str, float]]) -> dict[str, float] | None:
+        within = [p for p in points if p["p99_ms"] <= budget]
         return max(within, key=lambda p: p["rate"]) if within else None
 
-    ours, theirs = best(events, sweep["events"]), best(fastapi, sweep["fastapi"])
+    theirs_rounds = rounds_point(fastapi)
+    ours = best([*sweep["events"], rounds_point(events)])
+    theirs = best([*sweep["fastapi"], theirs_rounds])
     assert ours is not None  # its rounds' p99 is the budget
     return {
         "budget_ms": budget,
         "ours": ours,
         "theirs": theirs,
-        "theirs_rounds": {"connections": WRK_CONNECTIONS, "rate": float(fastapi["rate"]),
-                          "p99_ms": float(fastapi["latency_ms"]["p99"])},
-        "ratio": round(ours["rate"] / theirs["rate"], 3) if ours and theirs else None,
+        "theirs_rounds": theirs_rounds,
+        "ratio": round(ours["rate"] / theirs["rate"], 3) if theirs else None,
         "sweep": sweep,
     }
+
+
+def rounds_point(summary: dict[str, Any]) -> dict[str, float]:
+    """A path's rounds (their median rate and p99) as a point of the equal-p99 sweep."""
+    return {"connections": WRK_CONNECTIONS, "rate": float(summary["rate"]),
+            "p99_ms": float(summary["latency_ms"]["p99"])}
 
 
 def check_current_votes(conn: psycopg.Connection, twin_id: str) -> dict[str, int]:

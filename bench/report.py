@@ -211,7 +211,8 @@ def equal_p99_row(equal: dict[str, Any]) -> Row:
     """Case 4's rate at equal p99 (bench.ingest.rate_at_equal_p99), reported beside the judged
     same-connections ratio."""
     ours, theirs = equal["ours"], equal["theirs"]
-    counts = sorted({int(p["connections"]) for p in equal["sweep"]["fastapi"]} | {16})
+    rounds = equal["theirs_rounds"]
+    counts = sorted({int(p["connections"]) for p in [*equal["sweep"]["fastapi"], rounds]})
 
     def point(p: dict[str, float]) -> str:
         n = int(p["connections"])
@@ -221,10 +222,11 @@ def equal_p99_row(equal: dict[str, Any]) -> Row:
     if theirs:
         floor = f"{point(theirs)} FastAPI"
     else:
-        lowest = min(p["p99_ms"] for p in [*equal["sweep"]["fastapi"], equal["theirs_rounds"]])
+        lowest = min(p["p99_ms"] for p in [*equal["sweep"]["fastapi"], rounds])
         floor = f"FastAPI: no p99 within it (lowest {lowest:.1f} ms)"
     return Row(
-        f"4 rate at equal p99 (≤ {equal['budget_ms']:.1f} ms, ours at 16 connections): ours vs "
+        f"4 rate at equal p99 (≤ {equal['budget_ms']:.1f} ms, ours at {rounds['connections']:.0f} "
+        "connections): ours vs "
         f"FastAPI at {', '.join(map(str, counts))} connections",
         point(ours),
         floor,
